@@ -1,0 +1,43 @@
+// CUDA side of device_launch.h: device guard, current stream, arch coverage check.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <sstream>
+#include <string>
+
+#include "device_launch.h"
+
+namespace shadowkv::bindings {
+namespace {
+
+// A clear error instead of "no kernel image is available" when the GPU's arch was not built.
+void check_arch_built(const at::Device& device) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device.index());
+  const int cc = prop->major * 10 + prop->minor;
+  std::stringstream archs(cuda_archs());
+  std::string a;
+  while (std::getline(archs, a, ';')) {
+    // "90a" runs only on sm_90; "80" (SASS) runs on any 8.x with minor >= 0 of the same major.
+    const bool arch_specific = !a.empty() && (a.back() == 'a' || a.back() == 'f');
+    const int built = std::stoi(arch_specific ? a.substr(0, a.size() - 1) : a);
+    if (arch_specific ? built == cc : (built / 10 == cc / 10 && built <= cc)) return;
+  }
+  TORCH_CHECK(false, "shadowkv: GPU ", prop->name, " is sm_", cc, " but this build has kernels for [", cuda_archs(),
+              "]; rebuild with SHADOWKV_CUDA_ARCHS including ", prop->major, ".", prop->minor);
+}
+
+}  // namespace
+
+void launch_shadow_attention_fwd_cuda(const ShadowAttentionParams& p, const at::Device& device) {
+  check_arch_built(device);
+  const c10::cuda::CUDAGuard guard(device);
+  shadow_attention_fwd_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+}
+
+void launch_shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& p, const at::Device& device) {
+  check_arch_built(device);
+  const c10::cuda::CUDAGuard guard(device);
+  shadow_attention_bwd_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+}
+
+}  // namespace shadowkv::bindings

@@ -1,0 +1,12 @@
+// shadowkv._C: importing it registers the torch ops (static initialisers in
+// torch_bindings.cpp); the functions here describe the build for `python -m shadowkv info`.
+#include <pybind11/pybind11.h>
+
+#include "shadowkv/shadowkv.h"
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "shadowkv native extension: torch ops under torch.ops.shadowkv";
+  m.def("version", [] { return SHADOWKV_VERSION_STRING; }, "Version of the native library.");
+  m.def("built_with_cuda", &shadowkv::built_with_cuda, "True when the CUDA kernels were compiled in.");
+  m.def("cuda_archs", &shadowkv::cuda_archs, "';'-separated compute capabilities built, e.g. '90a;80'.");
+}

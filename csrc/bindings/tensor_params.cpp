@@ -1,0 +1,47 @@
+#include "tensor_params.h"
+
+#include <sstream>
+
+namespace shadowkv::bindings {
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  os << "]";
+  return os.str();
+}
+
+DType kernel_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "shadowkv: `", name, "` must be float32, float64, bfloat16 or float16, got ",
+                       t.scalar_type());
+  }
+}
+
+void check_rank(const at::Tensor& t, int64_t rank, const char* name, const char* layout) {
+  TORCH_CHECK_VALUE(t.dim() == rank, "shadowkv: `", name, "` must be a ", rank, "-D tensor ", layout, ", got shape ",
+                    shape_str(t.sizes()));
+}
+
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "shadowkv: `", name, "` must be on the device of `", ref_name, "` (",
+                    ref.device(), "), got ", t.device());
+}
+
+void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "shadowkv: `", name, "` must have the dtype of `", ref_name,
+                   "` (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, "shadowkv: `", name, "` must have shape ", shape_str(expected), ", got ",
+                    shape_str(t.sizes()));
+}
+
+}  // namespace shadowkv::bindings

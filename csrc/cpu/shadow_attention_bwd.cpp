@@ -1,0 +1,236 @@
+// CPU backward of shadow-masked attention (FlashAttention-2 recompute from the saved lse).
+//
+// Two passes so no output is written by two threads: pass 1 owns a key tile and sums
+// dK, dV over every query head of its GQA group; pass 2 owns a query tile and sums dQ.
+// Each pass recomputes P from lse, which costs one extra Q.K^T but needs no atomics and
+// keeps the result deterministic.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "dispatch.h"
+#include "tile_mask.h"
+
+namespace shadowkv::cpu {
+namespace {
+
+template <typename T>
+struct BwdContext {
+  using acc_t = typename acc_type<T>::type;
+  static constexpr int64_t BR = kCpuQueryTile, BC = kCpuKeyTile;
+
+  const ShadowAttentionBwdParams& bp;
+  const ShadowAttentionParams& p;
+  KeyTileBounds tiles;
+  int64_t D, group, n_qt;
+  acc_t scale;
+  // delta[b, hq, i] = dO_i . O_i - dlse_i : the row term of dS = P * (dP - delta).
+  std::vector<acc_t> delta;
+
+  explicit BwdContext(const ShadowAttentionBwdParams& bp_)
+      : bp(bp_), p(bp_.fwd), tiles(bp_.fwd, BC), D(p.head_dim), group(p.num_q_heads / p.num_kv_heads),
+        n_qt((p.q_len + BR - 1) / BR), scale(static_cast<acc_t>(p.scale)) {}
+
+  const acc_t* lse_row(int64_t b, int64_t hq) const {
+    return static_cast<const acc_t*>(p.lse) + b * p.lse_stride[0] + hq * p.lse_stride[1];
+  }
+
+  void compute_delta(const ParallelFor& pf) {
+    delta.assign(p.batch * p.num_q_heads * p.q_len, acc_t(0));
+    pf(p.batch * p.num_q_heads, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / p.num_q_heads, hq = bh % p.num_q_heads;
+        const acc_t* glse = bp.grad_lse == nullptr ? nullptr
+                                                   : static_cast<const acc_t*>(bp.grad_lse) + b * bp.glse_stride[0] +
+                                                         hq * bp.glse_stride[1];
+        for (int64_t i = 0; i < p.q_len; ++i) {
+          const T* o = row_ptr<T>(p.out, p.o_stride, b, hq, i);
+          const T* g = row_ptr<T>(bp.grad_out, bp.do_stride, b, hq, i);
+          acc_t s = 0;
+          for (int64_t d = 0; d < D; ++d) s += to_float(o[d]) * to_float(g[d]);
+          delta[bh * p.q_len + i] = s - (glse ? glse[i] : acc_t(0));
+        }
+      }
+    });
+  }
+
+  // Loads `n` rows [start, start+n) of a [B,H,L,D] tensor as acc_t, row-major [n, D], and
+  // optionally transposed [D, ld].
+  static void load_rows(const void* base, const int64_t* stride, int64_t b, int64_t h, int64_t start, int64_t n,
+                        int64_t D, acc_t* rows, acc_t* cols_t, int64_t ld) {
+    for (int64_t r = 0; r < n; ++r) {
+      const T* src = row_ptr<T>(base, stride, b, h, start + r);
+      for (int64_t d = 0; d < D; ++d) {
+        const acc_t x = to_float(src[d]);
+        if (rows) rows[r * D + d] = x;
+        if (cols_t) cols_t[d * ld + r] = x;
+      }
+    }
+  }
+
+  // For one (query tile, key tile) pair: P (into s) and dS (into ds), both [BR, BC].
+  // q, dout: [rows, D]; kt, vt: [D, BC] (transposed key / value tiles).
+  void probs_and_dscores(TileKind kind, int64_t b, int64_t hq, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+                         const int32_t* ev, const acc_t* q, const acc_t* dout, const acc_t* kt, const acc_t* vt,
+                         acc_t* s, acc_t* ds) const {
+    const acc_t* lse = lse_row(b, hq) + i0;
+    const acc_t* dl = &delta[(b * p.num_q_heads + hq) * p.q_len + i0];
+    const int64_t pos0 = p.q_offset + i0;
+    for (int64_t r = 0; r < rows; ++r) {
+      acc_t* sr = &s[r * BC];
+      acc_t* dr = &ds[r * BC];
+      if (std::isinf(lse[r])) {  // row saw no key: no gradient flows through it
+        std::fill(sr, sr + cols, acc_t(0));
+        std::fill(dr, dr + cols, acc_t(0));
+        continue;
+      }
+      std::fill(sr, sr + cols, acc_t(0));
+      std::fill(dr, dr + cols, acc_t(0));
+      for (int64_t d = 0; d < D; ++d) {
+        const acc_t qd = q[r * D + d], gd = dout[r * D + d];
+        const acc_t* kd = &kt[d * BC];
+        const acc_t* vd = &vt[d * BC];
+        for (int64_t c = 0; c < cols; ++c) {
+          sr[c] += qd * kd[c];
+          dr[c] += gd * vd[c];
+        }
+      }
+      for (int64_t c = 0; c < cols; ++c) {
+        const bool vis = kind == TileKind::kFull || visible(pos0 + r, j0 + c, ev[j0 + c]);
+        const acc_t pr = vis ? std::exp(sr[c] * scale - lse[r]) : acc_t(0);
+        sr[c] = pr;
+        dr[c] = pr * (dr[c] - dl[r]);
+      }
+    }
+  }
+
+  void dkdv_pass(const ParallelFor& pf) {
+    pf(p.batch * p.num_kv_heads * tiles.num_tiles, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> kt(D * BC), vt(D * BC), q(BR * D), dout(BR * D), s(BR * BC), ds(BR * BC), dk(BC * D),
+          dv(BC * D);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t t = item % tiles.num_tiles, bh = item / tiles.num_tiles;
+        const int64_t hk = bh % p.num_kv_heads, b = bh / p.num_kv_heads;
+        const int64_t j0 = t * BC, cols = std::min(BC, p.kv_len - j0);
+        const int32_t* ev = p.evicted_at + b * p.ev_stride[0] + hk * p.ev_stride[1];
+        load_rows(p.k, p.k_stride, b, hk, j0, cols, D, nullptr, kt.data(), BC);
+        load_rows(p.v, p.v_stride, b, hk, j0, cols, D, nullptr, vt.data(), BC);
+        std::fill(dk.begin(), dk.end(), acc_t(0));
+        std::fill(dv.begin(), dv.end(), acc_t(0));
+        for (int64_t hq = hk * group; hq < (hk + 1) * group; ++hq) {
+          for (int64_t qt = 0; qt < n_qt; ++qt) {
+            const int64_t i0 = qt * BR, rows = std::min(BR, p.q_len - i0);
+            const int64_t p0 = p.q_offset + i0;
+            const TileKind kind = tiles.classify(b, hk, p.num_kv_heads, t, j0, j0 + cols, p0, p0 + rows - 1);
+            if (kind == TileKind::kSkip) continue;
+            load_rows(p.q, p.q_stride, b, hq, i0, rows, D, q.data(), nullptr, 0);
+            load_rows(bp.grad_out, bp.do_stride, b, hq, i0, rows, D, dout.data(), nullptr, 0);
+            probs_and_dscores(kind, b, hq, i0, rows, j0, cols, ev, q.data(), dout.data(), kt.data(), vt.data(),
+                              s.data(), ds.data());
+            for (int64_t r = 0; r < rows; ++r) {
+              const acc_t* gr = &dout[r * D];
+              const acc_t* qr = &q[r * D];
+              for (int64_t c = 0; c < cols; ++c) {
+                const acc_t pr = s[r * BC + c], dsr = ds[r * BC + c] * scale;
+                if (pr == acc_t(0) && dsr == acc_t(0)) continue;
+                acc_t* dvc = &dv[c * D];
+                acc_t* dkc = &dk[c * D];
+                for (int64_t d = 0; d < D; ++d) {
+                  dvc[d] += pr * gr[d];
+                  dkc[d] += dsr * qr[d];
+                }
+              }
+            }
+          }
+        }
+        for (int64_t c = 0; c < cols; ++c) {
+          T* dkd = row_ptr<T>(bp.grad_k, bp.dk_stride, b, hk, j0 + c);
+          T* dvd = row_ptr<T>(bp.grad_v, bp.dv_stride, b, hk, j0 + c);
+          for (int64_t d = 0; d < D; ++d) {
+            dkd[d] = from_float<T>(dk[c * D + d]);
+            dvd[d] = from_float<T>(dv[c * D + d]);
+          }
+        }
+      }
+    });
+  }
+
+  void dq_pass(const ParallelFor& pf) {
+    pf(p.batch * p.num_q_heads * n_qt, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> kf(BC * D), kt(D * BC), vt(D * BC), q(BR * D), dout(BR * D), s(BR * BC), ds(BR * BC),
+          dq(BR * D);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t qt = item % n_qt, bh = item / n_qt, hq = bh % p.num_q_heads, b = bh / p.num_q_heads;
+        const int64_t hk = hq / group;
+        const int64_t i0 = qt * BR, rows = std::min(BR, p.q_len - i0);
+        const int64_t p0 = p.q_offset + i0;
+        const int32_t* ev = p.evicted_at + b * p.ev_stride[0] + hk * p.ev_stride[1];
+        load_rows(p.q, p.q_stride, b, hq, i0, rows, D, q.data(), nullptr, 0);
+        load_rows(bp.grad_out, bp.do_stride, b, hq, i0, rows, D, dout.data(), nullptr, 0);
+        std::fill(dq.begin(), dq.end(), acc_t(0));
+        for (int64_t t = 0; t < tiles.num_tiles; ++t) {
+          const int64_t j0 = t * BC, cols = std::min(BC, p.kv_len - j0);
+          const TileKind kind = tiles.classify(b, hk, p.num_kv_heads, t, j0, j0 + cols, p0, p0 + rows - 1);
+          if (kind == TileKind::kSkip) continue;
+          load_rows(p.k, p.k_stride, b, hk, j0, cols, D, kf.data(), kt.data(), BC);
+          load_rows(p.v, p.v_stride, b, hk, j0, cols, D, nullptr, vt.data(), BC);
+          probs_and_dscores(kind, b, hq, i0, rows, j0, cols, ev, q.data(), dout.data(), kt.data(), vt.data(), s.data(),
+                            ds.data());
+          for (int64_t r = 0; r < rows; ++r) {
+            acc_t* dqr = &dq[r * D];
+            for (int64_t c = 0; c < cols; ++c) {
+              const acc_t dsr = ds[r * BC + c] * scale;
+              if (dsr == acc_t(0)) continue;
+              const acc_t* kc = &kf[c * D];
+              for (int64_t d = 0; d < D; ++d) dqr[d] += dsr * kc[d];
+            }
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          T* dst = row_ptr<T>(bp.grad_q, bp.dq_stride, b, hq, i0 + r);
+          for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(dq[r * D + d]);
+        }
+      }
+    });
+  }
+};
+
+template <typename T>
+void bwd_kernel(const ShadowAttentionBwdParams& bp, const ParallelFor& pf) {
+  BwdContext<T> ctx(bp);
+  ctx.compute_delta(pf);
+  ctx.dkdv_pass(pf);
+  ctx.dq_pass(pf);
+}
+
+// Writes zeros into a [B, H, L, D] strided tensor (outputs with no contribution).
+template <typename T>
+void zero_rows(void* base, const int64_t* stride, int64_t B, int64_t H, int64_t L, int64_t D) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < L; ++i) std::fill_n(row_ptr<T>(base, stride, b, h, i), D, from_float<T>(0.0f));
+}
+
+}  // namespace
+}  // namespace shadowkv::cpu
+
+namespace shadowkv {
+
+void shadow_attention_bwd_cpu(const ShadowAttentionBwdParams& bp, const ParallelFor& pf) {
+  const ShadowAttentionParams& p = bp.fwd;
+  cpu::check_params(p);
+  cpu::dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (p.batch == 0 || p.num_q_heads == 0) return;
+    if (p.q_len == 0 || p.kv_len == 0) {  // no pair interacts: all gradients are zero
+      cpu::zero_rows<T>(bp.grad_q, bp.dq_stride, p.batch, p.num_q_heads, p.q_len, p.head_dim);
+      cpu::zero_rows<T>(bp.grad_k, bp.dk_stride, p.batch, p.num_kv_heads, p.kv_len, p.head_dim);
+      cpu::zero_rows<T>(bp.grad_v, bp.dv_stride, p.batch, p.num_kv_heads, p.kv_len, p.head_dim);
+      return;
+    }
+    cpu::bwd_kernel<T>(bp, pf);
+  });
+}
+
+}  // namespace shadowkv

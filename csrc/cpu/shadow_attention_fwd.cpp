@@ -1,0 +1,129 @@
+// CPU forward of shadow-masked attention: tiled, online softmax (FlashAttention-2 order),
+// O(tile * D) scratch per thread, fully masked key tiles skipped.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "dispatch.h"
+#include "tile_mask.h"
+
+namespace shadowkv::cpu {
+
+void check_params(const ShadowAttentionParams& p) {
+  auto fail = [](const std::string& what) { throw std::invalid_argument("shadowkv::shadow_attention: " + what); };
+  if (p.batch < 0 || p.num_q_heads < 0 || p.num_kv_heads < 0 || p.q_len < 0 || p.kv_len < 0 || p.head_dim < 0)
+    fail("negative shape");
+  if (p.num_kv_heads == 0 ? p.num_q_heads != 0 : p.num_q_heads % p.num_kv_heads != 0)
+    fail("num_q_heads (" + std::to_string(p.num_q_heads) + ") must be a multiple of num_kv_heads (" +
+         std::to_string(p.num_kv_heads) + ")");
+  if (p.q_offset < 0) fail("q_offset must be >= 0, got " + std::to_string(p.q_offset));
+  if (!(p.scale > 0.0) || !std::isfinite(p.scale)) fail("scale must be positive and finite");
+}
+
+namespace {
+
+template <typename T>
+void fwd_kernel(const ShadowAttentionParams& p, const ParallelFor& pf) {
+  using acc_t = typename acc_type<T>::type;
+  constexpr int64_t BR = kCpuQueryTile, BC = kCpuKeyTile;
+  const int64_t D = p.head_dim, group = p.num_q_heads / p.num_kv_heads;
+  const int64_t n_qt = (p.q_len + BR - 1) / BR;
+  const KeyTileBounds tiles(p, BC);
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+
+  pf(p.batch * p.num_q_heads * n_qt, [&](int64_t begin, int64_t end) {
+    // Per-thread scratch, reused across the work items of this chunk.
+    std::vector<acc_t> qf(BR * D), kt(D * BC), vf(BC * D), s(BR * BC), acc(BR * D), m(BR), l(BR);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t qt = item % n_qt, bh = item / n_qt, hq = bh % p.num_q_heads, b = bh / p.num_q_heads;
+      const int64_t hk = hq / group;
+      const int64_t i0 = qt * BR, rows = std::min(BR, p.q_len - i0);
+      const int64_t p0 = p.q_offset + i0, p1 = p0 + rows - 1;
+      const int32_t* ev = p.evicted_at + b * p.ev_stride[0] + hk * p.ev_stride[1];
+
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* src = row_ptr<T>(p.q, p.q_stride, b, hq, i0 + r);
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_float(src[d]) * scale;
+      }
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      std::fill(m.begin(), m.end(), neg_inf);
+      std::fill(l.begin(), l.end(), acc_t(0));
+
+      for (int64_t t = 0; t < tiles.num_tiles; ++t) {
+        const int64_t j0 = t * BC, cols = std::min(BC, p.kv_len - j0);
+        const TileKind kind = tiles.classify(b, hk, p.num_kv_heads, t, j0, j0 + cols, p0, p1);
+        if (kind == TileKind::kSkip) continue;
+        // K transposed so the score loop below is an axpy over keys (vectorises without
+        // reassociating a reduction).
+        for (int64_t c = 0; c < cols; ++c) {
+          const T* ks = row_ptr<T>(p.k, p.k_stride, b, hk, j0 + c);
+          const T* vs = row_ptr<T>(p.v, p.v_stride, b, hk, j0 + c);
+          for (int64_t d = 0; d < D; ++d) {
+            kt[d * BC + c] = to_float(ks[d]);
+            vf[c * D + d] = to_float(vs[d]);
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* sr = &s[r * BC];
+          std::fill(sr, sr + cols, acc_t(0));
+          for (int64_t d = 0; d < D; ++d) {
+            const acc_t qd = qf[r * D + d];
+            const acc_t* kd = &kt[d * BC];
+            for (int64_t c = 0; c < cols; ++c) sr[c] += qd * kd[c];
+          }
+          if (kind == TileKind::kPartial) {
+            const int64_t pos = p0 + r;
+            for (int64_t c = 0; c < cols; ++c)
+              if (!visible(pos, j0 + c, ev[j0 + c])) sr[c] = neg_inf;
+          }
+          acc_t mx = m[r];
+          for (int64_t c = 0; c < cols; ++c) mx = std::max(mx, sr[c]);
+          if (mx == neg_inf) continue;  // nothing visible in this row yet
+          const acc_t alpha = std::exp(m[r] - mx);
+          acc_t sum = 0;
+          for (int64_t c = 0; c < cols; ++c) {
+            sr[c] = std::exp(sr[c] - mx);
+            sum += sr[c];
+          }
+          l[r] = l[r] * alpha + sum;
+          m[r] = mx;
+          acc_t* ar = &acc[r * D];
+          for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
+          for (int64_t c = 0; c < cols; ++c) {
+            const acc_t pc = sr[c];
+            if (pc == acc_t(0)) continue;
+            const acc_t* vc = &vf[c * D];
+            for (int64_t d = 0; d < D; ++d) ar[d] += pc * vc[d];
+          }
+        }
+      }
+
+      acc_t* lse = static_cast<acc_t*>(p.lse) + b * p.lse_stride[0] + hq * p.lse_stride[1] + i0;
+      for (int64_t r = 0; r < rows; ++r) {
+        T* dst = row_ptr<T>(p.out, p.o_stride, b, hq, i0 + r);
+        const bool empty = l[r] == acc_t(0);
+        const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[r];
+        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(acc[r * D + d] * inv);
+        lse[r] = empty ? neg_inf : m[r] + std::log(l[r]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+}  // namespace shadowkv::cpu
+
+namespace shadowkv {
+
+void shadow_attention_fwd_cpu(const ShadowAttentionParams& p, const ParallelFor& pf) {
+  cpu::check_params(p);
+  if (p.batch == 0 || p.num_q_heads == 0 || p.q_len == 0) return;
+  cpu::dispatch_dtype(p.dtype, [&](auto tag) { cpu::fwd_kernel<typename decltype(tag)::type>(p, pf); });
+}
+
+}  // namespace shadowkv

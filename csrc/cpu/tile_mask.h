@@ -1,0 +1,71 @@
+// Per-key-tile summary of the eviction log, shared by the CPU forward and backward passes.
+//
+// A (query tile, key tile) pair is classified once from the tile's min/max evicted_at, so
+// the inner loops either skip the pair, run unmasked, or test each element. Skipped pairs
+// are what makes the cost fall with the budget.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "shadowkv/shadow_attention.h"
+
+namespace shadowkv::cpu {
+
+enum class TileKind { kSkip, kFull, kPartial };
+
+struct KeyTileBounds {
+  // min/max of evicted_at over each key tile, layout [B, Hkv, num_tiles].
+  std::vector<int32_t> min_ev, max_ev;
+  int64_t num_tiles = 0;
+
+  KeyTileBounds(const ShadowAttentionParams& p, int64_t tile) {
+    num_tiles = (p.kv_len + tile - 1) / tile;
+    const int64_t n = p.batch * p.num_kv_heads * num_tiles;
+    min_ev.resize(n);
+    max_ev.resize(n);
+    for (int64_t b = 0; b < p.batch; ++b) {
+      for (int64_t h = 0; h < p.num_kv_heads; ++h) {
+        const int32_t* ev = p.evicted_at + b * p.ev_stride[0] + h * p.ev_stride[1];
+        for (int64_t t = 0; t < num_tiles; ++t) {
+          const int64_t j0 = t * tile, j1 = std::min(p.kv_len, j0 + tile);
+          int32_t lo = std::numeric_limits<int32_t>::max(), hi = std::numeric_limits<int32_t>::min();
+          for (int64_t j = j0; j < j1; ++j) {
+            lo = std::min(lo, ev[j]);
+            hi = std::max(hi, ev[j]);
+          }
+          const int64_t idx = (b * p.num_kv_heads + h) * num_tiles + t;
+          min_ev[idx] = lo;
+          max_ev[idx] = hi;
+        }
+      }
+    }
+  }
+
+  // Query positions [p0, p1] against keys [j0, j1) of tile `t` of (b, h).
+  TileKind classify(int64_t b, int64_t h, int64_t num_kv_heads, int64_t t, int64_t j0, int64_t j1, int64_t p0,
+                    int64_t p1) const {
+    const int64_t idx = (b * num_kv_heads + h) * num_tiles + t;
+    if (j0 > p1 || max_ev[idx] <= p0) return TileKind::kSkip;
+    if (j1 - 1 <= p0 && min_ev[idx] > p1) return TileKind::kFull;
+    return TileKind::kPartial;
+  }
+};
+
+inline bool visible(int64_t pos, int64_t j, int32_t evicted_at) { return j <= pos && pos < evicted_at; }
+
+// Element (q, k or v row) of a [B, H, L, D] tensor given element strides.
+template <typename T>
+inline const T* row_ptr(const void* base, const int64_t* stride, int64_t b, int64_t h, int64_t i) {
+  return static_cast<const T*>(base) + b * stride[0] + h * stride[1] + i * stride[2];
+}
+template <typename T>
+inline T* row_ptr(void* base, const int64_t* stride, int64_t b, int64_t h, int64_t i) {
+  return static_cast<T*>(base) + b * stride[0] + h * stride[1] + i * stride[2];
+}
+
+void check_params(const ShadowAttentionParams& p);
+
+}  // namespace shadowkv::cpu

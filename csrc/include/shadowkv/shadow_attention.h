@@ -1,0 +1,80 @@
+// Shadow-masked attention: the training op that replays a sampler's eviction log.
+//
+// Query i (absolute position q_offset + i) sees key j iff
+//     j <= q_offset + i  and  q_offset + i < evicted_at[b, h_kv, j]
+// (DESIGN.md section 1). Query head hq reads KV head hq / (Hq / Hkv) (GQA).
+// Rows that see no key produce out = 0 and lse = -inf.
+//
+// Plain C++ API over raw pointers and element strides (the last dimension of every
+// tensor must be contiguous), usable without torch. All strides are in elements.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+#include "shadowkv/dtypes.h"
+
+namespace shadowkv {
+
+struct ShadowAttentionParams {
+  // Shapes: q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], evicted_at [B, Hkv, Lk] (int32),
+  // out [B, Hq, Lq, D] (same dtype as q), lse [B, Hq, Lq] (float32; float64 for float64).
+  int64_t batch = 0, num_q_heads = 0, num_kv_heads = 0, q_len = 0, kv_len = 0, head_dim = 0;
+  int64_t q_offset = 0;  // absolute position of query row 0
+  double scale = 1.0;    // softmax scale, usually 1/sqrt(D)
+  DType dtype = DType::kFloat32;
+
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const int32_t* evicted_at = nullptr;
+  void* out = nullptr;
+  void* lse = nullptr;
+
+  int64_t q_stride[3] = {0, 0, 0};  // batch, head, row
+  int64_t k_stride[3] = {0, 0, 0};
+  int64_t v_stride[3] = {0, 0, 0};
+  int64_t o_stride[3] = {0, 0, 0};
+  int64_t ev_stride[2] = {0, 0};  // batch, kv head (row stride is 1)
+  int64_t lse_stride[2] = {0, 0};  // batch, head (row stride is 1)
+};
+
+struct ShadowAttentionBwdParams {
+  ShadowAttentionParams fwd;  // q, k, v, evicted_at, out and lse of the forward pass (read only)
+  const void* grad_out = nullptr;  // [B, Hq, Lq, D], dtype of q
+  const void* grad_lse = nullptr;  // optional [B, Hq, Lq], dtype of lse; nullptr = zeros
+  void* grad_q = nullptr;          // [B, Hq, Lq, D], dtype of q
+  void* grad_k = nullptr;          // [B, Hkv, Lk, D]
+  void* grad_v = nullptr;          // [B, Hkv, Lk, D]
+  int64_t do_stride[3] = {0, 0, 0};
+  int64_t glse_stride[2] = {0, 0};
+  int64_t dq_stride[3] = {0, 0, 0};
+  int64_t dk_stride[3] = {0, 0, 0};
+  int64_t dv_stride[3] = {0, 0, 0};
+};
+
+// Runs body(begin, end) over [0, n) work items, possibly split across threads. The torch
+// bindings pass at::parallel_for; C++ users may pass their own pool. Default: serial.
+using ParallelFor = std::function<void(int64_t n, const std::function<void(int64_t, int64_t)>& body)>;
+inline void serial_for(int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+  if (n > 0) body(0, n);
+}
+
+// Key/query tile sizes of the CPU kernels; fully masked key tiles are skipped whole.
+constexpr int64_t kCpuQueryTile = 32;
+constexpr int64_t kCpuKeyTile = 64;
+
+// CPU kernels. Throw std::invalid_argument on inconsistent params.
+void shadow_attention_fwd_cpu(const ShadowAttentionParams& p, const ParallelFor& pf = serial_for);
+void shadow_attention_bwd_cpu(const ShadowAttentionBwdParams& p, const ParallelFor& pf = serial_for);
+
+// CUDA kernels (only in builds with CUDA; `stream` is a cudaStream_t). Same contract.
+// bfloat16/float16/float32 inputs; float64 is rejected. Throw std::runtime_error on launch errors.
+void shadow_attention_fwd_cuda(const ShadowAttentionParams& p, void* stream);
+void shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& p, void* stream);
+
+// True when this library was built with its CUDA kernels; the arch list it was built for.
+bool built_with_cuda();
+const char* cuda_archs();  // e.g. "90a;80", "" without CUDA
+
+}  // namespace shadowkv

@@ -1,0 +1,66 @@
+"""Build driver: setuptools hands the extension to CMake (as vLLM does).
+
+Environment knobs:
+  SHADOWKV_CUDA        ON | OFF | 0 | AUTO (default AUTO: CUDA kernels when nvcc is found)
+  SHADOWKV_CUDA_ARCHS  compute capabilities, default "9.0a;8.0"
+  CUTLASS_DIR          CUTLASS root with include/cute (default: the nvidia-cutlass package)
+  MAX_JOBS             parallel compile jobs (default: CPU count)
+  SHADOWKV_BUILD_TYPE  CMake build type (default Release)
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _cutlass_dir():
+    if os.environ.get("CUTLASS_DIR"):
+        return os.environ["CUTLASS_DIR"]
+    try:
+        import cutlass_library  # the nvidia-cutlass wheel ships the headers inside it
+    except ImportError:
+        return ""
+    source = Path(cutlass_library.__file__).parent / "source"
+    return str(source) if (source / "include" / "cute").is_dir() else ""
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        # A fixed folder, not build_temp, so rebuilds (pip install -e . again) are incremental.
+        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('SHADOWKV_BUILD_TYPE', 'Release')}",
+            f"-DCMAKE_PREFIX_PATH={pybind11.get_cmake_dir()}",
+            f"-DPython3_EXECUTABLE={sys.executable}",
+            f"-DSHADOWKV_PYTHON_OUTPUT_DIR={out_dir}",
+            f"-DSHADOWKV_CUDA={os.environ.get('SHADOWKV_CUDA', 'AUTO')}",
+            f"-DSHADOWKV_CUDA_ARCHS={os.environ.get('SHADOWKV_CUDA_ARCHS', '9.0a;8.0')}",
+            f"-DCUTLASS_DIR={_cutlass_dir()}",
+        ]
+        try:
+            import ninja  # noqa: F401  (the pip package puts the binary on PATH)
+
+            args.append("-GNinja")
+        except ImportError:
+            pass
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
+        subprocess.run(["cmake", "--build", str(build_dir), "--target", "_C", "-j", jobs], check=True)
+
+
+setup(ext_modules=[CMakeExtension("shadowkv._C")], cmdclass={"build_ext": CMakeBuild})
