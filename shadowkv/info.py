@@ -1,0 +1,50 @@
+"""What this installation is: versions, built CUDA archs, whether the running GPU is covered."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C
+
+
+def built_archs() -> list[str]:
+    """Compute capabilities the CUDA kernels were built for, e.g. ``['90a', '80']``."""
+    return [a for a in _C.cuda_archs().split(";") if a]
+
+
+def gpu_covered(major: int, minor: int, archs: list[str]) -> bool:
+    """True when a GPU of compute capability ``major.minor`` can run one of ``archs``.
+
+    Arch-specific builds (``90a``) run only on that exact capability; plain SASS (``80``)
+    runs on the same major with an equal or newer minor.
+    """
+    cc = major * 10 + minor
+    for a in archs:
+        if a[-1] in "af":
+            if int(a[:-1]) == cc:
+                return True
+        elif int(a) // 10 == major and int(a) <= cc:
+            return True
+    return False
+
+
+def info_lines() -> list[str]:
+    archs = built_archs()
+    lines = [
+        f"shadowkv {_C.version()}",
+        f"torch {torch.__version__} (CUDA runtime {torch.version.cuda or 'none'})",
+        f"CUDA kernels built: {'yes' if _C.built_with_cuda() else 'no'}",
+        f"built archs: {', '.join('sm_' + a for a in archs) if archs else 'none'}",
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            ok = _C.built_with_cuda() and gpu_covered(major, minor, archs)
+            lines.append(
+                f"GPU {i}: {torch.cuda.get_device_name(i)} sm_{major}{minor} -> "
+                + ("covered" if ok else "NOT covered (rebuild with SHADOWKV_CUDA_ARCHS)")
+            )
+    else:
+        lines.append("GPU: none visible")
+    lines.append(f"CPU threads: {torch.get_num_threads()}")
+    return lines
