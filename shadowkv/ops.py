@@ -10,15 +10,38 @@ import torch
 
 from . import _C  # noqa: F401  (registers the ops)
 
-NEVER_EVICTED = 2**31 - 1  # evicted_at value of a key that was never evicted (INT32_MAX)
+from .reference import INT32_MAX as NEVER_EVICTED  # evicted_at of a key never evicted
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _check_meta_args(q, k, v, evicted_at):
+    """The shape/device checks of the C++ op, for fake and meta tensors (torch.compile
+    traces, or a meta tensor mixed with real ones, never reach the C++ checks)."""
+    for name, t, rank in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("evicted_at", evicted_at, 3)):
+        if t.dim() != rank:
+            raise ValueError(f"shadowkv: `{name}` must be a {rank}-D tensor, got shape {list(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"shadowkv: `{name}` must be on the device of `q` ({q.device}), got {t.device}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"shadowkv: `{name}` must have the dtype of `q` ({q.dtype}), got {t.dtype}")
+    if evicted_at.dtype != torch.int32:
+        raise TypeError(f"shadowkv: `evicted_at` must be int32, got {evicted_at.dtype}")
+    B, Hq, _, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    for name, t, want in (("k", k, (B, Hkv, Lk, D)), ("v", v, (B, Hkv, Lk, D)), ("evicted_at", evicted_at, (B, Hkv, Lk))):
+        if tuple(t.shape) != want:
+            raise ValueError(f"shadowkv: `{name}` must have shape {list(want)}, got {list(t.shape)}")
+    if (Hq % Hkv != 0) if Hkv else Hq != 0:
+        raise ValueError(f"shadowkv: the head count of `q` ({Hq}) must be a multiple of the head count of `k` ({Hkv})")
+
+
 @torch.library.register_fake("shadowkv::shadow_attention_fwd")
 def _shadow_attention_fwd_fake(q, k, v, evicted_at, q_offset=0, scale=None):
+    _check_meta_args(q, k, v, evicted_at)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
     return out, lse
@@ -26,6 +49,7 @@ def _shadow_attention_fwd_fake(q, k, v, evicted_at, q_offset=0, scale=None):
 
 @torch.library.register_fake("shadowkv::shadow_attention_bwd")
 def _shadow_attention_bwd_fake(grad_out, q, k, v, evicted_at, out, lse, grad_lse, q_offset, scale):
+    _check_meta_args(q, k, v, evicted_at)
     fmt = torch.contiguous_format
     return (
         torch.empty_like(q, memory_format=fmt),
@@ -94,3 +118,194 @@ def shadow_attention(
 ) -> torch.Tensor:
     """Shadow-masked attention ``[B, Hq, Lq, D]``; see :func:`shadow_attention_with_lse`."""
     return shadow_attention_with_lse(q, k, v, evicted_at, q_offset, scale)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Paged KV cache ops (one layer's cache; layout in shadowkv/reference_paged.py and
+# csrc/include/shadowkv/paged_kv.h). CPU kernels only so far.
+
+_PAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_paged_fake_args(device, specs):
+    """The rank/dtype/device/shape checks of the C++ paged ops, for fake and meta tensors.
+
+    ``specs``: ``(name, tensor or None, layout, dtypes, shape)`` where ``layout`` is like
+    ``"[B, T]"``, ``dtypes`` a tuple of accepted dtypes and ``shape`` a tuple of expected sizes
+    (``None`` entries: any size). ``None`` tensors (absent optionals) are skipped.
+    """
+    for name, t, layout, dtypes, shape in specs:
+        if t is None:
+            continue
+        if t.dim() != len(shape):
+            raise ValueError(f"shadowkv: `{name}` must be a {len(shape)}-D tensor {layout}, got shape {list(t.shape)}")
+        if t.dtype not in dtypes:
+            raise TypeError(f"shadowkv: `{name}` must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"shadowkv: `{name}` must be on {device}, got {t.device}")
+        want = [got if w is None else w for got, w in zip(t.shape, shape)]
+        if list(t.shape) != want:
+            raise ValueError(f"shadowkv: `{name}` must have shape {want}, got {list(t.shape)}")
+
+
+def _check_paged_cache_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens, device):
+    """Checks the cache tensors; returns ``(P, page_size, Hkv, D, B, max_pages)``."""
+    any_ = (None,)
+    _check_paged_fake_args(device, [
+        ("k_pages", k_pages, "[P, page_size, Hkv, D]", _PAGE_DTYPES, any_ * 4),
+        ("block_tables", block_tables, "[B, max_pages]", (torch.int32,), any_ * 2),
+    ])
+    P, ps, H, D = k_pages.shape
+    B, M = block_tables.shape
+    _check_paged_fake_args(device, [
+        ("v_pages", v_pages, "[P, page_size, Hkv, D]", (k_pages.dtype,), (P, ps, H, D)),
+        ("pos_pages", pos_pages, "[P, page_size, Hkv]", (torch.int32,), (P, ps, H)),
+        ("seq_lens", seq_lens, "[B]", (torch.int32,), (B,)),
+    ])
+    return P, ps, H, D, B, M
+
+
+@torch.library.register_fake("shadowkv::append_kv")
+def _append_kv_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens, k, v, positions, num_new):
+    _, _, H, D, B, _ = _check_paged_cache_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens,
+                                               k_pages.device)
+    T = k.shape[2] if k.dim() == 4 else None
+    _check_paged_fake_args(k_pages.device, [
+        ("k", k, "[B, Hkv, T, D]", (k_pages.dtype,), (B, H, T, D)),
+        ("v", v, "[B, Hkv, T, D]", (k_pages.dtype,), (B, H, T, D)),
+        ("positions", positions, "[B, T]", (torch.int32,), (B, T)),
+        ("num_new", num_new, "[B]", (torch.int32,), (B,)),
+    ])
+
+
+@torch.library.register_fake("shadowkv::paged_decode_attention")
+def _paged_decode_attention_fake(q, k_pages, v_pages, block_tables, seq_lens, scale=None, scores_out=None):
+    _check_paged_fake_args(q.device, [("q", q, "[B, Hq, D]", _PAGE_DTYPES, (None,) * 3)])
+    _, _, H, D, B, _ = _check_paged_cache_fake(k_pages, v_pages, None, block_tables, seq_lens, q.device)
+    _check_paged_fake_args(q.device, [
+        ("q", q, "[B, Hq, D]", (k_pages.dtype,), (B, None, D)),
+        ("scores_out", scores_out, "[B, Hkv, S]", (torch.float32,), (B, H, None)),
+    ])
+    if q.shape[1] % H != 0:
+        raise ValueError(f"shadowkv: the head count of `q` ({q.shape[1]}) must be a multiple of the KV head "
+                         f"count of `k_pages` ({H})")
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("shadowkv::evict_compact")
+def _evict_compact_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens, keep, steps, evicted_at,
+                        slot_scores=None):
+    _, _, H, _, B, M = _check_paged_cache_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens,
+                                               k_pages.device)
+    S = keep.shape[2] if keep.dim() == 3 else None
+    _check_paged_fake_args(k_pages.device, [
+        ("keep", keep, "[B, Hkv, S]", (torch.bool,), (B, H, S)),
+        ("steps", steps, "[B]", (torch.int32,), (B,)),
+        ("evicted_at", evicted_at, "[B, Hkv, T]", (torch.int32,), (B, H, None)),
+        ("slot_scores", slot_scores, "[B, Hkv, S]", (torch.float32,), (B, H, S)),
+    ])
+    return block_tables.new_empty((B, M))
+
+
+def append_kv(
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    pos_pages: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    num_new: torch.Tensor,
+) -> None:
+    """Appends new tokens to each sequence of a paged KV cache, in place.
+
+    Args:
+        k_pages, v_pages: ``[P, page_size, Hkv, D]`` float32/float64/bfloat16/float16 page
+            pool (written; unit stride in the last dimension).
+        pos_pages: ``[P, page_size, Hkv]`` int32, absolute position of each slot (written).
+        block_tables: ``[B, max_pages]`` int32, page ids of each sequence in order (-1 = none);
+            must already hold pages for every new slot. Sequences must not share a written page.
+        seq_lens: ``[B]`` int32, slots in use (written: ``seq_lens[b] += num_new[b]``).
+        k, v: ``[B, Hkv, T, D]``, dtype of the pages.
+        positions: ``[B, T]`` int32 (>= 0), absolute position of each new token.
+        num_new: ``[B]`` int32, ``0 <= num_new[b] <= T``: only the first ``num_new[b]`` tokens of
+            sequence ``b`` are appended (ragged batches, prefill of many tokens at once).
+
+    Token ``t`` of sequence ``b`` goes to slot ``seq_lens[b] + t``, i.e. row
+    ``(seq_lens[b] + t) % page_size`` of page ``block_tables[b, (seq_lens[b] + t) // page_size]``,
+    for every KV head. All tensors on the CPU (no CUDA kernel yet). Bad input raises
+    ValueError/TypeError naming the argument, before anything is written.
+    """
+    torch.ops.shadowkv.append_kv(k_pages, v_pages, pos_pages, block_tables, seq_lens, k, v, positions, num_new)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None = None,
+    scores_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of one query token per sequence over all its cached slots.
+
+    Args:
+        q: ``[B, Hq, D]``, dtype of the pages; ``Hq % Hkv == 0`` and query head ``hq`` reads KV
+            head ``hq // (Hq // Hkv)`` (GQA).
+        k_pages, v_pages: ``[P, page_size, Hkv, D]`` page pool (read only).
+        block_tables: ``[B, max_pages]`` int32, page ids of each sequence (-1 = none).
+        seq_lens: ``[B]`` int32; every one of the ``seq_lens[b]`` cached keys is visible (they
+            all precede the query).
+        scale: softmax scale, default ``1/sqrt(D)``.
+        scores_out: optional ``[B, Hkv, S]`` float32 with ``S >= max(seq_lens)``, overwritten
+            with the softmax probability of each slot summed over the query heads of its GQA
+            group (for H2O-style accumulated scores), 0 for slots ``>= seq_lens[b]``.
+
+    Returns:
+        ``out [B, Hq, D]`` (dtype of ``q``; float accumulation, double for float64); zeros for
+        a sequence with no cached slot. CPU only (no CUDA kernel yet).
+    """
+    return torch.ops.shadowkv.paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, scale, scores_out)
+
+
+def evict_compact(
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    pos_pages: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    keep: torch.Tensor,
+    steps: torch.Tensor,
+    evicted_at: torch.Tensor,
+    slot_scores: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Evicts cache slots in place, logging each evicted key in the shadow mask.
+
+    Args:
+        k_pages, v_pages, pos_pages, block_tables, seq_lens: the cache (see
+            :func:`append_kv`), all written.
+        keep: ``[B, Hkv, S]`` bool, ``S >= max(seq_lens)``: which slots stay. Must be False for
+            ``s >= seq_lens[b]``, and every KV head of a sequence must keep the same count.
+        steps: ``[B]`` int32 (>= 0), the position of the next query of each sequence (the
+            first query that no longer sees an evicted key).
+        evicted_at: ``[B, Hkv, T]`` int32 eviction log (written; may be a strided view such as
+            ``log[:, layer]`` of a ``[B, layers, Hkv, T]`` tensor). For each evicted slot holding
+            position ``pos`` (``pos_pages``), ``evicted_at[b, h, pos] = steps[b]``; ``pos`` must be
+            in ``[0, T)`` and not evicted before (still ``NEVER_EVICTED``).
+        slot_scores: optional ``[B, Hkv, S]`` float32 per-slot scores, compacted like the slots
+            (zeros past the new length).
+
+    For each ``(b, h)`` the kept slots slide down in order inside the sequence's own pages,
+    ``seq_lens[b]`` becomes the kept count ``n``, and every block-table entry at index
+    ``>= ceil(n / page_size)`` that holds a page is released (set to -1).
+
+    Returns:
+        ``freed [B, max_pages]`` int32: the released page ids of each sequence in table order,
+        -1 padded. CPU only (no CUDA kernel yet). Bad input raises ValueError/TypeError naming
+        the argument, before anything is written.
+    """
+    return torch.ops.shadowkv.evict_compact(
+        k_pages, v_pages, pos_pages, block_tables, seq_lens, keep, steps, evicted_at, slot_scores
+    )

@@ -1,0 +1,199 @@
+"""Benchmark shadow_attention against dense-mask baselines, on CPU (and CUDA when available).
+
+For one shape it times, forward and forward+backward:
+
+- ``shadowkv``: ``shadowkv.ops.shadow_attention`` with the eviction log;
+- ``sdpa``: ``F.scaled_dot_product_attention`` with the equivalent boolean mask [B, Hq, L, L];
+- ``flex``: compiled FlexAttention with the equivalent block mask (skipped with a note when it
+  cannot run, e.g. no compiler for the CPU backend);
+
+under two masks: ``dense`` (nothing evicted: plain causal attention) and a StreamingLLM log
+that keeps ``sinks`` + a window so that ``budget`` of the L keys are cached at any time. Queries
+are all L positions (``q_offset = 0``), as in a learner's training forward.
+
+The acceptance row is the default: L=4096, D=64, budget 0.25 (4 sinks + 1020 window) on CPU,
+where ``shadowkv dense / 25%`` should be >= 2x: the op skips key tiles that the log masks.
+
+    python bench/bench_shadow_attention.py                    # the acceptance shape
+    python bench/bench_shadow_attention.py -L 1024 --repeats 3 --no-flex
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from shadowkv import ops
+from shadowkv.reference import INT32_MAX, shadow_visible, streaming_evicted_at
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-L", "--seq-len", type=int, default=4096, help="keys = queries (default 4096)")
+    p.add_argument("-D", "--head-dim", type=int, default=64)
+    p.add_argument("--q-heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("-B", "--batch", type=int, default=1)
+    p.add_argument("--budget", type=float, default=0.25,
+                   help="kept keys: a fraction of L if <= 1, else a token count (default 0.25)")
+    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="auto: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CPU, then CUDA if available")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baseline")
+    p.add_argument("--no-flex", action="store_true", help="skip the FlexAttention baseline")
+    return p.parse_args()
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of ``fn()`` after ``warmup`` untimed calls (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_impls(evicted_at: torch.Tensor, args, device: torch.device):
+    """name -> attention(q, k, v) for this log, or name -> reason it is skipped."""
+    seq_len, group = args.seq_len, args.q_heads // args.kv_heads
+    impls: dict[str, Callable | str] = {"shadowkv": lambda q, k, v: ops.shadow_attention(q, k, v, evicted_at)}
+    if not args.no_sdpa:
+        mask = shadow_visible(evicted_at, seq_len).repeat_interleave(group, dim=1)
+        impls["sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=group > 1)
+    if not args.no_flex:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return (kv_idx <= q_idx) & (q_idx < evicted_at[b, h // group, kv_idx])
+
+            block_mask = create_block_mask(mask_mod, args.batch, args.q_heads, seq_len, seq_len,
+                                           device=device)
+            flex = torch.compile(flex_attention, dynamic=False)
+            impls["flex"] = lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=group > 1)
+        except Exception as e:  # noqa: BLE001  (any failure only skips this baseline)
+            impls["flex"] = f"{type(e).__name__}: {e}".splitlines()[0][:100]
+    return impls
+
+
+def time_impl(attn, args, device, dtype) -> tuple[float, float | str]:
+    """Forward seconds of ``attn`` on random inputs, and forward+backward seconds (or why not)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    b, hq, hkv, seq_len, d = args.batch, args.q_heads, args.kv_heads, args.seq_len, args.head_dim
+    q = torch.randn(b, hq, seq_len, d, generator=gen, device=device, dtype=dtype)
+    k = torch.randn(b, hkv, seq_len, d, generator=gen, device=device, dtype=dtype)
+    v = torch.randn(b, hkv, seq_len, d, generator=gen, device=device, dtype=dtype)
+    grad_out = torch.randn_like(q)
+
+    def fwd():
+        with torch.no_grad():
+            attn(q, k, v)
+
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+
+    def fwd_bwd():
+        torch.autograd.grad(attn(qg, kg, vg), (qg, kg, vg), grad_out)
+
+    fwd_s = median_seconds(fwd, device, args.warmup, args.repeats)
+    try:
+        return fwd_s, median_seconds(fwd_bwd, device, args.warmup, args.repeats)
+    except Exception as e:  # noqa: BLE001  (a baseline without backward still has a forward)
+        return fwd_s, _reason(e)
+
+
+def _reason(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+
+
+def run_device(device: torch.device, args) -> None:
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    seq_len = args.seq_len
+    kept = round(args.budget * seq_len) if args.budget <= 1 else int(args.budget)
+    window = kept - args.sinks
+    if window < 1:
+        raise SystemExit(f"--budget keeps {kept} keys, not more than --sinks={args.sinks}")
+    logs = {
+        "dense": torch.full((seq_len,), INT32_MAX, dtype=torch.int32),
+        f"{kept / seq_len:.0%}": streaming_evicted_at(seq_len, args.sinks, window),
+    }
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"\n== {device.type}{threads}: B={args.batch} Hq={args.q_heads} Hkv={args.kv_heads} "
+          f"L={seq_len} D={args.head_dim} {str(dtype).removeprefix('torch.')}; "
+          f"kept = {args.sinks} sinks + {window} window = {kept} keys; "
+          f"median of {args.repeats} after {args.warmup} warm-up")
+    print(f"{'mask':>6} {'impl':>9} {'fwd ms':>10} {'fwd+bwd ms':>11} {'fwd x':>7} {'fwd+bwd x':>10}")
+
+    results: dict[tuple[str, str], tuple[float, float | str]] = {}
+    notes = []
+    for mask_name, log in logs.items():
+        evicted_at = log.to(device).expand(args.batch, args.kv_heads, seq_len).contiguous()
+        for impl_name, attn in make_impls(evicted_at, args, device).items():
+            if isinstance(attn, str):
+                notes.append(f"{impl_name} ({mask_name}) skipped: {attn}")
+                continue
+            try:
+                fwd, fwd_bwd = time_impl(attn, args, device, dtype)
+            except Exception as e:  # noqa: BLE001  (a failing baseline must not hide the others)
+                if impl_name == "shadowkv":
+                    raise
+                notes.append(f"{impl_name} ({mask_name}) skipped: {_reason(e)}")
+                continue
+            if isinstance(fwd_bwd, str):
+                if impl_name == "shadowkv":
+                    raise RuntimeError(f"shadowkv backward failed: {fwd_bwd}")
+                notes.append(f"{impl_name} ({mask_name}) fwd+bwd skipped: {fwd_bwd}")
+            results[mask_name, impl_name] = fwd, fwd_bwd
+            ours_fwd, ours_fwd_bwd = results[mask_name, "shadowkv"]
+            # Ratios: this implementation's time over shadowkv's under the same mask.
+            if isinstance(fwd_bwd, str):
+                fwd_bwd_ms, fwd_bwd_x = f"{'n/a':>11}", f"{'n/a':>10}"
+            else:
+                fwd_bwd_ms, fwd_bwd_x = f"{fwd_bwd * 1e3:11.2f}", f"{fwd_bwd / ours_fwd_bwd:10.2f}"
+            print(f"{mask_name:>6} {impl_name:>9} {fwd * 1e3:10.2f} {fwd_bwd_ms} "
+                  f"{fwd / ours_fwd:7.2f} {fwd_bwd_x}", flush=True)
+    print("(x = time / shadowkv time under the same mask; > 1 means shadowkv is faster)")
+    for note in notes:
+        print("note:", note)
+    budget_name = list(logs)[1]
+    dense, budget = results["dense", "shadowkv"], results[budget_name, "shadowkv"]
+    print(f"shadowkv dense / {budget_name} ({device.type}): fwd {dense[0] / budget[0]:.2f}x, "
+          f"fwd+bwd {dense[1] / budget[1]:.2f}x")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.q_heads % args.kv_heads:
+        raise SystemExit(f"--q-heads={args.q_heads} must be a multiple of --kv-heads={args.kv_heads}")
+    devices = [args.device] if args.device != "auto" else (
+        ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    for name in devices:
+        run_device(torch.device(name), args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,541 @@
+"""shadow_attention (CPU): forward, gradients, torch.library registration and argument checks.
+
+Every result is compared with the float64 reference in ``shadowkv.reference`` run on the very
+same (already rounded) inputs. Tolerances, as max absolute error:
+
+- float64: 1e-10 forward, 1e-9 gradients (only summation order differs).
+- float32: 1e-5 forward (out and lse), 1e-4 gradients (the acceptance bar).
+- bfloat16 / float16: out and gradients are stored in 8 / 11 mantissa bits, so the bound is
+  relative to the size of the reference, ``tol * max(1, max|ref|)``: bf16 2e-2 out, 5e-2 grads;
+  fp16 5e-3 out, 1e-2 grads. lse is float32, computed from the rounded inputs: 1e-4 (relative
+  in the same way).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from shadowkv import ops
+from shadowkv.reference import (
+    INT32_MAX,
+    random_evicted_at,
+    shadow_attention_ref,
+    shadow_visible,
+    streaming_evicted_at,
+)
+
+FWD = torch.ops.shadowkv.shadow_attention_fwd
+BWD = torch.ops.shadowkv.shadow_attention_bwd
+
+
+@dataclass(frozen=True)
+class Tol:
+    out: float
+    lse: float
+    grad: float
+    relative: bool  # scale by max(1, max|reference|)
+
+
+TOLERANCES = {
+    torch.float64: Tol(out=1e-10, lse=1e-10, grad=1e-9, relative=False),
+    torch.float32: Tol(out=1e-5, lse=1e-5, grad=1e-4, relative=False),
+    torch.bfloat16: Tol(out=2e-2, lse=1e-4, grad=5e-2, relative=True),
+    torch.float16: Tol(out=5e-3, lse=1e-4, grad=1e-2, relative=True),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Cases
+
+
+@dataclass
+class Case:
+    """One attention problem; tensors are drawn from ``seed`` so that a case is cheap to print."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    q_offset: int
+    evicted_at: torch.Tensor  # [B, Hkv, Lk] int32
+    scale: float | None = None
+    seed: int = 0
+
+    def tensors(self, dtype: torch.dtype, requires_grad: bool = False):
+        """q, k, v in ``dtype`` plus float64 upstream gradients for out and lse."""
+        gen = torch.Generator().manual_seed(self.seed)
+        b, hq, hkv, lq, lk, d = (self.batch, self.q_heads, self.kv_heads, self.q_len,
+                                 self.kv_len, self.head_dim)
+        q = torch.randn(b, hq, lq, d, generator=gen).to(dtype)
+        k = torch.randn(b, hkv, lk, d, generator=gen).to(dtype)
+        v = torch.randn(b, hkv, lk, d, generator=gen).to(dtype)
+        grad_out = torch.randn(b, hq, lq, d, generator=gen, dtype=torch.float64)
+        grad_lse = torch.randn(b, hq, lq, generator=gen, dtype=torch.float64)
+        for t in (q, k, v):
+            t.requires_grad_(requires_grad)
+        return q, k, v, grad_out, grad_lse
+
+
+def make_evicted_at(kind, batch, kv_heads, kv_len, horizon, sinks, gen, *, window=1,
+                    evict_every=1, keep=0.25, late=False):
+    """An eviction log of one of the test scenarios, ``[batch, kv_heads, kv_len]`` int32."""
+    shape = (batch, kv_heads, kv_len)
+    key = torch.arange(kv_len)
+    if kind == "none":
+        return torch.full(shape, INT32_MAX, dtype=torch.int32)
+    if kind == "streaming":
+        log = streaming_evicted_at(max(kv_len, horizon), sinks, window, evict_every)[:kv_len]
+        return log.expand(shape).contiguous()
+    if kind == "random":
+        return random_evicted_at(shape, horizon, keep=keep, sinks=sinks, generator=gen)
+    if kind == "sinks_only":
+        # Everything but the sinks evicted: right after its own query (late) or before any query.
+        step = key + 1 if late else torch.zeros_like(key)
+        return torch.where(key < sinks, INT32_MAX, step).to(torch.int32).expand(shape).contiguous()
+    if kind == "arbitrary":
+        # Not a plausible log (keys evicted before they were written): many empty rows.
+        return torch.randint(0, horizon + 2, shape, generator=gen, dtype=torch.int32)
+    raise ValueError(kind)
+
+
+@st.composite
+def cases(draw, max_len: int = 300):
+    """Random problems: mostly small (L <= 96), one in five up to ``max_len`` with B = 1."""
+    big = draw(st.integers(0, 4)) == 4
+    length_cap = max_len if big else 96
+    kv_heads = draw(st.sampled_from([1, 2]))
+    q_heads = draw(st.sampled_from([h for h in (1, 2, 4, 8) if h % kv_heads == 0 and h <= (4 if big else 8)]))
+    batch = 1 if big else draw(st.integers(1, 3))
+    head_dim = draw(st.sampled_from([16, 64, 80, 128]))
+    layout = draw(st.sampled_from(["prefill", "decode", "free"]))
+    if layout == "prefill":
+        kv_len = q_len = draw(st.integers(1, length_cap))
+        q_offset = 0
+    elif layout == "decode":
+        kv_len = draw(st.integers(2, length_cap))
+        q_len = draw(st.integers(1, min(kv_len - 1, 16)))
+        q_offset = kv_len - q_len
+    else:
+        kv_len = draw(st.integers(1, length_cap))
+        q_len = draw(st.integers(1, length_cap))
+        q_offset = draw(st.integers(0, kv_len + 8))
+    horizon = q_offset + q_len
+    kind = draw(st.sampled_from(["none", "streaming", "random", "sinks_only", "arbitrary"]))
+    sinks = draw(st.integers(0, 4))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed + 1)
+    evicted_at = make_evicted_at(
+        kind, batch, kv_heads, kv_len, horizon, sinks, gen,
+        window=draw(st.integers(1, max(1, kv_len))),
+        evict_every=draw(st.integers(1, 8)),
+        keep=draw(st.sampled_from([0.0, 0.25, 0.5, 0.9])),
+        late=draw(st.booleans()),
+    )
+    scale_factor = draw(st.sampled_from([None, 0.5, 2.0]))
+    empty_rows = not shadow_visible(evicted_at, q_len, q_offset).any(-1).all()
+    event(f"layout={layout}, evicted={kind}, big={big}, rows without keys={empty_rows}")
+    scale = None if scale_factor is None else scale_factor / math.sqrt(head_dim)
+    return Case(batch, q_heads, kv_heads, q_len, kv_len, head_dim, q_offset, evicted_at, scale, seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Comparison against the reference
+
+
+def _bound(tol: float, ref: torch.Tensor, relative: bool) -> float:
+    if not relative:
+        return tol
+    finite = ref[torch.isfinite(ref)]
+    return tol * max(1.0, finite.abs().max().item() if finite.numel() else 0.0)
+
+
+def _assert_near(name: str, actual: torch.Tensor, ref: torch.Tensor, tol: float, relative: bool):
+    assert actual.shape == ref.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref.shape)}"
+    actual = actual.detach().double()
+    assert not actual.isnan().any(), f"{name}: NaN in result"
+    # -inf (lse of rows without keys) must match exactly; compare the rest numerically.
+    inf_ref, inf_act = ref.isinf(), actual.isinf()
+    assert torch.equal(inf_ref, inf_act), f"{name}: infinities at different places"
+    if inf_ref.all():
+        return
+    err = (actual[~inf_act] - ref[~inf_ref]).abs().max().item()
+    bound = _bound(tol, ref, relative)
+    assert err <= bound, f"{name}: max abs err {err:.3e} > {bound:.3e}"
+
+
+def check_case(case: Case, dtype: torch.dtype, with_lse: bool = True):
+    """Runs the public op forward and backward and compares everything with the reference."""
+    tol = TOLERANCES[dtype]
+    q, k, v, grad_out, grad_lse = case.tensors(dtype, requires_grad=True)
+    args = (case.evicted_at, case.q_offset, case.scale)
+    if with_lse:
+        out, lse = ops.shadow_attention_with_lse(q, k, v, *args)
+    else:
+        out, lse = ops.shadow_attention(q, k, v, *args), None
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out_ref, lse_ref = shadow_attention_ref(q64, k64, v64, *args)
+
+    assert out.dtype == dtype and out.device == q.device
+    _assert_near("out", out, out_ref, tol.out, tol.relative)
+    if with_lse:
+        assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        _assert_near("lse", lse, lse_ref, tol.lse, tol.relative)
+
+    # Upstream gradients in the op's dtypes; the reference sees exactly the same values.
+    g_out = grad_out.to(dtype)
+    outputs, grads = [out], [g_out]
+    ref_outputs, ref_grads = [out_ref], [g_out.double()]
+    if with_lse:
+        g_lse = grad_lse.to(lse.dtype)
+        outputs.append(lse), grads.append(g_lse)
+        ref_outputs.append(lse_ref), ref_grads.append(g_lse.double())
+    dq, dk, dv = torch.autograd.grad(outputs, (q, k, v), grads)
+    dq_ref, dk_ref, dv_ref = torch.autograd.grad(ref_outputs, (q64, k64, v64), ref_grads)
+    for name, got, ref in (("dq", dq, dq_ref), ("dk", dk, dk_ref), ("dv", dv, dv_ref)):
+        assert got.dtype == dtype
+        _assert_near(name, got, ref, tol.grad, tol.relative)
+
+
+@settings(max_examples=300)
+@given(case=cases(), with_lse=st.booleans())
+def test_matches_reference_float32(case, with_lse):
+    check_case(case, torch.float32, with_lse)
+
+
+@settings(max_examples=100)
+@given(case=cases(max_len=160))
+def test_matches_reference_float64(case):
+    check_case(case, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@settings(max_examples=60)
+@given(case=cases(max_len=160))
+def test_matches_reference_half(dtype, case):
+    check_case(case, dtype)
+
+
+def _tile_cases():
+    # Lengths around the CPU kernel's 32-query / 64-key tiles, windows that leave whole key
+    # tiles masked in the middle of a row (the block-skipping path).
+    for length, sinks, window in [(31, 0, 1), (64, 4, 16), (65, 1, 64), (129, 4, 60),
+                                  (200, 0, 65), (257, 4, 128)]:
+        ev = streaming_evicted_at(length, sinks, window).expand(1, 2, length).contiguous()
+        yield pytest.param(Case(1, 4, 2, length, length, 64, 0, ev, seed=length),
+                           id=f"L{length}-s{sinks}-w{window}")
+
+
+@pytest.mark.parametrize("case", list(_tile_cases()))
+def test_tile_boundaries_streaming(case):
+    check_case(case, torch.float32)
+
+
+def test_named_scenarios():
+    """The scenarios of the acceptance list, once each, deterministically."""
+    gen = torch.Generator().manual_seed(0)
+    lk, lq = 150, 7
+    scenarios = {
+        "decode_random": (lq, lk - lq, make_evicted_at("random", 2, 2, lk, lk, 4, gen)),
+        "nothing_evicted": (lk, 0, make_evicted_at("none", 2, 2, lk, lk, 0, gen)),
+        "all_but_sinks": (lk, 0, make_evicted_at("sinks_only", 2, 2, lk, lk, 4, gen)),
+        "no_key_rows": (lk, 0, make_evicted_at("sinks_only", 2, 2, lk, lk, 0, gen)),
+        "no_key_decode": (lq, lk - lq, make_evicted_at("sinks_only", 2, 2, lk, lk, 0, gen)),
+    }
+    for name, (q_len, q_offset, ev) in scenarios.items():
+        case = Case(2, 8, 2, q_len, lk, 80, q_offset, ev, seed=len(name))
+        try:
+            check_case(case, torch.float32)
+        except AssertionError as e:
+            raise AssertionError(f"scenario {name}: {e}") from e
+
+
+def test_no_visible_key_gives_zeros_and_no_nan():
+    lk = 12
+    ev = torch.zeros(1, 1, lk, dtype=torch.int32)  # every key evicted before any query
+    q = torch.randn(1, 2, lk, 16, requires_grad=True)
+    k, v = (torch.randn(1, 1, lk, 16, requires_grad=True) for _ in range(2))
+    out, lse = ops.shadow_attention_with_lse(q, k, v, ev)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.isneginf(lse).all()
+    (out.sum() + lse.masked_fill(lse.isinf(), 0).sum()).backward()
+    for t in (q, k, v):
+        assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_out_only_matches_with_lse():
+    case = Case(2, 4, 2, 40, 40, 64, 0, streaming_evicted_at(40, 2, 8).expand(2, 2, 40), seed=3)
+    q, k, v, _, _ = case.tensors(torch.float32)
+    out = ops.shadow_attention(q, k, v, case.evicted_at)
+    out2, lse = ops.shadow_attention_with_lse(q, k, v, case.evicted_at)
+    out3, lse3 = FWD(q, k, v, case.evicted_at)
+    torch.testing.assert_close(out, out2, rtol=0, atol=0)
+    torch.testing.assert_close(out, out3, rtol=0, atol=0)
+    torch.testing.assert_close(lse, lse3, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Strides
+
+
+def _strided(shape, layout, gen):
+    """A non-contiguous float32 view of ``shape`` [B, H, L, D] in one of several layouts."""
+    b, h, n, d = shape
+    if layout == "bshd":  # the layout of a model's projections before the head transpose
+        return torch.randn(b, n, h, d, generator=gen).transpose(1, 2)
+    if layout == "row_slice":
+        return torch.randn(b, h, 2 * n, d, generator=gen)[:, :, ::2]
+    if layout == "head_slice":
+        return torch.randn(b, 2 * h, n, d, generator=gen)[:, 1::2]
+    if layout == "dim_strided":  # last dimension not contiguous either
+        return torch.randn(b, h, d, n, generator=gen).transpose(2, 3)
+    raise ValueError(layout)
+
+
+@pytest.mark.parametrize("layout", ["bshd", "row_slice", "head_slice", "dim_strided"])
+def test_non_contiguous_inputs(layout):
+    b, hq, hkv, lq, lk, d = 2, 4, 2, 20, 50, 64
+    gen = torch.Generator().manual_seed(11)
+    q = _strided((b, hq, lq, d), layout, gen)
+    k, v = (_strided((b, hkv, lk, d), layout, gen) for _ in range(2))
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    # A stride-0 log (one log broadcast over batch and heads) is the natural way to pass one.
+    ev = streaming_evicted_at(lk, 2, 10).expand(b, hkv, lk)
+    q_offset = lk - lq
+    grad_out = torch.randn(b, hq, lq, d, generator=gen)
+
+    def run(q, k, v, ev):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out, lse = ops.shadow_attention_with_lse(q, k, v, ev, q_offset)
+        return (out, lse, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+    strided = run(q, k, v, ev)
+    dense = run(q.contiguous(), k.contiguous(), v.contiguous(), ev.contiguous())
+    for name, got, exp in zip(("out", "lse", "dq", "dk", "dv"), strided, dense):
+        torch.testing.assert_close(got, exp, rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# --------------------------------------------------------------------------------------------
+# gradcheck and opcheck (float64, small shapes)
+
+
+def _small(name):
+    gen = torch.Generator().manual_seed(5)
+    if name == "mha":
+        lq = lk = 6
+        q_offset, hq, hkv = 0, 2, 2
+        ev = random_evicted_at((1, hkv, lk), lk, keep=0.3, sinks=1, generator=gen)
+    elif name == "gqa":
+        lq = lk = 5
+        q_offset, hq, hkv = 0, 4, 2
+        ev = streaming_evicted_at(lk, 1, 2).expand(2, hkv, lk).contiguous()
+    elif name == "gqa_decode":
+        lk, lq = 9, 3
+        q_offset, hq, hkv = 6, 4, 1
+        ev = random_evicted_at((2, hkv, lk), lk, keep=0.3, sinks=1, generator=gen)
+    elif name == "no_key_row":
+        lq = lk = 6
+        q_offset, hq, hkv = 0, 2, 1
+        # Rows 2, 3 and 4 see no key; rows 0, 1 and 5 do.
+        ev = torch.tensor([2, 2, 2, 3, 3, INT32_MAX], dtype=torch.int32).expand(2, hkv, lk).contiguous()
+    else:
+        raise ValueError(name)
+    b = ev.shape[0]
+    q = torch.randn(b, hq, lq, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, hkv, lk, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, hkv, lk, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    return q, k, v, ev, q_offset
+
+
+SMALL = ["mha", "gqa", "gqa_decode", "no_key_row"]
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_gradcheck_out(name):
+    q, k, v, ev, q_offset = _small(name)
+    assert torch.autograd.gradcheck(lambda q, k, v: ops.shadow_attention(q, k, v, ev, q_offset), (q, k, v))
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_gradcheck_with_lse(name):
+    q, k, v, ev, q_offset = _small(name)
+
+    def fn(q, k, v):
+        out, lse = ops.shadow_attention_with_lse(q, k, v, ev, q_offset, 0.3)
+        # -inf - -inf is NaN in finite differences; rows without keys are constant anyway.
+        return out, lse.masked_fill(lse.isinf(), 0.0)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa_decode", "no_key_row"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_opcheck_fwd(name, dtype):
+    q, k, v, ev, q_offset = _small(name)
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(FWD.default, (q, k, v, ev, q_offset, None))
+    torch.library.opcheck(FWD.default, (q, k, v, ev, q_offset, 0.25))
+
+
+@pytest.mark.parametrize("name", ["gqa", "gqa_decode", "no_key_row"])
+@pytest.mark.parametrize("with_grad_lse", [False, True], ids=["no_glse", "glse"])
+def test_opcheck_bwd(name, with_grad_lse):
+    q, k, v, ev, q_offset = _small(name)
+    q, k, v = (t.detach().float() for t in (q, k, v))
+    scale = 0.25
+    out, lse = FWD(q, k, v, ev, q_offset, scale)
+    grad_out = torch.randn_like(out)
+    grad_lse = torch.randn_like(lse) if with_grad_lse else None
+    torch.library.opcheck(BWD.default, (grad_out, q, k, v, ev, out, lse, grad_lse, q_offset, scale))
+
+
+def test_bwd_op_matches_reference():
+    q, k, v, ev, q_offset = _small("gqa_decode")
+    scale = 0.25
+    out, lse = FWD(q.detach(), k.detach(), v.detach(), ev, q_offset, scale)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    dq, dk, dv = BWD(grad_out, q.detach(), k.detach(), v.detach(), ev, out, lse, grad_lse, q_offset, scale)
+    out_ref, lse_ref = shadow_attention_ref(q, k, v, ev, q_offset, scale)
+    ref = torch.autograd.grad((out_ref, lse_ref), (q, k, v), (grad_out, grad_lse))
+    for got, exp in zip((dq, dk, dv), ref):
+        torch.testing.assert_close(got, exp, rtol=0, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _valid_args():
+    ev = streaming_evicted_at(10, 1, 4).expand(2, 2, 10).contiguous()
+    return dict(q=torch.randn(2, 4, 10, 16), k=torch.randn(2, 2, 10, 16), v=torch.randn(2, 2, 10, 16),
+                evicted_at=ev, q_offset=0, scale=None)
+
+
+BAD_INPUTS = {
+    # name of the case: (argument the message must name, changes to the valid arguments)
+    "q_int_dtype": ("q", lambda a: {"q": a["q"].int(), "k": a["k"].int(), "v": a["v"].int()}),
+    "q_bool_dtype": ("q", lambda a: {"q": a["q"] > 0}),
+    "k_dtype_differs": ("k", lambda a: {"k": a["k"].double()}),
+    "v_dtype_differs": ("v", lambda a: {"v": a["v"].half()}),
+    "evicted_at_int64": ("evicted_at", lambda a: {"evicted_at": a["evicted_at"].long()}),
+    "evicted_at_float": ("evicted_at", lambda a: {"evicted_at": a["evicted_at"].float()}),
+    "q_rank_3": ("q", lambda a: {"q": a["q"][0]}),
+    "k_rank_5": ("k", lambda a: {"k": a["k"][None]}),
+    "v_rank_3": ("v", lambda a: {"v": a["v"][0]}),
+    "evicted_at_rank_2": ("evicted_at", lambda a: {"evicted_at": a["evicted_at"][0]}),
+    "k_head_dim": ("k", lambda a: {"k": torch.randn(2, 2, 10, 32)}),
+    "k_batch": ("k", lambda a: {"k": a["k"][:1], "v": a["v"][:1], "evicted_at": a["evicted_at"][:1]}),
+    "v_len": ("v", lambda a: {"v": torch.randn(2, 2, 11, 16)}),
+    "v_heads": ("v", lambda a: {"v": torch.randn(2, 1, 10, 16)}),
+    "v_head_dim": ("v", lambda a: {"v": torch.randn(2, 2, 10, 8)}),
+    "evicted_at_len": ("evicted_at", lambda a: {"evicted_at": torch.zeros(2, 2, 11, dtype=torch.int32)}),
+    "evicted_at_heads": ("evicted_at", lambda a: {"evicted_at": torch.zeros(2, 1, 10, dtype=torch.int32)}),
+    "evicted_at_batch": ("evicted_at", lambda a: {"evicted_at": torch.zeros(1, 2, 10, dtype=torch.int32)}),
+    "heads_not_divisible": ("q|k", lambda a: {"q": torch.randn(2, 3, 10, 16)}),
+    # "meta" stands in for a second device on CPU-only machines (it reaches the fake kernel).
+    **{f"{name}_on_{dev}": (name, lambda a, name=name, dev=dev: {name: a[name].to(dev)})
+       for name in ("k", "v", "evicted_at")
+       for dev in ("meta", *(["cuda"] if torch.cuda.is_available() else []))},
+    "q_offset_negative": ("q_offset", lambda a: {"q_offset": -1}),
+    "scale_zero": ("scale", lambda a: {"scale": 0.0}),
+    "scale_negative": ("scale", lambda a: {"scale": -0.5}),
+    "scale_nan": ("scale", lambda a: {"scale": math.nan}),
+    "scale_inf": ("scale", lambda a: {"scale": math.inf}),
+}
+
+ENTRY_POINTS = {
+    "ops.shadow_attention": lambda a: ops.shadow_attention(**a),
+    "ops.shadow_attention_with_lse": lambda a: ops.shadow_attention_with_lse(**a),
+    "torch.ops.shadow_attention_fwd": lambda a: FWD(
+        a["q"], a["k"], a["v"], a["evicted_at"], a["q_offset"], a["scale"]),
+}
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_names_argument(case, entry):
+    arg, change = BAD_INPUTS[case]
+    args = _valid_args()
+    args.update(change(args))
+    # The name as a whole word: "k" must not be satisfied by the k in "kv_len" or "mask".
+    pattern = rf"(?<![A-Za-z0-9_])({arg})(?![A-Za-z0-9_])"
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=pattern):
+        ENTRY_POINTS[entry](args)
+
+
+def test_valid_args_run():
+    """The base of the bad-input cases is itself accepted (so each case tests one change)."""
+    for call in ENTRY_POINTS.values():
+        call(_valid_args())
+
+
+# --------------------------------------------------------------------------------------------
+# The reference itself (independent of the extension)
+
+
+def _naive_row_loop(q, k, v, evicted_at, q_offset, scale):
+    b_, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    out = torch.zeros(b_, hq, lq, d, dtype=torch.float64)
+    lse = torch.full((b_, hq, lq), -math.inf, dtype=torch.float64)
+    for b in range(b_):
+        for h in range(hq):
+            hk = h // (hq // hkv)
+            for i in range(lq):
+                p = q_offset + i
+                keys = [j for j in range(lk) if j <= p < int(evicted_at[b, hk, j])]
+                if keys:
+                    s = torch.stack([scale * q[b, h, i].double() @ k[b, hk, j].double() for j in keys])
+                    w = torch.softmax(s, 0)
+                    out[b, h, i] = (w[:, None] * v[b, hk, keys].double()).sum(0)
+                    lse[b, h, i] = torch.logsumexp(s, 0)
+    return out, lse
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reference_matches_naive_loop_and_sdpa(seed):
+    gen = torch.Generator().manual_seed(seed)
+    hkv, group = (1, 2)[seed % 2], (1, 2, 4)[seed % 3]
+    lk = 17
+    lq, q_offset = (lk, 0) if seed < 3 else (5, 3 + seed)
+    q = torch.randn(2, hkv * group, lq, 8, generator=gen)
+    k, v = torch.randn(2, 2, hkv, lk, 8, generator=gen)
+    ev = torch.randint(0, q_offset + lq + 2, (2, hkv, lk), generator=gen, dtype=torch.int32)
+    out, lse = shadow_attention_ref(q, k, v, ev, q_offset, 0.4)
+    out_n, lse_n = _naive_row_loop(q, k, v, ev, q_offset, 0.4)
+    torch.testing.assert_close(out, out_n, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, lse_n, rtol=0, atol=1e-12)
+
+    mask = shadow_visible(ev, lq, q_offset).repeat_interleave(group, 1)
+    rows = mask.any(-1)
+    sdpa = F.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1),
+        attn_mask=mask, scale=0.4)
+    torch.testing.assert_close(out[rows], sdpa[rows], rtol=0, atol=1e-12)
+
+    qq, kk, vv = (t.double().requires_grad_() for t in (q, k, v))
+    o, l = shadow_attention_ref(qq, kk, vv, ev, q_offset, 0.4)
+    (o.sum() + l.masked_fill(l.isinf(), 0).sum()).backward()
+    assert all(t.grad.isfinite().all() for t in (qq, kk, vv))
+    assert (qq.grad[~rows] == 0).all()
+
+
+def test_streaming_log_keeps_sinks_plus_window():
+    length, sinks, window, every = 40, 3, 6, 4
+    visible = shadow_visible(streaming_evicted_at(length, sinks, window, every)[None, None], length)[0, 0]
+    for p in range(length):
+        recent = set(range(p + 1)) - set(range(sinks))
+        last_trim = p - p % every  # the newest step t <= p at which the cache was trimmed
+        kept = {j for j in recent if j > last_trim - window}
+        expected = set(range(min(sinks, p + 1))) | kept
+        assert set(visible[p].nonzero().flatten().tolist()) == expected, p
+        assert visible[p].sum() <= sinks + window + every - 1
