@@ -121,14 +121,15 @@ def shadow_attention(
 
 
 # --------------------------------------------------------------------------------------------
-# Paged KV cache ops (one layer's cache; layout in shadowkv/reference_paged.py and
+# Paged KV cache ops (one layer's cache; layout in shadowkv/reference.py and
 # csrc/include/shadowkv/paged_kv.h). CPU kernels only so far.
 
 _PAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _check_paged_fake_args(device, specs):
-    """The rank/dtype/device/shape checks of the C++ paged ops, for fake and meta tensors.
+def _check_paged_fake_args(ref, ref_name, specs):
+    """The rank/dtype/device/shape checks of the C++ paged ops, for fake and meta tensors
+    (all on the device of ``ref``, the argument named ``ref_name``).
 
     ``specs``: ``(name, tensor or None, layout, dtypes, shape)`` where ``layout`` is like
     ``"[B, T]"``, ``dtypes`` a tuple of accepted dtypes and ``shape`` a tuple of expected sizes
@@ -141,23 +142,24 @@ def _check_paged_fake_args(device, specs):
             raise ValueError(f"shadowkv: `{name}` must be a {len(shape)}-D tensor {layout}, got shape {list(t.shape)}")
         if t.dtype not in dtypes:
             raise TypeError(f"shadowkv: `{name}` must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
-        if t.device != device:
-            raise ValueError(f"shadowkv: `{name}` must be on {device}, got {t.device}")
+        if t.device != ref.device:
+            raise ValueError(f"shadowkv: `{name}` must be on the device of `{ref_name}` ({ref.device}), got {t.device}")
         want = [got if w is None else w for got, w in zip(t.shape, shape)]
         if list(t.shape) != want:
             raise ValueError(f"shadowkv: `{name}` must have shape {want}, got {list(t.shape)}")
 
 
-def _check_paged_cache_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens, device):
+def _check_paged_cache_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens, ref, ref_name,
+                            page_dtypes=_PAGE_DTYPES):
     """Checks the cache tensors; returns ``(P, page_size, Hkv, D, B, max_pages)``."""
     any_ = (None,)
-    _check_paged_fake_args(device, [
-        ("k_pages", k_pages, "[P, page_size, Hkv, D]", _PAGE_DTYPES, any_ * 4),
+    _check_paged_fake_args(ref, ref_name, [
+        ("k_pages", k_pages, "[P, page_size, Hkv, D]", page_dtypes, any_ * 4),
         ("block_tables", block_tables, "[B, max_pages]", (torch.int32,), any_ * 2),
     ])
     P, ps, H, D = k_pages.shape
     B, M = block_tables.shape
-    _check_paged_fake_args(device, [
+    _check_paged_fake_args(ref, ref_name, [
         ("v_pages", v_pages, "[P, page_size, Hkv, D]", (k_pages.dtype,), (P, ps, H, D)),
         ("pos_pages", pos_pages, "[P, page_size, Hkv]", (torch.int32,), (P, ps, H)),
         ("seq_lens", seq_lens, "[B]", (torch.int32,), (B,)),
@@ -168,9 +170,9 @@ def _check_paged_cache_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens,
 @torch.library.register_fake("shadowkv::append_kv")
 def _append_kv_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens, k, v, positions, num_new):
     _, _, H, D, B, _ = _check_paged_cache_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens,
-                                               k_pages.device)
+                                               k_pages, "k_pages")
     T = k.shape[2] if k.dim() == 4 else None
-    _check_paged_fake_args(k_pages.device, [
+    _check_paged_fake_args(k_pages, "k_pages", [
         ("k", k, "[B, Hkv, T, D]", (k_pages.dtype,), (B, H, T, D)),
         ("v", v, "[B, Hkv, T, D]", (k_pages.dtype,), (B, H, T, D)),
         ("positions", positions, "[B, T]", (torch.int32,), (B, T)),
@@ -180,10 +182,11 @@ def _append_kv_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens, k, v, p
 
 @torch.library.register_fake("shadowkv::paged_decode_attention")
 def _paged_decode_attention_fake(q, k_pages, v_pages, block_tables, seq_lens, scale=None, scores_out=None):
-    _check_paged_fake_args(q.device, [("q", q, "[B, Hq, D]", _PAGE_DTYPES, (None,) * 3)])
-    _, _, H, D, B, _ = _check_paged_cache_fake(k_pages, v_pages, None, block_tables, seq_lens, q.device)
-    _check_paged_fake_args(q.device, [
-        ("q", q, "[B, Hq, D]", (k_pages.dtype,), (B, None, D)),
+    _check_paged_fake_args(q, "q", [("q", q, "[B, Hq, D]", _PAGE_DTYPES, (None,) * 3)])
+    _, _, H, D, B, _ = _check_paged_cache_fake(k_pages, v_pages, None, block_tables, seq_lens, q, "q",
+                                               page_dtypes=(q.dtype,))
+    _check_paged_fake_args(q, "q", [
+        ("q", q, "[B, Hq, D]", (q.dtype,), (B, None, D)),
         ("scores_out", scores_out, "[B, Hkv, S]", (torch.float32,), (B, H, None)),
     ])
     if q.shape[1] % H != 0:
@@ -196,9 +199,9 @@ def _paged_decode_attention_fake(q, k_pages, v_pages, block_tables, seq_lens, sc
 def _evict_compact_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens, keep, steps, evicted_at,
                         slot_scores=None):
     _, _, H, _, B, M = _check_paged_cache_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens,
-                                               k_pages.device)
+                                               k_pages, "k_pages")
     S = keep.shape[2] if keep.dim() == 3 else None
-    _check_paged_fake_args(k_pages.device, [
+    _check_paged_fake_args(k_pages, "k_pages", [
         ("keep", keep, "[B, Hkv, S]", (torch.bool,), (B, H, S)),
         ("steps", steps, "[B]", (torch.int32,), (B,)),
         ("evicted_at", evicted_at, "[B, Hkv, T]", (torch.int32,), (B, H, None)),

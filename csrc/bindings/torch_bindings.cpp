@@ -2,6 +2,7 @@
 // Fake (meta) kernels and autograd are registered in Python (shadowkv/ops.py).
 #include <torch/library.h>
 
+#include "paged_kv_ops.h"
 #include "shadow_attention_ops.h"
 
 TORCH_LIBRARY(shadowkv, m) {
@@ -11,16 +12,32 @@ TORCH_LIBRARY(shadowkv, m) {
   m.def(
       "shadow_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor evicted_at, Tensor out, "
       "Tensor lse, Tensor? grad_lse, int q_offset, float? scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  m.def(
+      "append_kv(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos_pages, Tensor block_tables, "
+      "Tensor(d!) seq_lens, Tensor k, Tensor v, Tensor positions, Tensor num_new) -> ()");
+  m.def(
+      "paged_decode_attention(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_tables, Tensor seq_lens, "
+      "float? scale=None, Tensor(a!)? scores_out=None) -> Tensor");
+  m.def(
+      "evict_compact(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos_pages, Tensor(d!) block_tables, "
+      "Tensor(e!) seq_lens, Tensor keep, Tensor steps, Tensor(f!) evicted_at, Tensor(g!)? slot_scores=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(shadowkv, CPU, m) {
   m.impl("shadow_attention_fwd", &shadowkv::bindings::shadow_attention_fwd);
   m.impl("shadow_attention_bwd", &shadowkv::bindings::shadow_attention_bwd);
+  m.impl("append_kv", &shadowkv::bindings::append_kv);
+  m.impl("paged_decode_attention", &shadowkv::bindings::paged_decode_attention);
+  m.impl("evict_compact", &shadowkv::bindings::evict_compact);
 }
 
 #ifdef SHADOWKV_WITH_CUDA
 TORCH_LIBRARY_IMPL(shadowkv, CUDA, m) {
   m.impl("shadow_attention_fwd", &shadowkv::bindings::shadow_attention_fwd);
   m.impl("shadow_attention_bwd", &shadowkv::bindings::shadow_attention_bwd);
+  // The paged ops have no CUDA kernels yet: these raise a clear NotImplementedError.
+  m.impl("append_kv", &shadowkv::bindings::append_kv);
+  m.impl("paged_decode_attention", &shadowkv::bindings::paged_decode_attention);
+  m.impl("evict_compact", &shadowkv::bindings::evict_compact);
 }
 #endif

@@ -2,5 +2,6 @@
 #pragma once
 
 #include "shadowkv/dtypes.h"
+#include "shadowkv/paged_kv.h"
 #include "shadowkv/shadow_attention.h"
 #include "shadowkv/version.h"

@@ -1,0 +1,269 @@
+#include "paged_kv_ops.h"
+
+#include <ATen/MemoryOverlap.h>
+
+#include <cmath>
+#include <initializer_list>
+#include <stdexcept>
+#include <utility>
+
+#include "device_launch.h"
+#include "shadowkv/paged_kv.h"
+#include "tensor_params.h"
+
+namespace shadowkv::bindings {
+namespace {
+
+constexpr const char* kPagesLayout = "[P, page_size, Hkv, D]";
+
+using Named = std::pair<const at::Tensor*, const char*>;
+
+// Index and score tensors have one fixed dtype, named as in Python.
+void check_dtype(const at::Tensor& t, const char* name, at::ScalarType expected) {
+  const char* want = expected == at::kInt ? "int32" : expected == at::kBool ? "bool" : "float32";
+  TORCH_CHECK_TYPE(t.scalar_type() == expected, "shadowkv: `", name, "` must be ", want, ", got ", t.scalar_type());
+}
+
+// The kernels write `written` in place: each must be a plain (non-broadcast) view, and none may
+// share memory with another argument of the op. Overlaps torch cannot decide cheaply (TooHard,
+// e.g. interleaved strided views of one buffer such as k/v halves of a fused pool) are allowed,
+// as in torch's own in-place ops.
+void check_no_aliasing(std::initializer_list<Named> written, std::initializer_list<Named> all) {
+  for (const auto& [t, name] : written) {
+    TORCH_CHECK_VALUE(at::has_internal_overlap(*t) != at::MemOverlap::Yes, "shadowkv: `", name,
+                      "` is written in place, so its elements must not overlap (got strides ",
+                      shape_str(t->strides()), ", e.g. an expand()ed view); pass a materialized tensor");
+    for (const auto& [u, other] : all) {
+      if (t == u || !u->defined()) continue;
+      const at::MemOverlapStatus s = at::get_overlap_status(*t, *u);
+      TORCH_CHECK_VALUE(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial, "shadowkv: `", name,
+                        "` is written in place and must not share memory with `", other, "`");
+    }
+  }
+}
+
+// Page rows are written in place, so they cannot be copied to a contiguous layout.
+void check_unit_last_stride(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, "shadowkv: `", name,
+                    "` is written in place and needs a unit stride in its last dimension, got strides ",
+                    shape_str(t.strides()));
+}
+
+void require_cpu(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK_NOT_IMPLEMENTED(t.device().is_cpu(), "shadowkv: ", op, " has no CUDA kernel yet (`", name, "` is on ",
+                              t.device(), "); use CPU tensors");
+}
+
+// Core kernels report bad params and values with std::invalid_argument: ValueError.
+template <typename F>
+void run_as_value_error(F&& f) {
+  try {
+    f();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
+// Checks the cache tensors (all on the device of `ref`, named ref_name) and describes them for
+// the kernels. pos_pages may be null (decode does not read it). k_pages/v_pages need a unit
+// last stride (callers that only read them pass last_dim_contiguous copies).
+PagedKVCache make_cache(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor* pos_pages,
+                        const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& ref,
+                        const char* ref_name) {
+  check_rank(k_pages, 4, "k_pages", kPagesLayout);
+  check_rank(v_pages, 4, "v_pages", kPagesLayout);
+  if (pos_pages) check_rank(*pos_pages, 3, "pos_pages", "[P, page_size, Hkv]");
+  check_rank(block_tables, 2, "block_tables", "[B, max_pages]");
+  check_rank(seq_lens, 1, "seq_lens", "[B]");
+  const DType dt = kernel_dtype(k_pages, "k_pages");
+  check_same_dtype(v_pages, "v_pages", k_pages, "k_pages");
+  if (pos_pages) check_dtype(*pos_pages, "pos_pages", at::kInt);
+  check_dtype(block_tables, "block_tables", at::kInt);
+  check_dtype(seq_lens, "seq_lens", at::kInt);
+  for (const auto& [t, name] : {Named{&k_pages, "k_pages"}, Named{&v_pages, "v_pages"}, Named{pos_pages, "pos_pages"},
+                                Named{&block_tables, "block_tables"}, Named{&seq_lens, "seq_lens"}}) {
+    if (t && t != &ref) check_same_device(*t, name, ref, ref_name);
+  }
+
+  const int64_t P = k_pages.size(0), ps = k_pages.size(1), H = k_pages.size(2), D = k_pages.size(3);
+  const int64_t B = block_tables.size(0), M = block_tables.size(1);
+  TORCH_CHECK_VALUE(ps >= 1, "shadowkv: `k_pages` must have a page size (dim 1) >= 1, got shape ",
+                    shape_str(k_pages.sizes()));
+  TORCH_CHECK_VALUE(H >= 1, "shadowkv: `k_pages` must have >= 1 KV head (dim 2), got shape ",
+                    shape_str(k_pages.sizes()));
+  TORCH_CHECK_VALUE(D >= 1, "shadowkv: `k_pages` must have a head dim (dim 3) >= 1, got shape ",
+                    shape_str(k_pages.sizes()));
+  check_shape(v_pages, "v_pages", k_pages.sizes());
+  if (pos_pages) check_shape(*pos_pages, "pos_pages", {P, ps, H});
+  check_shape(seq_lens, "seq_lens", {B});
+
+  PagedKVCache c;
+  c.num_pages = P;
+  c.page_size = ps;
+  c.num_kv_heads = H;
+  c.head_dim = D;
+  c.batch = B;
+  c.max_pages = M;
+  c.dtype = dt;
+  c.k_pages = k_pages.data_ptr();
+  c.v_pages = v_pages.data_ptr();
+  c.pos_pages = pos_pages ? pos_pages->data_ptr<int32_t>() : nullptr;
+  c.block_tables = block_tables.data_ptr<int32_t>();
+  c.seq_lens = seq_lens.data_ptr<int32_t>();
+  copy_strides(k_pages, c.k_stride, 3);
+  copy_strides(v_pages, c.v_stride, 3);
+  if (pos_pages) copy_strides(*pos_pages, c.pos_stride, 3);
+  copy_strides(block_tables, c.bt_stride, 2);
+  c.seq_lens_stride = seq_lens.stride(0);
+  return c;
+}
+
+}  // namespace
+
+void append_kv(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& pos_pages,
+               const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& k_in,
+               const at::Tensor& v_in, const at::Tensor& positions, const at::Tensor& num_new) {
+  AppendKVParams p;
+  p.cache = make_cache(k_pages, v_pages, &pos_pages, block_tables, seq_lens, k_pages, "k_pages");
+  const PagedKVCache& c = p.cache;
+  const at::Tensor k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  check_rank(k, 4, "k", "[B, Hkv, T, D]");
+  check_rank(v, 4, "v", "[B, Hkv, T, D]");
+  check_rank(positions, 2, "positions", "[B, T]");
+  check_rank(num_new, 1, "num_new", "[B]");
+  check_same_dtype(k, "k", k_pages, "k_pages");
+  check_same_dtype(v, "v", k_pages, "k_pages");
+  check_dtype(positions, "positions", at::kInt);
+  check_dtype(num_new, "num_new", at::kInt);
+  for (const auto& [t, name] : {Named{&k, "k"}, Named{&v, "v"}, Named{&positions, "positions"},
+                                Named{&num_new, "num_new"}})
+    check_same_device(*t, name, k_pages, "k_pages");
+  const int64_t T = k.size(2);
+  check_shape(k, "k", {c.batch, c.num_kv_heads, T, c.head_dim});
+  check_shape(v, "v", k.sizes());
+  check_shape(positions, "positions", {c.batch, T});
+  check_shape(num_new, "num_new", {c.batch});
+  check_unit_last_stride(k_pages, "k_pages");
+  check_unit_last_stride(v_pages, "v_pages");
+  check_no_aliasing({{&k_pages, "k_pages"}, {&v_pages, "v_pages"}, {&pos_pages, "pos_pages"}, {&seq_lens, "seq_lens"}},
+                    {{&k_pages, "k_pages"}, {&v_pages, "v_pages"}, {&pos_pages, "pos_pages"},
+                     {&block_tables, "block_tables"}, {&seq_lens, "seq_lens"}, {&k, "k"}, {&v, "v"},
+                     {&positions, "positions"}, {&num_new, "num_new"}});
+  require_cpu(k_pages, "k_pages", "append_kv");
+
+  p.num_tokens = T;
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.positions = positions.data_ptr<int32_t>();
+  p.num_new = num_new.data_ptr<int32_t>();
+  copy_strides(k, p.k_stride, 3);
+  copy_strides(v, p.v_stride, 3);
+  copy_strides(positions, p.positions_stride, 2);
+  p.num_new_stride = num_new.stride(0);
+  run_as_value_error([&] { append_kv_cpu(p, torch_parallel_for); });
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_pages_in, const at::Tensor& v_pages_in,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                  std::optional<double> scale, const std::optional<at::Tensor>& scores_out) {
+  const at::Tensor q = last_dim_contiguous(q_in);
+  check_rank(q, 3, "q", "[B, Hq, D]");
+  kernel_dtype(q, "q");
+  check_same_dtype(k_pages_in, "k_pages", q, "q");
+  const at::Tensor k_pages = last_dim_contiguous(k_pages_in), v_pages = last_dim_contiguous(v_pages_in);
+  PagedDecodeParams p;
+  p.cache = make_cache(k_pages, v_pages, nullptr, block_tables, seq_lens, q, "q");
+  const PagedKVCache& c = p.cache;
+  const int64_t Hq = q.size(1);
+  check_shape(q, "q", {c.batch, Hq, c.head_dim});
+  TORCH_CHECK_VALUE(Hq % c.num_kv_heads == 0, "shadowkv: the head count of `q` (", Hq,
+                    ") must be a multiple of the KV head count of `k_pages` (", c.num_kv_heads, ")");
+  const double s = scale.has_value() ? *scale : (c.head_dim > 0 ? 1.0 / std::sqrt(double(c.head_dim)) : 1.0);
+  TORCH_CHECK_VALUE(s > 0.0 && std::isfinite(s), "shadowkv: `scale` must be positive and finite, got ", s);
+
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor scores;
+  if (scores_out.has_value() && scores_out->defined()) {
+    scores = *scores_out;
+    check_rank(scores, 3, "scores_out", "[B, Hkv, S]");
+    check_dtype(scores, "scores_out", at::kFloat);
+    check_same_device(scores, "scores_out", q, "q");
+    check_shape(scores, "scores_out", {c.batch, c.num_kv_heads, scores.size(2)});
+    check_no_aliasing({{&scores, "scores_out"}}, {{&q, "q"}, {&k_pages, "k_pages"}, {&v_pages, "v_pages"},
+                                                  {&block_tables, "block_tables"}, {&seq_lens, "seq_lens"}});
+  }
+  require_cpu(q, "q", "paged_decode_attention");
+
+  p.num_q_heads = Hq;
+  p.scale = s;
+  p.q = q.data_ptr();
+  p.out = out.data_ptr();
+  copy_strides(q, p.q_stride, 2);
+  copy_strides(out, p.o_stride, 2);
+  if (scores.defined()) {
+    p.scores = scores.data_ptr<float>();
+    p.scores_len = scores.size(2);
+    copy_strides(scores, p.scores_stride, 3);
+  }
+  run_as_value_error([&] { paged_decode_attention_cpu(p, torch_parallel_for); });
+  return out;
+}
+
+at::Tensor evict_compact(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& pos_pages,
+                         const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& keep,
+                         const at::Tensor& steps, const at::Tensor& evicted_at,
+                         const std::optional<at::Tensor>& slot_scores_in) {
+  EvictCompactParams p;
+  p.cache = make_cache(k_pages, v_pages, &pos_pages, block_tables, seq_lens, k_pages, "k_pages");
+  const PagedKVCache& c = p.cache;
+  check_rank(keep, 3, "keep", "[B, Hkv, S]");
+  check_rank(steps, 1, "steps", "[B]");
+  check_rank(evicted_at, 3, "evicted_at", "[B, Hkv, T]");
+  check_dtype(keep, "keep", at::kBool);
+  check_dtype(steps, "steps", at::kInt);
+  check_dtype(evicted_at, "evicted_at", at::kInt);
+  for (const auto& [t, name] : {Named{&keep, "keep"}, Named{&steps, "steps"}, Named{&evicted_at, "evicted_at"}})
+    check_same_device(*t, name, k_pages, "k_pages");
+  check_shape(keep, "keep", {c.batch, c.num_kv_heads, keep.size(2)});
+  check_shape(steps, "steps", {c.batch});
+  check_shape(evicted_at, "evicted_at", {c.batch, c.num_kv_heads, evicted_at.size(2)});
+  at::Tensor slot_scores;
+  if (slot_scores_in.has_value() && slot_scores_in->defined()) {
+    slot_scores = *slot_scores_in;
+    check_rank(slot_scores, 3, "slot_scores", "[B, Hkv, S]");
+    check_dtype(slot_scores, "slot_scores", at::kFloat);
+    check_same_device(slot_scores, "slot_scores", k_pages, "k_pages");
+    check_shape(slot_scores, "slot_scores", keep.sizes());
+  }
+  check_unit_last_stride(k_pages, "k_pages");
+  check_unit_last_stride(v_pages, "v_pages");
+  const std::initializer_list<Named> all{
+      {&k_pages, "k_pages"}, {&v_pages, "v_pages"}, {&pos_pages, "pos_pages"}, {&block_tables, "block_tables"},
+      {&seq_lens, "seq_lens"}, {&keep, "keep"},     {&steps, "steps"},         {&evicted_at, "evicted_at"},
+      {&slot_scores, "slot_scores"}};
+  check_no_aliasing({{&k_pages, "k_pages"}, {&v_pages, "v_pages"}, {&pos_pages, "pos_pages"},
+                     {&block_tables, "block_tables"}, {&seq_lens, "seq_lens"}, {&evicted_at, "evicted_at"}},
+                    all);
+  if (slot_scores.defined()) check_no_aliasing({{&slot_scores, "slot_scores"}}, all);
+  require_cpu(k_pages, "k_pages", "evict_compact");
+
+  at::Tensor freed = at::empty({c.batch, c.max_pages}, block_tables.options());
+  p.keep = reinterpret_cast<const uint8_t*>(keep.data_ptr<bool>());
+  p.keep_len = keep.size(2);
+  copy_strides(keep, p.keep_stride, 3);
+  p.steps = steps.data_ptr<int32_t>();
+  p.steps_stride = steps.stride(0);
+  p.evicted_at = evicted_at.data_ptr<int32_t>();
+  p.log_len = evicted_at.size(2);
+  copy_strides(evicted_at, p.ev_stride, 3);
+  if (slot_scores.defined()) {
+    p.slot_scores = slot_scores.data_ptr<float>();
+    copy_strides(slot_scores, p.scores_stride, 3);
+  }
+  p.freed = freed.data_ptr<int32_t>();
+  copy_strides(freed, p.freed_stride, 2);
+  run_as_value_error([&] { evict_compact_cpu(p, torch_parallel_for); });
+  return freed;
+}
+
+}  // namespace shadowkv::bindings

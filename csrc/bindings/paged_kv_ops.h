@@ -1,0 +1,24 @@
+// Torch-facing paged KV cache ops (CPU kernels; CUDA tensors get a "no CUDA kernel yet" error).
+// Shapes and semantics: csrc/include/shadowkv/paged_kv.h and shadowkv/ops.py.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace shadowkv::bindings {
+
+void append_kv(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& pos_pages,
+               const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& positions, const at::Tensor& num_new);
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                  std::optional<double> scale, const std::optional<at::Tensor>& scores_out);
+
+at::Tensor evict_compact(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& pos_pages,
+                         const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& keep,
+                         const at::Tensor& steps, const at::Tensor& evicted_at,
+                         const std::optional<at::Tensor>& slot_scores);
+
+}  // namespace shadowkv::bindings

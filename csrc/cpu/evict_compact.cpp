@@ -1,0 +1,157 @@
+// CPU eviction from the paged KV cache: one pass per (sequence, KV head) slides the kept slots
+// down and logs the evicted ones in the shadow mask; emptied pages are then released.
+// Everything is validated first, so a rejected call leaves the cache untouched.
+#include <algorithm>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "dispatch.h"
+#include "shadowkv/paged_kv.h"
+
+namespace shadowkv::cpu {
+namespace {
+
+constexpr int32_t kNeverEvicted = std::numeric_limits<int32_t>::max();
+
+std::string idx(std::initializer_list<int64_t> i) {
+  std::string s = "[";
+  for (int64_t v : i) s += (s.size() > 1 ? ", " : "") + std::to_string(v);
+  return s + "]";
+}
+
+uint8_t keep_at(const EvictCompactParams& p, int64_t b, int64_t h, int64_t s) {
+  return p.keep[b * p.keep_stride[0] + h * p.keep_stride[1] + s * p.keep_stride[2]];
+}
+
+int32_t& log_at(const EvictCompactParams& p, int64_t b, int64_t h, int64_t pos) {
+  return p.evicted_at[b * p.ev_stride[0] + h * p.ev_stride[1] + pos * p.ev_stride[2]];
+}
+
+template <typename T>
+void compact_kernel(const EvictCompactParams& p, const std::vector<int64_t>& new_len, const ParallelFor& pf) {
+  const PagedKVCache& c = p.cache;
+  const int64_t D = c.head_dim, H = c.num_kv_heads, ps = c.page_size;
+  pf(c.batch * H, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / H, h = item % H, len = c.seq_len(b);
+      const int32_t step = p.steps[b * p.steps_stride];
+      float* scores = p.slot_scores ? p.slot_scores + b * p.scores_stride[0] + h * p.scores_stride[1] : nullptr;
+      int64_t w = 0;  // next free slot; w <= r, so a slot is always read before it is overwritten
+      for (int64_t r = 0; r < len; ++r) {
+        const int64_t page_r = c.page_id(b, r / ps), row_r = r % ps;
+        if (!keep_at(p, b, h, r)) {
+          log_at(p, b, h, c.pos(page_r, row_r, h)) = step;
+          continue;
+        }
+        if (w != r) {
+          const int64_t page_w = c.page_id(b, w / ps), row_w = w % ps;
+          std::copy_n(c.k_row<T>(page_r, row_r, h), D, c.k_row<T>(page_w, row_w, h));
+          std::copy_n(c.v_row<T>(page_r, row_r, h), D, c.v_row<T>(page_w, row_w, h));
+          c.pos(page_w, row_w, h) = c.pos(page_r, row_r, h);
+          if (scores) scores[w * p.scores_stride[2]] = scores[r * p.scores_stride[2]];
+        }
+        ++w;
+      }
+      if (scores)
+        for (int64_t s = new_len[b]; s < p.keep_len; ++s) scores[s * p.scores_stride[2]] = 0.0f;
+    }
+  });
+}
+
+}  // namespace
+}  // namespace shadowkv::cpu
+
+namespace shadowkv {
+
+void evict_compact_cpu(const EvictCompactParams& p, const ParallelFor& pf) {
+  using cpu::idx;
+  constexpr const char* op = "shadowkv::evict_compact";
+  auto fail = [](const std::string& what) { throw std::invalid_argument(std::string(op) + ": " + what); };
+  const PagedKVCache& c = p.cache;
+  check_paged_cache(c, op);
+  if (p.keep_len < 0 || p.log_len < 0) fail("negative `keep` or `evicted_at` length");
+  if (c.num_pages > 0 && !c.pos_pages) fail("null `pos_pages`");
+  if (c.batch > 0 && ((p.keep_len > 0 && !p.keep) || !p.steps || (p.log_len > 0 && !p.evicted_at) ||
+                      (c.max_pages > 0 && !p.freed)))
+    fail("null input or output pointer");
+
+  const int64_t B = c.batch, H = c.num_kv_heads, ps = c.page_size;
+  std::vector<int64_t> new_len(B), used(B), write_begin(B), write_end(B, c.max_pages);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = c.seq_len(b), step = p.steps[b * p.steps_stride];
+    if (len > p.keep_len)
+      fail("`keep` has " + std::to_string(p.keep_len) + " slots (last dim) but `seq_lens`[" + std::to_string(b) +
+           "] = " + std::to_string(len));
+    if (step < 0 || step >= cpu::kNeverEvicted)
+      fail("`steps`[" + std::to_string(b) + "] = " + std::to_string(step) + " must be in [0, 2147483647)");
+    int64_t first_evicted = len;
+    for (int64_t h = 0; h < H; ++h) {
+      int64_t kept = 0;
+      for (int64_t s = 0; s < p.keep_len; ++s) {
+        const bool k = cpu::keep_at(p, b, h, s) != 0;
+        if (k && s >= len)
+          fail("`keep`" + idx({b, h, s}) + " is True but the sequence has only `seq_lens`[" + std::to_string(b) +
+               "] = " + std::to_string(len) + " slots");
+        if (k) ++kept;
+        else if (s < first_evicted) first_evicted = s;
+      }
+      if (h == 0) new_len[b] = kept;
+      if (kept != new_len[b])
+        fail("`keep`: every KV head of a sequence must keep the same number of slots; sequence " +
+             std::to_string(b) + " keeps " + std::to_string(new_len[b]) + " in head 0 and " + std::to_string(kept) +
+             " in head " + std::to_string(h));
+    }
+    used[b] = (len + ps - 1) / ps;
+    // Compaction writes from the page of the first evicted slot on; release touches the tail.
+    write_begin[b] = new_len[b] < len ? first_evicted / ps : used[b];
+  }
+  check_block_tables(c, used.data(), write_begin.data(), write_end.data(), op);
+
+  // Every evicted key must have a position inside the log that was never evicted before, and
+  // (per head) appear once: otherwise the log would be written twice for it.
+  std::vector<uint8_t> seen(static_cast<size_t>(p.log_len), 0);
+  std::vector<int64_t> marked;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t s = 0; s < c.seq_len(b); ++s) {
+        if (cpu::keep_at(p, b, h, s)) continue;
+        const int64_t pos = c.pos(c.page_id(b, s / ps), s % ps, h);
+        if (pos < 0 || pos >= p.log_len)
+          fail("`evicted_at` covers positions [0, " + std::to_string(p.log_len) + ") but evicted slot " +
+               std::to_string(s) + " of sequence " + std::to_string(b) + ", KV head " + std::to_string(h) +
+               " holds position " + std::to_string(pos) + " (`pos_pages`)");
+        const int32_t logged = cpu::log_at(p, b, h, pos);
+        if (logged != cpu::kNeverEvicted)
+          fail("`evicted_at`" + idx({b, h, pos}) + " = " + std::to_string(logged) +
+               ": the key at that position was already evicted; a key cannot be evicted twice");
+        if (seen[pos])
+          fail("`evicted_at`" + idx({b, h, pos}) + ": two evicted slots of the sequence hold position " +
+               std::to_string(pos) + " (`pos_pages`); a key cannot be evicted twice");
+        seen[pos] = 1;
+        marked.push_back(pos);
+      }
+      for (int64_t pos : marked) seen[pos] = 0;
+      marked.clear();
+    }
+  }
+
+  cpu::dispatch_dtype(c.dtype, [&](auto tag) { cpu::compact_kernel<typename decltype(tag)::type>(p, new_len, pf); });
+
+  for (int64_t b = 0; b < B; ++b) {
+    c.seq_lens[b * c.seq_lens_stride] = static_cast<int32_t>(new_len[b]);
+    if (c.max_pages == 0) continue;
+    int32_t* freed = p.freed + b * p.freed_stride[0];
+    int64_t n = 0;
+    for (int64_t i = (new_len[b] + ps - 1) / ps; i < c.max_pages; ++i) {
+      int32_t& id = c.page_id(b, i);
+      if (id < 0) continue;
+      freed[n++ * p.freed_stride[1]] = id;
+      id = -1;
+    }
+    for (; n < c.max_pages; ++n) freed[n * p.freed_stride[1]] = -1;
+  }
+}
+
+}  // namespace shadowkv

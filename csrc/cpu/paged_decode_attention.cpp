@@ -1,0 +1,109 @@
+// CPU decode attention over the paged KV cache: one query token per sequence, two passes over
+// the cached slots (scores, then softmax-weighted values) per (sequence, KV head), with the
+// query heads of the GQA group sharing each K/V row load. Scratch is O(group * seq_len).
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "dispatch.h"
+#include "shadowkv/paged_kv.h"
+
+namespace shadowkv::cpu {
+namespace {
+
+template <typename T>
+void decode_kernel(const PagedDecodeParams& p, const ParallelFor& pf) {
+  using acc_t = typename acc_type<T>::type;
+  const PagedKVCache& c = p.cache;
+  const int64_t D = c.head_dim, H = c.num_kv_heads, ps = c.page_size, group = p.num_q_heads / H;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+
+  pf(c.batch * H, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qf(group * D), row(D), acc(group * D), s, inv_l(group);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / H, h = item % H, len = c.seq_len(b);
+      for (int64_t g = 0; g < group; ++g) {
+        const T* src = static_cast<const T*>(p.q) + b * p.q_stride[0] + (h * group + g) * p.q_stride[1];
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_float(src[d]) * scale;
+      }
+      // s[g * len + j]: score, then probability of slot j for query head g of the group.
+      s.assign(group * len, acc_t(0));
+      for (int64_t j = 0; j < len; ++j) {
+        const T* k = c.k_row<T>(c.page_id(b, j / ps), j % ps, h);
+        for (int64_t d = 0; d < D; ++d) row[d] = to_float(k[d]);
+        for (int64_t g = 0; g < group; ++g) {
+          const acc_t* qg = &qf[g * D];
+          acc_t dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += qg[d] * row[d];
+          s[g * len + j] = dot;
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        acc_t* sg = s.data() + g * len;
+        const acc_t mx = len > 0 ? *std::max_element(sg, sg + len) : acc_t(0);
+        acc_t sum = 0;
+        for (int64_t j = 0; j < len; ++j) {
+          sg[j] = std::exp(sg[j] - mx);
+          sum += sg[j];
+        }
+        inv_l[g] = len > 0 ? acc_t(1) / sum : acc_t(0);
+      }
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t j = 0; j < len; ++j) {
+        const T* v = c.v_row<T>(c.page_id(b, j / ps), j % ps, h);
+        for (int64_t d = 0; d < D; ++d) row[d] = to_float(v[d]);
+        for (int64_t g = 0; g < group; ++g) {
+          const acc_t w = s[g * len + j];
+          acc_t* ag = &acc[g * D];
+          for (int64_t d = 0; d < D; ++d) ag[d] += w * row[d];
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        T* dst = static_cast<T*>(p.out) + b * p.o_stride[0] + (h * group + g) * p.o_stride[1];
+        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(acc[g * D + d] * inv_l[g]);
+      }
+      if (p.scores) {
+        float* dst = p.scores + b * p.scores_stride[0] + h * p.scores_stride[1];
+        for (int64_t j = 0; j < p.scores_len; ++j) {
+          acc_t mass = 0;
+          if (j < len)
+            for (int64_t g = 0; g < group; ++g) mass += s[g * len + j] * inv_l[g];
+          dst[j * p.scores_stride[2]] = static_cast<float>(mass);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace shadowkv::cpu
+
+namespace shadowkv {
+
+void paged_decode_attention_cpu(const PagedDecodeParams& p, const ParallelFor& pf) {
+  constexpr const char* op = "shadowkv::paged_decode_attention";
+  auto fail = [](const std::string& what) { throw std::invalid_argument(std::string(op) + ": " + what); };
+  const PagedKVCache& c = p.cache;
+  check_paged_cache(c, op);
+  if (p.num_q_heads < 0 || p.num_q_heads % c.num_kv_heads != 0)
+    fail("the head count of `q` (" + std::to_string(p.num_q_heads) + ") must be a multiple of the KV head count (" +
+         std::to_string(c.num_kv_heads) + ")");
+  if (!(p.scale > 0.0) || !std::isfinite(p.scale)) fail("`scale` must be positive and finite");
+  if (c.batch > 0 && p.num_q_heads > 0 && (!p.q || !p.out)) fail("null `q` or output pointer");
+  if (p.scores && p.scores_len < 0) fail("negative `scores_out` length");
+
+  std::vector<int64_t> used(c.batch), none(c.batch, 0);
+  for (int64_t b = 0; b < c.batch; ++b) {
+    const int64_t len = c.seq_len(b);
+    if (p.scores && len > p.scores_len)
+      fail("`scores_out` has " + std::to_string(p.scores_len) + " slots (last dim) but `seq_lens`[" +
+           std::to_string(b) + "] = " + std::to_string(len));
+    used[b] = (len + c.page_size - 1) / c.page_size;
+  }
+  check_block_tables(c, used.data(), none.data(), none.data(), op);
+  cpu::dispatch_dtype(c.dtype, [&](auto tag) { cpu::decode_kernel<typename decltype(tag)::type>(p, pf); });
+}
+
+}  // namespace shadowkv

@@ -1,0 +1,143 @@
+// Paged KV cache of one layer: append, one-token decode attention, and in-place eviction
+// that writes the shadow mask (DESIGN.md sections 1-3).
+//
+// Layout (vLLM-like):
+//   k_pages, v_pages  [P, page_size, Hkv, D]   the page pool (float32/float64/bfloat16/float16)
+//   pos_pages         [P, page_size, Hkv]      int32, original (absolute) position of each slot,
+//                                              per KV head (heads keep different tokens)
+//   block_tables      [B, max_pages]           int32, page ids of each sequence in order, -1 = none
+//   seq_lens          [B]                      int32, slots in use (same for every KV head)
+// Logical slot s of sequence b lives in page block_tables[b, s / page_size], row s % page_size.
+//
+// Plain C++ API over raw pointers and element strides, usable without torch. Rows of head
+// data (the D dimension of k/v/q/out) must be contiguous; every other dimension has a stride.
+// All strides are in elements.
+//
+// Each op validates its params and every value it depends on (sequence lengths, page ids, ...)
+// before it writes anything, and throws std::invalid_argument whose message names the argument
+// as the torch op spells it (`block_tables`, `keep`, ...). Sequences must not share a page that
+// an op writes (checked); pages that are only read may be shared.
+//
+// The CUDA twins (append_kv_cuda, ... taking the same params plus a stream) come later.
+#pragma once
+
+#include <cstdint>
+
+#include "shadowkv/dtypes.h"
+#include "shadowkv/shadow_attention.h"  // ParallelFor, serial_for
+
+namespace shadowkv {
+
+// One layer's cache. The ops below state which of these they write.
+struct PagedKVCache {
+  int64_t num_pages = 0, page_size = 0, num_kv_heads = 0, head_dim = 0;
+  int64_t batch = 0, max_pages = 0;  // block_tables is [batch, max_pages]
+  DType dtype = DType::kFloat32;     // of k_pages and v_pages
+
+  void* k_pages = nullptr;
+  void* v_pages = nullptr;
+  int32_t* pos_pages = nullptr;
+  int32_t* block_tables = nullptr;
+  int32_t* seq_lens = nullptr;
+
+  int64_t k_stride[3] = {0, 0, 0};    // page, row, head (D is contiguous)
+  int64_t v_stride[3] = {0, 0, 0};
+  int64_t pos_stride[3] = {0, 0, 0};  // page, row, head
+  int64_t bt_stride[2] = {0, 0};      // sequence, column
+  int64_t seq_lens_stride = 1;
+
+  int64_t seq_len(int64_t b) const { return seq_lens[b * seq_lens_stride]; }
+  int32_t& page_id(int64_t b, int64_t i) const { return block_tables[b * bt_stride[0] + i * bt_stride[1]]; }
+  int32_t& pos(int64_t page, int64_t row, int64_t h) const {
+    return pos_pages[page * pos_stride[0] + row * pos_stride[1] + h * pos_stride[2]];
+  }
+  template <typename T>
+  T* k_row(int64_t page, int64_t row, int64_t h) const {
+    return static_cast<T*>(k_pages) + page * k_stride[0] + row * k_stride[1] + h * k_stride[2];
+  }
+  template <typename T>
+  T* v_row(int64_t page, int64_t row, int64_t h) const {
+    return static_cast<T*>(v_pages) + page * v_stride[0] + row * v_stride[1] + h * v_stride[2];
+  }
+};
+
+// Appends the first num_new[b] tokens of each sequence b at slots seq_lens[b] ..
+// seq_lens[b] + num_new[b] - 1 (pos_pages gets positions[b, t] for every KV head), then
+// seq_lens[b] += num_new[b]. Writes k_pages, v_pages, pos_pages, seq_lens.
+struct AppendKVParams {
+  PagedKVCache cache;
+  int64_t num_tokens = 0;  // T
+  const void* k = nullptr;  // [B, Hkv, T, D], dtype of the cache
+  const void* v = nullptr;
+  const int32_t* positions = nullptr;  // [B, T], >= 0
+  const int32_t* num_new = nullptr;    // [B], 0 <= num_new[b] <= T
+  int64_t k_stride[3] = {0, 0, 0};  // batch, head, token
+  int64_t v_stride[3] = {0, 0, 0};
+  int64_t positions_stride[2] = {0, 0};  // batch, token
+  int64_t num_new_stride = 1;
+};
+
+// One query token per sequence against all seq_lens[b] cached slots (every cached key precedes
+// the query). Query head hq reads KV head hq / (Hq / Hkv) (GQA). A sequence with no slot gives
+// out = 0. Reads the cache only, and not pos_pages (which may be null).
+struct PagedDecodeParams {
+  PagedKVCache cache;
+  int64_t num_q_heads = 0;
+  double scale = 1.0;        // softmax scale, usually 1/sqrt(D)
+  const void* q = nullptr;   // [B, Hq, D], dtype of the cache
+  void* out = nullptr;       // [B, Hq, D], dtype of the cache
+  int64_t q_stride[2] = {0, 0};  // batch, head
+  int64_t o_stride[2] = {0, 0};
+  // Optional [B, Hkv, scores_len] (scores_len >= max seq_lens): overwritten with the softmax
+  // probability of each slot summed over the query heads of its GQA group; 0 past seq_lens[b].
+  float* scores = nullptr;
+  int64_t scores_len = 0;
+  int64_t scores_stride[3] = {0, 0, 0};  // batch, head, slot
+};
+
+// Drops the slots with keep == 0, in place and in one pass: for each (b, h) the survivors slide
+// down in order inside the sequence's own pages (k, v, pos, and slot_scores when given), every
+// evicted slot logs evicted_at[b, h, pos] = steps[b] (pos = its pos_pages entry), seq_lens[b]
+// becomes the kept count, and every block-table entry at index >= ceil(new_len / page_size)
+// that holds a page is released: set to -1 and listed in freed[b, :] (in table order, -1
+// padded). Writes everything in the cache, evicted_at, slot_scores and freed.
+//
+// Requirements (checked): keep[b, h, s] == 0 for s >= seq_lens[b]; every KV head of a sequence
+// keeps the same number of slots; steps[b] in [0, INT32_MAX); each evicted position is in
+// [0, log_len) and has evicted_at == INT32_MAX (a key is evicted once).
+struct EvictCompactParams {
+  PagedKVCache cache;
+  const uint8_t* keep = nullptr;  // [B, Hkv, keep_len] (bool: nonzero = keep), keep_len >= max seq_lens
+  int64_t keep_len = 0;
+  int64_t keep_stride[3] = {0, 0, 0};  // batch, head, slot
+  const int32_t* steps = nullptr;  // [B]
+  int64_t steps_stride = 1;
+  int32_t* evicted_at = nullptr;  // [B, Hkv, log_len]
+  int64_t log_len = 0;
+  int64_t ev_stride[3] = {0, 0, 0};
+  float* slot_scores = nullptr;  // optional [B, Hkv, keep_len]; past the new length set to 0
+  int64_t scores_stride[3] = {0, 0, 0};
+  int32_t* freed = nullptr;  // [B, max_pages]
+  int64_t freed_stride[2] = {0, 0};
+};
+
+// CPU kernels. Throw std::invalid_argument (before writing anything) on bad params or values.
+void append_kv_cpu(const AppendKVParams& p, const ParallelFor& pf = serial_for);
+void paged_decode_attention_cpu(const PagedDecodeParams& p, const ParallelFor& pf = serial_for);
+void evict_compact_cpu(const EvictCompactParams& p, const ParallelFor& pf = serial_for);
+
+// Validation shared by the ops above, public so that a server can check a cache it assembled.
+//
+// check_paged_cache: the shape fields and pointers of `c`, and 0 <= seq_lens[b] <=
+// max_pages * page_size. check_block_tables: the block tables against per-sequence page ranges
+// (column indices; each end <= max_pages, else the table is too short):
+//   [0, used_pages[b])              must hold page ids in [0, num_pages);
+//   [used_pages[b], write_end[b])   may also hold -1;
+//   [write_begin[b], write_end[b])  pages that the op writes: each must appear in no other
+//                                   entry of the ranges above (any sequence).
+// `op` prefixes the messages ("shadowkv::append_kv").
+void check_paged_cache(const PagedKVCache& c, const char* op);
+void check_block_tables(const PagedKVCache& c, const int64_t* used_pages, const int64_t* write_begin,
+                        const int64_t* write_end, const char* op);
+
+}  // namespace shadowkv

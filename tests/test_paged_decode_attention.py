@@ -1,0 +1,268 @@
+"""paged_decode_attention (CPU): against the float64 reference, against shadow_attention on the
+gathered keys, layouts, torch.library registration and argument checks.
+
+Tolerances (max abs error; the reference sees the very same, already rounded, inputs):
+
+- out: float64 1e-10, float32 1e-5; bfloat16 2e-2 and float16 5e-3 relative to
+  ``max(1, max|ref|)`` (the output is stored in 8 / 11 mantissa bits).
+- scores_out (always float32, accumulated in float or double): 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from shadowkv import ops
+from shadowkv.reference import INT32_MAX
+from shadowkv.reference import PagedState, gather_slots, paged_decode_attention_ref, random_paged_state
+
+DECODE = torch.ops.shadowkv.paged_decode_attention
+
+OUT_TOL = {torch.float64: (1e-10, False), torch.float32: (1e-5, False), torch.bfloat16: (2e-2, True),
+           torch.float16: (5e-3, True)}
+SCORES_TOL = 1e-5
+
+
+@dataclass
+class Case:
+    lens: list[int]
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    page_size: int
+    dtype: torch.dtype
+    scale: float | None
+    scores_extra: int | None  # None: no scores_out; else S = max(lens) + scores_extra
+    seed: int
+
+    def inputs(self) -> tuple[torch.Tensor, PagedState, torch.Tensor | None]:
+        gen = torch.Generator().manual_seed(self.seed)
+        state = random_paged_state(self.lens, self.kv_heads, self.head_dim, self.page_size,
+                                   preallocated=1, spare_pages=2, dtype=self.dtype, generator=gen)
+        q = torch.randn(len(self.lens), self.q_heads, self.head_dim, generator=gen).to(self.dtype)
+        scores = None
+        if self.scores_extra is not None:
+            # NaN everywhere: every entry must be overwritten, zeros past each length included.
+            s = max(self.lens, default=0) + self.scores_extra
+            scores = torch.full((len(self.lens), self.kv_heads, s), math.nan)
+        return q, state, scores
+
+
+@st.composite
+def cases(draw, dtypes=(torch.float32,)):
+    big = draw(st.integers(0, 9)) == 9
+    batch = 1 if big else draw(st.integers(1, 3))
+    cap = 300 if big else 100
+    lens = [draw(st.one_of(st.just(0), st.integers(1, cap))) for _ in range(batch)]
+    kv_heads = draw(st.sampled_from([1, 2]))
+    q_heads = draw(st.sampled_from([h for h in (1, 2, 4, 8) if h % kv_heads == 0]))
+    head_dim = draw(st.sampled_from([16, 80, 128]))
+    factor = draw(st.sampled_from([None, 0.5, 2.0]))
+    case = Case(lens, q_heads, kv_heads, head_dim, page_size=draw(st.sampled_from([1, 4, 16])),
+                dtype=draw(st.sampled_from(dtypes)),
+                scale=None if factor is None else factor / math.sqrt(head_dim),
+                scores_extra=draw(st.one_of(st.none(), st.integers(0, 3))), seed=draw(st.integers(0, 2**31 - 1)))
+    event(f"group={q_heads // kv_heads}, empty sequence={0 in lens}, scores={case.scores_extra is not None}")
+    return case
+
+
+def check_against_reference(q, state: PagedState, scale, scores, tables=None, lens=None):
+    tables = state.block_tables if tables is None else tables
+    lens = state.seq_lens if lens is None else lens
+    out = ops.paged_decode_attention(q, state.k_pages, state.v_pages, tables, lens, scale, scores)
+    s_len = None if scores is None else scores.shape[-1]
+    out_ref, scores_ref = paged_decode_attention_ref(q, state.k_pages, state.v_pages, state.block_tables,
+                                                     state.seq_lens, scale, s_len)
+    assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
+    tol, relative = OUT_TOL[q.dtype]
+    bound = tol * max(1.0, out_ref.abs().max().item()) if relative and out_ref.numel() else tol
+    assert not out.isnan().any()
+    if out.numel():
+        err = (out.double() - out_ref).abs().max().item()
+        assert err <= bound, f"out: max abs err {err:.3e} > {bound:.3e}"
+    empty = state.seq_lens == 0
+    assert (out[empty] == 0).all(), "a sequence without cached slots must give zeros"
+    if scores is not None:
+        assert not scores.isnan().any(), "scores_out not fully overwritten"
+        if scores.numel():
+            err = (scores.double() - scores_ref).abs().max().item()
+            assert err <= SCORES_TOL, f"scores_out: max abs err {err:.3e}"
+        group = q.shape[1] // state.k_pages.shape[2]
+        totals = scores.double().sum(-1)  # each query head's probabilities sum to 1
+        torch.testing.assert_close(totals[~empty], torch.full_like(totals[~empty], group), rtol=0, atol=1e-4)
+
+
+@settings(max_examples=150)
+@given(case=cases())
+def test_matches_reference_float32(case):
+    q, state, scores = case.inputs()
+    check_against_reference(q, state, case.scale, scores)
+
+
+@settings(max_examples=60)
+@given(case=cases(dtypes=(torch.float64, torch.bfloat16, torch.float16)))
+def test_matches_reference_other_dtypes(case):
+    q, state, scores = case.inputs()
+    check_against_reference(q, state, case.scale, scores)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_matches_shadow_attention_on_gathered_keys(group):
+    """The last query of a dense causal sequence, paged, is shadow_attention's last row."""
+    length, kv_heads, head_dim = 37, 2, 64
+    gen = torch.Generator().manual_seed(group)
+    state = random_paged_state([length, length], kv_heads, head_dim, 4, generator=gen)
+    q = torch.randn(2, kv_heads * group, head_dim, generator=gen)
+    out = ops.paged_decode_attention(q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens)
+    k = torch.stack([gather_slots(state.k_pages, state.block_tables, b, length) for b in range(2)]).transpose(1, 2)
+    v = torch.stack([gather_slots(state.v_pages, state.block_tables, b, length) for b in range(2)]).transpose(1, 2)
+    never = torch.full((2, kv_heads, length), INT32_MAX, dtype=torch.int32)
+    dense = ops.shadow_attention(q[:, :, None], k, v, never, q_offset=length - 1)[:, :, 0]
+    torch.testing.assert_close(out, dense, rtol=0, atol=1e-5)
+
+
+@settings(max_examples=40)
+@given(case=cases(), layout=st.sampled_from(["q_heads_last", "pages_dim_strided", "table_view"]))
+def test_strided_inputs(case, layout):
+    q, state, scores = case.inputs()
+    tables, lens = state.block_tables, state.seq_lens
+    if layout == "q_heads_last":
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "pages_dim_strided":  # read-only pages need no unit last stride (copied)
+        state = state._replace(k_pages=state.k_pages.transpose(2, 3).contiguous().transpose(2, 3))
+    else:
+        tables = torch.cat([tables, torch.full_like(tables, 999)], 1)[:, : tables.shape[1]]
+        lens = torch.stack([lens, torch.full_like(lens, -7)], 1)[:, 0]
+    check_against_reference(q, state, case.scale, scores, tables, lens)
+
+
+def test_empty_batch_and_all_empty():
+    state = random_paged_state([], 2, 16, 4, spare_pages=1)
+    assert ops.paged_decode_attention(torch.randn(0, 4, 16), *state[:2], *state[3:]).shape == (0, 4, 16)
+    state = random_paged_state([0, 0], 2, 16, 4)
+    scores = torch.full((2, 2, 3), 5.0)
+    out = ops.paged_decode_attention(torch.randn(2, 4, 16), *state[:2], *state[3:], scores_out=scores)
+    assert (out == 0).all() and (scores == 0).all()
+
+
+def test_large_logits_are_stable():
+    state = random_paged_state([50], 1, 16, 4, generator=torch.Generator().manual_seed(9))
+    q = 1e3 * torch.randn(1, 2, 16, generator=torch.Generator().manual_seed(10))
+    check_against_reference(q, state, None, torch.zeros(1, 1, 50))
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("with_scores", [False, True], ids=["no_scores", "scores"])
+def test_opcheck(dtype, with_scores):
+    case = Case([5, 0, 9], 4, 2, 16, 4, dtype, None, 2 if with_scores else None, seed=1)
+    q, state, scores = case.inputs()
+    if scores is not None:
+        scores.zero_()
+    torch.library.opcheck(DECODE.default, (q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens,
+                                           None, scores))
+    torch.library.opcheck(DECODE.default, (q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens,
+                                           0.3, scores))
+
+
+def test_compiles():
+    case = Case([5, 9], 4, 2, 16, 4, torch.float32, None, 0, seed=2)
+    q, state, scores = case.inputs()
+    fn = torch.compile(ops.paged_decode_attention, backend="aot_eager", fullgraph=True)
+    out = fn(q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens, None, scores)
+    eager_scores = torch.zeros_like(scores)
+    eager = ops.paged_decode_attention(q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens,
+                                       None, eager_scores)
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    torch.testing.assert_close(scores, eager_scores, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _valid_args():
+    """Two sequences (6 and 0 slots, pages of 4), 4 query heads over 2 KV heads, scores_out."""
+    case = Case([6, 0], 4, 2, 16, 4, torch.float32, None, 1, seed=0)
+    q, state, scores = case.inputs()
+    return dict(q=q, k_pages=state.k_pages, v_pages=state.v_pages, block_tables=state.block_tables,
+                seq_lens=state.seq_lens, scale=None, scores_out=scores)
+
+
+def _set(name, index, value):
+    def change(a):
+        t = a[name].clone()
+        t[index] = value
+        return {name: t}
+    return change
+
+
+BAD_INPUTS = {
+    "q_int": ("q", lambda a: {"q": a["q"].int()}),
+    "k_pages_dtype": ("k_pages", lambda a: {"k_pages": a["k_pages"].double()}),
+    "v_pages_dtype": ("v_pages", lambda a: {"v_pages": a["v_pages"].half()}),
+    "block_tables_int64": ("block_tables", lambda a: {"block_tables": a["block_tables"].long()}),
+    "seq_lens_float": ("seq_lens", lambda a: {"seq_lens": a["seq_lens"].float()}),
+    "scores_out_float64": ("scores_out", lambda a: {"scores_out": a["scores_out"].double()}),
+    "q_rank": ("q", lambda a: {"q": a["q"][:, None]}),
+    "k_pages_rank": ("k_pages", lambda a: {"k_pages": a["k_pages"][0]}),
+    "v_pages_rank": ("v_pages", lambda a: {"v_pages": a["v_pages"][..., None]}),
+    "block_tables_rank": ("block_tables", lambda a: {"block_tables": a["block_tables"][None]}),
+    "seq_lens_rank": ("seq_lens", lambda a: {"seq_lens": a["seq_lens"][:, None]}),
+    "scores_out_rank": ("scores_out", lambda a: {"scores_out": a["scores_out"][0]}),
+    "q_batch": ("q", lambda a: {"q": a["q"][:1]}),
+    "q_head_dim": ("q", lambda a: {"q": a["q"][..., :8]}),
+    "heads_not_divisible": ("q|k_pages", lambda a: {"q": a["q"][:, :3]}),
+    "v_pages_shape": ("v_pages", lambda a: {"v_pages": a["v_pages"][:-1]}),
+    "seq_lens_len": ("seq_lens", lambda a: {"seq_lens": a["seq_lens"][:1]}),
+    "scores_out_heads": ("scores_out", lambda a: {"scores_out": a["scores_out"][:, :1]}),
+    "scores_out_too_short": ("scores_out", lambda a: {"scores_out": a["scores_out"][..., :5]}),
+    "scores_out_broadcast": ("scores_out", lambda a: {"scores_out": a["scores_out"][:, :1].expand(2, 2, 7)}),
+    "scores_out_aliases_k_pages": ("scores_out", lambda a: {"scores_out": a["k_pages"].flatten()[:28].view(2, 2, 7)}),
+    "k_pages_other_device": ("k_pages", lambda a: {"k_pages": a["k_pages"].to("meta")}),
+    "seq_lens_other_device": ("seq_lens", lambda a: {"seq_lens": a["seq_lens"].to("meta")}),
+    "scores_out_other_device": ("scores_out", lambda a: {"scores_out": a["scores_out"].to("meta")}),
+    "scale_zero": ("scale", lambda a: {"scale": 0.0}),
+    "scale_negative": ("scale", lambda a: {"scale": -1.0}),
+    "scale_nan": ("scale", lambda a: {"scale": math.nan}),
+    "scale_inf": ("scale", lambda a: {"scale": math.inf}),
+    "table_entry_missing": ("block_tables", _set("block_tables", (0, 1), -1)),
+    "table_entry_outside_pool": ("block_tables", _set("block_tables", (0, 0), 1000)),
+    "seq_lens_negative": ("seq_lens", _set("seq_lens", 1, -2)),
+    "seq_lens_beyond_table": ("seq_lens", _set("seq_lens", 0, 100)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_names_argument(case):
+    arg, change = BAD_INPUTS[case]
+    args = _valid_args()
+    args.update(change(args))
+    pattern = rf"(?<![A-Za-z0-9_])({arg})(?![A-Za-z0-9_])"
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        ops.paged_decode_attention(**args)
+
+
+def test_valid_args_run():
+    args = _valid_args()
+    ops.paged_decode_attention(**args)
+    assert not args["scores_out"].isnan().any()
+
+
+def test_shared_pages_may_be_read():
+    """Read-only: two sequences may share pages (a common prefix)."""
+    state = random_paged_state([8, 8], 2, 16, 4, generator=torch.Generator().manual_seed(4))
+    tables = state.block_tables.clone()
+    tables[1] = tables[0]
+    q = torch.randn(1, 2, 16).expand(2, 2, 16)
+    out = ops.paged_decode_attention(q, state.k_pages, state.v_pages, tables, state.seq_lens)
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
