@@ -7,9 +7,21 @@ with :func:`shadowkv.ops.shadow_attention` so its log-probs are the sampler's.
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
 from . import _C  # noqa: F401  (registers torch.ops.shadowkv.*)
-from . import ops
+from . import ops, policies
+from .cache import CacheFullError, PagedKVCache
 from .ops import shadow_attention, shadow_attention_with_lse
+from .sampler import Rollout, Sampler
 
 __version__ = _C.version()
 
-__all__ = ["ops", "shadow_attention", "shadow_attention_with_lse", "__version__"]
+__all__ = [
+    "CacheFullError",
+    "PagedKVCache",
+    "Rollout",
+    "Sampler",
+    "ops",
+    "policies",
+    "shadow_attention",
+    "shadow_attention_with_lse",
+    "__version__",
+]

@@ -1,0 +1,73 @@
+"""Plugs shadowkv into Hugging Face models through transformers' attention interface.
+
+``install(model)`` registers the attention implementation ``"shadowkv"`` and selects it
+on the model; no model code is forked. What the function does depends on the context
+entered with :func:`attention_context`: the sampler's paged-cache prefill/decode, the
+learner's shadow-mask (or dense) replay, and plain SDPA when no context is active, so an
+installed model still behaves as before everywhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Protocol
+
+import torch
+
+ATTN_IMPLEMENTATION = "shadowkv"
+
+_CONTEXT: contextvars.ContextVar = contextvars.ContextVar("shadowkv_attention", default=None)
+
+
+class AttentionContext(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]`` (after RoPE) -> ``[B, Hq, T, D]``."""
+
+
+@contextlib.contextmanager
+def attention_context(ctx: AttentionContext):
+    """Routes the ``shadowkv`` attention of every installed model to ``ctx`` while active."""
+    token = _CONTEXT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CONTEXT.reset(token)
+
+
+def _shadowkv_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = ctx.attend(module.layer_idx, query, key, value, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _shadowkv_attention_forward)
+    # The SDPA fallback needs SDPA's masks; inside a context the mask is ignored.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def install(model: torch.nn.Module) -> torch.nn.Module:
+    """Selects the ``shadowkv`` attention on a transformers causal LM (Llama/Qwen2/Mistral
+    families); returns the model."""
+    _register()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+def model_geometry(model) -> tuple[int, int, int, int]:
+    """``(num_layers, num_q_heads, num_kv_heads, head_dim)`` from a transformers config."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, heads, kv_heads, head_dim

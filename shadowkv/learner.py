@@ -1,0 +1,186 @@
+"""The learner: shadow-mask replay, GRPO/PPO losses and the SMD distillation term (DESIGN.md §6).
+
+Read top to bottom: ``replay_logits`` (one full-sequence forward, shadow or dense mask),
+``token_logprobs`` (aligned with ``Rollout.logprobs``), ``grpo_advantages``,
+``is_weights`` (the Sparse-RL correction), ``distill_kl`` (SMD) and ``policy_loss`` which
+puts them together for one optimisation epoch of one method:
+
+- ``dense``: FullCache rollouts, dense learner, old log-probs from the sampler.
+- ``naive``: compressed rollouts, dense learner, old log-probs from the (sparse) sampler.
+- ``is``:    compressed rollouts, dense learner, old log-probs from a dense replay, tokens
+             reweighted/rejected by the dense/sampler ratio (Sparse-RL).
+- ``smd``:   compressed rollouts, shadow-mask learner (exactly the sampler's policy), plus
+             ``beta * KL(teacher_dense || student_shadow)`` per generated token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import attention_context, install
+from .ops import NEVER_EVICTED, shadow_attention
+
+METHODS = ("dense", "naive", "is", "smd")
+
+
+class _ReplayContext:
+    def __init__(self, evicted_at: torch.Tensor | None):
+        self.evicted_at = evicted_at  # [B, layers, Hkv, T] or None (dense)
+
+    def attend(self, layer, q, k, v, scale):
+        if self.evicted_at is None:
+            ev = torch.full(k.shape[:3], NEVER_EVICTED, dtype=torch.int32, device=k.device)
+        else:
+            ev = self.evicted_at[:, layer, :, : k.shape[2]]
+        return shadow_attention(q, k, v, ev, 0, scale)
+
+
+def replay_logits(model, rollout, mask: str = "shadow") -> torch.Tensor:
+    """Logits ``[B, T-1, V]`` (float32) where row ``t`` predicts ``rollout.tokens[:, t+1]``.
+
+    ``mask="shadow"`` replays ``rollout.evicted_at`` (each query sees what the sampler's
+    cache held); ``"dense"`` is plain causal attention.
+    """
+    if mask not in ("shadow", "dense"):
+        raise ValueError(f"mask must be 'shadow' or 'dense', got {mask!r}")
+    install(model)
+    tokens = rollout.tokens
+    B, T = tokens.shape
+    positions = torch.arange(T, device=tokens.device)[None].expand(B, T)
+    with attention_context(_ReplayContext(rollout.evicted_at if mask == "shadow" else None)):
+        logits = model(input_ids=tokens[:, :-1], position_ids=positions[:, :-1], use_cache=False).logits
+    return logits.float()
+
+
+def gather_logprobs(logits: torch.Tensor, rollout, temperature: float = 1.0) -> torch.Tensor:
+    """``[B, T]`` log-probs of the rollout's tokens from ``replay_logits`` output; 0 off the
+    action mask (position 0 is never an action)."""
+    logp = torch.log_softmax(logits / temperature, -1).gather(-1, rollout.tokens[:, 1:, None])[..., 0]
+    return torch.cat([torch.zeros_like(logp[:, :1]), logp], 1) * rollout.action_mask
+
+
+def token_logprobs(model, rollout, mask: str = "shadow", temperature: float = 1.0) -> torch.Tensor:
+    """Log-prob of every generated token under ``model``, aligned with ``rollout.logprobs``:
+    ``[B, T]`` float32, 0 where ``rollout.action_mask`` is False. Differentiable w.r.t. the
+    model's parameters when grad is enabled."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return gather_logprobs(replay_logits(model, rollout, mask), rollout, temperature)
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Group-normalised advantages: ``rewards [N]`` with consecutive groups of ``group_size``
+    samples of one prompt -> ``(r - mean_group) / (std_group + eps)``, ``[N]``."""
+    g = rewards.view(-1, group_size)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True, unbiased=False) + eps)).flatten()
+
+
+@dataclass
+class ISConfig:
+    """Sparse-RL's correction (arXiv 2601.10079; DESIGN.md §6 gives the defaults): per-token
+    log-ratio ``log r = logp_dense_old - logp_sampler`` clamped to ``[-clamp, clamp]``;
+    weight ``min(r, cap)`` detached and rescaled to mean 1 over kept tokens; tokens with
+    ``r`` outside ``[reject_low, reject_high]`` leave the loss; sequences with any token
+    ``r < veto`` get no gradient at all."""
+
+    clamp: float = 20.0
+    cap: float = 1.5
+    reject_low: float = 0.5
+    reject_high: float = 1.5
+    veto: float = 1e-4
+
+
+def is_weights(logp_dense_old, logp_sampler, mask, cfg: ISConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (weights ``[B, T]``, kept-token mask ``[B, T]`` bool) of the ``is`` method."""
+    r = torch.exp((logp_dense_old - logp_sampler).clamp(-cfg.clamp, cfg.clamp))
+    vetoed = ((r < cfg.veto) & mask).any(-1, keepdim=True)
+    keep = mask & (r >= cfg.reject_low) & (r <= cfg.reject_high) & ~vetoed
+    w = torch.minimum(r, torch.tensor(cfg.cap)).detach() * keep
+    w = w / w.sum().clamp_min(1e-12) * keep.sum().clamp_min(1)
+    return w, keep
+
+
+def distill_kl(teacher_logits, student_logits, rollout, direction: str = "forward") -> torch.Tensor:
+    """Per-token SMD term ``[B, T]``: ``KL(p_teacher || p_student)`` (``forward``) or
+    ``KL(p_student || p_teacher)`` (``reverse``) over the full vocabulary, at the positions
+    that predict generated tokens; teacher logits are detached."""
+    t = torch.log_softmax(teacher_logits.detach(), -1)
+    s = torch.log_softmax(student_logits, -1)
+    if direction == "forward":
+        kl = (t.exp() * (t - s)).sum(-1)
+    elif direction == "reverse":
+        kl = (s.exp() * (s - t)).sum(-1)
+    else:
+        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    return torch.cat([torch.zeros_like(kl[:, :1]), kl], 1) * rollout.action_mask
+
+
+def entropy(logits: torch.Tensor, rollout) -> torch.Tensor:
+    """Mean entropy of the policy over generated positions (a scalar tensor)."""
+    logp = torch.log_softmax(logits.detach(), -1)
+    ent = -(logp.exp() * logp).sum(-1)
+    m = rollout.action_mask[:, 1:]
+    return (ent * m).sum() / m.sum().clamp_min(1)
+
+
+@dataclass
+class LossConfig:
+    method: str = "smd"
+    clip: float = 0.2
+    kl_ref: float = 0.0  # coefficient of KL(policy || reference), k3 estimator
+    smd_beta: float = 0.1
+    smd_direction: str = "forward"
+    temperature: float = 1.0
+    is_cfg: ISConfig = None  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        self.is_cfg = self.is_cfg or ISConfig()
+
+    @property
+    def learner_mask(self) -> str:
+        return "shadow" if self.method == "smd" else "dense"
+
+
+def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_weights=None, token_mask=None,
+                teacher_logits=None, ref_logp=None) -> tuple[torch.Tensor, dict]:
+    """Clipped-surrogate loss of one optimisation epoch (plus the KL and SMD terms).
+
+    Args:
+        advantages: ``[B]`` (GRPO) or ``[B, T]`` (PPO/GAE) advantages.
+        old_logp: ``[B, T]`` log-probs the ratio is taken against.
+        token_weights, token_mask: ``[B, T]`` (``is`` method), default 1 / action mask.
+        teacher_logits: ``[B, T-1, V]`` dense teacher (``smd``).
+        ref_logp: ``[B, T]`` reference-policy log-probs (when ``cfg.kl_ref > 0``).
+    Returns:
+        (scalar loss, stats dict of floats and the first-epoch learner log-probs).
+    """
+    logits = replay_logits(model, rollout, cfg.learner_mask)
+    logp = gather_logprobs(logits, rollout, cfg.temperature)
+    mask = rollout.action_mask if token_mask is None else token_mask
+    n = mask.sum().clamp_min(1)
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
+    ratio = torch.exp((logp - old_logp).clamp(-20, 20))
+    surr = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv)
+    w = token_weights if token_weights is not None else 1.0
+    loss = -(w * surr * mask).sum() / n
+    stats = {
+        "clip_frac": (((ratio - 1).abs() > cfg.clip) & mask).sum().item() / n.item(),
+        "entropy": entropy(logits, rollout).item(),
+    }
+    if cfg.kl_ref > 0 and ref_logp is not None:
+        d = (ref_logp - logp) * mask
+        k3 = (torch.exp(d) - d - 1) * mask
+        loss = loss + cfg.kl_ref * k3.sum() / n
+        stats["kl_ref"] = (k3.sum() / n).item()
+    if cfg.method == "smd" and teacher_logits is not None and cfg.smd_beta > 0:
+        kl = distill_kl(teacher_logits, logits, rollout, cfg.smd_direction)
+        m = rollout.action_mask
+        kl_mean = kl.sum() / m.sum().clamp_min(1)
+        loss = loss + cfg.smd_beta * kl_mean
+        stats["distill_kl"] = kl_mean.item()
+    stats["logp"] = logp.detach()
+    return loss, stats

@@ -1,0 +1,293 @@
+"""Batched generation with a compressed paged KV cache and an eviction log (DESIGN.md §5).
+
+The sampler drives a transformers causal LM through the ``shadowkv`` attention
+implementation: prompts are prefilled one sequence at a time (optionally in chunks, with
+eviction at each chunk boundary), then all sequences decode together, one token per step,
+with ``paged_decode_attention``. Every eviction is logged in ``evicted_at`` so the learner
+can replay exactly the attention the sampler used.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import attention_context, install, model_geometry
+from .cache import PagedKVCache
+from .ops import NEVER_EVICTED, shadow_attention
+from .policies import FullCache, Policy, budget_tokens
+
+
+@dataclass
+class Rollout:
+    """Sequences produced by :class:`Sampler`; right-padded to ``T``.
+
+    Attributes:
+        tokens: ``[B, T]`` int64, prompt then generated tokens, padded with ``pad_token_id``.
+        prompt_lens: ``[B]`` int64.
+        action_mask: ``[B, T]`` bool, True at generated (non-pad) positions (EOS included).
+        logprobs: ``[B, T]`` float32, log-prob of each generated token under
+            ``softmax(logits / temperature)`` (temperature 1 when greedy); 0 elsewhere.
+        evicted_at: ``[B, num_layers, Hkv, T]`` int32 shadow mask (DESIGN.md §1).
+        kv_peak_bytes: peak bytes of allocated KV pages plus the eviction log.
+        dense_kv_bytes: K/V bytes a dense cache would hold for these sequences.
+        timings: seconds spent in ``prefill`` and ``decode``, and ``tokens_per_s``.
+    """
+
+    tokens: torch.Tensor
+    prompt_lens: torch.Tensor
+    action_mask: torch.Tensor
+    logprobs: torch.Tensor
+    evicted_at: torch.Tensor
+    kv_peak_bytes: int
+    dense_kv_bytes: int
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        """``[B]`` tokens per sequence (prompt + generated)."""
+        return self.prompt_lens + self.action_mask.sum(-1)
+
+
+class _SamplerContext:
+    """Attention for one model call of the sampler (prefill chunk of one sequence, or decode)."""
+
+    def __init__(self, sampler: "Sampler", rows: slice, positions: torch.Tensor, decode: bool,
+                 observe: int | None = None):
+        self.s, self.rows, self.positions, self.decode, self.observe = sampler, rows, positions, decode, observe
+
+    def attend(self, layer, q, k, v, scale):
+        s, cache = self.s, self.s.cache
+        B, _, T, _ = q.shape
+        num_new = torch.full((B,), T, dtype=torch.int32)
+        cache.append(layer, k, v, self.positions, num_new, rows=self.rows)
+        if self.decode:
+            scores = s.slot_scores[layer][self.rows] if s.policy.needs_scores else None
+            step_scores = torch.zeros_like(scores) if scores is not None else None
+            out = cache.decode_attention(layer, q[:, :, 0], scale, step_scores, rows=self.rows)
+            if scores is not None:
+                scores += step_scores
+            return out[:, :, None]
+        # Prefill chunk of a single sequence: its survivors then the chunk, all cached.
+        b = self.rows.start
+        kc, vc, _ = cache.gather(layer, b)
+        n = kc.shape[1]
+        ev = torch.full((1, kc.shape[0], n), NEVER_EVICTED, dtype=torch.int32, device=q.device)
+        out = shadow_attention(q, kc[None], vc[None], ev, n - T, scale)
+        if s.policy.needs_scores:
+            s.slot_scores[layer][b, :, :n] += _attention_mass(q, kc, n - T, scale, self.observe)
+        return out
+
+
+def _attention_mass(q, k, q_offset, scale, observe):
+    """Attention probability received by each key from the last ``observe`` queries (all if
+    None), summed over queries and the GQA group: q ``[1, Hq, T, D]``, k ``[Hkv, n, D]`` ->
+    ``[Hkv, n]`` float32. Prefill only (the decode kernel reports this itself)."""
+    Hkv, n, _ = k.shape
+    T = q.shape[2]
+    first = 0 if observe is None else max(0, T - observe)
+    qo = q[0, :, first:].float()  # [Hq, t, D]
+    g = qo.shape[0] // Hkv
+    s = torch.einsum("hgtd,hnd->hgtn", qo.view(Hkv, g, -1, qo.shape[-1]), k.float()) * scale
+    pos = torch.arange(first, T, device=q.device)[:, None] + q_offset
+    s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > pos, -math.inf)
+    return torch.softmax(s, -1).sum(dim=(1, 2))
+
+
+class Sampler:
+    """Generates with a compressed KV cache and logs every eviction.
+
+    Args:
+        model: a transformers causal LM (Llama/Qwen2/Mistral families); its attention
+            implementation is switched to ``shadowkv`` (plain SDPA outside the sampler).
+        policy: which tokens to keep (:mod:`shadowkv.policies`).
+        budget: live tokens per sequence and layer: int, or float fraction of the current
+            length; ``None`` (or a ``FullCache`` policy) keeps everything.
+        page_size: tokens per KV page.
+        max_batch: largest batch :meth:`generate` accepts.
+        evict_every: evict every this many decode steps; default ``None`` evicts whenever
+            a sequence exceeds its budget by a page.
+        prefill_chunk: prefill prompts in chunks of this many tokens, evicting at each
+            chunk boundary (bounds the peak for long prompts); ``None``: whole prompts.
+    """
+
+    def __init__(self, model, policy: Policy | None = None, budget: int | float | None = None, page_size: int = 16,
+                 max_batch: int = 64, evict_every: int | None = None, prefill_chunk: int | None = None):
+        self.model = install(model)
+        self.policy = policy or FullCache()
+        self.budget = None if isinstance(self.policy, FullCache) else budget
+        if self.budget is not None:
+            budget_tokens(self.budget, 1)  # validates
+        if evict_every is not None and evict_every < 1:
+            raise ValueError(f"evict_every must be >= 1, got {evict_every}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.page_size, self.max_batch = page_size, max_batch
+        self.evict_every, self.prefill_chunk = evict_every, prefill_chunk
+        self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim = model_geometry(model)
+
+    # ---- sizing
+    def _max_live(self, total: int, prompt: int) -> int:
+        if self.budget is None:
+            return total
+        chunk = self.prefill_chunk or prompt
+        keep = budget_tokens(self.budget, total)
+        return min(total, keep + max(chunk, self.evict_every or 0, self.page_size) + 1)
+
+    def _new_cache(self, B: int, prompt_lens: list[int], max_new: int) -> PagedKVCache:
+        totals = [p + max_new for p in prompt_lens]
+        per_seq = [math.ceil(self._max_live(t, p) / self.page_size) + 1 for t, p in zip(totals, prompt_lens)]
+        p = next(self.model.parameters())
+        return PagedKVCache(
+            self.num_layers, self.num_kv_heads, self.head_dim, num_pages=sum(per_seq), page_size=self.page_size,
+            max_batch=B, max_pages_per_seq=math.ceil(max(totals) / self.page_size) + 1, dtype=p.dtype,
+            device=p.device,
+        )
+
+    # ---- eviction
+    def _evict(self, b: int, length: int, force: bool) -> None:
+        """Evicts sequence ``b`` (all layers) before the query at position ``length``."""
+        if self.budget is None:
+            return
+        n_keep = budget_tokens(self.budget, length)
+        live = int(self.cache.layers[0].seq_lens[b])
+        slack = 0 if force else self.page_size
+        if live <= n_keep + slack:
+            return
+        steps = torch.tensor([length], dtype=torch.int32)
+        for layer in range(self.num_layers):
+            _, _, pos = self.cache.gather(layer, b)
+            n = pos.shape[1]
+            scores = self.slot_scores[layer][b, :, :n] if self.policy.needs_scores else None
+            keep_n = self.policy.select(pos, scores, n_keep)
+            counts = keep_n.sum(-1)
+            if not bool((counts == n_keep).all()):
+                raise RuntimeError(f"{self.policy!r} kept {counts.tolist()} slots per head, expected {n_keep}")
+            keep = torch.zeros((1, self.num_kv_heads, self.slot_scores[layer].shape[-1]), dtype=torch.bool,
+                               device=keep_n.device)
+            keep[0, :, :n] = keep_n
+            sc = self.slot_scores[layer][b : b + 1] if self.policy.needs_scores else None
+            self.cache.evict(layer, keep, steps, self.evicted_at[b : b + 1, layer], sc, rows=slice(b, b + 1))
+            if sc is not None and self.policy.reset_scores_after_evict:
+                sc.zero_()
+
+    # ---- sampling
+    @staticmethod
+    def _sample(logits, temperature, top_p, gen):
+        """logits ``[B, V]`` -> (tokens ``[B]``, log-probs ``[B]`` under softmax(logits/T))."""
+        logits = logits.float()
+        if temperature == 0.0:
+            tok = logits.argmax(-1)
+            return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+        logp = torch.log_softmax(logits / temperature, -1)
+        probs = logp.exp()
+        if top_p < 1.0:
+            sp, si = probs.sort(-1, descending=True)
+            drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix reaching top_p
+            probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
+        tok = torch.multinomial(probs.cpu(), 1, generator=gen)[:, 0].to(logits.device)
+        return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+    def _forward(self, ids, positions, ctx):
+        with attention_context(ctx):
+            return self.model(input_ids=ids, position_ids=positions.long(), use_cache=False).logits[:, -1]
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int | None = None, eos_token_id: int | None = None, pad_token_id: int = 0) -> Rollout:
+        """Samples ``max_new_tokens`` (fewer after EOS) for each prompt.
+
+        Args:
+            prompts: ``[B, L]`` int tensor (all of length L) or a list of 1-D int tensors /
+                int lists (ragged).
+            temperature: 0 for greedy decoding.
+        Returns:
+            a :class:`Rollout` (on the model's device).
+        """
+        if temperature < 0 or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        device = next(self.model.parameters()).device
+        if isinstance(prompts, torch.Tensor):
+            if prompts.dim() != 2:
+                raise ValueError(f"prompts must be [B, L], got shape {tuple(prompts.shape)}")
+            prompts = list(prompts)
+        prompts = [torch.as_tensor(p, dtype=torch.long).to(device) for p in prompts]
+        B = len(prompts)
+        if not 0 < B <= self.max_batch:
+            raise ValueError(f"batch of {B} prompts; this sampler takes 1..{self.max_batch}")
+        if any(p.dim() != 1 or p.numel() == 0 for p in prompts):
+            raise ValueError("every prompt must be a non-empty 1-D sequence of token ids")
+        plens = [p.numel() for p in prompts]
+        T = max(plens) + max_new_tokens
+        gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**63)
+
+        self.cache = self._new_cache(B, plens, max_new_tokens)
+        slots = self.cache.max_pages_per_seq * self.page_size
+        self.slot_scores = [torch.zeros(B, self.num_kv_heads, slots, device=device) for _ in range(self.num_layers)]
+        self.evicted_at = torch.full((B, self.num_layers, self.num_kv_heads, T), NEVER_EVICTED, dtype=torch.int32,
+                                     device=device)
+        tokens = torch.full((B, T), pad_token_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(B, T, device=device)
+        action = torch.zeros(B, T, dtype=torch.bool, device=device)
+
+        t0 = time.perf_counter()
+        next_tok = torch.empty(B, dtype=torch.long, device=device)
+        next_lp = torch.empty(B, device=device)
+        observe = getattr(self.policy, "window", None)
+        for b, p in enumerate(prompts):
+            tokens[b, : plens[b]] = p
+            chunk = self.prefill_chunk or plens[b]
+            for c0 in range(0, plens[b], chunk):
+                c1 = min(plens[b], c0 + chunk)
+                pos = torch.arange(c0, c1, dtype=torch.int32, device=device)[None]
+                ctx = _SamplerContext(self, slice(b, b + 1), pos, False, observe)
+                logits = self._forward(p[None, c0:c1], pos, ctx)
+                self._evict(b, c1, force=True)
+            tok, lp = self._sample(logits, temperature, top_p, gen)
+            next_tok[b], next_lp[b] = tok[0], lp[0]
+        t1 = time.perf_counter()
+
+        cur = torch.tensor(plens, device=device)  # position of each sequence's next token
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        rows = torch.arange(B, device=device)
+        for step in range(max_new_tokens):
+            live = ~done
+            tokens[rows[live], cur[live]] = next_tok[live]
+            logprobs[rows[live], cur[live]] = next_lp[live]
+            action[rows[live], cur[live]] = True
+            if eos_token_id is not None:
+                done |= live & (next_tok == eos_token_id)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            for b in range(B):
+                if self.evict_every is not None and (step + 1) % self.evict_every == 0:
+                    self._evict(b, int(cur[b]), force=True)
+                else:
+                    self._evict(b, int(cur[b]), force=False)
+            pos = cur.to(torch.int32)[:, None]
+            logits = self._forward(next_tok[:, None], pos, _SamplerContext(self, slice(0, B), pos, True))
+            cur += 1
+            next_tok, next_lp = self._sample(logits, temperature, top_p, gen)
+        t2 = time.perf_counter()
+
+        T_used = int((cur + 1).max()) if max_new_tokens > 0 else max(plens)
+        T_used = min(T, max(T_used, max(plens)))
+        p = next(self.model.parameters())
+        lens = torch.tensor(plens, device=device) + action.sum(-1)
+        dense = int(lens.sum()) * self.num_layers * self.num_kv_heads * 2 * self.head_dim * p.element_size()
+        n_gen = int(action.sum())
+        return Rollout(
+            tokens=tokens[:, :T_used],
+            prompt_lens=torch.tensor(plens, device=device),
+            action_mask=action[:, :T_used],
+            logprobs=logprobs[:, :T_used],
+            evicted_at=self.evicted_at[..., :T_used].contiguous(),
+            kv_peak_bytes=self.cache.peak_bytes() + self.evicted_at[..., :T_used].numel() * 4,
+            dense_kv_bytes=dense,
+            timings={"prefill": t1 - t0, "decode": t2 - t1, "tokens_per_s": n_gen / max(t2 - t0, 1e-9)},
+        )

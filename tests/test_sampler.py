@@ -1,0 +1,138 @@
+"""Sampler + replay: the invariant the project rests on (DESIGN.md §1, §5).
+
+Replaying a rollout with its shadow mask reproduces the sampler's log-probs; a dense
+replay does not. Tiny random Llama/Qwen2 models, float32, CPU, fixed seeds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shadowkv import CacheFullError, PagedKVCache, Sampler
+from shadowkv.learner import token_logprobs
+from shadowkv.policies import H2O, FullCache, Policy, RandomEvict, SnapKV, StreamingLLM
+
+from .models import VOCAB, tiny_model
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("qwen2"), "qwen2", heads=4, kv_heads=1)
+
+
+def _prompts(B, lo, hi, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (int(torch.randint(lo, hi + 1, (1,), generator=g)),), generator=g)
+            for _ in range(B)]
+
+
+def test_full_cache_matches_hf_generate_greedy(llama):
+    prompts = torch.randint(1, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))
+    eos = llama.generation_config.eos_token_id
+    rollout = Sampler(llama, FullCache()).generate(prompts, max_new_tokens=40, temperature=0.0, eos_token_id=eos)
+    ref = llama.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=40, do_sample=False,
+                         pad_token_id=0, eos_token_id=eos)
+    assert torch.equal(rollout.tokens, ref[:, : rollout.tokens.shape[1]])
+    assert not rollout.action_mask[:, :12].any() and rollout.action_mask[:, 12].all()
+    assert (rollout.evicted_at == 2**31 - 1).all()
+
+
+POLICIES = [StreamingLLM(sinks=4), H2O(recent_frac=0.5), SnapKV(window=8, kernel=7), RandomEvict(seed=3)]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__)
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_shadow_replay_matches_sampler(policy, family, llama, qwen):
+    model = llama if family == "llama" else qwen
+    sampler = Sampler(model, policy, budget=0.25, page_size=8)
+    rollout = sampler.generate(_prompts(2, 20, 40), max_new_tokens=256, temperature=1.0, seed=0)
+    m = rollout.action_mask
+    assert (rollout.evicted_at < 2**31 - 1).any(), "budget 0.25 must evict"
+    shadow = token_logprobs(model, rollout, "shadow")
+    dense = token_logprobs(model, rollout, "dense")
+    d_shadow = (shadow - rollout.logprobs)[m].abs().max().item()
+    d_dense = (dense - rollout.logprobs)[m].abs().max().item()
+    print(f"{family} {policy!r}: shadow replay max|dlogp|={d_shadow:.2e}, dense replay max|dlogp|={d_dense:.2e}")
+    assert d_shadow <= 1e-4
+    assert d_dense >= 1e-3
+
+
+def test_chunked_prefill_and_evict_every_replay(llama):
+    sampler = Sampler(llama, StreamingLLM(sinks=2), budget=24, page_size=4, prefill_chunk=16, evict_every=5)
+    rollout = sampler.generate(_prompts(3, 30, 60, seed=2), max_new_tokens=50, seed=1)
+    # prefill evictions happen at chunk boundaries (multiples of 16) and after the prompt
+    steps = rollout.evicted_at[rollout.evicted_at < 2**31 - 1].unique()
+    assert (steps % 16 == 0).any()
+    shadow = token_logprobs(llama, rollout, "shadow")
+    assert (shadow - rollout.logprobs)[rollout.action_mask].abs().max() <= 1e-4
+
+
+def test_eos_stops_sequences(llama):
+    prompts = _prompts(4, 5, 9, seed=5)
+    r = Sampler(llama, StreamingLLM(), budget=8, page_size=4).generate(prompts, 60, seed=0, eos_token_id=7)
+    for b in range(4):
+        gen = r.tokens[b][r.action_mask[b]]
+        if (gen == 7).any():  # nothing after the first EOS
+            assert int((gen == 7).nonzero()[0]) == gen.numel() - 1
+
+
+def test_kv_peak_within_budget(tmp_path):
+    model = tiny_model(tmp_path, "llama", hidden=128, heads=2, kv_heads=2, layers=2, head_dim=64)
+    sampler = Sampler(model, StreamingLLM(), budget=0.25, page_size=16)
+    r = sampler.generate(_prompts(2, 16, 16), max_new_tokens=1024, seed=0)
+    log_bytes = r.evicted_at.numel() * 4
+    ratio = r.kv_peak_bytes / r.dense_kv_bytes
+    print(f"kv_peak/dense = {ratio:.3f}, log/dense = {log_bytes / r.dense_kv_bytes:.4f}")
+    assert r.seq_lens.min() >= 1024
+    assert ratio <= 0.30
+    assert log_bytes < 0.01 * r.dense_kv_bytes
+
+
+def test_pool_exhaustion_raises_cache_full_before_writing():
+    cache = PagedKVCache(num_layers=1, num_kv_heads=1, head_dim=4, num_pages=2, page_size=4, max_batch=2)
+    k = torch.randn(2, 1, 8, 4)
+    pos = torch.arange(8, dtype=torch.int32).expand(2, 8).contiguous()
+    before = cache.layers[0].block_tables.clone()
+    with pytest.raises(CacheFullError):
+        cache.append(0, k, k, pos, torch.tensor([8, 8], dtype=torch.int32))
+    assert torch.equal(cache.layers[0].block_tables, before)
+    assert int(cache.layers[0].seq_lens.sum()) == 0 and cache.num_free_pages() == 2
+
+
+def test_bad_block_table_raises():
+    cache = PagedKVCache(num_layers=1, num_kv_heads=1, head_dim=4, num_pages=2, page_size=4, max_batch=1)
+    lc = cache.layers[0]
+    lc.block_tables[0, 0] = 7  # outside the pool
+    lc.free.remove(0) if 0 in lc.free else None
+    with pytest.raises((ValueError, RuntimeError), match="block_tables"):
+        torch.ops.shadowkv.append_kv(lc.k_pages, lc.v_pages, lc.pos_pages, lc.block_tables, lc.seq_lens,
+                                     torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4),
+                                     torch.zeros(1, 2, dtype=torch.int32), torch.tensor([2], dtype=torch.int32))
+
+
+class _BadPolicy(Policy):
+    def select(self, positions, scores, n_keep):
+        keep = torch.zeros(positions.shape, dtype=torch.bool)
+        keep[:, :1] = True  # fewer than n_keep
+        return keep
+
+
+def test_policy_with_wrong_count_raises(llama):
+    with pytest.raises(RuntimeError, match="kept"):
+        Sampler(llama, _BadPolicy(), budget=8, page_size=4).generate(_prompts(1, 20, 20), 4, seed=0)
+
+
+def test_bad_generate_arguments(llama):
+    s = Sampler(llama, StreamingLLM(), budget=0.5, max_batch=2)
+    with pytest.raises(ValueError, match="batch"):
+        s.generate(_prompts(3, 4, 4), 4)
+    with pytest.raises(ValueError, match="temperature"):
+        s.generate(_prompts(1, 4, 4), 4, temperature=-1.0)
+    with pytest.raises(ValueError, match="budget"):
+        Sampler(llama, StreamingLLM(), budget=1.5)
