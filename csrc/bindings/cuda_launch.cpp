@@ -1,6 +1,9 @@
 // CUDA side of device_launch.h: device guard, current stream, arch coverage check.
-#include <ATen/cuda/CUDAContext.h>
+// Only c10/cuda and the CUDA runtime: ATen/cuda/CUDAContext.h would drag in cuBLAS and
+// cuSPARSE headers that a minimal CUDA toolkit does not ship.
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 
 #include <sstream>
 #include <string>
@@ -12,8 +15,11 @@ namespace {
 
 // A clear error instead of "no kernel image is available" when the GPU's arch was not built.
 void check_arch_built(const at::Device& device) {
-  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device.index());
-  const int cc = prop->major * 10 + prop->minor;
+  int major = 0, minor = 0;  // attribute queries are cheap, unlike cudaGetDeviceProperties
+  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index());
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device.index());
+  TORCH_CHECK(err == cudaSuccess, "shadowkv: cannot query ", device, ": ", cudaGetErrorString(err));
+  const int cc = major * 10 + minor;
   std::stringstream archs(cuda_archs());
   std::string a;
   while (std::getline(archs, a, ';')) {
@@ -22,8 +28,8 @@ void check_arch_built(const at::Device& device) {
     const int built = std::stoi(arch_specific ? a.substr(0, a.size() - 1) : a);
     if (arch_specific ? built == cc : (built / 10 == cc / 10 && built <= cc)) return;
   }
-  TORCH_CHECK(false, "shadowkv: GPU ", prop->name, " is sm_", cc, " but this build has kernels for [", cuda_archs(),
-              "]; rebuild with SHADOWKV_CUDA_ARCHS including ", prop->major, ".", prop->minor);
+  TORCH_CHECK(false, "shadowkv: GPU ", device, " is sm_", cc, " but this build has kernels for [", cuda_archs(),
+              "]; rebuild with SHADOWKV_CUDA_ARCHS including ", major, ".", minor);
 }
 
 }  // namespace
@@ -31,13 +37,13 @@ void check_arch_built(const at::Device& device) {
 void launch_shadow_attention_fwd_cuda(const ShadowAttentionParams& p, const at::Device& device) {
   check_arch_built(device);
   const c10::cuda::CUDAGuard guard(device);
-  shadow_attention_fwd_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+  shadow_attention_fwd_cuda(p, c10::cuda::getCurrentCUDAStream(device.index()).stream());
 }
 
 void launch_shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& p, const at::Device& device) {
   check_arch_built(device);
   const c10::cuda::CUDAGuard guard(device);
-  shadow_attention_bwd_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+  shadow_attention_bwd_cuda(p, c10::cuda::getCurrentCUDAStream(device.index()).stream());
 }
 
 }  // namespace shadowkv::bindings

@@ -1,0 +1,400 @@
+// Private helpers shared by the CUDA forward and backward kernels of shadow attention
+// (shadow_attention_fwd.cu, shadow_attention_bwd.cu). Not installed, not a public API.
+//
+// Two kernel families, chosen per call on the host:
+//   * tensor-core kernels (WMMA 16x16x16, fp32 accumulators) for bfloat16/float16 with
+//     head_dim 64 or 128 and 16-byte aligned rows; each warp owns 16 rows of a 64-row tile.
+//   * SIMT kernels for everything else (float32, any head_dim 0..256, odd strides): one warp
+//     owns 4 rows; lane j handles partner row j of a 32-row tile for scores, and head-dim
+//     slice d = lane + 32 t for the accumulators.
+// Both skip key tiles that the eviction log hides from the whole query tile, using a per-32-key
+// min/max of evicted_at computed once per call (ev_minmax_kernel).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "shadowkv/shadow_attention.h"
+
+namespace shadowkv {
+namespace cuda_attn {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Granularity of the evicted_at min/max pre-pass; every kernel's key tile is a multiple of it.
+constexpr int kEvTile = 32;
+// evicted_at stand-in for key slots past kv_len: no position is < INT32_MIN, so they are masked.
+constexpr int kEvOutOfRange = INT32_MIN;
+
+// ------------------------------------------------------------------------------------------
+// Tile shapes.
+
+// Tensor-core kernels: 4 warps x 16 rows own a 64-row tile; partner tiles are streamed through
+// shared memory. Row pitches are padded (+8 halves / +4 floats) so that consecutive rows start
+// in different banks, which also keeps every WMMA pointer 32-byte aligned.
+template <int D>
+struct TcTraits {
+  static_assert(D % 16 == 0 && D <= 256, "tensor-core head_dim must be a multiple of 16");
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRows = kWarps * 16;  // own rows per block (queries, or keys for dK/dV)
+  static constexpr int kFwdKeys = 64;        // forward: keys per step
+  static constexpr int kDqKeys = 32;         // backward dQ: keys per step
+  static constexpr int kDkvQueries = 32;     // backward dK/dV: queries per step
+  static constexpr int kLd16 = D + 8;        // pitch of a [rows][D] 16-bit tile
+  static constexpr int kDFrags = D / 16;     // accumulator fragments across the head dim
+};
+
+// SIMT kernels: 8 warps x 4 rows own a 32-row tile; a partner tile has one row per lane.
+struct SimtTraits {
+  static constexpr int kWarps = 8;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRowsPerWarp = 4;
+  static constexpr int kRows = kWarps * kRowsPerWarp;
+  static constexpr int kPartner = 32;
+  static constexpr int kMaxDPerLane = 8;  // head_dim <= 256 = 32 lanes x 8
+  // Partner tiles are read with lane = row, so an odd pitch spreads the lanes over all banks.
+  __host__ __device__ static int partner_ld(int d) { return d | 1; }
+};
+
+// Byte offsets of the buffers in one kernel's dynamic shared memory; each buffer starts on a
+// 128-byte boundary. Used identically on the host (size) and the device (pointers).
+struct SmemCarver {
+  size_t bytes = 0;
+  template <typename U>
+  __host__ __device__ size_t take(size_t count) {
+    const size_t off = bytes;
+    bytes += (count * sizeof(U) + 127) / 128 * 128;
+    return off;
+  }
+};
+
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(128) unsigned char shadowkv_attn_smem[];
+  return shadowkv_attn_smem;
+}
+
+// ------------------------------------------------------------------------------------------
+// Host helpers.
+
+inline void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("shadow_attention CUDA error in ") + what + ": " +
+                             cudaGetErrorString(err));
+  }
+}
+
+inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
+
+// Stream-ordered scratch memory; freed on the same stream, also when an exception unwinds.
+class StreamBuffer {
+ public:
+  StreamBuffer(size_t bytes, cudaStream_t stream) : stream_(stream) {
+    if (bytes > 0) check_cuda(cudaMallocAsync(&ptr_, bytes, stream), "cudaMallocAsync (workspace)");
+  }
+  ~StreamBuffer() {
+    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);
+  }
+  StreamBuffer(const StreamBuffer&) = delete;
+  StreamBuffer& operator=(const StreamBuffer&) = delete;
+  template <typename U>
+  U* as() const {
+    return static_cast<U*>(ptr_);
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  cudaStream_t stream_;
+};
+
+[[noreturn]] inline void bad_arg(const char* fn, const std::string& msg) {
+  throw std::invalid_argument(std::string(fn) + ": " + msg);
+}
+
+// Checks shared by forward and backward; `fn` names the entry point in messages.
+inline void validate_params(const ShadowAttentionParams& p, const char* fn) {
+  if (p.dtype == DType::kFloat64) {
+    bad_arg(fn, "float64 is not supported by the CUDA kernels; expected float32, bfloat16 or "
+                "float16 (use the CPU kernel for float64)");
+  }
+  if (p.dtype != DType::kFloat32 && p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) {
+    bad_arg(fn, "unknown dtype code " + std::to_string(static_cast<int>(p.dtype)));
+  }
+  if (p.batch < 0 || p.num_q_heads < 0 || p.num_kv_heads < 0 || p.q_len < 0 || p.kv_len < 0) {
+    bad_arg(fn, "shapes must be non-negative");
+  }
+  if (p.head_dim < 0 || p.head_dim > 256) {
+    bad_arg(fn, "head_dim must be in [0, 256], got " + std::to_string(p.head_dim));
+  }
+  if (p.num_q_heads > 0 && (p.num_kv_heads == 0 || p.num_q_heads % p.num_kv_heads != 0)) {
+    bad_arg(fn, "num_q_heads (" + std::to_string(p.num_q_heads) +
+                    ") must be a positive multiple of num_kv_heads (" + std::to_string(p.num_kv_heads) + ")");
+  }
+  if (p.q_offset < 0) bad_arg(fn, "q_offset must be >= 0, got " + std::to_string(p.q_offset));
+  if (!std::isfinite(p.scale)) bad_arg(fn, "scale must be finite");
+  if (p.q_len > INT32_MAX || p.kv_len > INT32_MAX) bad_arg(fn, "q_len and kv_len must fit in int32");
+  const bool has_q = p.batch * p.num_q_heads * p.q_len > 0;
+  const bool has_kv = p.batch * p.num_kv_heads * p.kv_len > 0;
+  if (has_q && p.head_dim > 0 && (p.q == nullptr || p.out == nullptr)) bad_arg(fn, "q/out must not be null");
+  if (has_q && p.lse == nullptr) bad_arg(fn, "lse must not be null");
+  if (has_kv && p.head_dim > 0 && (p.k == nullptr || p.v == nullptr)) bad_arg(fn, "k/v must not be null");
+  if (has_kv && p.evicted_at == nullptr) bad_arg(fn, "evicted_at must not be null");
+}
+
+inline int device_cc_major() {
+  int dev = 0, major = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+  return major;
+}
+
+// The tensor-core kernels copy rows with 16-byte vector loads.
+inline bool rows_16b_aligned(const void* ptr, const int64_t (&stride)[3]) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && stride[0] % 8 == 0 && stride[1] % 8 == 0 &&
+         stride[2] % 8 == 0;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline unsigned grid_1d(int64_t blocks, const char* kernel) {
+  if (blocks > INT32_MAX) {
+    throw std::invalid_argument(std::string("shadow_attention: problem too large for one launch of ") + kernel);
+  }
+  return static_cast<unsigned>(blocks);
+}
+
+template <typename Kernel>
+void set_smem_limit(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+               "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  }
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<T>{}) with the CUDA element type of `dt` (float64 was rejected earlier).
+template <typename F>
+void dispatch_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat32: f(TypeTag<float>{}); return;
+    case DType::kBFloat16: f(TypeTag<__nv_bfloat16>{}); return;
+    case DType::kFloat16: f(TypeTag<__half>{}); return;
+    default: throw std::invalid_argument("shadow_attention CUDA: unsupported dtype");
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Device helpers.
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float x);
+template <>
+__device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, o));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(kFullMask, x, o);
+  return x;
+}
+
+// The shadow mask (DESIGN.md section 1).
+__device__ __forceinline__ bool visible(int64_t key, int64_t pos, int ev) { return key <= pos && pos < ev; }
+
+// min (x) and max (y) of evicted_at over keys [k0, k0 + width) of one (batch, kv head);
+// `mm` holds that head's per-kEvTile results, k0 and width are multiples of kEvTile.
+__device__ __forceinline__ int2 key_tile_ev_range(const int2* __restrict__ mm, int64_t n_ev_tiles, int64_t k0,
+                                                  int width) {
+  int lo = INT_MAX, hi = INT_MIN;
+  const int64_t t0 = k0 / kEvTile;
+  for (int t = 0; t < width / kEvTile && t0 + t < n_ev_tiles; ++t) {
+    const int2 v = mm[t0 + t];
+    lo = min(lo, v.x);
+    hi = max(hi, v.y);
+  }
+  return make_int2(lo, hi);
+}
+
+// Block -> (batch, query head, query tile) of the forward and dQ kernels. Tiles of one head run
+// latest-first: under a causal mask they are the longest, so the grid tail is made of short blocks.
+struct QueryTile {
+  int64_t b, hq, hkv, i0;
+  int rows;        // valid rows of the tile
+  int64_t p0, p1;  // absolute positions of its first and last valid row
+};
+
+__device__ __forceinline__ QueryTile query_tile(const ShadowAttentionParams& p, int tile_rows) {
+  const int64_t n_tiles = (p.q_len + tile_rows - 1) / tile_rows;
+  const int64_t bid = blockIdx.x;
+  QueryTile t;
+  const int64_t bh = bid / n_tiles;
+  t.hq = bh % p.num_q_heads;
+  t.b = bh / p.num_q_heads;
+  t.hkv = t.hq / (p.num_q_heads / p.num_kv_heads);
+  t.i0 = (n_tiles - 1 - bid % n_tiles) * tile_rows;
+  t.rows = static_cast<int>(min(static_cast<int64_t>(tile_rows), p.q_len - t.i0));
+  t.p0 = p.q_offset + t.i0;
+  t.p1 = t.p0 + t.rows - 1;
+  return t;
+}
+
+enum class TileKind { kSkip, kPartial, kFull };
+
+// Key tile [k0, k0 + width) against query positions [p0, p1]. Skip: no key is visible to any of
+// these queries (all keys are in the future, or evicted before the first query). Full: every key
+// exists and is visible to every query, so the per-element mask can be left out.
+__device__ __forceinline__ TileKind classify_key_tile(int2 ev, int64_t k0, int width, int64_t kv_len, int64_t p0,
+                                                      int64_t p1) {
+  if (k0 > p1 || ev.y <= p0) return TileKind::kSkip;
+  if (k0 + width <= kv_len && k0 + width - 1 <= p0 && ev.x > p1) return TileKind::kFull;
+  return TileKind::kPartial;
+}
+
+// Key tiles [0, n_tiles) of width kWidth are classified blockDim.x at a time, one per thread,
+// into `kinds` (blockDim.x ints of shared memory), so that a long run of skipped tiles costs a
+// shared-memory read per tile rather than a dependent global load. Call it for every tile in
+// increasing order with block-uniform arguments (it contains __syncthreads).
+template <int kWidth>
+__device__ __forceinline__ TileKind key_tile_kind(int* kinds, int64_t tile, int64_t n_tiles, const int2* mm,
+                                                  int64_t n_ev_tiles, int64_t kv_len, int64_t p0, int64_t p1) {
+  const int c = static_cast<int>(tile % blockDim.x);
+  if (c == 0) {
+    __syncthreads();  // the previous batch has been read by every thread
+    const int64_t mine = tile + threadIdx.x;
+    TileKind kind = TileKind::kSkip;
+    if (mine < n_tiles) {
+      const int64_t k0 = mine * kWidth;
+      kind = classify_key_tile(key_tile_ev_range(mm, n_ev_tiles, k0, kWidth), k0, kWidth, kv_len, p0, p1);
+    }
+    kinds[threadIdx.x] = static_cast<int>(kind);
+    __syncthreads();
+  }
+  return static_cast<TileKind>(kinds[c]);
+}
+
+// Internal linkage: both translation units include this header and launch their own copy.
+namespace {
+
+// One warp per kEvTile keys: out[(b * Hkv + h) * n_tiles + t] = (min, max) of evicted_at.
+__global__ void ev_minmax_kernel(const ShadowAttentionParams p, int64_t n_tiles, int2* __restrict__ out) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (warp >= p.batch * p.num_kv_heads * n_tiles) return;  // whole warps leave together
+  const int64_t t = warp % n_tiles, bh = warp / n_tiles;
+  const int64_t h = bh % p.num_kv_heads, b = bh / p.num_kv_heads;
+  const int64_t j = t * kEvTile + lane;
+  int lo = INT_MAX, hi = INT_MIN;
+  if (j < p.kv_len) lo = hi = p.evicted_at[b * p.ev_stride[0] + h * p.ev_stride[1] + j];
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) {
+    lo = min(lo, __shfl_xor_sync(kFullMask, lo, o));
+    hi = max(hi, __shfl_xor_sync(kFullMask, hi, o));
+  }
+  if (lane == 0) out[warp] = make_int2(lo, hi);
+}
+
+// Number of kEvTile tiles per (batch, kv head), and the pre-pass buffer size in bytes.
+inline int64_t ev_minmax_tiles(const ShadowAttentionParams& p) { return ceil_div(p.kv_len, kEvTile); }
+inline size_t ev_minmax_bytes(const ShadowAttentionParams& p) {
+  return static_cast<size_t>(p.batch * p.num_kv_heads * ev_minmax_tiles(p)) * sizeof(int2);
+}
+inline void launch_ev_minmax(const ShadowAttentionParams& p, int2* buf, cudaStream_t stream) {
+  const int64_t warps = p.batch * p.num_kv_heads * ev_minmax_tiles(p);
+  if (warps == 0) return;
+  constexpr int kThreads = 256;
+  ev_minmax_kernel<<<grid_1d(ceil_div(warps * 32, kThreads), "ev_minmax_kernel"), kThreads, 0, stream>>>(
+      p, ev_minmax_tiles(p), buf);
+  check_launch("ev_minmax_kernel");
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------
+// Tensor-core building blocks (sm_80+).
+
+namespace wmma = nvcuda::wmma;
+using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+template <typename T>
+using AFrag = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
+template <typename T>
+using BFragRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
+template <typename T>
+using BFragCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
+
+// Copies rows [0, n_rows) of a [*, D] 16-bit matrix into a [n_rows][LD] shared tile with 16-byte
+// loads; rows at or past `valid` become zeros so that the MMAs never read garbage (NaN * 0).
+template <typename T, int D, int LD>
+__device__ __forceinline__ void load_rows_16b(T* __restrict__ dst, const T* __restrict__ src, int64_t stride,
+                                              int n_rows, int64_t valid) {
+  constexpr int kChunks = D / 8;
+  for (int idx = threadIdx.x; idx < n_rows * kChunks; idx += blockDim.x) {
+    const int r = idx / kChunks, c = idx % kChunks;
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (r < valid) val = *reinterpret_cast<const uint4*>(src + r * stride + c * 8);
+    *reinterpret_cast<uint4*>(dst + r * LD + c * 8) = val;
+  }
+}
+
+// WMMA keeps the element -> (row, col) map of a fragment private, but it is the same for every
+// accumulator fragment. Loading a matrix whose entries are their own row numbers reveals the row
+// of each register, which lets a warp scale accumulator rows (online softmax) in registers.
+__device__ __forceinline__ void load_row_index(AccFrag& rows, float* scratch, int ld) {
+  const int lane = threadIdx.x % 32;
+  for (int idx = lane; idx < 256; idx += 32) scratch[(idx / 16) * ld + idx % 16] = static_cast<float>(idx / 16);
+  __syncwarp();
+  wmma::load_matrix_sync(rows, scratch, ld, wmma::mem_row_major);
+  __syncwarp();
+}
+
+// Writes a warp's 16 x (16 * DF) accumulator strip to global rows [0, valid_rows) of `dst`,
+// staging kChunk fragments at a time through the warp's float scratch (16 x ld, ld >= 16 kChunk).
+template <typename T, int DF, int kChunk>
+__device__ __forceinline__ void store_acc_rows(const AccFrag (&acc)[DF], float* scratch, int ld, T* dst,
+                                               int64_t stride, int valid_rows) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int f0 = 0; f0 < DF; f0 += kChunk) {
+#pragma unroll
+    for (int c = 0; c < kChunk; ++c) {
+      if (f0 + c < DF) wmma::store_matrix_sync(scratch + c * 16, acc[f0 + c], ld, wmma::mem_row_major);
+    }
+    __syncwarp();
+    const int width = (DF - f0 < kChunk ? DF - f0 : kChunk) * 16;
+    for (int idx = lane; idx < 16 * width; idx += 32) {
+      const int r = idx / width, c = idx % width;
+      if (r < valid_rows) dst[r * stride + f0 * 16 + c] = from_f32<T>(scratch[r * ld + c]);
+    }
+    __syncwarp();
+  }
+}
+
+}  // namespace cuda_attn
+}  // namespace shadowkv
