@@ -1,10 +1,12 @@
-"""The ``shadowkv`` command: ``info`` and ``train`` (more subcommands land with the learner)."""
+"""The ``shadowkv`` command: ``train`` (the main job), ``compare``, ``info``, ``demo``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import asdict, fields
+from pathlib import Path
 
 
 def _cmd_info(args) -> int:
@@ -14,32 +16,101 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _cmd_train(args) -> int:
-    # Until the RL learner exists this runs the shadow-mask replay demo on the CPU; the
-    # command line stays the same when the learner lands.
+def _cmd_demo(args) -> int:
     from . import demo
 
     res = demo.run(length=args.length, budget=args.budget, seed=args.seed)
-    print("shadowkv train (demo: shadow-mask replay of a StreamingLLM decode, CPU)")
+    print("shadowkv demo: shadow-mask replay of a StreamingLLM decode (CPU)")
     for key, val in res.items():
         print(f"  {key:34s} {val:.3g}" if isinstance(val, float) else f"  {key:34s} {val}")
     ok = res["shadow_vs_sampler_max_abs_diff"] <= 1e-4 < res["dense_vs_sampler_max_abs_diff"]
     print("replay invariant:", "OK (shadow replay == sampler, dense replay differs)" if ok else "FAILED")
-    if args.json:
-        print(json.dumps(res))
     return 0 if ok else 1
 
 
+def _train_config(args):
+    from .train import TrainConfig
+
+    cfg = TrainConfig()
+    for f in fields(TrainConfig):
+        val = getattr(args, f.name, None)
+        if val is not None and f.name not in ("model", "sft"):
+            setattr(cfg, f.name, val)
+    if args.sft_steps is not None:
+        cfg.sft.steps = args.sft_steps
+    return cfg
+
+
+def _cmd_train(args) -> int:
+    from .train import train
+
+    cfg = _train_config(args)
+    out = Path(args.out or f"runs/{cfg.task}-{cfg.method}-{cfg.policy}-{cfg.budget}-s{cfg.seed}")
+    summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    print(f"run folder: {out}  (config.json, metrics.jsonl, curves.png, checkpoints)")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from .compare import compare
+
+    cfg = _train_config(args)
+    out = Path(args.out or f"runs/compare-{cfg.task}-{cfg.policy}-{cfg.budget}")
+    table = compare(cfg, out, seeds=args.seeds, methods=args.methods.split(","), progress=not args.quiet)
+    print(table)
+    return 0
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--task", choices=["kv-lookup", "copy", "chain"], help=f"default {d.task}")
+    p.add_argument("--prompt-len", dest="prompt_len", type=int, help=f"approximate prompt tokens (default {d.prompt_len})")
+    p.add_argument("--policy", choices=["streaming", "h2o", "snapkv", "random"], help=f"default {d.policy}")
+    p.add_argument("--budget", type=float, help=f"KV fraction kept (default {d.budget})")
+    p.add_argument("--page-size", dest="page_size", type=int)
+    p.add_argument("--steps", type=int, help=f"RL steps (default {d.steps})")
+    p.add_argument("--prompts-per-step", dest="prompts_per_step", type=int)
+    p.add_argument("--group-size", dest="group_size", type=int)
+    p.add_argument("--epochs", type=int, help="optimisation epochs per batch")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--clip", type=float)
+    p.add_argument("--kl-ref", dest="kl_ref", type=float, help="KL-to-reference coefficient")
+    p.add_argument("--smd-beta", dest="smd_beta", type=float)
+    p.add_argument("--smd-direction", dest="smd_direction", choices=["forward", "reverse"])
+    p.add_argument("--is-cap", dest="is_cap", type=float)
+    p.add_argument("--is-reject-low", dest="is_reject_low", type=float)
+    p.add_argument("--is-reject-high", dest="is_reject_high", type=float)
+    p.add_argument("--is-veto", dest="is_veto", type=float)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--init", help="local Hugging Face causal LM folder (from_pretrained) instead of the tiny default")
+    p.add_argument("--sft-steps", dest="sft_steps", type=int, help="SFT warm-up steps of the default model")
+    p.add_argument("--out", help="run folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shadowkv", description=__doc__)
+    p = argparse.ArgumentParser(prog="shadowkv", description="KV-cache compression that stays on-policy in RL.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="version, torch, built CUDA archs, GPU coverage").set_defaults(fn=_cmd_info)
-    t = sub.add_parser("train", help="main job (for now: the shadow-mask replay demo on CPU)")
-    t.add_argument("--budget", type=float, default=0.25, help="fraction of the KV cache kept")
-    t.add_argument("--length", type=int, default=1024, help="tokens decoded")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--json", action="store_true", help="also print the numbers as JSON")
+    t = sub.add_parser("train", help="RL post-training with compressed rollouts (the main job)")
+    _add_train_args(t)
+    t.add_argument("--method", choices=["dense", "naive", "is", "smd"], help="default smd")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.set_defaults(fn=_cmd_train)
+    c = sub.add_parser("compare", help="dense, naive, is and smd on the same seeds; one table")
+    _add_train_args(c)
+    c.add_argument("--seeds", type=int, default=3)
+    c.add_argument("--methods", default="dense,naive,is,smd")
+    c.set_defaults(fn=_cmd_compare)
+    sub.add_parser("info", help="version, torch, built CUDA archs, GPU coverage").set_defaults(fn=_cmd_info)
+    d = sub.add_parser("demo", help="the shadow-mask replay invariant on one attention head (seconds)")
+    d.add_argument("--budget", type=float, default=0.25)
+    d.add_argument("--length", type=int, default=1024)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=_cmd_demo)
     return p
 
 

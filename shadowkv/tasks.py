@@ -1,0 +1,181 @@
+"""Synthetic, verifiable long-context tasks with exact rewards (DESIGN.md §7).
+
+Integer vocabulary, no tokenizer: ``PAD=0, BOS=1, EOS=2, SEP=3, FILL=4`` (haystack filler),
+symbols from ``FIRST_SYMBOL``. Every task is built so that KV eviction *matters*: the answer needs a
+token far back in the prompt (``kv-lookup``, ``copy``) or a token the model generated
+itself earlier (``chain``: multi-hop pointer following, so decode-time eviction hurts).
+A task samples ``(prompt, answer)`` pairs; the reward of a generation is the fraction of
+answer positions reproduced exactly (EOS included), in [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+PAD, BOS, EOS, SEP, FILL = 0, 1, 2, 3, 4
+FIRST_SYMBOL = 5
+
+
+@dataclass
+class Task:
+    """Base: subclasses implement ``_example``; ``num_symbols`` distinct content tokens."""
+
+    num_symbols: int = 64
+    name = "task"
+
+    @property
+    def vocab_size(self) -> int:
+        return FIRST_SYMBOL + self.num_symbols
+
+    def _symbols(self, n: int, gen: torch.Generator, distinct: bool = False) -> torch.Tensor:
+        if distinct:
+            if n > self.num_symbols:
+                raise ValueError(f"{self.name}: needs {n} distinct symbols, has {self.num_symbols}")
+            return torch.randperm(self.num_symbols, generator=gen)[:n] + FIRST_SYMBOL
+        return torch.randint(FIRST_SYMBOL, self.vocab_size, (n,), generator=gen)
+
+    def _example(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def demonstration(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One supervised-warm-up example: ``(tokens, labels)`` 1-D, labels ``-100`` where no
+        loss applies. Default: the answer after its prompt."""
+        prompt, answer = self._example(gen)
+        tokens = torch.cat([prompt, answer])
+        labels = torch.full_like(tokens, -100)
+        labels[prompt.numel() :] = answer
+        return tokens, labels
+
+    def sample(self, n: int, gen: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``n`` (prompt, answer) pairs of 1-D int64 tensors; answers end with EOS."""
+        pairs = [self._example(gen) for _ in range(n)]
+        return [p for p, _ in pairs], [a for _, a in pairs]
+
+    @property
+    def max_answer_len(self) -> int:
+        raise NotImplementedError
+
+    @staticmethod
+    def reward(generated: torch.Tensor, answer: torch.Tensor) -> float:
+        """Fraction of ``answer`` positions that ``generated`` (1-D) matches exactly."""
+        n = min(generated.numel(), answer.numel())
+        hits = (generated[:n] == answer[:n]).sum().item()
+        return hits / answer.numel()
+
+
+@dataclass
+class KVLookup(Task):
+    """Needle retrieval: ``BOS [k1 v1 … kn vn spread over FILL tokens] SEP q`` -> ``v(q) EOS``.
+    Keys are distinct and drawn from the first half of the symbols, values from the second
+    half, so "the token after the earlier occurrence of q" is unambiguous. With
+    ``num_queries = m > 1`` the prompt first shows ``m - 1`` answered queries
+    (``SEP q1 v(q1) … q_m``), as in-context demonstrations."""
+
+    num_pairs: int = 16
+    num_queries: int = 1
+    length: int = 0  # pad the pair list to this many tokens with FILL at random places
+    name = "kv-lookup"
+
+    def _haystack(self, pairs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Spreads the ``[n, 2]`` pairs (kept adjacent, in order) over ``length`` tokens."""
+        n = pairs.shape[0]
+        slots = max(n, self.length // 2)  # each slot holds a pair or two FILL tokens
+        out = torch.full((slots, 2), FILL, dtype=torch.long)
+        out[torch.randperm(slots, generator=gen)[:n].sort().values] = pairs
+        return out.flatten()
+
+    def _example(self, gen):
+        half = self.num_symbols // 2
+        if self.num_pairs > half:
+            raise ValueError(f"kv-lookup: {self.num_pairs} pairs need >= {2 * self.num_pairs} symbols")
+        keys = torch.randperm(half, generator=gen)[: self.num_pairs] + FIRST_SYMBOL
+        vals = torch.randint(FIRST_SYMBOL + half, self.vocab_size, (self.num_pairs,), generator=gen)
+        q = torch.randperm(self.num_pairs, generator=gen)[: self.num_queries]
+        pairs = self._haystack(torch.stack([keys, vals], 1), gen)
+        shots = torch.stack([keys[q[:-1]], vals[q[:-1]]], 1).flatten()
+        prompt = torch.cat([torch.tensor([BOS]), pairs, torch.tensor([SEP]), shots, keys[q[-1:]]])
+        return prompt, torch.cat([vals[q[-1:]], torch.tensor([EOS])])
+
+    @property
+    def max_answer_len(self):
+        return 2
+
+    def demonstration(self, gen):
+        # One supervised token per sequence is too sparse a signal for a small model to
+        # discover retrieval; 16 answered queries per prompt give 16.
+        shots = replace(self, num_queries=max(self.num_queries, 16))
+        prompt, answer = shots._example(gen)
+        tokens = torch.cat([prompt, answer])
+        labels = torch.full_like(tokens, -100)
+        sep = int((tokens == SEP).nonzero()[0])
+        labels[sep + 2 :: 2] = tokens[sep + 2 :: 2]  # every value after its query
+        labels[-1] = EOS
+        return tokens, labels
+
+
+@dataclass
+class Copy(Task):
+    """``BOS s1 … sL EOS SEP BOS`` -> ``s1 … sL EOS`` (distinct symbols: every answer token
+    is "the token after the previous occurrence of the current one")."""
+
+    span: int = 48
+    name = "copy"
+
+    def _example(self, gen):
+        s = self._symbols(self.span, gen, distinct=True)
+        prompt = torch.cat([torch.tensor([BOS]), s, torch.tensor([EOS, SEP, BOS])])
+        return prompt, torch.cat([s, torch.tensor([EOS])])
+
+    @property
+    def max_answer_len(self):
+        return self.span + 1
+
+
+@dataclass
+class Chain(Task):
+    """Pointer following: ``BOS a1 b1 … an bn SEP x0`` with ``f(a_i) = b_i`` a random
+    permutation cycle over the keys; answer ``x1 … xh EOS`` with ``x_{i+1} = f(x_i)``. Each
+    hop looks up the token the model itself generated last."""
+
+    num_pairs: int = 48
+    hops: int = 8
+    name = "chain"
+
+    def _example(self, gen):
+        keys = self._symbols(self.num_pairs, gen, distinct=True)
+        nxt = torch.roll(keys, -1)  # one cycle through all keys: every hop has an answer
+        order = torch.randperm(self.num_pairs, generator=gen)
+        pairs = torch.stack([keys[order], nxt[order]], 1).flatten()
+        start = int(torch.randint(self.num_pairs, (1,), generator=gen))
+        hops = keys[(start + 1 + torch.arange(self.hops)) % self.num_pairs]
+        prompt = torch.cat([torch.tensor([BOS]), pairs, torch.tensor([SEP, int(keys[start])])])
+        return prompt, torch.cat([hops, torch.tensor([EOS])])
+
+    @property
+    def max_answer_len(self):
+        return self.hops + 1
+
+
+TASKS = {"kv-lookup": KVLookup, "copy": Copy, "chain": Chain}
+
+
+def make_task(name: str, length: int | None = None, **kwargs) -> Task:
+    """Task by name; ``length`` sets the prompt's content size (pairs for kv-lookup and
+    chain, span for copy) from an approximate prompt length in tokens."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    if length is not None:
+        if name == "copy":
+            kwargs.setdefault("span", max(1, length - 4))
+        elif name == "kv-lookup":
+            kwargs.setdefault("length", length - 3)
+            kwargs.setdefault("num_pairs", min(16, max(2, (length - 3) // 2)))
+        else:
+            kwargs.setdefault("num_pairs", max(2, (length - 8) // 2))
+    task = TASKS[name](**kwargs)
+    needed = max(getattr(task, "num_pairs", 0) * (2 if name == "kv-lookup" else 1), getattr(task, "span", 0))
+    if needed > task.num_symbols:
+        task.num_symbols = needed
+    return task

@@ -1,0 +1,294 @@
+"""The main job: RL post-training with compressed rollouts (``shadowkv train``/``compare``).
+
+One step: sample prompts, roll out ``group_size`` samples each with the method's sampler
+(FullCache for ``dense``, the eviction policy at ``budget`` otherwise), score them with the
+task's exact reward, compute GRPO advantages, then run ``epochs`` optimisation epochs of
+:func:`shadowkv.learner.policy_loss`. Everything a step draws comes from generators seeded
+by ``(seed, step)``, so a resumed run replays the same steps with the same metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from . import learner
+from .policies import FullCache, make_policy
+from .sampler import Sampler
+from .tasks import EOS, make_task
+from .warmup import ModelConfig, SFTConfig, pretrained_policy
+
+
+@dataclass
+class TrainConfig:
+    task: str = "kv-lookup"
+    prompt_len: int = 128
+    method: str = "smd"
+    policy: str = "snapkv"
+    budget: float = 0.25
+    page_size: int = 16
+    steps: int = 40
+    prompts_per_step: int = 8
+    group_size: int = 4
+    epochs: int = 2
+    lr: float = 1e-4
+    clip: float = 0.2
+    kl_ref: float = 0.0
+    smd_beta: float = 0.1
+    smd_direction: str = "forward"
+    temperature: float = 1.0
+    is_cap: float = 1.5
+    is_reject_low: float = 0.5
+    is_reject_high: float = 1.5
+    is_veto: float = 1e-4
+    eval_prompts: int = 64
+    seed: int = 0
+    init: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    ckpt_every: int = 5
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["model"] = ModelConfig(**d.get("model", {}))
+        d["sft"] = SFTConfig(**d.get("sft", {}))
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _seeded(cfg: TrainConfig, step: int, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 7 + salt)
+
+
+def make_sampler(cfg: TrainConfig, model, dense: bool) -> Sampler:
+    if dense:
+        return Sampler(model, FullCache(), None, page_size=cfg.page_size, max_batch=4096)
+    return Sampler(model, make_policy(cfg.policy), cfg.budget, page_size=cfg.page_size, max_batch=4096)
+
+
+def rewards_of(task, rollout, answers) -> torch.Tensor:
+    out = []
+    for b, ans in enumerate(answers):
+        gen = rollout.tokens[b][rollout.action_mask[b]]
+        out.append(task.reward(gen, ans))
+    return torch.tensor(out)
+
+
+def evaluate(cfg: TrainConfig, task, model) -> float:
+    """Greedy reward on held-out prompts, with the method's own cache (dense for ``dense``)."""
+    prompts, answers = task.sample(cfg.eval_prompts, _seeded(cfg, -1, 99))
+    sampler = make_sampler(cfg, model, cfg.method == "dense")
+    r = sampler.generate(prompts, task.max_answer_len, temperature=0.0, eos_token_id=EOS)
+    return rewards_of(task, r, answers).mean().item()
+
+
+def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int) -> dict:
+    """One GRPO step; returns its metrics."""
+    prompts, answers = task.sample(cfg.prompts_per_step, _seeded(cfg, step, 1))
+    prompts = [p for p in prompts for _ in range(cfg.group_size)]
+    answers = [a for a in answers for _ in range(cfg.group_size)]
+    seed = int(_seeded(cfg, step, 2).initial_seed() % 2**62)
+    model.eval()
+    rollout = sampler.generate(prompts, task.max_answer_len, temperature=cfg.temperature, seed=seed, eos_token_id=EOS)
+    rewards = rewards_of(task, rollout, answers)
+    adv = learner.grpo_advantages(rewards, cfg.group_size)
+    loss_cfg = learner.LossConfig(
+        method=cfg.method, clip=cfg.clip, kl_ref=cfg.kl_ref, smd_beta=cfg.smd_beta, smd_direction=cfg.smd_direction,
+        temperature=cfg.temperature,
+        is_cfg=learner.ISConfig(cap=cfg.is_cap, reject_low=cfg.is_reject_low, reject_high=cfg.is_reject_high,
+                                veto=cfg.is_veto),
+    )
+    mask = rollout.action_mask
+    old_logp, weights, keep, teacher, ref_logp = rollout.logprobs, None, None, None, None
+    with torch.no_grad():
+        if cfg.method == "is":
+            old_logp = learner.token_logprobs(model, rollout, "dense", cfg.temperature)
+            weights, keep = learner.is_weights(old_logp, rollout.logprobs, mask, loss_cfg.is_cfg)
+        if cfg.method == "smd" and cfg.smd_beta > 0:
+            teacher = learner.replay_logits(model, rollout, "dense")
+        if cfg.kl_ref > 0:
+            ref_logp = learner.token_logprobs(ref_model, rollout, loss_cfg.learner_mask, cfg.temperature)
+    model.train()
+    stats0 = {}
+    for epoch in range(cfg.epochs):
+        loss, stats = learner.policy_loss(model, rollout, adv, old_logp, loss_cfg, weights, keep, teacher, ref_logp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if epoch == 0:
+            stats0 = stats
+            stats0["loss"] = loss.item()
+    model.eval()
+    n = mask.sum().clamp_min(1)
+    delta = (rollout.logprobs - stats0.pop("logp")) * mask
+    return {
+        "step": step,
+        "reward": rewards.mean().item(),
+        "kv_peak_bytes": rollout.kv_peak_bytes,
+        "dense_kv_bytes": rollout.dense_kv_bytes,
+        "kv_ratio": rollout.kv_peak_bytes / rollout.dense_kv_bytes,
+        "mismatch_abs": (delta.abs().sum() / n).item(),
+        "mismatch_kl": (delta.sum() / n).item(),  # k1 estimate of KL(sampler || learner)
+        **{k: v for k, v in stats0.items()},
+        "is_kept_frac": (keep.sum() / n).item() if keep is not None else 1.0,
+        "tokens_per_s": rollout.timings["tokens_per_s"],
+    }
+
+
+# ---- run folder: config.json, metrics.jsonl, ckpt-<step>/ + LATEST, curves.png
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out: Path, model, opt, step: int) -> None:
+    """Writes ``ckpt-<step>/`` then flips ``LATEST`` to it; a kill at any point leaves the
+    previous checkpoint intact."""
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-"))
+    model.save_pretrained(tmp)
+    torch.save({"opt": opt.state_dict(), "step": step}, tmp / "trainer.pt")
+    final = out / f"ckpt-{step}"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    previous = (out / "LATEST").read_text().strip() if (out / "LATEST").exists() else None
+    _atomic_write(out / "LATEST", final.name)
+    if previous and previous != final.name:
+        shutil.rmtree(out / previous, ignore_errors=True)
+
+
+def load_checkpoint(out: Path):
+    """(model, optimiser state, next step) of the run in ``out``, or None."""
+    from transformers import AutoModelForCausalLM
+
+    if not (out / "LATEST").exists():
+        return None
+    ck = out / (out / "LATEST").read_text().strip()
+    model = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
+    state = torch.load(ck / "trainer.pt", weights_only=True)
+    return model, state["opt"], state["step"] + 1
+
+
+def read_metrics(out: Path) -> list[dict]:
+    p = out / "metrics.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+
+
+def plot_curves(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    ax[0].plot(steps, [r["reward"] for r in rows])
+    ax[0].set(title="reward (train rollouts)", xlabel="step", ylim=(0, 1))
+    ax[1].plot(steps, [r["kv_ratio"] for r in rows])
+    ax[1].set(title="KV peak / dense KV", xlabel="step", ylim=(0, 1.1))
+    ax[2].semilogy(steps, [max(r["mismatch_abs"], 1e-9) for r in rows])
+    ax[2].set(title="sampler/learner mean |Δlogp|", xlabel="step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the current step, checkpoint, stop. Second: stop now."""
+
+    def __init__(self):
+        self.set = False
+
+    def __enter__(self):
+        self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, *_):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+        print("\nshadowkv: stopping after this step (Ctrl-C again to abort)", flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._old)
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
+          max_steps_this_run: int | None = None) -> dict:
+    """Runs (or resumes) a training run in ``out``; returns the summary dict."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    task = make_task(cfg.task, length=cfg.prompt_len)
+    if resume and (out / "config.json").exists():
+        cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    else:
+        _atomic_write(out / "config.json", json.dumps(asdict(cfg), indent=2))
+    if cfg.init:
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32).eval()
+    else:
+        bar = tqdm(total=cfg.sft.steps, desc="SFT warm-up", disable=not progress, leave=False)
+        base = pretrained_policy(task, cfg.model, cfg.sft, progress=lambda loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}")))
+        bar.close()
+    ref_model = None
+    if cfg.kl_ref > 0:
+        import copy
+
+        ref_model = copy.deepcopy(base).eval().requires_grad_(False)
+    model, start = base, 0
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    state = load_checkpoint(out) if resume else None
+    rows = read_metrics(out) if resume else []
+    if state is not None:
+        model, opt_state, start = state
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+        opt.load_state_dict(opt_state)
+    rows = [r for r in rows if r["step"] < start]  # steps after the checkpoint are replayed
+    _atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    sampler = make_sampler(cfg, model, cfg.method == "dense")
+    end = cfg.steps if max_steps_this_run is None else min(cfg.steps, start + max_steps_this_run)
+    bar = tqdm(range(start, end), desc=f"RL {cfg.method}", disable=not progress, initial=start, total=cfg.steps)
+    t0 = time.perf_counter()
+    with _StopFlag() as stop, open(out / "metrics.jsonl", "a") as log:
+        for step in bar:
+            row = rl_step(cfg, task, model, ref_model, opt, sampler, step)
+            rows.append(row)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            bar.set_postfix(reward=f"{row['reward']:.2f}", kv=f"{row['kv_ratio']:.2f}x",
+                            mism=f"{row['mismatch_abs']:.1e}")
+            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end or stop.set:
+                save_checkpoint(out, model, opt, step)
+            if stop.set:
+                break
+    finished = bool(rows) and rows[-1]["step"] == cfg.steps - 1
+    summary = {"method": cfg.method, "steps_done": len(rows), "seconds": time.perf_counter() - t0}
+    if rows:
+        last = rows[-max(1, len(rows) // 5):]
+        summary.update({
+            "final_train_reward": sum(r["reward"] for r in last) / len(last),
+            "kv_ratio": max(r["kv_ratio"] for r in rows),
+            "mismatch_abs": sum(r["mismatch_abs"] for r in rows) / len(rows),
+        })
+        plot_curves(rows, out / "curves.png", f"{cfg.task} · {cfg.method} · {cfg.policy} @ {cfg.budget}")
+    if finished:
+        summary["eval_reward"] = evaluate(cfg, task, model)
+        _atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,56 @@
+"""The synthetic tasks: well-formed prompts, exact answers, rewards in [0, 1]."""
+
+import pytest
+import torch
+
+from shadowkv.tasks import BOS, EOS, FILL, SEP, make_task
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_kv_lookup_answer_is_the_value_after_the_query_key():
+    task = make_task("kv-lookup", length=128)
+    prompts, answers = task.sample(20, _gen())
+    for p, a in zip(prompts, answers):
+        assert p.numel() >= 120 and p[0] == BOS and p[-2] == SEP and a[-1] == EOS
+        hay = p[1:-2]
+        i = int((hay == p[-1]).nonzero()[0])  # the query key occurs once in the haystack
+        assert (hay == p[-1]).sum() == 1 and hay[i + 1] == a[0]
+        assert (hay == FILL).sum() == hay.numel() - 2 * task.num_pairs
+
+
+def test_copy_and_chain_answers():
+    copy = make_task("copy", length=40)
+    (p,), (a,) = copy.sample(1, _gen(1))
+    assert torch.equal(a[:-1], p[1 : 1 + copy.span]) and a[-1] == EOS
+    chain = make_task("chain", length=40)
+    (p,), (a,) = chain.sample(1, _gen(2))
+    pairs = p[1:-2].view(-1, 2)
+    f = {int(k): int(v) for k, v in pairs}
+    x = int(p[-1])
+    for hop in a[:-1].tolist():
+        x = f[x]
+        assert hop == x
+
+
+@pytest.mark.parametrize("name", ["kv-lookup", "copy", "chain"])
+def test_demonstrations_label_only_answers(name):
+    task = make_task(name, length=48)
+    tokens, labels = task.demonstration(_gen(3))
+    keep = labels != -100
+    assert keep.any() and torch.equal(labels[keep], tokens[keep]) and labels[-1] == EOS
+
+
+def test_reward_is_positional_exact_match():
+    task = make_task("copy", length=10)
+    ans = torch.tensor([5, 6, 7, EOS])
+    assert task.reward(ans, ans) == 1.0
+    assert task.reward(torch.tensor([5, 9, 7]), ans) == 0.5
+    assert task.reward(torch.tensor([], dtype=torch.long), ans) == 0.0
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="unknown task"):
+        make_task("sudoku")
