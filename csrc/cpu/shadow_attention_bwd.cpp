@@ -222,8 +222,8 @@ void shadow_attention_bwd_cpu(const ShadowAttentionBwdParams& bp, const Parallel
   cpu::check_params(p);
   cpu::dispatch_dtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (p.batch == 0 || p.num_q_heads == 0) return;
-    if (p.q_len == 0 || p.kv_len == 0) {  // no pair interacts: all gradients are zero
+    if (p.batch == 0) return;
+    if (p.num_q_heads == 0 || p.q_len == 0 || p.kv_len == 0) {  // no pair interacts: all gradients are zero
       cpu::zero_rows<T>(bp.grad_q, bp.dq_stride, p.batch, p.num_q_heads, p.q_len, p.head_dim);
       cpu::zero_rows<T>(bp.grad_k, bp.dk_stride, p.batch, p.num_kv_heads, p.kv_len, p.head_dim);
       cpu::zero_rows<T>(bp.grad_v, bp.dv_stride, p.batch, p.num_kv_heads, p.kv_len, p.head_dim);

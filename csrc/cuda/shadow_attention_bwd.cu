@@ -14,7 +14,7 @@ using namespace cuda_attn;
 
 // Per-row inputs of both kernels, in a contiguous [B, Hq, Lq] workspace:
 //   lse2  = lse * log2(e), or +inf for rows that saw no key (so that exp2(x - lse2) = 0),
-//   delta = rowsum(dO * O) - grad_lse.
+//   delta = rowsum(dO * O) - grad_lse, or 0 for rows that saw no key.
 template <typename T>
 __global__ void bwd_rows_kernel(const ShadowAttentionBwdParams bp, float* __restrict__ lse2, float* __restrict__ delta) {
   const ShadowAttentionParams& p = bp.fwd;
@@ -33,7 +33,9 @@ __global__ void bwd_rows_kernel(const ShadowAttentionBwdParams bp, float* __rest
                         ? 0.f
                         : static_cast<const float*>(bp.grad_lse)[b * bp.glse_stride[0] + hq * bp.glse_stride[1] + i];
     const float lse = static_cast<const float*>(p.lse)[b * p.lse_stride[0] + hq * p.lse_stride[1] + i];
-    delta[row] = acc - g;
+    // A row that saw no key takes no part in the gradient (its P is 0): delta = 0 keeps a
+    // non-finite grad_lse or dO of such a row from turning 0 * (dp - delta) into NaN.
+    delta[row] = lse == -INFINITY ? 0.f : acc - g;
     lse2[row] = lse == -INFINITY ? INFINITY : lse * kLog2e;
   }
 }
@@ -44,7 +46,7 @@ __global__ void bwd_rows_kernel(const ShadowAttentionBwdParams bp, float* __rest
 struct KeyTile {
   int64_t b, hkv, k0;
   int rows;
-  int2 ev;  // min / max evicted_at over the tile
+  int2 ev;  // min / max evicted_at over the tile (over its enclosing kEvTile keys if shorter)
   int64_t i_begin, i_end;
 };
 
@@ -58,7 +60,12 @@ __device__ __forceinline__ KeyTile key_tile(const ShadowAttentionParams& p, int 
   t.b = bh / p.num_kv_heads;
   t.k0 = bid % n_tiles * tile_rows;
   t.rows = static_cast<int>(min(static_cast<int64_t>(tile_rows), p.kv_len - t.k0));
-  t.ev = key_tile_ev_range(ev_mm + (t.b * p.num_kv_heads + t.hkv) * n_ev_tiles, n_ev_tiles, t.k0, tile_rows);
+  // The min/max pre-pass has kEvTile granularity: a tile of fewer rows (the SIMT kernel's 16 rows
+  // above head_dim 192) takes the range of its enclosing kEvTile keys, a superset, which can only
+  // make it look less fully visible and widen [i_begin, i_end); the per-pair mask stays exact.
+  const int64_t ev_k0 = tile_rows < kEvTile ? t.k0 / kEvTile * kEvTile : t.k0;
+  t.ev = key_tile_ev_range(ev_mm + (t.b * p.num_kv_heads + t.hkv) * n_ev_tiles, n_ev_tiles, ev_k0,
+                           max(tile_rows, kEvTile));
   t.i_begin = max(static_cast<int64_t>(0), t.k0 - p.q_offset);
   t.i_end = min(p.q_len, static_cast<int64_t>(t.ev.y) - p.q_offset);
   return t;
@@ -375,14 +382,15 @@ __global__ void __launch_bounds__(TcTraits<D>::kThreads)
 
 // ------------------------------------------------------------------------------------------
 // SIMT kernels (any dtype, any head_dim <= 256). Own rows are read as broadcasts from a
-// [32][D] float tile; partner rows (one per lane) from a [32][D|1] tile.
+// [RB][D] float tile, RB = SimtTraits::bwd_rows(D) (32, or 16 above head_dim 192, with
+// RB / 4 warps per block); partner rows (one per lane) from a [32][D|1] tile.
 
 struct DqSimtSmem {
   size_t q, go, k, v, ev, kinds, bytes;
   __host__ __device__ explicit DqSimtSmem(int d) {
     SmemCarver c;
-    q = c.take<float>(SimtTraits::kRows * d);
-    go = c.take<float>(SimtTraits::kRows * d);
+    q = c.take<float>(SimtTraits::bwd_rows(d) * d);
+    go = c.take<float>(SimtTraits::bwd_rows(d) * d);
     k = c.take<float>(SimtTraits::kPartner * SimtTraits::partner_ld(d));
     v = c.take<float>(SimtTraits::kPartner * SimtTraits::partner_ld(d));
     ev = c.take<int>(SimtTraits::kPartner);
@@ -398,6 +406,7 @@ __global__ void __launch_bounds__(SimtTraits::kThreads)
   constexpr int R = SimtTraits::kRowsPerWarp, NT = SimtTraits::kMaxDPerLane, BN = SimtTraits::kPartner;
   const ShadowAttentionParams& p = bp.fwd;
   const int D = static_cast<int>(p.head_dim), LDK = SimtTraits::partner_ld(D);
+  const int RB = SimtTraits::bwd_rows(D);  // own query rows; the block has RB / R warps
   const DqSimtSmem lay(D);
   unsigned char* smem = dynamic_smem();
   float* Qs = reinterpret_cast<float*>(smem + lay.q);
@@ -408,7 +417,7 @@ __global__ void __launch_bounds__(SimtTraits::kThreads)
   int* kinds_s = reinterpret_cast<int*>(smem + lay.kinds);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  const QueryTile t = query_tile(p, SimtTraits::kRows);
+  const QueryTile t = query_tile(p, RB);
   const T* qg = static_cast<const T*>(p.q) + t.b * p.q_stride[0] + t.hq * p.q_stride[1] + t.i0 * p.q_stride[2];
   const T* dog = static_cast<const T*>(bp.grad_out) + t.b * bp.do_stride[0] + t.hq * bp.do_stride[1] +
                  t.i0 * bp.do_stride[2];
@@ -418,7 +427,7 @@ __global__ void __launch_bounds__(SimtTraits::kThreads)
   const int2* mm = ev_mm + (t.b * p.num_kv_heads + t.hkv) * n_ev_tiles;
   const int64_t ws_row0 = (t.b * p.num_q_heads + t.hq) * p.q_len + t.i0;
 
-  for (int idx = threadIdx.x; idx < SimtTraits::kRows * D; idx += blockDim.x) {
+  for (int idx = threadIdx.x; idx < RB * D; idx += blockDim.x) {
     const int rr = idx / D, d = idx % D;
     const bool in = rr < t.rows;
     Qs[idx] = in ? to_f32(qg[rr * p.q_stride[2] + d]) : 0.f;
@@ -507,8 +516,8 @@ struct DkvSimtSmem {
   size_t k, v, q, go, lse2, delta, bytes;
   __host__ __device__ explicit DkvSimtSmem(int d) {
     SmemCarver c;
-    k = c.take<float>(SimtTraits::kRows * d);
-    v = c.take<float>(SimtTraits::kRows * d);
+    k = c.take<float>(SimtTraits::bwd_rows(d) * d);
+    v = c.take<float>(SimtTraits::bwd_rows(d) * d);
     q = c.take<float>(SimtTraits::kPartner * SimtTraits::partner_ld(d));
     go = c.take<float>(SimtTraits::kPartner * SimtTraits::partner_ld(d));
     lse2 = c.take<float>(SimtTraits::kPartner);
@@ -524,6 +533,7 @@ __global__ void __launch_bounds__(SimtTraits::kThreads)
   constexpr int R = SimtTraits::kRowsPerWarp, NT = SimtTraits::kMaxDPerLane, BM = SimtTraits::kPartner;
   const ShadowAttentionParams& p = bp.fwd;
   const int D = static_cast<int>(p.head_dim), LDQ = SimtTraits::partner_ld(D);
+  const int RB = SimtTraits::bwd_rows(D);  // own key rows; the block has RB / R warps
   const DkvSimtSmem lay(D);
   unsigned char* smem = dynamic_smem();
   float* Ks = reinterpret_cast<float*>(smem + lay.k);
@@ -534,11 +544,11 @@ __global__ void __launch_bounds__(SimtTraits::kThreads)
   float* delta_s = reinterpret_cast<float*>(smem + lay.delta);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  const KeyTile kt = key_tile(p, SimtTraits::kRows, ev_mm, n_ev_tiles);
+  const KeyTile kt = key_tile(p, RB, ev_mm, n_ev_tiles);
   const T* kg = static_cast<const T*>(p.k) + kt.b * p.k_stride[0] + kt.hkv * p.k_stride[1] + kt.k0 * p.k_stride[2];
   const T* vg = static_cast<const T*>(p.v) + kt.b * p.v_stride[0] + kt.hkv * p.v_stride[1] + kt.k0 * p.v_stride[2];
   const int32_t* evg = p.evicted_at + kt.b * p.ev_stride[0] + kt.hkv * p.ev_stride[1];
-  for (int idx = threadIdx.x; idx < SimtTraits::kRows * D; idx += blockDim.x) {
+  for (int idx = threadIdx.x; idx < RB * D; idx += blockDim.x) {
     const int rr = idx / D, d = idx % D;
     const bool in = rr < kt.rows;
     Ks[idx] = in ? to_f32(kg[rr * p.k_stride[2] + d]) : 0.f;
@@ -565,7 +575,7 @@ __global__ void __launch_bounds__(SimtTraits::kThreads)
     for (int64_t i0 = kt.i_begin; i0 < kt.i_end; i0 += BM) {
       const int rows = static_cast<int>(min(static_cast<int64_t>(BM), p.q_len - i0));
       const int64_t p0 = p.q_offset + i0, p1 = p0 + rows - 1;
-      const bool full = pairs_all_visible(kt, SimtTraits::kRows, p.kv_len, p0, p1, rows == BM);
+      const bool full = pairs_all_visible(kt, RB, p.kv_len, p0, p1, rows == BM);
       __syncthreads();  // previous query tile consumed (first pass: publishes Ks, Vs)
       for (int idx = threadIdx.x; idx < BM * D; idx += blockDim.x) {
         const int i = idx / D, d = idx % D;
@@ -678,10 +688,11 @@ template <typename T>
 void launch_bwd_simt(const BwdLaunch& a) {
   const ShadowAttentionParams& p = a.bp.fwd;
   const int d = static_cast<int>(p.head_dim);
-  launch_bwd_kernel(dq_simt_kernel<T>, a, p.batch * p.num_q_heads * ceil_div(p.q_len, SimtTraits::kRows),
-                    SimtTraits::kThreads, DqSimtSmem(d).bytes, "dq_simt_kernel");
-  launch_bwd_kernel(dkdv_simt_kernel<T>, a, p.batch * p.num_kv_heads * ceil_div(p.kv_len, SimtTraits::kRows),
-                    SimtTraits::kThreads, DkvSimtSmem(d).bytes, "dkdv_simt_kernel");
+  const int rows = SimtTraits::bwd_rows(d), threads = SimtTraits::bwd_threads(d);
+  launch_bwd_kernel(dq_simt_kernel<T>, a, p.batch * p.num_q_heads * ceil_div(p.q_len, rows), threads,
+                    DqSimtSmem(d).bytes, "dq_simt_kernel");
+  launch_bwd_kernel(dkdv_simt_kernel<T>, a, p.batch * p.num_kv_heads * ceil_div(p.kv_len, rows), threads,
+                    DkvSimtSmem(d).bytes, "dkdv_simt_kernel");
 }
 
 bool bwd_uses_tensor_cores(const ShadowAttentionBwdParams& bp) {

@@ -6,7 +6,9 @@
 //     head_dim 64 or 128 and 16-byte aligned rows; each warp owns 16 rows of a 64-row tile.
 //   * SIMT kernels for everything else (float32, any head_dim 0..256, odd strides): one warp
 //     owns 4 rows; lane j handles partner row j of a 32-row tile for scores, and head-dim
-//     slice d = lane + 32 t for the accumulators.
+//     slice d = lane + 32 t for the accumulators. Blocks have 8 warps (32 own rows), except the
+//     backward kernels above head_dim 192, which use 4 warps (16 own rows) to fit in 99 KB of
+//     shared memory (SimtTraits::bwd_rows).
 // Both skip key tiles that the eviction log hides from the whole query tile, using a per-32-key
 // min/max of evicted_at computed once per call (ev_minmax_kernel).
 #pragma once
@@ -59,13 +61,19 @@ struct TcTraits {
 // SIMT kernels: 8 warps x 4 rows own a 32-row tile; a partner tile has one row per lane.
 struct SimtTraits {
   static constexpr int kWarps = 8;
-  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kThreads = kWarps * 32;  // the most threads of any SIMT block
   static constexpr int kRowsPerWarp = 4;
   static constexpr int kRows = kWarps * kRowsPerWarp;
   static constexpr int kPartner = 32;
   static constexpr int kMaxDPerLane = 8;  // head_dim <= 256 = 32 lanes x 8
   // Partner tiles are read with lane = row, so an odd pitch spreads the lanes over all banks.
   __host__ __device__ static int partner_ld(int d) { return d | 1; }
+  // Own rows per block of the backward kernels, which stage two [rows][D] and two [32][D|1]
+  // float tiles: for head_dim > 192 a 32-row block needs more than the 101,376 bytes per block
+  // that sm_86/sm_89 allow (they run the sm_80 build), so those blocks have 4 warps, 16 rows.
+  // The forward kernel stages one own tile and fits with 32 rows for every head_dim <= 256.
+  __host__ __device__ static int bwd_rows(int d) { return d > 192 ? kRows / 2 : kRows; }
+  __host__ __device__ static int bwd_threads(int d) { return bwd_rows(d) / kRowsPerWarp * 32; }
 };
 
 // Byte offsets of the buffers in one kernel's dynamic shared memory; each buffer starts on a
@@ -142,7 +150,9 @@ inline void validate_params(const ShadowAttentionParams& p, const char* fn) {
                     ") must be a positive multiple of num_kv_heads (" + std::to_string(p.num_kv_heads) + ")");
   }
   if (p.q_offset < 0) bad_arg(fn, "q_offset must be >= 0, got " + std::to_string(p.q_offset));
-  if (!std::isfinite(p.scale)) bad_arg(fn, "scale must be finite");
+  if (!(p.scale > 0.0) || !std::isfinite(p.scale)) {
+    bad_arg(fn, "scale must be positive and finite, got " + std::to_string(p.scale));
+  }
   if (p.q_len > INT32_MAX || p.kv_len > INT32_MAX) bad_arg(fn, "q_len and kv_len must fit in int32");
   const bool has_q = p.batch * p.num_q_heads * p.q_len > 0;
   const bool has_kv = p.batch * p.num_kv_heads * p.kv_len > 0;

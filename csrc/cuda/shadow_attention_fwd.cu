@@ -81,7 +81,23 @@ __global__ void __launch_bounds__(TcTraits<D>::kThreads)
     if (kind == TileKind::kSkip) continue;  // uniform over the block
     __syncthreads();  // previous K/V/ev tile fully consumed (first pass: publishes Qs)
     load_rows_16b<T, D, LDT>(Ks, kg + k0 * p.k_stride[2], p.k_stride[2], BN, p.kv_len - k0);
-    load_rows_16b<T, D, LDT>(Vs, vg + k0 * p.v_stride[2], p.v_stride[2], BN, p.kv_len - k0);
+    // V rows of keys that no (valid) query of the tile can see are staged as zeros, so that
+    // whatever such a slot holds (NaN, inf) adds exactly nothing to P V, where its P is 0 (the
+    // MMA would give 0 * NaN = NaN). Known limitation: a key seen by some rows of the tile keeps
+    // its values, so if they are not finite, the tile's rows that do not see it get NaN in those
+    // columns too (the SIMT and CPU kernels skip P == 0 per row). Finite values are exact.
+    for (int idx = threadIdx.x; idx < BN * (D / 8); idx += blockDim.x) {
+      const int jr = idx / (D / 8), c = idx % (D / 8);
+      const int64_t j = k0 + jr;
+      bool keep = j < p.kv_len;
+      if (keep && kind == TileKind::kPartial) {
+        const int64_t first = max(j, t.p0);  // first query position of the tile that j can be visible to
+        keep = first <= t.p1 && first < evg[j];
+      }
+      uint4 val = make_uint4(0u, 0u, 0u, 0u);
+      if (keep) val = *reinterpret_cast<const uint4*>(vg + j * p.v_stride[2] + c * 8);
+      *reinterpret_cast<uint4*>(Vs + jr * LDT + c * 8) = val;
+    }
     for (int j = threadIdx.x; j < BN; j += blockDim.x) ev_s[j] = k0 + j < p.kv_len ? evg[k0 + j] : kEvOutOfRange;
     __syncthreads();
 
@@ -261,7 +277,8 @@ __global__ void __launch_bounds__(SimtTraits::kThreads)
 #pragma unroll
       for (int u = 0; u < NT; ++u) o[i][u] *= alpha;
     }
-    // Lane owns head-dim slice d = lane + 32 u of each row's output.
+    // Lane owns head-dim slice d = lane + 32 u of each row's output. Keys with P == 0 (masked,
+    // or past kv_len) are skipped, so that a non-finite V there cannot reach o (0 * NaN = NaN).
     for (int j = 0; j < BN; ++j) {
       float pj[R];
 #pragma unroll
@@ -273,7 +290,9 @@ __global__ void __launch_bounds__(SimtTraits::kThreads)
         if (d < D) {
           const float vd = vrow[d];
 #pragma unroll
-          for (int i = 0; i < R; ++i) o[i][u] += pj[i] * vd;
+          for (int i = 0; i < R; ++i) {
+            if (pj[i] != 0.f) o[i][u] += pj[i] * vd;
+          }
         }
       }
     }
