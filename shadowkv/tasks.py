@@ -48,6 +48,11 @@ class Task:
         labels[prompt.numel() :] = answer
         return tokens, labels
 
+    def curriculum(self, progress: float, gen: torch.Generator) -> "Task":
+        """The task variant to warm up on at ``progress`` in [0, 1] of the warm-up (default:
+        the task itself)."""
+        return self
+
     def sample(self, n: int, gen: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """``n`` (prompt, answer) pairs of 1-D int64 tensors; answers end with EOS."""
         pairs = [self._example(gen) for _ in range(n)]
@@ -101,6 +106,13 @@ class KVLookup(Task):
     @property
     def max_answer_len(self):
         return 2
+
+    def curriculum(self, progress, gen):
+        # Retrieval is learnt on short haystacks first (grown to full length over the first
+        # half of the warm-up), with 2..num_pairs needles throughout.
+        length = int(20 + min(1.0, 2 * progress) * max(0, self.length - 20)) if self.length else 0
+        most = max(2, min(self.num_pairs, max(length, 4) // 2))
+        return replace(self, length=length, num_pairs=int(torch.randint(2, most + 1, (1,), generator=gen)))
 
     def demonstration(self, gen):
         # One supervised token per sequence is too sparse a signal for a small model to

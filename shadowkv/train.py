@@ -230,7 +230,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
           max_steps_this_run: int | None = None) -> dict:
     """Runs (or resumes) a training run in ``out``; returns the summary dict."""
     from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # checkpoint writes would interleave with our bar
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)

@@ -26,16 +26,16 @@ from .tasks import Task
 class ModelConfig:
     hidden: int = 128
     layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
+    heads: int = 8
+    kv_heads: int = 4
     max_positions: int = 4096
 
 
 @dataclass
 class SFTConfig:
-    steps: int = 600
+    steps: int = 2500
     batch: int = 32
-    lr: float = 1e-3
+    lr: float = 3e-3
     seed: int = 0
 
 
@@ -54,11 +54,12 @@ def sft(model, task: Task, cfg: SFTConfig, progress=None) -> list[float]:
     """Teacher-forced training on ``(prompt, answer)`` demonstrations; returns the losses."""
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     model.train()
     losses = []
-    for _ in range(cfg.steps):
-        demos = [task.demonstration(gen) for _ in range(cfg.batch)]
+    for step in range(cfg.steps):
+        variant = task.curriculum(step / max(1, cfg.steps), gen)
+        demos = [variant.demonstration(gen) for _ in range(cfg.batch)]
         seqs = torch.nn.utils.rnn.pad_sequence([t for t, _ in demos], batch_first=True)
         labels = torch.nn.utils.rnn.pad_sequence([lab for _, lab in demos], batch_first=True, padding_value=-100)
         # transformers shifts labels inside the loss: labels[t] is predicted at t - 1.
