@@ -105,7 +105,8 @@ class Sampler:
             implementation is switched to ``shadowkv`` (plain SDPA outside the sampler).
         policy: which tokens to keep (:mod:`shadowkv.policies`).
         budget: live tokens per sequence and layer: int, or float fraction of the current
-            length; ``None`` (or a ``FullCache`` policy) keeps everything.
+            length, or a list with one such budget per layer; ``None`` (or a ``FullCache``
+            policy) keeps everything.
         page_size: tokens per KV page.
         max_batch: largest batch :meth:`generate` accepts.
         evict_every: evict every this many decode steps; default ``None`` evicts whenever
@@ -114,27 +115,32 @@ class Sampler:
             chunk boundary (bounds the peak for long prompts); ``None``: whole prompts.
     """
 
-    def __init__(self, model, policy: Policy | None = None, budget: int | float | None = None, page_size: int = 16,
+    def __init__(self, model, policy: Policy | None = None, budget: int | float | list | None = None, page_size: int = 16,
                  max_batch: int = 64, evict_every: int | None = None, prefill_chunk: int | None = None):
         self.model = install(model)
         self.policy = policy or FullCache()
         self.budget = None if isinstance(self.policy, FullCache) else budget
+        self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim = model_geometry(model)
         if self.budget is not None:
-            budget_tokens(self.budget, 1)  # validates
+            per_layer = list(self.budget) if isinstance(self.budget, (list, tuple)) else [self.budget] * self.num_layers
+            if len(per_layer) != self.num_layers:
+                raise ValueError(f"budget has {len(per_layer)} entries for a model of {self.num_layers} layers")
+            for b in per_layer:
+                budget_tokens(b, 1)  # validates
+            self.layer_budgets = per_layer
         if evict_every is not None and evict_every < 1:
             raise ValueError(f"evict_every must be >= 1, got {evict_every}")
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.page_size, self.max_batch = page_size, max_batch
         self.evict_every, self.prefill_chunk = evict_every, prefill_chunk
-        self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim = model_geometry(model)
 
     # ---- sizing
     def _max_live(self, total: int, prompt: int) -> int:
         if self.budget is None:
             return total
         chunk = self.prefill_chunk or prompt
-        keep = budget_tokens(self.budget, total)
+        keep = max(budget_tokens(b, total) for b in self.layer_budgets)
         return min(total, keep + max(chunk, self.evict_every or 0, self.page_size) + 1)
 
     def _new_cache(self, B: int, prompt_lens: list[int], max_new: int) -> PagedKVCache:
@@ -149,16 +155,15 @@ class Sampler:
 
     # ---- eviction
     def _evict(self, b: int, length: int, force: bool) -> None:
-        """Evicts sequence ``b`` (all layers) before the query at position ``length``."""
+        """Evicts sequence ``b`` (each layer to its own budget) before the query at ``length``."""
         if self.budget is None:
             return
-        n_keep = budget_tokens(self.budget, length)
-        live = int(self.cache.layers[0].seq_lens[b])
-        slack = 0 if force else self.page_size
-        if live <= n_keep + slack:
-            return
         steps = torch.tensor([length], dtype=torch.int32)
+        slack = 0 if force else self.page_size
         for layer in range(self.num_layers):
+            n_keep = budget_tokens(self.layer_budgets[layer], length)
+            if int(self.cache.layers[layer].seq_lens[b]) <= n_keep + slack:
+                continue
             _, _, pos = self.cache.gather(layer, b)
             n = pos.shape[1]
             scores = self.slot_scores[layer][b, :, :n] if self.policy.needs_scores else None

@@ -7,13 +7,13 @@ go through the same loading code as a real checkpoint.
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 VOCAB = 96
 
 
 def _config(family: str, hidden: int, heads: int, kv_heads: int, layers: int, head_dim: int | None):
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
     # A large init range makes the random model's attention and logits peaked, so
     # dropping tokens visibly changes its log-probs (as it does in a trained model).
     return cls(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,

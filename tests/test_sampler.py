@@ -63,6 +63,20 @@ def test_shadow_replay_matches_sampler(policy, family, llama, qwen):
     assert d_dense >= 1e-3
 
 
+def test_per_layer_budgets_and_mistral_replay(tmp_path):
+    model = tiny_model(tmp_path, "mistral", heads=4, kv_heads=2, layers=2)
+    sampler = Sampler(model, H2O(), budget=[0.5, 12], page_size=4)
+    rollout = sampler.generate(_prompts(2, 10, 30, seed=4), max_new_tokens=60, seed=0)
+    live = [int(layer.seq_lens.max()) for layer in sampler.cache.layers]
+    assert live[1] <= 12 + 4 < live[0]  # layer 1 holds its absolute budget (+ a page of slack)
+    evicted = (rollout.evicted_at < 2**31 - 1).sum(dim=(0, 2, 3))
+    assert evicted[1] > evicted[0] > 0
+    shadow = token_logprobs(model, rollout, "shadow")
+    assert (shadow - rollout.logprobs)[rollout.action_mask].abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="layers"):
+        Sampler(model, H2O(), budget=[0.5])
+
+
 def test_chunked_prefill_and_evict_every_replay(llama):
     sampler = Sampler(llama, StreamingLLM(sinks=2), budget=24, page_size=4, prefill_chunk=16, evict_every=5)
     rollout = sampler.generate(_prompts(3, 30, 60, seed=2), max_new_tokens=50, seed=1)
