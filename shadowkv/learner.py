@@ -15,6 +15,7 @@ puts them together for one optimisation epoch of one method:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,11 +80,14 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -
 
 @dataclass
 class ISConfig:
-    """Sparse-RL's correction (arXiv 2601.10079; DESIGN.md §6 gives the defaults): per-token
-    log-ratio ``log r = logp_dense_old - logp_sampler`` clamped to ``[-clamp, clamp]``;
-    weight ``min(r, cap)`` detached and rescaled to mean 1 over kept tokens; tokens with
-    ``r`` outside ``[reject_low, reject_high]`` leave the loss; sequences with any token
-    ``r < veto`` get no gradient at all."""
+    """Sparse-RL's correction (arXiv 2601.10079, "Sparsity-Aware Rejection Sampling" and
+    "Importance-based Reweighting"; defaults as in DESIGN.md §6 and the authors' released
+    training config): per-token log-ratio ``log r = logp_dense_old - logp_sampler`` clamped to
+    ``[-clamp, clamp]``; weight ``min(r, cap)`` (truncated IS), detached and divided by its
+    mean over the batch's valid tokens; tokens with ``r`` outside ``[reject_low,
+    reject_high]`` leave the loss mask; a sequence with any token ``r < veto`` gets no
+    gradient at all. The paper's equation numbers could not be checked from this
+    environment (see the README's design notes)."""
 
     clamp: float = 20.0
     cap: float = 1.5
@@ -93,12 +97,19 @@ class ISConfig:
 
 
 def is_weights(logp_dense_old, logp_sampler, mask, cfg: ISConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (weights ``[B, T]``, kept-token mask ``[B, T]`` bool) of the ``is`` method."""
-    r = torch.exp((logp_dense_old - logp_sampler).clamp(-cfg.clamp, cfg.clamp))
-    vetoed = ((r < cfg.veto) & mask).any(-1, keepdim=True)
+    """Returns (weights ``[B, T]``, kept-token mask ``[B, T]`` bool) of the ``is`` method.
+
+    The weights are normalised over all valid tokens (``mask``), rejected ones included, as
+    the authors' code does; the loss then uses them only where the kept mask is True.
+    """
+    log_r = logp_dense_old - logp_sampler
+    r = torch.exp(log_r.clamp(-cfg.clamp, cfg.clamp))
+    vetoed = ((log_r < math.log(cfg.veto)) & mask).any(-1, keepdim=True)
     keep = mask & (r >= cfg.reject_low) & (r <= cfg.reject_high) & ~vetoed
-    w = torch.minimum(r, torch.tensor(cfg.cap)).detach() * keep
-    w = w / w.sum().clamp_min(1e-12) * keep.sum().clamp_min(1)
+    w = (r.clamp(max=cfg.cap) * mask).detach()
+    mean = w.sum() / mask.sum().clamp_min(1)
+    if mean > 1e-8:
+        w = w / mean
     return w, keep
 
 
