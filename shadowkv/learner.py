@@ -1,7 +1,8 @@
 """The learner: shadow-mask replay, GRPO/PPO losses and the SMD distillation term (DESIGN.md §6).
 
 Read top to bottom: ``replay_logits`` (one full-sequence forward, shadow or dense mask),
-``token_logprobs`` (aligned with ``Rollout.logprobs``), ``grpo_advantages``,
+``token_logprobs`` (aligned with ``Rollout.logprobs``), ``ValueHead`` + ``gae`` (PPO) or
+``grpo_advantages`` (GRPO, the default),
 ``is_weights`` (the Sparse-RL correction), ``distill_kl`` (SMD) and ``policy_loss`` which
 puts them together for one optimisation epoch of one method:
 
@@ -38,8 +39,9 @@ class _ReplayContext:
         return shadow_attention(q, k, v, ev, 0, scale)
 
 
-def replay_logits(model, rollout, mask: str = "shadow") -> torch.Tensor:
-    """Logits ``[B, T-1, V]`` (float32) where row ``t`` predicts ``rollout.tokens[:, t+1]``.
+def replay_logits(model, rollout, mask: str = "shadow", return_hidden: bool = False):
+    """Logits ``[B, T-1, V]`` (float32) where row ``t`` predicts ``rollout.tokens[:, t+1]``
+    (and, with ``return_hidden``, the last hidden states ``[B, T-1, H]`` of the same rows).
 
     ``mask="shadow"`` replays ``rollout.evicted_at`` (each query sees what the sampler's
     cache held); ``"dense"`` is plain causal attention.
@@ -51,8 +53,11 @@ def replay_logits(model, rollout, mask: str = "shadow") -> torch.Tensor:
     B, T = tokens.shape
     positions = torch.arange(T, device=tokens.device)[None].expand(B, T)
     with attention_context(_ReplayContext(rollout.evicted_at if mask == "shadow" else None)):
-        logits = model(input_ids=tokens[:, :-1], position_ids=positions[:, :-1], use_cache=False).logits
-    return logits.float()
+        out = model(input_ids=tokens[:, :-1], position_ids=positions[:, :-1], use_cache=False,
+                    output_hidden_states=return_hidden)
+    if return_hidden:
+        return out.logits.float(), out.hidden_states[-1]
+    return out.logits.float()
 
 
 def gather_logprobs(logits: torch.Tensor, rollout, temperature: float = 1.0) -> torch.Tensor:
@@ -69,6 +74,49 @@ def token_logprobs(model, rollout, mask: str = "shadow", temperature: float = 1.
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return gather_logprobs(replay_logits(model, rollout, mask), rollout, temperature)
+
+
+class ValueHead(torch.nn.Module):
+    """PPO's critic: a scalar value per position from the policy's last hidden state.
+
+    ``forward(hidden [B, T-1, H]) -> [B, T]`` aligned with the rollout's tokens: entry ``t``
+    is the value of the state in which token ``t`` was generated (0 at position 0).
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.proj.weight)
+        torch.nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        v = self.proj(hidden.float())[..., 0]
+        return torch.cat([torch.zeros_like(v[:, :1]), v], 1)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over each sequence's generated tokens.
+
+    Args:
+        rewards: ``[B]`` terminal reward, paid at the last generated token.
+        values: ``[B, T]`` value of the state before each token (``ValueHead`` output).
+        mask: ``[B, T]`` bool action mask (one contiguous block per sequence).
+    Returns:
+        (advantages ``[B, T]``, returns ``[B, T]``), zero off the mask.
+    """
+    m = mask.float()
+    last = mask & ~torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1)
+    r = rewards[:, None] * last
+    adv = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(values[:, 0])
+    for t in range(values.shape[1] - 1, -1, -1):
+        delta = r[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * m[:, t]
+        adv[:, t] = running
+        next_value = values[:, t] * m[:, t]
+    return adv, (adv + values) * m
 
 
 def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
@@ -144,6 +192,7 @@ class LossConfig:
     smd_beta: float = 0.1
     smd_direction: str = "forward"
     temperature: float = 1.0
+    vf_coef: float = 0.5  # value loss weight (PPO with a value head)
     is_cfg: ISConfig = None  # type: ignore[assignment]
 
     def __post_init__(self):
@@ -157,7 +206,7 @@ class LossConfig:
 
 
 def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_weights=None, token_mask=None,
-                teacher_logits=None, ref_logp=None) -> tuple[torch.Tensor, dict]:
+                teacher_logits=None, ref_logp=None, value_head=None, returns=None) -> tuple[torch.Tensor, dict]:
     """Clipped-surrogate loss of one optimisation epoch (plus the KL and SMD terms).
 
     Args:
@@ -166,10 +215,14 @@ def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_wei
         token_weights, token_mask: ``[B, T]`` (``is`` method), default 1 / action mask.
         teacher_logits: ``[B, T-1, V]`` dense teacher (``smd``).
         ref_logp: ``[B, T]`` reference-policy log-probs (when ``cfg.kl_ref > 0``).
+        value_head, returns: PPO's critic and its ``[B, T]`` targets (value loss added).
     Returns:
         (scalar loss, stats dict of floats and the first-epoch learner log-probs).
     """
-    logits = replay_logits(model, rollout, cfg.learner_mask)
+    if value_head is not None:
+        logits, hidden = replay_logits(model, rollout, cfg.learner_mask, return_hidden=True)
+    else:
+        logits = replay_logits(model, rollout, cfg.learner_mask)
     logp = gather_logprobs(logits, rollout, cfg.temperature)
     mask = rollout.action_mask if token_mask is None else token_mask
     n = mask.sum().clamp_min(1)
@@ -193,5 +246,10 @@ def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_wei
         kl_mean = kl.sum() / m.sum().clamp_min(1)
         loss = loss + cfg.smd_beta * kl_mean
         stats["distill_kl"] = kl_mean.item()
+    if value_head is not None and returns is not None:
+        m = rollout.action_mask
+        v_loss = 0.5 * (((value_head(hidden) - returns) ** 2) * m).sum() / m.sum().clamp_min(1)
+        loss = loss + cfg.vf_coef * v_loss
+        stats["value_loss"] = v_loss.item()
     stats["logp"] = logp.detach()
     return loss, stats

@@ -33,6 +33,10 @@ class TrainConfig:
     task: str = "kv-lookup"
     prompt_len: int = 128
     method: str = "smd"
+    algo: str = "grpo"  # grpo (group-normalised advantages) | ppo (value head + GAE)
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    vf_coef: float = 0.5
     policy: str = "snapkv"
     budget: float = 0.25
     page_size: int = 16
@@ -92,8 +96,8 @@ def evaluate(cfg: TrainConfig, task, model) -> float:
     return rewards_of(task, r, answers).mean().item()
 
 
-def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int) -> dict:
-    """One GRPO step; returns its metrics."""
+def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, value_head=None) -> dict:
+    """One GRPO (or PPO) step; returns its metrics."""
     prompts, answers = task.sample(cfg.prompts_per_step, _seeded(cfg, step, 1))
     prompts = [p for p in prompts for _ in range(cfg.group_size)]
     answers = [a for a in answers for _ in range(cfg.group_size)]
@@ -101,10 +105,9 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int) -
     model.eval()
     rollout = sampler.generate(prompts, task.max_answer_len, temperature=cfg.temperature, seed=seed, eos_token_id=EOS)
     rewards = rewards_of(task, rollout, answers)
-    adv = learner.grpo_advantages(rewards, cfg.group_size)
     loss_cfg = learner.LossConfig(
         method=cfg.method, clip=cfg.clip, kl_ref=cfg.kl_ref, smd_beta=cfg.smd_beta, smd_direction=cfg.smd_direction,
-        temperature=cfg.temperature,
+        temperature=cfg.temperature, vf_coef=cfg.vf_coef,
         is_cfg=learner.ISConfig(cap=cfg.is_cap, reject_low=cfg.is_reject_low, reject_high=cfg.is_reject_high,
                                 veto=cfg.is_veto),
     )
@@ -118,13 +121,23 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int) -
             teacher = learner.replay_logits(model, rollout, "dense")
         if cfg.kl_ref > 0:
             ref_logp = learner.token_logprobs(ref_model, rollout, loss_cfg.learner_mask, cfg.temperature)
+        returns = None
+        if value_head is None:
+            adv = learner.grpo_advantages(rewards, cfg.group_size)
+        else:
+            _, hidden = learner.replay_logits(model, rollout, loss_cfg.learner_mask, return_hidden=True)
+            adv, returns = learner.gae(rewards, value_head(hidden), mask, cfg.gamma, cfg.gae_lambda)
+            valid = adv[mask]
+            std = valid.std() if valid.numel() > 1 else torch.tensor(1.0)
+            adv = (adv - valid.mean()) / (std + 1e-6) * mask  # whitened over the batch's tokens
     model.train()
     stats0 = {}
     for epoch in range(cfg.epochs):
-        loss, stats = learner.policy_loss(model, rollout, adv, old_logp, loss_cfg, weights, keep, teacher, ref_logp)
+        loss, stats = learner.policy_loss(model, rollout, adv, old_logp, loss_cfg, weights, keep, teacher, ref_logp,
+                                          value_head, returns)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         if epoch == 0:
             stats0 = stats
@@ -154,12 +167,13 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(out: Path, model, opt, step: int) -> None:
+def save_checkpoint(out: Path, model, opt, step: int, value_head=None) -> None:
     """Writes ``ckpt-<step>/`` then flips ``LATEST`` to it; a kill at any point leaves the
     previous checkpoint intact."""
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-"))
     model.save_pretrained(tmp)
-    torch.save({"opt": opt.state_dict(), "step": step}, tmp / "trainer.pt")
+    torch.save({"opt": opt.state_dict(), "step": step,
+                "value_head": value_head.state_dict() if value_head is not None else None}, tmp / "trainer.pt")
     final = out / f"ckpt-{step}"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -170,7 +184,7 @@ def save_checkpoint(out: Path, model, opt, step: int) -> None:
 
 
 def load_checkpoint(out: Path):
-    """(model, optimiser state, next step) of the run in ``out``, or None."""
+    """(model, trainer state dict, next step) of the run in ``out``, or None."""
     from transformers import AutoModelForCausalLM
 
     if not (out / "LATEST").exists():
@@ -178,7 +192,7 @@ def load_checkpoint(out: Path):
     ck = out / (out / "LATEST").read_text().strip()
     model = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
     state = torch.load(ck / "trainer.pt", weights_only=True)
-    return model, state["opt"], state["step"] + 1
+    return model, state, state["step"] + 1
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -254,14 +268,20 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         import copy
 
         ref_model = copy.deepcopy(base).eval().requires_grad_(False)
-    model, start = base, 0
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    state = load_checkpoint(out) if resume else None
+    if cfg.algo not in ("grpo", "ppo"):
+        raise ValueError(f"algo must be 'grpo' or 'ppo', got {cfg.algo!r}")
+    model, start, trainer_state = base, 0, None
+    saved = load_checkpoint(out) if resume else None
+    if saved is not None:
+        model, trainer_state, start = saved
+    value_head = learner.ValueHead(model.config.hidden_size) if cfg.algo == "ppo" else None
+    params = list(model.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    if trainer_state is not None:
+        opt.load_state_dict(trainer_state["opt"])
+        if value_head is not None:
+            value_head.load_state_dict(trainer_state["value_head"])
     rows = read_metrics(out) if resume else []
-    if state is not None:
-        model, opt_state, start = state
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-        opt.load_state_dict(opt_state)
     rows = [r for r in rows if r["step"] < start]  # steps after the checkpoint are replayed
     _atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     sampler = make_sampler(cfg, model, cfg.method == "dense")
@@ -270,14 +290,14 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     t0 = time.perf_counter()
     with _StopFlag() as stop, open(out / "metrics.jsonl", "a") as log:
         for step in bar:
-            row = rl_step(cfg, task, model, ref_model, opt, sampler, step)
+            row = rl_step(cfg, task, model, ref_model, opt, sampler, step, value_head)
             rows.append(row)
             log.write(json.dumps(row) + "\n")
             log.flush()
             bar.set_postfix(reward=f"{row['reward']:.2f}", kv=f"{row['kv_ratio']:.2f}x",
                             mism=f"{row['mismatch_abs']:.1e}")
             if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end or stop.set:
-                save_checkpoint(out, model, opt, step)
+                save_checkpoint(out, model, opt, step, value_head)
             if stop.set:
                 break
     finished = bool(rows) and rows[-1]["step"] == cfg.steps - 1

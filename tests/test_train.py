@@ -68,6 +68,26 @@ def test_other_methods_run(tmp_path, method):
         assert max(r["mismatch_abs"] for r in rows) <= 1e-4
 
 
+def test_ppo_with_value_head_runs_and_resumes(tmp_path):
+    full = tmp_path / "full"
+    train(_cfg("smd", algo="ppo", steps=3), full, progress=False)
+    rows = read_metrics(full)
+    assert len(rows) == 3 and all("value_loss" in r for r in rows)
+    part = tmp_path / "part"
+    train(_cfg("smd", algo="ppo", steps=3), part, progress=False, max_steps_this_run=2)
+    train(_cfg("smd", algo="ppo", steps=3), part, resume=True, progress=False)
+    assert _strip(read_metrics(part)) == _strip(rows)  # value head and optimiser restored
+
+
+def test_gae_matches_a_hand_computation():
+    mask = torch.tensor([[False, True, True, False]])
+    values = torch.tensor([[0.0, 0.5, 0.25, 9.0]])
+    adv, ret = learner.gae(torch.tensor([1.0]), values, mask, gamma=1.0, lam=0.5)
+    # last action: delta = 1 - 0.25; first: delta = 0.25 - 0.5, plus 0.5 * 0.75
+    assert torch.allclose(adv, torch.tensor([[0.0, -0.25 + 0.375, 0.75, 0.0]]))
+    assert torch.allclose(ret, torch.tensor([[0.0, 0.625, 1.0, 0.0]]))
+
+
 def test_grpo_advantages_are_group_normalised():
     adv = learner.grpo_advantages(torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, 0.0]), group_size=2)
     assert torch.allclose(adv, torch.tensor([1.0, -1.0, 0.0, 0.0, 1.0, -1.0]), atol=1e-4)
