@@ -122,7 +122,8 @@ def shadow_attention(
 
 # --------------------------------------------------------------------------------------------
 # Paged KV cache ops (one layer's cache; layout in shadowkv/reference.py and
-# csrc/include/shadowkv/paged_kv.h). CPU kernels only so far.
+# csrc/include/shadowkv/paged_kv.h). CPU and CUDA kernels; on CUDA each call copies the
+# index tensors it validates to the host (one sync), see paged_kv.h.
 
 _PAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -237,7 +238,7 @@ def append_kv(
 
     Token ``t`` of sequence ``b`` goes to slot ``seq_lens[b] + t``, i.e. row
     ``(seq_lens[b] + t) % page_size`` of page ``block_tables[b, (seq_lens[b] + t) // page_size]``,
-    for every KV head. All tensors on the CPU (no CUDA kernel yet). Bad input raises
+    for every KV head. All tensors on one device (CPU or CUDA). Bad input raises
     ValueError/TypeError naming the argument, before anything is written.
     """
     torch.ops.shadowkv.append_kv(k_pages, v_pages, pos_pages, block_tables, seq_lens, k, v, positions, num_new)
@@ -268,7 +269,7 @@ def paged_decode_attention(
 
     Returns:
         ``out [B, Hq, D]`` (dtype of ``q``; float accumulation, double for float64); zeros for
-        a sequence with no cached slot. CPU only (no CUDA kernel yet).
+        a sequence with no cached slot. CPU or CUDA (split-K over long contexts).
     """
     return torch.ops.shadowkv.paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, scale, scores_out)
 
@@ -306,7 +307,7 @@ def evict_compact(
 
     Returns:
         ``freed [B, max_pages]`` int32: the released page ids of each sequence in table order,
-        -1 padded. CPU only (no CUDA kernel yet). Bad input raises ValueError/TypeError naming
+        -1 padded. CPU or CUDA. Bad input raises ValueError/TypeError naming
         the argument, before anything is written.
     """
     return torch.ops.shadowkv.evict_compact(

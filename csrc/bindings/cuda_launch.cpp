@@ -46,4 +46,23 @@ void launch_shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& p, const a
   shadow_attention_bwd_cuda(p, c10::cuda::getCurrentCUDAStream(device.index()).stream());
 }
 
+// The paged ops synchronise the current stream once per call (they check index values on the host).
+void launch_append_kv_cuda(const AppendKVParams& p, const at::Device& device) {
+  check_arch_built(device);
+  const c10::cuda::CUDAGuard guard(device);
+  append_kv_cuda(p, c10::cuda::getCurrentCUDAStream(device.index()).stream());
+}
+
+void launch_paged_decode_attention_cuda(const PagedDecodeParams& p, const at::Device& device) {
+  check_arch_built(device);
+  const c10::cuda::CUDAGuard guard(device);
+  paged_decode_attention_cuda(p, c10::cuda::getCurrentCUDAStream(device.index()).stream());
+}
+
+void launch_evict_compact_cuda(const EvictCompactParams& p, const at::Device& device) {
+  check_arch_built(device);
+  const c10::cuda::CUDAGuard guard(device);
+  evict_compact_cuda(p, c10::cuda::getCurrentCUDAStream(device.index()).stream());
+}
+
 }  // namespace shadowkv::bindings

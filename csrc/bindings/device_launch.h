@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include "shadowkv/paged_kv.h"
 #include "shadowkv/shadow_attention.h"
 
 namespace shadowkv::bindings {
@@ -18,6 +19,9 @@ void launch_shadow_attention_bwd(const ShadowAttentionBwdParams& p, const at::De
 // Defined in cuda_launch.cpp, built only with CUDA.
 void launch_shadow_attention_fwd_cuda(const ShadowAttentionParams& p, const at::Device& device);
 void launch_shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& p, const at::Device& device);
+void launch_append_kv_cuda(const AppendKVParams& p, const at::Device& device);
+void launch_paged_decode_attention_cuda(const PagedDecodeParams& p, const at::Device& device);
+void launch_evict_compact_cuda(const EvictCompactParams& p, const at::Device& device);
 #endif
 
 }  // namespace shadowkv::bindings

@@ -49,11 +49,6 @@ void check_unit_last_stride(const at::Tensor& t, const char* name) {
                     shape_str(t.strides()));
 }
 
-void require_cpu(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK_NOT_IMPLEMENTED(t.device().is_cpu(), "shadowkv: ", op, " has no CUDA kernel yet (`", name, "` is on ",
-                              t.device(), "); use CPU tensors");
-}
-
 // Core kernels report bad params and values with std::invalid_argument: ValueError.
 template <typename F>
 void run_as_value_error(F&& f) {
@@ -62,6 +57,19 @@ void run_as_value_error(F&& f) {
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK_VALUE(false, e.what());
   }
+}
+
+// Runs the CPU kernel on CPU tensors and its CUDA twin (current stream, device guard) on CUDA
+// tensors. The CUDA twins copy the index tensors they check to the host first (one stream
+// synchronisation per call; see paged_kv.h).
+template <typename Cpu, typename Cuda>
+void run_kernel(const at::Device& device, const char* op, Cpu&& cpu, [[maybe_unused]] Cuda&& cuda) {
+  if (device.is_cpu()) return run_as_value_error(cpu);
+#ifdef SHADOWKV_WITH_CUDA
+  if (device.is_cuda()) return run_as_value_error(cuda);
+#endif
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "shadowkv: ", op, " has no kernel for tensors on ", device,
+                              " in this build (python -m shadowkv info shows the build)");
 }
 
 // Checks the cache tensors (all on the device of `ref`, named ref_name) and describes them for
@@ -149,7 +157,6 @@ void append_kv(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::T
                     {{&k_pages, "k_pages"}, {&v_pages, "v_pages"}, {&pos_pages, "pos_pages"},
                      {&block_tables, "block_tables"}, {&seq_lens, "seq_lens"}, {&k, "k"}, {&v, "v"},
                      {&positions, "positions"}, {&num_new, "num_new"}});
-  require_cpu(k_pages, "k_pages", "append_kv");
 
   p.num_tokens = T;
   p.k = k.data_ptr();
@@ -160,7 +167,13 @@ void append_kv(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::T
   copy_strides(v, p.v_stride, 3);
   copy_strides(positions, p.positions_stride, 2);
   p.num_new_stride = num_new.stride(0);
-  run_as_value_error([&] { append_kv_cpu(p, torch_parallel_for); });
+  run_kernel(
+      k_pages.device(), "append_kv", [&] { append_kv_cpu(p, torch_parallel_for); },
+      [&] {
+#ifdef SHADOWKV_WITH_CUDA
+        launch_append_kv_cuda(p, k_pages.device());
+#endif
+      });
 }
 
 at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_pages_in, const at::Tensor& v_pages_in,
@@ -169,6 +182,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_pa
   const at::Tensor q = last_dim_contiguous(q_in);
   check_rank(q, 3, "q", "[B, Hq, D]");
   kernel_dtype(q, "q");
+  TORCH_CHECK_TYPE(!q.is_cuda() || q.scalar_type() != at::kDouble,
+                   "shadowkv: `q` float64 is supported on CPU only; use float32, bfloat16 or float16 on CUDA");
   check_same_dtype(k_pages_in, "k_pages", q, "q");
   const at::Tensor k_pages = last_dim_contiguous(k_pages_in), v_pages = last_dim_contiguous(v_pages_in);
   PagedDecodeParams p;
@@ -192,7 +207,6 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_pa
     check_no_aliasing({{&scores, "scores_out"}}, {{&q, "q"}, {&k_pages, "k_pages"}, {&v_pages, "v_pages"},
                                                   {&block_tables, "block_tables"}, {&seq_lens, "seq_lens"}});
   }
-  require_cpu(q, "q", "paged_decode_attention");
 
   p.num_q_heads = Hq;
   p.scale = s;
@@ -205,7 +219,13 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_pa
     p.scores_len = scores.size(2);
     copy_strides(scores, p.scores_stride, 3);
   }
-  run_as_value_error([&] { paged_decode_attention_cpu(p, torch_parallel_for); });
+  run_kernel(
+      q.device(), "paged_decode_attention", [&] { paged_decode_attention_cpu(p, torch_parallel_for); },
+      [&] {
+#ifdef SHADOWKV_WITH_CUDA
+        launch_paged_decode_attention_cuda(p, q.device());
+#endif
+      });
   return out;
 }
 
@@ -245,7 +265,6 @@ at::Tensor evict_compact(const at::Tensor& k_pages, const at::Tensor& v_pages, c
                      {&block_tables, "block_tables"}, {&seq_lens, "seq_lens"}, {&evicted_at, "evicted_at"}},
                     all);
   if (slot_scores.defined()) check_no_aliasing({{&slot_scores, "slot_scores"}}, all);
-  require_cpu(k_pages, "k_pages", "evict_compact");
 
   at::Tensor freed = at::empty({c.batch, c.max_pages}, block_tables.options());
   p.keep = reinterpret_cast<const uint8_t*>(keep.data_ptr<bool>());
@@ -262,7 +281,13 @@ at::Tensor evict_compact(const at::Tensor& k_pages, const at::Tensor& v_pages, c
   }
   p.freed = freed.data_ptr<int32_t>();
   copy_strides(freed, p.freed_stride, 2);
-  run_as_value_error([&] { evict_compact_cpu(p, torch_parallel_for); });
+  run_kernel(
+      k_pages.device(), "evict_compact", [&] { evict_compact_cpu(p, torch_parallel_for); },
+      [&] {
+#ifdef SHADOWKV_WITH_CUDA
+        launch_evict_compact_cuda(p, k_pages.device());
+#endif
+      });
   return freed;
 }
 

@@ -35,7 +35,7 @@ TORCH_LIBRARY_IMPL(shadowkv, CPU, m) {
 TORCH_LIBRARY_IMPL(shadowkv, CUDA, m) {
   m.impl("shadow_attention_fwd", &shadowkv::bindings::shadow_attention_fwd);
   m.impl("shadow_attention_bwd", &shadowkv::bindings::shadow_attention_bwd);
-  // The paged ops have no CUDA kernels yet: these raise a clear NotImplementedError.
+  // The paged ops dispatch on the device inside their bindings (CUDA twins in csrc/cuda/).
   m.impl("append_kv", &shadowkv::bindings::append_kv);
   m.impl("paged_decode_attention", &shadowkv::bindings::paged_decode_attention);
   m.impl("evict_compact", &shadowkv::bindings::evict_compact);

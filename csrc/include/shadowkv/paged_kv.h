@@ -18,7 +18,7 @@
 // as the torch op spells it (`block_tables`, `keep`, ...). Sequences must not share a page that
 // an op writes (checked); pages that are only read may be shared.
 //
-// The CUDA twins (append_kv_cuda, ... taking the same params plus a stream) come later.
+// The CUDA twins (append_kv_cuda, ...) take the same params, with every array on the device.
 #pragma once
 
 #include <cstdint>
@@ -125,6 +125,20 @@ struct EvictCompactParams {
 void append_kv_cpu(const AppendKVParams& p, const ParallelFor& pf = serial_for);
 void paged_decode_attention_cpu(const PagedDecodeParams& p, const ParallelFor& pf = serial_for);
 void evict_compact_cpu(const EvictCompactParams& p, const ParallelFor& pf = serial_for);
+
+// CUDA kernels (only in builds with CUDA; `stream` is a cudaStream_t, every array of the params
+// is in device memory). Same contract, checks and messages as the CPU kernels, and the same
+// results: bit-identical for append_kv and evict_compact, within float rounding for decode
+// (fp32 accumulation; bfloat16/float16/float32 only, head_dim <= 256; append and evict take
+// every dtype). To check the values before writing anything, each call copies the index arrays
+// it validates to the host and synchronises `stream` first (seq_lens and block_tables; plus
+// num_new and positions for append; keep, steps and, for the evicted slots only, their
+// positions and log entries for evict), so these calls block the host and cannot be captured
+// in a CUDA graph. Throw std::invalid_argument on bad params or values (nothing written) and
+// std::runtime_error on CUDA errors.
+void append_kv_cuda(const AppendKVParams& p, void* stream);
+void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream);
+void evict_compact_cuda(const EvictCompactParams& p, void* stream);
 
 // Validation shared by the ops above, public so that a server can check a cache it assembled.
 //

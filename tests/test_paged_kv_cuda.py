@@ -1,0 +1,566 @@
+"""The paged KV cache ops on CUDA (append_kv, paged_decode_attention, evict_compact) against their
+CPU twins and the float64 references.
+
+- append_kv and evict_compact are data movement plus integer bookkeeping: every CUDA result (the
+  whole pool, positions, lengths, block tables, freed pages, eviction log, slot scores) must equal
+  the CPU op's and the reference's exactly, in every dtype.
+- paged_decode_attention is compared with ``paged_decode_attention_ref`` run in float64 on the
+  very same (already rounded) inputs. Max abs error, as in the CPU tests: out float32 1e-5;
+  bfloat16 2e-2 and float16 5e-3 relative to ``max(1, max|ref|)`` (the output is stored in 8 / 11
+  mantissa bits; the kernel accumulates in fp32, split-K partials included); scores_out (float32)
+  1e-5. Long contexts (8k-32k slots) run several split-K partitions per sequence.
+- Bad inputs raise the same exception as on CPU (same message for value errors), before anything
+  is written.
+
+Set SHADOWKV_PAGED_TEST_DEVICE=cpu to dry-run this file against the CPU kernels (checks the tests
+themselves on a machine without a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+from shadowkv import ops
+from shadowkv.reference import (
+    INT32_MAX,
+    PagedState,
+    append_kv_ref,
+    evict_compact_ref,
+    paged_decode_attention_ref,
+    random_paged_state,
+    streaming_keep,
+)
+
+from . import test_append_kv as cpu_append
+from . import test_evict_compact as cpu_evict
+from . import test_paged_decode_attention as cpu_decode
+
+DEVICE = os.environ.get("SHADOWKV_PAGED_TEST_DEVICE", "cuda")
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="checks CUDA-specific behaviour")
+
+APPEND = torch.ops.shadowkv.append_kv
+DECODE = torch.ops.shadowkv.paged_decode_attention
+EVICT = torch.ops.shadowkv.evict_compact
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+DECODE_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
+                 pytest.param(torch.float16, id="fp16")]
+OUT_TOL = cpu_decode.OUT_TOL  # {dtype: (tol, relative)}
+SCORES_TOL = cpu_decode.SCORES_TOL
+
+
+def dev(t):
+    """A copy on the device under test (a copy also when that is the CPU)."""
+    return None if t is None else t.to(DEVICE, copy=True)
+
+
+def dev_state(state: PagedState) -> PagedState:
+    return PagedState(*(dev(t) for t in state))
+
+
+def assert_same(name: str, got: torch.Tensor | None, want: torch.Tensor | None):
+    if want is None:
+        assert got is None, name
+        return
+    assert got.dtype == want.dtype and got.shape == want.shape, name
+    assert torch.equal(got.cpu(), want.cpu()), f"{name} differs"
+
+
+# --------------------------------------------------------------------------------------------
+# append_kv
+
+
+def run_append_both(state: PagedState, k, v, positions, num_new):
+    """The op on the device and on CPU from the same inputs; every output must be identical, and
+    equal the reference."""
+    cpu = state.clone()
+    ops.append_kv(*cpu, k, v, positions, num_new)
+    expected = append_kv_ref(*state, k, v, positions, num_new)
+    d = dev_state(state)
+    ops.append_kv(*d, dev(k), dev(v), dev(positions), dev(num_new))
+    for name, got, want, ref in zip(("k_pages", "v_pages", "pos_pages", "seq_lens"),
+                                    (d.k_pages, d.v_pages, d.pos_pages, d.seq_lens),
+                                    (cpu.k_pages, cpu.v_pages, cpu.pos_pages, cpu.seq_lens), expected):
+        assert_same(name, got, want)
+        assert_same(name + " (reference)", got, ref)
+    assert_same("block_tables", d.block_tables, state.block_tables)
+
+
+@settings(max_examples=60)
+@given(case=cpu_append.cases())
+def test_append_random_cases(case):
+    run_append_both(*case.inputs())
+
+
+APPEND_CASES = {
+    # lens, num_new, T, kv_heads, head_dim, page_size, preallocated
+    "decode_step_ps16": ([5, 0, 31], [1, 1, 0], 1, 2, 128, 16, 0),
+    "prefill_ps1_ragged": ([0, 3], [40, 17], 40, 2, 64, 1, 1),
+    "prefill_long": ([0], [3000], 3000, 4, 128, 16, 0),
+    "odd_head_dim": ([7, 2], [9, 3], 9, 3, 17, 4, 2),
+    "head_dim_1": ([1, 0], [4, 4], 4, 1, 1, 16, 0),
+    "wide_rows": ([2], [5], 5, 1, 1100, 4, 0),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64", "bf16", "fp16"])
+@pytest.mark.parametrize("name", list(APPEND_CASES))
+def test_append_named_cases(name, dtype):
+    lens, num_new, t, h, d, ps, pre = APPEND_CASES[name]
+    case = cpu_append.Case(lens, num_new, t, h, d, ps, pre, dtype, seed=len(name))
+    run_append_both(*case.inputs())
+
+
+@pytest.mark.parametrize("layout", ["bthd", "token_slice", "table_view", "unaligned_pages"])
+def test_append_strided_inputs(layout):
+    case = cpu_append.Case([3, 20], [6, 2], 6, 2, 64, 4, 1, torch.bfloat16, seed=11)
+    state, k, v, positions, num_new = case.inputs()
+    expected = append_kv_ref(*state, k, v, positions, num_new)
+    d = dev_state(state)
+    k, v, positions, num_new = dev(k), dev(v), dev(positions), dev(num_new)
+    tables, lens = d.block_tables, d.seq_lens
+    if layout == "bthd":
+        k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+    elif layout == "token_slice":
+        k, v = (torch.stack([t, torch.zeros_like(t)], dim=3).flatten(2, 3)[:, :, ::2] for t in (k, v))
+    elif layout == "table_view":
+        big_tables = torch.full((4, tables.shape[1] + 1), 12345, dtype=torch.int32, device=DEVICE)
+        big_lens = torch.full((4,), 777, dtype=torch.int32, device=DEVICE)
+        big_tables[::2, :-1] = tables
+        big_lens[::2] = lens
+        tables, lens = big_tables[::2, :-1], big_lens[::2]
+    else:  # pages one element off 16-byte alignment: copied in 2-byte words
+        for name in ("k_pages", "v_pages"):
+            t = getattr(d, name)
+            buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=DEVICE)
+            moved = buf[1:].view(t.shape)
+            moved.copy_(t)
+            d = d._replace(**{name: moved})
+    ops.append_kv(d.k_pages, d.v_pages, d.pos_pages, tables, lens, k, v, positions, num_new)
+    assert_same("k_pages", d.k_pages, expected[0])
+    assert_same("v_pages", d.v_pages, expected[1])
+    assert_same("pos_pages", d.pos_pages, expected[2])
+    assert_same("seq_lens", lens, expected[3])
+    if layout == "table_view":
+        assert (big_lens[1::2] == 777).all() and (big_tables[:, -1] == 12345).all()
+
+
+def test_append_empty_batch_and_no_tokens():
+    state = dev_state(random_paged_state([], 2, 16, 4, spare_pages=3))
+    ops.append_kv(*state, *(dev(torch.zeros(0, 2, 5, 16)),) * 2, dev(torch.zeros(0, 5, dtype=torch.int32)),
+                  dev(torch.zeros(0, dtype=torch.int32)))
+    state = dev_state(random_paged_state([3, 0], 2, 16, 4))
+    before = state.clone()
+    ops.append_kv(*state, *(dev(torch.zeros(2, 2, 0, 16)),) * 2, dev(torch.zeros(2, 0, dtype=torch.int32)),
+                  dev(torch.zeros(2, dtype=torch.int32)))
+    for got, want in zip(state, before):
+        assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------------------------
+# paged_decode_attention
+
+
+def check_decode(q, state: PagedState, scale, scores, *, q_dev=None, tables=None, lens=None, k_pages=None,
+                 out_tol=None):
+    """Runs the op on the device (optionally with other device views of q, the tables, lengths or
+    pages) and compares it with the float64 reference on the CPU inputs."""
+    d = dev_state(state)
+    scores_d = dev(scores)
+    out = ops.paged_decode_attention(dev(q) if q_dev is None else q_dev, d.k_pages if k_pages is None else k_pages,
+                                     d.v_pages,
+                                     d.block_tables if tables is None else tables,
+                                     d.seq_lens if lens is None else lens, scale, scores_d)
+    s_len = None if scores is None else scores.shape[-1]
+    out_ref, scores_ref = paged_decode_attention_ref(q, state.k_pages, state.v_pages, state.block_tables,
+                                                     state.seq_lens, scale, s_len)
+    assert out.device.type == DEVICE and out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
+    out = out.cpu()
+    assert not out.isnan().any()
+    tol, relative = OUT_TOL[q.dtype] if out_tol is None else (out_tol, False)
+    if out.numel():
+        bound = tol * max(1.0, out_ref.abs().max().item()) if relative else tol
+        err = (out.double() - out_ref).abs().max().item()
+        assert err <= bound, f"out: max abs err {err:.3e} > {bound:.3e}"
+    empty = state.seq_lens == 0
+    assert (out[empty] == 0).all(), "a sequence without cached slots must give zeros"
+    if scores is not None:
+        scores_d = scores_d.cpu()
+        assert not scores_d.isnan().any(), "scores_out not fully overwritten"
+        if scores_d.numel():
+            err = (scores_d.double() - scores_ref).abs().max().item()
+            assert err <= SCORES_TOL, f"scores_out: max abs err {err:.3e}"
+        group = q.shape[1] // state.k_pages.shape[2]
+        totals = scores_d.double().sum(-1)
+        torch.testing.assert_close(totals[~empty], torch.full_like(totals[~empty], group), rtol=0, atol=1e-4)
+    return out
+
+
+DECODE_CASES = {
+    # lens, q_heads, kv_heads, head_dim, page_size, scale factor (None: 1/sqrt(D)), scores_extra
+    "mha_d64_ps16": ([37, 0, 300], 4, 4, 64, 16, None, 3),
+    "gqa4_d128_ps1": ([129, 5], 8, 2, 128, 1, None, None),
+    "gqa8_d128_ps16": ([700], 8, 1, 128, 16, 0.5, 0),
+    "gqa16_d64_two_head_tiles": ([513, 40], 16, 1, 64, 16, None, 2),
+    "gqa6_d80_generic": ([100, 1], 12, 2, 80, 4, 2.0, 1),
+    "gqa2_d256_generic": ([90, 1000], 4, 2, 256, 16, None, 0),
+    "mha_d96_ps4": ([64, 65, 63], 2, 2, 96, 4, None, None),
+    "d16": ([257], 4, 1, 16, 1, None, 5),
+    "d1": ([33, 2], 2, 2, 1, 16, None, 0),
+    "one_slot": ([1], 4, 2, 128, 16, None, 0),
+    "all_empty": ([0, 0], 4, 2, 64, 16, None, 2),
+    "partition_boundaries": ([128, 256, 511, 512, 513, 1024, 1025], 2, 1, 128, 16, None, 0),
+    # A grid big enough for 512-slot partitions (the kernel halves them, down to 128, on small grids).
+    "many_sequences": ([3000, 2900, 3100, 2500, 3333, 4000, 1, 0], 16, 8, 128, 16, None, 0),
+}
+
+
+@pytest.mark.parametrize("dtype", DECODE_DTYPES)
+@pytest.mark.parametrize("name", list(DECODE_CASES))
+def test_decode_matches_reference(name, dtype):
+    lens, hq, hkv, d, ps, factor, extra = DECODE_CASES[name]
+    scale = None if factor is None else factor / math.sqrt(d)
+    check_decode_case(cpu_decode.Case(lens, hq, hkv, d, ps, dtype, scale, extra, seed=len(name)))
+
+
+def check_decode_case(case):
+    q, state, scores = case.inputs()
+    return check_decode(q, state, case.scale, scores)
+
+
+@pytest.mark.parametrize("lens, q_heads, kv_heads, head_dim, dtype, with_scores", [
+    pytest.param([8192], 8, 2, 128, torch.bfloat16, True, id="8k_bf16_gqa4_d128_scores"),
+    pytest.param([16384, 3], 4, 4, 64, torch.float16, False, id="16k_fp16_mha_d64_ragged"),
+    pytest.param([32768], 8, 1, 128, torch.float32, True, id="32k_fp32_gqa8_d128_scores"),
+    pytest.param([20000, 9000], 4, 2, 80, torch.bfloat16, True, id="20k_bf16_d80_generic_scores"),
+])
+def test_decode_long_contexts_split_k(lens, q_heads, kv_heads, head_dim, dtype, with_scores):
+    case = cpu_decode.Case(lens, q_heads, kv_heads, head_dim, 16, dtype, None, 0 if with_scores else None, seed=5)
+    check_decode_case(case)
+
+
+@settings(max_examples=60)
+@given(case=cpu_decode.cases(dtypes=(torch.float32, torch.bfloat16, torch.float16)))
+def test_decode_random_cases(case):
+    check_decode_case(case)
+
+
+@pytest.mark.parametrize("layout", ["q_heads_last", "pages_dim_strided", "table_view", "unaligned_pages",
+                                    "unaligned_q", "shared_pages"])
+def test_decode_layouts(layout):
+    case = cpu_decode.Case([200, 77], 8, 2, 128, 16, torch.bfloat16, None, 1, seed=21)
+    q, state, scores = case.inputs()
+    d = dev_state(state)
+    if layout == "q_heads_last":
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        check_decode(q, state, None, scores)
+    elif layout == "pages_dim_strided":  # read-only pages need no unit last stride (copied)
+        check_decode(q, state, None, scores, k_pages=d.k_pages.transpose(2, 3).contiguous().transpose(2, 3))
+    elif layout == "table_view":
+        tables = torch.cat([d.block_tables, torch.full_like(d.block_tables, 999)], 1)[:, : d.block_tables.shape[1]]
+        lens = torch.stack([d.seq_lens, torch.full_like(d.seq_lens, -7)], 1)[:, 0]
+        check_decode(q, state, None, scores, tables=tables, lens=lens)
+    elif layout == "unaligned_pages":  # rows not aligned for vector loads: the generic kernel
+        buf = torch.empty(d.k_pages.numel() + 1, dtype=d.k_pages.dtype, device=DEVICE)
+        k_pages = buf[1:].view(d.k_pages.shape)
+        k_pages.copy_(d.k_pages)
+        check_decode(q, state, None, scores, k_pages=k_pages)
+    elif layout == "unaligned_q":  # aligned pages (vector loads) but q one element off
+        buf = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEVICE)
+        q_odd = buf[1:].view(q.shape)
+        q_odd.copy_(q)
+        check_decode(q, state, None, scores, q_dev=q_odd)
+    else:  # two sequences read the same pages (a shared prefix)
+        tables = state.block_tables.clone()
+        tables[1] = tables[0]
+        state = state._replace(block_tables=tables, seq_lens=torch.tensor([200, 200], dtype=torch.int32))
+        q = q[:1].expand(2, -1, -1).contiguous()
+        out = check_decode(q, state, None, None)
+        torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
+
+
+def test_decode_matches_cpu_float32():
+    """float32: the CUDA and CPU kernels agree closely (both accumulate in fp32)."""
+    case = cpu_decode.Case([3000, 10, 0], 8, 2, 128, 16, torch.float32, None, 0, seed=31)
+    q, state, scores = case.inputs()
+    out_d = check_decode(q, state, None, scores.clone())
+    scores_cpu = scores.clone()
+    out_c = ops.paged_decode_attention(q, *state[:2], *state[3:], None, scores_cpu)
+    torch.testing.assert_close(out_d, out_c, rtol=0, atol=2e-6)
+
+
+def test_decode_large_logits_are_stable():
+    """Logits of size ~1e3 over several partitions: no overflow, and the float32 error stays
+    that of the logits themselves (~1e-7 relative, so 2e-4 on the output here)."""
+    state = random_paged_state([600], 1, 64, 16, generator=torch.Generator().manual_seed(9))
+    q = 1e3 * torch.randn(1, 2, 64, generator=torch.Generator().manual_seed(10))
+    check_decode(q, state, None, torch.zeros(1, 1, 600), out_tol=2e-4)
+
+
+def test_decode_empty_batch_and_no_query_heads():
+    state = random_paged_state([], 2, 16, 4, spare_pages=1)
+    d = dev_state(state)
+    assert ops.paged_decode_attention(dev(torch.randn(0, 4, 16)), *d[:2], *d[3:]).shape == (0, 4, 16)
+    state = random_paged_state([5, 0], 2, 16, 4)
+    d = dev_state(state)
+    scores = dev(torch.full((2, 2, 6), math.nan))
+    out = ops.paged_decode_attention(dev(torch.randn(2, 0, 16)), *d[:2], *d[3:], scores_out=scores)
+    assert out.shape == (2, 0, 16) and (scores == 0).all()
+
+
+@cuda_only
+def test_decode_rejects_float64_and_wide_heads():
+    case = cpu_decode.Case([5], 2, 1, 16, 4, torch.float64, None, None, seed=1)
+    q, state, _ = case.inputs()
+    d = dev_state(state)
+    with pytest.raises(TypeError, match="float64"):
+        ops.paged_decode_attention(dev(q), *d[:2], *d[3:])
+    state = random_paged_state([5], 1, 300, 4)
+    d = dev_state(state)
+    with pytest.raises(ValueError, match="k_pages"):
+        ops.paged_decode_attention(dev(torch.randn(1, 2, 300)), *d[:2], *d[3:])
+
+
+# --------------------------------------------------------------------------------------------
+# evict_compact
+
+
+def run_evict_both(state: PagedState, keep, steps, log, scores):
+    """The op on the device and on CPU from the same inputs: every output identical, and equal to
+    the reference. `log` may be a view (e.g. one layer of a larger log); its base is compared."""
+    expected = evict_compact_ref(*state, keep, steps, log, scores)
+    base = log._base if log._base is not None else log
+    cpu_state, cpu_base = state.clone(), base.clone()
+    cpu_log = cpu_base.as_strided(log.shape, log.stride(), log.storage_offset())
+    cpu_scores = None if scores is None else scores.clone()
+    cpu_freed = ops.evict_compact(*cpu_state, keep, steps, cpu_log, cpu_scores)
+
+    d = dev_state(state)
+    d_base = dev(base)
+    d_log = d_base.as_strided(log.shape, log.stride(), log.storage_offset())
+    d_scores = dev(scores)
+    freed = ops.evict_compact(*d, dev(keep), dev(steps), d_log, d_scores)
+
+    got = (*d, d_log, d_scores, freed)
+    for name, g, c, ref in zip(expected._fields, got, (*cpu_state, cpu_log, cpu_scores, cpu_freed), expected):
+        assert_same(name, g, c)
+        assert_same(name + " (reference)", g, ref)
+    assert_same("evicted_at (whole buffer)", d_base, cpu_base)
+    return freed
+
+
+@settings(max_examples=120)
+@given(case=cpu_evict.cases())
+def test_evict_random_cases(case):
+    run_evict_both(*case.inputs())
+
+
+EVICT_CASES = {
+    # lens, kv_heads, head_dim, page_size, preallocated, policy, budget, extra_slots
+    "long_streaming_bf16_d128": ([5000, 37], 2, 128, 16, 1, "streaming", 0, 3, torch.bfloat16),
+    "long_random_fp16_d64_ps1": ([3000], 2, 64, 1, 0, "random", 1500, 0, torch.float16),
+    "d256_fp32_random": ([700, 0, 65], 2, 256, 16, 2, "random", 300, 1, torch.float32),
+    "d4100_fp32_direct_rows": ([40], 1, 4100, 4, 0, "random", 13, 0, torch.float32),
+    "d17_fp16_two_byte_words": ([300, 2], 3, 17, 4, 1, "random", 100, 2, torch.float16),
+    "fp64_d80": ([260], 2, 80, 16, 0, "sinks_only", 0, 0, torch.float64),
+    "nothing_kept": ([70, 3], 2, 64, 16, 1, "nothing", 0, 1, torch.bfloat16),
+    "keep_all_releases_spare_pages": ([50], 2, 64, 4, 2, "keep_all", 0, 0, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("with_scores", [False, True], ids=["no_scores", "scores"])
+@pytest.mark.parametrize("name", list(EVICT_CASES))
+def test_evict_named_cases(name, with_scores):
+    lens, h, d, ps, pre, policy, budget, extra, dtype = EVICT_CASES[name]
+    case = cpu_evict.Case(lens, h, d, ps, pre, dtype, policy, budget, extra, with_scores, log_in_layers=True,
+                          seed=len(name))
+    run_evict_both(*case.inputs())
+
+
+def test_evict_unaligned_pages():
+    case = cpu_evict.Case([90, 30], 2, 64, 16, 1, torch.bfloat16, "random", 20, 0, True, False, seed=3)
+    state, keep, steps, log, scores = case.inputs()
+    expected = evict_compact_ref(*state, keep, steps, log, scores)
+    d = dev_state(state)
+    for name in ("k_pages", "v_pages"):
+        t = getattr(d, name)
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=DEVICE)
+        moved = buf[1:].view(t.shape)
+        moved.copy_(t)
+        d = d._replace(**{name: moved})
+    d_log, d_scores = dev(log), dev(scores)
+    freed = ops.evict_compact(*d, dev(keep), dev(steps), d_log, d_scores)
+    for name, g, ref in zip(expected._fields, (*d, d_log, d_scores, freed), expected):
+        assert_same(name, g, ref)
+
+
+@pytest.mark.parametrize("page_size, every", [(1, 1), (4, 3), (16, 4)])
+def test_round_trip_matches_cpu(page_size, every):
+    """Prefill, then one token at a time: evict with a StreamingLLM mask every `every` steps
+    (scores from decode attention compacted along), append the token into pages from a free list
+    that evict_compact refills, attend with scores_out. The same calls on CPU and on the device
+    keep identical caches, logs and freed pages, and close outputs."""
+    sinks, window, kv_heads, head_dim, q_heads = 2, 6, 2, 64, 8
+    lengths = [40, 25]
+    batch, total = len(lengths), max(lengths)
+    gen = torch.Generator().manual_seed(page_size * 10 + every)
+    k_all = torch.randn(batch, kv_heads, total, head_dim, generator=gen).bfloat16()
+    v_all = torch.randn(batch, kv_heads, total, head_dim, generator=gen).bfloat16()
+    q_all = torch.randn(batch, q_heads, total, head_dim, generator=gen).bfloat16()
+    max_live = sinks + window + every
+    max_pages = math.ceil(max_live / page_size) + 1
+    num_pages = batch * max_pages
+
+    def new_cache(device):
+        return dict(
+            state=PagedState(torch.zeros(num_pages, page_size, kv_heads, head_dim, dtype=torch.bfloat16, device=device),
+                             torch.zeros(num_pages, page_size, kv_heads, head_dim, dtype=torch.bfloat16, device=device),
+                             torch.full((num_pages, page_size, kv_heads), -1, dtype=torch.int32, device=device),
+                             torch.full((batch, max_pages), -1, dtype=torch.int32, device=device),
+                             torch.zeros(batch, dtype=torch.int32, device=device)),
+            free=list(range(num_pages)),
+            log=torch.full((batch, kv_heads, total), INT32_MAX, dtype=torch.int32, device=device),
+            scores=torch.zeros(batch, kv_heads, max_live + 1, device=device))
+
+    caches = {"cpu": new_cache("cpu"), DEVICE: new_cache(DEVICE)}
+
+    def append(cache, lo, hi):
+        st, device = cache["state"], cache["state"].k_pages.device
+        num_new = [max(0, min(hi, n) - lo) for n in lengths]
+        lens = st.seq_lens.tolist()
+        for b in range(batch):
+            for col in range(math.ceil((lens[b] + num_new[b]) / page_size)):
+                if int(st.block_tables[b, col]) < 0:
+                    st.block_tables[b, col] = cache["free"].pop()
+        positions = torch.arange(lo, hi, dtype=torch.int32).expand(batch, -1).contiguous()
+        ops.append_kv(*st, k_all[:, :, lo:hi].to(device), v_all[:, :, lo:hi].to(device), positions.to(device),
+                      torch.tensor(num_new, dtype=torch.int32, device=device))
+
+    for cache in caches.values():
+        append(cache, 0, window)
+    for t in range(window, total):
+        outs = {}
+        for name, cache in caches.items():
+            st = cache["state"]
+            device = st.k_pages.device
+            if t % every == 0:
+                slots = cache["scores"].shape[-1]
+                keep = streaming_keep(st.seq_lens.cpu(), kv_heads, slots, sinks, window)
+                freed = ops.evict_compact(*st, keep.to(device), torch.full((batch,), t, dtype=torch.int32,
+                                                                          device=device), cache["log"], cache["scores"])
+                cache["free"].extend(freed[freed >= 0].tolist())
+                cache["freed"] = freed.cpu()
+            append(cache, t, t + 1)
+            outs[name] = ops.paged_decode_attention(q_all[:, :, t].to(device), *st[:2], *st[3:], None,
+                                                    cache["scores"]).cpu()
+        a, b = caches["cpu"], caches[DEVICE]
+        for field, x, y in zip(PagedState._fields, a["state"], b["state"]):
+            assert_same(f"{field} at step {t}", y, x)
+        assert_same(f"evicted_at at step {t}", b["log"], a["log"])
+        assert a["free"] == b["free"], t
+        if "freed" in a:
+            assert_same(f"freed at step {t}", b["freed"], a["freed"])
+        torch.testing.assert_close(outs[DEVICE].float(), outs["cpu"].float(), rtol=0, atol=2e-2)
+        torch.testing.assert_close(b["scores"].cpu(), a["scores"], rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library
+
+
+def test_opcheck_append():
+    case = cpu_append.Case([3, 0, 6], [2, 5, 0], 5, 2, 16, 4, 1, torch.bfloat16, seed=3)
+    state, k, v, positions, num_new = case.inputs()
+    torch.library.opcheck(APPEND.default, (*dev_state(state), dev(k), dev(v), dev(positions), dev(num_new)))
+
+
+@pytest.mark.parametrize("with_scores", [False, True], ids=["no_scores", "scores"])
+def test_opcheck_decode(with_scores):
+    case = cpu_decode.Case([5, 0, 9], 4, 2, 16, 4, torch.float32, None, 2 if with_scores else None, seed=1)
+    q, state, scores = case.inputs()
+    if scores is not None:
+        scores.zero_()
+    d = dev_state(state)
+    torch.library.opcheck(DECODE.default, (dev(q), d.k_pages, d.v_pages, d.block_tables, d.seq_lens, None, dev(scores)))
+    torch.library.opcheck(DECODE.default, (dev(q), d.k_pages, d.v_pages, d.block_tables, d.seq_lens, 0.3, dev(scores)))
+
+
+@pytest.mark.parametrize("with_scores", [False, True], ids=["no_scores", "scores"])
+def test_opcheck_evict(with_scores):
+    case = cpu_evict.Case([9, 0, 5], 2, 16, 4, 1, torch.float32, "random", 3, 1, with_scores, False, seed=7)
+    state, keep, steps, log, scores = case.inputs()
+    torch.library.opcheck(EVICT.default, (*dev_state(state), dev(keep), dev(steps), dev(log), dev(scores)))
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks: the CPU tests' bad inputs, built from device tensors.
+
+_DEVICE_WORDS = re.compile(r"\b(cpu|cuda|meta)\b")
+
+
+def check_bad_input(fn, valid_args, arg, change):
+    """`fn(**args)` with `change` applied raises on the device as on CPU: same exception type,
+    naming `arg`, the same message unless it names a device, and nothing written."""
+    cpu_args = valid_args()
+    cpu_args.update(change(cpu_args))
+    with pytest.raises((ValueError, TypeError)) as cpu_err:
+        fn(**cpu_args)
+
+    args = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in valid_args().items()}
+    changed = change(args)
+    # Tensors a change creates from scratch are on the CPU: move them, unless on purpose elsewhere.
+    args.update({k: (v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v)
+                 for k, v in changed.items()})
+    before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor) and v.device.type != "meta"}
+    with pytest.raises((ValueError, TypeError)) as err:
+        fn(**args)
+    assert err.type is cpu_err.type, (str(err.value), str(cpu_err.value))
+    assert re.search(rf"(?<![A-Za-z0-9_])({arg})(?![A-Za-z0-9_])", str(err.value)), str(err.value)
+    if not _DEVICE_WORDS.search(str(err.value)) and not _DEVICE_WORDS.search(str(cpu_err.value)):
+        assert str(err.value) == str(cpu_err.value)
+    for name, t in before.items():
+        torch.testing.assert_close(args[name], t, rtol=0, atol=0, equal_nan=True,
+                                   msg=f"{name} was modified by a rejected call")
+
+
+@pytest.mark.parametrize("case", list(cpu_append.BAD_INPUTS))
+def test_append_bad_inputs(case):
+    check_bad_input(ops.append_kv, cpu_append._valid_args, *cpu_append.BAD_INPUTS[case])
+
+
+@pytest.mark.parametrize("case", list(cpu_decode.BAD_INPUTS))
+def test_decode_bad_inputs(case):
+    check_bad_input(ops.paged_decode_attention, cpu_decode._valid_args, *cpu_decode.BAD_INPUTS[case])
+
+
+@pytest.mark.parametrize("case", list(cpu_evict.BAD_INPUTS))
+def test_evict_bad_inputs(case):
+    check_bad_input(ops.evict_compact, cpu_evict._valid_args, *cpu_evict.BAD_INPUTS[case])
+
+
+def test_shared_pages_evict_rules():
+    """Eviction inside a page shared with another sequence is rejected; a private page is fine."""
+    gen = torch.Generator().manual_seed(5)
+    state = random_paged_state([8, 8], 1, 16, 4, generator=gen)
+    tables = state.block_tables.clone()
+    tables[1, 0] = tables[0, 0]
+    state = state._replace(block_tables=tables)
+    keep = torch.ones(2, 1, 8, dtype=torch.bool)
+    keep[1, 0, 6] = False
+    steps = torch.tensor([8, 8], dtype=torch.int32)
+    run_evict_both(state, keep, steps, cpu_evict.random_log(state, 17, gen), None)
+    keep[1, 0, 1] = False
+    d = dev_state(state)
+    with pytest.raises(ValueError, match="block_tables"):
+        ops.evict_compact(*d, dev(keep), dev(steps), dev(cpu_evict.random_log(state, 17, gen)))
+
