@@ -129,13 +129,13 @@ struct BwdContext {
             probs_and_dscores(kind, b, hq, i0, rows, j0, cols, ev, q.data(), dout.data(), kt.data(), vt.data(),
                               s.data(), ds.data());
             for (int64_t r = 0; r < rows; ++r) {
-              const acc_t* gr = &dout[r * D];
-              const acc_t* qr = &q[r * D];
+              const acc_t* gr = dout.data() + r * D;
+              const acc_t* qr = q.data() + r * D;
               for (int64_t c = 0; c < cols; ++c) {
                 const acc_t pr = s[r * BC + c], dsr = ds[r * BC + c] * scale;
                 if (pr == acc_t(0) && dsr == acc_t(0)) continue;
-                acc_t* dvc = &dv[c * D];
-                acc_t* dkc = &dk[c * D];
+                acc_t* dvc = dv.data() + c * D;
+                acc_t* dkc = dk.data() + c * D;
                 for (int64_t d = 0; d < D; ++d) {
                   dvc[d] += pr * gr[d];
                   dkc[d] += dsr * qr[d];
@@ -178,11 +178,11 @@ struct BwdContext {
           probs_and_dscores(kind, b, hq, i0, rows, j0, cols, ev, q.data(), dout.data(), kt.data(), vt.data(), s.data(),
                             ds.data());
           for (int64_t r = 0; r < rows; ++r) {
-            acc_t* dqr = &dq[r * D];
+            acc_t* dqr = dq.data() + r * D;
             for (int64_t c = 0; c < cols; ++c) {
               const acc_t dsr = ds[r * BC + c] * scale;
               if (dsr == acc_t(0)) continue;
-              const acc_t* kc = &kf[c * D];
+              const acc_t* kc = kf.data() + c * D;
               for (int64_t d = 0; d < D; ++d) dqr[d] += dsr * kc[d];
             }
           }

@@ -91,12 +91,12 @@ void fwd_kernel(const ShadowAttentionParams& p, const ParallelFor& pf) {
           }
           l[r] = l[r] * alpha + sum;
           m[r] = mx;
-          acc_t* ar = &acc[r * D];
+          acc_t* ar = acc.data() + r * D;
           for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
           for (int64_t c = 0; c < cols; ++c) {
             const acc_t pc = sr[c];
             if (pc == acc_t(0)) continue;
-            const acc_t* vc = &vf[c * D];
+            const acc_t* vc = vf.data() + c * D;
             for (int64_t d = 0; d < D; ++d) ar[d] += pc * vc[d];
           }
         }
