@@ -17,24 +17,42 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_fake_args(ref, ref_name, specs):
+    """The rank/dtype/device/shape checks of the C++ ops, for fake and meta tensors (torch.compile
+    traces, or a meta tensor mixed with real ones, never reach the C++ checks); all tensors on
+    the device of ``ref``, the argument named ``ref_name``.
+
+    ``specs``: ``(name, tensor or None, layout, dtypes, shape)`` where ``layout`` is like
+    ``"[B, T]"``, ``dtypes`` a tuple of accepted dtypes and ``shape`` a tuple of expected sizes
+    (``None`` entries: any size). ``None`` tensors (absent optionals) are skipped.
+    """
+    for name, t, layout, dtypes, shape in specs:
+        if t is None:
+            continue
+        if t.dim() != len(shape):
+            raise ValueError(f"shadowkv: `{name}` must be a {len(shape)}-D tensor {layout}, got shape {list(t.shape)}")
+        if t.dtype not in dtypes:
+            raise TypeError(f"shadowkv: `{name}` must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
+        if t.device != ref.device:
+            raise ValueError(f"shadowkv: `{name}` must be on the device of `{ref_name}` ({ref.device}), got {t.device}")
+        want = [got if w is None else w for got, w in zip(t.shape, shape)]
+        if list(t.shape) != want:
+            raise ValueError(f"shadowkv: `{name}` must have shape {want}, got {list(t.shape)}")
+
+
 def _check_meta_args(q, k, v, evicted_at):
-    """The shape/device checks of the C++ op, for fake and meta tensors (torch.compile
-    traces, or a meta tensor mixed with real ones, never reach the C++ checks)."""
-    for name, t, rank in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("evicted_at", evicted_at, 3)):
-        if t.dim() != rank:
-            raise ValueError(f"shadowkv: `{name}` must be a {rank}-D tensor, got shape {list(t.shape)}")
-        if t.device != q.device:
-            raise ValueError(f"shadowkv: `{name}` must be on the device of `q` ({q.device}), got {t.device}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"shadowkv: `{name}` must have the dtype of `q` ({q.dtype}), got {t.dtype}")
-    if evicted_at.dtype != torch.int32:
-        raise TypeError(f"shadowkv: `evicted_at` must be int32, got {evicted_at.dtype}")
-    B, Hq, _, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    for name, t, want in (("k", k, (B, Hkv, Lk, D)), ("v", v, (B, Hkv, Lk, D)), ("evicted_at", evicted_at, (B, Hkv, Lk))):
-        if tuple(t.shape) != want:
-            raise ValueError(f"shadowkv: `{name}` must have shape {list(want)}, got {list(t.shape)}")
+    """The C++ shadow_attention checks, for fake and meta tensors."""
+    B, Hq, _, D = q.shape if q.dim() == 4 else (None,) * 4
+    Hkv, Lk = (k.shape[1], k.shape[2]) if k.dim() == 4 else (None, None)
+    _check_fake_args(q, "q", [
+        ("q", q, "[B, Hq, Lq, D]", _FLOAT_DTYPES, (None,) * 4),
+        ("k", k, "[B, Hkv, Lk, D]", (q.dtype,), (B, None, None, D)),
+        ("v", v, "[B, Hkv, Lk, D]", (q.dtype,), (B, Hkv, Lk, D)),
+        ("evicted_at", evicted_at, "[B, Hkv, Lk]", (torch.int32,), (B, Hkv, Lk)),
+    ])
     if (Hq % Hkv != 0) if Hkv else Hq != 0:
         raise ValueError(f"shadowkv: the head count of `q` ({Hq}) must be a multiple of the head count of `k` ({Hkv})")
 
@@ -125,42 +143,17 @@ def shadow_attention(
 # csrc/include/shadowkv/paged_kv.h). CPU and CUDA kernels; on CUDA each call copies the
 # index tensors it validates to the host (one sync), see paged_kv.h.
 
-_PAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _check_paged_fake_args(ref, ref_name, specs):
-    """The rank/dtype/device/shape checks of the C++ paged ops, for fake and meta tensors
-    (all on the device of ``ref``, the argument named ``ref_name``).
-
-    ``specs``: ``(name, tensor or None, layout, dtypes, shape)`` where ``layout`` is like
-    ``"[B, T]"``, ``dtypes`` a tuple of accepted dtypes and ``shape`` a tuple of expected sizes
-    (``None`` entries: any size). ``None`` tensors (absent optionals) are skipped.
-    """
-    for name, t, layout, dtypes, shape in specs:
-        if t is None:
-            continue
-        if t.dim() != len(shape):
-            raise ValueError(f"shadowkv: `{name}` must be a {len(shape)}-D tensor {layout}, got shape {list(t.shape)}")
-        if t.dtype not in dtypes:
-            raise TypeError(f"shadowkv: `{name}` must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
-        if t.device != ref.device:
-            raise ValueError(f"shadowkv: `{name}` must be on the device of `{ref_name}` ({ref.device}), got {t.device}")
-        want = [got if w is None else w for got, w in zip(t.shape, shape)]
-        if list(t.shape) != want:
-            raise ValueError(f"shadowkv: `{name}` must have shape {want}, got {list(t.shape)}")
-
-
 def _check_paged_cache_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens, ref, ref_name,
-                            page_dtypes=_PAGE_DTYPES):
+                            page_dtypes=_FLOAT_DTYPES):
     """Checks the cache tensors; returns ``(P, page_size, Hkv, D, B, max_pages)``."""
     any_ = (None,)
-    _check_paged_fake_args(ref, ref_name, [
+    _check_fake_args(ref, ref_name, [
         ("k_pages", k_pages, "[P, page_size, Hkv, D]", page_dtypes, any_ * 4),
         ("block_tables", block_tables, "[B, max_pages]", (torch.int32,), any_ * 2),
     ])
     P, ps, H, D = k_pages.shape
     B, M = block_tables.shape
-    _check_paged_fake_args(ref, ref_name, [
+    _check_fake_args(ref, ref_name, [
         ("v_pages", v_pages, "[P, page_size, Hkv, D]", (k_pages.dtype,), (P, ps, H, D)),
         ("pos_pages", pos_pages, "[P, page_size, Hkv]", (torch.int32,), (P, ps, H)),
         ("seq_lens", seq_lens, "[B]", (torch.int32,), (B,)),
@@ -173,7 +166,7 @@ def _append_kv_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens, k, v, p
     _, _, H, D, B, _ = _check_paged_cache_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens,
                                                k_pages, "k_pages")
     T = k.shape[2] if k.dim() == 4 else None
-    _check_paged_fake_args(k_pages, "k_pages", [
+    _check_fake_args(k_pages, "k_pages", [
         ("k", k, "[B, Hkv, T, D]", (k_pages.dtype,), (B, H, T, D)),
         ("v", v, "[B, Hkv, T, D]", (k_pages.dtype,), (B, H, T, D)),
         ("positions", positions, "[B, T]", (torch.int32,), (B, T)),
@@ -183,10 +176,10 @@ def _append_kv_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens, k, v, p
 
 @torch.library.register_fake("shadowkv::paged_decode_attention")
 def _paged_decode_attention_fake(q, k_pages, v_pages, block_tables, seq_lens, scale=None, scores_out=None):
-    _check_paged_fake_args(q, "q", [("q", q, "[B, Hq, D]", _PAGE_DTYPES, (None,) * 3)])
+    _check_fake_args(q, "q", [("q", q, "[B, Hq, D]", _FLOAT_DTYPES, (None,) * 3)])
     _, _, H, D, B, _ = _check_paged_cache_fake(k_pages, v_pages, None, block_tables, seq_lens, q, "q",
                                                page_dtypes=(q.dtype,))
-    _check_paged_fake_args(q, "q", [
+    _check_fake_args(q, "q", [
         ("q", q, "[B, Hq, D]", (q.dtype,), (B, None, D)),
         ("scores_out", scores_out, "[B, Hkv, S]", (torch.float32,), (B, H, None)),
     ])
@@ -202,7 +195,7 @@ def _evict_compact_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens, kee
     _, _, H, _, B, M = _check_paged_cache_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens,
                                                k_pages, "k_pages")
     S = keep.shape[2] if keep.dim() == 3 else None
-    _check_paged_fake_args(k_pages, "k_pages", [
+    _check_fake_args(k_pages, "k_pages", [
         ("keep", keep, "[B, Hkv, S]", (torch.bool,), (B, H, S)),
         ("steps", steps, "[B]", (torch.int32,), (B,)),
         ("evicted_at", evicted_at, "[B, Hkv, T]", (torch.int32,), (B, H, None)),
