@@ -39,7 +39,7 @@ class TrainConfig:
     vf_coef: float = 0.5
     policy: str = "snapkv"
     budget: float = 0.25
-    page_size: int = 16
+    page_size: int = 8  # small sequences here: a 16-token page would be a tenth of each one
     steps: int = 40
     prompts_per_step: int = 8
     group_size: int = 4
