@@ -184,7 +184,7 @@ class PagedKVCache:
         lc = self.layers[layer]
         freed = torch.ops.shadowkv.evict_compact(
             lc.k_pages, lc.v_pages, lc.pos_pages, lc.block_tables[rows], lc.seq_lens[rows],
-            keep, steps.to(torch.int32), evicted_at, slot_scores,
+            keep, steps.to(device=evicted_at.device, dtype=torch.int32), evicted_at, slot_scores,
         )
         ids = freed[freed >= 0].tolist()
         lc.free.extend(int(p) for p in ids)

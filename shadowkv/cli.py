@@ -28,6 +28,14 @@ def _cmd_demo(args) -> int:
     return 0 if ok else 1
 
 
+def _budget(text: str) -> int | float:
+    """``64`` -> 64 tokens; ``0.25`` -> a quarter of the current length."""
+    value = int(text) if text.isdigit() else float(text)
+    if isinstance(value, int) and value < 1 or isinstance(value, float) and not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"budget must be tokens >= 1 or a fraction in (0, 1], got {text}")
+    return value
+
+
 def _train_config(args):
     from .train import TrainConfig
 
@@ -69,7 +77,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=["kv-lookup", "copy", "chain"], help=f"default {d.task}")
     p.add_argument("--prompt-len", dest="prompt_len", type=int, help=f"approximate prompt tokens (default {d.prompt_len})")
     p.add_argument("--policy", choices=["streaming", "h2o", "snapkv", "random"], help=f"default {d.policy}")
-    p.add_argument("--budget", type=float, help=f"KV fraction kept (default {d.budget})")
+    p.add_argument("--budget", type=_budget, help=f"KV kept: tokens (64) or a fraction (default {d.budget})")
     p.add_argument("--page-size", dest="page_size", type=int)
     p.add_argument("--steps", type=int, help=f"RL steps (default {d.steps})")
     p.add_argument("--prompts-per-step", dest="prompts_per_step", type=int)

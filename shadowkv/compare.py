@@ -31,7 +31,9 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
             done = run / "summary.json"
             summary = json.loads(done.read_text()) if done.exists() else train(cfg, run, resume=True, progress=progress)
             summary["rows"] = read_metrics(run)
-            results[method].append(summary)
+            if summary["rows"]:  # a run stopped before its first step has nothing to report
+                results[method].append(summary)
+    results = {m: runs for m, runs in results.items() if runs}
     lines = [
         f"task={base.task} policy={base.policy} budget={base.budget} steps={base.steps} seeds={seeds}",
         f"{'method':8s} {'final train reward':>20s} {'eval reward (greedy)':>22s} {'KV peak/dense':>14s} "

@@ -56,6 +56,10 @@ class Policy:
         """positions: ``[Hkv, n]`` int32; scores: ``[Hkv, n]`` float32 or None -> keep ``[Hkv, n]`` bool."""
         raise NotImplementedError
 
+    def reset(self, seed: int) -> None:
+        """Called by the sampler at the start of each ``generate(seed=...)``, so that
+        stochastic policies replay identically for the same seed."""
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
@@ -112,6 +116,8 @@ class SnapKV(Policy):
     name = "snapkv"
 
     def __init__(self, window: int = 32, kernel: int = 7):
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"SnapKV: kernel must be a positive odd number (centred pooling), got {kernel}")
         self.window, self.kernel = window, kernel
 
     def select(self, positions, scores, n_keep):
@@ -129,6 +135,9 @@ class RandomEvict(Policy):
     def __init__(self, seed: int = 0):
         self.seed = seed
         self._gen = torch.Generator().manual_seed(seed)
+
+    def reset(self, seed: int) -> None:
+        self._gen.manual_seed(self.seed * 1_000_003 + seed)
 
     def select(self, positions, scores, n_keep):
         score = torch.rand(positions.shape, generator=self._gen).to(positions.device)

@@ -229,7 +229,10 @@ class Sampler:
             raise ValueError("every prompt must be a non-empty 1-D sequence of token ids")
         plens = [p.numel() for p in prompts]
         T = max(plens) + max_new_tokens
-        gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**63)
+        if seed is None:
+            seed = torch.Generator().seed() % 2**63  # fresh entropy, global RNG untouched
+        gen = torch.Generator().manual_seed(seed)
+        self.policy.reset(seed)
 
         self.cache = self._new_cache(B, plens, max_new_tokens)
         slots = self.cache.max_pages_per_seq * self.page_size

@@ -9,6 +9,7 @@ by ``(seed, step)``, so a resumed run replays the same steps with the same metri
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -71,7 +72,10 @@ class TrainConfig:
 
 
 def _seeded(cfg: TrainConfig, step: int, salt: int) -> torch.Generator:
-    return torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 7 + salt)
+    """A generator for one purpose (``salt``) of one step; hashing keeps the streams apart
+    (evaluation uses step -1)."""
+    digest = hashlib.sha256(f"{cfg.seed}/{step}/{salt}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:7], "little"))
 
 
 def make_sampler(cfg: TrainConfig, model, dense: bool) -> Sampler:
@@ -249,12 +253,16 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     hf_logging.disable_progress_bar()  # checkpoint writes would interleave with our bar
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    task = make_task(cfg.task, length=cfg.prompt_len)
     if resume and (out / "config.json").exists():
         cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
     else:
+        # A fresh run never resumes another run's weights later: drop old checkpoints.
+        for old in [*out.glob("ckpt-*"), *out.glob(".tmp-*")]:
+            shutil.rmtree(old, ignore_errors=True)
+        (out / "LATEST").unlink(missing_ok=True)
         _atomic_write(out / "config.json", json.dumps(asdict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    task = make_task(cfg.task, length=cfg.prompt_len)
     if cfg.init:
         from transformers import AutoModelForCausalLM
 

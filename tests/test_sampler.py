@@ -150,3 +150,21 @@ def test_bad_generate_arguments(llama):
         s.generate(_prompts(1, 4, 4), 4, temperature=-1.0)
     with pytest.raises(ValueError, match="budget"):
         Sampler(llama, StreamingLLM(), budget=1.5)
+
+
+def test_same_seed_same_rollout_for_stochastic_policy(llama):
+    sampler = Sampler(llama, RandomEvict(seed=5), budget=0.3, page_size=4)
+    a = sampler.generate(_prompts(2, 10, 20, seed=6), 30, seed=11)
+    b = sampler.generate(_prompts(2, 10, 20, seed=6), 30, seed=11)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.evicted_at, b.evicted_at)
+
+
+def test_policy_and_budget_argument_checks():
+    from shadowkv.cli import _budget
+
+    with pytest.raises(ValueError, match="odd"):
+        SnapKV(window=8, kernel=4)
+    assert _budget("64") == 64 and isinstance(_budget("64"), int) and _budget("0.25") == 0.25
+    for bad in ("0", "1.5", "-3"):
+        with pytest.raises(Exception, match="budget"):
+            _budget(bad)
