@@ -64,6 +64,19 @@ def install(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def check_length(model, length: int) -> None:
+    """Sliding-window attention (Mistral/Qwen2 configs that enable it) is not replayed by the
+    shadow mask; refuse sequences long enough for the window to matter rather than return
+    silently different attention."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    enabled = getattr(cfg, "use_sliding_window", True)
+    if window and enabled and length > window:
+        raise NotImplementedError(
+            f"shadowkv: the model uses sliding-window attention ({window} tokens) and this sequence has "
+            f"{length}; sliding windows are not supported yet")
+
+
 def model_geometry(model) -> tuple[int, int, int, int]:
     """``(num_layers, num_q_heads, num_kv_heads, head_dim)`` from a transformers config."""
     cfg = model.config

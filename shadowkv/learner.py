@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import attention_context, install
+from .attention import attention_context, check_length, install
 from .ops import NEVER_EVICTED, shadow_attention
 
 METHODS = ("dense", "naive", "is", "smd")
@@ -51,6 +51,7 @@ def replay_logits(model, rollout, mask: str = "shadow", return_hidden: bool = Fa
     install(model)
     tokens = rollout.tokens
     B, T = tokens.shape
+    check_length(model, T)
     positions = torch.arange(T, device=tokens.device)[None].expand(B, T)
     with attention_context(_ReplayContext(rollout.evicted_at if mask == "shadow" else None)):
         out = model(input_ids=tokens[:, :-1], position_ids=positions[:, :-1], use_cache=False,

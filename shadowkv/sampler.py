@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import attention_context, install, model_geometry
+from .attention import attention_context, check_length, install, model_geometry
 from .cache import PagedKVCache
 from .ops import NEVER_EVICTED, shadow_attention
 from .policies import FullCache, Policy, budget_tokens
@@ -229,6 +229,7 @@ class Sampler:
             raise ValueError("every prompt must be a non-empty 1-D sequence of token ids")
         plens = [p.numel() for p in prompts]
         T = max(plens) + max_new_tokens
+        check_length(self.model, T)
         if seed is None:
             seed = torch.Generator().seed() % 2**63  # fresh entropy, global RNG untouched
         gen = torch.Generator().manual_seed(seed)

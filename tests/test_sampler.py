@@ -168,3 +168,10 @@ def test_policy_and_budget_argument_checks():
     for bad in ("0", "1.5", "-3"):
         with pytest.raises(Exception, match="budget"):
             _budget(bad)
+
+
+def test_sliding_window_models_are_refused_past_the_window(tmp_path):
+    model = tiny_model(tmp_path, "mistral")
+    model.config.sliding_window = 16
+    with pytest.raises(NotImplementedError, match="sliding"):
+        Sampler(model, StreamingLLM(), budget=8).generate(_prompts(1, 10, 10), 10)
