@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 import json
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
-from .train import TrainConfig, read_metrics, train
+from .train import TrainConfig, plot_curves, read_metrics, train
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -19,8 +20,8 @@ def _mean_std(xs: list[float]) -> str:
 
 def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "naive", "is", "smd"),
             progress: bool = True) -> str:
-    """Trains every method for every seed under ``out/<method>-s<seed>`` (finished runs are
-    reused), writes ``compare.json`` and ``compare.png``, returns the table as text."""
+    """Trains every method for every seed under ``out/<method>-s<seed>`` (finished runs with
+    the same settings are reused, interrupted ones resumed), writes ``compare.json`` and ``compare.png``, returns the table as text."""
     out = Path(out)
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for seed in range(seeds):
@@ -28,8 +29,12 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
             cfg = copy.deepcopy(base)
             cfg.method, cfg.seed = method, seed
             run = out / f"{method}-s{seed}"
-            done = run / "summary.json"
-            summary = json.loads(done.read_text()) if done.exists() else train(cfg, run, resume=True, progress=progress)
+            done, saved = run / "summary.json", run / "config.json"
+            same = saved.exists() and json.loads(saved.read_text()) == json.loads(json.dumps(asdict(cfg)))
+            if same and done.exists():
+                summary = json.loads(done.read_text())  # finished with these settings: reuse
+            else:  # resume an interrupted run; a folder trained with other settings starts over
+                summary = train(cfg, run, resume=same, progress=progress)
             summary["rows"] = read_metrics(run)
             if summary["rows"]:  # a run stopped before its first step has nothing to report
                 results[method].append(summary)
@@ -49,28 +54,13 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
     (out / "compare.json").write_text(json.dumps(
         {m: [{k: v for k, v in r.items() if k != "rows"} for r in runs] for m, runs in results.items()}, indent=2))
     (out / "compare.txt").write_text(table + "\n")
-    _plot(results, out / "compare.png", lines[0])
+    plot_curves({m: _mean_rows(runs) for m, runs in results.items()}, out / "compare.png", lines[0] + " (mean over seeds)")
     return table
 
 
-def _plot(results: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
-    for method, runs in results.items():
-        steps = [r["step"] for r in runs[0]["rows"]]
-        n = min(len(r["rows"]) for r in runs)
-        reward = [statistics.fmean(r["rows"][i]["reward"] for r in runs) for i in range(n)]
-        mism = [statistics.fmean(max(r["rows"][i]["mismatch_abs"], 1e-9) for r in runs) for i in range(n)]
-        ax[0].plot(steps[:n], reward, label=method)
-        ax[1].semilogy(steps[:n], mism, label=method)
-    ax[0].set(title="reward (mean over seeds)", xlabel="step", ylim=(0, 1))
-    ax[1].set(title="sampler/learner mean |Δlogp|", xlabel="step")
-    ax[0].legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _mean_rows(runs: list[dict]) -> list[dict]:
+    """Per-step mean over seeds of the plotted metrics (steps every seed reached)."""
+    n = min(len(r["rows"]) for r in runs)
+    keys = ("reward", "kv_ratio", "mismatch_abs")
+    return [{"step": runs[0]["rows"][i]["step"], **{k: statistics.fmean(r["rows"][i][k] for r in runs) for k in keys}}
+            for i in range(n)]

@@ -204,20 +204,25 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
 
 
-def plot_curves(rows: list[dict], path: Path, title: str) -> None:
+def plot_curves(curves: dict[str, list[dict]], path: Path, title: str) -> None:
+    """reward, KV peak / dense and sampler/learner mismatch per step, one line per label
+    (``{label: metrics rows}``): one run in ``curves.png``, one method each in ``compare.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
-    ax[0].plot(steps, [r["reward"] for r in rows])
-    ax[0].set(title="reward (train rollouts)", xlabel="step", ylim=(0, 1))
-    ax[1].plot(steps, [r["kv_ratio"] for r in rows])
-    ax[1].set(title="KV peak / dense KV", xlabel="step", ylim=(0, 1.1))
-    ax[2].semilogy(steps, [max(r["mismatch_abs"], 1e-9) for r in rows])
+    for label, rows in curves.items():
+        steps = [r["step"] for r in rows]
+        ax[0].plot(steps, [r["reward"] for r in rows], label=label)
+        ax[1].plot(steps, [r["kv_ratio"] for r in rows], label=label)
+        ax[2].semilogy(steps, [max(r["mismatch_abs"], 1e-12) for r in rows], label=label)
+    ax[0].set(title="reward (train rollouts)", xlabel="step", ylim=(0, 1.05))
+    ax[1].set(title="KV peak / dense KV", xlabel="step", ylim=(0, 1.15))
     ax[2].set(title="sampler/learner mean |Δlogp|", xlabel="step")
+    if len(curves) > 1:
+        ax[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -317,7 +322,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             "kv_ratio": max(r["kv_ratio"] for r in rows),
             "mismatch_abs": sum(r["mismatch_abs"] for r in rows) / len(rows),
         })
-        plot_curves(rows, out / "curves.png", f"{cfg.task} · {cfg.method} · {cfg.policy} @ {cfg.budget}")
+        plot_curves({cfg.method: rows}, out / "curves.png", f"{cfg.task} · {cfg.method} · {cfg.policy} @ {cfg.budget}")
     if finished:
         summary["eval_reward"] = evaluate(cfg, task, model)
         _atomic_write(out / "summary.json", json.dumps(summary, indent=2))

@@ -114,3 +114,16 @@ def test_distill_kl_is_zero_for_identical_logits_and_positive_otherwise():
     assert learner.distill_kl(logits, logits, r).abs().max() < 1e-6
     for direction in ("forward", "reverse"):
         assert (learner.distill_kl(logits, logits + torch.randn(2, 5, 7), r, direction)[:, 1:] > 0).all()
+
+
+def test_compare_table_and_reuse(tmp_path):
+    from shadowkv.compare import compare
+
+    cfg = _cfg("smd", steps=2)
+    table = compare(cfg, tmp_path, seeds=1, methods=("naive", "smd"), progress=False)
+    assert "naive" in table and "smd" in table and (tmp_path / "compare.png").exists()
+    stamp = (tmp_path / "smd-s0" / "summary.json").stat().st_mtime_ns
+    assert compare(cfg, tmp_path, seeds=1, methods=("naive", "smd"), progress=False) == table
+    assert (tmp_path / "smd-s0" / "summary.json").stat().st_mtime_ns == stamp  # reused, not retrained
+    compare(_cfg("smd", steps=3), tmp_path, seeds=1, methods=("smd",), progress=False)
+    assert len(read_metrics(tmp_path / "smd-s0")) == 3  # other settings: trained again
