@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 import shutil
 import signal
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -23,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import learner
+from .atomic import write_dir, write_text
 from .policies import FullCache, make_policy
 from .sampler import Sampler
 from .tasks import EOS, make_task
@@ -164,25 +162,18 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
 
 
 # ---- run folder: config.json, metrics.jsonl, ckpt-<step>/ + LATEST, curves.png
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(out: Path, model, opt, step: int, value_head=None) -> None:
     """Writes ``ckpt-<step>/`` then flips ``LATEST`` to it; a kill at any point leaves the
     previous checkpoint intact."""
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-"))
-    model.save_pretrained(tmp)
-    torch.save({"opt": opt.state_dict(), "step": step,
-                "value_head": value_head.state_dict() if value_head is not None else None}, tmp / "trainer.pt")
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder)
+        torch.save({"opt": opt.state_dict(), "step": step,
+                    "value_head": value_head.state_dict() if value_head is not None else None}, folder / "trainer.pt")
+
     final = out / f"ckpt-{step}"
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    write_dir(final, fill)
     previous = (out / "LATEST").read_text().strip() if (out / "LATEST").exists() else None
-    _atomic_write(out / "LATEST", final.name)
+    write_text(out / "LATEST", final.name)
     if previous and previous != final.name:
         shutil.rmtree(out / previous, ignore_errors=True)
 
@@ -265,7 +256,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         for old in [*out.glob("ckpt-*"), *out.glob(".tmp-*")]:
             shutil.rmtree(old, ignore_errors=True)
         (out / "LATEST").unlink(missing_ok=True)
-        _atomic_write(out / "config.json", json.dumps(asdict(cfg), indent=2))
+        write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
     task = make_task(cfg.task, length=cfg.prompt_len)
     if cfg.init:
@@ -296,7 +287,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             value_head.load_state_dict(trainer_state["value_head"])
     rows = read_metrics(out) if resume else []
     rows = [r for r in rows if r["step"] < start]  # steps after the checkpoint are replayed
-    _atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     sampler = make_sampler(cfg, model, cfg.method == "dense")
     end = cfg.steps if max_steps_this_run is None else min(cfg.steps, start + max_steps_this_run)
     bar = tqdm(range(start, end), desc=f"RL {cfg.method}", disable=not progress, initial=start, total=cfg.steps)
@@ -325,5 +316,5 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         plot_curves({cfg.method: rows}, out / "curves.png", f"{cfg.task} · {cfg.method} · {cfg.policy} @ {cfg.budget}")
     if finished:
         summary["eval_reward"] = evaluate(cfg, task, model)
-        _atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+        write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary

@@ -12,13 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from .atomic import write_dir
 from .tasks import Copy, Task
 
 
@@ -104,12 +103,10 @@ def pretrained_policy(task: Task, model_cfg: ModelConfig, sft_cfg: SFTConfig, pr
         torch.manual_seed(sft_cfg.seed)
         model = build_model(task, model_cfg)
         sft(model, task, sft_cfg, progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
-        model.save_pretrained(tmp)
-        (tmp / "shadowkv_key.json").write_text(key)
-        try:
-            os.replace(tmp, path)  # atomic: a concurrent or killed run never sees half a model
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)  # another run finished first
+
+        def fill(folder: Path) -> None:
+            model.save_pretrained(folder)
+            (folder / "shadowkv_key.json").write_text(key)
+
+        write_dir(path, fill, replace=False)  # a concurrent or killed run never sees half a model
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
