@@ -12,16 +12,6 @@ void torch_parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& 
 
 namespace {
 
-// Core kernels report bad params with std::invalid_argument; surface it as ValueError.
-template <typename F>
-void rethrow_as_value_error(F&& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  }
-}
-
 [[noreturn]] void no_cuda(const at::Device& device) {
   TORCH_CHECK(false, "shadowkv: tensors are on ", device,
               " but this build of shadowkv has no CUDA kernels (python -m shadowkv info shows the build)");

@@ -4,10 +4,23 @@
 
 #include <ATen/ATen.h>
 
+#include <stdexcept>
+
 #include "shadowkv/paged_kv.h"
 #include "shadowkv/shadow_attention.h"
 
 namespace shadowkv::bindings {
+
+// Core kernels report bad params and values with std::invalid_argument; runs f and surfaces
+// that as a Python ValueError.
+template <typename F>
+void rethrow_as_value_error(F&& f) {
+  try {
+    f();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
 
 // at::parallel_for as the core's ParallelFor.
 void torch_parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& body);

@@ -49,24 +49,14 @@ void check_unit_last_stride(const at::Tensor& t, const char* name) {
                     shape_str(t.strides()));
 }
 
-// Core kernels report bad params and values with std::invalid_argument: ValueError.
-template <typename F>
-void run_as_value_error(F&& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  }
-}
-
 // Runs the CPU kernel on CPU tensors and its CUDA twin (current stream, device guard) on CUDA
 // tensors. The CUDA twins copy the index tensors they check to the host first (one stream
 // synchronisation per call; see paged_kv.h).
 template <typename Cpu, typename Cuda>
 void run_kernel(const at::Device& device, const char* op, Cpu&& cpu, [[maybe_unused]] Cuda&& cuda) {
-  if (device.is_cpu()) return run_as_value_error(cpu);
+  if (device.is_cpu()) return rethrow_as_value_error(cpu);
 #ifdef SHADOWKV_WITH_CUDA
-  if (device.is_cuda()) return run_as_value_error(cuda);
+  if (device.is_cuda()) return rethrow_as_value_error(cuda);
 #endif
   TORCH_CHECK_NOT_IMPLEMENTED(false, "shadowkv: ", op, " has no kernel for tensors on ", device,
                               " in this build (python -m shadowkv info shows the build)");

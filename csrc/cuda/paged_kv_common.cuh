@@ -15,6 +15,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "device_math.cuh"
+
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -29,7 +31,12 @@
 namespace shadowkv {
 namespace cuda_paged {
 
-constexpr unsigned kFullMask = 0xffffffffu;
+using cuda_common::from_f32;
+using cuda_common::kFullMask;
+using cuda_common::to_f32;
+using cuda_common::warp_max;
+using cuda_common::warp_sum;
+
 
 // ------------------------------------------------------------------------------------------
 // Host helpers.
@@ -266,30 +273,6 @@ __device__ __forceinline__ int32_t* pos_at(const PagedKVCache& c, int64_t page, 
   return c.pos_pages + page * c.pos_stride[0] + row * c.pos_stride[1] + h * c.pos_stride[2];
 }
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, o));
-  return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(kFullMask, x, o);
-  return x;
-}
 
 }  // namespace cuda_paged
 }  // namespace shadowkv

@@ -16,6 +16,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include "device_math.cuh"
 #include <mma.h>
 
 #include <climits>
@@ -30,9 +32,14 @@
 namespace shadowkv {
 namespace cuda_attn {
 
+using cuda_common::from_f32;
+using cuda_common::kFullMask;
+using cuda_common::to_f32;
+using cuda_common::warp_max;
+using cuda_common::warp_sum;
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-constexpr unsigned kFullMask = 0xffffffffu;
 
 // Granularity of the evicted_at min/max pre-pass; every kernel's key tile is a multiple of it.
 constexpr int kEvTile = 32;
@@ -211,30 +218,6 @@ void dispatch_dtype(DType dt, F&& f) {
 // ------------------------------------------------------------------------------------------
 // Device helpers.
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, o));
-  return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(kFullMask, x, o);
-  return x;
-}
 
 // The shadow mask (DESIGN.md section 1).
 __device__ __forceinline__ bool visible(int64_t key, int64_t pos, int ev) { return key <= pos && pos < ev; }
