@@ -1,0 +1,127 @@
+"""Cost of ``evict_compact`` as a fraction of one ``paged_decode_attention`` step, same shape.
+
+Builds one layer's full cache (``B`` sequences of ``--ctx`` tokens in pages of random pool
+order, every KV head holding positions ``0 .. ctx - 1``, an empty eviction log), then times:
+
+- ``decode``: one ``paged_decode_attention`` call on that pre-eviction cache (one query token
+  per sequence, as in ``bench_decode.py``);
+- ``evict_compact`` keeping ``--keep`` of the tokens of every sequence and KV head, with two
+  keep masks: ``streaming`` (``--sinks`` first tokens + the most recent window, as
+  StreamingLLM) and ``random`` (a different random set of the same size per KV head).
+
+evict_compact rewrites the cache and the log in place, so before every call (outside the timed
+region) the cache, block tables, lengths and log are copied back from a pristine copy.
+Printed per mask: both times, ``evict / decode`` (the issue's acceptance: < 5%), the same
+amortized over one eviction every ``--every`` decode steps (the Sparse-RL schedule compresses
+every 128 steps), and the least traffic a compaction needs: the K, V and position of every
+kept slot that changes place, read and written, plus the keep mask read and one int32 log
+entry written per evicted key.
+
+Times are per call, median of ``--reps`` after ``--warmup`` calls: CUDA events on GPU (they
+include the host-side validation each op does per call, see ``shadowkv/ops.py``),
+``time.perf_counter`` on CPU, where the restored cache is warm in the last-level cache (as is
+the decode's, read on every call).
+
+Defaults (GPU acceptance shape, and one that finishes in well under a minute on 2 CPU cores):
+
+    CUDA: B=64, ctx 8192, 32 query / 8 KV heads, head dim 128, page 16, bfloat16, 30 reps
+    CPU:  B=4,  ctx 2048,  8 query / 2 KV heads, head dim 64,  page 16, float32,  10 reps
+
+    python bench/bench_evict.py                     # CUDA if available, else CPU
+    python bench/bench_evict.py --device cpu
+    python bench/bench_evict.py --device cuda --keep 0.5 --every 64
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench_decode import add_shape_args, header, markdown_table, median_ms, random_pages, resolve_args
+from shadowkv import ops
+from shadowkv.reference import PagedState, streaming_keep
+
+
+def full_cache(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+               gen: torch.Generator) -> PagedState:
+    """Every sequence full: slot ``s`` of every KV head holds position ``s``."""
+    k_pages, v_pages, tables, seq_lens = random_pages(args, device, dtype, 1, gen)
+    tables = tables[0]
+    max_pages = tables.shape[1]
+    pos_pages = torch.empty(k_pages.shape[:3], dtype=torch.int32, device=device)
+    slot = torch.arange(max_pages * args.page_size, dtype=torch.int32, device=device)
+    pos_pages[tables.long()] = slot.view(1, max_pages, args.page_size, 1)
+    return PagedState(k_pages, v_pages, pos_pages, tables, seq_lens)
+
+
+def random_keep(batch: int, kv_heads: int, ctx: int, kept: int, device: torch.device,
+                gen: torch.Generator) -> torch.Tensor:
+    """``[B, Hkv, ctx]`` bool with ``kept`` True at random slots, drawn per (sequence, KV head)."""
+    chosen = torch.rand(batch, kv_heads, ctx, generator=gen, device=device).topk(kept, dim=-1).indices
+    return torch.zeros(batch, kv_heads, ctx, dtype=torch.bool, device=device).scatter_(-1, chosen, True)
+
+
+def min_traffic_bytes(keep: torch.Tensor, head_dim: int, elem: int) -> int:
+    """Bytes a compaction under ``keep`` must move at least (see the module docstring)."""
+    new_slot = keep.cumsum(-1) - 1
+    moved = int((keep & (new_slot != torch.arange(keep.shape[-1], device=keep.device))).sum())
+    evicted = int((~keep).sum())
+    per_slot = 2 * head_dim * elem + 4  # K row + V row of one head + its position
+    return 2 * moved * per_slot + keep.numel() + 4 * evicted
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    add_shape_args(p)
+    p.add_argument("--keep", type=float, default=0.25, help="fraction of the tokens kept (default: 0.25)")
+    p.add_argument("--sinks", type=int, default=4, help="leading tokens the streaming mask keeps (default: 4)")
+    p.add_argument("--every", type=int, default=128,
+                   help="decode steps per eviction for the amortized column (default: 128)")
+    args = p.parse_args()
+    device, dtype = resolve_args(args)
+    B, ctx, hkv = args.batch, args.ctx, args.kv_heads
+    kept = round(args.keep * ctx)
+    if not args.sinks < kept <= ctx:
+        raise SystemExit(f"--keep={args.keep} keeps {kept} of {ctx} tokens: need --sinks={args.sinks} < kept <= ctx")
+
+    gen = torch.Generator(device).manual_seed(0)
+    pristine = full_cache(args, device, dtype, gen)
+    log_pristine = torch.full((B, hkv, ctx), ops.NEVER_EVICTED, dtype=torch.int32, device=device)
+    steps = torch.full((B,), ctx, dtype=torch.int32, device=device)  # the next query's position
+    q = torch.randn(B, args.heads, args.head_dim, generator=gen, dtype=dtype, device=device)
+
+    decode_ms = median_ms(lambda i: ops.paged_decode_attention(q, *pristine[:2], *pristine[3:]),
+                          device, args.warmup, args.reps)
+
+    work, log = pristine.clone(), log_pristine.clone()
+
+    def restore(i: int) -> None:
+        for dst, src in zip((*work, log), (*pristine, log_pristine)):
+            dst.copy_(src)
+
+    masks = {
+        "streaming": streaming_keep(pristine.seq_lens.cpu(), hkv, ctx, args.sinks, kept - args.sinks).to(device),
+        "random": random_keep(B, hkv, ctx, kept, device, gen),
+    }
+    rows = []
+    for name, keep in masks.items():
+        evict_ms = median_ms(lambda i: ops.evict_compact(*work, keep, steps, log), device, args.warmup, args.reps,
+                             prepare=restore)
+        # The timed calls must have done the whole job, or the times mean nothing.
+        if not ((work.seq_lens == kept).all() and int((log == ctx).sum()) == B * hkv * (ctx - kept)):
+            raise RuntimeError(f"evict_compact ({name}) did not leave {kept} tokens per sequence and head")
+        traffic = min_traffic_bytes(keep, args.head_dim, dtype.itemsize)
+        rows.append([name, f"{kept}/{ctx}", f"{evict_ms:.3f}", f"{decode_ms:.3f}",
+                     f"{100 * evict_ms / decode_ms:.1f}%", f"{100 * evict_ms / (args.every * decode_ms):.2f}%",
+                     f"{traffic / 2**20:.1f}", f"{traffic / evict_ms / 1e6:.1f}"])
+
+    print(header(args, device, dtype, f" | keep {args.keep:g} ({args.sinks} sinks for streaming)") + "\n")
+    print(markdown_table(["keep mask", "kept", "evict ms", "decode ms", "evict / decode",
+                          f"evict / {args.every} decodes", "min traffic MiB", "evict GB/s"], rows))
+
+
+if __name__ == "__main__":
+    main()
