@@ -4,6 +4,8 @@ For one shape it times, forward and forward+backward:
 
 - ``shadowkv``: ``shadowkv.ops.shadow_attention`` with the eviction log;
 - ``sdpa``: ``F.scaled_dot_product_attention`` with the equivalent boolean mask [B, Hq, L, L];
+- ``causal``: ``F.scaled_dot_product_attention(is_causal=True)``, no mask (the flash backend on
+  CUDA): dense causal attention at full speed, the bar a 25% log has to beat;
 - ``flex``: compiled FlexAttention with the equivalent block mask (skipped with a note when it
   cannot run, e.g. no compiler for the CPU backend);
 
@@ -11,10 +13,15 @@ under two masks: ``dense`` (nothing evicted: plain causal attention) and a Strea
 that keeps ``sinks`` + a window so that ``budget`` of the L keys are cached at any time. Queries
 are all L positions (``q_offset = 0``), as in a learner's training forward.
 
-The acceptance row is the default: L=4096, D=64, budget 0.25 (4 sinks + 1020 window) on CPU,
-where ``shadowkv dense / 25%`` should be >= 2x: the op skips key tiles that the log masks.
+Defaults are per device (options given on the command line win):
 
-    python bench/bench_shadow_attention.py                    # the acceptance shape
+    CPU:  B=1, Hq=8,  Hkv=2, L=4096, D=64,  float32,  median of 5  (``dense / 25%`` >= 2x)
+    CUDA: B=2, Hq=16, Hkv=8, L=8192, D=128, bfloat16, median of 20, inputs rotated over 3 sets
+          so the L2 cache does not serve repeated reads (fwd+bwd >= 1.5x flex at 25%, and
+          faster than ``causal``)
+
+    python bench/bench_shadow_attention.py --device cpu       # the CPU acceptance shape
+    python bench/bench_shadow_attention.py --device cuda      # the GPU acceptance shape
     python bench/bench_shadow_attention.py -L 1024 --repeats 3 --no-flex
 """
 
@@ -35,13 +42,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
           "float64": torch.float64}
 
 
+# Per-device defaults of the shape options left unset (see the module docstring).
+DEFAULTS = {
+    "cpu": dict(seq_len=4096, head_dim=64, q_heads=8, kv_heads=2, batch=1, repeats=5, sets=1),
+    "cuda": dict(seq_len=8192, head_dim=128, q_heads=16, kv_heads=8, batch=2, repeats=20, sets=3),
+}
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-L", "--seq-len", type=int, default=4096, help="keys = queries (default 4096)")
-    p.add_argument("-D", "--head-dim", type=int, default=64)
-    p.add_argument("--q-heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("-B", "--batch", type=int, default=1)
+    p.add_argument("-L", "--seq-len", type=int, help="keys = queries (CPU 4096, CUDA 8192)")
+    p.add_argument("-D", "--head-dim", type=int, help="CPU 64, CUDA 128")
+    p.add_argument("--q-heads", type=int, help="CPU 8, CUDA 16")
+    p.add_argument("--kv-heads", type=int, help="CPU 2, CUDA 8")
+    p.add_argument("-B", "--batch", type=int, help="CPU 1, CUDA 2")
     p.add_argument("--budget", type=float, default=0.25,
                    help="kept keys: a fraction of L if <= 1, else a token count (default 0.25)")
     p.add_argument("--sinks", type=int, default=4)
@@ -49,11 +63,16 @@ def parse_args() -> argparse.Namespace:
                    help="auto: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CPU, then CUDA if available")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
+    p.add_argument("--repeats", type=int, help="timed runs; the median is reported (CPU 5, CUDA 20)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baseline")
+    p.add_argument("--sets", type=int, help="input sets the timed calls rotate over (CPU 1, CUDA 3)")
+    p.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baselines")
     p.add_argument("--no-flex", action="store_true", help="skip the FlexAttention baseline")
     return p.parse_args()
+
+
+def with_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
+    return argparse.Namespace(**{**DEFAULTS[device.type], **{k: v for k, v in vars(args).items() if v is not None}})
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
@@ -84,6 +103,7 @@ def make_impls(evicted_at: torch.Tensor, args, device: torch.device):
         mask = shadow_visible(evicted_at, seq_len).repeat_interleave(group, dim=1)
         impls["sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, enable_gqa=group > 1)
+        impls["causal"] = lambda q, k, v: causal_sdpa(q, k, v, group)
     if not args.no_flex:
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -100,22 +120,38 @@ def make_impls(evicted_at: torch.Tensor, args, device: torch.device):
     return impls
 
 
+def causal_sdpa(q, k, v, group: int):
+    """Dense causal SDPA, on the flash backend where there is one (CUDA)."""
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
+
+
 def time_impl(attn, args, device, dtype) -> tuple[float, float | str]:
-    """Forward seconds of ``attn`` on random inputs, and forward+backward seconds (or why not)."""
+    """Forward seconds of ``attn`` on random inputs, and forward+backward seconds (or why not).
+    Calls rotate over ``args.sets`` input sets."""
     gen = torch.Generator(device=device).manual_seed(0)
     b, hq, hkv, seq_len, d = args.batch, args.q_heads, args.kv_heads, args.seq_len, args.head_dim
-    q = torch.randn(b, hq, seq_len, d, generator=gen, device=device, dtype=dtype)
-    k = torch.randn(b, hkv, seq_len, d, generator=gen, device=device, dtype=dtype)
-    v = torch.randn(b, hkv, seq_len, d, generator=gen, device=device, dtype=dtype)
-    grad_out = torch.randn_like(q)
+    sets = []
+    for _ in range(args.sets):
+        q = torch.randn(b, hq, seq_len, d, generator=gen, device=device, dtype=dtype)
+        k = torch.randn(b, hkv, seq_len, d, generator=gen, device=device, dtype=dtype)
+        v = torch.randn(b, hkv, seq_len, d, generator=gen, device=device, dtype=dtype)
+        sets.append((q, k, v, torch.randn_like(q)))
+    calls = iter(range(1 << 62))
 
     def fwd():
+        q, k, v, _ = sets[next(calls) % len(sets)]
         with torch.no_grad():
             attn(q, k, v)
 
-    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    grads = [tuple(t.clone().requires_grad_() for t in qkv[:3]) + (qkv[3],) for qkv in sets]
 
     def fwd_bwd():
+        qg, kg, vg, grad_out = grads[next(calls) % len(grads)]
         torch.autograd.grad(attn(qg, kg, vg), (qg, kg, vg), grad_out)
 
     fwd_s = median_seconds(fwd, device, args.warmup, args.repeats)
@@ -130,6 +166,9 @@ def _reason(e: Exception) -> str:
 
 
 def run_device(device: torch.device, args) -> None:
+    args = with_defaults(args, device)
+    if args.q_heads % args.kv_heads:
+        raise SystemExit(f"--q-heads={args.q_heads} must be a multiple of --kv-heads={args.kv_heads}")
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     seq_len = args.seq_len
@@ -145,7 +184,9 @@ def run_device(device: torch.device, args) -> None:
     print(f"\n== {device.type}{threads}: B={args.batch} Hq={args.q_heads} Hkv={args.kv_heads} "
           f"L={seq_len} D={args.head_dim} {str(dtype).removeprefix('torch.')}; "
           f"kept = {args.sinks} sinks + {window} window = {kept} keys; "
-          f"median of {args.repeats} after {args.warmup} warm-up")
+          f"median of {args.repeats} after {args.warmup} warm-up, {args.sets} input set(s); "
+          f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+                                          if device.type == "cuda" else ""))
     print(f"{'mask':>6} {'impl':>9} {'fwd ms':>10} {'fwd+bwd ms':>11} {'fwd x':>7} {'fwd+bwd x':>10}")
 
     results: dict[tuple[str, str], tuple[float, float | str]] = {}
@@ -187,8 +228,6 @@ def run_device(device: torch.device, args) -> None:
 
 def main() -> None:
     args = parse_args()
-    if args.q_heads % args.kv_heads:
-        raise SystemExit(f"--q-heads={args.q_heads} must be a multiple of --kv-heads={args.kv_heads}")
     devices = [args.device] if args.device != "auto" else (
         ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     for name in devices:

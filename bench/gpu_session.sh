@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Everything a GPU session has to check, in stages that each fit one device-tool command
+# (10 minutes) and leave one log each under $OUT (the tool brings back at most 8 files).
+# GPU sessions are rare and short (30 minutes of device time), so the whole sequence is
+# written down here once instead of being improvised in a session:
+#
+#   bash bench/gpu_session.sh build      # nvidia-smi, CUDA build for this GPU's arch, info
+#   bash bench/gpu_session.sh test       # the GPU tests + the sampler replay invariant
+#   bash bench/gpu_session.sh sanitize   # compute-sanitizer memcheck + racecheck, small cases
+#   bash bench/gpu_session.sh bench      # the four benchmarks at the acceptance shapes
+#
+# Run from the repository root on the GPU machine; the machine keeps the build between
+# commands while it stays warm. Its image has torch, pybind11, cmake, ninja, pytest,
+# hypothesis and transformers; the build uses them (--no-deps: nothing can be downloaded).
+# Copy the tables into bench/RESULTS.md with the device, date and commands.
+set -uo pipefail
+stage=${1:?usage: gpu_session.sh build|test|sanitize|bench}
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+log="$out/$stage.log"
+py=${PYTHON:-python3}
+# The sanitizers slow kernels down 10-100x: leave out the long-context, random-shape and
+# opcheck cases (the named cases still cover every kernel, dtype and edge case).
+small_cases=(-k "not long and not random and not opcheck and not deterministic")
+
+run() { echo "+ $*"; "$@"; echo "= exit $?"; }
+
+{
+  echo "== $stage  $(date -u +%FT%TZ)  $(git rev-parse --short HEAD 2>/dev/null)"
+  case $stage in
+    build)
+      run nvidia-smi
+      # Only the running GPU's arch: a full "9.0a;8.0" build doubles the compile time.
+      arch=$($py -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))")
+      export SHADOWKV_CUDA=ON SHADOWKV_CUDA_ARCHS="$arch" MAX_JOBS="${MAX_JOBS:-16}"
+      run $py -m pip install -q --no-deps --no-build-isolation -e .
+      run $py -m shadowkv info
+      ;;
+    test)
+      run $py -m pytest -q -rs tests/test_shadow_attention_cuda.py tests/test_paged_kv_cuda.py \
+        tests/test_sampler_cuda.py -s
+      run $py -m pytest -q -m slow tests/test_shadow_attention_cuda.py  # 32k context
+      ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        run compute-sanitizer --tool "$tool" --error-exitcode 3 --target-processes all \
+          $py -m pytest -q -x tests/test_paged_kv_cuda.py tests/test_shadow_attention_cuda.py "${small_cases[@]}"
+      done
+      ;;
+    bench)
+      run $py bench/bench_shadow_attention.py --device cuda  # bf16, D=128, L=8k, 25% kept
+      run $py bench/bench_decode.py --device cuda --scores
+      run $py bench/bench_evict.py --device cuda
+      run $py bench/bench_rollout.py --device cuda --dtype bfloat16 -B 64 --prompt 512 --new 2048 --head-dim 128
+      ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+} 2>&1 | tee "$log"
