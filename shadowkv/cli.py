@@ -50,11 +50,13 @@ def _train_config(args):
 
 
 def _cmd_train(args) -> int:
-    from .train import train
+    from .train import TrainConfig, train
 
     cfg = _train_config(args)
     out = Path(args.out or f"runs/{cfg.task}-{cfg.method}-{cfg.policy}-{cfg.budget}-s{cfg.seed}")
-    summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+             if f.name not in ("model", "sft") and getattr(args, f.name, None) is not None}
+    summary = train(cfg, out, resume=args.resume, progress=not args.quiet, overrides=given)
     print(json.dumps(summary, indent=2))
     print(f"run folder: {out}  (config.json, metrics.jsonl, curves.png, checkpoints)")
     return 0
@@ -110,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="RL post-training with compressed rollouts (the main job)")
     _add_train_args(t)
     t.add_argument("--method", choices=["dense", "naive", "is", "smd"], help="default smd")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (with --steps N: extend it to N steps)")
     t.set_defaults(fn=_cmd_train)
     c = sub.add_parser("compare", help="dense, naive, is and smd on the same seeds; one table")
     _add_train_args(c)
@@ -127,8 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.fn(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ValueError as e:  # bad settings (our errors name the flag): a message, not a traceback
+        parser.exit(2, f"shadowkv {args.cmd}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -240,9 +240,40 @@ class _StopFlag:
         signal.signal(signal.SIGINT, self._old)
 
 
+#: settings a resumed run may change: ``steps`` extends it; the rest would change what
+#: the replayed steps mean.
+RESUME_OVERRIDES = ("steps", "ckpt_every")
+
+
+def _resumed_config(out: Path, overrides: dict | None) -> TrainConfig:
+    """The run's saved config with ``overrides`` (settings the user gave again) applied;
+    a ``ValueError`` names any that would change the run rather than extend it."""
+    cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    changed = {k: v for k, v in (overrides or {}).items() if getattr(cfg, k) != v}
+    fixed = sorted(k for k in changed if k not in RESUME_OVERRIDES)
+    if fixed:
+        raise ValueError(f"--resume: the run in {out} was trained with "
+                         + ", ".join(f"{k}={getattr(cfg, k)!r}" for k in fixed)
+                         + "; only " + " and ".join(RESUME_OVERRIDES) + " can change on resume "
+                         "(drop the other flags, or start a new run with another --out)")
+    if changed.get("steps", cfg.steps) < cfg.steps:
+        raise ValueError(f"--resume: --steps {changed['steps']} is fewer than the run's {cfg.steps}; a resume "
+                         "can only extend a run")
+    for k, v in changed.items():
+        setattr(cfg, k, v)
+    if changed:
+        write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
+    return cfg
+
+
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
-          max_steps_this_run: int | None = None) -> dict:
-    """Runs (or resumes) a training run in ``out``; returns the summary dict."""
+          max_steps_this_run: int | None = None, overrides: dict | None = None) -> dict:
+    """Runs (or resumes) a training run in ``out``; returns the summary dict.
+
+    A resumed run takes its settings from ``out/config.json`` (``cfg`` is ignored), except
+    for ``overrides`` in :data:`RESUME_OVERRIDES` (``{"steps": 80}`` extends a finished
+    40-step run); an override of any other saved setting is a ``ValueError``.
+    """
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
@@ -250,7 +281,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if resume and (out / "config.json").exists():
-        cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+        cfg = _resumed_config(out, overrides)
     else:
         # A fresh run never resumes another run's weights later: drop old checkpoints.
         for old in [*out.glob("ckpt-*"), *out.glob(".tmp-*")]:

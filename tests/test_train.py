@@ -47,6 +47,28 @@ def test_run_folder_and_resume_replays_identically(tmp_path):
     assert _strip(read_metrics(part)) == _strip(read_metrics(full))
 
 
+def test_resume_with_more_steps_extends_a_finished_run(tmp_path):
+    train(_cfg("smd", steps=2), tmp_path / "short", progress=False)
+    summary = train(_cfg("smd", steps=2), tmp_path / "short", resume=True, progress=False, overrides={"steps": 3})
+    assert summary["steps_done"] == 3 and "eval_reward" in summary
+    assert json.loads((tmp_path / "short" / "config.json").read_text())["steps"] == 3
+    train(_cfg("smd", steps=3), tmp_path / "long", progress=False)
+    assert _strip(read_metrics(tmp_path / "short")) == _strip(read_metrics(tmp_path / "long"))
+
+
+def test_resume_refuses_settings_that_change_the_run(tmp_path, capsys):
+    from shadowkv.cli import main
+
+    train(_cfg("smd", steps=1), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="task='kv-lookup'.*only steps"):
+        train(_cfg("smd"), tmp_path, resume=True, progress=False, overrides={"task": "copy", "steps": 1})
+    with pytest.raises(ValueError, match="can only extend"):
+        train(_cfg("smd"), tmp_path, resume=True, progress=False, overrides={"steps": 0})
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", str(tmp_path), "--resume", "--task", "chain", "--quiet"])
+    assert e.value.code == 2 and "task='kv-lookup'" in capsys.readouterr().err
+
+
 def test_smd_learner_is_on_policy_and_naive_is_not(tmp_path):
     smd = train(_cfg("smd", steps=2), tmp_path / "smd", progress=False)
     naive = train(_cfg("naive", steps=2), tmp_path / "naive", progress=False)
