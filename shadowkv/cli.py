@@ -78,6 +78,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--task", choices=["kv-lookup", "copy", "chain"], help=f"default {d.task}")
     p.add_argument("--prompt-len", dest="prompt_len", type=int, help=f"approximate prompt tokens (default {d.prompt_len})")
+    p.add_argument("--value-len", dest="value_len", type=int,
+                   help=f"kv-lookup: tokens per value; all but the first are decoded after the eviction (default {d.value_len})")
     p.add_argument("--policy", choices=["streaming", "h2o", "snapkv", "random"], help=f"default {d.policy}")
     p.add_argument("--budget", type=_budget, help=f"KV kept: tokens (64) or a fraction (default {d.budget})")
     p.add_argument("--page-size", dest="page_size", type=int)

@@ -73,56 +73,68 @@ class Task:
 @dataclass
 class KVLookup(Task):
     """Needle retrieval: ``BOS [k1 v1 … kn vn spread over FILL tokens] SEP q`` -> ``v(q) EOS``.
-    Keys are distinct and drawn from the first half of the symbols, values from the second
-    half, so "the token after the earlier occurrence of q" is unambiguous. With
-    ``num_queries = m > 1`` the prompt first shows ``m - 1`` answered queries
-    (``SEP q1 v(q1) … q_m``), as in-context demonstrations."""
+
+    Each value is ``value_len`` tokens. Keys are distinct and drawn from the first half of
+    the symbols, value tokens are distinct and drawn from the second half, so "the token
+    after the earlier occurrence of this one" is unambiguous for every answer token. With
+    ``value_len >= 2`` only the first answer token comes from the prefill: the rest are
+    decoded from the cache *after* the post-prompt eviction, so compression can cost reward
+    (with one-token values the eviction never touches the answer). With ``num_queries = m > 1``
+    the prompt first shows ``m - 1`` answered queries (``SEP q1 v(q1) … q_m``), as in-context
+    demonstrations."""
 
     num_pairs: int = 16
     num_queries: int = 1
+    value_len: int = 1
     length: int = 0  # pad the pair list to this many tokens with FILL at random places
     name = "kv-lookup"
 
     def _haystack(self, pairs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Spreads the ``[n, 2]`` pairs (kept adjacent, in order) over ``length`` tokens."""
-        n = pairs.shape[0]
-        slots = max(n, self.length // 2)  # each slot holds a pair or two FILL tokens
-        out = torch.full((slots, 2), FILL, dtype=torch.long)
+        """Spreads the ``[n, 1 + value_len]`` pairs (kept whole, in order) over ``length`` tokens."""
+        n, width = pairs.shape
+        slots = max(n, self.length // width)  # each slot holds a pair or ``width`` FILL tokens
+        out = torch.full((slots, width), FILL, dtype=torch.long)
         out[torch.randperm(slots, generator=gen)[:n].sort().values] = pairs
         return out.flatten()
 
     def _example(self, gen):
         half = self.num_symbols // 2
-        if self.num_pairs > half:
-            raise ValueError(f"kv-lookup: {self.num_pairs} pairs need >= {2 * self.num_pairs} symbols")
+        if self.value_len < 1:
+            raise ValueError(f"kv-lookup: value_len must be >= 1, got {self.value_len}")
+        if self.num_pairs * self.value_len > half:
+            raise ValueError(f"kv-lookup: {self.num_pairs} pairs of {self.value_len}-token values need >= "
+                             f"{2 * self.num_pairs * self.value_len} symbols, have {self.num_symbols}")
         keys = torch.randperm(half, generator=gen)[: self.num_pairs] + FIRST_SYMBOL
-        vals = torch.randint(FIRST_SYMBOL + half, self.vocab_size, (self.num_pairs,), generator=gen)
+        vals = (torch.randperm(self.num_symbols - half, generator=gen)[: self.num_pairs * self.value_len]
+                + FIRST_SYMBOL + half).view(self.num_pairs, self.value_len)
         q = torch.randperm(self.num_pairs, generator=gen)[: self.num_queries]
-        pairs = self._haystack(torch.stack([keys, vals], 1), gen)
-        shots = torch.stack([keys[q[:-1]], vals[q[:-1]]], 1).flatten()
+        pairs = self._haystack(torch.cat([keys[:, None], vals], 1), gen)
+        shots = torch.cat([keys[q[:-1], None], vals[q[:-1]]], 1).flatten()
         prompt = torch.cat([torch.tensor([BOS]), pairs, torch.tensor([SEP]), shots, keys[q[-1:]]])
-        return prompt, torch.cat([vals[q[-1:]], torch.tensor([EOS])])
+        return prompt, torch.cat([vals[q[-1]], torch.tensor([EOS])])
 
     @property
     def max_answer_len(self):
-        return 2
+        return self.value_len + 1
 
     def curriculum(self, progress, gen):
         # Retrieval is learnt on short haystacks first (grown to full length over the first
         # half of the warm-up), with 2..num_pairs needles throughout.
         length = int(20 + min(1.0, 2 * progress) * max(0, self.length - 20)) if self.length else 0
-        most = max(2, min(self.num_pairs, max(length, 4) // 2))
+        most = max(2, min(self.num_pairs, max(length, 4) // (1 + self.value_len)))
         return replace(self, length=length, num_pairs=int(torch.randint(2, most + 1, (1,), generator=gen)))
 
     def demonstration(self, gen):
-        # One supervised token per sequence is too sparse a signal for a small model to
-        # discover retrieval; 16 answered queries per prompt give 16.
-        shots = replace(self, num_queries=max(self.num_queries, 16))
+        # One supervised answer per sequence is too sparse a signal for a small model to
+        # discover retrieval; up to 16 answered queries per prompt give up to 16.
+        shots = replace(self, num_queries=min(self.num_pairs, max(self.num_queries, 16)))
         prompt, answer = shots._example(gen)
         tokens = torch.cat([prompt, answer])
         labels = torch.full_like(tokens, -100)
         sep = int((tokens == SEP).nonzero()[0])
-        labels[sep + 2 :: 2] = tokens[sep + 2 :: 2]  # every value after its query
+        width = 1 + self.value_len
+        for j in range(1, width):  # every value token after its query key, not the keys
+            labels[sep + 1 + j :: width] = tokens[sep + 1 + j :: width]
         labels[-1] = EOS
         return tokens, labels
 
@@ -183,11 +195,13 @@ def make_task(name: str, length: int | None = None, **kwargs) -> Task:
             kwargs.setdefault("span", max(1, length - 4))
         elif name == "kv-lookup":
             kwargs.setdefault("length", length - 3)
-            kwargs.setdefault("num_pairs", min(16, max(2, (length - 3) // 2)))
+            width = 1 + kwargs.get("value_len", 1)
+            kwargs.setdefault("num_pairs", min(16, max(2, (length - 3) // width)))
         else:
             kwargs.setdefault("num_pairs", max(2, (length - 8) // 2))
     task = TASKS[name](**kwargs)
-    needed = max(getattr(task, "num_pairs", 0) * (2 if name == "kv-lookup" else 1), getattr(task, "span", 0))
+    per_pair = 2 * task.value_len if name == "kv-lookup" else 1  # kv-lookup: keys and values in separate halves
+    needed = max(getattr(task, "num_pairs", 0) * per_pair, getattr(task, "span", 0))
     if needed > task.num_symbols:
         task.num_symbols = needed
     return task

@@ -30,7 +30,8 @@ from .warmup import ModelConfig, SFTConfig, pretrained_policy
 @dataclass
 class TrainConfig:
     task: str = "kv-lookup"
-    prompt_len: int = 128
+    prompt_len: int = 256
+    value_len: int = 2  # kv-lookup: answer tokens after the first are retrieved from the compressed cache
     method: str = "smd"
     algo: str = "grpo"  # grpo (group-normalised advantages) | ppo (value head + GAE)
     gamma: float = 1.0
@@ -38,7 +39,7 @@ class TrainConfig:
     vf_coef: float = 0.5
     policy: str = "snapkv"
     budget: float = 0.25
-    page_size: int = 8  # small sequences here: a 16-token page would be a tenth of each one
+    page_size: int = 4  # short sequences: page rounding is paid once per sequence and layer
     steps: int = 40
     prompts_per_step: int = 8
     group_size: int = 4
@@ -289,7 +290,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         (out / "LATEST").unlink(missing_ok=True)
         write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
-    task = make_task(cfg.task, length=cfg.prompt_len)
+    task = make_task(cfg.task, length=cfg.prompt_len, **({"value_len": cfg.value_len} if cfg.task == "kv-lookup" else {}))
     if cfg.init:
         from transformers import AutoModelForCausalLM
 

@@ -21,6 +21,32 @@ def test_kv_lookup_answer_is_the_value_after_the_query_key():
         assert (hay == FILL).sum() == hay.numel() - 2 * task.num_pairs
 
 
+@pytest.mark.parametrize("value_len", [2, 3])
+def test_kv_lookup_multi_token_values_continue_from_the_needle(value_len):
+    task = make_task("kv-lookup", length=128, value_len=value_len)
+    assert task.max_answer_len == value_len + 1
+    prompts, answers = task.sample(20, _gen(4))
+    for p, a in zip(prompts, answers):
+        hay = p[1:-2]
+        i = int((hay == p[-1]).nonzero()[0])
+        assert a.numel() == value_len + 1 and torch.equal(hay[i + 1 : i + 1 + value_len], a[:-1])
+        content = hay[hay != FILL]
+        assert content.unique().numel() == content.numel()  # every answer token has one predecessor
+    tokens, labels = task.demonstration(_gen(5))
+    sep = int((tokens == SEP).nonzero()[0])
+    assert tokens[-1] == EOS and labels[-1] == EOS
+    shots, shot_labels = tokens[sep + 1 : -1].view(-1, value_len + 1), labels[sep + 1 : -1].view(-1, value_len + 1)
+    assert torch.equal(shot_labels[:, 1:], shots[:, 1:])  # every value token is a target
+    assert (shot_labels[:, 0] == -100).all() and (labels[: sep + 1] == -100).all()  # keys, haystack: context
+
+
+def test_kv_lookup_rejects_too_many_value_tokens():
+    from shadowkv.tasks import KVLookup
+
+    with pytest.raises(ValueError, match="symbols"):
+        KVLookup(num_symbols=16, num_pairs=8, value_len=2).sample(1, _gen())
+
+
 def test_copy_and_chain_answers():
     copy = make_task("copy", length=40)
     (p,), (a,) = copy.sample(1, _gen(1))
