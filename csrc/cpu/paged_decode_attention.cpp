@@ -8,6 +8,8 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "fast_exp.h"
+#include "row_reduce.h"
 #include "shadowkv/paged_kv.h"
 
 namespace shadowkv::cpu {
@@ -42,12 +44,9 @@ void decode_kernel(const PagedDecodeParams& p, const ParallelFor& pf) {
       }
       for (int64_t g = 0; g < group; ++g) {
         acc_t* sg = s.data() + g * len;
-        const acc_t mx = len > 0 ? *std::max_element(sg, sg + len) : acc_t(0);
-        acc_t sum = 0;
-        for (int64_t j = 0; j < len; ++j) {
-          sg[j] = std::exp(sg[j] - mx);
-          sum += sg[j];
-        }
+        const acc_t mx = len > 0 ? row_max(sg, len, sg[0]) : acc_t(0);
+        for (int64_t j = 0; j < len; ++j) sg[j] = exp_fast(sg[j] - mx);
+        const acc_t sum = row_sum(sg, len);
         inv_l[g] = len > 0 ? acc_t(1) / sum : acc_t(0);
       }
       std::fill(acc.begin(), acc.end(), acc_t(0));

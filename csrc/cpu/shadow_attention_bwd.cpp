@@ -10,6 +10,8 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "fast_exp.h"
+#include "tile_gemm.h"
 #include "tile_mask.h"
 
 namespace shadowkv::cpu {
@@ -69,14 +71,19 @@ struct BwdContext {
     }
   }
 
-  // For one (query tile, key tile) pair: P (into s) and dS (into ds), both [BR, BC].
-  // q, dout: [rows, D]; kt, vt: [D, BC] (transposed key / value tiles).
+  // For one (query tile, key tile) pair: P (into s) and dS * scale (into ds), both [rows, BC]
+  // with only the first `cols` columns meaningful. q, dout: [rows, D]; kt, vt: [D, BC]
+  // (transposed key / value tiles).
   void probs_and_dscores(TileKind kind, int64_t b, int64_t hq, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                          const int32_t* ev, const acc_t* q, const acc_t* dout, const acc_t* kt, const acc_t* vt,
                          acc_t* s, acc_t* ds) const {
     const acc_t* lse = lse_row(b, hq) + i0;
     const acc_t* dl = &delta[(b * p.num_q_heads + hq) * p.q_len + i0];
     const int64_t pos0 = p.q_offset + i0;
+    std::fill(s, s + rows * BC, acc_t(0));
+    std::fill(ds, ds + rows * BC, acc_t(0));
+    tile_gemm_acc(rows, BC, D, q, 1, D, kt, BC, s, BC);      // S = Q K^T
+    tile_gemm_acc(rows, BC, D, dout, 1, D, vt, BC, ds, BC);  // dP = dO V^T
     for (int64_t r = 0; r < rows; ++r) {
       acc_t* sr = &s[r * BC];
       acc_t* dr = &ds[r * BC];
@@ -85,23 +92,10 @@ struct BwdContext {
         std::fill(dr, dr + cols, acc_t(0));
         continue;
       }
-      std::fill(sr, sr + cols, acc_t(0));
-      std::fill(dr, dr + cols, acc_t(0));
-      for (int64_t d = 0; d < D; ++d) {
-        const acc_t qd = q[r * D + d], gd = dout[r * D + d];
-        const acc_t* kd = &kt[d * BC];
-        const acc_t* vd = &vt[d * BC];
-        for (int64_t c = 0; c < cols; ++c) {
-          sr[c] += qd * kd[c];
-          dr[c] += gd * vd[c];
-        }
-      }
-      for (int64_t c = 0; c < cols; ++c) {
-        const bool vis = kind == TileKind::kFull || visible(pos0 + r, j0 + c, ev[j0 + c]);
-        const acc_t pr = vis ? std::exp(sr[c] * scale - lse[r]) : acc_t(0);
-        sr[c] = pr;
-        dr[c] = pr * (dr[c] - dl[r]);
-      }
+      // Separate loops so the exps vectorise; only partial tiles test visibility.
+      for (int64_t c = 0; c < cols; ++c) sr[c] = exp_fast(sr[c] * scale - lse[r]);
+      if (kind == TileKind::kPartial) mask_row(sr, cols, pos0 + r, j0, ev, acc_t(0));
+      for (int64_t c = 0; c < cols; ++c) dr[c] = sr[c] * (dr[c] - dl[r]) * scale;
     }
   }
 
@@ -128,20 +122,9 @@ struct BwdContext {
             load_rows(bp.grad_out, bp.do_stride, b, hq, i0, rows, D, dout.data(), nullptr, 0);
             probs_and_dscores(kind, b, hq, i0, rows, j0, cols, ev, q.data(), dout.data(), kt.data(), vt.data(),
                               s.data(), ds.data());
-            for (int64_t r = 0; r < rows; ++r) {
-              const acc_t* gr = dout.data() + r * D;
-              const acc_t* qr = q.data() + r * D;
-              for (int64_t c = 0; c < cols; ++c) {
-                const acc_t pr = s[r * BC + c], dsr = ds[r * BC + c] * scale;
-                if (pr == acc_t(0) && dsr == acc_t(0)) continue;
-                acc_t* dvc = dv.data() + c * D;
-                acc_t* dkc = dk.data() + c * D;
-                for (int64_t d = 0; d < D; ++d) {
-                  dvc[d] += pr * gr[d];
-                  dkc[d] += dsr * qr[d];
-                }
-              }
-            }
+            // dV += P^T dO and dK += dS^T Q over this query tile's rows.
+            tile_gemm_acc(cols, D, rows, s.data(), BC, 1, dout.data(), D, dv.data(), D);
+            tile_gemm_acc(cols, D, rows, ds.data(), BC, 1, q.data(), D, dk.data(), D);
           }
         }
         for (int64_t c = 0; c < cols; ++c) {
@@ -177,15 +160,7 @@ struct BwdContext {
           load_rows(p.v, p.v_stride, b, hk, j0, cols, D, nullptr, vt.data(), BC);
           probs_and_dscores(kind, b, hq, i0, rows, j0, cols, ev, q.data(), dout.data(), kt.data(), vt.data(), s.data(),
                             ds.data());
-          for (int64_t r = 0; r < rows; ++r) {
-            acc_t* dqr = dq.data() + r * D;
-            for (int64_t c = 0; c < cols; ++c) {
-              const acc_t dsr = ds[r * BC + c] * scale;
-              if (dsr == acc_t(0)) continue;
-              const acc_t* kc = kf.data() + c * D;
-              for (int64_t d = 0; d < D; ++d) dqr[d] += dsr * kc[d];
-            }
-          }
+          tile_gemm_acc(rows, D, cols, ds.data(), 1, BC, kf.data(), D, dq.data(), D);  // dQ += dS K
         }
         for (int64_t r = 0; r < rows; ++r) {
           T* dst = row_ptr<T>(bp.grad_q, bp.dq_stride, b, hq, i0 + r);

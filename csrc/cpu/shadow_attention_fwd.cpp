@@ -8,6 +8,9 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "fast_exp.h"
+#include "row_reduce.h"
+#include "tile_gemm.h"
 #include "tile_mask.h"
 
 namespace shadowkv::cpu {
@@ -57,8 +60,8 @@ void fwd_kernel(const ShadowAttentionParams& p, const ParallelFor& pf) {
         const int64_t j0 = t * BC, cols = std::min(BC, p.kv_len - j0);
         const TileKind kind = tiles.classify(b, hk, p.num_kv_heads, t, j0, j0 + cols, p0, p1);
         if (kind == TileKind::kSkip) continue;
-        // K transposed so the score loop below is an axpy over keys (vectorises without
-        // reassociating a reduction).
+        // K transposed ([D, BC]) and V row-major ([BC, D]): both products below then read
+        // their B operand along contiguous rows.
         for (int64_t c = 0; c < cols; ++c) {
           const T* ks = row_ptr<T>(p.k, p.k_stride, b, hk, j0 + c);
           const T* vs = row_ptr<T>(p.v, p.v_stride, b, hk, j0 + c);
@@ -67,39 +70,26 @@ void fwd_kernel(const ShadowAttentionParams& p, const ParallelFor& pf) {
             vf[c * D + d] = to_float(vs[d]);
           }
         }
+        // S = Q K^T for the tile's rows (columns past `cols` hold stale keys and are ignored).
+        std::fill(s.begin(), s.begin() + rows * BC, acc_t(0));
+        tile_gemm_acc(rows, BC, D, qf.data(), 1, D, kt.data(), BC, s.data(), BC);
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* sr = &s[r * BC];
-          std::fill(sr, sr + cols, acc_t(0));
-          for (int64_t d = 0; d < D; ++d) {
-            const acc_t qd = qf[r * D + d];
-            const acc_t* kd = &kt[d * BC];
-            for (int64_t c = 0; c < cols; ++c) sr[c] += qd * kd[c];
+          if (kind == TileKind::kPartial) mask_row(sr, cols, p0 + r, j0, ev, neg_inf);
+          const acc_t mx = row_max(sr, cols, m[r]);
+          if (mx == neg_inf) {  // nothing visible in this row yet: it adds nothing below
+            std::fill(sr, sr + cols, acc_t(0));
+            continue;
           }
-          if (kind == TileKind::kPartial) {
-            const int64_t pos = p0 + r;
-            for (int64_t c = 0; c < cols; ++c)
-              if (!visible(pos, j0 + c, ev[j0 + c])) sr[c] = neg_inf;
-          }
-          acc_t mx = m[r];
-          for (int64_t c = 0; c < cols; ++c) mx = std::max(mx, sr[c]);
-          if (mx == neg_inf) continue;  // nothing visible in this row yet
-          const acc_t alpha = std::exp(m[r] - mx);
-          acc_t sum = 0;
-          for (int64_t c = 0; c < cols; ++c) {
-            sr[c] = std::exp(sr[c] - mx);
-            sum += sr[c];
-          }
-          l[r] = l[r] * alpha + sum;
+          const acc_t alpha = exp_fast(m[r] - mx);
+          for (int64_t c = 0; c < cols; ++c) sr[c] = exp_fast(sr[c] - mx);
+          l[r] = l[r] * alpha + row_sum(sr, cols);
           m[r] = mx;
           acc_t* ar = acc.data() + r * D;
           for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
-          for (int64_t c = 0; c < cols; ++c) {
-            const acc_t pc = sr[c];
-            if (pc == acc_t(0)) continue;
-            const acc_t* vc = vf.data() + c * D;
-            for (int64_t d = 0; d < D; ++d) ar[d] += pc * vc[d];
-          }
         }
+        // O += P V (P: the rows' probabilities, [rows, cols] with row stride BC).
+        tile_gemm_acc(rows, D, cols, s.data(), 1, BC, vf.data(), D, acc.data(), D);
       }
 
       acc_t* lse = static_cast<acc_t*>(p.lse) + b * p.lse_stride[0] + hq * p.lse_stride[1] + i0;

@@ -54,7 +54,16 @@ struct KeyTileBounds {
   }
 };
 
-inline bool visible(int64_t pos, int64_t j, int32_t evicted_at) { return j <= pos && pos < evicted_at; }
+// Replaces the scores of keys [j0, j0 + cols) that query position `pos` cannot see with
+// `hidden`: key j is visible iff j <= pos < evicted_at[j]. Written as a select over 32-bit
+// ints so it vectorises (a position at or past INT32_MAX sees nothing, as in the 64-bit rule).
+template <typename acc_t>
+inline void mask_row(acc_t* s, int64_t cols, int64_t pos, int64_t j0, const int32_t* ev, acc_t hidden) {
+  const int32_t p = static_cast<int32_t>(std::min<int64_t>(pos, std::numeric_limits<int32_t>::max()));
+  const int32_t last = static_cast<int32_t>(std::max<int64_t>(-1, std::min(pos - j0, cols - 1)));
+  const int32_t* e = ev + j0;
+  for (int32_t c = 0; c < static_cast<int32_t>(cols); ++c) s[c] = (c <= last) & (p < e[c]) ? s[c] : hidden;
+}
 
 // Element (q, k or v row) of a [B, H, L, D] tensor given element strides.
 template <typename T>
