@@ -18,7 +18,7 @@ import torch
 from shadowkv.policies import make_policy
 from shadowkv.sampler import Sampler
 from shadowkv.tasks import EOS
-from shadowkv.train import TrainConfig, make_task, rewards_of
+from shadowkv.train import TrainConfig, rewards_of, task_of
 from shadowkv.warmup import pretrained_policy
 
 RUNS = "snapkv:0.25,snapkv:0.125,snapkv:0.0625,h2o:0.25,random:0.25,random:0.5,streaming:0.25,streaming:0.5"
@@ -29,11 +29,12 @@ def main() -> None:
     p.add_argument("--runs", default=RUNS, help=f"policy:budget pairs (default {RUNS})")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--init", help="a local Hugging Face causal LM folder instead of the default warm-up model")
+    p.add_argument("--init", help="a local Hugging Face causal LM folder instead of the default warm-up model "
+                                  "(evaluated on the default task settings)")
     args = p.parse_args()
 
     cfg = TrainConfig()
-    task = make_task(cfg.task, length=cfg.prompt_len, value_len=cfg.value_len)
+    task = task_of(cfg)
     if args.init:
         from transformers import AutoModelForCausalLM
 

@@ -36,27 +36,33 @@ def _budget(text: str) -> int | float:
     return value
 
 
+def _given(args) -> dict:
+    """The training settings given on the command line, by TrainConfig field name
+    (``sft_steps`` for the warm-up's steps)."""
+    from .train import TrainConfig
+
+    names = [f.name for f in fields(TrainConfig) if f.name not in ("model", "sft")] + ["sft_steps"]
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
 def _train_config(args):
     from .train import TrainConfig
 
     cfg = TrainConfig()
-    for f in fields(TrainConfig):
-        val = getattr(args, f.name, None)
-        if val is not None and f.name not in ("model", "sft"):
-            setattr(cfg, f.name, val)
-    if args.sft_steps is not None:
-        cfg.sft.steps = args.sft_steps
+    for name, val in _given(args).items():
+        if name == "sft_steps":
+            cfg.sft.steps = val
+        else:
+            setattr(cfg, name, val)
     return cfg
 
 
 def _cmd_train(args) -> int:
-    from .train import TrainConfig, train
+    from .train import train
 
     cfg = _train_config(args)
     out = Path(args.out or f"runs/{cfg.task}-{cfg.method}-{cfg.policy}-{cfg.budget}-s{cfg.seed}")
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-             if f.name not in ("model", "sft") and getattr(args, f.name, None) is not None}
-    summary = train(cfg, out, resume=args.resume, progress=not args.quiet, overrides=given)
+    summary = train(cfg, out, resume=args.resume, progress=not args.quiet, overrides=_given(args))
     print(json.dumps(summary, indent=2))
     print(f"run folder: {out}  (config.json, metrics.jsonl, curves.png, checkpoints)")
     return 0

@@ -195,6 +195,8 @@ def make_task(name: str, length: int | None = None, **kwargs) -> Task:
             kwargs.setdefault("span", max(1, length - 4))
         elif name == "kv-lookup":
             kwargs.setdefault("length", length - 3)
+            if kwargs.get("value_len", 1) < 1:
+                raise ValueError(f"kv-lookup: --value-len must be >= 1, got {kwargs['value_len']}")
             width = 1 + kwargs.get("value_len", 1)
             kwargs.setdefault("num_pairs", min(16, max(2, (length - 3) // width)))
         else:

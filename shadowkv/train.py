@@ -64,10 +64,16 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
+        d.setdefault("value_len", 1)  # run folders written before values had a length
         d["model"] = ModelConfig(**d.get("model", {}))
         d["sft"] = SFTConfig(**d.get("sft", {}))
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def task_of(cfg: TrainConfig):
+    """The task a config trains on."""
+    return make_task(cfg.task, length=cfg.prompt_len, **({"value_len": cfg.value_len} if cfg.task == "kv-lookup" else {}))
 
 
 def _seeded(cfg: TrainConfig, step: int, salt: int) -> torch.Generator:
@@ -241,28 +247,25 @@ class _StopFlag:
         signal.signal(signal.SIGINT, self._old)
 
 
-#: settings a resumed run may change: ``steps`` extends it; the rest would change what
-#: the replayed steps mean.
-RESUME_OVERRIDES = ("steps", "ckpt_every")
-
-
 def _resumed_config(out: Path, overrides: dict | None) -> TrainConfig:
-    """The run's saved config with ``overrides`` (settings the user gave again) applied;
-    a ``ValueError`` names any that would change the run rather than extend it."""
+    """The run's saved config with ``overrides`` (the settings the user gave again, by
+    field name; ``sft_steps`` for ``sft.steps``) applied. Only ``steps`` may change (upwards:
+    it extends the run); any other difference is a ``ValueError`` naming it, because it would
+    change what the replayed steps mean."""
     cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
-    changed = {k: v for k, v in (overrides or {}).items() if getattr(cfg, k) != v}
-    fixed = sorted(k for k in changed if k not in RESUME_OVERRIDES)
+    saved = {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "sft_steps": cfg.sft.steps}
+    changed = {k: v for k, v in (overrides or {}).items() if saved[k] != v}
+    fixed = sorted(k for k in changed if k != "steps")
     if fixed:
         raise ValueError(f"--resume: the run in {out} was trained with "
-                         + ", ".join(f"{k}={getattr(cfg, k)!r}" for k in fixed)
-                         + "; only " + " and ".join(RESUME_OVERRIDES) + " can change on resume "
+                         + ", ".join(f"{k}={saved[k]!r}" for k in fixed)
+                         + "; only --steps can change on resume "
                          "(drop the other flags, or start a new run with another --out)")
     if changed.get("steps", cfg.steps) < cfg.steps:
         raise ValueError(f"--resume: --steps {changed['steps']} is fewer than the run's {cfg.steps}; a resume "
                          "can only extend a run")
-    for k, v in changed.items():
-        setattr(cfg, k, v)
     if changed:
+        cfg.steps = changed["steps"]
         write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
     return cfg
 
@@ -272,8 +275,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     """Runs (or resumes) a training run in ``out``; returns the summary dict.
 
     A resumed run takes its settings from ``out/config.json`` (``cfg`` is ignored), except
-    for ``overrides`` in :data:`RESUME_OVERRIDES` (``{"steps": 80}`` extends a finished
-    40-step run); an override of any other saved setting is a ``ValueError``.
+    that ``overrides={"steps": 80}`` extends a finished 40-step run; an override that differs
+    from any other saved setting is a ``ValueError``.
     """
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
@@ -284,13 +287,14 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     if resume and (out / "config.json").exists():
         cfg = _resumed_config(out, overrides)
     else:
+        task_of(cfg)  # bad task settings fail here, before config.json or checkpoints change
         # A fresh run never resumes another run's weights later: drop old checkpoints.
         for old in [*out.glob("ckpt-*"), *out.glob(".tmp-*")]:
             shutil.rmtree(old, ignore_errors=True)
         (out / "LATEST").unlink(missing_ok=True)
         write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
-    task = make_task(cfg.task, length=cfg.prompt_len, **({"value_len": cfg.value_len} if cfg.task == "kv-lookup" else {}))
+    task = task_of(cfg)
     if cfg.init:
         from transformers import AutoModelForCausalLM
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -60,13 +61,28 @@ def test_resume_refuses_settings_that_change_the_run(tmp_path, capsys):
     from shadowkv.cli import main
 
     train(_cfg("smd", steps=1), tmp_path, progress=False)
-    with pytest.raises(ValueError, match="task='kv-lookup'.*only steps"):
+    with pytest.raises(ValueError, match="task='kv-lookup'.*only --steps"):
         train(_cfg("smd"), tmp_path, resume=True, progress=False, overrides={"task": "copy", "steps": 1})
+    with pytest.raises(ValueError, match="sft_steps=5"):
+        train(_cfg("smd"), tmp_path, resume=True, progress=False, overrides={"sft_steps": 9})
     with pytest.raises(ValueError, match="can only extend"):
         train(_cfg("smd"), tmp_path, resume=True, progress=False, overrides={"steps": 0})
     with pytest.raises(SystemExit) as e:
         main(["train", "--out", str(tmp_path), "--resume", "--task", "chain", "--quiet"])
     assert e.value.code == 2 and "task='kv-lookup'" in capsys.readouterr().err
+
+
+def test_configs_written_before_value_len_resume_as_one_token_values():
+    old = {k: v for k, v in asdict(_cfg("smd")).items() if k != "value_len"}
+    assert TrainConfig.from_dict(old).value_len == 1
+
+
+def test_bad_value_len_is_a_clear_error(tmp_path, capsys):
+    from shadowkv.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", str(tmp_path / "run"), "--value-len", "0", "--quiet"])
+    assert e.value.code == 2 and "--value-len must be >= 1" in capsys.readouterr().err
 
 
 def test_smd_learner_is_on_policy_and_naive_is_not(tmp_path):
