@@ -6,7 +6,8 @@
 #
 #   bash bench/gpu_session.sh build      # nvidia-smi, CUDA build for this GPU's arch, info
 #   bash bench/gpu_session.sh test       # the GPU tests + the sampler replay invariant
-#   bash bench/gpu_session.sh sanitize   # compute-sanitizer memcheck + racecheck, small cases
+#   bash bench/gpu_session.sh memcheck   # compute-sanitizer memcheck, the tests' small cases
+#   bash bench/gpu_session.sh racecheck  # compute-sanitizer racecheck, the same cases
 #   bash bench/gpu_session.sh bench      # the four benchmarks at the acceptance shapes
 #
 # Run from the repository root on the GPU machine; the machine keeps the build between
@@ -14,7 +15,7 @@
 # hypothesis and transformers; the build uses them (--no-deps: nothing can be downloaded).
 # Copy the tables into bench/RESULTS.md with the device, date and commands.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh build|test|sanitize|bench}
+stage=${1:?usage: gpu_session.sh build|test|memcheck|racecheck|bench}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 log="$out/$stage.log"
@@ -23,7 +24,9 @@ py=${PYTHON:-python3}
 # opcheck cases (the named cases still cover every kernel, dtype and edge case).
 small_cases=(-k "not long and not random and not opcheck and not deterministic")
 
-run() { echo "+ $*"; "$@"; echo "= exit $?"; }
+failed=0
+run() { echo "+ $*"; "$@"; local rc=$?; echo "= exit $rc"; [ $rc -eq 0 ] || failed=1; }
+sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 
 {
   echo "== $stage  $(date -u +%FT%TZ)  $(git rev-parse --short HEAD 2>/dev/null)"
@@ -41,11 +44,12 @@ run() { echo "+ $*"; "$@"; echo "= exit $?"; }
         tests/test_sampler_cuda.py -s
       run $py -m pytest -q -m slow tests/test_shadow_attention_cuda.py  # 32k context
       ;;
-    sanitize)
-      for tool in memcheck racecheck; do
-        run compute-sanitizer --tool "$tool" --error-exitcode 3 --target-processes all \
-          $py -m pytest -q -x tests/test_paged_kv_cuda.py tests/test_shadow_attention_cuda.py "${small_cases[@]}"
-      done
+    memcheck|racecheck)
+      # Without the caching allocator every tensor is its own allocation, so memcheck sees an
+      # access past a tensor's end instead of landing in a cached block.
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 run "$sanitizer" --tool "$stage" --error-exitcode 3 \
+        --target-processes all $py -m pytest -q -x tests/test_paged_kv_cuda.py \
+        tests/test_shadow_attention_cuda.py "${small_cases[@]}"
       ;;
     bench)
       run $py bench/bench_shadow_attention.py --device cuda  # bf16, D=128, L=8k, 25% kept
@@ -55,4 +59,7 @@ run() { echo "+ $*"; "$@"; echo "= exit $?"; }
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
+  echo "== $stage: $([ $failed -eq 0 ] && echo ok || echo FAILED)"
+  exit $failed
 } 2>&1 | tee "$log"
+exit "${PIPESTATUS[0]}"
