@@ -1,4 +1,7 @@
 // What this build of shadowkv_core contains; the definitions come from CMake.
+#include <algorithm>
+#include <string>
+
 #include "shadowkv/shadow_attention.h"
 
 #ifndef SHADOWKV_CUDA_ARCH_LIST
@@ -15,6 +18,14 @@ bool built_with_cuda() {
 #endif
 }
 
-const char* cuda_archs() { return SHADOWKV_CUDA_ARCH_LIST; }
+const char* cuda_archs() {
+  // CMake passes the list ','-separated (a ';' would split its definition); callers get ';'.
+  static const std::string archs = [] {
+    std::string a = SHADOWKV_CUDA_ARCH_LIST;
+    std::replace(a.begin(), a.end(), ',', ';');
+    return a;
+  }();
+  return archs.c_str();
+}
 
 }  // namespace shadowkv
