@@ -401,9 +401,9 @@ def streaming_keep(seq_lens: torch.Tensor, num_kv_heads: int, slots: int, sinks:
         sinks, window: counts of leading and trailing slots kept (>= 0).
 
     Returns:
-        ``[B, Hkv, S]`` bool, False past ``seq_lens[b]``.
+        ``[B, Hkv, S]`` bool on ``seq_lens``' device, False past ``seq_lens[b]``.
     """
-    s = torch.arange(slots)[None, :]
+    s = torch.arange(slots, device=seq_lens.device)[None, :]
     n = seq_lens.long()[:, None]
     keep = (s < n) & ((s < sinks) | (s >= n - window))
     return keep[:, None, :].expand(-1, num_kv_heads, -1).contiguous()
