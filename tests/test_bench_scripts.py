@@ -1,0 +1,55 @@
+"""The benchmark scripts run end to end on tiny CPU shapes.
+
+They are what a rare GPU session runs (bench/gpu_session.sh); a script that broke since the
+last one would waste that session's device time. Here each runs once on CPU at a shape that
+takes seconds, and must print its table. Timings are not checked: benchmarks, not tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .models import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+# script -> (tiny CPU arguments, a line its table must contain)
+SMALL = {
+    "bench_shadow_attention.py": (["--device", "cpu", "-L", "96", "-D", "16", "--q-heads", "4", "--kv-heads", "2",
+                                   "--repeats", "1", "--no-flex", "--budget", "0.5"], "shadowkv dense / 50%"),
+    "bench_decode.py": (["--device", "cpu", "-B", "2", "--ctx", "100", "--heads", "4", "--kv-heads", "2",
+                         "--head-dim", "16", "--page-size", "8", "--reps", "2", "--warmup", "1", "--scores"],
+                        "| paged_decode_attention + scores_out |"),
+    "bench_evict.py": (["--device", "cpu", "-B", "2", "--ctx", "100", "--heads", "4", "--kv-heads", "2",
+                        "--head-dim", "16", "--page-size", "8", "--reps", "2", "--warmup", "1"], "| random |"),
+    "bench_rollout.py": (["-B", "2", "--prompt", "8", "--new", "24", "--head-dim", "16", "--page-size", "4"], "snapkv"),
+}
+
+
+def _run(script: str, args: list[str]) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                         env=env, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, f"{script} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+    return res.stdout
+
+
+@pytest.mark.parametrize("script", list(SMALL))
+def test_bench_script_runs_on_cpu(script):
+    args, expected = SMALL[script]
+    out = _run(script, args)
+    assert expected in out, out
+
+
+def test_eval_policies_runs_on_a_local_model(tmp_path):
+    tiny_model(tmp_path / "m", "llama")  # saved with save_pretrained; the script loads it
+    out = _run("eval_policies.py", ["--init", str(tmp_path / "m"), "--prompts", "4", "--runs", "snapkv:0.25"])
+    assert "| full |" in out and "| snapkv | 0.25 |" in out
+
+
+def test_gpu_session_script_parses():
+    subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_session.sh")], check=True)
