@@ -64,6 +64,13 @@ def dev(t):
     return None if t is None else t.to(DEVICE, copy=True)
 
 
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` on DEVICE that starts one element past an aligned allocation, so
+    kernels cannot use vector loads on it."""
+    moved = torch.empty(t.numel() + 1, dtype=t.dtype, device=DEVICE)[1:].view(t.shape)
+    return moved.copy_(t)
+
+
 def dev_state(state: PagedState) -> PagedState:
     return PagedState(*(dev(t) for t in state))
 
@@ -140,12 +147,7 @@ def test_append_strided_inputs(layout):
         big_lens[::2] = lens
         tables, lens = big_tables[::2, :-1], big_lens[::2]
     else:  # pages one element off 16-byte alignment: copied in 2-byte words
-        for name in ("k_pages", "v_pages"):
-            t = getattr(d, name)
-            buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=DEVICE)
-            moved = buf[1:].view(t.shape)
-            moved.copy_(t)
-            d = d._replace(**{name: moved})
+        d = d._replace(k_pages=misaligned(d.k_pages), v_pages=misaligned(d.v_pages))
     ops.append_kv(d.k_pages, d.v_pages, d.pos_pages, tables, lens, k, v, positions, num_new)
     assert_same("k_pages", d.k_pages, expected[0])
     assert_same("v_pages", d.v_pages, expected[1])
@@ -271,15 +273,9 @@ def test_decode_layouts(layout):
         lens = torch.stack([d.seq_lens, torch.full_like(d.seq_lens, -7)], 1)[:, 0]
         check_decode(q, state, None, scores, tables=tables, lens=lens)
     elif layout == "unaligned_pages":  # rows not aligned for vector loads: the generic kernel
-        buf = torch.empty(d.k_pages.numel() + 1, dtype=d.k_pages.dtype, device=DEVICE)
-        k_pages = buf[1:].view(d.k_pages.shape)
-        k_pages.copy_(d.k_pages)
-        check_decode(q, state, None, scores, k_pages=k_pages)
+        check_decode(q, state, None, scores, k_pages=misaligned(d.k_pages))
     elif layout == "unaligned_q":  # aligned pages (vector loads) but q one element off
-        buf = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEVICE)
-        q_odd = buf[1:].view(q.shape)
-        q_odd.copy_(q)
-        check_decode(q, state, None, scores, q_dev=q_odd)
+        check_decode(q, state, None, scores, q_dev=misaligned(q))
     else:  # two sequences read the same pages (a shared prefix)
         tables = state.block_tables.clone()
         tables[1] = tables[0]
@@ -392,12 +388,7 @@ def test_evict_unaligned_pages():
     state, keep, steps, log, scores = case.inputs()
     expected = evict_compact_ref(*state, keep, steps, log, scores)
     d = dev_state(state)
-    for name in ("k_pages", "v_pages"):
-        t = getattr(d, name)
-        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=DEVICE)
-        moved = buf[1:].view(t.shape)
-        moved.copy_(t)
-        d = d._replace(**{name: moved})
+    d = d._replace(k_pages=misaligned(d.k_pages), v_pages=misaligned(d.v_pages))
     d_log, d_scores = dev(log), dev(scores)
     freed = ops.evict_compact(*d, dev(keep), dev(steps), d_log, d_scores)
     for name, g, ref in zip(expected._fields, (*d, d_log, d_scores, freed), expected):
