@@ -2,7 +2,9 @@
 
 For one shape it times, forward and forward+backward:
 
-- ``shadowkv``: ``shadowkv.ops.shadow_attention`` with the eviction log;
+- ``shadowkv``: ``shadowkv.ops.shadow_attention`` with the eviction log (default kernels);
+- ``cute``: the same op with its forward on the CuTe kernel (``SHADOWKV_ATTENTION_KERNEL=cute``;
+  CUDA builds with the CUTLASS headers only; the backward is the default one);
 - ``sdpa``: ``F.scaled_dot_product_attention`` with the equivalent boolean mask [B, Hq, L, L];
 - ``causal``: ``F.scaled_dot_product_attention(is_causal=True)``, no mask (the flash backend on
   CUDA): dense causal attention at full speed, the bar a 25% log has to beat;
@@ -28,6 +30,7 @@ Defaults are per device (options given on the command line win):
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -35,7 +38,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from shadowkv import ops
+from shadowkv import _C, ops
 from shadowkv.reference import INT32_MAX, shadow_visible, streaming_evicted_at
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -99,6 +102,8 @@ def make_impls(evicted_at: torch.Tensor, args, device: torch.device):
     """name -> attention(q, k, v) for this log, or name -> reason it is skipped."""
     seq_len, group = args.seq_len, args.q_heads // args.kv_heads
     impls: dict[str, Callable | str] = {"shadowkv": lambda q, k, v: ops.shadow_attention(q, k, v, evicted_at)}
+    if device.type == "cuda" and _C.built_with_cute():
+        impls["cute"] = with_kernel("cute", impls["shadowkv"])
     if not args.no_sdpa:
         mask = shadow_visible(evicted_at, seq_len).repeat_interleave(group, dim=1)
         impls["sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(
@@ -118,6 +123,21 @@ def make_impls(evicted_at: torch.Tensor, args, device: torch.device):
         except Exception as e:  # noqa: BLE001  (any failure only skips this baseline)
             impls["flex"] = f"{type(e).__name__}: {e}".splitlines()[0][:100]
     return impls
+
+
+def with_kernel(kernel: str, attn: Callable) -> Callable:
+    """``attn`` with SHADOWKV_ATTENTION_KERNEL=kernel while it runs (the forward reads it)."""
+    def run(q, k, v):
+        old = os.environ.get("SHADOWKV_ATTENTION_KERNEL")
+        os.environ["SHADOWKV_ATTENTION_KERNEL"] = kernel
+        try:
+            return attn(q, k, v)
+        finally:
+            if old is None:
+                del os.environ["SHADOWKV_ATTENTION_KERNEL"]
+            else:
+                os.environ["SHADOWKV_ATTENTION_KERNEL"] = old
+    return run
 
 
 def causal_sdpa(q, k, v, group: int):

@@ -4,6 +4,7 @@
 # GPU sessions are rare and short (30 minutes of device time), so the whole sequence is
 # written down here once instead of being improvised in a session:
 #
+#   bash bench/gpu_session.sh cutlass    # HERE, not on the GPU: CUTLASS headers -> .cutlass/
 #   bash bench/gpu_session.sh build      # nvidia-smi, CUDA build for this GPU's arch, info
 #   bash bench/gpu_session.sh test       # the GPU tests + the sampler replay invariant
 #   bash bench/gpu_session.sh memcheck   # compute-sanitizer memcheck, the tests' small cases
@@ -13,9 +14,11 @@
 # Run from the repository root on the GPU machine; the machine keeps the build between
 # commands while it stays warm. Its image has torch, pybind11, cmake, ninja, pytest,
 # hypothesis and transformers; the build uses them (--no-deps: nothing can be downloaded).
+# The GPU image has no nvidia-cutlass: run the `cutlass` stage on the dev machine first and pass
+# `.cutlass` in the device tool's `carry` list, so the build compiles the CuTe kernel.
 # Copy the tables into bench/RESULTS.md with the device, date and commands.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh build|test|memcheck|racecheck|bench}
+stage=${1:?usage: gpu_session.sh cutlass|build|test|memcheck|racecheck|bench}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 log="$out/$stage.log"
@@ -31,11 +34,18 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
 {
   echo "== $stage  $(date -u +%FT%TZ)  $(git rev-parse --short HEAD 2>/dev/null)"
   case $stage in
+    cutlass)
+      src=$($py -c "import cutlass_library, pathlib; print(pathlib.Path(cutlass_library.__file__).parent / 'source' / 'include')")
+      rm -rf .cutlass && mkdir -p .cutlass && run cp -r "$src" .cutlass/include
+      run du -sh .cutlass
+      ;;
     build)
       run nvidia-smi
       # Only the running GPU's arch: a full "9.0a;8.0" build doubles the compile time.
       arch=$($py -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))")
       export SHADOWKV_CUDA=ON SHADOWKV_CUDA_ARCHS="$arch" MAX_JOBS="${MAX_JOBS:-16}"
+      if [ -z "${CUTLASS_DIR:-}" ] && [ -f .cutlass/include/cute/tensor.hpp ]; then export CUTLASS_DIR=$PWD/.cutlass; fi
+      echo "CUTLASS_DIR=${CUTLASS_DIR:-<none: the CuTe kernel is not built>}"
       run $py -m pip install -q --no-deps --no-build-isolation -e .
       run $py -m shadowkv info
       ;;

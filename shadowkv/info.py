@@ -28,6 +28,12 @@ def gpu_covered(major: int, minor: int, archs: list[str]) -> bool:
     return False
 
 
+def _cute_state() -> str:
+    if _C.built_with_cute():
+        return "built (opt-in: SHADOWKV_ATTENTION_KERNEL=cute)"
+    return "not built (" + ("no CUTLASS headers" if _C.built_with_cuda() else "CPU-only build") + ")"
+
+
 def info_lines() -> list[str]:
     archs = built_archs()
     lines = [
@@ -35,6 +41,7 @@ def info_lines() -> list[str]:
         f"torch {torch.__version__} (CUDA runtime {torch.version.cuda or 'none'})",
         f"CUDA kernels built: {'yes' if _C.built_with_cuda() else 'no'}",
         f"built archs: {', '.join('sm_' + a for a in archs) if archs else 'none'}",
+        f"CuTe attention kernel: {_cute_state()}",
     ]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

@@ -265,6 +265,10 @@ def _layout(shape, layout, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["bshd", "row_slice", "unaligned", "dim_strided"])
 def test_non_contiguous_inputs(layout, dtype):
+    check_layout(layout, dtype)
+
+
+def check_layout(layout: str, dtype: torch.dtype):
     b, hq, hkv, lq, lk, d = 2, 4, 2, 70, 150, 64
     q = _layout((b, hq, lq, d), layout, dtype)
     k, v = (_layout((b, hkv, lk, d), layout, dtype) for _ in range(2))
@@ -342,6 +346,10 @@ def test_opcheck_bwd(with_grad_lse):
 
 @pytest.mark.slow
 def test_long_context_32k_bf16():
+    check_long_context_32k_bf16()
+
+
+def check_long_context_32k_bf16():
     """32k tokens under a sparse budget (sinks + window + heavy hitters), bf16 on tensor cores.
 
     The float64 reference would need B*Hq*L*L doubles at once, so it runs on query chunks:
@@ -380,3 +388,50 @@ def test_long_context_32k_bf16():
         del out_ref, lse_ref, dq_ref, dk_c, dv_c
     assert_near("dk", dk, dk_ref, tol.grad)
     assert_near("dv", dv, dv_ref, tol.grad)
+
+
+# --------------------------------------------------------------------------------------------
+# The CuTe forward kernel (opt-in through SHADOWKV_ATTENTION_KERNEL=cute until it has passed
+# these tests on a GPU; see csrc/cuda/shadow_attention_kernels.h). Its backward is the default
+# one, fed with the CuTe forward's out and lse, so the gradient checks cover that hand-over.
+
+KERNEL_ENV = "SHADOWKV_ATTENTION_KERNEL"
+needs_cute = pytest.mark.skipif(not _C.built_with_cute(), reason="built without the CuTe kernel (no CUTLASS headers)")
+CUTE_CASES = [name for name, case in CASES.items() if case.head_dim in (64, 128)]
+
+
+@needs_cute
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@pytest.mark.parametrize("name", CUTE_CASES)
+def test_cute_forward_matches_reference(name, dtype, monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, "cute")
+    check_case(CASES[name], dtype)
+
+
+@needs_cute
+@pytest.mark.parametrize("layout", ["bshd", "row_slice", "unaligned", "dim_strided"])
+def test_cute_forward_layouts(layout, monkeypatch):
+    """Aligned layouts run the CuTe kernel, the others fall back to SIMT: both must be right."""
+    monkeypatch.setenv(KERNEL_ENV, "cute")
+    check_layout(layout, torch.bfloat16)
+
+
+@needs_cute
+@pytest.mark.slow
+def test_cute_long_context_32k_bf16(monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, "cute")
+    check_long_context_32k_bf16()
+
+
+@pytest.mark.parametrize("kernel", ["auto", "wmma", "simt"])
+def test_every_forward_kernel_choice_matches_reference(kernel, monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, kernel)
+    check_case(CASES["gqa2_streaming_d128"], torch.bfloat16)
+
+
+def test_unknown_forward_kernel_is_an_error(monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, "fastest")
+    q = torch.randn(1, 1, 8, 64, device=DEVICE, dtype=torch.bfloat16)
+    ev = torch.full((1, 1, 8), INT32_MAX, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wmma, simt"):
+        ops.shadow_attention(q, q, q, ev)

@@ -8,5 +8,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "shadowkv native extension: torch ops under torch.ops.shadowkv";
   m.def("version", [] { return SHADOWKV_VERSION_STRING; }, "Version of the native library.");
   m.def("built_with_cuda", &shadowkv::built_with_cuda, "True when the CUDA kernels were compiled in.");
+  m.def("built_with_cute", &shadowkv::built_with_cute,
+        "True when the CuTe forward kernel was compiled in (run it with SHADOWKV_ATTENTION_KERNEL=cute).");
   m.def("cuda_archs", &shadowkv::cuda_archs, "';'-separated compute capabilities built, e.g. '90a;80'.");
 }

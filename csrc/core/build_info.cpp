@@ -18,6 +18,14 @@ bool built_with_cuda() {
 #endif
 }
 
+bool built_with_cute() {
+#ifdef SHADOWKV_HAS_CUTE
+  return true;
+#else
+  return false;
+#endif
+}
+
 const char* cuda_archs() {
   // CMake passes the list ','-separated (a ';' would split its definition); callers get ';'.
   static const std::string archs = [] {

@@ -1,7 +1,11 @@
 // CUDA forward of shadow attention: out = softmax(scale * q k^T, shadow mask) v, plus the
 // natural-log log-sum-exp per row (DESIGN.md section 2). FlashAttention-2 style: one block owns
 // a query tile, streams the key tiles that can be visible to it and keeps an online softmax.
+// The kernel families and how one is chosen: shadow_attention_kernels.h.
 #include "shadow_attention_common.cuh"
+#include "shadow_attention_kernels.h"
+
+#include <cstdlib>
 
 namespace shadowkv {
 namespace {
@@ -346,16 +350,42 @@ bool fwd_uses_tensor_cores(const ShadowAttentionParams& p) {
 
 }  // namespace
 
+namespace cuda_attn {
+
+FwdKernel requested_fwd_kernel() {
+  const char* env = std::getenv("SHADOWKV_ATTENTION_KERNEL");
+  const std::string v = env == nullptr ? "" : env;
+  if (v.empty() || v == "auto" || v == "wmma") return FwdKernel::kWmma;
+  if (v == "simt") return FwdKernel::kSimt;
+  if (v == "cute") {
+#ifdef SHADOWKV_HAS_CUTE
+    return FwdKernel::kCute;
+#else
+    bad_arg("shadow_attention_fwd_cuda",
+            "SHADOWKV_ATTENTION_KERNEL=cute, but this build has no CuTe kernel (it was built without the "
+            "CUTLASS headers: install nvidia-cutlass or set CUTLASS_DIR, then rebuild)");
+#endif
+  }
+  bad_arg("shadow_attention_fwd_cuda",
+          "SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wmma, simt; got '" + v + "'");
+}
+
+}  // namespace cuda_attn
+
 void shadow_attention_fwd_cuda(const ShadowAttentionParams& p, void* stream) {
   validate_params(p, "shadow_attention_fwd_cuda");
   if (p.batch == 0 || p.num_q_heads == 0 || p.q_len == 0) return;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const FwdKernel choice = requested_fwd_kernel();
 
   StreamBuffer ev_mm(ev_minmax_bytes(p), s);
   launch_ev_minmax(p, ev_mm.as<int2>(), s);
   const int64_t n_ev = ev_minmax_tiles(p);
   const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
-  const bool tc = fwd_uses_tensor_cores(p);
+  const bool tc = choice != FwdKernel::kSimt && fwd_uses_tensor_cores(p);
+#ifdef SHADOWKV_HAS_CUTE
+  if (tc && choice == FwdKernel::kCute) return launch_fwd_cute(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
+#endif
 
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;

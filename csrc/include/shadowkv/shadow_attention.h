@@ -76,5 +76,8 @@ void shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& p, void* stream);
 // True when this library was built with its CUDA kernels; the arch list it was built for.
 bool built_with_cuda();
 const char* cuda_archs();  // e.g. "90a;80", "" without CUDA
+// True when the CuTe (CUTLASS) forward kernel was compiled in (CUDA builds with CUTLASS headers);
+// it runs when the environment variable SHADOWKV_ATTENTION_KERNEL=cute asks for it.
+bool built_with_cute();
 
 }  // namespace shadowkv

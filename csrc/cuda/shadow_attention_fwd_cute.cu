@@ -1,0 +1,287 @@
+// Shadow-attention forward, FlashAttention-2 style with CUTLASS CuTe: bfloat16/float16,
+// head_dim 64 or 128, sm_80+ (mma.sync m16n8k16, ldmatrix, cp.async). Built only when the CuTe
+// headers are available (CUTLASS_DIR); chosen by shadow_attention_fwd.cu (see
+// shadow_attention_kernels.h for when). Same results contract as the other kernels: out and lse
+// of the shadow mask, fp32 accumulation, rows without a visible key give out = 0, lse = -inf.
+//
+// Per block: 64 query rows of one (batch, query head), 4 warps of 16 rows. Per key tile of 64:
+//   wait K -> issue V copy -> S = Q K^T (registers) -> mask + online softmax -> wait V ->
+//   issue next live K copy -> O += P V with P taken straight from S's registers.
+// Key tiles that the eviction log hides from all 64 rows are never loaded (ev_minmax pre-pass).
+#include "shadow_attention_common.cuh"
+#include "shadow_attention_cute.cuh"
+#include "shadow_attention_kernels.h"
+
+namespace shadowkv {
+namespace cuda_attn {
+namespace {
+
+using namespace cute;
+using cuda_cute::acc_as_a_operand;
+using cuda_cute::acc_rowcol;
+using cuda_cute::FwdTraits;
+
+// Rows [0, valid_rows) of a (rows, D) global tile into shared memory with cp.async; the other
+// rows become zeros, so that no MMA reads garbage (0 * NaN = NaN).
+template <class TiledCopy, class Src, class Dst, class Coord>
+__device__ __forceinline__ void copy_rows(TiledCopy const& tiled_copy, Src const& src, Dst&& dst, Coord const& coord,
+                                          int64_t valid_rows) {
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(src); ++m) {
+    if (get<0>(coord(0, m, 0)) < valid_rows) {
+      copy(tiled_copy, src(_, m, _), dst(_, m, _));
+    } else {
+      clear(dst(_, m, _));
+    }
+  }
+}
+
+// acc += A B with both operands read from shared memory one k-slice ahead of the MMAs.
+template <class Acc, class RA, class RB, class SA, class SB, class Mma, class CopyA, class ThrA, class CopyB,
+          class ThrB>
+__device__ __forceinline__ void gemm_ss(Acc& acc, RA& rA, RB& rB, SA const& sA, SB const& sB, Mma const& mma,
+                                        CopyA const& copy_a, ThrA const& thr_a, CopyB const& copy_b, ThrB const& thr_b) {
+  Tensor rA_view = thr_a.retile_D(rA);
+  Tensor rB_view = thr_b.retile_D(rB);
+  copy(copy_a, sA(_, _, _0{}), rA_view(_, _, _0{}));
+  copy(copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(rA); ++k) {
+    if (k + 1 < size<2>(rA)) {
+      copy(copy_a, sA(_, _, k + 1), rA_view(_, _, k + 1));
+      copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
+    }
+    cute::gemm(mma, rA(_, _, k), rB(_, _, k), acc);
+  }
+}
+
+// acc += A B with A already in registers (P) and B read from shared memory a k-slice ahead.
+template <class Acc, class RA, class RB, class SB, class Mma, class CopyB, class ThrB>
+__device__ __forceinline__ void gemm_rs(Acc& acc, RA const& rA, RB& rB, SB const& sB, Mma const& mma,
+                                        CopyB const& copy_b, ThrB const& thr_b) {
+  Tensor rB_view = thr_b.retile_D(rB);
+  copy(copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(rA); ++k) {
+    if (k + 1 < size<2>(rA)) copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
+    cute::gemm(mma, rA(_, _, k), rB(_, _, k), acc);
+  }
+}
+
+// Reductions over the four lanes of a quad, which hold one accumulator row between them.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(kFullMask, x, 1));
+  return fmaxf(x, __shfl_xor_sync(kFullMask, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(kFullMask, x, 1);
+  return x + __shfl_xor_sync(kFullMask, x, 2);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
+    fwd_cute_kernel(const ShadowAttentionParams p, const int2* __restrict__ ev_mm, int64_t n_ev_tiles,
+                    float scale_log2) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // the host only picks this kernel on sm_80+
+#else
+  using Tr = FwdTraits<T, D>;
+  using E = typename Tr::Element;
+  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN;
+  const int tid = threadIdx.x;
+
+  unsigned char* smem = dynamic_smem();
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem)), typename Tr::SmemLayoutQ{});
+  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Tr::SmemLayoutKV{});
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Tr::SmemLayoutKV{});
+  Tensor sVt = make_tensor(sV.data(), typename Tr::SmemLayoutVt{});
+  Tensor sVtNoSwizzle = make_tensor(sV.data().get(), typename Tr::SmemLayoutVtNoSwizzle{});
+  int* kinds_s = reinterpret_cast<int*>(smem + Tr::kSmemBytes);
+
+  const QueryTile t = query_tile(p, BM);
+  const E* qg = static_cast<const E*>(p.q) + t.b * p.q_stride[0] + t.hq * p.q_stride[1] + t.i0 * p.q_stride[2];
+  const E* kg = static_cast<const E*>(p.k) + t.b * p.k_stride[0] + t.hkv * p.k_stride[1];
+  const E* vg = static_cast<const E*>(p.v) + t.b * p.v_stride[0] + t.hkv * p.v_stride[1];
+  const int32_t* evg = p.evicted_at + t.b * p.ev_stride[0] + t.hkv * p.ev_stride[1];
+  const int2* mm = ev_mm + (t.b * p.num_kv_heads + t.hkv) * n_ev_tiles;
+
+  Tensor gQ = make_tensor(make_gmem_ptr(qg), Shape<Int<BM>, Int<D>>{}, make_stride(p.q_stride[2], _1{}));
+  auto key_tile = [&](const E* base, int64_t stride, int64_t k0) {
+    return make_tensor(make_gmem_ptr(base + k0 * stride), Shape<Int<BN>, Int<D>>{}, make_stride(stride, _1{}));
+  };
+
+  typename Tr::GmemTiledCopy gmem_copy;
+  auto gmem_thr = gmem_copy.get_thread_slice(tid);
+  Tensor tQsQ = gmem_thr.partition_D(sQ);
+  Tensor tKsK = gmem_thr.partition_D(sK);
+  Tensor tVsV = gmem_thr.partition_D(sV);
+  Tensor tQcQ = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
+  Tensor tKVcKV = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
+
+  typename Tr::TiledMma mma;
+  auto thr_mma = mma.get_thread_slice(tid);
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);
+  Tensor tSrK = thr_mma.partition_fragment_B(sK);
+  Tensor tOrVt = thr_mma.partition_fragment_B(sVtNoSwizzle);
+  Tensor acc_o = partition_fragment_C(mma, Shape<Int<BM>, Int<D>>{});
+  clear(acc_o);
+
+  auto s2r_q = make_tiled_copy_A(typename Tr::SmemCopyAtom{}, mma);
+  auto s2r_q_thr = s2r_q.get_thread_slice(tid);
+  Tensor tSsQ = s2r_q_thr.partition_S(sQ);
+  auto s2r_k = make_tiled_copy_B(typename Tr::SmemCopyAtom{}, mma);
+  auto s2r_k_thr = s2r_k.get_thread_slice(tid);
+  Tensor tSsK = s2r_k_thr.partition_S(sK);
+  auto s2r_v = make_tiled_copy_B(typename Tr::SmemCopyAtomTransposed{}, mma);
+  auto s2r_v_thr = s2r_v.get_thread_slice(tid);
+  Tensor tOsVt = s2r_v_thr.partition_S(sVt);
+
+  // (row, key) of each score register, and the same registers as (rows, cols) for the softmax.
+  Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
+  Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+  constexpr int kRows = decltype(size<0>(tScS_rc))::value;  // 2: rows lane/4 and lane/4 + 8
+  constexpr int kCols = decltype(size<1>(tScS_rc))::value;
+  float m_run[kRows], l_run[kRows];  // running max (log2 domain) and this thread's partial sum
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    m_run[r] = -INFINITY;
+    l_run[r] = 0.f;
+  }
+
+  copy_rows(gmem_copy, gmem_thr.partition_S(gQ), tQsQ, tQcQ, t.rows);
+
+  // Keys past the last query position are in every row's future.
+  const int64_t n_key_tiles = (min(p.kv_len, t.p1 + 1) + BN - 1) / BN;
+  // The next key tile from `from` on that some row of the block can see (uniform over the block).
+  auto next_live = [&](int64_t from, TileKind& kind) {
+    for (int64_t tile = from; tile < n_key_tiles; ++tile) {
+      kind = key_tile_kind<BN>(kinds_s, tile, n_key_tiles, mm, n_ev_tiles, p.kv_len, t.p0, t.p1);
+      if (kind != TileKind::kSkip) return tile;
+    }
+    return n_key_tiles;
+  };
+
+  TileKind kind = TileKind::kSkip;
+  int64_t tile = next_live(0, kind);
+  if (tile < n_key_tiles) {
+    copy_rows(gmem_copy, gmem_thr.partition_S(key_tile(kg, p.k_stride[2], tile * BN)), tKsK, tKVcKV,
+              p.kv_len - tile * BN);
+  }
+  cp_async_fence();
+
+  while (tile < n_key_tiles) {
+    const int64_t k0 = tile * BN;
+    TileKind next_kind = TileKind::kSkip;
+    const int64_t next = next_live(tile + 1, next_kind);
+
+    cp_async_wait<0>();
+    __syncthreads();  // K (and Q) landed for every thread; every warp is done with the last V
+    copy_rows(gmem_copy, gmem_thr.partition_S(key_tile(vg, p.v_stride[2], k0)), tVsV, tKVcKV, p.kv_len - k0);
+    cp_async_fence();
+
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
+    clear(acc_s);
+    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, s2r_q, s2r_q_thr, s2r_k, s2r_k_thr);
+
+    // Mask, scale into the log2 domain, online softmax. P overwrites S in place.
+    Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
+    int ev_col[kCols];
+    if (kind == TileKind::kPartial) {
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        const int64_t key = k0 + get<1>(tScS_rc(0, c));
+        ev_col[c] = key < p.kv_len ? __ldg(evg + key) : kEvOutOfRange;
+      }
+    }
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t pos = t.p0 + get<0>(tScS_rc(r, 0));
+      float mx = -INFINITY;
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        float x = s(r, c) * scale_log2;
+        if (kind == TileKind::kPartial && !visible(k0 + get<1>(tScS_rc(r, c)), pos, ev_col[c])) x = -INFINITY;
+        s(r, c) = x;
+        mx = fmaxf(mx, x);
+      }
+      const float m_new = fmaxf(m_run[r], quad_max(mx));
+      const bool none = m_new == -INFINITY;  // no visible key in this row so far: avoid inf - inf
+      const float alpha = none ? 1.f : exp2f(m_run[r] - m_new);
+      float sum = 0.f;
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        const float pr = none ? 0.f : exp2f(s(r, c) - m_new);
+        s(r, c) = pr;
+        sum += pr;
+      }
+      l_run[r] = l_run[r] * alpha + sum;
+      m_run[r] = m_new;
+      Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(o); ++c) o(r, c) *= alpha;
+    }
+
+    cp_async_wait<0>();
+    __syncthreads();  // V landed for every thread; every warp is done with this K
+    if (next < n_key_tiles) {
+      copy_rows(gmem_copy, gmem_thr.partition_S(key_tile(kg, p.k_stride[2], next * BN)), tKsK, tKVcKV,
+                p.kv_len - next * BN);
+    }
+    cp_async_fence();
+
+    // O += P V, with P rounded to the input type (as FlashAttention-2 does).
+    Tensor rP = make_tensor<E>(acc_s.layout());
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) rP(i) = static_cast<E>(acc_s(i));
+    Tensor tOrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
+    gemm_rs(acc_o, tOrP, tOrVt, tOsVt, mma, s2r_v, s2r_v_thr);
+
+    tile = next;
+    kind = next_kind;
+  }
+  cp_async_wait<0>();  // nothing may be in flight at exit (a block without live tiles loaded Q)
+
+  // Normalise, write out (rows < t.rows) and lse (one lane per quad).
+  Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
+  Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
+  Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
+  T* og = static_cast<T*>(p.out) + t.b * p.o_stride[0] + t.hq * p.o_stride[1] + t.i0 * p.o_stride[2];
+  float* lse = static_cast<float*>(p.lse) + t.b * p.lse_stride[0] + t.hq * p.lse_stride[1] + t.i0;
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const float l = quad_sum(l_run[r]);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int row = get<0>(tOcO_rc(r, 0));
+    if (row >= t.rows) continue;
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(o); ++c) og[row * p.o_stride[2] + get<1>(tOcO_rc(r, c))] = from_f32<T>(o(r, c) * inv);
+    if (tid % 4 == 0) lse[row] = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
+  }
+#endif
+}
+
+template <typename T, int D>
+void launch(const ShadowAttentionParams& p, const int2* mm, int64_t n_ev, float scale_log2, cudaStream_t s) {
+  using Tr = FwdTraits<T, D>;
+  const size_t smem = Tr::kSmemBytes + Tr::kThreads * sizeof(int);  // + the key-tile kinds
+  auto kernel = fwd_cute_kernel<T, D>;
+  set_smem_limit(kernel, smem);
+  const int64_t blocks = p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM);
+  kernel<<<grid_1d(blocks, "fwd_cute_kernel"), Tr::kThreads, smem, s>>>(p, mm, n_ev, scale_log2);
+  check_launch("fwd_cute_kernel");
+}
+
+}  // namespace
+
+void launch_fwd_cute(const ShadowAttentionParams& p, const int2* ev_mm, int64_t n_ev, float scale_log2,
+                     cudaStream_t s) {
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  if (p.head_dim == 64) return bf16 ? launch<__nv_bfloat16, 64>(p, ev_mm, n_ev, scale_log2, s)
+                                    : launch<__half, 64>(p, ev_mm, n_ev, scale_log2, s);
+  if (p.head_dim == 128) return bf16 ? launch<__nv_bfloat16, 128>(p, ev_mm, n_ev, scale_log2, s)
+                                     : launch<__half, 128>(p, ev_mm, n_ev, scale_log2, s);
+  throw std::logic_error("launch_fwd_cute: head_dim must be 64 or 128");
+}
+
+}  // namespace cuda_attn
+}  // namespace shadowkv

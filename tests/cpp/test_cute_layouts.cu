@@ -1,0 +1,116 @@
+// Host-only checks of the register <-> (row, col) maps that the CuTe attention kernels rely on
+// (csrc/cuda/shadow_attention_cute.cuh). They are the error-prone part of a FlashAttention-style
+// kernel, and CuTe's layout algebra runs on the host, so they are checked here without a GPU:
+//   * the softmax's row view: a thread's row r holds one query row, and the four lanes of a
+//     quad (lane ^ 1, lane ^ 2, the shuffles of the row reductions) hold all its columns once;
+//   * the accumulator-as-A-operand view: every register of P, read as the A operand of P V,
+//     sits where the MMA's A fragment expects the same (row, key) element;
+//   * a column of the row view is the same key in every row (one log entry per column);
+//   * the output fragment covers each (row, d) of the block exactly once.
+// Built by nvcc as plain host code (it never launches anything); returns non-zero on failure.
+#include <cstdio>
+#include <set>
+#include <utility>
+#include <vector>
+
+#include "shadow_attention_cute.cuh"
+
+using namespace cute;
+using shadowkv::cuda_cute::acc_as_a_operand;
+using shadowkv::cuda_cute::acc_rowcol;
+using shadowkv::cuda_cute::FwdTraits;
+
+static int failures = 0;
+
+#define EXPECT(cond, ...)                                \
+  do {                                                   \
+    if (!(cond)) {                                       \
+      if (failures < 20) std::printf(__VA_ARGS__);       \
+      ++failures;                                        \
+    }                                                    \
+  } while (0)
+
+template <typename T, int D>
+void check_traits(const char* name) {
+  using Tr = FwdTraits<T, D>;
+  constexpr int M = Tr::kBlockM, N = Tr::kBlockN;
+  typename Tr::TiledMma mma;
+  static_assert(decltype(size(mma))::value == Tr::kThreads, "one MMA thread per block thread");
+
+  // columns seen per (row) by each quad, to check the row reductions' coverage
+  std::vector<std::vector<int>> cols_of_row(M, std::vector<int>(N, 0));
+  std::vector<std::vector<int>> out_cover(M, std::vector<int>(D, 0));
+  for (int tid = 0; tid < Tr::kThreads; ++tid) {
+    auto thr = mma.get_thread_slice(tid);
+    Tensor cS = make_identity_tensor(Shape<Int<M>, Int<N>>{});
+    Tensor tScS = thr.partition_C(cS);  // (MMA, MMA_M, MMA_N) of (row, col)
+    Tensor rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+    const int warp = tid / 32, lane = tid % 32;
+    for (int r = 0; r < size<0>(rc); ++r) {
+      const int row = get<0>(rc(r, 0));
+      EXPECT(row / 16 == warp, "%s: tid %d row-view row %d is query row %d, outside warp %d's strip\n", name, tid, r,
+             row, warp);
+      EXPECT(row % 8 == lane / 4, "%s: tid %d holds row %d, not lane/4 (mod 8) = %d\n", name, tid, row, lane / 4);
+      for (int c = 0; c < size<1>(rc); ++c) {
+        EXPECT(get<0>(rc(r, c)) == row, "%s: tid %d row-view row %d mixes query rows\n", name, tid, r);
+        // the kernel loads one eviction-log entry per column and uses it for every row
+        EXPECT(get<1>(rc(r, c)) == get<1>(rc(0, c)), "%s: tid %d column %d differs between rows\n", name, tid, c);
+        cols_of_row[row][get<1>(rc(r, c))] += 1;
+      }
+    }
+
+    // P as the A operand of P V: (MMA, MMA_M, MMA_K) must address the same (row, key) elements.
+    Tensor asA = make_tensor(tScS.data(), acc_as_a_operand(tScS.layout()));
+    Tensor tPcA = thr.partition_A(make_identity_tensor(Shape<Int<M>, Int<N>>{}));  // K of P V = keys
+    EXPECT(size(asA) == size(tPcA), "%s: P has %d registers, the A fragment %d\n", name, int(size(asA)),
+           int(size(tPcA)));
+    EXPECT(size<1>(asA) == size<1>(tPcA) && size<2>(asA) == size<2>(tPcA), "%s: P view and A fragment shapes differ\n",
+           name);
+    for (int m = 0; m < size<1>(asA); ++m)
+      for (int k = 0; k < size<2>(asA); ++k)
+        for (int v = 0; v < size<0>(asA); ++v) {
+          auto got = asA(v, m, k);
+          auto want = tPcA(v, m, k);
+          EXPECT(get<0>(got) == get<0>(want) && get<1>(got) == get<1>(want),
+                 "%s: tid %d P register (%d,%d,%d) holds (%d,%d), the MMA expects (%d,%d)\n", name, tid, v, m, k,
+                 int(get<0>(got)), int(get<1>(got)), int(get<0>(want)), int(get<1>(want)));
+        }
+
+    Tensor tOcO = thr.partition_C(make_identity_tensor(Shape<Int<M>, Int<D>>{}));
+    for (int i = 0; i < size(tOcO); ++i) out_cover[get<0>(tOcO(i))][get<1>(tOcO(i))] += 1;
+    // the output's row view must use the same rows as the scores' row view (same softmax state)
+    Tensor orc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
+    EXPECT(size<0>(orc) == size<0>(rc), "%s: output and score row views differ in length\n", name);
+    for (int r = 0; r < size<0>(orc); ++r)
+      for (int c = 0; c < size<1>(orc); ++c)
+        EXPECT(get<0>(orc(r, c)) == get<0>(rc(r, 0)), "%s: tid %d output row %d is not score row %d\n", name, tid,
+               int(get<0>(orc(r, c))), int(get<0>(rc(r, 0))));
+  }
+  for (int row = 0; row < M; ++row) {
+    for (int col = 0; col < N; ++col)
+      EXPECT(cols_of_row[row][col] == 1, "%s: score (%d,%d) held %d times\n", name, row, col, cols_of_row[row][col]);
+    for (int d = 0; d < D; ++d)
+      EXPECT(out_cover[row][d] == 1, "%s: output (%d,%d) held %d times\n", name, row, d, out_cover[row][d]);
+  }
+  // The four lanes of a quad (the row reductions' xor 1 and xor 2) share the rows.
+  for (int tid = 0; tid < Tr::kThreads; ++tid) {
+    auto row_of = [&](int t, int r) {
+      Tensor tScS = mma.get_thread_slice(t).partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{}));
+      Tensor rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+      return int(get<0>(rc(r, 0)));
+    };
+    for (int r = 0; r < 2; ++r) {
+      EXPECT(row_of(tid, r) == row_of(tid ^ 1, r) && row_of(tid, r) == row_of(tid ^ 2, r),
+             "%s: tid %d row %d not shared by its quad\n", name, tid, r);
+    }
+  }
+  std::printf("%s: %s\n", name, failures == 0 ? "ok" : "FAILED");
+}
+
+int main() {
+  check_traits<__nv_bfloat16, 64>("bf16 d64");
+  check_traits<__nv_bfloat16, 128>("bf16 d128");
+  check_traits<__half, 64>("fp16 d64");
+  check_traits<__half, 128>("fp16 d128");
+  return failures == 0 ? 0 : 1;
+}
