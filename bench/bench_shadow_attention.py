@@ -3,8 +3,8 @@
 For one shape it times, forward and forward+backward:
 
 - ``shadowkv``: ``shadowkv.ops.shadow_attention`` with the eviction log (default kernels);
-- ``cute``: the same op with its forward on the CuTe kernel (``SHADOWKV_ATTENTION_KERNEL=cute``;
-  CUDA builds with the CUTLASS headers only; the backward is the default one);
+- ``cute``: the same op on the CuTe kernels (``SHADOWKV_ATTENTION_KERNEL=cute``, forward and
+  backward; CUDA builds with the CUTLASS headers only);
 - ``sdpa``: ``F.scaled_dot_product_attention`` with the equivalent boolean mask [B, Hq, L, L];
 - ``causal``: ``F.scaled_dot_product_attention(is_causal=True)``, no mask (the flash backend on
   CUDA): dense causal attention at full speed, the bar a 25% log has to beat;
@@ -30,6 +30,7 @@ Defaults are per device (options given on the command line win):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from shadowkv import _C, ops
 from shadowkv.reference import INT32_MAX, shadow_visible, streaming_evicted_at
 
+KERNEL_ENV = "SHADOWKV_ATTENTION_KERNEL"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 
@@ -103,7 +105,7 @@ def make_impls(evicted_at: torch.Tensor, args, device: torch.device):
     seq_len, group = args.seq_len, args.q_heads // args.kv_heads
     impls: dict[str, Callable | str] = {"shadowkv": lambda q, k, v: ops.shadow_attention(q, k, v, evicted_at)}
     if device.type == "cuda" and _C.built_with_cute():
-        impls["cute"] = with_kernel("cute", impls["shadowkv"])
+        impls["cute"] = impls["shadowkv"]  # timed under kernel_env("cute")
     if not args.no_sdpa:
         mask = shadow_visible(evicted_at, seq_len).repeat_interleave(group, dim=1)
         impls["sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(
@@ -125,19 +127,19 @@ def make_impls(evicted_at: torch.Tensor, args, device: torch.device):
     return impls
 
 
-def with_kernel(kernel: str, attn: Callable) -> Callable:
-    """``attn`` with SHADOWKV_ATTENTION_KERNEL=kernel while it runs (the forward reads it)."""
-    def run(q, k, v):
-        old = os.environ.get("SHADOWKV_ATTENTION_KERNEL")
-        os.environ["SHADOWKV_ATTENTION_KERNEL"] = kernel
-        try:
-            return attn(q, k, v)
-        finally:
-            if old is None:
-                del os.environ["SHADOWKV_ATTENTION_KERNEL"]
-            else:
-                os.environ["SHADOWKV_ATTENTION_KERNEL"] = old
-    return run
+@contextlib.contextmanager
+def kernel_env(kernel: str | None):
+    """SHADOWKV_ATTENTION_KERNEL=kernel inside the block (forward and backward read it per call)."""
+    old = os.environ.get(KERNEL_ENV)
+    if kernel is not None:
+        os.environ[KERNEL_ENV] = kernel
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(KERNEL_ENV, None)
+        else:
+            os.environ[KERNEL_ENV] = old
 
 
 def causal_sdpa(q, k, v, group: int):
@@ -222,7 +224,8 @@ def run_device(device: torch.device, args) -> None:
                 if impl_name in timed_once:
                     fwd, fwd_bwd = timed_once[impl_name]
                 else:
-                    fwd, fwd_bwd = time_impl(attn, args, device, dtype)
+                    with kernel_env("cute" if impl_name == "cute" else None):
+                        fwd, fwd_bwd = time_impl(attn, args, device, dtype)
                     if impl_name == "causal":  # ignores the log: the same work under every mask
                         timed_once[impl_name] = fwd, fwd_bwd
             except Exception as e:  # noqa: BLE001  (a failing baseline must not hide the others)

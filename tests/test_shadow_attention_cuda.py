@@ -391,9 +391,8 @@ def check_long_context_32k_bf16():
 
 
 # --------------------------------------------------------------------------------------------
-# The CuTe forward kernel (opt-in through SHADOWKV_ATTENTION_KERNEL=cute until it has passed
-# these tests on a GPU; see csrc/cuda/shadow_attention_kernels.h). Its backward is the default
-# one, fed with the CuTe forward's out and lse, so the gradient checks cover that hand-over.
+# The CuTe kernels (opt-in through SHADOWKV_ATTENTION_KERNEL=cute until they have passed these
+# tests on a GPU; see csrc/cuda/shadow_attention_kernels.h), forward and backward.
 
 KERNEL_ENV = "SHADOWKV_ATTENTION_KERNEL"
 needs_cute = pytest.mark.skipif(not _C.built_with_cute(), reason="built without the CuTe kernel (no CUTLASS headers)")
@@ -403,14 +402,14 @@ CUTE_CASES = [name for name, case in CASES.items() if case.head_dim in (64, 128)
 @needs_cute
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 @pytest.mark.parametrize("name", CUTE_CASES)
-def test_cute_forward_matches_reference(name, dtype, monkeypatch):
+def test_cute_matches_reference(name, dtype, monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, "cute")
     check_case(CASES[name], dtype)
 
 
 @needs_cute
 @pytest.mark.parametrize("layout", ["bshd", "row_slice", "unaligned", "dim_strided"])
-def test_cute_forward_layouts(layout, monkeypatch):
+def test_cute_layouts(layout, monkeypatch):
     """Aligned layouts run the CuTe kernel, the others fall back to SIMT: both must be right."""
     monkeypatch.setenv(KERNEL_ENV, "cute")
     check_layout(layout, torch.bfloat16)
@@ -424,12 +423,12 @@ def test_cute_long_context_32k_bf16(monkeypatch):
 
 
 @pytest.mark.parametrize("kernel", ["auto", "wmma", "simt"])
-def test_every_forward_kernel_choice_matches_reference(kernel, monkeypatch):
+def test_every_kernel_choice_matches_reference(kernel, monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, kernel)
     check_case(CASES["gqa2_streaming_d128"], torch.bfloat16)
 
 
-def test_unknown_forward_kernel_is_an_error(monkeypatch):
+def test_unknown_kernel_is_an_error(monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, "fastest")
     q = torch.randn(1, 1, 8, 64, device=DEVICE, dtype=torch.bfloat16)
     ev = torch.full((1, 1, 8), INT32_MAX, dtype=torch.int32, device=DEVICE)

@@ -5,7 +5,9 @@
 // or zero-filled outputs are needed: a dQ kernel (block = query tile, streams key tiles) and a
 // dK/dV kernel (block = key tile, streams the query tiles of every head of its GQA group). Both
 // recompute S and dP; the extra two GEMMs buy deterministic results without an fp32 dQ buffer.
+// The kernel families and how one is chosen: shadow_attention_kernels.h.
 #include "shadow_attention_common.cuh"
+#include "shadow_attention_kernels.h"
 
 namespace shadowkv {
 namespace {
@@ -38,43 +40,6 @@ __global__ void bwd_rows_kernel(const ShadowAttentionBwdParams bp, float* __rest
     delta[row] = lse == -INFINITY ? 0.f : acc - g;
     lse2[row] = lse == -INFINITY ? INFINITY : lse * kLog2e;
   }
-}
-
-// Block -> (batch, kv head, key tile) for dK/dV; first key tiles first (seen by the most queries).
-// [i_begin, i_end) bounds the query rows that can see any key of the tile: no row before the
-// first key, none at or after the largest evicted_at.
-struct KeyTile {
-  int64_t b, hkv, k0;
-  int rows;
-  int2 ev;  // min / max evicted_at over the tile (over its enclosing kEvTile keys if shorter)
-  int64_t i_begin, i_end;
-};
-
-__device__ __forceinline__ KeyTile key_tile(const ShadowAttentionParams& p, int tile_rows, const int2* ev_mm,
-                                            int64_t n_ev_tiles) {
-  const int64_t n_tiles = (p.kv_len + tile_rows - 1) / tile_rows;
-  const int64_t bid = blockIdx.x;
-  KeyTile t;
-  const int64_t bh = bid / n_tiles;
-  t.hkv = bh % p.num_kv_heads;
-  t.b = bh / p.num_kv_heads;
-  t.k0 = bid % n_tiles * tile_rows;
-  t.rows = static_cast<int>(min(static_cast<int64_t>(tile_rows), p.kv_len - t.k0));
-  // The min/max pre-pass has kEvTile granularity: a tile of fewer rows (the SIMT kernel's 16 rows
-  // above head_dim 192) takes the range of its enclosing kEvTile keys, a superset, which can only
-  // make it look less fully visible and widen [i_begin, i_end); the per-pair mask stays exact.
-  const int64_t ev_k0 = tile_rows < kEvTile ? t.k0 / kEvTile * kEvTile : t.k0;
-  t.ev = key_tile_ev_range(ev_mm + (t.b * p.num_kv_heads + t.hkv) * n_ev_tiles, n_ev_tiles, ev_k0,
-                           max(tile_rows, kEvTile));
-  t.i_begin = max(static_cast<int64_t>(0), t.k0 - p.q_offset);
-  t.i_end = min(p.q_len, static_cast<int64_t>(t.ev.y) - p.q_offset);
-  return t;
-}
-
-// Query tile [p0, p1] (rows complete) against key tile [k0, k0 + width): every pair visible?
-__device__ __forceinline__ bool pairs_all_visible(const KeyTile& kt, int width, int64_t kv_len, int64_t p0,
-                                                  int64_t p1, bool rows_complete) {
-  return rows_complete && kt.k0 + width <= kv_len && kt.k0 + width - 1 <= p0 && kt.ev.x > p1;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -719,6 +684,8 @@ void shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& bp, void* stream)
   // Nothing to write when every gradient is empty; head_dim == 0 leaves empty gradients too.
   if (p.head_dim == 0 || (!has_q && !has_kv)) return;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const AttnKernel choice = requested_kernel(kFn);
+  const bool tc = choice != AttnKernel::kSimt && bwd_uses_tensor_cores(bp);
 
   StreamBuffer ev_mm(ev_minmax_bytes(p), s);
   launch_ev_minmax(p, ev_mm.as<int2>(), s);
@@ -738,7 +705,12 @@ void shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& bp, void* stream)
     const BwdLaunch a{bp, ev_mm.as<int2>(), ev_minmax_tiles(p), lse2, delta,
                       static_cast<float>(p.scale * 1.4426950408889634), s};
     if constexpr (!std::is_same<T, float>::value) {
-      if (bwd_uses_tensor_cores(bp)) {
+#ifdef SHADOWKV_HAS_CUTE
+      if (tc && choice == AttnKernel::kCute) {
+        return launch_bwd_cute(bp, a.mm, a.n_ev, lse2, delta, a.scale_log2, s);
+      }
+#endif
+      if (tc) {
         if (p.head_dim == 64) return launch_bwd_tc<T, 64>(a);
         if (p.head_dim == 128) return launch_bwd_tc<T, 128>(a);
       }

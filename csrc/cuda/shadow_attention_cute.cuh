@@ -3,11 +3,13 @@
 // shadow_attention_fwd_cute.cu and by the host-side layout test (tests/cpp/test_cute_layouts.cu),
 // which checks the register <-> (row, col) maps below without a GPU.
 //
-// One block owns kBlockM = 64 query rows (4 warps x 16 rows, one m16n8k16 atom high) and walks
-// the key tiles of kBlockN = 64 keys. Scores S = Q K^T and probabilities P stay in registers:
-// the accumulator fragment of S, rounded to 16 bits, is reused as the A operand of P V (the
-// layouts line up for m16n8k16, see acc_as_a_operand). Q, K, V tiles live in swizzled shared
-// memory, are filled with 16-byte cp.async and read with ldmatrix (V transposed on the fly).
+// Every kernel has the same shape: a block owns kBlockM = 64 "own" rows (4 warps x 16 rows, one
+// m16n8k16 atom high) and streams "partner" tiles of kBlockN rows. Forward and dQ: own = query
+// rows, partners = key tiles; dK/dV: own = key rows, partners = query tiles. Scores and
+// probabilities stay in registers: an accumulator fragment, rounded to 16 bits, is reused as
+// the A operand of the next product (the layouts line up for m16n8k16, see acc_as_a_operand).
+// Tiles live in swizzled shared memory, are filled with 16-byte cp.async and read with ldmatrix
+// (a partner tile is read transposed when it is the B operand of P V, dS K, P^T dO or dS^T Q).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -22,17 +24,18 @@ namespace cuda_cute {
 
 using namespace cute;
 
-// Tile shapes, layouts and atoms of one (element type, head_dim) instantiation.
-template <typename T, int D>
-struct FwdTraits {
+// Tile shapes, layouts and atoms of one (element type, head_dim, partner rows) instantiation.
+template <typename T, int D, int BlockN>
+struct TileTraits {
   static_assert(D == 64 || D == 128, "the CuTe kernels cover head_dim 64 and 128");
   static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "16-bit inputs only");
   using Element = std::conditional_t<std::is_same<T, __half>::value, cute::half_t, cute::bfloat16_t>;
 
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kBlockM = 16 * kWarps;  // query rows per block
-  static constexpr int kBlockN = 64;           // keys per step (a multiple of kEvTile = 32)
+  static constexpr int kBlockM = 16 * kWarps;  // own rows per block
+  static constexpr int kBlockN = BlockN;       // partner rows per step
+  static_assert(BlockN % 32 == 0, "partner tiles are whole kEvTile (32-key) tiles");
   static constexpr int kHeadDim = D;
 
   using MmaOp = std::conditional_t<std::is_same<T, __half>::value, SM80_16x8x16_F32F16F16F32_TN,
@@ -44,25 +47,33 @@ struct FwdTraits {
   // 16-byte bank groups, and so do the 16-byte cp.async writes.
   using SmemLayoutAtom =
       decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}));
-  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<D>>{}));
-  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<D>>{}));
-  // V seen as [D][kBlockN] (the B operand of P V is V^T); element (d, n) is V's (n, d).
-  using SmemLayoutVt =
-      decltype(composition(SmemLayoutKV{}, make_layout(Shape<Int<D>, Int<kBlockN>>{}, GenRowMajor{})));
-  using SmemLayoutVtNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutVt{}));
+  using SmemLayoutOwn = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<D>>{}));
+  using SmemLayoutPartner = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<D>>{}));
+  // A partner tile seen as [D][kBlockN], the B operand of P V (V^T) and friends; element (d, n)
+  // is the tile's (n, d).
+  using SmemLayoutPartnerT =
+      decltype(composition(SmemLayoutPartner{}, make_layout(Shape<Int<D>, Int<kBlockN>>{}, GenRowMajor{})));
+  using SmemLayoutPartnerTNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutPartnerT{}));
 
-  using SmemCopyAtom = Copy_Atom<SM75_U32x4_LDSM_N, Element>;            // Q, K: row-major tiles
-  using SmemCopyAtomTransposed = Copy_Atom<SM75_U16x8_LDSM_T, Element>;  // V^T
+  using SmemCopyAtom = Copy_Atom<SM75_U32x4_LDSM_N, Element>;            // row-major operands
+  using SmemCopyAtomTransposed = Copy_Atom<SM75_U16x8_LDSM_T, Element>;  // transposed B operands
 
   // Global -> shared: 8 threads cover one 64-element row segment with 16-byte cp.async each.
   using GmemLayoutAtom = Layout<Shape<Int<kThreads / 8>, _8>, Stride<_8, _1>>;
   using GmemTiledCopy = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{},
                                                  GmemLayoutAtom{}, Layout<Shape<_1, _8>>{}));
 
-  static constexpr int kSmemQ = kBlockM * D;
-  static constexpr int kSmemKV = kBlockN * D;
-  static constexpr size_t kSmemBytes = (kSmemQ + 2 * kSmemKV) * sizeof(Element);
+  static constexpr size_t kOwnBytes = kBlockM * D * sizeof(Element);
+  static constexpr size_t kPartnerBytes = kBlockN * D * sizeof(Element);
 };
+
+// Forward: 64 query rows against key tiles of 64 (Q, K, V in 48 KB at head_dim 128).
+template <typename T, int D>
+using FwdTraits = TileTraits<T, D, 64>;
+// Backward: 32-row partner tiles (two own and two partner tiles in 48 KB at head_dim 128), so
+// that two score-sized accumulators and two head_dim-wide ones fit the registers.
+template <typename T, int D>
+using BwdTraits = TileTraits<T, D, 32>;
 
 // An accumulator layout (MMA = (2 cols, 2 rows), MMA_M, MMA_N) of SM80_16x8 seen as
 // (rows = (2, MMA_M), cols = (2, MMA_N)): the online softmax reduces along the second mode.
@@ -81,6 +92,83 @@ CUTE_HOST_DEVICE constexpr auto acc_as_a_operand(Layout acc) {
   static_assert(decltype(rank(acc))::value == 3, "expected an (MMA, MMA_M, MMA_N) accumulator layout");
   auto l = logical_divide(acc, Shape<Underscore, Underscore, _2>{});  // (4, MMA_M, (2, MMA_N / 2))
   return make_layout(make_layout(get<0>(l), get<2, 0>(l)), get<1>(l), get<2, 1>(l));
+}
+
+// ------------------------------------------------------------------------------------------
+// Device building blocks.
+
+// The (Rows, D) tile at row r0 of a global [*, D] matrix whose rows are `stride` apart.
+template <int Rows, int D, typename E>
+__device__ __forceinline__ auto gmem_tile(const E* base, int64_t stride, int64_t r0) {
+  return make_tensor(make_gmem_ptr(base + r0 * stride), Shape<Int<Rows>, Int<D>>{}, make_stride(stride, _1{}));
+}
+
+// Rows [0, valid_rows) of a (rows, D) global tile into shared memory with cp.async; the other
+// rows become zeros, so that no MMA reads garbage (0 * NaN = NaN).
+template <class TiledCopy, class Src, class Dst, class Coord>
+__device__ __forceinline__ void copy_rows(TiledCopy const& tiled_copy, Src const& src, Dst&& dst, Coord const& coord,
+                                          int64_t valid_rows) {
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(src); ++m) {
+    if (get<0>(coord(0, m, 0)) < valid_rows) {
+      copy(tiled_copy, src(_, m, _), dst(_, m, _));
+    } else {
+      clear(dst(_, m, _));
+    }
+  }
+}
+
+// acc += A B with both operands read from shared memory one k-slice ahead of the MMAs.
+template <class Acc, class RA, class RB, class SA, class SB, class Mma, class CopyA, class ThrA, class CopyB,
+          class ThrB>
+__device__ __forceinline__ void gemm_ss(Acc& acc, RA& rA, RB& rB, SA const& sA, SB const& sB, Mma const& mma,
+                                        CopyA const& copy_a, ThrA const& thr_a, CopyB const& copy_b, ThrB const& thr_b) {
+  Tensor rA_view = thr_a.retile_D(rA);
+  Tensor rB_view = thr_b.retile_D(rB);
+  copy(copy_a, sA(_, _, _0{}), rA_view(_, _, _0{}));
+  copy(copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(rA); ++k) {
+    if (k + 1 < size<2>(rA)) {
+      copy(copy_a, sA(_, _, k + 1), rA_view(_, _, k + 1));
+      copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
+    }
+    cute::gemm(mma, rA(_, _, k), rB(_, _, k), acc);
+  }
+}
+
+// acc += A B with A already in registers (P) and B read from shared memory a k-slice ahead.
+template <class Acc, class RA, class RB, class SB, class Mma, class CopyB, class ThrB>
+__device__ __forceinline__ void gemm_rs(Acc& acc, RA const& rA, RB& rB, SB const& sB, Mma const& mma,
+                                        CopyB const& copy_b, ThrB const& thr_b) {
+  Tensor rB_view = thr_b.retile_D(rB);
+  copy(copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(rA); ++k) {
+    if (k + 1 < size<2>(rA)) copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
+    cute::gemm(mma, rA(_, _, k), rB(_, _, k), acc);
+  }
+}
+
+// A copy of accumulator registers rounded to the input type E, laid out as an MMA A operand
+// (acc_as_a_operand). Returned by value: it is a register array of its own.
+template <typename E, class Acc>
+CUTE_HOST_DEVICE auto as_a_operand(Acc const& acc) {
+  Tensor r = make_tensor<E>(acc_as_a_operand(acc.layout()));
+  Tensor r_acc = make_tensor(r.data(), acc.layout());  // the same registers, indexed like acc
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) r_acc(i) = static_cast<E>(acc(i));
+  return r;
+}
+
+// Reductions over the four lanes of a quad, which hold one accumulator row between them.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
 }  // namespace cuda_cute

@@ -352,22 +352,20 @@ bool fwd_uses_tensor_cores(const ShadowAttentionParams& p) {
 
 namespace cuda_attn {
 
-FwdKernel requested_fwd_kernel() {
+AttnKernel requested_kernel(const char* fn) {
   const char* env = std::getenv("SHADOWKV_ATTENTION_KERNEL");
   const std::string v = env == nullptr ? "" : env;
-  if (v.empty() || v == "auto" || v == "wmma") return FwdKernel::kWmma;
-  if (v == "simt") return FwdKernel::kSimt;
+  if (v.empty() || v == "auto" || v == "wmma") return AttnKernel::kWmma;
+  if (v == "simt") return AttnKernel::kSimt;
   if (v == "cute") {
 #ifdef SHADOWKV_HAS_CUTE
-    return FwdKernel::kCute;
+    return AttnKernel::kCute;
 #else
-    bad_arg("shadow_attention_fwd_cuda",
-            "SHADOWKV_ATTENTION_KERNEL=cute, but this build has no CuTe kernel (it was built without the "
+    bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL=cute, but this build has no CuTe kernel (it was built without the "
             "CUTLASS headers: install nvidia-cutlass or set CUTLASS_DIR, then rebuild)");
 #endif
   }
-  bad_arg("shadow_attention_fwd_cuda",
-          "SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wmma, simt; got '" + v + "'");
+  bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wmma, simt; got '" + v + "'");
 }
 
 }  // namespace cuda_attn
@@ -376,15 +374,15 @@ void shadow_attention_fwd_cuda(const ShadowAttentionParams& p, void* stream) {
   validate_params(p, "shadow_attention_fwd_cuda");
   if (p.batch == 0 || p.num_q_heads == 0 || p.q_len == 0) return;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const FwdKernel choice = requested_fwd_kernel();
+  const AttnKernel choice = requested_kernel("shadow_attention_fwd_cuda");
 
   StreamBuffer ev_mm(ev_minmax_bytes(p), s);
   launch_ev_minmax(p, ev_mm.as<int2>(), s);
   const int64_t n_ev = ev_minmax_tiles(p);
   const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
-  const bool tc = choice != FwdKernel::kSimt && fwd_uses_tensor_cores(p);
+  const bool tc = choice != AttnKernel::kSimt && fwd_uses_tensor_cores(p);
 #ifdef SHADOWKV_HAS_CUTE
-  if (tc && choice == FwdKernel::kCute) return launch_fwd_cute(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
+  if (tc && choice == AttnKernel::kCute) return launch_fwd_cute(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
 #endif
 
   dispatch_dtype(p.dtype, [&](auto tag) {

@@ -17,66 +17,15 @@ namespace cuda_attn {
 namespace {
 
 using namespace cute;
-using cuda_cute::acc_as_a_operand;
 using cuda_cute::acc_rowcol;
+using cuda_cute::as_a_operand;
+using cuda_cute::copy_rows;
 using cuda_cute::FwdTraits;
-
-// Rows [0, valid_rows) of a (rows, D) global tile into shared memory with cp.async; the other
-// rows become zeros, so that no MMA reads garbage (0 * NaN = NaN).
-template <class TiledCopy, class Src, class Dst, class Coord>
-__device__ __forceinline__ void copy_rows(TiledCopy const& tiled_copy, Src const& src, Dst&& dst, Coord const& coord,
-                                          int64_t valid_rows) {
-  CUTE_UNROLL
-  for (int m = 0; m < size<1>(src); ++m) {
-    if (get<0>(coord(0, m, 0)) < valid_rows) {
-      copy(tiled_copy, src(_, m, _), dst(_, m, _));
-    } else {
-      clear(dst(_, m, _));
-    }
-  }
-}
-
-// acc += A B with both operands read from shared memory one k-slice ahead of the MMAs.
-template <class Acc, class RA, class RB, class SA, class SB, class Mma, class CopyA, class ThrA, class CopyB,
-          class ThrB>
-__device__ __forceinline__ void gemm_ss(Acc& acc, RA& rA, RB& rB, SA const& sA, SB const& sB, Mma const& mma,
-                                        CopyA const& copy_a, ThrA const& thr_a, CopyB const& copy_b, ThrB const& thr_b) {
-  Tensor rA_view = thr_a.retile_D(rA);
-  Tensor rB_view = thr_b.retile_D(rB);
-  copy(copy_a, sA(_, _, _0{}), rA_view(_, _, _0{}));
-  copy(copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
-  CUTE_UNROLL
-  for (int k = 0; k < size<2>(rA); ++k) {
-    if (k + 1 < size<2>(rA)) {
-      copy(copy_a, sA(_, _, k + 1), rA_view(_, _, k + 1));
-      copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
-    }
-    cute::gemm(mma, rA(_, _, k), rB(_, _, k), acc);
-  }
-}
-
-// acc += A B with A already in registers (P) and B read from shared memory a k-slice ahead.
-template <class Acc, class RA, class RB, class SB, class Mma, class CopyB, class ThrB>
-__device__ __forceinline__ void gemm_rs(Acc& acc, RA const& rA, RB& rB, SB const& sB, Mma const& mma,
-                                        CopyB const& copy_b, ThrB const& thr_b) {
-  Tensor rB_view = thr_b.retile_D(rB);
-  copy(copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
-  CUTE_UNROLL
-  for (int k = 0; k < size<2>(rA); ++k) {
-    if (k + 1 < size<2>(rA)) copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
-    cute::gemm(mma, rA(_, _, k), rB(_, _, k), acc);
-  }
-}
-
-// Reductions over the four lanes of a quad, which hold one accumulator row between them.
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(kFullMask, x, 1));
-  return fmaxf(x, __shfl_xor_sync(kFullMask, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(kFullMask, x, 1);
-  return x + __shfl_xor_sync(kFullMask, x, 2);
-}
+using cuda_cute::gmem_tile;
+using cuda_cute::gemm_rs;
+using cuda_cute::gemm_ss;
+using cuda_cute::quad_max;
+using cuda_cute::quad_sum;
 
 template <typename T, int D>
 __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
@@ -91,12 +40,12 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
   const int tid = threadIdx.x;
 
   unsigned char* smem = dynamic_smem();
-  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem)), typename Tr::SmemLayoutQ{});
-  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Tr::SmemLayoutKV{});
-  Tensor sV = make_tensor(sK.data() + size(sK), typename Tr::SmemLayoutKV{});
-  Tensor sVt = make_tensor(sV.data(), typename Tr::SmemLayoutVt{});
-  Tensor sVtNoSwizzle = make_tensor(sV.data().get(), typename Tr::SmemLayoutVtNoSwizzle{});
-  int* kinds_s = reinterpret_cast<int*>(smem + Tr::kSmemBytes);
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem)), typename Tr::SmemLayoutOwn{});
+  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Tr::SmemLayoutPartner{});
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Tr::SmemLayoutPartner{});
+  Tensor sVt = make_tensor(sV.data(), typename Tr::SmemLayoutPartnerT{});
+  Tensor sVtNoSwizzle = make_tensor(sV.data().get(), typename Tr::SmemLayoutPartnerTNoSwizzle{});
+  int* kinds_s = reinterpret_cast<int*>(smem + Tr::kOwnBytes + 2 * Tr::kPartnerBytes);
 
   const QueryTile t = query_tile(p, BM);
   const E* qg = static_cast<const E*>(p.q) + t.b * p.q_stride[0] + t.hq * p.q_stride[1] + t.i0 * p.q_stride[2];
@@ -105,10 +54,7 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
   const int32_t* evg = p.evicted_at + t.b * p.ev_stride[0] + t.hkv * p.ev_stride[1];
   const int2* mm = ev_mm + (t.b * p.num_kv_heads + t.hkv) * n_ev_tiles;
 
-  Tensor gQ = make_tensor(make_gmem_ptr(qg), Shape<Int<BM>, Int<D>>{}, make_stride(p.q_stride[2], _1{}));
-  auto key_tile = [&](const E* base, int64_t stride, int64_t k0) {
-    return make_tensor(make_gmem_ptr(base + k0 * stride), Shape<Int<BN>, Int<D>>{}, make_stride(stride, _1{}));
-  };
+  Tensor gQ = gmem_tile<BM, D>(qg, p.q_stride[2], 0);
 
   typename Tr::GmemTiledCopy gmem_copy;
   auto gmem_thr = gmem_copy.get_thread_slice(tid);
@@ -164,7 +110,7 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
   TileKind kind = TileKind::kSkip;
   int64_t tile = next_live(0, kind);
   if (tile < n_key_tiles) {
-    copy_rows(gmem_copy, gmem_thr.partition_S(key_tile(kg, p.k_stride[2], tile * BN)), tKsK, tKVcKV,
+    copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(kg, p.k_stride[2], tile * BN)), tKsK, tKVcKV,
               p.kv_len - tile * BN);
   }
   cp_async_fence();
@@ -176,7 +122,7 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
 
     cp_async_wait<0>();
     __syncthreads();  // K (and Q) landed for every thread; every warp is done with the last V
-    copy_rows(gmem_copy, gmem_thr.partition_S(key_tile(vg, p.v_stride[2], k0)), tVsV, tKVcKV, p.kv_len - k0);
+    copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(vg, p.v_stride[2], k0)), tVsV, tKVcKV, p.kv_len - k0);
     cp_async_fence();
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
@@ -224,17 +170,13 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
     cp_async_wait<0>();
     __syncthreads();  // V landed for every thread; every warp is done with this K
     if (next < n_key_tiles) {
-      copy_rows(gmem_copy, gmem_thr.partition_S(key_tile(kg, p.k_stride[2], next * BN)), tKsK, tKVcKV,
+      copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(kg, p.k_stride[2], next * BN)), tKsK, tKVcKV,
                 p.kv_len - next * BN);
     }
     cp_async_fence();
 
     // O += P V, with P rounded to the input type (as FlashAttention-2 does).
-    Tensor rP = make_tensor<E>(acc_s.layout());
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_s); ++i) rP(i) = static_cast<E>(acc_s(i));
-    Tensor tOrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
-    gemm_rs(acc_o, tOrP, tOrVt, tOsVt, mma, s2r_v, s2r_v_thr);
+    gemm_rs(acc_o, as_a_operand<E>(acc_s), tOrVt, tOsVt, mma, s2r_v, s2r_v_thr);
 
     tile = next;
     kind = next_kind;
@@ -263,7 +205,7 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
 template <typename T, int D>
 void launch(const ShadowAttentionParams& p, const int2* mm, int64_t n_ev, float scale_log2, cudaStream_t s) {
   using Tr = FwdTraits<T, D>;
-  const size_t smem = Tr::kSmemBytes + Tr::kThreads * sizeof(int);  // + the key-tile kinds
+  const size_t smem = Tr::kOwnBytes + 2 * Tr::kPartnerBytes + Tr::kThreads * sizeof(int);  // + tile kinds
   auto kernel = fwd_cute_kernel<T, D>;
   set_smem_limit(kernel, smem);
   const int64_t blocks = p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM);

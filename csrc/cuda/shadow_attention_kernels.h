@@ -1,12 +1,12 @@
-// Which shadow-attention forward kernel runs (private to csrc/cuda/).
+// Which shadow-attention kernels run, forward and backward (private to csrc/cuda/).
 //
 // Three kernel families compute the same thing:
-//   * cute: FlashAttention-2-style CuTe kernel (shadow_attention_fwd_cute.cu), bfloat16/float16,
-//     head_dim 64/128, 16-byte aligned rows, sm_80+; built only when the CUTLASS/CuTe headers
-//     are found (CUTLASS_DIR, or the nvidia-cutlass package).
-//   * wmma: tensor-core kernel with the same coverage (shadow_attention_fwd.cu).
-//   * simt: every dtype and head_dim (shadow_attention_fwd.cu).
-// SHADOWKV_ATTENTION_KERNEL picks one per call: "auto" (default) = wmma where it applies, else
+//   * cute: FlashAttention-2-style CuTe kernels (shadow_attention_{fwd,bwd}_cute.cu),
+//     bfloat16/float16, head_dim 64/128, 16-byte aligned rows, sm_80+; built only when the
+//     CUTLASS/CuTe headers are found (CUTLASS_DIR, or the nvidia-cutlass package).
+//   * wmma: tensor-core kernels with the same coverage (shadow_attention_{fwd,bwd}.cu).
+//   * simt: every dtype and head_dim (shadow_attention_{fwd,bwd}.cu).
+// SHADOWKV_ATTENTION_KERNEL picks one family per call (forward and backward alike): "auto" (default) = wmma where it applies, else
 // simt; "cute" = cute where it applies (an error in a build without it), else simt; "wmma" =
 // same as auto; "simt" = simt always. The default stays wmma until the CuTe kernel has passed
 // the GPU tests on real hardware (no session has had a GPU yet; see bench/RESULTS.md).
@@ -21,16 +21,19 @@
 namespace shadowkv {
 namespace cuda_attn {
 
-enum class FwdKernel { kWmma, kCute, kSimt };
+enum class AttnKernel { kWmma, kCute, kSimt };
 
-// The kernel SHADOWKV_ATTENTION_KERNEL asks for; throws std::invalid_argument on a bad value,
-// and for "cute" in a build without the CuTe kernel.
-FwdKernel requested_fwd_kernel();
+// The family SHADOWKV_ATTENTION_KERNEL asks for; throws std::invalid_argument (naming `fn`) on a
+// bad value, and for "cute" in a build without the CuTe kernels.
+AttnKernel requested_kernel(const char* fn);
 
 #ifdef SHADOWKV_HAS_CUTE
 // Runs the CuTe forward for bfloat16/float16 and head_dim 64 or 128 (the caller checks).
 void launch_fwd_cute(const ShadowAttentionParams& p, const int2* ev_mm, int64_t n_ev, float scale_log2,
                      cudaStream_t s);
+// Runs the CuTe dQ and dK/dV kernels; lse2 and delta are bwd_rows_kernel's [B, Hq, Lq] rows.
+void launch_bwd_cute(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
+                     const float* delta, float scale_log2, cudaStream_t s);
 #endif
 
 }  // namespace cuda_attn

@@ -3,8 +3,8 @@
 // kernel, and CuTe's layout algebra runs on the host, so they are checked here without a GPU:
 //   * the softmax's row view: a thread's row r holds one query row, and the four lanes of a
 //     quad (lane ^ 1, lane ^ 2, the shuffles of the row reductions) hold all its columns once;
-//   * the accumulator-as-A-operand view: every register of P, read as the A operand of P V,
-//     sits where the MMA's A fragment expects the same (row, key) element;
+//   * the accumulator-as-A-operand view and as_a_operand: every register of P, read as the A
+//     operand of P V, sits where the MMA's A fragment expects the same (row, key) element;
 //   * a column of the row view is the same key in every row (one log entry per column);
 //   * the output fragment covers each (row, d) of the block exactly once.
 // Built by nvcc as plain host code (it never launches anything); returns non-zero on failure.
@@ -18,6 +18,7 @@
 using namespace cute;
 using shadowkv::cuda_cute::acc_as_a_operand;
 using shadowkv::cuda_cute::acc_rowcol;
+using shadowkv::cuda_cute::BwdTraits;
 using shadowkv::cuda_cute::FwdTraits;
 
 static int failures = 0;
@@ -30,10 +31,9 @@ static int failures = 0;
     }                                                    \
   } while (0)
 
-template <typename T, int D>
+template <typename Tr>
 void check_traits(const char* name) {
-  using Tr = FwdTraits<T, D>;
-  constexpr int M = Tr::kBlockM, N = Tr::kBlockN;
+  constexpr int M = Tr::kBlockM, N = Tr::kBlockN, D = Tr::kHeadDim;
   typename Tr::TiledMma mma;
   static_assert(decltype(size(mma))::value == Tr::kThreads, "one MMA thread per block thread");
 
@@ -76,6 +76,16 @@ void check_traits(const char* name) {
                  int(get<0>(got)), int(get<1>(got)), int(get<0>(want)), int(get<1>(want)));
         }
 
+    // as_a_operand (what the kernels call) moves each register to where that view says.
+    Tensor acc = partition_fragment_C(mma, Shape<Int<M>, Int<N>>{});
+    for (int i = 0; i < size(acc); ++i) acc(i) = float(i);
+    Tensor a = shadowkv::cuda_cute::as_a_operand<float>(acc);
+    for (int i = 0; i < size(a); ++i) {
+      const int from = int(a(i));
+      EXPECT(get<0>(tScS(from)) == get<0>(tPcA(i)) && get<1>(tScS(from)) == get<1>(tPcA(i)),
+             "%s: tid %d as_a_operand register %d holds score register %d at the wrong place\n", name, tid, i, from);
+    }
+
     Tensor tOcO = thr.partition_C(make_identity_tensor(Shape<Int<M>, Int<D>>{}));
     for (int i = 0; i < size(tOcO); ++i) out_cover[get<0>(tOcO(i))][get<1>(tOcO(i))] += 1;
     // the output's row view must use the same rows as the scores' row view (same softmax state)
@@ -108,9 +118,12 @@ void check_traits(const char* name) {
 }
 
 int main() {
-  check_traits<__nv_bfloat16, 64>("bf16 d64");
-  check_traits<__nv_bfloat16, 128>("bf16 d128");
-  check_traits<__half, 64>("fp16 d64");
-  check_traits<__half, 128>("fp16 d128");
+  check_traits<FwdTraits<__nv_bfloat16, 64>>("fwd bf16 d64");
+  check_traits<FwdTraits<__nv_bfloat16, 128>>("fwd bf16 d128");
+  check_traits<FwdTraits<__half, 64>>("fwd fp16 d64");
+  check_traits<FwdTraits<__half, 128>>("fwd fp16 d128");
+  check_traits<BwdTraits<__nv_bfloat16, 64>>("bwd bf16 d64");
+  check_traits<BwdTraits<__nv_bfloat16, 128>>("bwd bf16 d128");
+  check_traits<BwdTraits<__half, 128>>("bwd fp16 d128");
   return failures == 0 ? 0 : 1;
 }

@@ -1,0 +1,343 @@
+// Shadow-attention backward with CUTLASS CuTe: bfloat16/float16, head_dim 64 or 128, sm_80+.
+// The same split as shadow_attention_bwd.cu (a dQ kernel and a dK/dV kernel, every gradient
+// element written once, no atomics, deterministic), with S, dP, P and dS kept in registers:
+// each probability-sized accumulator, rounded to 16 bits, is the A operand of the next MMA.
+// Per-row inputs (lse2 = lse * log2(e), delta = rowsum(dO * O) - grad_lse) come from
+// bwd_rows_kernel in shadow_attention_bwd.cu, which also picks this path
+// (shadow_attention_kernels.h).
+//
+//   dQ kernel, block = 64 query rows, per live key tile of 32:
+//     S = Q K^T, dP = dO V^T, P = exp2(S scale_log2 - lse2) on visible pairs,
+//     dS = P (dP - delta), dQ += dS K                          (dQ *= scale at the end)
+//   dK/dV kernel, block = 64 key rows, per head of the GQA group, per query tile of 32 that can
+//   see the block's keys:
+//     S^T = K Q^T, dP^T = V dO^T, P^T, dS^T as above, dV += P^T dO, dK += dS^T Q (dK *= scale)
+#include "shadow_attention_common.cuh"
+#include "shadow_attention_cute.cuh"
+#include "shadow_attention_kernels.h"
+
+namespace shadowkv {
+namespace cuda_attn {
+namespace {
+
+using namespace cute;
+using cuda_cute::acc_rowcol;
+using cuda_cute::as_a_operand;
+using cuda_cute::BwdTraits;
+using cuda_cute::copy_rows;
+using cuda_cute::gemm_rs;
+using cuda_cute::gemm_ss;
+using cuda_cute::gmem_tile;
+
+template <typename T, int D>
+__global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
+    dq_cute_kernel(const ShadowAttentionBwdParams bp, const int2* __restrict__ ev_mm, int64_t n_ev_tiles,
+                   const float* __restrict__ lse2_ws, const float* __restrict__ delta_ws, float scale_log2) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // the host only picks this kernel on sm_80+
+#else
+  using Tr = BwdTraits<T, D>;
+  using E = typename Tr::Element;
+  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN;
+  const ShadowAttentionParams& p = bp.fwd;
+  const int tid = threadIdx.x;
+
+  unsigned char* smem = dynamic_smem();
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem)), typename Tr::SmemLayoutOwn{});
+  Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Tr::SmemLayoutOwn{});
+  Tensor sK = make_tensor(sdO.data() + size(sdO), typename Tr::SmemLayoutPartner{});
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Tr::SmemLayoutPartner{});
+  Tensor sKt = make_tensor(sK.data(), typename Tr::SmemLayoutPartnerT{});
+  Tensor sKtNoSwizzle = make_tensor(sK.data().get(), typename Tr::SmemLayoutPartnerTNoSwizzle{});
+  int* kinds_s = reinterpret_cast<int*>(smem + 2 * Tr::kOwnBytes + 2 * Tr::kPartnerBytes);
+
+  const QueryTile t = query_tile(p, BM);
+  const E* qg = static_cast<const E*>(p.q) + t.b * p.q_stride[0] + t.hq * p.q_stride[1];
+  const E* dog = static_cast<const E*>(bp.grad_out) + t.b * bp.do_stride[0] + t.hq * bp.do_stride[1];
+  const E* kg = static_cast<const E*>(p.k) + t.b * p.k_stride[0] + t.hkv * p.k_stride[1];
+  const E* vg = static_cast<const E*>(p.v) + t.b * p.v_stride[0] + t.hkv * p.v_stride[1];
+  const int32_t* evg = p.evicted_at + t.b * p.ev_stride[0] + t.hkv * p.ev_stride[1];
+  const int2* mm = ev_mm + (t.b * p.num_kv_heads + t.hkv) * n_ev_tiles;
+  const int64_t ws_row0 = (t.b * p.num_q_heads + t.hq) * p.q_len + t.i0;
+
+  typename Tr::GmemTiledCopy gmem_copy;
+  auto gmem_thr = gmem_copy.get_thread_slice(tid);
+  Tensor tOwnC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
+  Tensor tPartC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
+  copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BM, D>(qg, p.q_stride[2], t.i0)), gmem_thr.partition_D(sQ),
+            tOwnC, t.rows);
+  copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BM, D>(dog, bp.do_stride[2], t.i0)),
+            gmem_thr.partition_D(sdO), tOwnC, t.rows);
+  cp_async_fence();
+
+  typename Tr::TiledMma mma;
+  auto thr_mma = mma.get_thread_slice(tid);
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);
+  Tensor tSrK = thr_mma.partition_fragment_B(sK);
+  Tensor tdPrdO = thr_mma.partition_fragment_A(sdO);
+  Tensor tdPrV = thr_mma.partition_fragment_B(sV);
+  Tensor tdQrKt = thr_mma.partition_fragment_B(sKtNoSwizzle);
+  Tensor acc_dq = partition_fragment_C(mma, Shape<Int<BM>, Int<D>>{});
+  clear(acc_dq);
+
+  auto s2r_a = make_tiled_copy_A(typename Tr::SmemCopyAtom{}, mma);
+  auto s2r_a_thr = s2r_a.get_thread_slice(tid);
+  auto s2r_b = make_tiled_copy_B(typename Tr::SmemCopyAtom{}, mma);
+  auto s2r_b_thr = s2r_b.get_thread_slice(tid);
+  auto s2r_bt = make_tiled_copy_B(typename Tr::SmemCopyAtomTransposed{}, mma);
+  auto s2r_bt_thr = s2r_bt.get_thread_slice(tid);
+  Tensor tSsQ = s2r_a_thr.partition_S(sQ);
+  Tensor tdPsdO = s2r_a_thr.partition_S(sdO);
+  Tensor tSsK = s2r_b_thr.partition_S(sK);
+  Tensor tdPsV = s2r_b_thr.partition_S(sV);
+  Tensor tdQsKt = s2r_bt_thr.partition_S(sKt);
+
+  // Rows of this thread's score registers, with their lse2 and delta (padding rows: P = 0).
+  Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
+  Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+  constexpr int kRows = decltype(size<0>(tScS_rc))::value;
+  constexpr int kCols = decltype(size<1>(tScS_rc))::value;
+  float lse2_r[kRows], delta_r[kRows];
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const int row = get<0>(tScS_rc(r, 0));
+    lse2_r[r] = row < t.rows ? lse2_ws[ws_row0 + row] : INFINITY;
+    delta_r[r] = row < t.rows ? delta_ws[ws_row0 + row] : 0.f;
+  }
+
+  // Keys past the last query position are in every row's future.
+  const int64_t n_key_tiles = (min(p.kv_len, t.p1 + 1) + BN - 1) / BN;
+  for (int64_t tile = 0; tile < n_key_tiles; ++tile) {
+    const TileKind kind = key_tile_kind<BN>(kinds_s, tile, n_key_tiles, mm, n_ev_tiles, p.kv_len, t.p0, t.p1);
+    if (kind == TileKind::kSkip) continue;  // uniform over the block
+    const int64_t k0 = tile * BN;
+    __syncthreads();  // every warp is done with the previous K and V
+    copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(kg, p.k_stride[2], k0)), gmem_thr.partition_D(sK),
+              tPartC, p.kv_len - k0);
+    copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(vg, p.v_stride[2], k0)), gmem_thr.partition_D(sV),
+              tPartC, p.kv_len - k0);
+    cp_async_fence();
+    cp_async_wait<0>();
+    __syncthreads();  // K, V (and on the first tile Q, dO) landed for every thread
+
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
+    Tensor acc_dp = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
+    clear(acc_s);
+    clear(acc_dp);
+    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, s2r_a, s2r_a_thr, s2r_b, s2r_b_thr);
+    gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma, s2r_a, s2r_a_thr, s2r_b, s2r_b_thr);
+
+    // dS = P (dP - delta) overwrites S.
+    Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
+    Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
+    int ev_col[kCols];
+    if (kind == TileKind::kPartial) {
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        const int64_t key = k0 + get<1>(tScS_rc(0, c));
+        ev_col[c] = key < p.kv_len ? __ldg(evg + key) : kEvOutOfRange;
+      }
+    }
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t pos = t.p0 + get<0>(tScS_rc(r, 0));
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        const bool vis = kind == TileKind::kFull || visible(k0 + get<1>(tScS_rc(r, c)), pos, ev_col[c]);
+        const float pr = vis ? exp2f(s(r, c) * scale_log2 - lse2_r[r]) : 0.f;
+        s(r, c) = pr * (dp(r, c) - delta_r[r]);
+      }
+    }
+    gemm_rs(acc_dq, as_a_operand<E>(acc_s), tdQrKt, tdQsKt, mma, s2r_bt, s2r_bt_thr);
+  }
+  cp_async_wait<0>();  // a block without live tiles still loaded Q and dO
+
+  const float scale = scale_log2 / kLog2e;
+  Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
+  T* dqg = static_cast<T*>(bp.grad_q) + t.b * bp.dq_stride[0] + t.hq * bp.dq_stride[1] + t.i0 * bp.dq_stride[2];
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_dq); ++i) {
+    const int row = get<0>(tOcO(i));
+    if (row < t.rows) dqg[row * bp.dq_stride[2] + get<1>(tOcO(i))] = from_f32<T>(acc_dq(i) * scale);
+  }
+#endif
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
+    dkdv_cute_kernel(const ShadowAttentionBwdParams bp, const int2* __restrict__ ev_mm, int64_t n_ev_tiles,
+                     const float* __restrict__ lse2_ws, const float* __restrict__ delta_ws, float scale_log2) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // the host only picks this kernel on sm_80+
+#else
+  using Tr = BwdTraits<T, D>;
+  using E = typename Tr::Element;
+  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN;
+  const ShadowAttentionParams& p = bp.fwd;
+  const int tid = threadIdx.x;
+
+  unsigned char* smem = dynamic_smem();
+  Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem)), typename Tr::SmemLayoutOwn{});
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Tr::SmemLayoutOwn{});
+  Tensor sQ = make_tensor(sV.data() + size(sV), typename Tr::SmemLayoutPartner{});
+  Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Tr::SmemLayoutPartner{});
+  Tensor sQt = make_tensor(sQ.data(), typename Tr::SmemLayoutPartnerT{});
+  Tensor sdOt = make_tensor(sdO.data(), typename Tr::SmemLayoutPartnerT{});
+  Tensor sPartTNoSwizzle = make_tensor(sQ.data().get(), typename Tr::SmemLayoutPartnerTNoSwizzle{});
+
+  const KeyTile kt = key_tile(p, BM, ev_mm, n_ev_tiles);
+  const int32_t* evg = p.evicted_at + kt.b * p.ev_stride[0] + kt.hkv * p.ev_stride[1];
+  const E* kg = static_cast<const E*>(p.k) + kt.b * p.k_stride[0] + kt.hkv * p.k_stride[1];
+  const E* vg = static_cast<const E*>(p.v) + kt.b * p.v_stride[0] + kt.hkv * p.v_stride[1];
+
+  typename Tr::GmemTiledCopy gmem_copy;
+  auto gmem_thr = gmem_copy.get_thread_slice(tid);
+  Tensor tOwnC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
+  Tensor tPartC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
+  copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BM, D>(kg, p.k_stride[2], kt.k0)), gmem_thr.partition_D(sK),
+            tOwnC, kt.rows);
+  copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BM, D>(vg, p.v_stride[2], kt.k0)), gmem_thr.partition_D(sV),
+            tOwnC, kt.rows);
+  cp_async_fence();
+
+  typename Tr::TiledMma mma;
+  auto thr_mma = mma.get_thread_slice(tid);
+  Tensor tSrK = thr_mma.partition_fragment_A(sK);
+  Tensor tSrQ = thr_mma.partition_fragment_B(sQ);
+  Tensor tdPrV = thr_mma.partition_fragment_A(sV);
+  Tensor tdPrdO = thr_mma.partition_fragment_B(sdO);
+  Tensor tGradrT = thr_mma.partition_fragment_B(sPartTNoSwizzle);  // Q^T or dO^T: same shape
+  Tensor acc_dk = partition_fragment_C(mma, Shape<Int<BM>, Int<D>>{});
+  Tensor acc_dv = partition_fragment_C(mma, Shape<Int<BM>, Int<D>>{});
+  clear(acc_dk);
+  clear(acc_dv);
+
+  auto s2r_a = make_tiled_copy_A(typename Tr::SmemCopyAtom{}, mma);
+  auto s2r_a_thr = s2r_a.get_thread_slice(tid);
+  auto s2r_b = make_tiled_copy_B(typename Tr::SmemCopyAtom{}, mma);
+  auto s2r_b_thr = s2r_b.get_thread_slice(tid);
+  auto s2r_bt = make_tiled_copy_B(typename Tr::SmemCopyAtomTransposed{}, mma);
+  auto s2r_bt_thr = s2r_bt.get_thread_slice(tid);
+  Tensor tSsK = s2r_a_thr.partition_S(sK);
+  Tensor tdPsV = s2r_a_thr.partition_S(sV);
+  Tensor tSsQ = s2r_b_thr.partition_S(sQ);
+  Tensor tdPsdO = s2r_b_thr.partition_S(sdO);
+  Tensor tdVsdOt = s2r_bt_thr.partition_S(sdOt);
+  Tensor tdKsQt = s2r_bt_thr.partition_S(sQt);
+
+  // Rows of the score registers are this block's keys, columns the query tile's rows.
+  Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
+  Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+  constexpr int kRows = decltype(size<0>(tScS_rc))::value;
+  constexpr int kCols = decltype(size<1>(tScS_rc))::value;
+  int ev_row[kRows];
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const int row = get<0>(tScS_rc(r, 0));
+    ev_row[r] = row < kt.rows ? __ldg(evg + kt.k0 + row) : kEvOutOfRange;
+  }
+
+  const int64_t group = p.num_q_heads / p.num_kv_heads;
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t hq = kt.hkv * group + g;
+    const E* qg = static_cast<const E*>(p.q) + kt.b * p.q_stride[0] + hq * p.q_stride[1];
+    const E* dog = static_cast<const E*>(bp.grad_out) + kt.b * bp.do_stride[0] + hq * bp.do_stride[1];
+    const int64_t ws_row0 = (kt.b * p.num_q_heads + hq) * p.q_len;
+    for (int64_t i0 = kt.i_begin; i0 < kt.i_end; i0 += BN) {
+      const int rows = static_cast<int>(min(static_cast<int64_t>(BN), p.q_len - i0));
+      const int64_t p0 = p.q_offset + i0, p1 = p0 + rows - 1;
+      const bool full = pairs_all_visible(kt, BM, p.kv_len, p0, p1, rows == BN);
+      __syncthreads();  // every warp is done with the previous Q and dO
+      copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(qg, p.q_stride[2], i0)), gmem_thr.partition_D(sQ),
+                tPartC, rows);
+      copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(dog, bp.do_stride[2], i0)),
+                gmem_thr.partition_D(sdO), tPartC, rows);
+      cp_async_fence();
+      cp_async_wait<0>();
+      __syncthreads();  // Q, dO (and on the first tile K, V) landed for every thread
+
+      Tensor acc_st = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
+      Tensor acc_dpt = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
+      clear(acc_st);
+      clear(acc_dpt);
+      gemm_ss(acc_st, tSrK, tSrQ, tSsK, tSsQ, mma, s2r_a, s2r_a_thr, s2r_b, s2r_b_thr);
+      gemm_ss(acc_dpt, tdPrV, tdPrdO, tdPsV, tdPsdO, mma, s2r_a, s2r_a_thr, s2r_b, s2r_b_thr);
+
+      // P^T overwrites S^T, dS^T overwrites dP^T.
+      Tensor st = make_tensor(acc_st.data(), acc_rowcol(acc_st.layout()));
+      Tensor dpt = make_tensor(acc_dpt.data(), acc_rowcol(acc_dpt.layout()));
+      float lse2_c[kCols], delta_c[kCols];
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        const int col = get<1>(tScS_rc(0, c));
+        lse2_c[c] = col < rows ? lse2_ws[ws_row0 + i0 + col] : INFINITY;
+        delta_c[c] = col < rows ? delta_ws[ws_row0 + i0 + col] : 0.f;
+      }
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t key = kt.k0 + get<0>(tScS_rc(r, 0));
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) {
+          const bool vis = full || visible(key, p0 + get<1>(tScS_rc(r, c)), ev_row[r]);
+          const float pr = vis ? exp2f(st(r, c) * scale_log2 - lse2_c[c]) : 0.f;
+          st(r, c) = pr;
+          dpt(r, c) = pr * (dpt(r, c) - delta_c[c]);
+        }
+      }
+      gemm_rs(acc_dv, as_a_operand<E>(acc_st), tGradrT, tdVsdOt, mma, s2r_bt, s2r_bt_thr);
+      gemm_rs(acc_dk, as_a_operand<E>(acc_dpt), tGradrT, tdKsQt, mma, s2r_bt, s2r_bt_thr);
+    }
+  }
+  cp_async_wait<0>();  // a block whose keys no query sees still loaded K and V
+
+  const float scale = scale_log2 / kLog2e;
+  Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
+  T* dkg = static_cast<T*>(bp.grad_k) + kt.b * bp.dk_stride[0] + kt.hkv * bp.dk_stride[1] + kt.k0 * bp.dk_stride[2];
+  T* dvg = static_cast<T*>(bp.grad_v) + kt.b * bp.dv_stride[0] + kt.hkv * bp.dv_stride[1] + kt.k0 * bp.dv_stride[2];
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_dk); ++i) {
+    const int row = get<0>(tOcO(i)), d = get<1>(tOcO(i));
+    if (row < kt.rows) {
+      dkg[row * bp.dk_stride[2] + d] = from_f32<T>(acc_dk(i) * scale);
+      dvg[row * bp.dv_stride[2] + d] = from_f32<T>(acc_dv(i));
+    }
+  }
+#endif
+}
+
+template <typename Kernel>
+void launch_one(Kernel kernel, int64_t blocks, size_t smem, const char* name, const ShadowAttentionBwdParams& bp,
+                const int2* mm, int64_t n_ev, const float* lse2, const float* delta, float scale_log2, cudaStream_t s) {
+  if (blocks == 0) return;
+  set_smem_limit(kernel, smem);
+  kernel<<<grid_1d(blocks, name), 128, smem, s>>>(bp, mm, n_ev, lse2, delta, scale_log2);
+  check_launch(name);
+}
+
+template <typename T, int D>
+void launch(const ShadowAttentionBwdParams& bp, const int2* mm, int64_t n_ev, const float* lse2, const float* delta,
+            float scale_log2, cudaStream_t s) {
+  using Tr = BwdTraits<T, D>;
+  static_assert(Tr::kThreads == 128, "launch_one launches 128 threads");
+  const ShadowAttentionParams& p = bp.fwd;
+  const size_t tiles = 2 * Tr::kOwnBytes + 2 * Tr::kPartnerBytes;
+  launch_one(dq_cute_kernel<T, D>, p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM),
+             tiles + Tr::kThreads * sizeof(int), "dq_cute_kernel", bp, mm, n_ev, lse2, delta, scale_log2, s);
+  launch_one(dkdv_cute_kernel<T, D>, p.batch * p.num_kv_heads * ceil_div(p.kv_len, Tr::kBlockM), tiles,
+             "dkdv_cute_kernel", bp, mm, n_ev, lse2, delta, scale_log2, s);
+}
+
+}  // namespace
+
+void launch_bwd_cute(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
+                     const float* delta, float scale_log2, cudaStream_t s) {
+  const bool bf16 = bp.fwd.dtype == DType::kBFloat16;
+  if (bp.fwd.head_dim == 64) return bf16 ? launch<__nv_bfloat16, 64>(bp, ev_mm, n_ev, lse2, delta, scale_log2, s)
+                                         : launch<__half, 64>(bp, ev_mm, n_ev, lse2, delta, scale_log2, s);
+  if (bp.fwd.head_dim == 128) return bf16 ? launch<__nv_bfloat16, 128>(bp, ev_mm, n_ev, lse2, delta, scale_log2, s)
+                                          : launch<__half, 128>(bp, ev_mm, n_ev, lse2, delta, scale_log2, s);
+  throw std::logic_error("launch_bwd_cute: head_dim must be 64 or 128");
+}
+
+}  // namespace cuda_attn
+}  // namespace shadowkv
