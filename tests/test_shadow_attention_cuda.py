@@ -210,8 +210,15 @@ def test_out_only_gradients(dtype):
         assert_near(name, g, r, tol.grad)
 
 
+# The default kernels, and the CuTe ones where built (edge cases of both families).
+KERNEL_ENV = "SHADOWKV_ATTENTION_KERNEL"
+KERNELS = ["auto"] + (["cute"] if _C.built_with_cute() else [])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_no_visible_key_gives_zeros_and_no_nan(dtype):
+def test_no_visible_key_gives_zeros_and_no_nan(dtype, kernel, monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, kernel)
     lk = 100
     ev = torch.zeros(1, 1, lk, dtype=torch.int32, device=DEVICE)  # every key evicted before any query
     q = torch.randn(1, 2, lk, 64, device=DEVICE, dtype=dtype, requires_grad=True)
@@ -224,11 +231,36 @@ def test_no_visible_key_gives_zeros_and_no_nan(dtype):
         assert torch.equal(t.grad, torch.zeros_like(t))
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_nan_in_keys_hidden_from_a_whole_tile_stays_out_of_the_forward(head_dim, dtype, kernel, monkeypatch):
+    """Slots evicted before a query tile starts may hold anything (a server reuses them).
+
+    Keys 128..159 are evicted at 160..191 (window 32), before the last 64 queries (192..255)
+    start, in a key tile that those queries still partly see (160..191): every kernel must keep
+    NaN there out of the forward (the backward's dP may still see it, as in FlashAttention).
+    """
+    monkeypatch.setenv(KERNEL_ENV, kernel)
+    length, dirty = 256, slice(128, 160)
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, length, head_dim, generator=gen).to(DEVICE, dtype) for _ in range(3))
+    ev = streaming_evicted_at(length, 0, 32).to(DEVICE).expand(1, 2, length).contiguous()
+    out_ref, lse_ref = shadow_attention_ref(q.double(), k.double(), v.double(), ev)
+    k[:, :, dirty] = float("nan")
+    v[:, :, dirty] = float("nan")
+    out, lse = ops.shadow_attention_with_lse(q[:, :, 192:], k, v, ev, 192)
+    assert_near("out", out, out_ref[:, :, 192:], TOLERANCES[dtype].out)
+    assert_near("lse", lse, lse_ref[:, :, 192:], TOLERANCES[dtype].lse)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "shape", [(0, 2, 1, 8, 8), (1, 2, 1, 0, 8), (1, 2, 1, 8, 0), (1, 2, 1, 0, 0)], ids=["B0", "Lq0", "Lk0", "L0"]
 )
-def test_empty_shapes(shape, dtype):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_empty_shapes(shape, dtype, kernel, monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, kernel)
     b, hq, hkv, lq, lk = shape
     d = 64
     q = torch.randn(b, hq, lq, d, device=DEVICE, dtype=dtype, requires_grad=True)
@@ -289,9 +321,11 @@ def check_layout(layout: str, dtype: torch.dtype):
         assert_near(name, gg, rr, tol.grad)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_deterministic(dtype):
+def test_deterministic(dtype, kernel, monkeypatch):
     """Every gradient element is written once (no atomics): two runs agree bit for bit."""
+    monkeypatch.setenv(KERNEL_ENV, kernel)
     case = CASES["gqa4_chunk_d64"]
     q, k, v, grad_out, grad_lse = case.tensors(dtype)
     ev = case.evicted_at()
@@ -394,7 +428,6 @@ def check_long_context_32k_bf16():
 # The CuTe kernels (opt-in through SHADOWKV_ATTENTION_KERNEL=cute until they have passed these
 # tests on a GPU; see csrc/cuda/shadow_attention_kernels.h), forward and backward.
 
-KERNEL_ENV = "SHADOWKV_ATTENTION_KERNEL"
 needs_cute = pytest.mark.skipif(not _C.built_with_cute(), reason="built without the CuTe kernel (no CUTLASS headers)")
 CUTE_CASES = [name for name, case in CASES.items() if case.head_dim in (64, 128)]
 

@@ -131,6 +131,8 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
     Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
     int ev_col[kCols];
+    CUTE_UNROLL
+    for (int c = 0; c < kCols; ++c) ev_col[c] = kEvOutOfRange;  // read on partial tiles only
     if (kind == TileKind::kPartial) {
       CUTE_UNROLL
       for (int c = 0; c < kCols; ++c) {

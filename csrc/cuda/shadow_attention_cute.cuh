@@ -103,19 +103,26 @@ __device__ __forceinline__ auto gmem_tile(const E* base, int64_t stride, int64_t
   return make_tensor(make_gmem_ptr(base + r0 * stride), Shape<Int<Rows>, Int<D>>{}, make_stride(stride, _1{}));
 }
 
-// Rows [0, valid_rows) of a (rows, D) global tile into shared memory with cp.async; the other
-// rows become zeros, so that no MMA reads garbage (0 * NaN = NaN).
-template <class TiledCopy, class Src, class Dst, class Coord>
-__device__ __forceinline__ void copy_rows(TiledCopy const& tiled_copy, Src const& src, Dst&& dst, Coord const& coord,
-                                          int64_t valid_rows) {
+// The rows of a (rows, D) global tile for which keep(row) holds into shared memory with
+// cp.async; the other rows become zeros, so that no MMA reads garbage (0 * NaN = NaN).
+template <class TiledCopy, class Src, class Dst, class Coord, class Keep>
+__device__ __forceinline__ void copy_rows_if(TiledCopy const& tiled_copy, Src const& src, Dst&& dst,
+                                             Coord const& coord, Keep const& keep) {
   CUTE_UNROLL
   for (int m = 0; m < size<1>(src); ++m) {
-    if (get<0>(coord(0, m, 0)) < valid_rows) {
+    if (keep(static_cast<int>(get<0>(coord(0, m, 0))))) {
       copy(tiled_copy, src(_, m, _), dst(_, m, _));
     } else {
       clear(dst(_, m, _));
     }
   }
+}
+
+// Rows [0, valid_rows) of the tile, as copy_rows_if.
+template <class TiledCopy, class Src, class Dst, class Coord>
+__device__ __forceinline__ void copy_rows(TiledCopy const& tiled_copy, Src const& src, Dst&& dst, Coord const& coord,
+                                          int64_t valid_rows) {
+  copy_rows_if(tiled_copy, src, static_cast<Dst&&>(dst), coord, [valid_rows](int row) { return row < valid_rows; });
 }
 
 // acc += A B with both operands read from shared memory one k-slice ahead of the MMAs.

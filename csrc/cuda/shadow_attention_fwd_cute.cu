@@ -20,6 +20,7 @@ using namespace cute;
 using cuda_cute::acc_rowcol;
 using cuda_cute::as_a_operand;
 using cuda_cute::copy_rows;
+using cuda_cute::copy_rows_if;
 using cuda_cute::FwdTraits;
 using cuda_cute::gmem_tile;
 using cuda_cute::gemm_rs;
@@ -122,7 +123,17 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
 
     cp_async_wait<0>();
     __syncthreads();  // K (and Q) landed for every thread; every warp is done with the last V
-    copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(vg, p.v_stride[2], k0)), tVsV, tKVcKV, p.kv_len - k0);
+    // V rows of keys that no valid row of the block can see are staged as zeros, as in the WMMA
+    // kernel: whatever such a slot holds (NaN, inf) then adds exactly nothing where its P is 0.
+    const TileKind kind_now = kind;
+    copy_rows_if(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(vg, p.v_stride[2], k0)), tVsV, tKVcKV,
+                 [&](int row) {
+                   const int64_t j = k0 + row;
+                   if (j >= p.kv_len) return false;
+                   if (kind_now != TileKind::kPartial) return true;
+                   const int64_t first = max(j, t.p0);  // the first position of the block that can see j
+                   return first <= t.p1 && first < __ldg(evg + j);
+                 });
     cp_async_fence();
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
@@ -132,6 +143,8 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
     // Mask, scale into the log2 domain, online softmax. P overwrites S in place.
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
     int ev_col[kCols];
+    CUTE_UNROLL
+    for (int c = 0; c < kCols; ++c) ev_col[c] = kEvOutOfRange;  // read on partial tiles only
     if (kind == TileKind::kPartial) {
       CUTE_UNROLL
       for (int c = 0; c < kCols; ++c) {

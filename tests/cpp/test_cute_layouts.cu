@@ -6,7 +6,10 @@
 //   * the accumulator-as-A-operand view and as_a_operand: every register of P, read as the A
 //     operand of P V, sits where the MMA's A fragment expects the same (row, key) element;
 //   * a column of the row view is the same key in every row (one log entry per column);
-//   * the output fragment covers each (row, d) of the block exactly once.
+//   * the output fragment covers each (row, d) of the block exactly once;
+//   * each shared -> register copy (ldmatrix, also transposed) delivers to every register the
+//     element the MMA expects there, and the transposed views of the partner tiles address
+//     the same shared-memory element as the tile itself.
 // Built by nvcc as plain host code (it never launches anything); returns non-zero on failure.
 #include <cstdio>
 #include <set>
@@ -30,6 +33,69 @@ static int failures = 0;
       ++failures;                                        \
     }                                                    \
   } while (0)
+
+// The smem -> register copy `s2r` (ldmatrix .x4, plain or .trans) of an operand of logical
+// shape `shape`, emulated from the PTX semantics: in each warp, lane 8i + r supplies the address
+// of row r of 8x8 matrix i (what partition_S says the lane points at: 8 consecutive elements);
+// lane t then receives, in register i, elements 2(t%4) and 2(t%4)+1 of row t/4 of matrix i,
+// or with .trans elements t/4 of rows 2(t%4) and 2(t%4)+1. Every received element must be the
+// one the MMA reads from that register (partition_A / partition_B through retile_D).
+template <class Copy, class Mma, class Shape, class Part>
+void check_ldmatrix_feeds_mma(const char* name, const char* what, Copy const& s2r, Mma const& mma, Shape shape,
+                              Part part, bool trans) {
+  const int threads = int(size(mma));
+  using Coord = std::pair<int, int>;
+  std::vector<std::vector<Coord>> src(threads), want(threads);  // per thread, flattened over calls
+  int per_thread = -1;
+  for (int tid = 0; tid < threads; ++tid) {
+    auto thr_copy = s2r.get_thread_slice(tid);
+    Tensor s = thr_copy.partition_S(make_identity_tensor(shape));
+    Tensor d = thr_copy.retile_D(part(mma.get_thread_slice(tid), make_identity_tensor(shape)));
+    EXPECT(size(s) == size(d) && size<0>(s) == 8, "%s: %s: expected 8 elements per lane and call\n", name, what);
+    for (int i = 0; i < size(s); ++i) {
+      src[tid].emplace_back(int(get<0>(s(i))), int(get<1>(s(i))));
+      want[tid].emplace_back(int(get<0>(d(i))), int(get<1>(d(i))));
+    }
+    per_thread = int(size(s));
+  }
+  for (int tid = 0; tid < threads; ++tid) {
+    const int warp0 = tid / 32 * 32, lane = tid % 32;
+    for (int call = 0; call < per_thread / 8; ++call) {
+      for (int j = 0; j < 8; ++j) {
+        const int mat = j / 2, e = j % 2;
+        const Coord got = trans ? src[warp0 + 8 * mat + 2 * (lane % 4) + e][call * 8 + lane / 4]
+                                : src[warp0 + 8 * mat + lane / 4][call * 8 + 2 * (lane % 4) + e];
+        const Coord exp = want[tid][call * 8 + j];
+        EXPECT(got == exp, "%s: %s tid %d call %d value %d receives (%d,%d), the MMA expects (%d,%d)\n", name, what,
+               tid, call, j, got.first, got.second, exp.first, exp.second);
+      }
+    }
+  }
+}
+
+template <typename Tr>
+void check_copies(const char* name) {
+  constexpr int M = Tr::kBlockM, N = Tr::kBlockN, D = Tr::kHeadDim;
+  typename Tr::TiledMma mma;
+  auto part_a = [](auto thr, auto t) { return thr.partition_A(t); };
+  auto part_b = [](auto thr, auto t) { return thr.partition_B(t); };
+  check_ldmatrix_feeds_mma(name, "own rows as A (Q; K, V in dK/dV)",
+                           make_tiled_copy_A(typename Tr::SmemCopyAtom{}, mma), mma, Shape<Int<M>, Int<D>>{}, part_a,
+                           false);
+  check_ldmatrix_feeds_mma(name, "partner rows as B (K, V; Q, dO)",
+                           make_tiled_copy_B(typename Tr::SmemCopyAtom{}, mma), mma, Shape<Int<N>, Int<D>>{}, part_b,
+                           false);
+  check_ldmatrix_feeds_mma(name, "partner^T as B (V^T, K^T; dO^T, Q^T)",
+                           make_tiled_copy_B(typename Tr::SmemCopyAtomTransposed{}, mma), mma, Shape<Int<D>, Int<N>>{},
+                           part_b, true);
+  typename Tr::SmemLayoutPartner partner;
+  typename Tr::SmemLayoutPartnerT partner_t;
+  for (int n = 0; n < N; ++n)
+    for (int d = 0; d < D; ++d)
+      EXPECT(partner_t(d, n) == partner(n, d), "%s: transposed view (%d,%d) -> %d, tile (%d,%d) -> %d\n", name, d, n,
+             int(partner_t(d, n)), n, d, int(partner(n, d)));
+  std::printf("%s copies: %s\n", name, failures == 0 ? "ok" : "FAILED");
+}
 
 template <typename Tr>
 void check_traits(const char* name) {
@@ -125,5 +191,10 @@ int main() {
   check_traits<BwdTraits<__nv_bfloat16, 64>>("bwd bf16 d64");
   check_traits<BwdTraits<__nv_bfloat16, 128>>("bwd bf16 d128");
   check_traits<BwdTraits<__half, 128>>("bwd fp16 d128");
+  check_copies<FwdTraits<__nv_bfloat16, 64>>("fwd bf16 d64");
+  check_copies<FwdTraits<__nv_bfloat16, 128>>("fwd bf16 d128");
+  check_copies<FwdTraits<__half, 128>>("fwd fp16 d128");
+  check_copies<BwdTraits<__nv_bfloat16, 64>>("bwd bf16 d64");
+  check_copies<BwdTraits<__nv_bfloat16, 128>>("bwd bf16 d128");
   return failures == 0 ? 0 : 1;
 }
