@@ -175,7 +175,8 @@ def _append_kv_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens, k, v, p
 
 
 @torch.library.register_fake("shadowkv::paged_decode_attention")
-def _paged_decode_attention_fake(q, k_pages, v_pages, block_tables, seq_lens, scale=None, scores_out=None):
+def _paged_decode_attention_fake(q, k_pages, v_pages, block_tables, seq_lens, scale=None, scores_out=None,
+                                 check=True):
     _check_fake_args(q, "q", [("q", q, "[B, Hq, D]", _FLOAT_DTYPES, (None,) * 3)])
     _, _, H, D, B, _ = _check_paged_cache_fake(k_pages, v_pages, None, block_tables, seq_lens, q, "q",
                                                page_dtypes=(q.dtype,))
@@ -245,6 +246,7 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float | None = None,
     scores_out: torch.Tensor | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over all its cached slots.
 
@@ -259,12 +261,22 @@ def paged_decode_attention(
         scores_out: optional ``[B, Hkv, S]`` float32 with ``S >= max(seq_lens)``, overwritten
             with the softmax probability of each slot summed over the query heads of its GQA
             group (for H2O-style accumulated scores), 0 for slots ``>= seq_lens[b]``.
+        check: ``True`` checks ``seq_lens`` and ``block_tables`` before computing (ValueError
+            on bad values); on CUDA that copies them to the host and synchronises the stream.
+            ``False`` (CUDA): no copy and no synchronisation, so the call can be captured in a
+            CUDA graph; the values are checked on the device instead, and a sequence whose
+            length is outside ``[0, max_pages * page_size]`` (or above ``S``), or whose block
+            table holds a page id outside ``[0, P)`` where it is read, gets NaN in ``out`` and
+            in its ``scores_out`` rows. Nothing is read out of bounds either way. Workspaces
+            then grow with ``max_pages * page_size`` rather than the longest sequence. The CPU
+            kernel checks regardless.
 
     Returns:
         ``out [B, Hq, D]`` (dtype of ``q``; float accumulation, double for float64); zeros for
         a sequence with no cached slot. CPU or CUDA (split-K over long contexts).
     """
-    return torch.ops.shadowkv.paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, scale, scores_out)
+    return torch.ops.shadowkv.paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, scale, scores_out,
+                                                     check)
 
 
 def evict_compact(

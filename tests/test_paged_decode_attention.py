@@ -172,6 +172,22 @@ def test_opcheck(dtype, with_scores):
                                            None, scores))
     torch.library.opcheck(DECODE.default, (q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens,
                                            0.3, scores))
+    torch.library.opcheck(DECODE.default, (q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens,
+                                           None, scores, False))
+
+
+def test_unchecked_call_on_cpu_still_checks():
+    """``check=False`` only changes the CUDA kernel; the CPU one checks the values regardless."""
+    case = Case([5, 9], 4, 2, 16, 4, torch.float32, None, None, seed=3)
+    q, state, _ = case.inputs()
+    checked = ops.paged_decode_attention(q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens)
+    unchecked = ops.paged_decode_attention(q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens,
+                                           check=False)
+    torch.testing.assert_close(unchecked, checked, rtol=0, atol=0)
+    tables = state.block_tables.clone()
+    tables[0, 0] = state.k_pages.shape[0]  # a page id past the pool
+    with pytest.raises(ValueError, match="block_tables"):
+        ops.paged_decode_attention(q, state.k_pages, state.v_pages, tables, state.seq_lens, check=False)
 
 
 def test_compiles():

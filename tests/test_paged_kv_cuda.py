@@ -174,15 +174,15 @@ def test_append_empty_batch_and_no_tokens():
 
 
 def check_decode(q, state: PagedState, scale, scores, *, q_dev=None, tables=None, lens=None, k_pages=None,
-                 out_tol=None):
+                 out_tol=None, check=True):
     """Runs the op on the device (optionally with other device views of q, the tables, lengths or
-    pages) and compares it with the float64 reference on the CPU inputs."""
+    pages, or unchecked) and compares it with the float64 reference on the CPU inputs."""
     d = dev_state(state)
     scores_d = dev(scores)
     out = ops.paged_decode_attention(dev(q) if q_dev is None else q_dev, d.k_pages if k_pages is None else k_pages,
                                      d.v_pages,
                                      d.block_tables if tables is None else tables,
-                                     d.seq_lens if lens is None else lens, scale, scores_d)
+                                     d.seq_lens if lens is None else lens, scale, scores_d, check)
     s_len = None if scores is None else scores.shape[-1]
     out_ref, scores_ref = paged_decode_attention_ref(q, state.k_pages, state.v_pages, state.block_tables,
                                                      state.seq_lens, scale, s_len)
@@ -227,17 +227,18 @@ DECODE_CASES = {
 }
 
 
+@pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
 @pytest.mark.parametrize("dtype", DECODE_DTYPES)
 @pytest.mark.parametrize("name", list(DECODE_CASES))
-def test_decode_matches_reference(name, dtype):
+def test_decode_matches_reference(name, dtype, check):
     lens, hq, hkv, d, ps, factor, extra = DECODE_CASES[name]
     scale = None if factor is None else factor / math.sqrt(d)
-    check_decode_case(cpu_decode.Case(lens, hq, hkv, d, ps, dtype, scale, extra, seed=len(name)))
+    check_decode_case(cpu_decode.Case(lens, hq, hkv, d, ps, dtype, scale, extra, seed=len(name)), check=check)
 
 
-def check_decode_case(case):
+def check_decode_case(case, check=True):
     q, state, scores = case.inputs()
-    return check_decode(q, state, case.scale, scores)
+    return check_decode(q, state, case.scale, scores, check=check)
 
 
 @pytest.mark.parametrize("lens, q_heads, kv_heads, head_dim, dtype, with_scores", [
@@ -246,9 +247,10 @@ def check_decode_case(case):
     pytest.param([32768], 8, 1, 128, torch.float32, True, id="32k_fp32_gqa8_d128_scores"),
     pytest.param([20000, 9000], 4, 2, 80, torch.bfloat16, True, id="20k_bf16_d80_generic_scores"),
 ])
-def test_decode_long_contexts_split_k(lens, q_heads, kv_heads, head_dim, dtype, with_scores):
+@pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
+def test_decode_long_contexts_split_k(lens, q_heads, kv_heads, head_dim, dtype, with_scores, check):
     case = cpu_decode.Case(lens, q_heads, kv_heads, head_dim, 16, dtype, None, 0 if with_scores else None, seed=5)
-    check_decode_case(case)
+    check_decode_case(case, check=check)
 
 
 @settings(max_examples=60)
@@ -312,6 +314,70 @@ def test_decode_empty_batch_and_no_query_heads():
     scores = dev(torch.full((2, 2, 6), math.nan))
     out = ops.paged_decode_attention(dev(torch.randn(2, 0, 16)), *d[:2], *d[3:], scores_out=scores)
     assert out.shape == (2, 0, 16) and (scores == 0).all()
+
+
+@cuda_only
+@pytest.mark.parametrize("bad", ["page_id_past_pool", "negative_page_id", "len_past_capacity", "negative_len",
+                                 "len_past_scores"])
+def test_decode_unchecked_bad_values_give_nan(bad):
+    """check=False: bad values cannot be refused before the launch, so the sequence that holds
+    them gets NaN (out and scores) and nothing is read out of bounds (memcheck runs this); the
+    other sequences are exact."""
+    case = cpu_decode.Case([40, 33, 50], 4, 2, 64, 8, torch.float32, None, 0, seed=41)
+    q, state, scores = case.inputs()
+    d = dev_state(state)
+    tables, lens = d.block_tables.clone(), d.seq_lens.clone()
+    if bad == "page_id_past_pool":
+        tables[1, 2] = d.k_pages.shape[0] + 1000
+    elif bad == "negative_page_id":
+        tables[1, 4] = -1  # inside the sequence (33 slots = 5 pages of 8)
+    elif bad == "len_past_capacity":
+        lens[1] = tables.shape[1] * 8 + 1
+    elif bad == "negative_len":
+        lens[1] = -3
+    else:
+        lens[1] = scores.shape[-1] + 1
+        lens[1] = min(int(lens[1]), tables.shape[1] * 8)
+        assert int(lens[1]) > scores.shape[-1]
+    scores_d = dev(scores)
+    out = ops.paged_decode_attention(dev(q), d.k_pages, d.v_pages, tables, lens, None, scores_d, False).cpu()
+    scores_d = scores_d.cpu()
+    assert out[1].isnan().all() and scores_d[1].isnan().all()
+    out_ref, scores_ref = paged_decode_attention_ref(q, state.k_pages, state.v_pages, state.block_tables,
+                                                     state.seq_lens, None, scores.shape[-1])
+    for b in (0, 2):
+        torch.testing.assert_close(out[b].double(), out_ref[b], rtol=0, atol=1e-5)
+        torch.testing.assert_close(scores_d[b].double(), scores_ref[b], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError):  # the checked call refuses the same values
+        ops.paged_decode_attention(dev(q), d.k_pages, d.v_pages, tables, lens, None, dev(scores))
+
+
+@cuda_only
+def test_decode_unchecked_is_graph_capturable():
+    """check=False makes no host copy or synchronisation: the call can be captured in a CUDA
+    graph, and replays follow new queries and lengths written into the captured buffers."""
+    case = cpu_decode.Case([300, 17], 8, 2, 128, 16, torch.bfloat16, None, None, seed=43)
+    q, state, _ = case.inputs()
+    d = dev_state(state)
+    q_d, lens = dev(q), d.seq_lens.clone()
+    ops.paged_decode_attention(q_d, d.k_pages, d.v_pages, d.block_tables, lens, check=False)  # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.paged_decode_attention(q_d, d.k_pages, d.v_pages, d.block_tables, lens, check=False)
+    for step in range(3):
+        q2 = torch.randn(q.shape, generator=torch.Generator().manual_seed(step)).to(q.dtype)
+        lens2 = state.seq_lens - step  # shorter sequences: the same pages, fewer slots
+        q_d.copy_(dev(q2))
+        lens.copy_(dev(lens2))
+        graph.replay()
+        torch.cuda.synchronize()
+        # The same unchecked call eagerly: the same partitioning, so the same bits.
+        eager = ops.paged_decode_attention(dev(q2), d.k_pages, d.v_pages, d.block_tables, dev(lens2), check=False)
+        torch.testing.assert_close(out, eager, rtol=0, atol=0)
+        out_ref, _ = paged_decode_attention_ref(q2, state.k_pages, state.v_pages, state.block_tables, lens2)
+        tol, _ = OUT_TOL[q.dtype]
+        assert (out.cpu().double() - out_ref).abs().max().item() <= tol * max(1.0, out_ref.abs().max().item())
 
 
 @cuda_only

@@ -168,7 +168,8 @@ void append_kv(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::T
 
 at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_pages_in, const at::Tensor& v_pages_in,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                                  std::optional<double> scale, const std::optional<at::Tensor>& scores_out) {
+                                  std::optional<double> scale, const std::optional<at::Tensor>& scores_out,
+                                  bool check) {
   const at::Tensor q = last_dim_contiguous(q_in);
   check_rank(q, 3, "q", "[B, Hq, D]");
   kernel_dtype(q, "q");
@@ -209,6 +210,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_pa
     p.scores_len = scores.size(2);
     copy_strides(scores, p.scores_stride, 3);
   }
+  p.check_values = check;
   run_kernel(
       q.device(), "paged_decode_attention", [&] { paged_decode_attention_cpu(p, torch_parallel_for); },
       [&] {

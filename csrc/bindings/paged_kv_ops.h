@@ -14,7 +14,8 @@ void append_kv(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::T
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                                  std::optional<double> scale, const std::optional<at::Tensor>& scores_out);
+                                  std::optional<double> scale, const std::optional<at::Tensor>& scores_out,
+                                  bool check);
 
 at::Tensor evict_compact(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& pos_pages,
                          const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& keep,

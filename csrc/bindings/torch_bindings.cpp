@@ -17,7 +17,7 @@ TORCH_LIBRARY(shadowkv, m) {
       "Tensor(d!) seq_lens, Tensor k, Tensor v, Tensor positions, Tensor num_new) -> ()");
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_tables, Tensor seq_lens, "
-      "float? scale=None, Tensor(a!)? scores_out=None) -> Tensor");
+      "float? scale=None, Tensor(a!)? scores_out=None, bool check=True) -> Tensor");
   m.def(
       "evict_compact(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos_pages, Tensor(d!) block_tables, "
       "Tensor(e!) seq_lens, Tensor keep, Tensor steps, Tensor(f!) evicted_at, Tensor(g!)? slot_scores=None) -> Tensor");

@@ -21,6 +21,12 @@
 //      exp(logit - M) / L for s < seq_lens[b], 0 up to scores_len.
 // Everything is accumulated in fp32 from inputs widened to fp32, like the CPU kernel.
 //
+// Unchecked calls (check_values = false: no host copy, no synchronisation, graph-capturable)
+// size the grid and workspaces for the block tables' capacity instead of the longest sequence,
+// and check on the device: a block never reads a page id outside [0, num_pages) (it flags its
+// sequence in `bad` instead), a sequence length outside [0, capacity] is never used, and the
+// reduce and score kernels write NaN for flagged sequences.
+//
 // Lane layout of a head-dim slice: lane l owns dims (c * 32 + l) * VEC + v for c < NCH, v < VEC.
 // Fast paths: D = 64 (VEC 2) and D = 128 (VEC 4), one vector load per lane and row, used when the
 // page rows are aligned to VEC elements. Every other D <= 256 runs the generic layout (VEC 1,
@@ -55,7 +61,17 @@ struct DecodeLaunch {
   float* logits;    // [B, Hq, logits_len]: scaled logits (scores_out only, else null)
   int64_t logits_len;
   float2* stats;  // [B, Hq]: (max, 1 / sum) over the whole sequence (scores_out only, else null)
+  int* bad;          // [B], zeroed: sequences with bad values (unchecked calls only, else null)
+  int64_t capacity;  // max_pages * page_size (capped at INT32_MAX): the longest valid sequence
 };
+
+// The sequence length the kernels may use: seq_lens[b], or -1 in an unchecked call when it is
+// outside [0, capacity] (or above scores_len when scores are written).
+__device__ __forceinline__ int64_t usable_len(const DecodeLaunch& a, int64_t b) {
+  const int64_t len = a.p.cache.seq_lens[b * a.p.cache.seq_lens_stride];
+  if (a.bad != nullptr && (len < 0 || len > a.capacity || (a.p.scores != nullptr && len > a.p.scores_len))) return -1;
+  return len;
+}
 
 // VEC consecutive elements of T, widened to float, read with one load of VEC * sizeof(T) bytes.
 template <typename T, int VEC>
@@ -102,6 +118,17 @@ __device__ __forceinline__ int64_t page_of32(const PagedKVCache& c, int64_t b, i
   return c.block_tables[b * c.bt_stride[0] + (slot / ps) * c.bt_stride[1]];
 }
 
+// The page holding `slot` of sequence b; in an unchecked call -1 (and b flagged) when the block
+// table holds an id outside [0, num_pages) there. Checked calls have validated every id.
+__device__ __forceinline__ int64_t checked_page(const DecodeLaunch& a, int64_t b, int slot, int ps) {
+  const int64_t page = page_of32(a.p.cache, b, slot, ps);
+  if (a.bad != nullptr && (page < 0 || page >= a.p.cache.num_pages)) {
+    atomicOr(a.bad + b, 1);
+    return -1;
+  }
+  return page;
+}
+
 __device__ __forceinline__ float* dynamic_smem() {
   extern __shared__ __align__(16) float shadowkv_decode_smem[];
   return shadowkv_decode_smem;
@@ -119,7 +146,7 @@ __global__ void __launch_bounds__(kThreads) decode_partition_kernel(const Decode
   bid /= a.group_tiles;
   const int64_t h = bid % c.num_kv_heads, b = bid / c.num_kv_heads;
 
-  const int64_t len = c.seq_lens[b * c.seq_lens_stride];
+  const int64_t len = usable_len(a, b);  // -1: reported by decode_reduce_kernel
   const int64_t k0 = static_cast<int64_t>(part) * a.part_size;  // first slot of the partition
   if (k0 >= len) return;
   const int n = static_cast<int>(min(static_cast<int64_t>(a.part_size), len - k0));  // slots, >= 1
@@ -154,7 +181,13 @@ __global__ void __launch_bounds__(kThreads) decode_partition_kernel(const Decode
       const int j = j0 + u;
       if (j < n) {
         const int slot = static_cast<int>(k0) + j;
-        load_slice<T, VEC, NCH>(k_row<T>(c, page_of32(c, b, slot, ps), slot % ps, h), lane, D, kr[u]);
+        const int64_t page = checked_page(a, b, slot, ps);
+        if (page >= 0) {
+          load_slice<T, VEC, NCH>(k_row<T>(c, page, slot % ps, h), lane, D, kr[u]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < kDims; ++i) kr[u][i] = 0.0f;
+        }
       }
     }
 #pragma unroll
@@ -209,7 +242,13 @@ __global__ void __launch_bounds__(kThreads) decode_partition_kernel(const Decode
       const int j = j0 + u;
       if (j < n) {
         const int slot = static_cast<int>(k0) + j;
-        load_slice<T, VEC, NCH>(v_row<T>(c, page_of32(c, b, slot, ps), slot % ps, h), lane, D, vr[u]);
+        const int64_t page = checked_page(a, b, slot, ps);
+        if (page >= 0) {
+          load_slice<T, VEC, NCH>(v_row<T>(c, page, slot % ps, h), lane, D, vr[u]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < kDims; ++i) vr[u][i] = 0.0f;
+        }
       }
     }
 #pragma unroll
@@ -257,9 +296,17 @@ __global__ void __launch_bounds__(kThreads) decode_reduce_kernel(const DecodeLau
   const PagedKVCache& c = a.p.cache;
   const int64_t Hq = a.p.num_q_heads, D = c.head_dim;
   const int64_t bq = blockIdx.x, b = bq / Hq, hq = bq % Hq;
-  const int64_t len = c.seq_lens[b * c.seq_lens_stride];
-  const int parts = static_cast<int>((len + a.part_size - 1) / a.part_size);
+  const int64_t len = usable_len(a, b);
   T* out = static_cast<T*>(a.p.out) + b * a.p.o_stride[0] + hq * a.p.o_stride[1];
+  if (len < 0 || (a.bad != nullptr && a.bad[b] != 0)) {  // unchecked call, bad values: NaN
+    for (int64_t d = threadIdx.x; d < D; d += kThreads) out[d] = from_f32<T>(NAN);
+    if (threadIdx.x == 0) {
+      if (a.stats) a.stats[bq] = make_float2(NAN, NAN);
+      a.bad[b] = 1;  // for decode_scores_kernel (every block of b writes the same value)
+    }
+    return;
+  }
+  const int parts = static_cast<int>((len + a.part_size - 1) / a.part_size);
   if (parts == 0) {  // no slot: out = 0
     for (int64_t d = threadIdx.x; d < D; d += kThreads) out[d] = from_f32<T>(0.0f);
     if (a.stats && threadIdx.x == 0) a.stats[bq] = make_float2(0.0f, 0.0f);
@@ -287,9 +334,11 @@ __global__ void __launch_bounds__(kScoreThreads) decode_scores_kernel(const Deco
   const int64_t h = bh % c.num_kv_heads, b = bh / c.num_kv_heads;
   const int64_t s = chunk * kScoreThreads + threadIdx.x;
   if (s >= a.p.scores_len) return;
-  const int64_t len = c.seq_lens[b * c.seq_lens_stride];
+  const int64_t len = usable_len(a, b);
   float mass = 0.0f;
-  if (s < len) {
+  if (len < 0 || (a.bad != nullptr && a.bad[b] != 0)) {  // unchecked call, bad values
+    mass = NAN;
+  } else if (s < len) {
     for (int g = 0; g < a.group; ++g) {
       const int64_t bq = b * Hq + h * a.group + g;
       const float2 st = a.stats[bq];
@@ -346,24 +395,29 @@ void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream_ptr) {
   if (c.head_dim > kMaxHeadDim)
     fail(op, "the head dim of `k_pages` must be <= 256 on CUDA, got " + std::to_string(c.head_dim));
 
-  IndexStager stager;
-  CacheStage cache_stage;
-  cache_stage.add(stager, c);
-  stager.copy_to_host(stream);
-  const PagedKVCache hc = cache_stage.host_view(stager, c);
-  check_paged_cache(hc, op);
   const int64_t B = c.batch, Hkv = c.num_kv_heads, Hq = p.num_q_heads, D = c.head_dim;
-  std::vector<int64_t> used(B), none(B, 0);
-  int64_t max_len = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t len = hc.seq_len(b);
-    if (p.scores && len > p.scores_len)
-      fail(op, "`scores_out` has " + std::to_string(p.scores_len) + " slots (last dim) but `seq_lens`[" +
-                   std::to_string(b) + "] = " + std::to_string(len));
-    used[b] = (len + c.page_size - 1) / c.page_size;
-    max_len = std::max(max_len, len);
+  // The longest sequence (checked call), or the longest any block table can hold (unchecked).
+  const int64_t capacity = std::min<int64_t>(c.max_pages * c.page_size, INT32_MAX);
+  int64_t max_len = capacity;
+  if (p.check_values) {
+    IndexStager stager;
+    CacheStage cache_stage;
+    cache_stage.add(stager, c);
+    stager.copy_to_host(stream);
+    const PagedKVCache hc = cache_stage.host_view(stager, c);
+    check_paged_cache(hc, op);
+    std::vector<int64_t> used(B), none(B, 0);
+    max_len = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t len = hc.seq_len(b);
+      if (p.scores && len > p.scores_len)
+        fail(op, "`scores_out` has " + std::to_string(p.scores_len) + " slots (last dim) but `seq_lens`[" +
+                     std::to_string(b) + "] = " + std::to_string(len));
+      used[b] = (len + c.page_size - 1) / c.page_size;
+      max_len = std::max(max_len, len);
+    }
+    check_block_tables(hc, used.data(), none.data(), none.data(), op);
   }
-  check_block_tables(hc, used.data(), none.data(), none.data(), op);
   if (B == 0) return;
 
   DecodeLaunch a;
@@ -382,11 +436,18 @@ void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream_ptr) {
   const size_t ml_off = carve.take<float2>(B * Hq * a.num_parts);
   const size_t logits_off = carve.take<float>(B * Hq * a.logits_len);
   const size_t stats_off = carve.take<float2>(with_scores ? B * Hq : 0);
+  const size_t bad_off = carve.take<int>(p.check_values ? 0 : B);
   DeviceBuffer work(carve.bytes, stream);
   a.part_acc = reinterpret_cast<float*>(work.bytes() + acc_off);
   a.part_ml = reinterpret_cast<float2*>(work.bytes() + ml_off);
   a.logits = with_scores ? reinterpret_cast<float*>(work.bytes() + logits_off) : nullptr;
   a.stats = with_scores ? reinterpret_cast<float2*>(work.bytes() + stats_off) : nullptr;
+  a.capacity = capacity;
+  a.bad = nullptr;
+  if (!p.check_values) {
+    a.bad = reinterpret_cast<int*>(work.bytes() + bad_off);
+    check_cuda(cudaMemsetAsync(a.bad, 0, static_cast<size_t>(B) * sizeof(int), stream), "cudaMemsetAsync (flags)");
+  }
 
   if (Hq > 0 && max_len > 0) {
     const int64_t blocks = B * Hkv * a.group_tiles * a.num_parts;

@@ -93,6 +93,14 @@ struct PagedDecodeParams {
   float* scores = nullptr;
   int64_t scores_len = 0;
   int64_t scores_stride[3] = {0, 0, 0};  // batch, head, slot
+  // true: every value is checked before anything is written (std::invalid_argument on bad ones);
+  // on CUDA that costs a device->host copy and a stream synchronisation per call.
+  // false (CUDA only; the CPU kernel checks regardless): no copy, no synchronisation, so the
+  // call can be captured in a CUDA graph; the values are checked on the device instead, and a
+  // sequence whose seq_lens entry is outside [0, max_pages * page_size] (or above scores_len),
+  // or whose block table holds a page id outside [0, num_pages) where it is read, gets NaN in
+  // `out` (and in its scores row) instead of an exception. Nothing is read out of bounds.
+  bool check_values = true;
 };
 
 // Drops the slots with keep == 0, in place and in one pass: for each (b, h) the survivors slide
@@ -134,7 +142,7 @@ void evict_compact_cpu(const EvictCompactParams& p, const ParallelFor& pf = seri
 // it validates to the host and synchronises `stream` first (seq_lens and block_tables; plus
 // num_new and positions for append; keep, steps and, for the evicted slots only, their
 // positions and log entries for evict), so these calls block the host and cannot be captured
-// in a CUDA graph. Throw std::invalid_argument on bad params or values (nothing written) and
+// in a CUDA graph (except paged_decode_attention with check_values = false, see above). Throw std::invalid_argument on bad params or values (nothing written) and
 // std::runtime_error on CUDA errors.
 void append_kv_cuda(const AppendKVParams& p, void* stream);
 void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream);
