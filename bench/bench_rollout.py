@@ -1,9 +1,14 @@
-"""Rollout memory and speed: compressed sampler vs FullCache at equal batch.
+"""Rollout memory and speed: compressed sampler vs FullCache, at equal batch and at equal memory.
 
 Builds a tiny Llama locally (random weights: speed and memory do not depend on them), then
 generates ``--new`` tokens per sequence with FullCache and with each eviction policy at
 ``--budget``, and prints peak KV bytes (whole pages + positions + eviction log) and tokens/s,
 each as a ratio to FullCache measured in the same run.
+
+A second table answers what compression buys a rollout worker whose KV memory is what
+FullCache needs at ``-B``: for each policy, the largest batch whose measured KV peak fits in
+that many bytes (estimated from the per-sequence peak at ``-B``, then run and shrunk until the
+measured peak fits; at most ``--max-fit-batch``), with its tokens/s against FullCache at ``-B``.
 
     python bench/bench_rollout.py                       # CPU, B=4, 32-token prompts, 512 new
     python bench/bench_rollout.py --device cuda -B 64 --new 2048 --head-dim 128
@@ -32,7 +37,10 @@ def main() -> None:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-fit-batch", type=int, default=None,
+                   help="largest batch tried in the equal-memory table (default 8 x -B; 0 skips the table)")
     args = p.parse_args()
+    max_fit = 8 * args.batch if args.max_fit_batch is None else args.max_fit_batch
 
     torch.manual_seed(0)
     heads = 4
@@ -40,12 +48,13 @@ def main() -> None:
                       num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=2,
                       head_dim=args.head_dim, max_position_embeddings=args.prompt + args.new + 16)
     model = LlamaForCausalLM(cfg).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
-    prompts = torch.randint(5, 256, (args.batch, args.prompt))
     runs = [("full", FullCache(), None), ("streaming", StreamingLLM(), args.budget), ("h2o", H2O(), args.budget),
             ("snapkv", SnapKV(), args.budget), ("random", RandomEvict(), args.budget)]
-    rows = []
-    for name, policy, budget in runs:
-        sampler = Sampler(model, policy, budget, page_size=args.page_size, max_batch=args.batch)
+
+    def rollout(policy, budget, batch: int) -> tuple[int, int, float]:
+        """(peak KV bytes, dense KV bytes, generated tokens/s) of one timed rollout of `batch`."""
+        prompts = torch.randint(5, 256, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
+        sampler = Sampler(model, policy, budget, page_size=args.page_size, max_batch=batch)
         sampler.generate(prompts, 8, seed=0)  # warm-up
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -53,8 +62,9 @@ def main() -> None:
         r = sampler.generate(prompts, args.new, seed=0)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        dt = time.perf_counter() - t
-        rows.append((name, r.kv_peak_bytes, r.dense_kv_bytes, int(r.action_mask.sum()) / dt))
+        return r.kv_peak_bytes, r.dense_kv_bytes, int(r.action_mask.sum()) / (time.perf_counter() - t)
+
+    rows = [(name, *rollout(policy, budget, args.batch)) for name, policy, budget in runs]
     base_bytes, base_tps = rows[0][1], rows[0][3]
     print(f"B={args.batch} prompt={args.prompt} new={args.new} budget={args.budget} D={args.head_dim} "
           f"layers={args.layers} page={args.page_size} {args.device} {args.dtype}")
@@ -62,7 +72,20 @@ def main() -> None:
     for name, peak, dense, tps in rows:
         print(f"{name:10s} {peak / 2**20:12.2f} {peak / base_bytes:8.3f} {peak / dense:16.3f} {tps:10.1f} "
               f"{tps / base_tps:8.2f}")
+    if max_fit <= 0:
+        return
 
+    print(f"\nequal memory: the largest batch (<= {max_fit}) whose KV peak fits in FullCache's at B={args.batch} "
+          f"({base_bytes / 2**20:.2f} MiB)")
+    print(f"{'policy':10s} {'batch':>6s} {'peak KV MiB':>12s} {'vs full':>8s} {'tokens/s':>10s} {'vs full@B':>10s}")
+    for (name, policy, budget), (_, peak_at_b, _, _) in zip(runs[1:], rows[1:]):
+        batch = min(max_fit, max(1, base_bytes * args.batch // peak_at_b))
+        while True:  # the estimate assumes peak ~ batch; shrink until the measured peak fits
+            peak, _, tps = rollout(policy, budget, batch)
+            if peak <= base_bytes or batch == 1:
+                break
+            batch = max(1, batch * base_bytes // peak)
+        print(f"{name:10s} {batch:6d} {peak / 2**20:12.2f} {peak / base_bytes:8.3f} {tps:10.1f} {tps / base_tps:10.2f}")
 
 if __name__ == "__main__":
     main()

@@ -26,7 +26,8 @@ SMALL = {
                         "| paged_decode_attention + scores_out |"),
     "bench_evict.py": (["--device", "cpu", "-B", "2", "--ctx", "100", "--heads", "4", "--kv-heads", "2",
                         "--head-dim", "16", "--page-size", "8", "--reps", "2", "--warmup", "1"], "| random |"),
-    "bench_rollout.py": (["-B", "2", "--prompt", "8", "--new", "24", "--head-dim", "16", "--page-size", "4"], "snapkv"),
+    "bench_rollout.py": (["-B", "2", "--prompt", "8", "--new", "24", "--head-dim", "16", "--page-size", "4",
+                          "--max-fit-batch", "4"], "equal memory: the largest batch (<= 4)"),
 }
 
 
