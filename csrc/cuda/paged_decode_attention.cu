@@ -129,6 +129,21 @@ __device__ __forceinline__ int64_t checked_page(const DecodeLaunch& a, int64_t b
   return page;
 }
 
+// A lane's slice of the K (kV = false) or V row of `slot` of sequence b, KV head h; zeros when
+// an unchecked call's block table holds a bad page id there (checked_page flags b).
+template <typename T, int VEC, int NCH, bool kV>
+__device__ __forceinline__ void load_slot(const DecodeLaunch& a, int64_t b, int slot, int ps, int64_t h, int lane,
+                                          int D, float (&x)[VEC * NCH]) {
+  const int64_t page = checked_page(a, b, slot, ps);
+  if (page < 0) {
+#pragma unroll
+    for (int i = 0; i < VEC * NCH; ++i) x[i] = 0.0f;
+    return;
+  }
+  const PagedKVCache& c = a.p.cache;
+  load_slice<T, VEC, NCH>(kV ? v_row<T>(c, page, slot % ps, h) : k_row<T>(c, page, slot % ps, h), lane, D, x);
+}
+
 __device__ __forceinline__ float* dynamic_smem() {
   extern __shared__ __align__(16) float shadowkv_decode_smem[];
   return shadowkv_decode_smem;
@@ -180,14 +195,7 @@ __global__ void __launch_bounds__(kThreads) decode_partition_kernel(const Decode
     for (int u = 0; u < kUnroll; ++u) {
       const int j = j0 + u;
       if (j < n) {
-        const int slot = static_cast<int>(k0) + j;
-        const int64_t page = checked_page(a, b, slot, ps);
-        if (page >= 0) {
-          load_slice<T, VEC, NCH>(k_row<T>(c, page, slot % ps, h), lane, D, kr[u]);
-        } else {
-#pragma unroll
-          for (int i = 0; i < kDims; ++i) kr[u][i] = 0.0f;
-        }
+        load_slot<T, VEC, NCH, false>(a, b, static_cast<int>(k0) + j, ps, h, lane, D, kr[u]);
       }
     }
 #pragma unroll
@@ -241,14 +249,7 @@ __global__ void __launch_bounds__(kThreads) decode_partition_kernel(const Decode
     for (int u = 0; u < kUnroll; ++u) {
       const int j = j0 + u;
       if (j < n) {
-        const int slot = static_cast<int>(k0) + j;
-        const int64_t page = checked_page(a, b, slot, ps);
-        if (page >= 0) {
-          load_slice<T, VEC, NCH>(v_row<T>(c, page, slot % ps, h), lane, D, vr[u]);
-        } else {
-#pragma unroll
-          for (int i = 0; i < kDims; ++i) vr[u][i] = 0.0f;
-        }
+        load_slot<T, VEC, NCH, true>(a, b, static_cast<int>(k0) + j, ps, h, lane, D, vr[u]);
       }
     }
 #pragma unroll

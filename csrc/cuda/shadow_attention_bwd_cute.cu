@@ -28,6 +28,8 @@ using cuda_cute::copy_rows;
 using cuda_cute::gemm_rs;
 using cuda_cute::gemm_ss;
 using cuda_cute::gmem_tile;
+using cuda_cute::load_column_log;
+using cuda_cute::OperandCopies;
 
 template <typename T, int D>
 __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
@@ -80,17 +82,12 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
   Tensor acc_dq = partition_fragment_C(mma, Shape<Int<BM>, Int<D>>{});
   clear(acc_dq);
 
-  auto s2r_a = make_tiled_copy_A(typename Tr::SmemCopyAtom{}, mma);
-  auto s2r_a_thr = s2r_a.get_thread_slice(tid);
-  auto s2r_b = make_tiled_copy_B(typename Tr::SmemCopyAtom{}, mma);
-  auto s2r_b_thr = s2r_b.get_thread_slice(tid);
-  auto s2r_bt = make_tiled_copy_B(typename Tr::SmemCopyAtomTransposed{}, mma);
-  auto s2r_bt_thr = s2r_bt.get_thread_slice(tid);
-  Tensor tSsQ = s2r_a_thr.partition_S(sQ);
-  Tensor tdPsdO = s2r_a_thr.partition_S(sdO);
-  Tensor tSsK = s2r_b_thr.partition_S(sK);
-  Tensor tdPsV = s2r_b_thr.partition_S(sV);
-  Tensor tdQsKt = s2r_bt_thr.partition_S(sKt);
+  const OperandCopies<Tr> s2r(tid);
+  Tensor tSsQ = s2r.a.partition_S(sQ);
+  Tensor tdPsdO = s2r.a.partition_S(sdO);
+  Tensor tSsK = s2r.b.partition_S(sK);
+  Tensor tdPsV = s2r.b.partition_S(sV);
+  Tensor tdQsKt = s2r.bt.partition_S(sKt);
 
   // Rows of this thread's score registers, with their lse2 and delta (padding rows: P = 0).
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
@@ -124,22 +121,14 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
     Tensor acc_dp = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
     clear(acc_s);
     clear(acc_dp);
-    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, s2r_a, s2r_a_thr, s2r_b, s2r_b_thr);
-    gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma, s2r_a, s2r_a_thr, s2r_b, s2r_b_thr);
+    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, s2r);
+    gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma, s2r);
 
     // dS = P (dP - delta) overwrites S.
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
     Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
     int ev_col[kCols];
-    CUTE_UNROLL
-    for (int c = 0; c < kCols; ++c) ev_col[c] = kEvOutOfRange;  // read on partial tiles only
-    if (kind == TileKind::kPartial) {
-      CUTE_UNROLL
-      for (int c = 0; c < kCols; ++c) {
-        const int64_t key = k0 + get<1>(tScS_rc(0, c));
-        ev_col[c] = key < p.kv_len ? __ldg(evg + key) : kEvOutOfRange;
-      }
-    }
+    load_column_log(ev_col, evg, k0, p.kv_len, tScS_rc, kind == TileKind::kPartial, kEvOutOfRange);
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
       const int64_t pos = t.p0 + get<0>(tScS_rc(r, 0));
@@ -150,7 +139,7 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
         s(r, c) = pr * (dp(r, c) - delta_r[r]);
       }
     }
-    gemm_rs(acc_dq, as_a_operand<E>(acc_s), tdQrKt, tdQsKt, mma, s2r_bt, s2r_bt_thr);
+    gemm_rs(acc_dq, as_a_operand<E>(acc_s), tdQrKt, tdQsKt, mma, s2r);
   }
   cp_async_wait<0>();  // a block without live tiles still loaded Q and dO
 
@@ -214,18 +203,13 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
   clear(acc_dk);
   clear(acc_dv);
 
-  auto s2r_a = make_tiled_copy_A(typename Tr::SmemCopyAtom{}, mma);
-  auto s2r_a_thr = s2r_a.get_thread_slice(tid);
-  auto s2r_b = make_tiled_copy_B(typename Tr::SmemCopyAtom{}, mma);
-  auto s2r_b_thr = s2r_b.get_thread_slice(tid);
-  auto s2r_bt = make_tiled_copy_B(typename Tr::SmemCopyAtomTransposed{}, mma);
-  auto s2r_bt_thr = s2r_bt.get_thread_slice(tid);
-  Tensor tSsK = s2r_a_thr.partition_S(sK);
-  Tensor tdPsV = s2r_a_thr.partition_S(sV);
-  Tensor tSsQ = s2r_b_thr.partition_S(sQ);
-  Tensor tdPsdO = s2r_b_thr.partition_S(sdO);
-  Tensor tdVsdOt = s2r_bt_thr.partition_S(sdOt);
-  Tensor tdKsQt = s2r_bt_thr.partition_S(sQt);
+  const OperandCopies<Tr> s2r(tid);
+  Tensor tSsK = s2r.a.partition_S(sK);
+  Tensor tdPsV = s2r.a.partition_S(sV);
+  Tensor tSsQ = s2r.b.partition_S(sQ);
+  Tensor tdPsdO = s2r.b.partition_S(sdO);
+  Tensor tdVsdOt = s2r.bt.partition_S(sdOt);
+  Tensor tdKsQt = s2r.bt.partition_S(sQt);
 
   // Rows of the score registers are this block's keys, columns the query tile's rows.
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
@@ -262,8 +246,8 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
       Tensor acc_dpt = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
       clear(acc_st);
       clear(acc_dpt);
-      gemm_ss(acc_st, tSrK, tSrQ, tSsK, tSsQ, mma, s2r_a, s2r_a_thr, s2r_b, s2r_b_thr);
-      gemm_ss(acc_dpt, tdPrV, tdPrdO, tdPsV, tdPsdO, mma, s2r_a, s2r_a_thr, s2r_b, s2r_b_thr);
+      gemm_ss(acc_st, tSrK, tSrQ, tSsK, tSsQ, mma, s2r);
+      gemm_ss(acc_dpt, tdPrV, tdPrdO, tdPsV, tdPsdO, mma, s2r);
 
       // P^T overwrites S^T, dS^T overwrites dP^T.
       Tensor st = make_tensor(acc_st.data(), acc_rowcol(acc_st.layout()));
@@ -286,8 +270,8 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
           dpt(r, c) = pr * (dpt(r, c) - delta_c[c]);
         }
       }
-      gemm_rs(acc_dv, as_a_operand<E>(acc_st), tGradrT, tdVsdOt, mma, s2r_bt, s2r_bt_thr);
-      gemm_rs(acc_dk, as_a_operand<E>(acc_dpt), tGradrT, tdKsQt, mma, s2r_bt, s2r_bt_thr);
+      gemm_rs(acc_dv, as_a_operand<E>(acc_st), tGradrT, tdVsdOt, mma, s2r);
+      gemm_rs(acc_dk, as_a_operand<E>(acc_dpt), tGradrT, tdKsQt, mma, s2r);
     }
   }
   cp_async_wait<0>();  // a block whose keys no query sees still loaded K and V

@@ -125,35 +125,68 @@ __device__ __forceinline__ void copy_rows(TiledCopy const& tiled_copy, Src const
   copy_rows_if(tiled_copy, src, static_cast<Dst&&>(dst), coord, [valid_rows](int row) { return row < valid_rows; });
 }
 
-// acc += A B with both operands read from shared memory one k-slice ahead of the MMAs.
-template <class Acc, class RA, class RB, class SA, class SB, class Mma, class CopyA, class ThrA, class CopyB,
-          class ThrB>
+// One thread's shared -> register copies (ldmatrix) for the block's MMAs: `a` for A operands
+// (row-major [rows][D] tiles), `b` for B operands ([partner rows][D]) and `bt` for transposed
+// B operands (a partner tile seen as [D][partner rows]). Partition a shared tile with
+// a.partition_S / b.partition_S / bt.partition_S.
+template <class Tr>
+struct OperandCopies {
+  using Mma = typename Tr::TiledMma;
+  using CopyA = decltype(make_tiled_copy_A(typename Tr::SmemCopyAtom{}, Mma{}));
+  using CopyB = decltype(make_tiled_copy_B(typename Tr::SmemCopyAtom{}, Mma{}));
+  using CopyBt = decltype(make_tiled_copy_B(typename Tr::SmemCopyAtomTransposed{}, Mma{}));
+  CopyA copy_a;
+  CopyB copy_b;
+  CopyBt copy_bt;
+  decltype(CopyA{}.get_thread_slice(0)) a;
+  decltype(CopyB{}.get_thread_slice(0)) b;
+  decltype(CopyBt{}.get_thread_slice(0)) bt;
+  __device__ explicit OperandCopies(int tid)
+      : a(copy_a.get_thread_slice(tid)), b(copy_b.get_thread_slice(tid)), bt(copy_bt.get_thread_slice(tid)) {}
+};
+
+// acc += A B with both operands read from shared memory (sA from ops.a.partition_S, sB from
+// ops.b.partition_S) one k-slice ahead of the MMAs.
+template <class Acc, class RA, class RB, class SA, class SB, class Mma, class Ops>
 __device__ __forceinline__ void gemm_ss(Acc& acc, RA& rA, RB& rB, SA const& sA, SB const& sB, Mma const& mma,
-                                        CopyA const& copy_a, ThrA const& thr_a, CopyB const& copy_b, ThrB const& thr_b) {
-  Tensor rA_view = thr_a.retile_D(rA);
-  Tensor rB_view = thr_b.retile_D(rB);
-  copy(copy_a, sA(_, _, _0{}), rA_view(_, _, _0{}));
-  copy(copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
+                                        Ops const& ops) {
+  Tensor rA_view = ops.a.retile_D(rA);
+  Tensor rB_view = ops.b.retile_D(rB);
+  copy(ops.copy_a, sA(_, _, _0{}), rA_view(_, _, _0{}));
+  copy(ops.copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
   CUTE_UNROLL
   for (int k = 0; k < size<2>(rA); ++k) {
     if (k + 1 < size<2>(rA)) {
-      copy(copy_a, sA(_, _, k + 1), rA_view(_, _, k + 1));
-      copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
+      copy(ops.copy_a, sA(_, _, k + 1), rA_view(_, _, k + 1));
+      copy(ops.copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
     }
     cute::gemm(mma, rA(_, _, k), rB(_, _, k), acc);
   }
 }
 
-// acc += A B with A already in registers (P) and B read from shared memory a k-slice ahead.
-template <class Acc, class RA, class RB, class SB, class Mma, class CopyB, class ThrB>
+// acc += A B with A already in registers (P, dS) and a transposed B operand (sB from
+// ops.bt.partition_S) read from shared memory a k-slice ahead.
+template <class Acc, class RA, class RB, class SB, class Mma, class Ops>
 __device__ __forceinline__ void gemm_rs(Acc& acc, RA const& rA, RB& rB, SB const& sB, Mma const& mma,
-                                        CopyB const& copy_b, ThrB const& thr_b) {
-  Tensor rB_view = thr_b.retile_D(rB);
-  copy(copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
+                                        Ops const& ops) {
+  Tensor rB_view = ops.bt.retile_D(rB);
+  copy(ops.copy_bt, sB(_, _, _0{}), rB_view(_, _, _0{}));
   CUTE_UNROLL
   for (int k = 0; k < size<2>(rA); ++k) {
-    if (k + 1 < size<2>(rA)) copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
+    if (k + 1 < size<2>(rA)) copy(ops.copy_bt, sB(_, _, k + 1), rB_view(_, _, k + 1));
     cute::gemm(mma, rA(_, _, k), rB(_, _, k), acc);
+  }
+}
+
+// The eviction-log entries of this thread's score columns (keys k0 + column), `missing` for
+// keys past kv_len; all `missing` unless `load` (only partial tiles read them).
+template <int kCols, class RowCol>
+__device__ __forceinline__ void load_column_log(int (&ev)[kCols], const int32_t* evg, int64_t k0, int64_t kv_len,
+                                                RowCol const& rc, bool load, int missing) {
+  CUTE_UNROLL
+  for (int c = 0; c < kCols; ++c) {
+    const int64_t key = k0 + get<1>(rc(0, c));
+    ev[c] = load && key < kv_len ? __ldg(evg + key) : missing;
   }
 }
 

@@ -23,6 +23,8 @@ using cuda_cute::copy_rows;
 using cuda_cute::copy_rows_if;
 using cuda_cute::FwdTraits;
 using cuda_cute::gmem_tile;
+using cuda_cute::load_column_log;
+using cuda_cute::OperandCopies;
 using cuda_cute::gemm_rs;
 using cuda_cute::gemm_ss;
 using cuda_cute::quad_max;
@@ -73,15 +75,10 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
   Tensor acc_o = partition_fragment_C(mma, Shape<Int<BM>, Int<D>>{});
   clear(acc_o);
 
-  auto s2r_q = make_tiled_copy_A(typename Tr::SmemCopyAtom{}, mma);
-  auto s2r_q_thr = s2r_q.get_thread_slice(tid);
-  Tensor tSsQ = s2r_q_thr.partition_S(sQ);
-  auto s2r_k = make_tiled_copy_B(typename Tr::SmemCopyAtom{}, mma);
-  auto s2r_k_thr = s2r_k.get_thread_slice(tid);
-  Tensor tSsK = s2r_k_thr.partition_S(sK);
-  auto s2r_v = make_tiled_copy_B(typename Tr::SmemCopyAtomTransposed{}, mma);
-  auto s2r_v_thr = s2r_v.get_thread_slice(tid);
-  Tensor tOsVt = s2r_v_thr.partition_S(sVt);
+  const OperandCopies<Tr> s2r(tid);
+  Tensor tSsQ = s2r.a.partition_S(sQ);
+  Tensor tSsK = s2r.b.partition_S(sK);
+  Tensor tOsVt = s2r.bt.partition_S(sVt);
 
   // (row, key) of each score register, and the same registers as (rows, cols) for the softmax.
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
@@ -138,20 +135,12 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
     clear(acc_s);
-    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, s2r_q, s2r_q_thr, s2r_k, s2r_k_thr);
+    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, s2r);
 
     // Mask, scale into the log2 domain, online softmax. P overwrites S in place.
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
     int ev_col[kCols];
-    CUTE_UNROLL
-    for (int c = 0; c < kCols; ++c) ev_col[c] = kEvOutOfRange;  // read on partial tiles only
-    if (kind == TileKind::kPartial) {
-      CUTE_UNROLL
-      for (int c = 0; c < kCols; ++c) {
-        const int64_t key = k0 + get<1>(tScS_rc(0, c));
-        ev_col[c] = key < p.kv_len ? __ldg(evg + key) : kEvOutOfRange;
-      }
-    }
+    load_column_log(ev_col, evg, k0, p.kv_len, tScS_rc, kind == TileKind::kPartial, kEvOutOfRange);
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
       const int64_t pos = t.p0 + get<0>(tScS_rc(r, 0));
@@ -189,7 +178,7 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
     cp_async_fence();
 
     // O += P V, with P rounded to the input type (as FlashAttention-2 does).
-    gemm_rs(acc_o, as_a_operand<E>(acc_s), tOrVt, tOsVt, mma, s2r_v, s2r_v_thr);
+    gemm_rs(acc_o, as_a_operand<E>(acc_s), tOrVt, tOsVt, mma, s2r);
 
     tile = next;
     kind = next_kind;
