@@ -162,7 +162,7 @@ def _check_paged_cache_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens,
 
 
 @torch.library.register_fake("shadowkv::append_kv")
-def _append_kv_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens, k, v, positions, num_new):
+def _append_kv_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens, k, v, positions, num_new, check=True):
     _, _, H, D, B, _ = _check_paged_cache_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens,
                                                k_pages, "k_pages")
     T = k.shape[2] if k.dim() == 4 else None
@@ -215,6 +215,7 @@ def append_kv(
     v: torch.Tensor,
     positions: torch.Tensor,
     num_new: torch.Tensor,
+    check: bool = True,
 ) -> None:
     """Appends new tokens to each sequence of a paged KV cache, in place.
 
@@ -234,8 +235,17 @@ def append_kv(
     ``(seq_lens[b] + t) % page_size`` of page ``block_tables[b, (seq_lens[b] + t) // page_size]``,
     for every KV head. All tensors on one device (CPU or CUDA). Bad input raises
     ValueError/TypeError naming the argument, before anything is written.
+
+    ``check=False`` (CUDA; the CPU op checks regardless): the values (lengths, ``num_new``,
+    positions, written page ids) are not copied to the host, so there is no stream
+    synchronisation and a decode step (this, then ``paged_decode_attention(check=False)``) can
+    be captured in a CUDA graph. They are checked on the device instead: a sequence with bad
+    ones is not written and its ``seq_lens`` entry becomes -1, which later calls reject
+    (checked) or turn into NaN (unchecked decode). Not checked then: that no two sequences
+    write the same page.
     """
-    torch.ops.shadowkv.append_kv(k_pages, v_pages, pos_pages, block_tables, seq_lens, k, v, positions, num_new)
+    torch.ops.shadowkv.append_kv(k_pages, v_pages, pos_pages, block_tables, seq_lens, k, v, positions, num_new,
+                                 check)
 
 
 def paged_decode_attention(

@@ -145,6 +145,21 @@ def test_opcheck(dtype):
     case = Case([3, 0, 6], [2, 5, 0], 5, kv_heads=2, head_dim=16, page_size=4, preallocated=1, dtype=dtype, seed=3)
     state, k, v, positions, num_new = case.inputs()
     torch.library.opcheck(APPEND.default, (*state, k, v, positions, num_new))
+    torch.library.opcheck(APPEND.default, (*state, k, v, positions, num_new, False))
+
+
+def test_unchecked_call_on_cpu_still_checks():
+    """``check=False`` only changes the CUDA kernel; the CPU one checks the values regardless."""
+    case = Case([3, 1], [2, 4], 4, kv_heads=2, head_dim=16, page_size=4, preallocated=0, dtype=torch.float32, seed=5)
+    state, k, v, positions, num_new = case.inputs()
+    expected = append_kv_ref(*state, k, v, positions, num_new)
+    ops.append_kv(*state, k, v, positions, num_new, check=False)
+    for got, want in zip((state.k_pages, state.v_pages, state.pos_pages, state.seq_lens), expected):
+        assert torch.equal(got, want)
+    bad = num_new.clone()
+    bad[0] = 5  # more than T = 4
+    with pytest.raises(ValueError, match="num_new"):
+        ops.append_kv(*state, k, v, positions, bad, check=False)
 
 
 def test_compiles():

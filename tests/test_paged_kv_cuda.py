@@ -87,14 +87,14 @@ def assert_same(name: str, got: torch.Tensor | None, want: torch.Tensor | None):
 # append_kv
 
 
-def run_append_both(state: PagedState, k, v, positions, num_new):
-    """The op on the device and on CPU from the same inputs; every output must be identical, and
-    equal the reference."""
+def run_append_both(state: PagedState, k, v, positions, num_new, check=True):
+    """The op on the device (checked or not) and on CPU from the same inputs; every output must be
+    identical, and equal the reference."""
     cpu = state.clone()
     ops.append_kv(*cpu, k, v, positions, num_new)
     expected = append_kv_ref(*state, k, v, positions, num_new)
     d = dev_state(state)
-    ops.append_kv(*d, dev(k), dev(v), dev(positions), dev(num_new))
+    ops.append_kv(*d, dev(k), dev(v), dev(positions), dev(num_new), check=check)
     for name, got, want, ref in zip(("k_pages", "v_pages", "pos_pages", "seq_lens"),
                                     (d.k_pages, d.v_pages, d.pos_pages, d.seq_lens),
                                     (cpu.k_pages, cpu.v_pages, cpu.pos_pages, cpu.seq_lens), expected):
@@ -107,6 +107,7 @@ def run_append_both(state: PagedState, k, v, positions, num_new):
 @given(case=cpu_append.cases())
 def test_append_random_cases(case):
     run_append_both(*case.inputs())
+    run_append_both(*case.inputs(), check=False)
 
 
 APPEND_CASES = {
@@ -120,12 +121,98 @@ APPEND_CASES = {
 }
 
 
+@pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64", "bf16", "fp16"])
 @pytest.mark.parametrize("name", list(APPEND_CASES))
-def test_append_named_cases(name, dtype):
+def test_append_named_cases(name, dtype, check):
     lens, num_new, t, h, d, ps, pre = APPEND_CASES[name]
     case = cpu_append.Case(lens, num_new, t, h, d, ps, pre, dtype, seed=len(name))
-    run_append_both(*case.inputs())
+    run_append_both(*case.inputs(), check=check)
+
+
+@cuda_only
+@pytest.mark.parametrize("bad", ["num_new_past_t", "negative_num_new", "negative_position", "page_past_pool",
+                                 "unallocated_page", "len_past_capacity", "poisoned_len"])
+def test_append_unchecked_bad_values_poison_the_sequence(bad):
+    """check=False: a sequence with bad values is not written and its length becomes -1 (which a
+    checked call then rejects and an unchecked decode turns into NaN); the others are appended
+    exactly. Nothing is written out of bounds (memcheck runs this)."""
+    case = cpu_append.Case([5, 9, 2], [2, 2, 1], 2, 2, 64, 4, 0, torch.float32, seed=51)
+    state, k, v, positions, num_new = case.inputs()
+    expected = append_kv_ref(*state, k, v, positions, num_new)
+    d = dev_state(state)
+    positions, num_new = positions.clone(), num_new.clone()
+    if bad == "num_new_past_t":
+        num_new[1] = 3
+    elif bad == "negative_num_new":
+        num_new[1] = -1
+    elif bad == "negative_position":
+        positions[1, 1] = -5
+    elif bad == "page_past_pool":
+        d.block_tables[1, 2] = d.k_pages.shape[0]  # the page slots 9..10 go to
+    elif bad == "unallocated_page":
+        d.block_tables[1, 2] = -1
+    elif bad == "len_past_capacity":
+        d.seq_lens[1] = d.block_tables.shape[1] * 4 - 1  # + 2 new slots > capacity
+    else:
+        d.seq_lens[1] = -1  # a sequence an earlier unchecked call poisoned stays poisoned
+    before = d.k_pages.clone()
+    ops.append_kv(*d, dev(k), dev(v), dev(positions), dev(num_new), check=False)
+    assert d.seq_lens.cpu().tolist() == [int(expected[3][0]), -1, int(expected[3][2])]
+    written = (d.k_pages != before).flatten(1).any(1).cpu()  # pages that changed
+    for b in (0, 2):  # the good sequences' new slots hold their new keys
+        for t in range(int(num_new[b])):
+            slot = int(state.seq_lens[b]) + t
+            page = int(state.block_tables[b, slot // 4])
+            assert torch.equal(d.k_pages[page, slot % 4].cpu(), expected[0][page, slot % 4])
+    pages_of_1 = {int(p) for p in state.block_tables[1] if p >= 0}
+    assert not any(written[p] for p in pages_of_1), "a bad sequence must not be written"
+    with pytest.raises(ValueError, match="seq_lens"):  # checked calls reject the poisoned length
+        ops.paged_decode_attention(dev(torch.randn(3, 2, 64)), d.k_pages, d.v_pages, d.block_tables, d.seq_lens)
+    out = ops.paged_decode_attention(dev(torch.randn(3, 2, 64)), d.k_pages, d.v_pages, d.block_tables, d.seq_lens,
+                                     check=False)
+    assert out[1].isnan().all() and not out[0].isnan().any()
+
+
+@cuda_only
+def test_decode_step_of_append_and_decode_is_graph_capturable():
+    """check=False on both ops: one decode step (append the new token, attend) captured in a
+    CUDA graph and replayed step after step follows the eager checked ops."""
+    lens, hq, hkv, d, ps = [30, 7], 8, 2, 128, 16
+    state = random_paged_state([x + 8 for x in lens], hkv, d, ps, dtype=torch.bfloat16,
+                               generator=torch.Generator().manual_seed(61))
+    state = state._replace(seq_lens=torch.tensor(lens, dtype=torch.int32))
+    graph_state, eager_state = dev_state(state), dev_state(state)
+    gen = torch.Generator().manual_seed(62)
+    steps = [(torch.randn(2, hq, d, generator=gen), torch.randn(2, hkv, 1, d, generator=gen),
+              torch.randn(2, hkv, 1, d, generator=gen)) for _ in range(4)]
+    q_in, k_in, v_in = (dev(t.to(torch.bfloat16)) for t in steps[0])
+    pos_in = dev(torch.zeros(2, 1, dtype=torch.int32))
+    ones = dev(torch.ones(2, dtype=torch.int32))
+
+    def step(s: PagedState, q, k, v, pos, check):
+        ops.append_kv(*s, k, v, pos, ones, check=check)
+        return ops.paged_decode_attention(q, s.k_pages, s.v_pages, s.block_tables, s.seq_lens, check=check)
+
+    warm = dev_state(state)  # warm-up on a copy: capture must not be the first launch
+    step(warm, q_in, k_in, v_in, pos_in, False)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(graph_state, q_in, k_in, v_in, pos_in, False)
+    # Capturing ran nothing: the state is still the initial one.
+    assert torch.equal(graph_state.seq_lens.cpu(), state.seq_lens)
+    for i, (q, k, v) in enumerate(steps):
+        q, k, v = (dev(t.to(torch.bfloat16)) for t in (q, k, v))
+        pos = (eager_state.seq_lens[:, None]).to(torch.int32)
+        q_in.copy_(q), k_in.copy_(k), v_in.copy_(v), pos_in.copy_(pos)
+        graph.replay()
+        want = step(eager_state, q, k, v, pos, True)
+        torch.cuda.synchronize()
+        for name in ("k_pages", "v_pages", "pos_pages", "seq_lens"):
+            assert_same(f"{name} after step {i}", getattr(graph_state, name), getattr(eager_state, name))
+        tol, _ = OUT_TOL[torch.bfloat16]
+        assert (out.float() - want.float()).abs().max().item() <= tol * max(1.0, want.abs().max().item())
 
 
 @pytest.mark.parametrize("layout", ["bthd", "token_slice", "table_view", "unaligned_pages"])

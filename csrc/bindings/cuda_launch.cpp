@@ -47,7 +47,7 @@ void launch_shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& p, const a
 }
 
 // The paged ops synchronise the current stream once per call (they check index values on the
-// host), except paged_decode_attention with check_values = false.
+// host), except append_kv and paged_decode_attention with check_values = false.
 void launch_append_kv_cuda(const AppendKVParams& p, const at::Device& device) {
   check_arch_built(device);
   const c10::cuda::CUDAGuard guard(device);

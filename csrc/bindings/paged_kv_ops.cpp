@@ -120,7 +120,7 @@ PagedKVCache make_cache(const at::Tensor& k_pages, const at::Tensor& v_pages, co
 
 void append_kv(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& pos_pages,
                const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& k_in,
-               const at::Tensor& v_in, const at::Tensor& positions, const at::Tensor& num_new) {
+               const at::Tensor& v_in, const at::Tensor& positions, const at::Tensor& num_new, bool check) {
   AppendKVParams p;
   p.cache = make_cache(k_pages, v_pages, &pos_pages, block_tables, seq_lens, k_pages, "k_pages");
   const PagedKVCache& c = p.cache;
@@ -157,6 +157,7 @@ void append_kv(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::T
   copy_strides(v, p.v_stride, 3);
   copy_strides(positions, p.positions_stride, 2);
   p.num_new_stride = num_new.stride(0);
+  p.check_values = check;
   run_kernel(
       k_pages.device(), "append_kv", [&] { append_kv_cpu(p, torch_parallel_for); },
       [&] {

@@ -10,7 +10,7 @@ namespace shadowkv::bindings {
 
 void append_kv(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& pos_pages,
                const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& k, const at::Tensor& v,
-               const at::Tensor& positions, const at::Tensor& num_new);
+               const at::Tensor& positions, const at::Tensor& num_new, bool check);
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens,

@@ -14,7 +14,7 @@ TORCH_LIBRARY(shadowkv, m) {
       "Tensor lse, Tensor? grad_lse, int q_offset, float? scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   m.def(
       "append_kv(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos_pages, Tensor block_tables, "
-      "Tensor(d!) seq_lens, Tensor k, Tensor v, Tensor positions, Tensor num_new) -> ()");
+      "Tensor(d!) seq_lens, Tensor k, Tensor v, Tensor positions, Tensor num_new, bool check=True) -> ()");
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_tables, Tensor seq_lens, "
       "float? scale=None, Tensor(a!)? scores_out=None, bool check=True) -> Tensor");

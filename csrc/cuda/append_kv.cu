@@ -4,7 +4,9 @@
 // copies the token's K and V rows of every KV head into slot seq_lens[b] + t in words of up to
 // 16 bytes (the widest that the row size, base pointers and strides allow), and writes its
 // position for every head. A second kernel then adds num_new to seq_lens. Pure data movement:
-// the result is bit-identical to the CPU op.
+// the result is bit-identical to the CPU op. Unchecked calls (check_values = false) first run
+// validate_append_kernel, which marks the sequences whose values are valid in `ok`; the others
+// are not written and get seq_lens = -1.
 #include "paged_kv_common.cuh"
 
 namespace shadowkv {
@@ -13,12 +15,33 @@ namespace {
 
 constexpr int kAppendThreads = 128;
 
+// ok[b] = 1 when sequence b can be appended (see AppendKVParams::check_values), else 0.
+__global__ void validate_append_kernel(const AppendKVParams p, int64_t capacity, int* __restrict__ ok) {
+  const PagedKVCache& c = p.cache;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < c.batch;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t len = c.seq_lens[b * c.seq_lens_stride], n = p.num_new[b * p.num_new_stride];
+    bool good = len >= 0 && len <= capacity && n >= 0 && n <= p.num_tokens && len + n <= capacity;
+    for (int64_t t = 0; good && t < n; ++t) {
+      good = p.positions[b * p.positions_stride[0] + t * p.positions_stride[1]] >= 0;
+    }
+    if (good && n > 0) {
+      for (int64_t i = len / c.page_size; good && i < (len + n + c.page_size - 1) / c.page_size; ++i) {
+        const int64_t page = c.block_tables[b * c.bt_stride[0] + i * c.bt_stride[1]];
+        good = page >= 0 && page < c.num_pages;
+      }
+    }
+    ok[b] = good ? 1 : 0;
+  }
+}
+
 template <int kWordBytes>
 __global__ void __launch_bounds__(kAppendThreads)
-    append_kernel(const AppendKVParams p, int64_t elem_bytes, int64_t words_per_row) {
+    append_kernel(const AppendKVParams p, int64_t elem_bytes, int64_t words_per_row, const int* __restrict__ ok) {
   using W = typename Word<kWordBytes>::type;
   const PagedKVCache& c = p.cache;
   const int64_t b = blockIdx.x / p.num_tokens, t = blockIdx.x % p.num_tokens;
+  if (ok != nullptr && ok[b] == 0) return;  // unchecked call, bad values: nothing written
   if (t >= p.num_new[b * p.num_new_stride]) return;
   const int64_t slot = c.seq_lens[b * c.seq_lens_stride] + t;
   const int64_t page = page_of(c, b, slot), row = slot % c.page_size;
@@ -39,13 +62,52 @@ __global__ void __launch_bounds__(kAppendThreads)
   for (int64_t h = threadIdx.x; h < H; h += blockDim.x) *pos_at(c, page, row, h) = pos;
 }
 
-// seq_lens[b] += num_new[b], after append_kernel (which reads the old lengths).
-__global__ void grow_seq_lens_kernel(const AppendKVParams p) {
+// seq_lens[b] += num_new[b], after append_kernel (which reads the old lengths); -1 for the
+// sequences an unchecked call found bad values in.
+__global__ void grow_seq_lens_kernel(const AppendKVParams p, const int* __restrict__ ok) {
   const PagedKVCache& c = p.cache;
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < c.batch;
        b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    c.seq_lens[b * c.seq_lens_stride] += p.num_new[b * p.num_new_stride];
+    int32_t& len = c.seq_lens[b * c.seq_lens_stride];
+    len = ok != nullptr && ok[b] == 0 ? -1 : len + p.num_new[b * p.num_new_stride];
   }
+}
+
+// The append and length kernels; `ok` is null for checked calls (which launch only when some
+// sequence has new tokens).
+void launch_append(const AppendKVParams& p, const int* ok, cudaStream_t stream, const char* op) {
+  const PagedKVCache& c = p.cache;
+  const int64_t B = c.batch, T = p.num_tokens;
+  const int64_t es = static_cast<int64_t>(dtype_bytes(c.dtype));
+  const int64_t row_bytes = c.head_dim * es;
+  auto u = [](const void* ptr) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(ptr)); };
+  auto sb = [es](int64_t stride) { return static_cast<uint64_t>(stride * es); };
+  const int word = word_bytes({static_cast<uint64_t>(row_bytes), u(c.k_pages), u(c.v_pages), u(p.k), u(p.v),
+                               sb(c.k_stride[0]), sb(c.k_stride[1]), sb(c.k_stride[2]), sb(c.v_stride[0]),
+                               sb(c.v_stride[1]), sb(c.v_stride[2]), sb(p.k_stride[0]), sb(p.k_stride[1]),
+                               sb(p.k_stride[2]), sb(p.v_stride[0]), sb(p.v_stride[1]), sb(p.v_stride[2])});
+  if (B * T > 0) {
+    const unsigned blocks = grid_1d(B * T, op);
+    dispatch_word(word, [&](auto w) {
+      constexpr int kW = decltype(w)::value;
+      append_kernel<kW><<<blocks, kAppendThreads, 0, stream>>>(p, es, row_bytes / kW, ok);
+    });
+    check_launch("append_kernel");
+  }
+  grow_seq_lens_kernel<<<grid_1d(std::min<int64_t>(ceil_div(B, 256), 1024), op), 256, 0, stream>>>(p, ok);
+  check_launch("grow_seq_lens_kernel");
+}
+
+// check_values = false: validate on the device (validate_append_kernel), no host round trip.
+void append_unchecked(const AppendKVParams& p, cudaStream_t stream, const char* op) {
+  const PagedKVCache& c = p.cache;
+  if (c.batch == 0) return;
+  const int64_t capacity = std::min<int64_t>(c.max_pages * c.page_size, INT32_MAX);
+  DeviceBuffer ok(static_cast<size_t>(c.batch) * sizeof(int), stream);
+  validate_append_kernel<<<grid_1d(std::min<int64_t>(ceil_div(c.batch, 256), 1024), op), 256, 0, stream>>>(
+      p, capacity, reinterpret_cast<int*>(ok.bytes()));
+  check_launch("validate_append_kernel");
+  launch_append(p, reinterpret_cast<const int*>(ok.bytes()), stream, op);
 }
 
 }  // namespace
@@ -64,6 +126,7 @@ void append_kv_cuda(const AppendKVParams& p, void* stream_ptr) {
   if (c.batch > 0 && (!p.num_new || (p.num_tokens > 0 && (!p.k || !p.v || !p.positions))))
     fail(op, "null input pointer");
 
+  if (!p.check_values) return append_unchecked(p, stream, op);
   const int64_t B = c.batch, T = p.num_tokens, ps = c.page_size;
   IndexStager stager;
   CacheStage cache_stage;
@@ -99,22 +162,7 @@ void append_kv_cuda(const AppendKVParams& p, void* stream_ptr) {
   check_block_tables(hc, used.data(), write_begin.data(), write_end.data(), op);
   if (total_new == 0) return;  // nothing to write (seq_lens unchanged)
 
-  const int64_t es = static_cast<int64_t>(dtype_bytes(c.dtype));
-  const int64_t row_bytes = c.head_dim * es;
-  auto u = [](const void* ptr) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(ptr)); };
-  auto sb = [es](int64_t stride) { return static_cast<uint64_t>(stride * es); };
-  const int word = word_bytes({static_cast<uint64_t>(row_bytes), u(c.k_pages), u(c.v_pages), u(p.k), u(p.v),
-                               sb(c.k_stride[0]), sb(c.k_stride[1]), sb(c.k_stride[2]), sb(c.v_stride[0]),
-                               sb(c.v_stride[1]), sb(c.v_stride[2]), sb(p.k_stride[0]), sb(p.k_stride[1]),
-                               sb(p.k_stride[2]), sb(p.v_stride[0]), sb(p.v_stride[1]), sb(p.v_stride[2])});
-  const unsigned blocks = grid_1d(B * T, op);
-  dispatch_word(word, [&](auto w) {
-    constexpr int kW = decltype(w)::value;
-    append_kernel<kW><<<blocks, kAppendThreads, 0, stream>>>(p, es, row_bytes / kW);
-  });
-  check_launch("append_kernel");
-  grow_seq_lens_kernel<<<grid_1d(std::min<int64_t>(ceil_div(B, 256), 1024), op), 256, 0, stream>>>(p);
-  check_launch("grow_seq_lens_kernel");
+  launch_append(p, nullptr, stream, op);
 }
 
 }  // namespace shadowkv

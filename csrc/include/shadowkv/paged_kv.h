@@ -75,6 +75,16 @@ struct AppendKVParams {
   int64_t v_stride[3] = {0, 0, 0};
   int64_t positions_stride[2] = {0, 0};  // batch, token
   int64_t num_new_stride = 1;
+  // true: every value is checked before anything is written (std::invalid_argument on bad ones);
+  // on CUDA that costs a device->host copy and a stream synchronisation per call.
+  // false (CUDA only; the CPU kernel checks regardless): no copy, no synchronisation (a decode
+  // step of append + paged_decode_attention can be captured in a CUDA graph). Each sequence is
+  // checked on the device instead: seq_lens[b] in [0, capacity], num_new[b] in [0, T], the new
+  // length within capacity (max_pages * page_size), positions >= 0, and the page ids it writes
+  // in [0, num_pages). A sequence that fails is not written and its seq_lens entry becomes -1,
+  // which every later call rejects (checked) or turns into NaN (unchecked decode). Not checked:
+  // that no two sequences write the same page (they would race).
+  bool check_values = true;
 };
 
 // One query token per sequence against all seq_lens[b] cached slots (every cached key precedes
@@ -142,7 +152,8 @@ void evict_compact_cpu(const EvictCompactParams& p, const ParallelFor& pf = seri
 // it validates to the host and synchronises `stream` first (seq_lens and block_tables; plus
 // num_new and positions for append; keep, steps and, for the evicted slots only, their
 // positions and log entries for evict), so these calls block the host and cannot be captured
-// in a CUDA graph (except paged_decode_attention with check_values = false, see above). Throw std::invalid_argument on bad params or values (nothing written) and
+// in a CUDA graph (except append_kv and paged_decode_attention with check_values = false, see
+// their params above). Throw std::invalid_argument on bad params or values (nothing written) and
 // std::runtime_error on CUDA errors.
 void append_kv_cuda(const AppendKVParams& p, void* stream);
 void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream);
