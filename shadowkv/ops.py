@@ -278,8 +278,8 @@ def paged_decode_attention(
             length is outside ``[0, max_pages * page_size]`` (or above ``S``), or whose block
             table holds a page id outside ``[0, P)`` where it is read, gets NaN in ``out`` and
             in its ``scores_out`` rows. Nothing is read out of bounds either way. Workspaces
-            then grow with ``max_pages * page_size`` rather than the longest sequence. The CPU
-            kernel checks regardless.
+            then grow with ``max_pages * page_size`` (with ``scores_out``: ``S``) rather than
+            the longest sequence. The CPU kernel checks regardless.
 
     Returns:
         ``out [B, Hq, D]`` (dtype of ``q``; float accumulation, double for float64); zeros for

@@ -131,8 +131,8 @@ def test_append_named_cases(name, dtype, check):
 
 
 @cuda_only
-@pytest.mark.parametrize("bad", ["num_new_past_t", "negative_num_new", "negative_position", "page_past_pool",
-                                 "unallocated_page", "len_past_capacity", "poisoned_len"])
+@pytest.mark.parametrize("bad", ["num_new_past_t", "negative_num_new", "num_new_int32_max", "negative_position",
+                                 "page_past_pool", "unallocated_page", "len_past_capacity", "poisoned_len"])
 def test_append_unchecked_bad_values_poison_the_sequence(bad):
     """check=False: a sequence with bad values is not written and its length becomes -1 (which a
     checked call then rejects and an unchecked decode turns into NaN); the others are appended
@@ -146,6 +146,8 @@ def test_append_unchecked_bad_values_poison_the_sequence(bad):
         num_new[1] = 3
     elif bad == "negative_num_new":
         num_new[1] = -1
+    elif bad == "num_new_int32_max":
+        num_new[1] = 2**31 - 1
     elif bad == "negative_position":
         positions[1, 1] = -5
     elif bad == "page_past_pool":
@@ -175,7 +177,7 @@ def test_append_unchecked_bad_values_poison_the_sequence(bad):
 
 
 @cuda_only
-def test_decode_step_of_append_and_decode_is_graph_capturable():
+def test_unchecked_decode_step_of_append_and_decode_is_graph_capturable():
     """check=False on both ops: one decode step (append the new token, attend) captured in a
     CUDA graph and replayed step after step follows the eager checked ops."""
     lens, hq, hkv, d, ps = [30, 7], 8, 2, 128, 16
@@ -404,17 +406,22 @@ def test_decode_empty_batch_and_no_query_heads():
 
 
 @cuda_only
-@pytest.mark.parametrize("bad", ["page_id_past_pool", "negative_page_id", "len_past_capacity", "negative_len",
-                                 "len_past_scores"])
+@pytest.mark.parametrize("bad", ["page_id_past_pool", "negative_page_id", "late_page_of_a_long_sequence",
+                                 "len_past_capacity", "negative_len", "len_int32_min", "len_past_scores"])
 def test_decode_unchecked_bad_values_give_nan(bad):
     """check=False: bad values cannot be refused before the launch, so the sequence that holds
     them gets NaN (out and scores) and nothing is read out of bounds (memcheck runs this); the
     other sequences are exact."""
-    case = cpu_decode.Case([40, 33, 50], 4, 2, 64, 8, torch.float32, None, 0, seed=41)
+    lens = [40, 2000, 50] if bad == "late_page_of_a_long_sequence" else [40, 33, 50]
+    case = cpu_decode.Case(lens, 4, 2, 64, 8, torch.float32, None, 0, seed=41)
     q, state, scores = case.inputs()
     d = dev_state(state)
     tables, lens = d.block_tables.clone(), d.seq_lens.clone()
-    if bad == "page_id_past_pool":
+    if bad == "late_page_of_a_long_sequence":  # one bad page in the 4th of several partitions
+        tables[1, 1700 // 8] = d.k_pages.shape[0] + 7
+    elif bad == "len_int32_min":
+        lens[1] = -(2**31)
+    elif bad == "page_id_past_pool":
         tables[1, 2] = d.k_pages.shape[0] + 1000
     elif bad == "negative_page_id":
         tables[1, 4] = -1  # inside the sequence (33 slots = 5 pages of 8)
@@ -457,6 +464,13 @@ def test_decode_unchecked_is_graph_capturable():
         lens2 = state.seq_lens - step  # shorter sequences: the same pages, fewer slots
         q_d.copy_(dev(q2))
         lens.copy_(dev(lens2))
+        if step == 1:  # a replay with a bad page id first: NaN there, and the flag must not stick
+            saved = d.block_tables[0, 0].item()
+            d.block_tables[0, 0] = d.k_pages.shape[0] + 3
+            graph.replay()
+            torch.cuda.synchronize()
+            assert out[0].isnan().all() and not out[1].isnan().any()
+            d.block_tables[0, 0] = saved
         graph.replay()
         torch.cuda.synchronize()
         # The same unchecked call eagerly: the same partitioning, so the same bits.

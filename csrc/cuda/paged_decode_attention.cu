@@ -169,7 +169,8 @@ __global__ void __launch_bounds__(kThreads) decode_partition_kernel(const Decode
   const int G = min(kGroupTile, a.group - g0);
   const int64_t hq0 = h * a.group + g0;  // its query head index
   const int D = static_cast<int>(c.head_dim);
-  const int ps = static_cast<int>(c.page_size);  // slots fit in int32 (seq_lens is int32)
+  // Every slot read is < seq_lens[b] <= INT32_MAX, so a page size past that acts like INT32_MAX.
+  const int ps = static_cast<int>(min(c.page_size, static_cast<int64_t>(INT32_MAX)));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* s = dynamic_smem();  // [G][part_size]: logits, then exp(logit - m)
 
@@ -303,7 +304,7 @@ __global__ void __launch_bounds__(kThreads) decode_reduce_kernel(const DecodeLau
     for (int64_t d = threadIdx.x; d < D; d += kThreads) out[d] = from_f32<T>(NAN);
     if (threadIdx.x == 0) {
       if (a.stats) a.stats[bq] = make_float2(NAN, NAN);
-      a.bad[b] = 1;  // for decode_scores_kernel (every block of b writes the same value)
+      if (a.bad) a.bad[b] = 1;  // for decode_scores_kernel (every block of b writes the same value)
     }
     return;
   }
@@ -398,8 +399,9 @@ void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream_ptr) {
 
   const int64_t B = c.batch, Hkv = c.num_kv_heads, Hq = p.num_q_heads, D = c.head_dim;
   // The longest sequence (checked call), or the longest any block table can hold (unchecked).
-  const int64_t capacity = std::min<int64_t>(c.max_pages * c.page_size, INT32_MAX);
-  int64_t max_len = capacity;
+  const int64_t capacity = slot_capacity(c);
+  // Unchecked calls with scores reject lengths above scores_len: size for that when smaller.
+  int64_t max_len = p.scores ? std::min(capacity, std::max<int64_t>(p.scores_len, 0)) : capacity;
   if (p.check_values) {
     IndexStager stager;
     CacheStage cache_stage;
