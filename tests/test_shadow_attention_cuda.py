@@ -10,8 +10,10 @@ the reference, ``tol * max(1, max|ref|)``:
 - float16: out 5e-3, gradients 1e-2 (11 mantissa bits).
 - lse (float32, from fp32-accumulated scores of the rounded inputs): 1e-3 for both 16-bit types.
 
-The cases cover both kernel families: bfloat16/float16 with D in {64, 128} and 16-byte aligned
-rows run on tensor cores; every other D, float32 and unaligned rows run the SIMT kernels.
+The cases cover every kernel family: bfloat16/float16 with D in {64, 128} and 16-byte aligned
+rows run on tensor cores (WMMA by default, the CuTe kernels under
+SHADOWKV_ATTENTION_KERNEL=cute: the ``cute`` tests); every other D, float32 and unaligned rows
+run the SIMT kernels.
 """
 
 from __future__ import annotations
