@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -42,7 +41,6 @@ import torch.nn.functional as F
 from shadowkv import _C, ops
 from shadowkv.reference import INT32_MAX, shadow_visible, streaming_evicted_at
 
-KERNEL_ENV = "SHADOWKV_ATTENTION_KERNEL"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 
@@ -105,7 +103,7 @@ def make_impls(evicted_at: torch.Tensor, args, device: torch.device):
     seq_len, group = args.seq_len, args.q_heads // args.kv_heads
     impls: dict[str, Callable | str] = {"shadowkv": lambda q, k, v: ops.shadow_attention(q, k, v, evicted_at)}
     if device.type == "cuda" and _C.built_with_cute():
-        impls["cute"] = impls["shadowkv"]  # timed under kernel_env("cute")
+        impls["cute"] = impls["shadowkv"]  # timed under ops.attention_kernel("cute")
     if not args.no_sdpa:
         mask = shadow_visible(evicted_at, seq_len).repeat_interleave(group, dim=1)
         impls["sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(
@@ -125,21 +123,6 @@ def make_impls(evicted_at: torch.Tensor, args, device: torch.device):
         except Exception as e:  # noqa: BLE001  (any failure only skips this baseline)
             impls["flex"] = f"{type(e).__name__}: {e}".splitlines()[0][:100]
     return impls
-
-
-@contextlib.contextmanager
-def kernel_env(kernel: str | None):
-    """SHADOWKV_ATTENTION_KERNEL=kernel inside the block (forward and backward read it per call)."""
-    old = os.environ.get(KERNEL_ENV)
-    if kernel is not None:
-        os.environ[KERNEL_ENV] = kernel
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(KERNEL_ENV, None)
-        else:
-            os.environ[KERNEL_ENV] = old
 
 
 def causal_sdpa(q, k, v, group: int):
@@ -224,7 +207,8 @@ def run_device(device: torch.device, args) -> None:
                 if impl_name in timed_once:
                     fwd, fwd_bwd = timed_once[impl_name]
                 else:
-                    with kernel_env("cute" if impl_name == "cute" else None):
+                    cute = ops.attention_kernel("cute") if impl_name == "cute" else contextlib.nullcontext()
+                    with cute:
                         fwd, fwd_bwd = time_impl(attn, args, device, dtype)
                     if impl_name == "causal":  # ignores the log: the same work under every mask
                         timed_once[impl_name] = fwd, fwd_bwd

@@ -6,11 +6,43 @@ happen in C++ so C++ and Python callers get the same errors.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import torch
 
 from . import _C  # noqa: F401  (registers the ops)
 
 from .reference import INT32_MAX as NEVER_EVICTED  # evicted_at of a key never evicted
+
+
+ATTENTION_KERNEL_ENV = "SHADOWKV_ATTENTION_KERNEL"
+ATTENTION_KERNELS = ("auto", "cute", "wmma", "simt")
+
+
+@contextlib.contextmanager
+def attention_kernel(name: str) -> Iterator[None]:
+    """Selects the CUDA kernel family of ``shadow_attention`` (forward and backward) in the block.
+
+    ``"auto"`` (the default: WMMA tensor-core kernels where they apply, else SIMT), ``"cute"``
+    (the CuTe kernels where they apply: bfloat16/float16, head dim 64/128, 16-byte aligned rows;
+    else SIMT; a ValueError at the first call in a build without them, see
+    ``_C.built_with_cute()``), ``"wmma"``, ``"simt"``. It sets the environment variable
+    SHADOWKV_ATTENTION_KERNEL, which the CUDA ops read at every call, so it applies to the whole
+    process while the block runs, including backward passes run inside it. CPU ops ignore it.
+    """
+    if name not in ATTENTION_KERNELS:
+        raise ValueError(f"attention_kernel: `name` must be one of {', '.join(ATTENTION_KERNELS)}, got {name!r}")
+    old = os.environ.get(ATTENTION_KERNEL_ENV)
+    os.environ[ATTENTION_KERNEL_ENV] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ATTENTION_KERNEL_ENV, None)
+        else:
+            os.environ[ATTENTION_KERNEL_ENV] = old
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:

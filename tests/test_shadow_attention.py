@@ -14,6 +14,7 @@ same (already rounded) inputs. Tolerances, as max absolute error:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -539,3 +540,23 @@ def test_streaming_log_keeps_sinks_plus_window():
         expected = set(range(min(sinks, p + 1))) | kept
         assert set(visible[p].nonzero().flatten().tolist()) == expected, p
         assert visible[p].sum() <= sinks + window + every - 1
+
+
+def test_attention_kernel_sets_and_restores_the_environment(monkeypatch):
+    """The CUDA ops read SHADOWKV_ATTENTION_KERNEL per call; the context manager scopes it."""
+    monkeypatch.delenv(ops.ATTENTION_KERNEL_ENV, raising=False)
+    with ops.attention_kernel("simt"):
+        assert os.environ[ops.ATTENTION_KERNEL_ENV] == "simt"
+        with ops.attention_kernel("cute"):
+            assert os.environ[ops.ATTENTION_KERNEL_ENV] == "cute"
+        assert os.environ[ops.ATTENTION_KERNEL_ENV] == "simt"
+    assert ops.ATTENTION_KERNEL_ENV not in os.environ
+    with pytest.raises(ValueError, match="auto, cute, wmma, simt"):
+        with ops.attention_kernel("fastest"):
+            pass
+    # CPU ops ignore it.
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    ev = torch.full((1, 2, 5), ops.NEVER_EVICTED, dtype=torch.int32)
+    plain = ops.shadow_attention(q, q, q, ev)
+    with ops.attention_kernel("cute"):
+        assert torch.equal(ops.shadow_attention(q, q, q, ev), plain)

@@ -213,7 +213,7 @@ def test_out_only_gradients(dtype):
 
 
 # The default kernels, and the CuTe ones where built (edge cases of both families).
-KERNEL_ENV = "SHADOWKV_ATTENTION_KERNEL"
+KERNEL_ENV = ops.ATTENTION_KERNEL_ENV
 KERNELS = ["auto"] + (["cute"] if _C.built_with_cute() else [])
 
 
