@@ -26,7 +26,7 @@ void check_paged_cache(const PagedKVCache& c, const char* op) {
   if (c.num_pages > 0 && (!c.k_pages || !c.v_pages)) fail("null page pointer");
   if (c.batch > 0 && !c.seq_lens) fail("null `seq_lens`");
   if (c.batch > 0 && c.max_pages > 0 && !c.block_tables) fail("null `block_tables`");
-  const int64_t capacity = c.max_pages * c.page_size;
+  const int64_t capacity = c.slot_capacity();
   for (int64_t b = 0; b < c.batch; ++b) {
     const int64_t len = c.seq_len(b);
     if (len < 0 || len > capacity)

@@ -399,7 +399,7 @@ void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream_ptr) {
 
   const int64_t B = c.batch, Hkv = c.num_kv_heads, Hq = p.num_q_heads, D = c.head_dim;
   // The longest sequence (checked call), or the longest any block table can hold (unchecked).
-  const int64_t capacity = slot_capacity(c);
+  const int64_t capacity = c.slot_capacity();
   // Unchecked calls with scores reject lengths above scores_len: size for that when smaller.
   int64_t max_len = p.scores ? std::min(capacity, std::max<int64_t>(p.scores_len, 0)) : capacity;
   if (p.check_values) {

@@ -55,13 +55,6 @@ inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), ke
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The most slots a block table can address, max_pages * page_size, capped at INT32_MAX (the
-// largest seq_lens entry) without overflowing: what unchecked calls size and check against.
-inline int64_t slot_capacity(const PagedKVCache& c) {
-  if (c.max_pages <= 0 || c.page_size <= 0) return 0;
-  return c.max_pages > INT32_MAX / c.page_size ? INT32_MAX : c.max_pages * c.page_size;
-}
-
 // Grid size of a one-dimensional launch; the problems here are far below the limit.
 inline unsigned grid_1d(int64_t blocks, const char* op) {
   if (blocks > INT32_MAX) fail(op, "problem too large for one CUDA launch");

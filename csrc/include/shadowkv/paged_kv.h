@@ -48,6 +48,12 @@ struct PagedKVCache {
 
   int64_t seq_len(int64_t b) const { return seq_lens[b * seq_lens_stride]; }
   int32_t& page_id(int64_t b, int64_t i) const { return block_tables[b * bt_stride[0] + i * bt_stride[1]]; }
+  // The most slots a block-table row addresses, max_pages * page_size, capped at INT32_MAX (the
+  // largest seq_lens entry) so that it never overflows; 0 for empty shapes.
+  int64_t slot_capacity() const {
+    if (max_pages <= 0 || page_size <= 0) return 0;
+    return max_pages > 2147483647 / page_size ? 2147483647 : max_pages * page_size;
+  }
   int32_t& pos(int64_t page, int64_t row, int64_t h) const {
     return pos_pages[page * pos_stride[0] + row * pos_stride[1] + h * pos_stride[2]];
   }
