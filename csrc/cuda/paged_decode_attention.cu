@@ -63,6 +63,9 @@ struct DecodeLaunch {
   float2* stats;  // [B, Hq]: (max, 1 / sum) over the whole sequence (scores_out only, else null)
   int* bad;          // [B], zeroed: sequences with bad values (unchecked calls only, else null)
   int64_t capacity;  // max_pages * page_size (capped at INT32_MAX): the longest valid sequence
+  // The page size capped at INT32_MAX: every slot read is < seq_lens[b] <= INT32_MAX, so a larger
+  // page acts the same. Computed on the host: deriving it in the kernel made the D = 128 path spill.
+  int page_size;
 };
 
 // The sequence length the kernels may use: seq_lens[b], or -1 in an unchecked call when it is
@@ -71,6 +74,12 @@ __device__ __forceinline__ int64_t usable_len(const DecodeLaunch& a, int64_t b) 
   const int64_t len = a.p.cache.seq_lens[b * a.p.cache.seq_lens_stride];
   if (a.bad != nullptr && (len < 0 || len > a.capacity || (a.p.scores != nullptr && len > a.p.scores_len))) return -1;
   return len;
+}
+
+// Unchecked calls: whether sequence b, whose usable_len is `len`, has bad values (its outputs
+// are NaN). Read after decode_partition_kernel, which flags bad page ids.
+__device__ __forceinline__ bool flagged(const DecodeLaunch& a, int64_t b, int64_t len) {
+  return len < 0 || (a.bad != nullptr && a.bad[b] != 0);
 }
 
 // VEC consecutive elements of T, widened to float, read with one load of VEC * sizeof(T) bytes.
@@ -169,8 +178,7 @@ __global__ void __launch_bounds__(kThreads) decode_partition_kernel(const Decode
   const int G = min(kGroupTile, a.group - g0);
   const int64_t hq0 = h * a.group + g0;  // its query head index
   const int D = static_cast<int>(c.head_dim);
-  // Every slot read is < seq_lens[b] <= INT32_MAX, so a page size past that acts like INT32_MAX.
-  const int ps = static_cast<int>(min(c.page_size, static_cast<int64_t>(INT32_MAX)));
+  const int ps = a.page_size;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* s = dynamic_smem();  // [G][part_size]: logits, then exp(logit - m)
 
@@ -300,7 +308,7 @@ __global__ void __launch_bounds__(kThreads) decode_reduce_kernel(const DecodeLau
   const int64_t bq = blockIdx.x, b = bq / Hq, hq = bq % Hq;
   const int64_t len = usable_len(a, b);
   T* out = static_cast<T*>(a.p.out) + b * a.p.o_stride[0] + hq * a.p.o_stride[1];
-  if (len < 0 || (a.bad != nullptr && a.bad[b] != 0)) {  // unchecked call, bad values: NaN
+  if (flagged(a, b, len)) {  // unchecked call, bad values: NaN
     for (int64_t d = threadIdx.x; d < D; d += kThreads) out[d] = from_f32<T>(NAN);
     if (threadIdx.x == 0) {
       if (a.stats) a.stats[bq] = make_float2(NAN, NAN);
@@ -338,7 +346,7 @@ __global__ void __launch_bounds__(kScoreThreads) decode_scores_kernel(const Deco
   if (s >= a.p.scores_len) return;
   const int64_t len = usable_len(a, b);
   float mass = 0.0f;
-  if (len < 0 || (a.bad != nullptr && a.bad[b] != 0)) {  // unchecked call, bad values
+  if (flagged(a, b, len)) {  // unchecked call, bad values
     mass = NAN;
   } else if (s < len) {
     for (int g = 0; g < a.group; ++g) {
@@ -446,6 +454,7 @@ void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream_ptr) {
   a.logits = with_scores ? reinterpret_cast<float*>(work.bytes() + logits_off) : nullptr;
   a.stats = with_scores ? reinterpret_cast<float2*>(work.bytes() + stats_off) : nullptr;
   a.capacity = capacity;
+  a.page_size = static_cast<int>(std::min<int64_t>(c.page_size, INT32_MAX));
   a.bad = nullptr;
   if (!p.check_values) {
     a.bad = reinterpret_cast<int*>(work.bytes() + bad_off);
