@@ -268,9 +268,7 @@ __global__ void __launch_bounds__(TcTraits<D>::kThreads)
     const T* dog = static_cast<const T*>(bp.grad_out) + kt.b * bp.do_stride[0] + hq * bp.do_stride[1];
     const int64_t ws_row0 = (kt.b * p.num_q_heads + hq) * p.q_len;
     for (int64_t i0 = kt.i_begin; i0 < kt.i_end; i0 += BM) {
-      const int rows = static_cast<int>(min(static_cast<int64_t>(BM), p.q_len - i0));
-      const int64_t p0 = p.q_offset + i0, p1 = p0 + rows - 1;
-      const bool full = pairs_all_visible(kt, Tr::kRows, p.kv_len, p0, p1, rows == BM);
+      const auto [rows, p0, full] = query_rows(p, kt, Tr::kRows, i0, BM);
       __syncthreads();  // previous query tile consumed (first pass: publishes Ks, Vs, ev_s)
       load_rows_16b<T, D, LDT>(Qs, qg + i0 * p.q_stride[2], p.q_stride[2], BM, rows);
       load_rows_16b<T, D, LDT>(dOs, dog + i0 * bp.do_stride[2], bp.do_stride[2], BM, rows);
@@ -538,9 +536,7 @@ __global__ void __launch_bounds__(SimtTraits::kThreads)
     const T* dog = static_cast<const T*>(bp.grad_out) + kt.b * bp.do_stride[0] + hq * bp.do_stride[1];
     const int64_t ws_row0 = (kt.b * p.num_q_heads + hq) * p.q_len;
     for (int64_t i0 = kt.i_begin; i0 < kt.i_end; i0 += BM) {
-      const int rows = static_cast<int>(min(static_cast<int64_t>(BM), p.q_len - i0));
-      const int64_t p0 = p.q_offset + i0, p1 = p0 + rows - 1;
-      const bool full = pairs_all_visible(kt, RB, p.kv_len, p0, p1, rows == BM);
+      const auto [rows, p0, full] = query_rows(p, kt, RB, i0, BM);
       __syncthreads();  // previous query tile consumed (first pass: publishes Ks, Vs)
       for (int idx = threadIdx.x; idx < BM * D; idx += blockDim.x) {
         const int i = idx / D, d = idx % D;

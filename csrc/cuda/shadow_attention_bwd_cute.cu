@@ -230,9 +230,7 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
     const E* dog = static_cast<const E*>(bp.grad_out) + kt.b * bp.do_stride[0] + hq * bp.do_stride[1];
     const int64_t ws_row0 = (kt.b * p.num_q_heads + hq) * p.q_len;
     for (int64_t i0 = kt.i_begin; i0 < kt.i_end; i0 += BN) {
-      const int rows = static_cast<int>(min(static_cast<int64_t>(BN), p.q_len - i0));
-      const int64_t p0 = p.q_offset + i0, p1 = p0 + rows - 1;
-      const bool full = pairs_all_visible(kt, BM, p.kv_len, p0, p1, rows == BN);
+      const auto [rows, p0, full] = query_rows(p, kt, BM, i0, BN);
       __syncthreads();  // every warp is done with the previous Q and dO
       copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(qg, p.q_stride[2], i0)), gmem_thr.partition_D(sQ),
                 tPartC, rows);

@@ -296,6 +296,22 @@ __device__ __forceinline__ bool pairs_all_visible(const KeyTile& kt, int width, 
   return rows_complete && kt.k0 + width <= kv_len && kt.k0 + width - 1 <= p0 && kt.ev.x > p1;
 }
 
+// Query rows [i0, i0 + rows) of one head as a dK/dV kernel streams them, `tile` rows at a time,
+// against key tile kt of `key_rows` keys: how many exist, the absolute position of the first,
+// and whether every (query, key) pair of the two tiles is visible (no per-element mask needed).
+struct QueryRows {
+  int rows;
+  int64_t p0;
+  bool full;
+};
+
+__device__ __forceinline__ QueryRows query_rows(const ShadowAttentionParams& p, const KeyTile& kt, int key_rows,
+                                                int64_t i0, int tile) {
+  const int rows = static_cast<int>(min(static_cast<int64_t>(tile), p.q_len - i0));
+  const int64_t p0 = p.q_offset + i0;
+  return {rows, p0, pairs_all_visible(kt, key_rows, p.kv_len, p0, p0 + rows - 1, rows == tile)};
+}
+
 enum class TileKind { kSkip, kPartial, kFull };
 
 // Key tile [k0, k0 + width) against query positions [p0, p1]. Skip: no key is visible to any of
