@@ -224,7 +224,7 @@ def _paged_decode_attention_fake(q, k_pages, v_pages, block_tables, seq_lens, sc
 
 @torch.library.register_fake("shadowkv::evict_compact")
 def _evict_compact_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens, keep, steps, evicted_at,
-                        slot_scores=None):
+                        slot_scores=None, check=True):
     _, _, H, _, B, M = _check_paged_cache_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens,
                                                k_pages, "k_pages")
     S = keep.shape[2] if keep.dim() == 3 else None
@@ -331,6 +331,7 @@ def evict_compact(
     steps: torch.Tensor,
     evicted_at: torch.Tensor,
     slot_scores: torch.Tensor | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """Evicts cache slots in place, logging each evicted key in the shadow mask.
 
@@ -356,7 +357,18 @@ def evict_compact(
         ``freed [B, max_pages]`` int32: the released page ids of each sequence in table order,
         -1 padded. CPU or CUDA. Bad input raises ValueError/TypeError naming
         the argument, before anything is written.
+
+    ``check=False`` (CUDA; the CPU op checks regardless): the checks run on the device and
+    nothing is copied to the host, so there is no stream synchronisation and the call can be
+    captured in a CUDA graph. A sequence that fails them (the requirements above, a length
+    outside ``[0, min(max_pages * page_size, S)]``, a block-table entry outside ``[-1, P)`` or -1
+    where a slot is in use) is not written: its ``seq_lens`` entry becomes -1 (which later calls
+    reject, or turn into NaN for an unchecked decode) and its ``freed`` row is all -1. Not
+    checked then: that no two sequences write the same page, and that no two evicted slots of a
+    head hold the same position (only a corrupted ``pos_pages`` can; both log the same step).
+    With ``check=True`` the CUDA op also checks on the device and copies only the per-(sequence,
+    head) results to the host, with ``seq_lens``, ``block_tables`` and ``steps``.
     """
     return torch.ops.shadowkv.evict_compact(
-        k_pages, v_pages, pos_pages, block_tables, seq_lens, keep, steps, evicted_at, slot_scores
+        k_pages, v_pages, pos_pages, block_tables, seq_lens, keep, steps, evicted_at, slot_scores, check
     )

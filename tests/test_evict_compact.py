@@ -288,6 +288,22 @@ def test_opcheck(with_scores):
                 log_in_layers=False, seed=7)
     state, keep, steps, log, scores = case.inputs()
     torch.library.opcheck(EVICT.default, (*state, keep, steps, log, scores))
+    state, keep, steps, log, scores = case.inputs()
+    torch.library.opcheck(EVICT.default, (*state, keep, steps, log, scores, False))
+
+
+def test_unchecked_call_on_cpu_still_checks():
+    """``check=False`` only changes the CUDA kernel; the CPU one checks the values regardless."""
+    args = _valid_args()
+    before = {k: v.clone() for k, v in args.items()}
+    args["steps"][1] = -1
+    with pytest.raises(ValueError, match="steps"):
+        ops.evict_compact(**args, check=False)
+    args["steps"][1] = before["steps"][1]
+    for name, t in before.items():
+        assert torch.equal(args[name], t), name
+    ops.evict_compact(**args, check=False)
+    assert args["seq_lens"].tolist() == [4, 2]
 
 
 def test_compiles():
@@ -354,6 +370,34 @@ def _duplicate_position(a):
     return {"pos_pages": pos}
 
 
+def _evict_a_third_slot(a):
+    """keep, pos_pages and evicted_at copies in which sequence 0 evicts one more slot per head
+    (3 of 6), and its 3 evicted slots of head 0 as (page, row)."""
+    keep = a["keep"].clone()
+    for h in range(keep.shape[1]):
+        keep[0, h, int(keep[0, h, :6].nonzero()[0])] = False
+    slots = (~keep[0, 0, :6]).nonzero().flatten().tolist()
+    rows = [(int(a["block_tables"][0, s // 4]), s % 4) for s in slots]
+    return keep, a["pos_pages"].clone(), a["evicted_at"].clone(), rows
+
+
+def _duplicate_then_already_evicted(a):
+    """The 2nd evicted slot repeats the 1st one's position, the 3rd was already evicted: the
+    duplicate comes first in slot order, so it is the error."""
+    keep, pos, log, rows = _evict_a_third_slot(a)
+    pos[rows[1] + (0,)] = pos[rows[0] + (0,)]
+    log[0, 0, int(pos[rows[2] + (0,)])] = 5
+    return {"keep": keep, "pos_pages": pos, "evicted_at": log}
+
+
+def _already_evicted_then_duplicate(a):
+    """The 1st evicted slot was already evicted, the 3rd repeats the 2nd one's position."""
+    keep, pos, log, rows = _evict_a_third_slot(a)
+    log[0, 0, int(pos[rows[0] + (0,)])] = 5
+    pos[rows[2] + (0,)] = pos[rows[1] + (0,)]
+    return {"keep": keep, "pos_pages": pos, "evicted_at": log}
+
+
 BAD_INPUTS = {
     "k_pages_int": ("k_pages", lambda a: {"k_pages": a["k_pages"].int()}),
     "v_pages_dtype": ("v_pages", lambda a: {"v_pages": a["v_pages"].bfloat16()}),
@@ -390,6 +434,8 @@ BAD_INPUTS = {
     "negative_position": ("evicted_at", _negative_position),
     "already_evicted": ("evicted_at", _already_evicted),
     "evicted_twice_in_one_call": ("evicted_at", _duplicate_position),
+    "duplicate_then_already_evicted": ("evicted_at", _duplicate_then_already_evicted),
+    "already_evicted_then_duplicate": ("evicted_at", _already_evicted_then_duplicate),
     "table_entry_missing": ("block_tables", _set("block_tables", (0, 1), -1)),
     "table_entry_outside_pool": ("block_tables", _set("block_tables", (1, 0), 99)),
     "table_tail_garbage": ("block_tables", _set("block_tables", (1, 2), -3)),

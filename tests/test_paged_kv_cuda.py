@@ -498,9 +498,10 @@ def test_decode_rejects_float64_and_wide_heads():
 # evict_compact
 
 
-def run_evict_both(state: PagedState, keep, steps, log, scores):
+def run_evict_both(state: PagedState, keep, steps, log, scores, check=True):
     """The op on the device and on CPU from the same inputs: every output identical, and equal to
-    the reference. `log` may be a view (e.g. one layer of a larger log); its base is compared."""
+    the reference. `log` may be a view (e.g. one layer of a larger log); its base is compared.
+    `check` goes to the device call (valid inputs: the same results either way)."""
     expected = evict_compact_ref(*state, keep, steps, log, scores)
     base = log._base if log._base is not None else log
     cpu_state, cpu_base = state.clone(), base.clone()
@@ -512,7 +513,7 @@ def run_evict_both(state: PagedState, keep, steps, log, scores):
     d_base = dev(base)
     d_log = d_base.as_strided(log.shape, log.stride(), log.storage_offset())
     d_scores = dev(scores)
-    freed = ops.evict_compact(*d, dev(keep), dev(steps), d_log, d_scores)
+    freed = ops.evict_compact(*d, dev(keep), dev(steps), d_log, d_scores, check=check)
 
     got = (*d, d_log, d_scores, freed)
     for name, g, c, ref in zip(expected._fields, got, (*cpu_state, cpu_log, cpu_scores, cpu_freed), expected):
@@ -526,6 +527,7 @@ def run_evict_both(state: PagedState, keep, steps, log, scores):
 @given(case=cpu_evict.cases())
 def test_evict_random_cases(case):
     run_evict_both(*case.inputs())
+    run_evict_both(*case.inputs(), check=False)
 
 
 EVICT_CASES = {
@@ -541,13 +543,110 @@ EVICT_CASES = {
 }
 
 
+@pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
 @pytest.mark.parametrize("with_scores", [False, True], ids=["no_scores", "scores"])
 @pytest.mark.parametrize("name", list(EVICT_CASES))
-def test_evict_named_cases(name, with_scores):
+def test_evict_named_cases(name, with_scores, check):
     lens, h, d, ps, pre, policy, budget, extra, dtype = EVICT_CASES[name]
     case = cpu_evict.Case(lens, h, d, ps, pre, dtype, policy, budget, extra, with_scores, log_in_layers=True,
                           seed=len(name))
-    run_evict_both(*case.inputs())
+    run_evict_both(*case.inputs(), check=check)
+
+
+def _evict_bad_sequence_1(a, bad):
+    """Changes of the valid evict args (cpu_evict._valid_args) that make sequence 1 invalid."""
+    b1_slot = 2  # sequence 1 keeps slots 0 and 1 of its 3 in both heads: slot 2 is evicted
+    page, row = int(a["block_tables"][1, b1_slot // 4]), b1_slot % 4
+    changes = {
+        "keep_past_length": ("keep", (1, 0, 5), True),
+        "keep_counts_differ": ("keep", (1, 1, 0), False),
+        "steps_negative": ("steps", 1, -1),
+        "steps_never": ("steps", 1, INT32_MAX),
+        "position_outside_log": ("pos_pages", (page, row, 0), 20),
+        "negative_position": ("pos_pages", (page, row, 1), -3),
+        "already_evicted": ("evicted_at", (1, 0, int(a["pos_pages"][page, row, 0])), 5),
+        "table_entry_missing": ("block_tables", (1, 0), -1),
+        "table_entry_outside_pool": ("block_tables", (1, 0), 99),
+        "table_tail_garbage": ("block_tables", (1, 2), -3),
+        "len_past_keep": ("seq_lens", 1, 9),
+        "len_past_capacity": ("seq_lens", 1, 13),
+        "poisoned_len": ("seq_lens", 1, -1),
+    }
+    name, index, value = changes[bad]
+    return cpu_evict._set(name, index, value)(a)
+
+
+@cuda_only
+@pytest.mark.parametrize("bad", ["keep_past_length", "keep_counts_differ", "steps_negative", "steps_never",
+                                 "position_outside_log", "negative_position", "already_evicted",
+                                 "table_entry_missing", "table_entry_outside_pool", "table_tail_garbage",
+                                 "len_past_keep", "len_past_capacity", "poisoned_len"])
+def test_evict_unchecked_bad_values_leave_the_sequence_alone(bad):
+    """check=False: a sequence with bad values is not written (pages, positions, table, log),
+    its length becomes -1 and its freed row -1; the other sequence is evicted exactly as the CPU
+    op evicts it. Nothing is read or written out of bounds (memcheck runs this)."""
+    good = cpu_evict._valid_args()
+    cpu_args = {k: v.clone() for k, v in good.items()}
+    expected_freed = ops.evict_compact(**cpu_args)
+    args = dict(good)
+    args.update(_evict_bad_sequence_1(args, bad))
+    d = {k: dev(v) for k, v in args.items()}
+    freed = ops.evict_compact(**d, check=False)
+    assert d["seq_lens"].cpu().tolist() == [int(cpu_args["seq_lens"][0]), -1]
+    assert freed[1].eq(-1).all()
+    assert_same("freed[0]", freed[0], expected_freed[0])
+    assert_same("block_tables[1]", d["block_tables"][1], args["block_tables"][1])
+    assert_same("block_tables[0]", d["block_tables"][0], cpu_args["block_tables"][0])
+    for name in ("evicted_at", "slot_scores"):
+        assert_same(f"{name}[1]", d[name][1], args[name][1])
+        assert_same(f"{name}[0]", d[name][0], cpu_args[name][0])
+    pages_1 = {int(p) for p in good["block_tables"][1] if p >= 0}
+    pages_0 = {int(p) for p in good["block_tables"][0] if p >= 0} - pages_1
+    for name in ("k_pages", "v_pages", "pos_pages"):
+        for p in pages_1:
+            assert_same(f"{name} page {p} (sequence 1)", d[name][p], args[name][p])
+        for p in pages_0:
+            assert_same(f"{name} page {p} (sequence 0)", d[name][p], cpu_args[name][p])
+    with pytest.raises(ValueError, match="seq_lens"):  # checked calls reject the poisoned length
+        ops.evict_compact(**{k: v.clone() for k, v in d.items()})
+
+
+@cuda_only
+def test_evict_unchecked_is_graph_capturable():
+    """check=False: evict_compact captured in a CUDA graph and replayed (on the restored cache,
+    with new keep masks copied into the captured input) matches the eager checked op."""
+    case = cpu_evict.Case([300, 77, 140], 2, 128, 16, 1, torch.bfloat16, "random", 60, 0, True,
+                          log_in_layers=False, seed=71)
+    state, keep, steps, log, scores = case.inputs()
+    other_keep = cpu_evict.Case([300, 77, 140], 2, 128, 16, 1, torch.bfloat16, "streaming", 60, 0, True,
+                                log_in_layers=False, seed=72).inputs()[1]
+    static = dict(dev_state(state)._asdict(), keep=dev(keep), steps=dev(steps), evicted_at=dev(log),
+                  slot_scores=dev(scores))
+    pristine = {k: v.clone() for k, v in static.items()}
+
+    def restore():
+        for k, v in static.items():
+            if k != "keep":
+                v.copy_(pristine[k])
+
+    ops.evict_compact(**{k: v.clone() for k, v in static.items()}, check=False)  # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        freed = ops.evict_compact(**static, check=False)
+    for k, v in static.items():  # capturing ran nothing
+        assert_same(f"{k} after capture", v, pristine[k])
+    for mask in (keep, other_keep):
+        restore()
+        static["keep"].copy_(dev(mask))
+        graph.replay()
+        eager = {k: v.clone() for k, v in pristine.items()}
+        eager["keep"] = dev(mask)
+        want = ops.evict_compact(**eager)
+        torch.cuda.synchronize()
+        assert_same("freed", freed, want)
+        for k in static:
+            assert_same(k, static[k], eager[k])
 
 
 def test_evict_unaligned_pages():

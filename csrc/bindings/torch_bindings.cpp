@@ -20,7 +20,8 @@ TORCH_LIBRARY(shadowkv, m) {
       "float? scale=None, Tensor(a!)? scores_out=None, bool check=True) -> Tensor");
   m.def(
       "evict_compact(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos_pages, Tensor(d!) block_tables, "
-      "Tensor(e!) seq_lens, Tensor keep, Tensor steps, Tensor(f!) evicted_at, Tensor(g!)? slot_scores=None) -> Tensor");
+      "Tensor(e!) seq_lens, Tensor keep, Tensor steps, Tensor(f!) evicted_at, Tensor(g!)? slot_scores=None, "
+      "bool check=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(shadowkv, CPU, m) {

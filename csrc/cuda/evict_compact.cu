@@ -1,26 +1,35 @@
 // CUDA eviction from the paged KV cache (the twin of csrc/cpu/evict_compact.cpp, same contract;
 // bit-identical results).
 //
-// Host: the index arrays are copied to the host and checked exactly like the CPU op (see
-// paged_kv_common.cuh); then, for the evicted slots only, their positions and eviction-log
-// entries are gathered on the device (evicted_info_kernel) and checked too. The host also
-// computes the new lengths, the first released block-table column and the freed list, and
-// uploads them. Nothing is written before all checks pass.
-//
-// Device, on the caller's stream:
-//   1. compact_kernel, one block per (sequence, KV head), walks the slots in chunks, in order.
-//      Per chunk: each thread takes one slot; evicted slots log evicted_at[pos] = step; a
-//      block-wide prefix count of the kept slots gives each its destination (kept so far + rank);
-//      then every kept slot that moves (destination != source) is read in full (K and V words
-//      spread over the threads, position, slot score) into registers, __syncthreads, and written.
-//      Destinations never exceed sources, so a row is overwritten only after it was read: by an
-//      earlier chunk's write it cannot be (those go below this chunk's first slot), within the
-//      chunk the barrier orders all reads before all writes. Chunks hold as many slots as the
-//      register staging allows (<= 1024 words per tensor); rows longer than that go one slot per
-//      chunk and are copied directly (source and destination rows are then distinct). Finally
-//      slot_scores past the new length are zeroed.
-//   2. finalize_kernel writes freed, sets the released block-table entries to -1 and stores the
-//      new seq_lens (after compact_kernel, which reads the old ones).
+// Every call runs, on the caller's stream:
+//   1. validate_kernel, one block per (sequence, KV head), checks everything the CPU op checks
+//      for that row and writes a HeadCheck record (kept count, first offending slot of each
+//      kind, ...). Nothing of the cache is written. Checked calls (check_values) also detect two
+//      evicted slots holding the same position: each evicted slot below the first other error
+//      claims its log entry with atomicMin(entry, INT32_MIN + slot) (every such entry held
+//      INT32_MAX, "never evicted"), and a slot that then does not find its own tag shares its
+//      position with an earlier slot, so the first duplicate is found as the CPU op finds it.
+//   2. Checked calls only: the records, the lengths, block tables and steps are copied to the
+//      host (one small copy, one stream synchronisation) and the host raises the CPU op's error,
+//      in its order and with its message, from them; before it throws, restore_kernel puts back
+//      INT32_MAX in the claimed log entries, so a rejected call changes nothing. Unchecked calls
+//      skip this step (no copy, no synchronisation: a CUDA graph can capture them).
+//   3. compact_kernel, one block per (sequence, KV head), compacts the sequences the records
+//      say are valid (sequence_verdict): it walks the slots in chunks, in order. Per chunk each
+//      thread takes one slot; evicted slots log evicted_at[pos] = step; a block-wide prefix count
+//      of the kept slots gives each its destination (kept so far + rank); then every kept slot
+//      that moves (destination != source) is read in full (K and V words spread over the threads,
+//      position, slot score) into registers, __syncthreads, and written. Destinations never
+//      exceed sources, so a row is overwritten only after it was read: by an earlier chunk's
+//      write it cannot be (those go below this chunk's first slot), within the chunk the barrier
+//      orders all reads before all writes. Chunks hold as many slots as the register staging
+//      allows (<= 1024 words per tensor); rows longer than that go one slot per chunk and are
+//      copied directly (source and destination rows are then distinct). Finally slot_scores
+//      past the new length are zeroed.
+//   4. finalize_kernel, one block per sequence, lists the released pages in freed (table order,
+//      -1 padded), sets their block-table entries to -1 and stores the new length; a sequence
+//      that an unchecked call found invalid is left as it was, with seq_lens = -1 and a freed
+//      row of -1.
 #include <algorithm>
 #include <climits>
 
@@ -31,79 +40,259 @@ namespace cuda_paged {
 namespace {
 
 constexpr int32_t kNeverEvicted = INT32_MAX;
-constexpr int kCompactThreads = 256;
+constexpr int32_t kNoSlot = INT32_MAX;  // "no such slot" in the block-wide minima
+constexpr int kThreads = 256;
 constexpr int kWordsPerThread = 4;  // staged words per thread and tensor
-constexpr int kStagedWords = kCompactThreads * kWordsPerThread;
+constexpr int kStagedWords = kThreads * kWordsPerThread;
 
-// out[i] = (position held by evicted slot i, evicted_at at that position or 0 if outside the log),
-// slot i given as (b * Hkv + h) * keep_len + s.
-__global__ void evicted_info_kernel(const EvictCompactParams p, const int64_t* __restrict__ slots, int64_t count,
-                                    int2* __restrict__ out) {
-  const PagedKVCache& c = p.cache;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t id = slots[i];
-    const int64_t s = id % p.keep_len, bh = id / p.keep_len;
-    const int64_t h = bh % c.num_kv_heads, b = bh / c.num_kv_heads;
-    const int32_t pos = *pos_at(c, page_of(c, b, s), s % c.page_size, h);
-    int32_t logged = 0;
-    if (pos >= 0 && pos < p.log_len)
-      logged = p.evicted_at[b * p.ev_stride[0] + h * p.ev_stride[1] + pos * p.ev_stride[2]];
-    out[i] = make_int2(pos, logged);
-  }
-}
+enum BadKind : int32_t { kPosOutsideLog = 1, kAlreadyEvicted = 2, kDuplicate = 3 };
 
-// The K row, V row and position of logical slot `slot` of sequence b, KV head h.
-template <typename W>
-struct RowAccess {
-  const PagedKVCache& c;
-  int64_t b, h, elem_bytes;
-  __device__ __forceinline__ W* k(int64_t slot) const { return row(c.k_pages, c.k_stride, slot); }
-  __device__ __forceinline__ W* v(int64_t slot) const { return row(c.v_pages, c.v_stride, slot); }
-  __device__ __forceinline__ int32_t* pos(int64_t slot) const {
-    return pos_at(c, page_of(c, b, slot), slot % c.page_size, h);
+// What validate_kernel found in one (sequence, KV head) row. Slots are int32: the host rejects
+// keep_len > INT32_MAX first.
+struct HeadCheck {
+  int32_t seq_ok;         // seq_lens[b] in [0, min(capacity, keep_len)] and the block-table row valid
+  int32_t kept;           // slots below seq_lens[b] with keep set
+  int32_t beyond;         // first slot >= seq_lens[b] with keep set, or -1
+  int32_t first_evicted;  // first slot below seq_lens[b] without keep, else seq_lens[b]
+  int32_t bad_slot;       // first evicted slot whose log entry cannot be written, or -1
+  int32_t bad_kind;       // its BadKind
+  int32_t bad_pos;        // its position (pos_pages)
+  int32_t bad_logged;     // its log entry, for kAlreadyEvicted
+  int32_t claim_end;      // the evicted slots in [first_evicted, claim_end) claimed their log entry
+};
+constexpr int kCheckFields = static_cast<int>(sizeof(HeadCheck) / sizeof(int32_t));
+
+__device__ __forceinline__ int32_t claim_tag(int64_t slot) { return static_cast<int32_t>(INT32_MIN + slot); }
+
+// Pointers and strides of one (sequence, KV head) row, copied by value: a reference into the
+// kernel parameters would make the compiler copy them to local memory.
+struct HeadRows {
+  const int32_t* table;  // block-table row
+  int64_t table_stride;
+  uint32_t page_size;  // capped at INT32_MAX: exact for every slot < INT32_MAX, and 32-bit division
+  char* k;
+  char* v;
+  int32_t* pos;
+  int64_t k_page, k_row, v_page, v_row;  // bytes
+  int64_t pos_page, pos_row;             // elements
+  const uint8_t* keep;
+  int64_t keep_stride;
+  int32_t* log;
+  int64_t log_stride;
+
+  __device__ __forceinline__ HeadRows(const EvictCompactParams& p, int64_t b, int64_t h, int64_t elem_bytes) {
+    const PagedKVCache& c = p.cache;
+    table = c.block_tables + b * c.bt_stride[0];
+    table_stride = c.bt_stride[1];
+    page_size = static_cast<uint32_t>(c.page_size < INT32_MAX ? c.page_size : INT32_MAX);
+    k = static_cast<char*>(c.k_pages) + h * c.k_stride[2] * elem_bytes;
+    v = static_cast<char*>(c.v_pages) + h * c.v_stride[2] * elem_bytes;
+    pos = c.pos_pages + h * c.pos_stride[2];
+    k_page = c.k_stride[0] * elem_bytes;
+    k_row = c.k_stride[1] * elem_bytes;
+    v_page = c.v_stride[0] * elem_bytes;
+    v_row = c.v_stride[1] * elem_bytes;
+    pos_page = c.pos_stride[0];
+    pos_row = c.pos_stride[1];
+    keep = p.keep + b * p.keep_stride[0] + h * p.keep_stride[1];
+    keep_stride = p.keep_stride[2];
+    log = p.evicted_at + b * p.ev_stride[0] + h * p.ev_stride[1];
+    log_stride = p.ev_stride[2];
   }
-  __device__ __forceinline__ W* row(void* base, const int64_t (&stride)[3], int64_t slot) const {
-    const int64_t page = page_of(c, b, slot), r = slot % c.page_size;
-    const int64_t offset = (page * stride[0] + r * stride[1] + h * stride[2]) * elem_bytes;
-    return reinterpret_cast<W*>(static_cast<char*>(base) + offset);
+  __device__ __forceinline__ bool kept(int64_t slot) const { return keep[slot * keep_stride] != 0; }
+  // Slots are below seq_lens[b] <= INT32_MAX.
+  __device__ __forceinline__ int64_t page(int64_t slot) const {
+    return table[(static_cast<uint32_t>(slot) / page_size) * table_stride];
+  }
+  __device__ __forceinline__ int64_t row(int64_t slot) const { return static_cast<uint32_t>(slot) % page_size; }
+  __device__ __forceinline__ int32_t* position(int64_t slot) const {
+    return pos + page(slot) * pos_page + row(slot) * pos_row;
+  }
+  __device__ __forceinline__ int32_t* log_entry(int64_t position) const { return log + position * log_stride; }
+  template <typename W>
+  __device__ __forceinline__ W* k_at(int64_t slot) const {
+    return reinterpret_cast<W*>(k + page(slot) * k_page + row(slot) * k_row);
+  }
+  template <typename W>
+  __device__ __forceinline__ W* v_at(int64_t slot) const {
+    return reinterpret_cast<W*>(v + page(slot) * v_page + row(slot) * v_row);
   }
 };
 
-template <int kWordBytes>
-__global__ void __launch_bounds__(kCompactThreads)
-    compact_kernel(const EvictCompactParams p, int64_t elem_bytes, int words_per_row, int chunk) {
-  using W = typename Word<kWordBytes>::type;
-  const PagedKVCache& c = p.cache;
-  const int64_t b = blockIdx.x / c.num_kv_heads, h = blockIdx.x % c.num_kv_heads;
-  const RowAccess<W> rows{c, b, h, elem_bytes};
-  const int64_t len = c.seq_lens[b * c.seq_lens_stride];
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  float* scores = p.slot_scores ? p.slot_scores + b * p.scores_stride[0] + h * p.scores_stride[1] : nullptr;
-  const bool direct = words_per_row > kStagedWords;  // then chunk == 1
+// Block (sequence b, head h < max(Hkv, 1)): the HeadCheck of that row, see the file comment.
+// Reads pos_pages and the log only where the length and the block-table row are valid.
+__global__ void __launch_bounds__(kThreads) validate_kernel(const EvictCompactParams p, int64_t capacity,
+                                                            int64_t heads, bool claim, HeadCheck* __restrict__ out) {
+  const int64_t b = blockIdx.x / heads, h = blockIdx.x % heads;
+  const int64_t S = p.keep_len, M = p.cache.max_pages, P = p.cache.num_pages, ps = p.cache.page_size;
+  const int tid = threadIdx.x;
+  const int64_t len = p.cache.seq_lens[b * p.cache.seq_lens_stride];
+  const bool len_ok = len >= 0 && len <= capacity && len <= S;
+  const bool has_head = h < p.cache.num_kv_heads;
+  const HeadRows rows(p, b, has_head ? h : 0, 1);
 
-  __shared__ int s_src[kCompactThreads];  // chunk offset of the chunk's i-th kept slot
-  __shared__ int s_warp_kept[kCompactThreads / 32];
+  __shared__ int s_table_bad, s_kept, s_beyond, s_first_evicted, s_bad, s_dup;
+  if (tid == 0) {
+    s_table_bad = 0;
+    s_kept = 0;
+    s_beyond = kNoSlot;
+    s_first_evicted = len_ok ? static_cast<int>(len) : 0;
+    s_bad = kNoSlot;
+    s_dup = kNoSlot;
+  }
+  __syncthreads();
+  if (len_ok) {
+    const int64_t used = (len + ps - 1) / ps;
+    for (int64_t col = tid; col < M; col += kThreads) {
+      const int64_t id = rows.table[col * rows.table_stride];
+      if (id >= P || id < (col < used ? 0 : -1)) s_table_bad = 1;
+    }
+    if (has_head) {
+      int kept = 0, beyond = kNoSlot, first_evicted = kNoSlot;
+      for (int64_t s = tid; s < S; s += kThreads) {
+        const bool k = rows.kept(s);
+        if (k && s < len) ++kept;
+        else if (k) beyond = min(beyond, static_cast<int>(s));
+        else if (s < len) first_evicted = min(first_evicted, static_cast<int>(s));
+      }
+      if (kept > 0) atomicAdd(&s_kept, kept);
+      if (beyond != kNoSlot) atomicMin(&s_beyond, beyond);
+      if (first_evicted != kNoSlot) atomicMin(&s_first_evicted, first_evicted);
+    }
+  }
+  __syncthreads();
+  // Block-uniform: the positions can be read (valid pages) and are needed (no earlier error).
+  const bool scan = len_ok && has_head && s_table_bad == 0 && s_beyond == kNoSlot;
+  const int64_t first = s_first_evicted;
+  if (scan) {
+    int bad = kNoSlot;  // this thread's first evicted slot outside the log or already evicted
+    for (int64_t s = first + tid; s < len && bad == kNoSlot; s += kThreads) {
+      if (rows.kept(s)) continue;
+      const int32_t pos = *rows.position(s);
+      if (pos < 0 || pos >= p.log_len || *rows.log_entry(pos) != kNeverEvicted) bad = static_cast<int>(s);
+    }
+    if (bad != kNoSlot) atomicMin(&s_bad, bad);
+    if (claim) {
+      __syncthreads();  // every log entry was read before any is claimed
+      const int64_t end = min(static_cast<int64_t>(s_bad), len);
+      for (int64_t s = first + tid; s < end; s += kThreads) {
+        if (!rows.kept(s)) atomicMin(rows.log_entry(*rows.position(s)), claim_tag(s));
+      }
+      __syncthreads();  // every claim is made
+      int dup = kNoSlot;
+      for (int64_t s = first + tid; s < end && dup == kNoSlot; s += kThreads) {
+        if (!rows.kept(s) && __ldcg(rows.log_entry(*rows.position(s))) != claim_tag(s)) dup = static_cast<int>(s);
+      }
+      if (dup != kNoSlot) atomicMin(&s_dup, dup);
+    }
+  }
+  __syncthreads();
+  if (tid != 0) return;
+  HeadCheck r;
+  r.seq_ok = len_ok && s_table_bad == 0;
+  r.kept = s_kept;
+  r.beyond = s_beyond == kNoSlot ? -1 : s_beyond;
+  r.first_evicted = s_first_evicted;
+  r.bad_slot = -1;
+  r.bad_kind = 0;
+  r.bad_pos = 0;
+  r.bad_logged = 0;
+  r.claim_end = scan && claim ? static_cast<int32_t>(min(static_cast<int64_t>(s_bad), len)) : 0;
+  const int bad = min(s_bad, s_dup);
+  if (scan && bad < len) {
+    const int32_t pos = *rows.position(bad);
+    r.bad_slot = bad;
+    r.bad_pos = pos;
+    if (s_dup < s_bad) {
+      r.bad_kind = kDuplicate;
+    } else if (pos < 0 || pos >= p.log_len) {
+      r.bad_kind = kPosOutsideLog;
+    } else {  // not claimed (an entry is claimed only if it held INT32_MAX): the caller's value
+      r.bad_kind = kAlreadyEvicted;
+      r.bad_logged = __ldcg(rows.log_entry(pos));
+    }
+  }
+  out[blockIdx.x] = r;
+}
+
+// A rejected checked call: INT32_MAX back into every log entry that validate_kernel claimed
+// (only the claim that won an entry finds its own tag there).
+__global__ void __launch_bounds__(kThreads)
+    restore_kernel(const EvictCompactParams p, int64_t heads, const HeadCheck* __restrict__ checks) {
+  const int64_t b = blockIdx.x / heads, h = blockIdx.x % heads;
+  const HeadCheck r = checks[blockIdx.x];
+  if (r.claim_end <= r.first_evicted) return;
+  const HeadRows rows(p, b, h, 1);
+  for (int64_t s = r.first_evicted + threadIdx.x; s < r.claim_end; s += kThreads) {
+    if (rows.kept(s)) continue;
+    int32_t* entry = rows.log_entry(*rows.position(s));
+    if (*entry == claim_tag(s)) *entry = kNeverEvicted;
+  }
+}
+
+// The new length of sequence b, or -1 when a record (or steps[b]) makes it invalid.
+__device__ int32_t sequence_verdict(const EvictCompactParams& p, const HeadCheck* checks, int64_t heads, int64_t b) {
+  const int32_t step = p.steps[b * p.steps_stride];
+  bool ok = step >= 0 && step < kNeverEvicted;
+  const HeadCheck* r = checks + b * heads;
+  for (int64_t h = 0; h < heads; ++h) ok = ok && r[h].seq_ok != 0;
+  for (int64_t h = 0; h < p.cache.num_kv_heads; ++h)
+    ok = ok && r[h].beyond < 0 && r[h].bad_slot < 0 && r[h].kept == r[0].kept;
+  if (!ok) return -1;
+  return p.cache.num_kv_heads > 0 ? r[0].kept : 0;
+}
+
+// Block-wide exclusive prefix count of `flag` over the block's threads, in thread order, plus
+// the total. `warp_counts` is shared scratch of kThreads / 32 ints; the call synchronises twice
+// (and callers may reuse the scratch right after it returns).
+__device__ __forceinline__ int block_rank(bool flag, int* warp_counts, int& total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const unsigned ballot = __ballot_sync(kFullMask, flag);
+  if (lane == 0) warp_counts[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0;
+  total = 0;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) {
+    before += w < warp ? warp_counts[w] : 0;
+    total += warp_counts[w];
+  }
+  __syncthreads();
+  return before + __popc(ballot & ((1u << lane) - 1u));
+}
+
+template <int kWordBytes>
+__global__ void __launch_bounds__(kThreads) compact_kernel(const EvictCompactParams p, const HeadCheck* checks,
+                                                           int64_t elem_bytes, int words_per_row, int chunk) {
+  using W = typename Word<kWordBytes>::type;
+  const int64_t H = p.cache.num_kv_heads;
+  const int64_t b = blockIdx.x / H, h = blockIdx.x % H;
+  const int tid = threadIdx.x;
+
+  __shared__ int s_src[kThreads];  // chunk offset of the chunk's i-th kept slot
+  __shared__ int s_warp_counts[kThreads / 32];
+  __shared__ int32_t s_verdict;
+  if (tid == 0) s_verdict = sequence_verdict(p, checks, H, b);
+  __syncthreads();
+  if (s_verdict < 0) return;  // invalid (unchecked call): nothing written
+
+  const HeadRows rows(p, b, h, elem_bytes);
+  const int64_t len = p.cache.seq_lens[b * p.cache.seq_lens_stride];
+  const int32_t step = p.steps[b * p.steps_stride];
+  float* scores = p.slot_scores ? p.slot_scores + b * p.scores_stride[0] + h * p.scores_stride[1] : nullptr;
+  const int64_t score_stride = p.scores_stride[2];
+  const bool direct = words_per_row > kStagedWords;  // then chunk == 1
 
   int64_t kept = 0;  // slots kept before the chunk: the destination of its first kept slot
   for (int64_t c0 = 0; c0 < len; c0 += chunk) {
     const int64_t r = c0 + tid;
     const bool live = tid < chunk && r < len;
-    const bool keep = live && p.keep[b * p.keep_stride[0] + h * p.keep_stride[1] + r * p.keep_stride[2]] != 0;
-    if (live && !keep) {  // log the eviction (row r is not overwritten before this chunk's writes)
-      const int32_t pos = *rows.pos(r);
-      p.evicted_at[b * p.ev_stride[0] + h * p.ev_stride[1] + pos * p.ev_stride[2]] = p.steps[b * p.steps_stride];
-    }
-    const unsigned ballot = __ballot_sync(kFullMask, keep);
-    if (lane == 0) s_warp_kept[warp] = __popc(ballot);
-    __syncthreads();  // also: every thread is done with the previous chunk's s_src
-    int before = 0, total = 0;
-#pragma unroll
-    for (int w = 0; w < kCompactThreads / 32; ++w) {
-      before += w < warp ? s_warp_kept[w] : 0;
-      total += s_warp_kept[w];
-    }
-    if (keep) s_src[before + __popc(ballot & ((1u << lane) - 1u))] = tid;
+    const bool keep = live && rows.kept(r);
+    if (live && !keep) *rows.log_entry(*rows.position(r)) = step;  // row r is not overwritten before
+                                                                      // this chunk's writes
+    int total;
+    const int rank = block_rank(keep, s_warp_counts, total);
+    if (keep) s_src[rank] = tid;
     __syncthreads();
 
     // Read every moving kept slot of the chunk: slot c0 + s_src[i] goes to slot kept + i.
@@ -111,11 +300,10 @@ __global__ void __launch_bounds__(kCompactThreads)
     if (!direct) {
 #pragma unroll
       for (int u = 0; u < kWordsPerThread; ++u) {
-        const int item = tid + u * kCompactThreads, i = item / words_per_row, w = item % words_per_row;
-        const int64_t src = c0 + (i < total ? s_src[i] : 0);
-        if (i < total && src != kept + i) {
-          kbuf[u] = rows.k(src)[w];
-          vbuf[u] = rows.v(src)[w];
+        const int item = tid + u * kThreads, i = item / words_per_row, w = item % words_per_row;
+        if (i < total && c0 + s_src[i] != kept + i) {
+          kbuf[u] = rows.k_at<W>(c0 + s_src[i])[w];
+          vbuf[u] = rows.v_at<W>(c0 + s_src[i])[w];
         }
       }
     }
@@ -124,65 +312,137 @@ __global__ void __launch_bounds__(kCompactThreads)
     const int64_t my_src = c0 + (tid < total ? s_src[tid] : 0);
     const bool my_move = tid < total && my_src != kept + tid;
     if (my_move) {
-      pos_moved = *rows.pos(my_src);
-      if (scores) score_moved = scores[my_src * p.scores_stride[2]];
+      pos_moved = *rows.position(my_src);
+      if (scores) score_moved = scores[my_src * score_stride];
     }
     __syncthreads();  // every source of the chunk has been read
 
     if (!direct) {
 #pragma unroll
       for (int u = 0; u < kWordsPerThread; ++u) {
-        const int item = tid + u * kCompactThreads, i = item / words_per_row, w = item % words_per_row;
-        const int64_t src = c0 + (i < total ? s_src[i] : 0);
-        if (i < total && src != kept + i) {
-          rows.k(kept + i)[w] = kbuf[u];
-          rows.v(kept + i)[w] = vbuf[u];
+        const int item = tid + u * kThreads, i = item / words_per_row, w = item % words_per_row;
+        if (i < total && c0 + s_src[i] != kept + i) {
+          rows.k_at<W>(kept + i)[w] = kbuf[u];
+          rows.v_at<W>(kept + i)[w] = vbuf[u];
         }
       }
     } else if (total == 1 && c0 + s_src[0] != kept) {  // one slot per chunk: distinct rows
-      const int64_t src = c0 + s_src[0];
-      const W* ks = rows.k(src);
-      const W* vs = rows.v(src);
-      W* kd = rows.k(kept);
-      W* vd = rows.v(kept);
-      for (int w = tid; w < words_per_row; w += kCompactThreads) {
+      const W* ks = rows.k_at<W>(c0 + s_src[0]);
+      const W* vs = rows.v_at<W>(c0 + s_src[0]);
+      W* kd = rows.k_at<W>(kept);
+      W* vd = rows.v_at<W>(kept);
+      for (int w = tid; w < words_per_row; w += kThreads) {
         kd[w] = ks[w];
         vd[w] = vs[w];
       }
     }
     if (my_move) {
-      *rows.pos(kept + tid) = pos_moved;
-      if (scores) scores[(kept + tid) * p.scores_stride[2]] = score_moved;
+      *rows.position(kept + tid) = pos_moved;
+      if (scores) scores[(kept + tid) * score_stride] = score_moved;
     }
-    kept += total;
+    kept += total;  // (the next chunk writes s_src only after block_rank's barriers)
   }
   if (scores) {
-    for (int64_t s = kept + tid; s < p.keep_len; s += kCompactThreads) scores[s * p.scores_stride[2]] = 0.0f;
+    for (int64_t s = kept + tid; s < p.keep_len; s += kThreads) scores[s * score_stride] = 0.0f;
   }
 }
 
-// Host-computed results: new_len [B], first released column [B], freed [B, max_pages] (packed).
-__global__ void finalize_kernel(const EvictCompactParams p, const int32_t* __restrict__ host_results) {
+// Block b: the released pages of a valid sequence (block-table entries at index >=
+// ceil(new_len / page_size) that hold a page) go to freed[b] in table order and become -1 in
+// the table; the rest of freed[b] is -1; seq_lens[b] = new length (-1 if invalid). Runs after
+// compact_kernel, which reads the old lengths and tables.
+__global__ void __launch_bounds__(kThreads)
+    finalize_kernel(const EvictCompactParams p, const HeadCheck* checks, int64_t heads) {
   const PagedKVCache& c = p.cache;
-  const int64_t B = c.batch, M = c.max_pages;
-  const int32_t* new_len = host_results;
-  const int32_t* first_free = host_results + B;
-  const int32_t* freed = host_results + 2 * B;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < B * M; i += stride) {
-    const int64_t b = i / M, col = i % M;
-    p.freed[b * p.freed_stride[0] + col * p.freed_stride[1]] = freed[i];
-    if (col >= first_free[b]) c.block_tables[b * c.bt_stride[0] + col * c.bt_stride[1]] = -1;
+  const int64_t b = blockIdx.x, M = c.max_pages;
+  const int tid = threadIdx.x;
+  __shared__ int s_warp_counts[kThreads / 32];
+  __shared__ int32_t s_verdict;
+  if (tid == 0) s_verdict = sequence_verdict(p, checks, heads, b);
+  __syncthreads();
+  const int32_t new_len = s_verdict;
+  int32_t* table = c.block_tables + b * c.bt_stride[0];
+  int32_t* freed = p.freed + b * p.freed_stride[0];
+  const int64_t table_stride = c.bt_stride[1], freed_stride = p.freed_stride[1];
+  int64_t released = 0;
+  if (new_len >= 0) {
+    const int64_t first_free = (new_len + c.page_size - 1) / c.page_size;
+    for (int64_t c0 = 0; c0 < M; c0 += kThreads) {  // block-uniform trip count (block_rank syncs)
+      const int64_t col = c0 + tid;
+      const int32_t id = col < M ? table[col * table_stride] : -1;
+      const bool release = col >= first_free && id >= 0;
+      int total;
+      const int rank = block_rank(release, s_warp_counts, total);
+      if (release) {
+        freed[(released + rank) * freed_stride] = id;
+        table[col * table_stride] = -1;
+      }
+      released += total;
+    }
   }
-  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < B; b += stride) {
-    c.seq_lens[b * c.seq_lens_stride] = new_len[b];
-  }
+  for (int64_t i = released + tid; i < M; i += kThreads) freed[i * freed_stride] = -1;
+  if (tid == 0) c.seq_lens[b * c.seq_lens_stride] = new_len;
 }
 
 std::string idx(std::initializer_list<int64_t> i) {
   std::string s = "[";
   for (int64_t v : i) s += (s.size() > 1 ? ", " : "") + std::to_string(v);
   return s + "]";
+}
+
+// The checks of evict_compact_cpu on the values, in its order and with its messages, from the
+// host copies of the cache index arrays, steps and the validation records [B, heads].
+void check_values_on_host(const EvictCompactParams& p, const PagedKVCache& hc, const int32_t* steps_h,
+                          const HeadCheck* records, int64_t heads, const char* op) {
+  const int64_t B = hc.batch, H = hc.num_kv_heads, ps = hc.page_size, M = hc.max_pages, S = p.keep_len;
+  check_paged_cache(hc, op);
+  std::vector<int64_t> used(B), write_begin(B), write_end(B, M);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = hc.seq_len(b), step = steps_h[b];
+    if (len > S)
+      fail(op, "`keep` has " + std::to_string(S) + " slots (last dim) but `seq_lens`[" + std::to_string(b) +
+                   "] = " + std::to_string(len));
+    if (step < 0 || step >= kNeverEvicted)
+      fail(op, "`steps`[" + std::to_string(b) + "] = " + std::to_string(step) + " must be in [0, 2147483647)");
+    int64_t new_len = 0, first_evicted = len;
+    for (int64_t h = 0; h < H; ++h) {
+      const HeadCheck& r = records[b * heads + h];
+      if (r.beyond >= 0)
+        fail(op, "`keep`" + idx({b, h, r.beyond}) + " is True but the sequence has only `seq_lens`[" +
+                     std::to_string(b) + "] = " + std::to_string(len) + " slots");
+      if (h == 0) new_len = r.kept;
+      if (r.kept != new_len)
+        fail(op, "`keep`: every KV head of a sequence must keep the same number of slots; sequence " +
+                     std::to_string(b) + " keeps " + std::to_string(new_len) + " in head 0 and " +
+                     std::to_string(r.kept) + " in head " + std::to_string(h));
+      first_evicted = std::min<int64_t>(first_evicted, r.first_evicted);
+    }
+    used[b] = (len + ps - 1) / ps;
+    write_begin[b] = new_len < len ? first_evicted / ps : used[b];
+  }
+  check_block_tables(hc, used.data(), write_begin.data(), write_end.data(), op);
+
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const HeadCheck& r = records[b * heads + h];
+      if (!r.seq_ok) fail(op, "internal error: the device rejected the lengths or block table of sequence " +
+                                  std::to_string(b) + " that the host accepted");
+      if (h >= H || r.bad_slot < 0) continue;
+      const std::string s = std::to_string(r.bad_slot), pos = std::to_string(r.bad_pos);
+      switch (r.bad_kind) {
+        case kPosOutsideLog:
+          fail(op, "`evicted_at` covers positions [0, " + std::to_string(p.log_len) + ") but evicted slot " + s +
+                       " of sequence " + std::to_string(b) + ", KV head " + std::to_string(h) + " holds position " +
+                       pos + " (`pos_pages`)");
+        case kAlreadyEvicted:
+          fail(op, "`evicted_at`" + idx({b, h, r.bad_pos}) + " = " + std::to_string(r.bad_logged) +
+                       ": the key at that position was already evicted; a key cannot be evicted twice");
+        default:
+          fail(op, "`evicted_at`" + idx({b, h, r.bad_pos}) + ": two evicted slots of the sequence hold position " +
+                       pos + " (`pos_pages`); a key cannot be evicted twice");
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -194,126 +454,44 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream_ptr) {
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const PagedKVCache& c = p.cache;
 
-  // The checks of evict_compact_cpu, in its order; values are read from host copies.
+  // The parameter checks of evict_compact_cpu, in its order (no values read yet).
   check_cache_params(c, op);
   if (p.keep_len < 0 || p.log_len < 0) fail(op, "negative `keep` or `evicted_at` length");
   if (c.num_pages > 0 && !c.pos_pages) fail(op, "null `pos_pages`");
   if (c.batch > 0 && ((p.keep_len > 0 && !p.keep) || !p.steps || (p.log_len > 0 && !p.evicted_at) ||
                       (c.max_pages > 0 && !p.freed)))
     fail(op, "null input or output pointer");
+  if (p.keep_len > INT32_MAX)
+    fail(op, "`keep` has " + std::to_string(p.keep_len) + " slots (last dim); the CUDA kernel takes at most 2147483647");
 
-  const int64_t B = c.batch, H = c.num_kv_heads, ps = c.page_size, M = c.max_pages, S = p.keep_len;
-  IndexStager stager;
-  CacheStage cache_stage;
-  cache_stage.add(stager, c);
-  const int keep_id = stager.add(p.keep, B, H, S, p.keep_stride[0], p.keep_stride[1], p.keep_stride[2]);
-  const int steps_id = stager.add(p.steps, B, 1, 1, p.steps_stride);
-  stager.copy_to_host(stream);
-  const PagedKVCache hc = cache_stage.host_view(stager, c);
-  const uint8_t* keep_h = stager.host<uint8_t>(keep_id);
-  const int32_t* steps_h = stager.host<int32_t>(steps_id);
-  const auto keep_at = [&](int64_t b, int64_t h, int64_t s) { return keep_h[(b * H + h) * S + s]; };
-
-  check_paged_cache(hc, op);
-  std::vector<int64_t> new_len(B), used(B), write_begin(B), write_end(B, M);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t len = hc.seq_len(b), step = steps_h[b];
-    if (len > S)
-      fail(op, "`keep` has " + std::to_string(S) + " slots (last dim) but `seq_lens`[" + std::to_string(b) +
-                   "] = " + std::to_string(len));
-    if (step < 0 || step >= kNeverEvicted)
-      fail(op, "`steps`[" + std::to_string(b) + "] = " + std::to_string(step) + " must be in [0, 2147483647)");
-    int64_t first_evicted = len;
-    for (int64_t h = 0; h < H; ++h) {
-      int64_t kept = 0;
-      for (int64_t s = 0; s < S; ++s) {
-        const bool k = keep_at(b, h, s) != 0;
-        if (k && s >= len)
-          fail(op, "`keep`" + idx({b, h, s}) + " is True but the sequence has only `seq_lens`[" + std::to_string(b) +
-                       "] = " + std::to_string(len) + " slots");
-        if (k) ++kept;
-        else if (s < first_evicted) first_evicted = s;
-      }
-      if (h == 0) new_len[b] = kept;
-      if (kept != new_len[b])
-        fail(op, "`keep`: every KV head of a sequence must keep the same number of slots; sequence " +
-                     std::to_string(b) + " keeps " + std::to_string(new_len[b]) + " in head 0 and " +
-                     std::to_string(kept) + " in head " + std::to_string(h));
-    }
-    used[b] = (len + ps - 1) / ps;
-    write_begin[b] = new_len[b] < len ? first_evicted / ps : used[b];
-  }
-  check_block_tables(hc, used.data(), write_begin.data(), write_end.data(), op);
-
-  // The evicted slots, in the CPU op's order, and their positions and log entries.
-  std::vector<int64_t> evicted;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t s = 0; s < hc.seq_len(b); ++s)
-        if (!keep_at(b, h, s)) evicted.push_back((b * H + h) * S + s);
-  const int64_t E = static_cast<int64_t>(evicted.size());
-  std::vector<int2> info(static_cast<size_t>(E));
-  if (E > 0) {
-    Carver carve;
-    const size_t ids_off = carve.take<int64_t>(E);
-    const size_t info_off = carve.take<int2>(E);
-    DeviceBuffer dev(carve.bytes, stream);
-    int64_t* ids_dev = reinterpret_cast<int64_t*>(dev.bytes() + ids_off);
-    int2* info_dev = reinterpret_cast<int2*>(dev.bytes() + info_off);
-    upload(evicted, ids_dev, stream);
-    evicted_info_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(E, 256), 1024)), 256, 0, stream>>>(
-        p, ids_dev, E, info_dev);
-    check_launch("evicted_info_kernel");
-    check_cuda(cudaMemcpyAsync(info.data(), info_dev, E * sizeof(int2), cudaMemcpyDeviceToHost, stream),
-               "cudaMemcpyAsync (evicted positions to the host)");
-    check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (evicted positions to the host)");
-  }
-  // Every evicted key must have a position inside the log that was never evicted before, and
-  // (per head) appear once: otherwise the log would be written twice for it.
-  std::vector<uint8_t> seen(static_cast<size_t>(p.log_len), 0);
-  std::vector<int64_t> marked;
-  for (int64_t e = 0; e < E;) {
-    const int64_t bh = evicted[e] / S;
-    for (; e < E && evicted[e] / S == bh; ++e) {  // the evicted slots of one (sequence, head)
-      const int64_t b = bh / H, h = bh % H, s = evicted[e] % S;
-      const int64_t pos = info[e].x;
-      if (pos < 0 || pos >= p.log_len)
-        fail(op, "`evicted_at` covers positions [0, " + std::to_string(p.log_len) + ") but evicted slot " +
-                     std::to_string(s) + " of sequence " + std::to_string(b) + ", KV head " + std::to_string(h) +
-                     " holds position " + std::to_string(pos) + " (`pos_pages`)");
-      const int32_t logged = info[e].y;
-      if (logged != kNeverEvicted)
-        fail(op, "`evicted_at`" + idx({b, h, pos}) + " = " + std::to_string(logged) +
-                     ": the key at that position was already evicted; a key cannot be evicted twice");
-      if (seen[pos])
-        fail(op, "`evicted_at`" + idx({b, h, pos}) + ": two evicted slots of the sequence hold position " +
-                     std::to_string(pos) + " (`pos_pages`); a key cannot be evicted twice");
-      seen[pos] = 1;
-      marked.push_back(pos);
-    }
-    for (int64_t pos : marked) seen[pos] = 0;
-    marked.clear();
-  }
-
-  // Results of the bookkeeping, as the CPU op computes them: new lengths, the first released
-  // block-table column, and the released pages in table order (-1 padded).
-  std::vector<int32_t> results(static_cast<size_t>(2 * B + B * M), -1);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t first_free = (new_len[b] + ps - 1) / ps;
-    results[b] = static_cast<int32_t>(new_len[b]);
-    results[B + b] = static_cast<int32_t>(first_free);
-    int64_t n = 0;
-    for (int64_t i = first_free; i < M; ++i) {
-      const int32_t id = hc.page_id(b, i);
-      if (id >= 0) results[2 * B + b * M + n++] = id;
-    }
-  }
+  const int64_t B = c.batch, H = c.num_kv_heads, heads = std::max<int64_t>(H, 1);
   if (B == 0) return;
+  const int64_t es = static_cast<int64_t>(dtype_bytes(c.dtype));
+  DeviceBuffer records(static_cast<size_t>(B * heads) * sizeof(HeadCheck), stream);
+  HeadCheck* records_dev = reinterpret_cast<HeadCheck*>(records.bytes());
+  const unsigned row_blocks = grid_1d(B * heads, op);
+  validate_kernel<<<row_blocks, kThreads, 0, stream>>>(p, c.slot_capacity(), heads, p.check_values, records_dev);
+  check_launch("validate_kernel");
 
-  DeviceBuffer results_dev(results.size() * sizeof(int32_t), stream);
-  upload(results, reinterpret_cast<int32_t*>(results_dev.bytes()), stream);
-  if (H > 0 && (E > 0 || p.slot_scores)) {
-    const int64_t es = static_cast<int64_t>(dtype_bytes(c.dtype));
+  if (p.check_values) {
+    IndexStager stager;
+    CacheStage cache_stage;
+    cache_stage.add(stager, c);
+    const int steps_id = stager.add(p.steps, B, 1, 1, p.steps_stride);
+    const int records_id = stager.add(reinterpret_cast<const int32_t*>(records_dev), B * heads, kCheckFields, 1,
+                                      kCheckFields, 1);
+    stager.copy_to_host(stream);
+    try {
+      check_values_on_host(p, cache_stage.host_view(stager, c), stager.host<int32_t>(steps_id),
+                           reinterpret_cast<const HeadCheck*>(stager.host<int32_t>(records_id)), heads, op);
+    } catch (...) {  // undo the claims of duplicate detection: a rejected call changes nothing
+      restore_kernel<<<row_blocks, kThreads, 0, stream>>>(p, heads, records_dev);
+      (void)cudaGetLastError();
+      throw;
+    }
+  }
+
+  if (H > 0) {
     const int64_t row_bytes = c.head_dim * es;
     auto u = [](const void* ptr) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(ptr)); };
     auto sb = [es](int64_t stride) { return static_cast<uint64_t>(stride * es); };
@@ -322,16 +500,16 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream_ptr) {
                                  sb(c.v_stride[2])});
     const int64_t words_per_row = row_bytes / word;
     if (words_per_row > INT32_MAX) fail(op, "rows too long for the CUDA kernel");
-    const int chunk = static_cast<int>(std::clamp<int64_t>(kStagedWords / words_per_row, 1, kCompactThreads));
-    const unsigned blocks = grid_1d(B * H, op);
+    const int chunk = static_cast<int>(std::clamp<int64_t>(kStagedWords / std::max<int64_t>(words_per_row, 1), 1,
+                                                           kThreads));
     dispatch_word(word, [&](auto w) {
       constexpr int kW = decltype(w)::value;
-      compact_kernel<kW><<<blocks, kCompactThreads, 0, stream>>>(p, es, static_cast<int>(words_per_row), chunk);
+      compact_kernel<kW><<<grid_1d(B * H, op), kThreads, 0, stream>>>(p, records_dev, es,
+                                                                      static_cast<int>(words_per_row), chunk);
     });
     check_launch("compact_kernel");
   }
-  finalize_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(B * M + B, 256), 1024)), 256, 0, stream>>>(
-      p, reinterpret_cast<const int32_t*>(results_dev.bytes()));
+  finalize_kernel<<<grid_1d(B, op), kThreads, 0, stream>>>(p, records_dev, heads);
   check_launch("finalize_kernel");
 }
 

@@ -143,6 +143,17 @@ struct EvictCompactParams {
   int64_t scores_stride[3] = {0, 0, 0};
   int32_t* freed = nullptr;  // [B, max_pages]
   int64_t freed_stride[2] = {0, 0};
+  // true: every value is checked before anything is written (std::invalid_argument on bad ones);
+  // on CUDA the checks run on the device and their per-(sequence, head) results are copied to
+  // the host with seq_lens, block_tables and steps: one small copy and one stream synchronisation.
+  // false (CUDA only; the CPU kernel checks regardless): no copy, no synchronisation (capturable
+  // in a CUDA graph). A sequence that fails a requirement above, or whose seq_lens entry is
+  // outside [0, min(max_pages * page_size, keep_len)], or whose block table holds an entry
+  // outside [-1, num_pages) (or -1 below ceil(seq_lens / page_size)), is not written: its
+  // seq_lens becomes -1 (which later calls reject or turn into NaN) and its freed row is all -1.
+  // Not checked then: that no two sequences write the same page, and that no two evicted slots
+  // of a head hold the same position (only a corrupted pos_pages can; both log the same step).
+  bool check_values = true;
 };
 
 // CPU kernels. Throw std::invalid_argument (before writing anything) on bad params or values.
@@ -156,11 +167,11 @@ void evict_compact_cpu(const EvictCompactParams& p, const ParallelFor& pf = seri
 // (fp32 accumulation; bfloat16/float16/float32 only, head_dim <= 256; append and evict take
 // every dtype). To check the values before writing anything, each call copies the index arrays
 // it validates to the host and synchronises `stream` first (seq_lens and block_tables; plus
-// num_new and positions for append; keep, steps and, for the evicted slots only, their
-// positions and log entries for evict), so these calls block the host and cannot be captured
-// in a CUDA graph (except append_kv and paged_decode_attention with check_values = false, see
-// their params above). Throw std::invalid_argument on bad params or values (nothing written) and
-// std::runtime_error on CUDA errors.
+// num_new and positions for append; steps and the device's per-(sequence, head) check results
+// for evict), so these calls block the host and cannot be captured in a CUDA graph (unless
+// check_values = false, see the params above). Throw std::invalid_argument on bad params or
+// values (nothing written) and std::runtime_error on CUDA errors. evict_compact_cuda also
+// rejects keep_len > INT32_MAX (it indexes slots in int32).
 void append_kv_cuda(const AppendKVParams& p, void* stream);
 void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream);
 void evict_compact_cuda(const EvictCompactParams& p, void* stream);
