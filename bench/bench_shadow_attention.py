@@ -5,6 +5,8 @@ For one shape it times, forward and forward+backward:
 - ``shadowkv``: ``shadowkv.ops.shadow_attention`` with the eviction log (default kernels);
 - ``cute``: the same op on the CuTe kernels (``SHADOWKV_ATTENTION_KERNEL=cute``, forward and
   backward; CUDA builds with the CUTLASS headers only);
+- ``wgmma``: the sm_90a wgmma forward (``SHADOWKV_ATTENTION_KERNEL=wgmma``; the backward is
+  the CuTe one); only where it runs (an sm_90 GPU, a build with 9.0a and the CUTLASS headers);
 - ``sdpa``: ``F.scaled_dot_product_attention`` with the equivalent boolean mask [B, Hq, L, L];
 - ``causal``: ``F.scaled_dot_product_attention(is_causal=True)``, no mask (the flash backend on
   CUDA): dense causal attention at full speed, the bar a 25% log has to beat;
@@ -104,6 +106,8 @@ def make_impls(evicted_at: torch.Tensor, args, device: torch.device):
     impls: dict[str, Callable | str] = {"shadowkv": lambda q, k, v: ops.shadow_attention(q, k, v, evicted_at)}
     if device.type == "cuda" and _C.built_with_cute():
         impls["cute"] = impls["shadowkv"]  # timed under ops.attention_kernel("cute")
+    if device.type == "cuda" and _C.wgmma_forward_runs_here():
+        impls["wgmma"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma")
     if not args.no_sdpa:
         mask = shadow_visible(evicted_at, seq_len).repeat_interleave(group, dim=1)
         impls["sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(
@@ -207,8 +211,9 @@ def run_device(device: torch.device, args) -> None:
                 if impl_name in timed_once:
                     fwd, fwd_bwd = timed_once[impl_name]
                 else:
-                    cute = ops.attention_kernel("cute") if impl_name == "cute" else contextlib.nullcontext()
-                    with cute:
+                    family = (ops.attention_kernel(impl_name) if impl_name in ("cute", "wgmma")
+                              else contextlib.nullcontext())
+                    with family:
                         fwd, fwd_bwd = time_impl(attn, args, device, dtype)
                     if impl_name == "causal":  # ignores the log: the same work under every mask
                         timed_once[impl_name] = fwd, fwd_bwd

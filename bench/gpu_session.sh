@@ -51,13 +51,14 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
       run $py -m shadowkv info
       ;;
     test)
-      # The kernels no GPU has run yet (the CuTe family, the unchecked paged paths) go in their
-      # own processes: a fault there (an illegal address poisons the CUDA context) must not
-      # take the verdict on everything else with it.
-      new="cute or unchecked"
+      # The kernels no GPU has run yet (the CuTe family incl. the wgmma forward, the unchecked
+      # paged paths) go in their own processes: a fault there (an illegal address poisons the
+      # CUDA context) must not take the verdict on everything else with it.
+      new="cute or wgmma or unchecked"
       run $py -m pytest -q -rs tests/test_shadow_attention_cuda.py tests/test_paged_kv_cuda.py \
         tests/test_sampler_cuda.py -s -k "not ($new)"
       run $py -m pytest -q -rs tests/test_shadow_attention_cuda.py -k cute
+      run $py -m pytest -q -rs tests/test_shadow_attention_cuda.py -k wgmma
       run $py -m pytest -q -rs tests/test_paged_kv_cuda.py -k unchecked
       run $py -m pytest -q -m slow tests/test_shadow_attention_cuda.py  # 32k context, every family
       ;;
@@ -66,7 +67,7 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
       # access past a tensor's end instead of landing in a cached block.
       # The kernels no GPU has run yet (CuTe, unchecked paged paths) in a second process, as in
       # the test stage.
-      for sel in "not (cute or unchecked)" "cute or unchecked"; do
+      for sel in "not (cute or wgmma or unchecked)" "cute or wgmma or unchecked"; do
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 run "$sanitizer" --tool "$stage" --error-exitcode 3 \
           --target-processes all $py -m pytest -q -x tests/test_paged_kv_cuda.py \
           tests/test_shadow_attention_cuda.py -k "($cases) and not long_contexts and ($sel)"

@@ -212,9 +212,10 @@ def test_out_only_gradients(dtype):
         assert_near(name, g, r, tol.grad)
 
 
-# The default kernels, and the CuTe ones where built (edge cases of both families).
+# The default kernels, and the CuTe ones where built (edge cases of every family; "wgmma" is
+# the sm_90a forward on an H100/H200, "cute" elsewhere).
 KERNEL_ENV = ops.ATTENTION_KERNEL_ENV
-KERNELS = ["auto"] + (["cute"] if _C.built_with_cute() else [])
+KERNELS = ["auto"] + (["cute", "wgmma"] if _C.built_with_cute() else [])
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -457,6 +458,35 @@ def test_cute_long_context_32k_bf16(monkeypatch):
     check_long_context_32k_bf16()
 
 
+# The sm_90a wgmma forward (SHADOWKV_ATTENTION_KERNEL=wgmma; its backward is the CuTe one).
+# Skipped where it does not run (not an sm_90 GPU, or no 9.0a in the build): "wgmma" then means
+# "cute", which the tests above cover.
+needs_wgmma = pytest.mark.skipif(not _C.wgmma_forward_runs_here(),
+                                 reason="the wgmma forward needs an sm_90 GPU and a build with 9.0a and CuTe")
+
+
+@needs_wgmma
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@pytest.mark.parametrize("name", CUTE_CASES)
+def test_wgmma_matches_reference(name, dtype, monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, "wgmma")
+    check_case(CASES[name], dtype)
+
+
+@needs_wgmma
+@pytest.mark.parametrize("layout", ["bshd", "row_slice", "unaligned", "dim_strided"])
+def test_wgmma_layouts(layout, monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, "wgmma")
+    check_layout(layout, torch.bfloat16)
+
+
+@needs_wgmma
+@pytest.mark.slow
+def test_wgmma_long_context_32k_bf16(monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, "wgmma")
+    check_long_context_32k_bf16()
+
+
 @pytest.mark.parametrize("kernel", ["auto", "wmma", "simt"])
 def test_every_kernel_choice_matches_reference(kernel, monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, kernel)
@@ -467,5 +497,5 @@ def test_unknown_kernel_is_an_error(monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, "fastest")
     q = torch.randn(1, 1, 8, 64, device=DEVICE, dtype=torch.bfloat16)
     ev = torch.full((1, 1, 8), INT32_MAX, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wmma, simt"):
+    with pytest.raises(ValueError, match="SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wgmma, wmma, simt"):
         ops.shadow_attention(q, q, q, ev)

@@ -26,6 +26,20 @@ bool built_with_cute() {
 #endif
 }
 
+#if defined(SHADOWKV_WITH_CUDA) && defined(SHADOWKV_HAS_CUTE)
+namespace cuda_attn {
+bool wgmma_forward_available();  // csrc/cuda/shadow_attention_fwd_wgmma_cute.cu
+}
+#endif
+
+bool wgmma_forward_runs_here() {
+#if defined(SHADOWKV_WITH_CUDA) && defined(SHADOWKV_HAS_CUTE)
+  return cuda_attn::wgmma_forward_available();
+#else
+  return false;
+#endif
+}
+
 const char* cuda_archs() {
   // CMake passes the list ','-separated (a ';' would split its definition); callers get ';'.
   static const std::string archs = [] {

@@ -11,8 +11,9 @@
 //      position with an earlier slot, so the first duplicate is found as the CPU op finds it.
 //   2. Checked calls only: the records, the lengths, block tables and steps are copied to the
 //      host (one small copy, one stream synchronisation) and the host raises the CPU op's error,
-//      in its order and with its message, from them; before it throws, restore_kernel puts back
-//      INT32_MAX in the claimed log entries, so a rejected call changes nothing. Unchecked calls
+//      in its order and with its message, from them. Before a checked call throws (a rejected
+//      value, or a CUDA error before step 3 is launched), restore_kernel puts back INT32_MAX in
+//      the claimed log entries, so a call that throws changes nothing. Unchecked calls
 //      skip this step (no copy, no synchronisation: a CUDA graph can capture them).
 //   3. compact_kernel, one block per (sequence, KV head), compacts the sequences the records
 //      say are valid (sequence_verdict): it walks the slots in chunks, in order. Per chunk each
@@ -331,7 +332,7 @@ __global__ void __launch_bounds__(kThreads) compact_kernel(const EvictCompactPar
       const W* vs = rows.v_at<W>(c0 + s_src[0]);
       W* kd = rows.k_at<W>(kept);
       W* vd = rows.v_at<W>(kept);
-      for (int w = tid; w < words_per_row; w += kThreads) {
+      for (int64_t w = tid; w < words_per_row; w += kThreads) {
         kd[w] = ks[w];
         vd[w] = vs[w];
       }
@@ -466,11 +467,43 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream_ptr) {
 
   const int64_t B = c.batch, H = c.num_kv_heads, heads = std::max<int64_t>(H, 1);
   if (B == 0) return;
+  // Everything that can still fail without a value is decided before anything is launched.
   const int64_t es = static_cast<int64_t>(dtype_bytes(c.dtype));
+  const int64_t row_bytes = c.head_dim * es;
+  auto u = [](const void* ptr) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(ptr)); };
+  auto sb = [es](int64_t stride) { return static_cast<uint64_t>(stride * es); };
+  const int word = word_bytes({static_cast<uint64_t>(row_bytes), u(c.k_pages), u(c.v_pages), sb(c.k_stride[0]),
+                               sb(c.k_stride[1]), sb(c.k_stride[2]), sb(c.v_stride[0]), sb(c.v_stride[1]),
+                               sb(c.v_stride[2])});
+  const int64_t words_per_row = row_bytes / word;
+  if (words_per_row > INT32_MAX - kThreads) fail(op, "rows too long for the CUDA kernel");
+  const int chunk =
+      static_cast<int>(std::clamp<int64_t>(kStagedWords / std::max<int64_t>(words_per_row, 1), 1, kThreads));
+  const unsigned row_blocks = grid_1d(B * heads, op), seq_blocks = grid_1d(B, op);
+
+  // Zeroed first: if validate_kernel never runs, the records claim nothing (restore_kernel
+  // then does nothing either).
   DeviceBuffer records(static_cast<size_t>(B * heads) * sizeof(HeadCheck), stream);
   HeadCheck* records_dev = reinterpret_cast<HeadCheck*>(records.bytes());
-  const unsigned row_blocks = grid_1d(B * heads, op);
+  check_cuda(cudaMemsetAsync(records_dev, 0, static_cast<size_t>(B * heads) * sizeof(HeadCheck), stream),
+             "cudaMemsetAsync (evict records)");
   validate_kernel<<<row_blocks, kThreads, 0, stream>>>(p, c.slot_capacity(), heads, p.check_values, records_dev);
+  // A checked call claimed log entries for its duplicate detection: whatever makes it leave
+  // before compact_kernel (which overwrites the claims) is launched, a rejected value or a CUDA
+  // error, puts them back first, so that a call that throws changes nothing.
+  struct ClaimGuard {
+    bool armed;
+    const EvictCompactParams& p;
+    int64_t heads;
+    unsigned blocks;
+    const HeadCheck* records;
+    cudaStream_t stream;
+    ~ClaimGuard() {
+      if (!armed) return;
+      restore_kernel<<<blocks, kThreads, 0, stream>>>(p, heads, records);
+      (void)cudaGetLastError();  // the exception in flight is the one to report
+    }
+  } guard{p.check_values, p, heads, row_blocks, records_dev, stream};  // destroyed before `records`
   check_launch("validate_kernel");
 
   if (p.check_values) {
@@ -481,27 +514,11 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream_ptr) {
     const int records_id = stager.add(reinterpret_cast<const int32_t*>(records_dev), B * heads, kCheckFields, 1,
                                       kCheckFields, 1);
     stager.copy_to_host(stream);
-    try {
-      check_values_on_host(p, cache_stage.host_view(stager, c), stager.host<int32_t>(steps_id),
-                           reinterpret_cast<const HeadCheck*>(stager.host<int32_t>(records_id)), heads, op);
-    } catch (...) {  // undo the claims of duplicate detection: a rejected call changes nothing
-      restore_kernel<<<row_blocks, kThreads, 0, stream>>>(p, heads, records_dev);
-      (void)cudaGetLastError();
-      throw;
-    }
+    check_values_on_host(p, cache_stage.host_view(stager, c), stager.host<int32_t>(steps_id),
+                         reinterpret_cast<const HeadCheck*>(stager.host<int32_t>(records_id)), heads, op);
   }
 
   if (H > 0) {
-    const int64_t row_bytes = c.head_dim * es;
-    auto u = [](const void* ptr) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(ptr)); };
-    auto sb = [es](int64_t stride) { return static_cast<uint64_t>(stride * es); };
-    const int word = word_bytes({static_cast<uint64_t>(row_bytes), u(c.k_pages), u(c.v_pages), sb(c.k_stride[0]),
-                                 sb(c.k_stride[1]), sb(c.k_stride[2]), sb(c.v_stride[0]), sb(c.v_stride[1]),
-                                 sb(c.v_stride[2])});
-    const int64_t words_per_row = row_bytes / word;
-    if (words_per_row > INT32_MAX) fail(op, "rows too long for the CUDA kernel");
-    const int chunk = static_cast<int>(std::clamp<int64_t>(kStagedWords / std::max<int64_t>(words_per_row, 1), 1,
-                                                           kThreads));
     dispatch_word(word, [&](auto w) {
       constexpr int kW = decltype(w)::value;
       compact_kernel<kW><<<grid_1d(B * H, op), kThreads, 0, stream>>>(p, records_dev, es,
@@ -509,7 +526,8 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream_ptr) {
     });
     check_launch("compact_kernel");
   }
-  finalize_kernel<<<grid_1d(B, op), kThreads, 0, stream>>>(p, records_dev, heads);
+  guard.armed = false;  // compact_kernel replaced every claim by its step
+  finalize_kernel<<<seq_blocks, kThreads, 0, stream>>>(p, records_dev, heads);
   check_launch("finalize_kernel");
 }
 

@@ -357,15 +357,15 @@ AttnKernel requested_kernel(const char* fn) {
   const std::string v = env == nullptr ? "" : env;
   if (v.empty() || v == "auto" || v == "wmma") return AttnKernel::kWmma;
   if (v == "simt") return AttnKernel::kSimt;
-  if (v == "cute") {
+  if (v == "cute" || v == "wgmma") {
 #ifdef SHADOWKV_HAS_CUTE
-    return AttnKernel::kCute;
+    return v == "cute" ? AttnKernel::kCute : AttnKernel::kWgmma;
 #else
-    bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL=cute, but this build has no CuTe kernel (it was built without the "
+    bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL=" + v + ", but this build has no CuTe kernel (it was built without the "
             "CUTLASS headers: install nvidia-cutlass or set CUTLASS_DIR, then rebuild)");
 #endif
   }
-  bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wmma, simt; got '" + v + "'");
+  bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wgmma, wmma, simt; got '" + v + "'");
 }
 
 }  // namespace cuda_attn
@@ -382,7 +382,10 @@ void shadow_attention_fwd_cuda(const ShadowAttentionParams& p, void* stream) {
   const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
   const bool tc = choice != AttnKernel::kSimt && fwd_uses_tensor_cores(p);
 #ifdef SHADOWKV_HAS_CUTE
-  if (tc && choice == AttnKernel::kCute) return launch_fwd_cute(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
+  if (tc && choice == AttnKernel::kWgmma && wgmma_forward_available())
+    return launch_fwd_wgmma(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
+  if (tc && (choice == AttnKernel::kCute || choice == AttnKernel::kWgmma))
+    return launch_fwd_cute(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
 #endif
 
   dispatch_dtype(p.dtype, [&](auto tag) {

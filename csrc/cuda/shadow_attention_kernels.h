@@ -6,10 +6,14 @@
 //     CUTLASS/CuTe headers are found (CUTLASS_DIR, or the nvidia-cutlass package).
 //   * wmma: tensor-core kernels with the same coverage (shadow_attention_{fwd,bwd}.cu).
 //   * simt: every dtype and head_dim (shadow_attention_{fwd,bwd}.cu).
-// SHADOWKV_ATTENTION_KERNEL picks one family per call (forward and backward alike): "auto" (default) = wmma where it applies, else
-// simt; "cute" = cute where it applies (an error in a build without it), else simt; "wmma" =
-// same as auto; "simt" = simt always. The default stays wmma until the CuTe kernel has passed
-// the GPU tests on real hardware (no session has had a GPU yet; see bench/RESULTS.md).
+//   * wgmma: the forward only, on sm_90a warpgroup MMAs (shadow_attention_fwd_wgmma_cute.cu),
+//     same coverage as cute on H100/H200 in builds with 9.0a and the CuTe headers.
+// SHADOWKV_ATTENTION_KERNEL picks one family per call (forward and backward alike): "auto"
+// (default) = wmma where it applies, else simt; "cute" = cute where it applies (an error in a
+// build without it), else simt; "wgmma" = the wgmma forward where it applies, else as "cute"
+// (the backward always as "cute"); "wmma" = same as auto; "simt" = simt always. The default
+// stays wmma until the CuTe kernels have passed the GPU tests on real hardware (no session has
+// had a GPU yet; see bench/RESULTS.md).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -21,7 +25,7 @@
 namespace shadowkv {
 namespace cuda_attn {
 
-enum class AttnKernel { kWmma, kCute, kSimt };
+enum class AttnKernel { kWmma, kCute, kWgmma, kSimt };
 
 // The family SHADOWKV_ATTENTION_KERNEL asks for; throws std::invalid_argument (naming `fn`) on a
 // bad value, and for "cute" in a build without the CuTe kernels.
@@ -34,6 +38,13 @@ void launch_fwd_cute(const ShadowAttentionParams& p, const int2* ev_mm, int64_t 
 // Runs the CuTe dQ and dK/dV kernels; lse2 and delta are bwd_rows_kernel's [B, Hq, Lq] rows.
 void launch_bwd_cute(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
                      const float* delta, float scale_log2, cudaStream_t s);
+// True when the current device is sm_90 and runs the sm_90a wgmma forward of this build
+// (SHADOWKV_CUDA_ARCHS has 9.0a); asked once per device.
+bool wgmma_forward_available();
+// Runs the wgmma forward (bfloat16/float16, head_dim 64 or 128; the caller checks, and checks
+// wgmma_forward_available()).
+void launch_fwd_wgmma(const ShadowAttentionParams& p, const int2* ev_mm, int64_t n_ev, float scale_log2,
+                      cudaStream_t s);
 #endif
 
 }  // namespace cuda_attn

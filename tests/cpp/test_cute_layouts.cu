@@ -10,6 +10,8 @@
 //   * each shared -> register copy (ldmatrix, also transposed) delivers to every register the
 //     element the MMA expects there, and the transposed views of the partner tiles address
 //     the same shared-memory element as the tile itself.
+// The same maps for the sm_90a forward's warpgroup MMAs (shadow_attention_wgmma.cuh): score and
+// output accumulators, P as the register A operand of O += P V, and the V^T view.
 // Built by nvcc as plain host code (it never launches anything); returns non-zero on failure.
 #include <cstdio>
 #include <set>
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include "shadow_attention_cute.cuh"
+#include "shadow_attention_wgmma.cuh"
 
 using namespace cute;
 using shadowkv::cuda_cute::acc_as_a_operand;
@@ -183,6 +186,96 @@ void check_traits(const char* name) {
   std::printf("%s: %s\n", name, failures == 0 ? "ok" : "FAILED");
 }
 
+// The sm_90a forward (shadow_attention_wgmma.cuh): the same register maps for the wgmma
+// accumulators (scores 64 x BN, output 64 x D, one warpgroup) and for P reused as the register
+// A operand of the O += P V wgmma.
+template <typename Tr>
+void check_wgmma(const char* name) {
+  namespace W = shadowkv::cuda_wgmma;
+  constexpr int M = Tr::kBlockM, N = Tr::kBlockN, D = Tr::kHeadDim;
+  typename Tr::TiledMmaS mma_s;
+  typename Tr::TiledMmaO mma_o;
+  static_assert(decltype(size(mma_s))::value == Tr::kThreads && decltype(size(mma_o))::value == Tr::kThreads,
+                "one warpgroup");
+  std::vector<std::vector<int>> score_cover(M, std::vector<int>(N, 0)), out_cover(M, std::vector<int>(D, 0));
+  auto rows_of = [&](int tid) {
+    Tensor tScS = mma_s.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{}));
+    Tensor rc = make_tensor(tScS.data(), W::acc_rowcol(tScS.layout()));
+    std::vector<int> rows;
+    for (int r = 0; r < size<0>(rc); ++r) rows.push_back(int(get<0>(rc(r, 0))));
+    return rows;
+  };
+  for (int tid = 0; tid < Tr::kThreads; ++tid) {
+    const int warp = tid / 32, lane = tid % 32;
+    Tensor tScS = mma_s.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{}));
+    Tensor rc = make_tensor(tScS.data(), W::acc_rowcol(tScS.layout()));
+    EXPECT(size<0>(rc) == 2, "%s: tid %d has %d score rows, expected 2\n", name, tid, int(size<0>(rc)));
+    for (int r = 0; r < size<0>(rc); ++r) {
+      const int row = get<0>(rc(r, 0));
+      EXPECT(row / 16 == warp && row % 8 == lane / 4, "%s: tid %d row-view row %d is query row %d\n", name, tid, r,
+             row);
+      for (int c = 0; c < size<1>(rc); ++c) {
+        EXPECT(get<0>(rc(r, c)) == row, "%s: tid %d row-view row %d mixes query rows\n", name, tid, r);
+        EXPECT(get<1>(rc(r, c)) == get<1>(rc(0, c)), "%s: tid %d column %d differs between rows\n", name, tid, c);
+        score_cover[row][get<1>(rc(r, c))] += 1;
+      }
+    }
+    const std::vector<int> mine = rows_of(tid);
+    EXPECT(mine == rows_of(tid ^ 1) && mine == rows_of(tid ^ 2), "%s: tid %d rows not shared by its quad\n", name,
+           tid);
+
+    // P as the register A operand of O += P V.
+    auto thr_o = mma_o.get_thread_slice(tid);
+    Tensor asA = make_tensor(tScS.data(), W::acc_as_a_operand(tScS.layout()));
+    Tensor tPcA = thr_o.partition_A(make_identity_tensor(Shape<Int<M>, Int<N>>{}));
+    Tensor fragA = thr_o.partition_fragment_A(make_tensor<typename Tr::Element>(Shape<Int<M>, Int<N>>{}));
+    EXPECT(size(asA) == size(tPcA) && rank(asA) == rank(tPcA) && size<1>(asA) == size<1>(tPcA) &&
+               size<2>(asA) == size<2>(tPcA) && size<0>(asA) == size<0>(tPcA),
+           "%s: P view and A fragment shapes differ\n", name);
+    EXPECT(size(fragA) == size(tPcA), "%s: the A register fragment has %d registers, P %d\n", name,
+           int(size(fragA)), int(size(tPcA)));
+    for (int i = 0; i < size(tPcA); ++i) {
+      auto got = asA(i);
+      auto want = tPcA(i);
+      EXPECT(get<0>(got) == get<0>(want) && get<1>(got) == get<1>(want),
+             "%s: tid %d P register %d holds (%d,%d), the wgmma expects (%d,%d)\n", name, tid, i, int(get<0>(got)),
+             int(get<1>(got)), int(get<0>(want)), int(get<1>(want)));
+    }
+    Tensor acc = partition_fragment_C(mma_s, Shape<Int<M>, Int<N>>{});
+    for (int i = 0; i < size(acc); ++i) acc(i) = float(i);
+    Tensor a = W::as_a_operand<float>(acc);
+    for (int i = 0; i < size(a); ++i) {
+      const int from = int(a(i));
+      EXPECT(get<0>(tScS(from)) == get<0>(tPcA(i)) && get<1>(tScS(from)) == get<1>(tPcA(i)),
+             "%s: tid %d as_a_operand register %d holds score register %d at the wrong place\n", name, tid, i, from);
+    }
+
+    // The output: each (row, d) once, with the rows of this thread's softmax state.
+    Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<Int<M>, Int<D>>{}));
+    Tensor orc = make_tensor(tOcO.data(), W::acc_rowcol(tOcO.layout()));
+    for (int i = 0; i < size(tOcO); ++i) out_cover[get<0>(tOcO(i))][get<1>(tOcO(i))] += 1;
+    EXPECT(size<0>(orc) == size<0>(rc), "%s: output and score row views differ in length\n", name);
+    for (int r = 0; r < size<0>(orc); ++r)
+      for (int c = 0; c < size<1>(orc); ++c)
+        EXPECT(get<0>(orc(r, c)) == get<0>(rc(r, 0)), "%s: tid %d output row %d is not score row %d\n", name, tid,
+               int(get<0>(orc(r, c))), int(get<0>(rc(r, 0))));
+  }
+  for (int row = 0; row < M; ++row) {
+    for (int col = 0; col < N; ++col)
+      EXPECT(score_cover[row][col] == 1, "%s: score (%d,%d) held %d times\n", name, row, col, score_cover[row][col]);
+    for (int d = 0; d < D; ++d)
+      EXPECT(out_cover[row][d] == 1, "%s: output (%d,%d) held %d times\n", name, row, d, out_cover[row][d]);
+  }
+  // The transposed view of V addresses the tile's own elements.
+  auto kv = typename Tr::SmemLayoutKV{}.layout_b();
+  auto vt = typename Tr::SmemLayoutVt{}.layout_b();
+  for (int j = 0; j < N; ++j)
+    for (int d = 0; d < D; ++d)
+      EXPECT(vt(d, j) == kv(j, d), "%s: V^T view (%d,%d) -> %d, tile (%d,%d) -> %d\n", name, d, j, int(vt(d, j)), j,
+             d, int(kv(j, d)));
+  std::printf("%s (wgmma): %s\n", name, failures == 0 ? "ok" : "FAILED");
+}
+
 int main() {
   check_traits<FwdTraits<__nv_bfloat16, 64>>("fwd bf16 d64");
   check_traits<FwdTraits<__nv_bfloat16, 128>>("fwd bf16 d128");
@@ -196,5 +289,9 @@ int main() {
   check_copies<FwdTraits<__half, 128>>("fwd fp16 d128");
   check_copies<BwdTraits<__nv_bfloat16, 64>>("bwd bf16 d64");
   check_copies<BwdTraits<__nv_bfloat16, 128>>("bwd bf16 d128");
+  check_wgmma<shadowkv::cuda_wgmma::FwdTraits<__nv_bfloat16, 64>>("fwd bf16 d64");
+  check_wgmma<shadowkv::cuda_wgmma::FwdTraits<__nv_bfloat16, 128>>("fwd bf16 d128");
+  check_wgmma<shadowkv::cuda_wgmma::FwdTraits<__half, 128>>("fwd fp16 d128");
+  check_wgmma<shadowkv::cuda_wgmma::FwdTraits<__half, 64>>("fwd fp16 d64");
   return failures == 0 ? 0 : 1;
 }

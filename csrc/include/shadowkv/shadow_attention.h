@@ -76,8 +76,12 @@ void shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& p, void* stream);
 // True when this library was built with its CUDA kernels; the arch list it was built for.
 bool built_with_cuda();
 const char* cuda_archs();  // e.g. "90a;80", "" without CUDA
-// True when the CuTe (CUTLASS) forward kernel was compiled in (CUDA builds with CUTLASS headers);
-// it runs when the environment variable SHADOWKV_ATTENTION_KERNEL=cute asks for it.
+// True when the CuTe (CUTLASS) kernels were compiled in (CUDA builds with CUTLASS headers);
+// they run when the environment variable SHADOWKV_ATTENTION_KERNEL=cute asks for them.
 bool built_with_cute();
+// True when the current CUDA device runs this build's sm_90a wgmma forward (an sm_90 GPU, a
+// build with the CuTe kernels and 9.0a); it runs when SHADOWKV_ATTENTION_KERNEL=wgmma asks.
+// False without a device.
+bool wgmma_forward_runs_here();
 
 }  // namespace shadowkv
