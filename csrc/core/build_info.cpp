@@ -4,6 +4,8 @@
 
 #include "shadowkv/shadow_attention.h"
 
+struct CUstream_st;  // the CUDA runtime's stream type (cudaStream_t = CUstream_st*)
+
 #ifndef SHADOWKV_CUDA_ARCH_LIST
 #define SHADOWKV_CUDA_ARCH_LIST ""
 #endif
@@ -28,13 +30,15 @@ bool built_with_cute() {
 
 #if defined(SHADOWKV_WITH_CUDA) && defined(SHADOWKV_HAS_CUTE)
 namespace cuda_attn {
-bool wgmma_forward_available();  // csrc/cuda/shadow_attention_fwd_wgmma_cute.cu
+// csrc/cuda/shadow_attention_fwd_wgmma_cute.cu (a cudaStream_t is a ::CUstream_st*; this file
+// is plain C++ without the CUDA headers).
+bool wgmma_forward_available(::CUstream_st* caller);
 }
 #endif
 
 bool wgmma_forward_runs_here() {
 #if defined(SHADOWKV_WITH_CUDA) && defined(SHADOWKV_HAS_CUTE)
-  return cuda_attn::wgmma_forward_available();
+  return cuda_attn::wgmma_forward_available(nullptr);
 #else
   return false;
 #endif

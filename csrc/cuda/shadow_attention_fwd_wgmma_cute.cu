@@ -59,8 +59,11 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
   constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN;
   const int tid = threadIdx.x;
 
-  extern __shared__ __align__(1024) unsigned char shadowkv_wgmma_smem[];  // 128-byte swizzle atoms
-  unsigned char* smem = shadowkv_wgmma_smem;
+  // The 128-byte swizzle (and CuTe's descriptors, base offset 0) need tiles on 1024-byte
+  // boundaries; __align__ on dynamic shared memory is not a guarantee, so the launch asks for
+  // 1024 spare bytes and the base is rounded up here.
+  extern __shared__ __align__(1024) unsigned char shadowkv_wgmma_smem[];
+  unsigned char* smem = shadowkv_wgmma_smem + ((1024u - (cast_smem_ptr_to_uint(shadowkv_wgmma_smem) & 1023u)) & 1023u);
   Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem)), typename Tr::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem + Tr::kQBytes)), typename Tr::SmemLayoutKV{});
   Tensor sV = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem + Tr::kQBytes + Tr::kKVBytes)),
@@ -222,7 +225,8 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
 template <typename T, int D>
 void launch(const ShadowAttentionParams& p, const int2* mm, int64_t n_ev, float scale_log2, cudaStream_t s) {
   using Tr = FwdTraits<T, D>;
-  const size_t smem = Tr::kQBytes + 2 * Tr::kKVBytes + Tr::kThreads * sizeof(int);  // + tile kinds
+  // + tile kinds, + room to align the base to 1024 bytes
+  const size_t smem = Tr::kQBytes + 2 * Tr::kKVBytes + Tr::kThreads * sizeof(int) + 1024;
   auto kernel = fwd_wgmma_kernel<T, D>;
   set_smem_limit(kernel, smem);
   const int64_t blocks = p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM);
@@ -232,8 +236,41 @@ void launch(const ShadowAttentionParams& p, const int2* mm, int64_t n_ev, float 
 
 }  // namespace
 
-bool wgmma_forward_available() {
+namespace {
+
+// Asks the binary the driver loaded for the current device whether it has the sm_90a body (a
+// plain 9.0 build of this file would carry the trap). Any failure means no. The probe runs on
+// a stream of its own in relaxed capture mode, so a capture elsewhere in the process is not
+// disturbed (callers do not probe while their own stream is capturing).
+bool probe_wgmma_body() {
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  cudaStream_t stream = nullptr;
+  int* flag = nullptr;
+  int host = 0;
+  bool ok = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess &&
+            cudaMalloc(&flag, sizeof(int)) == cudaSuccess;
+  if (ok) {
+    wgmma_probe_kernel<<<1, 1, 0, stream>>>(flag);
+    ok = cudaGetLastError() == cudaSuccess &&
+         cudaMemcpyAsync(&host, flag, sizeof(int), cudaMemcpyDeviceToHost, stream) == cudaSuccess &&
+         cudaStreamSynchronize(stream) == cudaSuccess;
+  }
+  if (flag != nullptr) cudaFree(flag);
+  if (stream != nullptr) cudaStreamDestroy(stream);
+  (void)cudaGetLastError();
+  cudaThreadExchangeStreamCaptureMode(&mode);  // back to the caller's mode
+  return ok && host == 1;
+}
+
+}  // namespace
+
+bool wgmma_forward_available(cudaStream_t caller) {
 #ifndef SHADOWKV_HAS_SM90A
+  (void)caller;
   return false;  // no 9.0a in SHADOWKV_CUDA_ARCHS: the kernel body was never compiled
 #else
   int dev = 0, major = 0, minor = 0;
@@ -244,23 +281,20 @@ bool wgmma_forward_available() {
     return false;
   }
   if (major != 9 || minor != 0) return false;
-  // Which binary the driver loads for this device (a plain 9.0 build of the file would carry the
-  // trap body): asked once per device, with a probe kernel on a stream of its own.
   static std::mutex lock;
-  static std::vector<int> known;  // per device: -1 unknown, 0 no, 1 yes
+  static std::vector<int> known;  // per device: -1 not asked yet, 0 no, 1 yes
   std::lock_guard<std::mutex> guard(lock);
   if (static_cast<int>(known.size()) <= dev) known.resize(dev + 1, -1);
   if (known[dev] < 0) {
-    int* flag = nullptr;
-    int host = 0;
-    check_cuda(cudaMalloc(&flag, sizeof(int)), "cudaMalloc (wgmma probe)");
-    wgmma_probe_kernel<<<1, 1>>>(flag);
-    const cudaError_t launched = cudaGetLastError();
-    const cudaError_t copied = cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost);
-    cudaFree(flag);
-    check_cuda(launched, "wgmma_probe_kernel");
-    check_cuda(copied, "cudaMemcpy (wgmma probe)");
-    known[dev] = host == 1 ? 1 : 0;
+    // Not while the caller's stream is being captured: answer no this once (the cute kernel
+    // runs) and ask at the next eager call.
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    if (caller != nullptr && (cudaStreamIsCapturing(caller, &status) != cudaSuccess ||
+                              status != cudaStreamCaptureStatusNone)) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    known[dev] = probe_wgmma_body() ? 1 : 0;
   }
   return known[dev] == 1;
 #endif
@@ -268,6 +302,7 @@ bool wgmma_forward_available() {
 
 void launch_fwd_wgmma(const ShadowAttentionParams& p, const int2* ev_mm, int64_t n_ev, float scale_log2,
                       cudaStream_t s) {
+  if (!wgmma_forward_available(s)) throw std::logic_error("launch_fwd_wgmma: the sm_90a body does not run here");
   const bool bf16 = p.dtype == DType::kBFloat16;
   if (p.head_dim == 64) return bf16 ? launch<__nv_bfloat16, 64>(p, ev_mm, n_ev, scale_log2, s)
                                     : launch<__half, 64>(p, ev_mm, n_ev, scale_log2, s);

@@ -39,8 +39,10 @@ void launch_fwd_cute(const ShadowAttentionParams& p, const int2* ev_mm, int64_t 
 void launch_bwd_cute(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
                      const float* delta, float scale_log2, cudaStream_t s);
 // True when the current device is sm_90 and runs the sm_90a wgmma forward of this build
-// (SHADOWKV_CUDA_ARCHS has 9.0a); asked once per device.
-bool wgmma_forward_available();
+// (SHADOWKV_CUDA_ARCHS has 9.0a); asked once per device (not while `caller`, the stream the
+// forward will run on, is being captured: then false until an eager call has asked). Never
+// throws: any CUDA error means false.
+bool wgmma_forward_available(cudaStream_t caller = nullptr);
 // Runs the wgmma forward (bfloat16/float16, head_dim 64 or 128; the caller checks, and checks
 // wgmma_forward_available()).
 void launch_fwd_wgmma(const ShadowAttentionParams& p, const int2* ev_mm, int64_t n_ev, float scale_log2,
