@@ -190,15 +190,22 @@ __device__ __forceinline__ void load_column_log(int (&ev)[kCols], const int32_t*
   }
 }
 
-// A copy of accumulator registers rounded to the input type E, laid out as an MMA A operand
-// (acc_as_a_operand). Returned by value: it is a register array of its own.
-template <typename E, class Acc>
-CUTE_HOST_DEVICE auto as_a_operand(Acc const& acc) {
-  Tensor r = make_tensor<E>(acc_as_a_operand(acc.layout()));
+// A copy of accumulator registers rounded to the input type E, indexed through `view` (the
+// accumulator's own registers with their modes regrouped, e.g. as an MMA A operand). Returned
+// by value: it is a register array of its own.
+template <typename E, class Acc, class View>
+CUTE_HOST_DEVICE auto rounded_copy(Acc const& acc, View view) {
+  Tensor r = make_tensor<E>(view);
   Tensor r_acc = make_tensor(r.data(), acc.layout());  // the same registers, indexed like acc
   CUTE_UNROLL
   for (int i = 0; i < size(acc); ++i) r_acc(i) = static_cast<E>(acc(i));
   return r;
+}
+
+// The accumulator rounded to E and laid out as the A operand of an m16n8k16 MMA.
+template <typename E, class Acc>
+CUTE_HOST_DEVICE auto as_a_operand(Acc const& acc) {
+  return rounded_copy<E>(acc, acc_as_a_operand(acc.layout()));
 }
 
 // Reductions over the four lanes of a quad, which hold one accumulator row between them.

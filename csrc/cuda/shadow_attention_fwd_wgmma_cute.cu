@@ -15,6 +15,7 @@
 // (fence.proxy.async) before the barrier that publishes a tile.
 #include "shadow_attention_common.cuh"
 #include "shadow_attention_cute.cuh"
+#include "shadow_attention_fwd_tile.cuh"
 #include "shadow_attention_kernels.h"
 #include "shadow_attention_wgmma.cuh"
 
@@ -30,8 +31,6 @@ using cuda_cute::copy_rows;
 using cuda_cute::copy_rows_if;
 using cuda_cute::gmem_tile;
 using cuda_cute::load_column_log;
-using cuda_cute::quad_max;
-using cuda_cute::quad_sum;
 using cuda_wgmma::acc_rowcol;
 using cuda_wgmma::as_a_operand;
 using cuda_wgmma::fence_smem_for_wgmma;
@@ -137,17 +136,10 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
     cp_async_wait<0>();
     fence_smem_for_wgmma();
     __syncthreads();  // K (and Q) landed for every thread; the last P V wgmma is done with V
-    // V rows of keys that no valid row of the block can see are staged as zeros, as in the
-    // other kernels: whatever such a slot holds (NaN, inf) then adds exactly nothing.
+    // V rows no valid row of the block can see are staged as zeros (v_row_needed).
     const TileKind kind_now = kind;
     copy_rows_if(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(vg, p.v_stride[2], k0)), tVsV, tKVcKV,
-                 [&](int row) {
-                   const int64_t j = k0 + row;
-                   if (j >= p.kv_len) return false;
-                   if (kind_now != TileKind::kPartial) return true;
-                   const int64_t first = max(j, t.p0);  // the first position of the block that can see j
-                   return first <= t.p1 && first < __ldg(evg + j);
-                 });
+                 [&](int row) { return v_row_needed(row, k0, p, t, kind_now, evg); });
     cp_async_fence();
 
     Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<BM>, Int<BN>>{});
@@ -155,35 +147,10 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
 
     // Mask, scale into the log2 domain, online softmax. P overwrites S in place.
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
-    Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
+    Tensor o_rc = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
     int ev_col[kCols];
     load_column_log(ev_col, evg, k0, p.kv_len, tScS_rc, kind == TileKind::kPartial, kEvOutOfRange);
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      const int64_t pos = t.p0 + get<0>(tScS_rc(r, 0));
-      float mx = -INFINITY;
-      CUTE_UNROLL
-      for (int c = 0; c < kCols; ++c) {
-        float x = s(r, c) * scale_log2;
-        if (kind == TileKind::kPartial && !visible(k0 + get<1>(tScS_rc(r, c)), pos, ev_col[c])) x = -INFINITY;
-        s(r, c) = x;
-        mx = fmaxf(mx, x);
-      }
-      const float m_new = fmaxf(m_run[r], quad_max(mx));
-      const bool none = m_new == -INFINITY;  // no visible key in this row so far: avoid inf - inf
-      const float alpha = none ? 1.f : exp2f(m_run[r] - m_new);
-      float sum = 0.f;
-      CUTE_UNROLL
-      for (int c = 0; c < kCols; ++c) {
-        const float pr = none ? 0.f : exp2f(s(r, c) - m_new);
-        s(r, c) = pr;
-        sum += pr;
-      }
-      l_run[r] = l_run[r] * alpha + sum;
-      m_run[r] = m_new;
-      CUTE_UNROLL
-      for (int c = 0; c < size<1>(o); ++c) o(r, c) *= alpha;
-    }
+    softmax_tile(s, tScS_rc, o_rc, ev_col, kind == TileKind::kPartial, k0, t.p0, scale_log2, m_run, l_run);
 
     cp_async_wait<0>();
     fence_smem_for_wgmma();
@@ -206,19 +173,7 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
   // Normalise, write out (rows < t.rows) and lse (one lane per quad).
   Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
   Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
-  Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
-  T* og = static_cast<T*>(p.out) + t.b * p.o_stride[0] + t.hq * p.o_stride[1] + t.i0 * p.o_stride[2];
-  float* lse = static_cast<float*>(p.lse) + t.b * p.lse_stride[0] + t.hq * p.lse_stride[1] + t.i0;
-  CUTE_UNROLL
-  for (int r = 0; r < kRows; ++r) {
-    const float l = quad_sum(l_run[r]);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int row = get<0>(tOcO_rc(r, 0));
-    if (row >= t.rows) continue;
-    CUTE_UNROLL
-    for (int c = 0; c < size<1>(o); ++c) og[row * p.o_stride[2] + get<1>(tOcO_rc(r, c))] = from_f32<T>(o(r, c) * inv);
-    if (tid % 4 == 0) lse[row] = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
-  }
+  write_rows<T>(p, t, o, make_tensor(tOcO.data(), acc_rowcol(tOcO.layout())), m_run, l_run);
 #endif
 }
 

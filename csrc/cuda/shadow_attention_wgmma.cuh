@@ -22,6 +22,8 @@
 
 #include <type_traits>
 
+#include "shadow_attention_cute.cuh"  // rounded_copy
+
 namespace shadowkv {
 namespace cuda_wgmma {
 
@@ -87,15 +89,10 @@ CUTE_HOST_DEVICE constexpr auto acc_as_a_operand(Layout acc) {
                      make_layout(get<0, 2, 1>(l), get<2>(l)));
 }
 
-// A copy of accumulator registers rounded to the input type E, laid out as the register A
-// operand (acc_as_a_operand). Returned by value: it is a register array of its own.
+// The S accumulator rounded to E and laid out as the register A operand (acc_as_a_operand).
 template <typename E, class Acc>
 CUTE_HOST_DEVICE auto as_a_operand(Acc const& acc) {
-  Tensor r = make_tensor<E>(acc_as_a_operand(acc.layout()));
-  Tensor r_acc = make_tensor(r.data(), acc.layout());  // the same registers, indexed like acc
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) r_acc(i) = static_cast<E>(acc(i));
-  return r;
+  return cuda_cute::rounded_copy<E>(acc, acc_as_a_operand(acc.layout()));
 }
 
 #if defined(__CUDACC__)
