@@ -435,55 +435,34 @@ needs_cute = pytest.mark.skipif(not _C.built_with_cute(), reason="built without 
 CUTE_CASES = [name for name, case in CASES.items() if case.head_dim in (64, 128)]
 
 
-@needs_cute
-@pytest.mark.parametrize("dtype", DTYPES[1:])
-@pytest.mark.parametrize("name", CUTE_CASES)
-def test_cute_matches_reference(name, dtype, monkeypatch):
-    monkeypatch.setenv(KERNEL_ENV, "cute")
-    check_case(CASES[name], dtype)
-
-
-@needs_cute
-@pytest.mark.parametrize("layout", ["bshd", "row_slice", "unaligned", "dim_strided"])
-def test_cute_layouts(layout, monkeypatch):
-    """Aligned layouts run the CuTe kernel, the others fall back to SIMT: both must be right."""
-    monkeypatch.setenv(KERNEL_ENV, "cute")
-    check_layout(layout, torch.bfloat16)
-
-
-@needs_cute
-@pytest.mark.slow
-def test_cute_long_context_32k_bf16(monkeypatch):
-    monkeypatch.setenv(KERNEL_ENV, "cute")
-    check_long_context_32k_bf16()
-
-
-# The sm_90a wgmma forward (SHADOWKV_ATTENTION_KERNEL=wgmma; its backward is the CuTe one).
-# Skipped where it does not run (not an sm_90 GPU, or no 9.0a in the build): "wgmma" then means
-# "cute", which the tests above cover.
+# The sm_90a wgmma forward (SHADOWKV_ATTENTION_KERNEL=wgmma; its backward is the CuTe one) is
+# skipped where it does not run (not an sm_90 GPU, or no 9.0a in the build): "wgmma" then means
+# "cute", which the cute cases cover.
 needs_wgmma = pytest.mark.skipif(not _C.wgmma_forward_runs_here(),
                                  reason="the wgmma forward needs an sm_90 GPU and a build with 9.0a and CuTe")
+OPT_IN = [pytest.param("cute", marks=needs_cute), pytest.param("wgmma", marks=needs_wgmma)]
 
 
-@needs_wgmma
+@pytest.mark.parametrize("family", OPT_IN)
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 @pytest.mark.parametrize("name", CUTE_CASES)
-def test_wgmma_matches_reference(name, dtype, monkeypatch):
-    monkeypatch.setenv(KERNEL_ENV, "wgmma")
+def test_opt_in_matches_reference(name, dtype, family, monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, family)
     check_case(CASES[name], dtype)
 
 
-@needs_wgmma
+@pytest.mark.parametrize("family", OPT_IN)
 @pytest.mark.parametrize("layout", ["bshd", "row_slice", "unaligned", "dim_strided"])
-def test_wgmma_layouts(layout, monkeypatch):
-    monkeypatch.setenv(KERNEL_ENV, "wgmma")
+def test_opt_in_layouts(layout, family, monkeypatch):
+    """Aligned layouts run the opt-in kernel, the others fall back to SIMT: both must be right."""
+    monkeypatch.setenv(KERNEL_ENV, family)
     check_layout(layout, torch.bfloat16)
 
 
-@needs_wgmma
+@pytest.mark.parametrize("family", OPT_IN)
 @pytest.mark.slow
-def test_wgmma_long_context_32k_bf16(monkeypatch):
-    monkeypatch.setenv(KERNEL_ENV, "wgmma")
+def test_opt_in_long_context_32k_bf16(family, monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, family)
     check_long_context_32k_bf16()
 
 

@@ -111,13 +111,8 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
 
   // Keys past the last query position are in every row's future.
   const int64_t n_key_tiles = (min(p.kv_len, t.p1 + 1) + BN - 1) / BN;
-  // The next key tile from `from` on that some row of the block can see (uniform over the block).
   auto next_live = [&](int64_t from, TileKind& kind) {
-    for (int64_t tile = from; tile < n_key_tiles; ++tile) {
-      kind = key_tile_kind<BN>(kinds_s, tile, n_key_tiles, mm, n_ev_tiles, p.kv_len, t.p0, t.p1);
-      if (kind != TileKind::kSkip) return tile;
-    }
-    return n_key_tiles;
+    return next_live_tile<BN>(from, n_key_tiles, kinds_s, mm, n_ev_tiles, p, t, kind);
   };
 
   TileKind kind = TileKind::kSkip;

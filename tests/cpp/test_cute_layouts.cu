@@ -100,6 +100,32 @@ void check_copies(const char* name) {
   std::printf("%s copies: %s\n", name, failures == 0 ? "ok" : "FAILED");
 }
 
+// One thread's output fragment `tOcO` (coordinates) and its row view `orc`: counted into
+// `out_cover`, and every row of the view is the score row view `rc`'s row r (the same softmax
+// state rescales and normalises it).
+template <class OutC, class OutRC, class ScoreRC>
+void check_output_rows(const char* name, int tid, OutC const& tOcO, OutRC const& orc, ScoreRC const& rc,
+                       std::vector<std::vector<int>>& out_cover) {
+  for (int i = 0; i < size(tOcO); ++i) out_cover[get<0>(tOcO(i))][get<1>(tOcO(i))] += 1;
+  EXPECT(size<0>(orc) == size<0>(rc), "%s: output and score row views differ in length\n", name);
+  for (int r = 0; r < size<0>(orc); ++r)
+    for (int c = 0; c < size<1>(orc); ++c)
+      EXPECT(get<0>(orc(r, c)) == get<0>(rc(r, 0)), "%s: tid %d output row %d is not score row %d\n", name, tid,
+             int(get<0>(orc(r, c))), int(get<0>(rc(r, 0))));
+}
+
+// Every score (row, key) and every output (row, d) of the block is held exactly once.
+void check_cover(const char* name, const std::vector<std::vector<int>>& score_cover,
+                 const std::vector<std::vector<int>>& out_cover) {
+  for (size_t row = 0; row < score_cover.size(); ++row) {
+    for (size_t col = 0; col < score_cover[row].size(); ++col)
+      EXPECT(score_cover[row][col] == 1, "%s: score (%d,%d) held %d times\n", name, int(row), int(col),
+             score_cover[row][col]);
+    for (size_t d = 0; d < out_cover[row].size(); ++d)
+      EXPECT(out_cover[row][d] == 1, "%s: output (%d,%d) held %d times\n", name, int(row), int(d), out_cover[row][d]);
+  }
+}
+
 template <typename Tr>
 void check_traits(const char* name) {
   constexpr int M = Tr::kBlockM, N = Tr::kBlockN, D = Tr::kHeadDim;
@@ -156,21 +182,9 @@ void check_traits(const char* name) {
     }
 
     Tensor tOcO = thr.partition_C(make_identity_tensor(Shape<Int<M>, Int<D>>{}));
-    for (int i = 0; i < size(tOcO); ++i) out_cover[get<0>(tOcO(i))][get<1>(tOcO(i))] += 1;
-    // the output's row view must use the same rows as the scores' row view (same softmax state)
-    Tensor orc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
-    EXPECT(size<0>(orc) == size<0>(rc), "%s: output and score row views differ in length\n", name);
-    for (int r = 0; r < size<0>(orc); ++r)
-      for (int c = 0; c < size<1>(orc); ++c)
-        EXPECT(get<0>(orc(r, c)) == get<0>(rc(r, 0)), "%s: tid %d output row %d is not score row %d\n", name, tid,
-               int(get<0>(orc(r, c))), int(get<0>(rc(r, 0))));
+    check_output_rows(name, tid, tOcO, make_tensor(tOcO.data(), acc_rowcol(tOcO.layout())), rc, out_cover);
   }
-  for (int row = 0; row < M; ++row) {
-    for (int col = 0; col < N; ++col)
-      EXPECT(cols_of_row[row][col] == 1, "%s: score (%d,%d) held %d times\n", name, row, col, cols_of_row[row][col]);
-    for (int d = 0; d < D; ++d)
-      EXPECT(out_cover[row][d] == 1, "%s: output (%d,%d) held %d times\n", name, row, d, out_cover[row][d]);
-  }
+  check_cover(name, cols_of_row, out_cover);
   // The four lanes of a quad (the row reductions' xor 1 and xor 2) share the rows.
   for (int tid = 0; tid < Tr::kThreads; ++tid) {
     auto row_of = [&](int t, int r) {
@@ -252,20 +266,9 @@ void check_wgmma(const char* name) {
 
     // The output: each (row, d) once, with the rows of this thread's softmax state.
     Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<Int<M>, Int<D>>{}));
-    Tensor orc = make_tensor(tOcO.data(), W::acc_rowcol(tOcO.layout()));
-    for (int i = 0; i < size(tOcO); ++i) out_cover[get<0>(tOcO(i))][get<1>(tOcO(i))] += 1;
-    EXPECT(size<0>(orc) == size<0>(rc), "%s: output and score row views differ in length\n", name);
-    for (int r = 0; r < size<0>(orc); ++r)
-      for (int c = 0; c < size<1>(orc); ++c)
-        EXPECT(get<0>(orc(r, c)) == get<0>(rc(r, 0)), "%s: tid %d output row %d is not score row %d\n", name, tid,
-               int(get<0>(orc(r, c))), int(get<0>(rc(r, 0))));
+    check_output_rows(name, tid, tOcO, make_tensor(tOcO.data(), W::acc_rowcol(tOcO.layout())), rc, out_cover);
   }
-  for (int row = 0; row < M; ++row) {
-    for (int col = 0; col < N; ++col)
-      EXPECT(score_cover[row][col] == 1, "%s: score (%d,%d) held %d times\n", name, row, col, score_cover[row][col]);
-    for (int d = 0; d < D; ++d)
-      EXPECT(out_cover[row][d] == 1, "%s: output (%d,%d) held %d times\n", name, row, d, out_cover[row][d]);
-  }
+  check_cover(name, score_cover, out_cover);
   // The transposed view of V addresses the tile's own elements.
   auto kv = typename Tr::SmemLayoutKV{}.layout_b();
   auto vt = typename Tr::SmemLayoutVt{}.layout_b();
