@@ -5,6 +5,12 @@ and ``pos_pages [num_pages, page_size, Hkv]`` int32 (the original position held 
 slot, per KV head: heads keep different tokens). Each layer has its own block tables
 ``[max_batch, max_pages_per_seq]`` int32 (-1 = no page), ``seq_lens [max_batch]`` int32
 and free list. The native ops move the data; this class does the page bookkeeping.
+
+The bookkeeping runs on the host from a mirror of ``seq_lens`` and of each block-table row,
+so that appending and decoding never read the device (on a GPU every read is a stream
+synchronisation: the sampler's decode step would wait for the GPU once per layer and
+sequence). Only :meth:`evict` reads back (the freed pages and new lengths, once per call).
+Mutate a cache only through its methods; :meth:`verify` compares the mirror with the device.
 """
 
 from __future__ import annotations
@@ -19,19 +25,34 @@ class CacheFullError(RuntimeError):
     """The page pool cannot hold the request; raised before anything is written."""
 
 
+def to_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host list (or CPU tensor) as a tensor on ``device``; to a GPU through pinned memory
+    without waiting (a copy from pageable memory would synchronise the stream)."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass
 class LayerCache:
-    """The pool and tables of one layer. Tensors are mutated in place by the ops."""
+    """The pool and tables of one layer. Tensors are mutated in place by the ops.
+
+    ``lens`` and ``pages`` mirror ``seq_lens`` and the held entries of each block-table row
+    on the host; ``free`` is the stack of free page ids.
+    """
 
     k_pages: torch.Tensor
     v_pages: torch.Tensor
     pos_pages: torch.Tensor
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
-    free: list[int] = field(default_factory=list)  # stack of free page ids
+    free: list[int] = field(default_factory=list)
+    lens: list[int] = field(default_factory=list)
+    pages: list[list[int]] = field(default_factory=list)
 
     def pages_held(self, b: int) -> int:
-        return int((self.block_tables[b] >= 0).sum())
+        return len(self.pages[b])
 
 
 class PagedKVCache:
@@ -44,6 +65,11 @@ class PagedKVCache:
         max_batch: sequences (rows of the block tables).
         max_pages_per_seq: columns of the block tables.
         dtype, device: of the K/V pages.
+        check: passed to the ops (``append_kv``, ``paged_decode_attention``,
+            ``evict_compact``). ``False`` lets CUDA calls run without synchronising the
+            stream; a value the device then rejects leaves the sequence poisoned
+            (``seq_lens = -1``), which :meth:`evict` and :meth:`verify` report. The CPU ops
+            check regardless.
     """
 
     def __init__(
@@ -57,13 +83,14 @@ class PagedKVCache:
         max_pages_per_seq: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        check: bool = True,
     ):
         if min(num_layers, num_kv_heads, head_dim, num_pages, page_size, max_batch) <= 0:
             raise ValueError("PagedKVCache: every size argument must be positive")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.num_pages, self.page_size, self.max_batch = num_pages, page_size, max_batch
         self.max_pages_per_seq = max_pages_per_seq or num_pages
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device, self.check = dtype, torch.device(device), check
         elt = torch.empty((), dtype=dtype).element_size()
         # K + V + the position of each slot per head.
         self.page_bytes = page_size * num_kv_heads * (2 * head_dim * elt + 4)
@@ -80,6 +107,8 @@ class PagedKVCache:
             block_tables=torch.full((self.max_batch, self.max_pages_per_seq), -1, dtype=torch.int32, **kw),
             seq_lens=torch.zeros(self.max_batch, dtype=torch.int32, **kw),
             free=list(range(P - 1, -1, -1)),
+            lens=[0] * self.max_batch,
+            pages=[[] for _ in range(self.max_batch)],
         )
 
     # ---- accounting
@@ -101,68 +130,117 @@ class PagedKVCache:
     def reset_peak(self) -> None:
         self._peak_pages = self.pages_in_use()
 
+    def seq_len(self, layer: int, b: int) -> int:
+        """Slots in use by sequence ``b`` in ``layer`` (from the host mirror: no device read)."""
+        return self.layers[layer].lens[b]
+
+    def verify(self) -> None:
+        """Raises RuntimeError if the device's lengths or block tables differ from the
+        bookkeeping (a value rejected by an unchecked op, or a table changed behind the
+        cache's back). Reads the device: one synchronisation per layer."""
+        for layer, lc in enumerate(self.layers):
+            table = torch.full((self.max_batch, self.max_pages_per_seq), -1, dtype=torch.int32)
+            for b, row in enumerate(lc.pages):
+                table[b, : len(row)] = torch.tensor(row, dtype=torch.int32)
+            dev = torch.cat([lc.seq_lens[:, None], lc.block_tables], 1).cpu()
+            for b in range(self.max_batch):
+                if int(dev[b, 0]) != lc.lens[b] or not torch.equal(dev[b, 1:], table[b]):
+                    raise RuntimeError(
+                        f"PagedKVCache layer {layer} sequence {b}: the device holds seq_lens {int(dev[b, 0])} and "
+                        f"pages {dev[b, 1:][dev[b, 1:] >= 0].tolist()}, the cache expects {lc.lens[b]} and "
+                        f"{lc.pages[b]} (seq_lens -1: an unchecked op rejected this sequence's values)"
+                    )
+
     # ---- pages
-    def reserve(self, layer: int, num_new: torch.Tensor) -> None:
+    def reserve(self, layer: int, num_new: list[int] | torch.Tensor) -> None:
         """Gives every sequence ``b`` pages for ``num_new[b]`` more tokens in ``layer``.
 
-        Raises ``CacheFullError`` (nothing changed) when the pool or a block-table row is too
-        small for the whole request.
+        ``num_new``: ``max_batch`` ints (a tensor is read to the host first). Raises
+        ``CacheFullError`` (nothing changed) when the pool or a block-table row is too small
+        for the whole request.
         """
         lc = self.layers[layer]
-        lens = lc.seq_lens.tolist()
+        counts = num_new.tolist() if isinstance(num_new, torch.Tensor) else list(num_new)
         wants: list[tuple[int, int]] = []  # (sequence, pages to add)
-        for b, n in enumerate(num_new.tolist()):
+        for b, n in enumerate(counts):
             if n <= 0:
                 continue
-            need = math.ceil((lens[b] + n) / self.page_size) - lc.pages_held(b)
+            held = lc.pages_held(b)
+            need = math.ceil((lc.lens[b] + n) / self.page_size) - held
             if need > 0:
-                if lc.pages_held(b) + need > self.max_pages_per_seq:
+                if held + need > self.max_pages_per_seq:
                     raise CacheFullError(
-                        f"sequence {b} needs {lc.pages_held(b) + need} pages in layer {layer}, "
+                        f"sequence {b} needs {held + need} pages in layer {layer}, "
                         f"max_pages_per_seq is {self.max_pages_per_seq}"
                     )
                 wants.append((b, need))
         total = sum(n for _, n in wants)
         if total > len(lc.free):
             raise CacheFullError(f"layer {layer} needs {total} free pages, {len(lc.free)} left of {self.num_pages}")
+        if not wants:
+            return
+        rows, cols, ids = [], [], []
         for b, need in wants:
-            held = lc.pages_held(b)
-            ids = [lc.free.pop() for _ in range(need)]
-            lc.block_tables[b, held : held + need] = torch.tensor(ids, dtype=torch.int32)
+            for _ in range(need):
+                rows.append(b)
+                cols.append(lc.pages_held(b))
+                lc.pages[b].append(lc.free.pop())
+                ids.append(lc.pages[b][-1])
+        where = to_device([rows, cols, ids], self.device, torch.int64)
+        lc.block_tables[where[0], where[1]] = where[2].to(torch.int32)
         self._peak_pages = max(self._peak_pages, self.pages_in_use())
 
     def release(self, b: int) -> None:
         """Returns every page of sequence ``b`` to the pools."""
         for lc in self.layers:
-            row = lc.block_tables[b]
-            lc.free.extend(int(p) for p in row[row >= 0].tolist())
-            row.fill_(-1)
+            lc.free.extend(lc.pages[b])
+            lc.pages[b] = []
+            lc.lens[b] = 0
+            lc.block_tables[b].fill_(-1)
             lc.seq_lens[b] = 0
 
     # ---- data (thin over the ops)
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, num_new: torch.Tensor,
-               rows: slice = slice(None)) -> None:
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               num_new: list[int] | torch.Tensor, rows: slice = slice(None)) -> None:
         """Appends ``num_new[b]`` tokens to each sequence of ``rows``.
 
-        k, v: ``[b, Hkv, T, D]``; positions: ``[b, T]`` int32; num_new: ``[b]`` int32, where
-        ``b`` is the number of rows selected by ``rows`` (a slice of the batch).
+        k, v: ``[b, Hkv, T, D]``; positions: ``[b, T]`` int32; num_new: ``b`` ints (a list
+        keeps the call free of device reads; a tensor is read to the host), where ``b`` is
+        the number of rows selected by ``rows`` (a slice of the batch).
         """
-        full = torch.zeros(self.max_batch, dtype=torch.int32)
-        full[rows] = num_new.to(torch.int32).cpu()
+        counts = num_new.tolist() if isinstance(num_new, torch.Tensor) else list(num_new)
+        selected = range(self.max_batch)[rows]
+        if len(counts) != len(selected):
+            raise ValueError(f"num_new has {len(counts)} entries for {len(selected)} rows")
+        full = [0] * self.max_batch
+        for b, n in zip(selected, counts):
+            full[b] = n
         self.reserve(layer, full)
         lc = self.layers[layer]
         torch.ops.shadowkv.append_kv(
             lc.k_pages, lc.v_pages, lc.pos_pages, lc.block_tables[rows], lc.seq_lens[rows],
-            k, v, positions.to(torch.int32), num_new.to(device=k.device, dtype=torch.int32),
+            k, v, positions.to(torch.int32), to_device(counts, k.device, torch.int32), self.check,
         )
+        for b, n in zip(selected, counts):
+            lc.lens[b] += n
 
     def gather(self, layer: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The live slots of sequence ``b`` in slot order: k, v ``[Hkv, n, D]``, pos ``[Hkv, n]``."""
         lc = self.layers[layer]
-        n = int(lc.seq_lens[b])
+        n = lc.lens[b]
         pages = lc.block_tables[b, : math.ceil(n / self.page_size)].long()
         flat = lambda t: t[pages].flatten(0, 1)[:n].transpose(0, 1)  # noqa: E731
         return flat(lc.k_pages), flat(lc.v_pages), flat(lc.pos_pages)
+
+    def positions(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """Positions held by every slot of the sequences ``rows`` (``[n]`` int64 on the cache's
+        device): ``[n, Hkv, max_pages_per_seq * page_size]`` int32, -1 past each length."""
+        lc = self.layers[layer]
+        table = lc.block_tables[rows]
+        pos = lc.pos_pages[table.clamp(min=0).long()]  # [n, M, page, Hkv]
+        pos = pos.flatten(1, 2).transpose(1, 2)
+        slot = torch.arange(pos.shape[-1], device=pos.device)
+        return pos.masked_fill(slot >= lc.seq_lens[rows][:, None, None], -1)
 
     def decode_attention(self, layer: int, q: torch.Tensor, scale: float | None = None,
                          scores_out: torch.Tensor | None = None, rows: slice = slice(None)) -> torch.Tensor:
@@ -171,7 +249,7 @@ class PagedKVCache:
         the GQA group)."""
         lc = self.layers[layer]
         return torch.ops.shadowkv.paged_decode_attention(
-            q, lc.k_pages, lc.v_pages, lc.block_tables[rows], lc.seq_lens[rows], scale, scores_out
+            q, lc.k_pages, lc.v_pages, lc.block_tables[rows], lc.seq_lens[rows], scale, scores_out, self.check
         )
 
     def evict(self, layer: int, keep: torch.Tensor, steps: torch.Tensor, evicted_at: torch.Tensor,
@@ -179,13 +257,31 @@ class PagedKVCache:
         """Keeps the ``keep [b, Hkv, S]`` slots of each sequence in ``rows``, compacts in place,
         logs ``evicted_at[b, h, pos] = steps[b]`` and returns freed pages to the pool.
 
+        Reads the freed pages and new lengths back to the host (one synchronisation).
         Returns the number of pages freed.
         """
         lc = self.layers[layer]
         freed = torch.ops.shadowkv.evict_compact(
             lc.k_pages, lc.v_pages, lc.pos_pages, lc.block_tables[rows], lc.seq_lens[rows],
-            keep, steps.to(device=evicted_at.device, dtype=torch.int32), evicted_at, slot_scores,
+            keep, steps.to(device=evicted_at.device, dtype=torch.int32), evicted_at, slot_scores, self.check,
         )
-        ids = freed[freed >= 0].tolist()
-        lc.free.extend(int(p) for p in ids)
-        return len(ids)
+        back = torch.cat([lc.seq_lens[rows][:, None], freed], 1).tolist()
+        released = 0
+        for b, (new_len, *row) in zip(range(self.max_batch)[rows], back):
+            if new_len < 0:
+                raise RuntimeError(
+                    f"evict_compact rejected the values of sequence {b} in layer {layer} (check=False): "
+                    f"the sequence is left as it was and poisoned (seq_lens = -1)"
+                )
+            held = math.ceil(new_len / self.page_size)
+            ids = [p for p in row if p >= 0]
+            if ids != lc.pages[b][held:]:
+                raise RuntimeError(
+                    f"PagedKVCache layer {layer} sequence {b}: evict_compact freed pages {ids}, the cache expected "
+                    f"{lc.pages[b][held:]}; the block table was changed behind the cache's back"
+                )
+            lc.free.extend(ids)
+            lc.pages[b] = lc.pages[b][:held]
+            lc.lens[b] = new_len
+            released += len(ids)
+        return released

@@ -1,9 +1,14 @@
 """Eviction policies: they decide *which* slots survive; the kernels move and log them.
 
-A policy sees one sequence of one layer at a time: the positions held by each KV head's
-live slots and, for score-based policies, an attention score per slot accumulated by the
-sampler (from ``paged_decode_attention(scores_out=...)`` during decode and from the
-prefill attention). It returns ``keep [Hkv, n]`` bool with exactly ``n_keep`` True per head.
+A policy sees the sequences of one layer that must shrink: the positions held by each KV
+head's live slots and, for score-based policies, an attention score per slot accumulated by
+the sampler (from ``paged_decode_attention(scores_out=...)`` during decode and from the
+prefill attention). It returns which slots stay, exactly ``n_keep`` per head.
+
+``select_batch`` takes many sequences at once, padded to the cache's slot count, so that the
+sampler's eviction is a handful of tensor ops per layer rather than a Python loop over
+sequences (on a GPU: a few kernel launches, no round trip per sequence). ``select`` is the
+one-sequence form. A policy implements either; the base class derives the other.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from .cache import to_device
 
 
 def budget_tokens(budget: int | float | None, length: int) -> int | None:
@@ -28,20 +35,28 @@ def budget_tokens(budget: int | float | None, length: int) -> int | None:
     return int(budget)
 
 
-def _keep_top(score: torch.Tensor, forced: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """``forced [H, n]`` slots plus the best-scoring others, ``n_keep`` per head."""
-    s = score.double().masked_fill(forced, math.inf)
-    idx = s.topk(min(n_keep, s.shape[-1]), dim=-1).indices
-    return torch.zeros_like(forced).scatter_(-1, idx, True)
+def _per_row(values: list[int], device: torch.device) -> torch.Tensor:
+    """``n`` ints as ``[n, 1, 1]`` int64 on ``device``, to broadcast against ``[n, H, S]``."""
+    return to_device(values, device, torch.int64)[:, None, None]
 
 
-def _recent(positions: torch.Tensor, count: int) -> torch.Tensor:
-    """The ``count`` most recent positions of each head, as a mask ``[H, n]``."""
-    mask = torch.zeros(positions.shape, dtype=torch.bool, device=positions.device)
-    if count > 0:
-        idx = positions.topk(min(count, positions.shape[-1]), dim=-1).indices
-        mask.scatter_(-1, idx, True)
-    return mask
+def _top(key: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Mask of the ``count`` largest entries of ``key [n, H, S]`` along the last dimension
+    (``count`` broadcasts against ``[n, H, 1]``; ties go to the lower slot)."""
+    order = key.argsort(dim=-1, descending=True, stable=True)
+    slots = torch.arange(key.shape[-1], device=key.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, slots) < count
+
+
+def _keep_top(score: torch.Tensor, forced: torch.Tensor, valid: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
+    """``forced`` slots plus the best-scoring other ``valid`` ones, ``n_keep [n, 1, 1]`` per head."""
+    key = score.double().masked_fill(forced, math.inf).masked_fill(~valid, -math.inf)
+    return _top(key, n_keep) & valid
+
+
+def _recent(positions: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The ``count`` most recent positions of each head; padding (-1) is never chosen."""
+    return _top(positions, count) & (positions >= 0)
 
 
 class Policy:
@@ -53,8 +68,25 @@ class Policy:
     name = "policy"
 
     def select(self, positions: torch.Tensor, scores: torch.Tensor | None, n_keep: int) -> torch.Tensor:
-        """positions: ``[Hkv, n]`` int32; scores: ``[Hkv, n]`` float32 or None -> keep ``[Hkv, n]`` bool."""
-        raise NotImplementedError
+        """One sequence. positions: ``[Hkv, n]`` int32; scores: ``[Hkv, n]`` float32 or None ->
+        keep ``[Hkv, n]`` bool. The default calls :meth:`select_batch`."""
+        if type(self).select_batch is Policy.select_batch:
+            raise NotImplementedError(f"{type(self).__name__} implements neither select nor select_batch")
+        return self.select_batch(positions[None], None if scores is None else scores[None], [positions.shape[-1]],
+                                 [n_keep])[0]
+
+    def select_batch(self, positions: torch.Tensor, scores: torch.Tensor | None, lens: list[int],
+                     n_keep: list[int]) -> torch.Tensor:
+        """Many sequences. positions: ``[n, Hkv, S]`` int32, -1 past ``lens[i]``; scores:
+        ``[n, Hkv, S]`` float32 or None; lens, n_keep: ``n`` ints with ``n_keep[i] <= lens[i]``
+        -> keep ``[n, Hkv, S]`` bool, False past ``lens[i]``. The default loops over
+        :meth:`select`."""
+        if type(self).select is Policy.select:
+            raise NotImplementedError(f"{type(self).__name__} implements neither select nor select_batch")
+        keep = torch.zeros(positions.shape, dtype=torch.bool, device=positions.device)
+        for i, (n, k) in enumerate(zip(lens, n_keep)):
+            keep[i, :, :n] = self.select(positions[i, :, :n], None if scores is None else scores[i, :, :n], k)
+        return keep
 
     def reset(self, seed: int) -> None:
         """Called by the sampler at the start of each ``generate(seed=...)``, so that
@@ -66,12 +98,12 @@ class Policy:
 
 
 class FullCache(Policy):
-    """No eviction (the dense baseline); the sampler never calls ``select``."""
+    """No eviction (the dense baseline); the sampler never calls it."""
 
     name = "full"
 
-    def select(self, positions, scores, n_keep):
-        return torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
+    def select_batch(self, positions, scores, lens, n_keep):
+        return positions >= 0
 
 
 class StreamingLLM(Policy):
@@ -82,11 +114,11 @@ class StreamingLLM(Policy):
     def __init__(self, sinks: int = 4):
         self.sinks = sinks
 
-    def select(self, positions, scores, n_keep):
-        sink = positions < self.sinks
-        n_sink = int(sink[0].sum())
-        keep = _recent(positions.masked_fill(sink, -1), max(0, n_keep - n_sink))
-        return keep | (sink & (torch.cumsum(sink.int(), -1) <= n_keep))
+    def select_batch(self, positions, scores, lens, n_keep):
+        n_keep = _per_row(n_keep, positions.device)
+        sink = (positions >= 0) & (positions < self.sinks)
+        recent = _recent(positions.masked_fill(sink, -1), (n_keep - sink.sum(-1, keepdim=True)).clamp(min=0))
+        return recent | (sink & (torch.cumsum(sink.int(), -1) <= n_keep))
 
 
 class H2O(Policy):
@@ -99,9 +131,10 @@ class H2O(Policy):
     def __init__(self, recent_frac: float = 0.5):
         self.recent_frac = recent_frac
 
-    def select(self, positions, scores, n_keep):
-        recent = _recent(positions, int(round(self.recent_frac * n_keep)))
-        return _keep_top(scores, recent, n_keep)
+    def select_batch(self, positions, scores, lens, n_keep):
+        dev = positions.device
+        recent = _recent(positions, _per_row([int(round(self.recent_frac * k)) for k in n_keep], dev))
+        return _keep_top(scores, recent, positions >= 0, _per_row(n_keep, dev))
 
 
 class SnapKV(Policy):
@@ -120,11 +153,14 @@ class SnapKV(Policy):
             raise ValueError(f"SnapKV: kernel must be a positive odd number (centred pooling), got {kernel}")
         self.window, self.kernel = window, kernel
 
-    def select(self, positions, scores, n_keep):
-        pooled = F.max_pool1d(scores[None].float(), self.kernel, stride=1, padding=self.kernel // 2)[0]
+    def select_batch(self, positions, scores, lens, n_keep):
+        dev, valid = positions.device, positions >= 0
+        # Padding pools as -inf: a slot past the length never lends its score to a neighbour.
+        pooled = F.max_pool1d(scores.float().masked_fill(~valid, -math.inf), self.kernel, stride=1,
+                              padding=self.kernel // 2)
         # At most half the budget goes to the window, so voting always selects something.
-        recent = _recent(positions, min(self.window, n_keep // 2))
-        return _keep_top(pooled, recent, n_keep)
+        recent = _recent(positions, _per_row([min(self.window, k // 2) for k in n_keep], dev))
+        return _keep_top(pooled, recent, valid, _per_row(n_keep, dev))
 
 
 class RandomEvict(Policy):
@@ -139,9 +175,10 @@ class RandomEvict(Policy):
     def reset(self, seed: int) -> None:
         self._gen.manual_seed(self.seed * 1_000_003 + seed)
 
-    def select(self, positions, scores, n_keep):
-        score = torch.rand(positions.shape, generator=self._gen).to(positions.device)
-        return _keep_top(score, torch.zeros_like(score, dtype=torch.bool), n_keep)
+    def select_batch(self, positions, scores, lens, n_keep):
+        score = to_device(torch.rand(positions.shape, generator=self._gen), positions.device)
+        valid = positions >= 0
+        return _keep_top(score, torch.zeros_like(valid), valid, _per_row(n_keep, positions.device))
 
 
 POLICIES = {cls.name: cls for cls in (FullCache, StreamingLLM, H2O, SnapKV, RandomEvict)}

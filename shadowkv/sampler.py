@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import attention_context, check_length, install, model_geometry
-from .cache import PagedKVCache
+from .cache import PagedKVCache, to_device
 from .ops import NEVER_EVICTED, shadow_attention
 from .policies import FullCache, Policy, budget_tokens
 
@@ -62,8 +62,7 @@ class _SamplerContext:
     def attend(self, layer, q, k, v, scale):
         s, cache = self.s, self.s.cache
         B, _, T, _ = q.shape
-        num_new = torch.full((B,), T, dtype=torch.int32)
-        cache.append(layer, k, v, self.positions, num_new, rows=self.rows)
+        cache.append(layer, k, v, self.positions, [T] * B, rows=self.rows)
         if self.decode:
             scores = s.slot_scores[layer][self.rows] if s.policy.needs_scores else None
             step_scores = torch.zeros_like(scores) if scores is not None else None
@@ -151,33 +150,48 @@ class Sampler:
             self.num_layers, self.num_kv_heads, self.head_dim, num_pages=sum(per_seq), page_size=self.page_size,
             max_batch=B, max_pages_per_seq=math.ceil(max(totals) / self.page_size) + 1, dtype=p.dtype,
             device=p.device,
+            # The cache's own bookkeeping makes the tables and lengths right; on a GPU the ops then
+            # skip their host round trips (a decode step does not wait for the device), and
+            # verify() at the end of generate() reports any value the device rejected.
+            check=p.device.type != "cuda",
         )
 
     # ---- eviction
-    def _evict(self, b: int, length: int, force: bool) -> None:
-        """Evicts sequence ``b`` (each layer to its own budget) before the query at ``length``."""
+    def _evict(self, rows: list[int], lengths: list[int], force: bool) -> None:
+        """Evicts the sequences ``rows`` (each layer to its own budget) before their queries at
+        ``lengths``: one policy call and one ``evict_compact`` per layer for all of them.
+
+        Without ``force`` a sequence waits until it exceeds its budget by a page (one
+        eviction per page of decoding, not per token).
+        """
         if self.budget is None:
             return
-        steps = torch.tensor([length], dtype=torch.int32)
+        cache, device = self.cache, self.evicted_at.device
         slack = 0 if force else self.page_size
         for layer in range(self.num_layers):
-            n_keep = budget_tokens(self.layer_budgets[layer], length)
-            if int(self.cache.layers[layer].seq_lens[b]) <= n_keep + slack:
+            due = [(b, n, budget_tokens(self.layer_budgets[layer], n)) for b, n in zip(rows, lengths)]
+            due = [(b, n, k) for b, n, k in due if cache.seq_len(layer, b) > k + slack]
+            if not due:
                 continue
-            _, _, pos = self.cache.gather(layer, b)
-            n = pos.shape[1]
-            scores = self.slot_scores[layer][b, :, :n] if self.policy.needs_scores else None
-            keep_n = self.policy.select(pos, scores, n_keep)
-            counts = keep_n.sum(-1)
-            if not bool((counts == n_keep).all()):
+            picked, steps, n_keep = (list(t) for t in zip(*due))
+            idx = to_device(picked, device, torch.int64)
+            scores = self.slot_scores[layer]
+            keep = self.policy.select_batch(cache.positions(layer, idx),
+                                            scores[idx] if self.policy.needs_scores else None,
+                                            [cache.seq_len(layer, b) for b in picked], n_keep)
+            counts = keep.sum(-1)
+            if not bool((counts == to_device(n_keep, device, torch.int64)[:, None]).all()):
                 raise RuntimeError(f"{self.policy!r} kept {counts.tolist()} slots per head, expected {n_keep}")
-            keep = torch.zeros((1, self.num_kv_heads, self.slot_scores[layer].shape[-1]), dtype=torch.bool,
-                               device=keep_n.device)
-            keep[0, :, :n] = keep_n
-            sc = self.slot_scores[layer][b : b + 1] if self.policy.needs_scores else None
-            self.cache.evict(layer, keep, steps, self.evicted_at[b : b + 1, layer], sc, rows=slice(b, b + 1))
-            if sc is not None and self.policy.reset_scores_after_evict:
-                sc.zero_()
+            # Every other sequence keeps all its slots: the op leaves it as it is.
+            lc = cache.layers[layer]
+            full = torch.arange(keep.shape[-1], device=device) < lc.seq_lens[:, None, None]
+            full = full.expand(-1, self.num_kv_heads, -1).clone()
+            full[idx] = keep
+            step_of = torch.zeros(cache.max_batch, dtype=torch.int32, device=device)
+            step_of[idx] = to_device(steps, device, torch.int32)
+            cache.evict(layer, full, step_of, self.evicted_at[:, layer], scores if self.policy.needs_scores else None)
+            if self.policy.needs_scores and self.policy.reset_scores_after_evict:
+                scores[idx] = 0.0
 
     # ---- sampling
     @staticmethod
@@ -256,36 +270,38 @@ class Sampler:
                 pos = torch.arange(c0, c1, dtype=torch.int32, device=device)[None]
                 ctx = _SamplerContext(self, slice(b, b + 1), pos, False, observe)
                 logits = self._forward(p[None, c0:c1], pos, ctx)
-                self._evict(b, c1, force=True)
+                self._evict([b], [c1], force=True)
             tok, lp = self._sample(logits, temperature, top_p, gen)
             next_tok[b], next_lp[b] = tok[0], lp[0]
         t1 = time.perf_counter()
 
-        cur = torch.tensor(plens, device=device)  # position of each sequence's next token
+        cur = to_device(plens, device, torch.int64)  # position of each sequence's next token
+        cur_host = list(plens)  # the same on the host: eviction decisions read no device value
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        rows = torch.arange(B, device=device)
         for step in range(max_new_tokens):
             live = ~done
-            tokens[rows[live], cur[live]] = next_tok[live]
-            logprobs[rows[live], cur[live]] = next_lp[live]
-            action[rows[live], cur[live]] = True
+            col = cur[:, None]
+            # Written through masks, not boolean indexing (which would wait for the device).
+            tokens.scatter_(1, col, torch.where(live, next_tok, tokens.gather(1, col)[:, 0])[:, None])
+            logprobs.scatter_(1, col, torch.where(live, next_lp, logprobs.gather(1, col)[:, 0])[:, None])
+            action.scatter_(1, col, (live | action.gather(1, col)[:, 0])[:, None])
             if eos_token_id is not None:
                 done |= live & (next_tok == eos_token_id)
-            if step == max_new_tokens - 1 or bool(done.all()):
+                if bool(done.all()):
+                    break
+            if step == max_new_tokens - 1:
                 break
-            for b in range(B):
-                if self.evict_every is not None and (step + 1) % self.evict_every == 0:
-                    self._evict(b, int(cur[b]), force=True)
-                else:
-                    self._evict(b, int(cur[b]), force=False)
+            force = self.evict_every is not None and (step + 1) % self.evict_every == 0
+            self._evict(list(range(B)), cur_host, force=force)
             pos = cur.to(torch.int32)[:, None]
             logits = self._forward(next_tok[:, None], pos, _SamplerContext(self, slice(0, B), pos, True))
             cur += 1
+            cur_host = [c + 1 for c in cur_host]
             next_tok, next_lp = self._sample(logits, temperature, top_p, gen)
         t2 = time.perf_counter()
 
-        T_used = int((cur + 1).max()) if max_new_tokens > 0 else max(plens)
-        T_used = min(T, max(T_used, max(plens)))
+        self.cache.verify()  # an op that ran unchecked on the GPU and rejected a value surfaces here
+        T_used = min(T, max(max(cur_host) + 1, max(plens)))
         p = next(self.model.parameters())
         lens = torch.tensor(plens, device=device) + action.sum(-1)
         dense = int(lens.sum()) * self.num_layers * self.num_kv_heads * 2 * self.head_dim * p.element_size()

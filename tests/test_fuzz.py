@@ -34,6 +34,7 @@ def _check_pages(cache: PagedKVCache) -> None:
         assert sorted(held + lc.free) == list(range(cache.num_pages)), "a page leaked"
         for b in range(cache.max_batch):
             assert lc.pages_held(b) == math.ceil(int(lc.seq_lens[b]) / cache.page_size)
+    cache.verify()  # the host bookkeeping matches the device tables
 
 
 @st.composite
@@ -161,9 +162,9 @@ def _run_sampler(model, run):
     peak_live = []
     real_evict = sampler._evict
 
-    def watched(b, length, force):  # live slots just before each query is computed
-        real_evict(b, length, force)
-        peak_live.append(max(int(layer.seq_lens[b]) for layer in sampler.cache.layers))
+    def watched(rows, lengths, force):  # live slots just before each query is computed
+        real_evict(rows, lengths, force)
+        peak_live.append(max(int(layer.seq_lens[b]) for layer in sampler.cache.layers for b in rows))
 
     sampler._evict = watched
     r = sampler.generate(prompts, 24, seed=seed)

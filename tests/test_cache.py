@@ -1,0 +1,108 @@
+"""PagedKVCache bookkeeping: the host mirror of lengths and block tables stays equal to the
+device's through appends, evictions, releases and rejected requests; ``verify`` and ``evict``
+report a device that disagrees; on CUDA, unchecked appends and decodes never wait for the GPU.
+(Whole random programs of cache operations are in test_fuzz.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shadowkv import CacheFullError, PagedKVCache
+from shadowkv.ops import NEVER_EVICTED
+
+
+def _cache(device="cpu", **kw):
+    args = dict(num_layers=2, num_kv_heads=2, head_dim=8, num_pages=12, page_size=4, max_batch=3)
+    args.update(kw)
+    return PagedKVCache(**args, device=device)
+
+
+def _append(cache, layer, counts, start, device="cpu"):
+    B, T = len(counts), max(counts)
+    k = torch.randn(B, cache.num_kv_heads, T, cache.head_dim, device=device)
+    pos = (torch.arange(T, device=device) + torch.tensor(start, device=device)[:, None]).to(torch.int32)
+    cache.append(layer, k, k, pos, counts)
+
+
+def test_mirror_follows_append_evict_release():
+    cache = _cache()
+    _append(cache, 0, [5, 0, 9], [0, 0, 0])
+    _append(cache, 1, [2, 3, 1], [0, 0, 0])
+    cache.verify()
+    assert [cache.seq_len(0, b) for b in range(3)] == [5, 0, 9]
+    assert [cache.layers[0].pages_held(b) for b in range(3)] == [2, 0, 3]
+    keep = torch.zeros(3, 2, 16, dtype=torch.bool)
+    keep[0, :, :5] = True  # sequence 0 keeps everything
+    keep[2, :, [0, 7]] = True  # sequence 2 keeps 2 of 9: two of its three pages go back
+    log = torch.full((3, 2, 16), NEVER_EVICTED, dtype=torch.int32)
+    freed = cache.evict(0, keep, torch.tensor([5, 0, 9], dtype=torch.int32), log)
+    assert freed == 2 and cache.seq_len(0, 2) == 2 and cache.layers[0].pages_held(2) == 1
+    cache.verify()
+    cache.release(2)
+    cache.verify()
+    assert cache.num_free_pages() == 2 * 12 - 2 - 2  # left: layer 0 holds 2 + 0 pages, layer 1 holds 1 + 1
+
+
+def test_rejected_requests_leave_the_mirror_alone():
+    cache = _cache(num_pages=3)
+    _append(cache, 0, [4, 4, 0], [0, 0, 0])
+    with pytest.raises(CacheFullError):
+        _append(cache, 0, [1, 1, 8], [4, 4, 0])  # needs 4 pages, 1 left
+    cache.verify()
+    assert cache.num_free_pages() == 1 + 3
+    with pytest.raises(ValueError, match="num_new has 2 entries for 3 rows"):
+        _append(cache, 0, [1, 1], [4, 4])
+    with pytest.raises((ValueError, RuntimeError)):  # a negative position: the op rejects it
+        _append(cache, 0, [1, 0, 0], [-1, 0, 0])
+    cache.verify()
+
+
+def test_verify_reports_a_table_changed_behind_the_cache():
+    cache = _cache()
+    _append(cache, 1, [3, 0, 0], [0, 0, 0])
+    cache.layers[1].block_tables[0, 0] = 11
+    with pytest.raises(RuntimeError, match="layer 1 sequence 0"):
+        cache.verify()
+    cache = _cache()
+    _append(cache, 0, [3, 0, 0], [0, 0, 0])
+    cache.layers[0].seq_lens[0] = 2
+    with pytest.raises(RuntimeError, match="seq_lens 2 .* expects 3"):
+        cache.verify()
+
+
+def test_evict_reports_pages_the_cache_did_not_hand_out():
+    cache = _cache()
+    _append(cache, 0, [8, 0, 0], [0, 0, 0])
+    lc = cache.layers[0]
+    lc.block_tables[0, :2] = lc.block_tables[0, :2].flip(0).clone()  # swapped behind the cache's back
+    keep = torch.zeros(3, 2, 8, dtype=torch.bool)
+    keep[0, :, :2] = True
+    with pytest.raises(RuntimeError, match="changed behind the cache's back"):
+        cache.evict(0, keep, torch.zeros(3, dtype=torch.int32), torch.full((3, 2, 8), NEVER_EVICTED, dtype=torch.int32))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_unchecked_cuda_decode_steps_never_synchronise():
+    """With ``check=False`` the cache appends (crossing page boundaries: new block-table
+    entries) and decodes without one stream synchronisation; evict reads back once."""
+    cache = _cache("cuda", check=False, num_pages=32)
+    for layer in range(2):
+        _append(cache, layer, [5, 1, 7], [0, 0, 0], "cuda")
+    q = torch.randn(3, 4, 8, device="cuda")
+    lens = [5, 1, 7]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(6):
+            k = torch.randn(3, 2, 1, 8, device="cuda")
+            pos = torch.tensor(lens, dtype=torch.int32).pin_memory().to("cuda", non_blocking=True)[:, None]
+            for layer in range(2):
+                cache.append(layer, k, k, pos, [1, 1, 1])
+                cache.decode_attention(layer, q)
+            lens = [n + 1 for n in lens]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cache.verify()
+    assert [cache.seq_len(0, b) for b in range(3)] == lens

@@ -1,0 +1,102 @@
+"""Eviction policies: the batched form (``select_batch``, what the sampler calls) agrees with
+the one-sequence form on ragged, padded batches; every result keeps exactly ``n_keep`` slots
+per head and nothing past a sequence's length; a policy written with either form works."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shadowkv.policies import H2O, FullCache, Policy, RandomEvict, SnapKV, StreamingLLM
+
+
+def _ragged(lens, heads, seed):
+    """Padded positions ``[n, H, S]`` (-1 past each length; each head holds a different sorted
+    subset of positions, sinks first when held) and distinct scores."""
+    g = torch.Generator().manual_seed(seed)
+    S = max(lens) + 5
+    pos = torch.full((len(lens), heads, S), -1, dtype=torch.int32)
+    for i, n in enumerate(lens):
+        for h in range(heads):
+            rest = (torch.randperm(3 * n, generator=g)[: max(0, n - 2)] + 2).sort().values
+            pos[i, h, :n] = torch.cat([torch.arange(min(n, 2)), rest])
+    scores = torch.rand(len(lens), heads, S, generator=g).masked_fill(pos < 0, 0.0)
+    return pos, scores
+
+
+POLICIES = [StreamingLLM(sinks=2), H2O(), H2O(recent_frac=0.0), SnapKV(window=3, kernel=3), SnapKV(window=1, kernel=1)]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=repr)
+@pytest.mark.parametrize("seed", range(4))
+def test_batch_matches_one_sequence_at_a_time(policy, seed):
+    lens = [9, 1, 17, 4]
+    n_keep = [4, 1, 5, 4]
+    pos, scores = _ragged(lens, 3, seed)
+    keep = policy.select_batch(pos, scores, lens, n_keep)
+    assert keep.shape == pos.shape and keep.dtype == torch.bool
+    for i, (n, k) in enumerate(zip(lens, n_keep)):
+        assert not keep[i, :, n:].any(), "kept a slot past the length"
+        assert (keep[i].sum(-1) == k).all()
+        one = policy.select(pos[i, :, :n], scores[i, :, :n], k)
+        assert torch.equal(one, keep[i, :, :n])
+
+
+def _recent_plus_top(pos, scores, recent, n_keep):
+    """Independent reference for one head: the ``recent`` latest positions, then the highest
+    scores among the rest (scores distinct), as a set of positions."""
+    pairs = list(zip(pos.tolist(), scores.tolist()))
+    latest = sorted(pairs, key=lambda ps: -ps[0])[:recent]
+    rest = sorted((p for p in pairs if p not in latest), key=lambda ps: -ps[1])[: n_keep - len(latest)]
+    return {p for p, _ in latest + rest}
+
+
+@pytest.mark.parametrize("policy, recent", [(H2O(), lambda k: int(round(0.5 * k))), (H2O(recent_frac=0.0), lambda k: 0),
+                                            (SnapKV(window=3, kernel=1), lambda k: min(3, k // 2))], ids=str)
+def test_score_policies_keep_recent_then_highest_scores(policy, recent):
+    lens, n_keep = [9, 1, 17, 4], [4, 1, 7, 3]
+    pos, scores = _ragged(lens, 2, 5)
+    keep = policy.select_batch(pos, scores, lens, n_keep)
+    for i, (n, k) in enumerate(zip(lens, n_keep)):
+        for h in range(2):
+            want = _recent_plus_top(pos[i, h, :n], scores[i, h, :n], recent(k), k)
+            assert set(pos[i, h][keep[i, h]].tolist()) == want
+
+
+def test_streaming_keeps_sinks_and_most_recent():
+    pos = torch.tensor([[[0, 1, 5, 6, 9, 11, -1]]], dtype=torch.int32)
+    keep = StreamingLLM(sinks=2).select_batch(pos, None, [6], [4])
+    assert pos[keep].tolist() == [0, 1, 9, 11]
+
+
+def test_random_is_reproducible_and_counts_are_exact():
+    pos, _ = _ragged([12, 3, 8], 2, 0)
+    a, b = RandomEvict(seed=3), RandomEvict(seed=3)
+    a.reset(7), b.reset(7)
+    ka = a.select_batch(pos, None, [12, 3, 8], [5, 3, 1])
+    assert torch.equal(ka, b.select_batch(pos, None, [12, 3, 8], [5, 3, 1]))
+    assert ka.sum(-1).tolist() == [[5, 5], [3, 3], [1, 1]]
+    assert not (ka & (pos < 0)).any()
+
+
+def test_full_cache_keeps_everything():
+    pos, _ = _ragged([5, 2], 2, 1)
+    assert torch.equal(FullCache().select_batch(pos, None, [5, 2], [5, 2]), pos >= 0)
+
+
+class _OnlyOne(Policy):
+    def select(self, positions, scores, n_keep):  # the oldest n_keep slots
+        return torch.arange(positions.shape[-1]).expand(positions.shape) < n_keep
+
+
+def test_policy_with_only_select_gets_a_batched_form():
+    pos, _ = _ragged([6, 3], 2, 2)
+    keep = _OnlyOne().select_batch(pos, None, [6, 3], [2, 3])
+    assert keep.sum(-1).tolist() == [[2, 2], [3, 3]] and not keep[1, :, 3:].any()
+
+
+def test_policy_with_neither_form_raises():
+    with pytest.raises(NotImplementedError, match="neither"):
+        Policy().select_batch(torch.zeros(1, 1, 2, dtype=torch.int32), None, [2], [1])
+    with pytest.raises(NotImplementedError, match="neither"):
+        Policy().select(torch.zeros(1, 2, dtype=torch.int32), None, 1)
