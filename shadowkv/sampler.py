@@ -1,10 +1,10 @@
 """Batched generation with a compressed paged KV cache and an eviction log (DESIGN.md §5).
 
 The sampler drives a transformers causal LM through the ``shadowkv`` attention
-implementation: prompts are prefilled one sequence at a time (optionally in chunks, with
-eviction at each chunk boundary), then all sequences decode together, one token per step,
-with ``paged_decode_attention``. Every eviction is logged in ``evicted_at`` so the learner
-can replay exactly the attention the sampler used.
+implementation: prompts are prefilled in batches of whole, right-padded prompts (or one
+sequence at a time in chunks, with eviction at each chunk boundary), then all sequences
+decode together, one token per step, with ``paged_decode_attention``. Every eviction is
+logged in ``evicted_at`` so the learner can replay exactly the attention the sampler used.
 """
 
 from __future__ import annotations
@@ -53,23 +53,42 @@ class Rollout:
 
 
 class _SamplerContext:
-    """Attention for one model call of the sampler (prefill chunk of one sequence, or decode)."""
+    """Attention for one model call of the sampler: ``"decode"`` (one token per sequence of
+    ``rows``), ``"prompts"`` (whole prompts of ``rows``, right-padded, ``lengths`` tokens each)
+    or ``"chunk"`` (a prefill chunk of the single sequence ``rows.start``, after its survivors,
+    ending at position ``lengths[0]``). Prefill evicts each layer to ``lengths`` once its
+    attention is done."""
 
-    def __init__(self, sampler: "Sampler", rows: slice, positions: torch.Tensor, decode: bool,
-                 observe: int | None = None):
-        self.s, self.rows, self.positions, self.decode, self.observe = sampler, rows, positions, decode, observe
+    def __init__(self, sampler: "Sampler", rows: slice, positions: torch.Tensor, mode: str,
+                 observe: int | None = None, lengths: list[int] | None = None):
+        self.s, self.rows, self.positions, self.mode, self.observe = sampler, rows, positions, mode, observe
+        self.lengths = lengths
 
     def attend(self, layer, q, k, v, scale):
         s, cache = self.s, self.s.cache
         B, _, T, _ = q.shape
-        cache.append(layer, k, v, self.positions, [T] * B, rows=self.rows)
-        if self.decode:
+        cache.append(layer, k, v, self.positions, self.lengths if self.mode == "prompts" else [T] * B, rows=self.rows)
+        if self.mode == "decode":
             scores = s.slot_scores[layer][self.rows] if s.policy.needs_scores else None
             step_scores = torch.zeros_like(scores) if scores is not None else None
             out = cache.decode_attention(layer, q[:, :, 0], scale, step_scores, rows=self.rows)
             if scores is not None:
                 scores += step_scores
             return out[:, :, None]
+        if self.mode == "prompts":
+            # Nothing was cached before: causal attention over the new keys themselves. The
+            # padding keys of a shorter prompt come after its last token, so only its padding
+            # queries (whose outputs are dropped) see them.
+            ev = torch.full(k.shape[:3], NEVER_EVICTED, dtype=torch.int32, device=q.device)
+            out = shadow_attention(q, k, v, ev, 0, scale)
+            if s.policy.needs_scores:
+                for i, n in enumerate(self.lengths):
+                    s.slot_scores[layer][self.rows.start + i, :, :n] += _attention_mass(
+                        q[i : i + 1, :, :n], k[i, :, :n], 0, scale, self.observe)
+            # This layer is done with its prompt keys: evict it now, not after the last layer,
+            # so that only one layer at a time holds whole prompts.
+            s._evict(list(range(self.rows.start, self.rows.stop)), self.lengths, True, layers=[layer])
+            return out
         # Prefill chunk of a single sequence: its survivors then the chunk, all cached.
         b = self.rows.start
         kc, vc, _ = cache.gather(layer, b)
@@ -78,6 +97,7 @@ class _SamplerContext:
         out = shadow_attention(q, kc[None], vc[None], ev, n - T, scale)
         if s.policy.needs_scores:
             s.slot_scores[layer][b, :, :n] += _attention_mass(q, kc, n - T, scale, self.observe)
+        s._evict([b], self.lengths, True, layers=[layer])  # as above
         return out
 
 
@@ -111,11 +131,19 @@ class Sampler:
         evict_every: evict every this many decode steps; default ``None`` evicts whenever
             a sequence exceeds its budget by a page.
         prefill_chunk: prefill prompts in chunks of this many tokens, evicting at each
-            chunk boundary (bounds the peak for long prompts); ``None``: whole prompts.
+            chunk boundary (bounds the peak for long prompts), one sequence at a time;
+            ``None``: whole prompts, many per model call.
+        prefill_tokens: with whole prompts, the most tokens (prompts x longest prompt of the
+            call) one prefill call takes; bounds its activations and the KV of prompts not yet
+            evicted. A longer prompt goes alone. Each layer is evicted as soon as its attention
+            is done, so a call holds whole prompts in one layer at a time; the default,
+            ``num_layers`` x the longest prompt, therefore never holds more KV than prefilling
+            one sequence at a time would.
     """
 
     def __init__(self, model, policy: Policy | None = None, budget: int | float | list | None = None, page_size: int = 16,
-                 max_batch: int = 64, evict_every: int | None = None, prefill_chunk: int | None = None):
+                 max_batch: int = 64, evict_every: int | None = None, prefill_chunk: int | None = None,
+                 prefill_tokens: int | None = None):
         self.model = install(model)
         self.policy = policy or FullCache()
         self.budget = None if isinstance(self.policy, FullCache) else budget
@@ -131,8 +159,10 @@ class Sampler:
             raise ValueError(f"evict_every must be >= 1, got {evict_every}")
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if prefill_tokens is not None and prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
         self.page_size, self.max_batch = page_size, max_batch
-        self.evict_every, self.prefill_chunk = evict_every, prefill_chunk
+        self.evict_every, self.prefill_chunk, self.prefill_tokens = evict_every, prefill_chunk, prefill_tokens
 
     # ---- sizing
     def _max_live(self, total: int, prompt: int) -> int:
@@ -157,9 +187,10 @@ class Sampler:
         )
 
     # ---- eviction
-    def _evict(self, rows: list[int], lengths: list[int], force: bool) -> None:
-        """Evicts the sequences ``rows`` (each layer to its own budget) before their queries at
-        ``lengths``: one policy call and one ``evict_compact`` per layer for all of them.
+    def _evict(self, rows: list[int], lengths: list[int], force: bool, layers: list[int] | None = None) -> None:
+        """Evicts the sequences ``rows`` (each layer of ``layers``, default all, to its own
+        budget) before their queries at ``lengths``: one policy call and one
+        ``evict_compact`` per layer for all of them.
 
         Without ``force`` a sequence waits until it exceeds its budget by a page (one
         eviction per page of decoding, not per token).
@@ -168,7 +199,7 @@ class Sampler:
             return
         cache, device = self.cache, self.evicted_at.device
         slack = 0 if force else self.page_size
-        for layer in range(self.num_layers):
+        for layer in range(self.num_layers) if layers is None else layers:
             due = [(b, n, budget_tokens(self.layer_budgets[layer], n)) for b, n in zip(rows, lengths)]
             due = [(b, n, k) for b, n, k in due if cache.seq_len(layer, b) > k + slack]
             if not due:
@@ -213,6 +244,26 @@ class Sampler:
     def _forward(self, ids, positions, ctx):
         with attention_context(ctx):
             return self.model(input_ids=ids, position_ids=positions.long(), use_cache=False).logits[:, -1]
+
+    def _forward_last(self, ids, positions, ctx, last: torch.Tensor):
+        """Logits at column ``last[b]`` of each row only (the LM head on B positions, not on
+        B x L: ``[B, L, vocab]`` logits of a padded prefill can be gigabytes)."""
+        with attention_context(ctx):
+            h = self.model.get_decoder()(input_ids=ids, position_ids=positions.long(), use_cache=False)
+        h = h.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last]
+        return self.model.get_output_embeddings()(h)
+
+    def _prefill_groups(self, plens: list[int]) -> list[range]:
+        """Consecutive sequences per batched prefill call, at most ``prefill_tokens`` padded tokens."""
+        limit = self.prefill_tokens or self.num_layers * max(plens)
+        groups, start, longest = [], 0, 0
+        for b, n in enumerate(plens):
+            if b > start and (b - start + 1) * max(longest, n) > limit:
+                groups.append(range(start, b))
+                start, longest = b, 0
+            longest = max(longest, n)
+        groups.append(range(start, len(plens)))
+        return groups
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
@@ -264,15 +315,25 @@ class Sampler:
         observe = getattr(self.policy, "window", None)
         for b, p in enumerate(prompts):
             tokens[b, : plens[b]] = p
-            chunk = self.prefill_chunk or plens[b]
-            for c0 in range(0, plens[b], chunk):
-                c1 = min(plens[b], c0 + chunk)
-                pos = torch.arange(c0, c1, dtype=torch.int32, device=device)[None]
-                ctx = _SamplerContext(self, slice(b, b + 1), pos, False, observe)
-                logits = self._forward(p[None, c0:c1], pos, ctx)
-                self._evict([b], [c1], force=True)
-            tok, lp = self._sample(logits, temperature, top_p, gen)
-            next_tok[b], next_lp[b] = tok[0], lp[0]
+        if self.prefill_chunk is None:
+            for group in self._prefill_groups(plens):
+                rows, lens = slice(group.start, group.stop), plens[group.start : group.stop]
+                width = max(lens)
+                # A shorter prompt is padded with pad_token_id at positions past its end.
+                ids = tokens[rows, :width]
+                pos = torch.arange(width, dtype=torch.int32, device=device).expand(len(lens), width).contiguous()
+                ctx = _SamplerContext(self, rows, pos, "prompts", observe, lens)  # evicts layer by layer
+                logits = self._forward_last(ids, pos, ctx, to_device([n - 1 for n in lens], device, torch.int64))
+                next_tok[rows], next_lp[rows] = self._sample(logits, temperature, top_p, gen)
+        else:
+            for b, p in enumerate(prompts):
+                for c0 in range(0, plens[b], self.prefill_chunk):
+                    c1 = min(plens[b], c0 + self.prefill_chunk)
+                    pos = torch.arange(c0, c1, dtype=torch.int32, device=device)[None]
+                    ctx = _SamplerContext(self, slice(b, b + 1), pos, "chunk", observe, [c1])  # evicts layer by layer
+                    logits = self._forward(p[None, c0:c1], pos, ctx)
+                tok, lp = self._sample(logits, temperature, top_p, gen)
+                next_tok[b], next_lp[b] = tok[0], lp[0]
         t1 = time.perf_counter()
 
         cur = to_device(plens, device, torch.int64)  # position of each sequence's next token
@@ -294,7 +355,7 @@ class Sampler:
             force = self.evict_every is not None and (step + 1) % self.evict_every == 0
             self._evict(list(range(B)), cur_host, force=force)
             pos = cur.to(torch.int32)[:, None]
-            logits = self._forward(next_tok[:, None], pos, _SamplerContext(self, slice(0, B), pos, True))
+            logits = self._forward(next_tok[:, None], pos, _SamplerContext(self, slice(0, B), pos, "decode"))
             cur += 1
             cur_host = [c + 1 for c in cur_host]
             next_tok, next_lp = self._sample(logits, temperature, top_p, gen)

@@ -162,8 +162,8 @@ def _run_sampler(model, run):
     peak_live = []
     real_evict = sampler._evict
 
-    def watched(rows, lengths, force):  # live slots just before each query is computed
-        real_evict(rows, lengths, force)
+    def watched(rows, lengths, force, layers=None):  # live slots just before each query is computed
+        real_evict(rows, lengths, force, layers)
         peak_live.append(max(int(layer.seq_lens[b]) for layer in sampler.cache.layers for b in rows))
 
     sampler._evict = watched

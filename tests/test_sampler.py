@@ -87,6 +87,34 @@ def test_chunked_prefill_and_evict_every_replay(llama):
     assert (shadow - rollout.logprobs)[rollout.action_mask].abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("policy", [StreamingLLM(sinks=2), H2O(), SnapKV(window=4, kernel=3)],
+                         ids=lambda p: type(p).__name__)
+def test_batched_prefill_matches_one_prompt_at_a_time(llama, policy):
+    """Whole right-padded prompts per model call (layers evicted as their attention ends) give
+    the same rollout as one prompt per call, and never a higher KV peak at the default size."""
+    prompts = _prompts(5, 9, 40, seed=6)
+    kw = dict(budget=0.25, page_size=4)
+    one = Sampler(llama, policy, prefill_tokens=1, **kw)
+    assert [len(g) for g in one._prefill_groups([len(p) for p in prompts])] == [1] * 5
+    batched = Sampler(llama, policy, **kw)  # default: num_layers x the longest prompt per call
+    everything = Sampler(llama, policy, prefill_tokens=10_000, **kw)
+    a, b, c = (s.generate(prompts, 30, temperature=0.0) for s in (one, batched, everything))
+    for r in (b, c):
+        assert torch.equal(r.tokens, a.tokens) and torch.equal(r.evicted_at, a.evicted_at)
+        torch.testing.assert_close(r.logprobs, a.logprobs, atol=1e-5, rtol=0)
+    assert b.kv_peak_bytes <= a.kv_peak_bytes
+    shadow = token_logprobs(llama, c, "shadow")
+    assert (shadow - c.logprobs)[c.action_mask].abs().max() <= 1e-4
+
+
+def test_prefill_groups_respect_the_token_limit(llama):
+    s = Sampler(llama, StreamingLLM(), budget=8, prefill_tokens=40)
+    assert [list(g) for g in s._prefill_groups([10, 10, 10, 10, 30, 50, 5])] == [[0, 1, 2, 3], [4], [5], [6]]
+    assert [list(g) for g in s._prefill_groups([5, 20, 5])] == [[0, 1], [2]]
+    with pytest.raises(ValueError, match="prefill_tokens"):
+        Sampler(llama, StreamingLLM(), budget=8, prefill_tokens=0)
+
+
 def test_eos_stops_sequences(llama):
     prompts = _prompts(4, 5, 9, seed=5)
     r = Sampler(llama, StreamingLLM(), budget=8, page_size=4).generate(prompts, 60, seed=0, eos_token_id=7)
