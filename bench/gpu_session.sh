@@ -59,7 +59,7 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
         tests/test_sampler_cuda.py -s -k "not ($new)"
       run $py -m pytest -q -rs tests/test_shadow_attention_cuda.py -k cute
       run $py -m pytest -q -rs tests/test_shadow_attention_cuda.py -k wgmma
-      run $py -m pytest -q -rs tests/test_paged_kv_cuda.py -k unchecked
+      run $py -m pytest -q -rs tests/test_paged_kv_cuda.py tests/test_cache.py -k unchecked  # + sync-free decode
       run $py -m pytest -q -m slow tests/test_shadow_attention_cuda.py  # 32k context, every family
       ;;
     memcheck|racecheck)

@@ -12,6 +12,11 @@
 //   dK/dV kernel, block = 64 key rows, per head of the GQA group, per query tile of 32 that can
 //   see the block's keys:
 //     S^T = K Q^T, dP^T = V dO^T, P^T, dS^T as above, dV += P^T dO, dK += dS^T Q (dK *= scale)
+//
+// Partner tiles (K, V in the dQ kernel; Q, dO in the dK/dV kernel) are double-buffered: the
+// next live one is requested with cp.async before the current one is used, so its load runs
+// under the MMAs of the current step. With 2 blocks per SM (the registers allow no more
+// at head_dim 128) there are too few warps for the scheduler to hide a load by switching.
 #include "shadow_attention_common.cuh"
 #include "shadow_attention_cute.cuh"
 #include "shadow_attention_kernels.h"
@@ -30,6 +35,7 @@ using cuda_cute::gemm_ss;
 using cuda_cute::gmem_tile;
 using cuda_cute::load_column_log;
 using cuda_cute::OperandCopies;
+using cuda_cute::PartnerStages;
 
 template <typename T, int D>
 __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
@@ -47,11 +53,11 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
   unsigned char* smem = dynamic_smem();
   Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem)), typename Tr::SmemLayoutOwn{});
   Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Tr::SmemLayoutOwn{});
-  Tensor sK = make_tensor(sdO.data() + size(sdO), typename Tr::SmemLayoutPartner{});
-  Tensor sV = make_tensor(sK.data() + size(sK), typename Tr::SmemLayoutPartner{});
-  Tensor sKt = make_tensor(sK.data(), typename Tr::SmemLayoutPartnerT{});
+  const PartnerStages<Tr> stages(sdO.data() + size(sdO));  // stage s: K, then V
+  Tensor sK = stages.tile(0, 0);  // for register fragment shapes only
+  Tensor sV = stages.tile(0, 1);
   Tensor sKtNoSwizzle = make_tensor(sK.data().get(), typename Tr::SmemLayoutPartnerTNoSwizzle{});
-  int* kinds_s = reinterpret_cast<int*>(smem + 2 * Tr::kOwnBytes + 2 * Tr::kPartnerBytes);
+  int* kinds_s = reinterpret_cast<int*>(smem + 2 * Tr::kOwnBytes + PartnerStages<Tr>::kBytes);
 
   const QueryTile t = query_tile(p, BM);
   const E* qg = static_cast<const E*>(p.q) + t.b * p.q_stride[0] + t.hq * p.q_stride[1];
@@ -85,9 +91,6 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
   const OperandCopies<Tr> s2r(tid);
   Tensor tSsQ = s2r.a.partition_S(sQ);
   Tensor tdPsdO = s2r.a.partition_S(sdO);
-  Tensor tSsK = s2r.b.partition_S(sK);
-  Tensor tdPsV = s2r.b.partition_S(sV);
-  Tensor tdQsKt = s2r.bt.partition_S(sKt);
 
   // Rows of this thread's score registers, with their lse2 and delta (padding rows: P = 0).
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
@@ -104,25 +107,36 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
 
   // Keys past the last query position are in every row's future.
   const int64_t n_key_tiles = (min(p.kv_len, t.p1 + 1) + BN - 1) / BN;
-  for (int64_t tile = 0; tile < n_key_tiles; ++tile) {
-    const TileKind kind = key_tile_kind<BN>(kinds_s, tile, n_key_tiles, mm, n_ev_tiles, p.kv_len, t.p0, t.p1);
-    if (kind == TileKind::kSkip) continue;  // uniform over the block
+  auto load_kv = [&](int64_t tile, int stage) {
     const int64_t k0 = tile * BN;
-    __syncthreads();  // every warp is done with the previous K and V
-    copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(kg, p.k_stride[2], k0)), gmem_thr.partition_D(sK),
-              tPartC, p.kv_len - k0);
-    copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(vg, p.v_stride[2], k0)), gmem_thr.partition_D(sV),
-              tPartC, p.kv_len - k0);
-    cp_async_fence();
-    cp_async_wait<0>();
-    __syncthreads();  // K, V (and on the first tile Q, dO) landed for every thread
+    copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(kg, p.k_stride[2], k0)),
+              gmem_thr.partition_D(stages.tile(stage, 0)), tPartC, p.kv_len - k0);
+    copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(vg, p.v_stride[2], k0)),
+              gmem_thr.partition_D(stages.tile(stage, 1)), tPartC, p.kv_len - k0);
+  };
+  TileKind kind = TileKind::kSkip;
+  int64_t tile = next_live_tile<BN>(0, n_key_tiles, kinds_s, mm, n_ev_tiles, p, t, kind);
+  if (tile < n_key_tiles) load_kv(tile, 0);
+  cp_async_fence();  // group: Q, dO and the first K, V
 
+  for (int stage = 0; tile < n_key_tiles; stage ^= 1) {
+    cp_async_wait<0>();
+    // This stage's K, V (and on the first tile Q, dO) landed for every thread, and every warp is
+    // done with the other stage (the previous tile), which the prefetch below refills.
+    __syncthreads();
+    TileKind next_kind = TileKind::kSkip;
+    const int64_t next = next_live_tile<BN>(tile + 1, n_key_tiles, kinds_s, mm, n_ev_tiles, p, t, next_kind);
+    if (next < n_key_tiles) load_kv(next, stage ^ 1);
+    cp_async_fence();
+
+    const int64_t k0 = tile * BN;
+    Tensor sK_now = stages.tile(stage, 0);
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
     Tensor acc_dp = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
     clear(acc_s);
     clear(acc_dp);
-    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, s2r);
-    gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma, s2r);
+    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, s2r.b.partition_S(sK_now), mma, s2r);
+    gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, s2r.b.partition_S(stages.tile(stage, 1)), mma, s2r);
 
     // dS = P (dP - delta) overwrites S.
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
@@ -139,7 +153,10 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
         s(r, c) = pr * (dp(r, c) - delta_r[r]);
       }
     }
-    gemm_rs(acc_dq, as_a_operand<E>(acc_s), tdQrKt, tdQsKt, mma, s2r);
+    gemm_rs(acc_dq, as_a_operand<E>(acc_s), tdQrKt, s2r.bt.partition_S(stages.transposed(sK_now)), mma, s2r);
+
+    tile = next;
+    kind = next_kind;
   }
   cp_async_wait<0>();  // a block without live tiles still loaded Q and dO
 
@@ -170,10 +187,9 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
   unsigned char* smem = dynamic_smem();
   Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem)), typename Tr::SmemLayoutOwn{});
   Tensor sV = make_tensor(sK.data() + size(sK), typename Tr::SmemLayoutOwn{});
-  Tensor sQ = make_tensor(sV.data() + size(sV), typename Tr::SmemLayoutPartner{});
-  Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Tr::SmemLayoutPartner{});
-  Tensor sQt = make_tensor(sQ.data(), typename Tr::SmemLayoutPartnerT{});
-  Tensor sdOt = make_tensor(sdO.data(), typename Tr::SmemLayoutPartnerT{});
+  const PartnerStages<Tr> stages(sV.data() + size(sV));  // stage s: Q, then dO
+  Tensor sQ = stages.tile(0, 0);  // for register fragment shapes only
+  Tensor sdO = stages.tile(0, 1);
   Tensor sPartTNoSwizzle = make_tensor(sQ.data().get(), typename Tr::SmemLayoutPartnerTNoSwizzle{});
 
   const KeyTile kt = key_tile(p, BM, ev_mm, n_ev_tiles);
@@ -206,10 +222,6 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
   const OperandCopies<Tr> s2r(tid);
   Tensor tSsK = s2r.a.partition_S(sK);
   Tensor tdPsV = s2r.a.partition_S(sV);
-  Tensor tSsQ = s2r.b.partition_S(sQ);
-  Tensor tdPsdO = s2r.b.partition_S(sdO);
-  Tensor tdVsdOt = s2r.bt.partition_S(sdOt);
-  Tensor tdKsQt = s2r.bt.partition_S(sQt);
 
   // Rows of the score registers are this block's keys, columns the query tile's rows.
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
@@ -223,54 +235,76 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
     ev_row[r] = row < kt.rows ? __ldg(evg + kt.k0 + row) : kEvOutOfRange;
   }
 
+  // One step per (head of the GQA group, query tile of BN rows in [i_begin, i_end)), in that
+  // order, so that the prefetch crosses from one head to the next.
   const int64_t group = p.num_q_heads / p.num_kv_heads;
-  for (int64_t g = 0; g < group; ++g) {
-    const int64_t hq = kt.hkv * group + g;
-    const E* qg = static_cast<const E*>(p.q) + kt.b * p.q_stride[0] + hq * p.q_stride[1];
-    const E* dog = static_cast<const E*>(bp.grad_out) + kt.b * bp.do_stride[0] + hq * bp.do_stride[1];
-    const int64_t ws_row0 = (kt.b * p.num_q_heads + hq) * p.q_len;
-    for (int64_t i0 = kt.i_begin; i0 < kt.i_end; i0 += BN) {
-      const auto [rows, p0, full] = query_rows(p, kt, BM, i0, BN);
-      __syncthreads();  // every warp is done with the previous Q and dO
-      copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(qg, p.q_stride[2], i0)), gmem_thr.partition_D(sQ),
-                tPartC, rows);
-      copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(dog, bp.do_stride[2], i0)),
-                gmem_thr.partition_D(sdO), tPartC, rows);
-      cp_async_fence();
-      cp_async_wait<0>();
-      __syncthreads();  // Q, dO (and on the first tile K, V) landed for every thread
+  struct Step {
+    int64_t hq, i0;
+  };
+  const Step first{kt.hkv * group, kt.i_begin};
+  const int64_t hq_end = first.hq + group;
+  auto after = [&](Step st) {  // the step after st; hq == hq_end past the last one
+    st.i0 += BN;
+    if (st.i0 >= kt.i_end) st = Step{st.hq + 1, kt.i_begin};
+    return st;
+  };
+  auto load_qdo = [&](Step st, int stage) {
+    const E* qg = static_cast<const E*>(p.q) + kt.b * p.q_stride[0] + st.hq * p.q_stride[1];
+    const E* dog = static_cast<const E*>(bp.grad_out) + kt.b * bp.do_stride[0] + st.hq * bp.do_stride[1];
+    const int64_t rows = p.q_len - st.i0;
+    copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(qg, p.q_stride[2], st.i0)),
+              gmem_thr.partition_D(stages.tile(stage, 0)), tPartC, rows);
+    copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(dog, bp.do_stride[2], st.i0)),
+              gmem_thr.partition_D(stages.tile(stage, 1)), tPartC, rows);
+  };
+  const bool any = kt.i_begin < kt.i_end;  // some query can see the block's keys
+  if (any) load_qdo(first, 0);
+  cp_async_fence();  // group: K, V and the first Q, dO
 
-      Tensor acc_st = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
-      Tensor acc_dpt = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
-      clear(acc_st);
-      clear(acc_dpt);
-      gemm_ss(acc_st, tSrK, tSrQ, tSsK, tSsQ, mma, s2r);
-      gemm_ss(acc_dpt, tdPrV, tdPrdO, tdPsV, tdPsdO, mma, s2r);
+  int stage = 0;
+  for (Step st = first; any && st.hq < hq_end; st = after(st), stage ^= 1) {
+    cp_async_wait<0>();
+    // This stage's Q, dO (and on the first step K, V) landed for every thread, and every warp is
+    // done with the other stage (the previous step), which the prefetch below refills.
+    __syncthreads();
+    const Step next = after(st);
+    if (next.hq < hq_end) load_qdo(next, stage ^ 1);
+    cp_async_fence();
 
-      // P^T overwrites S^T, dS^T overwrites dP^T.
-      Tensor st = make_tensor(acc_st.data(), acc_rowcol(acc_st.layout()));
-      Tensor dpt = make_tensor(acc_dpt.data(), acc_rowcol(acc_dpt.layout()));
-      float lse2_c[kCols], delta_c[kCols];
+    const auto [rows, p0, full] = query_rows(p, kt, BM, st.i0, BN);
+    Tensor sQ_now = stages.tile(stage, 0);
+    Tensor sdO_now = stages.tile(stage, 1);
+    Tensor acc_st = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
+    Tensor acc_dpt = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
+    clear(acc_st);
+    clear(acc_dpt);
+    gemm_ss(acc_st, tSrK, tSrQ, tSsK, s2r.b.partition_S(sQ_now), mma, s2r);
+    gemm_ss(acc_dpt, tdPrV, tdPrdO, tdPsV, s2r.b.partition_S(sdO_now), mma, s2r);
+
+    // P^T overwrites S^T, dS^T overwrites dP^T.
+    Tensor s_t = make_tensor(acc_st.data(), acc_rowcol(acc_st.layout()));
+    Tensor dp_t = make_tensor(acc_dpt.data(), acc_rowcol(acc_dpt.layout()));
+    const int64_t ws_row0 = (kt.b * p.num_q_heads + st.hq) * p.q_len + st.i0;
+    float lse2_c[kCols], delta_c[kCols];
+    CUTE_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      const int col = get<1>(tScS_rc(0, c));
+      lse2_c[c] = col < rows ? lse2_ws[ws_row0 + col] : INFINITY;
+      delta_c[c] = col < rows ? delta_ws[ws_row0 + col] : 0.f;
+    }
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t key = kt.k0 + get<0>(tScS_rc(r, 0));
       CUTE_UNROLL
       for (int c = 0; c < kCols; ++c) {
-        const int col = get<1>(tScS_rc(0, c));
-        lse2_c[c] = col < rows ? lse2_ws[ws_row0 + i0 + col] : INFINITY;
-        delta_c[c] = col < rows ? delta_ws[ws_row0 + i0 + col] : 0.f;
+        const bool vis = full || visible(key, p0 + get<1>(tScS_rc(r, c)), ev_row[r]);
+        const float pr = vis ? exp2f(s_t(r, c) * scale_log2 - lse2_c[c]) : 0.f;
+        s_t(r, c) = pr;
+        dp_t(r, c) = pr * (dp_t(r, c) - delta_c[c]);
       }
-      CUTE_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        const int64_t key = kt.k0 + get<0>(tScS_rc(r, 0));
-        CUTE_UNROLL
-        for (int c = 0; c < kCols; ++c) {
-          const bool vis = full || visible(key, p0 + get<1>(tScS_rc(r, c)), ev_row[r]);
-          const float pr = vis ? exp2f(st(r, c) * scale_log2 - lse2_c[c]) : 0.f;
-          st(r, c) = pr;
-          dpt(r, c) = pr * (dpt(r, c) - delta_c[c]);
-        }
-      }
-      gemm_rs(acc_dv, as_a_operand<E>(acc_st), tGradrT, tdVsdOt, mma, s2r);
-      gemm_rs(acc_dk, as_a_operand<E>(acc_dpt), tGradrT, tdKsQt, mma, s2r);
     }
+    gemm_rs(acc_dv, as_a_operand<E>(acc_st), tGradrT, s2r.bt.partition_S(stages.transposed(sdO_now)), mma, s2r);
+    gemm_rs(acc_dk, as_a_operand<E>(acc_dpt), tGradrT, s2r.bt.partition_S(stages.transposed(sQ_now)), mma, s2r);
   }
   cp_async_wait<0>();  // a block whose keys no query sees still loaded K and V
 
@@ -304,7 +338,7 @@ void launch(const ShadowAttentionBwdParams& bp, const int2* mm, int64_t n_ev, co
   using Tr = BwdTraits<T, D>;
   static_assert(Tr::kThreads == 128, "launch_one launches 128 threads");
   const ShadowAttentionParams& p = bp.fwd;
-  const size_t tiles = 2 * Tr::kOwnBytes + 2 * Tr::kPartnerBytes;
+  const size_t tiles = 2 * Tr::kOwnBytes + PartnerStages<Tr>::kBytes;
   launch_one(dq_cute_kernel<T, D>, p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM),
              tiles + Tr::kThreads * sizeof(int), "dq_cute_kernel", bp, mm, n_ev, lse2, delta, scale_log2, s);
   launch_one(dkdv_cute_kernel<T, D>, p.batch * p.num_kv_heads * ceil_div(p.kv_len, Tr::kBlockM), tiles,

@@ -346,6 +346,20 @@ __device__ __forceinline__ TileKind key_tile_kind(int* kinds, int64_t tile, int6
   return static_cast<TileKind>(kinds[c]);
 }
 
+// The first key tile of width BN from `from` on (of n_key_tiles) that some row of query tile
+// `t` can see, with its kind; n_key_tiles when none is left. Uniform over the block (every
+// thread must call it: key_tile_kind classifies tiles in batches, with barriers).
+template <int BN>
+__device__ __forceinline__ int64_t next_live_tile(int64_t from, int64_t n_key_tiles, int* kinds_s, const int2* mm,
+                                                  int64_t n_ev_tiles, const ShadowAttentionParams& p,
+                                                  const QueryTile& t, TileKind& kind) {
+  for (int64_t tile = from; tile < n_key_tiles; ++tile) {
+    kind = key_tile_kind<BN>(kinds_s, tile, n_key_tiles, mm, n_ev_tiles, p.kv_len, t.p0, t.p1);
+    if (kind != TileKind::kSkip) return tile;
+  }
+  return n_key_tiles;
+}
+
 // Internal linkage: both translation units include this header and launch their own copy.
 namespace {
 

@@ -70,10 +70,35 @@ struct TileTraits {
 // Forward: 64 query rows against key tiles of 64 (Q, K, V in 48 KB at head_dim 128).
 template <typename T, int D>
 using FwdTraits = TileTraits<T, D, 64>;
-// Backward: 32-row partner tiles (two own and two partner tiles in 48 KB at head_dim 128), so
-// that two score-sized accumulators and two head_dim-wide ones fit the registers.
+// Backward: 32-row partner tiles (two own tiles and two stages of two partner tiles: 64 KB at
+// head_dim 128), so that two score-sized accumulators and two head_dim-wide ones fit the
+// registers.
 template <typename T, int D>
 using BwdTraits = TileTraits<T, D, 32>;
+
+// Two stages of two partner tiles each (the backward's K and V, or Q and dO), for double
+// buffering: stage s, tile j sits (2 s + j) partner tiles past `base`. Every offset is a whole
+// number of swizzle periods (1 KB), so each tile's swizzle lines up with its address bits the
+// same way.
+template <class Tr>
+struct PartnerStages {
+  using E = typename Tr::Element;
+  static constexpr size_t kBytes = 4 * Tr::kPartnerBytes;
+  static_assert(Tr::kPartnerBytes % 1024 == 0, "a partner tile is a whole number of swizzle periods");
+  E* base;
+  CUTE_HOST_DEVICE explicit PartnerStages(E* b) : base(b) {}
+  template <class Ptr>
+  CUTE_HOST_DEVICE explicit PartnerStages(Ptr p) : base(raw_pointer_cast(p)) {}
+  CUTE_HOST_DEVICE auto tile(int stage, int j) const {
+    return make_tensor(make_smem_ptr(base + (2 * stage + j) * (Tr::kBlockN * Tr::kHeadDim)),
+                       typename Tr::SmemLayoutPartner{});
+  }
+  // The same tile seen as [D][kBlockN] (a transposed B operand).
+  template <class Tile>
+  CUTE_HOST_DEVICE static auto transposed(Tile const& t) {
+    return make_tensor(t.data(), typename Tr::SmemLayoutPartnerT{});
+  }
+};
 
 // An accumulator layout (MMA = (2 cols, 2 rows), MMA_M, MMA_N) of SM80_16x8 seen as
 // (rows = (2, MMA_M), cols = (2, MMA_N)): the online softmax reduces along the second mode.

@@ -1,4 +1,4 @@
-// The key-tile walk, the per-key-tile softmax and the epilogue shared by the two CuTe forward
+// The per-key-tile softmax and the epilogue shared by the two CuTe forward
 // kernels (sm_80 mma.sync: shadow_attention_fwd_cute.cu; sm_90a wgmma:
 // shadow_attention_fwd_wgmma_cute.cu).
 // Both see their score and output accumulators through a (rows, cols) view (acc_rowcol of
@@ -10,20 +10,6 @@
 
 namespace shadowkv {
 namespace cuda_attn {
-
-// The first key tile of width BN from `from` on (of n_key_tiles) that some row of query tile
-// `t` can see, with its kind; n_key_tiles when none is left. Uniform over the block (every
-// thread must call it: key_tile_kind classifies tiles in batches, with barriers).
-template <int BN>
-__device__ __forceinline__ int64_t next_live_tile(int64_t from, int64_t n_key_tiles, int* kinds_s, const int2* mm,
-                                                  int64_t n_ev_tiles, const ShadowAttentionParams& p,
-                                                  const QueryTile& t, TileKind& kind) {
-  for (int64_t tile = from; tile < n_key_tiles; ++tile) {
-    kind = key_tile_kind<BN>(kinds_s, tile, n_key_tiles, mm, n_ev_tiles, p.kv_len, t.p0, t.p1);
-    if (kind != TileKind::kSkip) return tile;
-  }
-  return n_key_tiles;
-}
 
 // Masks the scores `s` of key tile k0 (rows x cols view; its coordinates in `rc`), scales them
 // into the log2 domain and applies one online-softmax step: P overwrites S in place, the

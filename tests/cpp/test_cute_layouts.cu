@@ -9,7 +9,8 @@
 //   * the output fragment covers each (row, d) of the block exactly once;
 //   * each shared -> register copy (ldmatrix, also transposed) delivers to every register the
 //     element the MMA expects there, and the transposed views of the partner tiles address
-//     the same shared-memory element as the tile itself.
+//     the same shared-memory element as the tile itself;
+//   * the backward's two stages of two partner tiles fill their buffer exactly once.
 // The same maps for the sm_90a forward's warpgroup MMAs (shadow_attention_wgmma.cuh): score and
 // output accumulators, P as the register A operand of O += P V, and the V^T view.
 // Built by nvcc as plain host code (it never launches anything); returns non-zero on failure.
@@ -200,6 +201,35 @@ void check_traits(const char* name) {
   std::printf("%s: %s\n", name, failures == 0 ? "ok" : "FAILED");
 }
 
+// The backward's double-buffered partner tiles (PartnerStages): the four tiles cover the
+// staging buffer exactly once, and each one's transposed view addresses the tile's own elements.
+template <typename Tr>
+void check_stages(const char* name) {
+  using E = typename Tr::Element;
+  constexpr int N = Tr::kBlockN, D = Tr::kHeadDim;
+  std::vector<E> buf(4 * N * D);
+  const shadowkv::cuda_cute::PartnerStages<Tr> stages(buf.data());
+  std::vector<int> hits(buf.size(), 0);
+  for (int stage = 0; stage < 2; ++stage)
+    for (int j = 0; j < 2; ++j) {
+      Tensor tile = stages.tile(stage, j);
+      Tensor t = stages.transposed(tile);
+      for (int n = 0; n < N; ++n)
+        for (int d = 0; d < D; ++d) {
+          const E* at = &tile(n, d);
+          const long off = long(at - buf.data());
+          EXPECT(off >= 0 && off < long(buf.size()), "%s: stage %d tile %d (%d,%d) outside the buffer\n", name, stage,
+                 j, n, d);
+          if (off >= 0 && off < long(buf.size())) ++hits[off];
+          EXPECT(off / (N * D) == 2 * stage + j, "%s: stage %d tile %d (%d,%d) in another tile's slot\n", name, stage,
+                 j, n, d);
+          EXPECT(&t(d, n) == at, "%s: stage %d tile %d transposed (%d,%d) is another element\n", name, stage, j, d, n);
+        }
+    }
+  for (size_t i = 0; i < hits.size(); ++i) EXPECT(hits[i] == 1, "%s: buffer element %zu used %d times\n", name, i, hits[i]);
+  std::printf("%s stages: %s\n", name, failures == 0 ? "ok" : "FAILED");
+}
+
 // The sm_90a forward (shadow_attention_wgmma.cuh): the same register maps for the wgmma
 // accumulators (scores 64 x BN, output 64 x D, one warpgroup) and for P reused as the register
 // A operand of the O += P V wgmma.
@@ -292,6 +322,8 @@ int main() {
   check_copies<FwdTraits<__half, 128>>("fwd fp16 d128");
   check_copies<BwdTraits<__nv_bfloat16, 64>>("bwd bf16 d64");
   check_copies<BwdTraits<__nv_bfloat16, 128>>("bwd bf16 d128");
+  check_stages<BwdTraits<__nv_bfloat16, 64>>("bwd bf16 d64");
+  check_stages<BwdTraits<__half, 128>>("bwd fp16 d128");
   check_wgmma<shadowkv::cuda_wgmma::FwdTraits<__nv_bfloat16, 64>>("fwd bf16 d64");
   check_wgmma<shadowkv::cuda_wgmma::FwdTraits<__nv_bfloat16, 128>>("fwd bf16 d128");
   check_wgmma<shadowkv::cuda_wgmma::FwdTraits<__half, 128>>("fwd fp16 d128");
