@@ -201,28 +201,73 @@ class PagedKVCache:
 
     # ---- data (thin over the ops)
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-               num_new: list[int] | torch.Tensor, rows: slice = slice(None)) -> None:
+               num_new: list[int] | torch.Tensor, rows: slice | list[int] = slice(None)) -> None:
         """Appends ``num_new[b]`` tokens to each sequence of ``rows``.
 
         k, v: ``[b, Hkv, T, D]``; positions: ``[b, T]`` int32; num_new: ``b`` ints (a list
         keeps the call free of device reads; a tensor is read to the host), where ``b`` is
-        the number of rows selected by ``rows`` (a slice of the batch).
+        the number of rows selected by ``rows`` (a slice of the batch, or distinct row indices).
         """
         counts = num_new.tolist() if isinstance(num_new, torch.Tensor) else list(num_new)
-        selected = range(self.max_batch)[rows]
+        selected = list(range(self.max_batch)[rows]) if isinstance(rows, slice) else list(rows)
         if len(counts) != len(selected):
             raise ValueError(f"num_new has {len(counts)} entries for {len(selected)} rows")
+        if len(set(selected)) != len(selected) or not all(0 <= b < self.max_batch for b in selected):
+            raise ValueError(f"rows must be distinct sequences in [0, {self.max_batch}), got {selected}")
         full = [0] * self.max_batch
         for b, n in zip(selected, counts):
             full[b] = n
         self.reserve(layer, full)
         lc = self.layers[layer]
+        if isinstance(rows, slice):  # views: the op updates seq_lens in place
+            tables, lens = lc.block_tables[rows], lc.seq_lens[rows]
+        else:  # copies: the new lengths are scattered back
+            idx = to_device(selected, self.device, torch.int64)
+            tables, lens = lc.block_tables[idx], lc.seq_lens[idx]
         torch.ops.shadowkv.append_kv(
-            lc.k_pages, lc.v_pages, lc.pos_pages, lc.block_tables[rows], lc.seq_lens[rows],
+            lc.k_pages, lc.v_pages, lc.pos_pages, tables, lens,
             k, v, positions.to(torch.int32), to_device(counts, k.device, torch.int32), self.check,
         )
+        if not isinstance(rows, slice):
+            lc.seq_lens[idx] = lens
         for b, n in zip(selected, counts):
             lc.lens[b] += n
+
+    def fork(self, layer: int, src: list[int], dst: list[int]) -> None:
+        """Gives each empty sequence ``dst[i]`` a copy of sequence ``src[i]``'s slots in ``layer``
+        (its own pages: later appends and evictions of either leave the other alone), e.g. to
+        prefill a prompt once for every sample of a GRPO group.
+
+        Raises ValueError if a ``dst`` row holds tokens or is also a source, CacheFullError
+        (nothing changed) when the pool is too small.
+        """
+        lc = self.layers[layer]
+        if len(src) != len(dst) or len(set(dst)) != len(dst) or set(src) & set(dst):
+            raise ValueError(f"fork: need distinct destination rows, none a source; got src={src}, dst={dst}")
+        if any(lc.lens[b] or lc.pages[b] for b in dst):
+            raise ValueError(f"fork: destination rows must be empty in layer {layer}, got {dst}")
+        total = sum(len(lc.pages[a]) for a in src)
+        if total > len(lc.free):
+            raise CacheFullError(f"layer {layer} needs {total} free pages to fork, {len(lc.free)} left of "
+                                 f"{self.num_pages}")
+        if total == 0:
+            return
+        rows, cols, old, new = [], [], [], []
+        for a, b in zip(src, dst):
+            for col, page in enumerate(lc.pages[a]):
+                lc.pages[b].append(lc.free.pop())
+                rows.append(b)
+                cols.append(col)
+                old.append(page)
+                new.append(lc.pages[b][-1])
+            lc.lens[b] = lc.lens[a]
+        where = to_device([rows, cols, old, new], self.device, torch.int64)
+        for pool in (lc.k_pages, lc.v_pages, lc.pos_pages):
+            pool[where[3]] = pool[where[2]]
+        lc.block_tables[where[0], where[1]] = where[3].to(torch.int32)
+        pairs = to_device([src, dst], self.device, torch.int64)
+        lc.seq_lens[pairs[1]] = lc.seq_lens[pairs[0]]
+        self._peak_pages = max(self._peak_pages, self.pages_in_use())
 
     def gather(self, layer: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The live slots of sequence ``b`` in slot order: k, v ``[Hkv, n, D]``, pos ``[Hkv, n]``."""

@@ -59,10 +59,14 @@ class _SamplerContext:
     ending at position ``lengths[0]``). Prefill evicts each layer to ``lengths`` once its
     attention is done."""
 
-    def __init__(self, sampler: "Sampler", rows: slice, positions: torch.Tensor, mode: str,
-                 observe: int | None = None, lengths: list[int] | None = None):
+    def __init__(self, sampler: "Sampler", rows: slice | list[int], positions: torch.Tensor, mode: str,
+                 observe: int | None = None, lengths: list[int] | None = None,
+                 forks: tuple[list[int], list[int]] = ([], []), fork_batch: int = 1):
         self.s, self.rows, self.positions, self.mode, self.observe = sampler, rows, positions, mode, observe
         self.lengths = lengths
+        # "prompts": (source rows, rows that get a copy of the source's prompt), copied and
+        # evicted fork_batch rows at a time
+        self.forks, self.fork_batch = forks, fork_batch
 
     def attend(self, layer, q, k, v, scale):
         s, cache = self.s, self.s.cache
@@ -81,13 +85,25 @@ class _SamplerContext:
             # queries (whose outputs are dropped) see them.
             ev = torch.full(k.shape[:3], NEVER_EVICTED, dtype=torch.int32, device=q.device)
             out = shadow_attention(q, k, v, ev, 0, scale)
+            scores = s.slot_scores[layer]
             if s.policy.needs_scores:
                 for i, n in enumerate(self.lengths):
-                    s.slot_scores[layer][self.rows.start + i, :, :n] += _attention_mass(
-                        q[i : i + 1, :, :n], k[i, :, :n], 0, scale, self.observe)
+                    scores[self.rows[i], :, :n] += _attention_mass(q[i : i + 1, :, :n], k[i, :, :n], 0, scale,
+                                                                   self.observe)
             # This layer is done with its prompt keys: evict it now, not after the last layer,
-            # so that only one layer at a time holds whole prompts.
-            s._evict(list(range(self.rows.start, self.rows.stop)), self.lengths, True, layers=[layer])
+            # so that only one layer at a time holds whole prompts. Repeats of a prompt get a
+            # copy of its cache (and scores) instead of a forward of their own, a batch at a
+            # time, each batch evicted before the next is copied.
+            length_of = dict(zip(self.rows, self.lengths))
+            src, dst = self.forks
+            for i in range(0, len(dst), self.fork_batch):
+                a, b = src[i : i + self.fork_batch], dst[i : i + self.fork_batch]
+                cache.fork(layer, a, b)
+                if s.policy.needs_scores:
+                    pairs = to_device([a, b], scores.device, torch.int64)
+                    scores[pairs[1]] = scores[pairs[0]]
+                s._evict(b, [length_of[r] for r in a], True, layers=[layer])
+            s._evict(self.rows, self.lengths, True, layers=[layer])
             return out
         # Prefill chunk of a single sequence: its survivors then the chunk, all cached.
         b = self.rows.start
@@ -139,11 +155,14 @@ class Sampler:
             is done, so a call holds whole prompts in one layer at a time; the default,
             ``num_layers`` x the longest prompt, therefore never holds more KV than prefilling
             one sequence at a time would.
+        share_prompts: prefill each distinct prompt once and give its repeats (the samples of
+            a GRPO group) a copy of its cache, layer by layer; each copy is then evicted on its
+            own. Whole-prompt prefill only (not with ``prefill_chunk``).
     """
 
     def __init__(self, model, policy: Policy | None = None, budget: int | float | list | None = None, page_size: int = 16,
                  max_batch: int = 64, evict_every: int | None = None, prefill_chunk: int | None = None,
-                 prefill_tokens: int | None = None):
+                 prefill_tokens: int | None = None, share_prompts: bool = True):
         self.model = install(model)
         self.policy = policy or FullCache()
         self.budget = None if isinstance(self.policy, FullCache) else budget
@@ -163,6 +182,7 @@ class Sampler:
             raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
         self.page_size, self.max_batch = page_size, max_batch
         self.evict_every, self.prefill_chunk, self.prefill_tokens = evict_every, prefill_chunk, prefill_tokens
+        self.share_prompts = share_prompts
 
     # ---- sizing
     def _max_live(self, total: int, prompt: int) -> int:
@@ -253,16 +273,24 @@ class Sampler:
         h = h.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last]
         return self.model.get_output_embeddings()(h)
 
-    def _prefill_groups(self, plens: list[int]) -> list[range]:
-        """Consecutive sequences per batched prefill call, at most ``prefill_tokens`` padded tokens."""
-        limit = self.prefill_tokens or self.num_layers * max(plens)
-        groups, start, longest = [], 0, 0
-        for b, n in enumerate(plens):
-            if b > start and (b - start + 1) * max(longest, n) > limit:
-                groups.append(range(start, b))
-                start, longest = b, 0
-            longest = max(longest, n)
-        groups.append(range(start, len(plens)))
+    def _prefill_limit(self, plens: list[int]) -> int:
+        """Most padded prompt tokens one prefill call holds in a layer (``prefill_tokens``)."""
+        return self.prefill_tokens or self.num_layers * max(plens)
+
+    def _prefill_groups(self, plens: list[int], rows: list[int] | None = None) -> list[list[int]]:
+        """Consecutive prompts per batched prefill call (indices into ``plens``): at most
+        ``prefill_tokens`` padded tokens, counting ``rows[i]`` sequences for prompt ``i`` (its
+        copies hold whole prompts in the layer too); at least one prompt per call."""
+        rows = rows or [1] * len(plens)
+        limit = self._prefill_limit(plens)
+        groups, group, longest, held = [], [], 0, 0
+        for i, (n, r) in enumerate(zip(plens, rows)):
+            if group and (held + r) * max(longest, n) > limit:
+                groups.append(group)
+                group, longest, held = [], 0, 0
+            group.append(i)
+            longest, held = max(longest, n), held + r
+        groups.append(group)
         return groups
 
     @torch.no_grad()
@@ -286,7 +314,9 @@ class Sampler:
             if prompts.dim() != 2:
                 raise ValueError(f"prompts must be [B, L], got shape {tuple(prompts.shape)}")
             prompts = list(prompts)
-        prompts = [torch.as_tensor(p, dtype=torch.long).to(device) for p in prompts]
+        prompts = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
+        keys = [tuple(p.tolist()) if self.share_prompts else b for b, p in enumerate(prompts)]
+        prompts = [p.to(device) for p in prompts]
         B = len(prompts)
         if not 0 < B <= self.max_batch:
             raise ValueError(f"batch of {B} prompts; this sampler takes 1..{self.max_batch}")
@@ -316,15 +346,29 @@ class Sampler:
         for b, p in enumerate(prompts):
             tokens[b, : plens[b]] = p
         if self.prefill_chunk is None:
-            for group in self._prefill_groups(plens):
-                rows, lens = slice(group.start, group.stop), plens[group.start : group.stop]
+            first_of: dict = {}
+            copies: dict[int, list[int]] = {}  # first row of each distinct prompt -> its repeats
+            for b, key in enumerate(keys):
+                copies.setdefault(first_of.setdefault(key, b), []).append(b)
+            firsts = list(copies)
+            limit = self._prefill_limit(plens)
+            for group in self._prefill_groups([plens[a] for a in firsts], [len(copies[a]) for a in firsts]):
+                rows = [firsts[i] for i in group]
+                lens = [plens[a] for a in rows]
+                src = [a for a in rows for _ in copies[a][1:]]
+                dst = [b for a in rows for b in copies[a][1:]]
                 width = max(lens)
                 # A shorter prompt is padded with pad_token_id at positions past its end.
-                ids = tokens[rows, :width]
+                ids = tokens[to_device(rows, device, torch.int64), :width]
                 pos = torch.arange(width, dtype=torch.int32, device=device).expand(len(lens), width).contiguous()
-                ctx = _SamplerContext(self, rows, pos, "prompts", observe, lens)  # evicts layer by layer
+                ctx = _SamplerContext(self, rows, pos, "prompts", observe, lens, (src, dst),
+                                      fork_batch=max(1, limit // width - len(rows)))  # evicts layer by layer
                 logits = self._forward_last(ids, pos, ctx, to_device([n - 1 for n in lens], device, torch.int64))
-                next_tok[rows], next_lp[rows] = self._sample(logits, temperature, top_p, gen)
+                # Every repeat samples its own first token from its prompt's logits.
+                at = {a: i for i, a in enumerate(rows)}
+                logits = logits[to_device(list(range(len(rows))) + [at[a] for a in src], device, torch.int64)]
+                members = to_device(rows + dst, device, torch.int64)
+                next_tok[members], next_lp[members] = self._sample(logits, temperature, top_p, gen)
         else:
             for b, p in enumerate(prompts):
                 for c0 in range(0, plens[b], self.prefill_chunk):

@@ -1,6 +1,7 @@
 """PagedKVCache bookkeeping: the host mirror of lengths and block tables stays equal to the
 device's through appends, evictions, releases and rejected requests; ``verify`` and ``evict``
-report a device that disagrees; on CUDA, unchecked appends and decodes never wait for the GPU.
+report a device that disagrees; ``fork`` copies a sequence into empty rows; on CUDA, unchecked
+appends and decodes never wait for the GPU.
 (Whole random programs of cache operations are in test_fuzz.py.)"""
 
 from __future__ import annotations
@@ -80,6 +81,36 @@ def test_evict_reports_pages_the_cache_did_not_hand_out():
     keep[0, :, :2] = True
     with pytest.raises(RuntimeError, match="changed behind the cache's back"):
         cache.evict(0, keep, torch.zeros(3, dtype=torch.int32), torch.full((3, 2, 8), NEVER_EVICTED, dtype=torch.int32))
+
+
+def test_fork_copies_a_sequence_into_empty_rows():
+    cache = _cache(num_pages=8)
+    _append(cache, 0, [6, 0, 0], [0, 0, 0])
+    cache.fork(0, [0, 0], [2, 1])
+    cache.verify()
+    lc = cache.layers[0]
+    assert [cache.seq_len(0, b) for b in range(3)] == [6, 6, 6] and cache.num_free_pages() == 8 - 6 + 8
+    k0, v0, p0 = cache.gather(0, 0)
+    for b in (1, 2):
+        kb, vb, pb = cache.gather(0, b)
+        assert torch.equal(kb, k0) and torch.equal(vb, v0) and torch.equal(pb, p0)
+        assert not set(lc.pages[b]) & set(lc.pages[0])  # pages of its own
+    _append(cache, 0, [0, 2, 0], [0, 6, 0])  # the copies are independent
+    assert cache.seq_len(0, 0) == 6 and cache.seq_len(0, 1) == 8 and torch.equal(cache.gather(0, 0)[0], k0)
+    cache.verify()
+
+
+def test_fork_rejects_bad_rows_and_a_full_pool_without_changes():
+    cache = _cache(num_pages=3)
+    _append(cache, 0, [6, 1, 0], [0, 0, 0])
+    with pytest.raises(ValueError, match="empty"):
+        cache.fork(0, [0], [1])
+    with pytest.raises(ValueError, match="distinct"):
+        cache.fork(0, [0, 0], [2, 2])
+    with pytest.raises(CacheFullError):
+        cache.fork(0, [0], [2])  # 2 pages wanted, none left
+    cache.verify()
+    assert cache.num_free_pages() == 0 + 3 and cache.seq_len(0, 2) == 0
 
 
 @pytest.mark.cuda

@@ -107,6 +107,36 @@ def test_batched_prefill_matches_one_prompt_at_a_time(llama, policy):
     assert (shadow - c.logprobs)[c.action_mask].abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("policy", [StreamingLLM(sinks=2), H2O(), SnapKV(window=4, kernel=3)],
+                         ids=lambda p: type(p).__name__)
+def test_repeated_prompts_are_prefilled_once(llama, policy):
+    """GRPO groups: each distinct prompt runs through the model once and its repeats get a copy
+    of its cache; the rollout equals prefilling every repeat itself, at no higher KV peak."""
+    prompts = [p for p in _prompts(3, 9, 30, seed=7) for _ in range(4)]
+    kw = dict(budget=0.25, page_size=4)
+    shared = Sampler(llama, policy, **kw)
+    rows_run = []
+    real = shared._forward_last
+    shared._forward_last = lambda ids, *a: rows_run.append(ids.shape[0]) or real(ids, *a)
+    a = shared.generate(prompts, 20, temperature=0.0)
+    assert sum(rows_run) == 3
+    b = Sampler(llama, policy, share_prompts=False, **kw).generate(prompts, 20, temperature=0.0)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.evicted_at, b.evicted_at)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    one = Sampler(llama, policy, share_prompts=False, prefill_tokens=1, **kw).generate(prompts, 20, temperature=0.0)
+    assert a.kv_peak_bytes <= one.kv_peak_bytes  # 4 repeats > 2 layers: copies go a batch at a time
+
+
+def test_repeats_sample_on_their_own_and_replay(llama):
+    prompts = [p for p in _prompts(2, 12, 20, seed=8) for _ in range(3)]
+    r = Sampler(llama, RandomEvict(seed=2), budget=0.25, page_size=4).generate(prompts, 40, seed=3)
+    gen = [tuple(r.tokens[b][r.action_mask[b]].tolist()) for b in range(6)]
+    assert len(set(gen[:3])) > 1 and len(set(gen[3:])) > 1  # temperature 1: the repeats differ
+    assert not torch.equal(r.evicted_at[0], r.evicted_at[1])  # and evict their own random slots
+    shadow = token_logprobs(llama, r, "shadow")
+    assert (shadow - r.logprobs)[r.action_mask].abs().max() <= 1e-4
+
+
 def test_prefill_groups_respect_the_token_limit(llama):
     s = Sampler(llama, StreamingLLM(), budget=8, prefill_tokens=40)
     assert [list(g) for g in s._prefill_groups([10, 10, 10, 10, 30, 50, 5])] == [[0, 1, 2, 3], [4], [5], [6]]
