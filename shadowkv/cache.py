@@ -311,22 +311,23 @@ class PagedKVCache:
             keep, steps.to(device=evicted_at.device, dtype=torch.int32), evicted_at, slot_scores, self.check,
         )
         back = torch.cat([lc.seq_lens[rows][:, None], freed], 1).tolist()
-        released = 0
+        released, errors = 0, []
+        # Every sequence the op compacted is booked before any error is raised, so that one bad
+        # sequence does not leave the others' bookkeeping behind the device.
         for b, (new_len, *row) in zip(range(self.max_batch)[rows], back):
-            if new_len < 0:
-                raise RuntimeError(
-                    f"evict_compact rejected the values of sequence {b} in layer {layer} (check=False): "
-                    f"the sequence is left as it was and poisoned (seq_lens = -1)"
-                )
             held = math.ceil(new_len / self.page_size)
             ids = [p for p in row if p >= 0]
-            if ids != lc.pages[b][held:]:
-                raise RuntimeError(
-                    f"PagedKVCache layer {layer} sequence {b}: evict_compact freed pages {ids}, the cache expected "
-                    f"{lc.pages[b][held:]}; the block table was changed behind the cache's back"
-                )
-            lc.free.extend(ids)
-            lc.pages[b] = lc.pages[b][:held]
-            lc.lens[b] = new_len
-            released += len(ids)
+            if new_len < 0:
+                errors.append(f"evict_compact rejected the values of sequence {b} in layer {layer} (check=False): "
+                              f"the sequence is left as it was and poisoned (seq_lens = -1)")
+            elif ids != lc.pages[b][held:]:
+                errors.append(f"PagedKVCache layer {layer} sequence {b}: evict_compact freed pages {ids}, the cache "
+                              f"expected {lc.pages[b][held:]}; the block table was changed behind the cache's back")
+            else:
+                lc.free.extend(ids)
+                lc.pages[b] = lc.pages[b][:held]
+                lc.lens[b] = new_len
+                released += len(ids)
+        if errors:
+            raise RuntimeError("; ".join(errors))
         return released

@@ -67,10 +67,20 @@ class Policy:
     reset_scores_after_evict = False
     name = "policy"
 
+    def __init_subclass__(cls, **kwargs):
+        # The form a class defines itself wins over an inherited one of the other form: a
+        # subclass of a built-in policy that overrides only ``select`` must not be bypassed
+        # by the built-in ``select_batch`` (which the sampler calls).
+        super().__init_subclass__(**kwargs)
+        if "select" in cls.__dict__ and "select_batch" not in cls.__dict__:
+            cls.select_batch = Policy.select_batch
+        elif "select_batch" in cls.__dict__ and "select" not in cls.__dict__:
+            cls.select = Policy.select
+
     def select(self, positions: torch.Tensor, scores: torch.Tensor | None, n_keep: int) -> torch.Tensor:
         """One sequence. positions: ``[Hkv, n]`` int32; scores: ``[Hkv, n]`` float32 or None ->
         keep ``[Hkv, n]`` bool. The default calls :meth:`select_batch`."""
-        if type(self).select_batch is Policy.select_batch:
+        if type(self).select_batch is Policy.select_batch:  # neither form defined anywhere
             raise NotImplementedError(f"{type(self).__name__} implements neither select nor select_batch")
         return self.select_batch(positions[None], None if scores is None else scores[None], [positions.shape[-1]],
                                  [n_keep])[0]
@@ -81,7 +91,7 @@ class Policy:
         ``[n, Hkv, S]`` float32 or None; lens, n_keep: ``n`` ints with ``n_keep[i] <= lens[i]``
         -> keep ``[n, Hkv, S]`` bool, False past ``lens[i]``. The default loops over
         :meth:`select`."""
-        if type(self).select is Policy.select:
+        if type(self).select is Policy.select:  # neither form defined anywhere
             raise NotImplementedError(f"{type(self).__name__} implements neither select nor select_batch")
         keep = torch.zeros(positions.shape, dtype=torch.bool, device=positions.device)
         for i, (n, k) in enumerate(zip(lens, n_keep)):

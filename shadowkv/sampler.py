@@ -258,7 +258,7 @@ class Sampler:
             sp, si = probs.sort(-1, descending=True)
             drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix reaching top_p
             probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
-        tok = torch.multinomial(probs.cpu(), 1, generator=gen)[:, 0].to(logits.device)
+        tok = torch.multinomial(probs, 1, generator=gen)[:, 0]  # on the logits' device: no round trip
         return tok, logp.gather(-1, tok[:, None])[:, 0]
 
     def _forward(self, ids, positions, ctx):
@@ -267,25 +267,34 @@ class Sampler:
 
     def _forward_last(self, ids, positions, ctx, last: torch.Tensor):
         """Logits at column ``last[b]`` of each row only (the LM head on B positions, not on
-        B x L: ``[B, L, vocab]`` logits of a padded prefill can be gigabytes)."""
+        B x L: ``[B, L, vocab]`` logits of a padded prefill can be gigabytes). The supported
+        families (Llama, Qwen2, Mistral) apply the output embedding and nothing after it, which
+        is what the causal-LM forward does for them too."""
         with attention_context(ctx):
             h = self.model.get_decoder()(input_ids=ids, position_ids=positions.long(), use_cache=False)
         h = h.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last]
         return self.model.get_output_embeddings()(h)
 
     def _prefill_limit(self, plens: list[int]) -> int:
-        """Most padded prompt tokens one prefill call holds in a layer (``prefill_tokens``)."""
-        return self.prefill_tokens or self.num_layers * max(plens)
+        """Most prompt tokens one prefill call may hold in a layer, counted in whole pages
+        (``prefill_tokens``; default: the longest prompt's pages in every layer)."""
+        return self.prefill_tokens or self.num_layers * self._paged(max(plens))
+
+    def _paged(self, n: int) -> int:
+        """``n`` tokens rounded up to whole pages."""
+        return -(-n // self.page_size) * self.page_size
 
     def _prefill_groups(self, plens: list[int], rows: list[int] | None = None) -> list[list[int]]:
-        """Consecutive prompts per batched prefill call (indices into ``plens``): at most
-        ``prefill_tokens`` padded tokens, counting ``rows[i]`` sequences for prompt ``i`` (its
-        copies hold whole prompts in the layer too); at least one prompt per call."""
+        """Consecutive prompts per batched prefill call (indices into ``plens``), at least one:
+        sequences x the longest prompt of the call, rounded up to whole pages, at most
+        ``_prefill_limit``; prompt ``i`` counts ``rows[i]`` sequences (its repeats hold whole
+        prompts in the layer too). Rounding to pages bounds the pages a call holds, which many
+        short prompts (a partly filled page each) would otherwise exceed."""
         rows = rows or [1] * len(plens)
         limit = self._prefill_limit(plens)
         groups, group, longest, held = [], [], 0, 0
         for i, (n, r) in enumerate(zip(plens, rows)):
-            if group and (held + r) * max(longest, n) > limit:
+            if group and (held + r) * self._paged(max(longest, n)) > limit:
                 groups.append(group)
                 group, longest, held = [], 0, 0
             group.append(i)
@@ -327,7 +336,9 @@ class Sampler:
         check_length(self.model, T)
         if seed is None:
             seed = torch.Generator().seed() % 2**63  # fresh entropy, global RNG untouched
-        gen = torch.Generator().manual_seed(seed)
+        # On the model's device: a CPU generator would take the probabilities to the host each
+        # step. Draws are reproducible per seed and device type.
+        gen = torch.Generator(device=device).manual_seed(seed)
         self.policy.reset(seed)
 
         self.cache = self._new_cache(B, plens, max_new_tokens)
@@ -340,49 +351,56 @@ class Sampler:
         action = torch.zeros(B, T, dtype=torch.bool, device=device)
 
         t0 = time.perf_counter()
-        next_tok = torch.empty(B, dtype=torch.long, device=device)
-        next_lp = torch.empty(B, device=device)
         observe = getattr(self.policy, "window", None)
         for b, p in enumerate(prompts):
             tokens[b, : plens[b]] = p
+        # Each sequence's first-token logits; sampled once, in row order, after the prefill,
+        # so that the draws do not depend on how the prompts were grouped or shared.
+        first = None
         if self.prefill_chunk is None:
-            first_of: dict = {}
-            copies: dict[int, list[int]] = {}  # first row of each distinct prompt -> its repeats
-            for b, key in enumerate(keys):
-                copies.setdefault(first_of.setdefault(key, b), []).append(b)
-            firsts = list(copies)
+            first_row: dict = {}
+            owner = [first_row.setdefault(key, b) for b, key in enumerate(keys)]  # first row with this prompt
+            repeats: dict[int, list[int]] = {a: [] for a in first_row.values()}
+            for b, a in enumerate(owner):
+                if b != a:
+                    repeats[a].append(b)
+            firsts = list(repeats)
             limit = self._prefill_limit(plens)
-            for group in self._prefill_groups([plens[a] for a in firsts], [len(copies[a]) for a in firsts]):
+            for group in self._prefill_groups([plens[a] for a in firsts], [1 + len(repeats[a]) for a in firsts]):
                 rows = [firsts[i] for i in group]
                 lens = [plens[a] for a in rows]
-                src = [a for a in rows for _ in copies[a][1:]]
-                dst = [b for a in rows for b in copies[a][1:]]
+                src = [a for a in rows for _ in repeats[a]]
+                dst = [b for a in rows for b in repeats[a]]
                 width = max(lens)
                 # A shorter prompt is padded with pad_token_id at positions past its end.
                 ids = tokens[to_device(rows, device, torch.int64), :width]
                 pos = torch.arange(width, dtype=torch.int32, device=device).expand(len(lens), width).contiguous()
                 ctx = _SamplerContext(self, rows, pos, "prompts", observe, lens, (src, dst),
-                                      fork_batch=max(1, limit // width - len(rows)))  # evicts layer by layer
+                                      fork_batch=max(1, limit // self._paged(width) - len(rows)))  # evicts per layer
                 logits = self._forward_last(ids, pos, ctx, to_device([n - 1 for n in lens], device, torch.int64))
-                # Every repeat samples its own first token from its prompt's logits.
-                at = {a: i for i, a in enumerate(rows)}
-                logits = logits[to_device(list(range(len(rows))) + [at[a] for a in src], device, torch.int64)]
-                members = to_device(rows + dst, device, torch.int64)
-                next_tok[members], next_lp[members] = self._sample(logits, temperature, top_p, gen)
+                if first is None:
+                    first = logits.new_empty(B, logits.shape[-1])
+                first[to_device(rows, device, torch.int64)] = logits
+            first = first[to_device(owner, device, torch.int64)]  # repeats: their prompt's logits
         else:
             for b, p in enumerate(prompts):
                 for c0 in range(0, plens[b], self.prefill_chunk):
                     c1 = min(plens[b], c0 + self.prefill_chunk)
                     pos = torch.arange(c0, c1, dtype=torch.int32, device=device)[None]
-                    ctx = _SamplerContext(self, slice(b, b + 1), pos, "chunk", observe, [c1])  # evicts layer by layer
+                    ctx = _SamplerContext(self, slice(b, b + 1), pos, "chunk", observe, [c1])  # evicts per layer
                     logits = self._forward(p[None, c0:c1], pos, ctx)
-                tok, lp = self._sample(logits, temperature, top_p, gen)
-                next_tok[b], next_lp[b] = tok[0], lp[0]
+                if first is None:
+                    first = logits.new_empty(B, logits.shape[-1])
+                first[b] = logits[0]
+        next_tok, next_lp = self._sample(first, temperature, top_p, gen)
         t1 = time.perf_counter()
 
         cur = to_device(plens, device, torch.int64)  # position of each sequence's next token
         cur_host = list(plens)  # the same on the host: eviction decisions read no device value
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        # Whether every sequence has ended is a device value: reading it waits for the GPU, so
+        # there it is read every few steps (the steps in between change nothing visible).
+        done_every = 1 if device.type == "cpu" else 8
         for step in range(max_new_tokens):
             live = ~done
             col = cur[:, None]
@@ -392,7 +410,7 @@ class Sampler:
             action.scatter_(1, col, (live | action.gather(1, col)[:, 0])[:, None])
             if eos_token_id is not None:
                 done |= live & (next_tok == eos_token_id)
-                if bool(done.all()):
+                if step % done_every == done_every - 1 and bool(done.all()):
                     break
             if step == max_new_tokens - 1:
                 break
@@ -406,9 +424,9 @@ class Sampler:
         t2 = time.perf_counter()
 
         self.cache.verify()  # an op that ran unchecked on the GPU and rejected a value surfaces here
-        T_used = min(T, max(max(cur_host) + 1, max(plens)))
-        p = next(self.model.parameters())
         lens = torch.tensor(plens, device=device) + action.sum(-1)
+        T_used = int(lens.max())
+        p = next(self.model.parameters())
         dense = int(lens.sum()) * self.num_layers * self.num_kv_heads * 2 * self.head_dim * p.element_size()
         n_gen = int(action.sum())
         return Rollout(

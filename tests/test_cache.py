@@ -83,6 +83,21 @@ def test_evict_reports_pages_the_cache_did_not_hand_out():
         cache.evict(0, keep, torch.zeros(3, dtype=torch.int32), torch.full((3, 2, 8), NEVER_EVICTED, dtype=torch.int32))
 
 
+def test_evict_books_every_good_sequence_before_reporting_a_bad_one():
+    cache = _cache(num_pages=12)
+    _append(cache, 0, [6, 12, 12], [0, 0, 0])
+    lc = cache.layers[0]
+    lc.block_tables[1, :2] = lc.block_tables[1, :2].flip(0).clone()  # behind the cache's back
+    keep = torch.zeros(3, 2, 12, dtype=torch.bool)
+    keep[:, :, :2] = True
+    with pytest.raises(RuntimeError, match="sequence 1"):
+        cache.evict(0, keep, torch.full((3,), 12, dtype=torch.int32),
+                    torch.full((3, 2, 12), NEVER_EVICTED, dtype=torch.int32))
+    for b in (0, 2):  # compacted by the op and booked, although sequence 1 raised
+        assert cache.seq_len(0, b) == int(lc.seq_lens[b]) == 2
+        assert lc.pages[b] == lc.block_tables[b][lc.block_tables[b] >= 0].tolist()
+
+
 def test_fork_copies_a_sequence_into_empty_rows():
     cache = _cache(num_pages=8)
     _append(cache, 0, [6, 0, 0], [0, 0, 0])

@@ -95,6 +95,17 @@ def test_policy_with_only_select_gets_a_batched_form():
     assert keep.sum(-1).tolist() == [[2, 2], [3, 3]] and not keep[1, :, 3:].any()
 
 
+class _OldestStreaming(StreamingLLM):
+    def select(self, positions, scores, n_keep):  # overrides only the one-sequence form
+        return _OnlyOne().select(positions, scores, n_keep)
+
+
+def test_subclass_overriding_only_select_is_what_the_batched_form_runs():
+    pos = torch.tensor([[[0, 1, 5, 6, 9, 11, -1]]], dtype=torch.int32)
+    keep = _OldestStreaming(sinks=2).select_batch(pos, None, [6], [3])
+    assert pos[keep].tolist() == [0, 1, 5]  # the override's choice, not StreamingLLM's
+
+
 def test_policy_with_neither_form_raises():
     with pytest.raises(NotImplementedError, match="neither"):
         Policy().select_batch(torch.zeros(1, 1, 2, dtype=torch.int32), None, [2], [1])

@@ -137,10 +137,31 @@ def test_repeats_sample_on_their_own_and_replay(llama):
     assert (shadow - r.logprobs)[r.action_mask].abs().max() <= 1e-4
 
 
-def test_prefill_groups_respect_the_token_limit(llama):
-    s = Sampler(llama, StreamingLLM(), budget=8, prefill_tokens=40)
-    assert [list(g) for g in s._prefill_groups([10, 10, 10, 10, 30, 50, 5])] == [[0, 1, 2, 3], [4], [5], [6]]
-    assert [list(g) for g in s._prefill_groups([5, 20, 5])] == [[0, 1], [2]]
+def test_sampled_rollouts_do_not_depend_on_prefill_grouping(llama):
+    """Same seed, same draws, however the prompts were grouped or shared (first tokens are
+    drawn once, in row order, after the prefill)."""
+    base = _prompts(3, 8, 20, seed=9)
+    prompts = base * 3  # repeats interleaved, not adjacent
+    kw = dict(budget=0.25, page_size=4)
+    runs = [Sampler(llama, StreamingLLM(), **kw, **extra).generate(prompts, 16, temperature=1.5, seed=11)
+            for extra in ({}, dict(share_prompts=False), dict(share_prompts=False, prefill_tokens=1),
+                          dict(prefill_tokens=10_000))]
+    for r in runs[1:]:
+        assert torch.equal(r.tokens, runs[0].tokens)
+        torch.testing.assert_close(r.logprobs, runs[0].logprobs, atol=1e-5, rtol=0)
+
+
+def test_prefill_groups_respect_the_limit_in_whole_pages(llama):
+    s = Sampler(llama, StreamingLLM(), budget=8, page_size=4, prefill_tokens=40)
+    # 10 tokens take 3 pages (12): three such prompts fit 40, a fourth does not
+    assert s._prefill_groups([10, 10, 10, 10, 30, 50, 5]) == [[0, 1, 2], [3], [4], [5], [6]]
+    assert s._prefill_groups([5, 20, 5]) == [[0, 1], [2]]
+    assert s._prefill_groups([5, 5, 5], rows=[5, 1, 1]) == [[0], [1, 2]]  # repeats count
+    # Default: the longest prompt's pages in every layer. Many short prompts of a partly filled
+    # page each may not hold more pages than that: 160 tokens = 10 pages of 16, x 2 layers = 20
+    # pages, i.e. 10 prompts of 17 tokens (2 pages each) per call, not 18.
+    d = Sampler(llama, StreamingLLM(), budget=8, page_size=16)
+    assert [len(g) for g in d._prefill_groups([160] + [17] * 18)] == [2, 10, 7]
     with pytest.raises(ValueError, match="prefill_tokens"):
         Sampler(llama, StreamingLLM(), budget=8, prefill_tokens=0)
 
