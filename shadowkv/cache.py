@@ -96,6 +96,7 @@ class PagedKVCache:
         self.page_bytes = page_size * num_kv_heads * (2 * head_dim * elt + 4)
         self.layers = [self._new_layer() for _ in range(num_layers)]
         self._peak_pages = 0
+        self._uniform_counts: dict[tuple, torch.Tensor] = {}  # read only by the ops
 
     def _new_layer(self) -> LayerCache:
         P, S, H, D = self.num_pages, self.page_size, self.num_kv_heads, self.head_dim
@@ -226,7 +227,7 @@ class PagedKVCache:
             tables, lens = lc.block_tables[idx], lc.seq_lens[idx]
         torch.ops.shadowkv.append_kv(
             lc.k_pages, lc.v_pages, lc.pos_pages, tables, lens,
-            k, v, positions.to(torch.int32), to_device(counts, k.device, torch.int32), self.check,
+            k, v, positions.to(torch.int32), self._counts_on(counts, k.device), self.check,
         )
         if not isinstance(rows, slice):
             lc.seq_lens[idx] = lens
@@ -268,6 +269,16 @@ class PagedKVCache:
         pairs = to_device([src, dst], self.device, torch.int64)
         lc.seq_lens[pairs[1]] = lc.seq_lens[pairs[0]]
         self._peak_pages = max(self._peak_pages, self.pages_in_use())
+
+    def _counts_on(self, counts: list[int], device: torch.device) -> torch.Tensor:
+        """``counts`` as int32 on ``device``; a run of equal counts (every decode step: one token
+        per sequence, every layer) is built once and reused rather than copied up each call."""
+        if counts and all(n == counts[0] for n in counts):
+            key = (counts[0], len(counts), str(device))
+            if key not in self._uniform_counts:
+                self._uniform_counts[key] = torch.full((len(counts),), counts[0], dtype=torch.int32, device=device)
+            return self._uniform_counts[key]
+        return to_device(counts, device, torch.int32)
 
     def gather(self, layer: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The live slots of sequence ``b`` in slot order: k, v ``[Hkv, n, D]``, pos ``[Hkv, n]``."""
