@@ -134,7 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--length", type=int, default=1024)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=_cmd_demo)
+    from .benchmarks import BENCHMARKS
+
+    b = sub.add_parser("bench", help="a benchmark's table of ratios (NAME --help for its options)",
+                       description="Runs shadowkv.benchmarks.NAME with ARGS.")
+    b.add_argument("name", choices=BENCHMARKS)
+    b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
+    b.set_defaults(fn=_cmd_bench)
     return p
+
+
+def _cmd_bench(args) -> int:
+    import importlib
+
+    sys.argv[0] = f"shadowkv bench {args.name}"  # the benchmark's usage line names the command
+    importlib.import_module(f"shadowkv.benchmarks.{args.name}").main(args.args)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

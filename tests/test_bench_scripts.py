@@ -1,4 +1,4 @@
-"""The benchmark scripts run end to end on tiny CPU shapes.
+"""The benchmark scripts (and ``shadowkv bench``) run end to end on tiny CPU shapes.
 
 They are what a rare GPU session runs (bench/gpu_session.sh); a script that broke since the
 last one would waste that session's device time. Here each runs once on CPU at a shape that
@@ -50,6 +50,19 @@ def test_eval_policies_runs_on_a_local_model(tmp_path):
     tiny_model(tmp_path / "m", "llama")  # saved with save_pretrained; the script loads it
     out = _run("eval_policies.py", ["--init", str(tmp_path / "m"), "--prompts", "4", "--runs", "snapkv:0.25"])
     assert "| full |" in out and "| snapkv | 0.25 |" in out
+
+
+def test_shadowkv_bench_runs_the_packaged_benchmark():
+    """``shadowkv bench NAME ARGS`` is the script's benchmark, from the installed package."""
+    args, expected = SMALL["bench_rollout.py"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "shadowkv", "bench", "rollout", *args], capture_output=True,
+                         text=True, env=env, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert expected in res.stdout
+    usage = subprocess.run([sys.executable, "-m", "shadowkv", "bench", "evict", "--help"], capture_output=True,
+                           text=True, timeout=60, cwd=ROOT)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: shadowkv bench evict")
 
 
 def test_gpu_session_script_parses():

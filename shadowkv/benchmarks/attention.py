@@ -54,7 +54,7 @@ DEFAULTS = {
 }
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-L", "--seq-len", type=int, help="keys = queries (CPU 4096, CUDA 8192)")
     p.add_argument("-D", "--head-dim", type=int, help="CPU 64, CUDA 128")
@@ -73,7 +73,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sets", type=int, help="input sets the timed calls rotate over (CPU 1, CUDA 3)")
     p.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baselines")
     p.add_argument("--no-flex", action="store_true", help="skip the FlexAttention baseline")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def with_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
@@ -244,8 +244,8 @@ def run_device(device: torch.device, args) -> None:
           f"fwd+bwd {dense[1] / budget[1]:.2f}x")
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     devices = [args.device] if args.device != "auto" else (
         ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     for name in devices:

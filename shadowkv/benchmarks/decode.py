@@ -176,7 +176,7 @@ def num_sets(args: argparse.Namespace, device: torch.device, set_bytes: int) -> 
     return max(2, math.ceil(3 * l2 / set_bytes))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
@@ -185,7 +185,7 @@ def main() -> None:
     p.add_argument("--sets", type=int,
                    help="distinct caches and queries the calls rotate over (default: 2 on CPU; on CUDA "
                         "enough that their K/V exceed 3x the L2 cache, at least 2)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device, dtype = resolve_args(args)
     elem = dtype.itemsize
     B, ctx, hq, hkv, hd = args.batch, args.ctx, args.heads, args.kv_heads, args.head_dim

@@ -4,7 +4,7 @@ Builds one layer's full cache (``B`` sequences of ``--ctx`` tokens in pages of r
 order, every KV head holding positions ``0 .. ctx - 1``, an empty eviction log), then times:
 
 - ``decode``: one ``paged_decode_attention`` call on that pre-eviction cache (one query token
-  per sequence, as in ``bench_decode.py``);
+  per sequence, as in the decode benchmark);
 - on CUDA, both again with ``check=False`` (the values are checked on the device, no copy to
   the host and no synchronisation; the ``, check=False`` rows compare the two unchecked ops);
 - ``evict_compact`` keeping ``--keep`` of the tokens of every sequence and KV head, with two
@@ -40,7 +40,7 @@ import argparse
 
 import torch
 
-from bench_decode import add_shape_args, header, markdown_table, median_ms, random_pages, resolve_args
+from .decode import add_shape_args, header, markdown_table, median_ms, random_pages, resolve_args
 from shadowkv import ops
 from shadowkv.reference import PagedState, streaming_keep
 
@@ -73,7 +73,7 @@ def min_traffic_bytes(keep: torch.Tensor, head_dim: int, elem: int) -> int:
     return 2 * moved * per_slot + keep.numel() + 4 * evicted
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--sinks", type=int, default=4, help="leading tokens the streaming mask keeps (default: 4)")
     p.add_argument("--every", type=int, default=128,
                    help="decode steps per eviction for the amortized column (default: 128)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device, dtype = resolve_args(args)
     B, ctx, hkv = args.batch, args.ctx, args.kv_heads
     kept = round(args.keep * ctx)

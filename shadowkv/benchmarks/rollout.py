@@ -26,7 +26,7 @@ from shadowkv import Sampler
 from shadowkv.policies import H2O, FullCache, RandomEvict, SnapKV, StreamingLLM
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-B", "--batch", type=int, default=4)
     p.add_argument("--prompt", type=int, default=32)
@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-fit-batch", type=int, default=None,
                    help="largest batch tried in the equal-memory table (default 8 x -B; 0 skips the table)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     max_fit = 8 * args.batch if args.max_fit_batch is None else args.max_fit_batch
 
     torch.manual_seed(0)
