@@ -178,18 +178,25 @@ class PagedKVCache:
         total = sum(n for _, n in wants)
         if total > len(lc.free):
             raise CacheFullError(f"layer {layer} needs {total} free pages, {len(lc.free)} left of {self.num_pages}")
-        if not wants:
-            return
+        if wants:
+            self._grant(lc, wants, [])
+
+    def _grant(self, lc: LayerCache, wants: list[tuple[int, int]], extra: list[int]) -> torch.Tensor:
+        """Moves ``n`` pages from the free list (the caller checked it suffices) to the end of
+        row ``b`` for each ``(b, n)`` of ``wants``, in the bookkeeping and in the device block
+        table. Returns ``[rows, columns, pages, *extra]`` of the new entries on the device
+        (``extra``: one more list of the same length, uploaded in the same copy)."""
         rows, cols, ids = [], [], []
-        for b, need in wants:
-            for _ in range(need):
+        for b, n in wants:
+            for _ in range(n):
                 rows.append(b)
-                cols.append(lc.pages_held(b))
+                cols.append(len(lc.pages[b]))
                 lc.pages[b].append(lc.free.pop())
                 ids.append(lc.pages[b][-1])
-        where = to_device([rows, cols, ids], self.device, torch.int64)
+        where = to_device([rows, cols, ids] + ([extra] if extra else []), self.device, torch.int64)
         lc.block_tables[where[0], where[1]] = where[2].to(torch.int32)
         self._peak_pages = max(self._peak_pages, self.pages_in_use())
+        return where
 
     def release(self, b: int) -> None:
         """Returns every page of sequence ``b`` to the pools."""
@@ -253,22 +260,15 @@ class PagedKVCache:
                                  f"{self.num_pages}")
         if total == 0:
             return
-        rows, cols, old, new = [], [], [], []
-        for a, b in zip(src, dst):
-            for col, page in enumerate(lc.pages[a]):
-                lc.pages[b].append(lc.free.pop())
-                rows.append(b)
-                cols.append(col)
-                old.append(page)
-                new.append(lc.pages[b][-1])
-            lc.lens[b] = lc.lens[a]
-        where = to_device([rows, cols, old, new], self.device, torch.int64)
+        # New pages in the same order as the sources' pages: copy i goes from extra[i] to where[2][i].
+        where = self._grant(lc, [(b, len(lc.pages[a])) for a, b in zip(src, dst)],
+                            [page for a in src for page in lc.pages[a]])
         for pool in (lc.k_pages, lc.v_pages, lc.pos_pages):
-            pool[where[3]] = pool[where[2]]
-        lc.block_tables[where[0], where[1]] = where[3].to(torch.int32)
+            pool[where[2]] = pool[where[3]]
         pairs = to_device([src, dst], self.device, torch.int64)
         lc.seq_lens[pairs[1]] = lc.seq_lens[pairs[0]]
-        self._peak_pages = max(self._peak_pages, self.pages_in_use())
+        for a, b in zip(src, dst):
+            lc.lens[b] = lc.lens[a]
 
     def _counts_on(self, counts: list[int], device: torch.device) -> torch.Tensor:
         """``counts`` as int32 on ``device``; a run of equal counts (every decode step: one token
