@@ -65,6 +65,9 @@ class Policy:
     needs_scores = False
     #: reset the accumulated scores after each eviction (score = attention since then).
     reset_scores_after_evict = False
+    #: equal positions and scores give equal choices (no randomness): the sampler may then
+    #: evict a prompt once and copy the survivors to its repeats.
+    deterministic = False
     name = "policy"
 
     def __init_subclass__(cls, **kwargs):
@@ -110,6 +113,7 @@ class Policy:
 class FullCache(Policy):
     """No eviction (the dense baseline); the sampler never calls it."""
 
+    deterministic = True
     name = "full"
 
     def select_batch(self, positions, scores, lens, n_keep):
@@ -119,6 +123,7 @@ class FullCache(Policy):
 class StreamingLLM(Policy):
     """Attention sinks (the first ``sinks`` positions) plus the most recent tokens."""
 
+    deterministic = True
     name = "streaming"
 
     def __init__(self, sinks: int = 4):
@@ -136,6 +141,7 @@ class H2O(Policy):
     of the budget)."""
 
     needs_scores = True
+    deterministic = True
     name = "h2o"
 
     def __init__(self, recent_frac: float = 0.5):
@@ -156,6 +162,7 @@ class SnapKV(Policy):
 
     needs_scores = True
     reset_scores_after_evict = True
+    deterministic = True
     name = "snapkv"
 
     def __init__(self, window: int = 32, kernel: int = 7):

@@ -92,16 +92,24 @@ class _SamplerContext:
                                                                    self.observe)
             # This layer is done with its prompt keys: evict it now, not after the last layer,
             # so that only one layer at a time holds whole prompts. Repeats of a prompt get a
-            # copy of its cache (and scores) instead of a forward of their own, a batch at a
-            # time, each batch evicted before the next is copied.
-            length_of = dict(zip(self.rows, self.lengths))
+            # copy of its cache (and scores, and eviction log) instead of a forward of their own.
             src, dst = self.forks
+            if s.policy.deterministic:  # a repeat would evict the same slots: copy the survivors
+                s._evict(self.rows, self.lengths, True, layers=[layer])
+                if dst:
+                    cache.fork(layer, src, dst)
+                    pairs = to_device([src, dst], q.device, torch.int64)
+                    scores[pairs[1]] = scores[pairs[0]]
+                    s.evicted_at[pairs[1], layer] = s.evicted_at[pairs[0], layer]
+                return out
+            # Otherwise each repeat chooses on its own from the whole prompt: copies go a batch
+            # at a time, each batch evicted before the next is copied.
+            length_of = dict(zip(self.rows, self.lengths))
             for i in range(0, len(dst), self.fork_batch):
                 a, b = src[i : i + self.fork_batch], dst[i : i + self.fork_batch]
                 cache.fork(layer, a, b)
-                if s.policy.needs_scores:
-                    pairs = to_device([a, b], scores.device, torch.int64)
-                    scores[pairs[1]] = scores[pairs[0]]
+                pairs = to_device([a, b], q.device, torch.int64)
+                scores[pairs[1]] = scores[pairs[0]]
                 s._evict(b, [length_of[r] for r in a], True, layers=[layer])
             s._evict(self.rows, self.lengths, True, layers=[layer])
             return out
