@@ -74,11 +74,16 @@ class Policy:
         # The form a class defines itself wins over an inherited one of the other form: a
         # subclass of a built-in policy that overrides only ``select`` must not be bypassed
         # by the built-in ``select_batch`` (which the sampler calls).
+        # Likewise a class that chooses on its own (either form) is deterministic only if it
+        # says so, whatever it inherits.
         super().__init_subclass__(**kwargs)
-        if "select" in cls.__dict__ and "select_batch" not in cls.__dict__:
+        own = cls.__dict__
+        if "select" in own and "select_batch" not in own:
             cls.select_batch = Policy.select_batch
-        elif "select_batch" in cls.__dict__ and "select" not in cls.__dict__:
+        elif "select_batch" in own and "select" not in own:
             cls.select = Policy.select
+        if ("select" in own or "select_batch" in own) and "deterministic" not in own:
+            cls.deterministic = False
 
     def select(self, positions: torch.Tensor, scores: torch.Tensor | None, n_keep: int) -> torch.Tensor:
         """One sequence. positions: ``[Hkv, n]`` int32; scores: ``[Hkv, n]`` float32 or None ->

@@ -64,8 +64,8 @@ class _SamplerContext:
                  forks: tuple[list[int], list[int]] = ([], []), fork_batch: int = 1):
         self.s, self.rows, self.positions, self.mode, self.observe = sampler, rows, positions, mode, observe
         self.lengths = lengths
-        # "prompts": (source rows, rows that get a copy of the source's prompt), copied and
-        # evicted fork_batch rows at a time
+        # "prompts": (source rows, rows that get a copy of the source's prompt); with a
+        # stochastic policy copied and evicted fork_batch rows at a time
         self.forks, self.fork_batch = forks, fork_batch
 
     def attend(self, layer, q, k, v, scale):
@@ -157,15 +157,16 @@ class Sampler:
         prefill_chunk: prefill prompts in chunks of this many tokens, evicting at each
             chunk boundary (bounds the peak for long prompts), one sequence at a time;
             ``None``: whole prompts, many per model call.
-        prefill_tokens: with whole prompts, the most tokens (prompts x longest prompt of the
-            call) one prefill call takes; bounds its activations and the KV of prompts not yet
-            evicted. A longer prompt goes alone. Each layer is evicted as soon as its attention
-            is done, so a call holds whole prompts in one layer at a time; the default,
-            ``num_layers`` x the longest prompt, therefore never holds more KV than prefilling
-            one sequence at a time would.
+        prefill_tokens: with whole prompts, the most prompt tokens one prefill call holds in
+            a layer: its sequences (repeats included) x its longest prompt, rounded up to whole
+            pages; bounds its activations and the KV of prompts not yet evicted. A longer
+            prompt goes alone. Each layer is evicted as soon as its attention is done, so a
+            call holds whole prompts in one layer at a time; the default, ``num_layers`` x the
+            longest prompt's pages, is what prefilling that prompt alone held in all layers.
         share_prompts: prefill each distinct prompt once and give its repeats (the samples of
-            a GRPO group) a copy of its cache, layer by layer; each copy is then evicted on its
-            own. Whole-prompt prefill only (not with ``prefill_chunk``).
+            a GRPO group) a copy of its cache, layer by layer: with a deterministic policy a
+            copy of its survivors (it is evicted once), otherwise of the whole prompt, each
+            copy then evicted on its own. Whole-prompt prefill only (not with ``prefill_chunk``).
     """
 
     def __init__(self, model, policy: Policy | None = None, budget: int | float | list | None = None, page_size: int = 16,

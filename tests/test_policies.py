@@ -104,6 +104,8 @@ def test_subclass_overriding_only_select_is_what_the_batched_form_runs():
     pos = torch.tensor([[[0, 1, 5, 6, 9, 11, -1]]], dtype=torch.int32)
     keep = _OldestStreaming(sinks=2).select_batch(pos, None, [6], [3])
     assert pos[keep].tolist() == [0, 1, 5]  # the override's choice, not StreamingLLM's
+    # choosing on its own, it is not taken for deterministic unless it says so
+    assert StreamingLLM.deterministic and not _OldestStreaming.deterministic
 
 
 def test_policy_with_neither_form_raises():
