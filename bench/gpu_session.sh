@@ -10,6 +10,13 @@
 #   bash bench/gpu_session.sh memcheck   # compute-sanitizer memcheck, the tests' small cases
 #   bash bench/gpu_session.sh racecheck  # compute-sanitizer racecheck, the same cases
 #   bash bench/gpu_session.sh bench      # the four benchmarks at the acceptance shapes
+#   bash bench/gpu_session.sh first      # all of it that fits ONE device call (see below)
+#
+# A session that draws a GPU gets 15 minutes of device time in all, start-up included, so its
+# first call should be `first` (timeout_s 600, carry .cutlass): the build, then each test
+# group and benchmark under its own time limit, so that a slow or hanging part costs its
+# slice, not the session; everything lands in one log. The separate stages are for sessions
+# with time to spare.
 #
 # Run from the repository root on the GPU machine; the machine keeps the build between
 # commands while it stays warm. Its image has torch, pybind11, cmake, ninja, pytest,
@@ -18,7 +25,7 @@
 # `.cutlass` in the device tool's `carry` list, so the build compiles the CuTe kernel.
 # Copy the tables into bench/RESULTS.md with the device, date and commands.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh cutlass|build|test|memcheck|racecheck|bench}
+stage=${1:?usage: gpu_session.sh cutlass|build|test|memcheck|racecheck|bench|first}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 log="$out/$stage.log"
@@ -72,6 +79,22 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
           --target-processes all $py -m pytest -q -x tests/test_paged_kv_cuda.py \
           tests/test_shadow_attention_cuda.py -k "($cases) and not long_contexts and ($sel)"
       done
+      ;;
+    first)
+      bash "$0" build || failed=1
+      tests="tests/test_shadow_attention_cuda.py tests/test_paged_kv_cuda.py tests/test_cache.py tests/test_sampler_cuda.py"
+      # Slices (s) sum to 400 after a build of about 3 minutes: under the 600 s of one call.
+      part() { local t=$1; shift; run timeout "$t" "$@"; }
+      # Established kernels first, then each family no GPU has run yet in its own process.
+      part 120 $py -m pytest -q -x -rs $tests -k "not (cute or wgmma or unchecked)"
+      part 50 $py -m pytest -q -x tests/test_shadow_attention_cuda.py -k cute
+      part 35 $py -m pytest -q -x tests/test_shadow_attention_cuda.py -k wgmma
+      part 35 $py -m pytest -q -x tests/test_paged_kv_cuda.py tests/test_cache.py -k unchecked
+      part 50 $py -m shadowkv bench attention --device cuda
+      part 35 $py -m shadowkv bench decode --device cuda --scores
+      part 30 $py -m shadowkv bench evict --device cuda
+      part 45 $py -m shadowkv bench rollout --device cuda --dtype bfloat16 -B 64 --prompt 512 --new 512 \
+        --head-dim 128 --max-fit-batch 0
       ;;
     bench)
       run $py bench/bench_shadow_attention.py --device cuda  # bf16, D=128, L=8k, 25% kept
