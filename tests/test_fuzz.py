@@ -151,14 +151,18 @@ _POLICIES = [StreamingLLM(sinks=2), H2O(), SnapKV(window=4, kernel=3), RandomEvi
 def _sampler_runs(draw):
     return (draw(st.sampled_from(range(len(_POLICIES)))), draw(st.sampled_from([0.25, 0.5, 6, 13])),
             draw(st.sampled_from([1, 4, 16])), draw(st.sampled_from([None, 3])),
-            draw(st.lists(st.integers(1, 20), min_size=1, max_size=3)), draw(st.integers(0, 1000)))
+            draw(st.lists(st.integers(1, 20), min_size=1, max_size=3)), draw(st.integers(0, 1000)),
+            draw(st.sampled_from([1, 3])), draw(st.sampled_from([None, 1, 40])))
 
 
 def _run_sampler(model, run):
-    pi, budget, page, evict_every, plens, seed = run
-    sampler = Sampler(model, _POLICIES[pi], budget, page_size=page, evict_every=evict_every)
+    pi, budget, page, evict_every, plens, seed, repeats, prefill_tokens = run
+    sampler = Sampler(model, _POLICIES[pi], budget, page_size=page, evict_every=evict_every,
+                      prefill_tokens=prefill_tokens)
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, VOCAB, (n,), generator=g) for n in plens]
+    # GRPO-like groups when repeats > 1: each prompt prefilled once and forked to its repeats
+    prompts = [p for p in (torch.randint(3, VOCAB, (n,), generator=g) for n in plens) for _ in range(repeats)]
+    plens = [p.numel() for p in prompts]
     peak_live = []
     real_evict = sampler._evict
 
