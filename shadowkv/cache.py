@@ -288,13 +288,15 @@ class PagedKVCache:
         flat = lambda t: t[pages].flatten(0, 1)[:n].transpose(0, 1)  # noqa: E731
         return flat(lc.k_pages), flat(lc.v_pages), flat(lc.pos_pages)
 
-    def positions(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
-        """Positions held by every slot of the sequences ``rows`` (``[n]`` int64 on the cache's
-        device): ``[n, Hkv, max_pages_per_seq * page_size]`` int32, -1 past each length."""
+    def positions(self, layer: int, rows: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """Positions held by the first ``width`` slots (default: every slot, ``max_pages_per_seq
+        * page_size``) of the sequences ``rows`` (``[n]`` int64 on the cache's device):
+        ``[n, Hkv, width]`` int32, -1 past each length."""
         lc = self.layers[layer]
-        table = lc.block_tables[rows]
-        pos = lc.pos_pages[table.clamp(min=0).long()]  # [n, M, page, Hkv]
-        pos = pos.flatten(1, 2).transpose(1, 2)
+        pages = self.max_pages_per_seq if width is None else -(-width // self.page_size)
+        table = lc.block_tables[rows][:, :pages]
+        pos = lc.pos_pages[table.clamp(min=0).long()]  # [n, pages, page, Hkv]
+        pos = pos.flatten(1, 2).transpose(1, 2)[..., :width]
         slot = torch.arange(pos.shape[-1], device=pos.device)
         return pos.masked_fill(slot >= lc.seq_lens[rows][:, None, None], -1)
 

@@ -236,17 +236,20 @@ class Sampler:
             picked, steps, n_keep = (list(t) for t in zip(*due))
             idx = to_device(picked, device, torch.int64)
             scores = self.slot_scores[layer]
-            keep = self.policy.select_batch(cache.positions(layer, idx),
-                                            scores[idx] if self.policy.needs_scores else None,
-                                            [cache.seq_len(layer, b) for b in picked], n_keep)
+            # The policy sees the due sequences' live slots only (not the whole table's width,
+            # which grows with the rollout while the live slots stay near the budget).
+            lens = [cache.seq_len(layer, b) for b in picked]
+            w = max(lens)
+            keep = self.policy.select_batch(cache.positions(layer, idx, w),
+                                            scores[idx, :, :w] if self.policy.needs_scores else None, lens, n_keep)
             counts = keep.sum(-1)
             if not bool((counts == to_device(n_keep, device, torch.int64)[:, None]).all()):
                 raise RuntimeError(f"{self.policy!r} kept {counts.tolist()} slots per head, expected {n_keep}")
             # Every other sequence keeps all its slots: the op leaves it as it is.
             lc = cache.layers[layer]
-            full = torch.arange(keep.shape[-1], device=device) < lc.seq_lens[:, None, None]
+            full = torch.arange(scores.shape[-1], device=device) < lc.seq_lens[:, None, None]
             full = full.expand(-1, self.num_kv_heads, -1).clone()
-            full[idx] = keep
+            full[idx, :, :w] = keep
             step_of = torch.zeros(cache.max_batch, dtype=torch.int32, device=device)
             step_of[idx] = to_device(steps, device, torch.int32)
             cache.evict(layer, full, step_of, self.evicted_at[:, layer], scores if self.policy.needs_scores else None)

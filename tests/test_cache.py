@@ -98,6 +98,17 @@ def test_evict_books_every_good_sequence_before_reporting_a_bad_one():
         assert lc.pages[b] == lc.block_tables[b][lc.block_tables[b] >= 0].tolist()
 
 
+def test_positions_of_the_first_slots_are_a_prefix_of_all():
+    cache = _cache(num_pages=12)
+    _append(cache, 0, [6, 1, 9], [0, 4, 2])
+    rows = torch.tensor([2, 0])
+    every = cache.positions(0, rows)
+    assert every.shape == (2, 2, cache.max_pages_per_seq * cache.page_size)
+    assert every[0, 0, :9].tolist() == list(range(2, 11)) and (every[0, :, 9:] == -1).all()
+    for width in (9, 10, 13):
+        assert torch.equal(cache.positions(0, rows, width), every[..., :width])
+
+
 def test_fork_copies_a_sequence_into_empty_rows():
     cache = _cache(num_pages=8)
     _append(cache, 0, [6, 0, 0], [0, 0, 0])
