@@ -58,7 +58,7 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
       run $py -m shadowkv info
       ;;
     test)
-      # The kernels no GPU has run yet (the CuTe family incl. the wgmma forward, the unchecked
+      # The kernels no GPU has run yet (the CuTe family incl. the wgmma kernels, the unchecked
       # paged paths) go in their own processes: a fault there (an illegal address poisons the
       # CUDA context) must not take the verdict on everything else with it.
       new="cute or wgmma or unchecked"

@@ -30,8 +30,8 @@ def gpu_covered(major: int, minor: int, archs: list[str]) -> bool:
 
 def _cute_state() -> str:
     if _C.built_with_cute():
-        wgmma = ("; wgmma forward for sm_90a: SHADOWKV_ATTENTION_KERNEL=wgmma" if "90a" in built_archs()
-                 else "; no wgmma forward (9.0a not built)")
+        wgmma = ("; wgmma kernels for sm_90a: SHADOWKV_ATTENTION_KERNEL=wgmma" if "90a" in built_archs()
+                 else "; no wgmma kernels (9.0a not built)")
         return "built (opt-in: SHADOWKV_ATTENTION_KERNEL=cute" + wgmma + ")"
     return "not built (" + ("no CUTLASS headers" if _C.built_with_cuda() else "CPU-only build") + ")"
 

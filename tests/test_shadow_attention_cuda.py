@@ -12,7 +12,8 @@ the reference, ``tol * max(1, max|ref|)``:
 
 The cases cover every kernel family: bfloat16/float16 with D in {64, 128} and 16-byte aligned
 rows run on tensor cores (WMMA by default, the CuTe kernels under
-SHADOWKV_ATTENTION_KERNEL=cute: the ``cute`` tests); every other D, float32 and unaligned rows
+SHADOWKV_ATTENTION_KERNEL=cute and the sm_90a wgmma ones under =wgmma: the ``cute`` and
+``wgmma`` tests); every other D, float32 and unaligned rows
 run the SIMT kernels.
 """
 
@@ -435,11 +436,11 @@ needs_cute = pytest.mark.skipif(not _C.built_with_cute(), reason="built without 
 CUTE_CASES = [name for name, case in CASES.items() if case.head_dim in (64, 128)]
 
 
-# The sm_90a wgmma forward (SHADOWKV_ATTENTION_KERNEL=wgmma; its backward is the CuTe one) is
-# skipped where it does not run (not an sm_90 GPU, or no 9.0a in the build): "wgmma" then means
-# "cute", which the cute cases cover.
-needs_wgmma = pytest.mark.skipif(not _C.wgmma_forward_runs_here(),
-                                 reason="the wgmma forward needs an sm_90 GPU and a build with 9.0a and CuTe")
+# The sm_90a wgmma kernels (SHADOWKV_ATTENTION_KERNEL=wgmma, forward and backward) are skipped
+# where they do not run (not an sm_90 GPU, or no 9.0a in the build): "wgmma" then means "cute",
+# which the cute cases cover.
+needs_wgmma = pytest.mark.skipif(not _C.wgmma_runs_here(),
+                                 reason="the wgmma kernels need an sm_90 GPU and a build with 9.0a and CuTe")
 OPT_IN = [pytest.param("cute", marks=needs_cute), pytest.param("wgmma", marks=needs_wgmma)]
 
 

@@ -10,7 +10,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("built_with_cuda", &shadowkv::built_with_cuda, "True when the CUDA kernels were compiled in.");
   m.def("built_with_cute", &shadowkv::built_with_cute,
         "True when the CuTe forward kernel was compiled in (run it with SHADOWKV_ATTENTION_KERNEL=cute).");
-  m.def("wgmma_forward_runs_here", &shadowkv::wgmma_forward_runs_here,
-        "True when the current CUDA device runs the sm_90a wgmma forward (SHADOWKV_ATTENTION_KERNEL=wgmma).");
+  m.def("wgmma_runs_here", &shadowkv::wgmma_runs_here,
+        "True when the current CUDA device runs the sm_90a wgmma kernels (SHADOWKV_ATTENTION_KERNEL=wgmma).");
   m.def("cuda_archs", &shadowkv::cuda_archs, "';'-separated compute capabilities built, e.g. '90a;80'.");
 }

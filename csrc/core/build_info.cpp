@@ -32,13 +32,13 @@ bool built_with_cute() {
 namespace cuda_attn {
 // csrc/cuda/shadow_attention_fwd_wgmma_cute.cu (a cudaStream_t is a ::CUstream_st*; this file
 // is plain C++ without the CUDA headers).
-bool wgmma_forward_available(::CUstream_st* caller);
+bool wgmma_available(::CUstream_st* caller);
 }
 #endif
 
-bool wgmma_forward_runs_here() {
+bool wgmma_runs_here() {
 #if defined(SHADOWKV_WITH_CUDA) && defined(SHADOWKV_HAS_CUTE)
-  return cuda_attn::wgmma_forward_available(nullptr);
+  return cuda_attn::wgmma_available(nullptr);
 #else
   return false;
 #endif

@@ -17,6 +17,7 @@
 // next live one is requested with cp.async before the current one is used, so its load runs
 // under the MMAs of the current step. With 2 blocks per SM (the registers allow no more
 // at head_dim 128) there are too few warps for the scheduler to hide a load by switching.
+#include "shadow_attention_bwd_tile.cuh"
 #include "shadow_attention_common.cuh"
 #include "shadow_attention_cute.cuh"
 #include "shadow_attention_kernels.h"
@@ -29,10 +30,8 @@ using namespace cute;
 using cuda_cute::acc_rowcol;
 using cuda_cute::as_a_operand;
 using cuda_cute::BwdTraits;
-using cuda_cute::copy_rows;
 using cuda_cute::gemm_rs;
 using cuda_cute::gemm_ss;
-using cuda_cute::gmem_tile;
 using cuda_cute::load_column_log;
 using cuda_cute::OperandCopies;
 using cuda_cute::PartnerStages;
@@ -72,10 +71,7 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
   auto gmem_thr = gmem_copy.get_thread_slice(tid);
   Tensor tOwnC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
   Tensor tPartC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
-  copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BM, D>(qg, p.q_stride[2], t.i0)), gmem_thr.partition_D(sQ),
-            tOwnC, t.rows);
-  copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BM, D>(dog, bp.do_stride[2], t.i0)),
-            gmem_thr.partition_D(sdO), tOwnC, t.rows);
+  load_pair<BM, D>(gmem_copy, gmem_thr, tOwnC, t.i0, t.rows, qg, p.q_stride[2], sQ, dog, bp.do_stride[2], sdO);
   cp_async_fence();
 
   typename Tr::TiledMma mma;
@@ -98,21 +94,13 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
   constexpr int kRows = decltype(size<0>(tScS_rc))::value;
   constexpr int kCols = decltype(size<1>(tScS_rc))::value;
   float lse2_r[kRows], delta_r[kRows];
-  CUTE_UNROLL
-  for (int r = 0; r < kRows; ++r) {
-    const int row = get<0>(tScS_rc(r, 0));
-    lse2_r[r] = row < t.rows ? lse2_ws[ws_row0 + row] : INFINITY;
-    delta_r[r] = row < t.rows ? delta_ws[ws_row0 + row] : 0.f;
-  }
+  load_row_stats(lse2_r, delta_r, lse2_ws, delta_ws, ws_row0, t.rows, tScS_rc);
 
   // Keys past the last query position are in every row's future.
   const int64_t n_key_tiles = (min(p.kv_len, t.p1 + 1) + BN - 1) / BN;
   auto load_kv = [&](int64_t tile, int stage) {
-    const int64_t k0 = tile * BN;
-    copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(kg, p.k_stride[2], k0)),
-              gmem_thr.partition_D(stages.tile(stage, 0)), tPartC, p.kv_len - k0);
-    copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(vg, p.v_stride[2], k0)),
-              gmem_thr.partition_D(stages.tile(stage, 1)), tPartC, p.kv_len - k0);
+    load_pair<BN, D>(gmem_copy, gmem_thr, tPartC, tile * BN, p.kv_len - tile * BN, kg, p.k_stride[2],
+                     stages.tile(stage, 0), vg, p.v_stride[2], stages.tile(stage, 1));
   };
   TileKind kind = TileKind::kSkip;
   int64_t tile = next_live_tile<BN>(0, n_key_tiles, kinds_s, mm, n_ev_tiles, p, t, kind);
@@ -143,16 +131,7 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
     Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
     int ev_col[kCols];
     load_column_log(ev_col, evg, k0, p.kv_len, tScS_rc, kind == TileKind::kPartial, kEvOutOfRange);
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      const int64_t pos = t.p0 + get<0>(tScS_rc(r, 0));
-      CUTE_UNROLL
-      for (int c = 0; c < kCols; ++c) {
-        const bool vis = kind == TileKind::kFull || visible(k0 + get<1>(tScS_rc(r, c)), pos, ev_col[c]);
-        const float pr = vis ? exp2f(s(r, c) * scale_log2 - lse2_r[r]) : 0.f;
-        s(r, c) = pr * (dp(r, c) - delta_r[r]);
-      }
-    }
+    ds_by_query_rows(s, dp, tScS_rc, ev_col, kind == TileKind::kFull, k0, t.p0, scale_log2, lse2_r, delta_r);
     gemm_rs(acc_dq, as_a_operand<E>(acc_s), tdQrKt, s2r.bt.partition_S(stages.transposed(sK_now)), mma, s2r);
 
     tile = next;
@@ -160,14 +139,8 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
   }
   cp_async_wait<0>();  // a block without live tiles still loaded Q and dO
 
-  const float scale = scale_log2 / kLog2e;
   Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
-  T* dqg = static_cast<T*>(bp.grad_q) + t.b * bp.dq_stride[0] + t.hq * bp.dq_stride[1] + t.i0 * bp.dq_stride[2];
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc_dq); ++i) {
-    const int row = get<0>(tOcO(i));
-    if (row < t.rows) dqg[row * bp.dq_stride[2] + get<1>(tOcO(i))] = from_f32<T>(acc_dq(i) * scale);
-  }
+  write_dq<T>(bp, t, acc_dq, tOcO, scale_log2 / kLog2e);
 #endif
 }
 
@@ -201,10 +174,7 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
   auto gmem_thr = gmem_copy.get_thread_slice(tid);
   Tensor tOwnC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
   Tensor tPartC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
-  copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BM, D>(kg, p.k_stride[2], kt.k0)), gmem_thr.partition_D(sK),
-            tOwnC, kt.rows);
-  copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BM, D>(vg, p.v_stride[2], kt.k0)), gmem_thr.partition_D(sV),
-            tOwnC, kt.rows);
+  load_pair<BM, D>(gmem_copy, gmem_thr, tOwnC, kt.k0, kt.rows, kg, p.k_stride[2], sK, vg, p.v_stride[2], sV);
   cp_async_fence();
 
   typename Tr::TiledMma mma;
@@ -227,48 +197,24 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
   Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
   constexpr int kRows = decltype(size<0>(tScS_rc))::value;
-  constexpr int kCols = decltype(size<1>(tScS_rc))::value;
   int ev_row[kRows];
-  CUTE_UNROLL
-  for (int r = 0; r < kRows; ++r) {
-    const int row = get<0>(tScS_rc(r, 0));
-    ev_row[r] = row < kt.rows ? __ldg(evg + kt.k0 + row) : kEvOutOfRange;
-  }
+  load_row_log(ev_row, evg, kt, tScS_rc);
 
-  // One step per (head of the GQA group, query tile of BN rows in [i_begin, i_end)), in that
-  // order, so that the prefetch crosses from one head to the next.
-  const int64_t group = p.num_q_heads / p.num_kv_heads;
-  struct Step {
-    int64_t hq, i0;
+  const HeadQuerySteps steps(p, kt, BN);
+  auto load_qdo = [&](HeadQuerySteps::Step st, int stage) {
+    load_q_do<BN, D, E>(gmem_copy, gmem_thr, tPartC, bp, kt, st, stages.tile(stage, 0), stages.tile(stage, 1));
   };
-  const Step first{kt.hkv * group, kt.i_begin};
-  const int64_t hq_end = first.hq + group;
-  auto after = [&](Step st) {  // the step after st; hq == hq_end past the last one
-    st.i0 += BN;
-    if (st.i0 >= kt.i_end) st = Step{st.hq + 1, kt.i_begin};
-    return st;
-  };
-  auto load_qdo = [&](Step st, int stage) {
-    const E* qg = static_cast<const E*>(p.q) + kt.b * p.q_stride[0] + st.hq * p.q_stride[1];
-    const E* dog = static_cast<const E*>(bp.grad_out) + kt.b * bp.do_stride[0] + st.hq * bp.do_stride[1];
-    const int64_t rows = p.q_len - st.i0;
-    copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(qg, p.q_stride[2], st.i0)),
-              gmem_thr.partition_D(stages.tile(stage, 0)), tPartC, rows);
-    copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(dog, bp.do_stride[2], st.i0)),
-              gmem_thr.partition_D(stages.tile(stage, 1)), tPartC, rows);
-  };
-  const bool any = kt.i_begin < kt.i_end;  // some query can see the block's keys
-  if (any) load_qdo(first, 0);
+  if (!steps.done(steps.first())) load_qdo(steps.first(), 0);
   cp_async_fence();  // group: K, V and the first Q, dO
 
   int stage = 0;
-  for (Step st = first; any && st.hq < hq_end; st = after(st), stage ^= 1) {
+  for (auto st = steps.first(); !steps.done(st); st = steps.after(st), stage ^= 1) {
     cp_async_wait<0>();
     // This stage's Q, dO (and on the first step K, V) landed for every thread, and every warp is
     // done with the other stage (the previous step), which the prefetch below refills.
     __syncthreads();
-    const Step next = after(st);
-    if (next.hq < hq_end) load_qdo(next, stage ^ 1);
+    const auto next = steps.after(st);
+    if (!steps.done(next)) load_qdo(next, stage ^ 1);
     cp_async_fence();
 
     const auto [rows, p0, full] = query_rows(p, kt, BM, st.i0, BN);
@@ -285,76 +231,39 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads)
     Tensor s_t = make_tensor(acc_st.data(), acc_rowcol(acc_st.layout()));
     Tensor dp_t = make_tensor(acc_dpt.data(), acc_rowcol(acc_dpt.layout()));
     const int64_t ws_row0 = (kt.b * p.num_q_heads + st.hq) * p.q_len + st.i0;
-    float lse2_c[kCols], delta_c[kCols];
-    CUTE_UNROLL
-    for (int c = 0; c < kCols; ++c) {
-      const int col = get<1>(tScS_rc(0, c));
-      lse2_c[c] = col < rows ? lse2_ws[ws_row0 + col] : INFINITY;
-      delta_c[c] = col < rows ? delta_ws[ws_row0 + col] : 0.f;
-    }
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      const int64_t key = kt.k0 + get<0>(tScS_rc(r, 0));
-      CUTE_UNROLL
-      for (int c = 0; c < kCols; ++c) {
-        const bool vis = full || visible(key, p0 + get<1>(tScS_rc(r, c)), ev_row[r]);
-        const float pr = vis ? exp2f(s_t(r, c) * scale_log2 - lse2_c[c]) : 0.f;
-        s_t(r, c) = pr;
-        dp_t(r, c) = pr * (dp_t(r, c) - delta_c[c]);
-      }
-    }
+    p_ds_by_key_rows(s_t, dp_t, tScS_rc, ev_row, full, kt.k0, p0, scale_log2, lse2_ws, delta_ws, ws_row0, rows);
     gemm_rs(acc_dv, as_a_operand<E>(acc_st), tGradrT, s2r.bt.partition_S(stages.transposed(sdO_now)), mma, s2r);
     gemm_rs(acc_dk, as_a_operand<E>(acc_dpt), tGradrT, s2r.bt.partition_S(stages.transposed(sQ_now)), mma, s2r);
   }
   cp_async_wait<0>();  // a block whose keys no query sees still loaded K and V
 
-  const float scale = scale_log2 / kLog2e;
   Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
-  T* dkg = static_cast<T*>(bp.grad_k) + kt.b * bp.dk_stride[0] + kt.hkv * bp.dk_stride[1] + kt.k0 * bp.dk_stride[2];
-  T* dvg = static_cast<T*>(bp.grad_v) + kt.b * bp.dv_stride[0] + kt.hkv * bp.dv_stride[1] + kt.k0 * bp.dv_stride[2];
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc_dk); ++i) {
-    const int row = get<0>(tOcO(i)), d = get<1>(tOcO(i));
-    if (row < kt.rows) {
-      dkg[row * bp.dk_stride[2] + d] = from_f32<T>(acc_dk(i) * scale);
-      dvg[row * bp.dv_stride[2] + d] = from_f32<T>(acc_dv(i));
-    }
-  }
+  write_dkdv<T>(bp, kt, acc_dk, acc_dv, tOcO, scale_log2 / kLog2e);
 #endif
-}
-
-template <typename Kernel>
-void launch_one(Kernel kernel, int64_t blocks, size_t smem, const char* name, const ShadowAttentionBwdParams& bp,
-                const int2* mm, int64_t n_ev, const float* lse2, const float* delta, float scale_log2, cudaStream_t s) {
-  if (blocks == 0) return;
-  set_smem_limit(kernel, smem);
-  kernel<<<grid_1d(blocks, name), 128, smem, s>>>(bp, mm, n_ev, lse2, delta, scale_log2);
-  check_launch(name);
 }
 
 template <typename T, int D>
 void launch(const ShadowAttentionBwdParams& bp, const int2* mm, int64_t n_ev, const float* lse2, const float* delta,
             float scale_log2, cudaStream_t s) {
   using Tr = BwdTraits<T, D>;
-  static_assert(Tr::kThreads == 128, "launch_one launches 128 threads");
+  static_assert(Tr::kThreads == kBwdThreads, "launch_cute_bwd_kernel launches kBwdThreads threads");
   const ShadowAttentionParams& p = bp.fwd;
   const size_t tiles = 2 * Tr::kOwnBytes + PartnerStages<Tr>::kBytes;
-  launch_one(dq_cute_kernel<T, D>, p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM),
-             tiles + Tr::kThreads * sizeof(int), "dq_cute_kernel", bp, mm, n_ev, lse2, delta, scale_log2, s);
-  launch_one(dkdv_cute_kernel<T, D>, p.batch * p.num_kv_heads * ceil_div(p.kv_len, Tr::kBlockM), tiles,
-             "dkdv_cute_kernel", bp, mm, n_ev, lse2, delta, scale_log2, s);
+  const int64_t q_blocks = p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM);
+  const int64_t k_blocks = p.batch * p.num_kv_heads * ceil_div(p.kv_len, Tr::kBlockM);
+  launch_cute_bwd_kernel(dq_cute_kernel<T, D>, q_blocks, tiles + Tr::kThreads * sizeof(int), "dq_cute_kernel", bp, mm,
+                         n_ev, lse2, delta, scale_log2, s);
+  launch_cute_bwd_kernel(dkdv_cute_kernel<T, D>, k_blocks, tiles, "dkdv_cute_kernel", bp, mm, n_ev, lse2, delta,
+                         scale_log2, s);
 }
 
 }  // namespace
 
 void launch_bwd_cute(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
                      const float* delta, float scale_log2, cudaStream_t s) {
-  const bool bf16 = bp.fwd.dtype == DType::kBFloat16;
-  if (bp.fwd.head_dim == 64) return bf16 ? launch<__nv_bfloat16, 64>(bp, ev_mm, n_ev, lse2, delta, scale_log2, s)
-                                         : launch<__half, 64>(bp, ev_mm, n_ev, lse2, delta, scale_log2, s);
-  if (bp.fwd.head_dim == 128) return bf16 ? launch<__nv_bfloat16, 128>(bp, ev_mm, n_ev, lse2, delta, scale_log2, s)
-                                          : launch<__half, 128>(bp, ev_mm, n_ev, lse2, delta, scale_log2, s);
-  throw std::logic_error("launch_bwd_cute: head_dim must be 64 or 128");
+  dispatch_16bit_d64_d128(bp.fwd.dtype, bp.fwd.head_dim, "launch_bwd_cute", [&](auto tag, auto d) {
+    launch<typename decltype(tag)::type, decltype(d)::value>(bp, ev_mm, n_ev, lse2, delta, scale_log2, s);
+  });
 }
 
 }  // namespace cuda_attn

@@ -204,6 +204,20 @@ struct TypeTag {
   using type = T;
 };
 
+// Calls f(TypeTag<T>{}, std::integral_constant<int, D>{}) for the 16-bit element type T of `dt`
+// and head_dim D in {64, 128}: the instantiations of the CuTe and wgmma kernels. The callers
+// check first; anything else is a logic_error naming `fn`.
+template <typename F>
+void dispatch_16bit_d64_d128(DType dt, int64_t head_dim, const char* fn, F&& f) {
+  using D64 = std::integral_constant<int, 64>;
+  using D128 = std::integral_constant<int, 128>;
+  if (dt != DType::kBFloat16 && dt != DType::kFloat16) throw std::logic_error(std::string(fn) + ": 16-bit dtypes only");
+  const bool bf16 = dt == DType::kBFloat16;
+  if (head_dim == 64) return bf16 ? f(TypeTag<__nv_bfloat16>{}, D64{}) : f(TypeTag<__half>{}, D64{});
+  if (head_dim == 128) return bf16 ? f(TypeTag<__nv_bfloat16>{}, D128{}) : f(TypeTag<__half>{}, D128{});
+  throw std::logic_error(std::string(fn) + ": head_dim must be 64 or 128");
+}
+
 // Calls f(TypeTag<T>{}) with the CUDA element type of `dt` (float64 was rejected earlier).
 template <typename F>
 void dispatch_dtype(DType dt, F&& f) {

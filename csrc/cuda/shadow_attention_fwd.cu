@@ -382,7 +382,7 @@ void shadow_attention_fwd_cuda(const ShadowAttentionParams& p, void* stream) {
   const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
   const bool tc = choice != AttnKernel::kSimt && fwd_uses_tensor_cores(p);
 #ifdef SHADOWKV_HAS_CUTE
-  if (tc && choice == AttnKernel::kWgmma && wgmma_forward_available(s))
+  if (tc && choice == AttnKernel::kWgmma && wgmma_available(s))
     return launch_fwd_wgmma(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
   if (tc && (choice == AttnKernel::kCute || choice == AttnKernel::kWgmma))
     return launch_fwd_cute(p, ev_mm.as<int2>(), n_ev, scale_log2, s);

@@ -169,12 +169,9 @@ void launch(const ShadowAttentionParams& p, const int2* mm, int64_t n_ev, float 
 
 void launch_fwd_cute(const ShadowAttentionParams& p, const int2* ev_mm, int64_t n_ev, float scale_log2,
                      cudaStream_t s) {
-  const bool bf16 = p.dtype == DType::kBFloat16;
-  if (p.head_dim == 64) return bf16 ? launch<__nv_bfloat16, 64>(p, ev_mm, n_ev, scale_log2, s)
-                                    : launch<__half, 64>(p, ev_mm, n_ev, scale_log2, s);
-  if (p.head_dim == 128) return bf16 ? launch<__nv_bfloat16, 128>(p, ev_mm, n_ev, scale_log2, s)
-                                     : launch<__half, 128>(p, ev_mm, n_ev, scale_log2, s);
-  throw std::logic_error("launch_fwd_cute: head_dim must be 64 or 128");
+  dispatch_16bit_d64_d128(p.dtype, p.head_dim, "launch_fwd_cute", [&](auto tag, auto d) {
+    launch<typename decltype(tag)::type, decltype(d)::value>(p, ev_mm, n_ev, scale_log2, s);
+  });
 }
 
 }  // namespace cuda_attn

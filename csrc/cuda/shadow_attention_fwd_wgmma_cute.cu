@@ -1,7 +1,7 @@
 // Shadow-attention forward for sm_90a (H100/H200) with warpgroup MMAs (wgmma) through CUTLASS
 // CuTe: bfloat16/float16, head_dim 64 or 128. Built only with the CuTe headers; its body is
 // compiled only for sm_90a (elsewhere it traps, and the host never picks it: see
-// wgmma_forward_available). Same results contract as the other kernels: out and lse of the
+// wgmma_available). Same results contract as the other kernels: out and lse of the
 // shadow mask, fp32 accumulation, rows without a visible key give out = 0, lse = -inf.
 //
 // Per block: 64 query rows of one (batch, query head), one warpgroup (4 warps). Per key tile of
@@ -36,14 +36,8 @@ using cuda_wgmma::as_a_operand;
 using cuda_wgmma::fence_smem_for_wgmma;
 using cuda_wgmma::FwdTraits;
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define SHADOWKV_WGMMA_BODY 1
-#else
-#define SHADOWKV_WGMMA_BODY 0
-#endif
-
-// 1 in the sm_90a build of this file, 0 in the others: what wgmma_forward_available asks the
-// loaded binary (the kernel's own body is a trap everywhere but sm_90a).
+// 1 in the sm_90a build of this file, 0 in the others: what wgmma_available asks the loaded
+// binary (the wgmma kernels' bodies are traps everywhere but sm_90a).
 __global__ void wgmma_probe_kernel(int* out) { *out = SHADOWKV_WGMMA_BODY; }
 
 template <typename T, int D>
@@ -58,17 +52,13 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
   constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN;
   const int tid = threadIdx.x;
 
-  // The 128-byte swizzle (and CuTe's descriptors, base offset 0) need tiles on 1024-byte
-  // boundaries; __align__ on dynamic shared memory is not a guarantee, so the launch asks for
-  // 1024 spare bytes and the base is rounded up here.
-  extern __shared__ __align__(1024) unsigned char shadowkv_wgmma_smem[];
-  unsigned char* smem = shadowkv_wgmma_smem + ((1024u - (cast_smem_ptr_to_uint(shadowkv_wgmma_smem) & 1023u)) & 1023u);
-  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem)), typename Tr::SmemLayoutQ{});
-  Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem + Tr::kQBytes)), typename Tr::SmemLayoutKV{});
-  Tensor sV = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem + Tr::kQBytes + Tr::kKVBytes)),
-                          typename Tr::SmemLayoutKV{});
-  Tensor sVt = make_tensor(sV.data(), typename Tr::SmemLayoutVt{});
-  int* kinds_s = reinterpret_cast<int*>(smem + Tr::kQBytes + 2 * Tr::kKVBytes);
+  unsigned char* smem = cuda_wgmma::smem_1024();
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem)), typename Tr::SmemLayoutOwn{});
+  Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem + Tr::kOwnBytes)), typename Tr::SmemLayoutPartner{});
+  Tensor sV = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem + Tr::kOwnBytes + Tr::kPartnerBytes)),
+                          typename Tr::SmemLayoutPartner{});
+  Tensor sVt = make_tensor(sV.data(), typename Tr::SmemLayoutPartnerT{});
+  int* kinds_s = reinterpret_cast<int*>(smem + Tr::kOwnBytes + 2 * Tr::kPartnerBytes);
 
   const QueryTile t = query_tile(p, BM);
   const E* qg = static_cast<const E*>(p.q) + t.b * p.q_stride[0] + t.hq * p.q_stride[1] + t.i0 * p.q_stride[2];
@@ -176,7 +166,7 @@ template <typename T, int D>
 void launch(const ShadowAttentionParams& p, const int2* mm, int64_t n_ev, float scale_log2, cudaStream_t s) {
   using Tr = FwdTraits<T, D>;
   // + tile kinds, + room to align the base to 1024 bytes
-  const size_t smem = Tr::kQBytes + 2 * Tr::kKVBytes + Tr::kThreads * sizeof(int) + 1024;
+  const size_t smem = Tr::kOwnBytes + 2 * Tr::kPartnerBytes + Tr::kThreads * sizeof(int) + cuda_wgmma::kSmemAlignSlack;
   auto kernel = fwd_wgmma_kernel<T, D>;
   set_smem_limit(kernel, smem);
   const int64_t blocks = p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM);
@@ -218,7 +208,7 @@ bool probe_wgmma_body() {
 
 }  // namespace
 
-bool wgmma_forward_available(cudaStream_t caller) {
+bool wgmma_available(cudaStream_t caller) {
 #ifndef SHADOWKV_HAS_SM90A
   (void)caller;
   return false;  // no 9.0a in SHADOWKV_CUDA_ARCHS: the kernel body was never compiled
@@ -252,13 +242,10 @@ bool wgmma_forward_available(cudaStream_t caller) {
 
 void launch_fwd_wgmma(const ShadowAttentionParams& p, const int2* ev_mm, int64_t n_ev, float scale_log2,
                       cudaStream_t s) {
-  if (!wgmma_forward_available(s)) throw std::logic_error("launch_fwd_wgmma: the sm_90a body does not run here");
-  const bool bf16 = p.dtype == DType::kBFloat16;
-  if (p.head_dim == 64) return bf16 ? launch<__nv_bfloat16, 64>(p, ev_mm, n_ev, scale_log2, s)
-                                    : launch<__half, 64>(p, ev_mm, n_ev, scale_log2, s);
-  if (p.head_dim == 128) return bf16 ? launch<__nv_bfloat16, 128>(p, ev_mm, n_ev, scale_log2, s)
-                                     : launch<__half, 128>(p, ev_mm, n_ev, scale_log2, s);
-  throw std::logic_error("launch_fwd_wgmma: head_dim must be 64 or 128");
+  if (!wgmma_available(s)) throw std::logic_error("launch_fwd_wgmma: the sm_90a body does not run here");
+  dispatch_16bit_d64_d128(p.dtype, p.head_dim, "launch_fwd_wgmma", [&](auto tag, auto d) {
+    launch<typename decltype(tag)::type, decltype(d)::value>(p, ev_mm, n_ev, scale_log2, s);
+  });
 }
 
 }  // namespace cuda_attn

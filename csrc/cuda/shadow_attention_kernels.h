@@ -6,12 +6,13 @@
 //     CUTLASS/CuTe headers are found (CUTLASS_DIR, or the nvidia-cutlass package).
 //   * wmma: tensor-core kernels with the same coverage (shadow_attention_{fwd,bwd}.cu).
 //   * simt: every dtype and head_dim (shadow_attention_{fwd,bwd}.cu).
-//   * wgmma: the forward only, on sm_90a warpgroup MMAs (shadow_attention_fwd_wgmma_cute.cu),
-//     same coverage as cute on H100/H200 in builds with 9.0a and the CuTe headers.
+//   * wgmma: forward and backward on sm_90a warpgroup MMAs
+//     (shadow_attention_{fwd,bwd}_wgmma_cute.cu), same coverage as cute on H100/H200 in builds
+//     with 9.0a and the CuTe headers.
 // SHADOWKV_ATTENTION_KERNEL picks one family per call (forward and backward alike): "auto"
 // (default) = wmma where it applies, else simt; "cute" = cute where it applies (an error in a
-// build without it), else simt; "wgmma" = the wgmma forward where it applies, else as "cute"
-// (the backward always as "cute"); "wmma" = same as auto; "simt" = simt always. The default
+// build without it), else simt; "wgmma" = the wgmma kernels where they apply, else as "cute";
+// "wmma" = same as auto; "simt" = simt always. The default
 // stays wmma until the CuTe kernels have passed the GPU tests on real hardware (no session has
 // had a GPU yet; see bench/RESULTS.md).
 #pragma once
@@ -38,15 +39,17 @@ void launch_fwd_cute(const ShadowAttentionParams& p, const int2* ev_mm, int64_t 
 // Runs the CuTe dQ and dK/dV kernels; lse2 and delta are bwd_rows_kernel's [B, Hq, Lq] rows.
 void launch_bwd_cute(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
                      const float* delta, float scale_log2, cudaStream_t s);
-// True when the current device is sm_90 and runs the sm_90a wgmma forward of this build
+// True when the current device is sm_90 and runs the sm_90a wgmma kernels of this build
 // (SHADOWKV_CUDA_ARCHS has 9.0a); asked once per device (not while `caller`, the stream the
-// forward will run on, is being captured: then false until an eager call has asked). Never
+// kernels will run on, is being captured: then false until an eager call has asked). Never
 // throws: any CUDA error means false.
-bool wgmma_forward_available(cudaStream_t caller = nullptr);
-// Runs the wgmma forward (bfloat16/float16, head_dim 64 or 128; the caller checks, and checks
-// wgmma_forward_available()).
+bool wgmma_available(cudaStream_t caller = nullptr);
+// Run the wgmma forward, and the wgmma dQ and dK/dV kernels (bfloat16/float16, head_dim 64 or
+// 128; the caller checks, and checks wgmma_available()).
 void launch_fwd_wgmma(const ShadowAttentionParams& p, const int2* ev_mm, int64_t n_ev, float scale_log2,
                       cudaStream_t s);
+void launch_bwd_wgmma(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
+                      const float* delta, float scale_log2, cudaStream_t s);
 #endif
 
 }  // namespace cuda_attn

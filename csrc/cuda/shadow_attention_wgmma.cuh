@@ -1,13 +1,15 @@
-// CuTe building blocks of the sm_90a (Hopper) shadow-attention forward: warpgroup MMAs
+// CuTe building blocks of the sm_90a (Hopper) shadow-attention kernels: warpgroup MMAs
 // (wgmma.mma_async) instead of the per-warp mma.sync of shadow_attention_cute.cuh. Private:
-// included by shadow_attention_fwd_wgmma.cu and by the host-side layout test
+// included by shadow_attention_{fwd,bwd}_wgmma_cute.cu and by the host-side layout test
 // (tests/cpp/test_cute_layouts.cu), which checks the register maps below without a GPU.
 //
-// One warpgroup (4 warps, 128 threads) owns 64 query rows, one wgmma atom high. Per key tile:
+// One warpgroup (4 warps, 128 threads) owns 64 rows, one wgmma atom high. In the forward, per
+// key tile:
 //   S = Q K^T   wgmma 64 x BN x 16, both operands read from shared memory by descriptor;
 //   O += P V    wgmma 64 x D x 16, P from registers (the S accumulator, rounded to 16 bits: the
 //               accumulator and the register A operand line up, see acc_as_a_operand) and V
 //               from shared memory, read "MN-major" (V is stored [keys][D], D contiguous).
+// The backward's products have the same two shapes (TileTraits).
 // Shared tiles use the canonical 128-byte-swizzle wgmma layouts, which CuTe's descriptor
 // builder checks at compile time; they are filled with 16-byte cp.async as in the sm_80 path.
 #pragma once
@@ -24,48 +26,75 @@
 
 #include "shadow_attention_cute.cuh"  // rounded_copy
 
+// 1 where a wgmma kernel's body is compiled (the sm_90a pass), 0 elsewhere: the kernels are
+// traps there, and the host never launches them (cuda_attn::wgmma_available).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SHADOWKV_WGMMA_BODY 1
+#else
+#define SHADOWKV_WGMMA_BODY 0
+#endif
+
 namespace shadowkv {
 namespace cuda_wgmma {
 
 using namespace cute;
 
-template <typename T, int D>
-struct FwdTraits {
-  static_assert(D == 64 || D == 128, "the wgmma forward covers head_dim 64 and 128");
+// Extra dynamic shared memory a launch asks for, so that smem_1024() can round the base up.
+constexpr size_t kSmemAlignSlack = 1024;
+
+// Tile shapes, layouts and MMAs of one (element type, head_dim, partner rows) instantiation.
+// As in the sm_80 kernels (shadow_attention_cute.cuh), a block owns kBlockM "own" rows (query
+// rows in the forward and dQ kernels, key rows in dK/dV) and streams partner tiles of kBlockN
+// rows. Every product of forward and backward is one of two wgmma shapes:
+//   scores  64 x BN x D: own tile x partner tile^T, both K-major in shared memory
+//           (S = Q K^T, dP = dO V^T, S^T = K Q^T, dP^T = V dO^T);
+//   update  64 x D x BN: a probability-sized accumulator (P, dS, P^T, dS^T) as register A
+//           operand times a partner tile read MN-major (O += P V, dQ += dS K, dV += P^T dO,
+//           dK += dS^T Q).
+template <typename T, int D, int BlockN>
+struct TileTraits {
+  static_assert(D == 64 || D == 128, "the wgmma kernels cover head_dim 64 and 128");
   static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "16-bit inputs only");
+  static_assert(BlockN % 32 == 0, "partner tiles are whole kEvTile (32-key) tiles");
   using Element = std::conditional_t<std::is_same<T, __half>::value, cute::half_t, cute::bfloat16_t>;
 
   static constexpr int kThreads = 128;  // one warpgroup
-  static constexpr int kBlockM = 64;    // query rows per block: one wgmma atom
-  static constexpr int kBlockN = 64;    // keys per tile (whole 32-key eviction-log tiles)
+  static constexpr int kBlockM = 64;    // own rows per block: one wgmma atom
+  static constexpr int kBlockN = BlockN;
   static constexpr int kHeadDim = D;
 
-  // S = Q K^T: M = query rows, N = keys, K = head_dim; both operands K-major in shared memory.
   using TiledMmaS = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kBlockN>, Int<D>>>()));
-  // O += P V: M = query rows, N = head_dim, K = keys; A (P) in registers, B = V read MN-major.
   using TiledMmaO = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<D>, Int<kBlockN>>, GMMA::Major::K,
                            GMMA::Major::MN>()));
 
   using SmemLayoutAtom = GMMA::Layout_K_SW128_Atom<Element>;  // 8 rows x 64 halves, 128-byte swizzle
-  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<D>>{}));
-  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<D>>{}));
-  // V seen as [D][kBlockN] (the B operand of P V, indexed (n = d, k = key)); element (d, j) is
-  // the tile's (j, d): only the view changes, not the bytes.
-  using SmemLayoutVt =
-      decltype(composition(SmemLayoutKV{}, make_layout(Shape<Int<D>, Int<kBlockN>>{}, GenRowMajor{})));
+  using SmemLayoutOwn = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<D>>{}));
+  using SmemLayoutPartner = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<D>>{}));
+  // A partner tile seen as [D][kBlockN] (the B operand of an update product, indexed
+  // (n = d, k = partner row)); element (d, j) is the tile's (j, d): only the view changes.
+  using SmemLayoutPartnerT =
+      decltype(composition(SmemLayoutPartner{}, make_layout(Shape<Int<D>, Int<kBlockN>>{}, GenRowMajor{})));
 
   // Global -> shared: 8 threads cover one 64-element row segment with 16-byte cp.async each.
   using GmemTiledCopy = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{},
                                                  Layout<Shape<Int<kThreads / 8>, _8>, Stride<_8, _1>>{},
                                                  Layout<Shape<_1, _8>>{}));
 
-  static constexpr size_t kQBytes = kBlockM * D * sizeof(Element);
-  static constexpr size_t kKVBytes = kBlockN * D * sizeof(Element);
+  static constexpr size_t kOwnBytes = kBlockM * D * sizeof(Element);
+  static constexpr size_t kPartnerBytes = kBlockN * D * sizeof(Element);
   // The 128-byte swizzle is a function of the address bits: every tile starts on 1024 bytes.
-  static_assert(kQBytes % 1024 == 0 && kKVBytes % 1024 == 0, "tiles must keep 1024-byte alignment");
+  static_assert(kOwnBytes % 1024 == 0 && kPartnerBytes % 1024 == 0, "tiles must keep 1024-byte alignment");
 };
+
+// Forward: 64 query rows against key tiles of 64.
+template <typename T, int D>
+using FwdTraits = TileTraits<T, D, 64>;
+// Backward: partner tiles of 64 rows too; double-buffered (cuda_cute::PartnerStages), two own
+// and four partner tiles take 96 KB at head_dim 128.
+template <typename T, int D>
+using BwdTraits = TileTraits<T, D, 64>;
 
 // A wgmma accumulator layout ((2 cols, 2 rows, N / 8 col groups), MMA_M, MMA_N) seen as
 // (rows = (2, MMA_M), cols = (2, N / 8, MMA_N)): the online softmax reduces along the second mode.
@@ -96,25 +125,66 @@ CUTE_HOST_DEVICE auto as_a_operand(Acc const& acc) {
 }
 
 #if defined(__CUDACC__)
-// acc (+)= A B over every k-slice, issued as one wgmma batch and waited for. kZero starts from
-// zero (the first slice overwrites acc). B is a shared-memory descriptor fragment, A one too or
-// (kRegisterA) a register fragment. The fences keep the compiler from touching acc (and
-// register A) while the asynchronous MMAs own them.
-template <bool kZero, bool kRegisterA, class Mma, class FragA, class FragB, class Acc>
-__device__ __forceinline__ void gemm(Mma& mma, FragA& a, FragB const& b, Acc& acc) {
-  if constexpr (kRegisterA) warpgroup_fence_operand(a);
-  warpgroup_fence_operand(acc);
-  warpgroup_arrive();
+// Queues acc (+)= A B over every k-slice (no arrive, commit or wait: see gemm). kZero starts
+// from zero (the first slice overwrites acc).
+template <bool kZero, class Mma, class FragA, class FragB, class Acc>
+__device__ __forceinline__ void issue(Mma& mma, FragA& a, FragB const& b, Acc& acc) {
   mma.accumulate_ = kZero ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
   CUTE_UNROLL
   for (int k = 0; k < size<2>(a); ++k) {
     cute::gemm(mma, a(_, _, k), b(_, _, k), acc);
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
+}
+
+// Keeps the compiler from touching an accumulator or register A operand (kRegister) while
+// the asynchronous MMAs own it.
+template <bool kRegister, class Frag>
+__device__ __forceinline__ void fence_operand(Frag& f) {
+  if constexpr (kRegister) warpgroup_fence_operand(f);
+}
+
+// acc (+)= A B (kZero: acc starts from zero) as one wgmma batch, waited for. B is a
+// shared-memory descriptor fragment, A one too or (kRegisterA) a register fragment.
+template <bool kZero, bool kRegisterA, class Mma, class FragA, class FragB, class Acc>
+__device__ __forceinline__ void gemm(Mma& mma, FragA& a, FragB const& b, Acc& acc) {
+  fence_operand<kRegisterA>(a);
+  warpgroup_fence_operand(acc);
+  warpgroup_arrive();
+  issue<kZero>(mma, a, b, acc);
   warpgroup_commit_batch();
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc);
-  if constexpr (kRegisterA) warpgroup_fence_operand(a);
+  fence_operand<kRegisterA>(a);
+}
+
+// acc1 (+)= A1 B1 and acc2 (+)= A2 B2 as one batch: the second product's MMAs queue behind the
+// first's instead of waiting for them (the backward's S/dP and dV/dK pairs).
+template <bool kZero, bool kRegisterA, class Mma, class FragA1, class FragB1, class Acc1, class FragA2,
+          class FragB2, class Acc2>
+__device__ __forceinline__ void gemm_pair(Mma& mma, FragA1& a1, FragB1 const& b1, Acc1& acc1, FragA2& a2,
+                                          FragB2 const& b2, Acc2& acc2) {
+  fence_operand<kRegisterA>(a1);
+  fence_operand<kRegisterA>(a2);
+  warpgroup_fence_operand(acc1);
+  warpgroup_fence_operand(acc2);
+  warpgroup_arrive();
+  issue<kZero>(mma, a1, b1, acc1);
+  issue<kZero>(mma, a2, b2, acc2);
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc1);
+  warpgroup_fence_operand(acc2);
+  fence_operand<kRegisterA>(a1);
+  fence_operand<kRegisterA>(a2);
+}
+
+// The 1024-byte-aligned start of dynamic shared memory: the 128-byte swizzle (and CuTe's
+// descriptors, base offset 0) need tiles on 1024-byte boundaries, and __align__ on dynamic
+// shared memory is not a guarantee, so launches ask for 1024 spare bytes (kSmemAlignSlack).
+__device__ __forceinline__ unsigned char* smem_1024() {
+  extern __shared__ __align__(1024) unsigned char shadowkv_wgmma_smem[];
+  return shadowkv_wgmma_smem + ((1024u - (cast_smem_ptr_to_uint(shadowkv_wgmma_smem) & 1023u)) & 1023u);
 }
 
 // Makes this thread's generic-proxy writes to shared memory (cp.async, zero fills) visible to

@@ -5,8 +5,8 @@ For one shape it times, forward and forward+backward:
 - ``shadowkv``: ``shadowkv.ops.shadow_attention`` with the eviction log (default kernels);
 - ``cute``: the same op on the CuTe kernels (``SHADOWKV_ATTENTION_KERNEL=cute``, forward and
   backward; CUDA builds with the CUTLASS headers only);
-- ``wgmma``: the sm_90a wgmma forward (``SHADOWKV_ATTENTION_KERNEL=wgmma``; the backward is
-  the CuTe one); only where it runs (an sm_90 GPU, a build with 9.0a and the CUTLASS headers);
+- ``wgmma``: the sm_90a wgmma kernels (``SHADOWKV_ATTENTION_KERNEL=wgmma``, forward and
+  backward); only where they run (an sm_90 GPU, a build with 9.0a and the CUTLASS headers);
 - ``sdpa``: ``F.scaled_dot_product_attention`` with the equivalent boolean mask [B, Hq, L, L];
 - ``causal``: ``F.scaled_dot_product_attention(is_causal=True)``, no mask (the flash backend on
   CUDA): dense causal attention at full speed, the bar a 25% log has to beat;
@@ -106,7 +106,7 @@ def make_impls(evicted_at: torch.Tensor, args, device: torch.device):
     impls: dict[str, Callable | str] = {"shadowkv": lambda q, k, v: ops.shadow_attention(q, k, v, evicted_at)}
     if device.type == "cuda" and _C.built_with_cute():
         impls["cute"] = impls["shadowkv"]  # timed under ops.attention_kernel("cute")
-    if device.type == "cuda" and _C.wgmma_forward_runs_here():
+    if device.type == "cuda" and _C.wgmma_runs_here():
         impls["wgmma"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma")
     if not args.no_sdpa:
         mask = shadow_visible(evicted_at, seq_len).repeat_interleave(group, dim=1)

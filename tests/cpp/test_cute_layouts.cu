@@ -11,8 +11,9 @@
 //     element the MMA expects there, and the transposed views of the partner tiles address
 //     the same shared-memory element as the tile itself;
 //   * the backward's two stages of two partner tiles fill their buffer exactly once.
-// The same maps for the sm_90a forward's warpgroup MMAs (shadow_attention_wgmma.cuh): score and
-// output accumulators, P as the register A operand of O += P V, and the V^T view.
+// The same maps for the sm_90a kernels' warpgroup MMAs (shadow_attention_wgmma.cuh): score and
+// output accumulators, P as the register A operand of O += P V, the V^T view, and the
+// backward's partner stages in the 128-byte-swizzled wgmma layouts.
 // Built by nvcc as plain host code (it never launches anything); returns non-zero on failure.
 #include <cstdio>
 #include <set>
@@ -207,7 +208,18 @@ template <typename Tr>
 void check_stages(const char* name) {
   using E = typename Tr::Element;
   constexpr int N = Tr::kBlockN, D = Tr::kHeadDim;
-  std::vector<E> buf(4 * N * D);
+  // On 1024 bytes, as in the kernels: the wgmma layouts swizzle address bits, not offsets.
+  struct alignas(1024) Block {
+    unsigned char bytes[1024];
+  };
+  static_assert(4 * N * D * sizeof(E) % sizeof(Block) == 0, "whole swizzle periods");
+  std::vector<Block> storage(4 * N * D * sizeof(E) / sizeof(Block));
+  const struct {
+    E* p;
+    size_t n;
+    E* data() const { return p; }
+    size_t size() const { return n; }
+  } buf{reinterpret_cast<E*>(storage.data()), size_t(4 * N * D)};
   const shadowkv::cuda_cute::PartnerStages<Tr> stages(buf.data());
   std::vector<int> hits(buf.size(), 0);
   for (int stage = 0; stage < 2; ++stage)
@@ -300,8 +312,8 @@ void check_wgmma(const char* name) {
   }
   check_cover(name, score_cover, out_cover);
   // The transposed view of V addresses the tile's own elements.
-  auto kv = typename Tr::SmemLayoutKV{}.layout_b();
-  auto vt = typename Tr::SmemLayoutVt{}.layout_b();
+  auto kv = typename Tr::SmemLayoutPartner{}.layout_b();
+  auto vt = typename Tr::SmemLayoutPartnerT{}.layout_b();
   for (int j = 0; j < N; ++j)
     for (int d = 0; d < D; ++d)
       EXPECT(vt(d, j) == kv(j, d), "%s: V^T view (%d,%d) -> %d, tile (%d,%d) -> %d\n", name, d, j, int(vt(d, j)), j,
@@ -328,5 +340,7 @@ int main() {
   check_wgmma<shadowkv::cuda_wgmma::FwdTraits<__nv_bfloat16, 128>>("fwd bf16 d128");
   check_wgmma<shadowkv::cuda_wgmma::FwdTraits<__half, 128>>("fwd fp16 d128");
   check_wgmma<shadowkv::cuda_wgmma::FwdTraits<__half, 64>>("fwd fp16 d64");
+  check_stages<shadowkv::cuda_wgmma::BwdTraits<__nv_bfloat16, 64>>("wgmma bwd bf16 d64");
+  check_stages<shadowkv::cuda_wgmma::BwdTraits<__half, 128>>("wgmma bwd fp16 d128");
   return failures == 0 ? 0 : 1;
 }

@@ -79,9 +79,9 @@ const char* cuda_archs();  // e.g. "90a;80", "" without CUDA
 // True when the CuTe (CUTLASS) kernels were compiled in (CUDA builds with CUTLASS headers);
 // they run when the environment variable SHADOWKV_ATTENTION_KERNEL=cute asks for them.
 bool built_with_cute();
-// True when the current CUDA device runs this build's sm_90a wgmma forward (an sm_90 GPU, a
-// build with the CuTe kernels and 9.0a); it runs when SHADOWKV_ATTENTION_KERNEL=wgmma asks.
-// False without a device.
-bool wgmma_forward_runs_here();
+// True when the current CUDA device runs this build's sm_90a wgmma kernels (forward and
+// backward; an sm_90 GPU, a build with the CuTe kernels and 9.0a); they run when
+// SHADOWKV_ATTENTION_KERNEL=wgmma asks. False without a device.
+bool wgmma_runs_here();
 
 }  // namespace shadowkv
