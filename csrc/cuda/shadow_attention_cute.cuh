@@ -1,7 +1,8 @@
 // CuTe building blocks of the FlashAttention-2-style shadow-attention kernels (sm_80 mma.sync,
-// also what sm_90a runs until a wgmma/TMA path exists). Private: included by
-// shadow_attention_fwd_cute.cu and by the host-side layout test (tests/cpp/test_cute_layouts.cu),
-// which checks the register <-> (row, col) maps below without a GPU.
+// also what sm_90a runs under SHADOWKV_ATTENTION_KERNEL=cute). Private: included by the kernel
+// bodies (shadow_attention_{fwd,bwd}_cute.cuh, through Family below) and by the host-side layout
+// test (tests/cpp/test_cute_layouts.cu), which checks the register <-> (row, col) maps below
+// without a GPU.
 //
 // Every kernel has the same shape: a block owns kBlockM = 64 "own" rows (4 warps x 16 rows, one
 // m16n8k16 atom high) and streams "partner" tiles of kBlockN rows. Forward and dQ: own = query
@@ -29,6 +30,7 @@ template <typename T, int D, int BlockN>
 struct TileTraits {
   static_assert(D == 64 || D == 128, "the CuTe kernels cover head_dim 64 and 128");
   static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "16-bit inputs only");
+  using Input = T;  // the CUDA type of the tensors (outputs are written as it)
   using Element = std::conditional_t<std::is_same<T, __half>::value, cute::half_t, cute::bfloat16_t>;
 
   static constexpr int kWarps = 4;
@@ -242,6 +244,96 @@ __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
+
+#if defined(__CUDACC__)
+// The sm_80 family of the CuTe kernels, as the kernel bodies (shadow_attention_fwd_cute.cuh,
+// shadow_attention_bwd_cute.cuh) use it: shared memory, accumulators and their (row, col)
+// views, and the two products of every kernel (cuda_wgmma::Family is the sm_90a one):
+//   scores: acc = A B^T, A an own tile made resident by own(), B a partner tile [rows][D];
+//   update: acc += A B,  A registers (a rounded accumulator), B a partner tile read as [D][rows].
+// Operands are read from shared memory with ldmatrix a k-slice ahead of the mma.sync calls.
+template <class Tr>
+struct Family {
+  using Traits = Tr;
+  static constexpr const char* kName = "cute";
+  // Where the kernel bodies are compiled (elsewhere they trap; the host never launches them).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  static constexpr bool kBody = false;
+#else
+  static constexpr bool kBody = true;
+#endif
+  static constexpr size_t kSmemSlack = 0;  // dynamic shared memory beyond the tiles' bytes
+
+  using Mma = typename Tr::TiledMma;
+  Mma mma;
+  decltype(Mma{}.get_thread_slice(0)) thr;
+  OperandCopies<Tr> s2r;
+  __device__ explicit Family(int tid) : thr(mma.get_thread_slice(tid)), s2r(tid) {}
+
+  __device__ static unsigned char* smem() {
+    extern __shared__ __align__(128) unsigned char shadowkv_cute_smem[];
+    return shadowkv_cute_smem;
+  }
+  // Hands shared-memory tiles written by this thread to the products; a barrier follows.
+  __device__ static void publish() {}  // ldmatrix reads through the same (generic) proxy
+
+  __device__ auto score_acc() const { return partition_fragment_C(mma, Shape<Int<Tr::kBlockM>, Int<Tr::kBlockN>>{}); }
+  __device__ auto out_acc() const { return partition_fragment_C(mma, Shape<Int<Tr::kBlockM>, Int<Tr::kHeadDim>>{}); }
+  __device__ auto score_coords() const {
+    return thr.partition_C(make_identity_tensor(Shape<Int<Tr::kBlockM>, Int<Tr::kBlockN>>{}));
+  }
+  __device__ auto out_coords() const {
+    return thr.partition_C(make_identity_tensor(Shape<Int<Tr::kBlockM>, Int<Tr::kHeadDim>>{}));
+  }
+  // An accumulator (or its coordinates) seen as (rows, cols).
+  template <class Acc>
+  __device__ static auto rowcol(Acc&& acc) {
+    return make_tensor(acc.data(), acc_rowcol(acc.layout()));
+  }
+  // An accumulator rounded to the input type as the A operand of an update.
+  template <class Acc>
+  __device__ static auto a_operand(Acc const& acc) {
+    return as_a_operand<typename Tr::Element>(acc);
+  }
+
+  // An own tile as the A operand of scores: its register fragment and its ldmatrix source.
+  template <class R, class S>
+  struct Resident {
+    R r;
+    S s;
+  };
+  template <class Own>
+  __device__ auto own(Own const& tile) const {
+    auto r = thr.partition_fragment_A(tile);
+    auto s = s2r.a.partition_S(tile);
+    return Resident<decltype(r), decltype(s)>{r, s};
+  }
+
+  template <class Acc, class A, class Partner>
+  __device__ void scores(Acc& acc, A& a, Partner const& b) {
+    Tensor rb = thr.partition_fragment_B(b);
+    clear(acc);
+    gemm_ss(acc, a.r, rb, a.s, s2r.b.partition_S(b), mma, s2r);
+  }
+  template <class Acc1, class A1, class P1, class Acc2, class A2, class P2>
+  __device__ void scores_pair(Acc1& acc1, A1& a1, P1 const& b1, Acc2& acc2, A2& a2, P2 const& b2) {
+    scores(acc1, a1, b1);
+    scores(acc2, a2, b2);
+  }
+
+  template <class Acc, class RA, class Partner>
+  __device__ void update(Acc& acc, RA const& ra, Partner const& b) {
+    Tensor rbt = thr.partition_fragment_B(
+        make_tensor(raw_pointer_cast(b.data()), typename Tr::SmemLayoutPartnerTNoSwizzle{}));
+    gemm_rs(acc, ra, rbt, s2r.bt.partition_S(make_tensor(b.data(), typename Tr::SmemLayoutPartnerT{})), mma, s2r);
+  }
+  template <class Acc1, class RA1, class P1, class Acc2, class RA2, class P2>
+  __device__ void update_pair(Acc1& acc1, RA1 const& a1, P1 const& b1, Acc2& acc2, RA2 const& a2, P2 const& b2) {
+    update(acc1, a1, b1);
+    update(acc2, a2, b2);
+  }
+};
+#endif
 
 }  // namespace cuda_cute
 }  // namespace shadowkv

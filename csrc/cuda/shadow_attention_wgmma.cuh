@@ -56,6 +56,7 @@ struct TileTraits {
   static_assert(D == 64 || D == 128, "the wgmma kernels cover head_dim 64 and 128");
   static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "16-bit inputs only");
   static_assert(BlockN % 32 == 0, "partner tiles are whole kEvTile (32-key) tiles");
+  using Input = T;  // the CUDA type of the tensors (outputs are written as it)
   using Element = std::conditional_t<std::is_same<T, __half>::value, cute::half_t, cute::bfloat16_t>;
 
   static constexpr int kThreads = 128;  // one warpgroup
@@ -194,6 +195,80 @@ __device__ __forceinline__ void fence_smem_for_wgmma() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
+
+// The sm_90a family of the CuTe kernels, the same interface as cuda_cute::Family: scores are
+// wgmma with both operands read from shared memory by descriptor, updates wgmma with the A
+// operand in registers and the partner tile read MN-major; pairs are issued as one batch.
+template <class Tr>
+struct Family {
+  using Traits = Tr;
+  static constexpr const char* kName = "wgmma";
+  static constexpr bool kBody = SHADOWKV_WGMMA_BODY;
+  static constexpr size_t kSmemSlack = kSmemAlignSlack;
+
+  typename Tr::TiledMmaS mma_s;
+  typename Tr::TiledMmaO mma_o;
+  decltype(typename Tr::TiledMmaS{}.get_thread_slice(0)) thr_s;
+  decltype(typename Tr::TiledMmaO{}.get_thread_slice(0)) thr_o;
+  __device__ explicit Family(int tid) : thr_s(mma_s.get_thread_slice(tid)), thr_o(mma_o.get_thread_slice(tid)) {}
+
+  __device__ static unsigned char* smem() { return smem_1024(); }
+  // cp.async and zero fills write through the generic proxy, wgmma reads through the async one.
+  __device__ static void publish() { fence_smem_for_wgmma(); }
+
+  __device__ auto score_acc() const {
+    return partition_fragment_C(mma_s, Shape<Int<Tr::kBlockM>, Int<Tr::kBlockN>>{});
+  }
+  __device__ auto out_acc() const {
+    return partition_fragment_C(mma_o, Shape<Int<Tr::kBlockM>, Int<Tr::kHeadDim>>{});
+  }
+  __device__ auto score_coords() const {
+    return thr_s.partition_C(make_identity_tensor(Shape<Int<Tr::kBlockM>, Int<Tr::kBlockN>>{}));
+  }
+  __device__ auto out_coords() const {
+    return thr_o.partition_C(make_identity_tensor(Shape<Int<Tr::kBlockM>, Int<Tr::kHeadDim>>{}));
+  }
+  template <class Acc>
+  __device__ static auto rowcol(Acc&& acc) {
+    return make_tensor(acc.data(), acc_rowcol(acc.layout()));
+  }
+  template <class Acc>
+  __device__ static auto a_operand(Acc const& acc) {
+    return as_a_operand<typename Tr::Element>(acc);
+  }
+
+  // An own tile as the A operand of scores: its shared-memory descriptors.
+  template <class Own>
+  __device__ auto own(Own const& tile) const {
+    return thr_s.partition_fragment_A(tile);
+  }
+
+  template <class Acc, class A, class Partner>
+  __device__ void scores(Acc& acc, A& a, Partner const& b) {
+    gemm</*kZero=*/true, /*kRegisterA=*/false>(mma_s, a, thr_s.partition_fragment_B(b), acc);
+  }
+  template <class Acc1, class A1, class P1, class Acc2, class A2, class P2>
+  __device__ void scores_pair(Acc1& acc1, A1& a1, P1 const& b1, Acc2& acc2, A2& a2, P2 const& b2) {
+    gemm_pair</*kZero=*/true, /*kRegisterA=*/false>(mma_s, a1, thr_s.partition_fragment_B(b1), acc1, a2,
+                                                    thr_s.partition_fragment_B(b2), acc2);
+  }
+
+  template <class Acc, class RA, class Partner>
+  __device__ void update(Acc& acc, RA& ra, Partner const& b) {
+    gemm</*kZero=*/false, /*kRegisterA=*/true>(mma_o, ra, thr_o.partition_fragment_B(transposed(b)), acc);
+  }
+  template <class Acc1, class RA1, class P1, class Acc2, class RA2, class P2>
+  __device__ void update_pair(Acc1& acc1, RA1& a1, P1 const& b1, Acc2& acc2, RA2& a2, P2 const& b2) {
+    gemm_pair</*kZero=*/false, /*kRegisterA=*/true>(mma_o, a1, thr_o.partition_fragment_B(transposed(b1)), acc1,
+                                                    a2, thr_o.partition_fragment_B(transposed(b2)), acc2);
+  }
+
+ private:
+  template <class Partner>
+  __device__ static auto transposed(Partner const& b) {
+    return make_tensor(b.data(), typename Tr::SmemLayoutPartnerT{});
+  }
+};
 #endif
 
 }  // namespace cuda_wgmma

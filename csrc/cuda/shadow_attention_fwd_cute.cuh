@@ -1,0 +1,224 @@
+// The CuTe shadow-attention forward, FlashAttention-2 style, as one kernel body templated on the
+// MMA family: cuda_cute::Family (sm_80+ mma.sync; shadow_attention_fwd_cute.cu) and
+// cuda_wgmma::Family (sm_90a warpgroup MMAs; shadow_attention_fwd_wgmma_cute.cu). bfloat16/
+// float16, head_dim 64 or 128. Same results contract as the other kernels: out and lse of the
+// shadow mask, fp32 accumulation, rows without a visible key give out = 0, lse = -inf.
+//
+// Per block: 64 query rows of one (batch, query head). Per key tile of 64:
+//   wait K -> issue V copy -> S = Q K^T -> mask + online softmax -> wait V ->
+//   issue next live K copy -> O += P V with P taken straight from S's registers.
+// Key tiles that the eviction log hides from all 64 rows are never loaded (ev_minmax pre-pass).
+// The softmax sees the score and output accumulators through the family's (rows, cols) view,
+// in which a thread's row r is one query row held by the four lanes of a quad.
+#pragma once
+
+#include "shadow_attention_common.cuh"
+#include "shadow_attention_cute.cuh"
+
+#include <cute/tensor.hpp>
+
+namespace shadowkv {
+namespace cuda_attn {
+
+// Masks the scores `s` of key tile k0 (rows x cols view; its coordinates in `rc`), scales them
+// into the log2 domain and applies one online-softmax step: P overwrites S in place, the
+// running max `m_run` / partial sums `l_run` are updated and the output rows `o` rescaled.
+// `ev_col` holds the log entry of each column (read only for partial tiles).
+template <int kRows, int kCols, class S, class RowCol, class O>
+__device__ __forceinline__ void softmax_tile(S& s, RowCol const& rc, O& o, const int (&ev_col)[kCols], bool partial,
+                                             int64_t k0, int64_t p0, float scale_log2, float (&m_run)[kRows],
+                                             float (&l_run)[kRows]) {
+  using cute::get;
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t pos = p0 + get<0>(rc(r, 0));
+    float mx = -INFINITY;
+    CUTE_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      float x = s(r, c) * scale_log2;
+      if (partial && !visible(k0 + get<1>(rc(r, c)), pos, ev_col[c])) x = -INFINITY;
+      s(r, c) = x;
+      mx = fmaxf(mx, x);
+    }
+    const float m_new = fmaxf(m_run[r], cuda_cute::quad_max(mx));
+    const bool none = m_new == -INFINITY;  // no visible key in this row so far: avoid inf - inf
+    const float alpha = none ? 1.f : exp2f(m_run[r] - m_new);
+    float sum = 0.f;
+    CUTE_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      const float pr = none ? 0.f : exp2f(s(r, c) - m_new);
+      s(r, c) = pr;
+      sum += pr;
+    }
+    l_run[r] = l_run[r] * alpha + sum;
+    m_run[r] = m_new;
+    CUTE_UNROLL
+    for (int c = 0; c < cute::size<1>(o); ++c) o(r, c) *= alpha;
+  }
+}
+
+// Normalises the output rows `o` (coordinates in `rc`) and writes those below t.rows, and
+// their log-sum-exp (one lane per quad).
+template <typename T, int kRows, class O, class RowCol>
+__device__ __forceinline__ void write_rows(const ShadowAttentionParams& p, const QueryTile& t, O const& o,
+                                           RowCol const& rc, const float (&m_run)[kRows],
+                                           const float (&l_run)[kRows]) {
+  using cute::get;
+  T* og = static_cast<T*>(p.out) + t.b * p.o_stride[0] + t.hq * p.o_stride[1] + t.i0 * p.o_stride[2];
+  float* lse = static_cast<float*>(p.lse) + t.b * p.lse_stride[0] + t.hq * p.lse_stride[1] + t.i0;
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const float l = cuda_cute::quad_sum(l_run[r]);  // every lane of the quad, before any leaves
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int row = get<0>(rc(r, 0));
+    if (row >= t.rows) continue;
+    CUTE_UNROLL
+    for (int c = 0; c < cute::size<1>(o); ++c) og[row * p.o_stride[2] + get<1>(rc(r, c))] = from_f32<T>(o(r, c) * inv);
+    if (threadIdx.x % 4 == 0) lse[row] = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
+  }
+}
+
+// Whether V row `row` of key tile k0 is loaded (else staged as zeros): a key past kv_len never
+// is; in a partial tile only keys that some valid row of the block can see are, so that a
+// hidden slot's content (NaN, inf) adds exactly nothing where its P is 0.
+__device__ __forceinline__ bool v_row_needed(int row, int64_t k0, const ShadowAttentionParams& p, const QueryTile& t,
+                                             TileKind kind, const int32_t* evg) {
+  const int64_t j = k0 + row;
+  if (j >= p.kv_len) return false;
+  if (kind != TileKind::kPartial) return true;
+  const int64_t first = j > t.p0 ? j : t.p0;  // the first position of the block that can see j
+  return first <= t.p1 && first < __ldg(evg + j);
+}
+
+template <class F>
+__global__ void __launch_bounds__(F::Traits::kThreads)
+    fwd_kernel(const ShadowAttentionParams p, const int2* __restrict__ ev_mm, int64_t n_ev_tiles, float scale_log2) {
+  if constexpr (!F::kBody) {
+    __trap();  // the host only launches a family where its body was built (and loads)
+  } else {
+    using namespace cute;
+    using cuda_cute::copy_rows;
+    using cuda_cute::copy_rows_if;
+    using cuda_cute::gmem_tile;
+    using Tr = typename F::Traits;
+    using T = typename Tr::Input;
+    using E = typename Tr::Element;
+    constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, D = Tr::kHeadDim;
+    const int tid = threadIdx.x;
+    F mma(tid);
+
+    unsigned char* smem = F::smem();
+    Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem)), typename Tr::SmemLayoutOwn{});
+    Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem + Tr::kOwnBytes)),
+                            typename Tr::SmemLayoutPartner{});
+    Tensor sV = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem + Tr::kOwnBytes + Tr::kPartnerBytes)),
+                            typename Tr::SmemLayoutPartner{});
+    int* kinds_s = reinterpret_cast<int*>(smem + Tr::kOwnBytes + 2 * Tr::kPartnerBytes);
+
+    const QueryTile t = query_tile(p, BM);
+    const E* qg = static_cast<const E*>(p.q) + t.b * p.q_stride[0] + t.hq * p.q_stride[1] + t.i0 * p.q_stride[2];
+    const E* kg = static_cast<const E*>(p.k) + t.b * p.k_stride[0] + t.hkv * p.k_stride[1];
+    const E* vg = static_cast<const E*>(p.v) + t.b * p.v_stride[0] + t.hkv * p.v_stride[1];
+    const int32_t* evg = p.evicted_at + t.b * p.ev_stride[0] + t.hkv * p.ev_stride[1];
+    const int2* mm = ev_mm + (t.b * p.num_kv_heads + t.hkv) * n_ev_tiles;
+
+    typename Tr::GmemTiledCopy gmem_copy;
+    auto gmem_thr = gmem_copy.get_thread_slice(tid);
+    Tensor tKsK = gmem_thr.partition_D(sK);
+    Tensor tVsV = gmem_thr.partition_D(sV);
+    Tensor tKVcKV = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
+
+    auto q_op = mma.own(sQ);
+    Tensor acc_o = mma.out_acc();
+    clear(acc_o);
+
+    // (row, key) of each score register as (rows, cols) for the softmax.
+    Tensor tScS_rc = F::rowcol(mma.score_coords());
+    constexpr int kRows = decltype(size<0>(tScS_rc))::value;  // 2: rows lane/4 and lane/4 + 8 of a warp
+    constexpr int kCols = decltype(size<1>(tScS_rc))::value;
+    float m_run[kRows], l_run[kRows];  // running max (log2 domain) and this thread's partial sum
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      m_run[r] = -INFINITY;
+      l_run[r] = 0.f;
+    }
+
+    copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BM, D>(qg, p.q_stride[2], 0)), gmem_thr.partition_D(sQ),
+              gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{})), t.rows);
+
+    // Keys past the last query position are in every row's future.
+    const int64_t n_key_tiles = (min(p.kv_len, t.p1 + 1) + BN - 1) / BN;
+    auto next_live = [&](int64_t from, TileKind& kind) {
+      return next_live_tile<BN>(from, n_key_tiles, kinds_s, mm, n_ev_tiles, p, t, kind);
+    };
+    auto load_k = [&](int64_t tile) {
+      copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(kg, p.k_stride[2], tile * BN)), tKsK, tKVcKV,
+                p.kv_len - tile * BN);
+    };
+
+    TileKind kind = TileKind::kSkip;
+    int64_t tile = next_live(0, kind);
+    if (tile < n_key_tiles) load_k(tile);
+    cp_async_fence();
+
+    while (tile < n_key_tiles) {
+      const int64_t k0 = tile * BN;
+      TileKind next_kind = TileKind::kSkip;
+      const int64_t next = next_live(tile + 1, next_kind);
+
+      cp_async_wait<0>();
+      F::publish();
+      __syncthreads();  // K (and Q) landed for every thread; every warp is done with the last V
+      // V rows that no valid row of the block can see are staged as zeros (v_row_needed).
+      const TileKind kind_now = kind;
+      copy_rows_if(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(vg, p.v_stride[2], k0)), tVsV, tKVcKV,
+                   [&](int row) { return v_row_needed(row, k0, p, t, kind_now, evg); });
+      cp_async_fence();
+
+      Tensor acc_s = mma.score_acc();
+      mma.scores(acc_s, q_op, sK);
+
+      // Mask, scale into the log2 domain, online softmax. P overwrites S in place.
+      Tensor s = F::rowcol(acc_s);
+      Tensor o_rc = F::rowcol(acc_o);
+      int ev_col[kCols];
+      cuda_cute::load_column_log(ev_col, evg, k0, p.kv_len, tScS_rc, kind == TileKind::kPartial, kEvOutOfRange);
+      softmax_tile(s, tScS_rc, o_rc, ev_col, kind == TileKind::kPartial, k0, t.p0, scale_log2, m_run, l_run);
+
+      cp_async_wait<0>();
+      F::publish();
+      __syncthreads();  // V landed for every thread; every warp is done with this K
+      if (next < n_key_tiles) load_k(next);
+      cp_async_fence();
+
+      // O += P V, with P rounded to the input type (as FlashAttention does).
+      Tensor rP = F::a_operand(acc_s);
+      mma.update(acc_o, rP, sV);
+
+      tile = next;
+      kind = next_kind;
+    }
+    cp_async_wait<0>();  // nothing may be in flight at exit (a block without live tiles loaded Q)
+
+    // Normalise, write out (rows < t.rows) and lse (one lane per quad).
+    write_rows<T>(p, t, F::rowcol(acc_o), F::rowcol(mma.out_coords()), m_run, l_run);
+  }
+}
+
+// Host: runs fwd_kernel<F> over every (batch, query head, 64-row query tile).
+template <class F>
+void launch_fwd_family(const ShadowAttentionParams& p, const int2* mm, int64_t n_ev, float scale_log2,
+                       cudaStream_t s) {
+  using Tr = typename F::Traits;
+  // Q, K, V, the tile kinds (next_live_tile), the family's slack
+  const size_t smem = Tr::kOwnBytes + 2 * Tr::kPartnerBytes + Tr::kThreads * sizeof(int) + F::kSmemSlack;
+  auto kernel = fwd_kernel<F>;
+  set_smem_limit(kernel, smem);
+  const int64_t blocks = p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM);
+  const std::string name = std::string("fwd_kernel (") + F::kName + ")";
+  kernel<<<grid_1d(blocks, name.c_str()), Tr::kThreads, smem, s>>>(p, mm, n_ev, scale_log2);
+  check_launch(name.c_str());
+}
+
+}  // namespace cuda_attn
+}  // namespace shadowkv

@@ -1,0 +1,82 @@
+// wgmma_available(): whether this build's sm_90a wgmma kernels (shadow_attention_{fwd,bwd}_
+// wgmma_cute.cu) run on the current device. Compiled with the same -gencode list as they are, so
+// the probe kernel below exists in (and answers for) the same binaries as their bodies.
+#include "shadow_attention_common.cuh"
+#include "shadow_attention_kernels.h"
+#include "shadow_attention_wgmma.cuh"
+
+#include <mutex>
+#include <vector>
+
+namespace shadowkv {
+namespace cuda_attn {
+namespace {
+
+// 1 in the sm_90a build of this file, 0 in the others: what wgmma_available asks the loaded
+// binary (the wgmma kernels' bodies are traps everywhere but sm_90a).
+__global__ void wgmma_probe_kernel(int* out) { *out = SHADOWKV_WGMMA_BODY; }
+
+// Asks the binary the driver loaded for the current device whether it has the sm_90a body (a
+// plain 9.0 build of this file would carry the trap). Any failure means no. The probe runs on
+// a stream of its own in relaxed capture mode, so a capture elsewhere in the process is not
+// disturbed (callers do not probe while their own stream is capturing).
+bool probe_wgmma_body() {
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  cudaStream_t stream = nullptr;
+  int* flag = nullptr;
+  int host = 0;
+  bool ok = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess &&
+            cudaMalloc(&flag, sizeof(int)) == cudaSuccess;
+  if (ok) {
+    wgmma_probe_kernel<<<1, 1, 0, stream>>>(flag);
+    ok = cudaGetLastError() == cudaSuccess &&
+         cudaMemcpyAsync(&host, flag, sizeof(int), cudaMemcpyDeviceToHost, stream) == cudaSuccess &&
+         cudaStreamSynchronize(stream) == cudaSuccess;
+  }
+  if (flag != nullptr) cudaFree(flag);
+  if (stream != nullptr) cudaStreamDestroy(stream);
+  (void)cudaGetLastError();
+  cudaThreadExchangeStreamCaptureMode(&mode);  // back to the caller's mode
+  return ok && host == 1;
+}
+
+}  // namespace
+
+bool wgmma_available(cudaStream_t caller) {
+#ifndef SHADOWKV_HAS_SM90A
+  (void)caller;
+  return false;  // no 9.0a in SHADOWKV_CUDA_ARCHS: the kernel body was never compiled
+#else
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+    (void)cudaGetLastError();  // no usable device: nothing runs here
+    return false;
+  }
+  if (major != 9 || minor != 0) return false;
+  static std::mutex lock;
+  static std::vector<int> known;  // per device: -1 not asked yet, 0 no, 1 yes
+  std::lock_guard<std::mutex> guard(lock);
+  if (static_cast<int>(known.size()) <= dev) known.resize(dev + 1, -1);
+  if (known[dev] < 0) {
+    // Not while the caller's stream is being captured: answer no this once (the cute kernel
+    // runs) and ask at the next eager call.
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    if (caller != nullptr && (cudaStreamIsCapturing(caller, &status) != cudaSuccess ||
+                              status != cudaStreamCaptureStatusNone)) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    known[dev] = probe_wgmma_body() ? 1 : 0;
+  }
+  return known[dev] == 1;
+#endif
+}
+
+}  // namespace cuda_attn
+}  // namespace shadowkv
