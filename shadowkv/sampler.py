@@ -242,9 +242,6 @@ class Sampler:
             w = max(lens)
             keep = self.policy.select_batch(cache.positions(layer, idx, w),
                                             scores[idx, :, :w] if self.policy.needs_scores else None, lens, n_keep)
-            counts = keep.sum(-1)
-            if not bool((counts == to_device(n_keep, device, torch.int64)[:, None]).all()):
-                raise RuntimeError(f"{self.policy!r} kept {counts.tolist()} slots per head, expected {n_keep}")
             # Every other sequence keeps all its slots: the op leaves it as it is.
             lc = cache.layers[layer]
             full = torch.arange(scores.shape[-1], device=device) < lc.seq_lens[:, None, None]
@@ -252,7 +249,18 @@ class Sampler:
             full[idx, :, :w] = keep
             step_of = torch.zeros(cache.max_batch, dtype=torch.int32, device=device)
             step_of[idx] = to_device(steps, device, torch.int32)
-            cache.evict(layer, full, step_of, self.evicted_at[:, layer], scores if self.policy.needs_scores else None)
+            # The policy's keep counts are checked on what the op did (the new lengths it reads back
+            # anyway), not before: a check before would cost a second synchronisation per layer.
+            # Counts that differ between heads are rejected by the op, which leaves such a
+            # sequence as it was; equal but wrong counts are compacted, then reported.
+            try:
+                cache.evict(layer, full, step_of, self.evicted_at[:, layer],
+                            scores if self.policy.needs_scores else None)
+            except (RuntimeError, ValueError) as err:
+                raise RuntimeError(f"{self.policy!r} kept {keep.sum(-1).tolist()} slots per head, expected "
+                                   f"{n_keep}: {err}") from err
+            if [cache.seq_len(layer, b) for b in picked] != n_keep:
+                raise RuntimeError(f"{self.policy!r} kept {keep.sum(-1).tolist()} slots per head, expected {n_keep}")
             if self.policy.needs_scores and self.policy.reset_scores_after_evict:
                 scores[idx] = 0.0
 

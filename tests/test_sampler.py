@@ -218,9 +218,25 @@ class _BadPolicy(Policy):
         return keep
 
 
-def test_policy_with_wrong_count_raises(llama):
-    with pytest.raises(RuntimeError, match="kept"):
-        Sampler(llama, _BadPolicy(), budget=8, page_size=4).generate(_prompts(1, 20, 20), 4, seed=0)
+class _HeadsDisagree(Policy):
+    """n_keep slots in head 0, one fewer in the others."""
+
+    def select(self, positions, scores, n_keep):
+        keep = torch.zeros(positions.shape, dtype=torch.bool)
+        keep[:, :n_keep] = True
+        keep[1:, n_keep - 1] = False
+        return keep
+
+
+@pytest.mark.parametrize("policy", [_BadPolicy(), _HeadsDisagree()], ids=["same_wrong_count", "heads_disagree"])
+def test_policy_with_wrong_count_raises(llama, policy):
+    """Checked on what the op did (no extra synchronisation): either way the error names the
+    policy and the counts, and the cache's books still match the device."""
+    assert llama.config.num_key_value_heads > 1
+    sampler = Sampler(llama, policy, budget=8, page_size=4)
+    with pytest.raises(RuntimeError, match="kept .* slots per head, expected"):
+        sampler.generate(_prompts(1, 20, 20), 4, seed=0)
+    sampler.cache.verify()
 
 
 def test_bad_generate_arguments(llama):

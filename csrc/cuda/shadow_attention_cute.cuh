@@ -321,14 +321,15 @@ struct Family {
     scores(acc2, a2, b2);
   }
 
+  // (RA& as in the wgmma family, which fences the register operand.)
   template <class Acc, class RA, class Partner>
-  __device__ void update(Acc& acc, RA const& ra, Partner const& b) {
+  __device__ void update(Acc& acc, RA& ra, Partner const& b) {
     Tensor rbt = thr.partition_fragment_B(
         make_tensor(raw_pointer_cast(b.data()), typename Tr::SmemLayoutPartnerTNoSwizzle{}));
     gemm_rs(acc, ra, rbt, s2r.bt.partition_S(make_tensor(b.data(), typename Tr::SmemLayoutPartnerT{})), mma, s2r);
   }
   template <class Acc1, class RA1, class P1, class Acc2, class RA2, class P2>
-  __device__ void update_pair(Acc1& acc1, RA1 const& a1, P1 const& b1, Acc2& acc2, RA2 const& a2, P2 const& b2) {
+  __device__ void update_pair(Acc1& acc1, RA1& a1, P1 const& b1, Acc2& acc2, RA2& a2, P2 const& b2) {
     update(acc1, a1, b1);
     update(acc2, a2, b2);
   }

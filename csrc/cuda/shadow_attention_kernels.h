@@ -1,20 +1,19 @@
 // Which shadow-attention kernels run, forward and backward (private to csrc/cuda/).
 //
-// Three kernel families compute the same thing:
-//   * cute: FlashAttention-2-style CuTe kernels (shadow_attention_{fwd,bwd}_cute.cu),
-//     bfloat16/float16, head_dim 64/128, 16-byte aligned rows, sm_80+; built only when the
-//     CUTLASS/CuTe headers are found (CUTLASS_DIR, or the nvidia-cutlass package).
+// Four kernel choices compute the same thing:
+//   * cute: FlashAttention-2-style CuTe kernels (shadow_attention_{fwd,bwd}_cute.cuh on the
+//     mma.sync family), bfloat16/float16, head_dim 64/128, 16-byte aligned rows, sm_80+; built
+//     only when the CUTLASS/CuTe headers are found (CUTLASS_DIR, or the nvidia-cutlass package).
+//   * wgmma: the same kernel bodies on the sm_90a warpgroup-MMA family, same coverage, on
+//     H100/H200 in builds with 9.0a and the CuTe headers.
 //   * wmma: tensor-core kernels with the same coverage (shadow_attention_{fwd,bwd}.cu).
 //   * simt: every dtype and head_dim (shadow_attention_{fwd,bwd}.cu).
-//   * wgmma: forward and backward on sm_90a warpgroup MMAs
-//     (shadow_attention_{fwd,bwd}_wgmma_cute.cu), same coverage as cute on H100/H200 in builds
-//     with 9.0a and the CuTe headers.
-// SHADOWKV_ATTENTION_KERNEL picks one family per call (forward and backward alike): "auto"
-// (default) = wmma where it applies, else simt; "cute" = cute where it applies (an error in a
-// build without it), else simt; "wgmma" = the wgmma kernels where they apply, else as "cute";
-// "wmma" = same as auto; "simt" = simt always. The default
-// stays wmma until the CuTe kernels have passed the GPU tests on real hardware (no session has
-// had a GPU yet; see bench/RESULTS.md).
+// SHADOWKV_ATTENTION_KERNEL picks one per call (forward and backward alike): "auto" (default) =
+// wmma where it applies, else simt; "cute" = cute where it applies (an error in a build
+// without it), else simt; "wgmma" = the wgmma kernels where they apply, else as "cute";
+// "wmma" = same as auto; "simt" = simt always. The default stays wmma until the CuTe kernels
+// have passed the GPU tests on real hardware (no session has had a GPU yet; see
+// bench/RESULTS.md).
 #pragma once
 
 #include <cuda_runtime.h>
