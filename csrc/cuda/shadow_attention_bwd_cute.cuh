@@ -139,30 +139,6 @@ __device__ __forceinline__ void load_row_log(int (&ev)[kRows], const int32_t* ev
   }
 }
 
-// A dK/dV block's steps: every (query head of the GQA group, query tile of `tile` rows in
-// [i_begin, i_end)), heads outer, so that a prefetch crosses from one head to the next.
-struct HeadQuerySteps {
-  struct Step {
-    int64_t hq, i0;
-  };
-  int64_t hq_begin, hq_end, i_begin, i_end;
-  int tile;
-  // No steps at all when no query can see the block's keys (i_begin >= i_end).
-  __device__ HeadQuerySteps(const ShadowAttentionParams& p, const KeyTile& kt, int tile_rows)
-      : hq_begin(kt.hkv * (p.num_q_heads / p.num_kv_heads)),
-        hq_end(kt.i_begin < kt.i_end ? hq_begin + p.num_q_heads / p.num_kv_heads : hq_begin),
-        i_begin(kt.i_begin),
-        i_end(kt.i_end),
-        tile(tile_rows) {}
-  __device__ Step first() const { return Step{hq_begin, i_begin}; }
-  __device__ bool done(Step st) const { return st.hq >= hq_end; }
-  __device__ Step after(Step st) const {
-    st.i0 += tile;
-    if (st.i0 >= i_end) st = Step{st.hq + 1, i_begin};
-    return st;
-  }
-};
-
 // dQ = scale * acc for the rows of query tile t below t.rows (coordinates of acc in `coord`).
 template <typename T, class Acc, class Coord>
 __device__ __forceinline__ void write_dq(const ShadowAttentionBwdParams& bp, const QueryTile& t, Acc const& acc,

@@ -41,6 +41,11 @@ using cuda_common::warp_sum;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// The tile walk below (which key tiles a query tile sees, which queries a key tile needs) is
+// host code too, so that tests/cpp/test_attention_tiles.cu checks it against brute force on a
+// machine without a GPU; kernels call it as device code.
+#define SHADOWKV_TILE_FN __host__ __device__ __forceinline__
+
 // Granularity of the evicted_at min/max pre-pass; every kernel's key tile is a multiple of it.
 constexpr int kEvTile = 32;
 // evicted_at stand-in for key slots past kv_len: no position is < INT32_MIN, so they are masked.
@@ -234,11 +239,11 @@ void dispatch_dtype(DType dt, F&& f) {
 
 
 // The shadow mask (DESIGN.md section 1).
-__device__ __forceinline__ bool visible(int64_t key, int64_t pos, int ev) { return key <= pos && pos < ev; }
+SHADOWKV_TILE_FN bool visible(int64_t key, int64_t pos, int ev) { return key <= pos && pos < ev; }
 
 // min (x) and max (y) of evicted_at over keys [k0, k0 + width) of one (batch, kv head);
 // `mm` holds that head's per-kEvTile results, k0 and width are multiples of kEvTile.
-__device__ __forceinline__ int2 key_tile_ev_range(const int2* __restrict__ mm, int64_t n_ev_tiles, int64_t k0,
+SHADOWKV_TILE_FN int2 key_tile_ev_range(const int2* __restrict__ mm, int64_t n_ev_tiles, int64_t k0,
                                                   int width) {
   int lo = INT_MAX, hi = INT_MIN;
   const int64_t t0 = k0 / kEvTile;
@@ -258,9 +263,8 @@ struct QueryTile {
   int64_t p0, p1;  // absolute positions of its first and last valid row
 };
 
-__device__ __forceinline__ QueryTile query_tile(const ShadowAttentionParams& p, int tile_rows) {
+SHADOWKV_TILE_FN QueryTile query_tile_of(const ShadowAttentionParams& p, int tile_rows, int64_t bid) {
   const int64_t n_tiles = (p.q_len + tile_rows - 1) / tile_rows;
-  const int64_t bid = blockIdx.x;
   QueryTile t;
   const int64_t bh = bid / n_tiles;
   t.hq = bh % p.num_q_heads;
@@ -271,6 +275,9 @@ __device__ __forceinline__ QueryTile query_tile(const ShadowAttentionParams& p, 
   t.p0 = p.q_offset + t.i0;
   t.p1 = t.p0 + t.rows - 1;
   return t;
+}
+__device__ __forceinline__ QueryTile query_tile(const ShadowAttentionParams& p, int tile_rows) {
+  return query_tile_of(p, tile_rows, blockIdx.x);
 }
 
 // Block -> (batch, kv head, key tile) for dK/dV; first key tiles first (seen by the most queries).
@@ -283,10 +290,9 @@ struct KeyTile {
   int64_t i_begin, i_end;
 };
 
-__device__ __forceinline__ KeyTile key_tile(const ShadowAttentionParams& p, int tile_rows, const int2* ev_mm,
-                                            int64_t n_ev_tiles) {
+SHADOWKV_TILE_FN KeyTile key_tile_of(const ShadowAttentionParams& p, int tile_rows, const int2* ev_mm,
+                                     int64_t n_ev_tiles, int64_t bid) {
   const int64_t n_tiles = (p.kv_len + tile_rows - 1) / tile_rows;
-  const int64_t bid = blockIdx.x;
   KeyTile t;
   const int64_t bh = bid / n_tiles;
   t.hkv = bh % p.num_kv_heads;
@@ -303,9 +309,13 @@ __device__ __forceinline__ KeyTile key_tile(const ShadowAttentionParams& p, int 
   t.i_end = min(p.q_len, static_cast<int64_t>(t.ev.y) - p.q_offset);
   return t;
 }
+__device__ __forceinline__ KeyTile key_tile(const ShadowAttentionParams& p, int tile_rows, const int2* ev_mm,
+                                            int64_t n_ev_tiles) {
+  return key_tile_of(p, tile_rows, ev_mm, n_ev_tiles, blockIdx.x);
+}
 
 // Query tile [p0, p1] (rows complete) against key tile [k0, k0 + width): every pair visible?
-__device__ __forceinline__ bool pairs_all_visible(const KeyTile& kt, int width, int64_t kv_len, int64_t p0,
+SHADOWKV_TILE_FN bool pairs_all_visible(const KeyTile& kt, int width, int64_t kv_len, int64_t p0,
                                                   int64_t p1, bool rows_complete) {
   return rows_complete && kt.k0 + width <= kv_len && kt.k0 + width - 1 <= p0 && kt.ev.x > p1;
 }
@@ -319,7 +329,7 @@ struct QueryRows {
   bool full;
 };
 
-__device__ __forceinline__ QueryRows query_rows(const ShadowAttentionParams& p, const KeyTile& kt, int key_rows,
+SHADOWKV_TILE_FN QueryRows query_rows(const ShadowAttentionParams& p, const KeyTile& kt, int key_rows,
                                                 int64_t i0, int tile) {
   const int rows = static_cast<int>(min(static_cast<int64_t>(tile), p.q_len - i0));
   const int64_t p0 = p.q_offset + i0;
@@ -331,12 +341,57 @@ enum class TileKind { kSkip, kPartial, kFull };
 // Key tile [k0, k0 + width) against query positions [p0, p1]. Skip: no key is visible to any of
 // these queries (all keys are in the future, or evicted before the first query). Full: every key
 // exists and is visible to every query, so the per-element mask can be left out.
-__device__ __forceinline__ TileKind classify_key_tile(int2 ev, int64_t k0, int width, int64_t kv_len, int64_t p0,
+SHADOWKV_TILE_FN TileKind classify_key_tile(int2 ev, int64_t k0, int width, int64_t kv_len, int64_t p0,
                                                       int64_t p1) {
   if (k0 > p1 || ev.y <= p0) return TileKind::kSkip;
   if (k0 + width <= kv_len && k0 + width - 1 <= p0 && ev.x > p1) return TileKind::kFull;
   return TileKind::kPartial;
 }
+
+// evicted_at[j] of one (batch, kv head) row: through the read-only cache on the device.
+SHADOWKV_TILE_FN int ev_at(const int32_t* evg, int64_t j) {
+#ifdef __CUDA_ARCH__
+  return __ldg(evg + j);
+#else
+  return evg[j];
+#endif
+}
+
+// Whether V row `row` of key tile k0 is loaded (else staged as zeros): a key past kv_len never
+// is; in a partial tile only keys that some valid row of the block can see are, so that a
+// hidden slot's content (NaN, inf) adds exactly nothing where its P is 0.
+SHADOWKV_TILE_FN bool v_row_needed(int row, int64_t k0, const ShadowAttentionParams& p, const QueryTile& t,
+                                   TileKind kind, const int32_t* evg) {
+  const int64_t j = k0 + row;
+  if (j >= p.kv_len) return false;
+  if (kind != TileKind::kPartial) return true;
+  const int64_t first = j > t.p0 ? j : t.p0;  // the first position of the block that can see j
+  return first <= t.p1 && first < ev_at(evg, j);
+}
+
+// A dK/dV block's steps: every (query head of the GQA group, query tile of `tile` rows in
+// [i_begin, i_end)), heads outer, so that a prefetch crosses from one head to the next.
+struct HeadQuerySteps {
+  struct Step {
+    int64_t hq, i0;
+  };
+  int64_t hq_begin, hq_end, i_begin, i_end;
+  int tile;
+  // No steps at all when no query can see the block's keys (i_begin >= i_end).
+  SHADOWKV_TILE_FN HeadQuerySteps(const ShadowAttentionParams& p, const KeyTile& kt, int tile_rows)
+      : hq_begin(kt.hkv * (p.num_q_heads / p.num_kv_heads)),
+        hq_end(kt.i_begin < kt.i_end ? hq_begin + p.num_q_heads / p.num_kv_heads : hq_begin),
+        i_begin(kt.i_begin),
+        i_end(kt.i_end),
+        tile(tile_rows) {}
+  SHADOWKV_TILE_FN Step first() const { return Step{hq_begin, i_begin}; }
+  SHADOWKV_TILE_FN bool done(Step st) const { return st.hq >= hq_end; }
+  SHADOWKV_TILE_FN Step after(Step st) const {
+    st.i0 += tile;
+    if (st.i0 >= i_end) st = Step{st.hq + 1, i_begin};
+    return st;
+  }
+};
 
 // Key tiles [0, n_tiles) of width kWidth are classified blockDim.x at a time, one per thread,
 // into `kinds` (blockDim.x ints of shared memory), so that a long run of skipped tiles costs a

@@ -78,18 +78,6 @@ __device__ __forceinline__ void write_rows(const ShadowAttentionParams& p, const
   }
 }
 
-// Whether V row `row` of key tile k0 is loaded (else staged as zeros): a key past kv_len never
-// is; in a partial tile only keys that some valid row of the block can see are, so that a
-// hidden slot's content (NaN, inf) adds exactly nothing where its P is 0.
-__device__ __forceinline__ bool v_row_needed(int row, int64_t k0, const ShadowAttentionParams& p, const QueryTile& t,
-                                             TileKind kind, const int32_t* evg) {
-  const int64_t j = k0 + row;
-  if (j >= p.kv_len) return false;
-  if (kind != TileKind::kPartial) return true;
-  const int64_t first = j > t.p0 ? j : t.p0;  // the first position of the block that can see j
-  return first <= t.p1 && first < __ldg(evg + j);
-}
-
 template <class F>
 __global__ void __launch_bounds__(F::Traits::kThreads)
     fwd_kernel(const ShadowAttentionParams p, const int2* __restrict__ ev_mm, int64_t n_ev_tiles, float scale_log2) {
