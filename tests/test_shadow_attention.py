@@ -13,6 +13,7 @@ same (already rounded) inputs. Tolerances, as max absolute error:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from shadowkv import ops
+from shadowkv import _C, ops
 from shadowkv.reference import (
     INT32_MAX,
     random_evicted_at,
@@ -540,6 +541,46 @@ def test_streaming_log_keeps_sinks_plus_window():
         expected = set(range(min(sinks, p + 1))) | kept
         assert set(visible[p].nonzero().flatten().tolist()) == expected, p
         assert visible[p].sum() <= sinks + window + every - 1
+
+
+# The CPU kernels' instruction-set variants (csrc/cpu/isa.h): the AVX2+FMA copy of the tile loops
+# where this CPU has it, and the portable baseline, both against the reference.
+CPU_ISAS = ["baseline"] + (["avx2"] if _C.cpu_isa() == "avx2" else [])
+
+
+@contextlib.contextmanager
+def _cpu_isa(name):
+    old = os.environ.get("SHADOWKV_CPU_ISA")
+    os.environ["SHADOWKV_CPU_ISA"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["SHADOWKV_CPU_ISA"]
+        else:
+            os.environ["SHADOWKV_CPU_ISA"] = old
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@settings(max_examples=25, deadline=None)
+@given(case=cases(max_len=160))
+def test_every_cpu_isa_matches_reference(isa, dtype, case):
+    with _cpu_isa(isa):
+        assert _C.cpu_isa() == isa
+        check_case(case, dtype)
+
+
+def test_cpu_isa_choice():
+    assert _C.cpu_isa() in ("avx2", "baseline")
+    q = torch.randn(1, 2, 5, 8)
+    ev = torch.full((1, 2, 5), ops.NEVER_EVICTED, dtype=torch.int32)
+    with _cpu_isa("sse9"):
+        with pytest.raises(ValueError, match="SHADOWKV_CPU_ISA must be one of auto, baseline, avx2; got 'sse9'"):
+            ops.shadow_attention(q, q, q, ev)
+    if "avx2" not in CPU_ISAS:
+        with _cpu_isa("avx2"), pytest.raises(ValueError, match="no AVX2"):
+            ops.shadow_attention(q, q, q, ev)
 
 
 def test_attention_kernel_sets_and_restores_the_environment(monkeypatch):

@@ -12,5 +12,7 @@ PYBIND11_MODULE(_C, m) {
         "True when the CuTe forward kernel was compiled in (run it with SHADOWKV_ATTENTION_KERNEL=cute).");
   m.def("wgmma_runs_here", &shadowkv::wgmma_runs_here,
         "True when the current CUDA device runs the sm_90a wgmma kernels (SHADOWKV_ATTENTION_KERNEL=wgmma).");
+  m.def("cpu_isa", &shadowkv::cpu_isa,
+        "Instruction set the CPU kernels run now: 'avx2' or 'baseline' (SHADOWKV_CPU_ISA overrides).");
   m.def("cuda_archs", &shadowkv::cuda_archs, "';'-separated compute capabilities built, e.g. '90a;80'.");
 }

@@ -11,6 +11,7 @@
 
 #include "dispatch.h"
 #include "fast_exp.h"
+#include "isa.h"
 #include "tile_gemm.h"
 #include "tile_mask.h"
 
@@ -27,12 +28,13 @@ struct BwdContext {
   KeyTileBounds tiles;
   int64_t D, group, n_qt;
   acc_t scale;
+  Isa isa;  // the variant of the tile loops (isa.h)
   // delta[b, hq, i] = dO_i . O_i - dlse_i : the row term of dS = P * (dP - delta).
   std::vector<acc_t> delta;
 
   explicit BwdContext(const ShadowAttentionBwdParams& bp_)
       : bp(bp_), p(bp_.fwd), tiles(bp_.fwd, BC), D(p.head_dim), group(p.num_q_heads / p.num_kv_heads),
-        n_qt((p.q_len + BR - 1) / BR), scale(static_cast<acc_t>(p.scale)) {}
+        n_qt((p.q_len + BR - 1) / BR), scale(static_cast<acc_t>(p.scale)), isa(active_isa()) {}
 
   const acc_t* lse_row(int64_t b, int64_t hq) const {
     return static_cast<const acc_t*>(p.lse) + b * p.lse_stride[0] + hq * p.lse_stride[1];
@@ -74,6 +76,7 @@ struct BwdContext {
   // For one (query tile, key tile) pair: P (into s) and dS * scale (into ds), both [rows, BC]
   // with only the first `cols` columns meaningful. q, dout: [rows, D]; kt, vt: [D, BC]
   // (transposed key / value tiles).
+  template <int VB>
   void probs_and_dscores(TileKind kind, int64_t b, int64_t hq, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                          const int32_t* ev, const acc_t* q, const acc_t* dout, const acc_t* kt, const acc_t* vt,
                          acc_t* s, acc_t* ds) const {
@@ -82,8 +85,8 @@ struct BwdContext {
     const int64_t pos0 = p.q_offset + i0;
     std::fill(s, s + rows * BC, acc_t(0));
     std::fill(ds, ds + rows * BC, acc_t(0));
-    tile_gemm_acc(rows, BC, D, q, 1, D, kt, BC, s, BC);      // S = Q K^T
-    tile_gemm_acc(rows, BC, D, dout, 1, D, vt, BC, ds, BC);  // dP = dO V^T
+    tile_gemm_acc<VB>(rows, BC, D, q, 1, D, kt, BC, s, BC);      // S = Q K^T
+    tile_gemm_acc<VB>(rows, BC, D, dout, 1, D, vt, BC, ds, BC);  // dP = dO V^T
     for (int64_t r = 0; r < rows; ++r) {
       acc_t* sr = &s[r * BC];
       acc_t* dr = &ds[r * BC];
@@ -99,75 +102,97 @@ struct BwdContext {
     }
   }
 
-  void dkdv_pass(const ParallelFor& pf) {
-    pf(p.batch * p.num_kv_heads * tiles.num_tiles, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> kt(D * BC), vt(D * BC), q(BR * D), dout(BR * D), s(BR * BC), ds(BR * BC), dk(BC * D),
-          dv(BC * D);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t t = item % tiles.num_tiles, bh = item / tiles.num_tiles;
-        const int64_t hk = bh % p.num_kv_heads, b = bh / p.num_kv_heads;
-        const int64_t j0 = t * BC, cols = std::min(BC, p.kv_len - j0);
-        const int32_t* ev = p.evicted_at + b * p.ev_stride[0] + hk * p.ev_stride[1];
-        load_rows(p.k, p.k_stride, b, hk, j0, cols, D, nullptr, kt.data(), BC);
-        load_rows(p.v, p.v_stride, b, hk, j0, cols, D, nullptr, vt.data(), BC);
-        std::fill(dk.begin(), dk.end(), acc_t(0));
-        std::fill(dv.begin(), dv.end(), acc_t(0));
-        for (int64_t hq = hk * group; hq < (hk + 1) * group; ++hq) {
-          for (int64_t qt = 0; qt < n_qt; ++qt) {
-            const int64_t i0 = qt * BR, rows = std::min(BR, p.q_len - i0);
-            const int64_t p0 = p.q_offset + i0;
-            const TileKind kind = tiles.classify(b, hk, p.num_kv_heads, t, j0, j0 + cols, p0, p0 + rows - 1);
-            if (kind == TileKind::kSkip) continue;
-            load_rows(p.q, p.q_stride, b, hq, i0, rows, D, q.data(), nullptr, 0);
-            load_rows(bp.grad_out, bp.do_stride, b, hq, i0, rows, D, dout.data(), nullptr, 0);
-            probs_and_dscores(kind, b, hq, i0, rows, j0, cols, ev, q.data(), dout.data(), kt.data(), vt.data(),
-                              s.data(), ds.data());
-            // dV += P^T dO and dK += dS^T Q over this query tile's rows.
-            tile_gemm_acc(cols, D, rows, s.data(), BC, 1, dout.data(), D, dv.data(), D);
-            tile_gemm_acc(cols, D, rows, ds.data(), BC, 1, q.data(), D, dk.data(), D);
-          }
-        }
-        for (int64_t c = 0; c < cols; ++c) {
-          T* dkd = row_ptr<T>(bp.grad_k, bp.dk_stride, b, hk, j0 + c);
-          T* dvd = row_ptr<T>(bp.grad_v, bp.dv_stride, b, hk, j0 + c);
-          for (int64_t d = 0; d < D; ++d) {
-            dkd[d] = from_float<T>(dk[c * D + d]);
-            dvd[d] = from_float<T>(dv[c * D + d]);
-          }
-        }
-      }
-    });
-  }
-
-  void dq_pass(const ParallelFor& pf) {
-    pf(p.batch * p.num_q_heads * n_qt, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> kf(BC * D), kt(D * BC), vt(D * BC), q(BR * D), dout(BR * D), s(BR * BC), ds(BR * BC),
-          dq(BR * D);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t qt = item % n_qt, bh = item / n_qt, hq = bh % p.num_q_heads, b = bh / p.num_q_heads;
-        const int64_t hk = hq / group;
-        const int64_t i0 = qt * BR, rows = std::min(BR, p.q_len - i0);
-        const int64_t p0 = p.q_offset + i0;
-        const int32_t* ev = p.evicted_at + b * p.ev_stride[0] + hk * p.ev_stride[1];
-        load_rows(p.q, p.q_stride, b, hq, i0, rows, D, q.data(), nullptr, 0);
-        load_rows(bp.grad_out, bp.do_stride, b, hq, i0, rows, D, dout.data(), nullptr, 0);
-        std::fill(dq.begin(), dq.end(), acc_t(0));
-        for (int64_t t = 0; t < tiles.num_tiles; ++t) {
-          const int64_t j0 = t * BC, cols = std::min(BC, p.kv_len - j0);
+  // Work items [begin, end) of the dK/dV pass, with VB-byte vectors in the tile products.
+  template <int VB>
+  void dkdv_items(int64_t begin, int64_t end) const {
+    std::vector<acc_t> kt(D * BC), vt(D * BC), q(BR * D), dout(BR * D), s(BR * BC), ds(BR * BC), dk(BC * D),
+        dv(BC * D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item % tiles.num_tiles, bh = item / tiles.num_tiles;
+      const int64_t hk = bh % p.num_kv_heads, b = bh / p.num_kv_heads;
+      const int64_t j0 = t * BC, cols = std::min(BC, p.kv_len - j0);
+      const int32_t* ev = p.evicted_at + b * p.ev_stride[0] + hk * p.ev_stride[1];
+      load_rows(p.k, p.k_stride, b, hk, j0, cols, D, nullptr, kt.data(), BC);
+      load_rows(p.v, p.v_stride, b, hk, j0, cols, D, nullptr, vt.data(), BC);
+      std::fill(dk.begin(), dk.end(), acc_t(0));
+      std::fill(dv.begin(), dv.end(), acc_t(0));
+      for (int64_t hq = hk * group; hq < (hk + 1) * group; ++hq) {
+        for (int64_t qt = 0; qt < n_qt; ++qt) {
+          const int64_t i0 = qt * BR, rows = std::min(BR, p.q_len - i0);
+          const int64_t p0 = p.q_offset + i0;
           const TileKind kind = tiles.classify(b, hk, p.num_kv_heads, t, j0, j0 + cols, p0, p0 + rows - 1);
           if (kind == TileKind::kSkip) continue;
-          load_rows(p.k, p.k_stride, b, hk, j0, cols, D, kf.data(), kt.data(), BC);
-          load_rows(p.v, p.v_stride, b, hk, j0, cols, D, nullptr, vt.data(), BC);
-          probs_and_dscores(kind, b, hq, i0, rows, j0, cols, ev, q.data(), dout.data(), kt.data(), vt.data(), s.data(),
-                            ds.data());
-          tile_gemm_acc(rows, D, cols, ds.data(), 1, BC, kf.data(), D, dq.data(), D);  // dQ += dS K
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          T* dst = row_ptr<T>(bp.grad_q, bp.dq_stride, b, hq, i0 + r);
-          for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(dq[r * D + d]);
+          load_rows(p.q, p.q_stride, b, hq, i0, rows, D, q.data(), nullptr, 0);
+          load_rows(bp.grad_out, bp.do_stride, b, hq, i0, rows, D, dout.data(), nullptr, 0);
+          probs_and_dscores<VB>(kind, b, hq, i0, rows, j0, cols, ev, q.data(), dout.data(), kt.data(), vt.data(),
+                                s.data(), ds.data());
+          // dV += P^T dO and dK += dS^T Q over this query tile's rows.
+          tile_gemm_acc<VB>(cols, D, rows, s.data(), BC, 1, dout.data(), D, dv.data(), D);
+          tile_gemm_acc<VB>(cols, D, rows, ds.data(), BC, 1, q.data(), D, dk.data(), D);
         }
       }
-    });
+      for (int64_t c = 0; c < cols; ++c) {
+        T* dkd = row_ptr<T>(bp.grad_k, bp.dk_stride, b, hk, j0 + c);
+        T* dvd = row_ptr<T>(bp.grad_v, bp.dv_stride, b, hk, j0 + c);
+        for (int64_t d = 0; d < D; ++d) {
+          dkd[d] = from_float<T>(dk[c * D + d]);
+          dvd[d] = from_float<T>(dv[c * D + d]);
+        }
+      }
+    }
+  }
+#if SHADOWKV_CPU_AVX2_VARIANT
+  SHADOWKV_AVX2_FN void dkdv_items_avx2(int64_t begin, int64_t end) const { dkdv_items<32>(begin, end); }
+#endif
+
+  void dkdv_pass(const ParallelFor& pf) const {
+    auto items = &BwdContext::dkdv_items<detail::kBaselineVecBytes>;
+#if SHADOWKV_CPU_AVX2_VARIANT
+    if (isa == Isa::kAvx2) items = &BwdContext::dkdv_items_avx2;
+#endif
+    pf(p.batch * p.num_kv_heads * tiles.num_tiles, [&](int64_t begin, int64_t end) { (this->*items)(begin, end); });
+  }
+
+  // Work items [begin, end) of the dQ pass, with VB-byte vectors in the tile products.
+  template <int VB>
+  void dq_items(int64_t begin, int64_t end) const {
+    std::vector<acc_t> kf(BC * D), kt(D * BC), vt(D * BC), q(BR * D), dout(BR * D), s(BR * BC), ds(BR * BC),
+        dq(BR * D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t qt = item % n_qt, bh = item / n_qt, hq = bh % p.num_q_heads, b = bh / p.num_q_heads;
+      const int64_t hk = hq / group;
+      const int64_t i0 = qt * BR, rows = std::min(BR, p.q_len - i0);
+      const int64_t p0 = p.q_offset + i0;
+      const int32_t* ev = p.evicted_at + b * p.ev_stride[0] + hk * p.ev_stride[1];
+      load_rows(p.q, p.q_stride, b, hq, i0, rows, D, q.data(), nullptr, 0);
+      load_rows(bp.grad_out, bp.do_stride, b, hq, i0, rows, D, dout.data(), nullptr, 0);
+      std::fill(dq.begin(), dq.end(), acc_t(0));
+      for (int64_t t = 0; t < tiles.num_tiles; ++t) {
+        const int64_t j0 = t * BC, cols = std::min(BC, p.kv_len - j0);
+        const TileKind kind = tiles.classify(b, hk, p.num_kv_heads, t, j0, j0 + cols, p0, p0 + rows - 1);
+        if (kind == TileKind::kSkip) continue;
+        load_rows(p.k, p.k_stride, b, hk, j0, cols, D, kf.data(), kt.data(), BC);
+        load_rows(p.v, p.v_stride, b, hk, j0, cols, D, nullptr, vt.data(), BC);
+        probs_and_dscores<VB>(kind, b, hq, i0, rows, j0, cols, ev, q.data(), dout.data(), kt.data(), vt.data(),
+                              s.data(), ds.data());
+        tile_gemm_acc<VB>(rows, D, cols, ds.data(), 1, BC, kf.data(), D, dq.data(), D);  // dQ += dS K
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        T* dst = row_ptr<T>(bp.grad_q, bp.dq_stride, b, hq, i0 + r);
+        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(dq[r * D + d]);
+      }
+    }
+  }
+#if SHADOWKV_CPU_AVX2_VARIANT
+  SHADOWKV_AVX2_FN void dq_items_avx2(int64_t begin, int64_t end) const { dq_items<32>(begin, end); }
+#endif
+
+  void dq_pass(const ParallelFor& pf) const {
+    auto items = &BwdContext::dq_items<detail::kBaselineVecBytes>;
+#if SHADOWKV_CPU_AVX2_VARIANT
+    if (isa == Isa::kAvx2) items = &BwdContext::dq_items_avx2;
+#endif
+    pf(p.batch * p.num_q_heads * n_qt, [&](int64_t begin, int64_t end) { (this->*items)(begin, end); });
   }
 };
 

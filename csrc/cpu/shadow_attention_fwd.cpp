@@ -9,6 +9,7 @@
 
 #include "dispatch.h"
 #include "fast_exp.h"
+#include "isa.h"
 #include "row_reduce.h"
 #include "tile_gemm.h"
 #include "tile_mask.h"
@@ -28,8 +29,10 @@ void check_params(const ShadowAttentionParams& p) {
 
 namespace {
 
-template <typename T>
-void fwd_kernel(const ShadowAttentionParams& p, const ParallelFor& pf) {
+// Work items [begin, end) of fwd_kernel (one per batch x query head x query tile), with VB-byte
+// vectors in the tile products.
+template <typename T, int VB>
+void fwd_items(const ShadowAttentionParams& p, int64_t begin, int64_t end) {
   using acc_t = typename acc_type<T>::type;
   constexpr int64_t BR = kCpuQueryTile, BC = kCpuKeyTile;
   const int64_t D = p.head_dim, group = p.num_q_heads / p.num_kv_heads;
@@ -38,70 +41,87 @@ void fwd_kernel(const ShadowAttentionParams& p, const ParallelFor& pf) {
   const acc_t scale = static_cast<acc_t>(p.scale);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
-  pf(p.batch * p.num_q_heads * n_qt, [&](int64_t begin, int64_t end) {
-    // Per-thread scratch, reused across the work items of this chunk.
-    std::vector<acc_t> qf(BR * D), kt(D * BC), vf(BC * D), s(BR * BC), acc(BR * D), m(BR), l(BR);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t qt = item % n_qt, bh = item / n_qt, hq = bh % p.num_q_heads, b = bh / p.num_q_heads;
-      const int64_t hk = hq / group;
-      const int64_t i0 = qt * BR, rows = std::min(BR, p.q_len - i0);
-      const int64_t p0 = p.q_offset + i0, p1 = p0 + rows - 1;
-      const int32_t* ev = p.evicted_at + b * p.ev_stride[0] + hk * p.ev_stride[1];
+  // Per-thread scratch, reused across the work items of this chunk.
+  std::vector<acc_t> qf(BR * D), kt(D * BC), vf(BC * D), s(BR * BC), acc(BR * D), m(BR), l(BR);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t qt = item % n_qt, bh = item / n_qt, hq = bh % p.num_q_heads, b = bh / p.num_q_heads;
+    const int64_t hk = hq / group;
+    const int64_t i0 = qt * BR, rows = std::min(BR, p.q_len - i0);
+    const int64_t p0 = p.q_offset + i0, p1 = p0 + rows - 1;
+    const int32_t* ev = p.evicted_at + b * p.ev_stride[0] + hk * p.ev_stride[1];
 
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* src = row_ptr<T>(p.q, p.q_stride, b, hq, i0 + r);
-        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_float(src[d]) * scale;
-      }
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      std::fill(m.begin(), m.end(), neg_inf);
-      std::fill(l.begin(), l.end(), acc_t(0));
-
-      for (int64_t t = 0; t < tiles.num_tiles; ++t) {
-        const int64_t j0 = t * BC, cols = std::min(BC, p.kv_len - j0);
-        const TileKind kind = tiles.classify(b, hk, p.num_kv_heads, t, j0, j0 + cols, p0, p1);
-        if (kind == TileKind::kSkip) continue;
-        // K transposed ([D, BC]) and V row-major ([BC, D]): both products below then read
-        // their B operand along contiguous rows.
-        for (int64_t c = 0; c < cols; ++c) {
-          const T* ks = row_ptr<T>(p.k, p.k_stride, b, hk, j0 + c);
-          const T* vs = row_ptr<T>(p.v, p.v_stride, b, hk, j0 + c);
-          for (int64_t d = 0; d < D; ++d) {
-            kt[d * BC + c] = to_float(ks[d]);
-            vf[c * D + d] = to_float(vs[d]);
-          }
-        }
-        // S = Q K^T for the tile's rows (columns past `cols` hold stale keys and are ignored).
-        std::fill(s.begin(), s.begin() + rows * BC, acc_t(0));
-        tile_gemm_acc(rows, BC, D, qf.data(), 1, D, kt.data(), BC, s.data(), BC);
-        for (int64_t r = 0; r < rows; ++r) {
-          acc_t* sr = &s[r * BC];
-          if (kind == TileKind::kPartial) mask_row(sr, cols, p0 + r, j0, ev, neg_inf);
-          const acc_t mx = row_max(sr, cols, m[r]);
-          if (mx == neg_inf) {  // nothing visible in this row yet: it adds nothing below
-            std::fill(sr, sr + cols, acc_t(0));
-            continue;
-          }
-          const acc_t alpha = exp_fast(m[r] - mx);
-          for (int64_t c = 0; c < cols; ++c) sr[c] = exp_fast(sr[c] - mx);
-          l[r] = l[r] * alpha + row_sum(sr, cols);
-          m[r] = mx;
-          acc_t* ar = acc.data() + r * D;
-          for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
-        }
-        // O += P V (P: the rows' probabilities, [rows, cols] with row stride BC).
-        tile_gemm_acc(rows, D, cols, s.data(), 1, BC, vf.data(), D, acc.data(), D);
-      }
-
-      acc_t* lse = static_cast<acc_t*>(p.lse) + b * p.lse_stride[0] + hq * p.lse_stride[1] + i0;
-      for (int64_t r = 0; r < rows; ++r) {
-        T* dst = row_ptr<T>(p.out, p.o_stride, b, hq, i0 + r);
-        const bool empty = l[r] == acc_t(0);
-        const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[r];
-        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(acc[r * D + d] * inv);
-        lse[r] = empty ? neg_inf : m[r] + std::log(l[r]);
-      }
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* src = row_ptr<T>(p.q, p.q_stride, b, hq, i0 + r);
+      for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_float(src[d]) * scale;
     }
-  });
+    std::fill(acc.begin(), acc.end(), acc_t(0));
+    std::fill(m.begin(), m.end(), neg_inf);
+    std::fill(l.begin(), l.end(), acc_t(0));
+
+    for (int64_t t = 0; t < tiles.num_tiles; ++t) {
+      const int64_t j0 = t * BC, cols = std::min(BC, p.kv_len - j0);
+      const TileKind kind = tiles.classify(b, hk, p.num_kv_heads, t, j0, j0 + cols, p0, p1);
+      if (kind == TileKind::kSkip) continue;
+      // K transposed ([D, BC]) and V row-major ([BC, D]): both products below then read
+      // their B operand along contiguous rows.
+      for (int64_t c = 0; c < cols; ++c) {
+        const T* ks = row_ptr<T>(p.k, p.k_stride, b, hk, j0 + c);
+        const T* vs = row_ptr<T>(p.v, p.v_stride, b, hk, j0 + c);
+        for (int64_t d = 0; d < D; ++d) {
+          kt[d * BC + c] = to_float(ks[d]);
+          vf[c * D + d] = to_float(vs[d]);
+        }
+      }
+      // S = Q K^T for the tile's rows (columns past `cols` hold stale keys and are ignored).
+      std::fill(s.begin(), s.begin() + rows * BC, acc_t(0));
+      tile_gemm_acc<VB>(rows, BC, D, qf.data(), 1, D, kt.data(), BC, s.data(), BC);
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t* sr = &s[r * BC];
+        if (kind == TileKind::kPartial) mask_row(sr, cols, p0 + r, j0, ev, neg_inf);
+        const acc_t mx = row_max(sr, cols, m[r]);
+        if (mx == neg_inf) {  // nothing visible in this row yet: it adds nothing below
+          std::fill(sr, sr + cols, acc_t(0));
+          continue;
+        }
+        const acc_t alpha = exp_fast(m[r] - mx);
+        for (int64_t c = 0; c < cols; ++c) sr[c] = exp_fast(sr[c] - mx);
+        l[r] = l[r] * alpha + row_sum(sr, cols);
+        m[r] = mx;
+        acc_t* ar = acc.data() + r * D;
+        for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
+      }
+      // O += P V (P: the rows' probabilities, [rows, cols] with row stride BC).
+      tile_gemm_acc<VB>(rows, D, cols, s.data(), 1, BC, vf.data(), D, acc.data(), D);
+    }
+
+    acc_t* lse = static_cast<acc_t*>(p.lse) + b * p.lse_stride[0] + hq * p.lse_stride[1] + i0;
+    for (int64_t r = 0; r < rows; ++r) {
+      T* dst = row_ptr<T>(p.out, p.o_stride, b, hq, i0 + r);
+      const bool empty = l[r] == acc_t(0);
+      const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[r];
+      for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(acc[r * D + d] * inv);
+      lse[r] = empty ? neg_inf : m[r] + std::log(l[r]);
+    }
+  }
+}
+
+#if SHADOWKV_CPU_AVX2_VARIANT
+template <typename T>
+SHADOWKV_AVX2_FN void fwd_items_avx2(const ShadowAttentionParams& p, int64_t begin, int64_t end) {
+  fwd_items<T, 32>(p, begin, end);
+}
+#endif
+
+template <typename T>
+void fwd_kernel(const ShadowAttentionParams& p, const ParallelFor& pf) {
+  auto items = &fwd_items<T, detail::kBaselineVecBytes>;
+#if SHADOWKV_CPU_AVX2_VARIANT
+  if (active_isa() == Isa::kAvx2) items = &fwd_items_avx2<T>;
+#else
+  (void)active_isa();  // still rejects a bad SHADOWKV_CPU_ISA
+#endif
+  const int64_t n_qt = (p.q_len + kCpuQueryTile - 1) / kCpuQueryTile;
+  pf(p.batch * p.num_q_heads * n_qt, [&](int64_t begin, int64_t end) { items(p, begin, end); });
 }
 
 }  // namespace

@@ -17,30 +17,39 @@ namespace detail {
 
 #if defined(__GNUC__)
 // GCC/Clang vector extensions: the accumulators are vectors along w, written out so the
-// compiler cannot pick the k loop (strided A) as the one to vectorise instead.
-// The widest vector the target has natively: a wider generic vector is lowered piecewise,
-// which is slower than scalar code.
+// compiler cannot pick the k loop (strided A) as the one to vectorise instead. VB is the
+// vector width in bytes: the widest the code's target has natively (a wider generic vector is
+// lowered piecewise, which is slower than scalar code): 16 on the SSE baseline, 32 with AVX
+// and in the AVX2 variants (isa.h).
 #if defined(__AVX__)
-constexpr int kVecBytes = 32;
+constexpr int kBaselineVecBytes = 32;
 #else
-constexpr int kVecBytes = 16;
+constexpr int kBaselineVecBytes = 16;
 #endif
-template <typename acc_t>
-struct Vec;  // a vector_size attribute on a dependent type would be ignored: one per type
+template <typename acc_t, int VB>
+struct Vec;  // a vector_size attribute on a dependent type would be ignored: one per case
 template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(kVecBytes)));
+struct Vec<float, 16> {
+  typedef float type __attribute__((vector_size(16)));
 };
 template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(kVecBytes)));
+struct Vec<float, 32> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<double, 16> {
+  typedef double type __attribute__((vector_size(16)));
+};
+template <>
+struct Vec<double, 32> {
+  typedef double type __attribute__((vector_size(32)));
 };
 
-template <int MR, int NR, typename acc_t>
+template <int MR, int NR, int VB, typename acc_t>
 inline void gemm_block(int64_t K, const acc_t* __restrict a, int64_t a_k, int64_t a_i, const acc_t* __restrict b,
                        int64_t b_k, acc_t* __restrict c, int64_t c_i) {
-  using V = typename Vec<acc_t>::type;
-  constexpr int L = kVecBytes / sizeof(acc_t);  // lanes
+  using V = typename Vec<acc_t, VB>::type;
+  constexpr int L = VB / sizeof(acc_t);  // lanes
   static_assert(NR % L == 0, "blocks are whole vectors");
   constexpr int NV = NR / L;
   V acc[MR][NV];
@@ -58,7 +67,8 @@ inline void gemm_block(int64_t K, const acc_t* __restrict a, int64_t a_k, int64_
     for (int v = 0; v < NV; ++v) __builtin_memcpy(c + i * c_i + L * v, &acc[i][v], sizeof(V));
 }
 #else
-template <int MR, int NR, typename acc_t>
+constexpr int kBaselineVecBytes = 16;  // unused: plain loops
+template <int MR, int NR, int VB, typename acc_t>
 inline void gemm_block(int64_t K, const acc_t* a, int64_t a_k, int64_t a_i, const acc_t* b, int64_t b_k, acc_t* c,
                        int64_t c_i) {
   acc_t acc[MR][NR];
@@ -89,22 +99,22 @@ inline void gemm_edge(int64_t m, int64_t n, int64_t K, const acc_t* a, int64_t a
 }  // namespace detail
 
 // C[i * c_i + w] += sum_{k < K} a[k * a_k + i * a_i] * b[k * b_k + w]  for i < m, w < n.
-// C must not overlap A or B.
-template <typename acc_t>
+// C must not overlap A or B. VB: vector bytes of the code's target (the AVX2 variants pass 32).
+template <int VB = detail::kBaselineVecBytes, typename acc_t>
 void tile_gemm_acc(int64_t m, int64_t n, int64_t K, const acc_t* a, int64_t a_k, int64_t a_i, const acc_t* b,
                    int64_t b_k, acc_t* c, int64_t c_i) {
   // 4 x 16 floats of accumulators: 16 SSE or 8 AVX registers. On the SSE baseline build,
   // 4 x 8, 6 x 8, 3 x 16 and 4 x 16 measured within 5% of each other.
-  constexpr int kRows = 4, kCols = 16;
+  constexpr int kRows = VB == 32 ? 6 : 4, kCols = 16;
   const int64_t m_full = m - m % kRows, n_full = n - n % kCols;
   for (int64_t i = 0; i < m_full; i += kRows) {
     for (int64_t w = 0; w < n_full; w += kCols)
-      detail::gemm_block<kRows, kCols>(K, a + i * a_i, a_k, a_i, b + w, b_k, c + i * c_i + w, c_i);
+      detail::gemm_block<kRows, kCols, VB>(K, a + i * a_i, a_k, a_i, b + w, b_k, c + i * c_i + w, c_i);
     detail::gemm_edge(kRows, n - n_full, K, a + i * a_i, a_k, a_i, b + n_full, b_k, c + i * c_i + n_full, c_i);
   }
   for (int64_t w = 0; w < n_full; w += kCols)  // the last m % kRows rows, one at a time
     for (int64_t i = m_full; i < m; ++i)
-      detail::gemm_block<1, kCols>(K, a + i * a_i, a_k, a_i, b + w, b_k, c + i * c_i + w, c_i);
+      detail::gemm_block<1, kCols, VB>(K, a + i * a_i, a_k, a_i, b + w, b_k, c + i * c_i + w, c_i);
   detail::gemm_edge(m - m_full, n - n_full, K, a + m_full * a_i, a_k, a_i, b + n_full, b_k,
                     c + m_full * c_i + n_full, c_i);
 }

@@ -76,6 +76,11 @@ void shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& p, void* stream);
 // True when this library was built with its CUDA kernels; the arch list it was built for.
 bool built_with_cuda();
 const char* cuda_archs();  // e.g. "90a;80", "" without CUDA
+// The instruction set the CPU kernels run: "avx2" (AVX2 + FMA variants of the hot loops, on
+// x86-64 CPUs that have them) or "baseline"; the environment variable SHADOWKV_CPU_ISA
+// (auto, baseline, avx2) overrides the choice per call. Throws std::invalid_argument for a bad
+// value of it.
+const char* cpu_isa();
 // True when the CuTe (CUTLASS) kernels were compiled in (CUDA builds with CUTLASS headers);
 // they run when the environment variable SHADOWKV_ATTENTION_KERNEL=cute asks for them.
 bool built_with_cute();

@@ -1,0 +1,47 @@
+// Which instruction-set variant the CPU kernels run (isa.h).
+#include "isa.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "shadowkv/shadow_attention.h"
+
+namespace shadowkv::cpu {
+namespace {
+
+bool cpu_has_avx2() {
+#if SHADOWKV_CPU_AVX2_VARIANT
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+Isa active_isa() {
+  const char* env = std::getenv("SHADOWKV_CPU_ISA");
+  const std::string want = env == nullptr ? "auto" : env;
+  if (want == "auto" || want.empty()) return cpu_has_avx2() ? Isa::kAvx2 : Isa::kBaseline;
+  if (want == "baseline") return Isa::kBaseline;
+  if (want == "avx2") {
+    if (!cpu_has_avx2())
+      throw std::invalid_argument(
+          "shadowkv: SHADOWKV_CPU_ISA=avx2, but this CPU or build has no AVX2+FMA variant of the CPU kernels");
+    return Isa::kAvx2;
+  }
+  throw std::invalid_argument("shadowkv: SHADOWKV_CPU_ISA must be one of auto, baseline, avx2; got '" + want + "'");
+}
+
+const char* isa_name(Isa isa) { return isa == Isa::kAvx2 ? "avx2" : "baseline"; }
+
+}  // namespace shadowkv::cpu
+
+namespace shadowkv {
+
+const char* cpu_isa() { return cpu::isa_name(cpu::active_isa()); }
+
+}  // namespace shadowkv
