@@ -1,12 +1,18 @@
 // CPU backward of shadow-masked attention (FlashAttention-2 recompute from the saved lse).
 //
-// Two passes so no output is written by two threads: pass 1 owns a key tile and sums
-// dK, dV over every query head of its GQA group; pass 2 owns a query tile and sums dQ.
-// Each pass recomputes P from lse, which costs one extra Q.K^T but needs no atomics and
-// keeps the result deterministic.
+// No output element is written by two threads, and every one sums its terms in the same order
+// whichever way the work is split, so results are deterministic and do not depend on it:
+//   * fused (when there are enough (batch, kv head) pairs to keep the threads busy and their
+//     buffers are small): one work item per (batch, kv head) walks every (query head, query
+//     tile, key tile) triple once, with dK/dV accumulated for the whole head and dQ per query
+//     tile: S and dP are computed once per pair;
+//   * two passes otherwise: pass 1 owns a key tile and sums dK, dV over every query head of its
+//     GQA group; pass 2 owns a query tile and sums dQ. Each recomputes P from lse (one extra
+//     Q K^T and dO V^T per pair), but there are many more, smaller work items.
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <thread>
 #include <vector>
 
 #include "dispatch.h"
@@ -73,6 +79,15 @@ struct BwdContext {
     }
   }
 
+  // Writes `n` rows [start, start+n) of a [B,H,L,D] tensor from acc_t rows [n, D].
+  static void store_rows(void* base, const int64_t* stride, int64_t b, int64_t h, int64_t start, int64_t n,
+                         int64_t D, const acc_t* rows) {
+    for (int64_t r = 0; r < n; ++r) {
+      T* dst = row_ptr<T>(base, stride, b, h, start + r);
+      for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(rows[r * D + d]);
+    }
+  }
+
   // For one (query tile, key tile) pair: P (into s) and dS * scale (into ds), both [rows, BC]
   // with only the first `cols` columns meaningful. q, dout: [rows, D]; kt, vt: [D, BC]
   // (transposed key / value tiles).
@@ -100,6 +115,69 @@ struct BwdContext {
       if (kind == TileKind::kPartial) mask_row(sr, cols, pos0 + r, j0, ev, acc_t(0));
       for (int64_t c = 0; c < cols; ++c) dr[c] = sr[c] * (dr[c] - dl[r]) * scale;
     }
+  }
+
+  // Whether the fused pass runs: at least two of its work items per hardware thread (at least
+  // 8), and its per-item buffers (K^T, V^T, K, dK, dV of the whole kv head) under 32 MB.
+  bool use_fused() const {
+    const int64_t threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
+    const int64_t bytes = 5 * tiles.num_tiles * BC * D * static_cast<int64_t>(sizeof(acc_t));
+    return p.batch * p.num_kv_heads >= std::max<int64_t>(8, 2 * threads) && bytes <= (int64_t{32} << 20);
+  }
+
+  // Work items [begin, end) of the fused pass (one per batch x kv head), with VB-byte vectors.
+  // For each dK/dV element the terms arrive in (query head, query tile) order and for each dQ
+  // element in key-tile order, as in the two passes: the results are the same bits.
+  template <int VB>
+  void fused_items(int64_t begin, int64_t end) const {
+    const int64_t n_kt = tiles.num_tiles, L = n_kt * BC;
+    // Per key tile t: K^T and V^T as [D, BC] at t * D * BC; K, dK, dV row-major [L, D].
+    std::vector<acc_t> kt(D * L), vt(D * L), kf(L * D), dk(L * D), dv(L * D), q(BR * D), dout(BR * D), s(BR * BC),
+        ds(BR * BC), dq(BR * D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t hk = item % p.num_kv_heads, b = item / p.num_kv_heads;
+      const int32_t* ev = p.evicted_at + b * p.ev_stride[0] + hk * p.ev_stride[1];
+      for (int64_t t = 0; t < n_kt; ++t) {
+        const int64_t j0 = t * BC, cols = std::min(BC, p.kv_len - j0);
+        load_rows(p.k, p.k_stride, b, hk, j0, cols, D, kf.data() + j0 * D, kt.data() + t * D * BC, BC);
+        load_rows(p.v, p.v_stride, b, hk, j0, cols, D, nullptr, vt.data() + t * D * BC, BC);
+      }
+      std::fill(dk.begin(), dk.end(), acc_t(0));
+      std::fill(dv.begin(), dv.end(), acc_t(0));
+      for (int64_t hq = hk * group; hq < (hk + 1) * group; ++hq) {
+        for (int64_t qt = 0; qt < n_qt; ++qt) {
+          const int64_t i0 = qt * BR, rows = std::min(BR, p.q_len - i0);
+          const int64_t p0 = p.q_offset + i0;
+          load_rows(p.q, p.q_stride, b, hq, i0, rows, D, q.data(), nullptr, 0);
+          load_rows(bp.grad_out, bp.do_stride, b, hq, i0, rows, D, dout.data(), nullptr, 0);
+          std::fill(dq.begin(), dq.end(), acc_t(0));
+          for (int64_t t = 0; t < n_kt; ++t) {
+            const int64_t j0 = t * BC, cols = std::min(BC, p.kv_len - j0);
+            const TileKind kind = tiles.classify(b, hk, p.num_kv_heads, t, j0, j0 + cols, p0, p0 + rows - 1);
+            if (kind == TileKind::kSkip) continue;
+            probs_and_dscores<VB>(kind, b, hq, i0, rows, j0, cols, ev, q.data(), dout.data(), kt.data() + t * D * BC,
+                                  vt.data() + t * D * BC, s.data(), ds.data());
+            tile_gemm_acc<VB>(cols, D, rows, s.data(), BC, 1, dout.data(), D, dv.data() + j0 * D, D);  // dV += P^T dO
+            tile_gemm_acc<VB>(cols, D, rows, ds.data(), BC, 1, q.data(), D, dk.data() + j0 * D, D);   // dK += dS^T Q
+            tile_gemm_acc<VB>(rows, D, cols, ds.data(), 1, BC, kf.data() + j0 * D, D, dq.data(), D);  // dQ += dS K
+          }
+          store_rows(bp.grad_q, bp.dq_stride, b, hq, i0, rows, D, dq.data());
+        }
+      }
+      store_rows(bp.grad_k, bp.dk_stride, b, hk, 0, p.kv_len, D, dk.data());
+      store_rows(bp.grad_v, bp.dv_stride, b, hk, 0, p.kv_len, D, dv.data());
+    }
+  }
+#if SHADOWKV_CPU_AVX2_VARIANT
+  SHADOWKV_AVX2_FN void fused_items_avx2(int64_t begin, int64_t end) const { fused_items<32>(begin, end); }
+#endif
+
+  void fused_pass(const ParallelFor& pf) const {
+    auto items = &BwdContext::fused_items<detail::kBaselineVecBytes>;
+#if SHADOWKV_CPU_AVX2_VARIANT
+    if (isa == Isa::kAvx2) items = &BwdContext::fused_items_avx2;
+#endif
+    pf(p.batch * p.num_kv_heads, [&](int64_t begin, int64_t end) { (this->*items)(begin, end); });
   }
 
   // Work items [begin, end) of the dK/dV pass, with VB-byte vectors in the tile products.
@@ -131,14 +209,8 @@ struct BwdContext {
           tile_gemm_acc<VB>(cols, D, rows, ds.data(), BC, 1, q.data(), D, dk.data(), D);
         }
       }
-      for (int64_t c = 0; c < cols; ++c) {
-        T* dkd = row_ptr<T>(bp.grad_k, bp.dk_stride, b, hk, j0 + c);
-        T* dvd = row_ptr<T>(bp.grad_v, bp.dv_stride, b, hk, j0 + c);
-        for (int64_t d = 0; d < D; ++d) {
-          dkd[d] = from_float<T>(dk[c * D + d]);
-          dvd[d] = from_float<T>(dv[c * D + d]);
-        }
-      }
+      store_rows(bp.grad_k, bp.dk_stride, b, hk, j0, cols, D, dk.data());
+      store_rows(bp.grad_v, bp.dv_stride, b, hk, j0, cols, D, dv.data());
     }
   }
 #if SHADOWKV_CPU_AVX2_VARIANT
@@ -177,10 +249,7 @@ struct BwdContext {
                               s.data(), ds.data());
         tile_gemm_acc<VB>(rows, D, cols, ds.data(), 1, BC, kf.data(), D, dq.data(), D);  // dQ += dS K
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        T* dst = row_ptr<T>(bp.grad_q, bp.dq_stride, b, hq, i0 + r);
-        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(dq[r * D + d]);
-      }
+      store_rows(bp.grad_q, bp.dq_stride, b, hq, i0, rows, D, dq.data());
     }
   }
 #if SHADOWKV_CPU_AVX2_VARIANT
@@ -200,8 +269,12 @@ template <typename T>
 void bwd_kernel(const ShadowAttentionBwdParams& bp, const ParallelFor& pf) {
   BwdContext<T> ctx(bp);
   ctx.compute_delta(pf);
-  ctx.dkdv_pass(pf);
-  ctx.dq_pass(pf);
+  if (ctx.use_fused()) {
+    ctx.fused_pass(pf);
+  } else {
+    ctx.dkdv_pass(pf);
+    ctx.dq_pass(pf);
+  }
 }
 
 // Writes zeros into a [B, H, L, D] strided tensor (outputs with no contribution).
