@@ -28,6 +28,8 @@ const char* isa_name(Isa isa);
 #define SHADOWKV_CPU_AVX2_VARIANT 1
 #define SHADOWKV_AVX2_FN __attribute__((target("avx2,fma"), flatten))
 #else
-// Not x86-64 GCC/Clang, or the whole build already targets AVX2 (-march=native): one variant.
+// Not x86-64 GCC/Clang, or the whole build already targets AVX2 (-march=native): the "AVX2"
+// functions are plain copies of the baseline ones, and active_isa() never picks them.
 #define SHADOWKV_CPU_AVX2_VARIANT 0
+#define SHADOWKV_AVX2_FN
 #endif

@@ -117,6 +117,13 @@ struct BwdContext {
     }
   }
 
+  // Runs a pass's work items over [0, n) in pf's chunks, in the variant active_isa() picked.
+  using Items = void (BwdContext::*)(int64_t, int64_t) const;
+  void run(const ParallelFor& pf, int64_t n, Items baseline, Items avx2) const {
+    const Items items = isa == Isa::kAvx2 ? avx2 : baseline;
+    pf(n, [&](int64_t begin, int64_t end) { (this->*items)(begin, end); });
+  }
+
   // Whether the fused pass runs: at least two of its work items per hardware thread (at least
   // 8), and its per-item buffers (K^T, V^T, K, dK, dV of the whole kv head) under 32 MB.
   bool use_fused() const {
@@ -168,16 +175,12 @@ struct BwdContext {
       store_rows(bp.grad_v, bp.dv_stride, b, hk, 0, p.kv_len, D, dv.data());
     }
   }
-#if SHADOWKV_CPU_AVX2_VARIANT
-  SHADOWKV_AVX2_FN void fused_items_avx2(int64_t begin, int64_t end) const { fused_items<32>(begin, end); }
-#endif
+  SHADOWKV_AVX2_FN void fused_items_avx2(int64_t begin, int64_t end) const {
+    fused_items<detail::kAvx2VecBytes>(begin, end);
+  }
 
   void fused_pass(const ParallelFor& pf) const {
-    auto items = &BwdContext::fused_items<detail::kBaselineVecBytes>;
-#if SHADOWKV_CPU_AVX2_VARIANT
-    if (isa == Isa::kAvx2) items = &BwdContext::fused_items_avx2;
-#endif
-    pf(p.batch * p.num_kv_heads, [&](int64_t begin, int64_t end) { (this->*items)(begin, end); });
+    run(pf, p.batch * p.num_kv_heads, &BwdContext::fused_items<detail::kBaselineVecBytes>, &BwdContext::fused_items_avx2);
   }
 
   // Work items [begin, end) of the dK/dV pass, with VB-byte vectors in the tile products.
@@ -213,16 +216,12 @@ struct BwdContext {
       store_rows(bp.grad_v, bp.dv_stride, b, hk, j0, cols, D, dv.data());
     }
   }
-#if SHADOWKV_CPU_AVX2_VARIANT
-  SHADOWKV_AVX2_FN void dkdv_items_avx2(int64_t begin, int64_t end) const { dkdv_items<32>(begin, end); }
-#endif
+  SHADOWKV_AVX2_FN void dkdv_items_avx2(int64_t begin, int64_t end) const {
+    dkdv_items<detail::kAvx2VecBytes>(begin, end);
+  }
 
   void dkdv_pass(const ParallelFor& pf) const {
-    auto items = &BwdContext::dkdv_items<detail::kBaselineVecBytes>;
-#if SHADOWKV_CPU_AVX2_VARIANT
-    if (isa == Isa::kAvx2) items = &BwdContext::dkdv_items_avx2;
-#endif
-    pf(p.batch * p.num_kv_heads * tiles.num_tiles, [&](int64_t begin, int64_t end) { (this->*items)(begin, end); });
+    run(pf, p.batch * p.num_kv_heads * tiles.num_tiles, &BwdContext::dkdv_items<detail::kBaselineVecBytes>, &BwdContext::dkdv_items_avx2);
   }
 
   // Work items [begin, end) of the dQ pass, with VB-byte vectors in the tile products.
@@ -252,16 +251,12 @@ struct BwdContext {
       store_rows(bp.grad_q, bp.dq_stride, b, hq, i0, rows, D, dq.data());
     }
   }
-#if SHADOWKV_CPU_AVX2_VARIANT
-  SHADOWKV_AVX2_FN void dq_items_avx2(int64_t begin, int64_t end) const { dq_items<32>(begin, end); }
-#endif
+  SHADOWKV_AVX2_FN void dq_items_avx2(int64_t begin, int64_t end) const {
+    dq_items<detail::kAvx2VecBytes>(begin, end);
+  }
 
   void dq_pass(const ParallelFor& pf) const {
-    auto items = &BwdContext::dq_items<detail::kBaselineVecBytes>;
-#if SHADOWKV_CPU_AVX2_VARIANT
-    if (isa == Isa::kAvx2) items = &BwdContext::dq_items_avx2;
-#endif
-    pf(p.batch * p.num_q_heads * n_qt, [&](int64_t begin, int64_t end) { (this->*items)(begin, end); });
+    run(pf, p.batch * p.num_q_heads * n_qt, &BwdContext::dq_items<detail::kBaselineVecBytes>, &BwdContext::dq_items_avx2);
   }
 };
 

@@ -105,21 +105,14 @@ void fwd_items(const ShadowAttentionParams& p, int64_t begin, int64_t end) {
   }
 }
 
-#if SHADOWKV_CPU_AVX2_VARIANT
 template <typename T>
 SHADOWKV_AVX2_FN void fwd_items_avx2(const ShadowAttentionParams& p, int64_t begin, int64_t end) {
-  fwd_items<T, 32>(p, begin, end);
+  fwd_items<T, detail::kAvx2VecBytes>(p, begin, end);
 }
-#endif
 
 template <typename T>
 void fwd_kernel(const ShadowAttentionParams& p, const ParallelFor& pf) {
-  auto items = &fwd_items<T, detail::kBaselineVecBytes>;
-#if SHADOWKV_CPU_AVX2_VARIANT
-  if (active_isa() == Isa::kAvx2) items = &fwd_items_avx2<T>;
-#else
-  (void)active_isa();  // still rejects a bad SHADOWKV_CPU_ISA
-#endif
+  const auto items = active_isa() == Isa::kAvx2 ? &fwd_items_avx2<T> : &fwd_items<T, detail::kBaselineVecBytes>;
   const int64_t n_qt = (p.q_len + kCpuQueryTile - 1) / kCpuQueryTile;
   pf(p.batch * p.num_q_heads * n_qt, [&](int64_t begin, int64_t end) { items(p, begin, end); });
 }

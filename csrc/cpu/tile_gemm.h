@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "isa.h"
+
 namespace shadowkv::cpu {
 
 namespace detail {
@@ -26,6 +28,8 @@ constexpr int kBaselineVecBytes = 32;
 #else
 constexpr int kBaselineVecBytes = 16;
 #endif
+// The width the AVX2 variants (SHADOWKV_AVX2_FN functions) use.
+constexpr int kAvx2VecBytes = SHADOWKV_CPU_AVX2_VARIANT ? 32 : kBaselineVecBytes;
 template <typename acc_t, int VB>
 struct Vec;  // a vector_size attribute on a dependent type would be ignored: one per case
 template <>
@@ -68,6 +72,7 @@ inline void gemm_block(int64_t K, const acc_t* __restrict a, int64_t a_k, int64_
 }
 #else
 constexpr int kBaselineVecBytes = 16;  // unused: plain loops
+constexpr int kAvx2VecBytes = kBaselineVecBytes;
 template <int MR, int NR, int VB, typename acc_t>
 inline void gemm_block(int64_t K, const acc_t* a, int64_t a_k, int64_t a_i, const acc_t* b, int64_t b_k, acc_t* c,
                        int64_t c_i) {
