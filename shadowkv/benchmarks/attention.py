@@ -189,7 +189,7 @@ def run_device(device: torch.device, args) -> None:
         "dense": torch.full((seq_len,), INT32_MAX, dtype=torch.int32),
         f"{kept / seq_len:.0%}": streaming_evicted_at(seq_len, args.sinks, window),
     }
-    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    threads = f", {torch.get_num_threads()} threads, {_C.cpu_isa()} kernels" if device.type == "cpu" else ""
     print(f"\n== {device.type}{threads}: B={args.batch} Hq={args.q_heads} Hkv={args.kv_heads} "
           f"L={seq_len} D={args.head_dim} {str(dtype).removeprefix('torch.')}; "
           f"kept = {args.sinks} sinks + {window} window = {kept} keys; "
