@@ -1,5 +1,7 @@
 #include "shadow_attention_ops.h"
 
+#include <ATen/Parallel.h>
+
 #include <cmath>
 #include <limits>
 
@@ -94,6 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shadow_attention_bwd(
   const at::Tensor evicted_at = last_dim_contiguous(evicted_at_in);
   ShadowAttentionBwdParams bp;
   bp.fwd = make_params(q, k, v, evicted_at, q_offset, scale);
+  bp.cpu_threads = at::get_num_threads();  // what at::parallel_for (torch_parallel_for) uses
   const ShadowAttentionParams& p = bp.fwd;
 
   const at::Tensor grad_out = last_dim_contiguous(grad_out_in), out = last_dim_contiguous(out_in);

@@ -16,9 +16,11 @@
 #include <cstdint>
 #include <cstring>
 
+#include "isa.h"
+
 namespace shadowkv::cpu {
 
-inline float exp_fast(float x) {
+SHADOWKV_CPU_INLINE float exp_fast(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;      // ln 2 with its low mantissa bits zero: n * kLn2Hi is exact
   constexpr float kLn2Lo = -2.12194440e-4f;   // ln 2 - kLn2Hi

@@ -11,10 +11,15 @@
 namespace shadowkv::cpu {
 namespace {
 
+// Whether the AVX2 functions may run: the CPU has AVX2 and FMA (cpuid, OS support included),
+// or the whole build targets them already (-march=native and the like: the "variants" are the
+// baseline code, which is AVX2 code).
 bool cpu_has_avx2() {
 #if SHADOWKV_CPU_AVX2_VARIANT
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
+#elif defined(__AVX2__) && defined(__FMA__)
+  return true;
 #else
   return false;
 #endif

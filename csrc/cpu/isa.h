@@ -1,11 +1,14 @@
 // Instruction-set variants of the CPU attention kernels' hot loops.
 //
 // The library is compiled for its target's baseline (x86-64: SSE2), so one build runs on any
-// machine. On x86-64 with GCC or Clang the per-tile loops of the attention kernels are also
-// compiled for AVX2 + FMA, through function target attributes rather than a second translation
-// unit: `flatten` inlines every helper they call (tile products, exp, masks) into them, so those
-// helpers are compiled for AVX2 there and nothing compiled for AVX2 is ever shared with (or
-// picked by the linker for) the baseline code. active_isa() picks the variant per call.
+// machine. On x86-64 with GCC or Clang the per-chunk work functions of the attention kernels
+// also exist as AVX2 + FMA copies: thin wrappers marked SHADOWKV_AVX2_FN (target attribute)
+// into which the work function and every helper it calls (tile products, exp, masks, row
+// loads) are inlined, so that they are compiled for AVX2 there. The helpers are marked
+// SHADOWKV_CPU_INLINE (always_inline) for that, because Clang's `flatten` only inlines one
+// level. Safety does not depend on the inlining: a function the compiler emits out of line is
+// compiled for the baseline target whoever calls it, so no AVX2 instruction runs unless
+// active_isa() picked a wrapper. active_isa() picks per call.
 //
 // Results can differ in the last bits between the variants (FMA rounds once where the
 // baseline rounds twice); each is deterministic (independent of threads and tiling).
@@ -24,12 +27,18 @@ const char* isa_name(Isa isa);
 
 }  // namespace shadowkv::cpu
 
+#if defined(__GNUC__)
+#define SHADOWKV_CPU_INLINE inline __attribute__((always_inline))
+#else
+#define SHADOWKV_CPU_INLINE inline
+#endif
+
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__AVX2__)
 #define SHADOWKV_CPU_AVX2_VARIANT 1
 #define SHADOWKV_AVX2_FN __attribute__((target("avx2,fma"), flatten))
 #else
 // Not x86-64 GCC/Clang, or the whole build already targets AVX2 (-march=native): the "AVX2"
-// functions are plain copies of the baseline ones, and active_isa() never picks them.
+// functions are plain copies of the baseline ones (which are AVX2 code in the second case).
 #define SHADOWKV_CPU_AVX2_VARIANT 0
 #define SHADOWKV_AVX2_FN
 #endif

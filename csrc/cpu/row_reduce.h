@@ -9,13 +9,15 @@
 
 #include <cstdint>
 
+#include "isa.h"
+
 namespace shadowkv::cpu {
 
 constexpr int kLanes = 8;
 
 // max(init, x[0..n)); a NaN in x is ignored like std::max(m, NaN) does.
 template <typename acc_t>
-inline acc_t row_max(const acc_t* x, int64_t n, acc_t init) {
+SHADOWKV_CPU_INLINE acc_t row_max(const acc_t* x, int64_t n, acc_t init) {
   acc_t lane[kLanes];
   for (int w = 0; w < kLanes; ++w) lane[w] = init;
   const int64_t n_full = n - n % kLanes;
@@ -28,7 +30,7 @@ inline acc_t row_max(const acc_t* x, int64_t n, acc_t init) {
 }
 
 template <typename acc_t>
-inline acc_t row_sum(const acc_t* x, int64_t n) {
+SHADOWKV_CPU_INLINE acc_t row_sum(const acc_t* x, int64_t n) {
   acc_t lane[kLanes] = {};
   const int64_t n_full = n - n % kLanes;
   for (int64_t c = 0; c < n_full; c += kLanes)

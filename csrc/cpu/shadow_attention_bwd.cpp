@@ -67,8 +67,9 @@ struct BwdContext {
 
   // Loads `n` rows [start, start+n) of a [B,H,L,D] tensor as acc_t, row-major [n, D], and
   // optionally transposed [D, ld].
-  static void load_rows(const void* base, const int64_t* stride, int64_t b, int64_t h, int64_t start, int64_t n,
-                        int64_t D, acc_t* rows, acc_t* cols_t, int64_t ld) {
+  SHADOWKV_CPU_INLINE static void load_rows(const void* base, const int64_t* stride, int64_t b, int64_t h,
+                                            int64_t start, int64_t n, int64_t D, acc_t* rows, acc_t* cols_t,
+                                            int64_t ld) {
     for (int64_t r = 0; r < n; ++r) {
       const T* src = row_ptr<T>(base, stride, b, h, start + r);
       for (int64_t d = 0; d < D; ++d) {
@@ -80,8 +81,8 @@ struct BwdContext {
   }
 
   // Writes `n` rows [start, start+n) of a [B,H,L,D] tensor from acc_t rows [n, D].
-  static void store_rows(void* base, const int64_t* stride, int64_t b, int64_t h, int64_t start, int64_t n,
-                         int64_t D, const acc_t* rows) {
+  SHADOWKV_CPU_INLINE static void store_rows(void* base, const int64_t* stride, int64_t b, int64_t h,
+                                             int64_t start, int64_t n, int64_t D, const acc_t* rows) {
     for (int64_t r = 0; r < n; ++r) {
       T* dst = row_ptr<T>(base, stride, b, h, start + r);
       for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(rows[r * D + d]);
@@ -92,9 +93,10 @@ struct BwdContext {
   // with only the first `cols` columns meaningful. q, dout: [rows, D]; kt, vt: [D, BC]
   // (transposed key / value tiles).
   template <int VB>
-  void probs_and_dscores(TileKind kind, int64_t b, int64_t hq, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
-                         const int32_t* ev, const acc_t* q, const acc_t* dout, const acc_t* kt, const acc_t* vt,
-                         acc_t* s, acc_t* ds) const {
+  SHADOWKV_CPU_INLINE void probs_and_dscores(TileKind kind, int64_t b, int64_t hq, int64_t i0, int64_t rows,
+                                             int64_t j0, int64_t cols, const int32_t* ev, const acc_t* q,
+                                             const acc_t* dout, const acc_t* kt, const acc_t* vt, acc_t* s,
+                                             acc_t* ds) const {
     const acc_t* lse = lse_row(b, hq) + i0;
     const acc_t* dl = &delta[(b * p.num_q_heads + hq) * p.q_len + i0];
     const int64_t pos0 = p.q_offset + i0;
@@ -124,19 +126,23 @@ struct BwdContext {
     pf(n, [&](int64_t begin, int64_t end) { (this->*items)(begin, end); });
   }
 
-  // Whether the fused pass runs: at least two of its work items per hardware thread (at least
-  // 8), and its per-item buffers (K^T, V^T, K, dK, dV of the whole kv head) under 32 MB.
+  // Whether the fused pass runs: at least two of its work items per thread (and at least 8),
+  // and its per-item buffers (K^T, V^T, K, dK, dV of the whole kv head) under 32 MB, 256 MB
+  // for all threads at once.
   bool use_fused() const {
-    const int64_t threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
+    const int64_t threads = bp.cpu_threads > 0 ? bp.cpu_threads
+                                               : std::max<int64_t>(1, std::thread::hardware_concurrency());
+    const int64_t items = p.batch * p.num_kv_heads;
     const int64_t bytes = 5 * tiles.num_tiles * BC * D * static_cast<int64_t>(sizeof(acc_t));
-    return p.batch * p.num_kv_heads >= std::max<int64_t>(8, 2 * threads) && bytes <= (int64_t{32} << 20);
+    return items >= std::max<int64_t>(8, 2 * threads) && bytes <= (int64_t{32} << 20) &&
+           bytes * std::min(threads, items) <= (int64_t{256} << 20);
   }
 
   // Work items [begin, end) of the fused pass (one per batch x kv head), with VB-byte vectors.
   // For each dK/dV element the terms arrive in (query head, query tile) order and for each dQ
   // element in key-tile order, as in the two passes: the results are the same bits.
   template <int VB>
-  void fused_items(int64_t begin, int64_t end) const {
+  SHADOWKV_CPU_INLINE void fused_items(int64_t begin, int64_t end) const {
     const int64_t n_kt = tiles.num_tiles, L = n_kt * BC;
     // Per key tile t: K^T and V^T as [D, BC] at t * D * BC; K, dK, dV row-major [L, D].
     std::vector<acc_t> kt(D * L), vt(D * L), kf(L * D), dk(L * D), dv(L * D), q(BR * D), dout(BR * D), s(BR * BC),
@@ -180,12 +186,13 @@ struct BwdContext {
   }
 
   void fused_pass(const ParallelFor& pf) const {
-    run(pf, p.batch * p.num_kv_heads, &BwdContext::fused_items<detail::kBaselineVecBytes>, &BwdContext::fused_items_avx2);
+    run(pf, p.batch * p.num_kv_heads, &BwdContext::fused_items<detail::kBaselineVecBytes>,
+        &BwdContext::fused_items_avx2);
   }
 
   // Work items [begin, end) of the dK/dV pass, with VB-byte vectors in the tile products.
   template <int VB>
-  void dkdv_items(int64_t begin, int64_t end) const {
+  SHADOWKV_CPU_INLINE void dkdv_items(int64_t begin, int64_t end) const {
     std::vector<acc_t> kt(D * BC), vt(D * BC), q(BR * D), dout(BR * D), s(BR * BC), ds(BR * BC), dk(BC * D),
         dv(BC * D);
     for (int64_t item = begin; item < end; ++item) {
@@ -221,12 +228,13 @@ struct BwdContext {
   }
 
   void dkdv_pass(const ParallelFor& pf) const {
-    run(pf, p.batch * p.num_kv_heads * tiles.num_tiles, &BwdContext::dkdv_items<detail::kBaselineVecBytes>, &BwdContext::dkdv_items_avx2);
+    run(pf, p.batch * p.num_kv_heads * tiles.num_tiles, &BwdContext::dkdv_items<detail::kBaselineVecBytes>,
+        &BwdContext::dkdv_items_avx2);
   }
 
   // Work items [begin, end) of the dQ pass, with VB-byte vectors in the tile products.
   template <int VB>
-  void dq_items(int64_t begin, int64_t end) const {
+  SHADOWKV_CPU_INLINE void dq_items(int64_t begin, int64_t end) const {
     std::vector<acc_t> kf(BC * D), kt(D * BC), vt(D * BC), q(BR * D), dout(BR * D), s(BR * BC), ds(BR * BC),
         dq(BR * D);
     for (int64_t item = begin; item < end; ++item) {
@@ -256,7 +264,8 @@ struct BwdContext {
   }
 
   void dq_pass(const ParallelFor& pf) const {
-    run(pf, p.batch * p.num_q_heads * n_qt, &BwdContext::dq_items<detail::kBaselineVecBytes>, &BwdContext::dq_items_avx2);
+    run(pf, p.batch * p.num_q_heads * n_qt, &BwdContext::dq_items<detail::kBaselineVecBytes>,
+        &BwdContext::dq_items_avx2);
   }
 };
 

@@ -30,14 +30,14 @@ void check_params(const ShadowAttentionParams& p) {
 namespace {
 
 // Work items [begin, end) of fwd_kernel (one per batch x query head x query tile), with VB-byte
-// vectors in the tile products.
+// vectors in the tile products; `tiles` holds the key tiles' evicted_at ranges.
 template <typename T, int VB>
-void fwd_items(const ShadowAttentionParams& p, int64_t begin, int64_t end) {
+SHADOWKV_CPU_INLINE void fwd_items(const ShadowAttentionParams& p, const KeyTileBounds& tiles, int64_t begin,
+                                   int64_t end) {
   using acc_t = typename acc_type<T>::type;
   constexpr int64_t BR = kCpuQueryTile, BC = kCpuKeyTile;
   const int64_t D = p.head_dim, group = p.num_q_heads / p.num_kv_heads;
   const int64_t n_qt = (p.q_len + BR - 1) / BR;
-  const KeyTileBounds tiles(p, BC);
   const acc_t scale = static_cast<acc_t>(p.scale);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
@@ -106,15 +106,17 @@ void fwd_items(const ShadowAttentionParams& p, int64_t begin, int64_t end) {
 }
 
 template <typename T>
-SHADOWKV_AVX2_FN void fwd_items_avx2(const ShadowAttentionParams& p, int64_t begin, int64_t end) {
-  fwd_items<T, detail::kAvx2VecBytes>(p, begin, end);
+SHADOWKV_AVX2_FN void fwd_items_avx2(const ShadowAttentionParams& p, const KeyTileBounds& tiles, int64_t begin,
+                                     int64_t end) {
+  fwd_items<T, detail::kAvx2VecBytes>(p, tiles, begin, end);
 }
 
 template <typename T>
 void fwd_kernel(const ShadowAttentionParams& p, const ParallelFor& pf) {
   const auto items = active_isa() == Isa::kAvx2 ? &fwd_items_avx2<T> : &fwd_items<T, detail::kBaselineVecBytes>;
+  const KeyTileBounds tiles(p, kCpuKeyTile);  // once per call, shared by every thread
   const int64_t n_qt = (p.q_len + kCpuQueryTile - 1) / kCpuQueryTile;
-  pf(p.batch * p.num_q_heads * n_qt, [&](int64_t begin, int64_t end) { items(p, begin, end); });
+  pf(p.batch * p.num_q_heads * n_qt, [&](int64_t begin, int64_t end) { items(p, tiles, begin, end); });
 }
 
 }  // namespace

@@ -50,8 +50,8 @@ struct Vec<double, 32> {
 };
 
 template <int MR, int NR, int VB, typename acc_t>
-inline void gemm_block(int64_t K, const acc_t* __restrict a, int64_t a_k, int64_t a_i, const acc_t* __restrict b,
-                       int64_t b_k, acc_t* __restrict c, int64_t c_i) {
+SHADOWKV_CPU_INLINE void gemm_block(int64_t K, const acc_t* __restrict a, int64_t a_k, int64_t a_i,
+                                    const acc_t* __restrict b, int64_t b_k, acc_t* __restrict c, int64_t c_i) {
   using V = typename Vec<acc_t, VB>::type;
   constexpr int L = VB / sizeof(acc_t);  // lanes
   static_assert(NR % L == 0, "blocks are whole vectors");
@@ -74,8 +74,8 @@ inline void gemm_block(int64_t K, const acc_t* __restrict a, int64_t a_k, int64_
 constexpr int kBaselineVecBytes = 16;  // unused: plain loops
 constexpr int kAvx2VecBytes = kBaselineVecBytes;
 template <int MR, int NR, int VB, typename acc_t>
-inline void gemm_block(int64_t K, const acc_t* a, int64_t a_k, int64_t a_i, const acc_t* b, int64_t b_k, acc_t* c,
-                       int64_t c_i) {
+SHADOWKV_CPU_INLINE void gemm_block(int64_t K, const acc_t* a, int64_t a_k, int64_t a_i, const acc_t* b, int64_t b_k,
+                                    acc_t* c, int64_t c_i) {
   acc_t acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int w = 0; w < NR; ++w) acc[i][w] = c[i * c_i + w];
@@ -91,8 +91,8 @@ inline void gemm_block(int64_t K, const acc_t* a, int64_t a_k, int64_t a_i, cons
 
 // Edges of the block grid: the same sums, element by element.
 template <typename acc_t>
-inline void gemm_edge(int64_t m, int64_t n, int64_t K, const acc_t* a, int64_t a_k, int64_t a_i, const acc_t* b,
-                      int64_t b_k, acc_t* c, int64_t c_i) {
+SHADOWKV_CPU_INLINE void gemm_edge(int64_t m, int64_t n, int64_t K, const acc_t* a, int64_t a_k, int64_t a_i,
+                                   const acc_t* b, int64_t b_k, acc_t* c, int64_t c_i) {
   for (int64_t i = 0; i < m; ++i)
     for (int64_t w = 0; w < n; ++w) {
       acc_t s = c[i * c_i + w];
@@ -106,12 +106,12 @@ inline void gemm_edge(int64_t m, int64_t n, int64_t K, const acc_t* a, int64_t a
 // C[i * c_i + w] += sum_{k < K} a[k * a_k + i * a_i] * b[k * b_k + w]  for i < m, w < n.
 // C must not overlap A or B. VB: vector bytes of the code's target (the AVX2 variants pass 32).
 template <int VB = detail::kBaselineVecBytes, typename acc_t>
-void tile_gemm_acc(int64_t m, int64_t n, int64_t K, const acc_t* a, int64_t a_k, int64_t a_i, const acc_t* b,
-                   int64_t b_k, acc_t* c, int64_t c_i) {
-  // Rows x 16 floats of accumulators: 4 rows in 16 SSE registers (on the SSE baseline, 4 x 8,
-  // 6 x 8, 3 x 16 and 4 x 16 measured within 5% of each other); 6 rows in 12 of the 16 AVX
-  // registers (about 4% faster than 4 rows in the AVX2 variants).
-  constexpr int kRows = VB == 32 ? 6 : 4, kCols = 16;
+SHADOWKV_CPU_INLINE void tile_gemm_acc(int64_t m, int64_t n, int64_t K, const acc_t* a, int64_t a_k, int64_t a_i,
+                                       const acc_t* b, int64_t b_k, acc_t* c, int64_t c_i) {
+  // Rows x 64 bytes of accumulators (16 floats, 8 doubles): 4 rows in 16 SSE registers (on the
+  // SSE baseline, 4 x 8, 6 x 8, 3 x 16 and 4 x 16 floats measured within 5% of each other);
+  // 6 rows in 12 of the 16 AVX registers (about 4% faster than 4 rows in the AVX2 variants).
+  constexpr int kRows = VB == 32 ? 6 : 4, kCols = static_cast<int>(64 / sizeof(acc_t));
   const int64_t m_full = m - m % kRows, n_full = n - n % kCols;
   for (int64_t i = 0; i < m_full; i += kRows) {
     for (int64_t w = 0; w < n_full; w += kCols)

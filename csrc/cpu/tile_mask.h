@@ -10,6 +10,7 @@
 #include <limits>
 #include <vector>
 
+#include "isa.h"
 #include "shadowkv/shadow_attention.h"
 
 namespace shadowkv::cpu {
@@ -58,7 +59,7 @@ struct KeyTileBounds {
 // `hidden`: key j is visible iff j <= pos < evicted_at[j]. Written as a select over 32-bit
 // ints so it vectorises (a position at or past INT32_MAX sees nothing, as in the 64-bit rule).
 template <typename acc_t>
-inline void mask_row(acc_t* s, int64_t cols, int64_t pos, int64_t j0, const int32_t* ev, acc_t hidden) {
+SHADOWKV_CPU_INLINE void mask_row(acc_t* s, int64_t cols, int64_t pos, int64_t j0, const int32_t* ev, acc_t hidden) {
   const int32_t p = static_cast<int32_t>(std::min<int64_t>(pos, std::numeric_limits<int32_t>::max()));
   const int32_t last = static_cast<int32_t>(std::max<int64_t>(-1, std::min(pos - j0, cols - 1)));
   const int32_t* e = ev + j0;

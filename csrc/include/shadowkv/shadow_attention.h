@@ -51,6 +51,10 @@ struct ShadowAttentionBwdParams {
   int64_t dq_stride[3] = {0, 0, 0};
   int64_t dk_stride[3] = {0, 0, 0};
   int64_t dv_stride[3] = {0, 0, 0};
+  // CPU kernel only: how many threads the ParallelFor runs work items on (it picks between a
+  // fused pass with one item per (batch, kv head) and two passes with many more); 0 = unknown,
+  // taken as std::thread::hardware_concurrency(). Pass 1 with serial_for.
+  int64_t cpu_threads = 0;
 };
 
 // Runs body(begin, end) over [0, n) work items, possibly split across threads. The torch
