@@ -2,7 +2,6 @@
 #include "isa.h"
 
 #include <cstdlib>
-#include <cstring>
 #include <stdexcept>
 #include <string>
 
