@@ -36,15 +36,40 @@ def attention_kernel(name: str) -> Iterator[None]:
     """
     if name not in ATTENTION_KERNELS:
         raise ValueError(f"attention_kernel: `name` must be one of {', '.join(ATTENTION_KERNELS)}, got {name!r}")
-    old = os.environ.get(ATTENTION_KERNEL_ENV)
-    os.environ[ATTENTION_KERNEL_ENV] = name
+    with _scoped_env(ATTENTION_KERNEL_ENV, name):
+        yield
+
+
+CPU_ISA_ENV = "SHADOWKV_CPU_ISA"
+CPU_ISAS = ("auto", "baseline", "avx2")
+
+
+@contextlib.contextmanager
+def _scoped_env(var: str, value: str) -> Iterator[None]:
+    old = os.environ.get(var)
+    os.environ[var] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop(ATTENTION_KERNEL_ENV, None)
+            os.environ.pop(var, None)
         else:
-            os.environ[ATTENTION_KERNEL_ENV] = old
+            os.environ[var] = old
+
+
+@contextlib.contextmanager
+def cpu_isa(name: str) -> Iterator[None]:
+    """Selects the instruction set of the CPU kernels' hot loops in the block (csrc/cpu/isa.h).
+
+    ``"auto"`` (the default: the AVX2+FMA copies where the CPU has them, else the portable
+    baseline), ``"baseline"``, ``"avx2"`` (a ValueError at the first call on a CPU or build
+    without them). Sets the environment variable SHADOWKV_CPU_ISA, which the CPU ops read at
+    every call, for the whole process while the block runs; ``_C.cpu_isa()`` says what runs.
+    """
+    if name not in CPU_ISAS:
+        raise ValueError(f"cpu_isa: `name` must be one of {', '.join(CPU_ISAS)}, got {name!r}")
+    with _scoped_env(CPU_ISA_ENV, name):
+        yield
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:

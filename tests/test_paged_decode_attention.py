@@ -19,6 +19,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from shadowkv import ops
+
+from .test_shadow_attention import available_cpu_isas
 from shadowkv.reference import INT32_MAX
 from shadowkv.reference import PagedState, gather_slots, paged_decode_attention_ref, random_paged_state
 
@@ -110,6 +112,16 @@ def test_matches_reference_float32(case):
 def test_matches_reference_other_dtypes(case):
     q, state, scores = case.inputs()
     check_against_reference(q, state, case.scale, scores)
+
+
+@pytest.mark.parametrize("isa", available_cpu_isas())
+@settings(max_examples=40, deadline=None)
+@given(case=cases(dtypes=(torch.float32, torch.float64, torch.bfloat16)))
+def test_every_cpu_isa_matches_reference(isa, case):
+    """The baseline and (where the CPU has it) AVX2 variants of the decode loops (csrc/cpu/isa.h)."""
+    q, state, scores = case.inputs()
+    with ops.cpu_isa(isa):
+        check_against_reference(q, state, case.scale, scores)
 
 
 @pytest.mark.parametrize("group", [1, 4])

@@ -13,7 +13,6 @@ same (already rounded) inputs. Tolerances, as max absolute error:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -543,27 +542,14 @@ def test_streaming_log_keeps_sinks_plus_window():
         assert visible[p].sum() <= sinks + window + every - 1
 
 
-@contextlib.contextmanager
-def _cpu_isa(name):
-    old = os.environ.get("SHADOWKV_CPU_ISA")
-    os.environ["SHADOWKV_CPU_ISA"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["SHADOWKV_CPU_ISA"]
-        else:
-            os.environ["SHADOWKV_CPU_ISA"] = old
-
-
-def _available_cpu_isas() -> list[str]:
-    with _cpu_isa("auto"):  # whatever the environment says, collection must not fail here
+def available_cpu_isas() -> list[str]:
+    with ops.cpu_isa("auto"):  # whatever the environment says, collection must not fail here
         return ["baseline"] + (["avx2"] if _C.cpu_isa() == "avx2" else [])
 
 
 # The CPU kernels' instruction-set variants (csrc/cpu/isa.h): the AVX2+FMA copy of the tile loops
 # where this CPU has it, and the portable baseline, both against the reference.
-CPU_ISAS = _available_cpu_isas()
+CPU_ISAS = available_cpu_isas()
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
@@ -571,7 +557,7 @@ CPU_ISAS = _available_cpu_isas()
 @settings(max_examples=25, deadline=None)
 @given(case=cases(max_len=160))
 def test_every_cpu_isa_matches_reference(isa, dtype, case):
-    with _cpu_isa(isa):
+    with ops.cpu_isa(isa):
         assert _C.cpu_isa() == isa
         check_case(case, dtype)
 
@@ -610,17 +596,20 @@ def test_cpu_backward_split_does_not_change_the_bits(dtype):
         _assert_near(name, got, r, tol.grad, tol.relative)
 
 
-def test_cpu_isa_choice():
-    with _cpu_isa("auto"):
+def test_cpu_isa_choice(monkeypatch):
+    with ops.cpu_isa("auto"):
         assert _C.cpu_isa() in ("avx2", "baseline")
     q = torch.randn(1, 2, 5, 8)
     ev = torch.full((1, 2, 5), ops.NEVER_EVICTED, dtype=torch.int32)
-    with _cpu_isa("sse9"):
-        with pytest.raises(ValueError, match="SHADOWKV_CPU_ISA must be one of auto, baseline, avx2; got 'sse9'"):
-            ops.shadow_attention(q, q, q, ev)
+    with pytest.raises(ValueError, match="`name` must be one of auto, baseline, avx2"):
+        with ops.cpu_isa("sse9"):
+            pass
     if "avx2" not in CPU_ISAS:
-        with _cpu_isa("avx2"), pytest.raises(ValueError, match="no AVX2"):
+        with ops.cpu_isa("avx2"), pytest.raises(ValueError, match="no AVX2"):
             ops.shadow_attention(q, q, q, ev)
+    monkeypatch.setenv(ops.CPU_ISA_ENV, "sse9")  # set behind the context manager's back
+    with pytest.raises(ValueError, match="SHADOWKV_CPU_ISA must be one of auto, baseline, avx2; got 'sse9'"):
+        ops.shadow_attention(q, q, q, ev)
 
 
 def test_attention_kernel_sets_and_restores_the_environment(monkeypatch):
