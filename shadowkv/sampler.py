@@ -252,13 +252,14 @@ class Sampler:
             # The policy's keep counts are checked on what the op did (the new lengths it reads back
             # anyway), not before: a check before would cost a second synchronisation per layer.
             # Counts that differ between heads are rejected by the op, which leaves such a
-            # sequence as it was; equal but wrong counts are compacted, then reported.
+            # sequence's slots as they were (an unchecked CUDA call also marks its length -1, and
+            # the cache reports it); equal but wrong counts are compacted, then reported.
             try:
                 cache.evict(layer, full, step_of, self.evicted_at[:, layer],
                             scores if self.policy.needs_scores else None)
             except (RuntimeError, ValueError) as err:
-                raise RuntimeError(f"{self.policy!r} kept {keep.sum(-1).tolist()} slots per head, expected "
-                                   f"{n_keep}: {err}") from err
+                raise RuntimeError(f"evicting layer {layer} failed; {self.policy!r} kept "
+                                   f"{keep.sum(-1).tolist()} slots per head, expected {n_keep}: {err}") from err
             if [cache.seq_len(layer, b) for b in picked] != n_keep:
                 raise RuntimeError(f"{self.policy!r} kept {keep.sum(-1).tolist()} slots per head, expected {n_keep}")
             if self.policy.needs_scores and self.policy.reset_scores_after_evict:

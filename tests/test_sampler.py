@@ -231,7 +231,7 @@ class _HeadsDisagree(Policy):
 @pytest.mark.parametrize("policy", [_BadPolicy(), _HeadsDisagree()], ids=["same_wrong_count", "heads_disagree"])
 def test_policy_with_wrong_count_raises(llama, policy):
     """Checked on what the op did (no extra synchronisation): either way the error names the
-    policy and the counts, and the cache's books still match the device."""
+    policy and the counts, and (checked CPU ops) the cache's books still match the device."""
     assert llama.config.num_key_value_heads > 1
     sampler = Sampler(llama, policy, budget=8, page_size=4)
     with pytest.raises(RuntimeError, match="kept .* slots per head, expected"):
