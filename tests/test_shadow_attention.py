@@ -596,6 +596,27 @@ def test_cpu_backward_split_does_not_change_the_bits(dtype):
         _assert_near(name, got, r, tol.grad, tol.relative)
 
 
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_in_keys_hidden_from_a_whole_tile_stays_out_of_the_forward(isa, dtype):
+    """As on CUDA (tests/test_shadow_attention_cuda.py): slots evicted before a query tile starts
+    may hold anything; keys 128..159 are evicted at 160..191 (window 32), before queries 192..255
+    start, in a key tile those queries still partly see. NaN there must not reach the forward
+    (the backward's dP may still see it, as in FlashAttention)."""
+    length, dirty = 256, slice(128, 160)
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, length, 64, generator=gen).to(dtype) for _ in range(3))
+    ev = streaming_evicted_at(length, 0, 32).expand(1, 2, length).contiguous()
+    out_ref, lse_ref = shadow_attention_ref(q.double(), k.double(), v.double(), ev)
+    k[:, :, dirty] = float("nan")
+    v[:, :, dirty] = float("nan")
+    with ops.cpu_isa(isa):
+        out, lse = ops.shadow_attention_with_lse(q[:, :, 192:], k, v, ev, 192)
+    tol = TOLERANCES[dtype]
+    _assert_near("out", out, out_ref[:, :, 192:], tol.out, tol.relative)
+    _assert_near("lse", lse, lse_ref[:, :, 192:], tol.lse, tol.relative)
+
+
 def test_cpu_isa_choice(monkeypatch):
     with ops.cpu_isa("auto"):
         assert _C.cpu_isa() in ("avx2", "baseline")

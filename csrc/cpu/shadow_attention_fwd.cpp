@@ -63,13 +63,17 @@ SHADOWKV_CPU_INLINE void fwd_items(const ShadowAttentionParams& p, const KeyTile
       const TileKind kind = tiles.classify(b, hk, p.num_kv_heads, t, j0, j0 + cols, p0, p1);
       if (kind == TileKind::kSkip) continue;
       // K transposed ([D, BC]) and V row-major ([BC, D]): both products below then read
-      // their B operand along contiguous rows.
+      // their B operand along contiguous rows. In a partial tile, the V row of a key that no
+      // row of this query tile sees is zeros, not its content: its P is 0, and 0 * NaN (a
+      // slot a server reused, say) would still be NaN. The CUDA kernels do the same.
       for (int64_t c = 0; c < cols; ++c) {
         const T* ks = row_ptr<T>(p.k, p.k_stride, b, hk, j0 + c);
         const T* vs = row_ptr<T>(p.v, p.v_stride, b, hk, j0 + c);
+        const int64_t first = std::max(j0 + c, p0);  // the tile's first position that could see it
+        const bool seen = kind == TileKind::kFull || (first <= p1 && first < ev[j0 + c]);
         for (int64_t d = 0; d < D; ++d) {
           kt[d * BC + c] = to_float(ks[d]);
-          vf[c * D + d] = to_float(vs[d]);
+          vf[c * D + d] = seen ? to_float(vs[d]) : acc_t(0);
         }
       }
       // S = Q K^T for the tile's rows (columns past `cols` hold stale keys and are ignored).
