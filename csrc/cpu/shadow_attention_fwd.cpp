@@ -69,8 +69,7 @@ SHADOWKV_CPU_INLINE void fwd_items(const ShadowAttentionParams& p, const KeyTile
       for (int64_t c = 0; c < cols; ++c) {
         const T* ks = row_ptr<T>(p.k, p.k_stride, b, hk, j0 + c);
         const T* vs = row_ptr<T>(p.v, p.v_stride, b, hk, j0 + c);
-        const int64_t first = std::max(j0 + c, p0);  // the tile's first position that could see it
-        const bool seen = kind == TileKind::kFull || (first <= p1 && first < ev[j0 + c]);
+        const bool seen = kind == TileKind::kFull || seen_by_some(j0 + c, p0, p1, ev[j0 + c]);
         for (int64_t d = 0; d < D; ++d) {
           kt[d * BC + c] = to_float(ks[d]);
           vf[c * D + d] = seen ? to_float(vs[d]) : acc_t(0);

@@ -66,6 +66,13 @@ SHADOWKV_CPU_INLINE void mask_row(acc_t* s, int64_t cols, int64_t pos, int64_t j
   for (int32_t c = 0; c < static_cast<int32_t>(cols); ++c) s[c] = (c <= last) & (p < e[c]) ? s[c] : hidden;
 }
 
+// Whether some query position in [p0, p1] sees key j (evicted_at[j] = `ev`): the first one
+// that could, max(j, p0), is inside the range and before the key's eviction.
+SHADOWKV_CPU_INLINE bool seen_by_some(int64_t j, int64_t p0, int64_t p1, int32_t ev) {
+  const int64_t first = std::max(j, p0);
+  return first <= p1 && first < ev;
+}
+
 // Element (q, k or v row) of a [B, H, L, D] tensor given element strides.
 template <typename T>
 inline const T* row_ptr(const void* base, const int64_t* stride, int64_t b, int64_t h, int64_t i) {

@@ -135,7 +135,7 @@ __device__ __forceinline__ void load_row_log(int (&ev)[kRows], const int32_t* ev
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const int row = get<0>(rc(r, 0));
-    ev[r] = row < kt.rows ? __ldg(evg + kt.k0 + row) : kEvOutOfRange;
+    ev[r] = row < kt.rows ? ev_at(evg, kt.k0 + row) : kEvOutOfRange;
   }
 }
 
