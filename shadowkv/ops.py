@@ -180,7 +180,9 @@ def shadow_attention_with_lse(
     Returns:
         ``out [B, Hq, Lq, D]`` (dtype of ``q``) and ``lse [B, Hq, Lq]`` (float32, float64
         for float64 inputs). Rows that see no key give ``out = 0`` and ``lse = -inf``.
-        Differentiable w.r.t. ``q``, ``k``, ``v`` (through both outputs).
+        Differentiable w.r.t. ``q``, ``k``, ``v`` (through both outputs). K/V slots that no
+        query sees (e.g. padding with ``evicted_at = 0``) may hold NaN: they affect no output
+        or gradient, and their ``dk``, ``dv`` are 0.
     """
     return torch.ops.shadowkv.shadow_attention_fwd(q, k, v, evicted_at, q_offset, scale)
 

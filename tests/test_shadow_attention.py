@@ -596,25 +596,62 @@ def test_cpu_backward_split_does_not_change_the_bits(dtype):
         _assert_near(name, got, r, tol.grad, tol.relative)
 
 
+def hidden_slot_scenario(name: str, dtype: torch.dtype, gen: torch.Generator, head_dim: int = 64):
+    """Inputs whose K/V slots in `dirty` ([B, Hkv, Lk] bool) no query of the call sees.
+
+    "evicted_before_queries": keys 128..159 are evicted at 160..191 (window 32), before the last
+    64 queries (positions 192..255, the call's only ones) start, in a key tile those queries
+    still partly see. "ragged_padding" / "ragged_padding_one_sequence": right-padded sequences
+    of random lengths, padding keys logged as evicted at 0 (README), with enough (batch, kv head)
+    pairs for the CPU backward's fused pass, or one sequence for its two passes.
+    Returns CPU tensors q, k, v, evicted_at, q_offset, dirty.
+    """
+    if name == "evicted_before_queries":
+        length = 256
+        q, k, v = (torch.randn(1, 2, length, head_dim, generator=gen).to(dtype) for _ in range(3))
+        ev = streaming_evicted_at(length, 0, 32).expand(1, 2, length).contiguous()
+        dirty = torch.zeros(1, 2, length, dtype=torch.bool)
+        dirty[:, :, 128:160] = True
+        return q[:, :, 192:].contiguous(), k, v, ev, 192, dirty
+    batch = 1 if name == "ragged_padding_one_sequence" else 16
+    Hq, Hkv, L, D = 4, 2, 150, head_dim
+    q = torch.randn(batch, Hq, L, D, generator=gen).to(dtype)
+    k, v = (torch.randn(batch, Hkv, L, D, generator=gen).to(dtype) for _ in range(2))
+    ev = random_evicted_at((batch, Hkv, L), L, keep=0.4, sinks=2, generator=gen)
+    lengths = torch.randint(L // 3, L, (batch,), generator=gen)
+    dirty = (torch.arange(L) >= lengths[:, None])[:, None, :].expand(batch, Hkv, L).contiguous()
+    return q, k, v, ev.masked_fill(dirty, 0), 0, dirty
+
+
+HIDDEN_SLOT_SCENARIOS = ["evicted_before_queries", "ragged_padding", "ragged_padding_one_sequence"]
+
+
+@pytest.mark.parametrize("scenario", HIDDEN_SLOT_SCENARIOS)
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nan_in_keys_hidden_from_a_whole_tile_stays_out_of_the_forward(isa, dtype):
-    """As on CUDA (tests/test_shadow_attention_cuda.py): slots evicted before a query tile starts
-    may hold anything; keys 128..159 are evicted at 160..191 (window 32), before queries 192..255
-    start, in a key tile those queries still partly see. NaN there must not reach the forward
-    (the backward's dP may still see it, as in FlashAttention)."""
-    length, dirty = 256, slice(128, 160)
+def test_nan_in_slots_no_query_sees_stays_out_of_forward_and_backward(scenario, isa, dtype):
+    """Slots that no query of the call sees may hold anything (padding, a slot a server reused):
+    NaN there reaches neither the outputs nor any gradient, and their dK/dV are exactly 0, as
+    for finite values (as on CUDA: tests/test_shadow_attention_cuda.py)."""
     gen = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(1, 2, length, 64, generator=gen).to(dtype) for _ in range(3))
-    ev = streaming_evicted_at(length, 0, 32).expand(1, 2, length).contiguous()
-    out_ref, lse_ref = shadow_attention_ref(q.double(), k.double(), v.double(), ev)
-    k[:, :, dirty] = float("nan")
-    v[:, :, dirty] = float("nan")
+    q, k, v, ev, q_offset, dirty = hidden_slot_scenario(scenario, dtype, gen)
+    g_out = torch.randn(q.shape, generator=gen).to(dtype)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    out_ref, lse_ref = shadow_attention_ref(q64, k64, v64, ev, q_offset)
+    refs = torch.autograd.grad(out_ref, (q64, k64, v64), g_out.double())
+    nan_rows = dirty[..., None].expand(k.shape)
+    k, v = (t.masked_fill(nan_rows, float("nan")).requires_grad_() for t in (k, v))
+    q = q.clone().requires_grad_()
     with ops.cpu_isa(isa):
-        out, lse = ops.shadow_attention_with_lse(q[:, :, 192:], k, v, ev, 192)
+        out, lse = ops.shadow_attention_with_lse(q, k, v, ev, q_offset)
+        grads = torch.autograd.grad(out, (q, k, v), g_out)
     tol = TOLERANCES[dtype]
-    _assert_near("out", out, out_ref[:, :, 192:], tol.out, tol.relative)
-    _assert_near("lse", lse, lse_ref[:, :, 192:], tol.lse, tol.relative)
+    _assert_near("out", out, out_ref, tol.out, tol.relative)
+    _assert_near("lse", lse, lse_ref, tol.lse, tol.relative)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, refs):
+        _assert_near(name, got, ref, tol.grad, tol.relative)
+    for name, got in (("dk", grads[1]), ("dv", grads[2])):
+        assert torch.equal(got[nan_rows], torch.zeros_like(got[nan_rows])), f"{name} of a hidden slot is not 0"
 
 
 def test_cpu_isa_choice(monkeypatch):

@@ -34,6 +34,8 @@ from shadowkv.reference import (
     streaming_evicted_at,
 )
 
+from .test_shadow_attention import HIDDEN_SLOT_SCENARIOS, hidden_slot_scenario
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 FWD = torch.ops.shadowkv.shadow_attention_fwd
@@ -238,24 +240,31 @@ def test_no_visible_key_gives_zeros_and_no_nan(dtype, kernel, monkeypatch):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_nan_in_keys_hidden_from_a_whole_tile_stays_out_of_the_forward(head_dim, dtype, kernel, monkeypatch):
-    """Slots evicted before a query tile starts may hold anything (a server reuses them).
-
-    Keys 128..159 are evicted at 160..191 (window 32), before the last 64 queries (192..255)
-    start, in a key tile that those queries still partly see (160..191): every kernel must keep
-    NaN there out of the forward (the backward's dP may still see it, as in FlashAttention).
-    """
+@pytest.mark.parametrize("scenario", HIDDEN_SLOT_SCENARIOS)
+def test_nan_in_slots_no_query_sees_stays_out_of_forward_and_backward(scenario, head_dim, dtype, kernel,
+                                                                      monkeypatch):
+    """Slots that no query of the call sees may hold anything (padding, a slot a server reused):
+    every kernel keeps NaN there out of the outputs and every gradient, and gives those slots
+    dK = dV = 0 (scenarios: tests/test_shadow_attention.py, hidden_slot_scenario)."""
     monkeypatch.setenv(KERNEL_ENV, kernel)
-    length, dirty = 256, slice(128, 160)
     gen = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(1, 2, length, head_dim, generator=gen).to(DEVICE, dtype) for _ in range(3))
-    ev = streaming_evicted_at(length, 0, 32).to(DEVICE).expand(1, 2, length).contiguous()
-    out_ref, lse_ref = shadow_attention_ref(q.double(), k.double(), v.double(), ev)
-    k[:, :, dirty] = float("nan")
-    v[:, :, dirty] = float("nan")
-    out, lse = ops.shadow_attention_with_lse(q[:, :, 192:], k, v, ev, 192)
-    assert_near("out", out, out_ref[:, :, 192:], TOLERANCES[dtype].out)
-    assert_near("lse", lse, lse_ref[:, :, 192:], TOLERANCES[dtype].lse)
+    q, k, v, ev, q_offset, dirty = hidden_slot_scenario(scenario, dtype, gen, head_dim)
+    g_out = torch.randn(q.shape, generator=gen).to(dtype)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    out_ref, lse_ref = shadow_attention_ref(q64, k64, v64, ev, q_offset)
+    refs = torch.autograd.grad(out_ref, (q64, k64, v64), g_out.double())
+    nan_rows = dirty[..., None].expand(k.shape).to(DEVICE)
+    k, v = (t.to(DEVICE).masked_fill(nan_rows, float("nan")).requires_grad_() for t in (k, v))
+    q = q.to(DEVICE).requires_grad_()
+    out, lse = ops.shadow_attention_with_lse(q, k, v, ev.to(DEVICE), q_offset)
+    grads = torch.autograd.grad(out, (q, k, v), g_out.to(DEVICE))
+    tol = TOLERANCES[dtype]
+    assert_near("out", out.cpu(), out_ref, tol.out)
+    assert_near("lse", lse.cpu(), lse_ref, tol.lse)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, refs):
+        assert_near(name, got.cpu(), ref, tol.grad)
+    for name, got in (("dk", grads[1]), ("dv", grads[2])):
+        assert torch.equal(got[nan_rows], torch.zeros_like(got[nan_rows])), f"{name} of a hidden slot is not 0"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

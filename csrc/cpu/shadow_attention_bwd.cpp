@@ -65,15 +65,31 @@ struct BwdContext {
     });
   }
 
+  // Which rows load_rows reads: all (ev == nullptr), or only keys that some query position in
+  // [p0, p1] sees (log entries `ev`, indexed by key); the others are loaded as zeros.
+  struct RowFilter {
+    const int32_t* ev = nullptr;
+    int64_t p0 = 0, p1 = 0;
+    bool keeps(int64_t j) const { return ev == nullptr || seen_by_some(j, p0, p1, ev[j]); }
+  };
+
+  // Every pass reads K/V through one: a key that no query of the work item sees is zeros,
+  // whatever the slot holds. Its P is 0, but 0 * NaN is NaN: without this a NaN in a padding
+  // slot (never visible) would reach dQ through dS K, and dK through dS = P (dP - delta).
+  RowFilter keys_seen_by_any_query(const int32_t* ev) const {
+    return RowFilter{ev, p.q_offset, p.q_offset + p.q_len - 1};
+  }
+
   // Loads `n` rows [start, start+n) of a [B,H,L,D] tensor as acc_t, row-major [n, D], and
-  // optionally transposed [D, ld].
+  // optionally transposed [D, ld]; rows `filter` drops are zeros.
   SHADOWKV_CPU_INLINE static void load_rows(const void* base, const int64_t* stride, int64_t b, int64_t h,
                                             int64_t start, int64_t n, int64_t D, acc_t* rows, acc_t* cols_t,
-                                            int64_t ld) {
+                                            int64_t ld, RowFilter filter = {}) {
     for (int64_t r = 0; r < n; ++r) {
       const T* src = row_ptr<T>(base, stride, b, h, start + r);
+      const bool keep = filter.keeps(start + r);
       for (int64_t d = 0; d < D; ++d) {
-        const acc_t x = to_float(src[d]);
+        const acc_t x = keep ? to_float(src[d]) : acc_t(0);
         if (rows) rows[r * D + d] = x;
         if (cols_t) cols_t[d * ld + r] = x;
       }
@@ -150,10 +166,11 @@ struct BwdContext {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t hk = item % p.num_kv_heads, b = item / p.num_kv_heads;
       const int32_t* ev = p.evicted_at + b * p.ev_stride[0] + hk * p.ev_stride[1];
+      const RowFilter seen = keys_seen_by_any_query(ev);
       for (int64_t t = 0; t < n_kt; ++t) {
         const int64_t j0 = t * BC, cols = std::min(BC, p.kv_len - j0);
-        load_rows(p.k, p.k_stride, b, hk, j0, cols, D, kf.data() + j0 * D, kt.data() + t * D * BC, BC);
-        load_rows(p.v, p.v_stride, b, hk, j0, cols, D, nullptr, vt.data() + t * D * BC, BC);
+        load_rows(p.k, p.k_stride, b, hk, j0, cols, D, kf.data() + j0 * D, kt.data() + t * D * BC, BC, seen);
+        load_rows(p.v, p.v_stride, b, hk, j0, cols, D, nullptr, vt.data() + t * D * BC, BC, seen);
       }
       std::fill(dk.begin(), dk.end(), acc_t(0));
       std::fill(dv.begin(), dv.end(), acc_t(0));
@@ -200,8 +217,8 @@ struct BwdContext {
       const int64_t hk = bh % p.num_kv_heads, b = bh / p.num_kv_heads;
       const int64_t j0 = t * BC, cols = std::min(BC, p.kv_len - j0);
       const int32_t* ev = p.evicted_at + b * p.ev_stride[0] + hk * p.ev_stride[1];
-      load_rows(p.k, p.k_stride, b, hk, j0, cols, D, nullptr, kt.data(), BC);
-      load_rows(p.v, p.v_stride, b, hk, j0, cols, D, nullptr, vt.data(), BC);
+      load_rows(p.k, p.k_stride, b, hk, j0, cols, D, nullptr, kt.data(), BC, keys_seen_by_any_query(ev));
+      load_rows(p.v, p.v_stride, b, hk, j0, cols, D, nullptr, vt.data(), BC, keys_seen_by_any_query(ev));
       std::fill(dk.begin(), dk.end(), acc_t(0));
       std::fill(dv.begin(), dv.end(), acc_t(0));
       for (int64_t hq = hk * group; hq < (hk + 1) * group; ++hq) {
@@ -250,8 +267,9 @@ struct BwdContext {
         const int64_t j0 = t * BC, cols = std::min(BC, p.kv_len - j0);
         const TileKind kind = tiles.classify(b, hk, p.num_kv_heads, t, j0, j0 + cols, p0, p0 + rows - 1);
         if (kind == TileKind::kSkip) continue;
-        load_rows(p.k, p.k_stride, b, hk, j0, cols, D, kf.data(), kt.data(), BC);
-        load_rows(p.v, p.v_stride, b, hk, j0, cols, D, nullptr, vt.data(), BC);
+        const RowFilter seen{ev, p0, p0 + rows - 1};
+        load_rows(p.k, p.k_stride, b, hk, j0, cols, D, kf.data(), kt.data(), BC, seen);
+        load_rows(p.v, p.v_stride, b, hk, j0, cols, D, nullptr, vt.data(), BC, seen);
         probs_and_dscores<VB>(kind, b, hq, i0, rows, j0, cols, ev, q.data(), dout.data(), kt.data(), vt.data(),
                               s.data(), ds.data());
         tile_gemm_acc<VB>(rows, D, cols, ds.data(), 1, BC, kf.data(), D, dq.data(), D);  // dQ += dS K

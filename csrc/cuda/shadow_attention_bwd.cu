@@ -125,8 +125,9 @@ __global__ void __launch_bounds__(TcTraits<D>::kThreads)
     const int64_t k0 = tile * BN;
     if (kind == TileKind::kSkip) continue;  // uniform over the block
     __syncthreads();  // previous tile consumed (first pass: publishes Qs, dOs, lse2_s, delta_s)
-    load_rows_16b<T, D, LDT>(Ks, kg + k0 * p.k_stride[2], p.k_stride[2], BN, p.kv_len - k0);
-    load_rows_16b<T, D, LDT>(Vs, vg + k0 * p.v_stride[2], p.v_stride[2], BN, p.kv_len - k0);
+    const auto needed = [&](int row) { return kv_row_needed(row, k0, p, t, kind, evg); };
+    load_rows_16b_if<T, D, LDT>(Ks, kg + k0 * p.k_stride[2], p.k_stride[2], BN, needed);
+    load_rows_16b_if<T, D, LDT>(Vs, vg + k0 * p.v_stride[2], p.v_stride[2], BN, needed);
     for (int j = threadIdx.x; j < BN; j += blockDim.x) ev_s[j] = k0 + j < p.kv_len ? evg[k0 + j] : kEvOutOfRange;
     __syncthreads();
 
@@ -244,12 +245,13 @@ __global__ void __launch_bounds__(TcTraits<D>::kThreads)
 
   const KeyTile kt = key_tile(p, Tr::kRows, ev_mm, n_ev_tiles);
   const int32_t* evg = p.evicted_at + kt.b * p.ev_stride[0] + kt.hkv * p.ev_stride[1];
-  load_rows_16b<T, D, LDT>(Ks, static_cast<const T*>(p.k) + kt.b * p.k_stride[0] + kt.hkv * p.k_stride[1] +
-                                   kt.k0 * p.k_stride[2],
-                           p.k_stride[2], Tr::kRows, kt.rows);
-  load_rows_16b<T, D, LDT>(Vs, static_cast<const T*>(p.v) + kt.b * p.v_stride[0] + kt.hkv * p.v_stride[1] +
-                                   kt.k0 * p.v_stride[2],
-                           p.v_stride[2], Tr::kRows, kt.rows);
+  const auto needed = [&](int row) { return own_kv_row_needed(row, p, kt, evg); };
+  load_rows_16b_if<T, D, LDT>(Ks, static_cast<const T*>(p.k) + kt.b * p.k_stride[0] + kt.hkv * p.k_stride[1] +
+                                      kt.k0 * p.k_stride[2],
+                              p.k_stride[2], Tr::kRows, needed);
+  load_rows_16b_if<T, D, LDT>(Vs, static_cast<const T*>(p.v) + kt.b * p.v_stride[0] + kt.hkv * p.v_stride[1] +
+                                      kt.k0 * p.v_stride[2],
+                              p.v_stride[2], Tr::kRows, needed);
   for (int j = threadIdx.x; j < Tr::kRows; j += blockDim.x) ev_s[j] = j < kt.rows ? evg[kt.k0 + j] : kEvOutOfRange;
 
   AccFrag dk[DF], dv[DF];
@@ -417,7 +419,7 @@ __global__ void __launch_bounds__(SimtTraits::kThreads)
     __syncthreads();
     for (int idx = threadIdx.x; idx < BN * D; idx += blockDim.x) {
       const int j = idx / D, d = idx % D;
-      const bool in = k0 + j < p.kv_len;
+      const bool in = kv_row_needed(j, k0, p, t, kind, evg);
       Ks[j * LDK + d] = in ? to_f32(kg[(k0 + j) * p.k_stride[2] + d]) : 0.f;
       Vs[j * LDK + d] = in ? to_f32(vg[(k0 + j) * p.v_stride[2] + d]) : 0.f;
     }
@@ -513,7 +515,7 @@ __global__ void __launch_bounds__(SimtTraits::kThreads)
   const int32_t* evg = p.evicted_at + kt.b * p.ev_stride[0] + kt.hkv * p.ev_stride[1];
   for (int idx = threadIdx.x; idx < RB * D; idx += blockDim.x) {
     const int rr = idx / D, d = idx % D;
-    const bool in = rr < kt.rows;
+    const bool in = own_kv_row_needed(rr, p, kt, evg);
     Ks[idx] = in ? to_f32(kg[rr * p.k_stride[2] + d]) : 0.f;
     Vs[idx] = in ? to_f32(vg[rr * p.v_stride[2] + d]) : 0.f;
   }

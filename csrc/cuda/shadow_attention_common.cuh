@@ -357,16 +357,35 @@ SHADOWKV_TILE_FN int ev_at(const int32_t* evg, int64_t j) {
 #endif
 }
 
-// Whether V row `row` of key tile k0 is loaded (else staged as zeros): a key past kv_len never
-// is; in a partial tile only keys that some valid row of the block can see are, so that a
-// hidden slot's content (NaN, inf) adds exactly nothing where its P is 0.
-SHADOWKV_TILE_FN bool v_row_needed(int row, int64_t k0, const ShadowAttentionParams& p, const QueryTile& t,
-                                   TileKind kind, const int32_t* evg) {
+// Whether some query position in [p0, p1] sees key j (log entry `ev`): the first one that
+// could, max(j, p0), is inside the range and before the key's eviction.
+SHADOWKV_TILE_FN bool seen_by_some(int64_t j, int64_t p0, int64_t p1, int ev) {
+  const int64_t first = j > p0 ? j : p0;
+  return first <= p1 && first < ev;
+}
+
+// K/V rows that no query a block handles can see are staged as zeros, whatever the slot holds
+// (padding, a slot a server reused): their P is 0, but the MMAs would still give 0 * NaN = NaN
+// in P V (forward), dS K (dQ) and, through dP = dO V^T, dS = P (dP - delta) (dK). Known
+// limitation: a key seen by some rows of a tile keeps its values, so if they are not finite,
+// the tile's rows that do not see it get NaN from it too. Finite values are exact.
+
+// Whether K/V row `row` of key tile k0 is loaded by the forward or dQ block of query tile t: a
+// key past kv_len never is; in a partial tile only keys that some valid row of t sees are.
+SHADOWKV_TILE_FN bool kv_row_needed(int row, int64_t k0, const ShadowAttentionParams& p, const QueryTile& t,
+                                    TileKind kind, const int32_t* evg) {
   const int64_t j = k0 + row;
   if (j >= p.kv_len) return false;
-  if (kind != TileKind::kPartial) return true;
-  const int64_t first = j > t.p0 ? j : t.p0;  // the first position of the block that can see j
-  return first <= t.p1 && first < ev_at(evg, j);
+  return kind != TileKind::kPartial || seen_by_some(j, t.p0, t.p1, ev_at(evg, j));
+}
+
+// Whether own K/V row `row` of dK/dV block kt is loaded: the key exists and some query the
+// block visits ([i_begin, i_end), which holds every query that sees a key of the tile) sees it.
+SHADOWKV_TILE_FN bool own_kv_row_needed(int row, const ShadowAttentionParams& p, const KeyTile& kt,
+                                        const int32_t* evg) {
+  const int64_t j = kt.k0 + row;
+  return row < kt.rows &&
+         seen_by_some(j, p.q_offset + kt.i_begin, p.q_offset + kt.i_end - 1, ev_at(evg, j));
 }
 
 // A dK/dV block's steps: every (query head of the GQA group, query tile of `tile` rows in
@@ -479,17 +498,24 @@ template <typename T>
 using BFragCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
 
 // Copies rows [0, n_rows) of a [*, D] 16-bit matrix into a [n_rows][LD] shared tile with 16-byte
-// loads; rows at or past `valid` become zeros so that the MMAs never read garbage (NaN * 0).
-template <typename T, int D, int LD>
-__device__ __forceinline__ void load_rows_16b(T* __restrict__ dst, const T* __restrict__ src, int64_t stride,
-                                              int n_rows, int64_t valid) {
+// loads; rows r with !keep(r) become zeros so that the MMAs never read garbage (NaN * 0).
+template <typename T, int D, int LD, class Keep>
+__device__ __forceinline__ void load_rows_16b_if(T* __restrict__ dst, const T* __restrict__ src, int64_t stride,
+                                                 int n_rows, Keep const& keep) {
   constexpr int kChunks = D / 8;
   for (int idx = threadIdx.x; idx < n_rows * kChunks; idx += blockDim.x) {
     const int r = idx / kChunks, c = idx % kChunks;
     uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (r < valid) val = *reinterpret_cast<const uint4*>(src + r * stride + c * 8);
+    if (keep(r)) val = *reinterpret_cast<const uint4*>(src + r * stride + c * 8);
     *reinterpret_cast<uint4*>(dst + r * LD + c * 8) = val;
   }
+}
+
+// Rows [0, valid) of the source, as load_rows_16b_if.
+template <typename T, int D, int LD>
+__device__ __forceinline__ void load_rows_16b(T* __restrict__ dst, const T* __restrict__ src, int64_t stride,
+                                              int n_rows, int64_t valid) {
+  load_rows_16b_if<T, D, LD>(dst, src, stride, n_rows, [valid](int r) { return r < valid; });
 }
 
 // WMMA keeps the element -> (row, col) map of a fragment private, but it is the same for every

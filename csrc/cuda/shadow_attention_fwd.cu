@@ -85,23 +85,10 @@ __global__ void __launch_bounds__(TcTraits<D>::kThreads)
     if (kind == TileKind::kSkip) continue;  // uniform over the block
     __syncthreads();  // previous K/V/ev tile fully consumed (first pass: publishes Qs)
     load_rows_16b<T, D, LDT>(Ks, kg + k0 * p.k_stride[2], p.k_stride[2], BN, p.kv_len - k0);
-    // V rows of keys that no (valid) query of the tile can see are staged as zeros, so that
-    // whatever such a slot holds (NaN, inf) adds exactly nothing to P V, where its P is 0 (the
-    // MMA would give 0 * NaN = NaN). Known limitation: a key seen by some rows of the tile keeps
-    // its values, so if they are not finite, the tile's rows that do not see it get NaN in those
-    // columns too (the SIMT and CPU kernels skip P == 0 per row). Finite values are exact.
-    for (int idx = threadIdx.x; idx < BN * (D / 8); idx += blockDim.x) {
-      const int jr = idx / (D / 8), c = idx % (D / 8);
-      const int64_t j = k0 + jr;
-      bool keep = j < p.kv_len;
-      if (keep && kind == TileKind::kPartial) {
-        const int64_t first = max(j, t.p0);  // first query position of the tile that j can be visible to
-        keep = first <= t.p1 && first < evg[j];
-      }
-      uint4 val = make_uint4(0u, 0u, 0u, 0u);
-      if (keep) val = *reinterpret_cast<const uint4*>(vg + j * p.v_stride[2] + c * 8);
-      *reinterpret_cast<uint4*>(Vs + jr * LDT + c * 8) = val;
-    }
+    // V rows of keys that no valid row of the tile sees are zeros (kv_row_needed); K needs no
+    // such care here, since masking selects its scores away.
+    load_rows_16b_if<T, D, LDT>(Vs, vg + k0 * p.v_stride[2], p.v_stride[2], BN,
+                                [&](int row) { return kv_row_needed(row, k0, p, t, kind, evg); });
     for (int j = threadIdx.x; j < BN; j += blockDim.x) ev_s[j] = k0 + j < p.kv_len ? evg[k0 + j] : kEvOutOfRange;
     __syncthreads();
 

@@ -157,10 +157,10 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       cp_async_wait<0>();
       F::publish();
       __syncthreads();  // K (and Q) landed for every thread; every warp is done with the last V
-      // V rows that no valid row of the block can see are staged as zeros (v_row_needed).
+      // V rows that no valid row of the block sees are zeros (kv_row_needed).
       const TileKind kind_now = kind;
       copy_rows_if(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(vg, p.v_stride[2], k0)), tVsV, tKVcKV,
-                   [&](int row) { return v_row_needed(row, k0, p, t, kind_now, evg); });
+                   [&](int row) { return kv_row_needed(row, k0, p, t, kind_now, evg); });
       cp_async_fence();
 
       Tensor acc_s = mma.score_acc();

@@ -5,11 +5,12 @@
 // test would notice: the CPU kernels walk their tiles with their own code.
 //   * query tiles (forward, dQ): the grid covers every (batch, head, row) once; a key tile
 //     classified skip holds no visible pair of the tile's rows, one classified full has every
-//     pair visible; no key past the last tile a block visits is visible to it; the V rows a
-//     partial tile stages (v_row_needed) include every key some row sees;
+//     pair visible; no key past the last tile a block visits is visible to it; the K/V rows a
+//     tile stages (kv_row_needed) are exactly the keys some row sees;
 //   * key tiles (dK/dV): the grid covers every key once; [i_begin, i_end) holds every query that
 //     sees a key of the tile; the (head, query tile) steps cover that range once per head of the
-//     GQA group; a step flagged full has every pair visible.
+//     GQA group; a step flagged full has every pair visible; the own K/V rows staged
+//     (own_kv_row_needed) are exactly the keys some query sees.
 // Built by nvcc as plain host code; returns non-zero on failure.
 #include <climits>
 #include <cstdint>
@@ -136,13 +137,11 @@ void check_query_tiles(const ShadowAttentionParams& p, const std::vector<Plane>&
                long(vis), long(int64_t{t.rows} * cols));
       }
       for (int row = 0; row < BN; ++row) {
-        const bool needed = v_row_needed(row, k0, p, t, kind, evg);
+        const bool needed = kv_row_needed(row, k0, p, t, kind, evg);
         const int64_t j = k0 + row;
-        if (j >= p.kv_len) {
-          EXPECT(!needed, "%s: block %ld stages key %ld past kv_len\n", what, long(bid), long(j));
-        } else if (pl.count(t.i0, t.i0 + t.rows, j, j + 1) > 0) {
-          EXPECT(needed, "%s: block %ld zeroes the V row of key %ld, which it sees\n", what, long(bid), long(j));
-        }
+        const bool seen = j < p.kv_len && pl.count(t.i0, t.i0 + t.rows, j, j + 1) > 0;
+        EXPECT(needed == seen, "%s: block %ld %s the K/V row of key %ld, which it %s\n", what, long(bid),
+               needed ? "stages" : "zeroes", long(j), seen ? "sees" : "does not see");
       }
     }
   }
@@ -161,6 +160,13 @@ void check_key_tiles(const ShadowAttentionParams& p, const std::vector<Plane>& p
            what, long(bid), kt.rows, long(kt.k0));
     for (int r = 0; r < kt.rows; ++r) ++seen[(kt.b * p.num_kv_heads + kt.hkv) * p.kv_len + kt.k0 + r];
     const Plane& pl = planes[kt.b * p.num_kv_heads + kt.hkv];
+    const int32_t* evg = pl.ev.data();
+    for (int row = 0; row < BM; ++row) {
+      const bool needed = own_kv_row_needed(row, p, kt, evg);
+      const bool seen_by_query = row < kt.rows && pl.count(0, p.q_len, kt.k0 + row, kt.k0 + row + 1) > 0;
+      EXPECT(needed == seen_by_query, "%s: key block %ld %s its K/V row %d, which %s query sees\n", what, long(bid),
+             needed ? "stages" : "zeroes", row, seen_by_query ? "some" : "no");
+    }
     for (int64_t i = 0; i < p.q_len; ++i) {
       if (pl.count(i, i + 1, kt.k0, kt.k0 + kt.rows) > 0) {
         EXPECT(kt.i_begin <= i && i < kt.i_end, "%s: key block %ld leaves out query %ld (range [%ld, %ld))\n", what,
