@@ -302,8 +302,8 @@ def append_kv(
     synchronisation and a decode step (this, then ``paged_decode_attention(check=False)``) can
     be captured in a CUDA graph. They are checked on the device instead: a sequence with bad
     ones is not written and its ``seq_lens`` entry becomes -1, which later calls reject
-    (checked) or turn into NaN (unchecked decode). Not checked then: that no two sequences
-    write the same page.
+    (checked) or turn into NaN (unchecked decode). Not checked then: that no page is written
+    twice, by two sequences or through two entries of one table (the writes would race).
     """
     torch.ops.shadowkv.append_kv(k_pages, v_pages, pos_pages, block_tables, seq_lens, k, v, positions, num_new,
                                  check)
@@ -393,8 +393,9 @@ def evict_compact(
     outside ``[0, min(max_pages * page_size, S)]``, a block-table entry outside ``[-1, P)`` or -1
     where a slot is in use) is not written: its ``seq_lens`` entry becomes -1 (which later calls
     reject, or turn into NaN for an unchecked decode) and its ``freed`` row is all -1. Not
-    checked then: that no two sequences write the same page, and that no two evicted slots of a
-    head hold the same position (only a corrupted ``pos_pages`` can; both log the same step).
+    checked then: that no page is written twice, by two sequences or through two entries of one
+    table (the in-place compaction would read rows it already overwrote), and that no two
+    evicted slots of a head hold the same position (only a corrupted ``pos_pages`` can; both log the same step).
     With ``check=True`` the CUDA op also checks on the device and copies only the per-(sequence,
     head) results to the host, with ``seq_lens``, ``block_tables`` and ``steps``.
     """

@@ -89,7 +89,8 @@ struct AppendKVParams {
   // length within capacity (max_pages * page_size), positions >= 0, and the page ids it writes
   // in [0, num_pages). A sequence that fails is not written and its seq_lens entry becomes -1,
   // which every later call rejects (checked) or turns into NaN (unchecked decode). Not checked:
-  // that no two sequences write the same page (they would race).
+  // that no page is written twice, by two sequences or through two entries of one table (the
+  // writes would race).
   bool check_values = true;
 };
 
@@ -151,7 +152,8 @@ struct EvictCompactParams {
   // outside [0, min(max_pages * page_size, keep_len)], or whose block table holds an entry
   // outside [-1, num_pages) (or -1 below ceil(seq_lens / page_size)), is not written: its
   // seq_lens becomes -1 (which later calls reject or turn into NaN) and its freed row is all -1.
-  // Not checked then: that no two sequences write the same page, and that no two evicted slots
+  // Not checked then: that no page is written twice, by two sequences or through two entries of
+  // one table (compaction would read rows it already overwrote), and that no two evicted slots
   // of a head hold the same position (only a corrupted pos_pages can; both log the same step).
   bool check_values = true;
 };
