@@ -23,6 +23,12 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
     """Trains every method for every seed under ``out/<method>-s<seed>`` (finished runs with
     the same settings are reused, interrupted ones resumed), writes ``compare.json`` and ``compare.png``, returns the table as text."""
     out = Path(out)
+    for method in methods:  # every run's settings are good before the first one trains
+        cfg = copy.deepcopy(base)
+        cfg.method = method
+        cfg.check()
+    if seeds < 1:
+        raise ValueError(f"seeds (--seeds) must be >= 1, got {seeds}")
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for seed in range(seeds):
         for method in methods:

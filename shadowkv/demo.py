@@ -43,6 +43,10 @@ def streaming_decode(q, k, v, sinks: int, budget: int):
 
 def run(length: int = 1024, heads: int = 4, head_dim: int = 64, budget: float = 0.25, seed: int = 0) -> dict:
     """Runs the demo; returns the numbers it prints."""
+    if length < 1:
+        raise ValueError(f"length (--length) must be >= 1, got {length}")
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget (--budget) must be a fraction in (0, 1], got {budget}")
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, heads, length, head_dim, generator=g) for _ in range(3))
     kept = max(8, int(budget * length))
@@ -59,7 +63,8 @@ def run(length: int = 1024, heads: int = 4, head_dim: int = 64, budget: float = 
     dense = shadow_attention(q, k, v, torch.full_like(evicted_at, NEVER_EVICTED))
     return {
         "tokens": length,
-        "kv_kept_fraction": kept / length,
+        "kv_kept_fraction": min(kept, length) / length,
+        "evicted_keys_per_head": int((evicted_at[0, 0] != NEVER_EVICTED).sum()),
         "shadow_vs_sampler_max_abs_diff": (shadow - sampled).abs().max().item(),
         "dense_vs_sampler_max_abs_diff": (dense - sampled).abs().max().item(),
         "sampler_seconds": t1 - t0,

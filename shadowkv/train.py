@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import signal
 import time
@@ -21,7 +22,7 @@ import torch
 
 from . import learner
 from .atomic import write_dir, write_text
-from .policies import FullCache, make_policy
+from .policies import POLICIES, FullCache, budget_tokens, make_policy
 from .sampler import Sampler
 from .tasks import EOS, make_task
 from .warmup import ModelConfig, SFTConfig, pretrained_policy
@@ -60,6 +61,43 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     ckpt_every: int = 5
+
+    def check(self) -> None:
+        """Raises ValueError naming the first bad setting (field and command-line flag), so that
+        a run fails before its warm-up instead of training on NaN (temperature 0) or dividing
+        by zero (page size 0) minutes later."""
+
+        def need(ok: bool, name: str, what: str, value=None) -> None:
+            if not ok:
+                value = getattr(self, name) if value is None else value
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {what}, got {value!r}")
+
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), name,
+                 "a finite number")
+            return value
+
+        need(self.method in learner.METHODS, "method", f"one of {', '.join(learner.METHODS)}")
+        need(self.algo in ("grpo", "ppo"), "algo", "'grpo' or 'ppo'")
+        need(self.policy in POLICIES, "policy", f"one of {', '.join(sorted(POLICIES))}")
+        need(self.smd_direction in ("forward", "reverse"), "smd_direction", "'forward' or 'reverse'")
+        try:
+            budget_tokens(self.budget, 1)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"budget (--budget): {e}") from None
+        for name in ("page_size", "steps", "prompts_per_step", "group_size", "epochs", "ckpt_every"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an int >= 1")
+        need(isinstance(self.eval_prompts, int) and self.eval_prompts >= 0, "eval_prompts", "an int >= 0")
+        need(isinstance(self.sft.steps, int) and self.sft.steps >= 0, "sft_steps", "an int >= 0", self.sft.steps)
+        for name in ("lr", "clip", "temperature", "is_cap"):  # the learner divides logits by temperature
+            need(number(name) > 0, name, "> 0")
+        for name in ("kl_ref", "smd_beta", "vf_coef", "is_veto", "is_reject_low"):
+            need(number(name) >= 0, name, ">= 0")
+        for name in ("gamma", "gae_lambda"):
+            need(0 <= number(name) <= 1, name, "in [0, 1]")
+        need(number("is_reject_high") >= self.is_reject_low, "is_reject_high", f">= is_reject_low ({self.is_reject_low})")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -287,7 +325,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     if resume and (out / "config.json").exists():
         cfg = _resumed_config(out, overrides)
     else:
-        task_of(cfg)  # bad task settings fail here, before config.json or checkpoints change
+        cfg.check()  # bad settings fail here, before config.json or checkpoints change
+        task_of(cfg)
         # A fresh run never resumes another run's weights later: drop old checkpoints.
         for old in [*out.glob("ckpt-*"), *out.glob(".tmp-*")]:
             shutil.rmtree(old, ignore_errors=True)
@@ -308,8 +347,6 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         import copy
 
         ref_model = copy.deepcopy(base).eval().requires_grad_(False)
-    if cfg.algo not in ("grpo", "ppo"):
-        raise ValueError(f"algo must be 'grpo' or 'ppo', got {cfg.algo!r}")
     model, start, trainer_state = base, 0, None
     saved = load_checkpoint(out) if resume else None
     if saved is not None:

@@ -85,6 +85,41 @@ def test_bad_value_len_is_a_clear_error(tmp_path, capsys):
     assert e.value.code == 2 and "--value-len must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "0"], "temperature (--temperature) must be > 0"),  # the learner divides logits by it
+    (["--temperature", "nan"], "temperature (--temperature) must be a finite number"),
+    (["--page-size", "0"], "page_size (--page-size) must be an int >= 1"),
+    (["--epochs", "0"], "epochs (--epochs) must be an int >= 1"),
+    (["--group-size", "0"], "group_size (--group-size) must be an int >= 1"),
+    (["--lr", "-1"], "lr (--lr) must be > 0"),
+    (["--gamma", "2"], "gamma (--gamma) must be in [0, 1]"),
+    (["--is-reject-low", "2"], "is_reject_high (--is-reject-high) must be >= is_reject_low"),
+    (["--sft-steps", "-1"], "sft_steps (--sft-steps) must be an int >= 0"),
+])
+def test_bad_settings_fail_before_the_warm_up(tmp_path, capsys, flags, message):
+    """Each names its flag, exits 2 and leaves no run folder behind (nothing was trained)."""
+    from shadowkv.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", str(tmp_path / "run"), *flags, "--quiet"])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "config.json").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--out", str(tmp_path / "cmp"), *flags, "--quiet"])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_demo_checks_its_arguments_and_accepts_a_whole_budget(capsys):
+    from shadowkv.cli import main
+
+    assert main(["demo", "--budget", "1.0", "--length", "64"]) == 0  # nothing evicted: dense == shadow
+    assert "nothing evicted" in capsys.readouterr().out
+    for flags, message in ((["--length", "0"], "--length"), (["--budget", "0"], "--budget")):
+        with pytest.raises(SystemExit) as e:
+            main(["demo", *flags])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_smd_learner_is_on_policy_and_naive_is_not(tmp_path):
     smd = train(_cfg("smd", steps=2), tmp_path / "smd", progress=False)
     naive = train(_cfg("naive", steps=2), tmp_path / "naive", progress=False)
