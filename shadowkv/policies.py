@@ -14,6 +14,7 @@ one-sequence form. A policy implements either; the base class derives the other.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -23,16 +24,21 @@ from .cache import to_device
 
 def budget_tokens(budget: int | float | None, length: int) -> int | None:
     """Live tokens allowed for a sequence of ``length`` tokens: an int is absolute, a float
-    in (0, 1] a fraction of the current length; ``None`` means no eviction."""
+    in (0, 1] a fraction of the current length; ``None`` means no eviction. NumPy and torch
+    scalars count by kind (``np.float32(1.0)`` is the whole sequence, not one token)."""
     if budget is None:
         return None
-    if isinstance(budget, float):
+    if isinstance(budget, torch.Tensor) and budget.dim() == 0:
+        budget = budget.item()
+    if isinstance(budget, numbers.Integral) and not isinstance(budget, bool):
+        if budget < 1:
+            raise ValueError(f"budget in tokens must be >= 1, got {budget}")
+        return int(budget)
+    if isinstance(budget, numbers.Real) and not isinstance(budget, bool):
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"budget as a fraction must be in (0, 1], got {budget}")
-        return max(1, math.ceil(budget * length))
-    if budget < 1:
-        raise ValueError(f"budget in tokens must be >= 1, got {budget}")
-    return int(budget)
+        return max(1, math.ceil(float(budget) * length))
+    raise TypeError(f"budget must be an int (tokens), a float in (0, 1] (a fraction) or None, got {budget!r}")
 
 
 def _per_row(values: list[int], device: torch.device) -> torch.Tensor:
@@ -177,6 +183,8 @@ class SnapKV(Policy):
 
     def select_batch(self, positions, scores, lens, n_keep):
         dev, valid = positions.device, positions >= 0
+        if positions.shape[-1] == 0:  # no slots (max_pool1d rejects an empty length)
+            return valid
         # Padding pools as -inf: a slot past the length never lends its score to a neighbour.
         pooled = F.max_pool1d(scores.float().masked_fill(~valid, -math.inf), self.kernel, stride=1,
                               padding=self.kernel // 2)
@@ -195,7 +203,7 @@ class RandomEvict(Policy):
         self._gen = torch.Generator().manual_seed(seed)
 
     def reset(self, seed: int) -> None:
-        self._gen.manual_seed(self.seed * 1_000_003 + seed)
+        self._gen.manual_seed((self.seed * 1_000_003 + seed) % 2**63)
 
     def select_batch(self, positions, scores, lens, n_keep):
         score = to_device(torch.rand(positions.shape, generator=self._gen), positions.device)

@@ -180,9 +180,14 @@ class Sampler:
             per_layer = list(self.budget) if isinstance(self.budget, (list, tuple)) else [self.budget] * self.num_layers
             if len(per_layer) != self.num_layers:
                 raise ValueError(f"budget has {len(per_layer)} entries for a model of {self.num_layers} layers")
-            for b in per_layer:
+            for i, b in enumerate(per_layer):
+                if b is None:  # a layer without eviction is not supported: every layer of a row evicts together
+                    raise ValueError(f"budget[{i}] is None; give every layer a budget (or use FullCache)")
                 budget_tokens(b, 1)  # validates
             self.layer_budgets = per_layer
+        for name, value in (("page_size", page_size), ("max_batch", max_batch)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if evict_every is not None and evict_every < 1:
             raise ValueError(f"evict_every must be >= 1, got {evict_every}")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -273,7 +278,9 @@ class Sampler:
         if temperature == 0.0:
             tok = logits.argmax(-1)
             return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
-        logp = torch.log_softmax(logits / temperature, -1)
+        # Shifted before dividing: with a tiny temperature logits / T overflows to +-inf and the
+        # softmax of inf - inf is NaN; shifted, the best logit stays 0 and the rest go to -inf.
+        logp = torch.log_softmax((logits - logits.amax(-1, keepdim=True)) / temperature, -1)
         probs = logp.exp()
         if top_p < 1.0:
             sp, si = probs.sort(-1, descending=True)
@@ -335,23 +342,31 @@ class Sampler:
         Returns:
             a :class:`Rollout` (on the model's device).
         """
-        if temperature < 0 or not 0.0 < top_p <= 1.0:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        if not (math.isfinite(temperature) and temperature >= 0) or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"need a finite temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**63):
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         device = next(self.model.parameters()).device
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() != 2:
                 raise ValueError(f"prompts must be [B, L], got shape {tuple(prompts.shape)}")
             prompts = list(prompts)
         prompts = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
-        keys = [tuple(p.tolist()) if self.share_prompts else b for b, p in enumerate(prompts)]
-        prompts = [p.to(device) for p in prompts]
         B = len(prompts)
         if not 0 < B <= self.max_batch:
             raise ValueError(f"batch of {B} prompts; this sampler takes 1..{self.max_batch}")
         if any(p.dim() != 1 or p.numel() == 0 for p in prompts):
             raise ValueError("every prompt must be a non-empty 1-D sequence of token ids")
+        vocab = self.model.get_input_embeddings().num_embeddings
+        for b, p in enumerate(prompts):  # an id past the embedding would be an IndexError deep in the model
+            lo, hi = (int(x) for x in torch.aminmax(p))
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"prompts[{b}] holds token id {lo if lo < 0 else hi}, outside the model's "
+                                 f"vocabulary [0, {vocab})")
+        keys = [tuple(p.tolist()) if self.share_prompts else b for b, p in enumerate(prompts)]
+        prompts = [p.to(device) for p in prompts]
         plens = [p.numel() for p in prompts]
         T = max(plens) + max_new_tokens
         check_length(self.model, T)

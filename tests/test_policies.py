@@ -113,3 +113,22 @@ def test_policy_with_neither_form_raises():
         Policy().select_batch(torch.zeros(1, 1, 2, dtype=torch.int32), None, [2], [1])
     with pytest.raises(NotImplementedError, match="neither"):
         Policy().select(torch.zeros(1, 2, dtype=torch.int32), None, 1)
+
+
+def test_budget_kinds_follow_the_number_type_not_the_python_class():
+    """A NumPy or torch float is a fraction like a Python float (np.float32(1.0) is the whole
+    sequence, not one token); ints of any kind are tokens; anything else is a TypeError."""
+    import numpy as np
+
+    from shadowkv.policies import budget_tokens
+
+    assert budget_tokens(np.float32(1.0), 100) == 100 and budget_tokens(torch.tensor(0.25), 100) == 25
+    assert budget_tokens(np.int64(7), 100) == 7 and budget_tokens(0.5, 9) == 5 and budget_tokens(None, 9) is None
+    for bad, err in ((float("nan"), ValueError), (0, ValueError), (True, TypeError), ("8", TypeError)):
+        with pytest.raises(err, match="budget"):
+            budget_tokens(bad, 10)
+
+
+def test_snapkv_with_no_slots_keeps_nothing():
+    keep = SnapKV().select_batch(torch.zeros(1, 2, 0, dtype=torch.int32), torch.zeros(1, 2, 0), [0], [0])
+    assert keep.shape == (1, 2, 0) and keep.dtype == torch.bool

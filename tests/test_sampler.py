@@ -6,6 +6,8 @@ replay does not. Tiny random Llama/Qwen2 models, float32, CPU, fixed seeds.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -247,6 +249,26 @@ def test_bad_generate_arguments(llama):
         s.generate(_prompts(1, 4, 4), 4, temperature=-1.0)
     with pytest.raises(ValueError, match="budget"):
         Sampler(llama, StreamingLLM(), budget=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        s.generate(_prompts(1, 4, 4), 4, temperature=float("nan"))
+    with pytest.raises(ValueError, match=re.escape(f"prompts[1] holds token id {VOCAB}, outside the model's "
+                                                   f"vocabulary [0, {VOCAB})")):
+        s.generate([[1, 2], [3, VOCAB]], 4)
+    with pytest.raises(ValueError, match="seed"):
+        s.generate(_prompts(1, 4, 4), 4, seed=2**64)
+    with pytest.raises(ValueError, match="page_size"):
+        Sampler(llama, StreamingLLM(), budget=0.5, page_size=0)
+    with pytest.raises(ValueError, match=r"budget\[0\] is None"):
+        Sampler(llama, StreamingLLM(), budget=[None, 4])
+
+
+def test_a_tiny_temperature_samples_the_greedy_token(llama):
+    """logits / 1e-45 overflows; the sampler shifts first, so it is greedy decoding, not NaN."""
+    prompts = _prompts(2, 6, 6)
+    tiny = Sampler(llama, StreamingLLM(), budget=0.5).generate(prompts, 5, temperature=1e-45, seed=0)
+    greedy = Sampler(llama, StreamingLLM(), budget=0.5).generate(prompts, 5, temperature=0.0)
+    assert torch.equal(tiny.tokens, greedy.tokens)
+    assert not tiny.logprobs.isnan().any()
 
 
 def test_same_seed_same_rollout_for_stochastic_policy(llama):
