@@ -16,6 +16,7 @@ Mutate a cache only through its methods; :meth:`verify` compares the mirror with
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -85,11 +86,15 @@ class PagedKVCache:
         device: torch.device | str = "cpu",
         check: bool = True,
     ):
-        if min(num_layers, num_kv_heads, head_dim, num_pages, page_size, max_batch) <= 0:
-            raise ValueError("PagedKVCache: every size argument must be positive")
+        sizes = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, num_pages=num_pages,
+                     page_size=page_size, max_batch=max_batch,
+                     max_pages_per_seq=num_pages if max_pages_per_seq is None else max_pages_per_seq)
+        for name, value in sizes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"PagedKVCache: {name} must be an int >= 1, got {value!r}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.num_pages, self.page_size, self.max_batch = num_pages, page_size, max_batch
-        self.max_pages_per_seq = max_pages_per_seq or num_pages
+        self.max_pages_per_seq = sizes["max_pages_per_seq"]
         self.dtype, self.device, self.check = dtype, torch.device(device), check
         elt = torch.empty((), dtype=dtype).element_size()
         # K + V + the position of each slot per head.
@@ -131,9 +136,27 @@ class PagedKVCache:
     def reset_peak(self) -> None:
         self._peak_pages = self.pages_in_use()
 
+    def _layer(self, layer: int) -> LayerCache:
+        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"PagedKVCache: layer must be in [0, {self.num_layers}), got {layer!r}")
+        return self.layers[layer]
+
+    def _rows(self, what: str, rows, distinct: bool = True) -> list[int]:
+        """``rows`` (sequence indices) as ints, checked to lie in [0, max_batch) (and be
+        distinct): a negative index would silently name another row."""
+        rows = list(rows)
+        try:
+            ints = [operator.index(b) for b in rows]
+        except TypeError:
+            ints = None
+        if ints is None or not all(0 <= b < self.max_batch for b in ints) or (distinct and len(set(ints)) != len(ints)):
+            raise ValueError(f"{what} must be {'distinct ' if distinct else ''}sequence indices in "
+                             f"[0, {self.max_batch}), got {rows}")
+        return ints
+
     def seq_len(self, layer: int, b: int) -> int:
         """Slots in use by sequence ``b`` in ``layer`` (from the host mirror: no device read)."""
-        return self.layers[layer].lens[b]
+        return self._layer(layer).lens[self._rows("b", [b], distinct=False)[0]]
 
     def verify(self) -> None:
         """Raises RuntimeError if the device's lengths or block tables differ from the
@@ -153,14 +176,14 @@ class PagedKVCache:
                     )
 
     # ---- pages
-    def reserve(self, layer: int, num_new: list[int] | torch.Tensor) -> None:
+    def reserve(self, layer: int, num_new: list[int] | torch.Tensor) -> list[tuple[int, int]]:
         """Gives every sequence ``b`` pages for ``num_new[b]`` more tokens in ``layer``.
 
         ``num_new``: ``max_batch`` ints (a tensor is read to the host first). Raises
         ``CacheFullError`` (nothing changed) when the pool or a block-table row is too small
-        for the whole request.
+        for the whole request. Returns ``(b, pages added)`` for each sequence that got pages.
         """
-        lc = self.layers[layer]
+        lc = self._layer(layer)
         counts = num_new.tolist() if isinstance(num_new, torch.Tensor) else list(num_new)
         wants: list[tuple[int, int]] = []  # (sequence, pages to add)
         for b, n in enumerate(counts):
@@ -180,6 +203,21 @@ class PagedKVCache:
             raise CacheFullError(f"layer {layer} needs {total} free pages, {len(lc.free)} left of {self.num_pages}")
         if wants:
             self._grant(lc, wants, [])
+        return wants
+
+    def _ungrant(self, lc: LayerCache, wants: list[tuple[int, int]], peak: int) -> None:
+        """Undoes a grant of ``wants`` (the last one made) whose op failed before writing: the
+        pages go back to the free list in the order they left it, their table entries to -1,
+        and the peak to ``peak``."""
+        rows, cols = [], []
+        for b, n in reversed(wants):
+            for _ in range(n):
+                rows.append(b)
+                cols.append(len(lc.pages[b]) - 1)
+                lc.free.append(lc.pages[b].pop())
+        where = to_device([rows, cols], self.device, torch.int64)
+        lc.block_tables[where[0], where[1]] = -1
+        self._peak_pages = peak
 
     def _grant(self, lc: LayerCache, wants: list[tuple[int, int]], extra: list[int]) -> torch.Tensor:
         """Moves ``n`` pages from the free list (the caller checked it suffices) to the end of
@@ -200,6 +238,7 @@ class PagedKVCache:
 
     def release(self, b: int) -> None:
         """Returns every page of sequence ``b`` to the pools."""
+        self._rows("b", [b], distinct=False)
         for lc in self.layers:
             lc.free.extend(lc.pages[b])
             lc.pages[b] = []
@@ -215,27 +254,33 @@ class PagedKVCache:
         k, v: ``[b, Hkv, T, D]``; positions: ``[b, T]`` int32; num_new: ``b`` ints (a list
         keeps the call free of device reads; a tensor is read to the host), where ``b`` is
         the number of rows selected by ``rows`` (a slice of the batch, or distinct row indices).
+        A call the op rejects (ValueError/TypeError naming the argument) leaves the cache as it
+        was: the pages reserved for it go back to the pool.
         """
+        lc = self._layer(layer)
         counts = num_new.tolist() if isinstance(num_new, torch.Tensor) else list(num_new)
-        selected = list(range(self.max_batch)[rows]) if isinstance(rows, slice) else list(rows)
+        selected = list(range(self.max_batch)[rows]) if isinstance(rows, slice) else self._rows("rows", rows)
         if len(counts) != len(selected):
             raise ValueError(f"num_new has {len(counts)} entries for {len(selected)} rows")
-        if len(set(selected)) != len(selected) or not all(0 <= b < self.max_batch for b in selected):
-            raise ValueError(f"rows must be distinct sequences in [0, {self.max_batch}), got {selected}")
         full = [0] * self.max_batch
         for b, n in zip(selected, counts):
             full[b] = n
-        self.reserve(layer, full)
-        lc = self.layers[layer]
+        peak = self._peak_pages
+        granted = self.reserve(layer, full)
         if isinstance(rows, slice):  # views: the op updates seq_lens in place
             tables, lens = lc.block_tables[rows], lc.seq_lens[rows]
         else:  # copies: the new lengths are scattered back
             idx = to_device(selected, self.device, torch.int64)
             tables, lens = lc.block_tables[idx], lc.seq_lens[idx]
-        torch.ops.shadowkv.append_kv(
-            lc.k_pages, lc.v_pages, lc.pos_pages, tables, lens,
-            k, v, positions.to(torch.int32), self._counts_on(counts, k.device), self.check,
-        )
+        try:
+            torch.ops.shadowkv.append_kv(
+                lc.k_pages, lc.v_pages, lc.pos_pages, tables, lens,
+                k, v, positions, self._counts_on(counts, k.device), self.check,
+            )
+        except (ValueError, TypeError):  # rejected before anything was written
+            if granted:
+                self._ungrant(lc, granted, peak)
+            raise
         if not isinstance(rows, slice):
             lc.seq_lens[idx] = lens
         for b, n in zip(selected, counts):
@@ -249,8 +294,9 @@ class PagedKVCache:
         Raises ValueError if a ``dst`` row holds tokens or is also a source, CacheFullError
         (nothing changed) when the pool is too small.
         """
-        lc = self.layers[layer]
-        if len(src) != len(dst) or len(set(dst)) != len(dst) or set(src) & set(dst):
+        lc = self._layer(layer)
+        src, dst = self._rows("fork: src", src, distinct=False), self._rows("fork: dst", dst)
+        if len(src) != len(dst) or set(src) & set(dst):
             raise ValueError(f"fork: need distinct destination rows, none a source; got src={src}, dst={dst}")
         if any(lc.lens[b] or lc.pages[b] for b in dst):
             raise ValueError(f"fork: destination rows must be empty in layer {layer}, got {dst}")
@@ -282,8 +328,8 @@ class PagedKVCache:
 
     def gather(self, layer: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The live slots of sequence ``b`` in slot order: k, v ``[Hkv, n, D]``, pos ``[Hkv, n]``."""
-        lc = self.layers[layer]
-        n = lc.lens[b]
+        lc = self._layer(layer)
+        n = lc.lens[self._rows("b", [b], distinct=False)[0]]
         pages = lc.block_tables[b, : math.ceil(n / self.page_size)].long()
         flat = lambda t: t[pages].flatten(0, 1)[:n].transpose(0, 1)  # noqa: E731
         return flat(lc.k_pages), flat(lc.v_pages), flat(lc.pos_pages)
@@ -292,7 +338,7 @@ class PagedKVCache:
         """Positions held by the first ``width`` slots (default: every slot, ``max_pages_per_seq
         * page_size``) of the sequences ``rows`` (``[n]`` int64 on the cache's device):
         ``[n, Hkv, width]`` int32, -1 past each length."""
-        lc = self.layers[layer]
+        lc = self._layer(layer)
         pages = self.max_pages_per_seq if width is None else -(-width // self.page_size)
         table = lc.block_tables[rows][:, :pages]
         pos = lc.pos_pages[table.clamp(min=0).long()]  # [n, pages, page, Hkv]
@@ -305,7 +351,7 @@ class PagedKVCache:
         """One query per sequence of ``rows`` over its cached keys: q ``[b, Hq, D]`` -> ``[b, Hq, D]``;
         ``scores_out [b, Hkv, S]`` float32 receives each slot's attention mass (summed over
         the GQA group)."""
-        lc = self.layers[layer]
+        lc = self._layer(layer)
         return torch.ops.shadowkv.paged_decode_attention(
             q, lc.k_pages, lc.v_pages, lc.block_tables[rows], lc.seq_lens[rows], scale, scores_out, self.check
         )
@@ -313,15 +359,16 @@ class PagedKVCache:
     def evict(self, layer: int, keep: torch.Tensor, steps: torch.Tensor, evicted_at: torch.Tensor,
               slot_scores: torch.Tensor | None = None, rows: slice = slice(None)) -> int:
         """Keeps the ``keep [b, Hkv, S]`` slots of each sequence in ``rows``, compacts in place,
-        logs ``evicted_at[b, h, pos] = steps[b]`` and returns freed pages to the pool.
+        logs ``evicted_at[b, h, pos] = steps[b]`` (``steps``: ``[b]`` int32 on the cache's device)
+        and returns freed pages to the pool.
 
         Reads the freed pages and new lengths back to the host (one synchronisation).
         Returns the number of pages freed.
         """
-        lc = self.layers[layer]
+        lc = self._layer(layer)
         freed = torch.ops.shadowkv.evict_compact(
             lc.k_pages, lc.v_pages, lc.pos_pages, lc.block_tables[rows], lc.seq_lens[rows],
-            keep, steps.to(device=evicted_at.device, dtype=torch.int32), evicted_at, slot_scores, self.check,
+            keep, steps, evicted_at, slot_scores, self.check,
         )
         back = torch.cat([lc.seq_lens[rows][:, None], freed], 1).tolist()
         released, errors = 0, []

@@ -163,3 +163,41 @@ def test_unchecked_cuda_decode_steps_never_synchronise():
         torch.cuda.set_sync_debug_mode("default")
     cache.verify()
     assert [cache.seq_len(0, b) for b in range(3)] == lens
+
+
+def test_a_rejected_append_leaves_the_cache_as_it_was():
+    """The op rejects the call after the cache reserved pages for it: they go back, and the
+    pool, the peak and the device table are as before (verify() would not notice a leak)."""
+    cache = _cache()
+    _append(cache, 0, [3, 0, 5], [0, 0, 0])
+    before = (cache.num_free_pages(), cache.bytes_in_use(), cache.peak_bytes(), cache.layers[0].block_tables.clone(),
+              [list(p) for p in cache.layers[0].pages], list(cache.layers[0].free))
+    k = torch.randn(3, 2, 2, 8)
+    pos = torch.zeros(3, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="num_new"):
+        cache.append(0, k, k, pos, [9, 0, 9])  # more tokens than k holds
+    with pytest.raises(TypeError, match="positions"):  # int64 positions are not cast (2**32 + 5 would be 5)
+        cache.append(0, k, k, pos.long() + 2**32, [2, 2, 2])
+    after = (cache.num_free_pages(), cache.bytes_in_use(), cache.peak_bytes(), cache.layers[0].block_tables,
+             [list(p) for p in cache.layers[0].pages], list(cache.layers[0].free))
+    assert before[:3] == after[:3] and torch.equal(before[3], after[3]) and before[4:] == after[4:]
+    cache.verify()
+    _append(cache, 0, [1, 1, 1], [3, 0, 5])  # and it goes on working
+    cache.verify()
+
+
+def test_bad_layers_rows_and_sizes_are_value_errors():
+    cache = _cache()
+    k = torch.randn(1, 2, 1, 8)
+    pos = torch.zeros(1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 2\), got 2"):
+        cache.append(2, k, k, pos, [1], rows=[0])
+    with pytest.raises(ValueError, match=r"rows must be distinct sequence indices in \[0, 3\), got \[-1\]"):
+        cache.append(0, k, k, pos, [1], rows=[-1])
+    with pytest.raises(ValueError, match="fork: dst"):
+        cache.fork(0, [0, 0], [1, -2])  # -2 would be row 1 again
+    with pytest.raises(ValueError, match="b must be"):
+        cache.release(5)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"max_pages_per_seq must be an int >= 1, got {bad}"):
+            _cache(max_pages_per_seq=bad)
