@@ -158,6 +158,17 @@ torch.library.register_autograd(
 )
 
 
+def _bwd_backward(ctx, *grads):
+    raise RuntimeError("shadowkv: shadow_attention has no double backward (its gradients are not differentiable); "
+                       "create_graph=True works as long as nothing differentiates them again")
+
+
+# Without a registration torch's fallback would give second derivatives of 0 with a warning.
+torch.library.register_autograd(
+    "shadowkv::shadow_attention_bwd", _bwd_backward, setup_context=lambda ctx, inputs, output: None
+)
+
+
 def shadow_attention_with_lse(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -230,6 +230,11 @@ BAD_INPUTS = {
     "k_other_device": ("k", lambda a: {"k": a["k"].to("meta")}),
     "seq_lens_other_device": ("seq_lens", lambda a: {"seq_lens": a["seq_lens"].to("meta")}),
     "block_tables_other_device": ("block_tables", lambda a: {"block_tables": a["block_tables"].to("meta")}),
+    "seq_lens_strided_view_of_block_tables": ("seq_lens|block_tables",
+                                              lambda a: {"seq_lens": a["block_tables"][:, 0]}),
+    # Written in place and not differentiable: with grad mode on, a tensor that requires grad is refused.
+    "k_pages_requires_grad": ("k_pages", lambda a: {"k_pages": a["k_pages"].clone().requires_grad_()}),
+    "k_requires_grad": ("k", lambda a: {"k": a["k"].clone().requires_grad_()}),
     # Values (checked before anything is written).
     "num_new_above_T": ("num_new", _set("num_new", 1, 5)),
     "num_new_negative": ("num_new", _set("num_new", 0, -1)),
@@ -277,3 +282,38 @@ def test_shared_read_only_page_is_allowed():
     expected = append_kv_ref(*state, k, k, torch.zeros(2, 2, dtype=torch.int32), num_new)
     ops.append_kv(*state, k, k, torch.zeros(2, 2, dtype=torch.int32), num_new)
     assert torch.equal(state.k_pages, expected[0])
+
+
+def test_strided_view_of_the_block_table_as_seq_lens_is_refused():
+    """torch's quick overlap test gives up on non-dense views (TooHard); for index tensors the
+    op checks exactly. Valid values, so only the alias check can refuse it (it used to go
+    through and overwrite the block table)."""
+    gen = torch.Generator().manual_seed(0)
+    state = random_paged_state([7, 7], 2, 4, 4, preallocated=1, spare_pages=2, generator=gen)
+    tables = state.block_tables.clone()
+    tables[:, 0] = torch.tensor([3, 5], dtype=torch.int32)  # page ids that are also valid lengths
+    state = state._replace(block_tables=tables)
+    k = torch.randn(2, 2, 4, 4)
+    positions = torch.arange(4, dtype=torch.int32).expand(2, 4).contiguous()
+    with pytest.raises(ValueError, match="`seq_lens` is written in place and must not share memory with `block_tables`"):
+        ops.append_kv(state.k_pages, state.v_pages, state.pos_pages, tables, tables[:, 0], k, k, positions,
+                      torch.tensor([4, 2], dtype=torch.int32))
+
+
+def test_writes_bump_version_counters_and_grad_free_calls_run():
+    """Like torch's in-place ops: autograd notices a saved tensor the op overwrote (no silent
+    stale gradient), and under no_grad a tensor that requires grad may be written."""
+    args = _valid_args()
+    a = args["k_pages"].clone().requires_grad_()
+    x = a * 1.0
+    loss = (x * x).sum()  # saves x
+    with torch.no_grad():
+        args["k_pages"] = x
+        ops.append_kv(**args)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    args = _valid_args()
+    versions = {name: args[name]._version for name in ("k_pages", "v_pages", "pos_pages", "seq_lens", "block_tables")}
+    ops.append_kv(**args)
+    assert all(args[name]._version > versions[name] for name in ("k_pages", "v_pages", "pos_pages", "seq_lens"))
+    assert args["block_tables"]._version == versions["block_tables"]  # read only

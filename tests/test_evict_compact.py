@@ -424,6 +424,9 @@ BAD_INPUTS = {
     "evicted_at_broadcast": ("evicted_at", lambda a: {"evicted_at": a["evicted_at"][:, :1].expand(2, 2, -1)}),
     "seq_lens_aliases_block_tables": ("seq_lens|block_tables",
                                       lambda a: {"seq_lens": a["block_tables"].view(-1)[:2]}),
+    "seq_lens_strided_view_of_block_tables": ("seq_lens|block_tables",
+                                              lambda a: {"seq_lens": a["block_tables"][:, 0]}),
+    "k_pages_requires_grad": ("k_pages", lambda a: {"k_pages": a["k_pages"].clone().requires_grad_()}),
     # Values (checked before anything is written).
     "keep_too_short": ("keep", lambda a: {"keep": a["keep"][..., :5], "slot_scores": a["slot_scores"][..., :5]}),
     "keep_past_length": ("keep", _set("keep", (1, 0, 5), True)),

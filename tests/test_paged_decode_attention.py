@@ -263,6 +263,9 @@ BAD_INPUTS = {
     "scale_negative": ("scale", lambda a: {"scale": -1.0}),
     "scale_nan": ("scale", lambda a: {"scale": math.nan}),
     "scale_inf": ("scale", lambda a: {"scale": math.inf}),
+    "scale_above_float32": ("scale", lambda a: {"scale": 1e39}),  # finite in double, inf in the kernels
+    # Not differentiable: a gradient would silently never reach q.
+    "q_requires_grad": ("q", lambda a: {"q": a["q"].clone().requires_grad_()}),
     "table_entry_missing": ("block_tables", _set("block_tables", (0, 1), -1)),
     "table_entry_outside_pool": ("block_tables", _set("block_tables", (0, 0), 1000)),
     "seq_lens_negative": ("seq_lens", _set("seq_lens", 1, -2)),

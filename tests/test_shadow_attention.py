@@ -399,6 +399,19 @@ def test_opcheck_bwd(name, with_grad_lse):
     torch.library.opcheck(BWD.default, (grad_out, q, k, v, ev, out, lse, grad_lse, q_offset, scale))
 
 
+def test_double_backward_is_an_error_not_zeros():
+    """Second derivatives are not implemented: differentiating the gradients raises, where
+    torch's fallback gave zeros with a warning. create_graph=True alone still works."""
+    q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ev = streaming_evicted_at(9, 1, 3).expand(1, 2, 9).contiguous()
+    dq, = torch.autograd.grad(ops.shadow_attention(q, k, v, ev).sum(), q, create_graph=True)
+    q64, k64, v64 = (t.detach().requires_grad_() for t in (q, k, v))
+    dq_ref, = torch.autograd.grad(shadow_attention_ref(q64, k64, v64, ev)[0].sum(), q64)
+    assert torch.allclose(dq, dq_ref, atol=1e-10)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        dq.sum().backward()
+
+
 def test_bwd_op_matches_reference():
     q, k, v, ev, q_offset = _small("gqa_decode")
     scale = 0.25
@@ -451,6 +464,8 @@ BAD_INPUTS = {
     "scale_negative": ("scale", lambda a: {"scale": -0.5}),
     "scale_nan": ("scale", lambda a: {"scale": math.nan}),
     "scale_inf": ("scale", lambda a: {"scale": math.inf}),
+    "scale_above_float32": ("scale", lambda a: {"scale": 1e39}),  # finite in double, inf in the kernels
+    "q_offset_overflows_int64": ("q_offset", lambda a: {"q_offset": 2**63 - 5}),  # q_offset + Lq wraps
 }
 
 ENTRY_POINTS = {

@@ -2,10 +2,10 @@
 
 #include <ATen/MemoryOverlap.h>
 
-#include <cmath>
 #include <initializer_list>
 #include <stdexcept>
 #include <utility>
+#include <vector>
 
 #include "device_launch.h"
 #include "shadowkv/paged_kv.h"
@@ -24,10 +24,34 @@ void check_dtype(const at::Tensor& t, const char* name, at::ScalarType expected)
   TORCH_CHECK_TYPE(t.scalar_type() == expected, "shadowkv: `", name, "` must be ", want, ", got ", t.scalar_type());
 }
 
+// The storage byte offsets of every byte of `t`, computed on the host from its sizes and strides
+// alone (no device read, so it is safe inside CUDA graph capture).
+at::Tensor byte_offsets(const at::Tensor& t) {
+  const auto opts = at::TensorOptions().dtype(at::kLong);
+  at::Tensor off = at::full({}, t.storage_offset(), opts);
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    std::vector<int64_t> shape(t.dim(), 1);
+    shape[d] = t.size(d);
+    off = off + (at::arange(t.size(d), opts) * t.stride(d)).view(shape);
+  }
+  const int64_t es = static_cast<int64_t>(t.element_size());
+  return (off.reshape({-1, 1}) * es + at::arange(es, opts)).reshape({-1});
+}
+
+// Whether two tensors that torch's quick test could not decide (same storage, TooHard) share a
+// byte: exactly for small ones (index tensors: a strided view of block_tables passed as
+// seq_lens), never for large ones (interleaved views of one buffer, such as the k/v halves of a
+// fused pool, are allowed as in torch's own in-place ops).
+bool small_views_overlap(const at::Tensor& a, const at::Tensor& b) {
+  constexpr int64_t kExactUpTo = int64_t{1} << 16;  // elements
+  // (TooHard also comes back for any non-dense view, before torch compares the storages.)
+  if (!a.storage().is_alias_of(b.storage())) return false;
+  if (a.numel() > kExactUpTo || b.numel() > kExactUpTo || a.numel() == 0 || b.numel() == 0) return false;
+  return at::isin(byte_offsets(a), byte_offsets(b)).any().item<bool>();
+}
+
 // The kernels write `written` in place: each must be a plain (non-broadcast) view, and none may
-// share memory with another argument of the op. Overlaps torch cannot decide cheaply (TooHard,
-// e.g. interleaved strided views of one buffer such as k/v halves of a fused pool) are allowed,
-// as in torch's own in-place ops.
+// share memory with another argument of the op.
 void check_no_aliasing(std::initializer_list<Named> written, std::initializer_list<Named> all) {
   for (const auto& [t, name] : written) {
     TORCH_CHECK_VALUE(at::has_internal_overlap(*t) != at::MemOverlap::Yes, "shadowkv: `", name,
@@ -36,8 +60,9 @@ void check_no_aliasing(std::initializer_list<Named> written, std::initializer_li
     for (const auto& [u, other] : all) {
       if (t == u || !u->defined()) continue;
       const at::MemOverlapStatus s = at::get_overlap_status(*t, *u);
-      TORCH_CHECK_VALUE(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial, "shadowkv: `", name,
-                        "` is written in place and must not share memory with `", other, "`");
+      TORCH_CHECK_VALUE(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial &&
+                            !(s == at::MemOverlapStatus::TooHard && small_views_overlap(*t, *u)),
+                        "shadowkv: `", name, "` is written in place and must not share memory with `", other, "`");
     }
   }
 }
@@ -185,8 +210,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_pa
   check_shape(q, "q", {c.batch, Hq, c.head_dim});
   TORCH_CHECK_VALUE(Hq % c.num_kv_heads == 0, "shadowkv: the head count of `q` (", Hq,
                     ") must be a multiple of the KV head count of `k_pages` (", c.num_kv_heads, ")");
-  const double s = scale.has_value() ? *scale : (c.head_dim > 0 ? 1.0 / std::sqrt(double(c.head_dim)) : 1.0);
-  TORCH_CHECK_VALUE(s > 0.0 && std::isfinite(s), "shadowkv: `scale` must be positive and finite, got ", s);
+  const double s = softmax_scale(scale, c.head_dim);
 
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor scores;

@@ -1,4 +1,4 @@
-// Torch-facing paged KV cache ops (CPU kernels; CUDA tensors get a "no CUDA kernel yet" error).
+// Torch-facing paged KV cache ops (CPU kernels, CUDA twins in csrc/cuda/ where built).
 // Shapes and semantics: csrc/include/shadowkv/paged_kv.h and shadowkv/ops.py.
 #pragma once
 

@@ -2,7 +2,6 @@
 
 #include <ATen/Parallel.h>
 
-#include <cmath>
 #include <limits>
 
 #include "device_launch.h"
@@ -38,10 +37,10 @@ ShadowAttentionParams make_params(const at::Tensor& q, const at::Tensor& k, cons
   TORCH_CHECK_VALUE(Hkv > 0 ? Hq % Hkv == 0 : Hq == 0, "shadowkv: the head count of `q` (", Hq,
                     ") must be a multiple of the head count of `k` (", Hkv, ")");
   TORCH_CHECK_VALUE(q_offset >= 0, "shadowkv: `q_offset` must be >= 0, got ", q_offset);
-  TORCH_CHECK_VALUE(q_offset + Lq <= std::numeric_limits<int32_t>::max(), "shadowkv: `q_offset` + Lq (",
-                    q_offset + Lq, ") exceeds the int32 positions of `evicted_at`");
-  const double s = scale.has_value() ? *scale : (D > 0 ? 1.0 / std::sqrt(static_cast<double>(D)) : 1.0);
-  TORCH_CHECK_VALUE(s > 0.0 && std::isfinite(s), "shadowkv: `scale` must be positive and finite, got ", s);
+  // Written so that nothing overflows: q_offset + Lq itself can pass INT64_MAX.
+  TORCH_CHECK_VALUE(q_offset <= std::numeric_limits<int32_t>::max() - Lq, "shadowkv: `q_offset` (", q_offset,
+                    ") + Lq (", Lq, ") exceeds the int32 positions of `evicted_at`");
+  const double s = softmax_scale(scale, D);
   if (q.is_cuda()) {
     TORCH_CHECK_TYPE(dt != DType::kFloat64, "shadowkv: `q` float64 is supported on CPU only; use float32, "
                      "bfloat16 or float16 on CUDA");

@@ -1,5 +1,7 @@
 #include "tensor_params.h"
 
+#include <cfloat>
+#include <cmath>
 #include <sstream>
 
 namespace shadowkv::bindings {
@@ -42,6 +44,13 @@ void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& r
 void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
   TORCH_CHECK_VALUE(t.sizes() == expected, "shadowkv: `", name, "` must have shape ", shape_str(expected), ", got ",
                     shape_str(t.sizes()));
+}
+
+double softmax_scale(std::optional<double> scale, int64_t head_dim) {
+  const double s = scale.has_value() ? *scale : (head_dim > 0 ? 1.0 / std::sqrt(static_cast<double>(head_dim)) : 1.0);
+  TORCH_CHECK_VALUE(s > 0.0 && s <= FLT_MAX, "shadowkv: `scale` must be positive, finite and at most FLT_MAX (",
+                    FLT_MAX, ", the kernels compute it in float32), got ", s);
+  return s;
 }
 
 }  // namespace shadowkv::bindings

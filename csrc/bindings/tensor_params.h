@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 
 #include "shadowkv/dtypes.h"
@@ -27,6 +28,11 @@ void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& r
 
 // Exact shape; ValueError naming both shapes otherwise.
 void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected);
+
+// The softmax scale: `scale` if given, else 1/sqrt(head_dim). ValueError unless positive and
+// at most FLT_MAX: every kernel but the float64 CPU one computes it in float32, where a larger
+// finite double becomes inf.
+double softmax_scale(std::optional<double> scale, int64_t head_dim);
 
 // The kernels need a unit stride in the last dimension; anything else is copied once.
 inline at::Tensor last_dim_contiguous(const at::Tensor& t) {

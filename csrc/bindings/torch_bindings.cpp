@@ -2,6 +2,7 @@
 // Fake (meta) kernels and autograd are registered in Python (shadowkv/ops.py).
 #include <torch/library.h>
 
+#include "cache_op_guards.h"
 #include "paged_kv_ops.h"
 #include "shadow_attention_ops.h"
 
@@ -42,3 +43,17 @@ TORCH_LIBRARY_IMPL(shadowkv, CUDA, m) {
   m.impl("evict_compact", &shadowkv::bindings::evict_compact);
 }
 #endif
+
+// The cache ops have no derivative and write in place: refuse gradients, bump versions
+// (cache_op_guards.h). shadow_attention's autograd is registered in shadowkv/ops.py.
+TORCH_LIBRARY_IMPL(shadowkv, Autograd, m) {
+  for (const char* op : {"append_kv", "paged_decode_attention", "evict_compact"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&shadowkv::bindings::refuse_grad>());
+  }
+}
+
+TORCH_LIBRARY_IMPL(shadowkv, ADInplaceOrView, m) {
+  for (const char* op : {"append_kv", "paged_decode_attention", "evict_compact"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&shadowkv::bindings::bump_written_versions>());
+  }
+}
