@@ -112,6 +112,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--is-veto", dest="is_veto", type=float)
     p.add_argument("--temperature", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--eval-prompts", dest="eval_prompts", type=int, help=f"greedy evaluation prompts (default {d.eval_prompts})")
+    p.add_argument("--ckpt-every", dest="ckpt_every", type=int, help=f"checkpoint every N steps (default {d.ckpt_every})")
     p.add_argument("--init", help="local Hugging Face causal LM folder (from_pretrained) instead of the tiny default")
     p.add_argument("--sft-steps", dest="sft_steps", type=int, help="SFT warm-up steps of the default model")
     p.add_argument("--out", help="run folder")

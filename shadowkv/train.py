@@ -86,10 +86,9 @@ class TrainConfig:
             budget_tokens(self.budget, 1)
         except (TypeError, ValueError) as e:
             raise ValueError(f"budget (--budget): {e}") from None
-        for name in ("page_size", "steps", "prompts_per_step", "group_size", "epochs", "ckpt_every"):
+        for name in ("page_size", "steps", "prompts_per_step", "group_size", "epochs", "ckpt_every", "eval_prompts"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an int >= 1")
-        need(isinstance(self.eval_prompts, int) and self.eval_prompts >= 0, "eval_prompts", "an int >= 0")
         need(isinstance(self.sft.steps, int) and self.sft.steps >= 0, "sft_steps", "an int >= 0", self.sft.steps)
         for name in ("lr", "clip", "temperature", "is_cap"):  # the learner divides logits by temperature
             need(number(name) > 0, name, "> 0")

@@ -95,6 +95,7 @@ def test_bad_value_len_is_a_clear_error(tmp_path, capsys):
     (["--gamma", "2"], "gamma (--gamma) must be in [0, 1]"),
     (["--is-reject-low", "2"], "is_reject_high (--is-reject-high) must be >= is_reject_low"),
     (["--sft-steps", "-1"], "sft_steps (--sft-steps) must be an int >= 0"),
+    (["--eval-prompts", "0"], "eval_prompts (--eval-prompts) must be an int >= 1"),
 ])
 def test_bad_settings_fail_before_the_warm_up(tmp_path, capsys, flags, message):
     """Each names its flag, exits 2 and leaves no run folder behind (nothing was trained)."""
