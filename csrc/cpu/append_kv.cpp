@@ -1,6 +1,7 @@
 // CPU append into the paged KV cache, and the cache/block-table validation that all three
 // paged ops share (declared in paged_kv.h).
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -23,6 +24,13 @@ void check_paged_cache(const PagedKVCache& c, const char* op) {
   if (c.head_dim < 1) fail("`k_pages` must have a head dim (dim 3) >= 1, got " + std::to_string(c.head_dim));
   if (c.page_size < 1) fail("`k_pages` must have a page size (dim 1) >= 1, got " + std::to_string(c.page_size));
   if (c.num_kv_heads < 1) fail("`k_pages` must have >= 1 KV head (dim 2), got " + std::to_string(c.num_kv_heads));
+  // Slots and page ids are int32 (seq_lens, block_tables); with these bounds no slot or page
+  // count below overflows (a page_size near INT64_MAX made ceil(len / page_size) negative).
+  if (c.page_size > INT32_MAX || c.max_pages > INT32_MAX || c.num_pages > INT32_MAX)
+    fail("page size, pages per sequence and pool pages must fit int32, got " + std::to_string(c.page_size) + ", " +
+         std::to_string(c.max_pages) + ", " + std::to_string(c.num_pages));
+  if (!product_fits_int64({c.num_pages, c.page_size, c.num_kv_heads, c.head_dim}))
+    fail("the page pool is too large: its element count overflows int64");
   if (c.num_pages > 0 && (!c.k_pages || !c.v_pages)) fail("null page pointer");
   if (c.batch > 0 && !c.seq_lens) fail("null `seq_lens`");
   if (c.batch > 0 && c.max_pages > 0 && !c.block_tables) fail("null `block_tables`");

@@ -2,6 +2,7 @@
 // down and logs the evicted ones in the shadow mask; emptied pages are then released.
 // Everything is validated first, so a rejected call leaves the cache untouched.
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -72,6 +73,7 @@ void evict_compact_cpu(const EvictCompactParams& p, const ParallelFor& pf) {
   const PagedKVCache& c = p.cache;
   check_paged_cache(c, op);
   if (p.keep_len < 0 || p.log_len < 0) fail("negative `keep` or `evicted_at` length");
+  if (p.log_len > INT32_MAX) fail("`evicted_at` length " + std::to_string(p.log_len) + " exceeds the int32 positions");
   if (c.num_pages > 0 && !c.pos_pages) fail("null `pos_pages`");
   if (c.batch > 0 && ((p.keep_len > 0 && !p.keep) || !p.steps || (p.log_len > 0 && !p.evicted_at) ||
                       (c.max_pages > 0 && !p.freed)))

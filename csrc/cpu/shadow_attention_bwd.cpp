@@ -150,7 +150,7 @@ struct BwdContext {
                                                : std::max<int64_t>(1, std::thread::hardware_concurrency());
     const int64_t items = p.batch * p.num_kv_heads;
     const int64_t bytes = 5 * tiles.num_tiles * BC * D * static_cast<int64_t>(sizeof(acc_t));
-    return items >= std::max<int64_t>(8, 2 * threads) && bytes <= (int64_t{32} << 20) &&
+    return items >= 8 && items / 2 >= threads && bytes <= (int64_t{32} << 20) &&
            bytes * std::min(threads, items) <= (int64_t{256} << 20);
   }
 
@@ -314,7 +314,7 @@ namespace shadowkv {
 
 void shadow_attention_bwd_cpu(const ShadowAttentionBwdParams& bp, const ParallelFor& pf) {
   const ShadowAttentionParams& p = bp.fwd;
-  cpu::check_params(p);
+  check_shadow_attention_bwd_params(bp, "shadowkv::shadow_attention_bwd");
   cpu::dispatch_dtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (p.batch == 0) return;

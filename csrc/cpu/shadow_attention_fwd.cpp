@@ -16,17 +16,6 @@
 
 namespace shadowkv::cpu {
 
-void check_params(const ShadowAttentionParams& p) {
-  auto fail = [](const std::string& what) { throw std::invalid_argument("shadowkv::shadow_attention: " + what); };
-  if (p.batch < 0 || p.num_q_heads < 0 || p.num_kv_heads < 0 || p.q_len < 0 || p.kv_len < 0 || p.head_dim < 0)
-    fail("negative shape");
-  if (p.num_kv_heads == 0 ? p.num_q_heads != 0 : p.num_q_heads % p.num_kv_heads != 0)
-    fail("num_q_heads (" + std::to_string(p.num_q_heads) + ") must be a multiple of num_kv_heads (" +
-         std::to_string(p.num_kv_heads) + ")");
-  if (p.q_offset < 0) fail("q_offset must be >= 0, got " + std::to_string(p.q_offset));
-  if (!(p.scale > 0.0) || !std::isfinite(p.scale)) fail("scale must be positive and finite");
-}
-
 namespace {
 
 // Work items [begin, end) of fwd_kernel (one per batch x query head x query tile), with VB-byte
@@ -129,7 +118,7 @@ void fwd_kernel(const ShadowAttentionParams& p, const ParallelFor& pf) {
 namespace shadowkv {
 
 void shadow_attention_fwd_cpu(const ShadowAttentionParams& p, const ParallelFor& pf) {
-  cpu::check_params(p);
+  check_shadow_attention_params(p, "shadowkv::shadow_attention");
   if (p.batch == 0 || p.num_q_heads == 0 || p.q_len == 0) return;
   cpu::dispatch_dtype(p.dtype, [&](auto tag) { cpu::fwd_kernel<typename decltype(tag)::type>(p, pf); });
 }

@@ -83,6 +83,4 @@ inline T* row_ptr(void* base, const int64_t* stride, int64_t b, int64_t h, int64
   return static_cast<T*>(base) + b * stride[0] + h * stride[1] + i * stride[2];
 }
 
-void check_params(const ShadowAttentionParams& p);
-
 }  // namespace shadowkv::cpu

@@ -458,6 +458,7 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream_ptr) {
   // The parameter checks of evict_compact_cpu, in its order (no values read yet).
   check_cache_params(c, op);
   if (p.keep_len < 0 || p.log_len < 0) fail(op, "negative `keep` or `evicted_at` length");
+  if (p.log_len > INT32_MAX) fail(op, "`evicted_at` length " + std::to_string(p.log_len) + " exceeds the int32 positions");
   if (c.num_pages > 0 && !c.pos_pages) fail(op, "null `pos_pages`");
   if (c.batch > 0 && ((p.keep_len > 0 && !p.keep) || !p.steps || (p.log_len > 0 && !p.evicted_at) ||
                       (c.max_pages > 0 && !p.freed)))

@@ -670,15 +670,10 @@ bool bwd_uses_tensor_cores(const ShadowAttentionBwdParams& bp) {
 void shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& bp, void* stream) {
   constexpr const char* kFn = "shadow_attention_bwd_cuda";
   const ShadowAttentionParams& p = bp.fwd;
-  validate_params(p, kFn);
+  check_shadow_attention_bwd_params(bp, kFn);
+  check_cuda_support(p, kFn);
   const bool has_q = p.batch * p.num_q_heads * p.q_len > 0;
   const bool has_kv = p.batch * p.num_kv_heads * p.kv_len > 0;
-  if (has_q && p.head_dim > 0 && (bp.grad_out == nullptr || bp.grad_q == nullptr)) {
-    bad_arg(kFn, "grad_out/grad_q must not be null");
-  }
-  if (has_kv && p.head_dim > 0 && (bp.grad_k == nullptr || bp.grad_v == nullptr)) {
-    bad_arg(kFn, "grad_k/grad_v must not be null");
-  }
   // Nothing to write when every gradient is empty; head_dim == 0 leaves empty gradients too.
   if (p.head_dim == 0 || (!has_q && !has_kv)) return;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);

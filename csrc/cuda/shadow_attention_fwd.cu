@@ -358,7 +358,8 @@ AttnKernel requested_kernel(const char* fn) {
 }  // namespace cuda_attn
 
 void shadow_attention_fwd_cuda(const ShadowAttentionParams& p, void* stream) {
-  validate_params(p, "shadow_attention_fwd_cuda");
+  check_shadow_attention_params(p, "shadow_attention_fwd_cuda");
+  check_cuda_support(p, "shadow_attention_fwd_cuda");
   if (p.batch == 0 || p.num_q_heads == 0 || p.q_len == 0) return;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   const AttnKernel choice = requested_kernel("shadow_attention_fwd_cuda");

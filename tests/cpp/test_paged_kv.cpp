@@ -603,6 +603,8 @@ TEST(paged_kv_rejects_bad_append) {
   REJECT(op, a.cache.page_size = 0, "page size (dim 1) >= 1");
   REJECT(op, a.cache.num_kv_heads = 0, ">= 1 KV head");
   REJECT(op, a.cache.num_pages = -1, "negative shape");
+  // ceil(len / page_size) went negative and the kernel wrote through block-table entry -1.
+  REJECT(op, a.cache.page_size = INT64_MAX - 1, "must fit int32");
   REJECT(op, a.cache.dtype = static_cast<shadowkv::DType>(9), "unsupported dtype");
   // seq_lens + num_new past int32: caught before the (here absent) pages are touched.
   REJECT(op,
@@ -632,6 +634,7 @@ TEST(paged_kv_rejects_bad_evict) {
   REJECT(op, st.steps[0] = -1, "`steps`[0] = -1 must be in [0, 2147483647)");
   REJECT(op, st.steps[1] = kNever, "`steps`[1] = 2147483647");
   REJECT(op, e.log_len = 1, "`evicted_at` covers positions [0, 1) but evicted slot 1 of sequence 0");
+  REJECT(op, e.log_len = int64_t{1} << 50, "exceeds the int32 positions");  // was a 1 PB allocation
   REJECT(op, st.log[Small::L + 1] = 2, "`evicted_at`[0, 1, 1] = 2: the key at that position was already evicted");
   REJECT(op, (st.keep[0] = 0, st.keep[Small::S] = 0, st.keep[2] = 0, st.keep[Small::S + 2] = 0,
               st.pos[(4 * 2 + 0) * 2 + 0] = 1),

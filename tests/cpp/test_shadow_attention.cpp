@@ -369,6 +369,20 @@ TEST(shadow_attention_rejects_bad_params) {
   expect_rejected([](ShadowAttentionParams& p) { p.scale = 0.0; }, "scale must be positive and finite");
   expect_rejected([](ShadowAttentionParams& p) { p.scale = INFINITY; }, "scale must be positive and finite");
   expect_rejected([](ShadowAttentionParams& p) { p.scale = nan(); }, "scale must be positive and finite");
+  // Finite as a double but inf in the float32 kernels (out and lse came back NaN).
+  expect_rejected([](ShadowAttentionParams& p) { p.scale = 1e39; }, "scale must be positive and finite");
+  // Products and sums that overflow int64 (tile bounds were sized from a wrapped count).
+  expect_rejected([](ShadowAttentionParams& p) { p.batch = int64_t{1} << 62; }, "overflows int64");
+  expect_rejected([](ShadowAttentionParams& p) { p.q_offset = INT64_MAX - 1; }, "must fit the int32 positions");
+  expect_rejected([](ShadowAttentionParams& p) { p.kv_len = int64_t{1} << 31; }, "must fit the int32 positions");
+  // Null pointers of non-empty tensors (they were dereferenced).
+  expect_rejected([](ShadowAttentionParams& p) { p.q = nullptr; }, "q/out must not be null");
+  expect_rejected([](ShadowAttentionParams& p) { p.lse = nullptr; }, "lse must not be null");
+  expect_rejected([](ShadowAttentionParams& p) { p.evicted_at = nullptr; }, "evicted_at must not be null");
+  Buffers<float> buf(pr, Layout::kContiguous, Layout::kContiguous, Layout::kContiguous);
+  ShadowAttentionBwdParams bp;
+  bp.fwd = buf.p;  // a valid forward, but no gradient buffers
+  CHECK_THROWS(shadowkv::shadow_attention_bwd_cpu(bp), "grad_out/grad_q must not be null");
   expect_rejected([](ShadowAttentionParams& p) { p.dtype = static_cast<shadowkv::DType>(9); }, "unsupported dtype");
 }
 

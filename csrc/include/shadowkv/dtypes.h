@@ -2,8 +2,10 @@
 // Plain C++ (no torch, no CUDA headers) so inference servers can include it.
 #pragma once
 
+#include <cfloat>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 
 namespace shadowkv {
 
@@ -17,6 +19,20 @@ inline const char* dtype_name(DType t) {
     case DType::kFloat16: return "float16";
   }
   return "unknown";
+}
+
+// A softmax scale every kernel can use: positive and finite in float32, which all but the
+// float64 kernels compute in (a larger finite double would become inf there).
+inline bool valid_softmax_scale(double s) { return s > 0.0 && s <= FLT_MAX; }
+
+// Whether the product of non-negative sizes (an element count, an offset bound) fits in int64.
+inline bool product_fits_int64(std::initializer_list<int64_t> sizes) {
+  int64_t acc = 1;
+  for (const int64_t s : sizes) {
+    if (s < 0 || (s != 0 && acc > INT64_MAX / s)) return false;
+    acc *= s;
+  }
+  return true;
 }
 
 // Storage-only 16-bit types for the CPU kernels: loads widen to float, stores round to

@@ -180,7 +180,8 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream);
 
 // Validation shared by the ops above, public so that a server can check a cache it assembled.
 //
-// check_paged_cache: the shape fields and pointers of `c`, and 0 <= seq_lens[b] <=
+// check_paged_cache: the shape fields and pointers of `c` (page_size, max_pages and num_pages
+// within int32, the pool's element count within int64), and 0 <= seq_lens[b] <=
 // max_pages * page_size. check_block_tables: the block tables against per-sequence page ranges
 // (column indices; each end <= max_pages, else the table is too short):
 //   [0, used_pages[b])              must hold page ids in [0, num_pages);

@@ -68,6 +68,15 @@ inline void serial_for(int64_t n, const std::function<void(int64_t, int64_t)>& b
 constexpr int64_t kCpuQueryTile = 32;
 constexpr int64_t kCpuKeyTile = 64;
 
+// The checks every kernel (CPU and CUDA) runs first, public so that a server can validate
+// params it assembled; std::invalid_argument prefixed with `fn`. Shapes >= 0 and element
+// counts within int64; num_q_heads a multiple of num_kv_heads; q_offset >= 0 and
+// q_offset + q_len, kv_len within int32 (evicted_at holds int32 positions); 0 < scale <=
+// FLT_MAX (the kernels compute in float32 unless the dtype is float64); a known dtype; no null
+// pointer for a non-empty tensor (the _bwd form: also the gradients; grad_lse may be null).
+void check_shadow_attention_params(const ShadowAttentionParams& p, const char* fn);
+void check_shadow_attention_bwd_params(const ShadowAttentionBwdParams& bp, const char* fn);
+
 // CPU kernels. Throw std::invalid_argument on inconsistent params.
 void shadow_attention_fwd_cpu(const ShadowAttentionParams& p, const ParallelFor& pf = serial_for);
 void shadow_attention_bwd_cpu(const ShadowAttentionBwdParams& p, const ParallelFor& pf = serial_for);
