@@ -235,9 +235,11 @@ int main() {
       check_query_tiles(p, planes, mm_all, n_ev, 64, BN, what);
       check_key_tiles(p, planes, mm_all, n_ev, 64, BN, what);
     }
-    // The SIMT kernels: 32 own rows against 32-key tiles, 16 above head_dim 192.
+    // The SIMT kernels: 32 own rows against 32-key tiles, 16 above head_dim 192 (the dQ and
+    // dK/dV kernels both).
     std::snprintf(what, sizeof what, "case %d simt", c);
     check_query_tiles(p, planes, mm_all, n_ev, 32, 32, what);
+    check_query_tiles(p, planes, mm_all, n_ev, 16, 32, what);
     check_key_tiles(p, planes, mm_all, n_ev, 32, 32, what);
     check_key_tiles(p, planes, mm_all, n_ev, 16, 32, what);
   }
