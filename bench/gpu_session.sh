@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU session has to check, in stages that each fit one device-tool command
 # (10 minutes) and leave one log each under $OUT (the tool brings back at most 8 files).
-# GPU sessions are rare and short (30 minutes of device time), so the whole sequence is
+# GPU sessions are rare and short (15 minutes of device time), so the whole sequence is
 # written down here once instead of being improvised in a session:
 #
 #   bash bench/gpu_session.sh cutlass    # HERE, not on the GPU: CUTLASS headers -> .cutlass/
