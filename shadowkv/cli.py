@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except ValueError as e:  # bad settings (our errors name the flag): a message, not a traceback
         parser.exit(2, f"shadowkv {args.cmd}: error: {e}\n")
+    except KeyboardInterrupt:  # the runs are checkpointed: the same command (train: --resume) goes on
+        parser.exit(130, f"shadowkv {args.cmd}: interrupted; run the same command again to continue"
+                         f"{' (with --resume)' if args.cmd == 'train' else ''}\n")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
                 summary = json.loads(done.read_text())  # finished with these settings: reuse
             else:  # resume an interrupted run; a folder trained with other settings starts over
                 summary = train(cfg, run, resume=same, progress=progress)
+                if "eval_reward" not in summary:  # the run was stopped (Ctrl-C): so is the comparison
+                    raise KeyboardInterrupt
             summary["rows"] = read_metrics(run)
             if summary["rows"]:  # a run stopped before its first step has nothing to report
                 results[method].append(summary)

@@ -89,7 +89,13 @@ class TrainConfig:
         for name in ("page_size", "steps", "prompts_per_step", "group_size", "epochs", "ckpt_every", "eval_prompts"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an int >= 1")
-        need(isinstance(self.sft.steps, int) and self.sft.steps >= 0, "sft_steps", "an int >= 0", self.sft.steps)
+        if self.init is None:  # the default model, warmed up first
+            need(isinstance(self.sft.steps, int) and self.sft.steps >= 1, "sft_steps", "an int >= 1", self.sft.steps)
+            need(isinstance(self.prompt_len, int) and 8 <= self.prompt_len <= self.model.max_positions - 64,
+                 "prompt_len", f"an int in [8, {self.model.max_positions - 64}] (the model's positions, less answers)")
+        else:
+            need(Path(self.init).is_dir(), "init", "a local model folder (from save_pretrained)")
+            need(isinstance(self.prompt_len, int) and self.prompt_len >= 8, "prompt_len", "an int >= 8")
         for name in ("lr", "clip", "temperature", "is_cap"):  # the learner divides logits by temperature
             need(number(name) > 0, name, "> 0")
         for name in ("kl_ref", "smd_beta", "vf_coef", "is_veto", "is_reject_low"):
@@ -229,14 +235,21 @@ def load_checkpoint(out: Path):
     if not (out / "LATEST").exists():
         return None
     ck = out / (out / "LATEST").read_text().strip()
-    model = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
-    state = torch.load(ck / "trainer.pt", weights_only=True)
-    return model, state, state["step"] + 1
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
+        state = torch.load(ck / "trainer.pt", weights_only=True)
+        return model, state, int(state["step"]) + 1
+    except Exception as e:  # a checkpoint damaged outside shadowkv (its own writes are atomic)
+        raise ValueError(f"--resume: the checkpoint {ck} named by {out / 'LATEST'} cannot be loaded "
+                         f"({type(e).__name__}: {e}); start a new run") from None
 
 
 def read_metrics(out: Path) -> list[dict]:
     p = out / "metrics.jsonl"
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+    try:
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON lines ({e})") from None
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path, title: str) -> None:
@@ -264,6 +277,28 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+class _RunLock:
+    """An exclusive lock on the run folder for one train() call, so that a second process
+    writing the same --out is refused instead of mixing two runs' files."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+
+    def __enter__(self):
+        import fcntl
+
+        self._file = open(self.path, "w")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise ValueError(f"--out {self.path.parent} is in use by another shadowkv run") from None
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()  # releases the lock
+
+
 class _StopFlag:
     """First Ctrl-C: finish the current step, checkpoint, stop. Second: stop now."""
 
@@ -289,7 +324,11 @@ def _resumed_config(out: Path, overrides: dict | None) -> TrainConfig:
     field name; ``sft_steps`` for ``sft.steps``) applied. Only ``steps`` may change (upwards:
     it extends the run); any other difference is a ``ValueError`` naming it, because it would
     change what the replayed steps mean."""
-    cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    try:
+        cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"--resume: {out / 'config.json'} cannot be read ({e}); start a new run") from None
+    cfg.check()  # a saved config edited by hand is held to the same rules
     saved = {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "sft_steps": cfg.sft.steps}
     changed = {k: v for k, v in (overrides or {}).items() if saved[k] != v}
     fixed = sorted(k for k in changed if k != "steps")
@@ -315,22 +354,44 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     that ``overrides={"steps": 80}`` extends a finished 40-step run; an override that differs
     from any other saved setting is a ``ValueError``.
     """
-    from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # checkpoint writes would interleave with our bar
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if resume and (out / "config.json").exists():
+    if resume and not (out / "config.json").exists():
+        raise ValueError(f"--resume: {out / 'config.json'} does not exist, so there is no run to resume "
+                         "(drop --resume to start one)")
+    if not resume:
+        cfg.check()  # before the folder is created or anything in it changes
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: {e.strerror or e}") from None
+    with _RunLock(out):
+        return _train_locked(cfg, out, resume, progress, max_steps_this_run, overrides)
+
+
+def _train_locked(cfg, out: Path, resume: bool, progress: bool, max_steps_this_run, overrides) -> dict:
+    from tqdm.auto import tqdm
+
+    (out / "summary.json").unlink(missing_ok=True)  # rewritten when the run finishes
+    if resume:
         cfg = _resumed_config(out, overrides)
     else:
-        cfg.check()  # bad settings fail here, before config.json or checkpoints change
-        task_of(cfg)
+        task_of(cfg)  # bad task settings fail here, before config.json or checkpoints change
         # A fresh run never resumes another run's weights later: drop old checkpoints.
         for old in [*out.glob("ckpt-*"), *out.glob(".tmp-*")]:
             shutil.rmtree(old, ignore_errors=True)
         (out / "LATEST").unlink(missing_ok=True)
         write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
+    # What a resume continues from, checked before the warm-up: a damaged checkpoint or log
+    # fails in seconds, naming the file.
+    saved = load_checkpoint(out) if resume else None
+    start = saved[2] if saved is not None else 0
+    rows = [r for r in (read_metrics(out) if resume else []) if r["step"] < start]  # later steps are replayed
+    if [r["step"] for r in rows] != list(range(start)):
+        raise ValueError(f"--resume: {out / 'metrics.jsonl'} does not hold steps 0..{start - 1} of the "
+                         f"checkpoint's run (it was changed or lost); start a new run")
     torch.manual_seed(cfg.seed)
     task = task_of(cfg)
     if cfg.init:
@@ -346,10 +407,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         import copy
 
         ref_model = copy.deepcopy(base).eval().requires_grad_(False)
-    model, start, trainer_state = base, 0, None
-    saved = load_checkpoint(out) if resume else None
+    model, trainer_state = base, None
     if saved is not None:
-        model, trainer_state, start = saved
+        model, trainer_state, _ = saved
     value_head = learner.ValueHead(model.config.hidden_size) if cfg.algo == "ppo" else None
     params = list(model.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -357,8 +417,6 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         opt.load_state_dict(trainer_state["opt"])
         if value_head is not None:
             value_head.load_state_dict(trainer_state["value_head"])
-    rows = read_metrics(out) if resume else []
-    rows = [r for r in rows if r["step"] < start]  # steps after the checkpoint are replayed
     write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     sampler = make_sampler(cfg, model, cfg.method == "dense")
     end = cfg.steps if max_steps_this_run is None else min(cfg.steps, start + max_steps_this_run)

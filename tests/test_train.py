@@ -57,6 +57,38 @@ def test_resume_with_more_steps_extends_a_finished_run(tmp_path):
     assert _strip(read_metrics(tmp_path / "short")) == _strip(read_metrics(tmp_path / "long"))
 
 
+def test_a_run_folder_is_never_trusted_blindly(tmp_path, capsys):
+    """Each case used to go through silently (or with a traceback after the warm-up)."""
+    from shadowkv.cli import main
+    from shadowkv.train import _RunLock
+
+    with pytest.raises(SystemExit) as e:  # nothing to resume: not a fresh run that wipes the folder
+        main(["train", "--out", str(tmp_path / "none"), "--resume", "--quiet"])
+    assert e.value.code == 2 and "does not exist, so there is no run to resume" in capsys.readouterr().err
+
+    run = tmp_path / "run"
+    train(_cfg("smd", steps=3), run, progress=False, max_steps_this_run=2)  # stopped after step 1
+    assert not (run / "summary.json").exists()
+    (run / "summary.json").write_text('{"stale": true}')  # a finished earlier run's summary
+    train(_cfg("smd", steps=3, seed=1), run, progress=False, max_steps_this_run=2)  # new settings, stopped again
+    assert not (run / "summary.json").exists()  # compare would have reused the stale one
+
+    with _RunLock(run), pytest.raises(ValueError, match="in use by another shadowkv run"):
+        train(_cfg("smd"), run, resume=True, progress=False)
+
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(rows[1:]) + "\n")  # step 0 lost
+    with pytest.raises(ValueError, match=r"does not hold steps 0\.\.1"):
+        train(_cfg("smd"), run, resume=True, progress=False)
+    (run / "LATEST").write_text("ckpt-99")
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        train(_cfg("smd"), run, resume=True, progress=False)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "temperature": 0.0}))
+    with pytest.raises(ValueError, match="temperature"):
+        train(_cfg("smd"), run, resume=True, progress=False)
+
+
 def test_resume_refuses_settings_that_change_the_run(tmp_path, capsys):
     from shadowkv.cli import main
 
@@ -94,7 +126,9 @@ def test_bad_value_len_is_a_clear_error(tmp_path, capsys):
     (["--lr", "-1"], "lr (--lr) must be > 0"),
     (["--gamma", "2"], "gamma (--gamma) must be in [0, 1]"),
     (["--is-reject-low", "2"], "is_reject_high (--is-reject-high) must be >= is_reject_low"),
-    (["--sft-steps", "-1"], "sft_steps (--sft-steps) must be an int >= 0"),
+    (["--sft-steps", "0"], "sft_steps (--sft-steps) must be an int >= 1"),
+    (["--prompt-len", "0"], "prompt_len (--prompt-len) must be an int in [8, 4032]"),
+    (["--init", "/nonexistent/model"], "init (--init) must be a local model folder"),
     (["--eval-prompts", "0"], "eval_prompts (--eval-prompts) must be an int >= 1"),
 ])
 def test_bad_settings_fail_before_the_warm_up(tmp_path, capsys, flags, message):
