@@ -67,3 +67,16 @@ def test_shadowkv_bench_runs_the_packaged_benchmark():
 
 def test_gpu_session_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_session.sh")], check=True)
+
+
+@pytest.mark.parametrize("name, args", [
+    ("attention", ["--sets", "0"]), ("decode", ["--page-size", "0"]), ("decode", ["-B", "0"]),
+    ("evict", ["--every", "0"]), ("rollout", ["--head-dim", "0"]), ("rollout", ["--device", "tpu"]),
+])
+def test_bad_benchmark_arguments_are_usage_errors(name, args, capsys):
+    """Each was a traceback from deep inside the run (a division by zero, an empty median)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"shadowkv.benchmarks.{name}").main(args)
+    assert e.value.code == 2 and "argument" in capsys.readouterr().err

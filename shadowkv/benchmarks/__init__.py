@@ -9,3 +9,17 @@ baselines measured in the same run; ``--help`` says what and how.
 """
 
 BENCHMARKS = ("attention", "decode", "evict", "rollout")
+
+
+def at_least(low: int):
+    """An argparse type: an int >= ``low`` (a usage error, not a traceback deep in the run)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text}")
+        return value
+
+    parse.__name__ = f"int >= {low}"  # argparse names the type in its message
+    return parse

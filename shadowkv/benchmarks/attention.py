@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from shadowkv import _C, ops
 from shadowkv.reference import INT32_MAX, shadow_visible, streaming_evicted_at
+from . import at_least
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -56,21 +57,21 @@ DEFAULTS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-L", "--seq-len", type=int, help="keys = queries (CPU 4096, CUDA 8192)")
-    p.add_argument("-D", "--head-dim", type=int, help="CPU 64, CUDA 128")
-    p.add_argument("--q-heads", type=int, help="CPU 8, CUDA 16")
-    p.add_argument("--kv-heads", type=int, help="CPU 2, CUDA 8")
-    p.add_argument("-B", "--batch", type=int, help="CPU 1, CUDA 2")
+    p.add_argument("-L", "--seq-len", type=at_least(1), help="keys = queries (CPU 4096, CUDA 8192)")
+    p.add_argument("-D", "--head-dim", type=at_least(1), help="CPU 64, CUDA 128")
+    p.add_argument("--q-heads", type=at_least(1), help="CPU 8, CUDA 16")
+    p.add_argument("--kv-heads", type=at_least(1), help="CPU 2, CUDA 8")
+    p.add_argument("-B", "--batch", type=at_least(1), help="CPU 1, CUDA 2")
     p.add_argument("--budget", type=float, default=0.25,
                    help="kept keys: a fraction of L if <= 1, else a token count (default 0.25)")
-    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--sinks", type=at_least(0), default=4)
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="auto: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CPU, then CUDA if available")
-    p.add_argument("--repeats", type=int, help="timed runs; the median is reported (CPU 5, CUDA 20)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--sets", type=int, help="input sets the timed calls rotate over (CPU 1, CUDA 3)")
+    p.add_argument("--repeats", type=at_least(1), help="timed runs; the median is reported (CPU 5, CUDA 20)")
+    p.add_argument("--warmup", type=at_least(0), default=1)
+    p.add_argument("--sets", type=at_least(1), help="input sets the timed calls rotate over (CPU 1, CUDA 3)")
     p.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baselines")
     p.add_argument("--no-flex", action="store_true", help="skip the FlexAttention baseline")
     return p.parse_args(argv)
@@ -246,6 +247,8 @@ def run_device(device: torch.device, args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
     devices = [args.device] if args.device != "auto" else (
         ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     for name in devices:

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from shadowkv import ops
+from . import at_least
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Max abs difference allowed between the paged op and SDPA (both accumulate in float32; the
@@ -70,14 +71,14 @@ def add_shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CUDA if available, else CPU (default: auto)")
     p.add_argument("--dtype", choices=list(DTYPES), help=f"K/V and query dtype ({d('dtype')})")
-    p.add_argument("-B", "--batch", type=int, help=f"sequences ({d('batch')})")
-    p.add_argument("--ctx", type=int, help=f"cached tokens per sequence ({d('ctx')})")
-    p.add_argument("--heads", type=int, help=f"query heads ({d('heads')})")
-    p.add_argument("--kv-heads", type=int, help=f"KV heads ({d('kv_heads')})")
-    p.add_argument("--head-dim", type=int, help=f"head dimension ({d('head_dim')})")
-    p.add_argument("--page-size", type=int, default=16, help="tokens per page (default: 16)")
-    p.add_argument("--reps", type=int, help=f"timed calls, the median is reported ({d('reps')})")
-    p.add_argument("--warmup", type=int, help=f"untimed calls first ({d('warmup')})")
+    p.add_argument("-B", "--batch", type=at_least(1), help=f"sequences ({d('batch')})")
+    p.add_argument("--ctx", type=at_least(1), help=f"cached tokens per sequence ({d('ctx')})")
+    p.add_argument("--heads", type=at_least(1), help=f"query heads ({d('heads')})")
+    p.add_argument("--kv-heads", type=at_least(1), help=f"KV heads ({d('kv_heads')})")
+    p.add_argument("--head-dim", type=at_least(1), help=f"head dimension ({d('head_dim')})")
+    p.add_argument("--page-size", type=at_least(1), default=16, help="tokens per page (default: 16)")
+    p.add_argument("--reps", type=at_least(1), help=f"timed calls, the median is reported ({d('reps')})")
+    p.add_argument("--warmup", type=at_least(0), help=f"untimed calls first ({d('warmup')})")
 
 
 def resolve_args(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                                 epilog=__doc__.split("\n\n", 1)[1])
     add_shape_args(p)
     p.add_argument("--scores", action="store_true", help="also time with the per-key scores_out written")
-    p.add_argument("--sets", type=int,
+    p.add_argument("--sets", type=at_least(1),
                    help="distinct caches and queries the calls rotate over (default: 2 on CPU; on CUDA "
                         "enough that their K/V exceed 3x the L2 cache, at least 2)")
     args = p.parse_args(argv)

@@ -43,6 +43,7 @@ import torch
 from .decode import add_shape_args, header, markdown_table, median_ms, random_pages, resolve_args
 from shadowkv import ops
 from shadowkv.reference import PagedState, streaming_keep
+from . import at_least
 
 
 def full_cache(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
@@ -79,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
                                 epilog=__doc__.split("\n\n", 1)[1])
     add_shape_args(p)
     p.add_argument("--keep", type=float, default=0.25, help="fraction of the tokens kept (default: 0.25)")
-    p.add_argument("--sinks", type=int, default=4, help="leading tokens the streaming mask keeps (default: 4)")
-    p.add_argument("--every", type=int, default=128,
+    p.add_argument("--sinks", type=at_least(0), default=4, help="leading tokens the streaming mask keeps (default: 4)")
+    p.add_argument("--every", type=at_least(1), default=128,
                    help="decode steps per eviction for the amortized column (default: 128)")
     args = p.parse_args(argv)
     device, dtype = resolve_args(args)

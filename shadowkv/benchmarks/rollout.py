@@ -24,22 +24,25 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from shadowkv import Sampler
 from shadowkv.policies import H2O, FullCache, RandomEvict, SnapKV, StreamingLLM
+from . import at_least
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-B", "--batch", type=int, default=4)
-    p.add_argument("--prompt", type=int, default=32)
-    p.add_argument("--new", type=int, default=512)
+    p.add_argument("-B", "--batch", type=at_least(1), default=4)
+    p.add_argument("--prompt", type=at_least(1), default=32)
+    p.add_argument("--new", type=at_least(1), default=512)
     p.add_argument("--budget", type=float, default=0.25)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--head-dim", type=at_least(1), default=64)
+    p.add_argument("--layers", type=at_least(1), default=2)
+    p.add_argument("--page-size", type=at_least(1), default=16)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--max-fit-batch", type=int, default=None,
+    p.add_argument("--max-fit-batch", type=at_least(0), default=None,
                    help="largest batch tried in the equal-memory table (default 8 x -B; 0 skips the table)")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
     max_fit = 8 * args.batch if args.max_fit_batch is None else args.max_fit_batch
 
     torch.manual_seed(0)
