@@ -8,6 +8,7 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
+from .learner import METHODS
 from .train import TrainConfig, plot_curves, read_metrics, train
 
 
@@ -23,6 +24,10 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
     """Trains every method for every seed under ``out/<method>-s<seed>`` (finished runs with
     the same settings are reused, interrupted ones resumed), writes ``compare.json`` and ``compare.png``, returns the table as text."""
     out = Path(out)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or len(set(methods)) != len(methods) or not methods:
+        raise ValueError(f"methods (--methods) must be distinct names from {', '.join(METHODS)}, got "
+                         f"{','.join(methods)!r}")
     for method in methods:  # every run's settings are good before the first one trains
         cfg = copy.deepcopy(base)
         cfg.method = method

@@ -377,6 +377,10 @@ def _train_locked(cfg, out: Path, resume: bool, progress: bool, max_steps_this_r
     (out / "summary.json").unlink(missing_ok=True)  # rewritten when the run finishes
     if resume:
         cfg = _resumed_config(out, overrides)
+        # What a kill can leave beside the checkpoint LATEST names (each a full model copy).
+        latest = (out / "LATEST").read_text().strip() if (out / "LATEST").exists() else None
+        for old in [*out.glob(".tmp-*"), *(p for p in out.glob("ckpt-*") if p.name != latest)]:
+            shutil.rmtree(old, ignore_errors=True)
     else:
         task_of(cfg)  # bad task settings fail here, before config.json or checkpoints change
         # A fresh run never resumes another run's weights later: drop old checkpoints.

@@ -73,12 +73,16 @@ def test_a_run_folder_is_never_trusted_blindly(tmp_path, capsys):
     train(_cfg("smd", steps=3, seed=1), run, progress=False, max_steps_this_run=2)  # new settings, stopped again
     assert not (run / "summary.json").exists()  # compare would have reused the stale one
 
+    (run / ".tmp-9").mkdir()  # a checkpoint write a kill interrupted, and an older checkpoint
+    (run / "ckpt-0").mkdir()
     with _RunLock(run), pytest.raises(ValueError, match="in use by another shadowkv run"):
         train(_cfg("smd"), run, resume=True, progress=False)
 
+    train(_cfg("smd", steps=3, seed=1), run, resume=True, progress=False)  # finishes; cleans up leftovers
+    assert not (run / ".tmp-9").exists() and not (run / "ckpt-0").exists()
     rows = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join(rows[1:]) + "\n")  # step 0 lost
-    with pytest.raises(ValueError, match=r"does not hold steps 0\.\.1"):
+    with pytest.raises(ValueError, match=r"does not hold steps 0\.\.2"):
         train(_cfg("smd"), run, resume=True, progress=False)
     (run / "LATEST").write_text("ckpt-99")
     with pytest.raises(ValueError, match="cannot be loaded"):
@@ -142,6 +146,15 @@ def test_bad_settings_fail_before_the_warm_up(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as e:
         main(["compare", "--out", str(tmp_path / "cmp"), *flags, "--quiet"])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("methods", ["smd,smd", "smd,bogus", ""])
+def test_compare_methods_must_be_distinct_known_names(tmp_path, capsys, methods):
+    from shadowkv.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--out", str(tmp_path), "--methods", methods, "--quiet"])
+    assert e.value.code == 2 and "methods (--methods) must be distinct names" in capsys.readouterr().err
 
 
 def test_demo_checks_its_arguments_and_accepts_a_whole_budget(capsys):
