@@ -154,9 +154,12 @@ class PagedKVCache:
                              f"[0, {self.max_batch}), got {rows}")
         return ints
 
+    def _row(self, b) -> int:
+        return self._rows("b", [b], distinct=False)[0]
+
     def seq_len(self, layer: int, b: int) -> int:
         """Slots in use by sequence ``b`` in ``layer`` (from the host mirror: no device read)."""
-        return self._layer(layer).lens[self._rows("b", [b], distinct=False)[0]]
+        return self._layer(layer).lens[self._row(b)]
 
     def verify(self) -> None:
         """Raises RuntimeError if the device's lengths or block tables differ from the
@@ -238,7 +241,7 @@ class PagedKVCache:
 
     def release(self, b: int) -> None:
         """Returns every page of sequence ``b`` to the pools."""
-        self._rows("b", [b], distinct=False)
+        self._row(b)
         for lc in self.layers:
             lc.free.extend(lc.pages[b])
             lc.pages[b] = []
@@ -329,7 +332,7 @@ class PagedKVCache:
     def gather(self, layer: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The live slots of sequence ``b`` in slot order: k, v ``[Hkv, n, D]``, pos ``[Hkv, n]``."""
         lc = self._layer(layer)
-        n = lc.lens[self._rows("b", [b], distinct=False)[0]]
+        n = lc.lens[self._row(b)]
         pages = lc.block_tables[b, : math.ceil(n / self.page_size)].long()
         flat = lambda t: t[pages].flatten(0, 1)[:n].transpose(0, 1)  # noqa: E731
         return flat(lc.k_pages), flat(lc.v_pages), flat(lc.pos_pages)

@@ -217,8 +217,9 @@ struct BwdContext {
       const int64_t hk = bh % p.num_kv_heads, b = bh / p.num_kv_heads;
       const int64_t j0 = t * BC, cols = std::min(BC, p.kv_len - j0);
       const int32_t* ev = p.evicted_at + b * p.ev_stride[0] + hk * p.ev_stride[1];
-      load_rows(p.k, p.k_stride, b, hk, j0, cols, D, nullptr, kt.data(), BC, keys_seen_by_any_query(ev));
-      load_rows(p.v, p.v_stride, b, hk, j0, cols, D, nullptr, vt.data(), BC, keys_seen_by_any_query(ev));
+      const RowFilter seen = keys_seen_by_any_query(ev);
+      load_rows(p.k, p.k_stride, b, hk, j0, cols, D, nullptr, kt.data(), BC, seen);
+      load_rows(p.v, p.v_stride, b, hk, j0, cols, D, nullptr, vt.data(), BC, seen);
       std::fill(dk.begin(), dk.end(), acc_t(0));
       std::fill(dv.begin(), dv.end(), acc_t(0));
       for (int64_t hq = hk * group; hq < (hk + 1) * group; ++hq) {
