@@ -4,7 +4,8 @@
 # GPU sessions are rare and short (15 minutes of device time), so the whole sequence is
 # written down here once instead of being improvised in a session:
 #
-#   bash bench/gpu_session.sh cutlass    # HERE, not on the GPU: CUTLASS headers -> .cutlass/
+#   bash bench/gpu_session.sh cutlass    # HERE, not on the GPU: CUTLASS headers -> .cutlass/,
+#                                        # wheels the GPU image lacks -> .whl/
 #   bash bench/gpu_session.sh build      # nvidia-smi, CUDA build for this GPU's arch, info
 #   bash bench/gpu_session.sh test       # the GPU tests + the sampler replay invariant
 #   bash bench/gpu_session.sh memcheck   # compute-sanitizer memcheck, the tests' small cases
@@ -13,7 +14,7 @@
 #   bash bench/gpu_session.sh first      # all of it that fits ONE device call (see below)
 #
 # A session that draws a GPU gets 15 minutes of device time in all, start-up included, so its
-# first call should be `first` (timeout_s 600, carry .cutlass): the build, then each test
+# first call should be `first` (timeout_s 600, carry .cutlass and .whl): the build, then each test
 # group and benchmark under its own time limit, so that a slow or hanging part costs its
 # slice, not the session; everything lands in one log. The separate stages are for sessions
 # with time to spare.
@@ -22,7 +23,7 @@
 # commands while it stays warm. Its image has torch, pybind11, cmake, ninja, pytest,
 # hypothesis and transformers; the build uses them (--no-deps: nothing can be downloaded).
 # The GPU image has no nvidia-cutlass: run the `cutlass` stage on the dev machine first and pass
-# `.cutlass` in the device tool's `carry` list, so the build compiles the CuTe kernel.
+# `.cutlass` (and `.whl`) in the device tool's `carry` list, so the build compiles the CuTe kernel.
 # Copy the tables into bench/RESULTS.md with the device, date and commands.
 set -uo pipefail
 stage=${1:?usage: gpu_session.sh cutlass|build|test|memcheck|racecheck|bench|first}
@@ -46,9 +47,16 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
       src=$($py -c "import cutlass_library, pathlib; print(pathlib.Path(cutlass_library.__file__).parent / 'source' / 'include')")
       rm -rf .cutlass && mkdir -p .cutlass && run cp -r "$src" .cutlass/include
       run du -sh .cutlass
+      # Pure-Python wheels the GPU image lacks or may have too old (see the first stage).
+      rm -rf .whl && run $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        -d .whl expecttest "setuptools>=77,<82"
       ;;
     build)
       run nvidia-smi
+      # CMake looks for nvcc on PATH; images often keep it only under CUDA_HOME.
+      command -v nvcc >/dev/null || export PATH="${CUDA_HOME:-/usr/local/cuda}/bin:$PATH"
+      run nvcc --version
+      $py -c "import torch, setuptools; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'setuptools', setuptools.__version__)"
       # Only the running GPU's arch: a full "9.0a;8.0" build doubles the compile time.
       arch=$($py -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))")
       export SHADOWKV_CUDA=ON SHADOWKV_CUDA_ARCHS="$arch" MAX_JOBS="${MAX_JOBS:-16}"
@@ -81,20 +89,53 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
       done
       ;;
     first)
-      bash "$0" build || failed=1
+      # One device call: wheels the image lacks, the build, then each part in priority order
+      # under its own time limit, all of it ending by FIRST_BUDGET seconds (default 570 of a
+      # 600 s call; a smaller budget leaves device time for a second call after a fix). A part
+      # that no longer fits is skipped and named, so the log says what is left to run.
+      deadline=$((SECONDS + ${FIRST_BUDGET:-570}))
+      part() {
+        local t=$1; shift
+        local left=$((deadline - SECONDS))
+        if [ "$left" -lt 15 ]; then echo "+ SKIPPED (out of time): $*"; failed=1; return; fi
+        [ "$t" -le "$left" ] || t=$left
+        local t0=$SECONDS
+        run timeout -k 5 "$t" "$@"
+        echo "  ($((SECONDS - t0)) s of $t)"
+      }
+      # The image has no expecttest (torch.library.opcheck needs it); an old setuptools cannot
+      # read pyproject's SPDX license string. Both travel as wheels in .whl (the cutlass stage).
+      if [ -d .whl ]; then
+        wanted=".whl/expecttest-*.whl"
+        $py -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" \
+          || wanted="$wanted .whl/setuptools-*.whl"
+        # shellcheck disable=SC2086
+        run $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $wanted
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+      fi
+      part 300 bash "$0" build
       tests="tests/test_shadow_attention_cuda.py tests/test_paged_kv_cuda.py tests/test_cache.py tests/test_sampler_cuda.py"
-      # Slices (s) sum to 400 after a build of about 3 minutes: under the 600 s of one call.
-      part() { local t=$1; shift; run timeout "$t" "$@"; }
-      # Established kernels first, then each family no GPU has run yet in its own process.
-      part 120 $py -m pytest -q -x -rs $tests -k "not (cute or wgmma or unchecked)"
-      part 50 $py -m pytest -q -x tests/test_shadow_attention_cuda.py -k cute
-      part 35 $py -m pytest -q -x tests/test_shadow_attention_cuda.py -k wgmma
-      part 35 $py -m pytest -q -x tests/test_paged_kv_cuda.py tests/test_cache.py -k unchecked
-      part 50 $py -m shadowkv bench attention --device cuda
-      part 35 $py -m shadowkv bench decode --device cuda --scores
-      part 30 $py -m shadowkv bench evict --device cuda
-      part 45 $py -m shadowkv bench rollout --device cuda --dtype bfloat16 -B 64 --prompt 512 --new 512 \
-        --head-dim 128 --max-fit-batch 0
+      # Parallel workers when pytest-xdist is there: the float64 references run on the CPU.
+      xd() { $py -c "import xdist" 2>/dev/null && echo "-n $1"; }
+      opts="-q -rs -p no:cacheprovider --maxfail=25 --durations=8"
+      # Established kernels first, then each family no GPU has run yet in its own process: an
+      # illegal address poisons the CUDA context of the process that hit it.
+      # shellcheck disable=SC2086
+      {
+        part 150 $py -m pytest $opts $(xd 8) $tests -k "not (cute or wgmma or unchecked)"
+        part 70 $py -m pytest $opts $(xd 4) tests/test_shadow_attention_cuda.py -k cute
+        part 70 $py -m pytest $opts $(xd 4) tests/test_shadow_attention_cuda.py -k wgmma
+        part 60 $py -m pytest $opts $(xd 4) tests/test_paged_kv_cuda.py tests/test_cache.py -k unchecked
+        part 90 $py -m shadowkv bench attention --device cuda
+        part 45 $py -m shadowkv bench decode --device cuda --scores
+        part 60 $py -m shadowkv bench rollout --device cuda --dtype bfloat16 -B 64 --prompt 512 --new 512 \
+          --head-dim 128 --max-fit-batch 0
+        part 30 $py -m shadowkv bench evict --device cuda
+        part 60 $py -m pytest $opts -m slow tests/test_shadow_attention_cuda.py  # 32k context
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 part 120 "$sanitizer" --tool memcheck --error-exitcode 3 \
+          --target-processes all $py -m pytest -q -x -p no:cacheprovider tests/test_paged_kv_cuda.py \
+          tests/test_shadow_attention_cuda.py -k "($cases) and not long_contexts"
+      }
       ;;
     bench)
       run $py bench/bench_shadow_attention.py --device cuda  # bf16, D=128, L=8k, 25% kept
