@@ -206,7 +206,7 @@ def test_unchecked_decode_step_of_append_and_decode_is_graph_capturable():
     assert torch.equal(graph_state.seq_lens.cpu(), state.seq_lens)
     for i, (q, k, v) in enumerate(steps):
         q, k, v = (dev(t.to(torch.bfloat16)) for t in (q, k, v))
-        pos = (eager_state.seq_lens[:, None]).to(torch.int32)
+        pos = eager_state.seq_lens[:, None].clone()  # int32 already: .to() would alias seq_lens
         q_in.copy_(q), k_in.copy_(k), v_in.copy_(v), pos_in.copy_(pos)
         graph.replay()
         want = step(eager_state, q, k, v, pos, True)

@@ -1,6 +1,17 @@
 """The replay invariant on the GPU in bfloat16 (DESIGN.md §1): the sampler decodes with the CUDA
-paged ops, the learner replays with the CUDA shadow_attention kernel, and the two agree to
-max |Δlogprob| <= 2e-2 while a dense replay is clearly off.
+paged ops, the learner replays with the CUDA shadow_attention kernel, and the two agree as
+closely as bfloat16 lets any sampler and learner agree, while a dense replay is nats off.
+
+"As closely as bfloat16 lets" is measured in the same test: a FullCache rollout (nothing
+evicted, so the shadow replay is the dense one) replayed the same way. Its error is pure bf16
+rounding of a one-token decode forward against a full-sequence forward (other GEMM shapes,
+other attention kernels), not masking. On an H200 (2026-11-26, bench/RESULTS.md) that floor
+was max |dlogp| 2.4-2.6e-2 (mean 5.3-5.8e-3) over 600 tokens, above DESIGN.md's 2e-2, while
+the shadow replays of evicting rollouts had mean 0.97-1.10x and max 0.92-1.28x the floor's.
+So the test bounds the shadow replay by the floor: mean within 1.5x (a diffuse error, e.g. a
+wrong mask on many keys, moves it), max within max(2e-2, 2x the floor's max) (a local error,
+one token scored against the wrong keys, is tenths of a nat). Every eviction logged one step
+late or early gives max |dlogp| ~1.1 nats and 45x the mean (bf16 on CPU, measured).
 
 Skipped without a CUDA device. ``SHADOWKV_SAMPLER_TEST_DEVICE=cpu`` dry-runs the same checks
 with the CPU kernels in bfloat16 (it checks the test, not the CUDA kernels).
@@ -15,7 +26,7 @@ import torch
 
 from shadowkv import Sampler
 from shadowkv.learner import token_logprobs
-from shadowkv.policies import H2O, SnapKV, StreamingLLM
+from shadowkv.policies import H2O, FullCache, SnapKV, StreamingLLM
 
 from .models import VOCAB, tiny_model
 
@@ -25,7 +36,9 @@ pytestmark = [
     pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-BF16_TOL = 2e-2  # DESIGN.md §1: bf16 GPU replay
+BF16_TOL = 2e-2  # DESIGN.md §1: bf16 GPU replay; the bound on the max is never tighter than this
+MEAN_RATIO = 1.5  # shadow replay mean |dlogp| <= this x the no-eviction floor's
+MAX_RATIO = 2.0  # shadow replay max |dlogp| <= this x the floor's (or BF16_TOL)
 DENSE_GAP = 5.0  # a dense replay must be at least this many times further off than the shadow one
 
 
@@ -41,18 +54,36 @@ def model(request, tmp_path_factory):
     return m.to(device=DEVICE, dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("policy", [StreamingLLM(sinks=4), H2O(), SnapKV(window=8)], ids=lambda p: type(p).__name__)
-def test_bf16_shadow_replay_matches_sampler(model, policy):
+def replay_errors(model, policy, budget):
+    """|sampler log-prob - replay log-prob| over the generated tokens: (shadow, dense), float32."""
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, VOCAB, (int(n),), generator=g) for n in (37, 64, 90)]
-    rollout = Sampler(model, policy, budget=0.25, page_size=16).generate(prompts, max_new_tokens=200, seed=0)
-    m = rollout.action_mask
+    rollout = Sampler(model, policy, budget=budget, page_size=16).generate(prompts, max_new_tokens=200, seed=0)
     assert rollout.tokens.device.type == torch.device(DEVICE).type
+    m = rollout.action_mask
+    errors = []
+    for mask in ("shadow", "dense"):
+        errors.append((token_logprobs(model, rollout, mask).float() - rollout.logprobs)[m].abs())
+    return rollout, errors[0], errors[1]
+
+
+@pytest.fixture(scope="module")
+def floor(model):
+    """The no-eviction floor: a FullCache rollout replayed (shadow = dense there)."""
+    rollout, shadow, dense = replay_errors(model, FullCache(), None)
+    assert (rollout.evicted_at == 2**31 - 1).all()
+    assert torch.equal(shadow, dense)
+    print(f"{DEVICE} bf16 floor: max|dlogp|={shadow.max().item():.2e}, mean={shadow.mean().item():.2e}")
+    return shadow
+
+
+@pytest.mark.parametrize("policy", [StreamingLLM(sinks=4), H2O(), SnapKV(window=8)], ids=lambda p: type(p).__name__)
+def test_bf16_shadow_replay_matches_sampler(model, policy, floor):
+    rollout, shadow, dense = replay_errors(model, policy, 0.25)
     assert (rollout.evicted_at < 2**31 - 1).any(), "budget 0.25 must evict"
-    shadow = token_logprobs(model, rollout, "shadow")
-    dense = token_logprobs(model, rollout, "dense")
-    d_shadow = (shadow.float() - rollout.logprobs)[m].abs().max().item()
-    d_dense = (dense.float() - rollout.logprobs)[m].abs().max().item()
-    print(f"{DEVICE} bf16 {policy!r}: shadow max|dlogp|={d_shadow:.2e}, dense max|dlogp|={d_dense:.2e}")
-    assert d_shadow <= BF16_TOL
+    d_shadow, d_dense = shadow.max().item(), dense.max().item()
+    print(f"{DEVICE} bf16 {policy!r}: shadow max|dlogp|={d_shadow:.2e} mean={shadow.mean().item():.2e} "
+          f"(floor {floor.max().item():.2e} / {floor.mean().item():.2e}), dense max|dlogp|={d_dense:.2e}")
+    assert shadow.mean().item() <= MEAN_RATIO * floor.mean().item()
+    assert d_shadow <= max(BF16_TOL, MAX_RATIO * floor.max().item())
     assert d_dense >= DENSE_GAP * max(d_shadow, BF16_TOL / 10)
