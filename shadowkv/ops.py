@@ -25,12 +25,12 @@ ATTENTION_KERNELS = ("auto", "cute", "wgmma", "wmma", "simt")
 def attention_kernel(name: str) -> Iterator[None]:
     """Selects the CUDA kernel family of ``shadow_attention`` (forward and backward) in the block.
 
-    ``"auto"`` (the default: WMMA tensor-core kernels where they apply, else SIMT), ``"cute"``
+    ``"auto"`` (the default: ``"wgmma"`` in builds with the CuTe kernels, else ``"wmma"``), ``"cute"``
     (the CuTe kernels where they apply: bfloat16/float16, head dim 64/128, 16-byte aligned rows;
     else SIMT; a ValueError at the first call in a build without them, see
     ``_C.built_with_cute()``), ``"wgmma"`` (forward and backward on Hopper warpgroup MMAs on an
-    sm_90 GPU with a build for 9.0a, else as ``"cute"``), ``"wmma"``,
-    ``"simt"``. It sets the environment variable
+    sm_90 GPU with a build for 9.0a, else as ``"cute"``), ``"wmma"`` (WMMA tensor-core kernels
+    where they apply, else SIMT), ``"simt"``. It sets the environment variable
     SHADOWKV_ATTENTION_KERNEL, which the CUDA ops read at every call, so it applies to the whole
     process while the block runs, including backward passes run inside it. CPU ops ignore it.
     """

@@ -11,10 +11,10 @@ the reference, ``tol * max(1, max|ref|)``:
 - lse (float32, from fp32-accumulated scores of the rounded inputs): 1e-3 for both 16-bit types.
 
 The cases cover every kernel family: bfloat16/float16 with D in {64, 128} and 16-byte aligned
-rows run on tensor cores (WMMA by default, the CuTe kernels under
-SHADOWKV_ATTENTION_KERNEL=cute and the sm_90a wgmma ones under =wgmma: the ``cute`` and
-``wgmma`` tests); every other D, float32 and unaligned rows
-run the SIMT kernels.
+rows run on tensor cores (by default the sm_90a wgmma kernels on an H100/H200 and the CuTe
+mma.sync ones elsewhere, in builds with the CUTLASS headers, else WMMA; each family is also
+run by name: the ``wmma``, ``cute`` and ``wgmma`` tests); every other D, float32 and unaligned
+rows run the SIMT kernels.
 """
 
 from __future__ import annotations
@@ -215,10 +215,11 @@ def test_out_only_gradients(dtype):
         assert_near(name, g, r, tol.grad)
 
 
-# The default kernels, and the CuTe ones where built (edge cases of every family; "wgmma" is
-# the sm_90a forward on an H100/H200, "cute" elsewhere).
+# Every family by name where built (edge cases of each; "wgmma" is the sm_90a kernels on an
+# H100/H200, "cute" elsewhere), or the default when the CuTe kernels are not built ("auto" is
+# then "wmma").
 KERNEL_ENV = ops.ATTENTION_KERNEL_ENV
-KERNELS = ["auto"] + (["cute", "wgmma"] if _C.built_with_cute() else [])
+KERNELS = ["wmma", "cute", "wgmma"] if _C.built_with_cute() else ["auto"]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -438,8 +439,9 @@ def check_long_context_32k_bf16():
 
 
 # --------------------------------------------------------------------------------------------
-# The CuTe kernels (opt-in through SHADOWKV_ATTENTION_KERNEL=cute until they have passed these
-# tests on a GPU; see csrc/cuda/shadow_attention_kernels.h), forward and backward.
+# Each tensor-core family by name, forward and backward (test_matches_reference runs the default
+# one; see csrc/cuda/shadow_attention_kernels.h): WMMA when the CuTe kernels are built (else it
+# is the default), the CuTe mma.sync kernels, and the sm_90a wgmma ones.
 
 needs_cute = pytest.mark.skipif(not _C.built_with_cute(), reason="built without the CuTe kernel (no CUTLASS headers)")
 CUTE_CASES = [name for name, case in CASES.items() if case.head_dim in (64, 128)]
@@ -450,28 +452,30 @@ CUTE_CASES = [name for name, case in CASES.items() if case.head_dim in (64, 128)
 # which the cute cases cover.
 needs_wgmma = pytest.mark.skipif(not _C.wgmma_runs_here(),
                                  reason="the wgmma kernels need an sm_90 GPU and a build with 9.0a and CuTe")
-OPT_IN = [pytest.param("cute", marks=needs_cute), pytest.param("wgmma", marks=needs_wgmma)]
+needs_wmma_by_name = pytest.mark.skipif(not _C.built_with_cute(), reason="WMMA is the default in this build")
+FAMILIES = [pytest.param("wmma", marks=needs_wmma_by_name), pytest.param("cute", marks=needs_cute),
+            pytest.param("wgmma", marks=needs_wgmma)]
 
 
-@pytest.mark.parametrize("family", OPT_IN)
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 @pytest.mark.parametrize("name", CUTE_CASES)
-def test_opt_in_matches_reference(name, dtype, family, monkeypatch):
+def test_family_matches_reference(name, dtype, family, monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, family)
     check_case(CASES[name], dtype)
 
 
-@pytest.mark.parametrize("family", OPT_IN)
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("layout", ["bshd", "row_slice", "unaligned", "dim_strided"])
-def test_opt_in_layouts(layout, family, monkeypatch):
-    """Aligned layouts run the opt-in kernel, the others fall back to SIMT: both must be right."""
+def test_family_layouts(layout, family, monkeypatch):
+    """Aligned layouts run the named family, the others fall back to SIMT: both must be right."""
     monkeypatch.setenv(KERNEL_ENV, family)
     check_layout(layout, torch.bfloat16)
 
 
-@pytest.mark.parametrize("family", OPT_IN)
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.slow
-def test_opt_in_long_context_32k_bf16(family, monkeypatch):
+def test_family_long_context_32k_bf16(family, monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, family)
     check_long_context_32k_bf16()
 

@@ -342,7 +342,14 @@ namespace cuda_attn {
 AttnKernel requested_kernel(const char* fn) {
   const char* env = std::getenv("SHADOWKV_ATTENTION_KERNEL");
   const std::string v = env == nullptr ? "" : env;
-  if (v.empty() || v == "auto" || v == "wmma") return AttnKernel::kWmma;
+  if (v.empty() || v == "auto") {
+#ifdef SHADOWKV_HAS_CUTE
+    return AttnKernel::kWgmma;  // the CuTe mma.sync kernels where no sm_90a code runs
+#else
+    return AttnKernel::kWmma;
+#endif
+  }
+  if (v == "wmma") return AttnKernel::kWmma;
   if (v == "simt") return AttnKernel::kSimt;
   if (v == "cute" || v == "wgmma") {
 #ifdef SHADOWKV_HAS_CUTE

@@ -3,6 +3,8 @@
 For one shape it times, forward and forward+backward:
 
 - ``shadowkv``: ``shadowkv.ops.shadow_attention`` with the eviction log (default kernels);
+- ``wmma``: the same op on the WMMA kernels (``SHADOWKV_ATTENTION_KERNEL=wmma``), CUDA builds
+  whose default is a CuTe family;
 - ``cute``: the same op on the CuTe kernels (``SHADOWKV_ATTENTION_KERNEL=cute``, forward and
   backward; CUDA builds with the CUTLASS headers only);
 - ``wgmma``: the sm_90a wgmma kernels (``SHADOWKV_ATTENTION_KERNEL=wgmma``, forward and
@@ -106,6 +108,7 @@ def make_impls(evicted_at: torch.Tensor, args, device: torch.device):
     seq_len, group = args.seq_len, args.q_heads // args.kv_heads
     impls: dict[str, Callable | str] = {"shadowkv": lambda q, k, v: ops.shadow_attention(q, k, v, evicted_at)}
     if device.type == "cuda" and _C.built_with_cute():
+        impls["wmma"] = impls["shadowkv"]  # timed under ops.attention_kernel("wmma")
         impls["cute"] = impls["shadowkv"]  # timed under ops.attention_kernel("cute")
     if device.type == "cuda" and _C.wgmma_runs_here():
         impls["wgmma"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma")
@@ -212,7 +215,7 @@ def run_device(device: torch.device, args) -> None:
                 if impl_name in timed_once:
                     fwd, fwd_bwd = timed_once[impl_name]
                 else:
-                    family = (ops.attention_kernel(impl_name) if impl_name in ("cute", "wgmma")
+                    family = (ops.attention_kernel(impl_name) if impl_name in ("wmma", "cute", "wgmma")
                               else contextlib.nullcontext())
                     with family:
                         fwd, fwd_bwd = time_impl(attn, args, device, dtype)
