@@ -72,6 +72,28 @@ def cpu_isa(name: str) -> Iterator[None]:
         yield
 
 
+DECODE_KERNEL_ENV = "SHADOWKV_DECODE_KERNEL"
+DECODE_KERNELS = ("auto", "warp", "pipelined")
+
+
+@contextlib.contextmanager
+def decode_kernel(name: str) -> Iterator[None]:
+    """Selects the CUDA kernel of ``paged_decode_attention``'s partitions in the block.
+
+    ``"auto"`` (the default) and ``"warp"``: warps load the K/V rows they use straight from the
+    pages; ``"pipelined"``: each block streams its partition's rows through shared memory with
+    asynchronous copies, several chunks in flight (bfloat16/float16, head dim 64/128, 16-byte
+    aligned page rows; elsewhere as ``"warp"``). The default stays ``"warp"`` until the
+    pipelined kernel has been tested and measured on a GPU (bench/RESULTS.md). Sets the
+    environment variable SHADOWKV_DECODE_KERNEL, which the CUDA op reads at every call, for the
+    whole process while the block runs. CPU ops ignore it.
+    """
+    if name not in DECODE_KERNELS:
+        raise ValueError(f"decode_kernel: `name` must be one of {', '.join(DECODE_KERNELS)}, got {name!r}")
+    with _scoped_env(DECODE_KERNEL_ENV, name):
+        yield
+
+
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 

@@ -11,6 +11,7 @@ Tolerances (max abs error; the reference sees the very same, already rounded, in
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -200,6 +201,22 @@ def test_unchecked_call_on_cpu_still_checks():
     tables[0, 0] = state.k_pages.shape[0]  # a page id past the pool
     with pytest.raises(ValueError, match="block_tables"):
         ops.paged_decode_attention(q, state.k_pages, state.v_pages, tables, state.seq_lens, check=False)
+
+
+def test_decode_kernel_choice_is_checked_and_scoped():
+    """``ops.decode_kernel`` names a CUDA kernel: unknown names are a ValueError, the choice is
+    undone after the block, and CPU calls ignore it."""
+    with pytest.raises(ValueError, match="decode_kernel: `name` must be one of auto, warp, pipelined"):
+        with ops.decode_kernel("fastest"):
+            pass
+    q, state, _ = Case([5, 9], 4, 2, 64, 4, torch.bfloat16, None, None, seed=3).inputs()
+    before = os.environ.get(ops.DECODE_KERNEL_ENV)
+    default = ops.paged_decode_attention(q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens)
+    with ops.decode_kernel("pipelined"):
+        assert os.environ[ops.DECODE_KERNEL_ENV] == "pipelined"
+        chosen = ops.paged_decode_attention(q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens)
+    assert os.environ.get(ops.DECODE_KERNEL_ENV) == before
+    torch.testing.assert_close(chosen, default, rtol=0, atol=0)
 
 
 def test_compiles():

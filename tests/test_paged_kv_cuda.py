@@ -297,6 +297,15 @@ def check_decode(q, state: PagedState, scale, scores, *, q_dev=None, tables=None
     return out
 
 
+@pytest.fixture(params=["auto", "pipelined"])
+def decode_kernel(request, monkeypatch):
+    """The decode tests run the default kernel and the pipelined one (SHADOWKV_DECODE_KERNEL;
+    it applies to bfloat16/float16 with head dim 64/128 and aligned rows, the rest runs the warp
+    kernel either way)."""
+    monkeypatch.setenv(ops.DECODE_KERNEL_ENV, request.param)
+    return request.param
+
+
 DECODE_CASES = {
     # lens, q_heads, kv_heads, head_dim, page_size, scale factor (None: 1/sqrt(D)), scores_extra
     "mha_d64_ps16": ([37, 0, 300], 4, 4, 64, 16, None, 3),
@@ -313,12 +322,16 @@ DECODE_CASES = {
     "partition_boundaries": ([128, 256, 511, 512, 513, 1024, 1025], 2, 1, 128, 16, None, 0),
     # A grid big enough for 512-slot partitions (the kernel halves them, down to 128, on small grids).
     "many_sequences": ([3000, 2900, 3100, 2500, 3333, 4000, 1, 0], 16, 8, 128, 16, None, 0),
+    # Pages that straddle the pipelined kernel's 32-slot chunks and partitions; groups of 3 and 8.
+    "gqa8_d128_ps3": ([250, 1000, 31], 16, 2, 128, 3, None, 1),
+    "gqa3_d64_ps5": ([77, 1, 545], 3, 1, 64, 5, None, 0),
 }
 
 
 @pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
 @pytest.mark.parametrize("dtype", DECODE_DTYPES)
 @pytest.mark.parametrize("name", list(DECODE_CASES))
+@pytest.mark.usefixtures("decode_kernel")
 def test_decode_matches_reference(name, dtype, check):
     lens, hq, hkv, d, ps, factor, extra = DECODE_CASES[name]
     scale = None if factor is None else factor / math.sqrt(d)
@@ -337,19 +350,23 @@ def check_decode_case(case, check=True):
     pytest.param([20000, 9000], 4, 2, 80, torch.bfloat16, True, id="20k_bf16_d80_generic_scores"),
 ])
 @pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
+@pytest.mark.usefixtures("decode_kernel")
 def test_decode_long_contexts_split_k(lens, q_heads, kv_heads, head_dim, dtype, with_scores, check):
     case = cpu_decode.Case(lens, q_heads, kv_heads, head_dim, 16, dtype, None, 0 if with_scores else None, seed=5)
     check_decode_case(case, check=check)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "pipelined"])
 @settings(max_examples=60)
 @given(case=cpu_decode.cases(dtypes=(torch.float32, torch.bfloat16, torch.float16)))
-def test_decode_random_cases(case):
-    check_decode_case(case)
+def test_decode_random_cases(case, kernel):
+    with ops.decode_kernel(kernel):  # (hypothesis runs the examples inside one fixture call)
+        check_decode_case(case)
 
 
 @pytest.mark.parametrize("layout", ["q_heads_last", "pages_dim_strided", "table_view", "unaligned_pages",
                                     "unaligned_q", "shared_pages"])
+@pytest.mark.usefixtures("decode_kernel")
 def test_decode_layouts(layout):
     case = cpu_decode.Case([200, 77], 8, 2, 128, 16, torch.bfloat16, None, 1, seed=21)
     q, state, scores = case.inputs()
@@ -386,12 +403,14 @@ def test_decode_matches_cpu_float32():
     torch.testing.assert_close(out_d, out_c, rtol=0, atol=2e-6)
 
 
-def test_decode_large_logits_are_stable():
-    """Logits of size ~1e3 over several partitions: no overflow, and the float32 error stays
-    that of the logits themselves (~1e-7 relative, so 2e-4 on the output here)."""
-    state = random_paged_state([600], 1, 64, 16, generator=torch.Generator().manual_seed(9))
-    q = 1e3 * torch.randn(1, 2, 64, generator=torch.Generator().manual_seed(10))
-    check_decode(q, state, None, torch.zeros(1, 1, 600), out_tol=2e-4)
+@pytest.mark.usefixtures("decode_kernel")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_decode_large_logits_are_stable(dtype, tol):
+    """Logits of size ~1e3 over several partitions: no overflow, and the error stays that of
+    the logits themselves (float32: ~1e-7 relative, so 2e-4 on the output here)."""
+    state = random_paged_state([600], 1, 64, 16, dtype=dtype, generator=torch.Generator().manual_seed(9))
+    q = (1e3 * torch.randn(1, 2, 64, generator=torch.Generator().manual_seed(10))).to(dtype)
+    check_decode(q, state, None, torch.zeros(1, 1, 600), out_tol=tol * max(1.0, state.v_pages.abs().max().item()))
 
 
 def test_decode_empty_batch_and_no_query_heads():
@@ -406,14 +425,16 @@ def test_decode_empty_batch_and_no_query_heads():
 
 
 @cuda_only
+@pytest.mark.usefixtures("decode_kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bad", ["page_id_past_pool", "negative_page_id", "late_page_of_a_long_sequence",
                                  "len_past_capacity", "negative_len", "len_int32_min", "len_past_scores"])
-def test_decode_unchecked_bad_values_give_nan(bad):
+def test_decode_unchecked_bad_values_give_nan(bad, dtype):
     """check=False: bad values cannot be refused before the launch, so the sequence that holds
     them gets NaN (out and scores) and nothing is read out of bounds (memcheck runs this); the
     other sequences are exact."""
     lens = [40, 2000, 50] if bad == "late_page_of_a_long_sequence" else [40, 33, 50]
-    case = cpu_decode.Case(lens, 4, 2, 64, 8, torch.float32, None, 0, seed=41)
+    case = cpu_decode.Case(lens, 4, 2, 64, 8, dtype, None, 0, seed=41)
     q, state, scores = case.inputs()
     d = dev_state(state)
     tables, lens = d.block_tables.clone(), d.seq_lens.clone()
@@ -439,14 +460,16 @@ def test_decode_unchecked_bad_values_give_nan(bad):
     assert out[1].isnan().all() and scores_d[1].isnan().all()
     out_ref, scores_ref = paged_decode_attention_ref(q, state.k_pages, state.v_pages, state.block_tables,
                                                      state.seq_lens, None, scores.shape[-1])
+    atol = 1e-5 if dtype == torch.float32 else OUT_TOL[dtype][0] * max(1.0, out_ref.abs().max().item())
     for b in (0, 2):
-        torch.testing.assert_close(out[b].double(), out_ref[b], rtol=0, atol=1e-5)
-        torch.testing.assert_close(scores_d[b].double(), scores_ref[b], rtol=0, atol=1e-5)
+        torch.testing.assert_close(out[b].double(), out_ref[b], rtol=0, atol=atol)
+        torch.testing.assert_close(scores_d[b].double(), scores_ref[b], rtol=0, atol=max(1e-5, SCORES_TOL))
     with pytest.raises(ValueError):  # the checked call refuses the same values
         ops.paged_decode_attention(dev(q), d.k_pages, d.v_pages, tables, lens, None, dev(scores))
 
 
 @cuda_only
+@pytest.mark.usefixtures("decode_kernel")
 def test_decode_unchecked_is_graph_capturable():
     """check=False makes no host copy or synchronisation: the call can be captured in a CUDA
     graph, and replays follow new queries and lengths written into the captured buffers."""
@@ -479,6 +502,15 @@ def test_decode_unchecked_is_graph_capturable():
         out_ref, _ = paged_decode_attention_ref(q2, state.k_pages, state.v_pages, state.block_tables, lens2)
         tol, _ = OUT_TOL[q.dtype]
         assert (out.cpu().double() - out_ref).abs().max().item() <= tol * max(1.0, out_ref.abs().max().item())
+
+
+@cuda_only
+def test_unknown_decode_kernel_is_an_error(monkeypatch):
+    monkeypatch.setenv(ops.DECODE_KERNEL_ENV, "fastest")
+    q, state, _ = cpu_decode.Case([5], 2, 1, 64, 4, torch.bfloat16, None, None, seed=3).inputs()
+    d = dev_state(state)
+    with pytest.raises(ValueError, match="SHADOWKV_DECODE_KERNEL must be one of auto, warp, pipelined"):
+        ops.paged_decode_attention(dev(q), d.k_pages, d.v_pages, d.block_tables, d.seq_lens)
 
 
 @cuda_only

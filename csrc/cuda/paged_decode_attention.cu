@@ -32,9 +32,11 @@
 // page rows are aligned to VEC elements. Every other D <= 256 runs the generic layout (VEC 1,
 // NCH 8, dims past D masked).
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
+#include "cp_async.cuh"
 #include "paged_kv_common.cuh"
 
 namespace shadowkv {
@@ -47,6 +49,7 @@ constexpr int kGroupTile = 8;  // query heads per block
 constexpr int kUnroll = 4;     // slots a warp loads before it uses them
 constexpr int kMaxHeadDim = 256;
 constexpr int kScoreThreads = 256;
+constexpr int kMaxPartSize = 512;  // slots per partition, at most (choose_part_size)
 
 struct DecodeLaunch {
   PagedDecodeParams p;
@@ -301,6 +304,264 @@ __global__ void __launch_bounds__(kThreads) decode_partition_kernel(const Decode
   }
 }
 
+// ------------------------------------------------------------------------------------------
+// The pipelined partition kernel: the blocks, the three steps and the outputs of
+// decode_partition_kernel, for 16-bit K/V with D = 64 or 128 and 16-byte aligned rows. What
+// differs is how rows arrive. The warp kernel above keeps 4 rows per warp in flight, each behind
+// a dependent block-table load (12% of copy bandwidth on an H200 at B=64, 8k context, D=128).
+// Here a block first stages its partition's page ids in shared memory, then streams K (step a)
+// and V (step c) through kStages shared-memory buffers of kChunk rows with 16-byte cp.async:
+// kStages - 1 chunks are in flight while one is used, and V's first chunks load during step b.
+//   step a: 8 threads share a slot (each holds 16-byte pieces p = sub, sub + 8, ... of the row,
+//           so the 8 threads of a shared-memory phase read one row's consecutive 128 bytes), 2
+//           slots per thread per chunk; the queries are read from shared memory in their own
+//           16-bit type (half the shared-memory traffic of fp32 copies, which would be most of
+//           this step's), a 3-step shuffle sums each dot product, the scale comes last;
+//   step c: as in the warp kernel (warps over slots, lanes over the head dim), from shared rows.
+
+namespace pipe {
+constexpr int kChunk = 32;  // slots per stage
+constexpr int kStages = 4;
+constexpr int kLanesPerSlot = 8;  // step a: threads per slot
+constexpr int kRowsPerPass = kThreads / kLanesPerSlot;  // step a: slots a block covers at once (16)
+constexpr int kSlotsPerThread = kChunk / kRowsPerPass;  // 2
+static_assert(kChunk % kRowsPerPass == 0 && kChunk % kWarps == 0, "chunk shape");
+}  // namespace pipe
+
+template <typename T, int D>
+struct PipeShape {
+  static constexpr int kElemsPer16B = 16 / static_cast<int>(sizeof(T));
+  // A staged row is padded by 16 bytes so that consecutive rows start in other banks.
+  static constexpr int kRow = D + kElemsPer16B;
+  static constexpr int kPieces = D / kElemsPer16B;                  // 16-byte pieces per row
+  static constexpr int kPiecesPerThread = kPieces / pipe::kLanesPerSlot;  // step a (2 or 1)
+  static constexpr int kVec = D / 32;                               // step c: dims per lane
+  static constexpr int kCopies = pipe::kChunk * kPieces / kThreads;  // cp.async per thread per chunk
+  static constexpr size_t kStageBytes = sizeof(T) * pipe::kStages * pipe::kChunk * kRow;
+  static_assert(sizeof(T) == 2 && (D == 64 || D == 128), "16-bit K/V, D = 64 or 128");
+  static_assert(kPieces % pipe::kLanesPerSlot == 0 && pipe::kChunk * kPieces % kThreads == 0, "row shape");
+  static_assert((sizeof(T) * kRow) % 16 == 0, "staged rows keep 16-byte alignment");
+  // The cross-warp sums of step c reuse the stage buffers.
+  static_assert(sizeof(float) * kWarps * kGroupTile * D <= kStageBytes, "reduction buffer fits");
+};
+
+// Dynamic shared memory of the pipelined kernel, in bytes: the stages, then the queries
+// [tile_heads][D] (T), the logits [tile_heads][part_size] (fp32), the page ids (int32).
+template <typename T, int D>
+size_t pipelined_smem_bytes(int tile_heads, int part_size) {
+  return PipeShape<T, D>::kStageBytes + sizeof(T) * static_cast<size_t>(tile_heads) * D +
+         sizeof(float) * static_cast<size_t>(tile_heads) * part_size + sizeof(int) * static_cast<size_t>(part_size + 1);
+}
+
+// 4 blocks per SM is what shared memory allows at D = 128 anyway; without the bound ptxas spilled
+// the float16 D = 128 instance at 80 registers.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 4) decode_partition_pipelined_kernel(const DecodeLaunch a) {
+  using S = PipeShape<T, D>;
+  using namespace pipe;
+  const PagedKVCache& c = a.p.cache;
+  const int64_t Hq = a.p.num_q_heads;
+  int64_t bid = blockIdx.x;
+  const int part = static_cast<int>(bid % a.num_parts);
+  bid /= a.num_parts;
+  const int tile = static_cast<int>(bid % a.group_tiles);
+  bid /= a.group_tiles;
+  const int64_t h = bid % c.num_kv_heads, b = bid / c.num_kv_heads;
+
+  const int64_t len = usable_len(a, b);  // -1: reported by decode_reduce_kernel
+  // Slots are < len <= INT32_MAX: 32-bit slot arithmetic from here on.
+  const int k0 = part * a.part_size;  // first slot of the partition
+  if (k0 >= len) return;
+  const int n = static_cast<int>(min(static_cast<int64_t>(a.part_size), len - k0));  // slots, >= 1
+  const int g0 = tile * kGroupTile;
+  const int G = min(kGroupTile, a.group - g0);
+  const int64_t hq0 = h * a.group + g0;
+  const int ps = a.page_size;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  unsigned char* smem = reinterpret_cast<unsigned char*>(dynamic_smem());
+  T* stages = reinterpret_cast<T*>(smem);
+  T* qs = reinterpret_cast<T*>(smem + S::kStageBytes);                  // [G][D]
+  float* s = reinterpret_cast<float*>(qs + static_cast<size_t>(a.tile_heads) * D);  // [G][part_size]
+  int* pages = reinterpret_cast<int*>(s + static_cast<size_t>(a.tile_heads) * a.part_size);
+
+  // The partition's page ids (-1 and the sequence flagged where an unchecked call's table holds
+  // an id outside [0, num_pages); checked calls validated every id, all < num_pages <= INT32_MAX)
+  // and the queries.
+  const int first_page = k0 / ps;
+  const int num_pages = (k0 + n - 1) / ps - first_page + 1;
+  for (int i = threadIdx.x; i < num_pages; i += kThreads) {
+    int64_t page = c.block_tables[b * c.bt_stride[0] + static_cast<int64_t>(first_page + i) * c.bt_stride[1]];
+    if (a.bad != nullptr && (page < 0 || page >= c.num_pages)) {
+      atomicOr(a.bad + b, 1);
+      page = -1;
+    }
+    pages[i] = static_cast<int>(page);
+  }
+  for (int i = threadIdx.x; i < G * D; i += kThreads) {
+    const T* qg = static_cast<const T*>(a.p.q) + b * a.p.q_stride[0] + (hq0 + i / D) * a.p.q_stride[1];
+    qs[i] = qg[i % D];
+  }
+  __syncthreads();
+
+  // Requests chunk `ch` of K (or V) into its stage: rows past n and rows on a bad page become
+  // zeros (their results are never stored, or the sequence's outputs are NaN).
+  const int chunks = (n + kChunk - 1) / kChunk;
+  const auto issue = [&](int ch, bool values) {
+    T* stage = stages + (ch % kStages) * kChunk * S::kRow;
+#pragma unroll
+    for (int r = 0; r < S::kCopies; ++r) {
+      const int i = threadIdx.x + r * kThreads;
+      const int j = i / S::kPieces, piece = i % S::kPieces;
+      const int jj = ch * kChunk + j;  // slot within the partition (k0 + jj may pass INT32_MAX when jj >= n)
+      const void* src = c.k_pages;     // any valid address: not read when the copy is a zero fill
+      bool ok = jj < n;
+      if (ok) {
+        const int slot = k0 + jj;
+        const int page = pages[slot / ps - first_page];
+        ok = page >= 0;
+        if (ok) {
+          const T* row = values ? v_row<T>(c, page, slot % ps, h) : k_row<T>(c, page, slot % ps, h);
+          src = row + piece * S::kElemsPer16B;
+        }
+      }
+      cuda_common::cp_async_16(stage + j * S::kRow + piece * S::kElemsPer16B, src, ok);
+    }
+  };
+  // Waits for chunk ch (this thread's copies, then everyone's through the barrier, which also
+  // tells that chunk ch - 1 is used up) and requests chunk ch + kStages - 1 into ch - 1's stage.
+  const auto next_chunk = [&](int ch, bool values) {
+    cuda_common::cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (ch + kStages - 1 < chunks) issue(ch + kStages - 1, values);
+    cuda_common::cp_async_commit();
+    return stages + (ch % kStages) * kChunk * S::kRow;
+  };
+
+  // a) logits.
+#pragma unroll
+  for (int ch = 0; ch < kStages - 1; ++ch) {
+    if (ch < chunks) issue(ch, false);
+    cuda_common::cp_async_commit();
+  }
+  const int sub = threadIdx.x % kLanesPerSlot, row0 = threadIdx.x / kLanesPerSlot;
+  for (int ch = 0; ch < chunks; ++ch) {
+    const T* tile_rows = next_chunk(ch, false);
+    float kf[kSlotsPerThread][S::kPiecesPerThread * S::kElemsPer16B];
+#pragma unroll
+    for (int u = 0; u < kSlotsPerThread; ++u) {
+#pragma unroll
+      for (int r = 0; r < S::kPiecesPerThread; ++r) {
+        const int piece = sub + r * kLanesPerSlot;
+        load_vec<T, S::kElemsPer16B>(tile_rows + (row0 + u * kRowsPerPass) * S::kRow + piece * S::kElemsPer16B,
+                                     &kf[u][r * S::kElemsPer16B]);
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < kGroupTile; ++g) {
+      if (g < G) {  // uniform across the block
+        float dot[kSlotsPerThread];
+#pragma unroll
+        for (int u = 0; u < kSlotsPerThread; ++u) dot[u] = 0.0f;
+#pragma unroll
+        for (int r = 0; r < S::kPiecesPerThread; ++r) {
+          float qf[S::kElemsPer16B];
+          load_vec<T, S::kElemsPer16B>(qs + g * D + (sub + r * kLanesPerSlot) * S::kElemsPer16B, qf);
+#pragma unroll
+          for (int e = 0; e < S::kElemsPer16B; ++e) {
+#pragma unroll
+            for (int u = 0; u < kSlotsPerThread; ++u) dot[u] = fmaf(qf[e], kf[u][r * S::kElemsPer16B + e], dot[u]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kSlotsPerThread; ++u) {
+#pragma unroll
+          for (int o = kLanesPerSlot / 2; o > 0; o /= 2) dot[u] += __shfl_xor_sync(kFullMask, dot[u], o);
+          dot[u] *= a.scale;
+          const int j = ch * kChunk + row0 + u * kRowsPerPass;
+          if (sub == 0 && j < n) {
+            s[g * a.part_size + j] = dot[u];
+            if (a.logits) a.logits[(b * Hq + hq0 + g) * a.logits_len + k0 + j] = dot[u];
+          }
+        }
+      }
+    }
+  }
+  cuda_common::cp_async_wait<0>();
+  __syncthreads();  // every logit is in s; every stage is free
+
+  // V's first chunks load while step b runs.
+#pragma unroll
+  for (int ch = 0; ch < kStages - 1; ++ch) {
+    if (ch < chunks) issue(ch, true);
+    cuda_common::cp_async_commit();
+  }
+
+  // b) partition softmax statistics, one warp per query head (as in the warp kernel).
+  for (int g = warp; g < G; g += kWarps) {
+    float* sg = s + g * a.part_size;
+    float m = -INFINITY;
+    for (int j = lane; j < n; j += 32) m = fmaxf(m, sg[j]);
+    m = warp_max(m);
+    float l = 0.0f;
+    for (int j = lane; j < n; j += 32) {
+      const float e = expf(sg[j] - m);
+      sg[j] = e;
+      l += e;
+    }
+    l = warp_sum(l);
+    if (lane == 0) a.part_ml[(b * Hq + hq0 + g) * a.num_parts + part] = make_float2(m, l);
+  }
+  // (next_chunk's barrier orders step b's writes of s before step c reads them.)
+
+  // c) unnormalised partition output: warps over slots, lane l holds dims l * kVec ... + kVec.
+  float acc[kGroupTile][S::kVec];
+#pragma unroll
+  for (int g = 0; g < kGroupTile; ++g) {
+#pragma unroll
+    for (int v = 0; v < S::kVec; ++v) acc[g][v] = 0.0f;
+  }
+  for (int ch = 0; ch < chunks; ++ch) {
+    const T* tile_rows = next_chunk(ch, true);
+#pragma unroll
+    for (int r = 0; r < kChunk / kWarps; ++r) {
+      const int jl = warp + r * kWarps;
+      const int j = ch * kChunk + jl;
+      if (j < n) {  // uniform across the warp
+        float vf[S::kVec];
+        load_vec<T, S::kVec>(tile_rows + jl * S::kRow + lane * S::kVec, vf);
+#pragma unroll
+        for (int g = 0; g < kGroupTile; ++g) {
+          if (g < G) {
+            const float pj = s[g * a.part_size + j];
+#pragma unroll
+            for (int v = 0; v < S::kVec; ++v) acc[g][v] = fmaf(pj, vf[v], acc[g][v]);
+          }
+        }
+      }
+    }
+  }
+  cuda_common::cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the stages: they hold the cross-warp sums below
+
+  float* red = reinterpret_cast<float*>(stages);  // [kWarps][G][D]
+#pragma unroll
+  for (int g = 0; g < kGroupTile; ++g) {
+    if (g < G) {
+#pragma unroll
+      for (int v = 0; v < S::kVec; ++v) red[(warp * G + g) * D + lane * S::kVec + v] = acc[g][v];
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * D; i += kThreads) {
+    const int g = i / D, d = i % D;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += red[(w * G + g) * D + d];
+    a.part_acc[((b * Hq + hq0 + g) * a.num_parts + part) * D + d] = sum;
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) decode_reduce_kernel(const DecodeLaunch a) {
   const PagedKVCache& c = a.p.cache;
@@ -370,9 +631,35 @@ int choose_part_size(int64_t heads_x_tiles, int64_t max_len) {
   int dev = 0, sms = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-  int part = 512;
+  int part = kMaxPartSize;
   while (part > 128 && heads_x_tiles * ceil_div(max_len, part) < 2 * static_cast<int64_t>(sms)) part /= 2;
   return part;
+}
+
+template <typename T, int D>
+void launch_pipelined(const DecodeLaunch& a, int64_t blocks, cudaStream_t stream, const char* op) {
+  const auto kernel = decode_partition_pipelined_kernel<T, D>;
+  const size_t smem = pipelined_smem_bytes<T, D>(a.tile_heads, a.part_size);  // <= 57 KB
+  if (smem > 48 * 1024) {  // the opt-in above 48 KB; per call, as it is per device
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+               "cudaFuncSetAttribute (decode_partition_pipelined_kernel)");
+  }
+  kernel<<<grid_1d(blocks, op), kThreads, smem, stream>>>(a);
+  check_launch("decode_partition_pipelined_kernel");
+}
+
+enum class DecodeKernel { kWarp, kPipelined };
+
+// SHADOWKV_DECODE_KERNEL, read at every call: "auto" (the default) and "warp" run
+// decode_partition_kernel; "pipelined" runs decode_partition_pipelined_kernel where it applies
+// (bfloat16/float16, D = 64 or 128, 16-byte aligned rows), else the warp kernel. The default
+// stays "warp" until the pipelined kernel has passed the GPU tests and been measured.
+DecodeKernel requested_decode_kernel(const char* op) {
+  const char* env = std::getenv("SHADOWKV_DECODE_KERNEL");
+  const std::string v = env == nullptr ? "" : env;
+  if (v.empty() || v == "auto" || v == "warp") return DecodeKernel::kWarp;
+  if (v == "pipelined") return DecodeKernel::kPipelined;
+  fail(op, "SHADOWKV_DECODE_KERNEL must be one of auto, warp, pipelined; got '" + v + "'");
 }
 
 bool rows_aligned(const PagedKVCache& c, int64_t vec) {
@@ -404,6 +691,7 @@ void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream_ptr) {
     fail(op, "`q` float64 is supported on CPU only; use float32, bfloat16 or float16 on CUDA");
   if (c.head_dim > kMaxHeadDim)
     fail(op, "the head dim of `k_pages` must be <= 256 on CUDA, got " + std::to_string(c.head_dim));
+  const DecodeKernel kernel = requested_decode_kernel(op);
 
   const int64_t B = c.batch, Hkv = c.num_kv_heads, Hq = p.num_q_heads, D = c.head_dim;
   // The longest sequence (checked call), or the longest any block table can hold (unchecked).
@@ -467,6 +755,12 @@ void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream_ptr) {
                                             int64_t{a.tile_heads} * a.part_size, int64_t{kWarps} * a.tile_heads * D));
     const auto run = [&](auto tag) {
       using T = typename decltype(tag)::type;
+      if constexpr (sizeof(T) == 2) {
+        if (kernel == DecodeKernel::kPipelined && rows_aligned(c, 8)) {
+          if (D == 128) return launch_pipelined<T, 128>(a, blocks, stream, op);
+          if (D == 64) return launch_pipelined<T, 64>(a, blocks, stream, op);
+        }
+      }
       if (D == 128 && rows_aligned(c, 4)) return launch_partitions<T, 4, 1>(a, blocks, smem, stream, op);
       if (D == 64 && rows_aligned(c, 2)) return launch_partitions<T, 2, 1>(a, blocks, smem, stream, op);
       launch_partitions<T, 1, kMaxHeadDim / 32>(a, blocks, smem, stream, op);

@@ -1,0 +1,40 @@
+// 16-byte asynchronous global -> shared copies (cp.async, sm_80+) for kernels that do not use
+// CuTe. Older targets copy synchronously, so callers need no second code path: the waits are
+// then no-ops.
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace shadowkv {
+namespace cuda_common {
+
+// Copies 16 bytes from `src` to shared memory at `dst` (both 16-byte aligned), or writes 16 zero
+// bytes when `valid` is false (then `src` is not read, but must still be a valid global address).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes) : "memory");
+#else
+  *static_cast<uint4*>(dst) = valid ? *static_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
+#endif
+}
+
+// Closes the group of copies this thread issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most N of this thread's committed groups are still in flight. Other threads'
+// copies are visible only after a barrier that follows their waits.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+}  // namespace cuda_common
+}  // namespace shadowkv
