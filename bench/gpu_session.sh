@@ -69,12 +69,13 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
       # The kernels no GPU has run yet (the CuTe family incl. the wgmma kernels, the unchecked
       # paged paths) go in their own processes: a fault there (an illegal address poisons the
       # CUDA context) must not take the verdict on everything else with it.
-      new="cute or wgmma or unchecked"
+      new="pipelined or cute or wgmma or unchecked"
       run $py -m pytest -q -rs tests/test_shadow_attention_cuda.py tests/test_paged_kv_cuda.py \
         tests/test_sampler_cuda.py -s -k "not ($new)"
+      run $py -m pytest -q -rs tests/test_paged_kv_cuda.py -k pipelined
       run $py -m pytest -q -rs tests/test_shadow_attention_cuda.py -k cute
       run $py -m pytest -q -rs tests/test_shadow_attention_cuda.py -k wgmma
-      run $py -m pytest -q -rs tests/test_paged_kv_cuda.py tests/test_cache.py -k unchecked  # + sync-free decode
+      run $py -m pytest -q -rs tests/test_paged_kv_cuda.py tests/test_cache.py -k "unchecked and not pipelined"  # + sync-free decode
       run $py -m pytest -q -m slow tests/test_shadow_attention_cuda.py  # 32k context, every family
       ;;
     memcheck|racecheck)
@@ -82,7 +83,7 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
       # access past a tensor's end instead of landing in a cached block.
       # The kernels no GPU has run yet (CuTe, unchecked paged paths) in a second process, as in
       # the test stage.
-      for sel in "not (cute or wgmma or unchecked)" "cute or wgmma or unchecked"; do
+      for sel in "not (pipelined or cute or wgmma or unchecked)" "pipelined or cute or wgmma or unchecked"; do
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 run "$sanitizer" --tool "$stage" --error-exitcode 3 \
           --target-processes all $py -m pytest -q -x tests/test_paged_kv_cuda.py \
           tests/test_shadow_attention_cuda.py -k "($cases) and not long_contexts and ($sel)"
@@ -118,23 +119,28 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
       # Parallel workers when pytest-xdist is there: the float64 references run on the CPU.
       xd() { $py -c "import xdist" 2>/dev/null && echo "-n $1"; }
       opts="-q -rs -p no:cacheprovider --maxfail=25 --durations=8"
-      # Established kernels first, then each family no GPU has run yet in its own process: an
-      # illegal address poisons the CUDA context of the process that hit it.
+      # What no GPU has run yet goes in its own process (an illegal address poisons the CUDA
+      # context of the process that hits it): the pipelined decode kernel, then the attention
+      # families by name, the unchecked paged paths; everything else first. Measured on an
+      # H200 (2026-11-26): build 81 s, the first group 114 s with 8 workers, the others ~20 s.
       # shellcheck disable=SC2086
       {
-        part 150 $py -m pytest $opts $(xd 8) $tests -k "not (cute or wgmma or unchecked)"
-        part 70 $py -m pytest $opts $(xd 4) tests/test_shadow_attention_cuda.py -k cute
-        part 70 $py -m pytest $opts $(xd 4) tests/test_shadow_attention_cuda.py -k wgmma
-        part 60 $py -m pytest $opts $(xd 4) tests/test_paged_kv_cuda.py tests/test_cache.py -k unchecked
-        part 90 $py -m shadowkv bench attention --device cuda
-        part 45 $py -m shadowkv bench decode --device cuda --scores
-        part 60 $py -m shadowkv bench rollout --device cuda --dtype bfloat16 -B 64 --prompt 512 --new 512 \
-          --head-dim 128 --max-fit-batch 0
+        new="pipelined or cute or wgmma or unchecked"
+        part 150 $py -m pytest $opts $(xd 12) $tests -k "not ($new)"
+        part 60 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py -k pipelined
+        part 50 $py -m pytest $opts $(xd 8) tests/test_shadow_attention_cuda.py -k "cute or wgmma"
+        part 50 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py tests/test_cache.py -k "unchecked and not pipelined"
+        part 45 $py -m shadowkv bench decode --device cuda --scores  # both decode kernels
+        part 60 $py -m shadowkv bench attention --device cuda
+        # memcheck has never run: small cases of the newest kernels (-x: the first finding ends it).
+        mc() { PYTORCH_NO_CUDA_MEMORY_CACHING=1 part "$1" "$sanitizer" --tool memcheck --error-exitcode 3 \
+          --target-processes all $py -m pytest -q -x -p no:cacheprovider "${@:2}"; }
+        mc 60 tests/test_paged_kv_cuda.py -k "pipelined and (matches_reference or unchecked_bad) and not many_seq"
+        mc 60 tests/test_shadow_attention_cuda.py -k "family_matches_reference and (tiny or random_d64 or chunk_d64)"
         part 30 $py -m shadowkv bench evict --device cuda
-        part 60 $py -m pytest $opts -m slow tests/test_shadow_attention_cuda.py  # 32k context
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 part 120 "$sanitizer" --tool memcheck --error-exitcode 3 \
-          --target-processes all $py -m pytest -q -x -p no:cacheprovider tests/test_paged_kv_cuda.py \
-          tests/test_shadow_attention_cuda.py -k "($cases) and not long_contexts"
+        part 60 $py -m shadowkv bench rollout --device cuda --dtype bfloat16 -B 64 --prompt 512 --new 512 \
+          --head-dim 128 --max-fit-batch 256
+        part 30 $py -m pytest $opts -m slow tests/test_shadow_attention_cuda.py  # 32k context
       }
       ;;
     bench)
