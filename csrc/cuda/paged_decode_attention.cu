@@ -310,8 +310,8 @@ __global__ void __launch_bounds__(kThreads) decode_partition_kernel(const Decode
 // differs is how rows arrive. The warp kernel above keeps 4 rows per warp in flight, each behind
 // a dependent block-table load (12% of copy bandwidth on an H200 at B=64, 8k context, D=128).
 // Here a block first stages its partition's page ids in shared memory, then streams K (step a)
-// and V (step c) through kStages shared-memory buffers of kChunk rows with 16-byte cp.async:
-// kStages - 1 chunks are in flight while one is used, and V's first chunks load during step b.
+// and V (step c) through one ring of kStages shared-memory buffers of kChunk rows with 16-byte
+// cp.async: kStages - 1 chunks are in flight while one is used, V's first chunks behind K's last.
 //   step a: 8 threads share a slot (each holds 16-byte pieces p = sub, sub + 8, ... of the row,
 //           so the 8 threads of a shared-memory phase read one row's consecutive 128 bytes), 2
 //           slots per thread per chunk; the queries are read from shared memory in their own
@@ -404,17 +404,22 @@ __global__ void __launch_bounds__(kThreads, 4) decode_partition_pipelined_kernel
   }
   __syncthreads();
 
-  // Requests chunk `ch` of K (or V) into its stage: rows past n and rows on a bad page become
-  // zeros (their results are never stored, or the sequence's outputs are NaN).
+  // K and V stream through one ring of stages: chunk t < chunks is K's chunk t, chunk t >= chunks
+  // is V's chunk t - chunks, in stage t % kStages; so V's first chunks load during the last K
+  // chunks and step b, and the pipeline never drains in between.
   const int chunks = (n + kChunk - 1) / kChunk;
-  const auto issue = [&](int ch, bool values) {
-    T* stage = stages + (ch % kStages) * kChunk * S::kRow;
+  // Requests ring chunk t into its stage: rows past n and rows on a bad page become zeros (their
+  // results are never stored, or the sequence's outputs are NaN).
+  const auto issue = [&](int t) {
+    const bool values = t >= chunks;
+    const int ch = values ? t - chunks : t;
+    T* stage = stages + (t % kStages) * kChunk * S::kRow;
 #pragma unroll
     for (int r = 0; r < S::kCopies; ++r) {
       const int i = threadIdx.x + r * kThreads;
       const int j = i / S::kPieces, piece = i % S::kPieces;
       const int jj = ch * kChunk + j;  // slot within the partition (k0 + jj may pass INT32_MAX when jj >= n)
-      const void* src = c.k_pages;     // any valid address: not read when the copy is a zero fill
+      const void* src = a.p.q;         // a valid global address (q is never empty here), not read by a zero fill
       bool ok = jj < n;
       if (ok) {
         const int slot = k0 + jj;
@@ -428,25 +433,26 @@ __global__ void __launch_bounds__(kThreads, 4) decode_partition_pipelined_kernel
       cuda_common::cp_async_16(stage + j * S::kRow + piece * S::kElemsPer16B, src, ok);
     }
   };
-  // Waits for chunk ch (this thread's copies, then everyone's through the barrier, which also
-  // tells that chunk ch - 1 is used up) and requests chunk ch + kStages - 1 into ch - 1's stage.
-  const auto next_chunk = [&](int ch, bool values) {
+  // Waits for ring chunk t (this thread's copies, then everyone's through the barrier, which also
+  // tells that chunk t - 1 is used up) and requests chunk t + kStages - 1 into t - 1's stage.
+  // Every call commits one group, empty or not, so group t holds chunk t.
+  const auto next_chunk = [&](int t) {
     cuda_common::cp_async_wait<kStages - 2>();
     __syncthreads();
-    if (ch + kStages - 1 < chunks) issue(ch + kStages - 1, values);
+    if (t + kStages - 1 < 2 * chunks) issue(t + kStages - 1);
     cuda_common::cp_async_commit();
-    return stages + (ch % kStages) * kChunk * S::kRow;
+    return stages + (t % kStages) * kChunk * S::kRow;
   };
-
-  // a) logits.
 #pragma unroll
-  for (int ch = 0; ch < kStages - 1; ++ch) {
-    if (ch < chunks) issue(ch, false);
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < 2 * chunks) issue(t);
     cuda_common::cp_async_commit();
   }
+
+  // a) logits.
   const int sub = threadIdx.x % kLanesPerSlot, row0 = threadIdx.x / kLanesPerSlot;
   for (int ch = 0; ch < chunks; ++ch) {
-    const T* tile_rows = next_chunk(ch, false);
+    const T* tile_rows = next_chunk(ch);
     float kf[kSlotsPerThread][S::kPiecesPerThread * S::kElemsPer16B];
 #pragma unroll
     for (int u = 0; u < kSlotsPerThread; ++u) {
@@ -487,15 +493,7 @@ __global__ void __launch_bounds__(kThreads, 4) decode_partition_pipelined_kernel
       }
     }
   }
-  cuda_common::cp_async_wait<0>();
-  __syncthreads();  // every logit is in s; every stage is free
-
-  // V's first chunks load while step b runs.
-#pragma unroll
-  for (int ch = 0; ch < kStages - 1; ++ch) {
-    if (ch < chunks) issue(ch, true);
-    cuda_common::cp_async_commit();
-  }
+  __syncthreads();  // every logit is in s (V's first chunks are on their way)
 
   // b) partition softmax statistics, one warp per query head (as in the warp kernel).
   for (int g = warp; g < G; g += kWarps) {
@@ -522,7 +520,7 @@ __global__ void __launch_bounds__(kThreads, 4) decode_partition_pipelined_kernel
     for (int v = 0; v < S::kVec; ++v) acc[g][v] = 0.0f;
   }
   for (int ch = 0; ch < chunks; ++ch) {
-    const T* tile_rows = next_chunk(ch, true);
+    const T* tile_rows = next_chunk(chunks + ch);
 #pragma unroll
     for (int r = 0; r < kChunk / kWarps; ++r) {
       const int jl = warp + r * kWarps;
@@ -548,8 +546,12 @@ __global__ void __launch_bounds__(kThreads, 4) decode_partition_pipelined_kernel
 #pragma unroll
   for (int g = 0; g < kGroupTile; ++g) {
     if (g < G) {
-#pragma unroll
-      for (int v = 0; v < S::kVec; ++v) red[(warp * G + g) * D + lane * S::kVec + v] = acc[g][v];
+      float* dst = red + (warp * G + g) * D + lane * S::kVec;
+      if constexpr (S::kVec == 4) {  // one 16-byte store: no bank conflicts
+        *reinterpret_cast<float4*>(dst) = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+      } else {
+        *reinterpret_cast<float2*>(dst) = make_float2(acc[g][0], acc[g][1]);
+      }
     }
   }
   __syncthreads();
@@ -639,7 +641,7 @@ int choose_part_size(int64_t heads_x_tiles, int64_t max_len) {
 template <typename T, int D>
 void launch_pipelined(const DecodeLaunch& a, int64_t blocks, cudaStream_t stream, const char* op) {
   const auto kernel = decode_partition_pipelined_kernel<T, D>;
-  const size_t smem = pipelined_smem_bytes<T, D>(a.tile_heads, a.part_size);  // <= 57 KB
+  const size_t smem = pipelined_smem_bytes<T, D>(a.tile_heads, a.part_size);  // <= 55.3 KB
   if (smem > 48 * 1024) {  // the opt-in above 48 KB; per call, as it is per device
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "cudaFuncSetAttribute (decode_partition_pipelined_kernel)");
