@@ -141,6 +141,10 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
         part 60 $py -m shadowkv bench rollout --device cuda --dtype bfloat16 -B 64 --prompt 512 --new 512 \
           --head-dim 128 --max-fit-batch 256
         part 30 $py -m pytest $opts -m slow tests/test_shadow_attention_cuda.py  # 32k context
+        # The main job on the GPU (never run there yet): a few steps, a short warm-up (the model
+        # cache is empty on a fresh machine); the run folder stays out of $OUT (8 files come back).
+        part 90 $py -m shadowkv train --device cuda --steps 4 --sft-steps 50 --eval-prompts 16 --quiet \
+          --out /tmp/train-run
       }
       ;;
     bench)

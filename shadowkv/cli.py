@@ -115,6 +115,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-every", dest="ckpt_every", type=int, help=f"checkpoint every N steps (default {d.ckpt_every})")
     p.add_argument("--init", help="local Hugging Face causal LM folder (from_pretrained) instead of the tiny default")
     p.add_argument("--sft-steps", dest="sft_steps", type=int, help="SFT warm-up steps of the default model")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"],
+                   help=f"where rollouts and the learner run; auto: cuda when available (default {d.device})")
     p.add_argument("--out", help="run folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

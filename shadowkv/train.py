@@ -61,6 +61,9 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     ckpt_every: int = 5
+    # Where rollouts and the learner run: cpu, cuda, or auto (cuda when torch sees a GPU and this
+    # build has CUDA kernels). The warm-up of the default model always runs on the CPU (cached).
+    device: str = "cpu"
 
     def check(self) -> None:
         """Raises ValueError naming the first bad setting (field and command-line flag), so that
@@ -103,6 +106,11 @@ class TrainConfig:
         for name in ("gamma", "gae_lambda"):
             need(0 <= number(name) <= 1, name, "in [0, 1]")
         need(number("is_reject_high") >= self.is_reject_low, "is_reject_high", f">= is_reject_low ({self.is_reject_low})")
+        need(self.device in ("cpu", "cuda", "auto"), "device", "'cpu', 'cuda' or 'auto'")
+        if self.device == "cuda" and not cuda_runs_here():
+            raise ValueError("device (--device) cuda: " + (
+                "torch sees no CUDA device" if not torch.cuda.is_available()
+                else "this build of shadowkv has no CUDA kernels (python -m shadowkv info)") + "; use cpu or auto")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -112,6 +120,20 @@ class TrainConfig:
         d["sft"] = SFTConfig(**d.get("sft", {}))
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def cuda_runs_here() -> bool:
+    """Whether torch sees a CUDA device and this build has the CUDA kernels."""
+    from . import _C
+
+    return torch.cuda.is_available() and _C.built_with_cuda()
+
+
+def device_of(cfg: TrainConfig) -> torch.device:
+    """The device a run uses (``auto`` resolved)."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if cuda_runs_here() else "cpu")
+    return torch.device(cfg.device)
 
 
 def task_of(cfg: TrainConfig):
@@ -133,11 +155,9 @@ def make_sampler(cfg: TrainConfig, model, dense: bool) -> Sampler:
 
 
 def rewards_of(task, rollout, answers) -> torch.Tensor:
-    out = []
-    for b, ans in enumerate(answers):
-        gen = rollout.tokens[b][rollout.action_mask[b]]
-        out.append(task.reward(gen, ans))
-    return torch.tensor(out)
+    """``[B]`` rewards on the CPU (the answers are CPU tensors; one copy of the tokens)."""
+    tokens, action = rollout.tokens.cpu(), rollout.action_mask.cpu()
+    return torch.tensor([task.reward(tokens[b][action[b]], ans) for b, ans in enumerate(answers)])
 
 
 def evaluate(cfg: TrainConfig, task, model) -> float:
@@ -156,7 +176,7 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
     seed = int(_seeded(cfg, step, 2).initial_seed() % 2**62)
     model.eval()
     rollout = sampler.generate(prompts, task.max_answer_len, temperature=cfg.temperature, seed=seed, eos_token_id=EOS)
-    rewards = rewards_of(task, rollout, answers)
+    rewards = rewards_of(task, rollout, answers).to(rollout.tokens.device)
     loss_cfg = learner.LossConfig(
         method=cfg.method, clip=cfg.clip, kl_ref=cfg.kl_ref, smd_beta=cfg.smd_beta, smd_direction=cfg.smd_direction,
         temperature=cfg.temperature, vf_coef=cfg.vf_coef,
@@ -237,7 +257,9 @@ def load_checkpoint(out: Path):
     ck = out / (out / "LATEST").read_text().strip()
     try:
         model = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
-        state = torch.load(ck / "trainer.pt", weights_only=True)
+        # On the CPU: a run trained on a GPU may resume where there is none (load_state_dict
+        # moves the optimizer state to the parameters' device).
+        state = torch.load(ck / "trainer.pt", weights_only=True, map_location="cpu")
         return model, state, int(state["step"]) + 1
     except Exception as e:  # a checkpoint damaged outside shadowkv (its own writes are atomic)
         raise ValueError(f"--resume: the checkpoint {ck} named by {out / 'LATEST'} cannot be loaded "
@@ -321,9 +343,9 @@ class _StopFlag:
 
 def _resumed_config(out: Path, overrides: dict | None) -> TrainConfig:
     """The run's saved config with ``overrides`` (the settings the user gave again, by
-    field name; ``sft_steps`` for ``sft.steps``) applied. Only ``steps`` may change (upwards:
-    it extends the run); any other difference is a ``ValueError`` naming it, because it would
-    change what the replayed steps mean."""
+    field name; ``sft_steps`` for ``sft.steps``) applied. Only ``steps`` (upwards: it extends the
+    run) and ``device`` may change; any other difference is a ``ValueError`` naming it, because
+    it would change what the replayed steps mean."""
     try:
         cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
     except (json.JSONDecodeError, TypeError) as e:
@@ -331,17 +353,19 @@ def _resumed_config(out: Path, overrides: dict | None) -> TrainConfig:
     cfg.check()  # a saved config edited by hand is held to the same rules
     saved = {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "sft_steps": cfg.sft.steps}
     changed = {k: v for k, v in (overrides or {}).items() if saved[k] != v}
-    fixed = sorted(k for k in changed if k != "steps")
+    fixed = sorted(k for k in changed if k not in ("steps", "device"))
     if fixed:
         raise ValueError(f"--resume: the run in {out} was trained with "
                          + ", ".join(f"{k}={saved[k]!r}" for k in fixed)
-                         + "; only --steps can change on resume "
+                         + "; only --steps and --device can change on resume "
                          "(drop the other flags, or start a new run with another --out)")
     if changed.get("steps", cfg.steps) < cfg.steps:
         raise ValueError(f"--resume: --steps {changed['steps']} is fewer than the run's {cfg.steps}; a resume "
                          "can only extend a run")
     if changed:
-        cfg.steps = changed["steps"]
+        cfg.steps = changed.get("steps", cfg.steps)
+        cfg.device = changed.get("device", cfg.device)
+        cfg.check()  # e.g. --device cuda on a machine without one
         write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
     return cfg
 
@@ -406,6 +430,8 @@ def _train_locked(cfg, out: Path, resume: bool, progress: bool, max_steps_this_r
         bar = tqdm(total=cfg.sft.steps, desc="SFT warm-up", disable=not progress, leave=False)
         base = pretrained_policy(task, cfg.model, cfg.sft, progress=lambda loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}")))
         bar.close()
+    device = device_of(cfg)
+    base = base.to(device)
     ref_model = None
     if cfg.kl_ref > 0:
         import copy
@@ -414,7 +440,8 @@ def _train_locked(cfg, out: Path, resume: bool, progress: bool, max_steps_this_r
     model, trainer_state = base, None
     if saved is not None:
         model, trainer_state, _ = saved
-    value_head = learner.ValueHead(model.config.hidden_size) if cfg.algo == "ppo" else None
+        model = model.to(device)
+    value_head = learner.ValueHead(model.config.hidden_size).to(device) if cfg.algo == "ppo" else None
     params = list(model.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     if trainer_state is not None:
@@ -439,7 +466,8 @@ def _train_locked(cfg, out: Path, resume: bool, progress: bool, max_steps_this_r
             if stop.set:
                 break
     finished = bool(rows) and rows[-1]["step"] == cfg.steps - 1
-    summary = {"method": cfg.method, "steps_done": len(rows), "seconds": time.perf_counter() - t0}
+    summary = {"method": cfg.method, "steps_done": len(rows), "seconds": time.perf_counter() - t0,
+               "device": str(device)}
     if rows:
         last = rows[-max(1, len(rows) // 5):]
         summary.update({

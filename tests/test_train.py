@@ -97,7 +97,7 @@ def test_resume_refuses_settings_that_change_the_run(tmp_path, capsys):
     from shadowkv.cli import main
 
     train(_cfg("smd", steps=1), tmp_path, progress=False)
-    with pytest.raises(ValueError, match="task='kv-lookup'.*only --steps"):
+    with pytest.raises(ValueError, match="task='kv-lookup'.*only --steps and --device"):
         train(_cfg("smd"), tmp_path, resume=True, progress=False, overrides={"task": "copy", "steps": 1})
     with pytest.raises(ValueError, match="sft_steps=5"):
         train(_cfg("smd"), tmp_path, resume=True, progress=False, overrides={"sft_steps": 9})
@@ -106,6 +106,35 @@ def test_resume_refuses_settings_that_change_the_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--out", str(tmp_path), "--resume", "--task", "chain", "--quiet"])
     assert e.value.code == 2 and "task='kv-lookup'" in capsys.readouterr().err
+
+
+def test_device_auto_runs_where_it_can_and_may_change_on_resume(tmp_path):
+    """--device auto takes the GPU when there is one (else the CPU); a resume may move a run to
+    another device (the run's settings are otherwise fixed)."""
+    from shadowkv.train import cuda_runs_here
+
+    train(_cfg("smd", steps=2), tmp_path / "a", progress=False)
+    summary = train(_cfg("smd"), tmp_path / "a", resume=True, progress=False,
+                    overrides={"steps": 3, "device": "auto"})
+    assert summary["device"] == ("cuda:0" if cuda_runs_here() else "cpu") and summary["steps_done"] == 3
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["device"] == "auto"
+    if not cuda_runs_here():  # the same numbers as a 3-step CPU run
+        train(_cfg("smd", steps=3), tmp_path / "b", progress=False)
+        assert _strip(read_metrics(tmp_path / "a")) == _strip(read_metrics(tmp_path / "b"))
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    from shadowkv.cli import main
+    from shadowkv.train import cuda_runs_here
+
+    if cuda_runs_here():
+        pytest.skip("this machine can run --device cuda")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", str(tmp_path / "run"), "--device", "cuda", "--quiet"])
+    assert e.value.code == 2 and "device (--device) cuda:" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "config.json").exists()
+    with pytest.raises(ValueError, match="device .--device. must be 'cpu', 'cuda' or 'auto'"):
+        _cfg("smd", device="tpu").check()
 
 
 def test_configs_written_before_value_len_resume_as_one_token_values():
