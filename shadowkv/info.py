@@ -45,6 +45,9 @@ def info_lines() -> list[str]:
         f"built archs: {', '.join('sm_' + a for a in archs) if archs else 'none'}",
         f"CuTe attention kernel: {_cute_state()}",
     ]
+    if _C.built_with_cuda():
+        lines.append("paged decode kernel: warp (default); pipelined opt-in, untested on a GPU "
+                     "(SHADOWKV_DECODE_KERNEL: auto, warp, pipelined)")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)
