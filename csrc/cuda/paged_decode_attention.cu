@@ -161,6 +161,41 @@ __device__ __forceinline__ float* dynamic_smem() {
   return shadowkv_decode_smem;
 }
 
+// Step b of both partition kernels: for each of the block's G query heads (one warp each),
+// turns its n logits in s[g * part_size ...] into exp(logit - max) in place and stores the
+// partition's (max, sum). `bq0` = b * Hq + the tile's first query head.
+__device__ __forceinline__ void partition_softmax(const DecodeLaunch& a, float* s, int G, int n, int64_t bq0,
+                                                  int part) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int g = warp; g < G; g += kWarps) {
+    float* sg = s + g * a.part_size;
+    float m = -INFINITY;
+    for (int j = lane; j < n; j += 32) m = fmaxf(m, sg[j]);
+    m = warp_max(m);
+    float l = 0.0f;
+    for (int j = lane; j < n; j += 32) {
+      const float e = expf(sg[j] - m);
+      sg[j] = e;
+      l += e;
+    }
+    l = warp_sum(l);
+    if (lane == 0) a.part_ml[(bq0 + g) * a.num_parts + part] = make_float2(m, l);
+  }
+}
+
+// The end of step c of both partition kernels: sums the warps' partial outputs red[w][g][d]
+// (in warp order) into the partition's unnormalised output.
+__device__ __forceinline__ void store_partition_output(const DecodeLaunch& a, const float* red, int G, int D,
+                                                       int64_t bq0, int part) {
+  for (int i = threadIdx.x; i < G * D; i += kThreads) {
+    const int g = i / D, d = i % D;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += red[(w * G + g) * D + d];
+    a.part_acc[((bq0 + g) * a.num_parts + part) * D + d] = sum;
+  }
+}
+
 template <typename T, int VEC, int NCH>
 __global__ void __launch_bounds__(kThreads) decode_partition_kernel(const DecodeLaunch a) {
   constexpr int kDims = VEC * NCH;  // head dims per lane
@@ -231,21 +266,8 @@ __global__ void __launch_bounds__(kThreads) decode_partition_kernel(const Decode
   }
   __syncthreads();
 
-  // b) partition softmax statistics, one warp per query head.
-  for (int g = warp; g < G; g += kWarps) {
-    float* sg = s + g * a.part_size;
-    float m = -INFINITY;
-    for (int j = lane; j < n; j += 32) m = fmaxf(m, sg[j]);
-    m = warp_max(m);
-    float l = 0.0f;
-    for (int j = lane; j < n; j += 32) {
-      const float e = expf(sg[j] - m);
-      sg[j] = e;
-      l += e;
-    }
-    l = warp_sum(l);
-    if (lane == 0) a.part_ml[(b * Hq + hq0 + g) * a.num_parts + part] = make_float2(m, l);
-  }
+  // b) partition softmax statistics.
+  partition_softmax(a, s, G, n, b * Hq + hq0, part);
   __syncthreads();
 
   // c) unnormalised partition output.
@@ -295,13 +317,7 @@ __global__ void __launch_bounds__(kThreads) decode_partition_kernel(const Decode
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < G * D; i += kThreads) {
-    const int g = i / D, d = i % D;
-    float sum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += red[(w * G + g) * D + d];
-    a.part_acc[((b * Hq + hq0 + g) * a.num_parts + part) * D + d] = sum;
-  }
+  store_partition_output(a, red, G, D, b * Hq + hq0, part);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -495,21 +511,8 @@ __global__ void __launch_bounds__(kThreads, 4) decode_partition_pipelined_kernel
   }
   __syncthreads();  // every logit is in s (V's first chunks are on their way)
 
-  // b) partition softmax statistics, one warp per query head (as in the warp kernel).
-  for (int g = warp; g < G; g += kWarps) {
-    float* sg = s + g * a.part_size;
-    float m = -INFINITY;
-    for (int j = lane; j < n; j += 32) m = fmaxf(m, sg[j]);
-    m = warp_max(m);
-    float l = 0.0f;
-    for (int j = lane; j < n; j += 32) {
-      const float e = expf(sg[j] - m);
-      sg[j] = e;
-      l += e;
-    }
-    l = warp_sum(l);
-    if (lane == 0) a.part_ml[(b * Hq + hq0 + g) * a.num_parts + part] = make_float2(m, l);
-  }
+  // b) partition softmax statistics.
+  partition_softmax(a, s, G, n, b * Hq + hq0, part);
   // (next_chunk's barrier orders step b's writes of s before step c reads them.)
 
   // c) unnormalised partition output: warps over slots, lane l holds dims l * kVec ... + kVec.
@@ -555,13 +558,7 @@ __global__ void __launch_bounds__(kThreads, 4) decode_partition_pipelined_kernel
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < G * D; i += kThreads) {
-    const int g = i / D, d = i % D;
-    float sum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += red[(w * G + g) * D + d];
-    a.part_acc[((b * Hq + hq0 + g) * a.num_parts + part) * D + d] = sum;
-  }
+  store_partition_output(a, red, G, D, b * Hq + hq0, part);
 }
 
 template <typename T>
