@@ -350,7 +350,6 @@ def _resumed_config(out: Path, overrides: dict | None) -> TrainConfig:
         cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
     except (json.JSONDecodeError, TypeError) as e:
         raise ValueError(f"--resume: {out / 'config.json'} cannot be read ({e}); start a new run") from None
-    cfg.check()  # a saved config edited by hand is held to the same rules
     saved = {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "sft_steps": cfg.sft.steps}
     changed = {k: v for k, v in (overrides or {}).items() if saved[k] != v}
     fixed = sorted(k for k in changed if k not in ("steps", "device"))
@@ -362,10 +361,10 @@ def _resumed_config(out: Path, overrides: dict | None) -> TrainConfig:
     if changed.get("steps", cfg.steps) < cfg.steps:
         raise ValueError(f"--resume: --steps {changed['steps']} is fewer than the run's {cfg.steps}; a resume "
                          "can only extend a run")
+    cfg.steps = changed.get("steps", cfg.steps)
+    cfg.device = changed.get("device", cfg.device)  # before the check: a GPU run may move to a CPU machine
+    cfg.check()  # a saved config edited by hand is held to the same rules, and so is a new device
     if changed:
-        cfg.steps = changed.get("steps", cfg.steps)
-        cfg.device = changed.get("device", cfg.device)
-        cfg.check()  # e.g. --device cuda on a machine without one
         write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
     return cfg
 

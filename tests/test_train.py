@@ -116,11 +116,19 @@ def test_device_auto_runs_where_it_can_and_may_change_on_resume(tmp_path):
     train(_cfg("smd", steps=2), tmp_path / "a", progress=False)
     summary = train(_cfg("smd"), tmp_path / "a", resume=True, progress=False,
                     overrides={"steps": 3, "device": "auto"})
-    assert summary["device"] == ("cuda:0" if cuda_runs_here() else "cpu") and summary["steps_done"] == 3
+    assert summary["device"] == ("cuda" if cuda_runs_here() else "cpu") and summary["steps_done"] == 3
     assert json.loads((tmp_path / "a" / "config.json").read_text())["device"] == "auto"
     if not cuda_runs_here():  # the same numbers as a 3-step CPU run
         train(_cfg("smd", steps=3), tmp_path / "b", progress=False)
         assert _strip(read_metrics(tmp_path / "a")) == _strip(read_metrics(tmp_path / "b"))
+    # A run saved for a GPU resumes on a machine without one when told where to go.
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "device": "cuda"}))
+    if not cuda_runs_here():
+        with pytest.raises(ValueError, match="device .--device. cuda: torch sees no CUDA device"):
+            train(_cfg("smd"), tmp_path / "a", resume=True, progress=False, overrides={"steps": 4})
+    summary = train(_cfg("smd"), tmp_path / "a", resume=True, progress=False, overrides={"steps": 4, "device": "cpu"})
+    assert summary["device"] == "cpu" and summary["steps_done"] == 4
 
 
 def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
