@@ -132,19 +132,19 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
         part 50 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py tests/test_cache.py -k "unchecked and not pipelined"
         part 45 $py -m shadowkv bench decode --device cuda --scores  # both decode kernels
         part 60 $py -m shadowkv bench attention --device cuda
-        # memcheck has never run: small cases of the newest kernels (-x: the first finding ends it).
-        mc() { PYTORCH_NO_CUDA_MEMORY_CACHING=1 part "$1" "$sanitizer" --tool memcheck --error-exitcode 3 \
-          --target-processes all $py -m pytest -q -x -p no:cacheprovider "${@:2}"; }
-        mc 60 tests/test_paged_kv_cuda.py -k "pipelined and (matches_reference or unchecked_bad) and not many_seq"
-        mc 60 tests/test_shadow_attention_cuda.py -k "family_matches_reference and (tiny or random_d64 or chunk_d64)"
-        part 30 $py -m shadowkv bench evict --device cuda
-        part 60 $py -m shadowkv bench rollout --device cuda --dtype bfloat16 -B 64 --prompt 512 --new 512 \
-          --head-dim 128 --max-fit-batch 256
-        part 30 $py -m pytest $opts -m slow tests/test_shadow_attention_cuda.py  # 32k context
         # The main job on the GPU (never run there yet): a few steps, a short warm-up (the model
         # cache is empty on a fresh machine); the run folder stays out of $OUT (8 files come back).
         part 90 $py -m shadowkv train --device cuda --steps 4 --sft-steps 50 --eval-prompts 16 --quiet \
           --out /tmp/train-run
+        # memcheck has never run: small cases of the newest kernels (-x: the first finding ends it).
+        mc() { PYTORCH_NO_CUDA_MEMORY_CACHING=1 part "$1" "$sanitizer" --tool memcheck --error-exitcode 3 \
+          --target-processes all $py -m pytest -q -x -p no:cacheprovider "${@:2}"; }
+        mc 45 tests/test_paged_kv_cuda.py -k "pipelined and (matches_reference or unchecked_bad) and not many_seq"
+        mc 45 tests/test_shadow_attention_cuda.py -k "family_matches_reference and (tiny or random_d64 or chunk_d64)"
+        part 30 $py -m shadowkv bench evict --device cuda
+        part 60 $py -m shadowkv bench rollout --device cuda --dtype bfloat16 -B 64 --prompt 512 --new 512 \
+          --head-dim 128 --max-fit-batch 256
+        part 30 $py -m pytest $opts -m slow tests/test_shadow_attention_cuda.py  # 32k context
       }
       ;;
     bench)
