@@ -28,6 +28,7 @@ SMALL = {
                         "--head-dim", "16", "--page-size", "8", "--reps", "2", "--warmup", "1"], "| random |"),
     "bench_rollout.py": (["-B", "2", "--prompt", "8", "--new", "24", "--head-dim", "16", "--page-size", "4",
                           "--max-fit-batch", "4"], "equal memory: the largest batch (<= 4)"),
+    "bench_replay.py": (["--device", "cpu", "--dtype", "float32", "--head-dim", "64", "--new", "8"], "| snapkv |"),
 }
 
 
@@ -72,6 +73,7 @@ def test_gpu_session_script_parses():
 @pytest.mark.parametrize("name, args", [
     ("attention", ["--sets", "0"]), ("decode", ["--page-size", "0"]), ("decode", ["-B", "0"]),
     ("evict", ["--every", "0"]), ("rollout", ["--head-dim", "0"]), ("rollout", ["--device", "tpu"]),
+    ("replay", ["--head-dim", "48"]), ("replay", ["--new", "0"]),
 ])
 def test_bad_benchmark_arguments_are_usage_errors(name, args, capsys):
     """Each was a traceback from deep inside the run (a division by zero, an empty median)."""

@@ -6,9 +6,10 @@ baselines measured in the same run; ``--help`` says what and how.
 - ``decode``: paged_decode_attention bandwidth vs a device-to-device copy.
 - ``evict``: evict_compact as a share of a decode step.
 - ``rollout``: the sampler's peak KV and tokens/s vs FullCache, at equal batch and memory.
+- ``replay``: |sampler - replay| log-probs per policy against the no-eviction floor.
 """
 
-BENCHMARKS = ("attention", "decode", "evict", "rollout")
+BENCHMARKS = ("attention", "decode", "evict", "rollout", "replay")
 
 
 def at_least(low: int):
