@@ -134,8 +134,8 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
         part 60 $py -m shadowkv bench attention --device cuda
         # The main job on the GPU (never run there yet): a few steps, a short warm-up (the model
         # cache is empty on a fresh machine); the run folder stays out of $OUT (8 files come back).
-        part 90 $py -m shadowkv train --device cuda --steps 4 --sft-steps 50 --eval-prompts 16 --quiet \
-          --out /tmp/train-run
+        part 90 $py -m shadowkv train --device cuda --dtype bfloat16 --steps 4 --sft-steps 50 --eval-prompts 16 \
+          --quiet --out /tmp/train-run  # bfloat16: the learner runs the default tensor-core kernels
         part 30 $py -m shadowkv bench replay --device cuda  # the bf16 replay floor (DESIGN.md's 2e-2)
         # memcheck has never run: small cases of the newest kernels (-x: the first finding ends it).
         mc() { PYTORCH_NO_CUDA_MEMORY_CACHING=1 part "$1" "$sanitizer" --tool memcheck --error-exitcode 3 \

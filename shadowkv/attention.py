@@ -43,6 +43,12 @@ def _shadowkv_attention_forward(module, query, key, value, attention_mask, dropo
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        # Under autocast the projections come out in the autocast dtype but RoPE (float32 cos and
+        # sin) promotes q and k back to float32: attend in the autocast dtype, as SDPA would.
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     out = ctx.attend(module.layer_idx, query, key, value, scale)
     return out.transpose(1, 2).contiguous(), None
 

@@ -117,6 +117,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sft-steps", dest="sft_steps", type=int, help="SFT warm-up steps of the default model")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"],
                    help=f"where rollouts and the learner run; auto: cuda when available (default {d.device})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="float32, or bfloat16 mixed precision (float32 master weights; default float32)")
     p.add_argument("--out", help="run folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -64,6 +64,10 @@ class TrainConfig:
     # Where rollouts and the learner run: cpu, cuda, or auto (cuda when torch sees a GPU and this
     # build has CUDA kernels). The warm-up of the default model always runs on the CPU (cached).
     device: str = "cpu"
+    # float32, or bfloat16 mixed precision: rollouts from a bfloat16 copy of the weights, the
+    # learner under autocast (bfloat16 matmuls and attention: the GPU's tensor-core kernels),
+    # float32 master weights and optimizer.
+    dtype: str = "float32"
 
     def check(self) -> None:
         """Raises ValueError naming the first bad setting (field and command-line flag), so that
@@ -107,6 +111,7 @@ class TrainConfig:
             need(0 <= number(name) <= 1, name, "in [0, 1]")
         need(number("is_reject_high") >= self.is_reject_low, "is_reject_high", f">= is_reject_low ({self.is_reject_low})")
         need(self.device in ("cpu", "cuda", "auto"), "device", "'cpu', 'cuda' or 'auto'")
+        need(self.dtype in ("float32", "bfloat16"), "dtype", "'float32' or 'bfloat16'")
         if self.device == "cuda" and not cuda_runs_here():
             raise ValueError("device (--device) cuda: " + (
                 "torch sees no CUDA device" if not torch.cuda.is_available()
@@ -168,8 +173,32 @@ def evaluate(cfg: TrainConfig, task, model) -> float:
     return rewards_of(task, r, answers).mean().item()
 
 
+def rollout_model(cfg: TrainConfig, model):
+    """The model the sampler runs: ``model`` itself, or its bfloat16 copy (``--dtype bfloat16``),
+    which :func:`sync_rollout_model` keeps equal to the rounded master weights."""
+    if cfg.dtype == "float32":
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(dtype=getattr(torch, cfg.dtype)).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def sync_rollout_model(rollout, model) -> None:
+    if rollout is not model:
+        for r, m in zip(rollout.parameters(), model.parameters()):
+            r.copy_(m)
+
+
+def learner_precision(cfg: TrainConfig, model):
+    """The context the learner's forwards run in: autocast to ``cfg.dtype`` (a no-op for float32)."""
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
+
+
 def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, value_head=None) -> dict:
-    """One GRPO (or PPO) step; returns its metrics."""
+    """One GRPO (or PPO) step; returns its metrics. ``sampler`` runs ``model`` or its rollout
+    copy (:func:`rollout_model`), which is re-synced after the update."""
     prompts, answers = task.sample(cfg.prompts_per_step, _seeded(cfg, step, 1))
     prompts = [p for p in prompts for _ in range(cfg.group_size)]
     answers = [a for a in answers for _ in range(cfg.group_size)]
@@ -185,7 +214,7 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
     )
     mask = rollout.action_mask
     old_logp, weights, keep, teacher, ref_logp = rollout.logprobs, None, None, None, None
-    with torch.no_grad():
+    with torch.no_grad(), learner_precision(cfg, model):
         if cfg.method == "is":
             old_logp = learner.token_logprobs(model, rollout, "dense", cfg.temperature)
             weights, keep = learner.is_weights(old_logp, rollout.logprobs, mask, loss_cfg.is_cfg)
@@ -205,8 +234,9 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
     model.train()
     stats0 = {}
     for epoch in range(cfg.epochs):
-        loss, stats = learner.policy_loss(model, rollout, adv, old_logp, loss_cfg, weights, keep, teacher, ref_logp,
-                                          value_head, returns)
+        with learner_precision(cfg, model):
+            loss, stats = learner.policy_loss(model, rollout, adv, old_logp, loss_cfg, weights, keep, teacher,
+                                              ref_logp, value_head, returns)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -215,6 +245,7 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
             stats0 = stats
             stats0["loss"] = loss.item()
     model.eval()
+    sync_rollout_model(sampler.model, model)
     n = mask.sum().clamp_min(1)
     delta = (rollout.logprobs - stats0.pop("logp")) * mask
     return {
@@ -448,7 +479,7 @@ def _train_locked(cfg, out: Path, resume: bool, progress: bool, max_steps_this_r
         if value_head is not None:
             value_head.load_state_dict(trainer_state["value_head"])
     write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    sampler = make_sampler(cfg, model, cfg.method == "dense")
+    sampler = make_sampler(cfg, rollout_model(cfg, model), cfg.method == "dense")
     end = cfg.steps if max_steps_this_run is None else min(cfg.steps, start + max_steps_this_run)
     bar = tqdm(range(start, end), desc=f"RL {cfg.method}", disable=not progress, initial=start, total=cfg.steps)
     t0 = time.perf_counter()
@@ -476,6 +507,6 @@ def _train_locked(cfg, out: Path, resume: bool, progress: bool, max_steps_this_r
         })
         plot_curves({cfg.method: rows}, out / "curves.png", f"{cfg.task} · {cfg.method} · {cfg.policy} @ {cfg.budget}")
     if finished:
-        summary["eval_reward"] = evaluate(cfg, task, model)
+        summary["eval_reward"] = evaluate(cfg, task, sampler.model)
         write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary

@@ -145,6 +145,26 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
         _cfg("smd", device="tpu").check()
 
 
+def test_bfloat16_mixed_precision_trains_from_a_synced_rollout_copy(tmp_path):
+    """--dtype bfloat16: rollouts from a bfloat16 copy of the weights, the learner under autocast,
+    float32 master weights; the copy follows every update, so the learner stays on-policy up to
+    bfloat16 rounding."""
+    from shadowkv.train import rollout_model, sync_rollout_model
+
+    summary = train(_cfg("smd", dtype="bfloat16"), tmp_path / "bf16", progress=False)
+    assert summary["steps_done"] == 4 and summary["mismatch_abs"] < 0.05
+    master = torch.nn.Linear(4, 4)
+    copy = rollout_model(_cfg("smd", dtype="bfloat16"), master)
+    assert copy is not master and copy.weight.dtype == torch.bfloat16 and not copy.weight.requires_grad
+    with torch.no_grad():
+        master.weight.add_(1.0)
+    sync_rollout_model(copy, master)
+    assert torch.equal(copy.weight, master.weight.detach().to(torch.bfloat16))
+    assert rollout_model(_cfg("smd"), master) is master
+    with pytest.raises(ValueError, match="dtype .--dtype. must be 'float32' or 'bfloat16'"):
+        _cfg("smd", dtype="float16").check()
+
+
 def test_configs_written_before_value_len_resume_as_one_token_values():
     old = {k: v for k, v in asdict(_cfg("smd")).items() if k != "value_len"}
     assert TrainConfig.from_dict(old).value_len == 1
