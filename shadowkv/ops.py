@@ -17,12 +17,28 @@ from . import _C  # noqa: F401  (registers the ops)
 from .reference import INT32_MAX as NEVER_EVICTED  # evicted_at of a key never evicted
 
 
+@contextlib.contextmanager
+def _scoped_choice(what: str, var: str, names: tuple[str, ...], name: str) -> Iterator[None]:
+    """Sets the environment variable ``var`` (read by the C++ ops at every call) to ``name``, one
+    of ``names`` (else a ValueError naming ``what``), while the block runs."""
+    if name not in names:
+        raise ValueError(f"{what}: `name` must be one of {', '.join(names)}, got {name!r}")
+    old = os.environ.get(var)
+    os.environ[var] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = old
+
+
 ATTENTION_KERNEL_ENV = "SHADOWKV_ATTENTION_KERNEL"
 ATTENTION_KERNELS = ("auto", "cute", "wgmma", "wmma", "simt")
 
 
-@contextlib.contextmanager
-def attention_kernel(name: str) -> Iterator[None]:
+def attention_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     """Selects the CUDA kernel family of ``shadow_attention`` (forward and backward) in the block.
 
     ``"auto"`` (the default: ``"wgmma"`` in builds with the CuTe kernels, else ``"wmma"``), ``"cute"``
@@ -34,31 +50,14 @@ def attention_kernel(name: str) -> Iterator[None]:
     SHADOWKV_ATTENTION_KERNEL, which the CUDA ops read at every call, so it applies to the whole
     process while the block runs, including backward passes run inside it. CPU ops ignore it.
     """
-    if name not in ATTENTION_KERNELS:
-        raise ValueError(f"attention_kernel: `name` must be one of {', '.join(ATTENTION_KERNELS)}, got {name!r}")
-    with _scoped_env(ATTENTION_KERNEL_ENV, name):
-        yield
+    return _scoped_choice("attention_kernel", ATTENTION_KERNEL_ENV, ATTENTION_KERNELS, name)
 
 
 CPU_ISA_ENV = "SHADOWKV_CPU_ISA"
 CPU_ISAS = ("auto", "baseline", "avx2")
 
 
-@contextlib.contextmanager
-def _scoped_env(var: str, value: str) -> Iterator[None]:
-    old = os.environ.get(var)
-    os.environ[var] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = old
-
-
-@contextlib.contextmanager
-def cpu_isa(name: str) -> Iterator[None]:
+def cpu_isa(name: str) -> contextlib.AbstractContextManager[None]:
     """Selects the instruction set of the CPU kernels' hot loops in the block (csrc/cpu/isa.h).
 
     ``"auto"`` (the default: the AVX2+FMA copies where the CPU has them, else the portable
@@ -66,18 +65,14 @@ def cpu_isa(name: str) -> Iterator[None]:
     without them). Sets the environment variable SHADOWKV_CPU_ISA, which the CPU ops read at
     every call, for the whole process while the block runs; ``_C.cpu_isa()`` says what runs.
     """
-    if name not in CPU_ISAS:
-        raise ValueError(f"cpu_isa: `name` must be one of {', '.join(CPU_ISAS)}, got {name!r}")
-    with _scoped_env(CPU_ISA_ENV, name):
-        yield
+    return _scoped_choice("cpu_isa", CPU_ISA_ENV, CPU_ISAS, name)
 
 
 DECODE_KERNEL_ENV = "SHADOWKV_DECODE_KERNEL"
 DECODE_KERNELS = ("auto", "warp", "pipelined")
 
 
-@contextlib.contextmanager
-def decode_kernel(name: str) -> Iterator[None]:
+def decode_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     """Selects the CUDA kernel of ``paged_decode_attention``'s partitions in the block.
 
     ``"auto"`` (the default) and ``"warp"``: warps load the K/V rows they use straight from the
@@ -88,10 +83,7 @@ def decode_kernel(name: str) -> Iterator[None]:
     environment variable SHADOWKV_DECODE_KERNEL, which the CUDA op reads at every call, for the
     whole process while the block runs. CPU ops ignore it.
     """
-    if name not in DECODE_KERNELS:
-        raise ValueError(f"decode_kernel: `name` must be one of {', '.join(DECODE_KERNELS)}, got {name!r}")
-    with _scoped_env(DECODE_KERNEL_ENV, name):
-        yield
+    return _scoped_choice("decode_kernel", DECODE_KERNEL_ENV, DECODE_KERNELS, name)
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
