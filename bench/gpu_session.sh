@@ -6,6 +6,10 @@
 #
 #   bash bench/gpu_session.sh cutlass    # HERE, not on the GPU: CUTLASS headers -> .cutlass/,
 #                                        # wheels the GPU image lacks -> .whl/
+#   PREBUILD_PYTHON=... bash bench/gpu_session.sh prebuild
+#                                        # HERE, optional: the extension for the image's Python
+#                                        # 3.12 + torch 2.11, sm_90a -> .prebuilt/ (saves the
+#                                        # first call's ~80 s build)
 #   bash bench/gpu_session.sh build      # nvidia-smi, CUDA build for this GPU's arch, info
 #   bash bench/gpu_session.sh test       # the GPU tests + the sampler replay invariant
 #   bash bench/gpu_session.sh memcheck   # compute-sanitizer memcheck, the tests' small cases
@@ -26,7 +30,7 @@
 # `.cutlass` (and `.whl`) in the device tool's `carry` list, so the build compiles the CuTe kernel.
 # Copy the tables into bench/RESULTS.md with the device, date and commands.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh cutlass|build|test|memcheck|racecheck|bench|first}
+stage=${1:?usage: gpu_session.sh cutlass|prebuild|build|test|memcheck|racecheck|bench|first}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 log="$out/$stage.log"
@@ -35,6 +39,9 @@ py=${PYTHON:-python3}
 # kernels built: every kernel family, dtype and edge case, the unchecked paged paths on bad
 # values included); no long contexts, random shapes, layouts, opcheck or argument errors.
 cases="named_cases or matches_reference or round_trip or empty or no_visible_key or out_only or unchecked"
+
+# What the extension is built from: a prebuilt one is used only if this matches its stamp.
+src_stamp() { find csrc CMakeLists.txt setup.py -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16; }
 
 failed=0
 run() { echo "+ $*"; "$@"; local rc=$?; echo "= exit $rc"; [ $rc -eq 0 ] || failed=1; }
@@ -50,6 +57,24 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
       # Pure-Python wheels the GPU image lacks or may have too old (see the first stage).
       rm -rf .whl && run $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         -d .whl expecttest "setuptools>=77,<82"
+      ;;
+    prebuild)
+      # The GPU image runs Python 3.12 and torch 2.11.0+cu130 with CUDA 13.0: PREBUILD_PYTHON must
+      # be such a Python (with pybind11, cmake, ninja, setuptools>=77) on this machine. The
+      # extension is built in a scratch copy of the sources, for sm_90a with the CuTe kernels.
+      pyb=${PREBUILD_PYTHON:?set PREBUILD_PYTHON to a Python 3.12 with torch 2.11.0}
+      $pyb -c "import sys, torch; assert sys.version_info[:2] == (3, 12) and torch.__version__.startswith('2.11.')" \
+        || { echo "PREBUILD_PYTHON must be Python 3.12 with torch 2.11"; exit 2; }
+      scratch=$(mktemp -d)
+      tar cf - csrc CMakeLists.txt setup.py pyproject.toml README.md shadowkv cmake examples tests/cpp 2>/dev/null \
+        | tar xf - -C "$scratch"
+      (cd "$scratch" && PATH="$(dirname "$pyb"):$PATH" SHADOWKV_CUDA=ON SHADOWKV_CUDA_ARCHS=9.0a \
+        MAX_JOBS="${MAX_JOBS:-2}" CUTLASS_DIR="$OLDPWD/.cutlass" run "$pyb" setup.py -q build_ext --inplace)
+      rm -rf .prebuilt && mkdir -p .prebuilt
+      run cp "$scratch"/shadowkv/_C.cpython-312-*.so .prebuilt/
+      src_stamp > .prebuilt/stamp
+      rm -rf "$scratch"
+      run ls -la .prebuilt
       ;;
     build)
       run nvidia-smi
@@ -114,7 +139,18 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
         run $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $wanted
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
       fi
-      part 300 bash "$0" build
+      # A prebuilt extension (the prebuild stage, carried as .prebuilt) replaces the build when it
+      # was built from these very sources and loads here.
+      so=$(ls .prebuilt/_C.cpython-312-*.so 2>/dev/null | head -n 1)
+      if [ -n "$so" ] && [ "$(cat .prebuilt/stamp 2>/dev/null)" = "$(src_stamp)" ] \
+          && cp "$so" shadowkv/ && PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} $py -m shadowkv info; then
+        export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+        run nvidia-smi
+        echo "using the prebuilt extension $so (stamp $(src_stamp))"
+      else
+        [ -z "$so" ] || { echo "the prebuilt extension does not match these sources or does not load: building"; rm -f shadowkv/_C.cpython-312-*.so; }
+        part 300 bash "$0" build
+      fi
       tests="tests/test_shadow_attention_cuda.py tests/test_paged_kv_cuda.py tests/test_cache.py tests/test_sampler_cuda.py"
       # Parallel workers when pytest-xdist is there: the float64 references run on the CPU.
       xd() { $py -c "import xdist" 2>/dev/null && echo "-n $1"; }
