@@ -44,7 +44,8 @@ cases="named_cases or matches_reference or round_trip or empty or no_visible_key
 src_stamp() { find csrc CMakeLists.txt setup.py -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16; }
 
 failed=0
-run() { echo "+ $*"; "$@"; local rc=$?; echo "= exit $rc"; [ $rc -eq 0 ] || failed=1; }
+run() { echo "+ $*"; "$@"; local rc=$?; echo "= exit $rc"; [ $rc -eq 0 ] || failed=1; last_rc=$rc; }
+summary=""  # first: one line per part, printed last (the device tool returns the output's tail)
 sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 
 {
@@ -123,11 +124,17 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
       part() {
         local t=$1; shift
         local left=$((deadline - SECONDS))
-        if [ "$left" -lt 15 ]; then echo "+ SKIPPED (out of time): $*"; failed=1; return; fi
+        local what="$*"
+        [ ${#what} -le 84 ] || what="...${what: -81}"  # the end says which part it was
+        if [ "$left" -lt 15 ]; then
+          echo "+ SKIPPED (out of time): $*"; failed=1; summary+="  skipped  $what"$'\n'; return
+        fi
         [ "$t" -le "$left" ] || t=$left
         local t0=$SECONDS
         run timeout -k 5 "$t" "$@"
         echo "  ($((SECONDS - t0)) s of $t)"
+        summary+="  exit $(printf %-3s "$last_rc") $(printf %4s $((SECONDS - t0))) s  $what"$'\n'
+
       }
       # The image has no expecttest (torch.library.opcheck needs it); an old setuptools cannot
       # read pyproject's SPDX license string. Both travel as wheels in .whl (the cutlass stage).
@@ -192,6 +199,7 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
+  [ -z "$summary" ] || printf '== parts (exit 124: out of its time slice)\n%s' "$summary"
   echo "== $stage: $([ $failed -eq 0 ] && echo ok || echo FAILED)"
   exit $failed
 } 2>&1 | tee "$log"
