@@ -175,10 +175,15 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
         part 50 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py tests/test_cache.py -k "unchecked and not pipelined"
         part 45 $py -m shadowkv bench decode --device cuda --scores  # both decode kernels
         part 60 $py -m shadowkv bench attention --device cuda
-        # The main job on the GPU (never run there yet): a few steps, a short warm-up (the model
-        # cache is empty on a fresh machine); the run folder stays out of $OUT (8 files come back).
-        part 90 $py -m shadowkv train --device cuda --dtype bfloat16 --steps 4 --sft-steps 50 --eval-prompts 16 \
-          --quiet --out /tmp/train-run  # bfloat16: the learner runs the default tensor-core kernels
+        # The main job on the GPU (never run there yet): 4 steps in bf16 mixed precision of a
+        # random model with head dim 64 (--init: no warm-up; the default model's head dim 32
+        # would run the SIMT kernels), so the learner runs the default tensor-core kernels. The
+        # run folder stays out of $OUT (only 8 files come back).
+        $py -c "from shadowkv.tasks import make_task; from shadowkv.warmup import ModelConfig, build_model; \
+build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=256, heads=4, kv_heads=2))\
+.save_pretrained('/tmp/init-d64')" > /dev/null 2>&1
+        part 90 $py -m shadowkv train --device cuda --dtype bfloat16 --init /tmp/init-d64 --steps 4 \
+          --eval-prompts 16 --quiet --out /tmp/train-run
         part 30 $py -m shadowkv bench replay --device cuda  # the bf16 replay floor (DESIGN.md's 2e-2)
         # memcheck has never run: small cases of the newest kernels (-x: the first finding ends it).
         mc() { PYTORCH_NO_CUDA_MEMORY_CACHING=1 part "$1" "$sanitizer" --tool memcheck --error-exitcode 3 \

@@ -65,8 +65,8 @@ class TrainConfig:
     # build has CUDA kernels). The warm-up of the default model always runs on the CPU (cached).
     device: str = "cpu"
     # float32, or bfloat16 mixed precision: rollouts from a bfloat16 copy of the weights, the
-    # learner under autocast (bfloat16 matmuls and attention: the GPU's tensor-core kernels),
-    # float32 master weights and optimizer.
+    # learner under autocast (bfloat16 matmuls and attention: the GPU's tensor-core kernels for
+    # head dims 64/128), float32 master weights and optimizer.
     dtype: str = "float32"
 
     def check(self) -> None:
