@@ -39,6 +39,9 @@ py=${PYTHON:-python3}
 # kernels built: every kernel family, dtype and edge case, the unchecked paged paths on bad
 # values included); no long contexts, random shapes, layouts, opcheck or argument errors.
 cases="named_cases or matches_reference or round_trip or empty or no_visible_key or out_only or unchecked"
+# The test selections no GPU has passed yet: each stage runs them in processes of their own (an
+# illegal address poisons the CUDA context of the process that hits it).
+untried="pipelined or cute or wgmma or unchecked"
 
 # What the extension is built from: a prebuilt one is used only if this matches its stamp.
 src_stamp() { find csrc CMakeLists.txt setup.py -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16; }
@@ -95,9 +98,8 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
       # The kernels no GPU has run yet (the CuTe family incl. the wgmma kernels, the unchecked
       # paged paths) go in their own processes: a fault there (an illegal address poisons the
       # CUDA context) must not take the verdict on everything else with it.
-      new="pipelined or cute or wgmma or unchecked"
       run $py -m pytest -q -rs tests/test_shadow_attention_cuda.py tests/test_paged_kv_cuda.py \
-        tests/test_sampler_cuda.py -s -k "not ($new)"
+        tests/test_sampler_cuda.py -s -k "not ($untried)"
       run $py -m pytest -q -rs tests/test_paged_kv_cuda.py -k pipelined
       run $py -m pytest -q -rs tests/test_shadow_attention_cuda.py -k cute
       run $py -m pytest -q -rs tests/test_shadow_attention_cuda.py -k wgmma
@@ -109,7 +111,7 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
       # access past a tensor's end instead of landing in a cached block.
       # The kernels no GPU has run yet (CuTe, unchecked paged paths) in a second process, as in
       # the test stage.
-      for sel in "not (pipelined or cute or wgmma or unchecked)" "pipelined or cute or wgmma or unchecked"; do
+      for sel in "not ($untried)" "$untried"; do
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 run "$sanitizer" --tool "$stage" --error-exitcode 3 \
           --target-processes all $py -m pytest -q -x tests/test_paged_kv_cuda.py \
           tests/test_shadow_attention_cuda.py -k "($cases) and not long_contexts and ($sel)"
@@ -134,7 +136,6 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
         run timeout -k 5 "$t" "$@"
         echo "  ($((SECONDS - t0)) s of $t)"
         summary+="  exit $(printf %-3s "$last_rc") $(printf %4s $((SECONDS - t0))) s  $what"$'\n'
-
       }
       # The image has no expecttest (torch.library.opcheck needs it); an old setuptools cannot
       # read pyproject's SPDX license string. Both travel as wheels in .whl (the cutlass stage).
@@ -149,11 +150,12 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
       # A prebuilt extension (the prebuild stage, carried as .prebuilt) replaces the build when it
       # was built from these very sources and loads here.
       so=$(ls .prebuilt/_C.cpython-312-*.so 2>/dev/null | head -n 1)
-      if [ -n "$so" ] && [ "$(cat .prebuilt/stamp 2>/dev/null)" = "$(src_stamp)" ] \
+      stamp=$(src_stamp)
+      if [ -n "$so" ] && [ "$(cat .prebuilt/stamp 2>/dev/null)" = "$stamp" ] \
           && cp "$so" shadowkv/ && PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} $py -m shadowkv info; then
         export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
         run nvidia-smi
-        echo "using the prebuilt extension $so (stamp $(src_stamp))"
+        echo "using the prebuilt extension $so (stamp $stamp)"
       else
         [ -z "$so" ] || { echo "the prebuilt extension does not match these sources or does not load: building"; rm -f shadowkv/_C.cpython-312-*.so; }
         part 300 bash "$0" build
@@ -168,8 +170,7 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
       # H200 (2026-11-26): build 81 s, the first group 114 s with 8 workers, the others ~20 s.
       # shellcheck disable=SC2086
       {
-        new="pipelined or cute or wgmma or unchecked"
-        part 150 $py -m pytest $opts $(xd 12) $tests -k "not ($new)"
+        part 150 $py -m pytest $opts $(xd 12) $tests -k "not ($untried)"
         part 60 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py -k pipelined
         part 50 $py -m pytest $opts $(xd 8) tests/test_shadow_attention_cuda.py -k "cute or wgmma"
         part 50 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py tests/test_cache.py -k "unchecked and not pipelined"
