@@ -24,11 +24,10 @@ import os
 import pytest
 import torch
 
-from shadowkv import Sampler
-from shadowkv.learner import token_logprobs
+from shadowkv.benchmarks import replay as bench_replay
 from shadowkv.policies import H2O, FullCache, SnapKV, StreamingLLM
 
-from .models import VOCAB, tiny_model
+from .models import tiny_model
 
 DEVICE = os.environ.get("SHADOWKV_SAMPLER_TEST_DEVICE", "cuda")
 pytestmark = [
@@ -55,16 +54,10 @@ def model(request, tmp_path_factory):
 
 
 def replay_errors(model, policy, budget):
-    """|sampler log-prob - replay log-prob| over the generated tokens: (shadow, dense), float32."""
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(1, VOCAB, (int(n),), generator=g) for n in (37, 64, 90)]
-    rollout = Sampler(model, policy, budget=budget, page_size=16).generate(prompts, max_new_tokens=200, seed=0)
+    """(rollout, shadow errors, dense errors): shadowkv bench replay's measurement, on DEVICE."""
+    rollout, shadow, dense = bench_replay.replay_errors(model, policy, budget)
     assert rollout.tokens.device.type == torch.device(DEVICE).type
-    m = rollout.action_mask
-    errors = []
-    for mask in ("shadow", "dense"):
-        errors.append((token_logprobs(model, rollout, mask).float() - rollout.logprobs)[m].abs())
-    return rollout, errors[0], errors[1]
+    return rollout, shadow, dense
 
 
 @pytest.fixture(scope="module")

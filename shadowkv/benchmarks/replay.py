@@ -49,6 +49,21 @@ class _Fp32Head(torch.nn.Module):
         return torch.nn.functional.linear(x.float(), self.lin.weight.float(), bias)
 
 
+def replay_errors(model, policy, budget, new: int = 200, seed: int = 0):
+    """Samples 3 prompts (37, 64, 90 tokens) x ``new`` tokens with ``policy`` at ``budget`` and
+    replays them: (rollout, shadow errors, dense errors), where the errors are float32
+    |sampler log-prob - replay log-prob| over the generated tokens, on the model's device.
+    ``tests/test_sampler_cuda.py`` bounds exactly these."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, model.config.vocab_size, (n,), generator=g) for n in (37, 64, 90)]
+    rollout = Sampler(model, policy, budget=budget, page_size=16).generate(prompts, max_new_tokens=new, seed=seed)
+    m = rollout.action_mask
+    with torch.no_grad():
+        shadow, dense = ((token_logprobs(model, rollout, mask).float() - rollout.logprobs)[m].abs()
+                         for mask in ("shadow", "dense"))
+    return rollout, shadow, dense
+
+
 def build_model(head_dim: int, dtype: torch.dtype, device: str, seed: int) -> torch.nn.Module:
     """The replay test's model: width 256, 256 / D query and 128 / D KV heads, 2 layers."""
     torch.manual_seed(seed)
@@ -81,23 +96,15 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(args.head_dim, dtype, device, args.seed)
     if args.fp32_head:
         model.lm_head = _Fp32Head(model.lm_head)
-    g = torch.Generator().manual_seed(args.seed)
-    prompts = [torch.randint(1, VOCAB, (n,), generator=g) for n in (37, 64, 90)]
-
     rows, floor = [], None
     for name, (make, budget) in POLICIES.items():
-        rollout = Sampler(model, make(), budget=budget, page_size=16).generate(prompts, max_new_tokens=args.new,
-                                                                              seed=args.seed)
-        m = rollout.action_mask
-        with torch.no_grad():
-            err = {mask: (token_logprobs(model, rollout, mask).float() - rollout.logprobs)[m].abs().double().cpu()
-                   for mask in ("shadow", "dense")}
-        shadow = err["shadow"]
+        _, shadow, dense = replay_errors(model, make(), budget, args.new, args.seed)
+        shadow = shadow.double().cpu()
         stats = (shadow.max().item(), torch.quantile(shadow, 0.999).item(), shadow.mean().item())
         if floor is None:
             floor = stats
         rows.append([name, *(f"{v:.2e}" for v in stats), f"{stats[0] / floor[0]:.2f}", f"{stats[2] / floor[2]:.2f}",
-                     f"{err['dense'].max().item():.2e}", str(int(m.sum()))])
+                     f"{dense.max().item():.2e}", str(shadow.numel())])
 
     head = "fp32 LM head" if args.fp32_head else f"{args.dtype} logits"
     print(f"{device} {args.dtype}, head dim {args.head_dim}, {head}; |sampler logp - replay logp| over the generated "
