@@ -30,21 +30,6 @@
 namespace shadowkv {
 namespace cuda_attn {
 
-// Rows [r0, r0 + Rows) of two global [*, D] matrices (a, b: Q and dO, or K and V) into the
-// shared tiles dst_a and dst_b with cp.async (gmem_thr is gmem_copy's slice for this thread,
-// coord its partition of a (Rows, D) identity tensor); rows r with !keep(r) become zeros.
-template <int Rows, int D, class GmemCopy, class GmemThr, class Coord, class Keep, class E, class DstA, class DstB>
-__device__ __forceinline__ void load_pair(GmemCopy const& gmem_copy, GmemThr const& gmem_thr, Coord const& coord,
-                                          int64_t r0, Keep const& keep, const E* a, int64_t a_stride, DstA&& dst_a,
-                                          const E* b, int64_t b_stride, DstB&& dst_b) {
-  using cuda_cute::copy_rows_if;
-  using cuda_cute::gmem_tile;
-  copy_rows_if(gmem_copy, gmem_thr.partition_S(gmem_tile<Rows, D>(a, a_stride, r0)), gmem_thr.partition_D(dst_a),
-               coord, keep);
-  copy_rows_if(gmem_copy, gmem_thr.partition_S(gmem_tile<Rows, D>(b, b_stride, r0)), gmem_thr.partition_D(dst_b),
-               coord, keep);
-}
-
 // The keep predicate of rows [0, valid).
 __device__ __forceinline__ auto rows_below(int64_t valid) {
   return [valid](int row) { return row < valid; };
@@ -57,10 +42,11 @@ __device__ __forceinline__ void load_q_do(GmemCopy const& gmem_copy, GmemThr con
                                           const ShadowAttentionBwdParams& bp, const KeyTile& kt, Step st,
                                           DstQ&& dst_q, DstDO&& dst_do) {
   const ShadowAttentionParams& p = bp.fwd;
-  load_pair<Rows, D>(gmem_copy, gmem_thr, coord, st.i0, rows_below(p.q_len - st.i0),
-                     static_cast<const E*>(p.q) + kt.b * p.q_stride[0] + st.hq * p.q_stride[1], p.q_stride[2], dst_q,
-                     static_cast<const E*>(bp.grad_out) + kt.b * bp.do_stride[0] + st.hq * bp.do_stride[1],
-                     bp.do_stride[2], dst_do);
+  cuda_cute::load_pair<Rows, D>(gmem_copy, gmem_thr, coord, st.i0, rows_below(p.q_len - st.i0),
+                                static_cast<const E*>(p.q) + kt.b * p.q_stride[0] + st.hq * p.q_stride[1],
+                                p.q_stride[2], dst_q,
+                                static_cast<const E*>(bp.grad_out) + kt.b * bp.do_stride[0] + st.hq * bp.do_stride[1],
+                                bp.do_stride[2], dst_do);
 }
 
 // lse2 = lse * log2(e) and delta = rowsum(dO * O) - grad_lse of query row q of a tile whose row
@@ -209,8 +195,8 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     auto gmem_thr = gmem_copy.get_thread_slice(tid);
     Tensor tOwnC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
     Tensor tPartC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
-    load_pair<BM, D>(gmem_copy, gmem_thr, tOwnC, t.i0, rows_below(t.rows), qg, p.q_stride[2], sQ, dog,
-                     bp.do_stride[2], sdO);
+    cuda_cute::load_pair<BM, D>(gmem_copy, gmem_thr, tOwnC, t.i0, rows_below(t.rows), qg, p.q_stride[2], sQ, dog,
+                                bp.do_stride[2], sdO);
     cp_async_fence();
 
     auto q_op = mma.own(sQ);
@@ -230,9 +216,9 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     // K, V rows that no valid row of the block sees are zeros (kv_row_needed).
     auto load_kv = [&](int64_t tile, TileKind tile_kind, int stage) {
       const int64_t k0 = tile * BN;
-      load_pair<BN, D>(gmem_copy, gmem_thr, tPartC, k0,
-                       [&](int row) { return kv_row_needed(row, k0, p, t, tile_kind, evg); }, kg, p.k_stride[2],
-                       stages.tile(stage, 0), vg, p.v_stride[2], stages.tile(stage, 1));
+      cuda_cute::load_pair<BN, D>(gmem_copy, gmem_thr, tPartC, k0,
+                                  [&](int row) { return kv_row_needed(row, k0, p, t, tile_kind, evg); }, kg,
+                                  p.k_stride[2], stages.tile(stage, 0), vg, p.v_stride[2], stages.tile(stage, 1));
     };
     TileKind kind = TileKind::kSkip;
     int64_t tile = next_live_tile<BN>(0, n_key_tiles, kinds_s, mm, n_ev_tiles, p, t, kind);
@@ -305,8 +291,9 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     Tensor tOwnC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
     Tensor tPartC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
     // Own K, V rows that no query of the block's range sees are zeros (own_kv_row_needed).
-    load_pair<BM, D>(gmem_copy, gmem_thr, tOwnC, kt.k0, [&](int row) { return own_kv_row_needed(row, p, kt, evg); },
-                     kg, p.k_stride[2], sK, vg, p.v_stride[2], sV);
+    cuda_cute::load_pair<BM, D>(gmem_copy, gmem_thr, tOwnC, kt.k0,
+                                [&](int row) { return own_kv_row_needed(row, p, kt, evg); }, kg, p.k_stride[2], sK,
+                                vg, p.v_stride[2], sV);
     cp_async_fence();
 
     auto k_op = mma.own(sK);

@@ -152,6 +152,19 @@ __device__ __forceinline__ void copy_rows(TiledCopy const& tiled_copy, Src const
   copy_rows_if(tiled_copy, src, static_cast<Dst&&>(dst), coord, [valid_rows](int row) { return row < valid_rows; });
 }
 
+// Rows [r0, r0 + Rows) of two global [*, D] matrices (a, b: Q and dO, or K and V) into the
+// shared tiles dst_a and dst_b with cp.async (gmem_thr is gmem_copy's slice for this thread,
+// coord its partition of a (Rows, D) identity tensor); rows r with !keep(r) become zeros.
+template <int Rows, int D, class GmemCopy, class GmemThr, class Coord, class Keep, class E, class DstA, class DstB>
+__device__ __forceinline__ void load_pair(GmemCopy const& gmem_copy, GmemThr const& gmem_thr, Coord const& coord,
+                                          int64_t r0, Keep const& keep, const E* a, int64_t a_stride, DstA&& dst_a,
+                                          const E* b, int64_t b_stride, DstB&& dst_b) {
+  copy_rows_if(gmem_copy, gmem_thr.partition_S(gmem_tile<Rows, D>(a, a_stride, r0)), gmem_thr.partition_D(dst_a),
+               coord, keep);
+  copy_rows_if(gmem_copy, gmem_thr.partition_S(gmem_tile<Rows, D>(b, b_stride, r0)), gmem_thr.partition_D(dst_b),
+               coord, keep);
+}
+
 // One thread's shared -> register copies (ldmatrix) for the block's MMAs: `a` for A operands
 // (row-major [rows][D] tiles), `b` for B operands ([partner rows][D]) and `bt` for transposed
 // B operands (a partner tile seen as [D][partner rows]). Partition a shared tile with

@@ -351,15 +351,15 @@ AttnKernel requested_kernel(const char* fn) {
   }
   if (v == "wmma") return AttnKernel::kWmma;
   if (v == "simt") return AttnKernel::kSimt;
-  if (v == "cute" || v == "wgmma") {
+  if (v == "cute" || v == "wgmma" || v == "wgmma2") {
 #ifdef SHADOWKV_HAS_CUTE
-    return v == "cute" ? AttnKernel::kCute : AttnKernel::kWgmma;
+    return v == "cute" ? AttnKernel::kCute : v == "wgmma" ? AttnKernel::kWgmma : AttnKernel::kWgmma2;
 #else
     bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL=" + v + ", but this build has no CuTe kernel (it was built without the "
             "CUTLASS headers: install nvidia-cutlass or set CUTLASS_DIR, then rebuild)");
 #endif
   }
-  bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wgmma, wmma, simt; got '" + v + "'");
+  bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wgmma, wgmma2, wmma, simt; got '" + v + "'");
 }
 
 }  // namespace cuda_attn
@@ -379,7 +379,9 @@ void shadow_attention_fwd_cuda(const ShadowAttentionParams& p, void* stream) {
 #ifdef SHADOWKV_HAS_CUTE
   if (tc && choice == AttnKernel::kWgmma && wgmma_available(s))
     return launch_fwd_wgmma(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
-  if (tc && (choice == AttnKernel::kCute || choice == AttnKernel::kWgmma))
+  if (tc && choice == AttnKernel::kWgmma2 && wgmma_available(s))
+    return launch_fwd_wgmma2(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
+  if (tc && choice != AttnKernel::kWmma)  // cute, and wgmma/wgmma2 where no sm_90a code runs
     return launch_fwd_cute(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
 #endif
 

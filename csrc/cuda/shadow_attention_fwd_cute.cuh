@@ -193,17 +193,127 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
   }
 }
 
-// Host: runs fwd_kernel<F> over every (batch, query head, 64-row query tile).
+// The same forward with K and V double-buffered (cuda_cute::PartnerStages, as the dQ kernel):
+// per live key tile one barrier, after which the next live tile's K and V are requested into
+// the other stage and load under this tile's S, softmax and P V. fwd_kernel instead overlaps
+// each load with half a tile's work and relies on a second resident block to hide the rest;
+// a 128-row block of two warpgroups (the "wgmma2" family) is alone on its SM at head_dim 128.
+// Needs one partner tile more of shared memory per stage than fwd_kernel.
 template <class F>
+__global__ void __launch_bounds__(F::Traits::kThreads)
+    fwd_staged_kernel(const ShadowAttentionParams p, const int2* __restrict__ ev_mm, int64_t n_ev_tiles,
+                      float scale_log2) {
+  if constexpr (!F::kBody) {
+    __trap();  // the host only launches a family where its body was built (and loads)
+  } else {
+    using namespace cute;
+    using Tr = typename F::Traits;
+    using T = typename Tr::Input;
+    using E = typename Tr::Element;
+    constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, D = Tr::kHeadDim;
+    const int tid = threadIdx.x;
+    F mma(tid);
+
+    unsigned char* smem = F::smem();
+    Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem)), typename Tr::SmemLayoutOwn{});
+    const cuda_cute::PartnerStages<Tr> stages(reinterpret_cast<E*>(smem + Tr::kOwnBytes));  // stage s: K, V
+    int* kinds_s = reinterpret_cast<int*>(smem + Tr::kOwnBytes + cuda_cute::PartnerStages<Tr>::kBytes);
+
+    const QueryTile t = query_tile(p, BM);
+    const E* qg = static_cast<const E*>(p.q) + t.b * p.q_stride[0] + t.hq * p.q_stride[1] + t.i0 * p.q_stride[2];
+    const E* kg = static_cast<const E*>(p.k) + t.b * p.k_stride[0] + t.hkv * p.k_stride[1];
+    const E* vg = static_cast<const E*>(p.v) + t.b * p.v_stride[0] + t.hkv * p.v_stride[1];
+    const int32_t* evg = p.evicted_at + t.b * p.ev_stride[0] + t.hkv * p.ev_stride[1];
+    const int2* mm = ev_mm + (t.b * p.num_kv_heads + t.hkv) * n_ev_tiles;
+
+    typename Tr::GmemTiledCopy gmem_copy;
+    auto gmem_thr = gmem_copy.get_thread_slice(tid);
+    Tensor tPartC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
+
+    auto q_op = mma.own(sQ);
+    Tensor acc_o = mma.out_acc();
+    clear(acc_o);
+
+    Tensor tScS_rc = F::rowcol(mma.score_coords());
+    constexpr int kRows = decltype(size<0>(tScS_rc))::value;
+    constexpr int kCols = decltype(size<1>(tScS_rc))::value;
+    float m_run[kRows], l_run[kRows];
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      m_run[r] = -INFINITY;
+      l_run[r] = 0.f;
+    }
+
+    cuda_cute::copy_rows(gmem_copy, gmem_thr.partition_S(cuda_cute::gmem_tile<BM, D>(qg, p.q_stride[2], 0)),
+                         gmem_thr.partition_D(sQ), gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{})),
+                         t.rows);
+
+    const int64_t n_key_tiles = (min(p.kv_len, t.p1 + 1) + BN - 1) / BN;
+    // K and V rows that no valid row of the block sees are zeros (kv_row_needed): the masked
+    // scores ignore K, but P V would turn a non-finite V row into NaN.
+    auto load_kv = [&](int64_t tile, TileKind tile_kind, int stage) {
+      const int64_t k0 = tile * BN;
+      cuda_cute::load_pair<BN, D>(gmem_copy, gmem_thr, tPartC, k0,
+                                  [&](int row) { return kv_row_needed(row, k0, p, t, tile_kind, evg); }, kg,
+                                  p.k_stride[2], stages.tile(stage, 0), vg, p.v_stride[2], stages.tile(stage, 1));
+    };
+    TileKind kind = TileKind::kSkip;
+    int64_t tile = next_live_tile<BN>(0, n_key_tiles, kinds_s, mm, n_ev_tiles, p, t, kind);
+    if (tile < n_key_tiles) load_kv(tile, kind, 0);
+    cp_async_fence();  // group: Q and the first K, V
+
+    for (int stage = 0; tile < n_key_tiles; stage ^= 1) {
+      cp_async_wait<0>();
+      F::publish();
+      // This stage's K, V (and on the first tile Q) landed for every thread, and every warp is
+      // done with the other stage (the previous tile), which the prefetch below refills.
+      __syncthreads();
+      TileKind next_kind = TileKind::kSkip;
+      const int64_t next = next_live_tile<BN>(tile + 1, n_key_tiles, kinds_s, mm, n_ev_tiles, p, t, next_kind);
+      if (next < n_key_tiles) load_kv(next, next_kind, stage ^ 1);
+      cp_async_fence();
+
+      const int64_t k0 = tile * BN;
+      Tensor acc_s = mma.score_acc();
+      mma.scores(acc_s, q_op, stages.tile(stage, 0));
+
+      Tensor s = F::rowcol(acc_s);
+      Tensor o_rc = F::rowcol(acc_o);
+      int ev_col[kCols];
+      cuda_cute::load_column_log(ev_col, evg, k0, p.kv_len, tScS_rc, kind == TileKind::kPartial, kEvOutOfRange);
+      softmax_tile(s, tScS_rc, o_rc, ev_col, kind == TileKind::kPartial, k0, t.p0, scale_log2, m_run, l_run);
+
+      Tensor rP = F::a_operand(acc_s);
+      mma.update(acc_o, rP, stages.tile(stage, 1));
+
+      tile = next;
+      kind = next_kind;
+    }
+    cp_async_wait<0>();  // nothing may be in flight at exit (a block without live tiles loaded Q)
+
+    write_rows<T>(p, t, F::rowcol(acc_o), F::rowcol(mma.out_coords()), m_run, l_run);
+  }
+}
+
+// Host: runs fwd_kernel<F> (kStaged: fwd_staged_kernel<F>) over every (batch, query head,
+// kBlockM-row query tile).
+template <class F, bool kStaged = false>
 void launch_fwd_family(const ShadowAttentionParams& p, const int2* mm, int64_t n_ev, float scale_log2,
                        cudaStream_t s) {
   using Tr = typename F::Traits;
-  // Q, K, V, the tile kinds (next_live_tile), the family's slack
-  const size_t smem = Tr::kOwnBytes + 2 * Tr::kPartnerBytes + Tr::kThreads * sizeof(int) + F::kSmemSlack;
-  auto kernel = fwd_kernel<F>;
+  // Q, K and V (two stages of both when staged), the tile kinds (next_live_tile), the family's slack
+  const size_t kv_bytes = kStaged ? cuda_cute::PartnerStages<Tr>::kBytes : 2 * Tr::kPartnerBytes;
+  const size_t smem = Tr::kOwnBytes + kv_bytes + Tr::kThreads * sizeof(int) + F::kSmemSlack;
+  auto kernel = [] {  // only the chosen body is instantiated
+    if constexpr (kStaged) {
+      return fwd_staged_kernel<F>;
+    } else {
+      return fwd_kernel<F>;
+    }
+  }();
   set_smem_limit(kernel, smem);
   const int64_t blocks = p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM);
-  const std::string name = std::string("fwd_kernel (") + F::kName + ")";
+  const std::string name = std::string(kStaged ? "fwd_staged_kernel (" : "fwd_kernel (") + F::kName + ")";
   kernel<<<grid_1d(blocks, name.c_str()), Tr::kThreads, smem, s>>>(p, mm, n_ev, scale_log2);
   check_launch(name.c_str());
 }

@@ -5,13 +5,16 @@
 //     mma.sync family), bfloat16/float16, head_dim 64/128, 16-byte aligned rows, sm_80+; built
 //     only when the CUTLASS/CuTe headers are found (CUTLASS_DIR, or the nvidia-cutlass package).
 //   * wgmma: the same kernel bodies on the sm_90a warpgroup-MMA family, same coverage, on
-//     H100/H200 in builds with 9.0a and the CuTe headers.
+//     H100/H200 in builds with 9.0a and the CuTe headers; one warpgroup (64 own rows) per block.
+//   * wgmma2: the wgmma family with two warpgroups (128 own rows) per block and a double-
+//     buffered K/V ring in the forward (fwd_staged_kernel); same coverage as wgmma. Opt-in until
+//     it has passed the GPU tests and measured faster (bench/RESULTS.md).
 //   * wmma: tensor-core kernels with the same coverage (shadow_attention_{fwd,bwd}.cu).
 //   * simt: every dtype and head_dim (shadow_attention_{fwd,bwd}.cu).
 // SHADOWKV_ATTENTION_KERNEL picks one per call (forward and backward alike): "auto" (default) =
 // "wgmma" in builds with the CuTe kernels, else "wmma"; "cute" = cute where it applies (an
-// error in a build without it), else simt; "wgmma" = the wgmma kernels where they apply, else
-// as "cute"; "wmma" = wmma where it applies, else simt; "simt" = simt always. The CuTe kernels
+// error in a build without it), else simt; "wgmma" / "wgmma2" = those kernels where they apply,
+// else as "cute"; "wmma" = wmma where it applies, else simt; "simt" = simt always. The CuTe kernels
 // became the default after passing every GPU test on an H200, 2.1-2.8x faster than wmma there
 // (bench/RESULTS.md, 2026-11-26).
 #pragma once
@@ -25,7 +28,7 @@
 namespace shadowkv {
 namespace cuda_attn {
 
-enum class AttnKernel { kWmma, kCute, kWgmma, kSimt };
+enum class AttnKernel { kWmma, kCute, kWgmma, kWgmma2, kSimt };
 
 // The family SHADOWKV_ATTENTION_KERNEL asks for; throws std::invalid_argument (naming `fn`) on a
 // bad value, and for "cute" in a build without the CuTe kernels.
@@ -49,6 +52,11 @@ void launch_fwd_wgmma(const ShadowAttentionParams& p, const int2* ev_mm, int64_t
                       cudaStream_t s);
 void launch_bwd_wgmma(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
                       const float* delta, float scale_log2, cudaStream_t s);
+// The same with two warpgroups per block ("wgmma2"; the caller checks as for wgmma).
+void launch_fwd_wgmma2(const ShadowAttentionParams& p, const int2* ev_mm, int64_t n_ev, float scale_log2,
+                       cudaStream_t s);
+void launch_bwd_wgmma2(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
+                       const float* delta, float scale_log2, cudaStream_t s);
 #endif
 
 }  // namespace cuda_attn

@@ -3,8 +3,9 @@
 // included by shadow_attention_{fwd,bwd}_wgmma_cute.cu and by the host-side layout test
 // (tests/cpp/test_cute_layouts.cu), which checks the register maps below without a GPU.
 //
-// One warpgroup (4 warps, 128 threads) owns 64 rows, one wgmma atom high. In the forward, per
-// key tile:
+// A warpgroup (4 warps, 128 threads) owns 64 rows, one wgmma atom high; a block has one ("wgmma")
+// or two ("wgmma2": 128 own rows, so every partner tile staged in shared memory feeds twice the
+// MMAs). In the forward, per key tile:
 //   S = Q K^T   wgmma 64 x BN x 16, both operands read from shared memory by descriptor;
 //   O += P V    wgmma 64 x D x 16, P from registers (the S accumulator, rounded to 16 bits: the
 //               accumulator and the register A operand line up, see acc_as_a_operand) and V
@@ -51,7 +52,11 @@ constexpr size_t kSmemAlignSlack = 1024;
 //   update  64 x D x BN: a probability-sized accumulator (P, dS, P^T, dS^T) as register A
 //           operand times a partner tile read MN-major (O += P V, dQ += dS K, dV += P^T dO,
 //           dK += dS^T Q).
-template <typename T, int D, int BlockN>
+//
+// Warpgroups > 1 stacks that many warpgroups along the own rows (kBlockM = 64 x Warpgroups):
+// each runs the same wgmmas on its own 64 rows against the shared partner tile, and the kernel
+// bodies see one tiled MMA of kThreads threads, as with one warpgroup.
+template <typename T, int D, int BlockN, int Warpgroups = 1>
 struct TileTraits {
   static_assert(D == 64 || D == 128, "the wgmma kernels cover head_dim 64 and 128");
   static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "16-bit inputs only");
@@ -59,16 +64,21 @@ struct TileTraits {
   using Input = T;  // the CUDA type of the tensors (outputs are written as it)
   using Element = std::conditional_t<std::is_same<T, __half>::value, cute::half_t, cute::bfloat16_t>;
 
-  static constexpr int kThreads = 128;  // one warpgroup
-  static constexpr int kBlockM = 64;    // own rows per block: one wgmma atom
+  static_assert(Warpgroups == 1 || Warpgroups == 2, "one or two warpgroups per block");
+  static constexpr int kWarpgroups = Warpgroups;
+  static constexpr int kThreads = 128 * Warpgroups;
+  static constexpr int kBlockM = 64 * Warpgroups;  // own rows per block: one wgmma atom per warpgroup
   static constexpr int kBlockN = BlockN;
   static constexpr int kHeadDim = D;
 
+  // The warpgroups tile the own rows (M); each atom is one warpgroup's 64 x N x 16 wgmma.
+  using WarpgroupLayout = Layout<Shape<Int<Warpgroups>, _1, _1>>;
   using TiledMmaS = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kBlockN>, Int<D>>>()));
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockN>, Int<D>>>(), WarpgroupLayout{}));
   using TiledMmaO = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<D>, Int<kBlockN>>, GMMA::Major::K,
-                           GMMA::Major::MN>()));
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<D>, Int<kBlockN>>, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      WarpgroupLayout{}));
 
   using SmemLayoutAtom = GMMA::Layout_K_SW128_Atom<Element>;  // 8 rows x 64 halves, 128-byte swizzle
   using SmemLayoutOwn = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<D>>{}));
@@ -96,6 +106,13 @@ using FwdTraits = TileTraits<T, D, 64>;
 // and four partner tiles take 96 KB at head_dim 128.
 template <typename T, int D>
 using BwdTraits = TileTraits<T, D, 64>;
+// The "wgmma2" kernels: two warpgroups, 128 own rows, partner tiles of 64 rows. The forward
+// double-buffers K and V as the backward does (fwd_staged_kernel): with one 128-row block per
+// SM at head_dim 128 (the registers allow no more), no other block hides its loads.
+template <typename T, int D>
+using Fwd2Traits = TileTraits<T, D, 64, 2>;
+template <typename T, int D>
+using Bwd2Traits = TileTraits<T, D, 64, 2>;
 
 // A wgmma accumulator layout ((2 cols, 2 rows, N / 8 col groups), MMA_M, MMA_N) seen as
 // (rows = (2, MMA_M), cols = (2, N / 8, MMA_N)): the online softmax reduces along the second mode.
@@ -202,7 +219,7 @@ __device__ __forceinline__ void fence_smem_for_wgmma() {
 template <class Tr>
 struct Family {
   using Traits = Tr;
-  static constexpr const char* kName = "wgmma";
+  static constexpr const char* kName = Tr::kWarpgroups == 1 ? "wgmma" : "wgmma2";
   static constexpr bool kBody = SHADOWKV_WGMMA_BODY;
   static constexpr size_t kSmemSlack = kSmemAlignSlack;
 

@@ -242,9 +242,11 @@ void check_stages(const char* name) {
   std::printf("%s stages: %s\n", name, failures == 0 ? "ok" : "FAILED");
 }
 
-// The sm_90a forward (shadow_attention_wgmma.cuh): the same register maps for the wgmma
-// accumulators (scores 64 x BN, output 64 x D, one warpgroup) and for P reused as the register
-// A operand of the O += P V wgmma.
+// The sm_90a kernels (shadow_attention_wgmma.cuh): the same register maps for the wgmma
+// accumulators (scores 64 x BN, output 64 x D per warpgroup; one or two warpgroups stacked
+// along the rows) and for P reused as the register A operand of the O += P V wgmma; and the
+// shared-memory operands each warpgroup's descriptors cover: its own 64 rows of the own tile
+// (every column), the whole partner tile.
 template <typename Tr>
 void check_wgmma(const char* name) {
   namespace W = shadowkv::cuda_wgmma;
@@ -252,7 +254,8 @@ void check_wgmma(const char* name) {
   typename Tr::TiledMmaS mma_s;
   typename Tr::TiledMmaO mma_o;
   static_assert(decltype(size(mma_s))::value == Tr::kThreads && decltype(size(mma_o))::value == Tr::kThreads,
-                "one warpgroup");
+                "one MMA thread per block thread");
+  static_assert(M == 64 * Tr::kWarpgroups && Tr::kThreads == 128 * Tr::kWarpgroups, "64 rows per warpgroup");
   std::vector<std::vector<int>> score_cover(M, std::vector<int>(N, 0)), out_cover(M, std::vector<int>(D, 0));
   auto rows_of = [&](int tid) {
     Tensor tScS = mma_s.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{}));
@@ -279,6 +282,27 @@ void check_wgmma(const char* name) {
     const std::vector<int> mine = rows_of(tid);
     EXPECT(mine == rows_of(tid ^ 1) && mine == rows_of(tid ^ 2), "%s: tid %d rows not shared by its quad\n", name,
            tid);
+
+    // The shared-memory operands of S = Q K^T as this thread's warpgroup issues them: the A
+    // view is the warpgroup's 64 rows of the own tile, the B view the whole partner tile.
+    {
+      const int wg = tid / 128;
+      auto thr_s = mma_s.get_thread_slice(tid);
+      Tensor tQcA = thr_s.partition_A(make_identity_tensor(Shape<Int<M>, Int<D>>{}));
+      std::set<std::pair<int, int>> a_seen;
+      for (int i = 0; i < size(tQcA); ++i) {
+        const int row = get<0>(tQcA(i)), col = get<1>(tQcA(i));
+        EXPECT(row / 64 == wg, "%s: tid %d (warpgroup %d) A operand reads own row %d\n", name, tid, wg, row);
+        a_seen.emplace(row, col);
+      }
+      EXPECT(int(a_seen.size()) == 64 * D, "%s: tid %d A operand covers %d of its 64 x %d elements\n", name, tid,
+             int(a_seen.size()), D);
+      Tensor tKcB = thr_s.partition_B(make_identity_tensor(Shape<Int<N>, Int<D>>{}));
+      std::set<std::pair<int, int>> b_seen;
+      for (int i = 0; i < size(tKcB); ++i) b_seen.emplace(int(get<0>(tKcB(i))), int(get<1>(tKcB(i))));
+      EXPECT(int(b_seen.size()) == N * D, "%s: tid %d B operand covers %d of the %d x %d partner tile\n", name, tid,
+             int(b_seen.size()), N, D);
+    }
 
     // P as the register A operand of O += P V.
     auto thr_o = mma_o.get_thread_slice(tid);
@@ -342,5 +366,9 @@ int main() {
   check_wgmma<shadowkv::cuda_wgmma::FwdTraits<__half, 64>>("fwd fp16 d64");
   check_stages<shadowkv::cuda_wgmma::BwdTraits<__nv_bfloat16, 64>>("wgmma bwd bf16 d64");
   check_stages<shadowkv::cuda_wgmma::BwdTraits<__half, 128>>("wgmma bwd fp16 d128");
+  check_wgmma<shadowkv::cuda_wgmma::Fwd2Traits<__nv_bfloat16, 64>>("wgmma2 bf16 d64");
+  check_wgmma<shadowkv::cuda_wgmma::Fwd2Traits<__nv_bfloat16, 128>>("wgmma2 bf16 d128");
+  check_wgmma<shadowkv::cuda_wgmma::Fwd2Traits<__half, 128>>("wgmma2 fp16 d128");
+  check_stages<shadowkv::cuda_wgmma::Bwd2Traits<__nv_bfloat16, 128>>("wgmma2 stages bf16 d128");
   return failures == 0 ? 0 : 1;
 }
