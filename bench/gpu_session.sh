@@ -15,6 +15,7 @@
 #   bash bench/gpu_session.sh memcheck   # compute-sanitizer memcheck, the tests' small cases
 #   bash bench/gpu_session.sh racecheck  # compute-sanitizer racecheck, the same cases
 #   bash bench/gpu_session.sh bench      # the four benchmarks at the acceptance shapes
+#   bash bench/gpu_session.sh profile    # Nsight Compute on the wgmma and wgmma2 attention kernels
 #   bash bench/gpu_session.sh first      # all of it that fits ONE device call (see below)
 #
 # A session that draws a GPU gets 15 minutes of device time in all, start-up included, so its
@@ -30,7 +31,7 @@
 # `.cutlass` (and `.whl`) in the device tool's `carry` list, so the build compiles the CuTe kernel.
 # Copy the tables into bench/RESULTS.md with the device, date and commands.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh cutlass|prebuild|build|test|memcheck|racecheck|bench|first}
+stage=${1:?usage: gpu_session.sh cutlass|prebuild|build|test|memcheck|racecheck|bench|profile|first}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 log="$out/$stage.log"
@@ -51,6 +52,14 @@ failed=0
 run() { echo "+ $*"; "$@"; local rc=$?; echo "= exit $rc"; [ $rc -eq 0 ] || failed=1; last_rc=$rc; }
 summary=""  # first: one line per part, printed last (the device tool returns the output's tail)
 sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+ncu=$(command -v ncu || echo "${CUDA_HOME:-/usr/local/cuda}/bin/ncu")
+# Nsight Compute on one forward, dQ and dK/dV launch of a family (bench/profile_attention.py at
+# the benchmark's shape, 25% kept): where the attention kernels' time goes (issue stalls,
+# occupancy, memory), which no machine without a GPU can say.
+profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|dq_kernel|dkdv_kernel)" -c 3
+  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
+  --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters
+  $py bench/profile_attention.py --family)
 
 {
   echo "== $stage  $(date -u +%FT%TZ)  $(git rev-parse --short HEAD 2>/dev/null)"
@@ -185,6 +194,7 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
         mc memcheck 45 tests/test_paged_kv_cuda.py -k "pipelined and (matches_reference or unchecked_bad) and not many_seq"
         mc memcheck 45 tests/test_shadow_attention_cuda.py -k "family_matches_reference and (tiny or random_d64 or chunk_d64)"
         mc racecheck 45 tests/test_shadow_attention_cuda.py -k "family_matches_reference and (mha_random_d64 or gqa2_streaming_d128)"
+        part 60 "${profile[@]}" wgmma
         # The main job on the GPU (never run there yet): 4 steps in bf16 mixed precision of a
         # random model with head dim 64 (--init: no warm-up; the default model's head dim 32
         # would run the SIMT kernels), so the learner runs the default tensor-core kernels. The
@@ -199,6 +209,7 @@ build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=
         part 60 $py -m shadowkv bench rollout --device cuda --dtype bfloat16 -B 64 --prompt 512 --new 512 \
           --head-dim 128 --max-fit-batch 256
         part 30 $py -m pytest $opts -m slow tests/test_shadow_attention_cuda.py  # 32k context
+        part 60 "${profile[@]}" wgmma2
       }
       ;;
     bench)
@@ -206,6 +217,10 @@ build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=
       run $py bench/bench_decode.py --device cuda --scores
       run $py bench/bench_evict.py --device cuda
       run $py bench/bench_rollout.py --device cuda --dtype bfloat16 -B 64 --prompt 512 --new 2048 --head-dim 128
+      ;;
+    profile)
+      run "${profile[@]}" wgmma
+      run "${profile[@]}" wgmma2
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

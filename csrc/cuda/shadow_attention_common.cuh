@@ -397,7 +397,9 @@ struct HeadQuerySteps {
 template <int kWidth>
 __device__ __forceinline__ TileKind key_tile_kind(int* kinds, int64_t tile, int64_t n_tiles, const int2* mm,
                                                   int64_t n_ev_tiles, int64_t kv_len, int64_t p0, int64_t p1) {
-  const int c = static_cast<int>(tile % blockDim.x);
+  // 32-bit: an int64 remainder is a ~100-instruction subroutine call, paid per key tile
+  // (tile < 2^31: positions are int32).
+  const int c = static_cast<int>(static_cast<uint32_t>(tile) % blockDim.x);
   if (c == 0) {
     __syncthreads();  // the previous batch has been read by every thread
     const int64_t mine = tile + threadIdx.x;
