@@ -1,5 +1,5 @@
 // The CuTe shadow-attention forward on the sm_90a family with two warpgroups per block ("wgmma2"):
-// 128 query rows share each K/V tile, which fwd_staged_kernel double-buffers. Built only with
+// 128 query rows share each 128-key K/V tile, which fwd_staged_kernel double-buffers. Built only with
 // the CuTe headers; the body exists only in the sm_90a binary (traps elsewhere; the host asks
 // wgmma_available first).
 #include "shadow_attention_fwd_cute.cuh"

@@ -7,7 +7,8 @@
 //   * wgmma: the same kernel bodies on the sm_90a warpgroup-MMA family, same coverage, on
 //     H100/H200 in builds with 9.0a and the CuTe headers; one warpgroup (64 own rows) per block.
 //   * wgmma2: the wgmma family with two warpgroups (128 own rows) per block and a double-
-//     buffered K/V ring in the forward (fwd_staged_kernel); same coverage as wgmma. Opt-in until
+//     buffered ring of 128-key K/V tiles in the forward (fwd_staged_kernel); same coverage as
+//     wgmma. Opt-in until
 //     it has passed the GPU tests and measured faster (bench/RESULTS.md).
 //   * wmma: tensor-core kernels with the same coverage (shadow_attention_{fwd,bwd}.cu).
 //   * simt: every dtype and head_dim (shadow_attention_{fwd,bwd}.cu).

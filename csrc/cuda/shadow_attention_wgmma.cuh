@@ -106,11 +106,15 @@ using FwdTraits = TileTraits<T, D, 64>;
 // and four partner tiles take 96 KB at head_dim 128.
 template <typename T, int D>
 using BwdTraits = TileTraits<T, D, 64>;
-// The "wgmma2" kernels: two warpgroups, 128 own rows, partner tiles of 64 rows. The forward
-// double-buffers K and V as the backward does (fwd_staged_kernel): with one 128-row block per
-// SM at head_dim 128 (the registers allow no more), no other block hides its loads.
+// The "wgmma2" kernels: two warpgroups, 128 own rows. The forward double-buffers K and V as the
+// backward does (fwd_staged_kernel): with one 128-row block per SM at head_dim 128 (the
+// registers allow no more), no other block hides its loads. Its key tiles are 128 wide: the
+// S = Q K^T wgmma is then 64 x 128 x 16 (a third less shared-memory traffic per MMA than
+// 64 x 64) and there is one barrier per 128 keys; 179 registers, 160 KB of shared memory at
+// head_dim 128. The backward keeps 64-row partner tiles (its dQ and dK/dV kernels are at 254
+// registers already).
 template <typename T, int D>
-using Fwd2Traits = TileTraits<T, D, 64, 2>;
+using Fwd2Traits = TileTraits<T, D, 128, 2>;
 template <typename T, int D>
 using Bwd2Traits = TileTraits<T, D, 64, 2>;
 

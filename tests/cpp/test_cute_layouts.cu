@@ -369,6 +369,8 @@ int main() {
   check_wgmma<shadowkv::cuda_wgmma::Fwd2Traits<__nv_bfloat16, 64>>("wgmma2 bf16 d64");
   check_wgmma<shadowkv::cuda_wgmma::Fwd2Traits<__nv_bfloat16, 128>>("wgmma2 bf16 d128");
   check_wgmma<shadowkv::cuda_wgmma::Fwd2Traits<__half, 128>>("wgmma2 fp16 d128");
-  check_stages<shadowkv::cuda_wgmma::Bwd2Traits<__nv_bfloat16, 128>>("wgmma2 stages bf16 d128");
+  check_stages<shadowkv::cuda_wgmma::Fwd2Traits<__nv_bfloat16, 128>>("wgmma2 fwd bf16 d128");
+  check_stages<shadowkv::cuda_wgmma::Fwd2Traits<__half, 64>>("wgmma2 fwd fp16 d64");
+  check_stages<shadowkv::cuda_wgmma::Bwd2Traits<__nv_bfloat16, 128>>("wgmma2 bwd bf16 d128");
   return failures == 0 ? 0 : 1;
 }
