@@ -34,11 +34,14 @@
 #include <algorithm>
 #include <climits>
 
+#include "fast_divmod.cuh"
 #include "paged_kv_common.cuh"
 
 namespace shadowkv {
 namespace cuda_paged {
 namespace {
+
+using cuda_common::FastDivmod;
 
 constexpr int32_t kNeverEvicted = INT32_MAX;
 constexpr int32_t kNoSlot = INT32_MAX;  // "no such slot" in the block-wide minima
@@ -70,7 +73,9 @@ __device__ __forceinline__ int32_t claim_tag(int64_t slot) { return static_cast<
 struct HeadRows {
   const int32_t* table;  // block-table row
   int64_t table_stride;
-  uint32_t page_size;  // capped at INT32_MAX: exact for every slot < INT32_MAX, and 32-bit division
+  // The page size as a FastDivmod (page_divmod): slot -> (page, row) is computed for every word a
+  // compaction moves, and a runtime `/` plus `%` were most of the instructions per word.
+  cuda_common::FastDivmod page_div;
   char* k;
   char* v;
   int32_t* pos;
@@ -81,11 +86,12 @@ struct HeadRows {
   int32_t* log;
   int64_t log_stride;
 
-  __device__ __forceinline__ HeadRows(const EvictCompactParams& p, int64_t b, int64_t h, int64_t elem_bytes) {
+  __device__ __forceinline__ HeadRows(const EvictCompactParams& p, cuda_common::FastDivmod page_divmod, int64_t b,
+                                      int64_t h, int64_t elem_bytes)
+      : page_div(page_divmod) {
     const PagedKVCache& c = p.cache;
     table = c.block_tables + b * c.bt_stride[0];
     table_stride = c.bt_stride[1];
-    page_size = static_cast<uint32_t>(c.page_size < INT32_MAX ? c.page_size : INT32_MAX);
     k = static_cast<char*>(c.k_pages) + h * c.k_stride[2] * elem_bytes;
     v = static_cast<char*>(c.v_pages) + h * c.v_stride[2] * elem_bytes;
     pos = c.pos_pages + h * c.pos_stride[2];
@@ -102,35 +108,41 @@ struct HeadRows {
   }
   __device__ __forceinline__ bool kept(int64_t slot) const { return keep[slot * keep_stride] != 0; }
   // Slots are below seq_lens[b] <= INT32_MAX.
-  __device__ __forceinline__ int64_t page(int64_t slot) const {
-    return table[(static_cast<uint32_t>(slot) / page_size) * table_stride];
+  // A slot's page id (a block-table entry: int32) and row in it (< page size <= INT32_MAX).
+  struct Place {
+    int32_t page, row;
+  };
+  __device__ __forceinline__ Place place(int64_t slot) const {
+    const uint32_t s = static_cast<uint32_t>(slot), q = page_div.div(s);
+    return {table[static_cast<int64_t>(q) * table_stride], static_cast<int32_t>(page_div.mod(s, q))};
   }
-  __device__ __forceinline__ int64_t row(int64_t slot) const { return static_cast<uint32_t>(slot) % page_size; }
   __device__ __forceinline__ int32_t* position(int64_t slot) const {
-    return pos + page(slot) * pos_page + row(slot) * pos_row;
+    const Place at = place(slot);
+    return pos + at.page * pos_page + at.row * pos_row;
   }
   __device__ __forceinline__ int32_t* log_entry(int64_t position) const { return log + position * log_stride; }
   template <typename W>
-  __device__ __forceinline__ W* k_at(int64_t slot) const {
-    return reinterpret_cast<W*>(k + page(slot) * k_page + row(slot) * k_row);
+  __device__ __forceinline__ W* k_at(Place at) const {
+    return reinterpret_cast<W*>(k + at.page * k_page + at.row * k_row);
   }
   template <typename W>
-  __device__ __forceinline__ W* v_at(int64_t slot) const {
-    return reinterpret_cast<W*>(v + page(slot) * v_page + row(slot) * v_row);
+  __device__ __forceinline__ W* v_at(Place at) const {
+    return reinterpret_cast<W*>(v + at.page * v_page + at.row * v_row);
   }
 };
 
 // Block (sequence b, head h < max(Hkv, 1)): the HeadCheck of that row, see the file comment.
 // Reads pos_pages and the log only where the length and the block-table row are valid.
-__global__ void __launch_bounds__(kThreads) validate_kernel(const EvictCompactParams p, int64_t capacity,
-                                                            int64_t heads, bool claim, HeadCheck* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads)
+    validate_kernel(const EvictCompactParams p, FastDivmod page_div, int64_t capacity, int64_t heads, bool claim,
+                    HeadCheck* __restrict__ out) {
   const int64_t b = blockIdx.x / heads, h = blockIdx.x % heads;
   const int64_t S = p.keep_len, M = p.cache.max_pages, P = p.cache.num_pages, ps = p.cache.page_size;
   const int tid = threadIdx.x;
   const int64_t len = p.cache.seq_lens[b * p.cache.seq_lens_stride];
   const bool len_ok = len >= 0 && len <= capacity && len <= S;
   const bool has_head = h < p.cache.num_kv_heads;
-  const HeadRows rows(p, b, has_head ? h : 0, 1);
+  const HeadRows rows(p, page_div, b, has_head ? h : 0, 1);
 
   __shared__ int s_table_bad, s_kept, s_beyond, s_first_evicted, s_bad, s_dup;
   if (tid == 0) {
@@ -219,11 +231,12 @@ __global__ void __launch_bounds__(kThreads) validate_kernel(const EvictCompactPa
 // A rejected checked call: INT32_MAX back into every log entry that validate_kernel claimed
 // (only the claim that won an entry finds its own tag there).
 __global__ void __launch_bounds__(kThreads)
-    restore_kernel(const EvictCompactParams p, int64_t heads, const HeadCheck* __restrict__ checks) {
+    restore_kernel(const EvictCompactParams p, FastDivmod page_div, int64_t heads,
+                   const HeadCheck* __restrict__ checks) {
   const int64_t b = blockIdx.x / heads, h = blockIdx.x % heads;
   const HeadCheck r = checks[blockIdx.x];
   if (r.claim_end <= r.first_evicted) return;
-  const HeadRows rows(p, b, h, 1);
+  const HeadRows rows(p, page_div, b, h, 1);
   for (int64_t s = r.first_evicted + threadIdx.x; s < r.claim_end; s += kThreads) {
     if (rows.kept(s)) continue;
     int32_t* entry = rows.log_entry(*rows.position(s));
@@ -262,9 +275,14 @@ __device__ __forceinline__ int block_rank(bool flag, int* warp_counts, int& tota
   return before + __popc(ballot & ((1u << lane) - 1u));
 }
 
+// words: words_per_row as a FastDivmod (a word index -> (row, word) per moved word). At least 2
+// blocks per SM, as before FastDivmod (96 registers): without the bound ptxas went down to 80
+// registers for 16-byte words and spilled (4-20 bytes).
 template <int kWordBytes>
-__global__ void __launch_bounds__(kThreads) compact_kernel(const EvictCompactParams p, const HeadCheck* checks,
-                                                           int64_t elem_bytes, int words_per_row, int chunk) {
+__global__ void __launch_bounds__(kThreads, 2) compact_kernel(const EvictCompactParams p, FastDivmod page_div,
+                                                           const HeadCheck* checks, int64_t elem_bytes,
+                                                           FastDivmod words, int chunk) {
+  const int words_per_row = static_cast<int>(words.divisor);
   using W = typename Word<kWordBytes>::type;
   const int64_t H = p.cache.num_kv_heads;
   const int64_t b = blockIdx.x / H, h = blockIdx.x % H;
@@ -277,7 +295,7 @@ __global__ void __launch_bounds__(kThreads) compact_kernel(const EvictCompactPar
   __syncthreads();
   if (s_verdict < 0) return;  // invalid (unchecked call): nothing written
 
-  const HeadRows rows(p, b, h, elem_bytes);
+  const HeadRows rows(p, page_div, b, h, elem_bytes);
   const int64_t len = p.cache.seq_lens[b * p.cache.seq_lens_stride];
   const int32_t step = p.steps[b * p.steps_stride];
   float* scores = p.slot_scores ? p.slot_scores + b * p.scores_stride[0] + h * p.scores_stride[1] : nullptr;
@@ -301,10 +319,12 @@ __global__ void __launch_bounds__(kThreads) compact_kernel(const EvictCompactPar
     if (!direct) {
 #pragma unroll
       for (int u = 0; u < kWordsPerThread; ++u) {
-        const int item = tid + u * kThreads, i = item / words_per_row, w = item % words_per_row;
+        const uint32_t item = tid + u * kThreads;
+        const int i = static_cast<int>(words.div(item)), w = static_cast<int>(words.mod(item, i));
         if (i < total && c0 + s_src[i] != kept + i) {
-          kbuf[u] = rows.k_at<W>(c0 + s_src[i])[w];
-          vbuf[u] = rows.v_at<W>(c0 + s_src[i])[w];
+          const auto at = rows.place(c0 + s_src[i]);
+          kbuf[u] = rows.k_at<W>(at)[w];
+          vbuf[u] = rows.v_at<W>(at)[w];
         }
       }
     }
@@ -321,17 +341,20 @@ __global__ void __launch_bounds__(kThreads) compact_kernel(const EvictCompactPar
     if (!direct) {
 #pragma unroll
       for (int u = 0; u < kWordsPerThread; ++u) {
-        const int item = tid + u * kThreads, i = item / words_per_row, w = item % words_per_row;
+        const uint32_t item = tid + u * kThreads;
+        const int i = static_cast<int>(words.div(item)), w = static_cast<int>(words.mod(item, i));
         if (i < total && c0 + s_src[i] != kept + i) {
-          rows.k_at<W>(kept + i)[w] = kbuf[u];
-          rows.v_at<W>(kept + i)[w] = vbuf[u];
+          const auto at = rows.place(kept + i);
+          rows.k_at<W>(at)[w] = kbuf[u];
+          rows.v_at<W>(at)[w] = vbuf[u];
         }
       }
     } else if (total == 1 && c0 + s_src[0] != kept) {  // one slot per chunk: distinct rows
-      const W* ks = rows.k_at<W>(c0 + s_src[0]);
-      const W* vs = rows.v_at<W>(c0 + s_src[0]);
-      W* kd = rows.k_at<W>(kept);
-      W* vd = rows.v_at<W>(kept);
+      const auto from = rows.place(c0 + s_src[0]), to = rows.place(kept);
+      const W* ks = rows.k_at<W>(from);
+      const W* vs = rows.v_at<W>(from);
+      W* kd = rows.k_at<W>(to);
+      W* vd = rows.v_at<W>(to);
       for (int64_t w = tid; w < words_per_row; w += kThreads) {
         kd[w] = ks[w];
         vd[w] = vs[w];
@@ -488,23 +511,28 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream_ptr) {
   HeadCheck* records_dev = reinterpret_cast<HeadCheck*>(records.bytes());
   check_cuda(cudaMemsetAsync(records_dev, 0, static_cast<size_t>(B * heads) * sizeof(HeadCheck), stream),
              "cudaMemsetAsync (evict records)");
-  validate_kernel<<<row_blocks, kThreads, 0, stream>>>(p, c.slot_capacity(), heads, p.check_values, records_dev);
+  // check_cache_params has checked page_size >= 1; slots are < INT32_MAX, so a larger page acts
+  // as one of INT32_MAX slots.
+  const FastDivmod page_div(static_cast<uint32_t>(std::min<int64_t>(c.page_size, INT32_MAX)));
+  validate_kernel<<<row_blocks, kThreads, 0, stream>>>(p, page_div, c.slot_capacity(), heads, p.check_values,
+                                                       records_dev);
   // A checked call claimed log entries for its duplicate detection: whatever makes it leave
   // before compact_kernel (which overwrites the claims) is launched, a rejected value or a CUDA
   // error, puts them back first, so that a call that throws changes nothing.
   struct ClaimGuard {
     bool armed;
     const EvictCompactParams& p;
+    FastDivmod page_div;
     int64_t heads;
     unsigned blocks;
     const HeadCheck* records;
     cudaStream_t stream;
     ~ClaimGuard() {
       if (!armed) return;
-      restore_kernel<<<blocks, kThreads, 0, stream>>>(p, heads, records);
+      restore_kernel<<<blocks, kThreads, 0, stream>>>(p, page_div, heads, records);
       (void)cudaGetLastError();  // the exception in flight is the one to report
     }
-  } guard{p.check_values, p, heads, row_blocks, records_dev, stream};  // destroyed before `records`
+  } guard{p.check_values, p, page_div, heads, row_blocks, records_dev, stream};  // destroyed before `records`
   check_launch("validate_kernel");
 
   if (p.check_values) {
@@ -522,8 +550,8 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream_ptr) {
   if (H > 0) {
     dispatch_word(word, [&](auto w) {
       constexpr int kW = decltype(w)::value;
-      compact_kernel<kW><<<grid_1d(B * H, op), kThreads, 0, stream>>>(p, records_dev, es,
-                                                                      static_cast<int>(words_per_row), chunk);
+      compact_kernel<kW><<<grid_1d(B * H, op), kThreads, 0, stream>>>(
+          p, page_div, records_dev, es, FastDivmod(static_cast<uint32_t>(std::max<int64_t>(words_per_row, 1))), chunk);
     });
     check_launch("compact_kernel");
   }

@@ -37,6 +37,7 @@
 #include <type_traits>
 
 #include "cp_async.cuh"
+#include "fast_divmod.cuh"
 #include "paged_kv_common.cuh"
 
 namespace shadowkv {
@@ -69,6 +70,7 @@ struct DecodeLaunch {
   // The page size capped at INT32_MAX: every slot read is < seq_lens[b] <= INT32_MAX, so a larger
   // page acts the same. Computed on the host: deriving it in the kernel made the D = 128 path spill.
   int page_size;
+  cuda_common::FastDivmod page_div;  // slot -> (page, row) without a divide (the pipelined kernel)
 };
 
 // The sequence length the kernels may use: seq_lens[b], or -1 in an unchecked call when it is
@@ -425,25 +427,35 @@ __global__ void __launch_bounds__(kThreads, 4) decode_partition_pipelined_kernel
   // chunks and step b, and the pipeline never drains in between.
   const int chunks = (n + kChunk - 1) / kChunk;
   // Requests ring chunk t into its stage: rows past n and rows on a bad page become zeros (their
-  // results are never stored, or the sequence's outputs are NaN).
+  // results are never stored, or the sequence's outputs are NaN). A thread copies the same
+  // 16-byte piece of kCopies rows kThreads / kPieces apart, so its piece offset and the head's
+  // offset are fixed; per row it pays a FastDivmod, a shared-memory page id and two 64-bit
+  // multiply-adds (a runtime `/` and `%` by the page size were ~40 of the ~90 instructions each
+  // copy took, in a loop that has to keep up with HBM).
+  static_assert(kThreads % S::kPieces == 0, "a thread's copies share their piece");
+  const int piece = threadIdx.x % S::kPieces, j_first = threadIdx.x / S::kPieces;
+  const T* k_base = static_cast<const T*>(c.k_pages) + h * c.k_stride[2] + piece * S::kElemsPer16B;
+  const T* v_base = static_cast<const T*>(c.v_pages) + h * c.v_stride[2] + piece * S::kElemsPer16B;
   const auto issue = [&](int t) {
     const bool values = t >= chunks;
     const int ch = values ? t - chunks : t;
     T* stage = stages + (t % kStages) * kChunk * S::kRow;
+    const T* base = values ? v_base : k_base;
+    const int64_t page_stride = values ? c.v_stride[0] : c.k_stride[0];
+    const int64_t row_stride = values ? c.v_stride[1] : c.k_stride[1];
 #pragma unroll
     for (int r = 0; r < S::kCopies; ++r) {
-      const int i = threadIdx.x + r * kThreads;
-      const int j = i / S::kPieces, piece = i % S::kPieces;
+      const int j = j_first + r * (kThreads / S::kPieces);
       const int jj = ch * kChunk + j;  // slot within the partition (k0 + jj may pass INT32_MAX when jj >= n)
       const void* src = a.p.q;         // a valid global address (q is never empty here), not read by a zero fill
       bool ok = jj < n;
       if (ok) {
-        const int slot = k0 + jj;
-        const int page = pages[slot / ps - first_page];
+        const uint32_t slot = static_cast<uint32_t>(k0 + jj);  // < len <= INT32_MAX
+        const uint32_t page_index = a.page_div.div(slot);
+        const int page = pages[page_index - first_page];
         ok = page >= 0;
         if (ok) {
-          const T* row = values ? v_row<T>(c, page, slot % ps, h) : k_row<T>(c, page, slot % ps, h);
-          src = row + piece * S::kElemsPer16B;
+          src = base + page * page_stride + static_cast<int64_t>(a.page_div.mod(slot, page_index)) * row_stride;
         }
       }
       cuda_common::cp_async_16(stage + j * S::kRow + piece * S::kElemsPer16B, src, ok);
@@ -742,6 +754,7 @@ void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream_ptr) {
   a.stats = with_scores ? reinterpret_cast<float2*>(work.bytes() + stats_off) : nullptr;
   a.capacity = capacity;
   a.page_size = static_cast<int>(std::min<int64_t>(c.page_size, INT32_MAX));
+  a.page_div = cuda_common::FastDivmod(static_cast<uint32_t>(a.page_size));
   a.bad = nullptr;
   if (!p.check_values) {
     a.bad = reinterpret_cast<int*>(work.bytes() + bad_off);
