@@ -343,7 +343,8 @@ constexpr int kStages = 4;
 constexpr int kLanesPerSlot = 8;  // step a: threads per slot
 constexpr int kRowsPerPass = kThreads / kLanesPerSlot;  // step a: slots a block covers at once (16)
 constexpr int kSlotsPerThread = kChunk / kRowsPerPass;  // 2
-static_assert(kChunk % kRowsPerPass == 0 && kChunk % kWarps == 0, "chunk shape");
+constexpr int kLoadersPerSlot = kThreads / kChunk;       // copies: threads per staged slot (4)
+static_assert(kChunk % kRowsPerPass == 0 && kChunk % kWarps == 0 && kThreads % kChunk == 0, "chunk shape");
 }  // namespace pipe
 
 template <typename T, int D>
@@ -355,6 +356,7 @@ struct PipeShape {
   static constexpr int kPiecesPerThread = kPieces / pipe::kLanesPerSlot;  // step a (2 or 1)
   static constexpr int kVec = D / 32;                               // step c: dims per lane
   static constexpr int kCopies = pipe::kChunk * kPieces / kThreads;  // cp.async per thread per chunk
+  static_assert(kCopies * pipe::kLoadersPerSlot == kPieces, "a slot's loaders cover its pieces");
   static constexpr size_t kStageBytes = sizeof(T) * pipe::kStages * pipe::kChunk * kRow;
   static_assert(sizeof(T) == 2 && (D == 64 || D == 128), "16-bit K/V, D = 64 or 128");
   static_assert(kPieces % pipe::kLanesPerSlot == 0 && pipe::kChunk * kPieces % kThreads == 0, "row shape");
@@ -427,38 +429,39 @@ __global__ void __launch_bounds__(kThreads, 4) decode_partition_pipelined_kernel
   // chunks and step b, and the pipeline never drains in between.
   const int chunks = (n + kChunk - 1) / kChunk;
   // Requests ring chunk t into its stage: rows past n and rows on a bad page become zeros (their
-  // results are never stored, or the sequence's outputs are NaN). A thread copies the same
-  // 16-byte piece of kCopies rows kThreads / kPieces apart, so its piece offset and the head's
-  // offset are fixed; per row it pays a FastDivmod, a shared-memory page id and two 64-bit
-  // multiply-adds (a runtime `/` and `%` by the page size were ~40 of the ~90 instructions each
-  // copy took, in a loop that has to keep up with HBM).
-  static_assert(kThreads % S::kPieces == 0, "a thread's copies share their piece");
-  const int piece = threadIdx.x % S::kPieces, j_first = threadIdx.x / S::kPieces;
-  const T* k_base = static_cast<const T*>(c.k_pages) + h * c.k_stride[2] + piece * S::kElemsPer16B;
-  const T* v_base = static_cast<const T*>(c.v_pages) + h * c.v_stride[2] + piece * S::kElemsPer16B;
+  // results are never stored, or the sequence's outputs are NaN). A thread copies kCopies pieces
+  // of ONE slot of the chunk (kLoadersPerSlot threads per slot, pieces q, q + kLoadersPerSlot,
+  // ..., so each copy instruction of a warp reads 64 contiguous bytes of 8 rows): the slot's
+  // place (a FastDivmod, a shared-memory page id, two 64-bit multiply-adds) is paid once per
+  // slot and thread, not once per 16-byte piece. Per piece the SASS spent ~90 instructions with
+  // a runtime `/` and `%` per piece; the copies are ~40% of this kernel's instructions, in a loop
+  // that has to keep up with HBM.
+  const int load_slot = threadIdx.x / kLoadersPerSlot, load_q = threadIdx.x % kLoadersPerSlot;
+  const T* k_head = static_cast<const T*>(c.k_pages) + h * c.k_stride[2] + load_q * S::kElemsPer16B;
+  const T* v_head = static_cast<const T*>(c.v_pages) + h * c.v_stride[2] + load_q * S::kElemsPer16B;
   const auto issue = [&](int t) {
     const bool values = t >= chunks;
     const int ch = values ? t - chunks : t;
-    T* stage = stages + (t % kStages) * kChunk * S::kRow;
-    const T* base = values ? v_base : k_base;
-    const int64_t page_stride = values ? c.v_stride[0] : c.k_stride[0];
-    const int64_t row_stride = values ? c.v_stride[1] : c.k_stride[1];
+    T* dst = stages + (t % kStages) * kChunk * S::kRow + load_slot * S::kRow + load_q * S::kElemsPer16B;
+    const int jj = ch * kChunk + load_slot;  // slot within the partition (k0 + jj may pass INT32_MAX when jj >= n)
+    // A valid global address (q is never empty here), not read by a zero fill.
+    const T* src = static_cast<const T*>(a.p.q);
+    bool ok = jj < n;
+    if (ok) {
+      const uint32_t slot = static_cast<uint32_t>(k0 + jj);  // < len <= INT32_MAX
+      const uint32_t page_index = a.page_div.div(slot);
+      const int page = pages[page_index - first_page];
+      ok = page >= 0;
+      if (ok) {
+        const int64_t row = a.page_div.mod(slot, page_index);
+        src = values ? v_head + page * c.v_stride[0] + row * c.v_stride[1]
+                     : k_head + page * c.k_stride[0] + row * c.k_stride[1];
+      }
+    }
 #pragma unroll
     for (int r = 0; r < S::kCopies; ++r) {
-      const int j = j_first + r * (kThreads / S::kPieces);
-      const int jj = ch * kChunk + j;  // slot within the partition (k0 + jj may pass INT32_MAX when jj >= n)
-      const void* src = a.p.q;         // a valid global address (q is never empty here), not read by a zero fill
-      bool ok = jj < n;
-      if (ok) {
-        const uint32_t slot = static_cast<uint32_t>(k0 + jj);  // < len <= INT32_MAX
-        const uint32_t page_index = a.page_div.div(slot);
-        const int page = pages[page_index - first_page];
-        ok = page >= 0;
-        if (ok) {
-          src = base + page * page_stride + static_cast<int64_t>(a.page_div.mod(slot, page_index)) * row_stride;
-        }
-      }
-      cuda_common::cp_async_16(stage + j * S::kRow + piece * S::kElemsPer16B, src, ok);
+      const int step = ok ? r * kLoadersPerSlot * S::kElemsPer16B : 0;  // a zero fill reads nothing
+      cuda_common::cp_async_16(dst + r * kLoadersPerSlot * S::kElemsPer16B, src + step, ok);
     }
   };
   // Waits for ring chunk t (this thread's copies, then everyone's through the barrier, which also
