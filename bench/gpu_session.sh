@@ -15,7 +15,7 @@
 #   bash bench/gpu_session.sh memcheck   # compute-sanitizer memcheck, the tests' small cases
 #   bash bench/gpu_session.sh racecheck  # compute-sanitizer racecheck, the same cases
 #   bash bench/gpu_session.sh bench      # the four benchmarks at the acceptance shapes
-#   bash bench/gpu_session.sh profile    # Nsight Compute on the wgmma and wgmma2 attention kernels
+#   bash bench/gpu_session.sh profile    # Nsight Compute on the wgmma, wgmma2, wgmma2o attention kernels
 #   bash bench/gpu_session.sh first      # all of it that fits ONE device call (see below)
 #
 # A session that draws a GPU gets 15 minutes of device time in all, start-up included, so its
@@ -56,7 +56,8 @@ ncu=$(command -v ncu || echo "${CUDA_HOME:-/usr/local/cuda}/bin/ncu")
 # Nsight Compute on one forward, dQ and dK/dV launch of a family (bench/profile_attention.py at
 # the benchmark's shape, 25% kept): where the attention kernels' time goes (issue stalls,
 # occupancy, memory), which no machine without a GPU can say.
-profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|dq_kernel|dkdv_kernel)" -c 3
+profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|fwd_overlap_kernel|dq_kernel|dkdv_kernel)"
+  -c 3
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
   --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters
   $py bench/profile_attention.py --family)
@@ -182,7 +183,7 @@ profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|d
       {
         part 170 $py -m pytest $opts $(xd 12) $tests -k "not ($untried)"
         part 60 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py -k pipelined
-        part 50 $py -m pytest $opts $(xd 8) tests/test_shadow_attention_cuda.py -k wgmma2
+        part 70 $py -m pytest $opts $(xd 8) tests/test_shadow_attention_cuda.py -k wgmma2  # + wgmma2o
         part 50 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py tests/test_cache.py -k "unchecked and not pipelined"
         part 45 $py -m shadowkv bench decode --device cuda --scores  # both decode kernels
         part 60 $py -m shadowkv bench attention --device cuda  # wgmma2 timed last: a fault there spares the rest
@@ -209,7 +210,7 @@ build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=
         part 60 $py -m shadowkv bench rollout --device cuda --dtype bfloat16 -B 64 --prompt 512 --new 512 \
           --head-dim 128 --max-fit-batch 256
         part 30 $py -m pytest $opts -m slow tests/test_shadow_attention_cuda.py  # 32k context
-        part 60 "${profile[@]}" wgmma2
+        part 60 "${profile[@]}" wgmma2o
       }
       ;;
     bench)
@@ -221,6 +222,7 @@ build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=
     profile)
       run "${profile[@]}" wgmma
       run "${profile[@]}" wgmma2
+      run "${profile[@]}" wgmma2o
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

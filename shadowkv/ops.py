@@ -35,7 +35,7 @@ def _scoped_choice(what: str, var: str, names: tuple[str, ...], name: str) -> It
 
 
 ATTENTION_KERNEL_ENV = "SHADOWKV_ATTENTION_KERNEL"
-ATTENTION_KERNELS = ("auto", "cute", "wgmma", "wgmma2", "wmma", "simt")
+ATTENTION_KERNELS = ("auto", "cute", "wgmma", "wgmma2", "wgmma2o", "wmma", "simt")
 
 
 def attention_kernel(name: str) -> contextlib.AbstractContextManager[None]:
@@ -47,7 +47,8 @@ def attention_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     ``_C.built_with_cute()``), ``"wgmma"`` (forward and backward on Hopper warpgroup MMAs on an
     sm_90 GPU with a build for 9.0a, else as ``"cute"``), ``"wgmma2"`` (the same with two
     warpgroups, 128 rows, per block and double-buffered K/V in the forward; opt-in, not yet run on
-    a GPU), ``"wmma"`` (WMMA tensor-core kernels
+    a GPU), ``"wgmma2o"`` (wgmma2 with each key tile's softmax overlapped with the previous tile's
+    P V in the forward; opt-in, not yet run on a GPU), ``"wmma"`` (WMMA tensor-core kernels
     where they apply, else SIMT), ``"simt"``. It sets the environment variable
     SHADOWKV_ATTENTION_KERNEL, which the CUDA ops read at every call, so it applies to the whole
     process while the block runs, including backward passes run inside it. CPU ops ignore it.

@@ -7,10 +7,11 @@
 // the quotient with a multiply-high, an add and a shift (Granlund and Montgomery, "Division by
 // invariant integers using multiplication", 1994): with s = ceil(log2 d) and
 // m = floor(2^32 (2^s - d) / d) + 1, floor(n / d) = (umulhi(n, m) + n) >> s for n < 2^31 (the
-// add cannot overflow 32 bits there). The host builds it; tests/cpp/test_fast_divmod.cu checks it
+// add cannot overflow 32 bits there). The host builds it; tests/cpp/test_fast_divmod.cpp checks it
 // against `/` and `%`.
 #pragma once
 
+#include <cassert>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -26,8 +27,9 @@ struct FastDivmod {
   uint32_t divisor = 1, mul = 1, shift = 0;  // the identity: n / 1
 
   FastDivmod() = default;
-  // d in [1, 2^31].
+  // d in [1, 2^31] (0 would divide by zero below, a larger d shift by 32).
   SHADOWKV_HD explicit FastDivmod(uint32_t d) : divisor(d) {
+    assert(d >= 1 && d <= (uint32_t(1) << 31));
     while ((uint64_t(1) << shift) < d) ++shift;
     mul = static_cast<uint32_t>((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d) / d + 1);
   }

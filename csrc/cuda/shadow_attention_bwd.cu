@@ -702,10 +702,10 @@ void shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& bp, void* stream)
       if (tc && choice == AttnKernel::kWgmma && wgmma_available(s)) {
         return launch_bwd_wgmma(bp, a.mm, a.n_ev, lse2, delta, a.scale_log2, s);
       }
-      if (tc && choice == AttnKernel::kWgmma2 && wgmma_available(s)) {
+      if (tc && (choice == AttnKernel::kWgmma2 || choice == AttnKernel::kWgmma2o) && wgmma_available(s)) {
         return launch_bwd_wgmma2(bp, a.mm, a.n_ev, lse2, delta, a.scale_log2, s);
       }
-      if (tc && choice != AttnKernel::kWmma) {  // cute, and wgmma/wgmma2 where no sm_90a code runs
+      if (tc && choice != AttnKernel::kWmma) {  // cute, and the wgmma families where no sm_90a code runs
         return launch_bwd_cute(bp, a.mm, a.n_ev, lse2, delta, a.scale_log2, s);
       }
 #endif

@@ -21,13 +21,14 @@ namespace shadowkv {
 namespace cuda_attn {
 
 // Masks the scores `s` of key tile k0 (rows x cols view; its coordinates in `rc`), scales them
-// into the log2 domain and applies one online-softmax step: P overwrites S in place, the
-// running max `m_run` / partial sums `l_run` are updated and the output rows `o` rescaled.
-// `ev_col` holds the log entry of each column (read only for partial tiles).
-template <int kRows, int kCols, class S, class RowCol, class O>
-__device__ __forceinline__ void softmax_tile(S& s, RowCol const& rc, O& o, const int (&ev_col)[kCols], bool partial,
+// into the log2 domain and applies one online-softmax step without touching the output: P
+// overwrites S in place, the running max `m_run` / partial sums `l_run` are updated, and
+// alpha[r] is the factor the output rows must be rescaled by. `ev_col` holds the log entry of
+// each column (read only for partial tiles).
+template <int kRows, int kCols, class S, class RowCol>
+__device__ __forceinline__ void softmax_step(S& s, RowCol const& rc, const int (&ev_col)[kCols], bool partial,
                                              int64_t k0, int64_t p0, float scale_log2, float (&m_run)[kRows],
-                                             float (&l_run)[kRows]) {
+                                             float (&l_run)[kRows], float (&alpha)[kRows]) {
   using cute::get;
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
@@ -42,7 +43,7 @@ __device__ __forceinline__ void softmax_tile(S& s, RowCol const& rc, O& o, const
     }
     const float m_new = fmaxf(m_run[r], cuda_cute::quad_max(mx));
     const bool none = m_new == -INFINITY;  // no visible key in this row so far: avoid inf - inf
-    const float alpha = none ? 1.f : exp2f(m_run[r] - m_new);
+    alpha[r] = none ? 1.f : exp2f(m_run[r] - m_new);
     float sum = 0.f;
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
@@ -50,11 +51,29 @@ __device__ __forceinline__ void softmax_tile(S& s, RowCol const& rc, O& o, const
       s(r, c) = pr;
       sum += pr;
     }
-    l_run[r] = l_run[r] * alpha + sum;
+    l_run[r] = l_run[r] * alpha[r] + sum;
     m_run[r] = m_new;
-    CUTE_UNROLL
-    for (int c = 0; c < cute::size<1>(o); ++c) o(r, c) *= alpha;
   }
+}
+
+// Output rows `o` (rows x cols view) times alpha[r].
+template <int kRows, class O>
+__device__ __forceinline__ void rescale_rows(O& o, const float (&alpha)[kRows]) {
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    CUTE_UNROLL
+    for (int c = 0; c < cute::size<1>(o); ++c) o(r, c) *= alpha[r];
+  }
+}
+
+// softmax_step, then the output rows rescaled.
+template <int kRows, int kCols, class S, class RowCol, class O>
+__device__ __forceinline__ void softmax_tile(S& s, RowCol const& rc, O& o, const int (&ev_col)[kCols], bool partial,
+                                             int64_t k0, int64_t p0, float scale_log2, float (&m_run)[kRows],
+                                             float (&l_run)[kRows]) {
+  float alpha[kRows];
+  softmax_step(s, rc, ev_col, partial, k0, p0, scale_log2, m_run, l_run, alpha);
+  rescale_rows(o, alpha);
 }
 
 // Normalises the output rows `o` (coordinates in `rc`) and writes those below t.rows, and
@@ -198,7 +217,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
 // the other stage and load under this tile's S, softmax and P V. fwd_kernel instead overlaps
 // each load with half a tile's work and relies on a second resident block to hide the rest;
 // a 128-row block of two warpgroups (the "wgmma2" family) is alone on its SM at head_dim 128.
-// Needs one partner tile more of shared memory per stage than fwd_kernel.
+// Needs two partner tiles more shared memory than fwd_kernel (two stages of K and V, not one).
 template <class F>
 __global__ void __launch_bounds__(F::Traits::kThreads)
     fwd_staged_kernel(const ShadowAttentionParams p, const int2* __restrict__ ev_mm, int64_t n_ev_tiles,

@@ -1,6 +1,6 @@
 // Which shadow-attention kernels run, forward and backward (private to csrc/cuda/).
 //
-// Four kernel choices compute the same thing:
+// These kernel choices compute the same thing:
 //   * cute: FlashAttention-2-style CuTe kernels (shadow_attention_{fwd,bwd}_cute.cuh on the
 //     mma.sync family), bfloat16/float16, head_dim 64/128, 16-byte aligned rows, sm_80+; built
 //     only when the CUTLASS/CuTe headers are found (CUTLASS_DIR, or the nvidia-cutlass package).
@@ -8,14 +8,15 @@
 //     H100/H200 in builds with 9.0a and the CuTe headers; one warpgroup (64 own rows) per block.
 //   * wgmma2: the wgmma family with two warpgroups (128 own rows) per block and a double-
 //     buffered ring of 128-key K/V tiles in the forward (fwd_staged_kernel); same coverage as
-//     wgmma. Opt-in until
-//     it has passed the GPU tests and measured faster (bench/RESULTS.md).
+//     wgmma. Opt-in until it has passed the GPU tests and measured faster (bench/RESULTS.md).
+//   * wgmma2o: wgmma2 with each key tile's softmax overlapped with the previous tile's P V in the
+//     forward (fwd_overlap_kernel, three K/V stages); wgmma2's backward. Opt-in, as wgmma2.
 //   * wmma: tensor-core kernels with the same coverage (shadow_attention_{fwd,bwd}.cu).
 //   * simt: every dtype and head_dim (shadow_attention_{fwd,bwd}.cu).
 // SHADOWKV_ATTENTION_KERNEL picks one per call (forward and backward alike): "auto" (default) =
 // "wgmma" in builds with the CuTe kernels, else "wmma"; "cute" = cute where it applies (an
-// error in a build without it), else simt; "wgmma" / "wgmma2" = those kernels where they apply,
-// else as "cute"; "wmma" = wmma where it applies, else simt; "simt" = simt always. The CuTe kernels
+// error in a build without it), else simt; "wgmma", "wgmma2", "wgmma2o" = those kernels where
+// they apply, else as "cute"; "wmma" = wmma where it applies, else simt; "simt" = simt always. The CuTe kernels
 // became the default after passing every GPU test on an H200, 2.1-2.8x faster than wmma there
 // (bench/RESULTS.md, 2026-11-26).
 #pragma once
@@ -29,7 +30,7 @@
 namespace shadowkv {
 namespace cuda_attn {
 
-enum class AttnKernel { kWmma, kCute, kWgmma, kWgmma2, kSimt };
+enum class AttnKernel { kWmma, kCute, kWgmma, kWgmma2, kWgmma2o, kSimt };
 
 // The family SHADOWKV_ATTENTION_KERNEL asks for; throws std::invalid_argument (naming `fn`) on a
 // bad value, and for "cute" in a build without the CuTe kernels.
@@ -58,6 +59,9 @@ void launch_fwd_wgmma2(const ShadowAttentionParams& p, const int2* ev_mm, int64_
                        cudaStream_t s);
 void launch_bwd_wgmma2(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
                        const float* delta, float scale_log2, cudaStream_t s);
+// The wgmma2o forward (its backward is launch_bwd_wgmma2).
+void launch_fwd_wgmma2o(const ShadowAttentionParams& p, const int2* ev_mm, int64_t n_ev, float scale_log2,
+                        cudaStream_t s);
 #endif
 
 }  // namespace cuda_attn

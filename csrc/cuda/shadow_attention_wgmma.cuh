@@ -278,6 +278,35 @@ struct Family {
   __device__ void update(Acc& acc, RA& ra, Partner const& b) {
     gemm</*kZero=*/false, /*kRegisterA=*/true>(mma_o, ra, thr_o.partition_fragment_B(transposed(b)), acc);
   }
+  // scores and update issued asynchronously, one wgmma batch each (arrive, the MMAs, commit):
+  // the warpgroup goes on at once; wait<N>() waits until at most N batches are in flight
+  // (batches complete in order). The caller fences the operands after the wait (fence()), so
+  // that the compiler neither reads the accumulator early nor reuses the registers of a
+  // register A operand while the MMAs may still read them.
+  template <class Acc, class A, class Partner>
+  __device__ void scores_async(Acc& acc, A& a, Partner const& b) {
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    issue</*kZero=*/true>(mma_s, a, thr_s.partition_fragment_B(b), acc);
+    warpgroup_commit_batch();
+  }
+  template <class Acc, class RA, class Partner>
+  __device__ void update_async(Acc& acc, RA& ra, Partner const& b) {
+    warpgroup_fence_operand(ra);
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    issue</*kZero=*/false>(mma_o, ra, thr_o.partition_fragment_B(transposed(b)), acc);
+    warpgroup_commit_batch();
+  }
+  template <int N>
+  __device__ static void wait() {
+    warpgroup_wait<N>();
+  }
+  template <class Frag>
+  __device__ static void fence(Frag& f) {
+    warpgroup_fence_operand(f);
+  }
+
   template <class Acc1, class RA1, class P1, class Acc2, class RA2, class P2>
   __device__ void update_pair(Acc1& acc1, RA1& a1, P1 const& b1, Acc2& acc2, RA2& a2, P2 const& b2) {
     gemm_pair</*kZero=*/false, /*kRegisterA=*/true>(mma_o, a1, thr_o.partition_fragment_B(transposed(b1)), acc1,

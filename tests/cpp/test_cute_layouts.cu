@@ -13,7 +13,9 @@
 //   * the backward's two stages of two partner tiles fill their buffer exactly once.
 // The same maps for the sm_90a kernels' warpgroup MMAs (shadow_attention_wgmma.cuh): score and
 // output accumulators, P as the register A operand of O += P V, the V^T view, and the
-// backward's partner stages in the 128-byte-swizzled wgmma layouts.
+// backward's partner stages in the 128-byte-swizzled wgmma layouts, with one warpgroup per block
+// and with two (each warpgroup's shared-memory A operand is its own 64 rows), and the
+// global -> shared copy of every tile shape those kernels load.
 // Built by nvcc as plain host code (it never launches anything); returns non-zero on failure.
 #include <cstdio>
 #include <set>
@@ -345,6 +347,33 @@ void check_wgmma(const char* name) {
   std::printf("%s (wgmma): %s\n", name, failures == 0 ? "ok" : "FAILED");
 }
 
+// The global -> shared copy of the wgmma traits (GmemTiledCopy: kThreads / 8 rows of 8 threads,
+// 8 elements each) over every tile shape a kernel copies with it: each element of the tile is
+// copied exactly once, and each copy slice (_, m, _) of a thread lies in one row, since
+// copy_rows_if decides per slice from its first coordinate whether the row is loaded or zeroed.
+template <typename Tr, int Rows>
+void check_gmem_copy(const char* name) {
+  constexpr int D = Tr::kHeadDim;
+  typename Tr::GmemTiledCopy gmem_copy;
+  std::vector<std::vector<int>> hits(Rows, std::vector<int>(D, 0));
+  for (int tid = 0; tid < Tr::kThreads; ++tid) {
+    Tensor c = gmem_copy.get_thread_slice(tid).partition_S(make_identity_tensor(Shape<Int<Rows>, Int<D>>{}));
+    for (int m = 0; m < size<1>(c); ++m) {
+      const int row = int(get<0>(c(0, m, 0)));
+      for (int v = 0; v < size<0>(c); ++v)
+        for (int k = 0; k < size<2>(c); ++k) {
+          const int r = int(get<0>(c(v, m, k))), d = int(get<1>(c(v, m, k)));
+          EXPECT(r == row, "%s: tid %d copy slice %d spans rows %d and %d\n", name, tid, m, row, r);
+          if (r >= 0 && r < Rows && d >= 0 && d < D) ++hits[r][d];
+        }
+    }
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int d = 0; d < D; ++d)
+      EXPECT(hits[r][d] == 1, "%s: tile element (%d,%d) copied %d times\n", name, r, d, hits[r][d]);
+  std::printf("%s gmem copy %dx%d: %s\n", name, Rows, D, failures == 0 ? "ok" : "FAILED");
+}
+
 int main() {
   check_traits<FwdTraits<__nv_bfloat16, 64>>("fwd bf16 d64");
   check_traits<FwdTraits<__nv_bfloat16, 128>>("fwd bf16 d128");
@@ -372,5 +401,20 @@ int main() {
   check_stages<shadowkv::cuda_wgmma::Fwd2Traits<__nv_bfloat16, 128>>("wgmma2 fwd bf16 d128");
   check_stages<shadowkv::cuda_wgmma::Fwd2Traits<__half, 64>>("wgmma2 fwd fp16 d64");
   check_stages<shadowkv::cuda_wgmma::Bwd2Traits<__nv_bfloat16, 128>>("wgmma2 bwd bf16 d128");
+  // The backward's two-warpgroup traits (64-row partner tiles) are their own maps since the
+  // forward's went to 128-key tiles.
+  check_wgmma<shadowkv::cuda_wgmma::Bwd2Traits<__nv_bfloat16, 64>>("wgmma2 bwd bf16 d64");
+  check_wgmma<shadowkv::cuda_wgmma::Bwd2Traits<__nv_bfloat16, 128>>("wgmma2 bwd bf16 d128");
+  check_wgmma<shadowkv::cuda_wgmma::Bwd2Traits<__half, 128>>("wgmma2 bwd fp16 d128");
+  check_wgmma<shadowkv::cuda_wgmma::Fwd2Traits<__half, 64>>("wgmma2 fp16 d64");
+  // Own tiles (kBlockM rows) and partner tiles (kBlockN rows) of each wgmma configuration.
+  namespace W = shadowkv::cuda_wgmma;
+  check_gmem_copy<W::FwdTraits<__nv_bfloat16, 128>, 64>("wgmma fwd d128");
+  check_gmem_copy<W::FwdTraits<__nv_bfloat16, 64>, 64>("wgmma fwd d64");
+  check_gmem_copy<W::Fwd2Traits<__nv_bfloat16, 128>, 128>("wgmma2 fwd d128");
+  check_gmem_copy<W::Fwd2Traits<__half, 64>, 128>("wgmma2 fwd d64");
+  check_gmem_copy<W::Bwd2Traits<__nv_bfloat16, 128>, 128>("wgmma2 bwd own d128");
+  check_gmem_copy<W::Bwd2Traits<__nv_bfloat16, 128>, 64>("wgmma2 bwd partner d128");
+  check_gmem_copy<W::Bwd2Traits<__half, 64>, 64>("wgmma2 bwd partner d64");
   return failures == 0 ? 0 : 1;
 }
