@@ -186,7 +186,7 @@ profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|f
         part 70 $py -m pytest $opts $(xd 8) tests/test_shadow_attention_cuda.py -k wgmma2  # + wgmma2o
         part 50 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py tests/test_cache.py -k "unchecked and not pipelined"
         part 45 $py -m shadowkv bench decode --device cuda --scores  # both decode kernels
-        part 60 $py -m shadowkv bench attention --device cuda  # wgmma2 timed last: a fault there spares the rest
+        part 75 $py -m shadowkv bench attention --device cuda  # wgmma2(o) timed last: a fault there spares the rest
         # compute-sanitizer has never run: small cases of the newest kernels (-x: the first
         # finding ends it); racecheck on the attention kernels, whose shared-memory stages are
         # what a missing barrier would break.

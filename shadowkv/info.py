@@ -59,5 +59,5 @@ def info_lines() -> list[str]:
     else:
         lines.append("GPU: none visible")
     lines.append(f"CPU threads: {torch.get_num_threads()}")
-    lines.append(f"CPU kernels: {_C.cpu_isa()} (SHADOWKV_CPU_ISA: auto, baseline, avx2)")
+    lines.append(f"CPU kernels: {_C.cpu_isa()} (SHADOWKV_CPU_ISA: auto, baseline, avx2, avx512)")
     return lines

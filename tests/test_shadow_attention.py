@@ -559,11 +559,12 @@ def test_streaming_log_keeps_sinks_plus_window():
 
 def available_cpu_isas() -> list[str]:
     with ops.cpu_isa("auto"):  # whatever the environment says, collection must not fail here
-        return ["baseline"] + (["avx2"] if _C.cpu_isa() == "avx2" else [])
+        best = _C.cpu_isa()  # auto picks the widest the CPU has; an AVX-512 CPU has AVX2 too
+    return {"baseline": ["baseline"], "avx2": ["baseline", "avx2"], "avx512": ["baseline", "avx2", "avx512"]}[best]
 
 
-# The CPU kernels' instruction-set variants (csrc/cpu/isa.h): the AVX2+FMA copy of the tile loops
-# where this CPU has it, and the portable baseline, both against the reference.
+# The CPU kernels' instruction-set variants (csrc/cpu/isa.h): the AVX-512 and AVX2+FMA copies of
+# the tile loops where this CPU has them, and the portable baseline, all against the reference.
 CPU_ISAS = available_cpu_isas()
 
 
@@ -669,19 +670,43 @@ def test_nan_in_slots_no_query_sees_stays_out_of_forward_and_backward(scenario, 
         assert torch.equal(got[nan_rows], torch.zeros_like(got[nan_rows])), f"{name} of a hidden slot is not 0"
 
 
+@pytest.mark.skipif("avx512" not in CPU_ISAS, reason="this CPU has no AVX-512")
+def test_avx512_gives_the_avx2_bits():
+    """Both fuse multiply-adds and sum every output over k in the same order (tile_gemm.h), so
+    the wider blocking must not change a bit, forward or backward."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 8, 300, 64, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, 2, 300, 64, generator=gen, requires_grad=True) for _ in range(2))
+    ev = torch.full((2, 2, 300), ops.NEVER_EVICTED, dtype=torch.int32)
+    ev[..., 10:100] = 150
+    got = {}
+    for isa in ("avx2", "avx512"):
+        with ops.cpu_isa(isa):
+            out = ops.shadow_attention(q, k, v, ev)
+            got[isa] = (out, *torch.autograd.grad(out.sum(), (q, k, v)))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got["avx2"], got["avx512"]):
+        assert torch.equal(a, b), name
+
+
 def test_cpu_isa_choice(monkeypatch):
     with ops.cpu_isa("auto"):
-        assert _C.cpu_isa() in ("avx2", "baseline")
+        assert _C.cpu_isa() == CPU_ISAS[-1]  # the widest the CPU has
+    for isa in CPU_ISAS:
+        with ops.cpu_isa(isa):
+            assert _C.cpu_isa() == isa
     q = torch.randn(1, 2, 5, 8)
     ev = torch.full((1, 2, 5), ops.NEVER_EVICTED, dtype=torch.int32)
-    with pytest.raises(ValueError, match="`name` must be one of auto, baseline, avx2"):
+    with pytest.raises(ValueError, match="`name` must be one of auto, baseline, avx2, avx512"):
         with ops.cpu_isa("sse9"):
             pass
     if "avx2" not in CPU_ISAS:
         with ops.cpu_isa("avx2"), pytest.raises(ValueError, match="no AVX2"):
             ops.shadow_attention(q, q, q, ev)
+    if "avx512" not in CPU_ISAS:
+        with ops.cpu_isa("avx512"), pytest.raises(ValueError, match="no AVX-512"):
+            ops.shadow_attention(q, q, q, ev)
     monkeypatch.setenv(ops.CPU_ISA_ENV, "sse9")  # set behind the context manager's back
-    with pytest.raises(ValueError, match="SHADOWKV_CPU_ISA must be one of auto, baseline, avx2; got 'sse9'"):
+    with pytest.raises(ValueError, match="SHADOWKV_CPU_ISA must be one of auto, baseline, avx2, avx512; got 'sse9'"):
         ops.shadow_attention(q, q, q, ev)
 
 

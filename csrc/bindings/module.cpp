@@ -13,6 +13,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("wgmma_runs_here", &shadowkv::wgmma_runs_here,
         "True when the current CUDA device runs the sm_90a wgmma kernels (SHADOWKV_ATTENTION_KERNEL=wgmma).");
   m.def("cpu_isa", &shadowkv::cpu_isa,
-        "Instruction set the CPU kernels run now: 'avx2' or 'baseline' (SHADOWKV_CPU_ISA overrides).");
+        "Instruction set the CPU kernels run now: 'avx512', 'avx2' or 'baseline' (SHADOWKV_CPU_ISA overrides).");
   m.def("cuda_archs", &shadowkv::cuda_archs, "';'-separated compute capabilities built, e.g. '90a;80'.");
 }

@@ -24,12 +24,27 @@ bool cpu_has_avx2() {
 #endif
 }
 
+// The same for the AVX-512 functions (F, VL, DQ, BW: what their target attribute allows).
+bool cpu_has_avx512() {
+#if SHADOWKV_CPU_AVX512_VARIANT
+  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bw");
+  return has;
+#elif defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 Isa active_isa() {
   const char* env = std::getenv("SHADOWKV_CPU_ISA");
   const std::string want = env == nullptr ? "auto" : env;
-  if (want == "auto" || want.empty()) return cpu_has_avx2() ? Isa::kAvx2 : Isa::kBaseline;
+  if (want == "auto" || want.empty())
+    return cpu_has_avx512() ? Isa::kAvx512 : cpu_has_avx2() ? Isa::kAvx2 : Isa::kBaseline;
   if (want == "baseline") return Isa::kBaseline;
   if (want == "avx2") {
     if (!cpu_has_avx2())
@@ -37,10 +52,20 @@ Isa active_isa() {
           "shadowkv: SHADOWKV_CPU_ISA=avx2, but this CPU or build has no AVX2+FMA variant of the CPU kernels");
     return Isa::kAvx2;
   }
-  throw std::invalid_argument("shadowkv: SHADOWKV_CPU_ISA must be one of auto, baseline, avx2; got '" + want + "'");
+  if (want == "avx512") {
+    if (!cpu_has_avx512())
+      throw std::invalid_argument(
+          "shadowkv: SHADOWKV_CPU_ISA=avx512, but this CPU or build has no AVX-512 (F, VL, DQ, BW) variant of the "
+          "CPU kernels");
+    return Isa::kAvx512;
+  }
+  throw std::invalid_argument("shadowkv: SHADOWKV_CPU_ISA must be one of auto, baseline, avx2, avx512; got '" + want +
+                              "'");
 }
 
-const char* isa_name(Isa isa) { return isa == Isa::kAvx2 ? "avx2" : "baseline"; }
+const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "baseline";
+}
 
 }  // namespace shadowkv::cpu
 

@@ -2,9 +2,10 @@
 //
 // The library is compiled for its target's baseline (x86-64: SSE2), so one build runs on any
 // machine. On x86-64 with GCC or Clang the per-chunk work functions of the attention kernels
-// also exist as AVX2 + FMA copies: thin wrappers marked SHADOWKV_AVX2_FN (target attribute)
-// into which the work function and every helper it calls (tile products, exp, masks, row
-// loads) are inlined, so that they are compiled for AVX2 there. The helpers are marked
+// also exist as AVX2 + FMA copies and as AVX-512 copies: thin wrappers marked SHADOWKV_AVX2_FN /
+// SHADOWKV_AVX512_FN (target attributes) into which the work function and every helper it
+// calls (tile products, exp, masks, row loads) are inlined, so that they are compiled for that
+// instruction set there. The helpers are marked
 // SHADOWKV_CPU_INLINE (always_inline) for that, because Clang's `flatten` only inlines one
 // level. Safety does not depend on the inlining: a function the compiler emits out of line is
 // compiled for the baseline target whoever calls it, so no AVX2 instruction runs unless
@@ -16,12 +17,13 @@
 
 namespace shadowkv::cpu {
 
-enum class Isa { kBaseline, kAvx2 };
+enum class Isa { kBaseline, kAvx2, kAvx512 };
 
-// The variant the kernels run now: AVX2 + FMA where the CPU has them, unless the environment
-// variable SHADOWKV_CPU_ISA says "baseline" (read at every call, as SHADOWKV_ATTENTION_KERNEL is
-// for CUDA). Throws std::invalid_argument for a value other than auto, baseline and avx2, and
-// for "avx2" on a CPU (or a build) without the variant.
+// The variant the kernels run now: by default ("auto") AVX-512 where the CPU has AVX-512 F, VL,
+// DQ and BW, else AVX2 + FMA where it has them, else the baseline; the environment variable
+// SHADOWKV_CPU_ISA ("baseline", "avx2", "avx512") picks one (read at every call, as
+// SHADOWKV_ATTENTION_KERNEL is for CUDA). Throws std::invalid_argument for another value, and for
+// a variant the CPU (or the build) does not have.
 Isa active_isa();
 const char* isa_name(Isa isa);
 
@@ -41,4 +43,13 @@ const char* isa_name(Isa isa);
 // functions are plain copies of the baseline ones (which are AVX2 code in the second case).
 #define SHADOWKV_CPU_AVX2_VARIANT 0
 #define SHADOWKV_AVX2_FN
+#endif
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__AVX512F__)
+#define SHADOWKV_CPU_AVX512_VARIANT 1
+#define SHADOWKV_AVX512_FN __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma"), flatten))
+#else
+// As for AVX2: not x86-64 GCC/Clang, or a build that targets AVX-512 already.
+#define SHADOWKV_CPU_AVX512_VARIANT 0
+#define SHADOWKV_AVX512_FN
 #endif

@@ -86,9 +86,16 @@ SHADOWKV_AVX2_FN void decode_items_avx2(const PagedDecodeParams& p, int64_t begi
 }
 
 template <typename T>
+SHADOWKV_AVX512_FN void decode_items_avx512(const PagedDecodeParams& p, int64_t begin, int64_t end) {
+  decode_items<T, detail::kAvx512VecBytes>(p, begin, end);
+}
+
+template <typename T>
 void decode_kernel(const PagedDecodeParams& p, const ParallelFor& pf) {
-  const auto items =
-      active_isa() == Isa::kAvx2 ? &decode_items_avx2<T> : &decode_items<T, detail::kBaselineVecBytes>;
+  const Isa isa = active_isa();
+  const auto items = isa == Isa::kAvx512 ? &decode_items_avx512<T>
+                     : isa == Isa::kAvx2 ? &decode_items_avx2<T>
+                                         : &decode_items<T, detail::kBaselineVecBytes>;
   pf(p.cache.batch * p.cache.num_kv_heads, [&](int64_t begin, int64_t end) { items(p, begin, end); });
 }
 

@@ -137,8 +137,8 @@ struct BwdContext {
 
   // Runs a pass's work items over [0, n) in pf's chunks, in the variant active_isa() picked.
   using Items = void (BwdContext::*)(int64_t, int64_t) const;
-  void run(const ParallelFor& pf, int64_t n, Items baseline, Items avx2) const {
-    const Items items = isa == Isa::kAvx2 ? avx2 : baseline;
+  void run(const ParallelFor& pf, int64_t n, Items baseline, Items avx2, Items avx512) const {
+    const Items items = isa == Isa::kAvx512 ? avx512 : isa == Isa::kAvx2 ? avx2 : baseline;
     pf(n, [&](int64_t begin, int64_t end) { (this->*items)(begin, end); });
   }
 
@@ -201,10 +201,13 @@ struct BwdContext {
   SHADOWKV_AVX2_FN void fused_items_avx2(int64_t begin, int64_t end) const {
     fused_items<detail::kAvx2VecBytes>(begin, end);
   }
+  SHADOWKV_AVX512_FN void fused_items_avx512(int64_t begin, int64_t end) const {
+    fused_items<detail::kAvx512VecBytes>(begin, end);
+  }
 
   void fused_pass(const ParallelFor& pf) const {
     run(pf, p.batch * p.num_kv_heads, &BwdContext::fused_items<detail::kBaselineVecBytes>,
-        &BwdContext::fused_items_avx2);
+        &BwdContext::fused_items_avx2, &BwdContext::fused_items_avx512);
   }
 
   // Work items [begin, end) of the dK/dV pass, with VB-byte vectors in the tile products.
@@ -244,10 +247,13 @@ struct BwdContext {
   SHADOWKV_AVX2_FN void dkdv_items_avx2(int64_t begin, int64_t end) const {
     dkdv_items<detail::kAvx2VecBytes>(begin, end);
   }
+  SHADOWKV_AVX512_FN void dkdv_items_avx512(int64_t begin, int64_t end) const {
+    dkdv_items<detail::kAvx512VecBytes>(begin, end);
+  }
 
   void dkdv_pass(const ParallelFor& pf) const {
     run(pf, p.batch * p.num_kv_heads * tiles.num_tiles, &BwdContext::dkdv_items<detail::kBaselineVecBytes>,
-        &BwdContext::dkdv_items_avx2);
+        &BwdContext::dkdv_items_avx2, &BwdContext::dkdv_items_avx512);
   }
 
   // Work items [begin, end) of the dQ pass, with VB-byte vectors in the tile products.
@@ -281,10 +287,13 @@ struct BwdContext {
   SHADOWKV_AVX2_FN void dq_items_avx2(int64_t begin, int64_t end) const {
     dq_items<detail::kAvx2VecBytes>(begin, end);
   }
+  SHADOWKV_AVX512_FN void dq_items_avx512(int64_t begin, int64_t end) const {
+    dq_items<detail::kAvx512VecBytes>(begin, end);
+  }
 
   void dq_pass(const ParallelFor& pf) const {
     run(pf, p.batch * p.num_q_heads * n_qt, &BwdContext::dq_items<detail::kBaselineVecBytes>,
-        &BwdContext::dq_items_avx2);
+        &BwdContext::dq_items_avx2, &BwdContext::dq_items_avx512);
   }
 };
 

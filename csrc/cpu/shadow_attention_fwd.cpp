@@ -104,8 +104,17 @@ SHADOWKV_AVX2_FN void fwd_items_avx2(const ShadowAttentionParams& p, const KeyTi
 }
 
 template <typename T>
+SHADOWKV_AVX512_FN void fwd_items_avx512(const ShadowAttentionParams& p, const KeyTileBounds& tiles, int64_t begin,
+                                         int64_t end) {
+  fwd_items<T, detail::kAvx512VecBytes>(p, tiles, begin, end);
+}
+
+template <typename T>
 void fwd_kernel(const ShadowAttentionParams& p, const ParallelFor& pf) {
-  const auto items = active_isa() == Isa::kAvx2 ? &fwd_items_avx2<T> : &fwd_items<T, detail::kBaselineVecBytes>;
+  const Isa isa = active_isa();
+  const auto items = isa == Isa::kAvx512 ? &fwd_items_avx512<T>
+                     : isa == Isa::kAvx2 ? &fwd_items_avx2<T>
+                                         : &fwd_items<T, detail::kBaselineVecBytes>;
   const KeyTileBounds tiles(p, kCpuKeyTile);  // once per call, shared by every thread
   const int64_t n_qt = (p.q_len + kCpuQueryTile - 1) / kCpuQueryTile;
   pf(p.batch * p.num_q_heads * n_qt, [&](int64_t begin, int64_t end) { items(p, tiles, begin, end); });

@@ -30,6 +30,12 @@ constexpr int kBaselineVecBytes = 16;
 #endif
 // The width the AVX2 variants (SHADOWKV_AVX2_FN functions) use.
 constexpr int kAvx2VecBytes = SHADOWKV_CPU_AVX2_VARIANT ? 32 : kBaselineVecBytes;
+// The width the AVX-512 variants (SHADOWKV_AVX512_FN functions) use.
+#if SHADOWKV_CPU_AVX512_VARIANT || defined(__AVX512F__)
+constexpr int kAvx512VecBytes = 64;
+#else
+constexpr int kAvx512VecBytes = kBaselineVecBytes;
+#endif
 template <typename acc_t, int VB>
 struct Vec;  // a vector_size attribute on a dependent type would be ignored: one per case
 template <>
@@ -47,6 +53,14 @@ struct Vec<double, 16> {
 template <>
 struct Vec<double, 32> {
   typedef double type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<float, 64> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct Vec<double, 64> {
+  typedef double type __attribute__((vector_size(64)));
 };
 
 template <int MR, int NR, int VB, typename acc_t>
@@ -73,6 +87,7 @@ SHADOWKV_CPU_INLINE void gemm_block(int64_t K, const acc_t* __restrict a, int64_
 #else
 constexpr int kBaselineVecBytes = 16;  // unused: plain loops
 constexpr int kAvx2VecBytes = kBaselineVecBytes;
+constexpr int kAvx512VecBytes = kBaselineVecBytes;
 template <int MR, int NR, int VB, typename acc_t>
 SHADOWKV_CPU_INLINE void gemm_block(int64_t K, const acc_t* a, int64_t a_k, int64_t a_i, const acc_t* b, int64_t b_k,
                                     acc_t* c, int64_t c_i) {
@@ -111,7 +126,10 @@ SHADOWKV_CPU_INLINE void tile_gemm_acc(int64_t m, int64_t n, int64_t K, const ac
   // Rows x 64 bytes of accumulators (16 floats, 8 doubles): 4 rows in 16 SSE registers (on the
   // SSE baseline, 4 x 8, 6 x 8, 3 x 16 and 4 x 16 floats measured within 5% of each other);
   // 6 rows in 12 of the 16 AVX registers (about 4% faster than 4 rows in the AVX2 variants).
-  constexpr int kRows = VB == 32 ? 6 : 4, kCols = static_cast<int>(64 / sizeof(acc_t));
+  // AVX-512: 8 rows x 128 bytes (32 floats) in 16 of the 32 registers; 8 divides the 32-row
+  // query tiles, so no row is left to the one-row blocks.
+  constexpr int kRows = VB == 64 ? 8 : VB == 32 ? 6 : 4;
+  constexpr int kCols = static_cast<int>((VB == 64 ? 128 : 64) / sizeof(acc_t));
   const int64_t m_full = m - m % kRows, n_full = n - n % kCols;
   for (int64_t i = 0; i < m_full; i += kRows) {
     for (int64_t w = 0; w < n_full; w += kCols)

@@ -15,8 +15,9 @@
 // O holds sum_i P_i V_i relative to the running max of the last tile whose alpha it received,
 // so P_{j-1} V_{j-1} (relative to m_{j-1}) is added before O is rescaled by alpha_j =
 // exp2(m_{j-1} - m_j). Because tile j-1's V is still read while tile j+1 loads, K/V rotate
-// through three shared-memory stages (fwd_staged_kernel has two): 224 KB of 227 at head_dim
-// 128 with 128-key tiles, one block per SM as before.
+// through three shared-memory stages (fwd_staged_kernel has two): Q and the ring take 224 KB
+// at head_dim 128 with 128-key tiles, 226 KB with the tile kinds and the alignment slack, 1 KB
+// under an sm_90 block's 227 KB; one block per SM as before.
 #pragma once
 
 #include "shadow_attention_fwd_cute.cuh"
@@ -163,7 +164,7 @@ void launch_fwd_overlap(const ShadowAttentionParams& p, const int2* mm, int64_t 
   auto kernel = fwd_overlap_kernel<F>;
   set_smem_limit(kernel, smem);
   const int64_t blocks = p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM);
-  const std::string name = std::string("fwd_overlap_kernel (") + F::kName + ")";
+  const std::string name = std::string("fwd_overlap_kernel (") + F::kName + "o)";  // wgmma2o
   kernel<<<grid_1d(blocks, name.c_str()), Tr::kThreads, smem, s>>>(p, mm, n_ev, scale_log2);
   check_launch(name.c_str());
 }

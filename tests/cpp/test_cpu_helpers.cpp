@@ -56,11 +56,16 @@ TEST(shadow_attention_row_reductions) {
   CHECK(shadowkv::cpu::row_max(x.data(), 4, 100.0f) == 100.0f);
 }
 
-TEST(shadow_attention_tile_gemm_matches_triple_loop) {
-  std::mt19937 rng(7);
+// Every vector width's blocking (16: SSE, 4 x 8 doubles; 32: AVX2, 6 x 8; 64: AVX-512, 8 x 16),
+// with row and column counts that leave full blocks, edges and one-row blocks. The generic
+// vector code is the same on any target (a 64-byte vector is split on a narrower one), so all
+// three run here whatever the CPU.
+template <int VB>
+void check_tile_gemm() {
+  std::mt19937 rng(7 + VB);
   std::uniform_real_distribution<double> u(-1, 1);
-  for (int64_t m : {1, 3, 4, 9}) {
-    for (int64_t n : {1, 15, 16, 33}) {
+  for (int64_t m : {1, 3, 4, 9, 17}) {
+    for (int64_t n : {1, 15, 16, 33, 65}) {
       for (int64_t K : {0, 1, 5}) {
         for (bool a_transposed : {false, true}) {
           // A(k, i) at a[k * a_k + i * a_i]; B [K, n] with row stride n + 2; C [m, n] with stride n + 1.
@@ -72,12 +77,18 @@ TEST(shadow_attention_tile_gemm_matches_triple_loop) {
           for (int64_t i = 0; i < m; ++i)
             for (int64_t w = 0; w < n; ++w)
               for (int64_t k = 0; k < K; ++k) want[i * (n + 1) + w] += a[k * a_k + i * a_i] * b[k * (n + 2) + w];
-          shadowkv::cpu::tile_gemm_acc(m, n, K, a.data(), a_k, a_i, b.data(), n + 2, c.data(), n + 1);
+          shadowkv::cpu::tile_gemm_acc<VB>(m, n, K, a.data(), a_k, a_i, b.data(), n + 2, c.data(), n + 1);
           for (size_t j = 0; j < c.size(); ++j) CHECK_CLOSE(c[j], want[j], 1e-12, 1e-12);
         }
       }
     }
   }
+}
+
+TEST(shadow_attention_tile_gemm_matches_triple_loop) {
+  check_tile_gemm<16>();
+  check_tile_gemm<32>();
+  check_tile_gemm<64>();
 }
 
 }  // namespace
