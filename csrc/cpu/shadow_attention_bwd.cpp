@@ -256,20 +256,34 @@ struct BwdContext {
         &BwdContext::dkdv_items_avx2, &BwdContext::dkdv_items_avx512);
   }
 
-  // Work items [begin, end) of the dQ pass, with VB-byte vectors in the tile products.
+  // Work items [begin, end) of the dQ pass (one per batch x KV head x chunk of up to
+  // kBwdHeadStack query heads of its group x query tile), with VB-byte vectors in the tile
+  // products. The heads of a GQA group share K, V and the log: an item stages each key tile
+  // (K, K^T, V^T: the transposes cost about as much as the products) once for all its heads,
+  // then runs each head's products as a one-head item would (the same bits).
+  static constexpr int64_t kBwdHeadStack = 8;
+  int64_t dq_head_chunks() const {
+    const int64_t stack = std::min(group, kBwdHeadStack);
+    return (group + stack - 1) / stack;
+  }
+
   template <int VB>
   SHADOWKV_CPU_INLINE void dq_items(int64_t begin, int64_t end) const {
-    std::vector<acc_t> kf(BC * D), kt(D * BC), vt(D * BC), q(BR * D), dout(BR * D), s(BR * BC), ds(BR * BC),
-        dq(BR * D);
+    const int64_t stack = std::min(group, kBwdHeadStack), n_hc = dq_head_chunks();
+    std::vector<acc_t> kf(BC * D), kt(D * BC), vt(D * BC), q(stack * BR * D), dout(stack * BR * D), s(BR * BC),
+        ds(BR * BC), dq(stack * BR * D);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t qt = item % n_qt, bh = item / n_qt, hq = bh % p.num_q_heads, b = bh / p.num_q_heads;
-      const int64_t hk = hq / group;
+      const int64_t qt = item % n_qt, hc = item / n_qt % n_hc, bk = item / n_qt / n_hc;
+      const int64_t hk = bk % p.num_kv_heads, b = bk / p.num_kv_heads;
+      const int64_t h0 = hk * group + hc * stack, heads = std::min(stack, group - hc * stack);
       const int64_t i0 = qt * BR, rows = std::min(BR, p.q_len - i0);
       const int64_t p0 = p.q_offset + i0;
       const int32_t* ev = p.evicted_at + b * p.ev_stride[0] + hk * p.ev_stride[1];
-      load_rows(p.q, p.q_stride, b, hq, i0, rows, D, q.data(), nullptr, 0);
-      load_rows(bp.grad_out, bp.do_stride, b, hq, i0, rows, D, dout.data(), nullptr, 0);
-      std::fill(dq.begin(), dq.end(), acc_t(0));
+      for (int64_t g = 0; g < heads; ++g) {
+        load_rows(p.q, p.q_stride, b, h0 + g, i0, rows, D, q.data() + g * BR * D, nullptr, 0);
+        load_rows(bp.grad_out, bp.do_stride, b, h0 + g, i0, rows, D, dout.data() + g * BR * D, nullptr, 0);
+      }
+      std::fill(dq.begin(), dq.begin() + heads * BR * D, acc_t(0));
       for (int64_t t = 0; t < tiles.num_tiles; ++t) {
         const int64_t j0 = t * BC, cols = std::min(BC, p.kv_len - j0);
         const TileKind kind = tiles.classify(b, hk, p.num_kv_heads, t, j0, j0 + cols, p0, p0 + rows - 1);
@@ -277,11 +291,14 @@ struct BwdContext {
         const RowFilter seen{ev, p0, p0 + rows - 1};
         load_rows(p.k, p.k_stride, b, hk, j0, cols, D, kf.data(), kt.data(), BC, seen);
         load_rows(p.v, p.v_stride, b, hk, j0, cols, D, nullptr, vt.data(), BC, seen);
-        probs_and_dscores<VB>(kind, b, hq, i0, rows, j0, cols, ev, q.data(), dout.data(), kt.data(), vt.data(),
-                              s.data(), ds.data());
-        tile_gemm_acc<VB>(rows, D, cols, ds.data(), 1, BC, kf.data(), D, dq.data(), D);  // dQ += dS K
+        for (int64_t g = 0; g < heads; ++g) {
+          probs_and_dscores<VB>(kind, b, h0 + g, i0, rows, j0, cols, ev, q.data() + g * BR * D,
+                                dout.data() + g * BR * D, kt.data(), vt.data(), s.data(), ds.data());
+          tile_gemm_acc<VB>(rows, D, cols, ds.data(), 1, BC, kf.data(), D, dq.data() + g * BR * D, D);  // dQ += dS K
+        }
       }
-      store_rows(bp.grad_q, bp.dq_stride, b, hq, i0, rows, D, dq.data());
+      for (int64_t g = 0; g < heads; ++g)
+        store_rows(bp.grad_q, bp.dq_stride, b, h0 + g, i0, rows, D, dq.data() + g * BR * D);
     }
   }
   SHADOWKV_AVX2_FN void dq_items_avx2(int64_t begin, int64_t end) const {
@@ -292,7 +309,7 @@ struct BwdContext {
   }
 
   void dq_pass(const ParallelFor& pf) const {
-    run(pf, p.batch * p.num_q_heads * n_qt, &BwdContext::dq_items<detail::kBaselineVecBytes>,
+    run(pf, p.batch * p.num_kv_heads * dq_head_chunks() * n_qt, &BwdContext::dq_items<detail::kBaselineVecBytes>,
         &BwdContext::dq_items_avx2, &BwdContext::dq_items_avx512);
   }
 };

@@ -18,34 +18,50 @@ namespace shadowkv::cpu {
 
 namespace {
 
-// Work items [begin, end) of fwd_kernel (one per batch x query head x query tile), with VB-byte
-// vectors in the tile products; `tiles` holds the key tiles' evicted_at ranges.
+// Query heads of one GQA group a work item stacks (bounds the per-thread scratch: at D = 128,
+// 8 heads x 32 rows of queries, scores and outputs take 320 KB).
+constexpr int64_t kFwdHeadStack = 8;
+
+// Work items [begin, end) of fwd_kernel (one per batch x KV head x chunk of up to kFwdHeadStack
+// query heads of its group x query tile), with VB-byte vectors in the tile products; `tiles`
+// holds the key tiles' evicted_at ranges. The query heads of a GQA group share K, V and the
+// eviction log, so an item stacks its heads' query rows (stacked row g * rows + r is head
+// h0 + g, query i0 + r): each key tile is converted and transposed once for all of them, and the
+// products run on group x as many rows. Staging K^T and V per (query tile, key tile) pair cost
+// about as much as the products themselves with one head per item. The sums are unchanged:
+// every output still sums over the same k in the same order.
 template <typename T, int VB>
 SHADOWKV_CPU_INLINE void fwd_items(const ShadowAttentionParams& p, const KeyTileBounds& tiles, int64_t begin,
                                    int64_t end) {
   using acc_t = typename acc_type<T>::type;
   constexpr int64_t BR = kCpuQueryTile, BC = kCpuKeyTile;
   const int64_t D = p.head_dim, group = p.num_q_heads / p.num_kv_heads;
+  const int64_t stack = std::min(group, kFwdHeadStack), n_hc = (group + stack - 1) / stack;
   const int64_t n_qt = (p.q_len + BR - 1) / BR;
   const acc_t scale = static_cast<acc_t>(p.scale);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
   // Per-thread scratch, reused across the work items of this chunk.
-  std::vector<acc_t> qf(BR * D), kt(D * BC), vf(BC * D), s(BR * BC), acc(BR * D), m(BR), l(BR);
+  std::vector<acc_t> qf(stack * BR * D), kt(D * BC), vf(BC * D), s(stack * BR * BC), acc(stack * BR * D),
+      m(stack * BR), l(stack * BR);
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t qt = item % n_qt, bh = item / n_qt, hq = bh % p.num_q_heads, b = bh / p.num_q_heads;
-    const int64_t hk = hq / group;
-    const int64_t i0 = qt * BR, rows = std::min(BR, p.q_len - i0);
+    const int64_t qt = item % n_qt, hc = item / n_qt % n_hc, bk = item / n_qt / n_hc;
+    const int64_t hk = bk % p.num_kv_heads, b = bk / p.num_kv_heads;
+    const int64_t h0 = hk * group + hc * stack, heads = std::min(stack, group - hc * stack);
+    const int64_t i0 = qt * BR, rows = std::min(BR, p.q_len - i0), n_rows = heads * rows;
     const int64_t p0 = p.q_offset + i0, p1 = p0 + rows - 1;
     const int32_t* ev = p.evicted_at + b * p.ev_stride[0] + hk * p.ev_stride[1];
 
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* src = row_ptr<T>(p.q, p.q_stride, b, hq, i0 + r);
-      for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_float(src[d]) * scale;
+    for (int64_t g = 0; g < heads; ++g) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* src = row_ptr<T>(p.q, p.q_stride, b, h0 + g, i0 + r);
+        acc_t* dst = &qf[(g * rows + r) * D];
+        for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d]) * scale;
+      }
     }
-    std::fill(acc.begin(), acc.end(), acc_t(0));
-    std::fill(m.begin(), m.end(), neg_inf);
-    std::fill(l.begin(), l.end(), acc_t(0));
+    std::fill(acc.begin(), acc.begin() + n_rows * D, acc_t(0));
+    std::fill(m.begin(), m.begin() + n_rows, neg_inf);
+    std::fill(l.begin(), l.begin() + n_rows, acc_t(0));
 
     for (int64_t t = 0; t < tiles.num_tiles; ++t) {
       const int64_t j0 = t * BC, cols = std::min(BC, p.kv_len - j0);
@@ -64,35 +80,38 @@ SHADOWKV_CPU_INLINE void fwd_items(const ShadowAttentionParams& p, const KeyTile
           vf[c * D + d] = seen ? to_float(vs[d]) : acc_t(0);
         }
       }
-      // S = Q K^T for the tile's rows (columns past `cols` hold stale keys and are ignored).
-      std::fill(s.begin(), s.begin() + rows * BC, acc_t(0));
-      tile_gemm_acc<VB>(rows, BC, D, qf.data(), 1, D, kt.data(), BC, s.data(), BC);
-      for (int64_t r = 0; r < rows; ++r) {
-        acc_t* sr = &s[r * BC];
-        if (kind == TileKind::kPartial) mask_row(sr, cols, p0 + r, j0, ev, neg_inf);
-        const acc_t mx = row_max(sr, cols, m[r]);
+      // S = Q K^T for the stacked rows (columns past `cols` hold stale keys and are ignored).
+      std::fill(s.begin(), s.begin() + n_rows * BC, acc_t(0));
+      tile_gemm_acc<VB>(n_rows, BC, D, qf.data(), 1, D, kt.data(), BC, s.data(), BC);
+      for (int64_t row = 0; row < n_rows; ++row) {
+        acc_t* sr = &s[row * BC];
+        if (kind == TileKind::kPartial) mask_row(sr, cols, p0 + row % rows, j0, ev, neg_inf);
+        const acc_t mx = row_max(sr, cols, m[row]);
         if (mx == neg_inf) {  // nothing visible in this row yet: it adds nothing below
           std::fill(sr, sr + cols, acc_t(0));
           continue;
         }
-        const acc_t alpha = exp_fast(m[r] - mx);
+        const acc_t alpha = exp_fast(m[row] - mx);
         for (int64_t c = 0; c < cols; ++c) sr[c] = exp_fast(sr[c] - mx);
-        l[r] = l[r] * alpha + row_sum(sr, cols);
-        m[r] = mx;
-        acc_t* ar = acc.data() + r * D;
+        l[row] = l[row] * alpha + row_sum(sr, cols);
+        m[row] = mx;
+        acc_t* ar = acc.data() + row * D;
         for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
       }
-      // O += P V (P: the rows' probabilities, [rows, cols] with row stride BC).
-      tile_gemm_acc<VB>(rows, D, cols, s.data(), 1, BC, vf.data(), D, acc.data(), D);
+      // O += P V (P: the rows' probabilities, [n_rows, cols] with row stride BC).
+      tile_gemm_acc<VB>(n_rows, D, cols, s.data(), 1, BC, vf.data(), D, acc.data(), D);
     }
 
-    acc_t* lse = static_cast<acc_t*>(p.lse) + b * p.lse_stride[0] + hq * p.lse_stride[1] + i0;
-    for (int64_t r = 0; r < rows; ++r) {
-      T* dst = row_ptr<T>(p.out, p.o_stride, b, hq, i0 + r);
-      const bool empty = l[r] == acc_t(0);
-      const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[r];
-      for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(acc[r * D + d] * inv);
-      lse[r] = empty ? neg_inf : m[r] + std::log(l[r]);
+    for (int64_t g = 0; g < heads; ++g) {
+      acc_t* lse = static_cast<acc_t*>(p.lse) + b * p.lse_stride[0] + (h0 + g) * p.lse_stride[1] + i0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = g * rows + r;
+        T* dst = row_ptr<T>(p.out, p.o_stride, b, h0 + g, i0 + r);
+        const bool empty = l[row] == acc_t(0);
+        const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[row];
+        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(acc[row * D + d] * inv);
+        lse[r] = empty ? neg_inf : m[row] + std::log(l[row]);
+      }
     }
   }
 }
@@ -117,7 +136,9 @@ void fwd_kernel(const ShadowAttentionParams& p, const ParallelFor& pf) {
                                          : &fwd_items<T, detail::kBaselineVecBytes>;
   const KeyTileBounds tiles(p, kCpuKeyTile);  // once per call, shared by every thread
   const int64_t n_qt = (p.q_len + kCpuQueryTile - 1) / kCpuQueryTile;
-  pf(p.batch * p.num_q_heads * n_qt, [&](int64_t begin, int64_t end) { items(p, tiles, begin, end); });
+  const int64_t group = p.num_q_heads / p.num_kv_heads, stack = std::min(group, kFwdHeadStack);
+  const int64_t n_hc = (group + stack - 1) / stack;
+  pf(p.batch * p.num_kv_heads * n_hc * n_qt, [&](int64_t begin, int64_t end) { items(p, tiles, begin, end); });
 }
 
 }  // namespace
