@@ -97,6 +97,58 @@ __device__ __forceinline__ void write_rows(const ShadowAttentionParams& p, const
   }
 }
 
+// What a forward block of query tile t reads from global memory: its query rows (from row
+// t.i0 on), the keys and values of its KV head, that head's eviction log and the log's
+// per-kEvTile (min, max) from the pre-pass.
+template <typename E>
+struct FwdRows {
+  const E* q;
+  const E* k;
+  const E* v;
+  const int32_t* ev;
+  const int2* mm;
+  __device__ FwdRows(const ShadowAttentionParams& p, const QueryTile& t, const int2* ev_mm, int64_t n_ev_tiles)
+      : q(static_cast<const E*>(p.q) + t.b * p.q_stride[0] + t.hq * p.q_stride[1] + t.i0 * p.q_stride[2]),
+        k(static_cast<const E*>(p.k) + t.b * p.k_stride[0] + t.hkv * p.k_stride[1]),
+        v(static_cast<const E*>(p.v) + t.b * p.v_stride[0] + t.hkv * p.v_stride[1]),
+        ev(p.evicted_at + t.b * p.ev_stride[0] + t.hkv * p.ev_stride[1]),
+        mm(ev_mm + (t.b * p.num_kv_heads + t.hkv) * n_ev_tiles) {}
+};
+
+// The running max (log2 domain) and this thread's partial sum of each of its rows, before any key.
+template <int kRows>
+__device__ __forceinline__ void init_row_stats(float (&m_run)[kRows], float (&l_run)[kRows]) {
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    m_run[r] = -INFINITY;
+    l_run[r] = 0.f;
+  }
+}
+
+// The block's query rows [0, t.rows) into sQ with cp.async (the rest zeros).
+template <int BM, int D, class GmemCopy, class GmemThr, class E, class SQ>
+__device__ __forceinline__ void load_query_tile(GmemCopy const& gmem_copy, GmemThr const& gmem_thr, const E* q,
+                                                int64_t q_row_stride, SQ& sQ, int rows) {
+  using namespace cute;
+  cuda_cute::copy_rows(gmem_copy, gmem_thr.partition_S(cuda_cute::gmem_tile<BM, D>(q, q_row_stride, 0)),
+                       gmem_thr.partition_D(sQ), gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{})),
+                       rows);
+}
+
+// Key tile `tile` (of BN rows) of K and V into the shared tiles dst_k and dst_v with cp.async,
+// for the staged kernels. K and V rows that no valid row of the block sees are zeros
+// (kv_row_needed): the masked scores ignore K, but P V would turn a non-finite V row into NaN.
+template <int BN, int D, class GmemCopy, class GmemThr, class Coord, class E, class DstK, class DstV>
+__device__ __forceinline__ void load_kv_tile(GmemCopy const& gmem_copy, GmemThr const& gmem_thr, Coord const& coord,
+                                             const ShadowAttentionParams& p, const QueryTile& t,
+                                             const FwdRows<E>& g, int64_t tile, TileKind kind, DstK&& dst_k,
+                                             DstV&& dst_v) {
+  const int64_t k0 = tile * BN;
+  cuda_cute::load_pair<BN, D>(gmem_copy, gmem_thr, coord, k0,
+                              [&](int row) { return kv_row_needed(row, k0, p, t, kind, g.ev); }, g.k, p.k_stride[2],
+                              static_cast<DstK&&>(dst_k), g.v, p.v_stride[2], static_cast<DstV&&>(dst_v));
+}
+
 template <class F>
 __global__ void __launch_bounds__(F::Traits::kThreads)
     fwd_kernel(const ShadowAttentionParams p, const int2* __restrict__ ev_mm, int64_t n_ev_tiles, float scale_log2) {
@@ -123,11 +175,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     int* kinds_s = reinterpret_cast<int*>(smem + Tr::kOwnBytes + 2 * Tr::kPartnerBytes);
 
     const QueryTile t = query_tile(p, BM);
-    const E* qg = static_cast<const E*>(p.q) + t.b * p.q_stride[0] + t.hq * p.q_stride[1] + t.i0 * p.q_stride[2];
-    const E* kg = static_cast<const E*>(p.k) + t.b * p.k_stride[0] + t.hkv * p.k_stride[1];
-    const E* vg = static_cast<const E*>(p.v) + t.b * p.v_stride[0] + t.hkv * p.v_stride[1];
-    const int32_t* evg = p.evicted_at + t.b * p.ev_stride[0] + t.hkv * p.ev_stride[1];
-    const int2* mm = ev_mm + (t.b * p.num_kv_heads + t.hkv) * n_ev_tiles;
+    const FwdRows<E> g(p, t, ev_mm, n_ev_tiles);
 
     typename Tr::GmemTiledCopy gmem_copy;
     auto gmem_thr = gmem_copy.get_thread_slice(tid);
@@ -144,22 +192,16 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     constexpr int kRows = decltype(size<0>(tScS_rc))::value;  // 2: rows lane/4 and lane/4 + 8 of a warp
     constexpr int kCols = decltype(size<1>(tScS_rc))::value;
     float m_run[kRows], l_run[kRows];  // running max (log2 domain) and this thread's partial sum
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      m_run[r] = -INFINITY;
-      l_run[r] = 0.f;
-    }
-
-    copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BM, D>(qg, p.q_stride[2], 0)), gmem_thr.partition_D(sQ),
-              gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{})), t.rows);
+    init_row_stats(m_run, l_run);
+    load_query_tile<BM, D>(gmem_copy, gmem_thr, g.q, p.q_stride[2], sQ, t.rows);
 
     // Keys past the last query position are in every row's future.
     const int64_t n_key_tiles = (min(p.kv_len, t.p1 + 1) + BN - 1) / BN;
     auto next_live = [&](int64_t from, TileKind& kind) {
-      return next_live_tile<BN>(from, n_key_tiles, kinds_s, mm, n_ev_tiles, p, t, kind);
+      return next_live_tile<BN>(from, n_key_tiles, kinds_s, g.mm, n_ev_tiles, p, t, kind);
     };
     auto load_k = [&](int64_t tile) {
-      copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(kg, p.k_stride[2], tile * BN)), tKsK, tKVcKV,
+      copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(g.k, p.k_stride[2], tile * BN)), tKsK, tKVcKV,
                 p.kv_len - tile * BN);
     };
 
@@ -178,8 +220,8 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       __syncthreads();  // K (and Q) landed for every thread; every warp is done with the last V
       // V rows that no valid row of the block sees are zeros (kv_row_needed).
       const TileKind kind_now = kind;
-      copy_rows_if(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(vg, p.v_stride[2], k0)), tVsV, tKVcKV,
-                   [&](int row) { return kv_row_needed(row, k0, p, t, kind_now, evg); });
+      copy_rows_if(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(g.v, p.v_stride[2], k0)), tVsV, tKVcKV,
+                   [&](int row) { return kv_row_needed(row, k0, p, t, kind_now, g.ev); });
       cp_async_fence();
 
       Tensor acc_s = mma.score_acc();
@@ -189,7 +231,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       Tensor s = F::rowcol(acc_s);
       Tensor o_rc = F::rowcol(acc_o);
       int ev_col[kCols];
-      cuda_cute::load_column_log(ev_col, evg, k0, p.kv_len, tScS_rc, kind == TileKind::kPartial, kEvOutOfRange);
+      cuda_cute::load_column_log(ev_col, g.ev, k0, p.kv_len, tScS_rc, kind == TileKind::kPartial, kEvOutOfRange);
       softmax_tile(s, tScS_rc, o_rc, ev_col, kind == TileKind::kPartial, k0, t.p0, scale_log2, m_run, l_run);
 
       cp_async_wait<0>();
@@ -239,11 +281,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     int* kinds_s = reinterpret_cast<int*>(smem + Tr::kOwnBytes + cuda_cute::PartnerStages<Tr>::kBytes);
 
     const QueryTile t = query_tile(p, BM);
-    const E* qg = static_cast<const E*>(p.q) + t.b * p.q_stride[0] + t.hq * p.q_stride[1] + t.i0 * p.q_stride[2];
-    const E* kg = static_cast<const E*>(p.k) + t.b * p.k_stride[0] + t.hkv * p.k_stride[1];
-    const E* vg = static_cast<const E*>(p.v) + t.b * p.v_stride[0] + t.hkv * p.v_stride[1];
-    const int32_t* evg = p.evicted_at + t.b * p.ev_stride[0] + t.hkv * p.ev_stride[1];
-    const int2* mm = ev_mm + (t.b * p.num_kv_heads + t.hkv) * n_ev_tiles;
+    const FwdRows<E> g(p, t, ev_mm, n_ev_tiles);
 
     typename Tr::GmemTiledCopy gmem_copy;
     auto gmem_thr = gmem_copy.get_thread_slice(tid);
@@ -257,27 +295,16 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     constexpr int kRows = decltype(size<0>(tScS_rc))::value;
     constexpr int kCols = decltype(size<1>(tScS_rc))::value;
     float m_run[kRows], l_run[kRows];
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      m_run[r] = -INFINITY;
-      l_run[r] = 0.f;
-    }
-
-    cuda_cute::copy_rows(gmem_copy, gmem_thr.partition_S(cuda_cute::gmem_tile<BM, D>(qg, p.q_stride[2], 0)),
-                         gmem_thr.partition_D(sQ), gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{})),
-                         t.rows);
+    init_row_stats(m_run, l_run);
+    load_query_tile<BM, D>(gmem_copy, gmem_thr, g.q, p.q_stride[2], sQ, t.rows);
 
     const int64_t n_key_tiles = (min(p.kv_len, t.p1 + 1) + BN - 1) / BN;
-    // K and V rows that no valid row of the block sees are zeros (kv_row_needed): the masked
-    // scores ignore K, but P V would turn a non-finite V row into NaN.
     auto load_kv = [&](int64_t tile, TileKind tile_kind, int stage) {
-      const int64_t k0 = tile * BN;
-      cuda_cute::load_pair<BN, D>(gmem_copy, gmem_thr, tPartC, k0,
-                                  [&](int row) { return kv_row_needed(row, k0, p, t, tile_kind, evg); }, kg,
-                                  p.k_stride[2], stages.tile(stage, 0), vg, p.v_stride[2], stages.tile(stage, 1));
+      load_kv_tile<BN, D>(gmem_copy, gmem_thr, tPartC, p, t, g, tile, tile_kind, stages.tile(stage, 0),
+                          stages.tile(stage, 1));
     };
     TileKind kind = TileKind::kSkip;
-    int64_t tile = next_live_tile<BN>(0, n_key_tiles, kinds_s, mm, n_ev_tiles, p, t, kind);
+    int64_t tile = next_live_tile<BN>(0, n_key_tiles, kinds_s, g.mm, n_ev_tiles, p, t, kind);
     if (tile < n_key_tiles) load_kv(tile, kind, 0);
     cp_async_fence();  // group: Q and the first K, V
 
@@ -288,7 +315,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       // done with the other stage (the previous tile), which the prefetch below refills.
       __syncthreads();
       TileKind next_kind = TileKind::kSkip;
-      const int64_t next = next_live_tile<BN>(tile + 1, n_key_tiles, kinds_s, mm, n_ev_tiles, p, t, next_kind);
+      const int64_t next = next_live_tile<BN>(tile + 1, n_key_tiles, kinds_s, g.mm, n_ev_tiles, p, t, next_kind);
       if (next < n_key_tiles) load_kv(next, next_kind, stage ^ 1);
       cp_async_fence();
 
@@ -299,7 +326,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       Tensor s = F::rowcol(acc_s);
       Tensor o_rc = F::rowcol(acc_o);
       int ev_col[kCols];
-      cuda_cute::load_column_log(ev_col, evg, k0, p.kv_len, tScS_rc, kind == TileKind::kPartial, kEvOutOfRange);
+      cuda_cute::load_column_log(ev_col, g.ev, k0, p.kv_len, tScS_rc, kind == TileKind::kPartial, kEvOutOfRange);
       softmax_tile(s, tScS_rc, o_rc, ev_col, kind == TileKind::kPartial, k0, t.p0, scale_log2, m_run, l_run);
 
       Tensor rP = F::a_operand(acc_s);

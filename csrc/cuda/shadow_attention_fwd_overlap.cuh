@@ -59,11 +59,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     };
 
     const QueryTile t = query_tile(p, BM);
-    const E* qg = static_cast<const E*>(p.q) + t.b * p.q_stride[0] + t.hq * p.q_stride[1] + t.i0 * p.q_stride[2];
-    const E* kg = static_cast<const E*>(p.k) + t.b * p.k_stride[0] + t.hkv * p.k_stride[1];
-    const E* vg = static_cast<const E*>(p.v) + t.b * p.v_stride[0] + t.hkv * p.v_stride[1];
-    const int32_t* evg = p.evicted_at + t.b * p.ev_stride[0] + t.hkv * p.ev_stride[1];
-    const int2* mm = ev_mm + (t.b * p.num_kv_heads + t.hkv) * n_ev_tiles;
+    const FwdRows<E> g(p, t, ev_mm, n_ev_tiles);
 
     typename Tr::GmemTiledCopy gmem_copy;
     auto gmem_thr = gmem_copy.get_thread_slice(tid);
@@ -80,27 +76,16 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     constexpr int kRows = decltype(size<0>(tScS_rc))::value;
     constexpr int kCols = decltype(size<1>(tScS_rc))::value;
     float m_run[kRows], l_run[kRows];
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      m_run[r] = -INFINITY;
-      l_run[r] = 0.f;
-    }
-
-    cuda_cute::copy_rows(gmem_copy, gmem_thr.partition_S(cuda_cute::gmem_tile<BM, D>(qg, p.q_stride[2], 0)),
-                         gmem_thr.partition_D(sQ), gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{})),
-                         t.rows);
+    init_row_stats(m_run, l_run);
+    load_query_tile<BM, D>(gmem_copy, gmem_thr, g.q, p.q_stride[2], sQ, t.rows);
 
     const int64_t n_key_tiles = (min(p.kv_len, t.p1 + 1) + BN - 1) / BN;
-    // K and V rows that no valid row of the block sees are zeros (kv_row_needed), as in
-    // fwd_staged_kernel.
     auto load_kv = [&](int64_t tile, TileKind tile_kind, int stage) {
-      const int64_t k0 = tile * BN;
-      cuda_cute::load_pair<BN, D>(gmem_copy, gmem_thr, tPartC, k0,
-                                  [&](int row) { return kv_row_needed(row, k0, p, t, tile_kind, evg); }, kg,
-                                  p.k_stride[2], ring_tile(stage, 0), vg, p.v_stride[2], ring_tile(stage, 1));
+      load_kv_tile<BN, D>(gmem_copy, gmem_thr, tPartC, p, t, g, tile, tile_kind, ring_tile(stage, 0),
+                          ring_tile(stage, 1));
     };
     TileKind kind = TileKind::kSkip;
-    int64_t tile = next_live_tile<BN>(0, n_key_tiles, kinds_s, mm, n_ev_tiles, p, t, kind);
+    int64_t tile = next_live_tile<BN>(0, n_key_tiles, kinds_s, g.mm, n_ev_tiles, p, t, kind);
     if (tile < n_key_tiles) load_kv(tile, kind, 0);
     cp_async_fence();  // group: Q and the first K, V
 
@@ -114,7 +99,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       // its S waited two iterations ago and its P V waited in the previous iteration.
       __syncthreads();
       TileKind next_kind = TileKind::kSkip;
-      const int64_t next = next_live_tile<BN>(tile + 1, n_key_tiles, kinds_s, mm, n_ev_tiles, p, t, next_kind);
+      const int64_t next = next_live_tile<BN>(tile + 1, n_key_tiles, kinds_s, g.mm, n_ev_tiles, p, t, next_kind);
       if (next < n_key_tiles) load_kv(next, next_kind, stage + 1 == kOverlapStages ? 0 : stage + 1);
       cp_async_fence();
 
@@ -130,7 +115,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
 
       Tensor s = F::rowcol(acc_s);
       int ev_col[kCols];
-      cuda_cute::load_column_log(ev_col, evg, k0, p.kv_len, tScS_rc, kind == TileKind::kPartial, kEvOutOfRange);
+      cuda_cute::load_column_log(ev_col, g.ev, k0, p.kv_len, tScS_rc, kind == TileKind::kPartial, kEvOutOfRange);
       float alpha[kRows];
       softmax_step(s, tScS_rc, ev_col, kind == TileKind::kPartial, k0, t.p0, scale_log2, m_run, l_run, alpha);
 
