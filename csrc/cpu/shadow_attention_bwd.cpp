@@ -257,19 +257,13 @@ struct BwdContext {
   }
 
   // Work items [begin, end) of the dQ pass (one per batch x KV head x chunk of up to
-  // kBwdHeadStack query heads of its group x query tile), with VB-byte vectors in the tile
+  // kCpuHeadStack query heads of its group x query tile), with VB-byte vectors in the tile
   // products. The heads of a GQA group share K, V and the log: an item stages each key tile
   // (K, K^T, V^T: the transposes cost about as much as the products) once for all its heads,
   // then runs each head's products as a one-head item would (the same bits).
-  static constexpr int64_t kBwdHeadStack = 8;
-  int64_t dq_head_chunks() const {
-    const int64_t stack = std::min(group, kBwdHeadStack);
-    return (group + stack - 1) / stack;
-  }
-
   template <int VB>
   SHADOWKV_CPU_INLINE void dq_items(int64_t begin, int64_t end) const {
-    const int64_t stack = std::min(group, kBwdHeadStack), n_hc = dq_head_chunks();
+    const auto [stack, n_hc] = head_chunks(group);
     std::vector<acc_t> kf(BC * D), kt(D * BC), vt(D * BC), q(stack * BR * D), dout(stack * BR * D), s(BR * BC),
         ds(BR * BC), dq(stack * BR * D);
     for (int64_t item = begin; item < end; ++item) {
@@ -309,8 +303,9 @@ struct BwdContext {
   }
 
   void dq_pass(const ParallelFor& pf) const {
-    run(pf, p.batch * p.num_kv_heads * dq_head_chunks() * n_qt, &BwdContext::dq_items<detail::kBaselineVecBytes>,
-        &BwdContext::dq_items_avx2, &BwdContext::dq_items_avx512);
+    const int64_t items = p.batch * p.num_kv_heads * head_chunks(group).count * n_qt;
+    run(pf, items, &BwdContext::dq_items<detail::kBaselineVecBytes>, &BwdContext::dq_items_avx2,
+        &BwdContext::dq_items_avx512);
   }
 };
 

@@ -18,12 +18,9 @@ namespace shadowkv::cpu {
 
 namespace {
 
-// Query heads of one GQA group a work item stacks (bounds the per-thread scratch: at D = 128,
-// 8 heads x 32 rows of queries, scores and outputs take 320 KB).
-constexpr int64_t kFwdHeadStack = 8;
-
-// Work items [begin, end) of fwd_kernel (one per batch x KV head x chunk of up to kFwdHeadStack
-// query heads of its group x query tile), with VB-byte vectors in the tile products; `tiles`
+// Work items [begin, end) of fwd_kernel (one per batch x KV head x chunk of up to kCpuHeadStack
+// query heads of its group x query tile; at D = 128 and 8 heads the queries, scores and outputs
+// of an item take 320 KB), with VB-byte vectors in the tile products; `tiles`
 // holds the key tiles' evicted_at ranges. The query heads of a GQA group share K, V and the
 // eviction log, so an item stacks its heads' query rows (stacked row g * rows + r is head
 // h0 + g, query i0 + r): each key tile is converted and transposed once for all of them, and the
@@ -36,7 +33,7 @@ SHADOWKV_CPU_INLINE void fwd_items(const ShadowAttentionParams& p, const KeyTile
   using acc_t = typename acc_type<T>::type;
   constexpr int64_t BR = kCpuQueryTile, BC = kCpuKeyTile;
   const int64_t D = p.head_dim, group = p.num_q_heads / p.num_kv_heads;
-  const int64_t stack = std::min(group, kFwdHeadStack), n_hc = (group + stack - 1) / stack;
+  const auto [stack, n_hc] = head_chunks(group);
   const int64_t n_qt = (p.q_len + BR - 1) / BR;
   const acc_t scale = static_cast<acc_t>(p.scale);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -136,8 +133,7 @@ void fwd_kernel(const ShadowAttentionParams& p, const ParallelFor& pf) {
                                          : &fwd_items<T, detail::kBaselineVecBytes>;
   const KeyTileBounds tiles(p, kCpuKeyTile);  // once per call, shared by every thread
   const int64_t n_qt = (p.q_len + kCpuQueryTile - 1) / kCpuQueryTile;
-  const int64_t group = p.num_q_heads / p.num_kv_heads, stack = std::min(group, kFwdHeadStack);
-  const int64_t n_hc = (group + stack - 1) / stack;
+  const int64_t n_hc = head_chunks(p.num_q_heads / p.num_kv_heads).count;
   pf(p.batch * p.num_kv_heads * n_hc * n_qt, [&](int64_t begin, int64_t end) { items(p, tiles, begin, end); });
 }
 

@@ -83,4 +83,18 @@ inline T* row_ptr(void* base, const int64_t* stride, int64_t b, int64_t h, int64
   return static_cast<T*>(base) + b * stride[0] + h * stride[1] + i * stride[2];
 }
 
+// The query heads of one GQA group share its K, V and eviction log: the CPU forward and dQ
+// passes give a work item up to kCpuHeadStack of them (same query tile), so that each key tile
+// is converted and transposed once for all of them. The cap bounds the per-thread scratch.
+constexpr int64_t kCpuHeadStack = 8;
+
+struct HeadChunks {
+  int64_t stack;  // heads per chunk: min(group, kCpuHeadStack)
+  int64_t count;  // chunks per group
+};
+inline HeadChunks head_chunks(int64_t group) {
+  const int64_t stack = std::min(group, kCpuHeadStack);
+  return {stack, (group + stack - 1) / stack};
+}
+
 }  // namespace shadowkv::cpu
