@@ -52,7 +52,7 @@ SHADOWKV_CPU_INLINE void fwd_items(const ShadowAttentionParams& p, const KeyTile
     for (int64_t g = 0; g < heads; ++g) {
       for (int64_t r = 0; r < rows; ++r) {
         const T* src = row_ptr<T>(p.q, p.q_stride, b, h0 + g, i0 + r);
-        acc_t* dst = &qf[(g * rows + r) * D];
+        acc_t* dst = qf.data() + (g * rows + r) * D;  // (not &qf[...]: empty when D = 0)
         for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d]) * scale;
       }
     }
