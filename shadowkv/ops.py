@@ -65,8 +65,9 @@ def cpu_isa(name: str) -> contextlib.AbstractContextManager[None]:
 
     ``"auto"`` (the default: the AVX-512 copies where the CPU has AVX-512 F/VL/DQ/BW, else the
     AVX2+FMA copies where it has those, else the portable baseline), ``"baseline"``, ``"avx2"``,
-    ``"avx512"`` (a ValueError at the first call on a CPU or build without them). Sets the environment variable SHADOWKV_CPU_ISA, which the CPU ops read at
-    every call, for the whole process while the block runs; ``_C.cpu_isa()`` says what runs.
+    ``"avx512"`` (a ValueError at the first call on a CPU or build without them). Sets the
+    environment variable SHADOWKV_CPU_ISA, which the CPU ops read at every call, for the whole
+    process while the block runs; ``_C.cpu_isa()`` says what runs.
     """
     return _scoped_choice("cpu_isa", CPU_ISA_ENV, CPU_ISAS, name)
 

@@ -215,9 +215,9 @@ def test_out_only_gradients(dtype):
         assert_near(name, g, r, tol.grad)
 
 
-# Every family by name where built (edge cases of each; "wgmma" and "wgmma2" are the sm_90a
-# kernels on an H100/H200, "cute" elsewhere), or the default when the CuTe kernels are not built ("auto" is
-# then "wmma").
+# Every family by name where built (edge cases of each; "wgmma", "wgmma2" and "wgmma2o" are the
+# sm_90a kernels on an H100/H200, "cute" elsewhere), or the default when the CuTe kernels are not
+# built ("auto" is then "wmma").
 KERNEL_ENV = ops.ATTENTION_KERNEL_ENV
 KERNELS = ["wmma", "cute", "wgmma", "wgmma2", "wgmma2o"] if _C.built_with_cute() else ["auto"]
 
@@ -492,5 +492,6 @@ def test_unknown_kernel_is_an_error(monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, "fastest")
     q = torch.randn(1, 1, 8, 64, device=DEVICE, dtype=torch.bfloat16)
     ev = torch.full((1, 1, 8), INT32_MAX, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wgmma, wgmma2, wgmma2o, wmma, simt"):
+    with pytest.raises(ValueError,
+                       match="SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wgmma, wgmma2, wgmma2o, wmma, simt"):
         ops.shadow_attention(q, q, q, ev)

@@ -361,7 +361,8 @@ AttnKernel requested_kernel(const char* fn) {
             "CUTLASS headers: install nvidia-cutlass or set CUTLASS_DIR, then rebuild)");
 #endif
   }
-  bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wgmma, wgmma2, wgmma2o, wmma, simt; got '" + v + "'");
+  bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wgmma, wgmma2, wgmma2o, wmma, simt; got '" + v +
+                  "'");
 }
 
 }  // namespace cuda_attn

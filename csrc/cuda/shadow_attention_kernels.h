@@ -16,9 +16,9 @@
 // SHADOWKV_ATTENTION_KERNEL picks one per call (forward and backward alike): "auto" (default) =
 // "wgmma" in builds with the CuTe kernels, else "wmma"; "cute" = cute where it applies (an
 // error in a build without it), else simt; "wgmma", "wgmma2", "wgmma2o" = those kernels where
-// they apply, else as "cute"; "wmma" = wmma where it applies, else simt; "simt" = simt always. The CuTe kernels
-// became the default after passing every GPU test on an H200, 2.1-2.8x faster than wmma there
-// (bench/RESULTS.md, 2026-11-26).
+// they apply, else as "cute"; "wmma" = wmma where it applies, else simt; "simt" = simt always.
+// The CuTe kernels became the default after passing every GPU test on an H200, 2.1-2.8x faster
+// than wmma there (bench/RESULTS.md, 2026-11-26).
 #pragma once
 
 #include <cuda_runtime.h>
