@@ -13,6 +13,7 @@ same (already rounded) inputs. Tolerances, as max absolute error:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -578,11 +579,28 @@ def test_every_cpu_isa_matches_reference(isa, dtype, case):
         check_case(case, dtype)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count while the block runs: the CPU backward picks its fused pass
+    or its two passes from the (batch, kv head) items per thread (shadow_attention_bwd.cpp)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# Thread counts that make the CPU backward fused (1 thread: any number of items) or split in two
+# passes (more threads than the 2 items of one sequence with 2 kv heads).
+FUSED_THREADS, TWO_PASS_THREADS = 1, 4
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_backward_split_does_not_change_the_bits(dtype):
-    """The CPU backward runs fused (one work item per (batch, kv head), enough of them here) or in
-    two passes (few of them: one sequence); every gradient element sums its terms in the same
-    order either way, so a batch computed whole equals each sequence computed alone, bit for
+    """The CPU backward runs fused (one work item per (batch, kv head)) or in two passes (fewer
+    items than threads: one sequence, 4 threads); every gradient element sums its terms in the
+    same order either way, so a batch computed whole equals each sequence computed alone, bit for
     bit, and both match the reference."""
     gen = torch.Generator().manual_seed(3)
     B, Hq, Hkv, L, D = 64, 4, 2, 75, 16
@@ -595,14 +613,11 @@ def test_cpu_backward_split_does_not_change_the_bits(dtype):
         q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
         return torch.autograd.grad(ops.shadow_attention(q, k, v, ev), (q, k, v), g)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 128 (batch, kv head) pairs >= max(8, 2 x 1 thread): fused for sure
-    try:
+    with torch_threads(FUSED_THREADS):  # 128 (batch, kv head) items on 1 thread: fused
         whole = grads(q, k, v, ev, g)
-    finally:
-        torch.set_num_threads(threads)
     for b in (0, 21, B - 1):
-        alone = grads(q[b : b + 1], k[b : b + 1], v[b : b + 1], ev[b : b + 1], g[b : b + 1])
+        with torch_threads(TWO_PASS_THREADS):  # 2 items on 4 threads: two passes
+            alone = grads(q[b : b + 1], k[b : b + 1], v[b : b + 1], ev[b : b + 1], g[b : b + 1])
         for name, w, a in zip(("dq", "dk", "dv"), whole, alone):
             assert torch.equal(w[b : b + 1], a), f"{name} of sequence {b} differs"
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
@@ -618,8 +633,8 @@ def hidden_slot_scenario(name: str, dtype: torch.dtype, gen: torch.Generator, he
     "evicted_before_queries": keys 128..159 are evicted at 160..191 (window 32), before the last
     64 queries (positions 192..255, the call's only ones) start, in a key tile those queries
     still partly see. "ragged_padding" / "ragged_padding_one_sequence": right-padded sequences
-    of random lengths, padding keys logged as evicted at 0 (README), with enough (batch, kv head)
-    pairs for the CPU backward's fused pass, or one sequence for its two passes.
+    of random lengths, padding keys logged as evicted at 0 (README); the test runs the first with
+    the CPU backward's fused pass and the second with its two passes (torch_threads).
     Returns CPU tensors q, k, v, evicted_at, q_offset, dirty.
     """
     if name == "evicted_before_queries":
@@ -658,7 +673,8 @@ def test_nan_in_slots_no_query_sees_stays_out_of_forward_and_backward(scenario, 
     nan_rows = dirty[..., None].expand(k.shape)
     k, v = (t.masked_fill(nan_rows, float("nan")).requires_grad_() for t in (k, v))
     q = q.clone().requires_grad_()
-    with ops.cpu_isa(isa):
+    threads = TWO_PASS_THREADS if scenario == "ragged_padding_one_sequence" else FUSED_THREADS
+    with ops.cpu_isa(isa), torch_threads(threads):
         out, lse = ops.shadow_attention_with_lse(q, k, v, ev, q_offset)
         grads = torch.autograd.grad(out, (q, k, v), g_out)
     tol = TOLERANCES[dtype]
