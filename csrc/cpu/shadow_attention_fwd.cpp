@@ -19,14 +19,14 @@ namespace shadowkv::cpu {
 namespace {
 
 // Work items [begin, end) of fwd_kernel (one per batch x KV head x chunk of up to kCpuHeadStack
-// query heads of its group x query tile; at D = 128 and 8 heads the queries, scores and outputs
-// of an item take 320 KB), with VB-byte vectors in the tile products; `tiles`
+// query heads of its group x query tile), with VB-byte vectors in the tile products; `tiles`
 // holds the key tiles' evicted_at ranges. The query heads of a GQA group share K, V and the
 // eviction log, so an item stacks its heads' query rows (stacked row g * rows + r is head
-// h0 + g, query i0 + r): each key tile is converted and transposed once for all of them, and the
-// products run on group x as many rows. Staging K^T and V per (query tile, key tile) pair cost
-// about as much as the products themselves with one head per item. The sums are unchanged:
-// every output still sums over the same k in the same order.
+// h0 + g, query i0 + r): each key tile is converted and transposed once for all of them, and
+// the products run on `heads` times as many rows. With one head per item, staging K^T and V per
+// (query tile, key tile) pair cost about as much as the products themselves. The sums are
+// unchanged: every output still sums over the same k in the same order. Scratch per thread: at
+// D = 128 and 8 heads, 320 KB of queries, scores and outputs.
 template <typename T, int VB>
 SHADOWKV_CPU_INLINE void fwd_items(const ShadowAttentionParams& p, const KeyTileBounds& tiles, int64_t begin,
                                    int64_t end) {
