@@ -43,7 +43,7 @@ cases="named_cases or matches_reference or round_trip or empty or no_visible_key
 # The test selections no GPU has passed yet: each stage runs them in processes of their own (an
 # illegal address poisons the CUDA context of the process that hits it). The cute and wgmma
 # families passed on an H200 (2026-11-26); the unchecked paths had one failure then (a test bug).
-untried="pipelined or wgmma2 or unchecked"
+untried="pipelined or mma_decode or wgmma2 or unchecked"
 
 # What the extension is built from: a prebuilt one is used only if this matches its stamp.
 src_stamp() { find csrc CMakeLists.txt setup.py -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16; }
@@ -111,9 +111,9 @@ profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|f
       # CUDA context) must not take the verdict on everything else with it.
       run $py -m pytest -q -rs tests/test_shadow_attention_cuda.py tests/test_paged_kv_cuda.py \
         tests/test_sampler_cuda.py -s -k "not ($untried)"
-      run $py -m pytest -q -rs tests/test_paged_kv_cuda.py -k pipelined
+      run $py -m pytest -q -rs tests/test_paged_kv_cuda.py -k "pipelined or mma_decode"
       run $py -m pytest -q -rs tests/test_shadow_attention_cuda.py -k wgmma2
-      run $py -m pytest -q -rs tests/test_paged_kv_cuda.py tests/test_cache.py -k "unchecked and not pipelined"  # + sync-free decode
+      run $py -m pytest -q -rs tests/test_paged_kv_cuda.py tests/test_cache.py -k "unchecked and not pipelined and not mma_decode"  # + sync-free decode
       run $py -m pytest -q -m slow tests/test_shadow_attention_cuda.py  # 32k context, every family
       ;;
     memcheck|racecheck)
@@ -175,24 +175,24 @@ profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|f
       xd() { $py -c "import xdist" 2>/dev/null && echo "-n $1"; }
       opts="-q -rs -p no:cacheprovider --maxfail=25 --durations=8"
       # What no GPU has run yet goes in its own process (an illegal address poisons the CUDA
-      # context of the process that hits it): the pipelined decode kernel, the two-warpgroup
+      # context of the process that hits it): the pipelined and mma decode kernels, the two-warpgroup
       # attention kernels, the unchecked paged paths; everything else first. Measured on an
       # H200 (2026-11-26): build 81 s, the first group 114 s with 8 workers (without the cute
       # and wgmma families, then ~20 s more), the others ~20 s.
       # shellcheck disable=SC2086
       {
         part 170 $py -m pytest $opts $(xd 12) $tests -k "not ($untried)"
-        part 60 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py -k pipelined
+        part 90 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py -k "pipelined or mma_decode"
         part 70 $py -m pytest $opts $(xd 8) tests/test_shadow_attention_cuda.py -k wgmma2  # + wgmma2o
-        part 50 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py tests/test_cache.py -k "unchecked and not pipelined"
-        part 45 $py -m shadowkv bench decode --device cuda --scores  # both decode kernels
+        part 50 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py tests/test_cache.py -k "unchecked and not pipelined and not mma_decode"
+        part 60 $py -m shadowkv bench decode --device cuda --scores  # the three decode kernels
         part 75 $py -m shadowkv bench attention --device cuda  # wgmma2(o) timed last: a fault there spares the rest
         # compute-sanitizer has never run: small cases of the newest kernels (-x: the first
         # finding ends it); racecheck on the attention kernels, whose shared-memory stages are
         # what a missing barrier would break.
         mc() { PYTORCH_NO_CUDA_MEMORY_CACHING=1 part "$2" "$sanitizer" --tool "$1" --error-exitcode 3 \
           --target-processes all $py -m pytest -q -x -p no:cacheprovider "${@:3}"; }
-        mc memcheck 45 tests/test_paged_kv_cuda.py -k "pipelined and (matches_reference or unchecked_bad) and not many_seq"
+        mc memcheck 60 tests/test_paged_kv_cuda.py -k "(pipelined or mma_decode) and (matches_reference or unchecked_bad) and not many_seq"
         mc memcheck 45 tests/test_shadow_attention_cuda.py -k "family_matches_reference and (tiny or random_d64 or chunk_d64)"
         mc racecheck 45 tests/test_shadow_attention_cuda.py -k "family_matches_reference and (mha_random_d64 or gqa2_streaming_d128)"
         part 60 "${profile[@]}" wgmma

@@ -46,8 +46,8 @@ def info_lines() -> list[str]:
         f"CuTe attention kernel: {_cute_state()}",
     ]
     if _C.built_with_cuda():
-        lines.append("paged decode kernel: warp (default); pipelined opt-in, untested on a GPU "
-                     "(SHADOWKV_DECODE_KERNEL: auto, warp, pipelined)")
+        lines.append("paged decode kernel: warp (default); pipelined and mma opt-in, untested on a GPU "
+                     "(SHADOWKV_DECODE_KERNEL: auto, warp, pipelined, mma)")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)

@@ -73,7 +73,7 @@ def cpu_isa(name: str) -> contextlib.AbstractContextManager[None]:
 
 
 DECODE_KERNEL_ENV = "SHADOWKV_DECODE_KERNEL"
-DECODE_KERNELS = ("auto", "warp", "pipelined")
+DECODE_KERNELS = ("auto", "warp", "pipelined", "mma")
 
 
 def decode_kernel(name: str) -> contextlib.AbstractContextManager[None]:
@@ -82,8 +82,9 @@ def decode_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     ``"auto"`` (the default) and ``"warp"``: warps load the K/V rows they use straight from the
     pages; ``"pipelined"``: each block streams its partition's rows through shared memory with
     asynchronous copies, several chunks in flight (bfloat16/float16, head dim 64/128, 16-byte
-    aligned page rows; elsewhere as ``"warp"``). The default stays ``"warp"`` until the
-    pipelined kernel has been tested and measured on a GPU (bench/RESULTS.md). Sets the
+    aligned page rows; elsewhere as ``"warp"``); ``"mma"``: the same staging, with both
+    products on the tensor cores (same conditions, and sm_80+). The default stays ``"warp"``
+    until the others have been tested and measured on a GPU (bench/RESULTS.md). Sets the
     environment variable SHADOWKV_DECODE_KERNEL, which the CUDA op reads at every call, for the
     whole process while the block runs. CPU ops ignore it.
     """

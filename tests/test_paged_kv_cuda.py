@@ -297,11 +297,12 @@ def check_decode(q, state: PagedState, scale, scores, *, q_dev=None, tables=None
     return out
 
 
-@pytest.fixture(params=["auto", "pipelined"])
+@pytest.fixture(params=["auto", "pipelined", "mma"], ids=["auto", "pipelined", "mma_decode"])
 def decode_kernel(request, monkeypatch):
-    """The decode tests run the default kernel and the pipelined one (SHADOWKV_DECODE_KERNEL;
-    it applies to bfloat16/float16 with head dim 64/128 and aligned rows, the rest runs the warp
-    kernel either way)."""
+    """The decode tests run the default kernel, the pipelined one and the tensor-core one
+    (SHADOWKV_DECODE_KERNEL; the last two apply to bfloat16/float16 with head dim 64/128 and
+    aligned rows, the rest runs the warp kernel either way). The tensor-core one's id is
+    "mma_decode": `-k mma` would also select the wgmma attention tests."""
     monkeypatch.setenv(ops.DECODE_KERNEL_ENV, request.param)
     return request.param
 
@@ -322,7 +323,7 @@ DECODE_CASES = {
     "partition_boundaries": ([128, 256, 511, 512, 513, 1024, 1025], 2, 1, 128, 16, None, 0),
     # A grid big enough for 512-slot partitions (the kernel halves them, down to 128, on small grids).
     "many_sequences": ([3000, 2900, 3100, 2500, 3333, 4000, 1, 0], 16, 8, 128, 16, None, 0),
-    # Pages that straddle the pipelined kernel's 32-slot chunks and partitions; groups of 3 and 8.
+    # Pages that straddle the staged kernels' 32/64-slot chunks and partitions; groups of 3 and 8.
     "gqa8_d128_ps3": ([250, 1000, 31], 16, 2, 128, 3, None, 1),
     "gqa3_d64_ps5": ([77, 1, 545], 3, 1, 64, 5, None, 0),
 }
@@ -356,7 +357,7 @@ def test_decode_long_contexts_split_k(lens, q_heads, kv_heads, head_dim, dtype, 
     check_decode_case(case, check=check)
 
 
-@pytest.mark.parametrize("kernel", ["auto", "pipelined"])
+@pytest.mark.parametrize("kernel", ["auto", "pipelined", pytest.param("mma", id="mma_decode")])
 @settings(max_examples=60)
 @given(case=cpu_decode.cases(dtypes=(torch.float32, torch.bfloat16, torch.float16)))
 def test_decode_random_cases(case, kernel):
@@ -509,7 +510,7 @@ def test_unknown_decode_kernel_is_an_error(monkeypatch):
     monkeypatch.setenv(ops.DECODE_KERNEL_ENV, "fastest")
     q, state, _ = cpu_decode.Case([5], 2, 1, 64, 4, torch.bfloat16, None, None, seed=3).inputs()
     d = dev_state(state)
-    with pytest.raises(ValueError, match="SHADOWKV_DECODE_KERNEL must be one of auto, warp, pipelined"):
+    with pytest.raises(ValueError, match="SHADOWKV_DECODE_KERNEL must be one of auto, warp, pipelined, mma"):
         ops.paged_decode_attention(dev(q), d.k_pages, d.v_pages, d.block_tables, d.seq_lens)
 
 

@@ -14,12 +14,17 @@
 //        c) accumulates sum_j p_j * V_j per query head the same way (warps over slots, lanes over
 //           the head dim), sums the warps' partial vectors through shared memory in a fixed order
 //           and stores the unnormalised partition output.
+//      Opt-in twins of this kernel (SHADOWKV_DECODE_KERNEL, requested_decode_kernel below), same
+//      blocks and outputs: the pipelined one (paged_decode_pipelined.cuh: rows staged in shared
+//      memory with cp.async) and the tensor-core one (paged_decode_mma.cuh: the same staging,
+//      both products on mma.sync).
 //   2. decode_reduce_kernel, one block per (sequence, query head): combines the partitions
 //      (global max M, L = sum_p l_p e^(m_p - M), out = sum_p acc_p e^(m_p - M) / L), writes out
 //      (zeros for a sequence without slots) and, with scores_out, (M, 1 / L).
 //   3. decode_scores_kernel (scores_out only): scores[b, h, s] = sum over the group of
 //      exp(logit - M) / L for s < seq_lens[b], 0 up to scores_len.
-// Everything is accumulated in fp32 from inputs widened to fp32, like the CPU kernel.
+// Everything is accumulated in fp32 from inputs widened to fp32, like the CPU kernel (the mma
+// kernel multiplies probabilities split into two 16-bit parts: ~16 significant bits).
 //
 // Unchecked calls (check_values = false: no host copy, no synchronisation, graph-capturable)
 // size the grid and workspaces for the block tables' capacity instead of the longest sequence,
@@ -37,6 +42,7 @@
 #include <type_traits>
 
 #include "paged_decode_common.cuh"
+#include "paged_decode_mma.cuh"
 #include "paged_decode_pipelined.cuh"
 
 namespace shadowkv {
@@ -301,18 +307,27 @@ int choose_part_size(int64_t heads_x_tiles, int64_t max_len) {
   return part;
 }
 
-enum class DecodeKernel { kWarp, kPipelined };
+enum class DecodeKernel { kWarp, kPipelined, kMma };
 
 // SHADOWKV_DECODE_KERNEL, read at every call: "auto" (the default) and "warp" run
-// decode_partition_kernel; "pipelined" runs decode_partition_pipelined_kernel where it applies
-// (bfloat16/float16, D = 64 or 128, 16-byte aligned rows), else the warp kernel. The default
-// stays "warp" until the pipelined kernel has passed the GPU tests and been measured.
+// decode_partition_kernel; "pipelined" runs decode_partition_pipelined_kernel and "mma"
+// decode_partition_mma_kernel where they apply (bfloat16/float16, D = 64 or 128, 16-byte aligned
+// rows; mma also needs sm_80+), else the warp kernel. The default stays "warp" until the others
+// have passed the GPU tests and been measured.
 DecodeKernel requested_decode_kernel(const char* op) {
   const char* env = std::getenv("SHADOWKV_DECODE_KERNEL");
   const std::string v = env == nullptr ? "" : env;
   if (v.empty() || v == "auto" || v == "warp") return DecodeKernel::kWarp;
   if (v == "pipelined") return DecodeKernel::kPipelined;
-  fail(op, "SHADOWKV_DECODE_KERNEL must be one of auto, warp, pipelined; got '" + v + "'");
+  if (v == "mma") return DecodeKernel::kMma;
+  fail(op, "SHADOWKV_DECODE_KERNEL must be one of auto, warp, pipelined, mma; got '" + v + "'");
+}
+
+int device_cc_major() {
+  int dev = 0, major = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+  return major;
 }
 
 bool rows_aligned(const PagedKVCache& c, int64_t vec) {
@@ -413,6 +428,10 @@ void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream_ptr) {
         if (kernel == DecodeKernel::kPipelined && rows_aligned(c, 8)) {
           if (D == 128) return launch_pipelined<T, 128>(a, blocks, stream, op);
           if (D == 64) return launch_pipelined<T, 64>(a, blocks, stream, op);
+        }
+        if (kernel == DecodeKernel::kMma && rows_aligned(c, 8) && device_cc_major() >= 8) {
+          if (D == 128) return launch_mma<T, 128>(a, blocks, stream, op);
+          if (D == 64) return launch_mma<T, 64>(a, blocks, stream, op);
         }
       }
       if (D == 128 && rows_aligned(c, 4)) return launch_partitions<T, 4, 1>(a, blocks, smem, stream, op);

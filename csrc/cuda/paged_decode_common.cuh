@@ -228,8 +228,10 @@ struct RowRing {
     const int ch = values ? t - chunks : t;
     T* dst = dst0 + (t % kStages) * kChunk * kRow;
     const int jj = ch * kChunk + load_slot;  // slot within the partition (k0 + jj may pass INT32_MAX when jj >= n)
-    // A valid global address (q is never empty here), not read by a zero fill.
-    const T* src = static_cast<const T*>(a.p.q);
+    // A zero fill reads nothing, but cp.async still wants a valid, 16-byte aligned address: the
+    // partition workspace's (never empty when a block runs; q need not be aligned, and an empty
+    // page pool may have no address at all).
+    const T* src = reinterpret_cast<const T*>(a.part_acc);
     bool ok = jj < n;
     if (ok) {
       const uint32_t slot = static_cast<uint32_t>(k0 + jj);  // < len <= INT32_MAX
