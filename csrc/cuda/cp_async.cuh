@@ -1,6 +1,8 @@
 // 16-byte asynchronous global -> shared copies (cp.async, sm_80+) for kernels that do not use
 // CuTe. Older targets copy synchronously, so callers need no second code path: the waits are
-// then no-ops.
+// then no-ops. Under SHADOWKV_CUDA_EMULATION (the host-only emulation the C++ tests run the
+// decode kernels in, tests/cpp/cuda_emulation.h) a copy lands only when a wait covers its group,
+// the latest the hardware may deliver it, so a read that does not wait sees stale bytes.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -15,6 +17,8 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   const int src_bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes) : "memory");
+#elif defined(SHADOWKV_CUDA_EMULATION)
+  shadowkv_emu::cp_async_16(dst, src, valid);
 #else
   *static_cast<uint4*>(dst) = valid ? *static_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
 #endif
@@ -24,6 +28,8 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif defined(SHADOWKV_CUDA_EMULATION)
+  shadowkv_emu::cp_async_commit();
 #endif
 }
 
@@ -33,6 +39,8 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#elif defined(SHADOWKV_CUDA_EMULATION)
+  shadowkv_emu::cp_async_wait(N);
 #endif
 }
 

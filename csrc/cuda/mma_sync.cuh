@@ -1,6 +1,8 @@
 // Warp-level tensor-core primitives for kernels that do not use CuTe (sm_80+): ldmatrix and
 // mma.sync m16n8k16 with 16-bit A/B and fp32 accumulators, and packing two floats into one
-// operand register. Older targets trap: callers select these kernels only on sm_80+.
+// operand register. Older targets trap: callers select these kernels only on sm_80+. Under
+// SHADOWKV_CUDA_EMULATION (tests/cpp/cuda_emulation.h) a warp-collective host emulation of the
+// same layouts runs instead.
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16", 16-bit A/B), with g = lane / 4
 // and t = lane % 4; a register holds two elements, the one with the lower k (or column) index
@@ -21,9 +23,11 @@
 namespace shadowkv {
 namespace cuda_common {
 
+#if defined(__CUDA_ARCH__)
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+#endif
 
 // ldmatrix .x4: lane i gives the address of row i % 8 of 8 x 8 matrix i / 8 (16 contiguous,
 // 16-byte aligned bytes in shared memory); r[m] receives matrix m as (row g, columns 2t, 2t + 1).
@@ -42,6 +46,8 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
                  : "r"(shared_address(row))
                  : "memory");
   }
+#elif defined(SHADOWKV_CUDA_EMULATION)
+  shadowkv_emu::ldmatrix_x4(r, row, kTrans);
 #else
   (void)row;
   r[0] = r[1] = r[2] = r[3] = 0;
@@ -67,6 +73,8 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
+#elif defined(SHADOWKV_CUDA_EMULATION)
+  shadowkv_emu::mma_16816<T>(c, a, b);
 #else
   (void)a;
   (void)b;

@@ -307,6 +307,32 @@ int choose_part_size(int64_t heads_x_tiles, int64_t max_len) {
   return part;
 }
 
+// The staged kernels' launches (their kernels are in headers that a host-only emulation of
+// them compiles too: tests/cpp/test_decode_emulated.cpp).
+template <typename T, int D>
+void launch_pipelined(const DecodeLaunch& a, int64_t blocks, cudaStream_t stream, const char* op) {
+  const auto kernel = decode_partition_pipelined_kernel<T, D>;
+  const size_t smem = pipelined_smem_bytes<T, D>(a.tile_heads, a.part_size);  // <= 55.3 KB
+  if (smem > 48 * 1024) {  // the opt-in above 48 KB; per call, as it is per device
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+               "cudaFuncSetAttribute (decode_partition_pipelined_kernel)");
+  }
+  kernel<<<grid_1d(blocks, op), kThreads, smem, stream>>>(a);
+  check_launch("decode_partition_pipelined_kernel");
+}
+
+template <typename T, int D>
+void launch_mma(const DecodeLaunch& a, int64_t blocks, cudaStream_t stream, const char* op) {
+  const auto kernel = decode_partition_mma_kernel<T, D>;
+  const size_t smem = mma_smem_bytes<T, D>(a.tile_heads, a.part_size);  // <= 71.3 KB
+  if (smem > 48 * 1024) {  // the opt-in above 48 KB; per call, as it is per device
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+               "cudaFuncSetAttribute (decode_partition_mma_kernel)");
+  }
+  kernel<<<grid_1d(blocks, op), kThreads, smem, stream>>>(a);
+  check_launch("decode_partition_mma_kernel");
+}
+
 enum class DecodeKernel { kWarp, kPipelined, kMma };
 
 // SHADOWKV_DECODE_KERNEL, read at every call: "auto" (the default) and "warp" run

@@ -70,8 +70,12 @@ __device__ __forceinline__ void load_vec(const T* __restrict__ src, float* dst) 
 }
 
 __device__ __forceinline__ float* dynamic_smem() {
+#if defined(SHADOWKV_CUDA_EMULATION) && !defined(__CUDA_ARCH__)
+  return static_cast<float*>(shadowkv_emu::dynamic_shared_memory());  // tests/cpp/cuda_emulation.h
+#else
   extern __shared__ __align__(16) float shadowkv_decode_smem[];
   return shadowkv_decode_smem;
+#endif
 }
 
 // Step b of the partition kernels: for each of the block's G query heads (one warp each), turns

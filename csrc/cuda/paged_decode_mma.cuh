@@ -183,18 +183,6 @@ __global__ void __launch_bounds__(kThreads) decode_partition_mma_kernel(const De
   }
 }
 
-template <typename T, int D>
-void launch_mma(const DecodeLaunch& a, int64_t blocks, cudaStream_t stream, const char* op) {
-  const auto kernel = decode_partition_mma_kernel<T, D>;
-  const size_t smem = mma_smem_bytes<T, D>(a.tile_heads, a.part_size);  // <= 71.3 KB
-  if (smem > 48 * 1024) {  // the opt-in above 48 KB; per call, as it is per device
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-               "cudaFuncSetAttribute (decode_partition_mma_kernel)");
-  }
-  kernel<<<grid_1d(blocks, op), kThreads, smem, stream>>>(a);
-  check_launch("decode_partition_mma_kernel");
-}
-
 }  // namespace
 }  // namespace cuda_paged
 }  // namespace shadowkv

@@ -177,19 +177,6 @@ __global__ void __launch_bounds__(kThreads, 4) decode_partition_pipelined_kernel
   store_partition_output(a, red, G, D, b * Hq + hq0, part);
 }
 
-
-template <typename T, int D>
-void launch_pipelined(const DecodeLaunch& a, int64_t blocks, cudaStream_t stream, const char* op) {
-  const auto kernel = decode_partition_pipelined_kernel<T, D>;
-  const size_t smem = pipelined_smem_bytes<T, D>(a.tile_heads, a.part_size);  // <= 55.3 KB
-  if (smem > 48 * 1024) {  // the opt-in above 48 KB; per call, as it is per device
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-               "cudaFuncSetAttribute (decode_partition_pipelined_kernel)");
-  }
-  kernel<<<grid_1d(blocks, op), kThreads, smem, stream>>>(a);
-  check_launch("decode_partition_pipelined_kernel");
-}
-
 }  // namespace
 }  // namespace cuda_paged
 }  // namespace shadowkv

@@ -139,6 +139,10 @@ class IndexStager {
       if (n == 0) continue;
       constexpr int kThreads = 256;
       const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kThreads), 1024));
+#if defined(SHADOWKV_CUDA_EMULATION)  // a host compiler: no launches (tests/cpp/cuda_emulation.h)
+      (void)blocks;
+      throw std::logic_error("IndexStager cannot launch under SHADOWKV_CUDA_EMULATION");
+#else
       if (it.elsize == 4) {
         gather_strided_kernel<int32_t><<<blocks, kThreads, 0, stream>>>(
             static_cast<const int32_t*>(it.src), it.n[1], it.n[2], it.s[0], it.s[1], it.s[2], n,
@@ -148,6 +152,7 @@ class IndexStager {
             static_cast<const uint8_t*>(it.src), it.n[1], it.n[2], it.s[0], it.s[1], it.s[2], n,
             dev.bytes() + it.offset);
       }
+#endif
       check_launch("gather_strided_kernel");
     }
     check_cuda(cudaMemcpyAsync(host_.data(), dev.bytes(), bytes_, cudaMemcpyDeviceToHost, stream),

@@ -1,0 +1,286 @@
+// A host-only emulation of the CUDA features the staged paged-decode kernels use, so that the C++
+// tests can run those kernels' own source on a machine without a GPU (and under AddressSanitizer:
+// dynamic shared memory and the test's buffers are exact-size heap blocks).
+//
+// Include this before any csrc/cuda header. Every CUDA thread of a block is an OS thread:
+//   * __syncthreads is a barrier of the block's threads, warp collectives (shuffles, ldmatrix,
+//     mma.sync) exchange values through a per-warp buffer between two barriers of its 32 lanes;
+//     a barrier that is not reached by all its threads within a minute aborts (on a GPU it would
+//     hang or be undefined);
+//   * cp.async copies land only when cp.async.wait_group covers their group (the latest the
+//     hardware may deliver them), so a read that misses a wait sees stale bytes;
+//   * dynamic shared memory starts as 0xff bytes (NaN as floats): a read of a byte nobody wrote
+//     shows up in the results;
+//   * ldmatrix and mma.sync follow the PTX ISA fragment layouts (csrc/cuda/mma_sync.cuh); mma
+//     sums its 16 products in fp32 in k order (the hardware's order and rounding differ in the
+//     last bits). ldmatrix rows must be 16-byte aligned and inside the block's shared memory.
+// Blocks run one after another. Kernels are plain functions here: launch(grid, block, smem, f)
+// runs f() once per thread.
+#pragma once
+
+#define SHADOWKV_CUDA_EMULATION 1
+#define __global__
+#define __device__
+#define __host__
+#define __launch_bounds__(...)
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+namespace shadowkv_emu {
+
+[[noreturn]] inline void die(const char* what) {
+  std::fprintf(stderr, "cuda_emulation: %s\n", what);
+  std::abort();
+}
+
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const uint64_t generation = generation_;
+    if (++arrived_ == n_) {
+      arrived_ = 0;
+      ++generation_;
+      cv_.notify_all();
+      return;
+    }
+    if (!cv_.wait_for(lock, std::chrono::seconds(60), [&] { return generation_ != generation; }))
+      die("a barrier was not reached by all its threads within 60 s");
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  int n_, arrived_ = 0;
+  uint64_t generation_ = 0;
+};
+
+struct Warp {
+  Barrier barrier{32};
+  alignas(16) unsigned char slot[32][64];
+};
+
+struct Block {
+  explicit Block(int threads) : barrier(threads) {}
+  Barrier barrier;
+  std::vector<std::unique_ptr<Warp>> warps;
+  unsigned char* smem = nullptr;
+  size_t smem_bytes = 0;
+};
+
+struct Copy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+
+struct Thread {
+  uint3 thread_idx, block_idx;
+  dim3 block_dim, grid_dim;
+  Block* block;
+  Warp* warp;
+  int lane;
+  std::vector<Copy> open_group;           // cp.async since the last commit
+  std::deque<std::vector<Copy>> groups;  // committed, oldest first
+};
+
+inline thread_local Thread* self = nullptr;
+
+inline Thread& me() {
+  if (self == nullptr) die("a device function ran outside launch()");
+  return *self;
+}
+
+// ---- warp collectives: write my value, barrier, read, barrier.
+template <typename V>
+V exchange(const V& mine, int src_lane) {
+  static_assert(sizeof(V) <= sizeof(Warp::slot[0]), "exchange slot");
+  Thread& t = me();
+  std::memcpy(t.warp->slot[t.lane], &mine, sizeof(V));
+  t.warp->barrier.wait();
+  V r;
+  std::memcpy(&r, t.warp->slot[src_lane], sizeof(V));
+  t.warp->barrier.wait();
+  return r;
+}
+
+// ---- shared memory
+inline void* dynamic_shared_memory() { return me().block->smem; }
+
+inline bool in_shared(const void* p, size_t bytes) {
+  const Block& b = *me().block;
+  const auto* c = static_cast<const unsigned char*>(p);
+  return c >= b.smem && c + bytes <= b.smem + b.smem_bytes;
+}
+
+// ---- cp.async
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
+    die("cp.async with an address that is not 16-byte aligned");
+  if (!in_shared(dst, 16)) die("cp.async destination outside the block's shared memory");
+  me().open_group.push_back({dst, src, valid});
+}
+inline void cp_async_commit() {
+  Thread& t = me();
+  t.groups.push_back(std::move(t.open_group));
+  t.open_group.clear();
+}
+inline void land(const std::vector<Copy>& group) {
+  for (const Copy& c : group) {
+    if (c.valid) {
+      std::memcpy(c.dst, c.src, 16);
+    } else {
+      std::memset(c.dst, 0, 16);
+    }
+  }
+}
+inline void cp_async_wait(int n) {
+  Thread& t = me();
+  while (t.groups.size() > static_cast<size_t>(n)) {
+    land(t.groups.front());
+    t.groups.pop_front();
+  }
+}
+
+// ---- ldmatrix .x4 and mma.sync m16n8k16 (layouts: csrc/cuda/mma_sync.cuh)
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) die("ldmatrix row address not 16-byte aligned");
+  if (!in_shared(row, 16)) die("ldmatrix row outside the block's shared memory");
+  Thread& t = me();
+  std::memcpy(t.warp->slot[t.lane], &row, sizeof(row));
+  t.warp->barrier.wait();
+  const int g = t.lane / 4, q = t.lane % 4;
+  for (int m = 0; m < 4; ++m) {
+    const auto rows = [&](int i) {
+      const void* p;
+      std::memcpy(&p, t.warp->slot[8 * m + i], sizeof(p));
+      return static_cast<const uint16_t*>(p);
+    };
+    const uint16_t lo = trans ? rows(2 * q)[g] : rows(g)[2 * q];
+    const uint16_t hi = trans ? rows(2 * q + 1)[g] : rows(g)[2 * q + 1];
+    r[m] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  t.warp->barrier.wait();
+}
+
+template <typename T>
+float widen(uint16_t bits) {
+  T v;
+  std::memcpy(&v, &bits, sizeof(v));
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __bfloat162float(v);
+  } else {
+    return __half2float(v);
+  }
+}
+
+template <typename T>
+void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  struct Frag {
+    uint32_t a[4], b[2];
+  };
+  Thread& t = me();
+  Frag mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
+  std::memcpy(t.warp->slot[t.lane], &mine, sizeof(mine));
+  t.warp->barrier.wait();
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    Frag f;
+    std::memcpy(&f, t.warp->slot[l], sizeof(f));
+    const int g = l / 4, q = l % 4;
+    const auto put = [](float* dst, int stride, uint32_t reg) {
+      dst[0] = widen<T>(static_cast<uint16_t>(reg & 0xffff));
+      dst[stride] = widen<T>(static_cast<uint16_t>(reg >> 16));
+    };
+    put(&A[g][2 * q], 1, f.a[0]);
+    put(&A[g + 8][2 * q], 1, f.a[1]);
+    put(&A[g][2 * q + 8], 1, f.a[2]);
+    put(&A[g + 8][2 * q + 8], 1, f.a[3]);
+    put(&B[2 * q][g], 8, f.b[0]);
+    put(&B[2 * q + 8][g], 8, f.b[1]);
+  }
+  t.warp->barrier.wait();
+  const int g = t.lane / 4, q = t.lane % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2), col = 2 * q + e % 2;
+    float acc = c[e];
+    for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+    c[e] = acc;
+  }
+}
+
+// Runs kernel() for every thread of every block of a one-dimensional grid, blocks one after
+// another, each with `smem_bytes` of dynamic shared memory.
+template <typename Kernel>
+void launch(unsigned grid, unsigned block_threads, size_t smem_bytes, Kernel&& kernel) {
+  if (block_threads % 32 != 0) die("blocks of whole warps only");
+  for (unsigned bx = 0; bx < grid; ++bx) {
+    Block blk(static_cast<int>(block_threads));
+    for (unsigned w = 0; w < block_threads / 32; ++w) blk.warps.push_back(std::make_unique<Warp>());
+    std::unique_ptr<unsigned char[]> smem(new unsigned char[smem_bytes > 0 ? smem_bytes : 1]);
+    std::memset(smem.get(), 0xff, smem_bytes);
+    blk.smem = smem.get();
+    blk.smem_bytes = smem_bytes;
+    std::vector<std::thread> threads;
+    threads.reserve(block_threads);
+    for (unsigned tx = 0; tx < block_threads; ++tx) {
+      threads.emplace_back([&, tx] {
+        Thread t{};
+        t.thread_idx = make_uint3(tx, 0, 0);
+        t.block_idx = make_uint3(bx, 0, 0);
+        t.block_dim = dim3(block_threads);
+        t.grid_dim = dim3(grid);
+        t.block = &blk;
+        t.warp = blk.warps[tx / 32].get();
+        t.lane = static_cast<int>(tx % 32);
+        self = &t;
+        kernel();
+        // Copies still in flight when a thread exits land anyway (nothing reads them).
+        cp_async_wait(0);
+        self = nullptr;
+      });
+    }
+    for (std::thread& th : threads) th.join();
+  }
+}
+
+}  // namespace shadowkv_emu
+
+#define threadIdx (::shadowkv_emu::me().thread_idx)
+#define blockIdx (::shadowkv_emu::me().block_idx)
+#define blockDim (::shadowkv_emu::me().block_dim)
+#define gridDim (::shadowkv_emu::me().grid_dim)
+
+inline void __syncthreads() { ::shadowkv_emu::me().block->barrier.wait(); }
+[[noreturn]] inline void __trap() { ::shadowkv_emu::die("__trap()"); }
+
+template <typename V>
+V __shfl_xor_sync(unsigned mask, V v, int lane_mask) {
+  if (mask != 0xffffffffu) ::shadowkv_emu::die("shuffles of a partial warp are not emulated");
+  return ::shadowkv_emu::exchange(v, ::shadowkv_emu::me().lane ^ lane_mask);
+}
+
+inline int atomicOr(int* p, int v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
+
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline long min(long a, long b) { return a < b ? a : b; }
+inline long max(long a, long b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }

@@ -1,0 +1,247 @@
+// The staged paged-decode kernels (csrc/cuda/paged_decode_pipelined.cuh and paged_decode_mma.cuh)
+// run from their own source in the host emulation of tests/cpp/cuda_emulation.h, against a
+// float64 reference of what one partition block must produce: the scaled logits of its slots,
+// the partition's (max, sum of exp) and its unnormalised output sum_j exp(logit_j - max) V_j.
+// No GPU is needed, so CI runs them (under AddressSanitizer too: every buffer is an exact-size
+// heap block, so a read past a pool, a table or the shared memory is reported). What this cannot
+// show: speed, the hardware's memory ordering, and the exact rounding of the tensor cores.
+#include "cuda_emulation.h"  // first: it defines what the CUDA headers below expect
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "harness.h"
+#include "paged_decode_mma.cuh"
+#include "paged_decode_pipelined.cuh"
+
+namespace {
+
+using namespace shadowkv;
+using namespace shadowkv::cuda_paged;
+
+enum class Kernel { kPipelined, kMma };
+
+struct Case {
+  std::vector<int> lens;
+  int q_heads, kv_heads, page_size, part_size;
+  bool unchecked = false;
+  int bad_seq = -1;      // unchecked only: this sequence's block table holds a bad page id ...
+  int bad_column = 0;    // ... in this column
+  int bad_id = 0;        // (a page id outside [0, num_pages))
+};
+
+template <typename T>
+T from_double(double x) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __float2bfloat16_rn(static_cast<float>(x));
+  } else {
+    return __float2half_rn(static_cast<float>(x));
+  }
+}
+
+template <typename T>
+double to_double(T x) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __bfloat162float(x);
+  } else {
+    return __half2float(x);
+  }
+}
+
+std::string describe(Kernel kernel, int D, const Case& c) {
+  std::string s = kernel == Kernel::kMma ? "mma" : "pipelined";
+  s += " D=" + std::to_string(D) + " Hq=" + std::to_string(c.q_heads) + " Hkv=" + std::to_string(c.kv_heads) +
+       " page=" + std::to_string(c.page_size) + " part=" + std::to_string(c.part_size) + " lens=";
+  for (int l : c.lens) s += std::to_string(l) + ",";
+  return s;
+}
+
+template <typename T, int D>
+void run_case(Kernel kernel, const Case& c, uint32_t seed) {
+  const std::string what = describe(kernel, D, c);
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> normal;
+  const int B = static_cast<int>(c.lens.size()), Hq = c.q_heads, Hkv = c.kv_heads, ps = c.page_size;
+  const int group = Hq / Hkv;
+  const int max_len = std::max(1, *std::max_element(c.lens.begin(), c.lens.end()));
+  const int max_pages = (max_len + ps - 1) / ps + 1;  // one spare column
+  int num_pages = 0;
+  for (int len : c.lens) num_pages += (len + ps - 1) / ps;
+  num_pages += 2;  // pages no sequence uses
+
+  // Pools [num_pages, page_size, Hkv, D], queries [B, Hq, D], tables with shuffled page ids.
+  std::vector<T> k_pool(static_cast<size_t>(num_pages) * ps * Hkv * D), v_pool(k_pool.size()),
+      q(static_cast<size_t>(B) * Hq * D);
+  for (auto& x : k_pool) x = from_double<T>(normal(rng));
+  for (auto& x : v_pool) x = from_double<T>(normal(rng));
+  for (auto& x : q) x = from_double<T>(normal(rng));
+  std::vector<int32_t> ids(num_pages);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  std::vector<int32_t> tables(static_cast<size_t>(B) * max_pages, -1), lens(c.lens.begin(), c.lens.end());
+  int next = 0;
+  for (int b = 0; b < B; ++b)
+    for (int i = 0; i < (c.lens[b] + ps - 1) / ps; ++i) tables[static_cast<size_t>(b) * max_pages + i] = ids[next++];
+  if (c.bad_seq >= 0) tables[static_cast<size_t>(c.bad_seq) * max_pages + c.bad_column] = c.bad_id;
+
+  DecodeLaunch a{};
+  PagedKVCache& cache = a.p.cache;
+  cache.num_pages = num_pages;
+  cache.page_size = ps;
+  cache.num_kv_heads = Hkv;
+  cache.head_dim = D;
+  cache.batch = B;
+  cache.max_pages = max_pages;
+  cache.dtype = std::is_same<T, __nv_bfloat16>::value ? DType::kBFloat16 : DType::kFloat16;
+  cache.k_pages = k_pool.data();
+  cache.v_pages = v_pool.data();
+  cache.block_tables = tables.data();
+  cache.seq_lens = lens.data();
+  const int64_t strides[3] = {int64_t{ps} * Hkv * D, int64_t{Hkv} * D, D};
+  std::copy(strides, strides + 3, cache.k_stride);
+  std::copy(strides, strides + 3, cache.v_stride);
+  cache.bt_stride[0] = max_pages;
+  cache.bt_stride[1] = 1;
+  a.p.num_q_heads = Hq;
+  a.p.scale = 1.0 / std::sqrt(static_cast<double>(D));
+  a.p.q = q.data();
+  a.p.q_stride[0] = int64_t{Hq} * D;
+  a.p.q_stride[1] = D;
+  a.p.check_values = !c.unchecked;
+  a.scale = static_cast<float>(a.p.scale);
+  a.group = group;
+  a.group_tiles = (group + kGroupTile - 1) / kGroupTile;
+  a.tile_heads = std::min(group, kGroupTile);
+  a.part_size = c.part_size;
+  a.num_parts = (max_len + c.part_size - 1) / c.part_size;
+  a.capacity = int64_t{max_pages} * ps;
+  a.page_size = ps;
+  a.page_div = cuda_common::FastDivmod(static_cast<uint32_t>(ps));
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> part_acc(static_cast<size_t>(B) * Hq * a.num_parts * D, nan), logits(static_cast<size_t>(B) * Hq * max_len, nan);
+  std::vector<float2> part_ml(static_cast<size_t>(B) * Hq * a.num_parts, make_float2(nan, nan));
+  std::vector<int> bad(B, 0);
+  a.part_acc = part_acc.data();
+  a.part_ml = part_ml.data();
+  a.logits = logits.data();
+  a.logits_len = max_len;
+  a.bad = c.unchecked ? bad.data() : nullptr;
+
+  const unsigned blocks = static_cast<unsigned>(B * Hkv * a.group_tiles * a.num_parts);
+  if (kernel == Kernel::kMma) {
+    shadowkv_emu::launch(blocks, kThreads, mma_smem_bytes<T, D>(a.tile_heads, a.part_size),
+                         [&] { decode_partition_mma_kernel<T, D>(a); });
+  } else {
+    shadowkv_emu::launch(blocks, kThreads, pipelined_smem_bytes<T, D>(a.tile_heads, a.part_size),
+                         [&] { decode_partition_pipelined_kernel<T, D>(a); });
+  }
+
+  // The reference, per (sequence, query head, partition).
+  int wrong = 0;
+  const auto fail = [&](const std::string& where) {
+    if (++wrong <= 5) shadowkv_test::report(__FILE__, __LINE__, what + ": " + where);
+  };
+  for (int b = 0; b < B; ++b) {
+    if (c.unchecked) {
+      const bool expect_bad = b == c.bad_seq && c.bad_column * ps < c.lens[b];
+      if ((bad[b] != 0) != expect_bad) fail("bad[" + std::to_string(b) + "] = " + std::to_string(bad[b]));
+      if (expect_bad) continue;  // its outputs are NaN after the reduce kernel
+    }
+    for (int hq = 0; hq < Hq; ++hq) {
+      const int h = hq / group;
+      const size_t bq = static_cast<size_t>(b) * Hq + hq;
+      for (int part = 0; part < a.num_parts; ++part) {
+        const int k0 = part * c.part_size, n = std::min(c.part_size, c.lens[b] - k0);
+        const float2 ml = part_ml[bq * a.num_parts + part];
+        const float* acc = &part_acc[(bq * a.num_parts + part) * D];
+        if (n <= 0) {  // never written
+          if (!std::isnan(ml.x) || !std::isnan(acc[0])) fail("a partition past the sequence was written");
+          continue;
+        }
+        std::vector<double> s(n);
+        for (int j = 0; j < n; ++j) {
+          const int slot = k0 + j, page = tables[static_cast<size_t>(b) * max_pages + slot / ps];
+          const T* kr = &k_pool[((static_cast<size_t>(page) * ps + slot % ps) * Hkv + h) * D];
+          double dot = 0;
+          for (int d = 0; d < D; ++d) dot += to_double(q[bq * D + d]) * to_double(kr[d]);
+          s[j] = dot * a.scale;
+          const double got = logits[bq * max_len + slot];
+          if (!(std::fabs(got - s[j]) <= 1e-5 * (1 + std::fabs(s[j]))))
+            fail("logit (b " + std::to_string(b) + ", hq " + std::to_string(hq) + ", slot " + std::to_string(slot) +
+                 "): " + std::to_string(got) + " vs " + std::to_string(s[j]));
+        }
+        const double m = *std::max_element(s.begin(), s.end());
+        double l = 0;
+        std::vector<double> o(D, 0.0);
+        double vmax = 0;
+        for (int j = 0; j < n; ++j) {
+          const int slot = k0 + j, page = tables[static_cast<size_t>(b) * max_pages + slot / ps];
+          const T* vr = &v_pool[((static_cast<size_t>(page) * ps + slot % ps) * Hkv + h) * D];
+          const double p = std::exp(s[j] - m);
+          l += p;
+          for (int d = 0; d < D; ++d) {
+            o[d] += p * to_double(vr[d]);
+            vmax = std::max(vmax, std::fabs(to_double(vr[d])));
+          }
+        }
+        if (!(std::fabs(ml.x - m) <= 1e-5 * (1 + std::fabs(m)) && std::fabs(ml.y - l) <= 1e-5 * l))
+          fail("(max, sum) of (b " + std::to_string(b) + ", hq " + std::to_string(hq) + ", part " +
+               std::to_string(part) + "): " + std::to_string(ml.x) + ", " + std::to_string(ml.y) + " vs " +
+               std::to_string(m) + ", " + std::to_string(l));
+        for (int d = 0; d < D; ++d) {
+          // fp32 accumulation of n terms <= vmax each, P to ~16 bits in the mma kernel.
+          if (!(std::fabs(acc[d] - o[d]) <= 2e-5 * l * vmax))
+            fail("output (b " + std::to_string(b) + ", hq " + std::to_string(hq) + ", part " + std::to_string(part) +
+                 ", d " + std::to_string(d) + "): " + std::to_string(acc[d]) + " vs " + std::to_string(o[d]));
+        }
+      }
+      for (int slot = c.lens[b]; slot < max_len; ++slot)
+        if (!std::isnan(logits[bq * max_len + slot])) fail("a logit past the sequence was written");
+    }
+  }
+}
+
+// Shapes: GQA groups of 1-16 (two head tiles at 16, a partial tile at 3), pages of 1-16 slots that
+// straddle the 32/64-slot chunks and the partitions, empty and one-slot sequences, partitions
+// of 128 and 256 slots.
+std::vector<Case> cases() {
+  return {
+      {{300, 0, 1, 65}, 8, 2, 16, 128},
+      {{129, 64}, 3, 1, 3, 128},
+      {{257}, 16, 1, 5, 256},
+      {{40, 200}, 2, 2, 1, 128},
+  };
+}
+
+template <typename T, int D>
+void run_all(Kernel kernel, uint32_t seed) {
+  for (const Case& c : cases()) run_case<T, D>(kernel, c, seed++);
+}
+
+TEST(emulated_decode_mma_bf16_d128) { run_all<__nv_bfloat16, 128>(Kernel::kMma, 1); }
+TEST(emulated_decode_mma_fp16_d64) { run_all<__half, 64>(Kernel::kMma, 11); }
+TEST(emulated_decode_pipelined_bf16_d128) { run_all<__nv_bfloat16, 128>(Kernel::kPipelined, 21); }
+TEST(emulated_decode_pipelined_fp16_d64) { run_all<__half, 64>(Kernel::kPipelined, 31); }
+
+// check=False calls: a page id outside the pool in a column a partition reads flags the sequence
+// (and nothing is read from it); the other sequences are exact.
+TEST(emulated_decode_unchecked_bad_page) {
+  for (Kernel kernel : {Kernel::kMma, Kernel::kPipelined}) {
+    Case c{{200, 150}, 4, 2, 16, 128};
+    c.unchecked = true;
+    c.bad_seq = 0;
+    c.bad_column = 9;  // slots 144-159: the second partition
+    for (int id : {-1, 1 << 20}) {
+      c.bad_id = id;
+      run_case<__nv_bfloat16, 128>(kernel, c, 41);
+    }
+  }
+}
+
+}  // namespace
