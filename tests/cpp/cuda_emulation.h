@@ -10,7 +10,8 @@
 //   * cp.async copies land only when cp.async.wait_group covers their group (the latest the
 //     hardware may deliver them), so a read that misses a wait sees stale bytes;
 //   * dynamic shared memory starts as 0xff bytes (NaN as floats): a read of a byte nobody wrote
-//     shows up in the results;
+//     shows up in the results; static __shared__ variables are function-local statics (blocks
+//     run one at a time, so each block has them to itself);
 //   * ldmatrix and mma.sync follow the PTX ISA fragment layouts (csrc/cuda/mma_sync.cuh); mma
 //     sums its 16 products in fp32 in k order (the hardware's order and rounding differ in the
 //     last bits). ldmatrix rows must be 16-byte aligned and inside the block's shared memory.
@@ -23,6 +24,7 @@
 #define __device__
 #define __host__
 #define __launch_bounds__(...)
+#define __shared__ static
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -277,6 +279,33 @@ V __shfl_xor_sync(unsigned mask, V v, int lane_mask) {
 }
 
 inline int atomicOr(int* p, int v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline int atomicMin(int* p, int v) {
+  int old = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+  while (v < old && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+  }
+  return old;
+}
+template <typename V>
+V __ldcg(const V* p) {
+  return __atomic_load_n(p, __ATOMIC_SEQ_CST);
+}
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+  if (mask != 0xffffffffu) ::shadowkv_emu::die("ballots of a partial warp are not emulated");
+  ::shadowkv_emu::Thread& t = ::shadowkv_emu::me();
+  const unsigned mine = predicate ? 1u : 0u;
+  std::memcpy(t.warp->slot[t.lane], &mine, sizeof(mine));
+  t.warp->barrier.wait();
+  unsigned ballot = 0;
+  for (int l = 0; l < 32; ++l) {
+    unsigned bit;
+    std::memcpy(&bit, t.warp->slot[l], sizeof(bit));
+    ballot |= bit << l;
+  }
+  t.warp->barrier.wait();
+  return ballot;
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
 
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }

@@ -1,0 +1,385 @@
+// The kernels of evict_compact.cu (validate, restore, compact, finalize; the file comment there
+// describes the protocol), private to that translation unit (its anonymous namespace). In a
+// header of their own so that the host emulation of the C++ tests (tests/cpp/cuda_emulation.h)
+// can run them from this source; the launches stay in the .cu.
+#pragma once
+
+#include <climits>
+
+#include "fast_divmod.cuh"
+#include "paged_kv_common.cuh"
+
+namespace shadowkv {
+namespace cuda_paged {
+namespace {
+
+using cuda_common::FastDivmod;
+
+constexpr int32_t kNeverEvicted = INT32_MAX;
+constexpr int32_t kNoSlot = INT32_MAX;  // "no such slot" in the block-wide minima
+constexpr int kThreads = 256;
+constexpr int kWordsPerThread = 4;  // staged words per thread and tensor
+constexpr int kStagedWords = kThreads * kWordsPerThread;
+
+enum BadKind : int32_t { kPosOutsideLog = 1, kAlreadyEvicted = 2, kDuplicate = 3 };
+
+// What validate_kernel found in one (sequence, KV head) row. Slots are int32: the host rejects
+// keep_len > INT32_MAX first.
+struct HeadCheck {
+  int32_t seq_ok;         // seq_lens[b] in [0, min(capacity, keep_len)] and the block-table row valid
+  int32_t kept;           // slots below seq_lens[b] with keep set
+  int32_t beyond;         // first slot >= seq_lens[b] with keep set, or -1
+  int32_t first_evicted;  // first slot below seq_lens[b] without keep, else seq_lens[b]
+  int32_t bad_slot;       // first evicted slot whose log entry cannot be written, or -1
+  int32_t bad_kind;       // its BadKind
+  int32_t bad_pos;        // its position (pos_pages)
+  int32_t bad_logged;     // its log entry, for kAlreadyEvicted
+  int32_t claim_end;      // the evicted slots in [first_evicted, claim_end) claimed their log entry
+};
+constexpr int kCheckFields = static_cast<int>(sizeof(HeadCheck) / sizeof(int32_t));
+
+__device__ __forceinline__ int32_t claim_tag(int64_t slot) { return static_cast<int32_t>(INT32_MIN + slot); }
+
+// Pointers and strides of one (sequence, KV head) row, copied by value: a reference into the
+// kernel parameters would make the compiler copy them to local memory.
+struct HeadRows {
+  const int32_t* table;  // block-table row
+  int64_t table_stride;
+  // The page size as a FastDivmod (page_divmod): slot -> (page, row) is computed for every word a
+  // compaction moves, and a runtime `/` plus `%` were most of the instructions per word.
+  cuda_common::FastDivmod page_div;
+  char* k;
+  char* v;
+  int32_t* pos;
+  int64_t k_page, k_row, v_page, v_row;  // bytes
+  int64_t pos_page, pos_row;             // elements
+  const uint8_t* keep;
+  int64_t keep_stride;
+  int32_t* log;
+  int64_t log_stride;
+
+  __device__ __forceinline__ HeadRows(const EvictCompactParams& p, cuda_common::FastDivmod page_divmod, int64_t b,
+                                      int64_t h, int64_t elem_bytes)
+      : page_div(page_divmod) {
+    const PagedKVCache& c = p.cache;
+    table = c.block_tables + b * c.bt_stride[0];
+    table_stride = c.bt_stride[1];
+    k = static_cast<char*>(c.k_pages) + h * c.k_stride[2] * elem_bytes;
+    v = static_cast<char*>(c.v_pages) + h * c.v_stride[2] * elem_bytes;
+    pos = c.pos_pages + h * c.pos_stride[2];
+    k_page = c.k_stride[0] * elem_bytes;
+    k_row = c.k_stride[1] * elem_bytes;
+    v_page = c.v_stride[0] * elem_bytes;
+    v_row = c.v_stride[1] * elem_bytes;
+    pos_page = c.pos_stride[0];
+    pos_row = c.pos_stride[1];
+    keep = p.keep + b * p.keep_stride[0] + h * p.keep_stride[1];
+    keep_stride = p.keep_stride[2];
+    log = p.evicted_at + b * p.ev_stride[0] + h * p.ev_stride[1];
+    log_stride = p.ev_stride[2];
+  }
+  __device__ __forceinline__ bool kept(int64_t slot) const { return keep[slot * keep_stride] != 0; }
+  // Slots are below seq_lens[b] <= INT32_MAX.
+  // A slot's page id (a block-table entry: int32) and row in it (< page size <= INT32_MAX).
+  struct Place {
+    int32_t page, row;
+  };
+  __device__ __forceinline__ Place place(int64_t slot) const {
+    const uint32_t s = static_cast<uint32_t>(slot), q = page_div.div(s);
+    return {table[static_cast<int64_t>(q) * table_stride], static_cast<int32_t>(page_div.mod(s, q))};
+  }
+  __device__ __forceinline__ int32_t* position(int64_t slot) const {
+    const Place at = place(slot);
+    return pos + at.page * pos_page + at.row * pos_row;
+  }
+  __device__ __forceinline__ int32_t* log_entry(int64_t position) const { return log + position * log_stride; }
+  template <typename W>
+  __device__ __forceinline__ W* k_at(Place at) const {
+    return reinterpret_cast<W*>(k + at.page * k_page + at.row * k_row);
+  }
+  template <typename W>
+  __device__ __forceinline__ W* v_at(Place at) const {
+    return reinterpret_cast<W*>(v + at.page * v_page + at.row * v_row);
+  }
+};
+
+// Block (sequence b, head h < max(Hkv, 1)): the HeadCheck of that row, see the file comment.
+// Reads pos_pages and the log only where the length and the block-table row are valid.
+__global__ void __launch_bounds__(kThreads)
+    validate_kernel(const EvictCompactParams p, FastDivmod page_div, int64_t capacity, int64_t heads, bool claim,
+                    HeadCheck* __restrict__ out) {
+  const int64_t b = blockIdx.x / heads, h = blockIdx.x % heads;
+  const int64_t S = p.keep_len, M = p.cache.max_pages, P = p.cache.num_pages, ps = p.cache.page_size;
+  const int tid = threadIdx.x;
+  const int64_t len = p.cache.seq_lens[b * p.cache.seq_lens_stride];
+  const bool len_ok = len >= 0 && len <= capacity && len <= S;
+  const bool has_head = h < p.cache.num_kv_heads;
+  const HeadRows rows(p, page_div, b, has_head ? h : 0, 1);
+
+  __shared__ int s_table_bad, s_kept, s_beyond, s_first_evicted, s_bad, s_dup;
+  if (tid == 0) {
+    s_table_bad = 0;
+    s_kept = 0;
+    s_beyond = kNoSlot;
+    s_first_evicted = len_ok ? static_cast<int>(len) : 0;
+    s_bad = kNoSlot;
+    s_dup = kNoSlot;
+  }
+  __syncthreads();
+  if (len_ok) {
+    const int64_t used = (len + ps - 1) / ps;
+    for (int64_t col = tid; col < M; col += kThreads) {
+      const int64_t id = rows.table[col * rows.table_stride];
+      if (id >= P || id < (col < used ? 0 : -1)) s_table_bad = 1;
+    }
+    if (has_head) {
+      int kept = 0, beyond = kNoSlot, first_evicted = kNoSlot;
+      for (int64_t s = tid; s < S; s += kThreads) {
+        const bool k = rows.kept(s);
+        if (k && s < len) ++kept;
+        else if (k) beyond = min(beyond, static_cast<int>(s));
+        else if (s < len) first_evicted = min(first_evicted, static_cast<int>(s));
+      }
+      if (kept > 0) atomicAdd(&s_kept, kept);
+      if (beyond != kNoSlot) atomicMin(&s_beyond, beyond);
+      if (first_evicted != kNoSlot) atomicMin(&s_first_evicted, first_evicted);
+    }
+  }
+  __syncthreads();
+  // Block-uniform: the positions can be read (valid pages) and are needed (no earlier error).
+  const bool scan = len_ok && has_head && s_table_bad == 0 && s_beyond == kNoSlot;
+  const int64_t first = s_first_evicted;
+  if (scan) {
+    int bad = kNoSlot;  // this thread's first evicted slot outside the log or already evicted
+    for (int64_t s = first + tid; s < len && bad == kNoSlot; s += kThreads) {
+      if (rows.kept(s)) continue;
+      const int32_t pos = *rows.position(s);
+      if (pos < 0 || pos >= p.log_len || *rows.log_entry(pos) != kNeverEvicted) bad = static_cast<int>(s);
+    }
+    if (bad != kNoSlot) atomicMin(&s_bad, bad);
+    if (claim) {
+      __syncthreads();  // every log entry was read before any is claimed
+      const int64_t end = min(static_cast<int64_t>(s_bad), len);
+      for (int64_t s = first + tid; s < end; s += kThreads) {
+        if (!rows.kept(s)) atomicMin(rows.log_entry(*rows.position(s)), claim_tag(s));
+      }
+      __syncthreads();  // every claim is made
+      int dup = kNoSlot;
+      for (int64_t s = first + tid; s < end && dup == kNoSlot; s += kThreads) {
+        if (!rows.kept(s) && __ldcg(rows.log_entry(*rows.position(s))) != claim_tag(s)) dup = static_cast<int>(s);
+      }
+      if (dup != kNoSlot) atomicMin(&s_dup, dup);
+    }
+  }
+  __syncthreads();
+  if (tid != 0) return;
+  HeadCheck r;
+  r.seq_ok = len_ok && s_table_bad == 0;
+  r.kept = s_kept;
+  r.beyond = s_beyond == kNoSlot ? -1 : s_beyond;
+  r.first_evicted = s_first_evicted;
+  r.bad_slot = -1;
+  r.bad_kind = 0;
+  r.bad_pos = 0;
+  r.bad_logged = 0;
+  r.claim_end = scan && claim ? static_cast<int32_t>(min(static_cast<int64_t>(s_bad), len)) : 0;
+  const int bad = min(s_bad, s_dup);
+  if (scan && bad < len) {
+    const int32_t pos = *rows.position(bad);
+    r.bad_slot = bad;
+    r.bad_pos = pos;
+    if (s_dup < s_bad) {
+      r.bad_kind = kDuplicate;
+    } else if (pos < 0 || pos >= p.log_len) {
+      r.bad_kind = kPosOutsideLog;
+    } else {  // not claimed (an entry is claimed only if it held INT32_MAX): the caller's value
+      r.bad_kind = kAlreadyEvicted;
+      r.bad_logged = __ldcg(rows.log_entry(pos));
+    }
+  }
+  out[blockIdx.x] = r;
+}
+
+// A rejected checked call: INT32_MAX back into every log entry that validate_kernel claimed
+// (only the claim that won an entry finds its own tag there).
+__global__ void __launch_bounds__(kThreads)
+    restore_kernel(const EvictCompactParams p, FastDivmod page_div, int64_t heads,
+                   const HeadCheck* __restrict__ checks) {
+  const int64_t b = blockIdx.x / heads, h = blockIdx.x % heads;
+  const HeadCheck r = checks[blockIdx.x];
+  if (r.claim_end <= r.first_evicted) return;
+  const HeadRows rows(p, page_div, b, h, 1);
+  for (int64_t s = r.first_evicted + threadIdx.x; s < r.claim_end; s += kThreads) {
+    if (rows.kept(s)) continue;
+    int32_t* entry = rows.log_entry(*rows.position(s));
+    if (*entry == claim_tag(s)) *entry = kNeverEvicted;
+  }
+}
+
+// The new length of sequence b, or -1 when a record (or steps[b]) makes it invalid.
+__device__ int32_t sequence_verdict(const EvictCompactParams& p, const HeadCheck* checks, int64_t heads, int64_t b) {
+  const int32_t step = p.steps[b * p.steps_stride];
+  bool ok = step >= 0 && step < kNeverEvicted;
+  const HeadCheck* r = checks + b * heads;
+  for (int64_t h = 0; h < heads; ++h) ok = ok && r[h].seq_ok != 0;
+  for (int64_t h = 0; h < p.cache.num_kv_heads; ++h)
+    ok = ok && r[h].beyond < 0 && r[h].bad_slot < 0 && r[h].kept == r[0].kept;
+  if (!ok) return -1;
+  return p.cache.num_kv_heads > 0 ? r[0].kept : 0;
+}
+
+// Block-wide exclusive prefix count of `flag` over the block's threads, in thread order, plus
+// the total. `warp_counts` is shared scratch of kThreads / 32 ints; the call synchronises twice
+// (and callers may reuse the scratch right after it returns).
+__device__ __forceinline__ int block_rank(bool flag, int* warp_counts, int& total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const unsigned ballot = __ballot_sync(kFullMask, flag);
+  if (lane == 0) warp_counts[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0;
+  total = 0;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) {
+    before += w < warp ? warp_counts[w] : 0;
+    total += warp_counts[w];
+  }
+  __syncthreads();
+  return before + __popc(ballot & ((1u << lane) - 1u));
+}
+
+// words: words_per_row as a FastDivmod (a word index -> (row, word) per moved word). At least 2
+// blocks per SM, as before FastDivmod (96 registers): without the bound ptxas went down to 80
+// registers for 16-byte words and spilled (4-20 bytes).
+template <int kWordBytes>
+__global__ void __launch_bounds__(kThreads, 2) compact_kernel(const EvictCompactParams p, FastDivmod page_div,
+                                                           const HeadCheck* checks, int64_t elem_bytes,
+                                                           FastDivmod words, int chunk) {
+  const int words_per_row = static_cast<int>(words.divisor);
+  using W = typename Word<kWordBytes>::type;
+  const int64_t H = p.cache.num_kv_heads;
+  const int64_t b = blockIdx.x / H, h = blockIdx.x % H;
+  const int tid = threadIdx.x;
+
+  __shared__ int s_src[kThreads];  // chunk offset of the chunk's i-th kept slot
+  __shared__ int s_warp_counts[kThreads / 32];
+  __shared__ int32_t s_verdict;
+  if (tid == 0) s_verdict = sequence_verdict(p, checks, H, b);
+  __syncthreads();
+  if (s_verdict < 0) return;  // invalid (unchecked call): nothing written
+
+  const HeadRows rows(p, page_div, b, h, elem_bytes);
+  const int64_t len = p.cache.seq_lens[b * p.cache.seq_lens_stride];
+  const int32_t step = p.steps[b * p.steps_stride];
+  float* scores = p.slot_scores ? p.slot_scores + b * p.scores_stride[0] + h * p.scores_stride[1] : nullptr;
+  const int64_t score_stride = p.scores_stride[2];
+  const bool direct = words_per_row > kStagedWords;  // then chunk == 1
+
+  int64_t kept = 0;  // slots kept before the chunk: the destination of its first kept slot
+  for (int64_t c0 = 0; c0 < len; c0 += chunk) {
+    const int64_t r = c0 + tid;
+    const bool live = tid < chunk && r < len;
+    const bool keep = live && rows.kept(r);
+    if (live && !keep) *rows.log_entry(*rows.position(r)) = step;  // row r is not overwritten before
+                                                                      // this chunk's writes
+    int total;
+    const int rank = block_rank(keep, s_warp_counts, total);
+    if (keep) s_src[rank] = tid;
+    __syncthreads();
+
+    // Read every moving kept slot of the chunk: slot c0 + s_src[i] goes to slot kept + i.
+    W kbuf[kWordsPerThread], vbuf[kWordsPerThread];
+    if (!direct) {
+#pragma unroll
+      for (int u = 0; u < kWordsPerThread; ++u) {
+        const uint32_t item = tid + u * kThreads;
+        const int i = static_cast<int>(words.div(item)), w = static_cast<int>(words.mod(item, i));
+        if (i < total && c0 + s_src[i] != kept + i) {
+          const auto at = rows.place(c0 + s_src[i]);
+          kbuf[u] = rows.k_at<W>(at)[w];
+          vbuf[u] = rows.v_at<W>(at)[w];
+        }
+      }
+    }
+    int32_t pos_moved = 0;
+    float score_moved = 0.0f;
+    const int64_t my_src = c0 + (tid < total ? s_src[tid] : 0);
+    const bool my_move = tid < total && my_src != kept + tid;
+    if (my_move) {
+      pos_moved = *rows.position(my_src);
+      if (scores) score_moved = scores[my_src * score_stride];
+    }
+    __syncthreads();  // every source of the chunk has been read
+
+    if (!direct) {
+#pragma unroll
+      for (int u = 0; u < kWordsPerThread; ++u) {
+        const uint32_t item = tid + u * kThreads;
+        const int i = static_cast<int>(words.div(item)), w = static_cast<int>(words.mod(item, i));
+        if (i < total && c0 + s_src[i] != kept + i) {
+          const auto at = rows.place(kept + i);
+          rows.k_at<W>(at)[w] = kbuf[u];
+          rows.v_at<W>(at)[w] = vbuf[u];
+        }
+      }
+    } else if (total == 1 && c0 + s_src[0] != kept) {  // one slot per chunk: distinct rows
+      const auto from = rows.place(c0 + s_src[0]), to = rows.place(kept);
+      const W* ks = rows.k_at<W>(from);
+      const W* vs = rows.v_at<W>(from);
+      W* kd = rows.k_at<W>(to);
+      W* vd = rows.v_at<W>(to);
+      for (int64_t w = tid; w < words_per_row; w += kThreads) {
+        kd[w] = ks[w];
+        vd[w] = vs[w];
+      }
+    }
+    if (my_move) {
+      *rows.position(kept + tid) = pos_moved;
+      if (scores) scores[(kept + tid) * score_stride] = score_moved;
+    }
+    kept += total;  // (the next chunk writes s_src only after block_rank's barriers)
+  }
+  if (scores) {
+    for (int64_t s = kept + tid; s < p.keep_len; s += kThreads) scores[s * score_stride] = 0.0f;
+  }
+}
+
+// Block b: the released pages of a valid sequence (block-table entries at index >=
+// ceil(new_len / page_size) that hold a page) go to freed[b] in table order and become -1 in
+// the table; the rest of freed[b] is -1; seq_lens[b] = new length (-1 if invalid). Runs after
+// compact_kernel, which reads the old lengths and tables.
+__global__ void __launch_bounds__(kThreads)
+    finalize_kernel(const EvictCompactParams p, const HeadCheck* checks, int64_t heads) {
+  const PagedKVCache& c = p.cache;
+  const int64_t b = blockIdx.x, M = c.max_pages;
+  const int tid = threadIdx.x;
+  __shared__ int s_warp_counts[kThreads / 32];
+  __shared__ int32_t s_verdict;
+  if (tid == 0) s_verdict = sequence_verdict(p, checks, heads, b);
+  __syncthreads();
+  const int32_t new_len = s_verdict;
+  int32_t* table = c.block_tables + b * c.bt_stride[0];
+  int32_t* freed = p.freed + b * p.freed_stride[0];
+  const int64_t table_stride = c.bt_stride[1], freed_stride = p.freed_stride[1];
+  int64_t released = 0;
+  if (new_len >= 0) {
+    const int64_t first_free = (new_len + c.page_size - 1) / c.page_size;
+    for (int64_t c0 = 0; c0 < M; c0 += kThreads) {  // block-uniform trip count (block_rank syncs)
+      const int64_t col = c0 + tid;
+      const int32_t id = col < M ? table[col * table_stride] : -1;
+      const bool release = col >= first_free && id >= 0;
+      int total;
+      const int rank = block_rank(release, s_warp_counts, total);
+      if (release) {
+        freed[(released + rank) * freed_stride] = id;
+        table[col * table_stride] = -1;
+      }
+      released += total;
+    }
+  }
+  for (int64_t i = released + tid; i < M; i += kThreads) freed[i * freed_stride] = -1;
+  if (tid == 0) c.seq_lens[b * c.seq_lens_stride] = new_len;
+}
+
+}  // namespace
+}  // namespace cuda_paged
+}  // namespace shadowkv

@@ -1,0 +1,241 @@
+// The CUDA eviction kernels (csrc/cuda/evict_compact_kernels.cuh: validate, compact, finalize)
+// run from their own source in the host emulation of tests/cpp/cuda_emulation.h, as an
+// unchecked call launches them, against evict_compact_cpu on a copy of the same state: the two
+// must give the same bits in every buffer (pages, positions, lengths, block tables, the eviction
+// log, slot scores, freed pages), as the CUDA op promises. Row sizes pick each word width of the
+// compaction (2, 4, 8, 16 bytes) and its direct path (rows of more than 1024 words); a sequence
+// that an unchecked call must leave alone (a bad step) keeps its bytes and gets length -1.
+#include "cuda_emulation.h"  // first: it defines what the CUDA headers below expect
+
+#include <algorithm>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "evict_compact_kernels.cuh"
+#include "harness.h"
+#include "shadowkv/paged_kv.h"
+
+namespace {
+
+using namespace shadowkv;
+using namespace shadowkv::cuda_paged;
+
+struct Case {
+  std::vector<int> lens;
+  std::vector<int> kept;  // per sequence, in every head
+  int kv_heads, page_size, head_dim;
+  DType dtype;
+  int bad_step_seq = -1;  // this sequence gets step -1: an unchecked call leaves it alone
+};
+
+// Everything an eviction reads or writes, in exactly sized buffers.
+struct State {
+  int64_t B, H, ps, D, es, num_pages, max_pages, keep_len, log_len;
+  std::vector<unsigned char> k, v;
+  std::vector<int32_t> pos, tables, lens, steps, log, freed;
+  std::vector<uint8_t> keep;
+  std::vector<float> scores;
+
+  EvictCompactParams params() {
+    EvictCompactParams p;
+    PagedKVCache& c = p.cache;
+    c.num_pages = num_pages;
+    c.page_size = ps;
+    c.num_kv_heads = H;
+    c.head_dim = D;
+    c.batch = B;
+    c.max_pages = max_pages;
+    c.dtype = es == 2 ? DType::kBFloat16 : DType::kFloat32;
+    c.k_pages = k.data();
+    c.v_pages = v.data();
+    c.pos_pages = pos.data();
+    c.block_tables = tables.data();
+    c.seq_lens = lens.data();
+    const int64_t st[3] = {ps * H * D, H * D, D};
+    std::copy(st, st + 3, c.k_stride);
+    std::copy(st, st + 3, c.v_stride);
+    c.pos_stride[0] = ps * H;
+    c.pos_stride[1] = H;
+    c.pos_stride[2] = 1;
+    c.bt_stride[0] = max_pages;
+    c.bt_stride[1] = 1;
+    p.keep = keep.data();
+    p.keep_len = keep_len;
+    p.keep_stride[0] = H * keep_len;
+    p.keep_stride[1] = keep_len;
+    p.keep_stride[2] = 1;
+    p.steps = steps.data();
+    p.evicted_at = log.data();
+    p.log_len = log_len;
+    p.ev_stride[0] = H * log_len;
+    p.ev_stride[1] = log_len;
+    p.ev_stride[2] = 1;
+    p.slot_scores = scores.data();
+    p.scores_stride[0] = H * keep_len;
+    p.scores_stride[1] = keep_len;
+    p.scores_stride[2] = 1;
+    p.freed = freed.data();
+    p.freed_stride[0] = max_pages;
+    p.freed_stride[1] = 1;
+    return p;
+  }
+};
+
+State make_state(const Case& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  State s;
+  s.B = static_cast<int64_t>(c.lens.size());
+  s.H = c.kv_heads;
+  s.ps = c.page_size;
+  s.D = c.head_dim;
+  s.es = c.dtype == DType::kBFloat16 ? 2 : 4;
+  const int max_len = *std::max_element(c.lens.begin(), c.lens.end());
+  s.max_pages = (max_len + s.ps - 1) / s.ps + 1;
+  s.num_pages = 1;  // one page nobody uses
+  for (int len : c.lens) s.num_pages += (len + s.ps - 1) / s.ps;
+  s.keep_len = max_len + 3;
+  s.log_len = max_len + 7;
+  s.k.resize(static_cast<size_t>(s.num_pages * s.ps * s.H * s.D * s.es));
+  s.v.resize(s.k.size());
+  for (auto& x : s.k) x = static_cast<unsigned char>(rng());
+  for (auto& x : s.v) x = static_cast<unsigned char>(rng());
+  s.pos.assign(static_cast<size_t>(s.num_pages * s.ps * s.H), -5);
+  s.tables.assign(static_cast<size_t>(s.B * s.max_pages), -1);
+  s.lens.assign(c.lens.begin(), c.lens.end());
+  s.steps.resize(s.B);
+  s.log.assign(static_cast<size_t>(s.B * s.H * s.log_len), kNeverEvicted);
+  s.freed.assign(static_cast<size_t>(s.B * s.max_pages), 77);
+  s.keep.assign(static_cast<size_t>(s.B * s.H * s.keep_len), 0);
+  s.scores.resize(static_cast<size_t>(s.B * s.H * s.keep_len));
+  for (auto& x : s.scores) x = std::uniform_real_distribution<float>(0.0f, 1.0f)(rng);
+  std::vector<int32_t> ids(s.num_pages);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  int next = 0;
+  for (int64_t b = 0; b < s.B; ++b) {
+    const int len = c.lens[b];
+    s.steps[b] = b == c.bad_step_seq ? -1 : 100 + static_cast<int32_t>(b);
+    for (int64_t i = 0; i < (len + s.ps - 1) / s.ps; ++i) s.tables[b * s.max_pages + i] = ids[next++];
+    for (int64_t h = 0; h < s.H; ++h) {
+      // Distinct positions per head (a shuffled range; some already logged ones are never evicted).
+      std::vector<int32_t> positions(s.log_len);
+      std::iota(positions.begin(), positions.end(), 0);
+      std::shuffle(positions.begin(), positions.end(), rng);
+      std::vector<int> order(len);
+      std::iota(order.begin(), order.end(), 0);
+      std::shuffle(order.begin(), order.end(), rng);
+      for (int j = 0; j < c.kept[b]; ++j) s.keep[(b * s.H + h) * s.keep_len + order[j]] = 1;
+      for (int slot = 0; slot < len; ++slot) {
+        const int64_t page = s.tables[b * s.max_pages + slot / s.ps];
+        s.pos[(page * s.ps + slot % s.ps) * s.H + h] = positions[slot];
+      }
+    }
+  }
+  return s;
+}
+
+// evict_compact_cuda's unchecked launches, in the emulation.
+void evict_emulated(EvictCompactParams p) {
+  p.check_values = false;
+  const PagedKVCache& c = p.cache;
+  const int64_t B = c.batch, H = c.num_kv_heads, heads = std::max<int64_t>(H, 1);
+  const int64_t es = static_cast<int64_t>(dtype_bytes(c.dtype)), row_bytes = c.head_dim * es;
+  auto u = [](const void* ptr) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(ptr)); };
+  auto sb = [es](int64_t stride) { return static_cast<uint64_t>(stride * es); };
+  const int word = word_bytes({static_cast<uint64_t>(row_bytes), u(c.k_pages), u(c.v_pages), sb(c.k_stride[0]),
+                               sb(c.k_stride[1]), sb(c.k_stride[2]), sb(c.v_stride[0]), sb(c.v_stride[1]),
+                               sb(c.v_stride[2])});
+  const int64_t words_per_row = row_bytes / word;
+  const int chunk =
+      static_cast<int>(std::clamp<int64_t>(kStagedWords / std::max<int64_t>(words_per_row, 1), 1, kThreads));
+  std::vector<HeadCheck> records(static_cast<size_t>(B * heads), HeadCheck{});
+  const FastDivmod page_div(static_cast<uint32_t>(c.page_size));
+  HeadCheck* rec = records.data();
+  shadowkv_emu::launch(static_cast<unsigned>(B * heads), kThreads, 0,
+                       [&] { validate_kernel(p, page_div, c.slot_capacity(), heads, false, rec); });
+  const FastDivmod words(static_cast<uint32_t>(std::max<int64_t>(words_per_row, 1)));
+  dispatch_word(word, [&](auto w) {
+    constexpr int kW = decltype(w)::value;
+    shadowkv_emu::launch(static_cast<unsigned>(B * H), kThreads, 0,
+                         [&] { compact_kernel<kW>(p, page_div, rec, es, words, chunk); });
+  });
+  shadowkv_emu::launch(static_cast<unsigned>(B), kThreads, 0, [&] { finalize_kernel(p, rec, heads); });
+}
+
+template <typename V>
+bool same_bytes(const std::vector<V>& a, const std::vector<V>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(V)) == 0;
+}
+
+// Copies sequence b's rows (its pages, table row, log and score rows) from `from` into `to`.
+void copy_sequence(State& to, const State& from, int64_t b, int len) {
+  const auto copy = [](auto& dst, const auto& src, size_t begin, size_t count) {
+    std::copy(src.begin() + begin, src.begin() + begin + count, dst.begin() + begin);
+  };
+  const size_t page_bytes = static_cast<size_t>(from.ps * from.H * from.D * from.es);
+  const size_t page_slots = static_cast<size_t>(from.ps * from.H);
+  for (int64_t i = 0; i < (len + from.ps - 1) / from.ps; ++i) {
+    const size_t page = static_cast<size_t>(from.tables[b * from.max_pages + i]);
+    copy(to.k, from.k, page * page_bytes, page_bytes);
+    copy(to.v, from.v, page * page_bytes, page_bytes);
+    copy(to.pos, from.pos, page * page_slots, page_slots);
+  }
+  copy(to.tables, from.tables, static_cast<size_t>(b * from.max_pages), static_cast<size_t>(from.max_pages));
+  copy(to.log, from.log, static_cast<size_t>(b * from.H * from.log_len), static_cast<size_t>(from.H * from.log_len));
+  copy(to.scores, from.scores, static_cast<size_t>(b * from.H * from.keep_len),
+       static_cast<size_t>(from.H * from.keep_len));
+}
+
+void run_case(const Case& c, uint32_t seed, const std::string& name) {
+  State emu = make_state(c, seed);
+  // The expected state: the CPU op on the same state with every step valid (the CPU op rejects
+  // a whole call with a bad step), then the bad sequence as it was, with length -1 and a freed
+  // row of -1.
+  Case valid = c;
+  valid.bad_step_seq = -1;
+  State cpu = make_state(valid, seed);
+  evict_compact_cpu(cpu.params());
+  if (c.bad_step_seq >= 0) {
+    const int64_t b = c.bad_step_seq;
+    copy_sequence(cpu, emu, b, c.lens[b]);
+    cpu.lens[b] = -1;
+    std::fill(cpu.freed.begin() + b * cpu.max_pages, cpu.freed.begin() + (b + 1) * cpu.max_pages, -1);
+  }
+  evict_emulated(emu.params());
+  const std::pair<const char*, bool> checks[] = {
+      {"k_pages", same_bytes(cpu.k, emu.k)},        {"v_pages", same_bytes(cpu.v, emu.v)},
+      {"pos_pages", same_bytes(cpu.pos, emu.pos)},  {"block_tables", same_bytes(cpu.tables, emu.tables)},
+      {"seq_lens", same_bytes(cpu.lens, emu.lens)}, {"evicted_at", same_bytes(cpu.log, emu.log)},
+      {"freed", same_bytes(cpu.freed, emu.freed)},  {"slot_scores", same_bytes(cpu.scores, emu.scores)},
+  };
+  for (const auto& [what, ok] : checks)
+    if (!ok) shadowkv_test::report(__FILE__, __LINE__, name + ": " + what + " differs from evict_compact_cpu");
+}
+
+TEST(emulated_evict_matches_cpu) {
+  // lens, kept per sequence, Hkv, page size, D, dtype; row bytes 128 (16-byte words), 20 (4),
+  // 6 (2), 24 (8), 16400 (1025 16-byte words: the direct path).
+  const Case cases[] = {
+      {{300, 0, 17, 64}, {75, 0, 17, 1}, 2, 16, 64, DType::kBFloat16},
+      {{130, 129}, {0, 128}, 3, 5, 5, DType::kFloat32},
+      {{600}, {150}, 1, 1, 3, DType::kBFloat16},
+      {{260, 33}, {259, 2}, 2, 7, 6, DType::kFloat32},
+      {{20, 9}, {5, 9}, 2, 4, 4100, DType::kFloat32},
+  };
+  uint32_t seed = 3;
+  for (const Case& c : cases) {
+    run_case(c, seed, "case seed " + std::to_string(seed));
+    ++seed;
+  }
+}
+
+TEST(emulated_evict_unchecked_leaves_a_bad_sequence_alone) {
+  Case c{{300, 100, 40}, {70, 30, 40}, 2, 16, 64, DType::kBFloat16};
+  c.bad_step_seq = 1;
+  run_case(c, 17, "bad step");
+}
+
+}  // namespace
