@@ -349,6 +349,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
   }
 }
 
+#if !defined(SHADOWKV_CUDA_EMULATION)  // a host compiler: no launches
 // Host: runs the dQ kernel over every (batch, query head, 64-row query tile) and the dK/dV
 // kernel over every (batch, kv head, 64-key tile) of family F.
 template <class F>
@@ -369,6 +370,7 @@ void launch_bwd_family(const ShadowAttentionBwdParams& bp, const int2* mm, int64
       "dq_kernel");
   run(dkdv_kernel<F>, p.batch * p.num_kv_heads * ceil_div(p.kv_len, Tr::kBlockM), tiles, "dkdv_kernel");
 }
+#endif
 
 }  // namespace cuda_attn
 }  // namespace shadowkv

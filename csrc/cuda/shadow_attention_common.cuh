@@ -18,7 +18,9 @@
 #include <cuda_runtime.h>
 
 #include "device_math.cuh"
+#if !defined(SHADOWKV_CUDA_EMULATION)  // (the WMMA building blocks below are not emulated)
 #include <mma.h>
+#endif
 
 #include <climits>
 #include <cmath>
@@ -101,8 +103,12 @@ struct SmemCarver {
 };
 
 __device__ __forceinline__ unsigned char* dynamic_smem() {
+#if defined(SHADOWKV_CUDA_EMULATION) && !defined(__CUDA_ARCH__)
+  return static_cast<unsigned char*>(shadowkv_emu::dynamic_shared_memory());
+#else
   extern __shared__ __align__(128) unsigned char shadowkv_attn_smem[];
   return shadowkv_attn_smem;
+#endif
 }
 
 // ------------------------------------------------------------------------------------------
@@ -454,6 +460,7 @@ inline int64_t ev_minmax_tiles(const ShadowAttentionParams& p) { return ceil_div
 inline size_t ev_minmax_bytes(const ShadowAttentionParams& p) {
   return static_cast<size_t>(p.batch * p.num_kv_heads * ev_minmax_tiles(p)) * sizeof(int2);
 }
+#if !defined(SHADOWKV_CUDA_EMULATION)  // a host compiler: no launches
 inline void launch_ev_minmax(const ShadowAttentionParams& p, int2* buf, cudaStream_t stream) {
   const int64_t warps = p.batch * p.num_kv_heads * ev_minmax_tiles(p);
   if (warps == 0) return;
@@ -462,9 +469,11 @@ inline void launch_ev_minmax(const ShadowAttentionParams& p, int2* buf, cudaStre
       p, ev_minmax_tiles(p), buf);
   check_launch("ev_minmax_kernel");
 }
+#endif
 
 }  // namespace
 
+#if !defined(SHADOWKV_CUDA_EMULATION)  // WMMA is not emulated (tests/cpp/cuda_emulation.h)
 // ------------------------------------------------------------------------------------------
 // Tensor-core building blocks (sm_80+).
 
@@ -530,6 +539,8 @@ __device__ __forceinline__ void store_acc_rows(const AccFrag (&acc)[DF], float* 
     __syncwarp();
   }
 }
+
+#endif
 
 }  // namespace cuda_attn
 }  // namespace shadowkv

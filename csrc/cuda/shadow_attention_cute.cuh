@@ -20,6 +20,15 @@
 
 #include <type_traits>
 
+// SHADOWKV_EMULATED(Op): the hardware operation (MMA or copy atom) the CuTe kernels use: Op
+// itself, or under SHADOWKV_CUDA_EMULATION (never set by a real build) its host emulation from
+// tests/cpp/cute_emulation.h, which runs these kernels' own source on a CPU.
+#if defined(SHADOWKV_CUDA_EMULATION)
+#define SHADOWKV_EMULATED(...) ::shadowkv_emu::Emulated<__VA_ARGS__>
+#else
+#define SHADOWKV_EMULATED(...) __VA_ARGS__
+#endif
+
 namespace shadowkv {
 namespace cuda_cute {
 
@@ -40,8 +49,8 @@ struct TileTraits {
   static_assert(BlockN % 32 == 0, "partner tiles are whole kEvTile (32-key) tiles");
   static constexpr int kHeadDim = D;
 
-  using MmaOp = std::conditional_t<std::is_same<T, __half>::value, SM80_16x8x16_F32F16F16F32_TN,
-                                   SM80_16x8x16_F32BF16BF16F32_TN>;
+  using MmaOp = SHADOWKV_EMULATED(std::conditional_t<std::is_same<T, __half>::value, SM80_16x8x16_F32F16F16F32_TN,
+                                                     SM80_16x8x16_F32BF16BF16F32_TN>);
   // Warps stacked along M; the N tile of 16 (two 8-wide atoms) lets one ldmatrix.x4 feed B.
   using TiledMma = TiledMMA<MMA_Atom<MmaOp>, Layout<Shape<Int<kWarps>, _1, _1>>, Tile<Int<kBlockM>, _16, _16>>;
 
@@ -57,13 +66,14 @@ struct TileTraits {
       decltype(composition(SmemLayoutPartner{}, make_layout(Shape<Int<D>, Int<kBlockN>>{}, GenRowMajor{})));
   using SmemLayoutPartnerTNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutPartnerT{}));
 
-  using SmemCopyAtom = Copy_Atom<SM75_U32x4_LDSM_N, Element>;            // row-major operands
-  using SmemCopyAtomTransposed = Copy_Atom<SM75_U16x8_LDSM_T, Element>;  // transposed B operands
+  using SmemCopyAtom = Copy_Atom<SHADOWKV_EMULATED(SM75_U32x4_LDSM_N), Element>;  // row-major operands
+  using SmemCopyAtomTransposed = Copy_Atom<SHADOWKV_EMULATED(SM75_U16x8_LDSM_T), Element>;  // transposed B operands
 
   // Global -> shared: 8 threads cover one 64-element row segment with 16-byte cp.async each.
   using GmemLayoutAtom = Layout<Shape<Int<kThreads / 8>, _8>, Stride<_8, _1>>;
-  using GmemTiledCopy = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{},
-                                                 GmemLayoutAtom{}, Layout<Shape<_1, _8>>{}));
+  using GmemTiledCopy =
+      decltype(make_tiled_copy(Copy_Atom<SHADOWKV_EMULATED(SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>), Element>{},
+                               GmemLayoutAtom{}, Layout<Shape<_1, _8>>{}));
 
   static constexpr size_t kOwnBytes = kBlockM * D * sizeof(Element);
   static constexpr size_t kPartnerBytes = kBlockN * D * sizeof(Element);
@@ -258,7 +268,7 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(SHADOWKV_CUDA_EMULATION)
 // The sm_80 family of the CuTe kernels, as the kernel bodies (shadow_attention_fwd_cute.cuh,
 // shadow_attention_bwd_cute.cuh) use it: shared memory, accumulators and their (row, col)
 // views, and the two products of every kernel (cuda_wgmma::Family is the sm_90a one):
@@ -284,8 +294,12 @@ struct Family {
   __device__ explicit Family(int tid) : thr(mma.get_thread_slice(tid)), s2r(tid) {}
 
   __device__ static unsigned char* smem() {
+#if defined(SHADOWKV_CUDA_EMULATION) && !defined(__CUDA_ARCH__)
+    return static_cast<unsigned char*>(shadowkv_emu::dynamic_shared_memory());
+#else
     extern __shared__ __align__(128) unsigned char shadowkv_cute_smem[];
     return shadowkv_cute_smem;
+#endif
   }
   // Hands shared-memory tiles written by this thread to the products; a barrier follows.
   __device__ static void publish() {}  // ldmatrix reads through the same (generic) proxy

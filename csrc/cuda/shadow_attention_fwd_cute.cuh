@@ -341,6 +341,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
   }
 }
 
+#if !defined(SHADOWKV_CUDA_EMULATION)  // a host compiler: no launches
 // Host: runs fwd_kernel<F> (kStaged: fwd_staged_kernel<F>) over every (batch, query head,
 // kBlockM-row query tile).
 template <class F, bool kStaged = false>
@@ -363,6 +364,7 @@ void launch_fwd_family(const ShadowAttentionParams& p, const int2* mm, int64_t n
   kernel<<<grid_1d(blocks, name.c_str()), Tr::kThreads, smem, s>>>(p, mm, n_ev, scale_log2);
   check_launch(name.c_str());
 }
+#endif
 
 }  // namespace cuda_attn
 }  // namespace shadowkv

@@ -138,6 +138,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
   }
 }
 
+#if !defined(SHADOWKV_CUDA_EMULATION)  // a host compiler: no launches
 // Host: runs fwd_overlap_kernel<F> over every (batch, query head, kBlockM-row query tile).
 template <class F>
 void launch_fwd_overlap(const ShadowAttentionParams& p, const int2* mm, int64_t n_ev, float scale_log2,
@@ -153,6 +154,7 @@ void launch_fwd_overlap(const ShadowAttentionParams& p, const int2* mm, int64_t 
   kernel<<<grid_1d(blocks, name.c_str()), Tr::kThreads, smem, s>>>(p, mm, n_ev, scale_log2);
   check_launch(name.c_str());
 }
+#endif
 
 }  // namespace cuda_attn
 }  // namespace shadowkv

@@ -29,7 +29,8 @@
 
 // 1 where a wgmma kernel's body is compiled (the sm_90a pass), 0 elsewhere: the kernels are
 // traps there, and the host never launches them (cuda_attn::wgmma_available).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)) || \
+    (defined(SHADOWKV_CUDA_EMULATION) && !defined(__CUDA_ARCH__))
 #define SHADOWKV_WGMMA_BODY 1
 #else
 #define SHADOWKV_WGMMA_BODY 0
@@ -73,12 +74,12 @@ struct TileTraits {
 
   // The warpgroups tile the own rows (M); each atom is one warpgroup's 64 x N x 16 wgmma.
   using WarpgroupLayout = Layout<Shape<Int<Warpgroups>, _1, _1>>;
-  using TiledMmaS = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockN>, Int<D>>>(), WarpgroupLayout{}));
-  using TiledMmaO = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<D>, Int<kBlockN>>, GMMA::Major::K,
-                           GMMA::Major::MN>(),
-      WarpgroupLayout{}));
+  using OpS = SHADOWKV_EMULATED(
+      decltype(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockN>, Int<D>>>()));
+  using OpO = SHADOWKV_EMULATED(decltype(GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<D>, Int<kBlockN>>,
+                                                              GMMA::Major::K, GMMA::Major::MN>()));
+  using TiledMmaS = decltype(make_tiled_mma(OpS{}, WarpgroupLayout{}));
+  using TiledMmaO = decltype(make_tiled_mma(OpO{}, WarpgroupLayout{}));
 
   using SmemLayoutAtom = GMMA::Layout_K_SW128_Atom<Element>;  // 8 rows x 64 halves, 128-byte swizzle
   using SmemLayoutOwn = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<D>>{}));
@@ -89,7 +90,7 @@ struct TileTraits {
       decltype(composition(SmemLayoutPartner{}, make_layout(Shape<Int<D>, Int<kBlockN>>{}, GenRowMajor{})));
 
   // Global -> shared: 8 threads cover one 64-element row segment with 16-byte cp.async each.
-  using GmemTiledCopy = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{},
+  using GmemTiledCopy = decltype(make_tiled_copy(Copy_Atom<SHADOWKV_EMULATED(SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>), Element>{},
                                                  Layout<Shape<Int<kThreads / 8>, _8>, Stride<_8, _1>>{},
                                                  Layout<Shape<_1, _8>>{}));
 
@@ -146,7 +147,7 @@ CUTE_HOST_DEVICE auto as_a_operand(Acc const& acc) {
   return cuda_cute::rounded_copy<E>(acc, acc_as_a_operand(acc.layout()));
 }
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(SHADOWKV_CUDA_EMULATION)
 // Queues acc (+)= A B over every k-slice (no arrive, commit or wait: see gemm). kZero starts
 // from zero (the first slice overwrites acc).
 template <bool kZero, class Mma, class FragA, class FragB, class Acc>
@@ -205,7 +206,11 @@ __device__ __forceinline__ void gemm_pair(Mma& mma, FragA1& a1, FragB1 const& b1
 // descriptors, base offset 0) need tiles on 1024-byte boundaries, and __align__ on dynamic
 // shared memory is not a guarantee, so launches ask for 1024 spare bytes (kSmemAlignSlack).
 __device__ __forceinline__ unsigned char* smem_1024() {
+#if defined(SHADOWKV_CUDA_EMULATION) && !defined(__CUDA_ARCH__)
+  unsigned char* shadowkv_wgmma_smem = static_cast<unsigned char*>(shadowkv_emu::dynamic_shared_memory());
+#else
   extern __shared__ __align__(1024) unsigned char shadowkv_wgmma_smem[];
+#endif
   return shadowkv_wgmma_smem + ((1024u - (cast_smem_ptr_to_uint(shadowkv_wgmma_smem) & 1023u)) & 1023u);
 }
 

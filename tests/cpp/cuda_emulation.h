@@ -78,10 +78,17 @@ struct Warp {
   alignas(16) unsigned char slot[32][64];
 };
 
+// Four warps (sm_90 warpgroup-wide instructions): a barrier and a 16-byte slot per thread.
+struct Warpgroup {
+  Barrier barrier{128};
+  alignas(16) uint32_t slot[128][4];
+};
+
 struct Block {
   explicit Block(int threads) : barrier(threads) {}
   Barrier barrier;
   std::vector<std::unique_ptr<Warp>> warps;
+  std::vector<std::unique_ptr<Warpgroup>> warpgroups;  // when the block has whole warpgroups
   unsigned char* smem = nullptr;
   size_t smem_bytes = 0;
 };
@@ -92,12 +99,21 @@ struct Copy {
   bool valid;
 };
 
+struct Thread;
+// Per-thread state of an emulation extension (cute_emulation.h: queued warpgroup MMAs).
+struct Extension {
+  virtual ~Extension() = default;
+  virtual void at_exit(Thread&) {}
+};
+
 struct Thread {
   uint3 thread_idx, block_idx;
   dim3 block_dim, grid_dim;
   Block* block;
   Warp* warp;
+  Warpgroup* warpgroup;  // null when the block is not whole warpgroups
   int lane;
+  std::unique_ptr<Extension> extension;
   std::vector<Copy> open_group;           // cp.async since the last commit
   std::deque<std::vector<Copy>> groups;  // committed, oldest first
 };
@@ -235,7 +251,13 @@ void launch(unsigned grid, unsigned block_threads, size_t smem_bytes, Kernel&& k
   for (unsigned bx = 0; bx < grid; ++bx) {
     Block blk(static_cast<int>(block_threads));
     for (unsigned w = 0; w < block_threads / 32; ++w) blk.warps.push_back(std::make_unique<Warp>());
-    std::unique_ptr<unsigned char[]> smem(new unsigned char[smem_bytes > 0 ? smem_bytes : 1]);
+    if (block_threads % 128 == 0)
+      for (unsigned w = 0; w < block_threads / 128; ++w) blk.warpgroups.push_back(std::make_unique<Warpgroup>());
+    // 256 KB aligned: a shared-memory address is its offset in an 18-bit window (wgmma
+    // descriptors keep bits 4-17), as on the GPU; and 1024-byte swizzle atoms line up.
+    void* raw = nullptr;
+    if (posix_memalign(&raw, size_t{1} << 18, smem_bytes > 0 ? smem_bytes : 1) != 0) die("out of memory");
+    std::unique_ptr<unsigned char, decltype(&std::free)> smem(static_cast<unsigned char*>(raw), &std::free);
     std::memset(smem.get(), 0xff, smem_bytes);
     blk.smem = smem.get();
     blk.smem_bytes = smem_bytes;
@@ -250,11 +272,13 @@ void launch(unsigned grid, unsigned block_threads, size_t smem_bytes, Kernel&& k
         t.grid_dim = dim3(grid);
         t.block = &blk;
         t.warp = blk.warps[tx / 32].get();
+        t.warpgroup = blk.warpgroups.empty() ? nullptr : blk.warpgroups[tx / 128].get();
         t.lane = static_cast<int>(tx % 32);
         self = &t;
         kernel();
         // Copies still in flight when a thread exits land anyway (nothing reads them).
         cp_async_wait(0);
+        if (t.extension) t.extension->at_exit(t);
         self = nullptr;
       });
     }
@@ -306,6 +330,15 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) {
   return ballot;
 }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+template <typename V>
+V __ldg(const V* p) {
+  return *p;
+}
+// A shared-memory pointer as the 32-bit address the hardware uses: its low bits (the block's
+// shared memory is 256 KB aligned, see launch).
+inline size_t __cvta_generic_to_shared(const void* p) {
+  return static_cast<size_t>(reinterpret_cast<uintptr_t>(p) & 0xffffffffu);
+}
 
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }

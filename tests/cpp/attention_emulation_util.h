@@ -1,0 +1,161 @@
+// Shared by the emulated shadow-attention tests (test_attention_fwd_emulated.cpp,
+// test_attention_bwd_emulated.cpp): a random problem in 16-bit and float64, the launch-side
+// pre-pass the CUDA op runs before the kernels, and the comparison of 16-bit results.
+#pragma once
+
+#include "cute_emulation.h"  // first: it defines what the CUDA and CuTe headers below expect
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "harness.h"
+#include "shadow_attention_common.cuh"
+#include "shadowkv/shadow_attention.h"
+
+namespace shadowkv_test {
+
+struct AttentionShape {
+  int batch, q_heads, kv_heads, q_len, kv_len, q_offset;
+};
+
+// Ragged tiles (lengths off the 64/128 grid), GQA, queries at an offset (chunked prefill).
+inline const AttentionShape kAttentionShapes[] = {{1, 2, 1, 150, 150, 0}, {1, 1, 1, 70, 200, 130}};
+
+template <typename T>
+T to16(double x) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __float2bfloat16_rn(static_cast<float>(x));
+  } else {
+    return __float2half_rn(static_cast<float>(x));
+  }
+}
+template <typename T>
+double from16(T x) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __bfloat162float(x);
+  } else {
+    return __half2float(x);
+  }
+}
+
+// One random problem: q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] in T (and the same values in float64),
+// an eviction log with holes (a third of the keys evicted at a random later position, keys 64-95
+// evicted right after themselves: a tile no later query sees; the first 4 never), contiguous.
+template <typename T>
+struct AttentionProblem {
+  shadowkv::ShadowAttentionParams p;  // strides and shapes; pointers set by params16 / params64
+  std::vector<T> q, k, v;
+  std::vector<double> qd, kd, vd;
+  std::vector<int32_t> ev;
+
+  AttentionProblem(const AttentionShape& s, int head_dim, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<double> normal;
+    const int64_t B = s.batch, Hq = s.q_heads, Hkv = s.kv_heads, Lq = s.q_len, Lk = s.kv_len, D = head_dim;
+    draw(rng, normal, B * Hq * Lq * D, q, qd);
+    draw(rng, normal, B * Hkv * Lk * D, k, kd);
+    draw(rng, normal, B * Hkv * Lk * D, v, vd);
+    ev.assign(B * Hkv * Lk, INT32_MAX);
+    for (int64_t i = 0; i < static_cast<int64_t>(ev.size()); ++i) {
+      const int64_t key = i % Lk;
+      if (key >= 4 && rng() % 3 == 0) ev[i] = static_cast<int32_t>(key + 1 + rng() % 80);
+      if (key >= 64 && key < 96) ev[i] = static_cast<int32_t>(key + 1);
+    }
+    p.batch = B;
+    p.num_q_heads = Hq;
+    p.num_kv_heads = Hkv;
+    p.q_len = Lq;
+    p.kv_len = Lk;
+    p.head_dim = D;
+    p.q_offset = s.q_offset;
+    p.scale = 1.0 / std::sqrt(static_cast<double>(D));
+    p.evicted_at = ev.data();
+    const int64_t qs[3] = {Hq * Lq * D, Lq * D, D}, ks[3] = {Hkv * Lk * D, Lk * D, D};
+    std::copy(qs, qs + 3, p.q_stride);
+    std::copy(qs, qs + 3, p.o_stride);
+    std::copy(ks, ks + 3, p.k_stride);
+    std::copy(ks, ks + 3, p.v_stride);
+    p.ev_stride[0] = Hkv * Lk;
+    p.ev_stride[1] = Lk;
+    p.lse_stride[0] = Hq * Lq;
+    p.lse_stride[1] = Lq;
+  }
+
+  shadowkv::ShadowAttentionParams params16(void* out, float* lse) const {
+    shadowkv::ShadowAttentionParams r = p;
+    r.dtype = std::is_same<T, __nv_bfloat16>::value ? shadowkv::DType::kBFloat16 : shadowkv::DType::kFloat16;
+    r.q = q.data();
+    r.k = k.data();
+    r.v = v.data();
+    r.out = out;
+    r.lse = lse;
+    return r;
+  }
+  shadowkv::ShadowAttentionParams params64(double* out, double* lse) const {
+    shadowkv::ShadowAttentionParams r = p;
+    r.dtype = shadowkv::DType::kFloat64;
+    r.q = qd.data();
+    r.k = kd.data();
+    r.v = vd.data();
+    r.out = out;
+    r.lse = lse;
+    return r;
+  }
+
+  // What shadow_attention_{fwd,bwd}_cuda compute before the kernels (ev_minmax_kernel): the
+  // (min, max) of the log over each kEvTile keys of each (batch, kv head).
+  std::vector<int2> ev_minmax() const {
+    const int64_t Lk = p.kv_len, n = n_ev_tiles();
+    std::vector<int2> mm(p.batch * p.num_kv_heads * n);
+    for (int64_t bh = 0; bh < p.batch * p.num_kv_heads; ++bh)
+      for (int64_t t = 0; t < n; ++t) {
+        int lo = INT_MAX, hi = INT_MIN;
+        for (int64_t j = t * shadowkv::cuda_attn::kEvTile; j < std::min<int64_t>(Lk, (t + 1) * shadowkv::cuda_attn::kEvTile); ++j) {
+          lo = std::min(lo, ev[bh * Lk + j]);
+          hi = std::max(hi, ev[bh * Lk + j]);
+        }
+        mm[bh * n + t] = make_int2(lo, hi);
+      }
+    return mm;
+  }
+  int64_t n_ev_tiles() const { return (p.kv_len + shadowkv::cuda_attn::kEvTile - 1) / shadowkv::cuda_attn::kEvTile; }
+  float scale_log2() const { return static_cast<float>(p.scale * 1.4426950408889634); }
+
+ private:
+  static void draw(std::mt19937& rng, std::normal_distribution<double>& normal, int64_t n, std::vector<T>& h,
+                   std::vector<double>& d) {
+    h.resize(n);
+    d.resize(n);
+    for (int64_t i = 0; i < n; ++i) d[i] = from16(h[i] = to16<T>(normal(rng)));
+  }
+};
+
+// |got - want| <= tol * (max finite |want| + |want|) for every element (infinities must match);
+// NaN never passes.
+template <typename G>
+void expect_close(const std::vector<G>& got, const std::vector<double>& want, double tol, const std::string& what) {
+  double scale = 0;
+  for (double w : want)
+    if (std::isfinite(w)) scale = std::max(scale, std::fabs(w));
+  int bad = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    double g;
+    if constexpr (std::is_same<G, float>::value) {
+      g = got[i];
+    } else {
+      g = from16(got[i]);
+    }
+    const bool same_inf = std::isinf(want[i]) && g == want[i];
+    if (!same_inf && !(std::fabs(g - want[i]) <= tol * (scale + std::fabs(want[i]))) && ++bad <= 5)
+      report(__FILE__, __LINE__, what + "[" + std::to_string(i) + "] = " + std::to_string(g) + ", want " +
+                                     std::to_string(want[i]) + " (max |want| " + std::to_string(scale) + ")");
+  }
+}
+
+}  // namespace shadowkv_test

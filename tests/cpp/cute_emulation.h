@@ -1,0 +1,273 @@
+// Host emulation of the CuTe hardware operations the shadow-attention kernels use, on top of
+// cuda_emulation.h, so that those kernels' own source (csrc/cuda/shadow_attention_*cute*.cuh,
+// shadow_attention_wgmma.cuh, shadow_attention_fwd_overlap.cuh) runs on a CPU. The kernels name
+// each operation through SHADOWKV_EMULATED(Op), which is Op in a real build and Emulated<Op>
+// here; Emulated<Op> has Op's register interface and MMA/Copy traits, and an emulated body:
+//   * mma.sync m16n8k16 and ldmatrix (.x4, .trans): the warp collectives of cuda_emulation.h;
+//   * cp.async (16 bytes): queued per thread; cp_async_fence / cp_async_wait of the kernels
+//     (namespace cuda_attn) commit and land them, as cuda_emulation.h's cp.async;
+//   * wgmma m64nNk16 (SS: both operands from shared memory by descriptor; RS: A from registers):
+//     queued per thread at issue, batched by warpgroup_commit_batch, executed by
+//     warpgroup_wait<N> for all batches but the N newest, with the operands' values at that
+//     moment (the latest the hardware may read them: a kernel that rewrites a register operand
+//     or reads an accumulator before the wait gets a wrong result). Shared-memory operands are
+//     decoded from the descriptor as the PTX ISA's canonical layouts (128-byte swizzle, K- or
+//     MN-major, the only ones the kernels build), so CuTe's descriptor construction is checked
+//     too. Each product sums 16 terms in fp32 in k order.
+// Include this first in a test translation unit (it includes cuda_emulation.h).
+#pragma once
+
+#include "cuda_emulation.h"
+
+// CuTe's smem pointer -> 32-bit address conversion, through the emulated __cvta_generic_to_shared.
+#define CUTE_CVTA_GENERIC_TO_SHARED_ACTIVATED 1
+
+#include <cute/tensor.hpp>  // first: CuTe's headers expect its order
+#include <cute/atom/copy_atom.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/arch/copy_sm75.hpp>
+#include <cute/arch/copy_sm80.hpp>
+#include <cute/arch/mma_sm80.hpp>
+#include <cute/arch/mma_sm90_gmma.hpp>
+
+#include <deque>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace shadowkv_emu {
+
+template <class Op>
+struct Emulated;
+
+// ---- mma.sync m16n8k16, fp32 accumulators
+template <class Real, typename T>
+struct EmulatedMma16816 {
+  using DRegisters = float[4];
+  using ARegisters = uint32_t[4];
+  using BRegisters = uint32_t[2];
+  using CRegisters = float[4];
+  static void fma(float& d0, float& d1, float& d2, float& d3, uint32_t const& a0, uint32_t const& a1,
+                  uint32_t const& a2, uint32_t const& a3, uint32_t const& b0, uint32_t const& b1, float const& c0,
+                  float const& c1, float const& c2, float const& c3) {
+    float c[4] = {c0, c1, c2, c3};
+    const uint32_t a[4] = {a0, a1, a2, a3}, b[2] = {b0, b1};
+    mma_16816<T>(c, a, b);
+    d0 = c[0];
+    d1 = c[1];
+    d2 = c[2];
+    d3 = c[3];
+  }
+};
+template <>
+struct Emulated<cute::SM80_16x8x16_F32BF16BF16F32_TN>
+    : EmulatedMma16816<cute::SM80_16x8x16_F32BF16BF16F32_TN, __nv_bfloat16> {};
+template <>
+struct Emulated<cute::SM80_16x8x16_F32F16F16F32_TN> : EmulatedMma16816<cute::SM80_16x8x16_F32F16F16F32_TN, __half> {};
+
+// ---- ldmatrix .x4 (the thread's source register is its row of 8 halves)
+template <bool kTrans>
+struct EmulatedLdsm {
+  using SRegisters = cute::uint128_t[1];
+  using DRegisters = uint32_t[4];
+  static void copy(cute::uint128_t const& smem_src, uint32_t& d0, uint32_t& d1, uint32_t& d2, uint32_t& d3) {
+    uint32_t r[4];
+    ldmatrix_x4(r, &smem_src, kTrans);
+    d0 = r[0];
+    d1 = r[1];
+    d2 = r[2];
+    d3 = r[3];
+  }
+};
+template <>
+struct Emulated<cute::SM75_U32x4_LDSM_N> : EmulatedLdsm<false> {};
+template <>
+struct Emulated<cute::SM75_U16x8_LDSM_T> : EmulatedLdsm<true> {};
+
+// ---- cp.async, 16 bytes, global -> shared
+template <class TS, class TD>
+struct Emulated<cute::SM80_CP_ASYNC_CACHEGLOBAL<TS, TD>> {
+  using SRegisters = TS[1];
+  using DRegisters = TD[1];
+  static void copy(TS const& gmem_src, TD& smem_dst) { cp_async_16(&smem_dst, &gmem_src, true); }
+};
+
+// ---- wgmma
+namespace gmma = cute::SM90::GMMA;
+
+struct GmmaJob {
+  bool ss;                   // A from shared memory (else registers)
+  bool bf16;                 // else fp16
+  bool b_mn_major;           // B read MN-major (else K-major); A is K-major
+  int n;                     // N of m64nNk16
+  uint64_t desc_a = 0, desc_b = 0;
+  const uint32_t* a[4] = {};  // RS: this thread's A registers, read when the job runs
+  std::vector<float*> d;      // this thread's n / 2 accumulators
+  bool accumulate;            // scale-d: D = A B + D (else D = A B)
+};
+
+struct GmmaQueue : Extension {
+  std::vector<GmmaJob> open;
+  std::deque<std::vector<GmmaJob>> batches;
+  void at_exit(Thread&) override {
+    if (!open.empty() || !batches.empty()) die("a thread exited with wgmma in flight (no warpgroup_wait)");
+  }
+};
+
+inline GmmaQueue& gmma_queue() {
+  Thread& t = me();
+  if (!t.extension) t.extension = std::make_unique<GmmaQueue>();
+  return static_cast<GmmaQueue&>(*t.extension);
+}
+
+inline float widen16(uint16_t bits, bool bf16) { return bf16 ? widen<__nv_bfloat16>(bits) : widen<__half>(bits); }
+
+// Element (mn, k) (k < 16) of a 128-byte-swizzled canonical operand in shared memory.
+inline float smem_operand(uint64_t desc, bool mn_major, int mn, int k, bool bf16) {
+  cute::GmmaDescriptor d;
+  d.desc_ = desc;
+  if (d.bitfield.layout_type_ != uint8_t(gmma::LayoutType::B128)) die("wgmma operand: only 128-byte swizzles are emulated");
+  if (d.bitfield.base_offset_ != 0) die("wgmma operand: a base offset is not emulated");
+  const uint32_t lbo = uint32_t(d.bitfield.leading_byte_offset_) << 4, sbo = uint32_t(d.bitfield.stride_byte_offset_) << 4;
+  uint32_t off = uint32_t(d.bitfield.start_address_) << 4;  // in the 256 KB window of the block
+  if (mn_major) {  // ((8 elems, 8, m), (8, k)) : ((1, 8, LBO), (128 B, SBO))
+    off += 2 * (mn % 64) + 128 * (k % 8) + sbo * (k / 8) + lbo * (mn / 64);
+  } else {  // ((8, m), 16 elems) : ((128 B, SBO), 1)
+    off += 128 * (mn % 8) + sbo * (mn / 8) + 2 * k;
+  }
+  off ^= ((off >> 7) & 7u) << 4;  // Swizzle<3,4,3> on the address bits
+  Block& b = *me().block;
+  if (off + 2 > b.smem_bytes) die("wgmma operand outside the block's shared memory");
+  uint16_t bits;
+  std::memcpy(&bits, b.smem + off, 2);
+  return widen16(bits, bf16);
+}
+
+// Runs one job: every thread of the warpgroup runs the same job at the same time.
+inline void run_gmma(const GmmaJob& j) {
+  Thread& t = me();
+  if (t.warpgroup == nullptr) die("wgmma in a block that is not whole warpgroups");
+  Warpgroup& wg = *t.warpgroup;
+  const int tid = static_cast<int>(t.thread_idx.x % 128), warp = tid / 32, g = (tid % 32) / 4, q = tid % 4;
+  // The two A rows this thread's accumulators need: 16 warp + g and 16 warp + g + 8.
+  float A[2][16];
+  if (j.ss) {
+    for (int h = 0; h < 2; ++h)
+      for (int k = 0; k < 16; ++k) A[h][k] = smem_operand(j.desc_a, false, 16 * warp + g + 8 * h, k, j.bf16);
+  } else {
+    for (int r = 0; r < 4; ++r) wg.slot[tid][r] = *j.a[r];
+    wg.barrier.wait();
+    // Register A (m64k16): warp w holds rows 16w .. 16w + 15 in mma.m16n8k16's A layout.
+    for (int lane = 0; lane < 32; ++lane) {
+      const int src = 32 * warp + lane, lg = lane / 4, lq = lane % 4;
+      for (int r = 0; r < 4; ++r) {
+        const int row = lg + 8 * (r % 2), col = 2 * lq + 8 * (r / 2);
+        if (row % 8 != g) continue;
+        const uint32_t v = wg.slot[src][r];
+        A[row / 8][col] = widen16(static_cast<uint16_t>(v & 0xffff), j.bf16);
+        A[row / 8][col + 1] = widen16(static_cast<uint16_t>(v >> 16), j.bf16);
+      }
+    }
+    wg.barrier.wait();
+  }
+  // Accumulator i: row 16 warp + g + 8 ((i % 4) / 2), column 8 (i / 4) + 2q + i % 2.
+  for (size_t i = 0; i < j.d.size(); ++i) {
+    const int h = static_cast<int>(i % 4) / 2, col = 8 * static_cast<int>(i / 4) + 2 * q + static_cast<int>(i % 2);
+    float acc = j.accumulate ? *j.d[i] : 0.0f;
+    for (int k = 0; k < 16; ++k) acc += A[h][k] * smem_operand(j.desc_b, j.b_mn_major, col, k, j.bf16);
+    *j.d[i] = acc;
+  }
+}
+
+inline void gmma_commit() {
+  GmmaQueue& queue = gmma_queue();
+  queue.batches.push_back(std::move(queue.open));
+  queue.open.clear();
+}
+inline void gmma_wait(int n) {
+  GmmaQueue& queue = gmma_queue();
+  while (queue.batches.size() > static_cast<size_t>(n)) {
+    for (const GmmaJob& j : queue.batches.front()) run_gmma(j);
+    queue.batches.pop_front();
+  }
+}
+
+template <template <gmma::Major, gmma::Major, gmma::ScaleIn, gmma::ScaleIn> class OpT, gmma::Major tA, gmma::Major tB,
+          gmma::ScaleIn sA, gmma::ScaleIn sB>
+struct Emulated<OpT<tA, tB, sA, sB>> {
+  using Real = OpT<tA, tB, sA, sB>;
+  using DRegisters = typename Real::DRegisters;
+  using ARegisters = typename Real::ARegisters;
+  using BRegisters = typename Real::BRegisters;
+  using CRegisters = typename Real::CRegisters;
+  static_assert(sA == gmma::ScaleIn::One && sB == gmma::ScaleIn::One, "negated operands are not emulated");
+  static_assert(tA == gmma::Major::K, "A is K-major");
+  static constexpr bool kSS = std::is_same<ARegisters, uint64_t[1]>::value;
+  static constexpr int kRegsA = kSS ? 1 : 4;
+  static constexpr int kAcc = std::extent<CRegisters>::value;
+  static constexpr bool kBf16 = std::is_same<typename cute::MMA_Traits<Real>::ValTypeA, cute::bfloat16_t>::value;
+
+  // A callable object, not a function template: CuTe passes MMA_Op::fma to detail::explode.
+  struct Fma {
+    template <class... Args>
+    void operator()(Args&&... args) const {
+      static_assert(sizeof...(Args) == kRegsA + 1 + kAcc + 1, "wgmma operands");
+      auto regs = std::forward_as_tuple(args...);
+      GmmaJob j;
+      j.ss = kSS;
+      j.bf16 = kBf16;
+      j.b_mn_major = tB == gmma::Major::MN;
+      j.n = 2 * kAcc;
+      if constexpr (kSS) {
+        j.desc_a = static_cast<uint64_t>(std::get<0>(regs));
+      } else {
+        j.a[0] = &std::get<0>(regs);
+        j.a[1] = &std::get<1>(regs);
+        j.a[2] = &std::get<2>(regs);
+        j.a[3] = &std::get<3>(regs);
+      }
+      j.desc_b = static_cast<uint64_t>(std::get<kRegsA>(regs));
+      collect(j.d, regs, std::make_index_sequence<kAcc>{});
+      j.accumulate = std::get<kRegsA + 1 + kAcc>(regs) == gmma::ScaleOut::One;
+      gmma_queue().open.push_back(std::move(j));
+    }
+  };
+  static constexpr Fma fma{};
+
+ private:
+  template <class Tuple, size_t... I>
+  static void collect(std::vector<float*>& d, Tuple& regs, std::index_sequence<I...>) {
+    d = {&std::get<kRegsA + 1 + I>(regs)...};
+  }
+};
+
+}  // namespace shadowkv_emu
+
+namespace cute {
+// The emulated operations keep their real twins' layouts and value types.
+template <class Op>
+struct MMA_Traits<shadowkv_emu::Emulated<Op>> : MMA_Traits<Op> {};
+template <class Op>
+struct Copy_Traits<shadowkv_emu::Emulated<Op>> : Copy_Traits<Op> {};
+}  // namespace cute
+
+// The kernels' cp.async groups and warpgroup MMA batches: found before CuTe's (no-op on a host)
+// by their unqualified calls in these namespaces.
+namespace shadowkv {
+namespace cuda_attn {
+inline void cp_async_fence() { shadowkv_emu::cp_async_commit(); }
+template <int N>
+void cp_async_wait() {
+  shadowkv_emu::cp_async_wait(N);
+}
+}  // namespace cuda_attn
+namespace cuda_wgmma {
+inline void warpgroup_arrive() {}
+inline void warpgroup_commit_batch() { shadowkv_emu::gmma_commit(); }
+template <int N>
+void warpgroup_wait() {
+  shadowkv_emu::gmma_wait(N);
+}
+}  // namespace cuda_wgmma
+}  // namespace shadowkv

@@ -1,0 +1,86 @@
+// The CuTe shadow-attention forward kernels (csrc/cuda/shadow_attention_fwd_cute.cuh,
+// shadow_attention_fwd_overlap.cuh) on the sm_80 family and the sm_90a wgmma families, run from
+// their own source in the host emulation of tests/cpp/cute_emulation.h, against
+// shadow_attention_fwd_cpu in float64 on the same 16-bit inputs. "cute" and "wgmma" passed the
+// GPU tests on an H200, so they calibrate the emulation; "wgmma2" (two warpgroups, staged K/V)
+// and "wgmma2o" (each tile's softmax overlapped with the previous tile's P V on asynchronous
+// wgmma batches) have not run on a GPU.
+#include "attention_emulation_util.h"  // first (it includes the emulation)
+
+#include "shadow_attention_cute.cuh"
+#include "shadow_attention_fwd_cute.cuh"
+#include "shadow_attention_fwd_overlap.cuh"
+#include "shadow_attention_wgmma.cuh"
+
+namespace {
+
+using namespace shadowkv;
+using namespace shadowkv::cuda_attn;
+using namespace shadowkv_test;
+
+enum class Body { kPlain, kStaged, kOverlap };  // fwd_kernel, fwd_staged_kernel, fwd_overlap_kernel
+
+// Family F's forward on one problem, launched as launch_fwd_family / launch_fwd_overlap do.
+template <class F, typename T, Body kBody>
+void check_forward(const AttentionShape& s, uint32_t seed, const std::string& name) {
+  using Tr = typename F::Traits;
+  const AttentionProblem<T> prob(s, Tr::kHeadDim, seed);
+  const size_t n_out = prob.q.size(), n_rows = n_out / Tr::kHeadDim;
+  std::vector<double> out_ref(n_out), lse_ref(n_rows);
+  shadow_attention_fwd_cpu(prob.params64(out_ref.data(), lse_ref.data()));
+
+  std::vector<T> out(n_out, to16<T>(NAN));
+  std::vector<float> lse(n_rows, NAN);
+  const ShadowAttentionParams p = prob.params16(out.data(), lse.data());
+  const std::vector<int2> mm = prob.ev_minmax();
+  const int64_t n_ev = prob.n_ev_tiles();
+  const float scale_log2 = prob.scale_log2();
+  const unsigned blocks = static_cast<unsigned>(p.batch * p.num_q_heads * ((p.q_len + Tr::kBlockM - 1) / Tr::kBlockM));
+  const size_t rest = Tr::kThreads * sizeof(int) + F::kSmemSlack;  // tile kinds, alignment slack
+  if constexpr (kBody == Body::kPlain) {
+    shadowkv_emu::launch(blocks, Tr::kThreads, Tr::kOwnBytes + 2 * Tr::kPartnerBytes + rest,
+                         [&] { fwd_kernel<F>(p, mm.data(), n_ev, scale_log2); });
+  } else if constexpr (kBody == Body::kStaged) {
+    shadowkv_emu::launch(blocks, Tr::kThreads, Tr::kOwnBytes + cuda_cute::PartnerStages<Tr>::kBytes + rest,
+                         [&] { fwd_staged_kernel<F>(p, mm.data(), n_ev, scale_log2); });
+  } else {
+    shadowkv_emu::launch(blocks, Tr::kThreads, Tr::kOwnBytes + overlap_ring_bytes<Tr>() + rest,
+                         [&] { fwd_overlap_kernel<F>(p, mm.data(), n_ev, scale_log2); });
+  }
+  // out: 16-bit rounding of the output and of P in P V; lse: fp32 sums.
+  expect_close(out, out_ref, 1e-2, name + " out");
+  expect_close(lse, lse_ref, 1e-5, name + " lse");
+}
+
+template <class F, typename T, Body kBody>
+void check_family(const std::string& family) {
+  uint32_t seed = 7;
+  for (const AttentionShape& s : kAttentionShapes)
+    check_forward<F, T, kBody>(s, seed++, family + " Lq=" + std::to_string(s.q_len));
+}
+
+template <typename T, int D>
+using Cute = cuda_cute::Family<cuda_cute::FwdTraits<T, D>>;
+template <typename T, int D>
+using Wgmma = cuda_wgmma::Family<cuda_wgmma::FwdTraits<T, D>>;
+template <typename T, int D>
+using Wgmma2 = cuda_wgmma::Family<cuda_wgmma::Fwd2Traits<T, D>>;
+
+TEST(emulated_attention_fwd_cute) {
+  check_family<Cute<__nv_bfloat16, 64>, __nv_bfloat16, Body::kPlain>("cute bf16 d64");
+  check_family<Cute<__half, 128>, __half, Body::kPlain>("cute fp16 d128");
+}
+TEST(emulated_attention_fwd_wgmma) {
+  check_family<Wgmma<__nv_bfloat16, 64>, __nv_bfloat16, Body::kPlain>("wgmma bf16 d64");
+  check_family<Wgmma<__half, 128>, __half, Body::kPlain>("wgmma fp16 d128");
+}
+TEST(emulated_attention_fwd_wgmma2) {
+  check_family<Wgmma2<__nv_bfloat16, 128>, __nv_bfloat16, Body::kStaged>("wgmma2 bf16 d128");
+  check_family<Wgmma2<__half, 64>, __half, Body::kStaged>("wgmma2 fp16 d64");
+}
+TEST(emulated_attention_fwd_wgmma2o) {
+  check_family<Wgmma2<__nv_bfloat16, 128>, __nv_bfloat16, Body::kOverlap>("wgmma2o bf16 d128");
+  check_family<Wgmma2<__half, 64>, __half, Body::kOverlap>("wgmma2o fp16 d64");
+}
+
+}  // namespace
