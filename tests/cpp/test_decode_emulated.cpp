@@ -1,7 +1,9 @@
-// The staged paged-decode kernels (csrc/cuda/paged_decode_pipelined.cuh and paged_decode_mma.cuh)
-// run from their own source in the host emulation of tests/cpp/cuda_emulation.h, against a
-// float64 reference of what one partition block must produce: the scaled logits of its slots,
-// the partition's (max, sum of exp) and its unnormalised output sum_j exp(logit_j - max) V_j.
+// The paged-decode kernels (csrc/cuda/paged_decode_{warp,pipelined,mma}.cuh, the partition kernels,
+// and paged_decode_reduce.cuh) run from their own source in the host emulation of
+// tests/cpp/cuda_emulation.h, as paged_decode_attention_cuda launches them, against a float64
+// reference: what each partition block must produce (the scaled logits of its slots, the
+// partition's (max, sum of exp), its unnormalised output sum_j exp(logit_j - max) V_j), then
+// the reduce and score kernels' out and scores_out.
 // No GPU is needed, so CI runs them (under AddressSanitizer too: every buffer is an exact-size
 // heap block, so a read past a pool, a table or the shared memory is reported). What this cannot
 // show: speed, the hardware's memory ordering, and the exact rounding of the tensor cores.
@@ -19,13 +21,15 @@
 #include "harness.h"
 #include "paged_decode_mma.cuh"
 #include "paged_decode_pipelined.cuh"
+#include "paged_decode_reduce.cuh"
+#include "paged_decode_warp.cuh"
 
 namespace {
 
 using namespace shadowkv;
 using namespace shadowkv::cuda_paged;
 
-enum class Kernel { kPipelined, kMma };
+enum class Kernel { kWarp, kPipelined, kMma };
 
 struct Case {
   std::vector<int> lens;
@@ -38,7 +42,9 @@ struct Case {
 
 template <typename T>
 T from_double(double x) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+  if constexpr (std::is_same<T, float>::value) {
+    return static_cast<float>(x);
+  } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     return __float2bfloat16_rn(static_cast<float>(x));
   } else {
     return __float2half_rn(static_cast<float>(x));
@@ -47,7 +53,9 @@ T from_double(double x) {
 
 template <typename T>
 double to_double(T x) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+  if constexpr (std::is_same<T, float>::value) {
+    return x;
+  } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     return __bfloat162float(x);
   } else {
     return __half2float(x);
@@ -55,7 +63,7 @@ double to_double(T x) {
 }
 
 std::string describe(Kernel kernel, int D, const Case& c) {
-  std::string s = kernel == Kernel::kMma ? "mma" : "pipelined";
+  std::string s = kernel == Kernel::kMma ? "mma" : kernel == Kernel::kPipelined ? "pipelined" : "warp";
   s += " D=" + std::to_string(D) + " Hq=" + std::to_string(c.q_heads) + " Hkv=" + std::to_string(c.kv_heads) +
        " page=" + std::to_string(c.page_size) + " part=" + std::to_string(c.part_size) + " lens=";
   for (int l : c.lens) s += std::to_string(l) + ",";
@@ -98,7 +106,9 @@ void run_case(Kernel kernel, const Case& c, uint32_t seed) {
   cache.head_dim = D;
   cache.batch = B;
   cache.max_pages = max_pages;
-  cache.dtype = std::is_same<T, __nv_bfloat16>::value ? DType::kBFloat16 : DType::kFloat16;
+  cache.dtype = std::is_same<T, float>::value           ? DType::kFloat32
+                : std::is_same<T, __nv_bfloat16>::value ? DType::kBFloat16
+                                                        : DType::kFloat16;
   cache.k_pages = k_pool.data();
   cache.v_pages = v_pool.data();
   cache.block_tables = tables.data();
@@ -132,15 +142,42 @@ void run_case(Kernel kernel, const Case& c, uint32_t seed) {
   a.logits = logits.data();
   a.logits_len = max_len;
   a.bad = c.unchecked ? bad.data() : nullptr;
+  // The final outputs: out [B, Hq, D] and scores_out [B, Hkv, max_len + 2] (2 slots past the
+  // longest sequence, which must become 0), and the reduce kernel's (M, 1 / L) for the scores.
+  const int64_t scores_len = max_len + 2;
+  std::vector<T> out(q.size(), from_double<T>(nan));
+  std::vector<float> scores(static_cast<size_t>(B) * Hkv * scores_len, nan);
+  std::vector<float2> stats(static_cast<size_t>(B) * Hq, make_float2(nan, nan));
+  a.p.out = out.data();
+  a.p.o_stride[0] = int64_t{Hq} * D;
+  a.p.o_stride[1] = D;
+  a.p.scores = scores.data();
+  a.p.scores_len = scores_len;
+  a.p.scores_stride[0] = int64_t{Hkv} * scores_len;
+  a.p.scores_stride[1] = scores_len;
+  a.p.scores_stride[2] = 1;
+  a.stats = stats.data();
 
+  // paged_decode_attention_cuda's launches: the partition kernel, the reduce, the scores.
   const unsigned blocks = static_cast<unsigned>(B * Hkv * a.group_tiles * a.num_parts);
   if (kernel == Kernel::kMma) {
-    shadowkv_emu::launch(blocks, kThreads, mma_smem_bytes<T, D>(a.tile_heads, a.part_size),
-                         [&] { decode_partition_mma_kernel<T, D>(a); });
+    if constexpr (sizeof(T) == 2 && (D == 64 || D == 128))
+      shadowkv_emu::launch(blocks, kThreads, mma_smem_bytes<T, D>(a.tile_heads, a.part_size),
+                           [&] { decode_partition_mma_kernel<T, D>(a); });
+  } else if (kernel == Kernel::kPipelined) {
+    if constexpr (sizeof(T) == 2 && (D == 64 || D == 128))
+      shadowkv_emu::launch(blocks, kThreads, pipelined_smem_bytes<T, D>(a.tile_heads, a.part_size),
+                           [&] { decode_partition_pipelined_kernel<T, D>(a); });
   } else {
-    shadowkv_emu::launch(blocks, kThreads, pipelined_smem_bytes<T, D>(a.tile_heads, a.part_size),
-                         [&] { decode_partition_pipelined_kernel<T, D>(a); });
+    constexpr int kVec = D == 128 ? 4 : D == 64 ? 2 : 1, kNch = kVec == 1 ? 8 : 1;  // as the launch picks
+    const size_t smem =
+        sizeof(float) * static_cast<size_t>(std::max(a.tile_heads * a.part_size, kWarps * a.tile_heads * D));
+    shadowkv_emu::launch(blocks, kThreads, smem, [&] { decode_partition_kernel<T, kVec, kNch>(a); });
   }
+  shadowkv_emu::launch(static_cast<unsigned>(B * Hq), kThreads, 0, [&] { decode_reduce_kernel<T>(a); });
+  const int64_t chunks = (scores_len + kScoreThreads - 1) / kScoreThreads;
+  shadowkv_emu::launch(static_cast<unsigned>(B * Hkv * chunks), kScoreThreads, 0,
+                       [&] { decode_scores_kernel(a, chunks); });
 
   // The reference, per (sequence, query head, partition).
   int wrong = 0;
@@ -205,6 +242,56 @@ void run_case(Kernel kernel, const Case& c, uint32_t seed) {
         if (!std::isnan(logits[bq * max_len + slot])) fail("a logit past the sequence was written");
     }
   }
+
+  // out and scores_out over whole sequences; NaN for a sequence an unchecked call flagged.
+  const double out_tol = sizeof(T) == 2 ? 1e-2 : 1e-5;  // the 16-bit rounding of out
+  for (int b = 0; b < B; ++b) {
+    const bool flagged = c.unchecked && b == c.bad_seq && c.bad_column * ps < c.lens[b];
+    if (flagged) {  // no reference (its table holds a bad id): NaN everywhere
+      for (int64_t i = 0; i < int64_t{Hq} * D; ++i)
+        if (!std::isnan(to_double(out[static_cast<size_t>(b) * Hq * D + i]))) fail("out of a flagged sequence not NaN");
+      for (int64_t i = 0; i < int64_t{Hkv} * scores_len; ++i)
+        if (!std::isnan(scores[static_cast<size_t>(b) * Hkv * scores_len + i])) fail("scores of a flagged sequence not NaN");
+      continue;
+    }
+    std::vector<double> mass(static_cast<size_t>(Hkv) * scores_len, 0.0);
+    for (int hq = 0; hq < Hq; ++hq) {
+      const int h = hq / group, len = c.lens[b];
+      const size_t bq = static_cast<size_t>(b) * Hq + hq;
+      std::vector<double> s(len), o(D, 0.0);
+      double m = -INFINITY, l = 0;
+      for (int j = 0; j < len; ++j) {
+        const int page = tables[static_cast<size_t>(b) * max_pages + j / ps];
+        const T* kr = &k_pool[((static_cast<size_t>(page) * ps + j % ps) * Hkv + h) * D];
+        double dot = 0;
+        for (int d = 0; d < D; ++d) dot += to_double(q[bq * D + d]) * to_double(kr[d]);
+        s[j] = dot * a.scale;
+        m = std::max(m, s[j]);
+      }
+      for (int j = 0; j < len; ++j) {
+        const int page = tables[static_cast<size_t>(b) * max_pages + j / ps];
+        const T* vr = &v_pool[((static_cast<size_t>(page) * ps + j % ps) * Hkv + h) * D];
+        const double pj = std::exp(s[j] - m);
+        l += pj;
+        for (int d = 0; d < D; ++d) o[d] += pj * to_double(vr[d]);
+      }
+      for (int d = 0; d < D; ++d) {
+        const double got = to_double(out[bq * D + d]), want = len > 0 ? o[d] / l : 0.0;
+        if (!(std::fabs(got - want) <= out_tol * (1 + std::fabs(want))))
+          fail("out (b " + std::to_string(b) + ", hq " + std::to_string(hq) + ", d " + std::to_string(d) +
+               "): " + std::to_string(got) + " vs " + std::to_string(want));
+      }
+      for (int j = 0; j < len; ++j) mass[static_cast<size_t>(h) * scores_len + j] += std::exp(s[j] - m) / l;
+    }
+    for (int h = 0; h < Hkv; ++h)
+      for (int64_t j = 0; j < scores_len; ++j) {
+        const double got = scores[(static_cast<size_t>(b) * Hkv + h) * scores_len + j];
+        const double want = mass[static_cast<size_t>(h) * scores_len + j];
+        if (!(std::fabs(got - want) <= 1e-5))
+          fail("scores (b " + std::to_string(b) + ", h " + std::to_string(h) + ", slot " + std::to_string(j) +
+               "): " + std::to_string(got) + " vs " + std::to_string(want));
+      }
+  }
 }
 
 // Shapes: GQA groups of 1-16 (two head tiles at 16, a partial tile at 3), pages of 1-16 slots that
@@ -224,6 +311,11 @@ void run_all(Kernel kernel, uint32_t seed) {
   for (const Case& c : cases()) run_case<T, D>(kernel, c, seed++);
 }
 
+TEST(emulated_decode_warp) {
+  run_all<__nv_bfloat16, 128>(Kernel::kWarp, 51);
+  run_all<float, 64>(Kernel::kWarp, 61);
+  run_all<__half, 80>(Kernel::kWarp, 71);  // the generic layout (VEC 1, dims past D masked)
+}
 TEST(emulated_decode_mma_bf16_d128) { run_all<__nv_bfloat16, 128>(Kernel::kMma, 1); }
 TEST(emulated_decode_mma_fp16_d64) { run_all<__half, 64>(Kernel::kMma, 11); }
 TEST(emulated_decode_pipelined_bf16_d128) { run_all<__nv_bfloat16, 128>(Kernel::kPipelined, 21); }
@@ -232,7 +324,7 @@ TEST(emulated_decode_pipelined_fp16_d64) { run_all<__half, 64>(Kernel::kPipeline
 // check=False calls: a page id outside the pool in a column a partition reads flags the sequence
 // (and nothing is read from it); the other sequences are exact.
 TEST(emulated_decode_unchecked_bad_page) {
-  for (Kernel kernel : {Kernel::kMma, Kernel::kPipelined}) {
+  for (Kernel kernel : {Kernel::kMma, Kernel::kPipelined, Kernel::kWarp}) {
     Case c{{200, 150}, 4, 2, 16, 128};
     c.unchecked = true;
     c.bad_seq = 0;
