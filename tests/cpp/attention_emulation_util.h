@@ -22,10 +22,13 @@ namespace shadowkv_test {
 
 struct AttentionShape {
   int batch, q_heads, kv_heads, q_len, kv_len, q_offset;
+  int evict_all_by = 0;  // > 0: every key is evicted by this position (later rows see no key)
 };
 
-// Ragged tiles (lengths off the 64/128 grid), GQA, queries at an offset (chunked prefill).
-inline const AttentionShape kAttentionShapes[] = {{1, 2, 1, 150, 150, 0}, {1, 1, 1, 70, 200, 130}};
+// Ragged tiles (lengths off the 64/128 grid), GQA, queries at an offset (chunked prefill), and
+// query rows that see no key at all (lse = -inf, out = 0, no gradient).
+inline const AttentionShape kAttentionShapes[] = {
+    {1, 2, 1, 150, 150, 0}, {1, 1, 1, 70, 200, 130}, {1, 2, 1, 64, 96, 100, 130}};
 
 template <typename T>
 T to16(double x) {
@@ -66,6 +69,7 @@ struct AttentionProblem {
       const int64_t key = i % Lk;
       if (key >= 4 && rng() % 3 == 0) ev[i] = static_cast<int32_t>(key + 1 + rng() % 80);
       if (key >= 64 && key < 96) ev[i] = static_cast<int32_t>(key + 1);
+      if (s.evict_all_by > 0) ev[i] = std::min(ev[i], static_cast<int32_t>(std::max<int64_t>(key + 1, s.evict_all_by)));
     }
     p.batch = B;
     p.num_q_heads = Hq;
