@@ -124,17 +124,10 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream_ptr) {
   const int64_t B = c.batch, H = c.num_kv_heads, heads = std::max<int64_t>(H, 1);
   if (B == 0) return;
   // Everything that can still fail without a value is decided before anything is launched.
-  const int64_t es = static_cast<int64_t>(dtype_bytes(c.dtype));
-  const int64_t row_bytes = c.head_dim * es;
-  auto u = [](const void* ptr) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(ptr)); };
-  auto sb = [es](int64_t stride) { return static_cast<uint64_t>(stride * es); };
-  const int word = word_bytes({static_cast<uint64_t>(row_bytes), u(c.k_pages), u(c.v_pages), sb(c.k_stride[0]),
-                               sb(c.k_stride[1]), sb(c.k_stride[2]), sb(c.v_stride[0]), sb(c.v_stride[1]),
-                               sb(c.v_stride[2])});
-  const int64_t words_per_row = row_bytes / word;
+  const CompactShape shape = compact_shape(c);
+  const int64_t es = shape.elem_bytes, words_per_row = shape.words_per_row;
+  const int word = shape.word, chunk = shape.chunk;
   if (words_per_row > INT32_MAX - kThreads) fail(op, "rows too long for the CUDA kernel");
-  const int chunk =
-      static_cast<int>(std::clamp<int64_t>(kStagedWords / std::max<int64_t>(words_per_row, 1), 1, kThreads));
   const unsigned row_blocks = grid_1d(B * heads, op), seq_blocks = grid_1d(B, op);
 
   // Zeroed first: if validate_kernel never runs, the records claim nothing (restore_kernel

@@ -4,6 +4,7 @@
 // can run them from this source; the launches stay in the .cu.
 #pragma once
 
+#include <algorithm>
 #include <climits>
 
 #include "fast_divmod.cuh"
@@ -378,6 +379,29 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (int64_t i = released + tid; i < M; i += kThreads) freed[i * freed_stride] = -1;
   if (tid == 0) c.seq_lens[b * c.seq_lens_stride] = new_len;
+}
+
+
+// How compact_kernel copies rows (host side, shared with the emulated tests): in words of the
+// widest size that divides the row bytes and every address and stride (2-16 bytes), and in
+// chunks of as many slots as the register staging holds (kStagedWords per tensor, at least 1).
+struct CompactShape {
+  int64_t elem_bytes;
+  int word;
+  int64_t words_per_row;
+  int chunk;
+};
+inline CompactShape compact_shape(const PagedKVCache& c) {
+  CompactShape r;
+  r.elem_bytes = static_cast<int64_t>(dtype_bytes(c.dtype));
+  const int64_t es = r.elem_bytes, row_bytes = c.head_dim * es;
+  auto u = [](const void* ptr) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(ptr)); };
+  auto sb = [es](int64_t stride) { return static_cast<uint64_t>(stride * es); };
+  r.word = word_bytes({static_cast<uint64_t>(row_bytes), u(c.k_pages), u(c.v_pages), sb(c.k_stride[0]),
+                       sb(c.k_stride[1]), sb(c.k_stride[2]), sb(c.v_stride[0]), sb(c.v_stride[1]), sb(c.v_stride[2])});
+  r.words_per_row = row_bytes / r.word;
+  r.chunk = static_cast<int>(std::clamp<int64_t>(kStagedWords / std::max<int64_t>(r.words_per_row, 1), 1, kThreads));
+  return r;
 }
 
 }  // namespace

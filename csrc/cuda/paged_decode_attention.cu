@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #include "paged_decode_common.cuh"
@@ -66,29 +67,29 @@ int choose_part_size(int64_t heads_x_tiles, int64_t max_len) {
 }
 
 // The staged kernels' launches (their kernels are in headers that a host-only emulation of
-// them compiles too: tests/cpp/test_decode_emulated.cpp).
-template <typename T, int D>
-void launch_pipelined(const DecodeLaunch& a, int64_t blocks, cudaStream_t stream, const char* op) {
-  const auto kernel = decode_partition_pipelined_kernel<T, D>;
-  const size_t smem = pipelined_smem_bytes<T, D>(a.tile_heads, a.part_size);  // <= 55.3 KB
-  if (smem > 48 * 1024) {  // the opt-in above 48 KB; per call, as it is per device
+// them compiles too: tests/cpp/test_decode_emulated.cpp), with `smem` bytes of dynamic shared
+// memory: the opt-in above 48 KB is per call, as it is per device.
+template <class Kernel>
+void launch_staged(Kernel kernel, size_t smem, const DecodeLaunch& a, int64_t blocks, cudaStream_t stream,
+                   const char* op, const char* name) {
+  if (smem > 48 * 1024) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-               "cudaFuncSetAttribute (decode_partition_pipelined_kernel)");
+               (std::string("cudaFuncSetAttribute (") + name + ")").c_str());
   }
   kernel<<<grid_1d(blocks, op), kThreads, smem, stream>>>(a);
-  check_launch("decode_partition_pipelined_kernel");
+  check_launch(name);
+}
+
+template <typename T, int D>
+void launch_pipelined(const DecodeLaunch& a, int64_t blocks, cudaStream_t stream, const char* op) {
+  launch_staged(decode_partition_pipelined_kernel<T, D>, pipelined_smem_bytes<T, D>(a.tile_heads, a.part_size), a,
+                blocks, stream, op, "decode_partition_pipelined_kernel");  // <= 55.3 KB
 }
 
 template <typename T, int D>
 void launch_mma(const DecodeLaunch& a, int64_t blocks, cudaStream_t stream, const char* op) {
-  const auto kernel = decode_partition_mma_kernel<T, D>;
-  const size_t smem = mma_smem_bytes<T, D>(a.tile_heads, a.part_size);  // <= 71.3 KB
-  if (smem > 48 * 1024) {  // the opt-in above 48 KB; per call, as it is per device
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-               "cudaFuncSetAttribute (decode_partition_mma_kernel)");
-  }
-  kernel<<<grid_1d(blocks, op), kThreads, smem, stream>>>(a);
-  check_launch("decode_partition_mma_kernel");
+  launch_staged(decode_partition_mma_kernel<T, D>, mma_smem_bytes<T, D>(a.tile_heads, a.part_size), a, blocks,
+                stream, op, "decode_partition_mma_kernel");  // <= 71.3 KB
 }
 
 enum class DecodeKernel { kWarp, kPipelined, kMma };

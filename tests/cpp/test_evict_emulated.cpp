@@ -142,15 +142,9 @@ void evict_emulated(EvictCompactParams p) {
   p.check_values = false;
   const PagedKVCache& c = p.cache;
   const int64_t B = c.batch, H = c.num_kv_heads, heads = std::max<int64_t>(H, 1);
-  const int64_t es = static_cast<int64_t>(dtype_bytes(c.dtype)), row_bytes = c.head_dim * es;
-  auto u = [](const void* ptr) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(ptr)); };
-  auto sb = [es](int64_t stride) { return static_cast<uint64_t>(stride * es); };
-  const int word = word_bytes({static_cast<uint64_t>(row_bytes), u(c.k_pages), u(c.v_pages), sb(c.k_stride[0]),
-                               sb(c.k_stride[1]), sb(c.k_stride[2]), sb(c.v_stride[0]), sb(c.v_stride[1]),
-                               sb(c.v_stride[2])});
-  const int64_t words_per_row = row_bytes / word;
-  const int chunk =
-      static_cast<int>(std::clamp<int64_t>(kStagedWords / std::max<int64_t>(words_per_row, 1), 1, kThreads));
+  const CompactShape shape = compact_shape(c);
+  const int64_t es = shape.elem_bytes, words_per_row = shape.words_per_row;
+  const int word = shape.word, chunk = shape.chunk;
   std::vector<HeadCheck> records(static_cast<size_t>(B * heads), HeadCheck{});
   const FastDivmod page_div(static_cast<uint32_t>(c.page_size));
   HeadCheck* rec = records.data();
