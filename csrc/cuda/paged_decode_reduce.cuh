@@ -21,6 +21,9 @@ __global__ void __launch_bounds__(kThreads) decode_reduce_kernel(const DecodeLau
   T* out = static_cast<T*>(a.p.out) + b * a.p.o_stride[0] + hq * a.p.o_stride[1];
   if (flagged(a, b, len)) {  // unchecked call, bad values: NaN
     for (int64_t d = threadIdx.x; d < D; d += kThreads) out[d] = from_f32<T>(NAN);
+    // Block-uniform branch: every thread of the block has read bad[b] (flagged) before thread 0
+    // writes it (ThreadSanitizer flags the race in the host emulation; harmless on a GPU).
+    __syncthreads();
     if (threadIdx.x == 0) {
       if (a.stats) a.stats[bq] = make_float2(NAN, NAN);
       if (a.bad) a.bad[b] = 1;  // for decode_scores_kernel (every block of b writes the same value)

@@ -29,6 +29,22 @@ struct AttentionShape {
 // query rows that see no key at all (lse = -inf, out = 0, no gradient).
 inline const AttentionShape kAttentionShapes[] = {
     {1, 2, 1, 150, 150, 0}, {1, 1, 1, 70, 200, 130}, {1, 2, 1, 64, 96, 100, 130}};
+// For the families no GPU has run (wgmma2, wgmma2o) also: two sequences x two KV heads with
+// enough live key tiles that every K/V stage of the staged and overlapped rings is refilled
+// (batch and head indexing, write-after-read hazards of the rings). Slow to emulate.
+inline const AttentionShape kRingShape = {2, 4, 2, 70, 600, 530};
+
+// Tolerances relative to max |reference| (attention_emulation_util's expect_close): 16-bit
+// rounding of the outputs and of P (and dS) before their products; the largest errors seen are
+// 2-3x below them (bf16 forward 1.5e-3, backward 2.2e-3; fp16 2.2e-4, 3.2e-4).
+template <typename T>
+constexpr double forward_tolerance() {
+  return std::is_same<T, __nv_bfloat16>::value ? 4e-3 : 1e-3;
+}
+template <typename T>
+constexpr double backward_tolerance() {
+  return std::is_same<T, __nv_bfloat16>::value ? 6e-3 : 1.5e-3;
+}
 
 template <typename T>
 T to16(double x) {

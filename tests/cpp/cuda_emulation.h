@@ -10,8 +10,10 @@
 //   * cp.async copies land only when cp.async.wait_group covers their group (the latest the
 //     hardware may deliver them), so a read that misses a wait sees stale bytes;
 //   * dynamic shared memory starts as 0xff bytes (NaN as floats): a read of a byte nobody wrote
-//     shows up in the results; static __shared__ variables are function-local statics (blocks
-//     run one at a time, so each block has them to itself);
+//     shows up in the results; it is 16-byte aligned, no more. Static __shared__ variables are
+//     function-local statics (blocks run one at a time, so each block has them to itself), but
+//     they start as zeros and keep the previous block's values: a missing initialisation of one
+//     does not show;
 //   * ldmatrix and mma.sync follow the PTX ISA fragment layouts (csrc/cuda/mma_sync.cuh); mma
 //     sums its 16 products in fp32 in k order (the hardware's order and rounding differ in the
 //     last bits). ldmatrix rows must be 16-byte aligned and inside the block's shared memory.
@@ -89,7 +91,8 @@ struct Block {
   Barrier barrier;
   std::vector<std::unique_ptr<Warp>> warps;
   std::vector<std::unique_ptr<Warpgroup>> warpgroups;  // when the block has whole warpgroups
-  unsigned char* smem = nullptr;
+  unsigned char* smem = nullptr;    // dynamic shared memory: 16 bytes into `window`
+  unsigned char* window = nullptr;  // 256 KB aligned: a shared-memory address is an offset in it
   size_t smem_bytes = 0;
 };
 
@@ -253,13 +256,16 @@ void launch(unsigned grid, unsigned block_threads, size_t smem_bytes, Kernel&& k
     for (unsigned w = 0; w < block_threads / 32; ++w) blk.warps.push_back(std::make_unique<Warp>());
     if (block_threads % 128 == 0)
       for (unsigned w = 0; w < block_threads / 128; ++w) blk.warpgroups.push_back(std::make_unique<Warpgroup>());
-    // 256 KB aligned: a shared-memory address is its offset in an 18-bit window (wgmma
-    // descriptors keep bits 4-17), as on the GPU; and 1024-byte swizzle atoms line up.
+    // A 256 KB aligned window: a shared-memory address is its offset in it (wgmma descriptors
+    // keep bits 4-17), as on the GPU. The dynamic shared memory starts 16 bytes in, the least
+    // alignment CUDA promises, so kernels that need more (1024 for 128-byte swizzles) must round
+    // up themselves, as on a GPU that gives them no more.
     void* raw = nullptr;
-    if (posix_memalign(&raw, size_t{1} << 18, smem_bytes > 0 ? smem_bytes : 1) != 0) die("out of memory");
-    std::unique_ptr<unsigned char, decltype(&std::free)> smem(static_cast<unsigned char*>(raw), &std::free);
-    std::memset(smem.get(), 0xff, smem_bytes);
-    blk.smem = smem.get();
+    if (posix_memalign(&raw, size_t{1} << 18, smem_bytes + 16) != 0) die("out of memory");
+    std::unique_ptr<unsigned char, decltype(&std::free)> window(static_cast<unsigned char*>(raw), &std::free);
+    std::memset(window.get(), 0xff, smem_bytes + 16);
+    blk.window = window.get();
+    blk.smem = window.get() + 16;
     blk.smem_bytes = smem_bytes;
     std::vector<std::thread> threads;
     threads.reserve(block_threads);
@@ -276,8 +282,10 @@ void launch(unsigned grid, unsigned block_threads, size_t smem_bytes, Kernel&& k
         t.lane = static_cast<int>(tx % 32);
         self = &t;
         kernel();
-        // Copies still in flight when a thread exits land anyway (nothing reads them).
-        cp_async_wait(0);
+        // A thread that exits with copies in flight has a missing wait (the kernels wait for all).
+        for (const auto& group : t.groups)
+          if (!group.empty()) die("a thread exited with cp.async copies in flight");
+        if (!t.open_group.empty()) die("a thread exited with uncommitted cp.async copies");
         if (t.extension) t.extension->at_exit(t);
         self = nullptr;
       });

@@ -8,12 +8,17 @@
 //     (namespace cuda_attn) commit and land them, as cuda_emulation.h's cp.async;
 //   * wgmma m64nNk16 (SS: both operands from shared memory by descriptor; RS: A from registers):
 //     queued per thread at issue, batched by warpgroup_commit_batch, executed by
-//     warpgroup_wait<N> for all batches but the N newest, with the operands' values at that
-//     moment (the latest the hardware may read them: a kernel that rewrites a register operand
-//     or reads an accumulator before the wait gets a wrong result). Shared-memory operands are
-//     decoded from the descriptor as the PTX ISA's canonical layouts (128-byte swizzle, K- or
-//     MN-major, the only ones the kernels build), so CuTe's descriptor construction is checked
-//     too. Each product sums 16 terms in fp32 in k order.
+//     warpgroup_wait<N> for all batches but the N newest. The hardware may read the operands at
+//     any moment in between, so the operands this thread's products need are read at issue and
+//     again at the wait, and any difference aborts (a wgmma issued before its tile landed, a
+//     tile or register operand overwritten while in flight). Accumulators hold a NaN marker
+//     while in flight: a kernel that reads one before its wait computes with NaN, one that
+//     writes one aborts. Shared-memory operands are decoded from the descriptor as the PTX ISA's
+//     canonical layouts (128-byte swizzle, K- or MN-major, the only ones the kernels build), so
+//     CuTe's descriptor construction is checked too. Each product sums 16 terms in fp32 in k
+//     order (more exact than tensor cores: tight tolerances say nothing about the hardware).
+// Not modelled: fence.proxy.async, warpgroup_arrive and warpgroup_fence_operand are no-ops (a
+// missing proxy fence or register fence cannot be seen), and blocks run one at a time.
 // Include this first in a test translation unit (it includes cuda_emulation.h).
 #pragma once
 
@@ -31,6 +36,7 @@
 #include <cute/arch/mma_sm80.hpp>
 #include <cute/arch/mma_sm90_gmma.hpp>
 
+#include <algorithm>
 #include <deque>
 #include <tuple>
 #include <utility>
@@ -102,14 +108,32 @@ struct GmmaJob {
   bool b_mn_major;           // B read MN-major (else K-major); A is K-major
   int n;                     // N of m64nNk16
   uint64_t desc_a = 0, desc_b = 0;
-  const uint32_t* a[4] = {};  // RS: this thread's A registers, read when the job runs
-  std::vector<float*> d;      // this thread's n / 2 accumulators
-  bool accumulate;            // scale-d: D = A B + D (else D = A B)
+  const uint32_t* a[4] = {};  // RS: this thread's A registers
+  uint32_t a_at_issue[4] = {};
+  std::vector<float> operands_at_issue;  // the smem operand values this thread's outputs need
+  std::vector<float*> d;                 // this thread's n / 2 accumulators
+  std::vector<float> c_in;               // their values at issue (when no earlier job is pending on them)
+  std::vector<char> chained;             // 1: the input is an earlier queued job's result
+  bool accumulate;                       // scale-d: D = A B + D (else D = A B)
 };
+
+// The marker an accumulator holds while a wgmma writing it is in flight (a NaN).
+inline constexpr uint32_t kInFlightBits = 0x7fc0dea5u;
+inline float in_flight_marker() {
+  float f;
+  std::memcpy(&f, &kInFlightBits, sizeof(f));
+  return f;
+}
+inline bool is_in_flight_marker(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  return bits == kInFlightBits;
+}
 
 struct GmmaQueue : Extension {
   std::vector<GmmaJob> open;
   std::deque<std::vector<GmmaJob>> batches;
+  std::vector<float*> pending;  // accumulators of queued jobs
   void at_exit(Thread&) override {
     if (!open.empty() || !batches.empty()) die("a thread exited with wgmma in flight (no warpgroup_wait)");
   }
@@ -123,25 +147,58 @@ inline GmmaQueue& gmma_queue() {
 
 inline float widen16(uint16_t bits, bool bf16) { return bf16 ? widen<__nv_bfloat16>(bits) : widen<__half>(bits); }
 
-// Element (mn, k) (k < 16) of a 128-byte-swizzled canonical operand in shared memory.
-inline float smem_operand(uint64_t desc, bool mn_major, int mn, int k, bool bf16) {
-  cute::GmmaDescriptor d;
-  d.desc_ = desc;
-  if (d.bitfield.layout_type_ != uint8_t(gmma::LayoutType::B128)) die("wgmma operand: only 128-byte swizzles are emulated");
-  if (d.bitfield.base_offset_ != 0) die("wgmma operand: a base offset is not emulated");
-  const uint32_t lbo = uint32_t(d.bitfield.leading_byte_offset_) << 4, sbo = uint32_t(d.bitfield.stride_byte_offset_) << 4;
-  uint32_t off = uint32_t(d.bitfield.start_address_) << 4;  // in the 256 KB window of the block
-  if (mn_major) {  // ((8 elems, 8, m), (8, k)) : ((1, 8, LBO), (128 B, SBO))
-    off += 2 * (mn % 64) + 128 * (k % 8) + sbo * (k / 8) + lbo * (mn / 64);
-  } else {  // ((8, m), 16 elems) : ((128 B, SBO), 1)
-    off += 128 * (mn % 8) + sbo * (mn / 8) + 2 * k;
+// A 128-byte-swizzled canonical operand in shared memory, decoded from its descriptor once.
+struct SmemOperand {
+  uint32_t start, lbo, sbo;
+  bool mn_major, bf16;
+  SmemOperand(uint64_t desc, bool mn_major_, bool bf16_) : mn_major(mn_major_), bf16(bf16_) {
+    cute::GmmaDescriptor d;
+    d.desc_ = desc;
+    if (d.bitfield.layout_type_ != uint8_t(gmma::LayoutType::B128)) die("wgmma operand: only 128-byte swizzles are emulated");
+    if (d.bitfield.base_offset_ != 0) die("wgmma operand: a base offset is not emulated");
+    start = uint32_t(d.bitfield.start_address_) << 4;  // an offset in the block's 256 KB window
+    lbo = uint32_t(d.bitfield.leading_byte_offset_) << 4;
+    sbo = uint32_t(d.bitfield.stride_byte_offset_) << 4;
   }
-  off ^= ((off >> 7) & 7u) << 4;  // Swizzle<3,4,3> on the address bits
-  Block& b = *me().block;
-  if (off + 2 > b.smem_bytes) die("wgmma operand outside the block's shared memory");
-  uint16_t bits;
-  std::memcpy(&bits, b.smem + off, 2);
-  return widen16(bits, bf16);
+  // Element (mn, k), k < 16.
+  float at(int mn, int k) const {
+    uint32_t off = start;
+    if (mn_major) {  // ((8 elems, 8, m), (8, k)) : ((1, 8, LBO), (128 B, SBO))
+      off += 2 * (mn % 64) + 128 * (k % 8) + sbo * (k / 8) + lbo * (mn / 64);
+    } else {  // ((8, m), 16 elems) : ((128 B, SBO), 1)
+      off += 128 * (mn % 8) + sbo * (mn / 8) + 2 * k;
+    }
+    off ^= ((off >> 7) & 7u) << 4;  // Swizzle<3,4,3> on the address bits
+    const Block& b = *me().block;
+    const unsigned char* p = b.window + off;
+    if (p < b.smem || p + 2 > b.smem + b.smem_bytes) die("wgmma operand outside the block's shared memory");
+    uint16_t bits;
+    std::memcpy(&bits, p, 2);
+    return widen16(bits, bf16);
+  }
+};
+
+// The shared-memory operand values this thread's accumulators need, in a fixed order: its two A
+// rows (SS only), then its N / 4 B columns 8i + 2q + {0, 1} (the warpgroup's threads together
+// read every element, so a change anywhere is seen).
+inline std::vector<float> smem_operands(const GmmaJob& j) {
+  const int tid = static_cast<int>(me().thread_idx.x % 128), warp = tid / 32, g = (tid % 32) / 4, q = tid % 4;
+  std::vector<float> v;
+  v.reserve(32 + 4 * j.n);
+  if (j.ss) {
+    const SmemOperand a(j.desc_a, false, j.bf16);
+    for (int h = 0; h < 2; ++h)
+      for (int k = 0; k < 16; ++k) v.push_back(a.at(16 * warp + g + 8 * h, k));
+  }
+  const SmemOperand b(j.desc_b, j.b_mn_major, j.bf16);
+  for (int i = 0; i < j.n / 8; ++i)
+    for (int e = 0; e < 2; ++e)
+      for (int k = 0; k < 16; ++k) v.push_back(b.at(8 * i + 2 * q + e, k));
+  return v;
+}
+
+inline bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
 // Runs one job: every thread of the warpgroup runs the same job at the same time.
@@ -150,13 +207,20 @@ inline void run_gmma(const GmmaJob& j) {
   if (t.warpgroup == nullptr) die("wgmma in a block that is not whole warpgroups");
   Warpgroup& wg = *t.warpgroup;
   const int tid = static_cast<int>(t.thread_idx.x % 128), warp = tid / 32, g = (tid % 32) / 4, q = tid % 4;
+  const std::vector<float> ops = smem_operands(j);
+  if (!same_bits(ops, j.operands_at_issue))
+    die("a wgmma shared-memory operand changed between issue and wait (issued before it landed, or overwritten)");
   // The two A rows this thread's accumulators need: 16 warp + g and 16 warp + g + 8.
   float A[2][16];
+  size_t next = 0;
   if (j.ss) {
     for (int h = 0; h < 2; ++h)
-      for (int k = 0; k < 16; ++k) A[h][k] = smem_operand(j.desc_a, false, 16 * warp + g + 8 * h, k, j.bf16);
+      for (int k = 0; k < 16; ++k) A[h][k] = ops[next++];
   } else {
-    for (int r = 0; r < 4; ++r) wg.slot[tid][r] = *j.a[r];
+    for (int r = 0; r < 4; ++r) {
+      if (*j.a[r] != j.a_at_issue[r]) die("a wgmma register operand was rewritten between issue and wait");
+      wg.slot[tid][r] = *j.a[r];
+    }
     wg.barrier.wait();
     // Register A (m64k16): warp w holds rows 16w .. 16w + 15 in mma.m16n8k16's A layout.
     for (int lane = 0; lane < 32; ++lane) {
@@ -171,11 +235,15 @@ inline void run_gmma(const GmmaJob& j) {
     }
     wg.barrier.wait();
   }
-  // Accumulator i: row 16 warp + g + 8 ((i % 4) / 2), column 8 (i / 4) + 2q + i % 2.
+  // Accumulator i: row 16 warp + g + 8 ((i % 4) / 2), column 8 (i / 4) + 2q + i % 2, whose B
+  // values are entry (i / 4, i % 2) of this thread's columns in `ops`.
+  (void)q;
   for (size_t i = 0; i < j.d.size(); ++i) {
-    const int h = static_cast<int>(i % 4) / 2, col = 8 * static_cast<int>(i / 4) + 2 * q + static_cast<int>(i % 2);
-    float acc = j.accumulate ? *j.d[i] : 0.0f;
-    for (int k = 0; k < 16; ++k) acc += A[h][k] * smem_operand(j.desc_b, j.b_mn_major, col, k, j.bf16);
+    const int h = static_cast<int>(i % 4) / 2;
+    const size_t col = 2 * (i / 4) + i % 2;
+    if (!j.chained[i] && !is_in_flight_marker(*j.d[i])) die("an accumulator was written while its wgmma was in flight");
+    float acc = !j.accumulate ? 0.0f : j.chained[i] ? *j.d[i] : j.c_in[i];
+    for (int k = 0; k < 16; ++k) acc += A[h][k] * ops[next + col * 16 + k];
     *j.d[i] = acc;
   }
 }
@@ -187,10 +255,38 @@ inline void gmma_commit() {
 }
 inline void gmma_wait(int n) {
   GmmaQueue& queue = gmma_queue();
+  if (!queue.open.empty()) die("warpgroup_wait with wgmma issued but not committed");
   while (queue.batches.size() > static_cast<size_t>(n)) {
     for (const GmmaJob& j : queue.batches.front()) run_gmma(j);
     queue.batches.pop_front();
   }
+  queue.pending.clear();
+  for (const auto& batch : queue.batches)
+    for (const GmmaJob& j : batch) queue.pending.insert(queue.pending.end(), j.d.begin(), j.d.end());
+}
+
+// Queues a job: records what its operands are now and marks its accumulators in flight.
+inline void gmma_issue(GmmaJob j) {
+  GmmaQueue& queue = gmma_queue();
+  j.operands_at_issue = smem_operands(j);
+  if (!j.ss)
+    for (int r = 0; r < 4; ++r) j.a_at_issue[r] = *j.a[r];
+  const auto pending = [&](float* p) {
+    for (const GmmaJob& o : queue.open)
+      for (float* x : o.d)
+        if (x == p) return true;
+    return std::find(queue.pending.begin(), queue.pending.end(), p) != queue.pending.end();
+  };
+  j.c_in.resize(j.d.size());
+  j.chained.resize(j.d.size());
+  for (size_t i = 0; i < j.d.size(); ++i) {
+    j.chained[i] = pending(j.d[i]);
+    if (!j.chained[i]) {
+      j.c_in[i] = *j.d[i];
+      *j.d[i] = in_flight_marker();
+    }
+  }
+  queue.open.push_back(std::move(j));
 }
 
 template <template <gmma::Major, gmma::Major, gmma::ScaleIn, gmma::ScaleIn> class OpT, gmma::Major tA, gmma::Major tB,
@@ -230,7 +326,7 @@ struct Emulated<OpT<tA, tB, sA, sB>> {
       j.desc_b = static_cast<uint64_t>(std::get<kRegsA>(regs));
       collect(j.d, regs, std::make_index_sequence<kAcc>{});
       j.accumulate = std::get<kRegsA + 1 + kAcc>(regs) == gmma::ScaleOut::One;
-      gmma_queue().open.push_back(std::move(j));
+      gmma_issue(std::move(j));
     }
   };
   static constexpr Fma fma{};
