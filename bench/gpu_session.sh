@@ -113,7 +113,9 @@ profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|f
         tests/test_sampler_cuda.py -s -k "not ($untried)"
       run $py -m pytest -q -rs tests/test_paged_kv_cuda.py -k "pipelined or mma_decode"
       run $py -m pytest -q -rs tests/test_shadow_attention_cuda.py -k wgmma2
-      run $py -m pytest -q -rs tests/test_paged_kv_cuda.py tests/test_cache.py -k "unchecked and not pipelined and not mma_decode"  # + sync-free decode
+      # + sync-free decode
+      run $py -m pytest -q -rs tests/test_paged_kv_cuda.py tests/test_cache.py \
+        -k "unchecked and not (pipelined or mma_decode)"
       run $py -m pytest -q -m slow tests/test_shadow_attention_cuda.py  # 32k context, every family
       ;;
     memcheck|racecheck)
@@ -184,7 +186,8 @@ profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|f
         part 170 $py -m pytest $opts $(xd 12) $tests -k "not ($untried)"
         part 90 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py -k "pipelined or mma_decode"
         part 70 $py -m pytest $opts $(xd 8) tests/test_shadow_attention_cuda.py -k wgmma2  # + wgmma2o
-        part 50 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py tests/test_cache.py -k "unchecked and not pipelined and not mma_decode"
+        part 50 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py tests/test_cache.py \
+          -k "unchecked and not (pipelined or mma_decode)"
         part 60 $py -m shadowkv bench decode --device cuda --scores  # the three decode kernels
         part 75 $py -m shadowkv bench attention --device cuda  # wgmma2(o) timed last: a fault there spares the rest
         # compute-sanitizer has never run: small cases of the newest kernels (-x: the first
@@ -192,7 +195,8 @@ profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|f
         # what a missing barrier would break.
         mc() { PYTORCH_NO_CUDA_MEMORY_CACHING=1 part "$2" "$sanitizer" --tool "$1" --error-exitcode 3 \
           --target-processes all $py -m pytest -q -x -p no:cacheprovider "${@:3}"; }
-        mc memcheck 60 tests/test_paged_kv_cuda.py -k "(pipelined or mma_decode) and (matches_reference or unchecked_bad) and not many_seq"
+        mc memcheck 60 tests/test_paged_kv_cuda.py \
+          -k "(pipelined or mma_decode) and (matches_reference or unchecked_bad) and not many_seq"
         mc memcheck 45 tests/test_shadow_attention_cuda.py -k "family_matches_reference and (tiny or random_d64 or chunk_d64)"
         mc racecheck 45 tests/test_shadow_attention_cuda.py -k "family_matches_reference and (mha_random_d64 or gqa2_streaming_d128)"
         part 60 "${profile[@]}" wgmma

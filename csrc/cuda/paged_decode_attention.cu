@@ -18,7 +18,8 @@
 //      requested_decode_kernel below), same blocks and outputs: the pipelined one
 //      (paged_decode_pipelined.cuh: rows staged in shared memory with cp.async) and the
 //      tensor-core one (paged_decode_mma.cuh: the same staging, both products on mma.sync).
-//   2. decode_reduce_kernel (paged_decode_reduce.cuh, as 3), one block per (sequence, query head): combines the partitions
+//   2. decode_reduce_kernel (paged_decode_reduce.cuh, as 3), one block per (sequence, query
+//      head): combines the partitions
 //      (global max M, L = sum_p l_p e^(m_p - M), out = sum_p acc_p e^(m_p - M) / L), writes out
 //      (zeros for a sequence without slots) and, with scores_out, (M, 1 / L).
 //   3. decode_scores_kernel (scores_out only): scores[b, h, s] = sum over the group of

@@ -90,9 +90,9 @@ struct TileTraits {
       decltype(composition(SmemLayoutPartner{}, make_layout(Shape<Int<D>, Int<kBlockN>>{}, GenRowMajor{})));
 
   // Global -> shared: 8 threads cover one 64-element row segment with 16-byte cp.async each.
-  using GmemTiledCopy = decltype(make_tiled_copy(Copy_Atom<SHADOWKV_EMULATED(SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>), Element>{},
-                                                 Layout<Shape<Int<kThreads / 8>, _8>, Stride<_8, _1>>{},
-                                                 Layout<Shape<_1, _8>>{}));
+  using GmemTiledCopy =
+      decltype(make_tiled_copy(Copy_Atom<SHADOWKV_EMULATED(SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>), Element>{},
+                               Layout<Shape<Int<kThreads / 8>, _8>, Stride<_8, _1>>{}, Layout<Shape<_1, _8>>{}));
 
   static constexpr size_t kOwnBytes = kBlockM * D * sizeof(Element);
   static constexpr size_t kPartnerBytes = kBlockN * D * sizeof(Element);

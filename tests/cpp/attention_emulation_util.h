@@ -136,7 +136,8 @@ struct AttentionProblem {
     for (int64_t bh = 0; bh < p.batch * p.num_kv_heads; ++bh)
       for (int64_t t = 0; t < n; ++t) {
         int lo = INT_MAX, hi = INT_MIN;
-        for (int64_t j = t * shadowkv::cuda_attn::kEvTile; j < std::min<int64_t>(Lk, (t + 1) * shadowkv::cuda_attn::kEvTile); ++j) {
+        const int64_t tile = shadowkv::cuda_attn::kEvTile;
+        for (int64_t j = t * tile; j < std::min<int64_t>(Lk, (t + 1) * tile); ++j) {
           lo = std::min(lo, ev[bh * Lk + j]);
           hi = std::max(hi, ev[bh * Lk + j]);
         }

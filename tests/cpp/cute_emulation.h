@@ -154,7 +154,8 @@ struct SmemOperand {
   SmemOperand(uint64_t desc, bool mn_major_, bool bf16_) : mn_major(mn_major_), bf16(bf16_) {
     cute::GmmaDescriptor d;
     d.desc_ = desc;
-    if (d.bitfield.layout_type_ != uint8_t(gmma::LayoutType::B128)) die("wgmma operand: only 128-byte swizzles are emulated");
+    if (d.bitfield.layout_type_ != uint8_t(gmma::LayoutType::B128))
+      die("wgmma operand: only 128-byte swizzles are emulated");
     if (d.bitfield.base_offset_ != 0) die("wgmma operand: a base offset is not emulated");
     start = uint32_t(d.bitfield.start_address_) << 4;  // an offset in the block's 256 KB window
     lbo = uint32_t(d.bitfield.leading_byte_offset_) << 4;

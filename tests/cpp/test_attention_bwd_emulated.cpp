@@ -63,7 +63,8 @@ void check_backward(const AttentionShape& s, uint32_t seed, const std::string& n
   std::vector<float> lse2(n_rows), delta(n_rows);
   for (size_t row = 0; row < n_rows; ++row) {
     float acc = 0.f;
-    for (int d = 0; d < D; ++d) acc += static_cast<float>(from16(out[row * D + d])) * static_cast<float>(from16(dout[row * D + d]));
+    for (int d = 0; d < D; ++d)
+      acc += static_cast<float>(from16(out[row * D + d])) * static_cast<float>(from16(dout[row * D + d]));
     delta[row] = lse[row] == -INFINITY ? 0.f : acc;
     lse2[row] = lse[row] == -INFINITY ? INFINITY : lse[row] * 1.4426950408889634f;
   }

@@ -134,7 +134,8 @@ void run_case(Kernel kernel, const Case& c, uint32_t seed) {
   a.page_size = ps;
   a.page_div = cuda_common::FastDivmod(static_cast<uint32_t>(ps));
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  std::vector<float> part_acc(static_cast<size_t>(B) * Hq * a.num_parts * D, nan), logits(static_cast<size_t>(B) * Hq * max_len, nan);
+  std::vector<float> part_acc(static_cast<size_t>(B) * Hq * a.num_parts * D, nan);
+  std::vector<float> logits(static_cast<size_t>(B) * Hq * max_len, nan);
   std::vector<float2> part_ml(static_cast<size_t>(B) * Hq * a.num_parts, make_float2(nan, nan));
   std::vector<int> bad(B, 0);
   a.part_acc = part_acc.data();
@@ -251,7 +252,8 @@ void run_case(Kernel kernel, const Case& c, uint32_t seed) {
       for (int64_t i = 0; i < int64_t{Hq} * D; ++i)
         if (!std::isnan(to_double(out[static_cast<size_t>(b) * Hq * D + i]))) fail("out of a flagged sequence not NaN");
       for (int64_t i = 0; i < int64_t{Hkv} * scores_len; ++i)
-        if (!std::isnan(scores[static_cast<size_t>(b) * Hkv * scores_len + i])) fail("scores of a flagged sequence not NaN");
+        if (!std::isnan(scores[static_cast<size_t>(b) * Hkv * scores_len + i]))
+          fail("scores of a flagged sequence not NaN");
       continue;
     }
     std::vector<double> mass(static_cast<size_t>(Hkv) * scores_len, 0.0);
