@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cuda_values.h"
 #include "harness.h"
 #include "shadow_attention_common.cuh"
 #include "shadowkv/shadow_attention.h"
@@ -44,23 +45,6 @@ constexpr double forward_tolerance() {
 template <typename T>
 constexpr double backward_tolerance() {
   return std::is_same<T, __nv_bfloat16>::value ? 6e-3 : 1.5e-3;
-}
-
-template <typename T>
-T to16(double x) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    return __float2bfloat16_rn(static_cast<float>(x));
-  } else {
-    return __float2half_rn(static_cast<float>(x));
-  }
-}
-template <typename T>
-double from16(T x) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    return __bfloat162float(x);
-  } else {
-    return __half2float(x);
-  }
 }
 
 // One random problem: q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] in T (and the same values in float64),
@@ -153,7 +137,7 @@ struct AttentionProblem {
                    std::vector<double>& d) {
     h.resize(n);
     d.resize(n);
-    for (int64_t i = 0; i < n; ++i) d[i] = from16(h[i] = to16<T>(normal(rng)));
+    for (int64_t i = 0; i < n; ++i) d[i] = to_double(h[i] = from_double<T>(normal(rng)));
   }
 };
 
@@ -170,7 +154,7 @@ void expect_close(const std::vector<G>& got, const std::vector<double>& want, do
     if constexpr (std::is_same<G, float>::value) {
       g = got[i];
     } else {
-      g = from16(got[i]);
+      g = to_double(got[i]);
     }
     const bool same_inf = std::isinf(want[i]) && g == want[i];
     if (!same_inf && !(std::fabs(g - want[i]) <= tol * (scale + std::fabs(want[i]))) && ++bad <= 5)

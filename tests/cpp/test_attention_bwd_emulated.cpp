@@ -28,14 +28,14 @@ void check_backward(const AttentionShape& s, uint32_t seed, const std::string& n
   std::normal_distribution<double> normal;
   std::vector<T> dout(n_q);
   std::vector<double> dout_ref(n_q);
-  for (size_t i = 0; i < n_q; ++i) dout_ref[i] = from16(dout[i] = to16<T>(normal(rng)));
+  for (size_t i = 0; i < n_q; ++i) dout_ref[i] = to_double(dout[i] = from_double<T>(normal(rng)));
 
   // The forward in float64; its out rounded to T and lse to float feed both backwards.
   std::vector<double> out_ref(n_q), lse_ref(n_rows);
   shadow_attention_fwd_cpu(prob.params64(out_ref.data(), lse_ref.data()));
   std::vector<T> out(n_q);
   std::vector<float> lse(n_rows);
-  for (size_t i = 0; i < n_q; ++i) out_ref[i] = from16(out[i] = to16<T>(out_ref[i]));
+  for (size_t i = 0; i < n_q; ++i) out_ref[i] = to_double(out[i] = from_double<T>(out_ref[i]));
   for (size_t i = 0; i < n_rows; ++i) lse_ref[i] = lse[i] = static_cast<float>(lse_ref[i]);
 
   const auto strides = [](const int64_t* from, int64_t* to) { std::copy(from, from + 3, to); };
@@ -53,7 +53,7 @@ void check_backward(const AttentionShape& s, uint32_t seed, const std::string& n
   ref.cpu_threads = 1;
   shadow_attention_bwd_cpu(ref);
 
-  std::vector<T> dq(n_q, to16<T>(NAN)), dk(n_kv, to16<T>(NAN)), dv(n_kv, to16<T>(NAN));
+  std::vector<T> dq(n_q, from_double<T>(NAN)), dk(n_kv, from_double<T>(NAN)), dv(n_kv, from_double<T>(NAN));
   ShadowAttentionBwdParams bp = ref;
   bp.fwd = prob.params16(out.data(), lse.data());
   bp.grad_out = dout.data();
@@ -64,7 +64,7 @@ void check_backward(const AttentionShape& s, uint32_t seed, const std::string& n
   for (size_t row = 0; row < n_rows; ++row) {
     float acc = 0.f;
     for (int d = 0; d < D; ++d)
-      acc += static_cast<float>(from16(out[row * D + d])) * static_cast<float>(from16(dout[row * D + d]));
+      acc += static_cast<float>(to_double(out[row * D + d])) * static_cast<float>(to_double(dout[row * D + d]));
     delta[row] = lse[row] == -INFINITY ? 0.f : acc;
     lse2[row] = lse[row] == -INFINITY ? INFINITY : lse[row] * 1.4426950408889634f;
   }

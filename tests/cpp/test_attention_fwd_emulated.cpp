@@ -29,7 +29,7 @@ void check_forward(const AttentionShape& s, uint32_t seed, const std::string& na
   std::vector<double> out_ref(n_out), lse_ref(n_rows);
   shadow_attention_fwd_cpu(prob.params64(out_ref.data(), lse_ref.data()));
 
-  std::vector<T> out(n_out, to16<T>(NAN));
+  std::vector<T> out(n_out, from_double<T>(NAN));
   std::vector<float> lse(n_rows, NAN);
   const ShadowAttentionParams p = prob.params16(out.data(), lse.data());
   const std::vector<int2> mm = prob.ev_minmax();

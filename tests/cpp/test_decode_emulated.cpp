@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_values.h"
 #include "harness.h"
 #include "paged_decode_mma.cuh"
 #include "paged_decode_pipelined.cuh"
@@ -28,6 +29,8 @@ namespace {
 
 using namespace shadowkv;
 using namespace shadowkv::cuda_paged;
+using shadowkv_test::from_double;
+using shadowkv_test::to_double;
 
 enum class Kernel { kWarp, kPipelined, kMma };
 
@@ -39,28 +42,6 @@ struct Case {
   int bad_column = 0;    // ... in this column
   int bad_id = 0;        // (a page id outside [0, num_pages))
 };
-
-template <typename T>
-T from_double(double x) {
-  if constexpr (std::is_same<T, float>::value) {
-    return static_cast<float>(x);
-  } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    return __float2bfloat16_rn(static_cast<float>(x));
-  } else {
-    return __float2half_rn(static_cast<float>(x));
-  }
-}
-
-template <typename T>
-double to_double(T x) {
-  if constexpr (std::is_same<T, float>::value) {
-    return x;
-  } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    return __bfloat162float(x);
-  } else {
-    return __half2float(x);
-  }
-}
 
 std::string describe(Kernel kernel, int D, const Case& c) {
   std::string s = kernel == Kernel::kMma ? "mma" : kernel == Kernel::kPipelined ? "pipelined" : "warp";
