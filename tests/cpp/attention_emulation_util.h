@@ -91,25 +91,13 @@ struct AttentionProblem {
     p.lse_stride[1] = Lq;
   }
 
+  // p with the 16-bit inputs (T) or their float64 copies, and the given outputs.
   shadowkv::ShadowAttentionParams params16(void* out, float* lse) const {
-    shadowkv::ShadowAttentionParams r = p;
-    r.dtype = std::is_same<T, __nv_bfloat16>::value ? shadowkv::DType::kBFloat16 : shadowkv::DType::kFloat16;
-    r.q = q.data();
-    r.k = k.data();
-    r.v = v.data();
-    r.out = out;
-    r.lse = lse;
-    return r;
+    const auto dtype = std::is_same<T, __nv_bfloat16>::value ? shadowkv::DType::kBFloat16 : shadowkv::DType::kFloat16;
+    return with(dtype, q.data(), k.data(), v.data(), out, lse);
   }
   shadowkv::ShadowAttentionParams params64(double* out, double* lse) const {
-    shadowkv::ShadowAttentionParams r = p;
-    r.dtype = shadowkv::DType::kFloat64;
-    r.q = qd.data();
-    r.k = kd.data();
-    r.v = vd.data();
-    r.out = out;
-    r.lse = lse;
-    return r;
+    return with(shadowkv::DType::kFloat64, qd.data(), kd.data(), vd.data(), out, lse);
   }
 
   // What shadow_attention_{fwd,bwd}_cuda compute before the kernels (ev_minmax_kernel): the
@@ -133,6 +121,17 @@ struct AttentionProblem {
   float scale_log2() const { return static_cast<float>(p.scale * 1.4426950408889634); }
 
  private:
+  shadowkv::ShadowAttentionParams with(shadowkv::DType dtype, const void* q_, const void* k_, const void* v_,
+                                       void* out, void* lse) const {
+    shadowkv::ShadowAttentionParams r = p;
+    r.dtype = dtype;
+    r.q = q_;
+    r.k = k_;
+    r.v = v_;
+    r.out = out;
+    r.lse = lse;
+    return r;
+  }
   static void draw(std::mt19937& rng, std::normal_distribution<double>& normal, int64_t n, std::vector<T>& h,
                    std::vector<double>& d) {
     h.resize(n);

@@ -161,47 +161,64 @@ void run_case(Kernel kernel, const Case& c, uint32_t seed) {
   shadowkv_emu::launch(static_cast<unsigned>(B * Hkv * chunks), kScoreThreads, 0,
                        [&] { decode_scores_kernel(a, chunks); });
 
-  // The reference, per (sequence, query head, partition).
+  // The reference: per (sequence, query head) the logits of every slot, then each partition's
+  // (max, sum) and unnormalised output and the whole sequence's out and scores_out from them.
   int wrong = 0;
   const auto fail = [&](const std::string& where) {
     if (++wrong <= 5) shadowkv_test::report(__FILE__, __LINE__, what + ": " + where);
   };
+  // Slot j of sequence b, KV head h, in a pool.
+  const auto row = [&](const std::vector<T>& pool, int b, int j, int h) {
+    const int page = tables[static_cast<size_t>(b) * max_pages + j / ps];
+    return &pool[((static_cast<size_t>(page) * ps + j % ps) * Hkv + h) * D];
+  };
+  const double out_tol = sizeof(T) == 2 ? 1e-2 : 1e-5;  // the 16-bit rounding of out
   for (int b = 0; b < B; ++b) {
+    const int len = c.lens[b];
     if (c.unchecked) {
-      const bool expect_bad = b == c.bad_seq && c.bad_column * ps < c.lens[b];
+      const bool expect_bad = b == c.bad_seq && c.bad_column * ps < len;
       if ((bad[b] != 0) != expect_bad) fail("bad[" + std::to_string(b) + "] = " + std::to_string(bad[b]));
-      if (expect_bad) continue;  // its outputs are NaN after the reduce kernel
+      if (expect_bad) {  // no reference (its table holds a bad id): NaN everywhere after the reduce
+        for (int64_t i = 0; i < int64_t{Hq} * D; ++i)
+          if (!std::isnan(to_double(out[static_cast<size_t>(b) * Hq * D + i])))
+            fail("out of a flagged sequence not NaN");
+        for (int64_t i = 0; i < int64_t{Hkv} * scores_len; ++i)
+          if (!std::isnan(scores[static_cast<size_t>(b) * Hkv * scores_len + i]))
+            fail("scores of a flagged sequence not NaN");
+        continue;
+      }
     }
+    std::vector<double> mass(static_cast<size_t>(Hkv) * scores_len, 0.0);
     for (int hq = 0; hq < Hq; ++hq) {
       const int h = hq / group;
       const size_t bq = static_cast<size_t>(b) * Hq + hq;
+      std::vector<double> s(len);
+      for (int j = 0; j < len; ++j) {
+        const T* kr = row(k_pool, b, j, h);
+        double dot = 0;
+        for (int d = 0; d < D; ++d) dot += to_double(q[bq * D + d]) * to_double(kr[d]);
+        s[j] = dot * a.scale;
+        const double got = logits[bq * max_len + j];
+        if (!(std::fabs(got - s[j]) <= 1e-5 * (1 + std::fabs(s[j]))))
+          fail("logit (b " + std::to_string(b) + ", hq " + std::to_string(hq) + ", slot " + std::to_string(j) +
+               "): " + std::to_string(got) + " vs " + std::to_string(s[j]));
+      }
+      for (int j = len; j < max_len; ++j)
+        if (!std::isnan(logits[bq * max_len + j])) fail("a logit past the sequence was written");
+
       for (int part = 0; part < a.num_parts; ++part) {
-        const int k0 = part * c.part_size, n = std::min(c.part_size, c.lens[b] - k0);
+        const int k0 = part * c.part_size, n = std::min(c.part_size, len - k0);
         const float2 ml = part_ml[bq * a.num_parts + part];
         const float* acc = &part_acc[(bq * a.num_parts + part) * D];
         if (n <= 0) {  // never written
           if (!std::isnan(ml.x) || !std::isnan(acc[0])) fail("a partition past the sequence was written");
           continue;
         }
-        std::vector<double> s(n);
-        for (int j = 0; j < n; ++j) {
-          const int slot = k0 + j, page = tables[static_cast<size_t>(b) * max_pages + slot / ps];
-          const T* kr = &k_pool[((static_cast<size_t>(page) * ps + slot % ps) * Hkv + h) * D];
-          double dot = 0;
-          for (int d = 0; d < D; ++d) dot += to_double(q[bq * D + d]) * to_double(kr[d]);
-          s[j] = dot * a.scale;
-          const double got = logits[bq * max_len + slot];
-          if (!(std::fabs(got - s[j]) <= 1e-5 * (1 + std::fabs(s[j]))))
-            fail("logit (b " + std::to_string(b) + ", hq " + std::to_string(hq) + ", slot " + std::to_string(slot) +
-                 "): " + std::to_string(got) + " vs " + std::to_string(s[j]));
-        }
-        const double m = *std::max_element(s.begin(), s.end());
-        double l = 0;
+        const double m = *std::max_element(s.begin() + k0, s.begin() + k0 + n);
+        double l = 0, vmax = 0;
         std::vector<double> o(D, 0.0);
-        double vmax = 0;
-        for (int j = 0; j < n; ++j) {
-          const int slot = k0 + j, page = tables[static_cast<size_t>(b) * max_pages + slot / ps];
-          const T* vr = &v_pool[((static_cast<size_t>(page) * ps + slot % ps) * Hkv + h) * D];
+        for (int j = k0; j < k0 + n; ++j) {
+          const T* vr = row(v_pool, b, j, h);
           const double p = std::exp(s[j] - m);
           l += p;
           for (int d = 0; d < D; ++d) {
@@ -220,40 +237,13 @@ void run_case(Kernel kernel, const Case& c, uint32_t seed) {
                  ", d " + std::to_string(d) + "): " + std::to_string(acc[d]) + " vs " + std::to_string(o[d]));
         }
       }
-      for (int slot = c.lens[b]; slot < max_len; ++slot)
-        if (!std::isnan(logits[bq * max_len + slot])) fail("a logit past the sequence was written");
-    }
-  }
 
-  // out and scores_out over whole sequences; NaN for a sequence an unchecked call flagged.
-  const double out_tol = sizeof(T) == 2 ? 1e-2 : 1e-5;  // the 16-bit rounding of out
-  for (int b = 0; b < B; ++b) {
-    const bool flagged = c.unchecked && b == c.bad_seq && c.bad_column * ps < c.lens[b];
-    if (flagged) {  // no reference (its table holds a bad id): NaN everywhere
-      for (int64_t i = 0; i < int64_t{Hq} * D; ++i)
-        if (!std::isnan(to_double(out[static_cast<size_t>(b) * Hq * D + i]))) fail("out of a flagged sequence not NaN");
-      for (int64_t i = 0; i < int64_t{Hkv} * scores_len; ++i)
-        if (!std::isnan(scores[static_cast<size_t>(b) * Hkv * scores_len + i]))
-          fail("scores of a flagged sequence not NaN");
-      continue;
-    }
-    std::vector<double> mass(static_cast<size_t>(Hkv) * scores_len, 0.0);
-    for (int hq = 0; hq < Hq; ++hq) {
-      const int h = hq / group, len = c.lens[b];
-      const size_t bq = static_cast<size_t>(b) * Hq + hq;
-      std::vector<double> s(len), o(D, 0.0);
-      double m = -INFINITY, l = 0;
+      // out and this head's share of scores_out, over the whole sequence.
+      const double m = len > 0 ? *std::max_element(s.begin(), s.end()) : 0.0;
+      double l = 0;
+      std::vector<double> o(D, 0.0);
       for (int j = 0; j < len; ++j) {
-        const int page = tables[static_cast<size_t>(b) * max_pages + j / ps];
-        const T* kr = &k_pool[((static_cast<size_t>(page) * ps + j % ps) * Hkv + h) * D];
-        double dot = 0;
-        for (int d = 0; d < D; ++d) dot += to_double(q[bq * D + d]) * to_double(kr[d]);
-        s[j] = dot * a.scale;
-        m = std::max(m, s[j]);
-      }
-      for (int j = 0; j < len; ++j) {
-        const int page = tables[static_cast<size_t>(b) * max_pages + j / ps];
-        const T* vr = &v_pool[((static_cast<size_t>(page) * ps + j % ps) * Hkv + h) * D];
+        const T* vr = row(v_pool, b, j, h);
         const double pj = std::exp(s[j] - m);
         l += pj;
         for (int d = 0; d < D; ++d) o[d] += pj * to_double(vr[d]);
