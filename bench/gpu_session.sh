@@ -134,20 +134,25 @@ profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|f
       # under its own time limit, all of it ending by FIRST_BUDGET seconds (default 570 of a
       # 600 s call; a smaller budget leaves device time for a second call after a fix). A part
       # that no longer fits is skipped and named, so the log says what is left to run.
+      # FIRST_FROM=k starts at part k (numbered in the summary): a second call on the still-warm
+      # machine picks up where the first ran out of time.
       deadline=$((SECONDS + ${FIRST_BUDGET:-570}))
+      part_no=0
       part() {
         local t=$1; shift
+        part_no=$((part_no + 1))
+        [ "$part_no" -ge "${FIRST_FROM:-1}" ] || return 0
         local left=$((deadline - SECONDS))
         local what="$*"
         [ ${#what} -le 84 ] || what="...${what: -81}"  # the end says which part it was
         if [ "$left" -lt 15 ]; then
-          echo "+ SKIPPED (out of time): $*"; failed=1; summary+="  skipped  $what"$'\n'; return
+          echo "+ SKIPPED (out of time): $*"; failed=1; summary+="  $(printf %2d $part_no) skipped  $what"$'\n'; return
         fi
         [ "$t" -le "$left" ] || t=$left
         local t0=$SECONDS
         run timeout -k 5 "$t" "$@"
         echo "  ($((SECONDS - t0)) s of $t)"
-        summary+="  exit $(printf %-3s "$last_rc") $(printf %4s $((SECONDS - t0))) s  $what"$'\n'
+        summary+="  $(printf %2d $part_no) exit $(printf %-3s "$last_rc") $(printf %4s $((SECONDS - t0))) s  $what"$'\n'
       }
       # The image has no expecttest (torch.library.opcheck needs it); an old setuptools cannot
       # read pyproject's SPDX license string. Both travel as wheels in .whl (the cutlass stage).
