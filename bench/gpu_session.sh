@@ -15,7 +15,7 @@
 #   bash bench/gpu_session.sh memcheck   # compute-sanitizer memcheck, the tests' small cases
 #   bash bench/gpu_session.sh racecheck  # compute-sanitizer racecheck, the same cases
 #   bash bench/gpu_session.sh bench      # the four benchmarks at the acceptance shapes
-#   bash bench/gpu_session.sh profile    # Nsight Compute on the wgmma, wgmma2, wgmma2o attention kernels
+#   bash bench/gpu_session.sh profile    # Nsight Compute on the mma decode and the wgmma, wgmma2, wgmma2o attention kernels
 #   bash bench/gpu_session.sh first      # all of it that fits ONE device call (see below)
 #
 # A session that draws a GPU gets 15 minutes of device time in all, start-up included, so its
@@ -40,9 +40,10 @@ py=${PYTHON:-python3}
 # kernels built: every kernel family, dtype and edge case, the unchecked paged paths on bad
 # values included); no long contexts, random shapes, layouts, opcheck or argument errors.
 cases="named_cases or matches_reference or round_trip or empty or no_visible_key or out_only or unchecked"
-# The test selections no GPU has passed yet: each stage runs them in processes of their own (an
-# illegal address poisons the CUDA context of the process that hits it). The cute and wgmma
-# families passed on an H200 (2026-11-26); the unchecked paths had one failure then (a test bug).
+# The newest kernels' test selections: each stage runs them in processes of their own (an
+# illegal address poisons the CUDA context of the process that hits it), so that a fault brought
+# in by a change to them spares the verdict on the rest. All of them passed on an H200 on
+# 2026-11-26 (e365d73), as did everything else; put a kernel no GPU has run yet here.
 untried="pipelined or mma_decode or wgmma2 or unchecked"
 
 # What the extension is built from: a prebuilt one is used only if this matches its stamp.
@@ -61,6 +62,13 @@ profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|f
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
   --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters
   $py bench/profile_attention.py --family)
+# Nsight Compute on the default (mma) paged decode kernel at the decode benchmark's shape: its
+# first launch (the benchmark's agreement check), the partition kernel and the reduce. Why it
+# stops at 58% of copy bandwidth (2026-11-26) is the question.
+profile_decode=("$ncu" --target-processes all -k "regex:decode_(partition_mma|reduce)_kernel" -c 2
+  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
+  --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters
+  $py -m shadowkv bench decode --device cuda --reps 1 --warmup 0)
 
 {
   echo "== $stage  $(date -u +%FT%TZ)  $(git rev-parse --short HEAD 2>/dev/null)"
@@ -106,9 +114,8 @@ profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|f
       run $py -m shadowkv info
       ;;
     test)
-      # The kernels no GPU has run yet (the CuTe family incl. the wgmma kernels, the unchecked
-      # paged paths) go in their own processes: a fault there (an illegal address poisons the
-      # CUDA context) must not take the verdict on everything else with it.
+      # The newest kernels ($untried) go in their own processes: a fault there (an illegal
+      # address poisons the CUDA context) must not take the verdict on everything else with it.
       run $py -m pytest -q -rs tests/test_shadow_attention_cuda.py tests/test_paged_kv_cuda.py \
         tests/test_sampler_cuda.py -s -k "not ($untried)"
       run $py -m pytest -q -rs tests/test_paged_kv_cuda.py -k "pipelined or mma_decode"
@@ -120,9 +127,9 @@ profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|f
       ;;
     memcheck|racecheck)
       # Without the caching allocator every tensor is its own allocation, so memcheck sees an
-      # access past a tensor's end instead of landing in a cached block.
-      # The kernels no GPU has run yet (CuTe, unchecked paged paths) in a second process, as in
-      # the test stage.
+      # access past a tensor's end instead of landing in a cached block (the CUDA graph tests
+      # skip themselves then: capture needs the caching allocator). The newest kernels in a
+      # second process, as in the test stage.
       for sel in "not ($untried)" "$untried"; do
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 run "$sanitizer" --tool "$stage" --error-exitcode 3 \
           --target-processes all $py -m pytest -q -x tests/test_paged_kv_cuda.py \
@@ -181,11 +188,12 @@ profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|f
       # Parallel workers when pytest-xdist is there: the float64 references run on the CPU.
       xd() { $py -c "import xdist" 2>/dev/null && echo "-n $1"; }
       opts="-q -rs -p no:cacheprovider --maxfail=25 --durations=8"
-      # What no GPU has run yet goes in its own process (an illegal address poisons the CUDA
-      # context of the process that hits it): the pipelined and mma decode kernels, the two-warpgroup
-      # attention kernels, the unchecked paged paths; everything else first. Measured on an
-      # H200 (2026-11-26): build 81 s, the first group 114 s with 8 workers (without the cute
-      # and wgmma families, then ~20 s more), the others ~20 s.
+      # The newest kernels go in processes of their own (an illegal address poisons the CUDA
+      # context of the process that hits it): the pipelined and mma decode kernels, the
+      # two-warpgroup attention kernels, the unchecked paged paths; everything else first.
+      # Measured on an H200 (2026-11-26, e365d73, prebuilt extension): the four groups 84, 49, 39
+      # and 23 s, the benchmarks 5-43 s each, the sanitizer parts 10-21 s, racecheck of the two
+      # attention cases 93 s; the whole sequence ~8 min.
       # shellcheck disable=SC2086
       {
         part 170 $py -m pytest $opts $(xd 12) $tests -k "not ($untried)"
@@ -195,17 +203,18 @@ profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|f
           -k "unchecked and not (pipelined or mma_decode)"
         part 60 $py -m shadowkv bench decode --device cuda --scores  # the three decode kernels
         part 75 $py -m shadowkv bench attention --device cuda  # wgmma2(o) timed last: a fault there spares the rest
-        # compute-sanitizer has never run: small cases of the newest kernels (-x: the first
-        # finding ends it); racecheck on the attention kernels, whose shared-memory stages are
-        # what a missing barrier would break.
+        # compute-sanitizer (clean on 2026-11-26): small cases of the newest kernels (-x: the
+        # first finding ends it); racecheck on the attention kernels, whose shared-memory stages
+        # are what a missing barrier would break.
         mc() { PYTORCH_NO_CUDA_MEMORY_CACHING=1 part "$2" "$sanitizer" --tool "$1" --error-exitcode 3 \
           --target-processes all $py -m pytest -q -x -p no:cacheprovider "${@:3}"; }
         mc memcheck 60 tests/test_paged_kv_cuda.py \
           -k "(pipelined or mma_decode) and (matches_reference or unchecked_bad) and not many_seq"
         mc memcheck 45 tests/test_shadow_attention_cuda.py -k "family_matches_reference and (tiny or random_d64 or chunk_d64)"
-        mc racecheck 45 tests/test_shadow_attention_cuda.py -k "family_matches_reference and (mha_random_d64 or gqa2_streaming_d128)"
+        mc racecheck 100 tests/test_shadow_attention_cuda.py -k "family_matches_reference and (mha_random_d64 or gqa2_streaming_d128)"
+        part 60 "${profile_decode[@]}"
         part 60 "${profile[@]}" wgmma
-        # The main job on the GPU (never run there yet): 4 steps in bf16 mixed precision of a
+        # The main job on the GPU: 4 steps in bf16 mixed precision of a
         # random model with head dim 64 (--init: no warm-up; the default model's head dim 32
         # would run the SIMT kernels), so the learner runs the default tensor-core kernels. The
         # run folder stays out of $OUT (only 8 files come back).
@@ -229,6 +238,7 @@ build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=
       run $py bench/bench_rollout.py --device cuda --dtype bfloat16 -B 64 --prompt 512 --new 2048 --head-dim 128
       ;;
     profile)
+      run "${profile_decode[@]}"
       run "${profile[@]}" wgmma
       run "${profile[@]}" wgmma2
       run "${profile[@]}" wgmma2o

@@ -47,6 +47,12 @@ pytestmark = [
     pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="checks CUDA-specific behaviour")
+# CUDA graph capture needs PyTorch's caching allocator: without it (compute-sanitizer runs set
+# PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is its own allocation) the capture's
+# first cudaMalloc fails, and the aborted capture leaves the CUDA RNG in capture state, which
+# breaks every later test of the process that draws random numbers on the GPU.
+graph_capture = pytest.mark.skipif(os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "0") not in ("", "0"),
+                                   reason="CUDA graph capture needs the caching allocator")
 
 APPEND = torch.ops.shadowkv.append_kv
 DECODE = torch.ops.shadowkv.paged_decode_attention
@@ -177,6 +183,7 @@ def test_append_unchecked_bad_values_poison_the_sequence(bad):
 
 
 @cuda_only
+@graph_capture
 def test_unchecked_decode_step_of_append_and_decode_is_graph_capturable():
     """check=False on both ops: one decode step (append the new token, attend) captured in a
     CUDA graph and replayed step after step follows the eager checked ops."""
@@ -297,12 +304,13 @@ def check_decode(q, state: PagedState, scale, scores, *, q_dev=None, tables=None
     return out
 
 
-@pytest.fixture(params=["auto", "pipelined", "mma"], ids=["auto", "pipelined", "mma_decode"])
+@pytest.fixture(params=["warp", "pipelined", "mma"], ids=["warp_decode", "pipelined", "mma_decode"])
 def decode_kernel(request, monkeypatch):
-    """The decode tests run the default kernel, the pipelined one and the tensor-core one
+    """The decode tests run each kernel: the warp one, the pipelined one and the tensor-core one
     (SHADOWKV_DECODE_KERNEL; the last two apply to bfloat16/float16 with head dim 64/128 and
-    aligned rows, the rest runs the warp kernel either way). The tensor-core one's id is
-    "mma_decode": `-k mma` would also select the wgmma attention tests."""
+    aligned rows, the rest runs the warp kernel either way). The default ("auto") is the
+    tensor-core one where it applies; tests without this fixture run it. The tensor-core one's id
+    is "mma_decode": `-k mma` would also select the wgmma attention tests."""
     monkeypatch.setenv(ops.DECODE_KERNEL_ENV, request.param)
     return request.param
 
@@ -357,7 +365,8 @@ def test_decode_long_contexts_split_k(lens, q_heads, kv_heads, head_dim, dtype, 
     check_decode_case(case, check=check)
 
 
-@pytest.mark.parametrize("kernel", ["auto", "pipelined", pytest.param("mma", id="mma_decode")])
+@pytest.mark.parametrize("kernel", [pytest.param("warp", id="warp_decode"), "pipelined",
+                                    pytest.param("mma", id="mma_decode")])
 @settings(max_examples=60)
 @given(case=cpu_decode.cases(dtypes=(torch.float32, torch.bfloat16, torch.float16)))
 def test_decode_random_cases(case, kernel):
@@ -470,6 +479,7 @@ def test_decode_unchecked_bad_values_give_nan(bad, dtype):
 
 
 @cuda_only
+@graph_capture
 @pytest.mark.usefixtures("decode_kernel")
 def test_decode_unchecked_is_graph_capturable():
     """check=False makes no host copy or synchronisation: the call can be captured in a CUDA
@@ -645,6 +655,7 @@ def test_evict_unchecked_bad_values_leave_the_sequence_alone(bad):
 
 
 @cuda_only
+@graph_capture
 def test_evict_unchecked_is_graph_capturable():
     """check=False: evict_compact captured in a CUDA graph and replayed (on the restored cache,
     with new keep masks copied into the captured input) matches the eager checked op."""

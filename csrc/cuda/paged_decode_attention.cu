@@ -14,10 +14,11 @@
 //        c) accumulates sum_j p_j * V_j per query head the same way (warps over slots, lanes over
 //           the head dim), sums the warps' partial vectors through shared memory in a fixed order
 //           and stores the unnormalised partition output.
-//      (paged_decode_warp.cuh). Opt-in twins of this kernel (SHADOWKV_DECODE_KERNEL,
+//      (paged_decode_warp.cuh). Twins of this kernel (SHADOWKV_DECODE_KERNEL,
 //      requested_decode_kernel below), same blocks and outputs: the pipelined one
 //      (paged_decode_pipelined.cuh: rows staged in shared memory with cp.async) and the
-//      tensor-core one (paged_decode_mma.cuh: the same staging, both products on mma.sync).
+//      tensor-core one (paged_decode_mma.cuh: the same staging, both products on mma.sync),
+//      the default where it applies; the warp kernel runs everything else.
 //   2. decode_reduce_kernel (paged_decode_reduce.cuh, as 3), one block per (sequence, query
 //      head): combines the partitions
 //      (global max M, L = sum_p l_p e^(m_p - M), out = sum_p acc_p e^(m_p - M) / L), writes out
@@ -95,17 +96,18 @@ void launch_mma(const DecodeLaunch& a, int64_t blocks, cudaStream_t stream, cons
 
 enum class DecodeKernel { kWarp, kPipelined, kMma };
 
-// SHADOWKV_DECODE_KERNEL, read at every call: "auto" (the default) and "warp" run
-// decode_partition_kernel; "pipelined" runs decode_partition_pipelined_kernel and "mma"
+// SHADOWKV_DECODE_KERNEL, read at every call: "warp" runs decode_partition_kernel; "pipelined"
+// runs decode_partition_pipelined_kernel and "auto" (the default) or "mma"
 // decode_partition_mma_kernel where they apply (bfloat16/float16, D = 64 or 128, 16-byte aligned
-// rows; mma also needs sm_80+), else the warp kernel. The default stays "warp" until the others
-// have passed the GPU tests and been measured.
+// rows; mma also needs sm_80+), else the warp kernel. mma is the default since it passed the GPU
+// tests on an H200 and ran 4.7x faster than warp there (bench/RESULTS.md, 2026-11-26: 0.88 vs
+// 4.03 ms at B=64, ctx 8k, unchecked; pipelined 1.12 ms).
 DecodeKernel requested_decode_kernel(const char* op) {
   const char* env = std::getenv("SHADOWKV_DECODE_KERNEL");
   const std::string v = env == nullptr ? "" : env;
-  if (v.empty() || v == "auto" || v == "warp") return DecodeKernel::kWarp;
+  if (v == "warp") return DecodeKernel::kWarp;
   if (v == "pipelined") return DecodeKernel::kPipelined;
-  if (v == "mma") return DecodeKernel::kMma;
+  if (v.empty() || v == "auto" || v == "mma") return DecodeKernel::kMma;
   fail(op, "SHADOWKV_DECODE_KERNEL must be one of auto, warp, pipelined, mma; got '" + v + "'");
 }
 

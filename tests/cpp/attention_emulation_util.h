@@ -30,7 +30,7 @@ struct AttentionShape {
 // query rows that see no key at all (lse = -inf, out = 0, no gradient).
 inline const AttentionShape kAttentionShapes[] = {
     {1, 2, 1, 150, 150, 0}, {1, 1, 1, 70, 200, 130}, {1, 2, 1, 64, 96, 100, 130}};
-// For the families no GPU has run (wgmma2, wgmma2o) also: two sequences x two KV heads with
+// For the two-warpgroup families (wgmma2, wgmma2o) also: two sequences x two KV heads with
 // enough live key tiles that every K/V stage of the staged and overlapped rings is refilled
 // (batch and head indexing, write-after-read hazards of the rings). Slow to emulate.
 inline const AttentionShape kRingShape = {2, 4, 2, 70, 600, 530};
