@@ -43,7 +43,8 @@ cases="named_cases or matches_reference or round_trip or empty or no_visible_key
 # The newest kernels' test selections: each stage runs them in processes of their own (an
 # illegal address poisons the CUDA context of the process that hits it), so that a fault brought
 # in by a change to them spares the verdict on the rest. All of them passed on an H200 on
-# 2026-11-26 (e365d73), as did everything else; put a kernel no GPU has run yet here.
+# 2026-11-26 (e365d73), as did everything else; the mma_rows decode kernel (test ids
+# mma_decode_rows, selected by mma_decode) came after and has not run on a GPU yet.
 untried="pipelined or mma_decode or wgmma2 or unchecked"
 
 # What the extension is built from: a prebuilt one is used only if this matches its stamp.
@@ -62,10 +63,11 @@ profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|f
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
   --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters
   $py bench/profile_attention.py --family)
-# Nsight Compute on the default (mma) paged decode kernel at the decode benchmark's shape: its
-# first launch (the benchmark's agreement check), the partition kernel and the reduce. Why it
-# stops at 58% of copy bandwidth (2026-11-26) is the question.
-profile_decode=("$ncu" --target-processes all -k "regex:decode_(partition_mma|reduce)_kernel" -c 2
+# Nsight Compute on the mma paged decode kernels at the decode benchmark's shape: the first
+# three launches of the benchmark's agreement checks, i.e. mma checked and unchecked, then
+# mma_rows (its whole-row copies). Why mma stops at 58% of copy bandwidth (2026-11-26) is the
+# question.
+profile_decode=("$ncu" --target-processes all -k "regex:decode_partition_mma_kernel" -c 3
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
   --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters
   $py -m shadowkv bench decode --device cuda --reps 1 --warmup 0)

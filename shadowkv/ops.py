@@ -74,7 +74,7 @@ def cpu_isa(name: str) -> contextlib.AbstractContextManager[None]:
 
 
 DECODE_KERNEL_ENV = "SHADOWKV_DECODE_KERNEL"
-DECODE_KERNELS = ("auto", "warp", "pipelined", "mma")
+DECODE_KERNELS = ("auto", "warp", "pipelined", "mma", "mma_rows")
 
 
 def decode_kernel(name: str) -> contextlib.AbstractContextManager[None]:
@@ -86,7 +86,8 @@ def decode_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     aligned page rows; elsewhere as ``"warp"``); ``"mma"`` and ``"auto"`` (the default): the
     same staging, with both products on the tensor cores (same conditions, and sm_80+). On an
     H200 at B=64, 8k context, bf16, mma took 0.88 ms, pipelined 1.12 ms and warp 4.03 ms
-    (bench/RESULTS.md). Sets the environment variable SHADOWKV_DECODE_KERNEL, which the CUDA op
+    (bench/RESULTS.md). ``"mma_rows"``: mma with each warp instruction copying whole K/V rows
+    instead of 32 bytes of each of 16 rows (opt-in until a GPU has measured it). Sets the environment variable SHADOWKV_DECODE_KERNEL, which the CUDA op
     reads at every call, for the whole process while the block runs. CPU ops ignore it.
     """
     return _scoped_choice("decode_kernel", DECODE_KERNEL_ENV, DECODE_KERNELS, name)

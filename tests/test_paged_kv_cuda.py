@@ -304,13 +304,15 @@ def check_decode(q, state: PagedState, scale, scores, *, q_dev=None, tables=None
     return out
 
 
-@pytest.fixture(params=["warp", "pipelined", "mma"], ids=["warp_decode", "pipelined", "mma_decode"])
+@pytest.fixture(params=["warp", "pipelined", "mma", "mma_rows"],
+                ids=["warp_decode", "pipelined", "mma_decode", "mma_decode_rows"])
 def decode_kernel(request, monkeypatch):
     """The decode tests run each kernel: the warp one, the pipelined one and the tensor-core one
-    (SHADOWKV_DECODE_KERNEL; the last two apply to bfloat16/float16 with head dim 64/128 and
-    aligned rows, the rest runs the warp kernel either way). The default ("auto") is the
-    tensor-core one where it applies; tests without this fixture run it. The tensor-core one's id
-    is "mma_decode": `-k mma` would also select the wgmma attention tests."""
+    with its two ways of copying rows (SHADOWKV_DECODE_KERNEL; all but warp apply to
+    bfloat16/float16 with head dim 64/128 and aligned rows, the rest runs the warp kernel either
+    way). The default ("auto") is the tensor-core one where it applies; tests without this
+    fixture run it. The tensor-core ids start with "mma_decode": `-k mma` would also select the
+    wgmma attention tests."""
     monkeypatch.setenv(ops.DECODE_KERNEL_ENV, request.param)
     return request.param
 
@@ -366,7 +368,8 @@ def test_decode_long_contexts_split_k(lens, q_heads, kv_heads, head_dim, dtype, 
 
 
 @pytest.mark.parametrize("kernel", [pytest.param("warp", id="warp_decode"), "pipelined",
-                                    pytest.param("mma", id="mma_decode")])
+                                    pytest.param("mma", id="mma_decode"),
+                                    pytest.param("mma_rows", id="mma_decode_rows")])
 @settings(max_examples=60)
 @given(case=cpu_decode.cases(dtypes=(torch.float32, torch.bfloat16, torch.float16)))
 def test_decode_random_cases(case, kernel):
@@ -520,7 +523,7 @@ def test_unknown_decode_kernel_is_an_error(monkeypatch):
     monkeypatch.setenv(ops.DECODE_KERNEL_ENV, "fastest")
     q, state, _ = cpu_decode.Case([5], 2, 1, 64, 4, torch.bfloat16, None, None, seed=3).inputs()
     d = dev_state(state)
-    with pytest.raises(ValueError, match="SHADOWKV_DECODE_KERNEL must be one of auto, warp, pipelined, mma"):
+    with pytest.raises(ValueError, match="SHADOWKV_DECODE_KERNEL must be one of auto, warp, pipelined, mma, mma_rows"):
         ops.paged_decode_attention(dev(q), d.k_pages, d.v_pages, d.block_tables, d.seq_lens)
 
 

@@ -88,27 +88,29 @@ void launch_pipelined(const DecodeLaunch& a, int64_t blocks, cudaStream_t stream
                 blocks, stream, op, "decode_partition_pipelined_kernel");  // <= 55.3 KB
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kRowLoads>
 void launch_mma(const DecodeLaunch& a, int64_t blocks, cudaStream_t stream, const char* op) {
-  launch_staged(decode_partition_mma_kernel<T, D>, mma_smem_bytes<T, D>(a.tile_heads, a.part_size), a, blocks,
-                stream, op, "decode_partition_mma_kernel");  // <= 71.3 KB
+  launch_staged(decode_partition_mma_kernel<T, D, kRowLoads>, mma_smem_bytes<T, D>(a.tile_heads, a.part_size), a,
+                blocks, stream, op, "decode_partition_mma_kernel");  // <= 71.3 KB
 }
 
-enum class DecodeKernel { kWarp, kPipelined, kMma };
+enum class DecodeKernel { kWarp, kPipelined, kMma, kMmaRows };
 
 // SHADOWKV_DECODE_KERNEL, read at every call: "warp" runs decode_partition_kernel; "pipelined"
 // runs decode_partition_pipelined_kernel and "auto" (the default) or "mma"
 // decode_partition_mma_kernel where they apply (bfloat16/float16, D = 64 or 128, 16-byte aligned
 // rows; mma also needs sm_80+), else the warp kernel. mma is the default since it passed the GPU
 // tests on an H200 and ran 4.7x faster than warp there (bench/RESULTS.md, 2026-11-26: 0.88 vs
-// 4.03 ms at B=64, ctx 8k, unchecked; pipelined 1.12 ms).
+// 4.03 ms at B=64, ctx 8k, unchecked; pipelined 1.12 ms). "mma_rows" is the mma kernel with
+// whole-row copies (paged_decode_mma.cuh), opt-in until a GPU has measured it.
 DecodeKernel requested_decode_kernel(const char* op) {
   const char* env = std::getenv("SHADOWKV_DECODE_KERNEL");
   const std::string v = env == nullptr ? "" : env;
   if (v == "warp") return DecodeKernel::kWarp;
   if (v == "pipelined") return DecodeKernel::kPipelined;
   if (v.empty() || v == "auto" || v == "mma") return DecodeKernel::kMma;
-  fail(op, "SHADOWKV_DECODE_KERNEL must be one of auto, warp, pipelined, mma; got '" + v + "'");
+  if (v == "mma_rows") return DecodeKernel::kMmaRows;
+  fail(op, "SHADOWKV_DECODE_KERNEL must be one of auto, warp, pipelined, mma, mma_rows; got '" + v + "'");
 }
 
 int device_cc_major() {
@@ -217,9 +219,13 @@ void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream_ptr) {
           if (D == 128) return launch_pipelined<T, 128>(a, blocks, stream, op);
           if (D == 64) return launch_pipelined<T, 64>(a, blocks, stream, op);
         }
-        if (kernel == DecodeKernel::kMma && rows_aligned(c, 8) && device_cc_major() >= 8) {
-          if (D == 128) return launch_mma<T, 128>(a, blocks, stream, op);
-          if (D == 64) return launch_mma<T, 64>(a, blocks, stream, op);
+        if ((kernel == DecodeKernel::kMma || kernel == DecodeKernel::kMmaRows) && rows_aligned(c, 8) &&
+            device_cc_major() >= 8) {
+          const bool rows = kernel == DecodeKernel::kMmaRows;
+          if (D == 128) return rows ? launch_mma<T, 128, true>(a, blocks, stream, op)
+                                    : launch_mma<T, 128, false>(a, blocks, stream, op);
+          if (D == 64) return rows ? launch_mma<T, 64, true>(a, blocks, stream, op)
+                                   : launch_mma<T, 64, false>(a, blocks, stream, op);
         }
       }
       if (D == 128 && rows_aligned(c, 4)) return launch_partitions<T, 4, 1>(a, blocks, smem, stream, op);

@@ -180,26 +180,31 @@ __device__ __forceinline__ void stage_pages_and_queries(const DecodeLaunch& a, c
 // drains in between. Rows past the partition's n slots and rows on a bad page (id -1 in `pages`)
 // become zeros: their results are never stored, or the sequence's outputs are NaN.
 //
-// A thread copies kCopies pieces of ONE slot of a chunk (kLoadersPerSlot threads per slot, pieces
-// q, q + kLoadersPerSlot, ...): the slot's place (a FastDivmod, a shared-memory page id, two
-// 64-bit multiply-adds) is paid once per slot and thread, not per 16-byte piece. (With a runtime
-// `/` and `%` per piece the SASS spent ~90 instructions per piece, ~40% of the pipelined
-// kernel's instructions, in a loop that has to keep up with HBM.)
+// kLoaders threads share each slot: thread q of a slot copies its pieces q, q + kLoaders, ...
+// (kCopies of them), so the slot's place (a FastDivmod, a shared-memory page id, two 64-bit
+// multiply-adds) is paid once per slot and thread, not per 16-byte piece. (With a runtime `/`
+// and `%` per piece the SASS spent ~90 instructions per piece, ~40% of the pipelined kernel's
+// instructions, in a loop that has to keep up with HBM.) The default, kThreads / kChunk loaders,
+// gives each thread one slot of the chunk (one pass); with kLoaders = the row's pieces, each
+// warp instruction copies whole rows (32 lanes: 512 contiguous bytes at D = 128) instead of 32
+// bytes of each of 16 rows, in kPasses passes of kThreads / kLoaders slots, a slot lookup per
+// pass.
 //
 // Protocol: prime() once, then next(t) for t = 0, 1, ..., 2 * chunks - 1 in order, by every
 // thread: it waits for chunk t (this thread's copies, then everyone's through the block barrier,
 // which also tells that chunk t - 1 is used up), requests chunk t + kStages - 1 into chunk t - 1's
 // stage and returns chunk t's rows. Every call commits one group, empty or not, so group t holds
 // chunk t and nothing is in flight after the last call.
-template <typename T, int D, int kChunk, int kStages, int kRow>
+template <typename T, int D, int kChunk, int kStages, int kRow, int kLoaders = kThreads / kChunk>
 struct RowRing {
   static constexpr int kElemsPer16B = 16 / static_cast<int>(sizeof(T));
   static constexpr int kPieces = D / kElemsPer16B;  // 16-byte pieces per row
-  static constexpr int kLoadersPerSlot = kThreads / kChunk;
-  static constexpr int kCopies = kPieces / kLoadersPerSlot;  // cp.async per thread and chunk
+  static constexpr int kSlotsPerPass = kThreads / kLoaders;
+  static constexpr int kPasses = kChunk / kSlotsPerPass;
+  static constexpr int kCopies = kPieces / kLoaders;  // cp.async per thread, slot and chunk
   static constexpr size_t kBytes = sizeof(T) * kStages * kChunk * kRow;
-  static_assert(sizeof(T) == 2 && kThreads % kChunk == 0 && kPieces % kLoadersPerSlot == 0,
-                "16-bit rows; a slot's loaders cover its pieces");
+  static_assert(sizeof(T) == 2 && kThreads % kLoaders == 0 && kChunk % kSlotsPerPass == 0 && kPieces % kLoaders == 0,
+                "16-bit rows; the passes cover the chunk's slots, a slot's loaders its pieces");
   static_assert(kRow >= D && (sizeof(T) * kRow) % 16 == 0, "staged rows keep 16-byte alignment");
   static_assert(kStages >= 2, "a ring");
 
@@ -214,8 +219,8 @@ struct RowRing {
   __device__ RowRing(const DecodeLaunch& a_, const StagedBlock& blk, T* stages_, const int* pages_)
       : a(a_), stages(stages_), pages(pages_) {
     const PagedKVCache& c = a.p.cache;
-    load_slot = threadIdx.x / kLoadersPerSlot;
-    const int load_q = threadIdx.x % kLoadersPerSlot;
+    load_slot = threadIdx.x / kLoaders;
+    const int load_q = threadIdx.x % kLoaders;
     k_head = static_cast<const T*>(c.k_pages) + blk.h * c.k_stride[2] + load_q * kElemsPer16B;
     v_head = static_cast<const T*>(c.v_pages) + blk.h * c.v_stride[2] + load_q * kElemsPer16B;
     dst0 = stages + load_slot * kRow + load_q * kElemsPer16B;
@@ -230,28 +235,32 @@ struct RowRing {
     const PagedKVCache& c = a.p.cache;
     const bool values = t >= chunks;
     const int ch = values ? t - chunks : t;
-    T* dst = dst0 + (t % kStages) * kChunk * kRow;
-    const int jj = ch * kChunk + load_slot;  // slot within the partition (k0 + jj may pass INT32_MAX when jj >= n)
-    // A zero fill reads nothing, but cp.async still wants a valid, 16-byte aligned address: the
-    // partition workspace's (never empty when a block runs; q need not be aligned, and an empty
-    // page pool may have no address at all).
-    const T* src = reinterpret_cast<const T*>(a.part_acc);
-    bool ok = jj < n;
-    if (ok) {
-      const uint32_t slot = static_cast<uint32_t>(k0 + jj);  // < len <= INT32_MAX
-      const uint32_t page_index = a.page_div.div(slot);
-      const int page = pages[page_index - first_page];
-      ok = page >= 0;
-      if (ok) {
-        const int64_t row = a.page_div.mod(slot, page_index);
-        src = values ? v_head + page * c.v_stride[0] + row * c.v_stride[1]
-                     : k_head + page * c.k_stride[0] + row * c.k_stride[1];
-      }
-    }
 #pragma unroll
-    for (int r = 0; r < kCopies; ++r) {
-      const int step = ok ? r * kLoadersPerSlot * kElemsPer16B : 0;  // a zero fill reads nothing
-      cuda_common::cp_async_16(dst + r * kLoadersPerSlot * kElemsPer16B, src + step, ok);
+    for (int pass = 0; pass < kPasses; ++pass) {
+      T* dst = dst0 + (t % kStages) * kChunk * kRow + pass * kSlotsPerPass * kRow;
+      // The slot within the partition (k0 + jj may pass INT32_MAX when jj >= n).
+      const int jj = ch * kChunk + pass * kSlotsPerPass + load_slot;
+      // A zero fill reads nothing, but cp.async still wants a valid, 16-byte aligned address: the
+      // partition workspace's (never empty when a block runs; q need not be aligned, and an empty
+      // page pool may have no address at all).
+      const T* src = reinterpret_cast<const T*>(a.part_acc);
+      bool ok = jj < n;
+      if (ok) {
+        const uint32_t slot = static_cast<uint32_t>(k0 + jj);  // < len <= INT32_MAX
+        const uint32_t page_index = a.page_div.div(slot);
+        const int page = pages[page_index - first_page];
+        ok = page >= 0;
+        if (ok) {
+          const int64_t row = a.page_div.mod(slot, page_index);
+          src = values ? v_head + page * c.v_stride[0] + row * c.v_stride[1]
+                       : k_head + page * c.k_stride[0] + row * c.k_stride[1];
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kCopies; ++r) {
+        const int step = ok ? r * kLoaders * kElemsPer16B : 0;  // a zero fill reads nothing
+        cuda_common::cp_async_16(dst + r * kLoaders * kElemsPer16B, src + step, ok);
+      }
     }
   }
 

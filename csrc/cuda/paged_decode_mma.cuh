@@ -20,6 +20,10 @@
 //           P where P_hi alone would keep bfloat16's 8, so the output stays as close to the fp32
 //           reference as the kernels that multiply fp32 P. Each warp owns its dims: there is no
 //           cross-warp sum, the accumulators are the partition's unnormalised output.
+// kRowLoads (SHADOWKV_DECODE_KERNEL=mma_rows, opt-in until measured) changes only who copies
+// what: each 256-byte row (D = 128) is copied by 16 lanes, a warp instruction moves two whole
+// rows, instead of one thread per slot copying every second 16-byte piece of it (a warp
+// instruction then touches 16 rows, 32 bytes each: four times the L2 requests per byte).
 // Staged rows have a pitch of D + 8 elements, so the 8 row addresses of each ldmatrix fall in
 // 8 different 16-byte bank groups. The logits' pitch part_size + 8 (part_size is a multiple of
 // 128) keeps step c's float2 reads of s conflict-free (per half-warp: 4 heads x 4 slot pairs).
@@ -47,8 +51,9 @@ struct MmaShape {
   static constexpr int kDimTiles = D / mmad::kTile / kWarps;  // step c: 16-dim tiles per warp (2 or 1)
 };
 
-template <typename T, int D>
-using MmaRing = RowRing<T, D, mmad::kChunk, mmad::kStages, MmaShape<T, D>::kRow>;
+template <typename T, int D, bool kRowLoads = false>
+using MmaRing = RowRing<T, D, mmad::kChunk, mmad::kStages, MmaShape<T, D>::kRow,
+                        kRowLoads ? D / 8 : kThreads / mmad::kChunk>;  // loaders per slot: a row's pieces, or 2
 
 // The row pitch of the logits in shared memory, in floats.
 __host__ __device__ inline int mma_logit_pitch(int part_size) { return part_size + 8; }
@@ -62,7 +67,7 @@ size_t mma_smem_bytes(int tile_heads, int part_size) {
          sizeof(int) * static_cast<size_t>(part_size + 1);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kRowLoads = false>
 __global__ void __launch_bounds__(kThreads) decode_partition_mma_kernel(const DecodeLaunch a) {
   using S = MmaShape<T, D>;
   using namespace mmad;
@@ -84,7 +89,7 @@ __global__ void __launch_bounds__(kThreads) decode_partition_mma_kernel(const De
   int* pages = reinterpret_cast<int*>(s + static_cast<size_t>(a.tile_heads) * pitch);
   stage_pages_and_queries(a, blk, D, pages, qs);
 
-  MmaRing<T, D> ring(a, blk, stages, pages);
+  MmaRing<T, D, kRowLoads> ring(a, blk, stages, pages);
   const int chunks = ring.chunks;
   ring.prime();
 

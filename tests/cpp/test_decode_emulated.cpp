@@ -32,7 +32,7 @@ using namespace shadowkv::cuda_paged;
 using shadowkv_test::from_double;
 using shadowkv_test::to_double;
 
-enum class Kernel { kWarp, kPipelined, kMma };
+enum class Kernel { kWarp, kPipelined, kMma, kMmaRows };
 
 struct Case {
   std::vector<int> lens;
@@ -44,7 +44,10 @@ struct Case {
 };
 
 std::string describe(Kernel kernel, int D, const Case& c) {
-  std::string s = kernel == Kernel::kMma ? "mma" : kernel == Kernel::kPipelined ? "pipelined" : "warp";
+  std::string s = kernel == Kernel::kMma        ? "mma"
+                  : kernel == Kernel::kMmaRows ? "mma_rows"
+                  : kernel == Kernel::kPipelined ? "pipelined"
+                                                 : "warp";
   s += " D=" + std::to_string(D) + " Hq=" + std::to_string(c.q_heads) + " Hkv=" + std::to_string(c.kv_heads) +
        " page=" + std::to_string(c.page_size) + " part=" + std::to_string(c.part_size) + " lens=";
   for (int l : c.lens) s += std::to_string(l) + ",";
@@ -142,10 +145,14 @@ void run_case(Kernel kernel, const Case& c, uint32_t seed) {
 
   // paged_decode_attention_cuda's launches: the partition kernel, the reduce, the scores.
   const unsigned blocks = static_cast<unsigned>(B * Hkv * a.group_tiles * a.num_parts);
-  if (kernel == Kernel::kMma) {
-    if constexpr (sizeof(T) == 2 && (D == 64 || D == 128))
-      shadowkv_emu::launch(blocks, kThreads, mma_smem_bytes<T, D>(a.tile_heads, a.part_size),
-                           [&] { decode_partition_mma_kernel<T, D>(a); });
+  if (kernel == Kernel::kMma || kernel == Kernel::kMmaRows) {
+    if constexpr (sizeof(T) == 2 && (D == 64 || D == 128)) {
+      const size_t smem = mma_smem_bytes<T, D>(a.tile_heads, a.part_size);
+      if (kernel == Kernel::kMma)
+        shadowkv_emu::launch(blocks, kThreads, smem, [&] { decode_partition_mma_kernel<T, D, false>(a); });
+      else
+        shadowkv_emu::launch(blocks, kThreads, smem, [&] { decode_partition_mma_kernel<T, D, true>(a); });
+    }
   } else if (kernel == Kernel::kPipelined) {
     if constexpr (sizeof(T) == 2 && (D == 64 || D == 128))
       shadowkv_emu::launch(blocks, kThreads, pipelined_smem_bytes<T, D>(a.tile_heads, a.part_size),
@@ -291,13 +298,15 @@ TEST(emulated_decode_warp) {
 }
 TEST(emulated_decode_mma_bf16_d128) { run_all<__nv_bfloat16, 128>(Kernel::kMma, 1); }
 TEST(emulated_decode_mma_fp16_d64) { run_all<__half, 64>(Kernel::kMma, 11); }
+TEST(emulated_decode_mma_rows_bf16_d128) { run_all<__nv_bfloat16, 128>(Kernel::kMmaRows, 81); }
+TEST(emulated_decode_mma_rows_fp16_d64) { run_all<__half, 64>(Kernel::kMmaRows, 91); }
 TEST(emulated_decode_pipelined_bf16_d128) { run_all<__nv_bfloat16, 128>(Kernel::kPipelined, 21); }
 TEST(emulated_decode_pipelined_fp16_d64) { run_all<__half, 64>(Kernel::kPipelined, 31); }
 
 // check=False calls: a page id outside the pool in a column a partition reads flags the sequence
 // (and nothing is read from it); the other sequences are exact.
 TEST(emulated_decode_unchecked_bad_page) {
-  for (Kernel kernel : {Kernel::kMma, Kernel::kPipelined, Kernel::kWarp}) {
+  for (Kernel kernel : {Kernel::kMma, Kernel::kMmaRows, Kernel::kPipelined, Kernel::kWarp}) {
     Case c{{200, 150}, 4, 2, 16, 128};
     c.unchecked = true;
     c.bad_seq = 0;
