@@ -39,6 +39,7 @@
 #include <string>
 #include <type_traits>
 
+#include "paged_decode_check.cuh"
 #include "paged_decode_common.cuh"
 #include "paged_decode_mma.cuh"
 #include "paged_decode_pipelined.cuh"
@@ -128,6 +129,28 @@ bool rows_aligned(const PagedKVCache& c, int64_t vec) {
   return ok;
 }
 
+// The checks of paged_decode_attention_cpu on values, in its order, on host copies of seq_lens
+// and the block tables: raises on the first bad value. Only run after decode_check_kernel found
+// one (the copies cost more than the decode kernels' own host work).
+void check_values_on_host(const PagedDecodeParams& p, cudaStream_t stream, const char* op) {
+  const PagedKVCache& c = p.cache;
+  IndexStager stager;
+  CacheStage cache_stage;
+  cache_stage.add(stager, c);
+  stager.copy_to_host(stream);
+  const PagedKVCache hc = cache_stage.host_view(stager, c);
+  check_paged_cache(hc, op);
+  std::vector<int64_t> used(c.batch), none(c.batch, 0);
+  for (int64_t b = 0; b < c.batch; ++b) {
+    const int64_t len = hc.seq_len(b);
+    if (p.scores && len > p.scores_len)
+      fail(op, "`scores_out` has " + std::to_string(p.scores_len) + " slots (last dim) but `seq_lens`[" +
+                   std::to_string(b) + "] = " + std::to_string(len));
+    used[b] = (len + c.page_size - 1) / c.page_size;
+  }
+  check_block_tables(hc, used.data(), none.data(), none.data(), op);
+}
+
 }  // namespace
 }  // namespace cuda_paged
 
@@ -156,24 +179,28 @@ void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream_ptr) {
   const int64_t capacity = c.slot_capacity();
   // Unchecked calls with scores reject lengths above scores_len: size for that when smaller.
   int64_t max_len = p.scores ? std::min(capacity, std::max<int64_t>(p.scores_len, 0)) : capacity;
-  if (p.check_values) {
-    IndexStager stager;
-    CacheStage cache_stage;
-    cache_stage.add(stager, c);
-    stager.copy_to_host(stream);
-    const PagedKVCache hc = cache_stage.host_view(stager, c);
-    check_paged_cache(hc, op);
-    std::vector<int64_t> used(B), none(B, 0);
-    max_len = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t len = hc.seq_len(b);
-      if (p.scores && len > p.scores_len)
-        fail(op, "`scores_out` has " + std::to_string(p.scores_len) + " slots (last dim) but `seq_lens`[" +
-                     std::to_string(b) + "] = " + std::to_string(len));
-      used[b] = (len + c.page_size - 1) / c.page_size;
-      max_len = std::max(max_len, len);
+  if (p.check_values && B > 0) {
+    // The verdict and the longest sequence from the device (paged_decode_check.cuh); the host
+    // check, with its messages, only when the verdict is bad.
+    int result[2] = {0, 0};
+    {
+      DeviceBuffer dev(sizeof(result), stream);
+      int* r = reinterpret_cast<int*>(dev.bytes());
+      check_cuda(cudaMemsetAsync(r, 0, sizeof(result), stream), "cudaMemsetAsync (check result)");
+      const int64_t items = B * std::max<int64_t>(c.max_pages, 1);
+      const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(items, kCheckThreads), 1024));
+      decode_check_kernel<<<blocks, kCheckThreads, 0, stream>>>(c, capacity, p.scores ? p.scores_len : -1, r);
+      check_launch("decode_check_kernel");
+      check_cuda(cudaMemcpyAsync(result, r, sizeof(result), cudaMemcpyDeviceToHost, stream),
+                 "cudaMemcpyAsync (check result)");
+      check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (check result)");
     }
-    check_block_tables(hc, used.data(), none.data(), none.data(), op);
+    if (result[1] != 0) {
+      check_values_on_host(p, stream, op);  // raises the message of the first bad value
+      fail(op, "`seq_lens` or `block_tables` failed the device check but not the host check; were they "
+                   "written while the op ran?");
+    }
+    max_len = result[0];
   }
   if (B == 0) return;
 

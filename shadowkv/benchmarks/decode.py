@@ -17,8 +17,8 @@ device-to-device copy of the same number of bytes timed in the same run:
   same bytes as the paged op.
 
 Times are per call, median of ``--reps`` after ``--warmup`` calls. On CUDA they come from CUDA
-events and include what the op does on the host per call: by default it copies ``seq_lens`` and
-the block tables to the host to validate them and synchronises; the ``check=False`` row skips
+events and include what the op does on the host per call: by default a small kernel validates
+``seq_lens`` and the block tables and the host waits for its verdict; the ``check=False`` row skips
 that (values checked on the device, graph-capturable; see ``shadowkv/ops.py``). On CUDA every row of the
 paged op is timed for each kernel (``ops.decode_kernel``: the default ``mma`` one first, then
 the ``pipelined`` and ``warp`` ones, then the opt-in ``mma_rows``; each row tagged with its

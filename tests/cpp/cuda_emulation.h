@@ -318,6 +318,12 @@ inline int atomicMin(int* p, int v) {
   }
   return old;
 }
+inline int atomicMax(int* p, int v) {
+  int old = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+  while (v > old && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+  }
+  return old;
+}
 template <typename V>
 V __ldcg(const V* p) {
   return __atomic_load_n(p, __ATOMIC_SEQ_CST);

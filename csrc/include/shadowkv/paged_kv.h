@@ -82,7 +82,8 @@ struct AppendKVParams {
   int64_t positions_stride[2] = {0, 0};  // batch, token
   int64_t num_new_stride = 1;
   // true: every value is checked before anything is written (std::invalid_argument on bad ones);
-  // on CUDA that costs a device->host copy and a stream synchronisation per call.
+  // on CUDA that costs a check kernel, a device->host copy of its verdict and a stream
+  // synchronisation per call.
   // false (CUDA only; the CPU kernel checks regardless): no copy, no synchronisation (a decode
   // step of append + paged_decode_attention can be captured in a CUDA graph). Each sequence is
   // checked on the device instead: seq_lens[b] in [0, capacity], num_new[b] in [0, T], the new
@@ -111,7 +112,8 @@ struct PagedDecodeParams {
   int64_t scores_len = 0;
   int64_t scores_stride[3] = {0, 0, 0};  // batch, head, slot
   // true: every value is checked before anything is written (std::invalid_argument on bad ones);
-  // on CUDA that costs a device->host copy and a stream synchronisation per call.
+  // on CUDA that costs a check kernel, a device->host copy of its verdict and a stream
+  // synchronisation per call.
   // false (CUDA only; the CPU kernel checks regardless): no copy, no synchronisation, so the
   // call can be captured in a CUDA graph; the values are checked on the device instead, and a
   // sequence whose seq_lens entry is outside [0, max_pages * page_size] (or above scores_len),
@@ -167,10 +169,10 @@ void evict_compact_cpu(const EvictCompactParams& p, const ParallelFor& pf = seri
 // is in device memory). Same contract, checks and messages as the CPU kernels, and the same
 // results: bit-identical for append_kv and evict_compact, within float rounding for decode
 // (fp32 accumulation; bfloat16/float16/float32 only, head_dim <= 256; append and evict take
-// every dtype). To check the values before writing anything, each call copies the index arrays
-// it validates to the host and synchronises `stream` first (seq_lens and block_tables; plus
-// num_new and positions for append; steps and the device's per-(sequence, head) check results
-// for evict), so these calls block the host and cannot be captured in a CUDA graph (unless
+// every dtype). To check the values before writing anything, each call copies what it validates
+// to the host and synchronises `stream` first (append: seq_lens, block_tables, num_new and
+// positions; decode: the verdict of a check kernel, and the index arrays only when it is bad;
+// evict: steps and the device's per-(sequence, head) check results), so these calls block the host and cannot be captured in a CUDA graph (unless
 // check_values = false, see the params above). Throw std::invalid_argument on bad params or
 // values (nothing written) and std::runtime_error on CUDA errors. evict_compact_cuda also
 // rejects keep_len > INT32_MAX (it indexes slots in int32).
