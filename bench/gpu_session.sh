@@ -227,6 +227,10 @@ build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=
           --eval-prompts 16 --quiet --out /tmp/train-run
         part 30 $py -m shadowkv bench replay --device cuda  # the bf16 replay floor (DESIGN.md's 2e-2)
         part 30 $py -m shadowkv bench evict --device cuda
+        # Decode away from the acceptance shape: few long sequences (split-K), GQA groups of 8 at
+        # head dim 64 (~7 s each).
+        part 30 $py -m shadowkv bench decode --device cuda -B 8 --ctx 32768
+        part 30 $py -m shadowkv bench decode --device cuda --heads 64 --kv-heads 8 --head-dim 64
         part 60 $py -m shadowkv bench rollout --device cuda --dtype bfloat16 -B 64 --prompt 512 --new 512 \
           --head-dim 128 --max-fit-batch 256
         part 30 $py -m pytest $opts -m slow tests/test_shadow_attention_cuda.py  # 32k context
