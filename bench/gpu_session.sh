@@ -205,6 +205,9 @@ profile_decode=("$ncu" --target-processes all -k "regex:decode_partition_mma_ker
           -k "unchecked and not (pipelined or mma_decode)"
         part 60 $py -m shadowkv bench decode --device cuda --scores  # the four decode kernels
         part 60 "${profile_decode[@]}"  # why decode stops short of copy bandwidth: the open question
+        # The same with every section's body (the stall reasons behind "cycles per issue"), at the
+        # GPU's own clocks: a separate part, in case this ncu lacks --print-details.
+        part 45 "${profile_decode[0]}" --print-details all --clock-control none "${profile_decode[@]:1}"
         part 75 $py -m shadowkv bench attention --device cuda  # wgmma2(o) timed last: a fault there spares the rest
         # compute-sanitizer (clean on 2026-11-26): small cases of the newest kernels (-x: the
         # first finding ends it); racecheck on the attention kernels, whose shared-memory stages
