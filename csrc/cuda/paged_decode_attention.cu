@@ -160,7 +160,8 @@ void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream_ptr) {
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const PagedKVCache& c = p.cache;
 
-  // The checks of paged_decode_attention_cpu, in its order; values are read from host copies.
+  // The checks of paged_decode_attention_cpu, in its order: the params' here, the values' on the
+  // device (checked calls; their host copies only to word an error).
   check_cache_params(c, op);
   if (p.num_q_heads < 0 || p.num_q_heads % c.num_kv_heads != 0)
     fail(op, "the head count of `q` (" + std::to_string(p.num_q_heads) +

@@ -186,7 +186,7 @@ __device__ __forceinline__ void stage_pages_and_queries(const DecodeLaunch& a, c
 // and `%` per piece the SASS spent ~90 instructions per piece, ~40% of the pipelined kernel's
 // instructions, in a loop that has to keep up with HBM.) The default, kThreads / kChunk loaders,
 // gives each thread one slot of the chunk (one pass); with kLoaders = the row's pieces, each
-// warp instruction copies whole rows (32 lanes: 512 contiguous bytes at D = 128) instead of 32
+// warp instruction copies whole rows (32 lanes: two 256-byte rows at D = 128) instead of 32
 // bytes of each of 16 rows, in kPasses passes of kThreads / kLoaders slots, a slot lookup per
 // pass.
 //

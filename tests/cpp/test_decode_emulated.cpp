@@ -400,4 +400,95 @@ TEST(emulated_decode_check_matches_host_check) {
   CHECK(flagged > 50 && flagged < 250);  // both verdicts drawn
 }
 
+// decode_check_kernel at the edges the random draws miss: a capacity capped at INT32_MAX with
+// lengths and scores_len near it, a page of INT32_MAX slots, no block-table columns, negative
+// strides (the tables and lengths read backwards).
+void compare_check(const std::string& what, const PagedKVCache& c, int64_t scores_len) {
+  bool host_bad = false;
+  int64_t host_max = 0;
+  try {
+    check_paged_cache(c, "test");
+    std::vector<int64_t> used(c.batch), none(c.batch, 0);
+    for (int64_t b = 0; b < c.batch; ++b) {
+      if (scores_len >= 0 && c.seq_len(b) > scores_len) throw std::invalid_argument("scores_out too short");
+      used[b] = (c.seq_len(b) + c.page_size - 1) / c.page_size;
+      host_max = std::max(host_max, c.seq_len(b));
+    }
+    check_block_tables(c, used.data(), none.data(), none.data(), "test");
+  } catch (const std::invalid_argument&) {
+    host_bad = true;
+  }
+  int result[2] = {0, 0};
+  const int64_t items = c.batch * std::max<int64_t>(c.max_pages, 1);
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((items + kCheckThreads - 1) / kCheckThreads, 2));
+  shadowkv_emu::launch(blocks, kCheckThreads, 0, [&] { decode_check_kernel(c, c.slot_capacity(), scores_len, result); });
+  if ((result[1] != 0) != host_bad || (!host_bad && result[0] != host_max))
+    shadowkv_test::report(__FILE__, __LINE__, what + ": device verdict " + std::to_string(result[1]) + ", longest " +
+                                                  std::to_string(result[0]) + "; host " + (host_bad ? "bad" : "good") +
+                                                  ", longest " + std::to_string(host_max));
+}
+
+PagedKVCache check_cache(int64_t B, int64_t max_pages, int64_t ps, int64_t num_pages, int32_t* lens, int32_t* tables) {
+  static float dummy = 0;
+  PagedKVCache c{};
+  c.num_pages = num_pages;
+  c.page_size = ps;
+  c.num_kv_heads = 1;
+  c.head_dim = 1;
+  c.batch = B;
+  c.max_pages = max_pages;
+  c.dtype = DType::kFloat32;
+  c.k_pages = c.v_pages = &dummy;
+  c.seq_lens = lens;
+  c.block_tables = tables;
+  c.bt_stride[0] = max_pages;
+  c.bt_stride[1] = 1;
+  return c;
+}
+
+TEST(emulated_decode_check_edges) {
+  {  // 4096 pages of 2^20 slots: capacity capped at INT32_MAX; every column reads one entry
+    int32_t lens[2] = {INT32_MAX, 0}, t[1] = {3};
+    PagedKVCache c = check_cache(2, 4096, 1 << 20, 5, lens, t);
+    c.bt_stride[0] = c.bt_stride[1] = 0;
+    compare_check("capped capacity, len INT32_MAX", c, -1);
+    compare_check("capped capacity, scores_len INT32_MAX - 1", c, INT32_MAX - 1);
+    compare_check("capped capacity, scores_len INT32_MAX", c, INT32_MAX);
+    t[0] = 5;
+    compare_check("capped capacity, a page id past the pool", c, -1);
+  }
+  {  // one page of INT32_MAX slots
+    int32_t lens[3] = {INT32_MAX, 1, 0}, t[3] = {0, 0, -5};
+    compare_check("page of INT32_MAX slots", check_cache(3, 1, INT32_MAX, 1, lens, t), -1);
+  }
+  {  // a capacity of INT32_MAX - 1 slots
+    int32_t lens[1] = {INT32_MAX}, t[1] = {0};
+    PagedKVCache c = check_cache(1, 1, INT32_MAX - 1, 1, lens, t);
+    compare_check("len past a capacity of INT32_MAX - 1", c, -1);
+    lens[0] = INT32_MIN;
+    compare_check("len INT32_MIN", c, -1);
+  }
+  {  // no block-table columns
+    int32_t lens[3] = {0, 0, 0};
+    PagedKVCache c = check_cache(3, 0, 16, 0, lens, nullptr);
+    compare_check("no columns, empty sequences", c, 0);
+    lens[1] = 1;
+    compare_check("no columns, a non-empty sequence", c, -1);
+  }
+  {  // negative strides: sequence b's length at lens[2 - b], its column i at t[8 - 3 b - i]
+    int32_t lens[3] = {5, 0, 9}, t[9] = {0, 1, 2, 3, 4, 5, 6, 7, 8};
+    PagedKVCache c = check_cache(3, 3, 4, 9, lens + 2, t + 8);
+    c.seq_lens_stride = -1;
+    c.bt_stride[0] = -3;
+    c.bt_stride[1] = -1;
+    compare_check("negative strides", c, -1);
+    compare_check("negative strides, scores_len below a length", c, 8);
+    t[6] = 9;
+    compare_check("negative strides, a used id past the pool", c, -1);
+    t[6] = 6;
+    t[0] = 9;  // sequence 2, column 2: unused (length 5)
+    compare_check("negative strides, an unused id past the pool", c, -1);
+  }
+}
+
 }  // namespace

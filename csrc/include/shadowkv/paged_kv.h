@@ -82,8 +82,7 @@ struct AppendKVParams {
   int64_t positions_stride[2] = {0, 0};  // batch, token
   int64_t num_new_stride = 1;
   // true: every value is checked before anything is written (std::invalid_argument on bad ones);
-  // on CUDA that costs a check kernel, a device->host copy of its verdict and a stream
-  // synchronisation per call.
+  // on CUDA that costs a device->host copy and a stream synchronisation per call.
   // false (CUDA only; the CPU kernel checks regardless): no copy, no synchronisation (a decode
   // step of append + paged_decode_attention can be captured in a CUDA graph). Each sequence is
   // checked on the device instead: seq_lens[b] in [0, capacity], num_new[b] in [0, T], the new
@@ -172,8 +171,9 @@ void evict_compact_cpu(const EvictCompactParams& p, const ParallelFor& pf = seri
 // every dtype). To check the values before writing anything, each call copies what it validates
 // to the host and synchronises `stream` first (append: seq_lens, block_tables, num_new and
 // positions; decode: the verdict of a check kernel, and the index arrays only when it is bad;
-// evict: steps and the device's per-(sequence, head) check results), so these calls block the host and cannot be captured in a CUDA graph (unless
-// check_values = false, see the params above). Throw std::invalid_argument on bad params or
+// evict: steps and the device's per-(sequence, head) check results), so these calls block the
+// host and cannot be captured in a CUDA graph (unless check_values = false, see the params
+// above). Throw std::invalid_argument on bad params or
 // values (nothing written) and std::runtime_error on CUDA errors. evict_compact_cuda also
 // rejects keep_len > INT32_MAX (it indexes slots in int32).
 void append_kv_cuda(const AppendKVParams& p, void* stream);
