@@ -42,7 +42,7 @@ __device__ __forceinline__ void load_q_do(GmemCopy const& gmem_copy, GmemThr con
                                           const ShadowAttentionBwdParams& bp, const KeyTile& kt, Step st,
                                           DstQ&& dst_q, DstDO&& dst_do) {
   const ShadowAttentionParams& p = bp.fwd;
-  cuda_cute::load_pair<Rows, D>(gmem_copy, gmem_thr, coord, st.i0, rows_below(p.q_len - st.i0),
+  cuda_cute::load_pair<Rows, D>(gmem_copy, gmem_thr, coord, st.i0, rows_below(p.q_len - st.i0), p.q_len - st.i0 >= Rows,
                                 static_cast<const E*>(p.q) + kt.b * p.q_stride[0] + st.hq * p.q_stride[1],
                                 p.q_stride[2], dst_q,
                                 static_cast<const E*>(bp.grad_out) + kt.b * bp.do_stride[0] + st.hq * bp.do_stride[1],
@@ -74,9 +74,10 @@ __device__ __forceinline__ void load_row_stats(float (&lse2)[kRows], float (&del
 }
 
 // dQ kernels: dS = P (dP - delta) of key tile k0 for the query rows at positions p0 + row,
-// overwriting the scores `s` (P itself is not needed: dQ = dS K). `full`: every pair is visible;
-// else `ev_col` holds each column's log entry.
-template <int kRows, int kCols, class S, class DP, class RowCol>
+// overwriting the scores `s` (P itself is not needed: dQ = dS K). kMaybePartial && !full: some
+// pairs are hidden and `ev_col` holds each column's log entry; else every pair is visible and
+// `ev_col` is not read (kMaybePartial = false: no test in the code at all).
+template <bool kMaybePartial, int kRows, int kCols, class S, class DP, class RowCol>
 __device__ __forceinline__ void ds_by_query_rows(S& s, DP const& dp, RowCol const& rc, const int (&ev_col)[kCols],
                                                  bool full, int64_t k0, int64_t p0, float scale_log2,
                                                  const float (&lse2)[kRows], const float (&delta)[kRows]) {
@@ -86,7 +87,7 @@ __device__ __forceinline__ void ds_by_query_rows(S& s, DP const& dp, RowCol cons
     const int64_t pos = p0 + get<0>(rc(r, 0));
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
-      const bool vis = full || visible(k0 + get<1>(rc(r, c)), pos, ev_col[c]);
+      const bool vis = !kMaybePartial || full || visible(k0 + get<1>(rc(r, c)), pos, ev_col[c]);
       const float pr = vis ? exp2f(s(r, c) * scale_log2 - lse2[r]) : 0.f;
       s(r, c) = pr * (dp(r, c) - delta[r]);
     }
@@ -97,7 +98,8 @@ __device__ __forceinline__ void ds_by_query_rows(S& s, DP const& dp, RowCol cons
 // for the keys k0 + row (their log entries in `ev_row`) against the query rows at positions
 // p0 + column, `rows` of them, whose statistics start at workspace row ws_row0. `full`: every
 // pair is visible. Column by column, so that only one column's statistics are live at a time
-// (the dK/dV accumulators take most of the registers).
+// (the dK/dV accumulators take most of the registers; for the same reason `full` stays a run-time
+// value: two copies of this step, as the dQ kernel has, made the wgmma dK/dV kernel spill).
 template <int kRows, class S, class DP, class RowCol>
 __device__ __forceinline__ void p_ds_by_key_rows(S& s_t, DP& dp_t, RowCol const& rc, const int (&ev_row)[kRows],
                                                  bool full, int64_t k0, int64_t p0, float scale_log2,
@@ -195,8 +197,8 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     auto gmem_thr = gmem_copy.get_thread_slice(tid);
     Tensor tOwnC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
     Tensor tPartC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
-    cuda_cute::load_pair<BM, D>(gmem_copy, gmem_thr, tOwnC, t.i0, rows_below(t.rows), qg, p.q_stride[2], sQ, dog,
-                                bp.do_stride[2], sdO);
+    cuda_cute::load_pair<BM, D>(gmem_copy, gmem_thr, tOwnC, t.i0, rows_below(t.rows), t.rows >= BM, qg, p.q_stride[2],
+                                sQ, dog, bp.do_stride[2], sdO);
     cp_async_fence();
 
     auto q_op = mma.own(sQ);
@@ -217,7 +219,8 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     auto load_kv = [&](int64_t tile, TileKind tile_kind, int stage) {
       const int64_t k0 = tile * BN;
       cuda_cute::load_pair<BN, D>(gmem_copy, gmem_thr, tPartC, k0,
-                                  [&](int row) { return kv_row_needed(row, k0, p, t, tile_kind, evg); }, kg,
+                                  [&](int row) { return kv_row_needed(row, k0, p, t, tile_kind, evg); },
+                                  tile_kind == TileKind::kFull, kg,
                                   p.k_stride[2], stages.tile(stage, 0), vg, p.v_stride[2], stages.tile(stage, 1));
     };
     TileKind kind = TileKind::kSkip;
@@ -245,9 +248,16 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       // dS overwrites S.
       Tensor s = F::rowcol(acc_s);
       Tensor dp = F::rowcol(acc_dp);
+      // F::kTwoMaskCopies: two copies behind a uniform branch (as masked_softmax_step in the
+      // forward), so that a full tile reads no log entry and tests no pair.
       int ev_col[kCols];
-      cuda_cute::load_column_log(ev_col, evg, k0, p.kv_len, tScS_rc, kind == TileKind::kPartial, kEvOutOfRange);
-      ds_by_query_rows(s, dp, tScS_rc, ev_col, kind == TileKind::kFull, k0, t.p0, scale_log2, lse2_r, delta_r);
+      const bool full = kind == TileKind::kFull;
+      if (F::kTwoMaskCopies && full) {
+        ds_by_query_rows<false>(s, dp, tScS_rc, ev_col, true, k0, t.p0, scale_log2, lse2_r, delta_r);
+      } else {
+        cuda_cute::load_column_log(ev_col, evg, k0, p.kv_len, tScS_rc, !full, kEvOutOfRange);
+        ds_by_query_rows<true>(s, dp, tScS_rc, ev_col, full, k0, t.p0, scale_log2, lse2_r, delta_r);
+      }
       Tensor rdS = F::a_operand(acc_s);
       mma.update(acc_dq, rdS, sK_now);
 
@@ -292,7 +302,8 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     Tensor tPartC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
     // Own K, V rows that no query of the block's range sees are zeros (own_kv_row_needed).
     cuda_cute::load_pair<BM, D>(gmem_copy, gmem_thr, tOwnC, kt.k0,
-                                [&](int row) { return own_kv_row_needed(row, p, kt, evg); }, kg, p.k_stride[2], sK,
+                                [&](int row) { return own_kv_row_needed(row, p, kt, evg); }, false, kg,
+                                p.k_stride[2], sK,
                                 vg, p.v_stride[2], sV);
     cp_async_fence();
 

@@ -142,9 +142,18 @@ __device__ __forceinline__ auto gmem_tile(const E* base, int64_t stride, int64_t
 
 // The rows of a (rows, D) global tile for which keep(row) holds into shared memory with
 // cp.async; the other rows become zeros, so that no MMA reads garbage (0 * NaN = NaN).
+// every_row (the caller knows it from the tile's kind or its row count; it need not be the same
+// in every thread): keep holds for every row, so one unconditional copy does. Why: with a
+// predicate and a branch per row, the K/V tile loads of the wgmma forward took ~1300 of the
+// ~2500 instructions of its key-tile loop (SASS), and that kernel issues from only 2 warps per
+// scheduler (Nsight Compute on an H200: issue-bound, 4-8 cycles per issue).
 template <class TiledCopy, class Src, class Dst, class Coord, class Keep>
 __device__ __forceinline__ void copy_rows_if(TiledCopy const& tiled_copy, Src const& src, Dst&& dst,
-                                             Coord const& coord, Keep const& keep) {
+                                             Coord const& coord, Keep const& keep, bool every_row) {
+  if (every_row) {
+    copy(tiled_copy, src, dst);
+    return;
+  }
   CUTE_UNROLL
   for (int m = 0; m < size<1>(src); ++m) {
     if (keep(static_cast<int>(get<0>(coord(0, m, 0))))) {
@@ -155,24 +164,26 @@ __device__ __forceinline__ void copy_rows_if(TiledCopy const& tiled_copy, Src co
   }
 }
 
-// Rows [0, valid_rows) of the tile, as copy_rows_if.
-template <class TiledCopy, class Src, class Dst, class Coord>
+// Rows [0, valid_rows) of a tile of Rows rows, as copy_rows_if.
+template <int Rows, class TiledCopy, class Src, class Dst, class Coord>
 __device__ __forceinline__ void copy_rows(TiledCopy const& tiled_copy, Src const& src, Dst&& dst, Coord const& coord,
                                           int64_t valid_rows) {
-  copy_rows_if(tiled_copy, src, static_cast<Dst&&>(dst), coord, [valid_rows](int row) { return row < valid_rows; });
+  copy_rows_if(tiled_copy, src, static_cast<Dst&&>(dst), coord, [valid_rows](int row) { return row < valid_rows; },
+               valid_rows >= Rows);
 }
 
 // Rows [r0, r0 + Rows) of two global [*, D] matrices (a, b: Q and dO, or K and V) into the
 // shared tiles dst_a and dst_b with cp.async (gmem_thr is gmem_copy's slice for this thread,
-// coord its partition of a (Rows, D) identity tensor); rows r with !keep(r) become zeros.
+// coord its partition of a (Rows, D) identity tensor); rows r with !keep(r) become zeros
+// (every_row: keep holds for all, as copy_rows_if).
 template <int Rows, int D, class GmemCopy, class GmemThr, class Coord, class Keep, class E, class DstA, class DstB>
 __device__ __forceinline__ void load_pair(GmemCopy const& gmem_copy, GmemThr const& gmem_thr, Coord const& coord,
-                                          int64_t r0, Keep const& keep, const E* a, int64_t a_stride, DstA&& dst_a,
-                                          const E* b, int64_t b_stride, DstB&& dst_b) {
+                                          int64_t r0, Keep const& keep, bool every_row, const E* a, int64_t a_stride,
+                                          DstA&& dst_a, const E* b, int64_t b_stride, DstB&& dst_b) {
   copy_rows_if(gmem_copy, gmem_thr.partition_S(gmem_tile<Rows, D>(a, a_stride, r0)), gmem_thr.partition_D(dst_a),
-               coord, keep);
+               coord, keep, every_row);
   copy_rows_if(gmem_copy, gmem_thr.partition_S(gmem_tile<Rows, D>(b, b_stride, r0)), gmem_thr.partition_D(dst_b),
-               coord, keep);
+               coord, keep, every_row);
 }
 
 // One thread's shared -> register copies (ldmatrix) for the block's MMAs: `a` for A operands
@@ -286,6 +297,8 @@ struct Family {
   static constexpr bool kBody = true;
 #endif
   static constexpr size_t kSmemSlack = 0;  // dynamic shared memory beyond the tiles' bytes
+  // One copy of the dQ kernel's dS step (ds_by_query_rows): two made its D = 64 body spill (sm_90a).
+  static constexpr bool kTwoMaskCopies = false;
 
   using Mma = typename Tr::TiledMma;
   Mma mma;

@@ -23,9 +23,10 @@ namespace cuda_attn {
 // Masks the scores `s` of key tile k0 (rows x cols view; its coordinates in `rc`), scales them
 // into the log2 domain and applies one online-softmax step without touching the output: P
 // overwrites S in place, the running max `m_run` / partial sums `l_run` are updated, and
-// alpha[r] is the factor the output rows must be rescaled by. `ev_col` holds the log entry of
-// each column (read only for partial tiles).
-template <int kRows, int kCols, class S, class RowCol>
+// alpha[r] is the factor the output rows must be rescaled by. kMaybePartial && partial: some
+// pairs of the tile are hidden, `ev_col` holds the log entry of each column; else every pair is
+// visible and `ev_col` is not read (kMaybePartial = false: no test in the code at all).
+template <bool kMaybePartial, int kRows, int kCols, class S, class RowCol>
 __device__ __forceinline__ void softmax_step(S& s, RowCol const& rc, const int (&ev_col)[kCols], bool partial,
                                              int64_t k0, int64_t p0, float scale_log2, float (&m_run)[kRows],
                                              float (&l_run)[kRows], float (&alpha)[kRows]) {
@@ -37,7 +38,7 @@ __device__ __forceinline__ void softmax_step(S& s, RowCol const& rc, const int (
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
       float x = s(r, c) * scale_log2;
-      if (partial && !visible(k0 + get<1>(rc(r, c)), pos, ev_col[c])) x = -INFINITY;
+      if (kMaybePartial && partial && !visible(k0 + get<1>(rc(r, c)), pos, ev_col[c])) x = -INFINITY;
       s(r, c) = x;
       mx = fmaxf(mx, x);
     }
@@ -66,13 +67,38 @@ __device__ __forceinline__ void rescale_rows(O& o, const float (&alpha)[kRows]) 
   }
 }
 
-// softmax_step, then the output rows rescaled.
-template <int kRows, int kCols, class S, class RowCol, class O>
-__device__ __forceinline__ void softmax_tile(S& s, RowCol const& rc, O& o, const int (&ev_col)[kCols], bool partial,
-                                             int64_t k0, int64_t p0, float scale_log2, float (&m_run)[kRows],
-                                             float (&l_run)[kRows]) {
+// softmax_step of key tile k0 of kind `kind` (kFull or kPartial, the same in the whole block):
+// only a partial tile reads its columns' log entries and tests the pairs. kTwoCopies: two
+// copies of the step behind a uniform branch; with `partial` a run-time value the compiler
+// predicated the 16 log loads and the pair tests (~450 instructions of the wgmma forward's
+// ~2500 per key tile, SASS), which then issued for every tile. One copy where registers are
+// tight: the second one made the two-warpgroup staged forward spill.
+template <bool kTwoCopies, int kRows, class S, class RowCol>
+__device__ __forceinline__ void masked_softmax_step(TileKind kind, S& s, RowCol const& rc, const int32_t* evg,
+                                                    int64_t k0, int64_t kv_len, int64_t p0, float scale_log2,
+                                                    float (&m_run)[kRows], float (&l_run)[kRows],
+                                                    float (&alpha)[kRows]) {
+  constexpr int kCols = decltype(cute::size<1>(rc))::value;
+  int ev_col[kCols];
+  const bool partial = kind == TileKind::kPartial;
+  if (!kTwoCopies) {
+    cuda_cute::load_column_log(ev_col, evg, k0, kv_len, rc, partial, kEvOutOfRange);
+    softmax_step<true>(s, rc, ev_col, partial, k0, p0, scale_log2, m_run, l_run, alpha);
+  } else if (partial) {
+    cuda_cute::load_column_log(ev_col, evg, k0, kv_len, rc, true, kEvOutOfRange);
+    softmax_step<true>(s, rc, ev_col, true, k0, p0, scale_log2, m_run, l_run, alpha);
+  } else {
+    softmax_step<false>(s, rc, ev_col, false, k0, p0, scale_log2, m_run, l_run, alpha);
+  }
+}
+
+// masked_softmax_step, then the output rows rescaled.
+template <bool kTwoCopies, int kRows, class S, class RowCol, class O>
+__device__ __forceinline__ void softmax_tile(TileKind kind, S& s, RowCol const& rc, O& o, const int32_t* evg,
+                                             int64_t k0, int64_t kv_len, int64_t p0, float scale_log2,
+                                             float (&m_run)[kRows], float (&l_run)[kRows]) {
   float alpha[kRows];
-  softmax_step(s, rc, ev_col, partial, k0, p0, scale_log2, m_run, l_run, alpha);
+  masked_softmax_step<kTwoCopies>(kind, s, rc, evg, k0, kv_len, p0, scale_log2, m_run, l_run, alpha);
   rescale_rows(o, alpha);
 }
 
@@ -130,7 +156,7 @@ template <int BM, int D, class GmemCopy, class GmemThr, class E, class SQ>
 __device__ __forceinline__ void load_query_tile(GmemCopy const& gmem_copy, GmemThr const& gmem_thr, const E* q,
                                                 int64_t q_row_stride, SQ& sQ, int rows) {
   using namespace cute;
-  cuda_cute::copy_rows(gmem_copy, gmem_thr.partition_S(cuda_cute::gmem_tile<BM, D>(q, q_row_stride, 0)),
+  cuda_cute::copy_rows<BM>(gmem_copy, gmem_thr.partition_S(cuda_cute::gmem_tile<BM, D>(q, q_row_stride, 0)),
                        gmem_thr.partition_D(sQ), gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{})),
                        rows);
 }
@@ -138,14 +164,19 @@ __device__ __forceinline__ void load_query_tile(GmemCopy const& gmem_copy, GmemT
 // Key tile `tile` (of BN rows) of K and V into the shared tiles dst_k and dst_v with cp.async,
 // for the staged kernels. K and V rows that no valid row of the block sees are zeros
 // (kv_row_needed): the masked scores ignore K, but P V would turn a non-finite V row into NaN.
-template <int BN, int D, class GmemCopy, class GmemThr, class Coord, class E, class DstK, class DstV>
+// kFullTilePath: a fully visible tile is copied without a test per row (copy_rows_if's
+// every_row); false where registers are tight (the overlapped forward spilled with it).
+template <int BN, int D, bool kFullTilePath = true, class GmemCopy, class GmemThr, class Coord, class E, class DstK,
+          class DstV>
 __device__ __forceinline__ void load_kv_tile(GmemCopy const& gmem_copy, GmemThr const& gmem_thr, Coord const& coord,
                                              const ShadowAttentionParams& p, const QueryTile& t,
                                              const FwdRows<E>& g, int64_t tile, TileKind kind, DstK&& dst_k,
                                              DstV&& dst_v) {
   const int64_t k0 = tile * BN;
+  // A fully visible tile (kFull) lies below kv_len and every valid row sees every key.
   cuda_cute::load_pair<BN, D>(gmem_copy, gmem_thr, coord, k0,
-                              [&](int row) { return kv_row_needed(row, k0, p, t, kind, g.ev); }, g.k, p.k_stride[2],
+                              [&](int row) { return kv_row_needed(row, k0, p, t, kind, g.ev); },
+                              kFullTilePath && kind == TileKind::kFull, g.k, p.k_stride[2],
                               static_cast<DstK&&>(dst_k), g.v, p.v_stride[2], static_cast<DstV&&>(dst_v));
 }
 
@@ -190,7 +221,6 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     // (row, key) of each score register as (rows, cols) for the softmax.
     Tensor tScS_rc = F::rowcol(mma.score_coords());
     constexpr int kRows = decltype(size<0>(tScS_rc))::value;  // 2: rows lane/4 and lane/4 + 8 of a warp
-    constexpr int kCols = decltype(size<1>(tScS_rc))::value;
     float m_run[kRows], l_run[kRows];  // running max (log2 domain) and this thread's partial sum
     init_row_stats(m_run, l_run);
     load_query_tile<BM, D>(gmem_copy, gmem_thr, g.q, p.q_stride[2], sQ, t.rows);
@@ -201,7 +231,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       return next_live_tile<BN>(from, n_key_tiles, kinds_s, g.mm, n_ev_tiles, p, t, kind);
     };
     auto load_k = [&](int64_t tile) {
-      copy_rows(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(g.k, p.k_stride[2], tile * BN)), tKsK, tKVcKV,
+      copy_rows<BN>(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(g.k, p.k_stride[2], tile * BN)), tKsK, tKVcKV,
                 p.kv_len - tile * BN);
     };
 
@@ -221,7 +251,8 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       // V rows that no valid row of the block sees are zeros (kv_row_needed).
       const TileKind kind_now = kind;
       copy_rows_if(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(g.v, p.v_stride[2], k0)), tVsV, tKVcKV,
-                   [&](int row) { return kv_row_needed(row, k0, p, t, kind_now, g.ev); });
+                   [&](int row) { return kv_row_needed(row, k0, p, t, kind_now, g.ev); },
+                   kind_now == TileKind::kFull);
       cp_async_fence();
 
       Tensor acc_s = mma.score_acc();
@@ -230,9 +261,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       // Mask, scale into the log2 domain, online softmax. P overwrites S in place.
       Tensor s = F::rowcol(acc_s);
       Tensor o_rc = F::rowcol(acc_o);
-      int ev_col[kCols];
-      cuda_cute::load_column_log(ev_col, g.ev, k0, p.kv_len, tScS_rc, kind == TileKind::kPartial, kEvOutOfRange);
-      softmax_tile(s, tScS_rc, o_rc, ev_col, kind == TileKind::kPartial, k0, t.p0, scale_log2, m_run, l_run);
+      softmax_tile<true>(kind, s, tScS_rc, o_rc, g.ev, k0, p.kv_len, t.p0, scale_log2, m_run, l_run);
 
       cp_async_wait<0>();
       F::publish();
@@ -293,7 +322,6 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
 
     Tensor tScS_rc = F::rowcol(mma.score_coords());
     constexpr int kRows = decltype(size<0>(tScS_rc))::value;
-    constexpr int kCols = decltype(size<1>(tScS_rc))::value;
     float m_run[kRows], l_run[kRows];
     init_row_stats(m_run, l_run);
     load_query_tile<BM, D>(gmem_copy, gmem_thr, g.q, p.q_stride[2], sQ, t.rows);
@@ -325,9 +353,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
 
       Tensor s = F::rowcol(acc_s);
       Tensor o_rc = F::rowcol(acc_o);
-      int ev_col[kCols];
-      cuda_cute::load_column_log(ev_col, g.ev, k0, p.kv_len, tScS_rc, kind == TileKind::kPartial, kEvOutOfRange);
-      softmax_tile(s, tScS_rc, o_rc, ev_col, kind == TileKind::kPartial, k0, t.p0, scale_log2, m_run, l_run);
+      softmax_tile<false>(kind, s, tScS_rc, o_rc, g.ev, k0, p.kv_len, t.p0, scale_log2, m_run, l_run);
 
       Tensor rP = F::a_operand(acc_s);
       mma.update(acc_o, rP, stages.tile(stage, 1));

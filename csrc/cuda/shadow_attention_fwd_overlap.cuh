@@ -74,14 +74,13 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
 
     Tensor tScS_rc = F::rowcol(mma.score_coords());
     constexpr int kRows = decltype(size<0>(tScS_rc))::value;
-    constexpr int kCols = decltype(size<1>(tScS_rc))::value;
     float m_run[kRows], l_run[kRows];
     init_row_stats(m_run, l_run);
     load_query_tile<BM, D>(gmem_copy, gmem_thr, g.q, p.q_stride[2], sQ, t.rows);
 
     const int64_t n_key_tiles = (min(p.kv_len, t.p1 + 1) + BN - 1) / BN;
     auto load_kv = [&](int64_t tile, TileKind tile_kind, int stage) {
-      load_kv_tile<BN, D>(gmem_copy, gmem_thr, tPartC, p, t, g, tile, tile_kind, ring_tile(stage, 0),
+      load_kv_tile<BN, D, false>(gmem_copy, gmem_thr, tPartC, p, t, g, tile, tile_kind, ring_tile(stage, 0),
                           ring_tile(stage, 1));
     };
     TileKind kind = TileKind::kSkip;
@@ -114,10 +113,8 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       F::fence(acc_s);
 
       Tensor s = F::rowcol(acc_s);
-      int ev_col[kCols];
-      cuda_cute::load_column_log(ev_col, g.ev, k0, p.kv_len, tScS_rc, kind == TileKind::kPartial, kEvOutOfRange);
       float alpha[kRows];
-      softmax_step(s, tScS_rc, ev_col, kind == TileKind::kPartial, k0, t.p0, scale_log2, m_run, l_run, alpha);
+      masked_softmax_step<false>(kind, s, tScS_rc, g.ev, k0, p.kv_len, t.p0, scale_log2, m_run, l_run, alpha);
 
       F::template wait<0>();  // P_{j-1} V_{j-1} done: O and the registers of rP are free
       F::fence(acc_o);

@@ -24,12 +24,15 @@ namespace shadowkv_test {
 struct AttentionShape {
   int batch, q_heads, kv_heads, q_len, kv_len, q_offset;
   int evict_all_by = 0;  // > 0: every key is evicted by this position (later rows see no key)
+  int holes_from = 0;    // keys below this are never evicted
 };
 
-// Ragged tiles (lengths off the 64/128 grid), GQA, queries at an offset (chunked prefill), and
-// query rows that see no key at all (lse = -inf, out = 0, no gradient).
+// Ragged tiles (lengths off the 64/128 grid), GQA, queries at an offset (chunked prefill),
+// query rows that see no key at all (lse = -inf, out = 0, no gradient), and key tiles that
+// later query tiles see whole (the kernels' full-tile paths: no log read, no pair tested, K/V
+// copied without a test per row; with a third of the keys evicted every tile is partial).
 inline const AttentionShape kAttentionShapes[] = {
-    {1, 2, 1, 150, 150, 0}, {1, 1, 1, 70, 200, 130}, {1, 2, 1, 64, 96, 100, 130}};
+    {1, 2, 1, 150, 150, 0}, {1, 1, 1, 70, 200, 130}, {1, 2, 1, 64, 96, 100, 130}, {1, 2, 1, 300, 300, 0, 0, 256}};
 // For the two-warpgroup families (wgmma2, wgmma2o) also: two sequences x two KV heads with
 // enough live key tiles that every K/V stage of the staged and overlapped rings is refilled
 // (batch and head indexing, write-after-read hazards of the rings). Slow to emulate.
@@ -49,7 +52,8 @@ constexpr double backward_tolerance() {
 
 // One random problem: q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] in T (and the same values in float64),
 // an eviction log with holes (a third of the keys evicted at a random later position, keys 64-95
-// evicted right after themselves: a tile no later query sees; the first 4 never), contiguous.
+// evicted right after themselves: a tile no later query sees; the first 4 and those below
+// holes_from never), contiguous.
 template <typename T>
 struct AttentionProblem {
   shadowkv::ShadowAttentionParams p;  // strides and shapes; pointers set by params16 / params64
@@ -67,8 +71,8 @@ struct AttentionProblem {
     ev.assign(B * Hkv * Lk, INT32_MAX);
     for (int64_t i = 0; i < static_cast<int64_t>(ev.size()); ++i) {
       const int64_t key = i % Lk;
-      if (key >= 4 && rng() % 3 == 0) ev[i] = static_cast<int32_t>(key + 1 + rng() % 80);
-      if (key >= 64 && key < 96) ev[i] = static_cast<int32_t>(key + 1);
+      if (key >= 4 && key >= s.holes_from && rng() % 3 == 0) ev[i] = static_cast<int32_t>(key + 1 + rng() % 80);
+      if (key >= 64 && key < 96 && key >= s.holes_from) ev[i] = static_cast<int32_t>(key + 1);
       if (s.evict_all_by > 0) ev[i] = std::min(ev[i], static_cast<int32_t>(std::max<int64_t>(key + 1, s.evict_all_by)));
     }
     p.batch = B;
