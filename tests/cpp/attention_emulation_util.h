@@ -32,7 +32,7 @@ struct AttentionShape {
 // later query tiles see whole (the kernels' full-tile paths: no log read, no pair tested, K/V
 // copied without a test per row; with a third of the keys evicted every tile is partial).
 inline const AttentionShape kAttentionShapes[] = {
-    {1, 2, 1, 150, 150, 0}, {1, 1, 1, 70, 200, 130}, {1, 2, 1, 64, 96, 100, 130}, {1, 2, 1, 300, 300, 0, 0, 256}};
+    {1, 2, 1, 150, 150, 0}, {1, 1, 1, 70, 200, 130}, {1, 2, 1, 64, 96, 100, 130}, {1, 1, 1, 200, 200, 0, 0, 128}};
 // For the two-warpgroup families (wgmma2, wgmma2o) also: two sequences x two KV heads with
 // enough live key tiles that every K/V stage of the staged and overlapped rings is refilled
 // (batch and head indexing, write-after-read hazards of the rings). Slow to emulate.
