@@ -319,91 +319,10 @@ TEST(emulated_decode_unchecked_bad_page) {
   }
 }
 
-// A checked call's value checks on the device (decode_check_kernel) give the verdict of the host
-// checks of paged_decode_attention_cpu (check_paged_cache, the scores_out length, check_block_tables
-// on the used columns) and the longest sequence, on random tables with one bad value or none:
-// lengths outside [0, capacity] or above scores_len, used entries outside the pool, garbage in
-// unused columns (not an error), strided tables and lengths.
-TEST(emulated_decode_check_matches_host_check) {
-  std::mt19937 rng(7);
-  const auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
-  int flagged = 0;
-  for (int iter = 0; iter < 300; ++iter) {
-    const int B = uniform(1, 6), max_pages = uniform(0, 7), ps = uniform(1, 5), num_pages = uniform(1, 40);
-    const bool transposed = uniform(0, 1) == 1, scores = uniform(0, 1) == 1;
-    const int capacity = max_pages * ps;
-    std::vector<int32_t> lens(2 * static_cast<size_t>(B), -7);  // stride 2: the odd entries are never read
-    std::vector<int32_t> tables(static_cast<size_t>(B) * std::max(max_pages, 1), 12345);
-    PagedKVCache c{};
-    c.num_pages = num_pages;
-    c.page_size = ps;
-    c.num_kv_heads = 1;
-    c.head_dim = 1;
-    c.batch = B;
-    c.max_pages = max_pages;
-    c.dtype = DType::kFloat32;
-    float dummy = 0;
-    c.k_pages = c.v_pages = &dummy;
-    c.block_tables = tables.data();
-    c.seq_lens = lens.data();
-    c.seq_lens_stride = 2;
-    c.bt_stride[0] = transposed ? 1 : max_pages;
-    c.bt_stride[1] = transposed ? B : 1;
-    for (int b = 0; b < B; ++b) {
-      const int len = uniform(0, capacity);
-      lens[2 * static_cast<size_t>(b)] = len;
-      for (int i = 0; i < max_pages; ++i)
-        c.page_id(b, i) = i < (len + ps - 1) / ps ? uniform(0, num_pages - 1) : uniform(-3, num_pages + 3);
-    }
-    int64_t scores_len = -1;
-    if (scores) scores_len = uniform(0, capacity + 1);
-    switch (uniform(0, 5)) {  // one bad value, or none
-      case 0: lens[2 * static_cast<size_t>(uniform(0, B - 1))] = uniform(-5, -1); break;
-      case 1: lens[2 * static_cast<size_t>(uniform(0, B - 1))] = capacity + uniform(1, 3); break;
-      case 2: {
-        const int b = uniform(0, B - 1), used = (c.seq_len(b) + ps - 1) / ps;
-        if (used > 0) c.page_id(b, uniform(0, used - 1)) = uniform(0, 1) == 1 ? -1 : num_pages + uniform(0, 2);
-        break;
-      }
-      default: break;
-    }
-
-    // The host verdict, as check_values_on_host in paged_decode_attention.cu.
-    bool host_bad = false;
-    int64_t host_max = 0;
-    try {
-      check_paged_cache(c, "test");
-      std::vector<int64_t> used(B), none(B, 0);
-      for (int b = 0; b < B; ++b) {
-        if (scores && c.seq_len(b) > scores_len) throw std::invalid_argument("scores_out too short");
-        used[b] = (c.seq_len(b) + ps - 1) / ps;
-        host_max = std::max(host_max, c.seq_len(b));
-      }
-      check_block_tables(c, used.data(), none.data(), none.data(), "test");
-    } catch (const std::invalid_argument&) {
-      host_bad = true;
-    }
-
-    std::vector<int> result(2, 0);
-    const int64_t items = int64_t{B} * std::max(max_pages, 1);
-    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((items + kCheckThreads - 1) / kCheckThreads, 2));
-    shadowkv_emu::launch(blocks, kCheckThreads, 0,
-                         [&] { decode_check_kernel(c, c.slot_capacity(), scores_len, result.data()); });
-    const std::string what = "iteration " + std::to_string(iter) + ": ";
-    if ((result[1] != 0) != host_bad)
-      shadowkv_test::report(__FILE__, __LINE__, what + "device verdict " + std::to_string(result[1]));
-    if (!host_bad && result[0] != host_max)
-      shadowkv_test::report(__FILE__, __LINE__, what + "longest " + std::to_string(result[0]) + " vs " +
-                                                    std::to_string(host_max));
-    flagged += host_bad;
-  }
-  CHECK(flagged > 50 && flagged < 250);  // both verdicts drawn
-}
-
-// decode_check_kernel at the edges the random draws miss: a capacity capped at INT32_MAX with
-// lengths and scores_len near it, a page of INT32_MAX slots, no block-table columns, negative
-// strides (the tables and lengths read backwards).
-void compare_check(const std::string& what, const PagedKVCache& c, int64_t scores_len) {
+// Runs decode_check_kernel on `c` (scores_len < 0: no scores_out) and reports where its verdict
+// or longest length differs from the host checks of paged_decode_attention_cpu (check_paged_cache,
+// the scores_out length, check_block_tables on the used columns); returns the host verdict.
+bool compare_check(const std::string& what, const PagedKVCache& c, int64_t scores_len) {
   bool host_bad = false;
   int64_t host_max = 0;
   try {
@@ -426,8 +345,10 @@ void compare_check(const std::string& what, const PagedKVCache& c, int64_t score
     shadowkv_test::report(__FILE__, __LINE__, what + ": device verdict " + std::to_string(result[1]) + ", longest " +
                                                   std::to_string(result[0]) + "; host " + (host_bad ? "bad" : "good") +
                                                   ", longest " + std::to_string(host_max));
+  return host_bad;
 }
 
+// A cache of B sequences for the check kernel: no K/V values, row-major block tables.
 PagedKVCache check_cache(int64_t B, int64_t max_pages, int64_t ps, int64_t num_pages, int32_t* lens, int32_t* tables) {
   static float dummy = 0;
   PagedKVCache c{};
@@ -446,6 +367,51 @@ PagedKVCache check_cache(int64_t B, int64_t max_pages, int64_t ps, int64_t num_p
   return c;
 }
 
+// A checked call's value checks on the device (decode_check_kernel) give the verdict of the host
+// checks of paged_decode_attention_cpu (check_paged_cache, the scores_out length, check_block_tables
+// on the used columns) and the longest sequence, on random tables with one bad value or none:
+// lengths outside [0, capacity] or above scores_len, used entries outside the pool, garbage in
+// unused columns (not an error), strided tables and lengths.
+TEST(emulated_decode_check_matches_host_check) {
+  std::mt19937 rng(7);
+  const auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  int flagged = 0;
+  for (int iter = 0; iter < 300; ++iter) {
+    const int B = uniform(1, 6), max_pages = uniform(0, 7), ps = uniform(1, 5), num_pages = uniform(1, 40);
+    const bool transposed = uniform(0, 1) == 1, scores = uniform(0, 1) == 1;
+    const int capacity = max_pages * ps;
+    std::vector<int32_t> lens(2 * static_cast<size_t>(B), -7);  // stride 2: the odd entries are never read
+    std::vector<int32_t> tables(static_cast<size_t>(B) * std::max(max_pages, 1), 12345);
+    PagedKVCache c = check_cache(B, max_pages, ps, num_pages, lens.data(), tables.data());
+    c.seq_lens_stride = 2;
+    c.bt_stride[0] = transposed ? 1 : max_pages;
+    c.bt_stride[1] = transposed ? B : 1;
+    for (int b = 0; b < B; ++b) {
+      const int len = uniform(0, capacity);
+      lens[2 * static_cast<size_t>(b)] = len;
+      for (int i = 0; i < max_pages; ++i)
+        c.page_id(b, i) = i < (len + ps - 1) / ps ? uniform(0, num_pages - 1) : uniform(-3, num_pages + 3);
+    }
+    int64_t scores_len = -1;
+    if (scores) scores_len = uniform(0, capacity + 1);
+    switch (uniform(0, 5)) {  // one bad value, or none
+      case 0: lens[2 * static_cast<size_t>(uniform(0, B - 1))] = uniform(-5, -1); break;
+      case 1: lens[2 * static_cast<size_t>(uniform(0, B - 1))] = capacity + uniform(1, 3); break;
+      case 2: {
+        const int b = uniform(0, B - 1), used = (c.seq_len(b) + ps - 1) / ps;
+        if (used > 0) c.page_id(b, uniform(0, used - 1)) = uniform(0, 1) == 1 ? -1 : num_pages + uniform(0, 2);
+        break;
+      }
+      default: break;
+    }
+    flagged += compare_check("iteration " + std::to_string(iter), c, scores_len);
+  }
+  CHECK(flagged > 50 && flagged < 250);  // both verdicts drawn
+}
+
+// decode_check_kernel at the edges the random draws miss: a capacity capped at INT32_MAX with
+// lengths and scores_len near it, a page of INT32_MAX slots, no block-table columns, negative
+// strides (the tables and lengths read backwards).
 TEST(emulated_decode_check_edges) {
   {  // 4096 pages of 2^20 slots: capacity capped at INT32_MAX; every column reads one entry
     int32_t lens[2] = {INT32_MAX, 0}, t[1] = {3};
