@@ -340,7 +340,8 @@ bool compare_check(const std::string& what, const PagedKVCache& c, int64_t score
   int result[2] = {0, 0};
   const int64_t items = c.batch * std::max<int64_t>(c.max_pages, 1);
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((items + kCheckThreads - 1) / kCheckThreads, 2));
-  shadowkv_emu::launch(blocks, kCheckThreads, 0, [&] { decode_check_kernel(c, c.slot_capacity(), scores_len, result); });
+  shadowkv_emu::launch(blocks, kCheckThreads, 0,
+                       [&] { decode_check_kernel(c, c.slot_capacity(), scores_len, result); });
   if ((result[1] != 0) != host_bad || (!host_bad && result[0] != host_max))
     shadowkv_test::report(__FILE__, __LINE__, what + ": device verdict " + std::to_string(result[1]) + ", longest " +
                                                   std::to_string(result[0]) + "; host " + (host_bad ? "bad" : "good") +
