@@ -74,10 +74,10 @@ __device__ __forceinline__ void load_row_stats(float (&lse2)[kRows], float (&del
 }
 
 // dQ kernels: dS = P (dP - delta) of key tile k0 for the query rows at positions p0 + row,
-// overwriting the scores `s` (P itself is not needed: dQ = dS K). kMaybePartial && !full: some
-// pairs are hidden and `ev_col` holds each column's log entry; else every pair is visible and
-// `ev_col` is not read (kMaybePartial = false: no test in the code at all).
-template <bool kMaybePartial, int kRows, int kCols, class S, class DP, class RowCol>
+// overwriting the scores `s` (P itself is not needed: dQ = dS K). `full`: every pair is visible
+// and `ev_col` is not read (a literal `true` leaves no test in the inlined code); else `ev_col`
+// holds each column's log entry.
+template <int kRows, int kCols, class S, class DP, class RowCol>
 __device__ __forceinline__ void ds_by_query_rows(S& s, DP const& dp, RowCol const& rc, const int (&ev_col)[kCols],
                                                  bool full, int64_t k0, int64_t p0, float scale_log2,
                                                  const float (&lse2)[kRows], const float (&delta)[kRows]) {
@@ -87,7 +87,7 @@ __device__ __forceinline__ void ds_by_query_rows(S& s, DP const& dp, RowCol cons
     const int64_t pos = p0 + get<0>(rc(r, 0));
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
-      const bool vis = !kMaybePartial || full || visible(k0 + get<1>(rc(r, c)), pos, ev_col[c]);
+      const bool vis = full || visible(k0 + get<1>(rc(r, c)), pos, ev_col[c]);
       const float pr = vis ? exp2f(s(r, c) * scale_log2 - lse2[r]) : 0.f;
       s(r, c) = pr * (dp(r, c) - delta[r]);
     }
@@ -253,10 +253,10 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       int ev_col[kCols];
       const bool full = kind == TileKind::kFull;
       if (F::kTwoMaskCopies && full) {
-        ds_by_query_rows<false>(s, dp, tScS_rc, ev_col, true, k0, t.p0, scale_log2, lse2_r, delta_r);
+        ds_by_query_rows(s, dp, tScS_rc, ev_col, true, k0, t.p0, scale_log2, lse2_r, delta_r);
       } else {
         cuda_cute::load_column_log(ev_col, evg, k0, p.kv_len, tScS_rc, !full, kEvOutOfRange);
-        ds_by_query_rows<true>(s, dp, tScS_rc, ev_col, full, k0, t.p0, scale_log2, lse2_r, delta_r);
+        ds_by_query_rows(s, dp, tScS_rc, ev_col, full, k0, t.p0, scale_log2, lse2_r, delta_r);
       }
       Tensor rdS = F::a_operand(acc_s);
       mma.update(acc_dq, rdS, sK_now);

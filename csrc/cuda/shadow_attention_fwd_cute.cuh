@@ -23,10 +23,10 @@ namespace cuda_attn {
 // Masks the scores `s` of key tile k0 (rows x cols view; its coordinates in `rc`), scales them
 // into the log2 domain and applies one online-softmax step without touching the output: P
 // overwrites S in place, the running max `m_run` / partial sums `l_run` are updated, and
-// alpha[r] is the factor the output rows must be rescaled by. kMaybePartial && partial: some
-// pairs of the tile are hidden, `ev_col` holds the log entry of each column; else every pair is
-// visible and `ev_col` is not read (kMaybePartial = false: no test in the code at all).
-template <bool kMaybePartial, int kRows, int kCols, class S, class RowCol>
+// alpha[r] is the factor the output rows must be rescaled by. `partial`: some pairs of the tile
+// are hidden and `ev_col` holds the log entry of each column; else every pair is visible and
+// `ev_col` is not read (a literal `false` leaves no test in the inlined code).
+template <int kRows, int kCols, class S, class RowCol>
 __device__ __forceinline__ void softmax_step(S& s, RowCol const& rc, const int (&ev_col)[kCols], bool partial,
                                              int64_t k0, int64_t p0, float scale_log2, float (&m_run)[kRows],
                                              float (&l_run)[kRows], float (&alpha)[kRows]) {
@@ -38,7 +38,7 @@ __device__ __forceinline__ void softmax_step(S& s, RowCol const& rc, const int (
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
       float x = s(r, c) * scale_log2;
-      if (kMaybePartial && partial && !visible(k0 + get<1>(rc(r, c)), pos, ev_col[c])) x = -INFINITY;
+      if (partial && !visible(k0 + get<1>(rc(r, c)), pos, ev_col[c])) x = -INFINITY;
       s(r, c) = x;
       mx = fmaxf(mx, x);
     }
@@ -81,14 +81,11 @@ __device__ __forceinline__ void masked_softmax_step(TileKind kind, S& s, RowCol 
   constexpr int kCols = decltype(cute::size<1>(rc))::value;
   int ev_col[kCols];
   const bool partial = kind == TileKind::kPartial;
-  if (!kTwoCopies) {
-    cuda_cute::load_column_log(ev_col, evg, k0, kv_len, rc, partial, kEvOutOfRange);
-    softmax_step<true>(s, rc, ev_col, partial, k0, p0, scale_log2, m_run, l_run, alpha);
-  } else if (partial) {
-    cuda_cute::load_column_log(ev_col, evg, k0, kv_len, rc, true, kEvOutOfRange);
-    softmax_step<true>(s, rc, ev_col, true, k0, p0, scale_log2, m_run, l_run, alpha);
+  if (kTwoCopies && !partial) {
+    softmax_step(s, rc, ev_col, false, k0, p0, scale_log2, m_run, l_run, alpha);
   } else {
-    softmax_step<false>(s, rc, ev_col, false, k0, p0, scale_log2, m_run, l_run, alpha);
+    cuda_cute::load_column_log(ev_col, evg, k0, kv_len, rc, partial, kEvOutOfRange);
+    softmax_step(s, rc, ev_col, partial, k0, p0, scale_log2, m_run, l_run, alpha);
   }
 }
 
