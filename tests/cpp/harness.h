@@ -1,5 +1,5 @@
 // A tiny test harness (no dependency): TEST(name) registers a function, CHECK* record failures
-// and go on, main() runs the tests whose name starts with argv[1] and exits non-zero on any
+// and go on, main() runs the tests its arguments select (main.cpp) and exits non-zero on any
 // failure.
 #pragma once
 

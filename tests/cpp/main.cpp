@@ -1,14 +1,30 @@
-// Runs the registered tests whose name starts with argv[1] (all without an argument).
+// Runs the registered tests selected by the arguments: a test runs when its name starts with one
+// of the plain arguments (every test when there is none) and with none of the arguments given
+// as "-prefix" (exclusions; ctest entries use them to leave tests out of a sanitizer build).
 #include <cstdio>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "harness.h"
 
 int main(int argc, char** argv) {
-  const char* prefix = argc > 1 ? argv[1] : "";
+  std::vector<std::string> include, exclude;
+  for (int i = 1; i < argc; ++i) {
+    if (argv[i][0] == '-') {
+      exclude.emplace_back(argv[i] + 1);
+    } else {
+      include.emplace_back(argv[i]);
+    }
+  }
+  const auto starts = [](const char* name, const std::vector<std::string>& prefixes) {
+    for (const std::string& p : prefixes)
+      if (std::strncmp(name, p.c_str(), p.size()) == 0) return true;
+    return false;
+  };
   int run = 0;
   for (const auto& t : shadowkv_test::registry()) {
-    if (std::strncmp(t.name, prefix, std::strlen(prefix)) != 0) continue;
+    if ((!include.empty() && !starts(t.name, include)) || starts(t.name, exclude)) continue;
     const int before = shadowkv_test::failure_count();
     try {
       t.fn();
@@ -19,7 +35,7 @@ int main(int argc, char** argv) {
     ++run;
   }
   if (run == 0) {
-    std::fprintf(stderr, "no test matches '%s'\n", prefix);
+    std::fprintf(stderr, "no test matches the arguments\n");
     return 2;
   }
   std::printf("%d tests, %d failed checks\n", run, shadowkv_test::failure_count());
