@@ -87,8 +87,9 @@ def decode_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     same staging, with both products on the tensor cores (same conditions, and sm_80+). On an
     H200 at B=64, 8k context, bf16, mma took 0.88 ms, pipelined 1.12 ms and warp 4.03 ms
     (bench/RESULTS.md). ``"mma_rows"``: mma with each warp instruction copying whole K/V rows
-    instead of 32 bytes of each of 16 rows (opt-in until a GPU has measured it). Sets the environment variable SHADOWKV_DECODE_KERNEL, which the CUDA op
-    reads at every call, for the whole process while the block runs. CPU ops ignore it.
+    instead of 32 bytes of each of 16 rows (opt-in until a GPU has measured it). Sets the
+    environment variable SHADOWKV_DECODE_KERNEL, which the CUDA op reads at every call, for the
+    whole process while the block runs. CPU ops ignore it.
     """
     return _scoped_choice("decode_kernel", DECODE_KERNEL_ENV, DECODE_KERNELS, name)
 

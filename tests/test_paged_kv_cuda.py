@@ -304,8 +304,12 @@ def check_decode(q, state: PagedState, scale, scores, *, q_dev=None, tables=None
     return out
 
 
-@pytest.fixture(params=["warp", "pipelined", "mma", "mma_rows"],
-                ids=["warp_decode", "pipelined", "mma_decode", "mma_decode_rows"])
+# The CUDA decode kernels the tests run (SHADOWKV_DECODE_KERNEL), with their test ids.
+DECODE_KERNEL_PARAMS = [pytest.param("warp", id="warp_decode"), pytest.param("pipelined", id="pipelined"),
+                        pytest.param("mma", id="mma_decode"), pytest.param("mma_rows", id="mma_decode_rows")]
+
+
+@pytest.fixture(params=DECODE_KERNEL_PARAMS)
 def decode_kernel(request, monkeypatch):
     """The decode tests run each kernel: the warp one, the pipelined one and the tensor-core one
     with its two ways of copying rows (SHADOWKV_DECODE_KERNEL; all but warp apply to
@@ -367,9 +371,7 @@ def test_decode_long_contexts_split_k(lens, q_heads, kv_heads, head_dim, dtype, 
     check_decode_case(case, check=check)
 
 
-@pytest.mark.parametrize("kernel", [pytest.param("warp", id="warp_decode"), "pipelined",
-                                    pytest.param("mma", id="mma_decode"),
-                                    pytest.param("mma_rows", id="mma_decode_rows")])
+@pytest.mark.parametrize("kernel", DECODE_KERNEL_PARAMS)
 @settings(max_examples=60)
 @given(case=cpu_decode.cases(dtypes=(torch.float32, torch.bfloat16, torch.float16)))
 def test_decode_random_cases(case, kernel):
