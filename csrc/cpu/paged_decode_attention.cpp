@@ -104,6 +104,20 @@ void decode_kernel(const PagedDecodeParams& p, const ParallelFor& pf) {
 
 namespace shadowkv {
 
+void check_decode_tables(const PagedDecodeParams& p, const char* op) {
+  const PagedKVCache& c = p.cache;
+  std::vector<int64_t> used(c.batch), none(c.batch, 0);
+  for (int64_t b = 0; b < c.batch; ++b) {
+    const int64_t len = c.seq_len(b);
+    if (p.scores && len > p.scores_len)
+      throw std::invalid_argument(std::string(op) + ": `scores_out` has " + std::to_string(p.scores_len) +
+                                  " slots (last dim) but `seq_lens`[" + std::to_string(b) +
+                                  "] = " + std::to_string(len));
+    used[b] = (len + c.page_size - 1) / c.page_size;
+  }
+  check_block_tables(c, used.data(), none.data(), none.data(), op);
+}
+
 void paged_decode_attention_cpu(const PagedDecodeParams& p, const ParallelFor& pf) {
   constexpr const char* op = "shadowkv::paged_decode_attention";
   auto fail = [](const std::string& what) { throw std::invalid_argument(std::string(op) + ": " + what); };
@@ -115,16 +129,7 @@ void paged_decode_attention_cpu(const PagedDecodeParams& p, const ParallelFor& p
   if (!valid_softmax_scale(p.scale)) fail("`scale` must be positive and finite, at most FLT_MAX (float32)");
   if (c.batch > 0 && p.num_q_heads > 0 && (!p.q || !p.out)) fail("null `q` or output pointer");
   if (p.scores && p.scores_len < 0) fail("negative `scores_out` length");
-
-  std::vector<int64_t> used(c.batch), none(c.batch, 0);
-  for (int64_t b = 0; b < c.batch; ++b) {
-    const int64_t len = c.seq_len(b);
-    if (p.scores && len > p.scores_len)
-      fail("`scores_out` has " + std::to_string(p.scores_len) + " slots (last dim) but `seq_lens`[" +
-           std::to_string(b) + "] = " + std::to_string(len));
-    used[b] = (len + c.page_size - 1) / c.page_size;
-  }
-  check_block_tables(c, used.data(), none.data(), none.data(), op);
+  check_decode_tables(p, op);
   cpu::dispatch_dtype(c.dtype, [&](auto tag) { cpu::decode_kernel<typename decltype(tag)::type>(p, pf); });
 }
 

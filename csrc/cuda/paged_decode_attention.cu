@@ -138,17 +138,10 @@ void check_values_on_host(const PagedDecodeParams& p, cudaStream_t stream, const
   CacheStage cache_stage;
   cache_stage.add(stager, c);
   stager.copy_to_host(stream);
-  const PagedKVCache hc = cache_stage.host_view(stager, c);
-  check_paged_cache(hc, op);
-  std::vector<int64_t> used(c.batch), none(c.batch, 0);
-  for (int64_t b = 0; b < c.batch; ++b) {
-    const int64_t len = hc.seq_len(b);
-    if (p.scores && len > p.scores_len)
-      fail(op, "`scores_out` has " + std::to_string(p.scores_len) + " slots (last dim) but `seq_lens`[" +
-                   std::to_string(b) + "] = " + std::to_string(len));
-    used[b] = (len + c.page_size - 1) / c.page_size;
-  }
-  check_block_tables(hc, used.data(), none.data(), none.data(), op);
+  PagedDecodeParams hp = p;
+  hp.cache = cache_stage.host_view(stager, c);
+  check_paged_cache(hp.cache, op);
+  check_decode_tables(hp, op);
 }
 
 }  // namespace

@@ -327,13 +327,13 @@ bool compare_check(const std::string& what, const PagedKVCache& c, int64_t score
   int64_t host_max = 0;
   try {
     check_paged_cache(c, "test");
-    std::vector<int64_t> used(c.batch), none(c.batch, 0);
-    for (int64_t b = 0; b < c.batch; ++b) {
-      if (scores_len >= 0 && c.seq_len(b) > scores_len) throw std::invalid_argument("scores_out too short");
-      used[b] = (c.seq_len(b) + c.page_size - 1) / c.page_size;
-      host_max = std::max(host_max, c.seq_len(b));
-    }
-    check_block_tables(c, used.data(), none.data(), none.data(), "test");
+    PagedDecodeParams p{};
+    p.cache = c;
+    float scores = 0;  // only whether it is set counts
+    p.scores = scores_len >= 0 ? &scores : nullptr;
+    p.scores_len = scores_len;
+    check_decode_tables(p, "test");
+    for (int64_t b = 0; b < c.batch; ++b) host_max = std::max(host_max, c.seq_len(b));
   } catch (const std::invalid_argument&) {
     host_bad = true;
   }

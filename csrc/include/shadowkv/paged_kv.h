@@ -194,5 +194,8 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream);
 void check_paged_cache(const PagedKVCache& c, const char* op);
 void check_block_tables(const PagedKVCache& c, const int64_t* used_pages, const int64_t* write_begin,
                         const int64_t* write_end, const char* op);
+// paged_decode_attention's checks of values after check_paged_cache: no seq_lens entry above
+// scores_len (when scores is set), then check_block_tables on the pages each sequence uses.
+void check_decode_tables(const PagedDecodeParams& p, const char* op);
 
 }  // namespace shadowkv
