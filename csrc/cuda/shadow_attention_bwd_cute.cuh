@@ -82,12 +82,15 @@ __device__ __forceinline__ void ds_by_query_rows(S& s, DP const& dp, RowCol cons
                                                  bool full, int64_t k0, int64_t p0, float scale_log2,
                                                  const float (&lse2)[kRows], const float (&delta)[kRows]) {
   using cute::get;
+  const int col0 = get<1>(rc(0, 0));  // columns relative to it: compile-time offsets (load_column_log)
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const int64_t pos = p0 + get<0>(rc(r, 0));
+    const int64_t last = pos - k0 - col0;  // visible(key k0 + col0 + off, pos) needs off <= last
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
-      const bool vis = full || visible(k0 + get<1>(rc(r, c)), pos, ev_col[c]);
+      const int off = get<1>(rc(r, c)) - col0;
+      const bool vis = full || (off <= last && pos < ev_col[c]);
       const float pr = vis ? exp2f(s(r, c) * scale_log2 - lse2[r]) : 0.f;
       s(r, c) = pr * (dp(r, c) - delta[r]);
     }

@@ -31,14 +31,17 @@ __device__ __forceinline__ void softmax_step(S& s, RowCol const& rc, const int (
                                              int64_t k0, int64_t p0, float scale_log2, float (&m_run)[kRows],
                                              float (&l_run)[kRows], float (&alpha)[kRows]) {
   using cute::get;
+  const int col0 = get<1>(rc(0, 0));  // columns relative to it: compile-time offsets (load_column_log)
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const int64_t pos = p0 + get<0>(rc(r, 0));
+    const int64_t last = pos - k0 - col0;  // visible(key k0 + col0 + off, pos) needs off <= last
     float mx = -INFINITY;
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
       float x = s(r, c) * scale_log2;
-      if (partial && !visible(k0 + get<1>(rc(r, c)), pos, ev_col[c])) x = -INFINITY;
+      const int off = get<1>(rc(r, c)) - col0;
+      if (partial && !(off <= last && pos < ev_col[c])) x = -INFINITY;
       s(r, c) = x;
       mx = fmaxf(mx, x);
     }
