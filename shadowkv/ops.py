@@ -35,7 +35,7 @@ def _scoped_choice(what: str, var: str, names: tuple[str, ...], name: str) -> It
 
 
 ATTENTION_KERNEL_ENV = "SHADOWKV_ATTENTION_KERNEL"
-ATTENTION_KERNELS = ("auto", "cute", "wgmma", "wgmma2", "wgmma2o", "wmma", "simt")
+ATTENTION_KERNELS = ("auto", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wmma", "simt")
 
 
 def attention_kernel(name: str) -> contextlib.AbstractContextManager[None]:
@@ -49,8 +49,9 @@ def attention_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     warpgroups, 128 rows, per block and double-buffered K/V in the forward), ``"wgmma2o"``
     (wgmma2 with each key tile's softmax overlapped with the previous tile's P V in the forward;
     both opt-in: they passed the GPU tests on an H200 but were no faster than ``"wgmma"``),
-    ``"wmma"`` (WMMA tensor-core kernels
-    where they apply, else SIMT), ``"simt"``. It sets the environment variable
+    ``"wgmma_ws"`` (a warp-specialised forward: a producer warpgroup loads K/V, two consumer
+    warpgroups take turns on the tensor cores; wgmma's backward; opt-in, not yet run on a GPU),
+    ``"wmma"`` (WMMA tensor-core kernels where they apply, else SIMT), ``"simt"``. It sets the environment variable
     SHADOWKV_ATTENTION_KERNEL, which the CUDA ops read at every call, so it applies to the whole
     process while the block runs, including backward passes run inside it. CPU ops ignore it.
     """

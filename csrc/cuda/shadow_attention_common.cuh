@@ -396,39 +396,50 @@ struct HeadQuerySteps {
   }
 };
 
-// Key tiles [0, n_tiles) of width kWidth are classified blockDim.x at a time, one per thread,
-// into `kinds` (blockDim.x ints of shared memory), so that a long run of skipped tiles costs a
-// shared-memory read per tile rather than a dependent global load. Call it for every tile in
-// increasing order with block-uniform arguments (it contains __syncthreads).
-template <int kWidth>
+// The threads that classify key tiles together (key_tile_kind): this thread's index among them,
+// how many they are, and their barrier. The whole block by default; the producer warpgroup of
+// the warp-specialised forward (shadow_attention_fwd_ws.cuh) passes its own.
+struct BlockGroup {
+  __device__ int rank() const { return threadIdx.x; }
+  __device__ int size() const { return blockDim.x; }
+  __device__ void sync() const { __syncthreads(); }
+};
+
+// Key tiles [0, n_tiles) of width kWidth are classified group.size() at a time, one per thread,
+// into `kinds` (group.size() ints of shared memory), so that a long run of skipped tiles costs a
+// shared-memory read per tile rather than a dependent global load. Every thread of the group
+// calls it for every tile in increasing order with uniform arguments (it contains the group's
+// barrier).
+template <int kWidth, class Group = BlockGroup>
 __device__ __forceinline__ TileKind key_tile_kind(int* kinds, int64_t tile, int64_t n_tiles, const int2* mm,
-                                                  int64_t n_ev_tiles, int64_t kv_len, int64_t p0, int64_t p1) {
+                                                  int64_t n_ev_tiles, int64_t kv_len, int64_t p0, int64_t p1,
+                                                  Group const& group = Group{}) {
   // 32-bit: an int64 remainder is a ~100-instruction subroutine call, paid per key tile
   // (tile < 2^31: positions are int32).
-  const int c = static_cast<int>(static_cast<uint32_t>(tile) % blockDim.x);
+  const int c = static_cast<int>(static_cast<uint32_t>(tile) % static_cast<uint32_t>(group.size()));
   if (c == 0) {
-    __syncthreads();  // the previous batch has been read by every thread
-    const int64_t mine = tile + threadIdx.x;
+    group.sync();  // the previous batch has been read by every thread
+    const int64_t mine = tile + group.rank();
     TileKind kind = TileKind::kSkip;
     if (mine < n_tiles) {
       const int64_t k0 = mine * kWidth;
       kind = classify_key_tile(key_tile_ev_range(mm, n_ev_tiles, k0, kWidth), k0, kWidth, kv_len, p0, p1);
     }
-    kinds[threadIdx.x] = static_cast<int>(kind);
-    __syncthreads();
+    kinds[group.rank()] = static_cast<int>(kind);
+    group.sync();
   }
   return static_cast<TileKind>(kinds[c]);
 }
 
 // The first key tile of width BN from `from` on (of n_key_tiles) that some row of query tile
-// `t` can see, with its kind; n_key_tiles when none is left. Uniform over the block (every
-// thread must call it: key_tile_kind classifies tiles in batches, with barriers).
-template <int BN>
+// `t` can see, with its kind; n_key_tiles when none is left. Uniform over the group (every
+// thread of it must call it: key_tile_kind classifies tiles in batches, with barriers).
+template <int BN, class Group = BlockGroup>
 __device__ __forceinline__ int64_t next_live_tile(int64_t from, int64_t n_key_tiles, int* kinds_s, const int2* mm,
                                                   int64_t n_ev_tiles, const ShadowAttentionParams& p,
-                                                  const QueryTile& t, TileKind& kind) {
+                                                  const QueryTile& t, TileKind& kind, Group const& group = Group{}) {
   for (int64_t tile = from; tile < n_key_tiles; ++tile) {
-    kind = key_tile_kind<BN>(kinds_s, tile, n_key_tiles, mm, n_ev_tiles, p.kv_len, t.p0, t.p1);
+    kind = key_tile_kind<BN>(kinds_s, tile, n_key_tiles, mm, n_ev_tiles, p.kv_len, t.p0, t.p1, group);
     if (kind != TileKind::kSkip) return tile;
   }
   return n_key_tiles;

@@ -351,18 +351,19 @@ AttnKernel requested_kernel(const char* fn) {
   }
   if (v == "wmma") return AttnKernel::kWmma;
   if (v == "simt") return AttnKernel::kSimt;
-  if (v == "cute" || v == "wgmma" || v == "wgmma2" || v == "wgmma2o") {
+  if (v == "cute" || v == "wgmma" || v == "wgmma2" || v == "wgmma2o" || v == "wgmma_ws") {
 #ifdef SHADOWKV_HAS_CUTE
     if (v == "cute") return AttnKernel::kCute;
     if (v == "wgmma") return AttnKernel::kWgmma;
+    if (v == "wgmma_ws") return AttnKernel::kWgmmaWs;
     return v == "wgmma2" ? AttnKernel::kWgmma2 : AttnKernel::kWgmma2o;
 #else
     bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL=" + v + ", but this build has no CuTe kernel (it was built without the "
             "CUTLASS headers: install nvidia-cutlass or set CUTLASS_DIR, then rebuild)");
 #endif
   }
-  bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wgmma, wgmma2, wgmma2o, wmma, simt; got '" + v +
-                  "'");
+  bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wgmma, wgmma2, wgmma2o, wgmma_ws, wmma, simt; "
+              "got '" + v + "'");
 }
 
 }  // namespace cuda_attn
@@ -386,6 +387,8 @@ void shadow_attention_fwd_cuda(const ShadowAttentionParams& p, void* stream) {
     return launch_fwd_wgmma2(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
   if (tc && choice == AttnKernel::kWgmma2o && wgmma_available(s))
     return launch_fwd_wgmma2o(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
+  if (tc && choice == AttnKernel::kWgmmaWs && wgmma_available(s))
+    return launch_fwd_wgmma_ws(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
   if (tc && choice != AttnKernel::kWmma)  // cute, and the wgmma families where no sm_90a code runs
     return launch_fwd_cute(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
 #endif

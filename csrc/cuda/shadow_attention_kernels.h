@@ -11,12 +11,15 @@
 //     wgmma. Opt-in until it has passed the GPU tests and measured faster (bench/RESULTS.md).
 //   * wgmma2o: wgmma2 with each key tile's softmax overlapped with the previous tile's P V in the
 //     forward (fwd_overlap_kernel, three K/V stages); wgmma2's backward. Opt-in, as wgmma2.
+//   * wgmma_ws: a warp-specialised forward (fwd_ws_kernel: a producer warpgroup copies K/V
+//     into an mbarrier ring, two consumer warpgroups take turns on the tensor cores);
+//     wgmma's backward. Opt-in until it has run on a GPU.
 //   * wmma: tensor-core kernels with the same coverage (shadow_attention_{fwd,bwd}.cu).
 //   * simt: every dtype and head_dim (shadow_attention_{fwd,bwd}.cu).
 // SHADOWKV_ATTENTION_KERNEL picks one per call (forward and backward alike): "auto" (default) =
 // "wgmma" in builds with the CuTe kernels, else "wmma"; "cute" = cute where it applies (an
-// error in a build without it), else simt; "wgmma", "wgmma2", "wgmma2o" = those kernels where
-// they apply, else as "cute"; "wmma" = wmma where it applies, else simt; "simt" = simt always.
+// error in a build without it), else simt; "wgmma", "wgmma2", "wgmma2o", "wgmma_ws" = those kernels
+// where they apply, else as "cute"; "wmma" = wmma where it applies, else simt; "simt" = simt always.
 // The CuTe kernels became the default after passing every GPU test on an H200, 2.1-2.8x faster
 // than wmma there (bench/RESULTS.md, 2026-11-26).
 #pragma once
@@ -30,7 +33,7 @@
 namespace shadowkv {
 namespace cuda_attn {
 
-enum class AttnKernel { kWmma, kCute, kWgmma, kWgmma2, kWgmma2o, kSimt };
+enum class AttnKernel { kWmma, kCute, kWgmma, kWgmma2, kWgmma2o, kWgmmaWs, kSimt };
 
 // The family SHADOWKV_ATTENTION_KERNEL asks for; throws std::invalid_argument (naming `fn`) on a
 // bad value, and for "cute" in a build without the CuTe kernels.
@@ -62,6 +65,9 @@ void launch_bwd_wgmma2(const ShadowAttentionBwdParams& bp, const int2* ev_mm, in
 // The wgmma2o forward (its backward is launch_bwd_wgmma2).
 void launch_fwd_wgmma2o(const ShadowAttentionParams& p, const int2* ev_mm, int64_t n_ev, float scale_log2,
                         cudaStream_t s);
+// The warp-specialised forward (its backward is launch_bwd_wgmma).
+void launch_fwd_wgmma_ws(const ShadowAttentionParams& p, const int2* ev_mm, int64_t n_ev, float scale_log2,
+                         cudaStream_t s);
 #endif
 
 }  // namespace cuda_attn

@@ -8,7 +8,11 @@
 //     a barrier that is not reached by all its threads within a minute aborts (on a GPU it would
 //     hang or be undefined);
 //   * cp.async copies land only when cp.async.wait_group covers their group (the latest the
-//     hardware may deliver them), so a read that misses a wait sees stale bytes;
+//     hardware may deliver them), so a read that misses a wait sees stale bytes; copies handed
+//     to an mbarrier (cp.async.mbarrier.arrive) land when its phase completes;
+//   * mbarriers (init, arrive, parity wait) and named barriers (bar.sync / bar.arrive by id)
+//     count threads; a block that ends with copies on an unfinished phase or a named barrier
+//     partly arrived aborts;
 //   * dynamic shared memory starts as 0xff bytes (NaN as floats): a read of a byte nobody wrote
 //     shows up in the results; it is 16-byte aligned, no more. Static __shared__ variables are
 //     function-local statics (blocks run one at a time, so each block has them to itself), but
@@ -39,6 +43,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -86,20 +91,49 @@ struct Warpgroup {
   alignas(16) uint32_t slot[128][4];
 };
 
+struct Copy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+
+inline void land(const std::vector<Copy>& group) {
+  for (const Copy& c : group) {
+    if (c.valid) {
+      std::memcpy(c.dst, c.src, 16);
+    } else {
+      std::memset(c.dst, 0, 16);
+    }
+  }
+}
+
+// An mbarrier (csrc/cuda/mbarrier.cuh): a phase completes when `count` arrivals are in; the
+// cp.async copies handed to it land then, all at once.
+struct Mbarrier {
+  int count = 0, pending = 0;
+  uint64_t completed = 0;       // phases completed so far
+  std::vector<Copy> copies;     // handed over by cp.async.mbarrier.arrive during this phase
+};
+
+// A named barrier (bar.sync / bar.arrive): `threads` arrivals complete a generation.
+struct NamedBarrier {
+  int threads = 0, arrived = 0;
+  uint64_t generation = 0;
+};
+
 struct Block {
   explicit Block(int threads) : barrier(threads) {}
   Barrier barrier;
+  // mbarriers (by address) and named barriers (by id), under one lock
+  std::mutex sync_mutex;
+  std::condition_variable sync_cv;
+  std::map<const void*, Mbarrier> mbarriers;
+  std::map<int, NamedBarrier> named;
   std::vector<std::unique_ptr<Warp>> warps;
   std::vector<std::unique_ptr<Warpgroup>> warpgroups;  // when the block has whole warpgroups
   unsigned char* smem = nullptr;    // dynamic shared memory: 16 bytes into `window`
   unsigned char* window = nullptr;  // 256 KB aligned: a shared-memory address is an offset in it
   size_t smem_bytes = 0;
-};
-
-struct Copy {
-  void* dst;
-  const void* src;
-  bool valid;
 };
 
 struct Thread;
@@ -162,21 +196,86 @@ inline void cp_async_commit() {
   t.groups.push_back(std::move(t.open_group));
   t.open_group.clear();
 }
-inline void land(const std::vector<Copy>& group) {
-  for (const Copy& c : group) {
-    if (c.valid) {
-      std::memcpy(c.dst, c.src, 16);
-    } else {
-      std::memset(c.dst, 0, 16);
-    }
-  }
-}
 inline void cp_async_wait(int n) {
   Thread& t = me();
   while (t.groups.size() > static_cast<size_t>(n)) {
     land(t.groups.front());
     t.groups.pop_front();
   }
+}
+
+// ---- mbarriers and named barriers (csrc/cuda/mbarrier.cuh). A wait that does not end within a
+// minute aborts, as a barrier does (on a GPU it would hang).
+inline void check_mbarrier_address(const void* bar) {
+  if (!in_shared(bar, 8) || reinterpret_cast<uintptr_t>(bar) % 8 != 0)
+    die("mbarrier not 8-byte aligned in shared memory");
+}
+inline Mbarrier& mbarrier_at(Block& b, const void* bar) {
+  check_mbarrier_address(bar);
+  auto it = b.mbarriers.find(bar);
+  if (it == b.mbarriers.end()) die("an mbarrier was used before mbarrier.init");
+  return it->second;
+}
+inline void mbar_init(void* bar, int count) {
+  Block& b = *me().block;
+  if (count <= 0) die("mbarrier.init with a count < 1");
+  std::lock_guard<std::mutex> lock(b.sync_mutex);
+  check_mbarrier_address(bar);
+  Mbarrier& m = b.mbarriers[bar];
+  m = Mbarrier{};
+  m.count = m.pending = count;
+}
+// One arrival with the lock held: the last one of a phase lands its copies and completes it.
+inline void mbar_arrive_locked(Block& b, Mbarrier& m) {
+  if (--m.pending > 0) return;
+  land(m.copies);
+  m.copies.clear();
+  m.pending = m.count;
+  ++m.completed;
+  b.sync_cv.notify_all();
+}
+inline void mbar_arrive(void* bar) {
+  Block& b = *me().block;
+  std::lock_guard<std::mutex> lock(b.sync_mutex);
+  mbar_arrive_locked(b, mbarrier_at(b, bar));
+}
+// cp.async.mbarrier.arrive.noinc: every copy this thread issued so far (committed or not) lands
+// when the phase completes; the arrival counts at once (the latest the copies may land is then).
+inline void cp_async_mbar_arrive(void* bar) {
+  Thread& t = me();
+  Block& b = *t.block;
+  std::lock_guard<std::mutex> lock(b.sync_mutex);
+  Mbarrier& m = mbarrier_at(b, bar);
+  for (auto& group : t.groups) m.copies.insert(m.copies.end(), group.begin(), group.end());
+  m.copies.insert(m.copies.end(), t.open_group.begin(), t.open_group.end());
+  t.groups.clear();
+  t.open_group.clear();
+  mbar_arrive_locked(b, m);
+}
+// Returns once the phase of this parity completed: the current phase's parity differs.
+inline void mbar_wait(void* bar, uint32_t parity) {
+  Block& b = *me().block;
+  std::unique_lock<std::mutex> lock(b.sync_mutex);
+  Mbarrier& m = mbarrier_at(b, bar);
+  if (!b.sync_cv.wait_for(lock, std::chrono::seconds(60), [&] { return (m.completed & 1u) != (parity & 1u); }))
+    die("an mbarrier phase did not complete within 60 s");
+}
+inline void named_barrier(int id, int threads, bool wait) {
+  if (id <= 0 || id > 15 || threads <= 0 || threads % 32 != 0) die("named barrier: id 1..15, whole warps");
+  Block& b = *me().block;
+  std::unique_lock<std::mutex> lock(b.sync_mutex);
+  NamedBarrier& n = b.named[id];
+  if (n.arrived == 0) n.threads = threads;
+  if (n.threads != threads) die("named barrier used with two thread counts at once");
+  const uint64_t generation = n.generation;
+  if (++n.arrived == n.threads) {
+    n.arrived = 0;
+    ++n.generation;
+    b.sync_cv.notify_all();
+    return;
+  }
+  if (wait && !b.sync_cv.wait_for(lock, std::chrono::seconds(60), [&] { return n.generation != generation; }))
+    die("a named barrier was not completed within 60 s");
 }
 
 // ---- ldmatrix .x4 and mma.sync m16n8k16 (layouts: csrc/cuda/mma_sync.cuh)
@@ -291,6 +390,11 @@ void launch(unsigned grid, unsigned block_threads, size_t smem_bytes, Kernel&& k
       });
     }
     for (std::thread& th : threads) th.join();
+    // What the hardware leaves undefined at exit: copies that never landed, a barrier half passed.
+    for (const auto& m : blk.mbarriers)
+      if (!m.second.copies.empty()) die("a block ended with cp.async copies on an mbarrier whose phase never completed");
+    for (const auto& n : blk.named)
+      if (n.second.arrived != 0) die("a block ended with a named barrier partly arrived");
   }
 }
 

@@ -4,12 +4,14 @@
 // shadow_attention_fwd_cpu in float64 on the same 16-bit inputs. "cute" and "wgmma" passed the
 // GPU tests on an H200, so they calibrate the emulation; "wgmma2" (two warpgroups, staged K/V)
 // and "wgmma2o" (each tile's softmax overlapped with the previous tile's P V on asynchronous
-// wgmma batches) have not run on a GPU.
+// wgmma batches) passed them too; "wgmma_ws" (a producer warpgroup and two consumer warpgroups
+// synchronised by mbarriers and named barriers, shadow_attention_fwd_ws.cuh) has not run on a GPU.
 #include "attention_emulation_util.h"  // first (it includes the emulation)
 
 #include "shadow_attention_cute.cuh"
 #include "shadow_attention_fwd_cute.cuh"
 #include "shadow_attention_fwd_overlap.cuh"
+#include "shadow_attention_fwd_ws.cuh"
 #include "shadow_attention_wgmma.cuh"
 
 namespace {
@@ -18,7 +20,8 @@ using namespace shadowkv;
 using namespace shadowkv::cuda_attn;
 using namespace shadowkv_test;
 
-enum class Body { kPlain, kStaged, kOverlap };  // fwd_kernel, fwd_staged_kernel, fwd_overlap_kernel
+// fwd_kernel, fwd_staged_kernel, fwd_overlap_kernel, fwd_ws_kernel
+enum class Body { kPlain, kStaged, kOverlap, kWarpSpecialised };
 
 // Family F's forward on one problem, launched as launch_fwd_family / launch_fwd_overlap do.
 template <class F, typename T, Body kBody>
@@ -43,9 +46,12 @@ void check_forward(const AttentionShape& s, uint32_t seed, const std::string& na
   } else if constexpr (kBody == Body::kStaged) {
     shadowkv_emu::launch(blocks, Tr::kThreads, Tr::kOwnBytes + cuda_cute::PartnerStages<Tr>::kBytes + rest,
                          [&] { fwd_staged_kernel<F>(p, mm.data(), n_ev, scale_log2); });
-  } else {
+  } else if constexpr (kBody == Body::kOverlap) {
     shadowkv_emu::launch(blocks, Tr::kThreads, Tr::kOwnBytes + overlap_ring_bytes<Tr>() + rest,
                          [&] { fwd_overlap_kernel<F>(p, mm.data(), n_ev, scale_log2); });
+  } else {
+    shadowkv_emu::launch(blocks, kWsThreads, ws_smem_bytes<Tr>(),
+                         [&] { fwd_ws_kernel<F>(p, mm.data(), n_ev, scale_log2); });
   }
   expect_close(out, out_ref, forward_tolerance<T>(), name + " out");  // lse: fp32 sums
   expect_close(lse, lse_ref, 1e-5, name + " lse");
@@ -81,6 +87,10 @@ TEST(emulated_attention_fwd_wgmma2) {
 TEST(emulated_attention_fwd_wgmma2o) {
   check_family<Wgmma2<__nv_bfloat16, 128>, __nv_bfloat16, Body::kOverlap>("wgmma2o bf16 d128", true);
   check_family<Wgmma2<__half, 64>, __half, Body::kOverlap>("wgmma2o fp16 d64", true);
+}
+TEST(emulated_attention_fwd_wgmma_ws) {
+  check_family<Wgmma2<__nv_bfloat16, 128>, __nv_bfloat16, Body::kWarpSpecialised>("wgmma_ws bf16 d128", true);
+  check_family<Wgmma2<__half, 64>, __half, Body::kWarpSpecialised>("wgmma_ws fp16 d64");  // ring: as bf16
 }
 
 }  // namespace
