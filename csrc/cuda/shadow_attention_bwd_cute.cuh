@@ -97,25 +97,43 @@ __device__ __forceinline__ void ds_by_query_rows(S& s, DP const& dp, RowCol cons
   }
 }
 
+// A bound on tile-relative column offsets as an int: outside [-1, 2^30] only its side matters.
+__device__ __forceinline__ int clamp_offset(int64_t x) {
+  return x < -1 ? -1 : x > (int64_t{1} << 30) ? (1 << 30) : static_cast<int>(x);
+}
+
 // dK/dV kernels: P^T overwrites the scores `s_t` and dS^T = P^T (dP^T - delta) overwrites `dp_t`,
 // for the keys k0 + row (their log entries in `ev_row`) against the query rows at positions
 // p0 + column, `rows` of them, whose statistics start at workspace row ws_row0. `full`: every
 // pair is visible. Column by column, so that only one column's statistics are live at a time
-// (the dK/dV accumulators take most of the registers; for the same reason `full` stays a run-time
-// value: two copies of this step, as the dQ kernel has, made the wgmma dK/dV kernel spill).
+// (the dK/dV accumulators take most of the registers). Two copies of this step (full and
+// partial, F::kTwoMaskCopies) made the wgmma dK/dV kernel spill while the mask tested 64-bit
+// positions per column; with column offsets it spills 3 words, outside the full-tile path (SASS,
+// bf16 D=128: that path's mask step 506 instructions instead of ~760).
 template <int kRows, class S, class DP, class RowCol>
 __device__ __forceinline__ void p_ds_by_key_rows(S& s_t, DP& dp_t, RowCol const& rc, const int (&ev_row)[kRows],
                                                  bool full, int64_t k0, int64_t p0, float scale_log2,
                                                  const float* __restrict__ lse2_ws,
                                                  const float* __restrict__ delta_ws, int64_t ws_row0, int64_t rows) {
   using cute::get;
+  // Query columns relative to the thread's first one (compile-time offsets, as load_column_log):
+  // key row r is visible to the query at offset `off` iff lo[r] <= off < hi[r] (key <= position
+  // < its log entry), bounds clamped to int (offsets are below the tile width).
+  const int64_t pos0 = p0 + get<1>(rc(0, 0));
+  int lo[kRows], hi[kRows];
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    lo[r] = clamp_offset(k0 + get<0>(rc(r, 0)) - pos0);
+    hi[r] = clamp_offset(ev_row[r] - pos0);
+  }
   CUTE_UNROLL
   for (int c = 0; c < cute::size<1>(rc); ++c) {
     const int col = get<1>(rc(0, c));
+    const int off = col - get<1>(rc(0, 0));
     const RowStats st = row_stats(lse2_ws, delta_ws, ws_row0, rows, col);
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
-      const bool vis = full || visible(k0 + get<0>(rc(r, 0)), p0 + col, ev_row[r]);
+      const bool vis = full || (lo[r] <= off && off < hi[r]);
       const float pr = vis ? exp2f(s_t(r, c) * scale_log2 - st.lse2) : 0.f;
       s_t(r, c) = pr;
       dp_t(r, c) = pr * (dp_t(r, c) - st.delta);
@@ -352,7 +370,12 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       Tensor s_t = F::rowcol(acc_st);
       Tensor dp_t = F::rowcol(acc_dpt);
       const int64_t ws_row0 = (kt.b * p.num_q_heads + st.hq) * p.q_len + st.i0;
-      p_ds_by_key_rows(s_t, dp_t, tScS_rc, ev_row, full, kt.k0, p0, scale_log2, lse2_ws, delta_ws, ws_row0, rows);
+      // F::kTwoMaskCopies: a full step tests no pair (as in the dQ kernel).
+      if (F::kTwoMaskCopies && full) {
+        p_ds_by_key_rows(s_t, dp_t, tScS_rc, ev_row, true, kt.k0, p0, scale_log2, lse2_ws, delta_ws, ws_row0, rows);
+      } else {
+        p_ds_by_key_rows(s_t, dp_t, tScS_rc, ev_row, full, kt.k0, p0, scale_log2, lse2_ws, delta_ws, ws_row0, rows);
+      }
       Tensor rP = F::a_operand(acc_st);
       Tensor rdS = F::a_operand(acc_dpt);
       mma.update_pair(acc_dv, rP, sdO_now, acc_dk, rdS, sQ_now);

@@ -231,7 +231,7 @@ struct Family {
   static constexpr const char* kName = Tr::kWarpgroups == 1 ? "wgmma" : "wgmma2";
   static constexpr bool kBody = SHADOWKV_WGMMA_BODY;
   static constexpr size_t kSmemSlack = kSmemAlignSlack;
-  // The dQ kernel's dS step in two copies, full and partial tiles (ds_by_query_rows).
+  // The dQ and dK/dV kernels' mask steps in two copies, full and partial tiles.
   static constexpr bool kTwoMaskCopies = true;
 
   typename Tr::TiledMmaS mma_s;
