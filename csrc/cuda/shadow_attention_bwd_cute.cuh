@@ -91,7 +91,7 @@ __device__ __forceinline__ void ds_by_query_rows(S& s, DP const& dp, RowCol cons
     for (int c = 0; c < kCols; ++c) {
       const int off = get<1>(rc(r, c)) - col0;
       const bool vis = full || (off <= last && pos < ev_col[c]);
-      const float pr = vis ? exp2f(s(r, c) * scale_log2 - lse2[r]) : 0.f;
+      const float pr = vis ? cuda_common::fast_exp2(s(r, c) * scale_log2 - lse2[r]) : 0.f;
       s(r, c) = pr * (dp(r, c) - delta[r]);
     }
   }
@@ -134,7 +134,7 @@ __device__ __forceinline__ void p_ds_by_key_rows(S& s_t, DP& dp_t, RowCol const&
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
       const bool vis = full || (lo[r] <= off && off < hi[r]);
-      const float pr = vis ? exp2f(s_t(r, c) * scale_log2 - st.lse2) : 0.f;
+      const float pr = vis ? cuda_common::fast_exp2(s_t(r, c) * scale_log2 - st.lse2) : 0.f;
       s_t(r, c) = pr;
       dp_t(r, c) = pr * (dp_t(r, c) - st.delta);
     }

@@ -47,11 +47,11 @@ __device__ __forceinline__ void softmax_step(S& s, RowCol const& rc, const int (
     }
     const float m_new = fmaxf(m_run[r], cuda_cute::quad_max(mx));
     const bool none = m_new == -INFINITY;  // no visible key in this row so far: avoid inf - inf
-    alpha[r] = none ? 1.f : exp2f(m_run[r] - m_new);
+    alpha[r] = none ? 1.f : cuda_common::fast_exp2(m_run[r] - m_new);
     float sum = 0.f;
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
-      const float pr = none ? 0.f : exp2f(s(r, c) - m_new);
+      const float pr = none ? 0.f : cuda_common::fast_exp2(s(r, c) - m_new);
       s(r, c) = pr;
       sum += pr;
     }
