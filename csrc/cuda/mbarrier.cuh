@@ -71,7 +71,9 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 }
 
 // One arrival on `bar` once every cp.async this thread issued so far has landed (.noinc: it
-// counts as one of the phase's arrivals). Replaces the commit/wait of a cp.async group.
+// counts as one of the phase's arrivals). Replaces the commit/wait of a cp.async group. It
+// orders nothing but those copies: the thread's ordinary shared-memory stores need an
+// mbar_arrive of their own.
 __device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
 #if SHADOWKV_MBARRIER_EMULATED
   shadowkv_emu::cp_async_mbar_arrive(bar);
@@ -86,14 +88,14 @@ __device__ __forceinline__ void named_sync(int id, int threads) {
 #if SHADOWKV_MBARRIER_EMULATED
   shadowkv_emu::named_barrier(id, threads, true);
 #elif defined(SHADOWKV_MBARRIER_SM90)
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads));
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 #endif
 }
 __device__ __forceinline__ void named_arrive(int id, int threads) {
 #if SHADOWKV_MBARRIER_EMULATED
   shadowkv_emu::named_barrier(id, threads, false);
 #elif defined(SHADOWKV_MBARRIER_SM90)
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads));
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 #endif
 }
 

@@ -20,12 +20,15 @@
 namespace shadowkv {
 namespace cuda_attn {
 
-// Masks the scores `s` of key tile k0 (rows x cols view; its coordinates in `rc`), scales them
-// into the log2 domain and applies one online-softmax step without touching the output: P
-// overwrites S in place, the running max `m_run` / partial sums `l_run` are updated, and
-// alpha[r] is the factor the output rows must be rescaled by. `partial`: some pairs of the tile
-// are hidden and `ev_col` holds the log entry of each column; else every pair is visible and
-// `ev_col` is not read (a literal `false` leaves no test in the inlined code).
+// Masks the scores `s` of key tile k0 (rows x cols view; its coordinates in `rc`) and applies one
+// online-softmax step without touching the output: P = 2^(s scale_log2 - m scale_log2)
+// overwrites S in place, the running max `m_run` (of the unscaled scores: the scaling folds into
+// one FFMA per score, as in FlashAttention, instead of a multiply before the max and a subtract
+// after it) and partial sums `l_run` are updated, and alpha[r] is the factor the output rows
+// must be rescaled by. `partial`: some pairs of the tile are hidden and `ev_col` holds the log
+// entry of each column; else every pair is visible and `ev_col` is not read (a literal `false`
+// leaves no test in the inlined code). scale_log2 > 0 (the op checks scale > 0), so the max of
+// the unscaled scores is that of the scaled ones.
 template <int kRows, int kCols, class S, class RowCol>
 __device__ __forceinline__ void softmax_step(S& s, RowCol const& rc, const int (&ev_col)[kCols], bool partial,
                                              int64_t k0, int64_t p0, float scale_log2, float (&m_run)[kRows],
@@ -39,19 +42,18 @@ __device__ __forceinline__ void softmax_step(S& s, RowCol const& rc, const int (
     float mx = -INFINITY;
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
-      float x = s(r, c) * scale_log2;
       const int off = get<1>(rc(r, c)) - col0;
-      if (partial && !(off <= last && pos < ev_col[c])) x = -INFINITY;
-      s(r, c) = x;
-      mx = fmaxf(mx, x);
+      if (partial && !(off <= last && pos < ev_col[c])) s(r, c) = -INFINITY;
+      mx = fmaxf(mx, s(r, c));
     }
     const float m_new = fmaxf(m_run[r], cuda_cute::quad_max(mx));
     const bool none = m_new == -INFINITY;  // no visible key in this row so far: avoid inf - inf
-    alpha[r] = none ? 1.f : cuda_common::fast_exp2(m_run[r] - m_new);
+    const float m_scaled = m_new * scale_log2;
+    alpha[r] = none ? 1.f : cuda_common::fast_exp2(m_run[r] * scale_log2 - m_scaled);
     float sum = 0.f;
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
-      const float pr = none ? 0.f : cuda_common::fast_exp2(s(r, c) - m_new);
+      const float pr = none ? 0.f : cuda_common::fast_exp2(fmaf(s(r, c), scale_log2, -m_scaled));
       s(r, c) = pr;
       sum += pr;
     }
@@ -103,11 +105,11 @@ __device__ __forceinline__ void softmax_tile(TileKind kind, S& s, RowCol const& 
 }
 
 // Normalises the output rows `o` (coordinates in `rc`) and writes those below t.rows, and
-// their log-sum-exp (one lane per quad).
+// their log-sum-exp (one lane per quad; m_run is softmax_step's unscaled running max).
 template <typename T, int kRows, class O, class RowCol>
 __device__ __forceinline__ void write_rows(const ShadowAttentionParams& p, const QueryTile& t, O const& o,
                                            RowCol const& rc, const float (&m_run)[kRows],
-                                           const float (&l_run)[kRows]) {
+                                           const float (&l_run)[kRows], float scale_log2) {
   using cute::get;
   T* og = static_cast<T*>(p.out) + t.b * p.o_stride[0] + t.hq * p.o_stride[1] + t.i0 * p.o_stride[2];
   float* lse = static_cast<float*>(p.lse) + t.b * p.lse_stride[0] + t.hq * p.lse_stride[1] + t.i0;
@@ -119,7 +121,7 @@ __device__ __forceinline__ void write_rows(const ShadowAttentionParams& p, const
     if (row >= t.rows) continue;
     CUTE_UNROLL
     for (int c = 0; c < cute::size<1>(o); ++c) og[row * p.o_stride[2] + get<1>(rc(r, c))] = from_f32<T>(o(r, c) * inv);
-    if (threadIdx.x % 4 == 0) lse[row] = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
+    if (threadIdx.x % 4 == 0) lse[row] = l > 0.f ? (m_run[r] * scale_log2 + log2f(l)) * kLn2 : -INFINITY;
   }
 }
 
@@ -141,7 +143,8 @@ struct FwdRows {
         mm(ev_mm + (t.b * p.num_kv_heads + t.hkv) * n_ev_tiles) {}
 };
 
-// The running max (log2 domain) and this thread's partial sum of each of its rows, before any key.
+// The running max (of the unscaled scores) and this thread's partial sum of each of its rows,
+// before any key.
 template <int kRows>
 __device__ __forceinline__ void init_row_stats(float (&m_run)[kRows], float (&l_run)[kRows]) {
   CUTE_UNROLL
@@ -221,7 +224,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     // (row, key) of each score register as (rows, cols) for the softmax.
     Tensor tScS_rc = F::rowcol(mma.score_coords());
     constexpr int kRows = decltype(size<0>(tScS_rc))::value;  // 2: rows lane/4 and lane/4 + 8 of a warp
-    float m_run[kRows], l_run[kRows];  // running max (log2 domain) and this thread's partial sum
+    float m_run[kRows], l_run[kRows];  // running max (unscaled) and this thread's partial sum
     init_row_stats(m_run, l_run);
     load_query_tile<BM, D>(gmem_copy, gmem_thr, g.q, p.q_stride[2], sQ, t.rows);
 
@@ -258,7 +261,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       Tensor acc_s = mma.score_acc();
       mma.scores(acc_s, q_op, sK);
 
-      // Mask, scale into the log2 domain, online softmax. P overwrites S in place.
+      // Mask, online softmax (in the log2 domain). P overwrites S in place.
       Tensor s = F::rowcol(acc_s);
       Tensor o_rc = F::rowcol(acc_o);
       softmax_tile<true>(kind, s, tScS_rc, o_rc, g.ev, k0, p.kv_len, t.p0, scale_log2, m_run, l_run);
@@ -279,7 +282,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     cp_async_wait<0>();  // nothing may be in flight at exit (a block without live tiles loaded Q)
 
     // Normalise, write out (rows < t.rows) and lse (one lane per quad).
-    write_rows<T>(p, t, F::rowcol(acc_o), F::rowcol(mma.out_coords()), m_run, l_run);
+    write_rows<T>(p, t, F::rowcol(acc_o), F::rowcol(mma.out_coords()), m_run, l_run, scale_log2);
   }
 }
 
@@ -363,7 +366,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     }
     cp_async_wait<0>();  // nothing may be in flight at exit (a block without live tiles loaded Q)
 
-    write_rows<T>(p, t, F::rowcol(acc_o), F::rowcol(mma.out_coords()), m_run, l_run);
+    write_rows<T>(p, t, F::rowcol(acc_o), F::rowcol(mma.out_coords()), m_run, l_run, scale_log2);
   }
 }
 

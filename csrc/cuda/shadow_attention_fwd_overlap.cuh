@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     if (have_p) mma.update(acc_o, rP, ring_tile(p_stage, 1));  // O += P_last V_last, waited
     cp_async_wait<0>();  // nothing may be in flight at exit (a block without live tiles loaded Q)
 
-    write_rows<T>(p, t, F::rowcol(acc_o), F::rowcol(mma.out_coords()), m_run, l_run);
+    write_rows<T>(p, t, F::rowcol(acc_o), F::rowcol(mma.out_coords()), m_run, l_run, scale_log2);
   }
 }
 

@@ -7,8 +7,9 @@
 // Here a block of three warpgroups owns 128 query rows:
 //   * the producer (warpgroup 0) classifies the key tiles (next_live_tile over its 128 threads),
 //     copies Q once and the K and V tiles of every live key tile with cp.async into a ring of
-//     kWsStages stages, and hands each copy to the stage's "full" mbarrier (cp_async_arrive);
-//     it waits for a stage's "empty" mbarrier before refilling it. With the K tile it writes
+//     kWsStages stages, and hands each to the stage's "full" mbarrier (ws_publish: the copies'
+//     arrival and a release arrival for its zero rows); it waits for a stage's "empty"
+//     mbarrier before refilling it. With the K tile it writes
 //     the stage's tile number and kind (n_key_tiles after the last: the consumers stop there);
 //   * two consumers (warpgroups 1, 2; 64 query rows each) run the overlapped loop of
 //     fwd_overlap_kernel on their own rows: issue S_j = Q K_j^T and O += P_{j-1} V_{j-1}, wait
@@ -54,6 +55,16 @@ constexpr size_t ws_smem_bytes() {
   return Tr::kOwnBytes + 2 * kWsStages * Tr::kPartnerBytes + sizeof(WsControl) + cuda_wgmma::kSmemAlignSlack;
 }
 
+// A producer thread hands what it wrote for a full barrier's phase to the consumers: its cp.async
+// copies (an arrival when they land) and its ordinary stores (zero rows, the tile slots: a
+// release arrival, after the proxy fence that lets the MMAs' async proxy read them). So a full
+// barrier counts two arrivals per producer thread.
+__device__ __forceinline__ void ws_publish(uint64_t* full) {
+  cuda_wgmma::fence_smem_for_wgmma();
+  cuda_common::cp_async_arrive(full);
+  cuda_common::mbar_arrive(full);
+}
+
 // The producer warpgroup as a BlockGroup for next_live_tile: its own barrier, not the block's.
 struct WsProducerGroup {
   __device__ int rank() const { return threadIdx.x; }
@@ -69,7 +80,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     __trap();  // the host only launches a family where its body was built (and loads)
   } else {
     using namespace cute;
-    using cuda_common::cp_async_arrive;
     using cuda_common::mbar_arrive;
     using cuda_common::mbar_wait;
     using Tr = typename F::Traits;
@@ -91,10 +101,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     const int64_t n_key_tiles = (min(p.kv_len, t.p1 + 1) + BN - 1) / BN;
 
     if (threadIdx.x == 0) {
-      cuda_common::mbar_init(&c.q_full, kWsProducerThreads);
+      // Full barriers: each producer thread arrives twice (ws_publish).
+      cuda_common::mbar_init(&c.q_full, 2 * kWsProducerThreads);
       for (int s = 0; s < kWsStages; ++s) {
-        cuda_common::mbar_init(&c.k_full[s], kWsProducerThreads + 1);  // + the tile number's writer
-        cuda_common::mbar_init(&c.v_full[s], kWsProducerThreads);
+        cuda_common::mbar_init(&c.k_full[s], 2 * kWsProducerThreads);
+        cuda_common::mbar_init(&c.v_full[s], 2 * kWsProducerThreads);
         cuda_common::mbar_init(&c.k_empty[s], Tr::kThreads);
         cuda_common::mbar_init(&c.v_empty[s], Tr::kThreads);
       }
@@ -116,8 +127,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       cuda_cute::copy_rows<BM>(gmem_copy, gmem_thr.partition_S(cuda_cute::gmem_tile<BM, D>(g.q, p.q_stride[2], 0)),
                                gmem_thr.partition_D(sQ),
                                gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{})), t.rows);
-      cuda_wgmma::fence_smem_for_wgmma();  // the zero rows (generic stores) before the async proxy reads them
-      cp_async_arrive(&c.q_full);
+      ws_publish(&c.q_full);
 
       // One K or V tile into a stage: rows no valid query row sees are zeros (kv_row_needed).
       auto load = [&](const E* src, int64_t stride, int64_t tile, TileKind kind, int stage, int j) {
@@ -126,7 +136,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                                 gmem_thr.partition_D(ring_tile(stage, j)), tPartC,
                                 [&](int row) { return kv_row_needed(row, k0, p, t, kind, g.ev); },
                                 kind == TileKind::kFull);
-        cuda_wgmma::fence_smem_for_wgmma();
       };
 
       TileKind kind = TileKind::kSkip;
@@ -135,17 +144,16 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         // Parity of the stage's previous phase: the first round's wait returns at once.
         const uint32_t empty_parity = (round & 1) ^ 1;
         mbar_wait(&c.k_empty[stage], empty_parity);
-        if (tid == 0) {
+        if (tid == 0) {  // published with the K tile: the consumers read these after their wait
           c.tile[stage] = tile;
           c.kind[stage] = static_cast<int>(kind);
-          mbar_arrive(&c.k_full[stage]);  // release: the consumers read these after their wait
         }
         if (tile < n_key_tiles) load(g.k, p.k_stride[2], tile, kind, stage, 0);
-        cp_async_arrive(&c.k_full[stage]);
+        ws_publish(&c.k_full[stage]);
         if (tile >= n_key_tiles) break;
         mbar_wait(&c.v_empty[stage], empty_parity);
         load(g.v, p.v_stride[2], tile, kind, stage, 1);
-        cp_async_arrive(&c.v_full[stage]);
+        ws_publish(&c.v_full[stage]);
         tile = next_live_tile<BN>(tile + 1, n_key_tiles, c.kinds, g.mm, n_ev_tiles, p, t, kind, WsProducerGroup{});
         if (++stage == kWsStages) {
           stage = 0;
@@ -236,7 +244,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         cuda_wgmma::fence_smem_for_wgmma();
         mma.update(acc_o, rP, ring_tile(p_stage, 1));
       }
-      write_rows<T>(p, t, F::rowcol(acc_o), F::rowcol(mma.out_coords()), m_run, l_run);
+      write_rows<T>(p, t, F::rowcol(acc_o), F::rowcol(mma.out_coords()), m_run, l_run, scale_log2);
     }
   }
 }

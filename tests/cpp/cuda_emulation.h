@@ -12,7 +12,9 @@
 //     to an mbarrier (cp.async.mbarrier.arrive) land when its phase completes;
 //   * mbarriers (init, arrive, parity wait) and named barriers (bar.sync / bar.arrive by id)
 //     count threads; a block that ends with copies on an unfinished phase or a named barrier
-//     partly arrived aborts;
+//     partly arrived aborts. Not modelled: memory ordering (every arrival and wait takes one
+//     lock, which publishes all earlier writes, so a store that only a missing release arrival
+//     would publish still shows), and named barriers count threads where hardware counts warps;
 //   * dynamic shared memory starts as 0xff bytes (NaN as floats): a read of a byte nobody wrote
 //     shows up in the results; it is 16-byte aligned, no more. Static __shared__ variables are
 //     function-local statics (blocks run one at a time, so each block has them to itself), but
