@@ -108,8 +108,8 @@ __device__ __forceinline__ int clamp_offset(int64_t x) {
 // pair is visible. Column by column, so that only one column's statistics are live at a time
 // (the dK/dV accumulators take most of the registers). Two copies of this step (full and
 // partial, F::kTwoMaskCopies) made the wgmma dK/dV kernel spill while the mask tested 64-bit
-// positions per column; with column offsets it spills 3 words, outside the full-tile path (SASS,
-// bf16 D=128: that path's mask step 506 instructions instead of ~760).
+// positions per column; with column offsets it spills a word or two, outside the full-tile path
+// (SASS, bf16 D=128: that path's step 255 instructions, the predicated one ~760 before).
 template <int kRows, class S, class DP, class RowCol>
 __device__ __forceinline__ void p_ds_by_key_rows(S& s_t, DP& dp_t, RowCol const& rc, const int (&ev_row)[kRows],
                                                  bool full, int64_t k0, int64_t p0, float scale_log2,
@@ -119,18 +119,25 @@ __device__ __forceinline__ void p_ds_by_key_rows(S& s_t, DP& dp_t, RowCol const&
   // Query columns relative to the thread's first one (compile-time offsets, as load_column_log):
   // key row r is visible to the query at offset `off` iff lo[r] <= off < hi[r] (key <= position
   // < its log entry), bounds clamped to int (offsets are below the tile width).
-  const int64_t pos0 = p0 + get<1>(rc(0, 0));
+  const int col0 = get<1>(rc(0, 0));
+  const int64_t pos0 = p0 + col0;
   int lo[kRows], hi[kRows];
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     lo[r] = clamp_offset(k0 + get<0>(rc(r, 0)) - pos0);
     hi[r] = clamp_offset(ev_row[r] - pos0);
   }
+  // The columns' statistics at compile-time offsets from one base: per column a load with an
+  // immediate offset, where row_stats' 64-bit index per column cost ~250 of this step's ~410
+  // instructions on a full tile (SASS, wgmma bf16 D=128: the kernel parameters reloaded, the
+  // addresses and the bound compared in 64 bits).
+  const float* lse2_c = lse2_ws + ws_row0 + col0;
+  const float* delta_c = delta_ws + ws_row0 + col0;
+  const int valid = static_cast<int>(rows) - col0;  // column offsets below it are rows < rows
   CUTE_UNROLL
   for (int c = 0; c < cute::size<1>(rc); ++c) {
-    const int col = get<1>(rc(0, c));
-    const int off = col - get<1>(rc(0, 0));
-    const RowStats st = row_stats(lse2_ws, delta_ws, ws_row0, rows, col);
+    const int off = get<1>(rc(0, c)) - col0;
+    const RowStats st = off < valid ? RowStats{lse2_c[off], delta_c[off]} : RowStats{INFINITY, 0.f};
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
       const bool vis = full || (lo[r] <= off && off < hi[r]);
