@@ -28,6 +28,32 @@ namespace cuda_attn {
 
 constexpr int kOverlapStages = 3;
 
+// The two waits of an overlapped step (fwd_overlap_kernel, fwd_ws_kernel), after S_j and, when
+// pv_in_flight, P_{j-1} V_{j-1} were issued as two batches in that order.
+// wait_scores: S_j is done (batches complete in order; P V may run on) and its registers are
+// the compiler's again.
+template <class F, class AccS>
+__device__ __forceinline__ void wait_scores(bool pv_in_flight, AccS& acc_s) {
+  if (pv_in_flight) {
+    F::template wait<1>();
+  } else {
+    F::template wait<0>();
+  }
+  F::fence(acc_s);
+}
+// finish_step, once the softmax of tile j gave alpha: P_{j-1} V_{j-1} is done (O and the
+// registers of rP are free), O *= alpha, and rP = P_j rounded to the input type (as
+// FlashAttention does), the A operand of the next P V.
+template <class F, int kRows, class AccO, class RP, class AccS>
+__device__ __forceinline__ void finish_step(AccO& acc_o, RP& rP, AccS const& acc_s, const float (&alpha)[kRows]) {
+  F::template wait<0>();
+  F::fence(acc_o);
+  F::fence(rP);
+  auto o_rc = F::rowcol(acc_o);
+  rescale_rows(o_rc, alpha);
+  rP = F::a_operand(acc_s);
+}
+
 // Bytes of the K/V ring of fwd_overlap_kernel: kOverlapStages stages of a K and a V tile.
 template <class Tr>
 constexpr size_t overlap_ring_bytes() {
@@ -104,24 +130,13 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
 
       const int64_t k0 = tile * BN;
       mma.scores_async(acc_s, q_op, ring_tile(stage, 0));
-      if (have_p) {
-        mma.update_async(acc_o, rP, ring_tile(p_stage, 1));
-        F::template wait<1>();  // S_j done (batches complete in order); P_{j-1} V_{j-1} may run on
-      } else {
-        F::template wait<0>();
-      }
-      F::fence(acc_s);
+      if (have_p) mma.update_async(acc_o, rP, ring_tile(p_stage, 1));
+      wait_scores<F>(have_p, acc_s);
 
       Tensor s = F::rowcol(acc_s);
       float alpha[kRows];
       masked_softmax_step<false>(kind, s, tScS_rc, g.ev, k0, p.kv_len, t.p0, scale_log2, m_run, l_run, alpha);
-
-      F::template wait<0>();  // P_{j-1} V_{j-1} done: O and the registers of rP are free
-      F::fence(acc_o);
-      F::fence(rP);
-      Tensor o_rc = F::rowcol(acc_o);
-      rescale_rows(o_rc, alpha);
-      rP = F::a_operand(acc_s);  // P_j, rounded to the input type (as FlashAttention does)
+      finish_step<F>(acc_o, rP, acc_s, alpha);
 
       have_p = true;
       p_stage = stage;

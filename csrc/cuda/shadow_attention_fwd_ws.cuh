@@ -23,6 +23,7 @@
 
 #include "mbarrier.cuh"
 #include "shadow_attention_fwd_cute.cuh"
+#include "shadow_attention_fwd_overlap.cuh"  // wait_scores, finish_step
 #include "shadow_attention_wgmma.cuh"
 
 namespace shadowkv {
@@ -205,12 +206,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
           cuda_wgmma::fence_smem_for_wgmma();
           mma.update_async(acc_o, rP, ring_tile(p_stage, 1));
         }
-        if (have_p) {
-          F::template wait<1>();  // S_j done (batches complete in order); P_{j-1} V_{j-1} may run on
-        } else {
-          F::template wait<0>();
-        }
-        F::fence(acc_s);
+        wait_scores<F>(have_p, acc_s);
         // The other warpgroup's turn. Not before the wait: ptxas then serialises every wgmma of
         // the loop (one batch per MMA, C7514).
         cuda_common::named_arrive(kWsBarTurn + (wg ^ 1), Tr::kThreads);
@@ -221,13 +217,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         masked_softmax_step<true>(kind, s, tScS_rc, g.ev, tile * BN, p.kv_len, t.p0, scale_log2, m_run, l_run,
                                   alpha);
 
-        F::template wait<0>();  // P_{j-1} V_{j-1} done: O and the registers of rP are free
-        F::fence(acc_o);
-        F::fence(rP);
-        if (have_p) mbar_arrive(&c.v_empty[p_stage]);  // V_{j-1} was read
-        Tensor o_rc = F::rowcol(acc_o);
-        rescale_rows(o_rc, alpha);
-        rP = F::a_operand(acc_s);  // P_j, rounded to the input type (as FlashAttention does)
+        finish_step<F>(acc_o, rP, acc_s, alpha);
+        if (have_p) mbar_arrive(&c.v_empty[p_stage]);  // V_{j-1} was read (finish_step waited)
 
         have_p = true;
         p_stage = stage;
