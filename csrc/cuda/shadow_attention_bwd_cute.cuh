@@ -49,15 +49,15 @@ __device__ __forceinline__ void load_q_do(GmemCopy const& gmem_copy, GmemThr con
                                 bp.do_stride[2], dst_do);
 }
 
-// lse2 = lse * log2(e) and delta = rowsum(dO * O) - grad_lse of query row q of a tile whose row
-// 0 is workspace row ws_row0 and which has `rows` rows: padding rows get lse2 = +inf and
-// delta = 0, so their P is 0 and they add nothing.
+// lse2 = lse * log2(e) and delta = rowsum(dO * O) - grad_lse of query row q of a tile whose
+// statistics start at `lse2` and `delta` (the workspaces at the tile's row 0) and which has
+// `rows` rows: padding rows get lse2 = +inf and delta = 0, so their P is 0 and they add nothing.
 struct RowStats {
   float lse2, delta;
 };
-__device__ __forceinline__ RowStats row_stats(const float* __restrict__ lse2_ws, const float* __restrict__ delta_ws,
-                                              int64_t ws_row0, int64_t rows, int q) {
-  return q < rows ? RowStats{lse2_ws[ws_row0 + q], delta_ws[ws_row0 + q]} : RowStats{INFINITY, 0.f};
+__device__ __forceinline__ RowStats row_stats(const float* __restrict__ lse2, const float* __restrict__ delta, int q,
+                                              int rows) {
+  return q < rows ? RowStats{lse2[q], delta[q]} : RowStats{INFINITY, 0.f};
 }
 
 // The statistics of the query rows of the view's rows (dQ kernels).
@@ -67,7 +67,8 @@ __device__ __forceinline__ void load_row_stats(float (&lse2)[kRows], float (&del
                                                int64_t ws_row0, int64_t rows, RowCol const& rc) {
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
-    const RowStats st = row_stats(lse2_ws, delta_ws, ws_row0, rows, static_cast<int>(cute::get<0>(rc(r, 0))));
+    const RowStats st = row_stats(lse2_ws + ws_row0, delta_ws + ws_row0, static_cast<int>(cute::get<0>(rc(r, 0))),
+                                  static_cast<int>(rows));
     lse2[r] = st.lse2;
     delta[r] = st.delta;
   }
@@ -86,11 +87,11 @@ __device__ __forceinline__ void ds_by_query_rows(S& s, DP const& dp, RowCol cons
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const int64_t pos = p0 + get<0>(rc(r, 0));
-    const int64_t last = pos - k0 - col0;  // visible(key k0 + col0 + off, pos) needs off <= last
+    const int64_t last = pos - k0 - col0;  // for visible_at_offset
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
       const int off = get<1>(rc(r, c)) - col0;
-      const bool vis = full || (off <= last && pos < ev_col[c]);
+      const bool vis = full || visible_at_offset(off, last, pos, ev_col[c]);
       const float pr = vis ? cuda_common::fast_exp2(s(r, c) * scale_log2 - lse2[r]) : 0.f;
       s(r, c) = pr * (dp(r, c) - delta[r]);
     }
@@ -128,7 +129,7 @@ __device__ __forceinline__ void p_ds_by_key_rows(S& s_t, DP& dp_t, RowCol const&
     hi[r] = clamp_offset(ev_row[r] - pos0);
   }
   // The columns' statistics at compile-time offsets from one base: per column a load with an
-  // immediate offset, where row_stats' 64-bit index per column cost ~250 of this step's ~410
+  // immediate offset, where a 64-bit workspace index per column cost ~250 of this step's ~410
   // instructions on a full tile (SASS, wgmma bf16 D=128: the kernel parameters reloaded, the
   // addresses and the bound compared in 64 bits).
   const float* lse2_c = lse2_ws + ws_row0 + col0;
@@ -137,7 +138,7 @@ __device__ __forceinline__ void p_ds_by_key_rows(S& s_t, DP& dp_t, RowCol const&
   CUTE_UNROLL
   for (int c = 0; c < cute::size<1>(rc); ++c) {
     const int off = get<1>(rc(0, c)) - col0;
-    const RowStats st = off < valid ? RowStats{lse2_c[off], delta_c[off]} : RowStats{INFINITY, 0.f};
+    const RowStats st = row_stats(lse2_c, delta_c, off, valid);
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
       const bool vis = full || (lo[r] <= off && off < hi[r]);

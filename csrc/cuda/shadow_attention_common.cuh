@@ -224,6 +224,9 @@ void dispatch_dtype(DType dt, F&& f) {
 
 // The shadow mask (DESIGN.md section 1).
 SHADOWKV_TILE_FN bool visible(int64_t key, int64_t pos, int ev) { return key <= pos && pos < ev; }
+// The same for key k0 + col0 + off, a column `off` past a thread's first score column col0 (a
+// compile-time offset in the CuTe kernels), given last = pos - k0 - col0: no 64-bit key per column.
+SHADOWKV_TILE_FN bool visible_at_offset(int off, int64_t last, int64_t pos, int ev) { return off <= last && pos < ev; }
 
 // min (x) and max (y) of evicted_at over keys [k0, k0 + width) of one (batch, kv head);
 // `mm` holds that head's per-kEvTile results, k0 and width are multiples of kEvTile.

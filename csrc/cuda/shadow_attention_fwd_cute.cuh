@@ -38,12 +38,12 @@ __device__ __forceinline__ void softmax_step(S& s, RowCol const& rc, const int (
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const int64_t pos = p0 + get<0>(rc(r, 0));
-    const int64_t last = pos - k0 - col0;  // visible(key k0 + col0 + off, pos) needs off <= last
+    const int64_t last = pos - k0 - col0;  // for visible_at_offset
     float mx = -INFINITY;
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
       const int off = get<1>(rc(r, c)) - col0;
-      if (partial && !(off <= last && pos < ev_col[c])) s(r, c) = -INFINITY;
+      if (partial && !visible_at_offset(off, last, pos, ev_col[c])) s(r, c) = -INFINITY;
       mx = fmaxf(mx, s(r, c));
     }
     const float m_new = fmaxf(m_run[r], cuda_cute::quad_max(mx));
