@@ -15,7 +15,7 @@
 #   bash bench/gpu_session.sh memcheck   # compute-sanitizer memcheck, the tests' small cases
 #   bash bench/gpu_session.sh racecheck  # compute-sanitizer racecheck, the same cases
 #   bash bench/gpu_session.sh bench      # the four benchmarks at the acceptance shapes
-#   bash bench/gpu_session.sh profile    # Nsight Compute on the mma decode and the wgmma, wgmma2, wgmma2o, wgmma_ws attention kernels
+#   bash bench/gpu_session.sh profile    # Nsight Compute on the mma decode and the wgmma* attention kernels
 #   bash bench/gpu_session.sh first      # all of it that fits ONE device call (see below)
 #
 # A session that draws a GPU gets 15 minutes of device time in all, start-up included, so its
@@ -44,9 +44,10 @@ cases="named_cases or matches_reference or round_trip or empty or no_visible_key
 # illegal address poisons the CUDA context of the process that hits it), so that a fault brought
 # in by a change to them spares the verdict on the rest. All of them passed on an H200 on
 # 2026-11-26 (e365d73), as did everything else; the mma_rows decode kernel (test ids
-# mma_decode_rows, selected by mma_decode) and the warp-specialised attention forward
-# (wgmma_ws) came after and have not run on a GPU yet.
-untried="pipelined or mma_decode or wgmma2 or wgmma_ws or unchecked"
+# mma_decode_rows, selected by mma_decode), the warp-specialised attention forward (wgmma_ws)
+# and the one-pass backward with dQ by atomics (wgmma_fused) came after and have not run on a
+# GPU yet.
+untried="pipelined or mma_decode or wgmma2 or wgmma_ws or wgmma_fused or unchecked"
 
 # What the extension is built from: a prebuilt one is used only if this matches its stamp.
 src_stamp() { find csrc CMakeLists.txt setup.py -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16; }
@@ -201,7 +202,8 @@ profile_decode=("$ncu" --target-processes all -k "regex:decode_partition_mma_ker
       {
         part 170 $py -m pytest $opts $(xd 12) $tests -k "not ($untried)"
         part 90 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py -k "pipelined or mma_decode"
-        part 70 $py -m pytest $opts $(xd 8) tests/test_shadow_attention_cuda.py -k "wgmma2 or wgmma_ws"  # + wgmma2o
+        part 80 $py -m pytest $opts $(xd 8) tests/test_shadow_attention_cuda.py \
+          -k "wgmma2 or wgmma_ws or wgmma_fused"  # + wgmma2o
         part 50 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py tests/test_cache.py \
           -k "unchecked and not (pipelined or mma_decode)"
         part 60 $py -m shadowkv bench decode --device cuda --scores  # the four decode kernels
@@ -209,7 +211,7 @@ profile_decode=("$ncu" --target-processes all -k "regex:decode_partition_mma_ker
         # The same with every section's body (the stall reasons behind "cycles per issue"), at the
         # GPU's own clocks: a separate part, in case this ncu lacks --print-details.
         part 45 "${profile_decode[0]}" --print-details all --clock-control none "${profile_decode[@]:1}"
-        part 75 $py -m shadowkv bench attention --device cuda  # wgmma_ws timed last: a fault there spares the rest
+        part 80 $py -m shadowkv bench attention --device cuda  # wgmma_fused, then wgmma_ws timed last
         # compute-sanitizer (clean on 2026-11-26): small cases of the newest kernels (-x: the
         # first finding ends it); racecheck on the attention kernels, whose shared-memory stages
         # are what a missing barrier would break (one case: it takes ~45 s per case under racecheck).
@@ -218,8 +220,11 @@ profile_decode=("$ncu" --target-processes all -k "regex:decode_partition_mma_ker
         mc memcheck 60 tests/test_paged_kv_cuda.py \
           -k "(pipelined or mma_decode) and (matches_reference or unchecked_bad) and not many_seq"
         mc memcheck 45 tests/test_shadow_attention_cuda.py -k "family_matches_reference and (tiny or random_d64 or chunk_d64)"
+        # the one-pass backward's dS tile (written by every thread, read by the next products)
+        mc racecheck 45 tests/test_shadow_attention_cuda.py -k "family_matches_reference and mha_random_d64 and wgmma_fused"
         mc racecheck 70 tests/test_shadow_attention_cuda.py -k "family_matches_reference and mha_random_d64"
         part 60 "${profile[@]}" wgmma_ws  # the warp-specialised forward: is it still issue-bound?
+        part 60 "${profile[@]}" wgmma_fused  # the one-pass dK/dV/dQ kernel
         part 60 "${profile[@]}" wgmma
         # The main job on the GPU: 4 steps in bf16 mixed precision of a
         # random model with head dim 64 (--init: no warm-up; the default model's head dim 32
@@ -253,6 +258,7 @@ build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=
       run "${profile[@]}" wgmma2
       run "${profile[@]}" wgmma2o
       run "${profile[@]}" wgmma_ws
+      run "${profile[@]}" wgmma_fused
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -35,7 +35,7 @@ def _scoped_choice(what: str, var: str, names: tuple[str, ...], name: str) -> It
 
 
 ATTENTION_KERNEL_ENV = "SHADOWKV_ATTENTION_KERNEL"
-ATTENTION_KERNELS = ("auto", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wmma", "simt")
+ATTENTION_KERNELS = ("auto", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_fused", "wmma", "simt")
 
 
 def attention_kernel(name: str) -> contextlib.AbstractContextManager[None]:
@@ -51,6 +51,9 @@ def attention_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     both opt-in: they passed the GPU tests on an H200 but were no faster than ``"wgmma"``),
     ``"wgmma_ws"`` (a warp-specialised forward: a producer warpgroup loads K/V, two consumer
     warpgroups take turns on the tensor cores; wgmma's backward; opt-in, not yet run on a GPU),
+    ``"wgmma_fused"`` (wgmma's forward and a one-pass backward: the dK/dV kernel also computes dQ
+    and adds it to an fp32 workspace with atomics, so dQ's last bits vary from run to run;
+    opt-in, not yet run on a GPU),
     ``"wmma"`` (WMMA tensor-core kernels where they apply, else SIMT), ``"simt"``. It sets the environment variable
     SHADOWKV_ATTENTION_KERNEL, which the CUDA ops read at every call, so it applies to the whole
     process while the block runs, including backward passes run inside it. CPU ops ignore it.

@@ -302,7 +302,8 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
 template <class F>
 __global__ void __launch_bounds__(F::Traits::kThreads)
     dkdv_kernel(const ShadowAttentionBwdParams bp, const int2* __restrict__ ev_mm, int64_t n_ev_tiles,
-                const float* __restrict__ lse2_ws, const float* __restrict__ delta_ws, float scale_log2) {
+                const float* __restrict__ lse2_ws, const float* __restrict__ delta_ws, float scale_log2,
+                float* __restrict__ dq_acc) {
   if constexpr (!F::kBody) {
     __trap();  // the host only launches a family where its body was built (and loads)
   } else {
@@ -385,8 +386,14 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
         p_ds_by_key_rows(s_t, dp_t, tScS_rc, ev_row, full, kt.k0, p0, scale_log2, lse2_ws, delta_ws, ws_row0, rows);
       }
       Tensor rP = F::a_operand(acc_st);
-      Tensor rdS = F::a_operand(acc_dpt);
-      mma.update_pair(acc_dv, rP, sdO_now, acc_dk, rdS, sQ_now);
+      if constexpr (F::kAtomicDq) {  // dK and dQ from dS^T in shared memory, dQ added to dq_acc
+        mma.update_fused(acc_dv, rP, sdO_now, acc_dk, acc_dpt, sQ_now,
+                         smem + 2 * Tr::kOwnBytes + cuda_cute::PartnerStages<Tr>::kBytes, sK, dq_acc + ws_row0 * D,
+                         rows);
+      } else {
+        Tensor rdS = F::a_operand(acc_dpt);
+        mma.update_pair(acc_dv, rP, sdO_now, acc_dk, rdS, sQ_now);
+      }
     }
     cp_async_wait<0>();  // a block whose keys no query sees still loaded K and V
 
@@ -394,26 +401,66 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
   }
 }
 
+// Families with F::kAtomicDq: dQ = scale * acc, rounded to T, from the fp32 workspace acc
+// ([B, Hq, Lq, D] contiguous, which the dK/dV kernel's atomics filled); a thread per 4 columns.
+template <typename T, int D>
+__global__ void __launch_bounds__(256) dq_from_acc_kernel(const ShadowAttentionBwdParams bp,
+                                                          const float* __restrict__ acc, float scale) {
+  static_assert(D % 4 == 0, "4 columns per thread");
+  const ShadowAttentionParams& p = bp.fwd;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // 4-column group
+  const int64_t row = i / (D / 4), d = (i % (D / 4)) * 4;
+  if (row >= p.batch * p.num_q_heads * p.q_len) return;
+  const int64_t q = row % p.q_len, bh = row / p.q_len;
+  const float4 v = *reinterpret_cast<const float4*>(acc + row * D + d);
+  T* dst = static_cast<T*>(bp.grad_q) + (bh / p.num_q_heads) * bp.dq_stride[0] +
+           (bh % p.num_q_heads) * bp.dq_stride[1] + q * bp.dq_stride[2] + d;
+  dst[0] = from_f32<T>(v.x * scale);
+  dst[1] = from_f32<T>(v.y * scale);
+  dst[2] = from_f32<T>(v.z * scale);
+  dst[3] = from_f32<T>(v.w * scale);
+}
+
 #if !defined(SHADOWKV_CUDA_EMULATION)  // a host compiler: no launches
 // Host: runs the dQ kernel over every (batch, query head, 64-row query tile) and the dK/dV
-// kernel over every (batch, kv head, 64-key tile) of family F.
+// kernel over every (batch, kv head, 64-key tile) of family F. With F::kAtomicDq the dK/dV
+// kernel adds dQ into a zeroed fp32 workspace instead, and dq_from_acc_kernel writes dQ.
 template <class F>
 void launch_bwd_family(const ShadowAttentionBwdParams& bp, const int2* mm, int64_t n_ev, const float* lse2,
                        const float* delta, float scale_log2, cudaStream_t s) {
   using Tr = typename F::Traits;
+  using T = typename Tr::Input;
+  constexpr int D = Tr::kHeadDim;
   const ShadowAttentionParams& p = bp.fwd;
-  auto run = [&](auto kernel, int64_t blocks, size_t smem, const char* kernel_name) {
+  auto run = [&](auto kernel, int64_t blocks, size_t smem, const char* kernel_name, auto... extra) {
     if (blocks == 0) return;
     const std::string name = std::string(kernel_name) + " (" + F::kName + ")";
     set_smem_limit(kernel, smem);
-    kernel<<<grid_1d(blocks, name.c_str()), Tr::kThreads, smem, s>>>(bp, mm, n_ev, lse2, delta, scale_log2);
+    kernel<<<grid_1d(blocks, name.c_str()), Tr::kThreads, smem, s>>>(bp, mm, n_ev, lse2, delta, scale_log2,
+                                                                       extra...);
     check_launch(name.c_str());
   };
   // two own tiles, two stages of two partner tiles, the family's slack (+ tile kinds in dQ)
   const size_t tiles = 2 * Tr::kOwnBytes + cuda_cute::PartnerStages<Tr>::kBytes + F::kSmemSlack;
-  run(dq_kernel<F>, p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM), tiles + Tr::kThreads * sizeof(int),
-      "dq_kernel");
-  run(dkdv_kernel<F>, p.batch * p.num_kv_heads * ceil_div(p.kv_len, Tr::kBlockM), tiles, "dkdv_kernel");
+  const int64_t kv_blocks = p.batch * p.num_kv_heads * ceil_div(p.kv_len, Tr::kBlockM);
+  if constexpr (F::kAtomicDq) {
+    const int64_t n_dq = p.batch * p.num_q_heads * p.q_len * D;
+    StreamBuffer acc(static_cast<size_t>(n_dq) * sizeof(float), s);
+    if (n_dq > 0) {
+      check_cuda(cudaMemsetAsync(acc.as<float>(), 0, static_cast<size_t>(n_dq) * sizeof(float), s),
+                 "cudaMemsetAsync (dQ workspace)");
+    }
+    run(dkdv_kernel<F>, kv_blocks, tiles + F::kExtraSmem, "dkdv_kernel", acc.as<float>());
+    if (n_dq > 0) {
+      dq_from_acc_kernel<T, D><<<grid_1d(ceil_div(n_dq / 4, 256), "dq_from_acc_kernel"), 256, 0, s>>>(
+          bp, acc.as<float>(), scale_log2 / kLog2e);
+      check_launch("dq_from_acc_kernel");
+    }
+  } else {
+    run(dq_kernel<F>, p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM), tiles + Tr::kThreads * sizeof(int),
+        "dq_kernel");
+    run(dkdv_kernel<F>, kv_blocks, tiles, "dkdv_kernel", static_cast<float*>(nullptr));
+  }
 }
 #endif
 

@@ -305,6 +305,8 @@ struct Family {
   static constexpr size_t kSmemSlack = 0;  // dynamic shared memory beyond the tiles' bytes
   // One copy of the dQ kernel's dS step (ds_by_query_rows): two made its D = 64 body spill (sm_90a).
   static constexpr bool kTwoMaskCopies = false;
+  static constexpr bool kAtomicDq = false;  // dQ by its own kernel (cuda_wgmma::FusedFamily)
+  static constexpr size_t kExtraSmem = 0;
 
   using Mma = typename Tr::TiledMma;
   Mma mma;

@@ -351,18 +351,20 @@ AttnKernel requested_kernel(const char* fn) {
   }
   if (v == "wmma") return AttnKernel::kWmma;
   if (v == "simt") return AttnKernel::kSimt;
-  if (v == "cute" || v == "wgmma" || v == "wgmma2" || v == "wgmma2o" || v == "wgmma_ws") {
+  if (v == "cute" || v == "wgmma" || v == "wgmma2" || v == "wgmma2o" || v == "wgmma_ws" || v == "wgmma_fused") {
 #ifdef SHADOWKV_HAS_CUTE
     if (v == "cute") return AttnKernel::kCute;
     if (v == "wgmma") return AttnKernel::kWgmma;
     if (v == "wgmma_ws") return AttnKernel::kWgmmaWs;
+    if (v == "wgmma_fused") return AttnKernel::kWgmmaFused;
     return v == "wgmma2" ? AttnKernel::kWgmma2 : AttnKernel::kWgmma2o;
 #else
     bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL=" + v + ", but this build has no CuTe kernel (it was built without the "
             "CUTLASS headers: install nvidia-cutlass or set CUTLASS_DIR, then rebuild)");
 #endif
   }
-  bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wgmma, wgmma2, wgmma2o, wgmma_ws, wmma, simt; "
+  bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wgmma, wgmma2, wgmma2o, wgmma_ws, wgmma_fused, "
+              "wmma, simt; "
               "got '" + v + "'");
 }
 
@@ -381,7 +383,7 @@ void shadow_attention_fwd_cuda(const ShadowAttentionParams& p, void* stream) {
   const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
   const bool tc = choice != AttnKernel::kSimt && fwd_uses_tensor_cores(p);
 #ifdef SHADOWKV_HAS_CUTE
-  if (tc && choice == AttnKernel::kWgmma && wgmma_available(s))
+  if (tc && (choice == AttnKernel::kWgmma || choice == AttnKernel::kWgmmaFused) && wgmma_available(s))
     return launch_fwd_wgmma(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
   if (tc && choice == AttnKernel::kWgmma2 && wgmma_available(s))
     return launch_fwd_wgmma2(p, ev_mm.as<int2>(), n_ev, scale_log2, s);

@@ -233,6 +233,9 @@ struct Family {
   static constexpr size_t kSmemSlack = kSmemAlignSlack;
   // The dQ and dK/dV kernels' mask steps in two copies, full and partial tiles.
   static constexpr bool kTwoMaskCopies = true;
+  // dQ by its own kernel (FusedFamily: by the dK/dV kernel, with atomics).
+  static constexpr bool kAtomicDq = false;
+  static constexpr size_t kExtraSmem = 0;
 
   typename Tr::TiledMmaS mma_s;
   typename Tr::TiledMmaO mma_o;

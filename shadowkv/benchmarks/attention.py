@@ -14,6 +14,8 @@ For one shape it times, forward and forward+backward:
 - ``wgmma2o``: wgmma2 with the forward's softmax overlapped with the previous tile's P V;
 - ``wgmma_ws``: the warp-specialised forward (a producer warpgroup, two consumer warpgroups
   taking turns on the tensor cores) with wgmma's backward;
+- ``wgmma_fused``: wgmma's forward with the one-pass backward (dQ by atomics from the dK/dV
+  kernel: five products per visible pair instead of seven);
 - ``sdpa``: ``F.scaled_dot_product_attention`` with the equivalent boolean mask [B, Hq, L, L];
 - ``causal``: ``F.scaled_dot_product_attention(is_causal=True)``, no mask (the flash backend on
   CUDA): dense causal attention at full speed, the bar a 25% log has to beat;
@@ -52,9 +54,9 @@ from shadowkv.reference import INT32_MAX, shadow_visible, streaming_evicted_at
 from . import at_least
 
 # Impls that are the shadowkv op under a named kernel family (ops.attention_kernel).
-FAMILY_IMPLS = ("wmma", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws")
+FAMILY_IMPLS = ("wmma", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_fused")
 # Families that have not run on a GPU yet (timed after everything else, see run_device).
-UNTRIED_IMPLS = ("wgmma_ws",)
+UNTRIED_IMPLS = ("wgmma_fused", "wgmma_ws")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -124,6 +126,8 @@ def make_impls(evicted_at: torch.Tensor, args, device: torch.device):
         impls["wgmma"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma")
         impls["wgmma2"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma2")
         impls["wgmma2o"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma2o")
+        # the untried families last (run_device), the one that could hang (wgmma_ws) last of all
+        impls["wgmma_fused"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma_fused")
         impls["wgmma_ws"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma_ws")
     if not args.no_sdpa:
         mask = shadow_visible(evicted_at, seq_len).repeat_interleave(group, dim=1)

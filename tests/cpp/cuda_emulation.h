@@ -418,6 +418,25 @@ V __shfl_xor_sync(unsigned mask, V v, int lane_mask) {
 
 inline int atomicOr(int* p, int v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+// Float additions as a compare-and-swap loop on the bits (every thread of a block is an OS thread).
+inline float atomicAdd(float* p, float v) {
+  uint32_t* bits = reinterpret_cast<uint32_t*>(p);
+  uint32_t old = __atomic_load_n(bits, __ATOMIC_SEQ_CST), sum;
+  do {
+    float f;
+    std::memcpy(&f, &old, sizeof(f));
+    f += v;
+    std::memcpy(&sum, &f, sizeof(f));
+  } while (!__atomic_compare_exchange_n(bits, &old, sum, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+  float f;
+  std::memcpy(&f, &old, sizeof(f));
+  return f;
+}
+// sm_90's vector float addition: each element atomic on its own, as on the device.
+inline float2 atomicAdd(float2* p, float2 v) {
+  const float x = atomicAdd(&p->x, v.x), y = atomicAdd(&p->y, v.y);
+  return make_float2(x, y);
+}
 inline int atomicMin(int* p, int v) {
   int old = __atomic_load_n(p, __ATOMIC_SEQ_CST);
   while (v < old && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {

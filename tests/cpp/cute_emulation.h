@@ -105,7 +105,8 @@ namespace gmma = cute::SM90::GMMA;
 struct GmmaJob {
   bool ss;                   // A from shared memory (else registers)
   bool bf16;                 // else fp16
-  bool b_mn_major;           // B read MN-major (else K-major); A is K-major
+  bool a_mn_major = false;   // SS: A read MN-major (else K-major); register A is K-major
+  bool b_mn_major;           // B read MN-major (else K-major)
   int n;                     // N of m64nNk16
   uint64_t desc_a = 0, desc_b = 0;
   const uint32_t* a[4] = {};  // RS: this thread's A registers
@@ -187,7 +188,7 @@ inline std::vector<float> smem_operands(const GmmaJob& j) {
   std::vector<float> v;
   v.reserve(32 + 4 * j.n);
   if (j.ss) {
-    const SmemOperand a(j.desc_a, false, j.bf16);
+    const SmemOperand a(j.desc_a, j.a_mn_major, j.bf16);
     for (int h = 0; h < 2; ++h)
       for (int k = 0; k < 16; ++k) v.push_back(a.at(16 * warp + g + 8 * h, k));
   }
@@ -299,8 +300,8 @@ struct Emulated<OpT<tA, tB, sA, sB>> {
   using BRegisters = typename Real::BRegisters;
   using CRegisters = typename Real::CRegisters;
   static_assert(sA == gmma::ScaleIn::One && sB == gmma::ScaleIn::One, "negated operands are not emulated");
-  static_assert(tA == gmma::Major::K, "A is K-major");
   static constexpr bool kSS = std::is_same<ARegisters, uint64_t[1]>::value;
+  static_assert(kSS || tA == gmma::Major::K, "a register A operand is K-major");
   static constexpr int kRegsA = kSS ? 1 : 4;
   static constexpr int kAcc = std::extent<CRegisters>::value;
   static constexpr bool kBf16 = std::is_same<typename cute::MMA_Traits<Real>::ValTypeA, cute::bfloat16_t>::value;
@@ -314,6 +315,7 @@ struct Emulated<OpT<tA, tB, sA, sB>> {
       GmmaJob j;
       j.ss = kSS;
       j.bf16 = kBf16;
+      j.a_mn_major = tA == gmma::Major::MN;
       j.b_mn_major = tB == gmma::Major::MN;
       j.n = 2 * kAcc;
       if constexpr (kSS) {

@@ -9,6 +9,7 @@
 #include "shadow_attention_bwd_cute.cuh"
 #include "shadow_attention_cute.cuh"
 #include "shadow_attention_wgmma.cuh"
+#include "shadow_attention_wgmma_fused.cuh"
 
 namespace {
 
@@ -73,12 +74,23 @@ void check_backward(const AttentionShape& s, uint32_t seed, const std::string& n
   const float scale_log2 = prob.scale_log2();
   const ShadowAttentionParams& p = bp.fwd;
   const size_t tiles = 2 * Tr::kOwnBytes + cuda_cute::PartnerStages<Tr>::kBytes + F::kSmemSlack;
-  shadowkv_emu::launch(static_cast<unsigned>(p.batch * p.num_q_heads * ((p.q_len + Tr::kBlockM - 1) / Tr::kBlockM)),
-                       Tr::kThreads, tiles + Tr::kThreads * sizeof(int),
-                       [&] { dq_kernel<F>(bp, mm.data(), n_ev, lse2.data(), delta.data(), scale_log2); });
-  shadowkv_emu::launch(static_cast<unsigned>(p.batch * p.num_kv_heads * ((p.kv_len + Tr::kBlockM - 1) / Tr::kBlockM)),
-                       Tr::kThreads, tiles,
-                       [&] { dkdv_kernel<F>(bp, mm.data(), n_ev, lse2.data(), delta.data(), scale_log2); });
+  const unsigned kv_blocks =
+      static_cast<unsigned>(p.batch * p.num_kv_heads * ((p.kv_len + Tr::kBlockM - 1) / Tr::kBlockM));
+  if constexpr (F::kAtomicDq) {  // dQ by the dK/dV kernel's atomics, then dq_from_acc_kernel
+    std::vector<float> acc(n_q, 0.f);
+    shadowkv_emu::launch(kv_blocks, Tr::kThreads, tiles + F::kExtraSmem, [&] {
+      dkdv_kernel<F>(bp, mm.data(), n_ev, lse2.data(), delta.data(), scale_log2, acc.data());
+    });
+    shadowkv_emu::launch(static_cast<unsigned>((n_q / 4 + 255) / 256), 256, 0,
+                         [&] { dq_from_acc_kernel<T, D>(bp, acc.data(), scale_log2 / kLog2e); });
+  } else {
+    shadowkv_emu::launch(static_cast<unsigned>(p.batch * p.num_q_heads * ((p.q_len + Tr::kBlockM - 1) / Tr::kBlockM)),
+                         Tr::kThreads, tiles + Tr::kThreads * sizeof(int),
+                         [&] { dq_kernel<F>(bp, mm.data(), n_ev, lse2.data(), delta.data(), scale_log2); });
+    shadowkv_emu::launch(kv_blocks, Tr::kThreads, tiles, [&] {
+      dkdv_kernel<F>(bp, mm.data(), n_ev, lse2.data(), delta.data(), scale_log2, nullptr);
+    });
+  }
   expect_close(dq, dq_ref, backward_tolerance<T>(), name + " dQ");
   expect_close(dk, dk_ref, backward_tolerance<T>(), name + " dK");
   expect_close(dv, dv_ref, backward_tolerance<T>(), name + " dV");
@@ -97,6 +109,8 @@ using Cute = cuda_cute::Family<cuda_cute::BwdTraits<T, D>>;
 template <typename T, int D>
 using Wgmma = cuda_wgmma::Family<cuda_wgmma::BwdTraits<T, D>>;
 template <typename T, int D>
+using WgmmaFused = cuda_wgmma::FusedFamily<cuda_wgmma::BwdTraits<T, D>>;
+template <typename T, int D>
 using Wgmma2 = cuda_wgmma::Family<cuda_wgmma::Bwd2Traits<T, D>>;
 
 TEST(emulated_attention_bwd_cute) {
@@ -106,6 +120,10 @@ TEST(emulated_attention_bwd_cute) {
 TEST(emulated_attention_bwd_wgmma) {
   check_family<Wgmma<__nv_bfloat16, 128>, __nv_bfloat16>("wgmma bf16 d128");
   check_family<Wgmma<__half, 64>, __half>("wgmma fp16 d64");
+}
+TEST(emulated_attention_bwd_wgmma_fused) {
+  check_family<WgmmaFused<__nv_bfloat16, 128>, __nv_bfloat16>("wgmma_fused bf16 d128");
+  check_family<WgmmaFused<__half, 64>, __half>("wgmma_fused fp16 d64");
 }
 TEST(emulated_attention_bwd_wgmma2) {
   check_family<Wgmma2<__nv_bfloat16, 64>, __nv_bfloat16>("wgmma2 bf16 d64", true);

@@ -1,0 +1,21 @@
+// The "wgmma_fused" backward: the wgmma family's dK/dV kernel computing dQ too, by atomics into
+// an fp32 workspace (shadow_attention_wgmma_fused.cuh). Built only with the CuTe headers; the
+// bodies exist only in the sm_90a binary (traps elsewhere; the host asks wgmma_available first).
+#include "shadow_attention_bwd_cute.cuh"
+#include "shadow_attention_kernels.h"
+#include "shadow_attention_wgmma_fused.cuh"
+
+namespace shadowkv {
+namespace cuda_attn {
+
+void launch_bwd_wgmma_fused(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
+                            const float* delta, float scale_log2, cudaStream_t s) {
+  if (!wgmma_available(s)) throw std::logic_error("launch_bwd_wgmma_fused: the sm_90a body does not run here");
+  dispatch_16bit_d64_d128(bp.fwd.dtype, bp.fwd.head_dim, "launch_bwd_wgmma_fused", [&](auto tag, auto d) {
+    using Tr = cuda_wgmma::BwdTraits<typename decltype(tag)::type, decltype(d)::value>;
+    launch_bwd_family<cuda_wgmma::FusedFamily<Tr>>(bp, ev_mm, n_ev, lse2, delta, scale_log2, s);
+  });
+}
+
+}  // namespace cuda_attn
+}  // namespace shadowkv
