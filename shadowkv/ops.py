@@ -35,7 +35,8 @@ def _scoped_choice(what: str, var: str, names: tuple[str, ...], name: str) -> It
 
 
 ATTENTION_KERNEL_ENV = "SHADOWKV_ATTENTION_KERNEL"
-ATTENTION_KERNELS = ("auto", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_fused", "wmma", "simt")
+ATTENTION_KERNELS = ("auto", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_fused", "wgmma2_fused",
+                     "wmma", "simt")
 
 
 def attention_kernel(name: str) -> contextlib.AbstractContextManager[None]:
@@ -53,7 +54,9 @@ def attention_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     warpgroups take turns on the tensor cores; wgmma's backward; opt-in, not yet run on a GPU),
     ``"wgmma_fused"`` (wgmma's forward and a one-pass backward: the dK/dV kernel also computes dQ
     and adds it to an fp32 workspace with atomics, so dQ's last bits vary from run to run;
-    opt-in, not yet run on a GPU),
+    opt-in, not yet run on a GPU), ``"wgmma2_fused"`` (wgmma2's forward and the one-pass backward
+    with two warpgroups, 128 keys, per block at head dim 128: half the atomics; opt-in, not yet
+    run on a GPU),
     ``"wmma"`` (WMMA tensor-core kernels where they apply, else SIMT), ``"simt"``. It sets the environment variable
     SHADOWKV_ATTENTION_KERNEL, which the CUDA ops read at every call, so it applies to the whole
     process while the block runs, including backward passes run inside it. CPU ops ignore it.

@@ -351,12 +351,14 @@ AttnKernel requested_kernel(const char* fn) {
   }
   if (v == "wmma") return AttnKernel::kWmma;
   if (v == "simt") return AttnKernel::kSimt;
-  if (v == "cute" || v == "wgmma" || v == "wgmma2" || v == "wgmma2o" || v == "wgmma_ws" || v == "wgmma_fused") {
+  if (v == "cute" || v == "wgmma" || v == "wgmma2" || v == "wgmma2o" || v == "wgmma_ws" || v == "wgmma_fused" ||
+      v == "wgmma2_fused") {
 #ifdef SHADOWKV_HAS_CUTE
     if (v == "cute") return AttnKernel::kCute;
     if (v == "wgmma") return AttnKernel::kWgmma;
     if (v == "wgmma_ws") return AttnKernel::kWgmmaWs;
     if (v == "wgmma_fused") return AttnKernel::kWgmmaFused;
+    if (v == "wgmma2_fused") return AttnKernel::kWgmma2Fused;
     return v == "wgmma2" ? AttnKernel::kWgmma2 : AttnKernel::kWgmma2o;
 #else
     bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL=" + v + ", but this build has no CuTe kernel (it was built without the "
@@ -364,7 +366,7 @@ AttnKernel requested_kernel(const char* fn) {
 #endif
   }
   bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wgmma, wgmma2, wgmma2o, wgmma_ws, wgmma_fused, "
-              "wmma, simt; "
+              "wgmma2_fused, wmma, simt; "
               "got '" + v + "'");
 }
 
@@ -385,7 +387,7 @@ void shadow_attention_fwd_cuda(const ShadowAttentionParams& p, void* stream) {
 #ifdef SHADOWKV_HAS_CUTE
   if (tc && (choice == AttnKernel::kWgmma || choice == AttnKernel::kWgmmaFused) && wgmma_available(s))
     return launch_fwd_wgmma(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
-  if (tc && choice == AttnKernel::kWgmma2 && wgmma_available(s))
+  if (tc && (choice == AttnKernel::kWgmma2 || choice == AttnKernel::kWgmma2Fused) && wgmma_available(s))
     return launch_fwd_wgmma2(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
   if (tc && choice == AttnKernel::kWgmma2o && wgmma_available(s))
     return launch_fwd_wgmma2o(p, ev_mm.as<int2>(), n_ev, scale_log2, s);

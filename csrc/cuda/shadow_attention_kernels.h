@@ -17,11 +17,14 @@
 //   * wgmma_fused: wgmma's forward; a one-pass backward (the dK/dV kernel computes dQ too and
 //     adds it to an fp32 workspace with atomics: five products per pair instead of seven, dQ
 //     bitwise non-deterministic). Opt-in until it has run on a GPU.
+//   * wgmma2_fused: wgmma2's forward; the one-pass backward with two warpgroups (128 keys) per
+//     block at head_dim 128 (dQ's columns split between them: half the atomics per product),
+//     wgmma_fused's at 64. Opt-in until it has run on a GPU.
 //   * wmma: tensor-core kernels with the same coverage (shadow_attention_{fwd,bwd}.cu).
 //   * simt: every dtype and head_dim (shadow_attention_{fwd,bwd}.cu).
 // SHADOWKV_ATTENTION_KERNEL picks one per call (forward and backward alike): "auto" (default) =
 // "wgmma" in builds with the CuTe kernels, else "wmma"; "cute" = cute where it applies (an
-// error in a build without it), else simt; "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_fused" = those kernels
+// error in a build without it), else simt; "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_fused", "wgmma2_fused" = those kernels
 // where they apply, else as "cute"; "wmma" = wmma where it applies, else simt; "simt" = simt always.
 // The CuTe kernels became the default after passing every GPU test on an H200, 2.1-2.8x faster
 // than wmma there (bench/RESULTS.md, 2026-11-26).
@@ -36,7 +39,7 @@
 namespace shadowkv {
 namespace cuda_attn {
 
-enum class AttnKernel { kWmma, kCute, kWgmma, kWgmma2, kWgmma2o, kWgmmaWs, kWgmmaFused, kSimt };
+enum class AttnKernel { kWmma, kCute, kWgmma, kWgmma2, kWgmma2o, kWgmmaWs, kWgmmaFused, kWgmma2Fused, kSimt };
 
 // The family SHADOWKV_ATTENTION_KERNEL asks for; throws std::invalid_argument (naming `fn`) on a
 // bad value, and for "cute" in a build without the CuTe kernels.
@@ -74,6 +77,9 @@ void launch_fwd_wgmma_ws(const ShadowAttentionParams& p, const int2* ev_mm, int6
 // The one-pass backward with dQ by atomics (its forward is launch_fwd_wgmma).
 void launch_bwd_wgmma_fused(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
                             const float* delta, float scale_log2, cudaStream_t s);
+// The same with two warpgroups per block at head_dim 128 (its forward is launch_fwd_wgmma2).
+void launch_bwd_wgmma2_fused(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
+                             const float* delta, float scale_log2, cudaStream_t s);
 #endif
 
 }  // namespace cuda_attn

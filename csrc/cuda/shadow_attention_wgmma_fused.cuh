@@ -44,13 +44,20 @@ __device__ __forceinline__ void atomic_add2_if(bool pred, float* dst, float a, f
 #endif
 }
 
+// Tr: BwdTraits ("wgmma_fused": one warpgroup, 64 keys per block) or Bwd2Traits at head_dim 128
+// ("wgmma2_fused": two warpgroups, 128 keys). With two, each warpgroup's dK/dV products cover
+// its own 64 keys, and dQ = dS K (64 query rows x D, summed over the block's 128 keys) is split
+// by columns: warpgroup w computes columns [w D / 2, (w + 1) D / 2). So every dQ element gets
+// one reduction per 128 keys instead of per 64: half the atomic traffic per product.
 template <class Tr>
 struct FusedFamily : Family<Tr> {
-  static_assert(Tr::kWarpgroups == 1, "the fused backward has one warpgroup per block");
-  static_assert(Tr::kBlockM == 64 && Tr::kBlockN == 64, "64 keys x 64 query rows per step");
+  static constexpr int W = Tr::kWarpgroups;
   using E = typename Tr::Element;
   static constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, D = Tr::kHeadDim;
-  static constexpr const char* kName = "wgmma_fused";
+  static_assert(BN == 64, "64 query rows per step: rows of the dS tile are one 128-byte swizzle row");
+  // A warpgroup's dQ columns start on a 128-byte swizzle atom of the K tile read MN-major.
+  static_assert((D / W) % 64 == 0, "two warpgroups need head_dim 128");
+  static constexpr const char* kName = W == 1 ? "wgmma_fused" : "wgmma2_fused";
   static constexpr bool kAtomicDq = true;
 
   // dS^T as the dK/dV kernel's score accumulators hold it: [keys][query rows], query rows
@@ -67,10 +74,11 @@ struct FusedFamily : Family<Tr> {
 
   using OpDk = SHADOWKV_EMULATED(decltype(GMMA::ss_op_selector<E, E, float, Shape<_64, Int<D>, Int<BN>>,
                                                                GMMA::Major::K, GMMA::Major::MN>()));
-  using OpDq = SHADOWKV_EMULATED(decltype(GMMA::ss_op_selector<E, E, float, Shape<_64, Int<D>, Int<BM>>,
+  using OpDq = SHADOWKV_EMULATED(decltype(GMMA::ss_op_selector<E, E, float, Shape<_64, Int<D / W>, Int<BM>>,
                                                                GMMA::Major::MN, GMMA::Major::MN>()));
-  using TiledMmaDk = decltype(make_tiled_mma(OpDk{}));
-  using TiledMmaDq = decltype(make_tiled_mma(OpDq{}));
+  // dK: warpgroups along the key rows (M), as the other products; dQ: along its columns (N).
+  using TiledMmaDk = decltype(make_tiled_mma(OpDk{}, Layout<Shape<Int<W>, _1, _1>>{}));
+  using TiledMmaDq = decltype(make_tiled_mma(OpDq{}, Layout<Shape<_1, Int<W>, _1>>{}));
   TiledMmaDk mma_dk;
   TiledMmaDq mma_dq;
   decltype(TiledMmaDk{}.get_thread_slice(0)) thr_dk;

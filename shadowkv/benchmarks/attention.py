@@ -16,6 +16,8 @@ For one shape it times, forward and forward+backward:
   taking turns on the tensor cores) with wgmma's backward;
 - ``wgmma_fused``: wgmma's forward with the one-pass backward (dQ by atomics from the dK/dV
   kernel: five products per visible pair instead of seven);
+- ``wgmma2_fused``: wgmma2's forward with the one-pass backward on two warpgroups (128 keys)
+  per block at head dim 128;
 - ``sdpa``: ``F.scaled_dot_product_attention`` with the equivalent boolean mask [B, Hq, L, L];
 - ``causal``: ``F.scaled_dot_product_attention(is_causal=True)``, no mask (the flash backend on
   CUDA): dense causal attention at full speed, the bar a 25% log has to beat;
@@ -54,9 +56,9 @@ from shadowkv.reference import INT32_MAX, shadow_visible, streaming_evicted_at
 from . import at_least
 
 # Impls that are the shadowkv op under a named kernel family (ops.attention_kernel).
-FAMILY_IMPLS = ("wmma", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_fused")
+FAMILY_IMPLS = ("wmma", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_fused", "wgmma2_fused")
 # Families that have not run on a GPU yet (timed after everything else, see run_device).
-UNTRIED_IMPLS = ("wgmma_fused", "wgmma_ws")
+UNTRIED_IMPLS = ("wgmma_fused", "wgmma2_fused", "wgmma_ws")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -128,6 +130,7 @@ def make_impls(evicted_at: torch.Tensor, args, device: torch.device):
         impls["wgmma2o"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma2o")
         # the untried families last (run_device), the one that could hang (wgmma_ws) last of all
         impls["wgmma_fused"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma_fused")
+        impls["wgmma2_fused"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma2_fused")
         impls["wgmma_ws"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma_ws")
     if not args.no_sdpa:
         mask = shadow_visible(evicted_at, seq_len).repeat_interleave(group, dim=1)

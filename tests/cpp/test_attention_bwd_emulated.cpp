@@ -1,9 +1,10 @@
 // The CuTe shadow-attention backward kernels (csrc/cuda/shadow_attention_bwd_cute.cuh: the dQ
 // kernel and the dK/dV kernel) on the sm_80 family and the sm_90a wgmma families, run from their
-// own source in the host emulation of tests/cpp/cute_emulation.h, against
+// own source in the host emulation of tests/cpp/cute_emulation.h (and the one-pass backward of
+// shadow_attention_wgmma_fused.cuh: the dK/dV kernel adding dQ by atomics), against
 // shadow_attention_bwd_cpu in float64 on the same inputs (the forward's out rounded to 16 bits
-// and its lse to fp32, as the CUDA backward gets them). "cute" and "wgmma" passed the GPU tests
-// on an H200 (the calibration); "wgmma2" (two warpgroups) has not run on a GPU.
+// and its lse to fp32, as the CUDA backward gets them). "cute", "wgmma" and "wgmma2" passed the
+// GPU tests on an H200 (the calibration); the fused ones have not run on a GPU.
 #include "attention_emulation_util.h"  // first (it includes the emulation)
 
 #include "shadow_attention_bwd_cute.cuh"
@@ -108,8 +109,8 @@ template <typename T, int D>
 using Cute = cuda_cute::Family<cuda_cute::BwdTraits<T, D>>;
 template <typename T, int D>
 using Wgmma = cuda_wgmma::Family<cuda_wgmma::BwdTraits<T, D>>;
-template <typename T, int D>
-using WgmmaFused = cuda_wgmma::FusedFamily<cuda_wgmma::BwdTraits<T, D>>;
+template <typename T, int D, int Warpgroups = 1>
+using WgmmaFused = cuda_wgmma::FusedFamily<cuda_wgmma::TileTraits<T, D, 64, Warpgroups>>;
 template <typename T, int D>
 using Wgmma2 = cuda_wgmma::Family<cuda_wgmma::Bwd2Traits<T, D>>;
 
@@ -124,6 +125,12 @@ TEST(emulated_attention_bwd_wgmma) {
 TEST(emulated_attention_bwd_wgmma_fused) {
   check_family<WgmmaFused<__nv_bfloat16, 128>, __nv_bfloat16>("wgmma_fused bf16 d128");
   check_family<WgmmaFused<__half, 64>, __half>("wgmma_fused fp16 d64");
+}
+// Two warpgroups at head_dim 128 only; no ring shape (wgmma2's test refills the same partner
+// stages with two warpgroups, and every shape here reuses the dS tile over several steps).
+TEST(emulated_attention_bwd_wgmma2_fused) {
+  check_family<WgmmaFused<__nv_bfloat16, 128, 2>, __nv_bfloat16>("wgmma2_fused bf16 d128");
+  check_family<WgmmaFused<__half, 128, 2>, __half>("wgmma2_fused fp16 d128");
 }
 TEST(emulated_attention_bwd_wgmma2) {
   check_family<Wgmma2<__nv_bfloat16, 64>, __nv_bfloat16>("wgmma2 bf16 d64", true);
