@@ -202,30 +202,33 @@ profile_decode=("$ncu" --target-processes all -k "regex:decode_partition_mma_ker
       {
         part 170 $py -m pytest $opts $(xd 12) $tests -k "not ($untried)"
         part 90 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py -k "pipelined or mma_decode"
-        part 80 $py -m pytest $opts $(xd 8) tests/test_shadow_attention_cuda.py \
-          -k "wgmma2 or wgmma_ws or wgmma_fused"  # + wgmma2o
+        part 120 $py -m pytest $opts $(xd 8) tests/test_shadow_attention_cuda.py \
+          -k "wgmma2 or wgmma_ws or wgmma_fused"  # + wgmma2o, wgmma2_fused
         part 50 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py tests/test_cache.py \
           -k "unchecked and not (pipelined or mma_decode)"
+        # The attention families never timed (wgmma_fused, wgmma2_fused, then wgmma_ws last: a
+        # fault there spares the rest), before the decode parts: the attention target is the
+        # furthest from its acceptance (0.45x FlexAttention, 1.5x needed).
+        part 90 $py -m shadowkv bench attention --device cuda
         part 60 $py -m shadowkv bench decode --device cuda --scores  # the four decode kernels
-        part 60 "${profile_decode[@]}"  # why decode stops short of copy bandwidth: the open question
-        # The same with every section's body (the stall reasons behind "cycles per issue"), at the
-        # GPU's own clocks: a separate part, in case this ncu lacks --print-details.
-        part 45 "${profile_decode[0]}" --print-details all --clock-control none "${profile_decode[@]:1}"
-        part 80 $py -m shadowkv bench attention --device cuda  # wgmma_fused, then wgmma_ws timed last
         # compute-sanitizer (clean on 2026-11-26): small cases of the newest kernels (-x: the
-        # first finding ends it); racecheck on the attention kernels, whose shared-memory stages
-        # are what a missing barrier would break (one case: it takes ~45 s per case under racecheck).
+        # first finding ends it); racecheck on the attention kernels never racechecked (the
+        # fused backwards' dS tile, the warp-specialised forward's ring), whose shared-memory
+        # stages are what a missing barrier would break (~45 s per case under racecheck).
         mc() { PYTORCH_NO_CUDA_MEMORY_CACHING=1 part "$2" "$sanitizer" --tool "$1" --error-exitcode 3 \
           --target-processes all $py -m pytest -q -x -p no:cacheprovider "${@:3}"; }
         mc memcheck 60 tests/test_paged_kv_cuda.py \
           -k "(pipelined or mma_decode) and (matches_reference or unchecked_bad) and not many_seq"
-        mc memcheck 45 tests/test_shadow_attention_cuda.py -k "family_matches_reference and (tiny or random_d64 or chunk_d64)"
-        # the one-pass backward's dS tile (written by every thread, read by the next products)
-        mc racecheck 45 tests/test_shadow_attention_cuda.py -k "family_matches_reference and mha_random_d64 and wgmma_fused"
-        mc racecheck 70 tests/test_shadow_attention_cuda.py -k "family_matches_reference and mha_random_d64"
+        mc memcheck 60 tests/test_shadow_attention_cuda.py -k "family_matches_reference and (tiny or random_d64 or chunk_d64)"
+        mc racecheck 100 tests/test_shadow_attention_cuda.py \
+          -k "family_matches_reference and mha_random_d64 and (fused or wgmma_ws)"
+        part 60 "${profile[@]}" wgmma_fused  # the one-pass dK/dV/dQ kernel: where does its time go?
         part 60 "${profile[@]}" wgmma_ws  # the warp-specialised forward: is it still issue-bound?
-        part 60 "${profile[@]}" wgmma_fused  # the one-pass dK/dV/dQ kernel
-        part 60 "${profile[@]}" wgmma
+        part 60 "${profile_decode[@]}"  # why decode stops short of copy bandwidth: the open question
+        # The same with every section's body (the stall reasons behind "cycles per issue"), at the
+        # GPU's own clocks: a separate part, in case this ncu lacks --print-details.
+        part 45 "${profile_decode[0]}" --print-details all --clock-control none "${profile_decode[@]:1}"
+        part 60 "${profile[@]}" wgmma2_fused
         # The main job on the GPU: 4 steps in bf16 mixed precision of a
         # random model with head dim 64 (--init: no warm-up; the default model's head dim 32
         # would run the SIMT kernels), so the learner runs the default tensor-core kernels. The
@@ -259,6 +262,7 @@ build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=
       run "${profile[@]}" wgmma2o
       run "${profile[@]}" wgmma_ws
       run "${profile[@]}" wgmma_fused
+      run "${profile[@]}" wgmma2_fused
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

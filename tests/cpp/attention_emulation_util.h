@@ -33,7 +33,8 @@ struct AttentionShape {
 // copied without a test per row; with a third of the keys evicted every tile is partial).
 inline const AttentionShape kAttentionShapes[] = {
     {1, 2, 1, 150, 150, 0}, {1, 1, 1, 70, 200, 130}, {1, 2, 1, 64, 96, 100, 130}, {1, 1, 1, 200, 200, 0, 0, 128}};
-// For the two-warpgroup families (wgmma2, wgmma2o) also: two sequences x two KV heads with
+// For the two-warpgroup families (wgmma2, wgmma2o) and wgmma_fused's dQ workspace offsets also:
+// two sequences x two KV heads with
 // enough live key tiles that every K/V stage of the staged and overlapped rings is refilled
 // (batch and head indexing, write-after-read hazards of the rings). Slow to emulate.
 inline const AttentionShape kRingShape = {2, 4, 2, 70, 600, 530};
