@@ -222,6 +222,9 @@ profile_decode=("$ncu" --target-processes all -k "regex:decode_partition_mma_ker
         mc memcheck 60 tests/test_shadow_attention_cuda.py -k "family_matches_reference and (tiny or random_d64 or chunk_d64)"
         mc racecheck 100 tests/test_shadow_attention_cuda.py \
           -k "family_matches_reference and mha_random_d64 and (fused or wgmma_ws)"
+        # wgmma2_fused's two-warpgroup kernel runs at head dim 128 only
+        mc racecheck 60 tests/test_shadow_attention_cuda.py \
+          -k "family_matches_reference and mha_chunk_unaligned_d128 and wgmma2_fused and bf16"
         part 60 "${profile[@]}" wgmma_fused  # the one-pass dK/dV/dQ kernel: where does its time go?
         part 60 "${profile[@]}" wgmma_ws  # the warp-specialised forward: is it still issue-bound?
         part 60 "${profile_decode[@]}"  # why decode stops short of copy bandwidth: the open question

@@ -355,7 +355,10 @@ SHADOWKV_TILE_FN bool seen_by_some(int64_t j, int64_t p0, int64_t p1, int ev) {
 // (padding, a slot a server reused): their P is 0, but the MMAs would still give 0 * NaN = NaN
 // in P V (forward), dS K (dQ) and, through dP = dO V^T, dS = P (dP - delta) (dK). Known
 // limitation: a key seen by some rows of a tile keeps its values, so if they are not finite,
-// the tile's rows that do not see it get NaN from it too. Finite values are exact.
+// the tile's rows that do not see it get NaN from it too. Finite values are exact. In the
+// one-pass backward (shadow_attention_wgmma_fused.cuh) dQ = dS K reads the dK/dV block's own
+// K tile, which keeps every key some query of the block's whole range sees: there a
+// non-finite key reaches the dQ rows of every query tile the block visits.
 
 // Whether K/V row `row` of key tile k0 is loaded by the forward or dQ block of query tile t: a
 // key past kv_len never is; in a partial tile only keys that some valid row of t sees are.

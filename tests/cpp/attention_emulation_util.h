@@ -9,6 +9,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -33,11 +34,24 @@ struct AttentionShape {
 // copied without a test per row; with a third of the keys evicted every tile is partial).
 inline const AttentionShape kAttentionShapes[] = {
     {1, 2, 1, 150, 150, 0}, {1, 1, 1, 70, 200, 130}, {1, 2, 1, 64, 96, 100, 130}, {1, 1, 1, 200, 200, 0, 0, 128}};
-// For the two-warpgroup families (wgmma2, wgmma2o) and wgmma_fused's dQ workspace offsets also:
-// two sequences x two KV heads with
-// enough live key tiles that every K/V stage of the staged and overlapped rings is refilled
-// (batch and head indexing, write-after-read hazards of the rings). Slow to emulate.
+// For the two-warpgroup families (wgmma2, wgmma2o) and wgmma_fused also: two sequences x two KV
+// heads with enough live key tiles that every K/V stage of the staged and overlapped rings is
+// refilled (batch and head indexing, the dQ workspace's offsets, write-after-read hazards of
+// the rings). Slow to emulate.
 inline const AttentionShape kRingShape = {2, 4, 2, 70, 600, 530};
+// Two sequences x two KV heads at a fraction of the ring shape's cost (the fused backward's dQ
+// workspace offsets).
+inline const AttentionShape kBatchShape = {2, 4, 2, 70, 200, 130};
+
+// Whether combination k (0 or 1) of a one-warpgroup family's two (dtype, head_dim) combinations
+// runs: both, unless SHADOWKV_EMU_COMBO names one. CI's sanitizer runs split them, 0 under
+// AddressSanitizer and 1 under ThreadSanitizer (tests/cpp/CMakeLists.txt), so that each runs
+// under one sanitizer in half the time; the two-warpgroup families, which ThreadSanitizer skips,
+// run both under AddressSanitizer.
+inline bool run_combo(int k) {
+  const char* e = std::getenv("SHADOWKV_EMU_COMBO");
+  return e == nullptr || *e == '\0' || std::atoi(e) == k;
+}
 
 // Tolerances relative to max |reference| (attention_emulation_util's expect_close): 16-bit
 // rounding of the outputs and of P (and dS) before their products; the largest errors seen are

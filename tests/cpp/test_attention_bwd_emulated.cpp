@@ -22,12 +22,12 @@ template <typename T, int D>
 using Wgmma2 = cuda_wgmma::Family<cuda_wgmma::Bwd2Traits<T, D>>;
 
 TEST(emulated_attention_bwd_cute) {
-  check_family<Cute<__nv_bfloat16, 64>, __nv_bfloat16>("cute bf16 d64");
-  check_family<Cute<__half, 128>, __half>("cute fp16 d128");
+  if (run_combo(0)) check_family<Cute<__nv_bfloat16, 64>, __nv_bfloat16>("cute bf16 d64");
+  if (run_combo(1)) check_family<Cute<__half, 128>, __half>("cute fp16 d128");
 }
 TEST(emulated_attention_bwd_wgmma) {
-  check_family<Wgmma<__nv_bfloat16, 128>, __nv_bfloat16>("wgmma bf16 d128");
-  check_family<Wgmma<__half, 64>, __half>("wgmma fp16 d64");
+  if (run_combo(0)) check_family<Wgmma<__nv_bfloat16, 128>, __nv_bfloat16>("wgmma bf16 d128");
+  if (run_combo(1)) check_family<Wgmma<__half, 64>, __half>("wgmma fp16 d64");
 }
 TEST(emulated_attention_bwd_wgmma2) {
   check_family<Wgmma2<__nv_bfloat16, 64>, __nv_bfloat16>("wgmma2 bf16 d64", true);

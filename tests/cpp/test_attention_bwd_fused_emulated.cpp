@@ -15,11 +15,17 @@ using namespace shadowkv_test;
 template <typename T, int D, int Warpgroups = 1>
 using WgmmaFused = cuda_wgmma::FusedFamily<cuda_wgmma::TileTraits<T, D, 64, Warpgroups>>;
 
-// bf16 also on the ring shape: two sequences and two KV heads (the other shapes have one of
-// each), so that the dQ workspace's batch and head offsets are checked.
+// Each combination also on two sequences x two KV heads (the other shapes have one of each), so
+// that the dQ workspace's batch and head offsets are checked.
 TEST(emulated_attention_bwd_wgmma_fused) {
-  check_family<WgmmaFused<__nv_bfloat16, 128>, __nv_bfloat16>("wgmma_fused bf16 d128", true);
-  check_family<WgmmaFused<__half, 64>, __half>("wgmma_fused fp16 d64");
+  if (run_combo(0)) {
+    check_family<WgmmaFused<__nv_bfloat16, 128>, __nv_bfloat16>("wgmma_fused bf16 d128");
+    check_backward<WgmmaFused<__nv_bfloat16, 128>, __nv_bfloat16>(kBatchShape, 97, "wgmma_fused bf16 d128 batch");
+  }
+  if (run_combo(1)) {
+    check_family<WgmmaFused<__half, 64>, __half>("wgmma_fused fp16 d64");
+    check_backward<WgmmaFused<__half, 64>, __half>(kBatchShape, 98, "wgmma_fused fp16 d64 batch");
+  }
 }
 // Two warpgroups at head_dim 128 only; no ring shape (wgmma2's test refills the same partner
 // stages with two warpgroups, and every shape here reuses the dS tile over several steps).
