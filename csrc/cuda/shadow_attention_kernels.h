@@ -24,8 +24,9 @@
 //   * simt: every dtype and head_dim (shadow_attention_{fwd,bwd}.cu).
 // SHADOWKV_ATTENTION_KERNEL picks one per call (forward and backward alike): "auto" (default) =
 // "wgmma" in builds with the CuTe kernels, else "wmma"; "cute" = cute where it applies (an
-// error in a build without it), else simt; "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_fused", "wgmma2_fused" = those kernels
-// where they apply, else as "cute"; "wmma" = wmma where it applies, else simt; "simt" = simt always.
+// error in a build without it), else simt; "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_fused",
+// "wgmma2_fused" = those kernels where they apply, else as "cute"; "wmma" = wmma where it
+// applies, else simt; "simt" = simt always.
 // The CuTe kernels became the default after passing every GPU test on an H200, 2.1-2.8x faster
 // than wmma there (bench/RESULTS.md, 2026-11-26).
 #pragma once

@@ -3,13 +3,14 @@
 //
 // Why: the two-kernel backward (a dQ kernel and a dK/dV kernel, every gradient written once)
 // computes S and dP, the mask and the exponentials of every visible pair twice, seven products
-// per pair; on the H200 both kernels were issue-bound and together 85% of the backward
-// (bench/RESULTS.md). Here each dK/dV step also issues dQ_tile = dS K (64 query rows x D) and
-// adds it to an fp32 dQ workspace with vector atomics (red.global.add.v2.f32); a last kernel
-// scales it and rounds it to the input type. Five products per pair, one mask step. The price:
-// dQ's fp32 sums arrive in a run-dependent order (bitwise non-deterministic, as FlashAttention-3's
-// default backward), a [B, Hq, Lq, D] fp32 workspace (twice a 16-bit dQ's bytes), and a wider
-// reach for non-finite K values (shadow_attention_common.cuh, before kv_row_needed).
+// per pair; in the H200 profile both were issue-bound, 2.56 ms (dQ) and 3.55 ms (dK/dV)
+// against the forward's 2.55 (bench/RESULTS.md). Here each dK/dV step also issues
+// dQ_tile = dS K (64 query rows x D) and adds it to an fp32 dQ workspace with vector atomics
+// (red.global.add.v2.f32); a last kernel scales it and rounds it to the input type. Five
+// products per pair, one mask step. The price: dQ's fp32 sums arrive in a run-dependent order
+// (bitwise non-deterministic, as FlashAttention-3's default backward), a [B, Hq, Lq, D] fp32
+// workspace (twice a 16-bit dQ's bytes), and a wider reach for non-finite K values
+// (shadow_attention_common.cuh, before kv_row_needed).
 //
 // Per step, after the mask (P^T and dS^T in registers, 64 keys x 64 query rows):
 //   dV += P^T dO      as the wgmma family (register A), issued, not waited for;
@@ -94,7 +95,9 @@ struct FusedFamily : Family<Tr> {
   // arguments (it contains a block barrier). On return every product has completed: the next
   // step may overwrite the dS tile and the stages.
   template <class AccDv, class RP, class DO, class AccDk, class DsT, class Q, class K>
-  __device__ __forceinline__ void update_fused(AccDv& acc_dv, RP& rP, DO const& s_do, AccDk& acc_dk, DsT const& ds_t, Q const& s_q,
+  // (Inlined by nvcc as it stands, no C7514 serialisation warning; __forceinline__ on it and its
+  // helpers changed the register allocation: 12 spill reloads instead of 6, ptxas sm_90a.)
+  __device__ void update_fused(AccDv& acc_dv, RP& rP, DO const& s_do, AccDk& acc_dk, DsT const& ds_t, Q const& s_q,
                                unsigned char* ds_smem, K const& s_k, float* __restrict__ dq_rows, int rows) {
     this->update_async(acc_dv, rP, s_do);
     store_ds(ds_t, ds_smem);
@@ -133,7 +136,7 @@ struct FusedFamily : Family<Tr> {
   // each store cost ~6 instructions of 64-bit generic addressing (SASS); the emulated test
   // checks these offsets against CuTe's descriptors.
   template <class DsT>
-  __device__ __forceinline__ void store_ds(DsT const& ds_t, unsigned char* ds_smem) const {
+  __device__ void store_ds(DsT const& ds_t, unsigned char* ds_smem) const {
     Tensor coords = this->score_coords();
     const int r0 = get<0>(coords(0)), c0 = get<1>(coords(0));
 #if defined(SHADOWKV_CUDA_EMULATION) && !defined(__CUDA_ARCH__)  // the layout assumptions above
@@ -157,7 +160,7 @@ struct FusedFamily : Family<Tr> {
   // 2i + 1: one row, neighbouring columns, 8-byte aligned). Addresses and row tests relative to
   // the thread's first entry, at compile-time offsets.
   template <class Acc>
-  __device__ __forceinline__ void add_dq(Acc const& acc, float* __restrict__ dq_rows, int rows) const {
+  __device__ void add_dq(Acc const& acc, float* __restrict__ dq_rows, int rows) const {
     Tensor coords = thr_dq.partition_C(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
     const int r0 = get<0>(coords(0)), c0 = get<1>(coords(0));
     float* base = dq_rows + r0 * D + c0;

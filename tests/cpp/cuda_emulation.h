@@ -434,7 +434,7 @@ inline float atomicAdd(float* p, float v) {
 }
 // sm_90's vector float addition: each element atomic on its own, as on the device.
 inline float2 atomicAdd(float2* p, float2 v) {
-  if (reinterpret_cast<uintptr_t>(p) % 8 != 0) ::shadowkv_emu::die("atomicAdd(float2*): address not 8-byte aligned");
+  if (reinterpret_cast<uintptr_t>(p) % 8 != 0) ::shadowkv_emu::die("atomicAdd(float2*): a misaligned address");
   const float x = atomicAdd(&p->x, v.x), y = atomicAdd(&p->y, v.y);
   return make_float2(x, y);
 }
