@@ -71,6 +71,12 @@ class PagedKVCache:
             stream; a value the device then rejects leaves the sequence poisoned
             (``seq_lens = -1``), which :meth:`evict` and :meth:`verify` report. The CPU ops
             check regardless.
+        stable_evict: passed to ``evict_compact`` as ``stable``. The default ``False`` moves
+            only the survivors past the new length into the evicted slots below it (a page or
+            so per eviction in a rollout, where the stable order rewrites a streaming window
+            every time); slot order then no longer follows position order, which
+            ``pos_pages`` records and nothing here depends on (the policies rank positions,
+            decode attention is order-free). ``True`` keeps survivors in position order.
     """
 
     def __init__(
@@ -85,6 +91,7 @@ class PagedKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         check: bool = True,
+        stable_evict: bool = False,
     ):
         sizes = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, num_pages=num_pages,
                      page_size=page_size, max_batch=max_batch,
@@ -96,6 +103,7 @@ class PagedKVCache:
         self.num_pages, self.page_size, self.max_batch = num_pages, page_size, max_batch
         self.max_pages_per_seq = sizes["max_pages_per_seq"]
         self.dtype, self.device, self.check = dtype, torch.device(device), check
+        self.stable_evict = stable_evict
         elt = torch.empty((), dtype=dtype).element_size()
         # K + V + the position of each slot per head.
         self.page_bytes = page_size * num_kv_heads * (2 * head_dim * elt + 4)
@@ -361,9 +369,9 @@ class PagedKVCache:
 
     def evict(self, layer: int, keep: torch.Tensor, steps: torch.Tensor, evicted_at: torch.Tensor,
               slot_scores: torch.Tensor | None = None, rows: slice = slice(None)) -> int:
-        """Keeps the ``keep [b, Hkv, S]`` slots of each sequence in ``rows``, compacts in place,
-        logs ``evicted_at[b, h, pos] = steps[b]`` (``steps``: ``[b]`` int32 on the cache's device)
-        and returns freed pages to the pool.
+        """Keeps the ``keep [b, Hkv, S]`` slots of each sequence in ``rows``, compacts in place
+        (``stable_evict`` says how), logs ``evicted_at[b, h, pos] = steps[b]`` (``steps``:
+        ``[b]`` int32 on the cache's device) and returns freed pages to the pool.
 
         Reads the freed pages and new lengths back to the host (one synchronisation).
         Returns the number of pages freed.
@@ -371,7 +379,7 @@ class PagedKVCache:
         lc = self._layer(layer)
         freed = torch.ops.shadowkv.evict_compact(
             lc.k_pages, lc.v_pages, lc.pos_pages, lc.block_tables[rows], lc.seq_lens[rows],
-            keep, steps, evicted_at, slot_scores, self.check,
+            keep, steps, evicted_at, slot_scores, self.check, self.stable_evict,
         )
         back = torch.cat([lc.seq_lens[rows][:, None], freed], 1).tolist()
         released, errors = 0, []

@@ -293,7 +293,7 @@ def _paged_decode_attention_fake(q, k_pages, v_pages, block_tables, seq_lens, sc
 
 @torch.library.register_fake("shadowkv::evict_compact")
 def _evict_compact_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens, keep, steps, evicted_at,
-                        slot_scores=None, check=True):
+                        slot_scores=None, check=True, stable=True):
     _, _, H, _, B, M = _check_paged_cache_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens,
                                                k_pages, "k_pages")
     S = keep.shape[2] if keep.dim() == 3 else None
@@ -401,6 +401,7 @@ def evict_compact(
     evicted_at: torch.Tensor,
     slot_scores: torch.Tensor | None = None,
     check: bool = True,
+    stable: bool = True,
 ) -> torch.Tensor:
     """Evicts cache slots in place, logging each evicted key in the shadow mask.
 
@@ -418,9 +419,18 @@ def evict_compact(
         slot_scores: optional ``[B, Hkv, S]`` float32 per-slot scores, compacted like the slots
             (zeros past the new length).
 
-    For each ``(b, h)`` the kept slots slide down in order inside the sequence's own pages,
-    ``seq_lens[b]`` becomes the kept count ``n``, and every block-table entry at index
-    ``>= ceil(n / page_size)`` that holds a page is released (set to -1).
+    For each ``(b, h)`` the kept slots move down inside the sequence's own pages into slots
+    ``0 .. n - 1``, ``seq_lens[b]`` becomes the kept count ``n``, and every block-table entry at
+    index ``>= ceil(n / page_size)`` that holds a page is released (set to -1). How they move:
+
+    - ``stable=True``: in order (slot ``i`` receives the ``i``-th kept slot). Every kept slot
+      after the first evicted one moves: evicting a page of a StreamingLLM window rewrites the
+      whole window.
+    - ``stable=False`` ("fill"): the kept slots at or past ``n`` move, in order, into the evicted
+      slots below ``n``, in order; the others stay put. At most ``min(evicted, kept)`` slots move
+      (a page or so per eviction in a rollout's steady state), the same (position, k, v, score)
+      set ends up in slots ``0 .. n - 1``, but slot order no longer follows position order
+      (``pos_pages`` holds the positions; decode attention does not depend on the order).
 
     Returns:
         ``freed [B, max_pages]`` int32: the released page ids of each sequence in table order,
@@ -440,5 +450,5 @@ def evict_compact(
     head) results to the host, with ``seq_lens``, ``block_tables`` and ``steps``.
     """
     return torch.ops.shadowkv.evict_compact(
-        k_pages, v_pages, pos_pages, block_tables, seq_lens, keep, steps, evicted_at, slot_scores, check
+        k_pages, v_pages, pos_pages, block_tables, seq_lens, keep, steps, evicted_at, slot_scores, check, stable
     )

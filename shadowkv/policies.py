@@ -46,23 +46,33 @@ def _per_row(values: list[int], device: torch.device) -> torch.Tensor:
     return to_device(values, device, torch.int64)[:, None, None]
 
 
-def _top(key: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+def _position_order(positions: torch.Tensor) -> torch.Tensor:
+    """Slot indices ``[n, H, S]`` sorting each head's slots by position, padding (-1) last. The
+    cache's slot order need not follow position order (``evict_compact(stable=False)``), so
+    everything a policy decides goes by position: its choices do not depend on where the
+    survivors of earlier evictions were put."""
+    return positions.masked_fill(positions < 0, torch.iinfo(torch.int32).max).argsort(dim=-1, stable=True)
+
+
+def _top(key: torch.Tensor, count: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Mask of the ``count`` largest entries of ``key [n, H, S]`` along the last dimension
-    (``count`` broadcasts against ``[n, H, 1]``; ties go to the lower slot)."""
-    order = key.argsort(dim=-1, descending=True, stable=True)
-    slots = torch.arange(key.shape[-1], device=key.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, slots) < count
+    (``count`` broadcasts against ``[n, H, 1]``; ties go to the lower position)."""
+    by_pos = _position_order(positions)
+    order = by_pos.gather(-1, key.gather(-1, by_pos).argsort(dim=-1, descending=True, stable=True))
+    ranks = torch.arange(key.shape[-1], device=key.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ranks) < count
 
 
-def _keep_top(score: torch.Tensor, forced: torch.Tensor, valid: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
+def _keep_top(score: torch.Tensor, forced: torch.Tensor, valid: torch.Tensor, n_keep: torch.Tensor,
+              positions: torch.Tensor) -> torch.Tensor:
     """``forced`` slots plus the best-scoring other ``valid`` ones, ``n_keep [n, 1, 1]`` per head."""
     key = score.double().masked_fill(forced, math.inf).masked_fill(~valid, -math.inf)
-    return _top(key, n_keep) & valid
+    return _top(key, n_keep, positions) & valid
 
 
 def _recent(positions: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """The ``count`` most recent positions of each head; padding (-1) is never chosen."""
-    return _top(positions, count) & (positions >= 0)
+    return _top(positions, count, positions) & (positions >= 0)
 
 
 class Policy:
@@ -144,7 +154,9 @@ class StreamingLLM(Policy):
         n_keep = _per_row(n_keep, positions.device)
         sink = (positions >= 0) & (positions < self.sinks)
         recent = _recent(positions.masked_fill(sink, -1), (n_keep - sink.sum(-1, keepdim=True)).clamp(min=0))
-        return recent | (sink & (torch.cumsum(sink.int(), -1) <= n_keep))
+        # The first n_keep sinks when the budget is below them: the lowest positions.
+        first = _top((-positions).masked_fill(~sink, torch.iinfo(torch.int32).min), n_keep, positions)
+        return recent | (sink & first)
 
 
 class H2O(Policy):
@@ -161,7 +173,7 @@ class H2O(Policy):
     def select_batch(self, positions, scores, lens, n_keep):
         dev = positions.device
         recent = _recent(positions, _per_row([int(round(self.recent_frac * k)) for k in n_keep], dev))
-        return _keep_top(scores, recent, positions >= 0, _per_row(n_keep, dev))
+        return _keep_top(scores, recent, positions >= 0, _per_row(n_keep, dev), positions)
 
 
 class SnapKV(Policy):
@@ -185,12 +197,16 @@ class SnapKV(Policy):
         dev, valid = positions.device, positions >= 0
         if positions.shape[-1] == 0:  # no slots (max_pool1d rejects an empty length)
             return valid
-        # Padding pools as -inf: a slot past the length never lends its score to a neighbour.
-        pooled = F.max_pool1d(scores.float().masked_fill(~valid, -math.inf), self.kernel, stride=1,
-                              padding=self.kernel // 2)
+        # Neighbours are neighbouring positions (pooled in position order, whatever the slot
+        # order). Padding pools as -inf: a slot past the length never lends its score to a
+        # neighbour.
+        by_pos = _position_order(positions)
+        pooled = F.max_pool1d(scores.float().masked_fill(~valid, -math.inf).gather(-1, by_pos), self.kernel,
+                              stride=1, padding=self.kernel // 2)
+        pooled = torch.empty_like(pooled).scatter_(-1, by_pos, pooled)
         # At most half the budget goes to the window, so voting always selects something.
         recent = _recent(positions, _per_row([min(self.window, k // 2) for k in n_keep], dev))
-        return _keep_top(pooled, recent, valid, _per_row(n_keep, dev))
+        return _keep_top(pooled, recent, valid, _per_row(n_keep, dev), positions)
 
 
 class RandomEvict(Policy):
@@ -208,7 +224,7 @@ class RandomEvict(Policy):
     def select_batch(self, positions, scores, lens, n_keep):
         score = to_device(torch.rand(positions.shape, generator=self._gen), positions.device)
         valid = positions >= 0
-        return _keep_top(score, torch.zeros_like(valid), valid, _per_row(n_keep, positions.device))
+        return _keep_top(score, torch.zeros_like(valid), valid, _per_row(n_keep, positions.device), positions)
 
 
 POLICIES = {cls.name: cls for cls in (FullCache, StreamingLLM, H2O, SnapKV, RandomEvict)}

@@ -340,6 +340,7 @@ def evict_compact_ref(
     steps: torch.Tensor,
     evicted_at: torch.Tensor,
     slot_scores: torch.Tensor | None = None,
+    stable: bool = True,
 ) -> EvictResult:
     """Drops the slots with ``keep == False`` and logs them in the shadow mask.
 
@@ -350,10 +351,12 @@ def evict_compact_ref(
         steps: ``[B]`` int, the position of the next query of each sequence.
         evicted_at: ``[B, Hkv, T]`` int32 eviction log.
         slot_scores: optional ``[B, Hkv, S]`` float32 per-slot scores.
+        stable: True: the kept slots keep their order; False: the kept slots at or past ``n``
+            fill the evicted slots below ``n`` (both in slot order), the others stay.
 
     Returns:
         An :class:`EvictResult` of new tensors. For each ``(b, h)`` the kept slots move to slots
-        ``0 .. n - 1`` in order (slots from ``n`` on keep their old contents), every evicted slot
+        ``0 .. n - 1`` as ``stable`` says (slots from ``n`` on keep their old contents), every evicted slot
         sets ``evicted_at[b, h, pos] = steps[b]``, ``seq_lens[b] = n``, ``slot_scores`` is
         compacted the same way with zeros from ``n`` on, and each block-table entry at index
         ``>= ceil(n / page_size)`` that holds a page becomes -1 and is listed, in table order,
@@ -375,13 +378,17 @@ def evict_compact_ref(
             pos = pos_pages[pages, rows, h].long()
             evicted_at[b, h, pos[~kept]] = int(steps[b])
             new_len = int(kept.sum())
-            dst_pages, dst_rows = pages[:new_len], rows[:new_len]
+            if stable:
+                src = kept.nonzero()[:, 0]
+                dst = torch.arange(new_len)
+            else:
+                src = kept[new_len:].nonzero()[:, 0] + new_len
+                dst = (~kept[:new_len]).nonzero()[:, 0]
             for pool in (k_pages, v_pages, pos_pages):
-                pool[dst_pages, dst_rows, h] = pool[pages, rows, h][kept]
+                pool[pages[dst], rows[dst], h] = pool[pages[src], rows[src], h]
             if slot_scores is not None:
-                compacted = slot_scores[b, h, :length][kept]
-                slot_scores[b, h] = 0.0
-                slot_scores[b, h, :new_len] = compacted
+                slot_scores[b, h, dst] = slot_scores[b, h, src]
+                slot_scores[b, h, new_len:] = 0.0
         seq_lens[b] = new_len
         table = block_tables[b]
         released = table[math.ceil(new_len / page_size):]

@@ -77,6 +77,7 @@ class Case:
     with_scores: bool
     log_in_layers: bool     # evicted_at as log[:, layer] of a [B, layers, Hkv, T] tensor
     seed: int
+    stable: bool = True     # the op's `stable`: survivors in order, or the ones past n fill the holes
 
     def inputs(self):
         gen = torch.Generator().manual_seed(self.seed)
@@ -104,15 +105,15 @@ def cases(draw):
                 dtype=draw(st.sampled_from(DTYPES)), policy=draw(st.sampled_from(POLICIES)),
                 budget=draw(st.integers(0, 40)), extra_slots=draw(st.integers(0, 3)),
                 with_scores=draw(st.booleans()), log_in_layers=draw(st.booleans()),
-                seed=draw(st.integers(0, 2**31 - 1)))
-    event(f"policy={case.policy}, page_size={case.page_size}")
+                seed=draw(st.integers(0, 2**31 - 1)), stable=draw(st.booleans()))
+    event(f"policy={case.policy}, page_size={case.page_size}, stable={case.stable}")
     return case
 
 
-def run_and_compare(state: PagedState, keep, steps, log, scores):
-    expected = evict_compact_ref(*state, keep, steps, log, scores)
+def run_and_compare(state: PagedState, keep, steps, log, scores, stable=True):
+    expected = evict_compact_ref(*state, keep, steps, log, scores, stable=stable)
     pages_before = sorted(state.block_tables[state.block_tables >= 0].tolist())
-    freed = ops.evict_compact(*state, keep, steps, log, scores)
+    freed = ops.evict_compact(*state, keep, steps, log, scores, stable=stable)
     got = (*state, log, scores, freed)
     for name, a, b in zip(expected._fields, got, expected):
         if b is None:
@@ -133,26 +134,45 @@ def test_matches_reference(case):
     if case.log_in_layers:
         full = log._base
         others = full[:, [0, 2]].clone()
-        run_and_compare(state, keep, steps, log, scores)
+        run_and_compare(state, keep, steps, log, scores, case.stable)
         assert torch.equal(full[:, [0, 2]], others), "other layers of the log were written"
     else:
-        run_and_compare(state, keep, steps, log, scores)
+        run_and_compare(state, keep, steps, log, scores, case.stable)
 
 
 def test_named_scenarios():
     """The acceptance scenarios once each, deterministically: budget >= length, everything evicted
     but the sinks, everything evicted, an empty sequence, ragged lengths, a page of one slot."""
     for policy in POLICIES:
-        for page_size in (1, 4, 16):
+        for page_size, stable in ((1, True), (4, True), (16, True), (1, False), (16, False)):
             case = Case([37, 0, 16], 2, 80, page_size, 1, torch.float32, policy, budget=9, extra_slots=2,
                         with_scores=True, log_in_layers=True, seed=page_size)
             state, keep, steps, log, scores = case.inputs()
             try:
-                run_and_compare(state, keep, steps, log, scores)
+                run_and_compare(state, keep, steps, log, scores, stable)
             except AssertionError as e:
-                raise AssertionError(f"policy {policy}, page_size {page_size}: {e}") from e
+                raise AssertionError(f"policy {policy}, page_size {page_size}, stable {stable}: {e}") from e
             if policy == "nothing":
                 assert (state.seq_lens == 0).all() and (state.block_tables == -1).all()
+
+
+@pytest.mark.parametrize("stable", [True, False], ids=["stable", "fill"])
+def test_what_moves(stable):
+    """One head, 8 slots of page 4 holding positions 10..17, keep 0, 2, 4, 5, 7 (n = 5): stable
+    moves 2, 4, 5, 7 down in order (4 rows); fill moves only the kept slots past n, 5 and 7,
+    into the holes below it, 1 and 3, and leaves 0, 2, 4 where they were."""
+    gen = torch.Generator().manual_seed(0)
+    state = random_paged_state([8], 1, 16, 4, dtype=torch.float32, generator=gen)
+    pages = state.block_tables[0, :2].long()
+    state.pos_pages[pages] = torch.arange(10, 18, dtype=torch.int32).view(2, 4, 1)
+    keep = torch.tensor([[[1, 0, 1, 0, 1, 1, 0, 1]]], dtype=torch.bool)
+    before = state.k_pages[pages].flatten(0, 1)[:, 0].clone()
+    log = torch.full((1, 1, 18), INT32_MAX, dtype=torch.int32)
+    ops.evict_compact(*state, keep, torch.tensor([30], dtype=torch.int32), log, stable=stable)
+    order = [0, 2, 4, 5, 7] if stable else [0, 5, 2, 7, 4]
+    assert state.pos_pages[pages].flatten()[:5].tolist() == [10 + i for i in order]
+    assert torch.equal(state.k_pages[pages].flatten(0, 1)[:5, 0], before[order])
+    assert log[0, 0, [11, 13, 16]].tolist() == [30, 30, 30] and int(state.seq_lens[0]) == 5
 
 
 def test_shared_read_only_page_is_allowed():
@@ -290,6 +310,8 @@ def test_opcheck(with_scores):
     torch.library.opcheck(EVICT.default, (*state, keep, steps, log, scores))
     state, keep, steps, log, scores = case.inputs()
     torch.library.opcheck(EVICT.default, (*state, keep, steps, log, scores, False))
+    state, keep, steps, log, scores = case.inputs()
+    torch.library.opcheck(EVICT.default, (*state, keep, steps, log, scores, True, False))  # fill
 
 
 def test_unchecked_call_on_cpu_still_checks():

@@ -46,14 +46,30 @@ def _programs(draw):
     page = draw(st.sampled_from([1, 2, 4, 16]))
     ops = draw(st.lists(st.tuples(st.sampled_from(["append", "decode", "evict"]),
                                   st.integers(0, 2**31 - 1)), min_size=1, max_size=12))
-    return B, Hkv, group, D, page, ops
+    stable = draw(st.booleans())
+    return B, Hkv, group, D, page, ops, stable
+
+
+def _evicted_order(slots: list, keep: list[bool], stable: bool) -> list:
+    """What evict_compact leaves in a head's slots: the kept ones in order (stable), or the kept
+    ones past the new length moved, in order, into the evicted slots below it (fill)."""
+    kept = [x for x, k in zip(slots, keep) if k]
+    if stable:
+        return kept
+    n = len(kept)
+    out = list(slots[:n])
+    holes = [i for i in range(n) if not keep[i]]
+    sources = [slots[i] for i in range(n, len(slots)) if keep[i]]
+    for i, x in zip(holes, sources, strict=True):
+        out[i] = x
+    return out
 
 
 def _run_program(program):
-    B, Hkv, group, D, page, ops = program
+    B, Hkv, group, D, page, ops, stable = program
     T = 64
     cache = PagedKVCache(1, Hkv, D, num_pages=B * (T // page + 2), page_size=page, max_batch=B,
-                         max_pages_per_seq=T // page + 2, dtype=torch.float64)
+                         max_pages_per_seq=T // page + 2, dtype=torch.float64, stable_evict=stable)
     k_all = torch.randn(B, Hkv, T, D, dtype=torch.float64)
     v_all = torch.randn(B, Hkv, T, D, dtype=torch.float64)
     log = torch.full((B, Hkv, T), NEVER_EVICTED, dtype=torch.int32)
@@ -109,11 +125,13 @@ def _run_program(program):
             cache.evict(0, keep, steps, log)
             for b in range(B):
                 for h in range(Hkv):
-                    kept = [live[b][h][i] for i in range(len(live[b][h])) if keep[b, h, i]]
+                    kept = _evicted_order(live[b][h], keep[b, h, : len(live[b][h])].tolist(), stable)
                     for gone in set(live[b][h]) - set(kept):
                         assert int(log[b, h, gone]) == lens[b] >= last_step[b][h]
                         last_step[b][h] = lens[b]
                     live[b][h] = kept
+                    held = cache.gather(0, b)[2][h].tolist()
+                    assert held == kept, "the slots hold other positions than evict_compact's contract says"
         _check_pages(cache)
         lc = cache.layers[0]
         for b in range(B):

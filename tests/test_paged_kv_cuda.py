@@ -546,22 +546,22 @@ def test_decode_rejects_float64_and_wide_heads():
 # evict_compact
 
 
-def run_evict_both(state: PagedState, keep, steps, log, scores, check=True):
+def run_evict_both(state: PagedState, keep, steps, log, scores, check=True, stable=True):
     """The op on the device and on CPU from the same inputs: every output identical, and equal to
     the reference. `log` may be a view (e.g. one layer of a larger log); its base is compared.
-    `check` goes to the device call (valid inputs: the same results either way)."""
-    expected = evict_compact_ref(*state, keep, steps, log, scores)
+    `check` goes to the device call (valid inputs: the same results either way), `stable` to both."""
+    expected = evict_compact_ref(*state, keep, steps, log, scores, stable=stable)
     base = log._base if log._base is not None else log
     cpu_state, cpu_base = state.clone(), base.clone()
     cpu_log = cpu_base.as_strided(log.shape, log.stride(), log.storage_offset())
     cpu_scores = None if scores is None else scores.clone()
-    cpu_freed = ops.evict_compact(*cpu_state, keep, steps, cpu_log, cpu_scores)
+    cpu_freed = ops.evict_compact(*cpu_state, keep, steps, cpu_log, cpu_scores, stable=stable)
 
     d = dev_state(state)
     d_base = dev(base)
     d_log = d_base.as_strided(log.shape, log.stride(), log.storage_offset())
     d_scores = dev(scores)
-    freed = ops.evict_compact(*d, dev(keep), dev(steps), d_log, d_scores, check=check)
+    freed = ops.evict_compact(*d, dev(keep), dev(steps), d_log, d_scores, check=check, stable=stable)
 
     got = (*d, d_log, d_scores, freed)
     for name, g, c, ref in zip(expected._fields, got, (*cpu_state, cpu_log, cpu_scores, cpu_freed), expected):
@@ -574,14 +574,16 @@ def run_evict_both(state: PagedState, keep, steps, log, scores, check=True):
 @settings(max_examples=120)
 @given(case=cpu_evict.cases())
 def test_evict_random_cases(case):
-    run_evict_both(*case.inputs())
-    run_evict_both(*case.inputs(), check=False)
+    run_evict_both(*case.inputs(), stable=case.stable)
+    run_evict_both(*case.inputs(), check=False, stable=case.stable)
 
 
 EVICT_CASES = {
     # lens, kv_heads, head_dim, page_size, preallocated, policy, budget, extra_slots
     "long_streaming_bf16_d128": ([5000, 37], 2, 128, 16, 1, "streaming", 0, 3, torch.bfloat16),
     "long_random_fp16_d64_ps1": ([3000], 2, 64, 1, 0, "random", 1500, 0, torch.float16),
+    # ~1500 holes below the new length: fill_kernel's rounds of 1024 pairs
+    "long_random_bf16_d128_two_fill_rounds": ([6000], 2, 128, 16, 0, "random", 3000, 0, torch.bfloat16),
     "d256_fp32_random": ([700, 0, 65], 2, 256, 16, 2, "random", 300, 1, torch.float32),
     "d4100_fp32_direct_rows": ([40], 1, 4100, 4, 0, "random", 13, 0, torch.float32),
     "d17_fp16_two_byte_words": ([300, 2], 3, 17, 4, 1, "random", 100, 2, torch.float16),
@@ -591,14 +593,15 @@ EVICT_CASES = {
 }
 
 
+@pytest.mark.parametrize("stable", [True, False], ids=["stable", "fill"])
 @pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
 @pytest.mark.parametrize("with_scores", [False, True], ids=["no_scores", "scores"])
 @pytest.mark.parametrize("name", list(EVICT_CASES))
-def test_evict_named_cases(name, with_scores, check):
+def test_evict_named_cases(name, with_scores, check, stable):
     lens, h, d, ps, pre, policy, budget, extra, dtype = EVICT_CASES[name]
     case = cpu_evict.Case(lens, h, d, ps, pre, dtype, policy, budget, extra, with_scores, log_in_layers=True,
                           seed=len(name))
-    run_evict_both(*case.inputs(), check=check)
+    run_evict_both(*case.inputs(), check=check, stable=stable)
 
 
 def _evict_bad_sequence_1(a, bad):
@@ -625,21 +628,22 @@ def _evict_bad_sequence_1(a, bad):
 
 
 @cuda_only
+@pytest.mark.parametrize("stable", [True, False], ids=["stable", "fill"])
 @pytest.mark.parametrize("bad", ["keep_past_length", "keep_counts_differ", "steps_negative", "steps_never",
                                  "position_outside_log", "negative_position", "already_evicted",
                                  "table_entry_missing", "table_entry_outside_pool", "table_tail_garbage",
                                  "len_past_keep", "len_past_capacity", "poisoned_len"])
-def test_evict_unchecked_bad_values_leave_the_sequence_alone(bad):
+def test_evict_unchecked_bad_values_leave_the_sequence_alone(bad, stable):
     """check=False: a sequence with bad values is not written (pages, positions, table, log),
     its length becomes -1 and its freed row -1; the other sequence is evicted exactly as the CPU
     op evicts it. Nothing is read or written out of bounds (memcheck runs this)."""
     good = cpu_evict._valid_args()
     cpu_args = {k: v.clone() for k, v in good.items()}
-    expected_freed = ops.evict_compact(**cpu_args)
+    expected_freed = ops.evict_compact(**cpu_args, stable=stable)
     args = dict(good)
     args.update(_evict_bad_sequence_1(args, bad))
     d = {k: dev(v) for k, v in args.items()}
-    freed = ops.evict_compact(**d, check=False)
+    freed = ops.evict_compact(**d, check=False, stable=stable)
     assert d["seq_lens"].cpu().tolist() == [int(cpu_args["seq_lens"][0]), -1]
     assert freed[1].eq(-1).all()
     assert_same("freed[0]", freed[0], expected_freed[0])
@@ -806,6 +810,9 @@ def test_opcheck_evict(with_scores):
     case = cpu_evict.Case([9, 0, 5], 2, 16, 4, 1, torch.float32, "random", 3, 1, with_scores, False, seed=7)
     state, keep, steps, log, scores = case.inputs()
     torch.library.opcheck(EVICT.default, (*dev_state(state), dev(keep), dev(steps), dev(log), dev(scores)))
+    state, keep, steps, log, scores = case.inputs()
+    torch.library.opcheck(EVICT.default, (*dev_state(state), dev(keep), dev(steps), dev(log), dev(scores), True,
+                                          False))  # fill
 
 
 # --------------------------------------------------------------------------------------------

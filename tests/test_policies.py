@@ -42,6 +42,26 @@ def test_batch_matches_one_sequence_at_a_time(policy, seed):
         assert torch.equal(one, keep[i, :, :n])
 
 
+@pytest.mark.parametrize("policy", POLICIES + [StreamingLLM(sinks=6)], ids=repr)
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "tied_scores"])
+def test_choices_follow_positions_not_slots(policy, ties):
+    """The cache's slot order is not position order after ``evict_compact(stable=False)``: the
+    same positions and scores in shuffled slots (padding stays last) keep the same positions,
+    including score ties (broken by position) and SnapKV's pooling over neighbouring positions."""
+    lens, n_keep = [9, 1, 17, 4], [4, 1, 5, 2]
+    pos, scores = _ragged(lens, 3, 11)
+    if ties:
+        scores = (scores * 3).floor()
+    keep = policy.select_batch(pos, scores, lens, n_keep)
+    g = torch.Generator().manual_seed(12)
+    perm = torch.arange(pos.shape[-1]).repeat(len(lens), 3, 1)
+    for i, n in enumerate(lens):
+        for h in range(3):
+            perm[i, h, :n] = torch.randperm(n, generator=g)
+    shuffled = policy.select_batch(pos.gather(-1, perm), scores.gather(-1, perm), lens, n_keep)
+    assert torch.equal(torch.empty_like(shuffled).scatter_(-1, perm, shuffled), keep)
+
+
 def _recent_plus_top(pos, scores, recent, n_keep):
     """Independent reference for one head: the ``recent`` latest positions, then the highest
     scores among the rest (scores distinct), as a set of positions."""

@@ -155,6 +155,30 @@ def test_sampled_rollouts_do_not_depend_on_prefill_grouping(llama):
         torch.testing.assert_close(r.logprobs, runs[0].logprobs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("policy", [StreamingLLM(sinks=2), H2O(), SnapKV(window=4, kernel=3)],
+                         ids=lambda p: type(p).__name__)
+def test_fill_compaction_evicts_what_the_stable_one_does(llama, policy, monkeypatch):
+    """The cache's default compaction (``stable_evict=False``) scatters survivors out of
+    position order; the policies decide by position, so a rollout logs the same evictions and
+    samples the same tokens as with the order-keeping compaction (log-probs equal up to the
+    summation order of decode attention)."""
+    prompts = _prompts(3, 10, 30, seed=4)
+    kw = dict(budget=0.3, page_size=4, evict_every=3)
+    fill = Sampler(llama, policy, **kw).generate(prompts, 24, temperature=1.0, seed=5)
+    new_cache = Sampler._new_cache
+
+    def stable_cache(self, *args):
+        cache = new_cache(self, *args)
+        cache.stable_evict = True
+        return cache
+
+    monkeypatch.setattr(Sampler, "_new_cache", stable_cache)
+    stable = Sampler(llama, policy, **kw).generate(prompts, 24, temperature=1.0, seed=5)
+    assert torch.equal(fill.tokens, stable.tokens)
+    assert torch.equal(fill.evicted_at, stable.evicted_at)
+    torch.testing.assert_close(fill.logprobs, stable.logprobs, atol=1e-5, rtol=0)
+
+
 def test_prefill_groups_respect_the_limit_in_whole_pages(llama):
     s = Sampler(llama, StreamingLLM(), budget=8, page_size=4, prefill_tokens=40)
     # 10 tokens take 3 pages (12): three such prompts fit 40, a fourth does not

@@ -249,7 +249,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_pa
 at::Tensor evict_compact(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& pos_pages,
                          const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& keep,
                          const at::Tensor& steps, const at::Tensor& evicted_at,
-                         const std::optional<at::Tensor>& slot_scores_in, bool check) {
+                         const std::optional<at::Tensor>& slot_scores_in, bool check, bool stable) {
   EvictCompactParams p;
   p.cache = make_cache(k_pages, v_pages, &pos_pages, block_tables, seq_lens, k_pages, "k_pages");
   const PagedKVCache& c = p.cache;
@@ -299,6 +299,7 @@ at::Tensor evict_compact(const at::Tensor& k_pages, const at::Tensor& v_pages, c
   p.freed = freed.data_ptr<int32_t>();
   copy_strides(freed, p.freed_stride, 2);
   p.check_values = check;
+  p.stable = stable;
   run_kernel(
       k_pages.device(), "evict_compact", [&] { evict_compact_cpu(p, torch_parallel_for); },
       [&] {

@@ -20,6 +20,6 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pages
 at::Tensor evict_compact(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& pos_pages,
                          const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& keep,
                          const at::Tensor& steps, const at::Tensor& evicted_at,
-                         const std::optional<at::Tensor>& slot_scores, bool check);
+                         const std::optional<at::Tensor>& slot_scores, bool check, bool stable);
 
 }  // namespace shadowkv::bindings

@@ -22,7 +22,7 @@ TORCH_LIBRARY(shadowkv, m) {
   m.def(
       "evict_compact(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos_pages, Tensor(d!) block_tables, "
       "Tensor(e!) seq_lens, Tensor keep, Tensor steps, Tensor(f!) evicted_at, Tensor(g!)? slot_scores=None, "
-      "bool check=True) -> Tensor");
+      "bool check=True, bool stable=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(shadowkv, CPU, m) {

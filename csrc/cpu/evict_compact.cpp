@@ -1,5 +1,6 @@
-// CPU eviction from the paged KV cache: one pass per (sequence, KV head) slides the kept slots
-// down and logs the evicted ones in the shadow mask; emptied pages are then released.
+// CPU eviction from the paged KV cache: one pass per (sequence, KV head) moves the kept slots
+// down (in order, or the ones past the new length into the holes: EvictCompactParams::stable)
+// and logs the evicted ones in the shadow mask; emptied pages are then released.
 // Everything is validated first, so a rejected call leaves the cache untouched.
 #include <algorithm>
 #include <cstdint>
@@ -39,6 +40,29 @@ void compact_kernel(const EvictCompactParams& p, const std::vector<int64_t>& new
       const int64_t b = item / H, h = item % H, len = c.seq_len(b);
       const int32_t step = p.steps[b * p.steps_stride];
       float* scores = p.slot_scores ? p.slot_scores + b * p.scores_stride[0] + h * p.scores_stride[1] : nullptr;
+      auto move = [&](int64_t from, int64_t to) {
+        const int64_t page_r = c.page_id(b, from / ps), row_r = from % ps;
+        const int64_t page_w = c.page_id(b, to / ps), row_w = to % ps;
+        std::copy_n(c.k_row<T>(page_r, row_r, h), D, c.k_row<T>(page_w, row_w, h));
+        std::copy_n(c.v_row<T>(page_r, row_r, h), D, c.v_row<T>(page_w, row_w, h));
+        c.pos(page_w, row_w, h) = c.pos(page_r, row_r, h);
+        if (scores) scores[to * p.scores_stride[2]] = scores[from * p.scores_stride[2]];
+      };
+      if (!p.stable) {
+        // Fill: log every evicted slot first (a hole is overwritten below), then the i-th kept
+        // slot at or past the new length goes to the i-th evicted slot below it.
+        for (int64_t r = 0; r < len; ++r)
+          if (!keep_at(p, b, h, r)) log_at(p, b, h, c.pos(c.page_id(b, r / ps), r % ps, h)) = step;
+        int64_t hole = 0;
+        for (int64_t r = new_len[b]; r < len; ++r) {
+          if (!keep_at(p, b, h, r)) continue;
+          while (keep_at(p, b, h, hole)) ++hole;  // there are as many holes below n as kept slots past it
+          move(r, hole++);
+        }
+        if (scores)
+          for (int64_t s = new_len[b]; s < p.keep_len; ++s) scores[s * p.scores_stride[2]] = 0.0f;
+        continue;
+      }
       int64_t w = 0;  // next free slot; w <= r, so a slot is always read before it is overwritten
       for (int64_t r = 0; r < len; ++r) {
         const int64_t page_r = c.page_id(b, r / ps), row_r = r % ps;
@@ -46,13 +70,7 @@ void compact_kernel(const EvictCompactParams& p, const std::vector<int64_t>& new
           log_at(p, b, h, c.pos(page_r, row_r, h)) = step;
           continue;
         }
-        if (w != r) {
-          const int64_t page_w = c.page_id(b, w / ps), row_w = w % ps;
-          std::copy_n(c.k_row<T>(page_r, row_r, h), D, c.k_row<T>(page_w, row_w, h));
-          std::copy_n(c.v_row<T>(page_r, row_r, h), D, c.v_row<T>(page_w, row_w, h));
-          c.pos(page_w, row_w, h) = c.pos(page_r, row_r, h);
-          if (scores) scores[w * p.scores_stride[2]] = scores[r * p.scores_stride[2]];
-        }
+        if (w != r) move(r, w);
         ++w;
       }
       if (scores)

@@ -26,7 +26,9 @@
 //      orders all reads before all writes. Chunks hold as many slots as the register staging
 //      allows (<= 1024 words per tensor); rows longer than that go one slot per chunk and are
 //      copied directly (source and destination rows are then distinct). Finally slot_scores
-//      past the new length are zeroed.
+//      past the new length are zeroed. With stable = false, fill_kernel instead (same blocks):
+//      only the kept slots past the new length move, into the evicted slots below it (see its
+//      comment in evict_compact_kernels.cuh).
 //   4. finalize_kernel, one block per sequence, lists the released pages in freed (table order,
 //      -1 padded), sets their block-table entries to -1 and stores the new length; a sequence
 //      that an unchecked call found invalid is left as it was, with seq_lens = -1 and a freed
@@ -173,14 +175,18 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream_ptr) {
   }
 
   if (H > 0) {
+    const FastDivmod words(static_cast<uint32_t>(std::max<int64_t>(words_per_row, 1)));
     dispatch_word(word, [&](auto w) {
       constexpr int kW = decltype(w)::value;
-      compact_kernel<kW><<<grid_1d(B * H, op), kThreads, 0, stream>>>(
-          p, page_div, records_dev, es, FastDivmod(static_cast<uint32_t>(std::max<int64_t>(words_per_row, 1))), chunk);
+      if (p.stable) {
+        compact_kernel<kW><<<grid_1d(B * H, op), kThreads, 0, stream>>>(p, page_div, records_dev, es, words, chunk);
+      } else {
+        fill_kernel<kW><<<grid_1d(B * H, op), kThreads, 0, stream>>>(p, page_div, records_dev, es, words);
+      }
     });
-    check_launch("compact_kernel");
+    check_launch(p.stable ? "compact_kernel" : "fill_kernel");
   }
-  guard.armed = false;  // compact_kernel replaced every claim by its step
+  guard.armed = false;  // compact_kernel / fill_kernel replaced every claim by its step
   finalize_kernel<<<seq_blocks, kThreads, 0, stream>>>(p, records_dev, heads);
   check_launch("finalize_kernel");
 }

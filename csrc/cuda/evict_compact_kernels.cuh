@@ -344,6 +344,187 @@ __global__ void __launch_bounds__(kThreads, 2) compact_kernel(const EvictCompact
   }
 }
 
+// Block-wide exclusive prefix sum of `count` (0 .. 7) over the block's threads, in thread order,
+// plus the total: three ballots, one per bit (block_rank's scheme). Synchronises twice.
+__device__ __forceinline__ int block_prefix(int count, int* warp_counts, int& total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const unsigned below = (1u << lane) - 1u;
+  int in_warp = 0, warp_total = 0;
+#pragma unroll
+  for (int bit = 0; bit < 3; ++bit) {
+    const unsigned ballot = __ballot_sync(kFullMask, (count >> bit) & 1);
+    in_warp += __popc(ballot & below) << bit;
+    warp_total += __popc(ballot) << bit;
+  }
+  if (lane == 0) warp_counts[warp] = warp_total;
+  __syncthreads();
+  int before = 0;
+  total = 0;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) {
+    before += w < warp ? warp_counts[w] : 0;
+    total += warp_counts[w];
+  }
+  __syncthreads();
+  return before + in_warp;
+}
+
+// fill_kernel's scan: each thread looks at kFillSlots consecutive slots, a step covers kFillChunk.
+constexpr int kFillSlots = 4;
+constexpr int kFillChunk = kThreads * kFillSlots;
+constexpr int kFillPairs = 1024;  // (hole, source) pairs moved per round
+constexpr int kFillUnroll = 4;    // words each thread loads before it stores them
+
+// Shared state of fill_kernel.
+struct FillShared {
+  int holes[kFillPairs];    // the round's evicted slots below the new length, in order
+  int sources[kFillPairs];  // the round's kept slots at or past it, in order
+  int warp_counts[kThreads / 32];
+  int next;                 // the slot after the last one collect_slots took
+};
+
+// Collects, in slot order, up to `need` slots of [cursor, end) whose keep flag is `want_kept`
+// into `list` and moves `cursor` past the last one taken (to `end` when fewer were found).
+// Every evicted slot the cursor passes logs evicted_at[pos] = step: the holes (want_kept false)
+// before a round overwrites them, the evicted slots among the sources (the others are logged
+// by the caller). Block-uniform; returns the count taken. The first write to `list` or
+// `sh.next` comes after block_prefix's barriers, so a caller's reads of them before the call
+// are safe.
+__device__ __forceinline__ int collect_slots(const HeadRows& rows, int32_t step, int64_t& cursor, int64_t end,
+                                             bool want_kept, int need, int* list, FillShared& sh) {
+  int n = 0;
+  while (n < need && cursor < end) {
+    const int64_t first = cursor + static_cast<int64_t>(threadIdx.x) * kFillSlots;
+    unsigned flags = 0, evicted = 0;
+#pragma unroll
+    for (int j = 0; j < kFillSlots; ++j) {
+      if (first + j < end) {
+        const bool k = rows.kept(first + j);
+        flags |= static_cast<unsigned>(k == want_kept) << j;
+        evicted |= static_cast<unsigned>(!k) << j;
+      }
+    }
+    int total;
+    int idx = n + block_prefix(__popc(flags), sh.warp_counts, total);
+#pragma unroll
+    for (int j = 0; j < kFillSlots; ++j) {
+      if ((flags >> j) & 1u) {
+        if (idx < need) {
+          list[idx] = static_cast<int>(first + j);
+          if (idx == need - 1) sh.next = static_cast<int>(first + j + 1);
+        }
+        ++idx;
+      }
+    }
+    __syncthreads();  // sh.next and the list are written
+    const int64_t next = n + total >= need ? static_cast<int64_t>(sh.next) : min(cursor + kFillChunk, end);
+#pragma unroll
+    for (int j = 0; j < kFillSlots; ++j) {
+      if (((evicted >> j) & 1u) && first + j < next) *rows.log_entry(*rows.position(first + j)) = step;
+    }
+    n = min(n + total, need);
+    cursor = next;
+  }
+  return n;
+}
+
+// The `stable = false` compaction ("fill"), one block per (sequence b, KV head h) of a valid
+// sequence with new length n: in rounds of up to kFillPairs, the next evicted slots below n
+// (holes) and as many next kept slots at or past n (sources) are collected, the holes logged,
+// and each source's K and V rows, position and score copied into its hole. A hole is below n
+// and a source at or past it, so no row is both read and written: the copies need no staging,
+// only the barrier that ends a round before the next one rewrites the lists. The evicted slots
+// past the last source are logged at the end, and slot_scores past n zeroed. Cost: the keep
+// flags of every slot (kFillChunk per step, three barriers each) and the moved rows.
+template <int kWordBytes>
+__global__ void __launch_bounds__(kThreads) fill_kernel(const EvictCompactParams p, FastDivmod page_div,
+                                                        const HeadCheck* checks, int64_t elem_bytes,
+                                                        FastDivmod words) {
+  const int words_per_row = static_cast<int>(words.divisor);
+  using W = typename Word<kWordBytes>::type;
+  const int64_t H = p.cache.num_kv_heads;
+  const int64_t b = blockIdx.x / H, h = blockIdx.x % H;
+  const int tid = threadIdx.x;
+
+  __shared__ FillShared sh;
+  __shared__ int32_t s_verdict;
+  if (tid == 0) s_verdict = sequence_verdict(p, checks, H, b);
+  __syncthreads();
+  const int32_t new_len = s_verdict;
+  if (new_len < 0) return;  // invalid (unchecked call): nothing written
+
+  const HeadRows rows(p, page_div, b, h, elem_bytes);
+  const int64_t len = p.cache.seq_lens[b * p.cache.seq_lens_stride];
+  const int32_t step = p.steps[b * p.steps_stride];
+  float* scores = p.slot_scores ? p.slot_scores + b * p.scores_stride[0] + h * p.scores_stride[1] : nullptr;
+  const int64_t score_stride = p.scores_stride[2];
+  // Rows of more than kThreads words go one pair at a time (and keep the word index < 2^32).
+  const bool per_pair = words_per_row > kThreads;
+
+  int64_t hole_cursor = 0, source_cursor = new_len;
+  for (;;) {
+    const int n = collect_slots(rows, step, hole_cursor, new_len, false, kFillPairs, sh.holes, sh);
+    if (n == 0) break;
+    // As many kept slots past new_len as holes below it: a valid sequence has them all.
+    const int m = collect_slots(rows, step, source_cursor, len, true, n, sh.sources, sh);
+    if (per_pair) {
+      for (int i = 0; i < m; ++i) {
+        const auto from = rows.place(sh.sources[i]), to = rows.place(sh.holes[i]);
+        const W* ks = rows.k_at<W>(from);
+        const W* vs = rows.v_at<W>(from);
+        W* kd = rows.k_at<W>(to);
+        W* vd = rows.v_at<W>(to);
+        for (int w = tid; w < words_per_row; w += kThreads) {
+          kd[w] = ks[w];
+          vd[w] = vs[w];
+        }
+      }
+    } else {
+      const uint32_t items = static_cast<uint32_t>(m) * static_cast<uint32_t>(words_per_row);  // <= 1024 x 256
+      for (uint32_t base = 0; base < items; base += kThreads * kFillUnroll) {
+        W kbuf[kFillUnroll], vbuf[kFillUnroll];
+        W* kdst[kFillUnroll];
+        W* vdst[kFillUnroll];
+#pragma unroll
+        for (int u = 0; u < kFillUnroll; ++u) {
+          const uint32_t item = base + u * kThreads + tid;
+          kdst[u] = nullptr;
+          vdst[u] = nullptr;
+          if (item < items) {
+            const uint32_t i = words.div(item), w = words.mod(item, i);
+            const auto from = rows.place(sh.sources[i]), to = rows.place(sh.holes[i]);
+            kbuf[u] = rows.k_at<W>(from)[w];
+            vbuf[u] = rows.v_at<W>(from)[w];
+            kdst[u] = rows.k_at<W>(to) + w;
+            vdst[u] = rows.v_at<W>(to) + w;
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kFillUnroll; ++u) {
+          if (kdst[u]) {
+            *kdst[u] = kbuf[u];
+            *vdst[u] = vbuf[u];
+          }
+        }
+      }
+    }
+    for (int i = tid; i < m; i += kThreads) {
+      *rows.position(sh.holes[i]) = *rows.position(sh.sources[i]);
+      if (scores) scores[sh.holes[i] * score_stride] = scores[sh.sources[i] * score_stride];
+    }
+    __syncthreads();  // the round has read its lists
+    if (n < kFillPairs) break;
+  }
+  // The evicted slots past the last source (the holes and the sources' evicted neighbours are
+  // logged), then the scores past the new length.
+  for (int64_t s = source_cursor + tid; s < len; s += kThreads) {
+    if (!rows.kept(s)) *rows.log_entry(*rows.position(s)) = step;
+  }
+  if (scores) {
+    for (int64_t s = new_len + tid; s < p.keep_len; s += kThreads) scores[s * score_stride] = 0.0f;
+  }
+}
+
 // Block b: the released pages of a valid sequence (block-table entries at index >=
 // ceil(new_len / page_size) that hold a page) go to freed[b] in table order and become -1 in
 // the table; the rest of freed[b] is -1; seq_lens[b] = new length (-1 if invalid). Runs after

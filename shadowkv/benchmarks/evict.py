@@ -7,17 +7,24 @@ order, every KV head holding positions ``0 .. ctx - 1``, an empty eviction log),
   per sequence, as in the decode benchmark);
 - on CUDA, both again with ``check=False`` (the values are checked on the device, no copy to
   the host and no synchronisation; the ``, check=False`` rows compare the two unchecked ops);
-- ``evict_compact`` keeping ``--keep`` of the tokens of every sequence and KV head, with two
-  keep masks: ``streaming`` (``--sinks`` first tokens + the most recent window, as
-  StreamingLLM) and ``random`` (a different random set of the same size per KV head).
+- ``evict_compact`` in two scenarios, each with two keep masks, ``streaming`` (``--sinks`` first
+  tokens + the most recent window, as StreamingLLM) and ``random`` (a different random set of
+  the same size per KV head), and both compactions (``stable=True``: survivors keep their
+  order; ``fill``: ``stable=False``, the survivors past the new length fill the holes, what
+  ``PagedKVCache`` and the sampler use):
+
+  - ``keep``: one eviction down to ``--keep`` of the tokens (a prompt compressed once);
+  - ``steady``: ``--chunk`` tokens evicted (default a page + 1), a rollout's steady state: the
+    sampler evicts once a sequence exceeds its budget by a page, so every ``--chunk`` decode
+    steps.
 
 evict_compact rewrites the cache and the log in place, so before every call (outside the timed
 region) the cache, block tables, lengths and log are copied back from a pristine copy.
-Printed per mask: both times, ``evict / decode`` (the issue's acceptance: < 5%), the same
-amortized over one eviction every ``--every`` decode steps (the Sparse-RL schedule compresses
-every 128 steps), and the least traffic a compaction needs: the K, V and position of every
-kept slot that changes place, read and written, plus the keep mask read and one int32 log
-entry written per evicted key.
+Printed per row: both times, ``evict / decode`` (the issue's acceptance: < 5%), the same
+amortized over the decode steps between two evictions (``keep``: ``--every``, the Sparse-RL
+schedule compresses every 128 steps; ``steady``: ``--chunk``), and the least traffic that
+compaction needs: the K, V and position of every kept slot that changes place, read and
+written, plus the keep mask read and one int32 log entry written per evicted key.
 
 Times are per call, median of ``--reps`` after ``--warmup`` calls: CUDA events on GPU (they
 include the host-side validation each op does per call, see ``shadowkv/ops.py``),
@@ -31,7 +38,7 @@ Defaults (GPU acceptance shape, and one that finishes in well under a minute on 
 
     python bench/bench_evict.py                     # CUDA if available, else CPU
     python bench/bench_evict.py --device cpu
-    python bench/bench_evict.py --device cuda --keep 0.5 --every 64
+    python bench/bench_evict.py --device cuda --keep 0.5 --every 64 --chunk 33
 """
 
 from __future__ import annotations
@@ -65,10 +72,13 @@ def random_keep(batch: int, kv_heads: int, ctx: int, kept: int, device: torch.de
     return torch.zeros(batch, kv_heads, ctx, dtype=torch.bool, device=device).scatter_(-1, chosen, True)
 
 
-def min_traffic_bytes(keep: torch.Tensor, head_dim: int, elem: int) -> int:
+def min_traffic_bytes(keep: torch.Tensor, head_dim: int, elem: int, stable: bool) -> int:
     """Bytes a compaction under ``keep`` must move at least (see the module docstring)."""
-    new_slot = keep.cumsum(-1) - 1
-    moved = int((keep & (new_slot != torch.arange(keep.shape[-1], device=keep.device))).sum())
+    slot = torch.arange(keep.shape[-1], device=keep.device)
+    if stable:  # every kept slot whose rank differs from its slot
+        moved = int((keep & (keep.cumsum(-1) - 1 != slot)).sum())
+    else:  # the kept slots at or past the new length
+        moved = int((keep & (slot >= keep.sum(-1, keepdim=True))).sum())
     evicted = int((~keep).sum())
     per_slot = 2 * head_dim * elem + 4  # K row + V row of one head + its position
     return 2 * moved * per_slot + keep.numel() + 4 * evicted
@@ -82,13 +92,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep", type=float, default=0.25, help="fraction of the tokens kept (default: 0.25)")
     p.add_argument("--sinks", type=at_least(0), default=4, help="leading tokens the streaming mask keeps (default: 4)")
     p.add_argument("--every", type=at_least(1), default=128,
-                   help="decode steps per eviction for the amortized column (default: 128)")
+                   help="decode steps per eviction for the keep scenario's amortized column (default: 128)")
+    p.add_argument("--chunk", type=at_least(1), default=None,
+                   help="tokens the steady scenario evicts (default: page size + 1)")
     args = p.parse_args(argv)
     device, dtype = resolve_args(args)
     B, ctx, hkv = args.batch, args.ctx, args.kv_heads
-    kept = round(args.keep * ctx)
-    if not args.sinks < kept <= ctx:
-        raise SystemExit(f"--keep={args.keep} keeps {kept} of {ctx} tokens: need --sinks={args.sinks} < kept <= ctx")
+    chunk = args.page_size + 1 if args.chunk is None else args.chunk
+    scenarios = {"keep": (round(args.keep * ctx), args.every), "steady": (ctx - chunk, chunk)}
+    for name, (kept, _) in scenarios.items():
+        if not args.sinks < kept <= ctx:
+            raise SystemExit(f"{name}: keeps {kept} of {ctx} tokens (--keep={args.keep}, --chunk={chunk}): need "
+                             f"--sinks={args.sinks} < kept <= ctx")
 
     gen = torch.Generator(device).manual_seed(0)
     pristine = full_cache(args, device, dtype, gen)
@@ -108,26 +123,30 @@ def main(argv: list[str] | None = None) -> None:
         for dst, src in zip((*work, log), (*pristine, log_pristine)):
             dst.copy_(src)
 
-    masks = {
-        "streaming": streaming_keep(pristine.seq_lens.cpu(), hkv, ctx, args.sinks, kept - args.sinks).to(device),
-        "random": random_keep(B, hkv, ctx, kept, device, gen),
-    }
     rows = []
-    for (name, keep), check in ((m, c) for m in masks.items() for c in checks):
-        evict_ms = median_ms(lambda i: ops.evict_compact(*work, keep, steps, log, check=check), device,
-                             args.warmup, args.reps, prepare=restore)
-        # The timed calls must have done the whole job, or the times mean nothing.
-        if not ((work.seq_lens == kept).all() and int((log == ctx).sum()) == B * hkv * (ctx - kept)):
-            raise RuntimeError(f"evict_compact ({name}) did not leave {kept} tokens per sequence and head")
-        traffic = min_traffic_bytes(keep, args.head_dim, dtype.itemsize)
-        dec = decode_ms[check]
-        rows.append([name if check else f"{name}, check=False", f"{kept}/{ctx}", f"{evict_ms:.3f}", f"{dec:.3f}",
-                     f"{100 * evict_ms / dec:.1f}%", f"{100 * evict_ms / (args.every * dec):.2f}%",
-                     f"{traffic / 2**20:.1f}", f"{traffic / evict_ms / 1e6:.1f}"])
+    for scenario, (kept, every) in scenarios.items():
+        masks = {
+            "streaming": streaming_keep(pristine.seq_lens.cpu(), hkv, ctx, args.sinks, kept - args.sinks).to(device),
+            "random": random_keep(B, hkv, ctx, kept, device, gen),
+        }
+        for (name, keep), stable, check in ((m, st, c) for m in masks.items() for st in (True, False) for c in checks):
+            evict_ms = median_ms(lambda i: ops.evict_compact(*work, keep, steps, log, check=check, stable=stable),
+                                 device, args.warmup, args.reps, prepare=restore)
+            # The timed calls must have done the whole job, or the times mean nothing.
+            if not ((work.seq_lens == kept).all() and int((log == ctx).sum()) == B * hkv * (ctx - kept)):
+                raise RuntimeError(f"evict_compact ({scenario}, {name}) did not leave {kept} tokens per sequence "
+                                   "and head")
+            traffic = min_traffic_bytes(keep, args.head_dim, dtype.itemsize, stable)
+            dec = decode_ms[check]
+            label = f"{name}, {'stable' if stable else 'fill'}" + ("" if check else ", check=False")
+            rows.append([scenario, label, f"{kept}/{ctx}", f"{evict_ms:.3f}", f"{dec:.3f}",
+                         f"{100 * evict_ms / dec:.1f}%", f"{every}", f"{100 * evict_ms / (every * dec):.2f}%",
+                         f"{traffic / 2**20:.1f}", f"{traffic / evict_ms / 1e6:.1f}"])
 
-    print(header(args, device, dtype, f" | keep {args.keep:g} ({args.sinks} sinks for streaming)") + "\n")
-    print(markdown_table(["keep mask", "kept", "evict ms", "decode ms", "evict / decode",
-                          f"evict / {args.every} decodes", "min traffic MiB", "evict GB/s"], rows))
+    print(header(args, device, dtype, f" | keep {args.keep:g}, steady chunk {chunk} ({args.sinks} sinks for "
+                 "streaming)") + "\n")
+    print(markdown_table(["scenario", "keep mask, compaction", "kept", "evict ms", "decode ms", "evict / decode",
+                          "decodes per eviction", "evict / those decodes", "min traffic MiB", "evict GB/s"], rows))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 // The CUDA eviction kernels (csrc/cuda/evict_compact_kernels.cuh: validate, compact, finalize)
+// (and fill_kernel, the stable = false compaction)
 // run from their own source in the host emulation of tests/cpp/cuda_emulation.h, as an
 // unchecked call launches them, against evict_compact_cpu on a copy of the same state: the two
 // must give the same bits in every buffer (pages, positions, lengths, block tables, the eviction
@@ -153,8 +154,13 @@ void evict_emulated(EvictCompactParams p) {
   const FastDivmod words(static_cast<uint32_t>(std::max<int64_t>(words_per_row, 1)));
   dispatch_word(word, [&](auto w) {
     constexpr int kW = decltype(w)::value;
-    shadowkv_emu::launch(static_cast<unsigned>(B * H), kThreads, 0,
-                         [&] { compact_kernel<kW>(p, page_div, rec, es, words, chunk); });
+    if (p.stable) {
+      shadowkv_emu::launch(static_cast<unsigned>(B * H), kThreads, 0,
+                           [&] { compact_kernel<kW>(p, page_div, rec, es, words, chunk); });
+    } else {
+      shadowkv_emu::launch(static_cast<unsigned>(B * H), kThreads, 0,
+                           [&] { fill_kernel<kW>(p, page_div, rec, es, words); });
+    }
   });
   shadowkv_emu::launch(static_cast<unsigned>(B), kThreads, 0, [&] { finalize_kernel(p, rec, heads); });
 }
@@ -183,7 +189,7 @@ void copy_sequence(State& to, const State& from, int64_t b, int len) {
        static_cast<size_t>(from.H * from.keep_len));
 }
 
-void run_case(const Case& c, uint32_t seed, const std::string& name) {
+void run_case(const Case& c, uint32_t seed, const std::string& name, bool stable = true) {
   State emu = make_state(c, seed);
   // The expected state: the CPU op on the same state with every step valid (the CPU op rejects
   // a whole call with a bad step), then the bad sequence as it was, with length -1 and a freed
@@ -191,14 +197,18 @@ void run_case(const Case& c, uint32_t seed, const std::string& name) {
   Case valid = c;
   valid.bad_step_seq = -1;
   State cpu = make_state(valid, seed);
-  evict_compact_cpu(cpu.params());
+  EvictCompactParams cpu_params = cpu.params();
+  cpu_params.stable = stable;
+  evict_compact_cpu(cpu_params);
   if (c.bad_step_seq >= 0) {
     const int64_t b = c.bad_step_seq;
     copy_sequence(cpu, emu, b, c.lens[b]);
     cpu.lens[b] = -1;
     std::fill(cpu.freed.begin() + b * cpu.max_pages, cpu.freed.begin() + (b + 1) * cpu.max_pages, -1);
   }
-  evict_emulated(emu.params());
+  EvictCompactParams emu_params = emu.params();
+  emu_params.stable = stable;
+  evict_emulated(emu_params);
   const std::pair<const char*, bool> checks[] = {
       {"k_pages", same_bytes(cpu.k, emu.k)},        {"v_pages", same_bytes(cpu.v, emu.v)},
       {"pos_pages", same_bytes(cpu.pos, emu.pos)},  {"block_tables", same_bytes(cpu.tables, emu.tables)},
@@ -230,6 +240,25 @@ TEST(emulated_evict_unchecked_leaves_a_bad_sequence_alone) {
   Case c{{300, 100, 40}, {70, 30, 40}, 2, 16, 64, DType::kBFloat16};
   c.bad_step_seq = 1;
   run_case(c, 17, "bad step");
+  run_case(c, 17, "bad step, fill", false);
+}
+
+TEST(emulated_evict_fill_matches_cpu) {
+  // stable = false (fill_kernel). Row bytes 128 (16-byte words), 20 (4), 6 (2), 16400 (1025
+  // words: one pair at a time); 5000 slots keeping 2500 have ~1250 holes below the new length
+  // (two rounds of 1024 pairs); nothing evicted, everything evicted, one slot kept.
+  const Case cases[] = {
+      {{300, 0, 17, 64}, {75, 0, 17, 1}, 2, 16, 64, DType::kBFloat16},
+      {{130, 129}, {0, 128}, 3, 5, 5, DType::kFloat32},
+      {{600}, {150}, 1, 1, 3, DType::kBFloat16},
+      {{5000, 2100}, {2500, 2099}, 2, 16, 64, DType::kBFloat16},
+      {{20, 9}, {5, 9}, 2, 4, 4100, DType::kFloat32},
+  };
+  uint32_t seed = 31;
+  for (const Case& c : cases) {
+    run_case(c, seed, "fill case seed " + std::to_string(seed), false);
+    ++seed;
+  }
 }
 
 }  // namespace

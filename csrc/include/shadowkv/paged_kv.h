@@ -121,8 +121,8 @@ struct PagedDecodeParams {
   bool check_values = true;
 };
 
-// Drops the slots with keep == 0, in place and in one pass: for each (b, h) the survivors slide
-// down in order inside the sequence's own pages (k, v, pos, and slot_scores when given), every
+// Drops the slots with keep == 0, in place and in one pass: for each (b, h) the survivors move
+// down inside the sequence's own pages (k, v, pos, and slot_scores when given; how: `stable`), every
 // evicted slot logs evicted_at[b, h, pos] = steps[b] (pos = its pos_pages entry), seq_lens[b]
 // becomes the kept count, and every block-table entry at index >= ceil(new_len / page_size)
 // that holds a page is released: set to -1 and listed in freed[b, :] (in table order, -1
@@ -145,6 +145,15 @@ struct EvictCompactParams {
   int64_t scores_stride[3] = {0, 0, 0};
   int32_t* freed = nullptr;  // [B, max_pages]
   int64_t freed_stride[2] = {0, 0};
+  // true: the survivors keep their order (slot i of the result holds the i-th kept slot), so
+  // every kept slot after the first evicted one moves: a streaming window's eviction rewrites
+  // the whole window. false ("fill"): the survivors at or past the new length n move, in order,
+  // into the evicted slots below n, in order; the rest stay where they are. That moves at most
+  // min(evicted, kept) slots (the evicted count in a rollout's steady state: a page or so per
+  // eviction) and gives the same set of (position, k, v, score) in slots [0, n), but slot order
+  // then no longer follows position order (which pos_pages records; decode attention does not
+  // depend on the order).
+  bool stable = true;
   // true: every value is checked before anything is written (std::invalid_argument on bad ones);
   // on CUDA the checks run on the device and their per-(sequence, head) results are copied to
   // the host with seq_lens, block_tables and steps: one small copy and one stream synchronisation.
