@@ -104,6 +104,12 @@ struct HeadRows {
   }
 };
 
+// validate_kernel's unchecked scans take kScanSlots consecutive slots per thread and step: their
+// loads are independent, so each step waits for one round trip (per slot, a loop whose exit
+// depends on the last load waits for every slot: 32 round trips per thread at 8k slots, most of
+// a steady-state eviction's time).
+constexpr int kScanSlots = 4;
+
 // Block (sequence b, head h < max(Hkv, 1)): the HeadCheck of that row, see the file comment.
 // Reads pos_pages and the log only where the length and the block-table row are valid.
 __global__ void __launch_bounds__(kThreads)
@@ -135,11 +141,18 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (has_head) {
       int kept = 0, beyond = kNoSlot, first_evicted = kNoSlot;
-      for (int64_t s = tid; s < S; s += kThreads) {
-        const bool k = rows.kept(s);
-        if (k && s < len) ++kept;
-        else if (k) beyond = min(beyond, static_cast<int>(s));
-        else if (s < len) first_evicted = min(first_evicted, static_cast<int>(s));
+      for (int64_t s0 = static_cast<int64_t>(tid) * kScanSlots; s0 < S; s0 += kThreads * kScanSlots) {
+        bool k[kScanSlots];
+#pragma unroll
+        for (int j = 0; j < kScanSlots; ++j) k[j] = s0 + j < S && rows.kept(s0 + j);
+#pragma unroll
+        for (int j = 0; j < kScanSlots; ++j) {
+          const int64_t s = s0 + j;
+          if (s >= S) break;
+          if (k[j] && s < len) ++kept;
+          else if (k[j]) beyond = min(beyond, static_cast<int>(s));
+          else if (s < len) first_evicted = min(first_evicted, static_cast<int>(s));
+        }
       }
       if (kept > 0) atomicAdd(&s_kept, kept);
       if (beyond != kNoSlot) atomicMin(&s_beyond, beyond);
@@ -152,10 +165,24 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t first = s_first_evicted;
   if (scan) {
     int bad = kNoSlot;  // this thread's first evicted slot outside the log or already evicted
-    for (int64_t s = first + tid; s < len && bad == kNoSlot; s += kThreads) {
-      if (rows.kept(s)) continue;
-      const int32_t pos = *rows.position(s);
-      if (pos < 0 || pos >= p.log_len || *rows.log_entry(pos) != kNeverEvicted) bad = static_cast<int>(s);
+    for (int64_t s0 = first + static_cast<int64_t>(tid) * kScanSlots; s0 < len && bad == kNoSlot;
+         s0 += kThreads * kScanSlots) {
+      bool evicted[kScanSlots];
+      int32_t pos[kScanSlots], logged[kScanSlots];
+#pragma unroll
+      for (int j = 0; j < kScanSlots; ++j) evicted[j] = s0 + j < len && !rows.kept(s0 + j);
+#pragma unroll
+      for (int j = 0; j < kScanSlots; ++j) pos[j] = evicted[j] ? *rows.position(s0 + j) : 0;
+#pragma unroll
+      for (int j = 0; j < kScanSlots; ++j) {
+        logged[j] = evicted[j] && pos[j] >= 0 && pos[j] < p.log_len ? *rows.log_entry(pos[j]) : kNeverEvicted;
+      }
+#pragma unroll
+      for (int j = kScanSlots - 1; j >= 0; --j) {  // the first bad slot of the step wins
+        if (evicted[j] && (pos[j] < 0 || pos[j] >= p.log_len || logged[j] != kNeverEvicted)) {
+          bad = static_cast<int>(s0 + j);
+        }
+      }
     }
     if (bad != kNoSlot) atomicMin(&s_bad, bad);
     if (claim) {

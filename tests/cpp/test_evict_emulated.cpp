@@ -30,6 +30,10 @@ struct Case {
   int kv_heads, page_size, head_dim;
   DType dtype;
   int bad_step_seq = -1;  // this sequence gets step -1: an unchecked call leaves it alone
+  // This sequence's last evicted slot of its last head holds a position already in the log
+  // (or, with bad_pos_outside, one past it): an unchecked call leaves it alone too.
+  int bad_log_seq = -1;
+  bool bad_pos_outside = false;
 };
 
 // Everything an eviction reads or writes, in exactly sized buffers.
@@ -135,6 +139,16 @@ State make_state(const Case& c, uint32_t seed) {
       }
     }
   }
+  if (c.bad_log_seq >= 0) {
+    const int64_t b = c.bad_log_seq, h = s.H - 1;
+    int slot = c.lens[b] - 1;
+    while (slot >= 0 && s.keep[(b * s.H + h) * s.keep_len + slot]) --slot;
+    if (slot < 0) std::abort();  // the case must evict something in that sequence
+    const int64_t page = s.tables[b * s.max_pages + slot / s.ps];
+    int32_t& pos = s.pos[(page * s.ps + slot % s.ps) * s.H + h];
+    if (c.bad_pos_outside) pos = static_cast<int32_t>(s.log_len + 3);
+    else s.log[(b * s.H + h) * s.log_len + pos] = 5;
+  }
   return s;
 }
 
@@ -196,12 +210,13 @@ void run_case(const Case& c, uint32_t seed, const std::string& name, bool stable
   // row of -1.
   Case valid = c;
   valid.bad_step_seq = -1;
+  valid.bad_log_seq = -1;
   State cpu = make_state(valid, seed);
   EvictCompactParams cpu_params = cpu.params();
   cpu_params.stable = stable;
   evict_compact_cpu(cpu_params);
-  if (c.bad_step_seq >= 0) {
-    const int64_t b = c.bad_step_seq;
+  for (const int64_t b : {static_cast<int64_t>(c.bad_step_seq), static_cast<int64_t>(c.bad_log_seq)}) {
+    if (b < 0) continue;
     copy_sequence(cpu, emu, b, c.lens[b]);
     cpu.lens[b] = -1;
     std::fill(cpu.freed.begin() + b * cpu.max_pages, cpu.freed.begin() + (b + 1) * cpu.max_pages, -1);
@@ -241,6 +256,13 @@ TEST(emulated_evict_unchecked_leaves_a_bad_sequence_alone) {
   c.bad_step_seq = 1;
   run_case(c, 17, "bad step");
   run_case(c, 17, "bad step, fill", false);
+  // validate_kernel's scan must find a bad log entry or position at the end of a long row.
+  Case log{{3000, 900, 40}, {2200, 30, 40}, 2, 16, 8, DType::kBFloat16};
+  log.bad_log_seq = 0;
+  run_case(log, 18, "already logged");
+  run_case(log, 18, "already logged, fill", false);
+  log.bad_pos_outside = true;
+  run_case(log, 19, "position outside the log", false);
 }
 
 TEST(emulated_evict_fill_matches_cpu) {
