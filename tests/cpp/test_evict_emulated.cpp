@@ -1,11 +1,13 @@
-// The CUDA eviction kernels (csrc/cuda/evict_compact_kernels.cuh: validate, compact, finalize)
-// (and fill_kernel, the stable = false compaction)
-// run from their own source in the host emulation of tests/cpp/cuda_emulation.h, as an
-// unchecked call launches them, against evict_compact_cpu on a copy of the same state: the two
-// must give the same bits in every buffer (pages, positions, lengths, block tables, the eviction
-// log, slot scores, freed pages), as the CUDA op promises. Row sizes pick each word width of the
-// compaction (2, 4, 8, 16 bytes) and its direct path (rows of more than 1024 words); a sequence
-// that an unchecked call must leave alone (a bad step) keeps its bytes and gets length -1.
+// The CUDA eviction kernels (csrc/cuda/evict_compact_kernels.cuh: validate, compact or fill,
+// finalize) run from their own source in the host emulation of tests/cpp/cuda_emulation.h, as
+// an unchecked call launches them (and with a checked call's claims of the log entries, which
+// compaction must all overwrite), against evict_compact_cpu on a copy of the same state: the
+// two must give the same bits in every buffer (pages, positions, lengths, block tables, the
+// eviction log, slot scores, freed pages), as the CUDA op promises, for both compactions
+// (stable and fill). Row sizes pick each word width of the copy (2, 4, 8, 16 bytes) and the
+// long-row paths (more than 1024 words); fill runs rounds of 1024 pairs; a sequence that an
+// unchecked call must leave alone (a bad step, an already-logged position, a position past
+// the log) keeps its bytes and gets length -1.
 #include "cuda_emulation.h"  // first: it defines what the CUDA headers below expect
 
 #include <algorithm>
@@ -152,9 +154,11 @@ State make_state(const Case& c, uint32_t seed) {
   return s;
 }
 
-// evict_compact_cuda's unchecked launches, in the emulation.
-void evict_emulated(EvictCompactParams p) {
-  p.check_values = false;
+// evict_compact_cuda's launches, in the emulation: unchecked, or (`claim`) with the checked
+// call's claims of the evicted slots' log entries, which compaction must all overwrite (the
+// host-side check between the two is skipped: only valid states are claimed).
+void evict_emulated(EvictCompactParams p, bool claim = false) {
+  p.check_values = claim;
   const PagedKVCache& c = p.cache;
   const int64_t B = c.batch, H = c.num_kv_heads, heads = std::max<int64_t>(H, 1);
   const CompactShape shape = compact_shape(c);
@@ -164,7 +168,7 @@ void evict_emulated(EvictCompactParams p) {
   const FastDivmod page_div(static_cast<uint32_t>(c.page_size));
   HeadCheck* rec = records.data();
   shadowkv_emu::launch(static_cast<unsigned>(B * heads), kThreads, 0,
-                       [&] { validate_kernel(p, page_div, c.slot_capacity(), heads, false, rec); });
+                       [&] { validate_kernel(p, page_div, c.slot_capacity(), heads, claim, rec); });
   const FastDivmod words(static_cast<uint32_t>(std::max<int64_t>(words_per_row, 1)));
   dispatch_word(word, [&](auto w) {
     constexpr int kW = decltype(w)::value;
@@ -203,7 +207,7 @@ void copy_sequence(State& to, const State& from, int64_t b, int len) {
        static_cast<size_t>(from.H * from.keep_len));
 }
 
-void run_case(const Case& c, uint32_t seed, const std::string& name, bool stable = true) {
+void run_case(const Case& c, uint32_t seed, const std::string& name, bool stable = true, bool claim = false) {
   State emu = make_state(c, seed);
   // The expected state: the CPU op on the same state with every step valid (the CPU op rejects
   // a whole call with a bad step), then the bad sequence as it was, with length -1 and a freed
@@ -223,7 +227,7 @@ void run_case(const Case& c, uint32_t seed, const std::string& name, bool stable
   }
   EvictCompactParams emu_params = emu.params();
   emu_params.stable = stable;
-  evict_emulated(emu_params);
+  evict_emulated(emu_params, claim);
   const std::pair<const char*, bool> checks[] = {
       {"k_pages", same_bytes(cpu.k, emu.k)},        {"v_pages", same_bytes(cpu.v, emu.v)},
       {"pos_pages", same_bytes(cpu.pos, emu.pos)},  {"block_tables", same_bytes(cpu.tables, emu.tables)},
@@ -247,6 +251,7 @@ TEST(emulated_evict_matches_cpu) {
   uint32_t seed = 3;
   for (const Case& c : cases) {
     run_case(c, seed, "case seed " + std::to_string(seed));
+    run_case(c, seed, "case seed " + std::to_string(seed) + ", claimed", true, true);
     ++seed;
   }
 }
@@ -279,6 +284,7 @@ TEST(emulated_evict_fill_matches_cpu) {
   uint32_t seed = 31;
   for (const Case& c : cases) {
     run_case(c, seed, "fill case seed " + std::to_string(seed), false);
+    run_case(c, seed, "fill case seed " + std::to_string(seed) + ", claimed", false, true);
     ++seed;
   }
 }
