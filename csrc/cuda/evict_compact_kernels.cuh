@@ -485,14 +485,17 @@ __global__ void __launch_bounds__(kThreads) fill_kernel(const EvictCompactParams
   const int32_t step = p.steps[b * p.steps_stride];
   float* scores = p.slot_scores ? p.slot_scores + b * p.scores_stride[0] + h * p.scores_stride[1] : nullptr;
   const int64_t score_stride = p.scores_stride[2];
-  // Rows of more than kThreads words go one pair at a time (and keep the word index < 2^32).
-  const bool per_pair = words_per_row > kThreads;
+  // Rows of more than kStagedWords words go one pair at a time (the word index of the other
+  // path, < kFillPairs x kStagedWords = 2^20, stays far below FastDivmod's 2^31).
+  const bool per_pair = words_per_row > kStagedWords;
 
   int64_t hole_cursor = 0, source_cursor = new_len;
   for (;;) {
     const int n = collect_slots(rows, step, hole_cursor, new_len, false, kFillPairs, sh.holes, sh);
     if (n == 0) break;
-    // As many kept slots past new_len as holes below it: a valid sequence has them all.
+    // As many kept slots past new_len as holes below it (sequence_verdict: every head keeps
+    // new_len, none past len), so m == n and this call runs at least one step: its barriers
+    // order the holes' log reads above before the copies below overwrite their positions.
     const int m = collect_slots(rows, step, source_cursor, len, true, n, sh.sources, sh);
     if (per_pair) {
       for (int i = 0; i < m; ++i) {
@@ -507,7 +510,7 @@ __global__ void __launch_bounds__(kThreads) fill_kernel(const EvictCompactParams
         }
       }
     } else {
-      const uint32_t items = static_cast<uint32_t>(m) * static_cast<uint32_t>(words_per_row);  // <= 1024 x 256
+      const uint32_t items = static_cast<uint32_t>(m) * static_cast<uint32_t>(words_per_row);  // <= 2^20
       for (uint32_t base = 0; base < items; base += kThreads * kFillUnroll) {
         W kbuf[kFillUnroll], vbuf[kFillUnroll];
         W* kdst[kFillUnroll];

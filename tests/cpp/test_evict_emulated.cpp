@@ -36,6 +36,9 @@ struct Case {
   // (or, with bad_pos_outside, one past it): an unchecked call leaves it alone too.
   int bad_log_seq = -1;
   bool bad_pos_outside = false;
+  // >= 0: every head keeps its first `sinks` slots and its last kept - sinks (StreamingLLM)
+  // instead of a random set.
+  int sinks = -1;
 };
 
 // Everything an eviction reads or writes, in exactly sized buffers.
@@ -134,7 +137,10 @@ State make_state(const Case& c, uint32_t seed) {
       std::vector<int> order(len);
       std::iota(order.begin(), order.end(), 0);
       std::shuffle(order.begin(), order.end(), rng);
-      for (int j = 0; j < c.kept[b]; ++j) s.keep[(b * s.H + h) * s.keep_len + order[j]] = 1;
+      for (int j = 0; j < c.kept[b]; ++j) {
+        const int slot = c.sinks < 0 ? order[j] : j < c.sinks ? j : len - (c.kept[b] - j);
+        s.keep[(b * s.H + h) * s.keep_len + slot] = 1;
+      }
       for (int slot = 0; slot < len; ++slot) {
         const int64_t page = s.tables[b * s.max_pages + slot / s.ps];
         s.pos[(page * s.ps + slot % s.ps) * s.H + h] = positions[slot];
@@ -281,7 +287,15 @@ TEST(emulated_evict_fill_matches_cpu) {
       {{5000, 2100}, {2500, 2099}, 2, 16, 64, DType::kBFloat16},
       {{20, 9}, {5, 9}, 2, 4, 4100, DType::kFloat32},
   };
+  // Streaming: 1024 and 2048 holes right after 4 sinks (full rounds, then one that finds none),
+  // 1023 (one short of a round), none (only the sinks kept); 2200-wide bf16 rows (275 words,
+  // the word-indexed copy).
+  Case exact{{3000, 5000, 2500, 1030}, {1028, 2052, 1027, 4}, 1, 16, 64, DType::kBFloat16};
+  exact.sinks = 4;
+  Case wide{{700}, {300}, 1, 16, 2200, DType::kBFloat16};
   uint32_t seed = 31;
+  run_case(exact, seed, "fill streaming rounds", false);
+  run_case(wide, seed, "fill wide rows", false);
   for (const Case& c : cases) {
     run_case(c, seed, "fill case seed " + std::to_string(seed), false);
     run_case(c, seed, "fill case seed " + std::to_string(seed) + ", claimed", false, true);
