@@ -256,13 +256,22 @@ __device__ int32_t sequence_verdict(const EvictCompactParams& p, const HeadCheck
   return p.cache.num_kv_heads > 0 ? r[0].kept : 0;
 }
 
-// Block-wide exclusive prefix count of `flag` over the block's threads, in thread order, plus
-// the total. `warp_counts` is shared scratch of kThreads / 32 ints; the call synchronises twice
-// (and callers may reuse the scratch right after it returns).
-__device__ __forceinline__ int block_rank(bool flag, int* warp_counts, int& total) {
+// Block-wide exclusive prefix sum of `count` (0 .. 2^kBits - 1) over the block's threads, in
+// thread order, plus the total: one ballot per bit of the count, then the warps' totals through
+// `warp_counts` (shared scratch of kThreads / 32 ints). Synchronises twice (callers may reuse
+// the scratch right after it returns).
+template <int kBits>
+__device__ __forceinline__ int block_prefix(int count, int* warp_counts, int& total) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const unsigned ballot = __ballot_sync(kFullMask, flag);
-  if (lane == 0) warp_counts[warp] = __popc(ballot);
+  const unsigned below = (1u << lane) - 1u;
+  int in_warp = 0, warp_total = 0;
+#pragma unroll
+  for (int bit = 0; bit < kBits; ++bit) {
+    const unsigned ballot = __ballot_sync(kFullMask, (count >> bit) & 1);
+    in_warp += __popc(ballot & below) << bit;
+    warp_total += __popc(ballot) << bit;
+  }
+  if (lane == 0) warp_counts[warp] = warp_total;
   __syncthreads();
   int before = 0;
   total = 0;
@@ -272,7 +281,12 @@ __device__ __forceinline__ int block_rank(bool flag, int* warp_counts, int& tota
     total += warp_counts[w];
   }
   __syncthreads();
-  return before + __popc(ballot & ((1u << lane) - 1u));
+  return before + in_warp;
+}
+
+// Block-wide exclusive prefix count of `flag`, plus the total (block_prefix of one bit).
+__device__ __forceinline__ int block_rank(bool flag, int* warp_counts, int& total) {
+  return block_prefix<1>(flag, warp_counts, total);
 }
 
 // words: words_per_row as a FastDivmod (a word index -> (row, word) per moved word). At least 2
@@ -371,33 +385,9 @@ __global__ void __launch_bounds__(kThreads, 2) compact_kernel(const EvictCompact
   }
 }
 
-// Block-wide exclusive prefix sum of `count` (0 .. 7) over the block's threads, in thread order,
-// plus the total: three ballots, one per bit (block_rank's scheme). Synchronises twice.
-__device__ __forceinline__ int block_prefix(int count, int* warp_counts, int& total) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const unsigned below = (1u << lane) - 1u;
-  int in_warp = 0, warp_total = 0;
-#pragma unroll
-  for (int bit = 0; bit < 3; ++bit) {
-    const unsigned ballot = __ballot_sync(kFullMask, (count >> bit) & 1);
-    in_warp += __popc(ballot & below) << bit;
-    warp_total += __popc(ballot) << bit;
-  }
-  if (lane == 0) warp_counts[warp] = warp_total;
-  __syncthreads();
-  int before = 0;
-  total = 0;
-#pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) {
-    before += w < warp ? warp_counts[w] : 0;
-    total += warp_counts[w];
-  }
-  __syncthreads();
-  return before + in_warp;
-}
-
 // fill_kernel's scan: each thread looks at kFillSlots consecutive slots, a step covers kFillChunk.
 constexpr int kFillSlots = 4;
+static_assert(kFillSlots < 8, "a thread's count fits block_prefix<3>");
 constexpr int kFillChunk = kThreads * kFillSlots;
 constexpr int kFillPairs = 1024;  // (hole, source) pairs moved per round
 constexpr int kFillUnroll = 4;    // words each thread loads before it stores them
@@ -432,7 +422,7 @@ __device__ __forceinline__ int collect_slots(const HeadRows& rows, int32_t step,
       }
     }
     int total;
-    int idx = n + block_prefix(__popc(flags), sh.warp_counts, total);
+    int idx = n + block_prefix<3>(__popc(flags), sh.warp_counts, total);
 #pragma unroll
     for (int j = 0; j < kFillSlots; ++j) {
       if ((flags >> j) & 1u) {
