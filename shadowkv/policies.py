@@ -54,25 +54,25 @@ def _position_order(positions: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(positions < 0, torch.iinfo(torch.int32).max).argsort(dim=-1, stable=True)
 
 
-def _top(key: torch.Tensor, count: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _top(key: torch.Tensor, count: torch.Tensor, by_pos: torch.Tensor) -> torch.Tensor:
     """Mask of the ``count`` largest entries of ``key [n, H, S]`` along the last dimension
-    (``count`` broadcasts against ``[n, H, 1]``; ties go to the lower position)."""
-    by_pos = _position_order(positions)
+    (``count`` broadcasts against ``[n, H, 1]``; ties go to the lower position; ``by_pos``:
+    :func:`_position_order` of the slots' positions)."""
     order = by_pos.gather(-1, key.gather(-1, by_pos).argsort(dim=-1, descending=True, stable=True))
     ranks = torch.arange(key.shape[-1], device=key.device).expand_as(order)
     return torch.empty_like(order).scatter_(-1, order, ranks) < count
 
 
 def _keep_top(score: torch.Tensor, forced: torch.Tensor, valid: torch.Tensor, n_keep: torch.Tensor,
-              positions: torch.Tensor) -> torch.Tensor:
+              by_pos: torch.Tensor) -> torch.Tensor:
     """``forced`` slots plus the best-scoring other ``valid`` ones, ``n_keep [n, 1, 1]`` per head."""
     key = score.double().masked_fill(forced, math.inf).masked_fill(~valid, -math.inf)
-    return _top(key, n_keep, positions) & valid
+    return _top(key, n_keep, by_pos) & valid
 
 
-def _recent(positions: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+def _recent(positions: torch.Tensor, count: torch.Tensor, by_pos: torch.Tensor) -> torch.Tensor:
     """The ``count`` most recent positions of each head; padding (-1) is never chosen."""
-    return _top(positions, count, positions) & (positions >= 0)
+    return _top(positions, count, by_pos) & (positions >= 0)
 
 
 class Policy:
@@ -151,11 +151,11 @@ class StreamingLLM(Policy):
         self.sinks = sinks
 
     def select_batch(self, positions, scores, lens, n_keep):
-        n_keep = _per_row(n_keep, positions.device)
+        n_keep, by_pos = _per_row(n_keep, positions.device), _position_order(positions)
         sink = (positions >= 0) & (positions < self.sinks)
-        recent = _recent(positions.masked_fill(sink, -1), (n_keep - sink.sum(-1, keepdim=True)).clamp(min=0))
+        recent = _recent(positions.masked_fill(sink, -1), (n_keep - sink.sum(-1, keepdim=True)).clamp(min=0), by_pos)
         # The first n_keep sinks when the budget is below them: the lowest positions.
-        first = _top((-positions).masked_fill(~sink, torch.iinfo(torch.int32).min), n_keep, positions)
+        first = _top((-positions).masked_fill(~sink, torch.iinfo(torch.int32).min), n_keep, by_pos)
         return recent | (sink & first)
 
 
@@ -171,9 +171,9 @@ class H2O(Policy):
         self.recent_frac = recent_frac
 
     def select_batch(self, positions, scores, lens, n_keep):
-        dev = positions.device
-        recent = _recent(positions, _per_row([int(round(self.recent_frac * k)) for k in n_keep], dev))
-        return _keep_top(scores, recent, positions >= 0, _per_row(n_keep, dev), positions)
+        dev, by_pos = positions.device, _position_order(positions)
+        recent = _recent(positions, _per_row([int(round(self.recent_frac * k)) for k in n_keep], dev), by_pos)
+        return _keep_top(scores, recent, positions >= 0, _per_row(n_keep, dev), by_pos)
 
 
 class SnapKV(Policy):
@@ -205,8 +205,8 @@ class SnapKV(Policy):
                               stride=1, padding=self.kernel // 2)
         pooled = torch.empty_like(pooled).scatter_(-1, by_pos, pooled)
         # At most half the budget goes to the window, so voting always selects something.
-        recent = _recent(positions, _per_row([min(self.window, k // 2) for k in n_keep], dev))
-        return _keep_top(pooled, recent, valid, _per_row(n_keep, dev), positions)
+        recent = _recent(positions, _per_row([min(self.window, k // 2) for k in n_keep], dev), by_pos)
+        return _keep_top(pooled, recent, valid, _per_row(n_keep, dev), by_pos)
 
 
 class RandomEvict(Policy):
@@ -224,7 +224,8 @@ class RandomEvict(Policy):
     def select_batch(self, positions, scores, lens, n_keep):
         score = to_device(torch.rand(positions.shape, generator=self._gen), positions.device)
         valid = positions >= 0
-        return _keep_top(score, torch.zeros_like(valid), valid, _per_row(n_keep, positions.device), positions)
+        return _keep_top(score, torch.zeros_like(valid), valid, _per_row(n_keep, positions.device),
+                         _position_order(positions))
 
 
 POLICIES = {cls.name: cls for cls in (FullCache, StreamingLLM, H2O, SnapKV, RandomEvict)}
