@@ -256,6 +256,32 @@ __device__ int32_t sequence_verdict(const EvictCompactParams& p, const HeadCheck
   return p.cache.num_kv_heads > 0 ? r[0].kept : 0;
 }
 
+// sequence_verdict of block-uniform sequence b, computed by thread 0 and broadcast to the block
+// (one barrier). Called once per kernel: its shared variable is not rewritten after the barrier.
+__device__ __forceinline__ int32_t block_verdict(const EvictCompactParams& p, const HeadCheck* checks, int64_t heads,
+                                                 int64_t b) {
+  __shared__ int32_t s_verdict;
+  if (threadIdx.x == 0) s_verdict = sequence_verdict(p, checks, heads, b);
+  __syncthreads();
+  return s_verdict;
+}
+
+// The slot_scores row of (sequence b, KV head h), or none (null base) when the call has no scores.
+struct ScoreRow {
+  float* base;
+  int64_t stride;
+  __device__ __forceinline__ ScoreRow(const EvictCompactParams& p, int64_t b, int64_t h)
+      : base(p.slot_scores ? p.slot_scores + b * p.scores_stride[0] + h * p.scores_stride[1] : nullptr),
+        stride(p.scores_stride[2]) {}
+  __device__ __forceinline__ explicit operator bool() const { return base != nullptr; }
+  __device__ __forceinline__ float& operator[](int64_t slot) const { return base[slot * stride]; }
+  // Both compactions end with this: the slots past the new length hold no token, score 0.
+  __device__ __forceinline__ void zero_from(int64_t first, int64_t end) const {
+    if (!base) return;
+    for (int64_t s = first + threadIdx.x; s < end; s += kThreads) base[s * stride] = 0.0f;
+  }
+};
+
 // Block-wide exclusive prefix sum of `count` (0 .. 2^kBits - 1) over the block's threads, in
 // thread order, plus the total: one ballot per bit of the count, then the warps' totals through
 // `warp_counts` (shared scratch of kThreads / 32 ints). Synchronises twice (callers may reuse
@@ -304,16 +330,12 @@ __global__ void __launch_bounds__(kThreads, 2) compact_kernel(const EvictCompact
 
   __shared__ int s_src[kThreads];  // chunk offset of the chunk's i-th kept slot
   __shared__ int s_warp_counts[kThreads / 32];
-  __shared__ int32_t s_verdict;
-  if (tid == 0) s_verdict = sequence_verdict(p, checks, H, b);
-  __syncthreads();
-  if (s_verdict < 0) return;  // invalid (unchecked call): nothing written
+  if (block_verdict(p, checks, H, b) < 0) return;  // invalid (unchecked call): nothing written
 
   const HeadRows rows(p, page_div, b, h, elem_bytes);
   const int64_t len = p.cache.seq_lens[b * p.cache.seq_lens_stride];
   const int32_t step = p.steps[b * p.steps_stride];
-  float* scores = p.slot_scores ? p.slot_scores + b * p.scores_stride[0] + h * p.scores_stride[1] : nullptr;
-  const int64_t score_stride = p.scores_stride[2];
+  const ScoreRow scores(p, b, h);
   const bool direct = words_per_row > kStagedWords;  // then chunk == 1
 
   int64_t kept = 0;  // slots kept before the chunk: the destination of its first kept slot
@@ -348,7 +370,7 @@ __global__ void __launch_bounds__(kThreads, 2) compact_kernel(const EvictCompact
     const bool my_move = tid < total && my_src != kept + tid;
     if (my_move) {
       pos_moved = *rows.position(my_src);
-      if (scores) score_moved = scores[my_src * score_stride];
+      if (scores) score_moved = scores[my_src];
     }
     __syncthreads();  // every source of the chunk has been read
 
@@ -376,13 +398,11 @@ __global__ void __launch_bounds__(kThreads, 2) compact_kernel(const EvictCompact
     }
     if (my_move) {
       *rows.position(kept + tid) = pos_moved;
-      if (scores) scores[(kept + tid) * score_stride] = score_moved;
+      if (scores) scores[kept + tid] = score_moved;
     }
     kept += total;  // (the next chunk writes s_src only after block_rank's barriers)
   }
-  if (scores) {
-    for (int64_t s = kept + tid; s < p.keep_len; s += kThreads) scores[s * score_stride] = 0.0f;
-  }
+  scores.zero_from(kept, p.keep_len);
 }
 
 // fill_kernel's scan: each thread looks at kFillSlots consecutive slots, a step covers kFillChunk.
@@ -391,6 +411,7 @@ static_assert(kFillSlots < 8, "a thread's count fits block_prefix<3>");
 constexpr int kFillChunk = kThreads * kFillSlots;
 constexpr int kFillPairs = 1024;  // (hole, source) pairs moved per round
 constexpr int kFillUnroll = 4;    // words each thread loads before it stores them
+static_assert(kFillPairs % kThreads == 0, "fill_kernel's position copy covers a round in whole steps");
 
 // Shared state of fill_kernel.
 struct FillShared {
@@ -464,17 +485,13 @@ __global__ void __launch_bounds__(kThreads) fill_kernel(const EvictCompactParams
   const int tid = threadIdx.x;
 
   __shared__ FillShared sh;
-  __shared__ int32_t s_verdict;
-  if (tid == 0) s_verdict = sequence_verdict(p, checks, H, b);
-  __syncthreads();
-  const int32_t new_len = s_verdict;
+  const int32_t new_len = block_verdict(p, checks, H, b);
   if (new_len < 0) return;  // invalid (unchecked call): nothing written
 
   const HeadRows rows(p, page_div, b, h, elem_bytes);
   const int64_t len = p.cache.seq_lens[b * p.cache.seq_lens_stride];
   const int32_t step = p.steps[b * p.steps_stride];
-  float* scores = p.slot_scores ? p.slot_scores + b * p.scores_stride[0] + h * p.scores_stride[1] : nullptr;
-  const int64_t score_stride = p.scores_stride[2];
+  const ScoreRow scores(p, b, h);
   // Rows of more than kStagedWords words go one pair at a time (the word index of the other
   // path, < kFillPairs x kStagedWords = 2^20, stays far below FastDivmod's 2^31).
   const bool per_pair = words_per_row > kStagedWords;
@@ -528,9 +545,13 @@ __global__ void __launch_bounds__(kThreads) fill_kernel(const EvictCompactParams
         }
       }
     }
-    for (int i = tid; i < m; i += kThreads) {
-      *rows.position(sh.holes[i]) = *rows.position(sh.sources[i]);
-      if (scores) scores[sh.holes[i] * score_stride] = scores[sh.sources[i] * score_stride];
+#pragma unroll
+    for (int u = 0; u < kFillPairs / kThreads; ++u) {  // a fixed trip count: no loop counter to keep
+      const int i = tid + u * kThreads;
+      if (i < m) {
+        *rows.position(sh.holes[i]) = *rows.position(sh.sources[i]);
+        if (scores) scores[sh.holes[i]] = scores[sh.sources[i]];
+      }
     }
     __syncthreads();  // the round has read its lists
     if (n < kFillPairs) break;
@@ -540,9 +561,7 @@ __global__ void __launch_bounds__(kThreads) fill_kernel(const EvictCompactParams
   for (int64_t s = source_cursor + tid; s < len; s += kThreads) {
     if (!rows.kept(s)) *rows.log_entry(*rows.position(s)) = step;
   }
-  if (scores) {
-    for (int64_t s = new_len + tid; s < p.keep_len; s += kThreads) scores[s * score_stride] = 0.0f;
-  }
+  scores.zero_from(new_len, p.keep_len);
 }
 
 // Block b: the released pages of a valid sequence (block-table entries at index >=
@@ -555,10 +574,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = blockIdx.x, M = c.max_pages;
   const int tid = threadIdx.x;
   __shared__ int s_warp_counts[kThreads / 32];
-  __shared__ int32_t s_verdict;
-  if (tid == 0) s_verdict = sequence_verdict(p, checks, heads, b);
-  __syncthreads();
-  const int32_t new_len = s_verdict;
+  const int32_t new_len = block_verdict(p, checks, heads, b);
   int32_t* table = c.block_tables + b * c.bt_stride[0];
   int32_t* freed = p.freed + b * p.freed_stride[0];
   const int64_t table_stride = c.bt_stride[1], freed_stride = p.freed_stride[1];
