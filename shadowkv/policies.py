@@ -210,7 +210,12 @@ class SnapKV(Policy):
 
 
 class RandomEvict(Policy):
-    """Keeps a uniformly random subset (a baseline), reproducible from ``seed``."""
+    """Keeps a uniformly random subset (a baseline), reproducible from ``seed``.
+
+    The i-th draw of a head goes to its i-th lowest position, not its i-th slot: the same
+    generator state and the same positions choose the same positions whatever the cache's
+    slot order (either compaction of ``evict_compact``). The draws still depend on the
+    generator's history, i.e. on which sequences were evicted together before."""
 
     name = "random"
 
@@ -222,10 +227,11 @@ class RandomEvict(Policy):
         self._gen.manual_seed((self.seed * 1_000_003 + seed) % 2**63)
 
     def select_batch(self, positions, scores, lens, n_keep):
-        score = to_device(torch.rand(positions.shape, generator=self._gen), positions.device)
+        by_pos = _position_order(positions)
+        draws = to_device(torch.rand(positions.shape, generator=self._gen), positions.device)
+        score = torch.empty_like(draws).scatter_(-1, by_pos, draws)  # slot by_pos[i] gets draw i
         valid = positions >= 0
-        return _keep_top(score, torch.zeros_like(valid), valid, _per_row(n_keep, positions.device),
-                         _position_order(positions))
+        return _keep_top(score, torch.zeros_like(valid), valid, _per_row(n_keep, positions.device), by_pos)
 
 
 POLICIES = {cls.name: cls for cls in (FullCache, StreamingLLM, H2O, SnapKV, RandomEvict)}

@@ -42,17 +42,20 @@ def test_batch_matches_one_sequence_at_a_time(policy, seed):
         assert torch.equal(one, keep[i, :, :n])
 
 
-@pytest.mark.parametrize("policy", POLICIES + [StreamingLLM(sinks=6)], ids=repr)
+@pytest.mark.parametrize("policy", POLICIES + [StreamingLLM(sinks=6), RandomEvict(seed=4)], ids=repr)
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "tied_scores"])
 def test_choices_follow_positions_not_slots(policy, ties):
     """The cache's slot order is not position order after ``evict_compact(stable=False)``: the
     same positions and scores in shuffled slots (padding stays last) keep the same positions,
-    including score ties (broken by position) and SnapKV's pooling over neighbouring positions."""
+    including score ties (broken by position), SnapKV's pooling over neighbouring positions and
+    RandomEvict's draws (same generator state)."""
     lens, n_keep = [9, 1, 17, 4], [4, 1, 5, 2]
     pos, scores = _ragged(lens, 3, 11)
     if ties:
         scores = (scores * 3).floor()
+    policy.reset(0)
     keep = policy.select_batch(pos, scores, lens, n_keep)
+    policy.reset(0)
     g = torch.Generator().manual_seed(12)
     perm = torch.arange(pos.shape[-1]).repeat(len(lens), 3, 1)
     for i, n in enumerate(lens):

@@ -155,7 +155,7 @@ def test_sampled_rollouts_do_not_depend_on_prefill_grouping(llama):
         torch.testing.assert_close(r.logprobs, runs[0].logprobs, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("policy", [StreamingLLM(sinks=2), H2O(), SnapKV(window=4, kernel=3)],
+@pytest.mark.parametrize("policy", [StreamingLLM(sinks=2), H2O(), SnapKV(window=4, kernel=3), RandomEvict(seed=6)],
                          ids=lambda p: type(p).__name__)
 def test_fill_compaction_evicts_what_the_stable_one_does(llama, policy, monkeypatch):
     """The cache's default compaction (``stable_evict=False``) scatters survivors out of
