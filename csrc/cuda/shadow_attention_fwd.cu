@@ -6,6 +6,7 @@
 #include "shadow_attention_kernels.h"
 
 #include <cstdlib>
+#include <string>
 
 namespace shadowkv {
 namespace {
@@ -339,6 +340,23 @@ bool fwd_uses_tensor_cores(const ShadowAttentionParams& p) {
 
 namespace cuda_attn {
 
+namespace {
+// The SHADOWKV_ATTENTION_KERNEL values besides "auto", in the order the error message lists them;
+// `cute`: the family exists only in builds with the CuTe kernels.
+struct NamedKernel {
+  const char* name;
+  AttnKernel kernel;
+  bool cute;
+};
+constexpr NamedKernel kNamedKernels[] = {
+    {"cute", AttnKernel::kCute, true},         {"wgmma", AttnKernel::kWgmma, true},
+    {"wgmma2", AttnKernel::kWgmma2, true},     {"wgmma2o", AttnKernel::kWgmma2o, true},
+    {"wgmma_ws", AttnKernel::kWgmmaWs, true},  {"wgmma_fused", AttnKernel::kWgmmaFused, true},
+    {"wgmma2_fused", AttnKernel::kWgmma2Fused, true}, {"wmma", AttnKernel::kWmma, false},
+    {"simt", AttnKernel::kSimt, false},
+};
+}  // namespace
+
 AttnKernel requested_kernel(const char* fn) {
   const char* env = std::getenv("SHADOWKV_ATTENTION_KERNEL");
   const std::string v = env == nullptr ? "" : env;
@@ -349,25 +367,19 @@ AttnKernel requested_kernel(const char* fn) {
     return AttnKernel::kWmma;
 #endif
   }
-  if (v == "wmma") return AttnKernel::kWmma;
-  if (v == "simt") return AttnKernel::kSimt;
-  if (v == "cute" || v == "wgmma" || v == "wgmma2" || v == "wgmma2o" || v == "wgmma_ws" || v == "wgmma_fused" ||
-      v == "wgmma2_fused") {
-#ifdef SHADOWKV_HAS_CUTE
-    if (v == "cute") return AttnKernel::kCute;
-    if (v == "wgmma") return AttnKernel::kWgmma;
-    if (v == "wgmma_ws") return AttnKernel::kWgmmaWs;
-    if (v == "wgmma_fused") return AttnKernel::kWgmmaFused;
-    if (v == "wgmma2_fused") return AttnKernel::kWgmma2Fused;
-    return v == "wgmma2" ? AttnKernel::kWgmma2 : AttnKernel::kWgmma2o;
-#else
-    bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL=" + v + ", but this build has no CuTe kernel (it was built without the "
-            "CUTLASS headers: install nvidia-cutlass or set CUTLASS_DIR, then rebuild)");
+  for (const NamedKernel& k : kNamedKernels) {
+    if (v != k.name) continue;
+#ifndef SHADOWKV_HAS_CUTE
+    if (k.cute) {
+      bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL=" + v + ", but this build has no CuTe kernel (it was built without the "
+              "CUTLASS headers: install nvidia-cutlass or set CUTLASS_DIR, then rebuild)");
+    }
 #endif
+    return k.kernel;
   }
-  bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wgmma, wgmma2, wgmma2o, wgmma_ws, wgmma_fused, "
-              "wgmma2_fused, wmma, simt; "
-              "got '" + v + "'");
+  std::string names = "auto";
+  for (const NamedKernel& k : kNamedKernels) names += std::string(", ") + k.name;
+  bad_arg(fn, "SHADOWKV_ATTENTION_KERNEL must be one of " + names + "; got '" + v + "'");
 }
 
 }  // namespace cuda_attn
