@@ -51,8 +51,10 @@ cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="checks CUDA-specific be
 # PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is its own allocation) the capture's
 # first cudaMalloc fails, and the aborted capture leaves the CUDA RNG in capture state, which
 # breaks every later test of the process that draws random numbers on the GPU.
-graph_capture = pytest.mark.skipif(os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "0") not in ("", "0"),
-                                   reason="CUDA graph capture needs the caching allocator")
+_uncached = os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "0") not in ("", "0")
+graph_capture = pytest.mark.skipif(_uncached, reason="CUDA graph capture needs the caching allocator")
+# Uncached, torch's allocator calls cudaMalloc directly and keeps no statistics.
+caching_allocator = pytest.mark.skipif(_uncached, reason="reads the caching allocator's statistics")
 
 APPEND = torch.ops.shadowkv.append_kv
 DECODE = torch.ops.shadowkv.paged_decode_attention
@@ -527,6 +529,25 @@ def test_unknown_decode_kernel_is_an_error(monkeypatch):
     d = dev_state(state)
     with pytest.raises(ValueError, match="SHADOWKV_DECODE_KERNEL must be one of auto, warp, pipelined, mma, mma_rows"):
         ops.paged_decode_attention(dev(q), d.k_pages, d.v_pages, d.block_tables, d.seq_lens)
+
+
+@cuda_only
+@caching_allocator
+def test_decode_workspace_comes_from_torch_caching_allocator():
+    """The CUDA ops take their scratch memory from PyTorch's caching allocator (installed when
+    the extension loads; shadowkv/workspace.h), so it reuses what torch has cached and counts in
+    its statistics. Decode with scores_out keeps every key's logit per query head in a
+    ``[B, Hq, S]`` float32 workspace, 8x the scores_out tensor here (Hq = 8, Hkv = 1): its bytes
+    show in torch's requested-bytes counter (under cudaMallocAsync only ``out``'s 1 KiB would)."""
+    length = 20000
+    q, state, scores = cpu_decode.Case([length], 8, 1, 64, 16, torch.bfloat16, None, 0, seed=5).inputs()
+    d = dev_state(state)
+    q, scores = dev(q), dev(scores)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["requested_bytes.all.allocated"]
+    ops.paged_decode_attention(q, d.k_pages, d.v_pages, d.block_tables, d.seq_lens, scores_out=scores)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["requested_bytes.all.allocated"] - before >= 8 * length * 4
 
 
 @cuda_only

@@ -1,6 +1,7 @@
 // CUDA side of device_launch.h: device guard, current stream, arch coverage check.
 // Only c10/cuda and the CUDA runtime: ATen/cuda/CUDAContext.h would drag in cuBLAS and
 // cuSPARSE headers that a minimal CUDA toolkit does not ship.
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -9,6 +10,7 @@
 #include <string>
 
 #include "device_launch.h"
+#include "shadowkv/workspace.h"
 
 namespace shadowkv::bindings {
 namespace {
@@ -31,6 +33,25 @@ void check_arch_built(const at::Device& device) {
   TORCH_CHECK(false, "shadowkv: GPU ", device, " is sm_", cc, " but this build has kernels for [", cuda_archs(),
               "]; rebuild with SHADOWKV_CUDA_ARCHS including ", major, ".", minor);
 }
+
+// The ops' scratch memory comes from PyTorch's caching allocator: what torch has cached is
+// reused (cudaMallocAsync's own pool cannot see it, so a large workspace such as the fused
+// backward's dQ accumulator could fail while torch holds free blocks), the scratch shows in
+// torch.cuda.memory_stats and counts against set_per_process_memory_fraction, running out
+// raises torch.OutOfMemoryError after torch has freed its cache and retried, and CUDA graph
+// capture takes it from the graph's private pool like any tensor. The ops run under a device
+// guard on the tensors' device, which is the device the caching allocator allocates on.
+void* torch_workspace_allocate(size_t bytes, void* stream) {
+  return c10::cuda::CUDACachingAllocator::raw_alloc_with_stream(bytes, static_cast<cudaStream_t>(stream));
+}
+void torch_workspace_release(void* ptr, void* /*stream: the block remembers it*/) {
+  c10::cuda::CUDACachingAllocator::raw_delete(ptr);
+}
+// Installed when the extension loads (shadowkv_core's switch is constant-initialised).
+const bool g_torch_workspace = [] {
+  set_workspace_allocator({&torch_workspace_allocate, &torch_workspace_release});
+  return true;
+}();
 
 }  // namespace
 

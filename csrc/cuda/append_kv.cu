@@ -103,7 +103,7 @@ void append_unchecked(const AppendKVParams& p, cudaStream_t stream, const char* 
   const PagedKVCache& c = p.cache;
   if (c.batch == 0) return;
   const int64_t capacity = c.slot_capacity();
-  DeviceBuffer ok(static_cast<size_t>(c.batch) * sizeof(int), stream);
+  DeviceWorkspace ok(static_cast<size_t>(c.batch) * sizeof(int), stream);
   validate_append_kernel<<<grid_1d(std::min<int64_t>(ceil_div(c.batch, 256), 1024), op), 256, 0, stream>>>(
       p, capacity, reinterpret_cast<int*>(ok.bytes()));
   check_launch("validate_append_kernel");

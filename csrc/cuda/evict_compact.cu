@@ -134,7 +134,7 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream_ptr) {
 
   // Zeroed first: if validate_kernel never runs, the records claim nothing (restore_kernel
   // then does nothing either).
-  DeviceBuffer records(static_cast<size_t>(B * heads) * sizeof(HeadCheck), stream);
+  DeviceWorkspace records(static_cast<size_t>(B * heads) * sizeof(HeadCheck), stream);
   HeadCheck* records_dev = reinterpret_cast<HeadCheck*>(records.bytes());
   check_cuda(cudaMemsetAsync(records_dev, 0, static_cast<size_t>(B * heads) * sizeof(HeadCheck), stream),
              "cudaMemsetAsync (evict records)");

@@ -178,7 +178,7 @@ void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream_ptr) {
     // check, with its messages, only when the verdict is bad.
     int result[2] = {0, 0};
     {
-      DeviceBuffer dev(sizeof(result), stream);
+      DeviceWorkspace dev(sizeof(result), stream);
       int* r = reinterpret_cast<int*>(dev.bytes());
       check_cuda(cudaMemsetAsync(r, 0, sizeof(result), stream), "cudaMemsetAsync (check result)");
       const int64_t items = B * std::max<int64_t>(c.max_pages, 1);
@@ -215,7 +215,7 @@ void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream_ptr) {
   const size_t logits_off = carve.take<float>(B * Hq * a.logits_len);
   const size_t stats_off = carve.take<float2>(with_scores ? B * Hq : 0);
   const size_t bad_off = carve.take<int>(p.check_values ? 0 : B);
-  DeviceBuffer work(carve.bytes, stream);
+  DeviceWorkspace work(carve.bytes, stream);
   a.part_acc = reinterpret_cast<float*>(work.bytes() + acc_off);
   a.part_ml = reinterpret_cast<float2*>(work.bytes() + ml_off);
   a.logits = with_scores ? reinterpret_cast<float*>(work.bytes() + logits_off) : nullptr;

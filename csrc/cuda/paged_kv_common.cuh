@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include "device_math.cuh"
+#include "device_workspace.cuh"
 
 #include <algorithm>
 #include <climits>
@@ -61,23 +62,7 @@ inline unsigned grid_1d(int64_t blocks, const char* op) {
   return static_cast<unsigned>(blocks);
 }
 
-// Stream-ordered device scratch memory; freed on the same stream, also when an exception unwinds.
-class DeviceBuffer {
- public:
-  DeviceBuffer(size_t bytes, cudaStream_t stream) : stream_(stream) {
-    if (bytes > 0) check_cuda(cudaMallocAsync(&ptr_, bytes, stream), "cudaMallocAsync (workspace)");
-  }
-  ~DeviceBuffer() {
-    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);
-  }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  unsigned char* bytes() const { return static_cast<unsigned char*>(ptr_); }
-
- private:
-  void* ptr_ = nullptr;
-  cudaStream_t stream_;
-};
+using cuda_common::DeviceWorkspace;
 
 // Offsets of the buffers carved out of one allocation; each starts on a 16-byte boundary.
 struct Carver {
@@ -133,7 +118,7 @@ class IndexStager {
   void copy_to_host(cudaStream_t stream) {
     host_.assign(bytes_, 0);
     if (bytes_ == 0) return;
-    DeviceBuffer dev(bytes_, stream);
+    DeviceWorkspace dev(bytes_, stream);
     for (const Item& it : items_) {
       const int64_t n = it.count();
       if (n == 0) continue;

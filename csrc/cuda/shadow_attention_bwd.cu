@@ -680,10 +680,10 @@ void shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& bp, void* stream)
   const AttnKernel choice = requested_kernel(kFn);
   const bool tc = choice != AttnKernel::kSimt && bwd_uses_tensor_cores(bp);
 
-  StreamBuffer ev_mm(ev_minmax_bytes(p), s);
+  DeviceWorkspace ev_mm(ev_minmax_bytes(p), s);
   launch_ev_minmax(p, ev_mm.as<int2>(), s);
   const int64_t n_rows = has_q ? p.batch * p.num_q_heads * p.q_len : 0;
-  StreamBuffer rows(2 * static_cast<size_t>(n_rows) * sizeof(float), s);
+  DeviceWorkspace rows(2 * static_cast<size_t>(n_rows) * sizeof(float), s);
   float* lse2 = rows.as<float>();
   float* delta = lse2 == nullptr ? nullptr : lse2 + n_rows;
 

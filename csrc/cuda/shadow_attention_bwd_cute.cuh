@@ -445,7 +445,7 @@ void launch_bwd_family(const ShadowAttentionBwdParams& bp, const int2* mm, int64
   const int64_t kv_blocks = p.batch * p.num_kv_heads * ceil_div(p.kv_len, Tr::kBlockM);
   if constexpr (F::kAtomicDq) {
     const int64_t n_dq = p.batch * p.num_q_heads * p.q_len * D;
-    StreamBuffer acc(static_cast<size_t>(n_dq) * sizeof(float), s);
+    DeviceWorkspace acc(static_cast<size_t>(n_dq) * sizeof(float), s);
     if (n_dq > 0) {
       check_cuda(cudaMemsetAsync(acc.as<float>(), 0, static_cast<size_t>(n_dq) * sizeof(float), s),
                  "cudaMemsetAsync (dQ workspace)");

@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include "device_math.cuh"
+#include "device_workspace.cuh"
 #if !defined(SHADOWKV_CUDA_EMULATION)  // (the WMMA building blocks below are not emulated)
 #include <mma.h>
 #endif
@@ -123,26 +124,7 @@ inline void check_cuda(cudaError_t err, const char* what) {
 
 inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
 
-// Stream-ordered scratch memory; freed on the same stream, also when an exception unwinds.
-class StreamBuffer {
- public:
-  StreamBuffer(size_t bytes, cudaStream_t stream) : stream_(stream) {
-    if (bytes > 0) check_cuda(cudaMallocAsync(&ptr_, bytes, stream), "cudaMallocAsync (workspace)");
-  }
-  ~StreamBuffer() {
-    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);
-  }
-  StreamBuffer(const StreamBuffer&) = delete;
-  StreamBuffer& operator=(const StreamBuffer&) = delete;
-  template <typename U>
-  U* as() const {
-    return static_cast<U*>(ptr_);
-  }
-
- private:
-  void* ptr_ = nullptr;
-  cudaStream_t stream_;
-};
+using cuda_common::DeviceWorkspace;
 
 [[noreturn]] inline void bad_arg(const char* fn, const std::string& msg) {
   throw std::invalid_argument(std::string(fn) + ": " + msg);

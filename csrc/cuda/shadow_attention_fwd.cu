@@ -391,7 +391,7 @@ void shadow_attention_fwd_cuda(const ShadowAttentionParams& p, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   const AttnKernel choice = requested_kernel("shadow_attention_fwd_cuda");
 
-  StreamBuffer ev_mm(ev_minmax_bytes(p), s);
+  DeviceWorkspace ev_mm(ev_minmax_bytes(p), s);
   launch_ev_minmax(p, ev_mm.as<int2>(), s);
   const int64_t n_ev = ev_minmax_tiles(p);
   const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);

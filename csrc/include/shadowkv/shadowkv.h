@@ -5,3 +5,4 @@
 #include "shadowkv/paged_kv.h"
 #include "shadowkv/shadow_attention.h"
 #include "shadowkv/version.h"
+#include "shadowkv/workspace.h"
