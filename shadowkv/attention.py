@@ -42,6 +42,7 @@ def _shadowkv_attention_forward(module, query, key, value, attention_mask, dropo
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    _refuse_unsupported(dropout, kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     device = query.device.type
     if torch.is_autocast_enabled(device):
@@ -51,6 +52,21 @@ def _shadowkv_attention_forward(module, query, key, value, attention_mask, dropo
         query, key, value = (t.to(dtype) for t in (query, key, value))
     out = ctx.attend(module.layer_idx, query, key, value, scale)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _refuse_unsupported(dropout, kwargs) -> None:
+    """What a model asks of its attention beyond softmax(scale q k^T) v with the causal (or
+    shadow) mask changes its outputs; the sampler and the learner would silently compute another
+    model's log-probs, so they refuse. (Sliding windows: :func:`check_length`.)"""
+    if dropout:
+        what = f"attention dropout ({dropout}; the model is in training mode with attention_dropout > 0)"
+    elif kwargs.get("softcap") is not None:
+        what = f"attention logit soft-capping (softcap={kwargs['softcap']}, e.g. Gemma 2)"
+    elif kwargs.get("s_aux") is not None:
+        what = "learned attention sinks (s_aux, e.g. gpt-oss)"
+    else:
+        return
+    raise NotImplementedError(f"shadowkv: the model uses {what}, which shadowkv's attention does not implement")
 
 
 def _register() -> None:

@@ -313,6 +313,23 @@ def test_policy_and_budget_argument_checks():
             _budget(bad)
 
 
+def test_attention_features_shadowkv_does_not_implement_are_refused(tmp_path):
+    """Logit soft-capping (Gemma 2's default) and attention dropout (a model in training mode
+    with attention_dropout > 0) change the attention: refused, not silently dropped."""
+    gemma = tiny_model(tmp_path / "gemma2", "gemma2")
+    assert gemma.config.attn_logit_softcapping is not None
+    with pytest.raises(NotImplementedError, match="soft-capping"):
+        Sampler(gemma, StreamingLLM(), budget=8).generate(_prompts(1, 10, 10), 4)
+    model = tiny_model(tmp_path / "llama", "llama")
+    rollout = Sampler(model, StreamingLLM(), budget=8).generate(_prompts(1, 10, 10), 4)
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    token_logprobs(model, rollout)  # eval mode: no dropout
+    with pytest.raises(NotImplementedError, match="dropout"):
+        token_logprobs(model.train(), rollout)
+
+
 def test_sliding_window_models_are_refused_past_the_window(tmp_path):
     model = tiny_model(tmp_path, "mistral")
     model.config.sliding_window = 16
