@@ -175,6 +175,22 @@ def test_what_moves(stable):
     assert log[0, 0, [11, 13, 16]].tolist() == [30, 30, 30] and int(state.seq_lens[0]) == 5
 
 
+@pytest.mark.parametrize("stable", [True, False], ids=["stable", "fill"])
+@pytest.mark.parametrize("layout", ["last_dim_stride_2", "heads_outermost"])
+def test_keep_layouts(stable, layout):
+    """``keep`` may be any strided view: with a last-dimension stride of 2 the CPU kernel reads
+    flag by flag, with contiguous rows (heads outermost here) it scans each row's bytes at once."""
+    case = Case([37, 5, 16, 0], 2, 16, 4, 1, torch.float32, "random", budget=9, extra_slots=2, with_scores=True,
+                log_in_layers=False, seed=11)
+    state, keep, steps, log, scores = case.inputs()
+    if layout == "last_dim_stride_2":
+        keep = torch.stack([keep, ~keep], -1)[..., 0]
+    else:
+        keep = keep.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not keep.is_contiguous()
+    run_and_compare(state, keep, steps, log, scores, stable)
+
+
 def test_shared_read_only_page_is_allowed():
     """A page shared by two sequences may stay shared when neither writes it; a sequence that
     evicts must own every page from its first evicted slot on."""

@@ -4,6 +4,7 @@
 // Everything is validated first, so a rejected call leaves the cache untouched.
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -31,6 +32,41 @@ int32_t& log_at(const EvictCompactParams& p, int64_t b, int64_t h, int64_t pos) 
   return p.evicted_at[b * p.ev_stride[0] + h * p.ev_stride[1] + pos * p.ev_stride[2]];
 }
 
+// The keep flags of row (b, h). A torch bool mask is contiguous in its last dimension, where
+// whole-row questions become byte scans the compiler vectorises (count) or libc does (memchr):
+// in a rollout's steady state a few slots of thousands are evicted, and scalar loops over
+// every flag were most of an eviction's time on the CPU.
+struct KeepRow {
+  const uint8_t* flags;
+  int64_t stride;
+  KeepRow(const EvictCompactParams& p, int64_t b, int64_t h)
+      : flags(p.keep ? p.keep + b * p.keep_stride[0] + h * p.keep_stride[1] : nullptr),  // null: keep_len 0
+        stride(p.keep_stride[2]) {}
+  bool kept(int64_t s) const { return flags[s * stride] != 0; }
+  // Slots of [from, to) that are kept.
+  int64_t count_kept(int64_t from, int64_t to) const {
+    if (stride == 1) return (to - from) - std::count(flags + from, flags + to, uint8_t{0});
+    int64_t n = 0;
+    for (int64_t s = from; s < to; ++s) n += kept(s);
+    return n;
+  }
+  // The first evicted slot of [from, to), or `to`.
+  int64_t next_evicted(int64_t from, int64_t to) const {
+    if (from >= to) return to;
+    if (stride == 1) {
+      const void* z = std::memchr(flags + from, 0, static_cast<size_t>(to - from));
+      return z == nullptr ? to : static_cast<const uint8_t*>(z) - flags;
+    }
+    while (from < to && kept(from)) ++from;
+    return from;
+  }
+  // f(s) for every evicted slot s of [from, to), in order.
+  template <typename F>
+  void for_each_evicted(int64_t from, int64_t to, F&& f) const {
+    for (int64_t s = next_evicted(from, to); s < to; s = next_evicted(s + 1, to)) f(s);
+  }
+};
+
 template <typename T>
 void compact_kernel(const EvictCompactParams& p, const std::vector<int64_t>& new_len, const ParallelFor& pf) {
   const PagedKVCache& c = p.cache;
@@ -51,12 +87,12 @@ void compact_kernel(const EvictCompactParams& p, const std::vector<int64_t>& new
       if (!p.stable) {
         // Fill: log every evicted slot first (a hole is overwritten below), then the i-th kept
         // slot at or past the new length goes to the i-th evicted slot below it.
-        for (int64_t r = 0; r < len; ++r)
-          if (!keep_at(p, b, h, r)) log_at(p, b, h, c.pos(c.page_id(b, r / ps), r % ps, h)) = step;
+        const KeepRow keep(p, b, h);
+        keep.for_each_evicted(0, len, [&](int64_t r) { log_at(p, b, h, c.pos(c.page_id(b, r / ps), r % ps, h)) = step; });
         int64_t hole = 0;
         for (int64_t r = new_len[b]; r < len; ++r) {
-          if (!keep_at(p, b, h, r)) continue;
-          while (keep_at(p, b, h, hole)) ++hole;  // there are as many holes below n as kept slots past it
+          if (!keep.kept(r)) continue;
+          hole = keep.next_evicted(hole, new_len[b]);  // as many holes below n as kept slots past it
           move(r, hole++);
         }
         if (scores)
@@ -108,15 +144,15 @@ void evict_compact_cpu(const EvictCompactParams& p, const ParallelFor& pf) {
       fail("`steps`[" + std::to_string(b) + "] = " + std::to_string(step) + " must be in [0, 2147483647)");
     int64_t first_evicted = len;
     for (int64_t h = 0; h < H; ++h) {
-      int64_t kept = 0;
-      for (int64_t s = 0; s < p.keep_len; ++s) {
-        const bool k = cpu::keep_at(p, b, h, s) != 0;
-        if (k && s >= len)
-          fail("`keep`" + idx({b, h, s}) + " is True but the sequence has only `seq_lens`[" + std::to_string(b) +
-               "] = " + std::to_string(len) + " slots");
-        if (k) ++kept;
-        else if (s < first_evicted) first_evicted = s;
+      const cpu::KeepRow keep(p, b, h);
+      if (keep.count_kept(len, p.keep_len) > 0) {
+        int64_t s = len;
+        while (!keep.kept(s)) ++s;
+        fail("`keep`" + idx({b, h, s}) + " is True but the sequence has only `seq_lens`[" + std::to_string(b) +
+             "] = " + std::to_string(len) + " slots");
       }
+      const int64_t kept = keep.count_kept(0, len);
+      first_evicted = std::min(first_evicted, keep.next_evicted(0, len));
       if (h == 0) new_len[b] = kept;
       if (kept != new_len[b])
         fail("`keep`: every KV head of a sequence must keep the same number of slots; sequence " +
@@ -135,8 +171,7 @@ void evict_compact_cpu(const EvictCompactParams& p, const ParallelFor& pf) {
   std::vector<int64_t> marked;
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
-      for (int64_t s = 0; s < c.seq_len(b); ++s) {
-        if (cpu::keep_at(p, b, h, s)) continue;
+      cpu::KeepRow(p, b, h).for_each_evicted(0, c.seq_len(b), [&](int64_t s) {
         const int64_t pos = c.pos(c.page_id(b, s / ps), s % ps, h);
         if (pos < 0 || pos >= p.log_len)
           fail("`evicted_at` covers positions [0, " + std::to_string(p.log_len) + ") but evicted slot " +
@@ -151,7 +186,7 @@ void evict_compact_cpu(const EvictCompactParams& p, const ParallelFor& pf) {
                std::to_string(pos) + " (`pos_pages`); a key cannot be evicted twice");
         seen[pos] = 1;
         marked.push_back(pos);
-      }
+      });
       for (int64_t pos : marked) seen[pos] = 0;
       marked.clear();
     }
