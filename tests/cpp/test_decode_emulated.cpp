@@ -292,11 +292,10 @@ void run_all(Kernel kernel, uint32_t seed) {
   for (const Case& c : cases()) run_case<T, D>(kernel, c, seed++);
 }
 
-TEST(emulated_decode_warp) {
-  run_all<__nv_bfloat16, 128>(Kernel::kWarp, 51);
-  run_all<float, 64>(Kernel::kWarp, 61);
-  run_all<__half, 80>(Kernel::kWarp, 71);  // the generic layout (VEC 1, dims past D masked)
-}
+TEST(emulated_decode_warp_bf16_d128) { run_all<__nv_bfloat16, 128>(Kernel::kWarp, 51); }
+TEST(emulated_decode_warp_fp32_d64) { run_all<float, 64>(Kernel::kWarp, 61); }
+// The generic layout (VEC 1, dims past D masked).
+TEST(emulated_decode_warp_fp16_d80) { run_all<__half, 80>(Kernel::kWarp, 71); }
 TEST(emulated_decode_mma_bf16_d128) { run_all<__nv_bfloat16, 128>(Kernel::kMma, 1); }
 TEST(emulated_decode_mma_fp16_d64) { run_all<__half, 64>(Kernel::kMma, 11); }
 TEST(emulated_decode_mma_rows_bf16_d128) { run_all<__nv_bfloat16, 128>(Kernel::kMmaRows, 81); }
