@@ -211,6 +211,10 @@ profile_decode=("$ncu" --target-processes all -k "regex:decode_partition_mma_ker
         # furthest from its acceptance (0.45x FlexAttention, 1.5x needed).
         part 90 $py -m shadowkv bench attention --device cuda
         part 60 $py -m shadowkv bench decode --device cuda --scores  # the four decode kernels
+        # The third acceptance number (evict_compact < 5% of a decode step: the `steady | ...,
+        # fill, check=False` rows), before the sanitizers and profiles: near the end it was the
+        # first thing a build without .prebuilt (~80 s) pushed out of the budget.
+        part 30 $py -m shadowkv bench evict --device cuda
         # compute-sanitizer (clean on 2026-11-26): small cases of the newest kernels (-x: the
         # first finding ends it); racecheck on the attention kernels never racechecked (the
         # fused backwards' dS tile, the warp-specialised forward's ring), whose shared-memory
@@ -242,7 +246,6 @@ build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=
         part 90 $py -m shadowkv train --device cuda --dtype bfloat16 --init /tmp/init-d64 --steps 4 \
           --eval-prompts 16 --quiet --out /tmp/train-run
         part 30 $py -m shadowkv bench replay --device cuda  # the bf16 replay floor (DESIGN.md's 2e-2)
-        part 30 $py -m shadowkv bench evict --device cuda
         # Decode away from the acceptance shape: few long sequences (split-K), GQA groups of 8 at
         # head dim 64 (~7 s each).
         part 30 $py -m shadowkv bench decode --device cuda -B 8 --ctx 32768
