@@ -24,10 +24,6 @@ std::string idx(std::initializer_list<int64_t> i) {
   return s + "]";
 }
 
-uint8_t keep_at(const EvictCompactParams& p, int64_t b, int64_t h, int64_t s) {
-  return p.keep[b * p.keep_stride[0] + h * p.keep_stride[1] + s * p.keep_stride[2]];
-}
-
 int32_t& log_at(const EvictCompactParams& p, int64_t b, int64_t h, int64_t pos) {
   return p.evicted_at[b * p.ev_stride[0] + h * p.ev_stride[1] + pos * p.ev_stride[2]];
 }
@@ -84,10 +80,10 @@ void compact_kernel(const EvictCompactParams& p, const std::vector<int64_t>& new
         c.pos(page_w, row_w, h) = c.pos(page_r, row_r, h);
         if (scores) scores[to * p.scores_stride[2]] = scores[from * p.scores_stride[2]];
       };
+      const KeepRow keep(p, b, h);
       if (!p.stable) {
         // Fill: log every evicted slot first (a hole is overwritten below), then the i-th kept
         // slot at or past the new length goes to the i-th evicted slot below it.
-        const KeepRow keep(p, b, h);
         keep.for_each_evicted(0, len, [&](int64_t r) { log_at(p, b, h, c.pos(c.page_id(b, r / ps), r % ps, h)) = step; });
         int64_t hole = 0;
         for (int64_t r = new_len[b]; r < len; ++r) {
@@ -95,19 +91,18 @@ void compact_kernel(const EvictCompactParams& p, const std::vector<int64_t>& new
           hole = keep.next_evicted(hole, new_len[b]);  // as many holes below n as kept slots past it
           move(r, hole++);
         }
-        if (scores)
-          for (int64_t s = new_len[b]; s < p.keep_len; ++s) scores[s * p.scores_stride[2]] = 0.0f;
-        continue;
-      }
-      int64_t w = 0;  // next free slot; w <= r, so a slot is always read before it is overwritten
-      for (int64_t r = 0; r < len; ++r) {
-        const int64_t page_r = c.page_id(b, r / ps), row_r = r % ps;
-        if (!keep_at(p, b, h, r)) {
-          log_at(p, b, h, c.pos(page_r, row_r, h)) = step;
-          continue;
+      } else {
+        // w: the next free slot; w <= r, so a slot is always read before it is overwritten. The
+        // kept slots before the first evicted one stay.
+        int64_t w = keep.next_evicted(0, len);
+        for (int64_t r = w; r < len; ++r) {
+          if (!keep.kept(r)) {
+            log_at(p, b, h, c.pos(c.page_id(b, r / ps), r % ps, h)) = step;
+            continue;
+          }
+          if (w != r) move(r, w);
+          ++w;
         }
-        if (w != r) move(r, w);
-        ++w;
       }
       if (scores)
         for (int64_t s = new_len[b]; s < p.keep_len; ++s) scores[s * p.scores_stride[2]] = 0.0f;
