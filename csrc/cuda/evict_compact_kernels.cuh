@@ -338,8 +338,10 @@ __global__ void __launch_bounds__(kThreads, 2) compact_kernel(const EvictCompact
   const ScoreRow scores(p, b, h);
   const bool direct = words_per_row > kStagedWords;  // then chunk == 1
 
-  int64_t kept = 0;  // slots kept before the chunk: the destination of its first kept slot
-  for (int64_t c0 = 0; c0 < len; c0 += chunk) {
+  // The slots before the row's first evicted one (validate_kernel's) stay where they are.
+  const int64_t first_evicted = checks[blockIdx.x].first_evicted;
+  int64_t kept = first_evicted;  // slots kept before the chunk: the destination of its first kept slot
+  for (int64_t c0 = first_evicted; c0 < len; c0 += chunk) {
     const int64_t r = c0 + tid;
     const bool live = tid < chunk && r < len;
     const bool keep = live && rows.kept(r);
@@ -496,7 +498,8 @@ __global__ void __launch_bounds__(kThreads) fill_kernel(const EvictCompactParams
   // path, < kFillPairs x kStagedWords = 2^20, stays far below FastDivmod's 2^31).
   const bool per_pair = words_per_row > kStagedWords;
 
-  int64_t hole_cursor = 0, source_cursor = new_len;
+  // No hole (and nothing to log) before the row's first evicted slot (validate_kernel's).
+  int64_t hole_cursor = checks[blockIdx.x].first_evicted, source_cursor = new_len;
   for (;;) {
     const int n = collect_slots(rows, step, hole_cursor, new_len, false, kFillPairs, sh.holes, sh);
     if (n == 0) break;

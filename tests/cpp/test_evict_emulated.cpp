@@ -244,6 +244,15 @@ void run_case(const Case& c, uint32_t seed, const std::string& name, bool stable
     if (!ok) shadowkv_test::report(__FILE__, __LINE__, name + ": " + what + " differs from evict_compact_cpu");
 }
 
+// Both compactions start at the row's first evicted slot (validate_kernel's): here slot 1500 of
+// 3000 (past a fill round's 1024-slot scan and many stable chunks), the first 1500 slots kept
+// and 100 of the tail, so 100 holes [1500, 1600) take the tail's kept slots.
+Case late_first_eviction() {
+  Case c{{3000, 40}, {1600, 40}, 2, 16, 8, DType::kBFloat16};
+  c.sinks = 1500;
+  return c;
+}
+
 TEST(emulated_evict_matches_cpu) {
   // lens, kept per sequence, Hkv, page size, D, dtype; row bytes 128 (16-byte words), 20 (4),
   // 6 (2), 24 (8), 16400 (1025 16-byte words: the direct path).
@@ -260,6 +269,7 @@ TEST(emulated_evict_matches_cpu) {
     run_case(c, seed, "case seed " + std::to_string(seed) + ", claimed", true, true);
     ++seed;
   }
+  run_case(late_first_eviction(), seed, "first eviction at slot 1500");
 }
 
 TEST(emulated_evict_unchecked_leaves_a_bad_sequence_alone) {
@@ -296,6 +306,7 @@ TEST(emulated_evict_fill_matches_cpu) {
   uint32_t seed = 31;
   run_case(exact, seed, "fill streaming rounds", false);
   run_case(wide, seed, "fill wide rows", false);
+  run_case(late_first_eviction(), seed, "fill, first eviction at slot 1500", false);
   for (const Case& c : cases) {
     run_case(c, seed, "fill case seed " + std::to_string(seed), false);
     run_case(c, seed, "fill case seed " + std::to_string(seed) + ", claimed", false, true);
