@@ -33,7 +33,13 @@ class DeviceWorkspace {
   ~DeviceWorkspace() {
     if (ptr_ == nullptr) return;
     if (alloc_.release != nullptr) {
-      alloc_.release(ptr_, stream_);
+      // A destructor must not throw, and this one also runs while an op's error unwinds: with a
+      // faulted context torch's release (raw_delete -> cudaFree when uncached) throws the sticky
+      // error, which would end the process instead of reaching the caller. The block is lost.
+      try {
+        alloc_.release(ptr_, stream_);
+      } catch (...) {
+      }
     } else {
       cudaFreeAsync(ptr_, stream_);
     }

@@ -2,7 +2,8 @@
 // installed allocator: nothing here calls the CUDA runtime, so it runs without a GPU. Zero bytes
 // allocate nothing; the pair a workspace came from releases it, whatever is installed later; a
 // null from the allocator is an error naming the size; an exception from it propagates (the
-// Python package's allocator raises torch.OutOfMemoryError that way).
+// Python package's allocator raises torch.OutOfMemoryError that way); one from the release is
+// swallowed by the destructor.
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -34,6 +35,10 @@ void* alloc_b(size_t bytes, void* stream) {
 void release_b(void* ptr, void* stream) { g_events.push_back({'r', 'B', 0, ptr, stream}); }
 void* alloc_null(size_t, void*) { return nullptr; }
 void* alloc_throw(size_t, void*) { throw std::bad_alloc(); }
+void release_throw(void* ptr, void* stream) {
+  g_events.push_back({'r', 'T', 0, ptr, stream});
+  throw std::runtime_error("release failed");
+}
 
 // Restores the default when a test ends, also when a check throws.
 struct Installed {
@@ -90,4 +95,21 @@ TEST(emulated_workspace_allocator_failures) {
   }
   CHECK(threw);
   CHECK(g_events.empty());  // nothing released that was never allocated
+}
+
+TEST(emulated_workspace_release_errors_stay_in_the_destructor) {
+  // A throwing release (torch's raw_delete after a kernel fault) must not escape the destructor,
+  // which may run while the op's own error unwinds: that would terminate the process.
+  using shadowkv::cuda_common::DeviceWorkspace;
+  g_events.clear();
+  const Installed throwing({&alloc_a, &release_throw});
+  bool reached = false;
+  try {
+    const DeviceWorkspace w(32, nullptr);
+    throw std::invalid_argument("the op's own error");
+  } catch (const std::invalid_argument&) {
+    reached = true;
+  }
+  CHECK(reached);
+  CHECK(g_events.size() == 2 && g_events[1].what == 'r' && g_events[1].pair == 'T');
 }

@@ -19,8 +19,9 @@ struct WorkspaceAllocator {
   // std::runtime_error), when it cannot.
   void* (*allocate)(size_t bytes, void* stream) = nullptr;
   // Gives back what `allocate` returned, stream-ordered as cudaFreeAsync: the memory may be
-  // reused only by work that runs after what is already queued on `stream`. Must not throw
-  // (ops release their workspace in destructors, also while an exception unwinds).
+  // reused only by work that runs after what is already queued on `stream`. Ops release their
+  // workspace in destructors, also while an exception unwinds, so an exception from here is
+  // swallowed (and that block lost) rather than propagated.
   void (*release)(void* ptr, void* stream) = nullptr;
 };
 
