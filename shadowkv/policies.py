@@ -54,13 +54,19 @@ def _position_order(positions: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(positions < 0, torch.iinfo(torch.int32).max).argsort(dim=-1, stable=True)
 
 
+def _to_slots(values: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``gather(-1, perm)``: ``values[..., i]`` goes to slot ``perm[..., i]``
+    (``perm`` a permutation of the last dimension, e.g. :func:`_position_order`)."""
+    return torch.empty_like(values).scatter_(-1, perm, values)
+
+
 def _top(key: torch.Tensor, count: torch.Tensor, by_pos: torch.Tensor) -> torch.Tensor:
     """Mask of the ``count`` largest entries of ``key [n, H, S]`` along the last dimension
     (``count`` broadcasts against ``[n, H, 1]``; ties go to the lower position; ``by_pos``:
     :func:`_position_order` of the slots' positions)."""
     order = by_pos.gather(-1, key.gather(-1, by_pos).argsort(dim=-1, descending=True, stable=True))
     ranks = torch.arange(key.shape[-1], device=key.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, ranks) < count
+    return _to_slots(ranks, order) < count
 
 
 def _keep_top(score: torch.Tensor, forced: torch.Tensor, valid: torch.Tensor, n_keep: torch.Tensor,
@@ -203,7 +209,7 @@ class SnapKV(Policy):
         by_pos = _position_order(positions)
         pooled = F.max_pool1d(scores.float().masked_fill(~valid, -math.inf).gather(-1, by_pos), self.kernel,
                               stride=1, padding=self.kernel // 2)
-        pooled = torch.empty_like(pooled).scatter_(-1, by_pos, pooled)
+        pooled = _to_slots(pooled, by_pos)
         # At most half the budget goes to the window, so voting always selects something.
         recent = _recent(positions, _per_row([min(self.window, k // 2) for k in n_keep], dev), by_pos)
         return _keep_top(pooled, recent, valid, _per_row(n_keep, dev), by_pos)
@@ -229,7 +235,7 @@ class RandomEvict(Policy):
     def select_batch(self, positions, scores, lens, n_keep):
         by_pos = _position_order(positions)
         draws = to_device(torch.rand(positions.shape, generator=self._gen), positions.device)
-        score = torch.empty_like(draws).scatter_(-1, by_pos, draws)  # slot by_pos[i] gets draw i
+        score = _to_slots(draws, by_pos)  # slot by_pos[i] gets draw i
         valid = positions >= 0
         return _keep_top(score, torch.zeros_like(valid), valid, _per_row(n_keep, positions.device), by_pos)
 
