@@ -72,7 +72,7 @@ profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|f
 profile_decode=("$ncu" --target-processes all -k "regex:decode_partition_mma_kernel" -c 3
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
   --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters
-  $py -m shadowkv bench decode --device cuda --reps 1 --warmup 0)
+  $py -m shadowkv bench decode --device cuda --reps 20 --warmup 0)
 
 {
   echo "== $stage  $(date -u +%FT%TZ)  $(git rev-parse --short HEAD 2>/dev/null)"

@@ -219,6 +219,8 @@ def test_out_only_gradients(dtype):
 # on an H100/H200, "cute" elsewhere), or the default when the CuTe kernels are not built ("auto"
 # is then "wmma").
 KERNEL_ENV = ops.ATTENTION_KERNEL_ENV
+# The one-pass backwards: dQ by float atomics, so its last bits vary from run to run.
+ATOMIC_DQ = {"wgmma_fused", "wgmma2_fused"}
 KERNELS = (["wmma", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_fused", "wgmma2_fused"]
            if _C.built_with_cute() else ["auto"])
 
@@ -339,7 +341,10 @@ def check_layout(layout: str, dtype: torch.dtype):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_deterministic(dtype, kernel, monkeypatch):
-    """Every gradient element is written once (no atomics): two runs agree bit for bit."""
+    """Two runs agree bit for bit: every output element is written once, by one thread, except
+    dQ in the one-pass backwards (ATOMIC_DQ), which add it up in an fp32 workspace with float
+    atomics in whatever order the key blocks finish: there dQ agrees to its rounding (a
+    different order of the same fp32 sum), and everything else still bit for bit."""
     monkeypatch.setenv(KERNEL_ENV, kernel)
     case = CASES["gqa4_chunk_d64"]
     q, k, v, grad_out, grad_lse = case.tensors(dtype)
@@ -349,8 +354,13 @@ def test_deterministic(dtype, kernel, monkeypatch):
         out, lse = ops.shadow_attention_with_lse(q, k, v, ev, case.q_offset)
         return (out, lse, *torch.autograd.grad([out, lse], [q, k, v], [grad_out.to(dtype), grad_lse]))
 
-    for a, b in zip(run(), run()):
-        assert torch.equal(a, b)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), run(), run()):
+        if name == "dq" and kernel in ATOMIC_DQ:
+            # One rounding of the output dtype apart at most (the fp32 sums differ in their
+            # last bits, which can carry across a rounding boundary of the stored dtype).
+            torch.testing.assert_close(a, b, msg=name)
+        else:
+            assert torch.equal(a, b), f"{name} differs between two runs"
 
 
 def test_float64_is_rejected():
