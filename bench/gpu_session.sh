@@ -43,10 +43,8 @@ cases="named_cases or matches_reference or round_trip or empty or no_visible_key
 # The newest kernels' test selections: each stage runs them in processes of their own (an
 # illegal address poisons the CUDA context of the process that hits it), so that a fault brought
 # in by a change to them spares the verdict on the rest. All of them passed on an H200 on
-# 2026-11-26 (e365d73), as did everything else; the mma_rows decode kernel (test ids
-# mma_decode_rows, selected by mma_decode), the warp-specialised attention forward (wgmma_ws)
-# and the one-pass backward with dQ by atomics (wgmma_fused) came after and have not run on a
-# GPU yet.
+# 2026-11-27 (672e419, with test_deterministic allowing the one-pass backwards' atomic dQ), as did
+# everything else; a kernel added later joins this list until it has.
 untried="pipelined or mma_decode or wgmma2 or wgmma_ws or wgmma_fused or unchecked"
 
 # What the extension is built from: a prebuilt one is used only if this matches its stamp.
@@ -66,9 +64,9 @@ profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|f
   --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters
   $py bench/profile_attention.py --family)
 # Nsight Compute on the mma paged decode kernels at the decode benchmark's shape: the first
-# three launches of the benchmark's agreement checks, i.e. mma checked and unchecked, then
-# mma_rows (its whole-row copies). Why mma stops at 58% of copy bandwidth (2026-11-26) is the
-# question.
+# three launches of the benchmark's agreement checks, i.e. mma_rows (the default) checked and
+# unchecked, then mma. On 2026-11-27 mma was L2-bound (85% busy, DRAM 51%) and mma_rows
+# latency-bound (18.75% occupancy by shared memory, a fixed-latency dependency the top stall).
 profile_decode=("$ncu" --target-processes all -k "regex:decode_partition_mma_kernel" -c 3
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
   --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters

@@ -30,7 +30,8 @@ def gpu_covered(major: int, minor: int, archs: list[str]) -> bool:
 
 def _cute_state() -> str:
     if _C.built_with_cute():
-        wgmma = ("wgmma kernels on sm_90, mma.sync elsewhere; wgmma2, wgmma2o, wgmma_ws, wgmma_fused, wgmma2_fused opt-in"
+        wgmma = ("wgmma kernels on sm_90, the forward warp-specialised at head dim 128, mma.sync elsewhere; "
+                 "wgmma, wgmma2, wgmma2o, wgmma_ws, wgmma_fused, wgmma2_fused by name"
                  if "90a" in built_archs() else "mma.sync; no wgmma kernels (9.0a not built)")
         return f"built, the default ({wgmma}; SHADOWKV_ATTENTION_KERNEL=wmma for the WMMA kernels)"
     return "not built (" + ("no CUTLASS headers" if _C.built_with_cuda() else "CPU-only build") + ")"
@@ -46,7 +47,7 @@ def info_lines() -> list[str]:
         f"CuTe attention kernel: {_cute_state()}",
     ]
     if _C.built_with_cuda():
-        lines.append("paged decode kernel: mma where it applies (bf16/fp16, head dim 64/128, sm_80+), "
+        lines.append("paged decode kernel: mma_rows where it applies (bf16/fp16, head dim 64/128, sm_80+), "
                      "else warp (SHADOWKV_DECODE_KERNEL: auto, warp, pipelined, mma, mma_rows)")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

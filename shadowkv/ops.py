@@ -42,7 +42,8 @@ ATTENTION_KERNELS = ("auto", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "
 def attention_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     """Selects the CUDA kernel family of ``shadow_attention`` (forward and backward) in the block.
 
-    ``"auto"`` (the default: ``"wgmma"`` in builds with the CuTe kernels, else ``"wmma"``), ``"cute"``
+    ``"auto"`` (the default: in builds with the CuTe kernels ``"wgmma"``, with ``"wgmma_ws"``'s
+    forward at head dim 128, where it was the fastest forward on an H200; else ``"wmma"``), ``"cute"``
     (the CuTe kernels where they apply: bfloat16/float16, head dim 64/128, 16-byte aligned rows;
     else SIMT; a ValueError at the first call in a build without them, see
     ``_C.built_with_cute()``), ``"wgmma"`` (forward and backward on Hopper warpgroup MMAs on an
@@ -51,12 +52,12 @@ def attention_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     (wgmma2 with each key tile's softmax overlapped with the previous tile's P V in the forward;
     both opt-in: they passed the GPU tests on an H200 but were no faster than ``"wgmma"``),
     ``"wgmma_ws"`` (a warp-specialised forward: a producer warpgroup loads K/V, two consumer
-    warpgroups take turns on the tensor cores; wgmma's backward; opt-in, not yet run on a GPU),
+    warpgroups take turns on the tensor cores; wgmma's backward),
     ``"wgmma_fused"`` (wgmma's forward and a one-pass backward: the dK/dV kernel also computes dQ
-    and adds it to an fp32 workspace with atomics, so dQ's last bits vary from run to run;
-    opt-in, not yet run on a GPU), ``"wgmma2_fused"`` (wgmma2's forward and the one-pass backward
-    with two warpgroups, 128 keys, per block at head dim 128: half the atomics; opt-in, not yet
-    run on a GPU),
+    and adds it to an fp32 workspace with atomics, so dQ's last bits vary from run to run),
+    ``"wgmma2_fused"`` (wgmma2's forward and the one-pass backward with two warpgroups, 128 keys,
+    per block at head dim 128: half the atomics; both one-pass backwards are opt-in: they passed
+    the GPU tests on an H200 but were slower than ``"wgmma"``'s two passes),
     ``"wmma"`` (WMMA tensor-core kernels where they apply, else SIMT), ``"simt"``. It sets the environment variable
     SHADOWKV_ATTENTION_KERNEL, which the CUDA ops read at every call, so it applies to the whole
     process while the block runs, including backward passes run inside it. CPU ops ignore it.
@@ -90,11 +91,12 @@ def decode_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     ``"warp"``: warps load the K/V rows they use straight from the pages (any dtype and head
     dim); ``"pipelined"``: each block streams its partition's rows through shared memory with
     asynchronous copies, several chunks in flight (bfloat16/float16, head dim 64/128, 16-byte
-    aligned page rows; elsewhere as ``"warp"``); ``"mma"`` and ``"auto"`` (the default): the
-    same staging, with both products on the tensor cores (same conditions, and sm_80+). On an
-    H200 at B=64, 8k context, bf16, mma took 0.88 ms, pipelined 1.12 ms and warp 4.03 ms
-    (bench/RESULTS.md). ``"mma_rows"``: mma with each warp instruction copying whole K/V rows
-    instead of 32 bytes of each of 16 rows (opt-in until a GPU has measured it). Sets the
+    aligned page rows; elsewhere as ``"warp"``); ``"mma"``: the same staging, with both
+    products on the tensor cores (same conditions, and sm_80+); ``"mma_rows"`` and ``"auto"``
+    (the default): mma with each warp instruction copying whole K/V rows instead of 32 bytes of
+    each of 16 rows. On an H200 at B=64, 8k context, bf16, unchecked (bench/RESULTS.md,
+    2026-11-27): mma_rows 0.66 ms (77% of copy bandwidth), mma 0.83 ms, pipelined 1.07 ms, warp
+    3.97 ms. Sets the
     environment variable SHADOWKV_DECODE_KERNEL, which the CUDA op reads at every call, for the
     whole process while the block runs. CPU ops ignore it.
     """

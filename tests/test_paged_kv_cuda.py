@@ -316,8 +316,8 @@ def decode_kernel(request, monkeypatch):
     """The decode tests run each kernel: the warp one, the pipelined one and the tensor-core one
     with its two ways of copying rows (SHADOWKV_DECODE_KERNEL; all but warp apply to
     bfloat16/float16 with head dim 64/128 and aligned rows, the rest runs the warp kernel either
-    way). The default ("auto") is the tensor-core one where it applies; tests without this
-    fixture run it. The tensor-core ids start with "mma_decode": `-k mma` would also select the
+    way). The default ("auto") is the tensor-core one with whole-row copies (mma_rows) where it
+    applies; tests without this fixture run it. The tensor-core ids start with "mma_decode": `-k mma` would also select the
     wgmma attention tests."""
     monkeypatch.setenv(ops.DECODE_KERNEL_ENV, request.param)
     return request.param

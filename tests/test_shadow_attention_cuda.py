@@ -472,6 +472,25 @@ FAMILIES = [pytest.param("wmma", marks=needs_wmma_by_name), pytest.param("cute",
             pytest.param("wgmma_fused", marks=needs_wgmma), pytest.param("wgmma2_fused", marks=needs_wgmma)]
 
 
+@needs_wgmma
+@pytest.mark.parametrize("case_name, family", [("gqa2_streaming_d128", "wgmma_ws"), ("gqa4_chunk_d64", "wgmma")])
+def test_auto_is_the_fastest_measured_family(case_name, family, monkeypatch):
+    """Where the wgmma kernels run, "auto" is wgmma with wgmma_ws's forward at head dim 128 (the
+    fastest forward measured on an H200, bench/RESULTS.md 2026-11-27) and plain wgmma at 64: the
+    same bits as the named family, forward and backward."""
+    case = CASES[case_name]
+    q, k, v, grad_out, grad_lse = case.tensors(torch.bfloat16)
+    ev = case.evicted_at()
+
+    def run(kernel):
+        monkeypatch.setenv(KERNEL_ENV, kernel)
+        out, lse = ops.shadow_attention_with_lse(q, k, v, ev, case.q_offset)
+        return (out, lse, *torch.autograd.grad([out, lse], [q, k, v], [grad_out.to(torch.bfloat16), grad_lse]))
+
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), run("auto"), run(family)):
+        assert torch.equal(a, b), f"{name}: auto differs from {family}"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 @pytest.mark.parametrize("name", CUTE_CASES)

@@ -98,19 +98,20 @@ void launch_mma(const DecodeLaunch& a, int64_t blocks, cudaStream_t stream, cons
 enum class DecodeKernel { kWarp, kPipelined, kMma, kMmaRows };
 
 // SHADOWKV_DECODE_KERNEL, read at every call: "warp" runs decode_partition_kernel; "pipelined"
-// runs decode_partition_pipelined_kernel and "auto" (the default) or "mma"
-// decode_partition_mma_kernel where they apply (bfloat16/float16, D = 64 or 128, 16-byte aligned
-// rows; mma also needs sm_80+), else the warp kernel. mma is the default since it passed the GPU
-// tests on an H200 and ran 4.7x faster than warp there (bench/RESULTS.md, 2026-11-26: 0.88 vs
-// 4.03 ms at B=64, ctx 8k, unchecked; pipelined 1.12 ms). "mma_rows" is the mma kernel with
-// whole-row copies (paged_decode_mma.cuh), opt-in until a GPU has measured it.
+// runs decode_partition_pipelined_kernel, "mma" decode_partition_mma_kernel and "mma_rows" or
+// "auto" (the default) the same kernel with whole-row copies (paged_decode_mma.cuh), each where it
+// applies (bfloat16/float16, D = 64 or 128, 16-byte aligned rows; mma also needs sm_80+), else the
+// warp kernel. mma_rows is the default since it passed the GPU tests and compute-sanitizer memcheck
+// on an H200 and was the fastest kernel at every shape measured there (bench/RESULTS.md,
+// 2026-11-27: 0.66 vs 0.83 ms for mma at B=64, ctx 8k, D=128, unchecked; also at 8 x 32k and at
+// head dim 64 with GQA groups of 8).
 DecodeKernel requested_decode_kernel(const char* op) {
   const char* env = std::getenv("SHADOWKV_DECODE_KERNEL");
   const std::string v = env == nullptr ? "" : env;
   if (v == "warp") return DecodeKernel::kWarp;
   if (v == "pipelined") return DecodeKernel::kPipelined;
-  if (v.empty() || v == "auto" || v == "mma") return DecodeKernel::kMma;
-  if (v == "mma_rows") return DecodeKernel::kMmaRows;
+  if (v == "mma") return DecodeKernel::kMma;
+  if (v.empty() || v == "auto" || v == "mma_rows") return DecodeKernel::kMmaRows;
   fail(op, "SHADOWKV_DECODE_KERNEL must be one of auto, warp, pipelined, mma, mma_rows; got '" + v + "'");
 }
 

@@ -699,7 +699,8 @@ void shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& bp, void* stream)
                       static_cast<float>(p.scale * 1.4426950408889634), s};
     if constexpr (!std::is_same<T, float>::value) {
 #ifdef SHADOWKV_HAS_CUTE
-      if (tc && (choice == AttnKernel::kWgmma || choice == AttnKernel::kWgmmaWs) && wgmma_available(s)) {
+      if (tc && (choice == AttnKernel::kAuto || choice == AttnKernel::kWgmma || choice == AttnKernel::kWgmmaWs) &&
+          wgmma_available(s)) {
         return launch_bwd_wgmma(bp, a.mm, a.n_ev, lse2, delta, a.scale_log2, s);
       }
       if (tc && choice == AttnKernel::kWgmmaFused && wgmma_available(s)) {

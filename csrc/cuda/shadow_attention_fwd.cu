@@ -362,7 +362,7 @@ AttnKernel requested_kernel(const char* fn) {
   const std::string v = env == nullptr ? "" : env;
   if (v.empty() || v == "auto") {
 #ifdef SHADOWKV_HAS_CUTE
-    return AttnKernel::kWgmma;  // the CuTe mma.sync kernels where no sm_90a code runs
+    return AttnKernel::kAuto;  // wgmma_ws's forward at D=128, else wgmma's; cute where no sm_90a code runs
 #else
     return AttnKernel::kWmma;
 #endif
@@ -397,6 +397,13 @@ void shadow_attention_fwd_cuda(const ShadowAttentionParams& p, void* stream) {
   const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
   const bool tc = choice != AttnKernel::kSimt && fwd_uses_tensor_cores(p);
 #ifdef SHADOWKV_HAS_CUTE
+  // auto: the warp-specialised forward where it was measured faster (H200, 2026-11-27, bf16,
+  // D=128, L=8k: 0.87 vs 0.94 ms at 25% kept, 1.17 vs 1.58 ms dense; bench/RESULTS.md); head
+  // dim 64 keeps wgmma's until a GPU has timed both there.
+  if (tc && choice == AttnKernel::kAuto && wgmma_available(s)) {
+    if (p.head_dim == 128) return launch_fwd_wgmma_ws(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
+    return launch_fwd_wgmma(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
+  }
   if (tc && (choice == AttnKernel::kWgmma || choice == AttnKernel::kWgmmaFused) && wgmma_available(s))
     return launch_fwd_wgmma(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
   if (tc && (choice == AttnKernel::kWgmma2 || choice == AttnKernel::kWgmma2Fused) && wgmma_available(s))

@@ -8,22 +8,24 @@
 //     H100/H200 in builds with 9.0a and the CuTe headers; one warpgroup (64 own rows) per block.
 //   * wgmma2: the wgmma family with two warpgroups (128 own rows) per block and a double-
 //     buffered ring of 128-key K/V tiles in the forward (fwd_staged_kernel); same coverage as
-//     wgmma. Opt-in until it has passed the GPU tests and measured faster (bench/RESULTS.md).
+//     wgmma. Opt-in: it passed the GPU tests on an H200 but was no faster (bench/RESULTS.md).
 //   * wgmma2o: wgmma2 with each key tile's softmax overlapped with the previous tile's P V in the
 //     forward (fwd_overlap_kernel, three K/V stages); wgmma2's backward. Opt-in, as wgmma2.
 //   * wgmma_ws: a warp-specialised forward (fwd_ws_kernel: a producer warpgroup copies K/V
 //     into an mbarrier ring, two consumer warpgroups take turns on the tensor cores);
-//     wgmma's backward. Opt-in until it has run on a GPU.
+//     wgmma's backward. auto's forward at head_dim 128: it passed the GPU tests and racecheck
+//     on an H200 and was the fastest forward there (bench/RESULTS.md, 2026-11-27).
 //   * wgmma_fused: wgmma's forward; a one-pass backward (the dK/dV kernel computes dQ too and
 //     adds it to an fp32 workspace with atomics: five products per pair instead of seven, dQ
-//     bitwise non-deterministic). Opt-in until it has run on a GPU.
+//     bitwise non-deterministic). Opt-in: it passed the GPU tests on an H200, but its backward
+//     was 1.2x slower than wgmma's there (the dK/dV kernel issues every ~10 cycles).
 //   * wgmma2_fused: wgmma2's forward; the one-pass backward with two warpgroups (128 keys) per
 //     block at head_dim 128 (dQ's columns split between them: half the atomics per product),
-//     wgmma_fused's at 64. Opt-in until it has run on a GPU.
+//     wgmma_fused's at 64. Opt-in, as wgmma_fused (1.37x wgmma's fwd+bwd time).
 //   * wmma: tensor-core kernels with the same coverage (shadow_attention_{fwd,bwd}.cu).
 //   * simt: every dtype and head_dim (shadow_attention_{fwd,bwd}.cu).
 // SHADOWKV_ATTENTION_KERNEL picks one per call (forward and backward alike): "auto" (default) =
-// "wgmma" in builds with the CuTe kernels, else "wmma"; "cute" = cute where it applies (an
+// in builds with the CuTe kernels "wgmma" with wgmma_ws's forward at head_dim 128, else "wmma"; "cute" = cute where it applies (an
 // error in a build without it), else simt; "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_fused",
 // "wgmma2_fused" = those kernels where they apply, else as "cute"; "wmma" = wmma where it
 // applies, else simt; "simt" = simt always.
@@ -40,7 +42,7 @@
 namespace shadowkv {
 namespace cuda_attn {
 
-enum class AttnKernel { kWmma, kCute, kWgmma, kWgmma2, kWgmma2o, kWgmmaWs, kWgmmaFused, kWgmma2Fused, kSimt };
+enum class AttnKernel { kAuto, kWmma, kCute, kWgmma, kWgmma2, kWgmma2o, kWgmmaWs, kWgmmaFused, kWgmma2Fused, kSimt };
 
 // The family SHADOWKV_ATTENTION_KERNEL asks for; throws std::invalid_argument (naming `fn`) on a
 // bad value, and for "cute" in a build without the CuTe kernels.

@@ -20,9 +20,8 @@ Times are per call, median of ``--reps`` after ``--warmup`` calls. On CUDA they 
 events and include what the op does on the host per call: by default a small kernel validates
 ``seq_lens`` and the block tables and the host waits for its verdict; the ``check=False`` row skips
 that (values checked on the device, graph-capturable; see ``shadowkv/ops.py``). On CUDA every row of the
-paged op is timed for each kernel (``ops.decode_kernel``: the default ``mma`` one first, then
-the ``pipelined`` and ``warp`` ones, then the opt-in ``mma_rows``; each row tagged with its
-kernel). Calls rotate over ``--sets``
+paged op is timed for each kernel (``ops.decode_kernel``: the default ``mma_rows`` one first,
+then ``mma``, ``pipelined`` and ``warp``; each row tagged with its kernel). Calls rotate over ``--sets``
 distinct caches and queries so that the L2 cache does not serve repeated reads. On CPU times
 come from ``time.perf_counter``; the VM's last-level cache can hold the small CPU shape, so
 CPU numbers are cache-warm.
@@ -218,8 +217,8 @@ def main(argv: list[str] | None = None) -> None:
                                               enable_gqa=hq > hkv)[:, :, 0]
 
     # The CUDA kernels of the paged op (SHADOWKV_DECODE_KERNEL); CPU ops ignore the choice.
-    # The default (mma where it applies) first: the summary's "(default)" ratio is the first row's.
-    kernels = ["mma", "pipelined", "warp", "mma_rows"] if device.type == "cuda" else ["auto"]
+    # The default (mma_rows where it applies) first: the summary's "(default)" ratio is the first row's.
+    kernels = ["mma_rows", "mma", "pipelined", "warp"] if device.type == "cuda" else ["auto"]
 
     # A benchmark of wrong results is worthless: the implementations must agree first.
     max_diff = 0.0
