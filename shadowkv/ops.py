@@ -448,8 +448,9 @@ def evict_compact(
     checked then: that no page is written twice, by two sequences or through two entries of one
     table (the in-place compaction would read rows it already overwrote), and that no two
     evicted slots of a head hold the same position (only a corrupted ``pos_pages`` can; both log the same step).
-    With ``check=True`` the CUDA op also checks on the device and copies only the per-(sequence,
-    head) results to the host, with ``seq_lens``, ``block_tables`` and ``steps``.
+    With ``check=True`` the CUDA op checks everything on the device too and copies one verdict
+    to the host (one stream synchronisation); only a bad verdict copies the index tensors to the
+    host, to raise the error that the CPU op raises.
     """
     return torch.ops.shadowkv.evict_compact(
         k_pages, v_pages, pos_pages, block_tables, seq_lens, keep, steps, evicted_at, slot_scores, check, stable

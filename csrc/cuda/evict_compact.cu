@@ -9,9 +9,11 @@
 //      claims its log entry with atomicMin(entry, INT32_MIN + slot) (every such entry held
 //      INT32_MAX, "never evicted"), and a slot that then does not find its own tag shares its
 //      position with an earlier slot, so the first duplicate is found as the CPU op finds it.
-//   2. Checked calls only: the records, the lengths, block tables and steps are copied to the
-//      host (one small copy, one stream synchronisation) and the host raises the CPU op's error,
-//      in its order and with its message, from them. Before a checked call throws (a rejected
+//   2. Checked calls only: two small kernels (evict_compact_check.cuh) turn the records, steps
+//      and block tables into one verdict, which the host copies back (one int, one stream
+//      synchronisation). A bad verdict, and only that, copies the records, lengths, block tables
+//      and steps to the host, which raises the CPU op's error, in its order and with its
+//      message, from them. Before a checked call throws (a rejected
 //      value, or a CUDA error before step 3 is launched), restore_kernel puts back INT32_MAX in
 //      the claimed log entries, so a call that throws changes nothing. Unchecked calls
 //      skip this step (no copy, no synchronisation: a CUDA graph can capture them).
@@ -36,6 +38,7 @@
 #include <algorithm>
 #include <climits>
 
+#include "evict_compact_check.cuh"
 #include "evict_compact_kernels.cuh"
 
 namespace shadowkv {
@@ -103,6 +106,37 @@ void check_values_on_host(const EvictCompactParams& p, const PagedKVCache& hc, c
   }
 }
 
+// The verdict of evict_compact_check.cuh's kernels on validate_kernel's records: true when the
+// host check would pass. One int comes back (one stream synchronisation).
+bool device_verdict_ok(const EvictCompactParams& p, int64_t heads, const HeadCheck* records, cudaStream_t stream) {
+  const PagedKVCache& c = p.cache;
+  const int64_t P = c.num_pages, B = c.batch;
+  // [bad, pad] [write_begin: B] [refs: P], int32 each; bad and refs zeroed.
+  const int64_t ints = 2 + B + P;
+  DeviceWorkspace work(static_cast<size_t>(ints) * sizeof(int32_t), stream);
+  int32_t* bad = work.as<int32_t>();
+  int32_t* write_begin = bad + 2;
+  int32_t* refs = write_begin + B;
+  check_cuda(cudaMemsetAsync(bad, 0, 2 * sizeof(int32_t), stream), "cudaMemsetAsync (evict verdict)");
+  if (P > 0) check_cuda(cudaMemsetAsync(refs, 0, static_cast<size_t>(P) * sizeof(int32_t), stream),
+                        "cudaMemsetAsync (evict page counts)");
+  const auto blocks = [](int64_t items) {
+    return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(items, kVerdictThreads), 1024)));
+  };
+  evict_verdict_count_kernel<<<blocks(B * std::max<int64_t>(c.max_pages, 1)), kVerdictThreads, 0, stream>>>(
+      p, heads, records, refs, write_begin, bad);
+  check_launch("evict_verdict_count_kernel");
+  if (c.max_pages > 0) {
+    evict_verdict_shared_kernel<<<blocks(B * c.max_pages), kVerdictThreads, 0, stream>>>(p, refs, write_begin, bad);
+    check_launch("evict_verdict_shared_kernel");
+  }
+  int32_t verdict = 0;
+  check_cuda(cudaMemcpyAsync(&verdict, bad, sizeof(verdict), cudaMemcpyDeviceToHost, stream),
+             "cudaMemcpyAsync (evict verdict)");
+  check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (evict verdict)");
+  return verdict == 0;
+}
+
 }  // namespace
 }  // namespace cuda_paged
 
@@ -162,7 +196,8 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream_ptr) {
   } guard{p.check_values, p, page_div, heads, row_blocks, records_dev, stream};  // destroyed before `records`
   check_launch("validate_kernel");
 
-  if (p.check_values) {
+  if (p.check_values && !device_verdict_ok(p, heads, records_dev, stream)) {
+    // Only now the host copies, to raise the CPU op's message for the first bad value.
     IndexStager stager;
     CacheStage cache_stage;
     cache_stage.add(stager, c);
@@ -172,6 +207,8 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream_ptr) {
     stager.copy_to_host(stream);
     check_values_on_host(p, cache_stage.host_view(stager, c), stager.host<int32_t>(steps_id),
                          reinterpret_cast<const HeadCheck*>(stager.host<int32_t>(records_id)), heads, op);
+    fail(op, "the device check found a bad value that the host check did not; were the cache's index "
+             "tensors, `keep` or `steps` written while the op ran?");
   }
 
   if (H > 0) {

@@ -104,10 +104,51 @@ struct HeadRows {
   }
 };
 
-// validate_kernel's unchecked scans take kScanSlots consecutive slots per thread and step: their
-// loads are independent, so each step waits for one round trip (per slot, a loop whose exit
-// depends on the last load waits for every slot: 32 round trips per thread at 8k slots, most of
-// a steady-state eviction's time).
+// What one thread of validate_kernel has found so far in its slots: the kept ones below the
+// length, and the first slot of each kind (kNoSlot if none).
+struct ScanAcc {
+  int kept = 0, beyond = kNoSlot, first_evicted = kNoSlot, bad = kNoSlot;
+};
+
+// validate_kernel's scan of G consecutive slots s0 .. s0 + G - 1 (those < S) with keep flags k:
+// counts and first slots into `acc`, and with `read_pos` (the block table is valid) the first
+// evicted slot whose position is outside the log or whose log entry is taken. The G position
+// loads, then the G log loads, are independent: one round trip each per group.
+template <int G>
+__device__ __forceinline__ void scan_group(const HeadRows& rows, int64_t s0, const bool (&k)[G], int64_t S, int64_t len,
+                                           bool read_pos, int64_t log_len, ScanAcc& acc) {
+  bool evicted[G];
+#pragma unroll
+  for (int j = 0; j < G; ++j) {
+    const int64_t s = s0 + j;
+    evicted[j] = s < len && !k[j];
+    if (s >= S) continue;
+    if (k[j] && s < len) ++acc.kept;
+    else if (k[j]) acc.beyond = min(acc.beyond, static_cast<int>(s));
+    else if (s < len) acc.first_evicted = min(acc.first_evicted, static_cast<int>(s));
+  }
+  if (!read_pos) return;
+  int32_t pos[G], logged[G];
+#pragma unroll
+  for (int j = 0; j < G; ++j) pos[j] = evicted[j] ? *rows.position(s0 + j) : 0;
+#pragma unroll
+  for (int j = 0; j < G; ++j) {
+    logged[j] = evicted[j] && pos[j] >= 0 && pos[j] < log_len ? *rows.log_entry(pos[j]) : kNeverEvicted;
+  }
+#pragma unroll
+  for (int j = G - 1; j >= 0; --j) {  // the group's first bad slot wins; earlier groups' stay
+    if (evicted[j] && (pos[j] < 0 || pos[j] >= log_len || logged[j] != kNeverEvicted)) {
+      acc.bad = min(acc.bad, static_cast<int>(s0 + j));
+    }
+  }
+}
+
+// validate_kernel reads the keep flags 16 at a time (one 16-byte load) where the row is
+// contiguous and 16-byte aligned (a [B, Hkv, S] bool tensor with S % 16 == 0), else 4 at a time
+// (independent byte loads). Either way one pass: at 8k slots two round trips per thread for
+// the flags instead of 8 (four-slot steps) and 8 more for a second pass over the evicted
+// slots, which made validate_kernel most of a steady-state eviction's time.
+constexpr int kScanVector = 16;
 constexpr int kScanSlots = 4;
 
 // Block (sequence b, head h < max(Hkv, 1)): the HeadCheck of that row, see the file comment.
@@ -139,65 +180,56 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t id = rows.table[col * rows.table_stride];
       if (id >= P || id < (col < used ? 0 : -1)) s_table_bad = 1;
     }
-    if (has_head) {
-      int kept = 0, beyond = kNoSlot, first_evicted = kNoSlot;
+  }
+  __syncthreads();  // s_table_bad: the positions can be read where it is 0
+  if (len_ok && has_head) {
+    // Positions are read before the block knows whether a keep flag past the length (an error
+    // that comes first) voids them: only reads, and only through a valid table.
+    const bool read_pos = s_table_bad == 0;
+    ScanAcc acc;
+    const bool vector = rows.keep_stride == 1 && reinterpret_cast<uintptr_t>(rows.keep) % 16 == 0;
+    if (vector) {
+      for (int64_t s0 = static_cast<int64_t>(tid) * kScanVector; s0 < S; s0 += kThreads * kScanVector) {
+        bool k[kScanVector];
+        if (s0 + kScanVector <= S) {
+          const uint4 w = *reinterpret_cast<const uint4*>(rows.keep + s0);
+          const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+          for (int j = 0; j < kScanVector; ++j) k[j] = ((words[j / 4] >> (8 * (j % 4))) & 0xffu) != 0;
+        } else {
+#pragma unroll
+          for (int j = 0; j < kScanVector; ++j) k[j] = s0 + j < S && rows.keep[s0 + j] != 0;
+        }
+        scan_group(rows, s0, k, S, len, read_pos, p.log_len, acc);
+      }
+    } else {
       for (int64_t s0 = static_cast<int64_t>(tid) * kScanSlots; s0 < S; s0 += kThreads * kScanSlots) {
         bool k[kScanSlots];
 #pragma unroll
         for (int j = 0; j < kScanSlots; ++j) k[j] = s0 + j < S && rows.kept(s0 + j);
-#pragma unroll
-        for (int j = 0; j < kScanSlots; ++j) {
-          const int64_t s = s0 + j;
-          if (s >= S) break;
-          if (k[j] && s < len) ++kept;
-          else if (k[j]) beyond = min(beyond, static_cast<int>(s));
-          else if (s < len) first_evicted = min(first_evicted, static_cast<int>(s));
-        }
+        scan_group(rows, s0, k, S, len, read_pos, p.log_len, acc);
       }
-      if (kept > 0) atomicAdd(&s_kept, kept);
-      if (beyond != kNoSlot) atomicMin(&s_beyond, beyond);
-      if (first_evicted != kNoSlot) atomicMin(&s_first_evicted, first_evicted);
     }
+    if (acc.kept > 0) atomicAdd(&s_kept, acc.kept);
+    if (acc.beyond != kNoSlot) atomicMin(&s_beyond, acc.beyond);
+    if (acc.first_evicted != kNoSlot) atomicMin(&s_first_evicted, acc.first_evicted);
+    if (acc.bad != kNoSlot) atomicMin(&s_bad, acc.bad);
   }
-  __syncthreads();
-  // Block-uniform: the positions can be read (valid pages) and are needed (no earlier error).
+  __syncthreads();  // the block's counts and first slots are final; every log entry was read
+  // Block-uniform: the positions were read (valid pages) and are needed (no earlier error).
   const bool scan = len_ok && has_head && s_table_bad == 0 && s_beyond == kNoSlot;
   const int64_t first = s_first_evicted;
-  if (scan) {
-    int bad = kNoSlot;  // this thread's first evicted slot outside the log or already evicted
-    for (int64_t s0 = first + static_cast<int64_t>(tid) * kScanSlots; s0 < len && bad == kNoSlot;
-         s0 += kThreads * kScanSlots) {
-      bool evicted[kScanSlots];
-      int32_t pos[kScanSlots], logged[kScanSlots];
-#pragma unroll
-      for (int j = 0; j < kScanSlots; ++j) evicted[j] = s0 + j < len && !rows.kept(s0 + j);
-#pragma unroll
-      for (int j = 0; j < kScanSlots; ++j) pos[j] = evicted[j] ? *rows.position(s0 + j) : 0;
-#pragma unroll
-      for (int j = 0; j < kScanSlots; ++j) {
-        logged[j] = evicted[j] && pos[j] >= 0 && pos[j] < p.log_len ? *rows.log_entry(pos[j]) : kNeverEvicted;
-      }
-#pragma unroll
-      for (int j = kScanSlots - 1; j >= 0; --j) {  // the first bad slot of the step wins
-        if (evicted[j] && (pos[j] < 0 || pos[j] >= p.log_len || logged[j] != kNeverEvicted)) {
-          bad = static_cast<int>(s0 + j);
-        }
-      }
+  if (scan && claim) {
+    const int64_t end = min(static_cast<int64_t>(s_bad), len);
+    for (int64_t s = first + tid; s < end; s += kThreads) {
+      if (!rows.kept(s)) atomicMin(rows.log_entry(*rows.position(s)), claim_tag(s));
     }
-    if (bad != kNoSlot) atomicMin(&s_bad, bad);
-    if (claim) {
-      __syncthreads();  // every log entry was read before any is claimed
-      const int64_t end = min(static_cast<int64_t>(s_bad), len);
-      for (int64_t s = first + tid; s < end; s += kThreads) {
-        if (!rows.kept(s)) atomicMin(rows.log_entry(*rows.position(s)), claim_tag(s));
-      }
-      __syncthreads();  // every claim is made
-      int dup = kNoSlot;
-      for (int64_t s = first + tid; s < end && dup == kNoSlot; s += kThreads) {
-        if (!rows.kept(s) && __ldcg(rows.log_entry(*rows.position(s))) != claim_tag(s)) dup = static_cast<int>(s);
-      }
-      if (dup != kNoSlot) atomicMin(&s_dup, dup);
+    __syncthreads();  // every claim is made
+    int dup = kNoSlot;
+    for (int64_t s = first + tid; s < end && dup == kNoSlot; s += kThreads) {
+      if (!rows.kept(s) && __ldcg(rows.log_entry(*rows.position(s))) != claim_tag(s)) dup = static_cast<int>(s);
     }
+    if (dup != kNoSlot) atomicMin(&s_dup, dup);
   }
   __syncthreads();
   if (tid != 0) return;

@@ -7,7 +7,9 @@
 // (stable and fill). Row sizes pick each word width of the copy (2, 4, 8, 16 bytes) and the
 // long-row paths (more than 1024 words); fill runs rounds of 1024 pairs; a sequence that an
 // unchecked call must leave alone (a bad step, an already-logged position, a position past
-// the log) keeps its bytes and gets length -1.
+// the log) keeps its bytes and gets length -1. A checked call's verdict on the device
+// (evict_compact_check.cuh, after validate_kernel) must be the CPU op's: reject exactly what it
+// rejects.
 #include "cuda_emulation.h"  // first: it defines what the CUDA headers below expect
 
 #include <algorithm>
@@ -17,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "evict_compact_check.cuh"
 #include "evict_compact_kernels.cuh"
 #include "harness.h"
 #include "shadowkv/paged_kv.h"
@@ -39,6 +42,9 @@ struct Case {
   // >= 0: every head keeps its first `sinks` slots and its last kept - sinks (StreamingLLM)
   // instead of a random set.
   int sinks = -1;
+  // The keep rows' length, max(lens) + 3, rounded up to a multiple of this: 16 makes every row
+  // 16-byte aligned, which validate_kernel reads 16 flags at a time.
+  int keep_align = 1;
 };
 
 // Everything an eviction reads or writes, in exactly sized buffers.
@@ -106,7 +112,7 @@ State make_state(const Case& c, uint32_t seed) {
   s.max_pages = (max_len + s.ps - 1) / s.ps + 1;
   s.num_pages = 1;  // one page nobody uses
   for (int len : c.lens) s.num_pages += (len + s.ps - 1) / s.ps;
-  s.keep_len = max_len + 3;
+  s.keep_len = (max_len + 3 + c.keep_align - 1) / c.keep_align * c.keep_align;
   s.log_len = max_len + 7;
   s.k.resize(static_cast<size_t>(s.num_pages * s.ps * s.H * s.D * s.es));
   s.v.resize(s.k.size());
@@ -267,6 +273,9 @@ TEST(emulated_evict_matches_cpu) {
   for (const Case& c : cases) {
     run_case(c, seed, "case seed " + std::to_string(seed));
     run_case(c, seed, "case seed " + std::to_string(seed) + ", claimed", true, true);
+    Case aligned = c;  // validate_kernel's 16-flag loads
+    aligned.keep_align = 16;
+    run_case(aligned, seed, "case seed " + std::to_string(seed) + ", aligned keep rows, claimed", true, true);
     ++seed;
   }
   run_case(late_first_eviction(), seed, "first eviction at slot 1500");
@@ -281,6 +290,9 @@ TEST(emulated_evict_unchecked_leaves_a_bad_sequence_alone) {
   Case log{{3000, 900, 40}, {2200, 30, 40}, 2, 16, 8, DType::kBFloat16};
   log.bad_log_seq = 0;
   run_case(log, 18, "already logged");
+  log.keep_align = 16;
+  run_case(log, 18, "already logged, aligned keep rows");
+  log.keep_align = 1;
   run_case(log, 18, "already logged, fill", false);
   log.bad_pos_outside = true;
   run_case(log, 19, "position outside the log", false);
@@ -312,6 +324,131 @@ TEST(emulated_evict_fill_matches_cpu) {
     run_case(c, seed, "fill case seed " + std::to_string(seed) + ", claimed", false, true);
     ++seed;
   }
+}
+
+// A checked call's device verdict: validate_kernel (claiming, as a checked call does), then
+// evict_compact_check.cuh's two kernels, on at most two blocks (grid-stride loops). True: good.
+bool device_verdict(EvictCompactParams p) {
+  p.check_values = true;
+  const PagedKVCache& c = p.cache;
+  const int64_t B = c.batch, heads = std::max<int64_t>(c.num_kv_heads, 1);
+  std::vector<HeadCheck> records(static_cast<size_t>(B * heads), HeadCheck{});
+  const FastDivmod page_div(static_cast<uint32_t>(c.page_size));
+  HeadCheck* rec = records.data();
+  shadowkv_emu::launch(static_cast<unsigned>(B * heads), kThreads, 0,
+                       [&] { validate_kernel(p, page_div, c.slot_capacity(), heads, true, rec); });
+  std::vector<int32_t> refs(static_cast<size_t>(c.num_pages), 0), write_begin(static_cast<size_t>(B), 77);
+  int bad = 0;
+  // 32-thread blocks (the kernels loop by blockDim): every emulated thread is an OS thread.
+  constexpr int kTestThreads = 32;
+  const auto blocks = [](int64_t items) {
+    return static_cast<unsigned>(std::clamp<int64_t>((items + kTestThreads - 1) / kTestThreads, 1, 2));
+  };
+  shadowkv_emu::launch(blocks(B * std::max<int64_t>(c.max_pages, 1)), kTestThreads, 0, [&] {
+    evict_verdict_count_kernel(p, heads, rec, refs.data(), write_begin.data(), &bad);
+  });
+  if (c.max_pages > 0) {
+    shadowkv_emu::launch(blocks(B * c.max_pages), kTestThreads, 0,
+                         [&] { evict_verdict_shared_kernel(p, refs.data(), write_begin.data(), &bad); });
+  }
+  return bad == 0;
+}
+
+// Slot `slot` of sequence b, head h: its position (pos_pages).
+int32_t& position(State& s, int64_t b, int64_t h, int64_t slot) {
+  const int64_t page = s.tables[b * s.max_pages + slot / s.ps];
+  return s.pos[(page * s.ps + slot % s.ps) * s.H + h];
+}
+
+// The device verdict against evict_compact_cpu (which checks everything before it writes) on
+// random states with one bad value or none: lengths (negative, past the capacity or `keep`,
+// shorter than the keep flags), steps, keep flags past the length, kept counts that differ
+// between heads, block-table entries (outside the pool where used, garbage where unused), a
+// page in two tables (an error where either entry is written, not where both are below the
+// first evicted slot's page), evicted positions already logged, outside the log or shared;
+// half of them with 16-byte aligned keep rows (validate_kernel's vector loads).
+TEST(emulated_evict_check_matches_cpu_checks) {
+  std::mt19937 rng(23);
+  const auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  int flagged = 0, shared_ok = 0;
+  for (int iter = 0; iter < 150; ++iter) {
+    const int B = uniform(1, 4), H = uniform(1, 3), ps = uniform(1, 5);
+    Case c{{}, {}, H, ps, 2, DType::kFloat32};
+    c.keep_align = uniform(0, 1) ? 16 : 1;
+    for (int b = 0; b < B; ++b) {
+      c.lens.push_back(uniform(0, 30));
+      c.kept.push_back(uniform(0, c.lens.back()));
+    }
+    // Streaming keep masks with whole sink pages sometimes: their first pages are not written.
+    if (uniform(0, 2) == 0) {
+      c.sinks = ps * uniform(1, 2);
+      for (int b = 0; b < B; ++b) {
+        c.lens[b] = std::max(c.lens[b], c.sinks + 2);
+        c.kept[b] = uniform(c.sinks + 1, c.lens[b]);
+      }
+    }
+    State s = make_state(c, static_cast<uint32_t>(1000 + iter));
+    const int b = uniform(0, B - 1), len = c.lens[b], h = uniform(0, H - 1);
+    const int used = (len + ps - 1) / ps;
+    const auto keep_at = [&](int64_t hh, int64_t slot) -> uint8_t& {
+      return s.keep[(b * s.H + hh) * s.keep_len + slot];
+    };
+    // An evicted slot of (b, h), or -1.
+    int evicted = -1;
+    for (int slot = 0; slot < len; ++slot)
+      if (!keep_at(h, slot)) evicted = slot;
+    bool shared_read_only = false;
+    switch (uniform(0, 13)) {
+      case 0: s.lens[b] = uniform(0, 1) ? -uniform(1, 3) : static_cast<int32_t>(s.max_pages * ps + uniform(1, 2)); break;
+      case 1: s.lens[b] = static_cast<int32_t>(s.keep_len + 1); break;
+      case 2: s.lens[b] = uniform(0, len); break;  // keep flags may now lie past it
+      case 3: s.steps[b] = uniform(0, 1) ? -1 : INT32_MAX; break;
+      case 4: if (len < s.keep_len) keep_at(h, len) = 1; break;
+      case 5: if (H > 1 && len > 0) { const int slot = uniform(0, len - 1); keep_at(1, slot) ^= 1; } break;
+      case 6: if (used > 0) s.tables[b * s.max_pages + uniform(0, used - 1)] = uniform(0, 1) ? -1 : static_cast<int32_t>(s.num_pages); break;
+      case 7: if (used < s.max_pages) s.tables[b * s.max_pages + used] = uniform(0, 1) ? -1 : -3; break;
+      case 8: {  // another sequence's page (or its own) in an unused column: that column is written
+        const int o = uniform(0, B - 1), o_used = (c.lens[o] + ps - 1) / ps;
+        if (o_used > 0 && used < s.max_pages) s.tables[b * s.max_pages + used] = s.tables[o * s.max_pages + uniform(0, o_used - 1)];
+        break;
+      }
+      case 9: {  // two sequences' first (sink) pages shared: an error only where one of them is written
+        const int o = (b + 1) % B;
+        if (o != b && used > 0 && c.lens[o] > 0) {
+          s.tables[b * s.max_pages] = s.tables[o * s.max_pages];
+          // Its rows must hold sequence b's positions for the CPU op to find nothing else wrong.
+          for (int64_t hh = 0; hh < H; ++hh)
+            for (int slot = 0; slot < std::min(ps, std::min(len, c.lens[o])); ++slot) position(s, b, hh, slot) = position(s, o, hh, slot);
+          shared_read_only = c.sinks >= ps;
+        }
+        break;
+      }
+      case 10: if (evicted >= 0) s.log[(b * s.H + h) * s.log_len + position(s, b, h, evicted)] = 3; break;
+      case 11: if (evicted >= 0) position(s, b, h, evicted) = uniform(0, 1) ? -1 : static_cast<int32_t>(s.log_len); break;
+      case 12: {  // an evicted slot takes another slot's position
+        const int other = uniform(0, std::max(len - 1, 0));
+        if (evicted >= 0 && other != evicted) position(s, b, h, evicted) = position(s, b, h, other);
+        break;
+      }
+      default: break;
+    }
+    State cpu = s;
+    bool host_bad = false;
+    try {
+      evict_compact_cpu(cpu.params());
+    } catch (const std::invalid_argument&) {
+      host_bad = true;
+    }
+    const bool device_good = device_verdict(s.params());
+    if (device_good == host_bad)
+      shadowkv_test::report(__FILE__, __LINE__, "iteration " + std::to_string(iter) + ": device verdict " +
+                                                    (device_good ? "good" : "bad") + ", evict_compact_cpu " +
+                                                    (host_bad ? "rejects" : "accepts"));
+    flagged += host_bad;
+    shared_ok += shared_read_only && !host_bad;
+  }
+  CHECK(flagged > 30 && flagged < 130);  // both verdicts drawn
+  CHECK(shared_ok > 0);                  // a shared page that nobody writes passed
 }
 
 }  // namespace
