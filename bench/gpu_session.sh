@@ -71,6 +71,13 @@ profile_decode=("$ncu" --target-processes all -k "regex:decode_partition_mma_ker
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
   --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters
   $py -m shadowkv bench decode --device cuda --reps 20 --warmup 0)
+# Nsight Compute on the eviction kernels at the acceptance row's state (the steady scenario,
+# fill compaction): the first two checked calls' kernels (validate, the two verdict kernels,
+# fill, finalize each), the restoring copies between calls not matched.
+profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[a-z]+|fill|finalize)_kernel" -c 10
+  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
+  --section MemoryWorkloadAnalysis
+  $py -m shadowkv bench evict --device cuda --scenario steady --compaction fill --reps 20 --warmup 0)
 
 {
   echo "== $stage  $(date -u +%FT%TZ)  $(git rev-parse --short HEAD 2>/dev/null)"
@@ -204,36 +211,37 @@ profile_decode=("$ncu" --target-processes all -k "regex:decode_partition_mma_ker
           -k "wgmma2 or wgmma_ws or wgmma_fused"  # + wgmma2o, wgmma2_fused
         part 50 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py tests/test_cache.py \
           -k "unchecked and not (pipelined or mma_decode)"
-        # The attention families never timed (wgmma_fused, wgmma2_fused, then wgmma_ws last: a
-        # fault there spares the rest), before the decode parts: the attention target is the
-        # furthest from its acceptance (0.45x FlexAttention, 1.5x needed).
+        # 32k contexts, every attention family (12 s on 2026-11-26; out of time at the end of
+        # the 2026-11-27 call, so now here).
+        part 40 $py -m pytest $opts -m slow tests/test_shadow_attention_cuda.py
+        # The attention target is the furthest from its acceptance (0.86x FlexAttention on
+        # 2026-11-27, 1.5x needed).
         part 90 $py -m shadowkv bench attention --device cuda
         part 60 $py -m shadowkv bench decode --device cuda --scores  # the four decode kernels
         # The third acceptance number (evict_compact < 5% of a decode step: the `steady | ...,
-        # fill, check=False` rows), before the sanitizers and profiles: near the end it was the
-        # first thing a build without .prebuilt (~80 s) pushed out of the budget.
+        # fill` rows, checked and not: the checked call's verdict moved to the device after
+        # 2026-11-27), before the sanitizers and profiles.
         part 30 $py -m shadowkv bench evict --device cuda
-        # compute-sanitizer (clean on 2026-11-26): small cases of the newest kernels (-x: the
-        # first finding ends it); racecheck on the attention kernels never racechecked (the
-        # fused backwards' dS tile, the warp-specialised forward's ring), whose shared-memory
-        # stages are what a missing barrier would break (~45 s per case under racecheck).
+        # compute-sanitizer (clean on 2026-11-26 and 27): small cases of the newest kernels (-x:
+        # the first finding ends it): the decode kernels, every attention family, and the
+        # eviction kernels changed since (validate_kernel in one pass, the device verdict of
+        # checked calls: memcheck on the named cases, the bad values and the argument errors,
+        # racecheck on validate_kernel's shared counters).
         mc() { PYTORCH_NO_CUDA_MEMORY_CACHING=1 part "$2" "$sanitizer" --tool "$1" --error-exitcode 3 \
           --target-processes all $py -m pytest -q -x -p no:cacheprovider "${@:3}"; }
         mc memcheck 60 tests/test_paged_kv_cuda.py \
           -k "(pipelined or mma_decode) and (matches_reference or unchecked_bad) and not many_seq"
         mc memcheck 60 tests/test_shadow_attention_cuda.py -k "family_matches_reference and (tiny or random_d64 or chunk_d64)"
-        mc racecheck 100 tests/test_shadow_attention_cuda.py \
-          -k "family_matches_reference and mha_random_d64 and (fused or wgmma_ws)"
-        # wgmma2_fused's two-warpgroup kernel runs at head dim 128 only
-        mc racecheck 60 tests/test_shadow_attention_cuda.py \
-          -k "family_matches_reference and mha_chunk_unaligned_d128 and wgmma2_fused and bf16"
-        part 60 "${profile[@]}" wgmma_fused  # the one-pass dK/dV/dQ kernel: where does its time go?
-        part 60 "${profile[@]}" wgmma_ws  # the warp-specialised forward: is it still issue-bound?
-        part 60 "${profile_decode[@]}"  # why decode stops short of copy bandwidth: the open question
-        # The same with every section's body (the stall reasons behind "cycles per issue"), at the
-        # GPU's own clocks: a separate part, in case this ncu lacks --print-details.
+        mc memcheck 60 tests/test_paged_kv_cuda.py tests/test_cache.py \
+          -k "evict and (named_cases or unchecked_bad or bad_inputs or shared_pages) and not long"
+        mc racecheck 60 tests/test_paged_kv_cuda.py -k "evict_named_cases and no_scores and checked and fill and not long"
+        # Where the eviction's time goes (validate, verdict, fill, finalize at the steady state).
+        part 45 "${profile_evict[@]}"
+        part 60 "${profile[@]}" wgmma  # auto's backward (and the head-dim-64 forward)
+        part 60 "${profile[@]}" wgmma_ws  # auto's forward at head dim 128
+        # mma_rows's stall reasons at the GPU's own clocks (latency-bound at 18.75% occupancy on
+        # 2026-11-27: which dependency?).
         part 45 "${profile_decode[0]}" --print-details all --clock-control none "${profile_decode[@]:1}"
-        part 60 "${profile[@]}" wgmma2_fused
         # The main job on the GPU: 4 steps in bf16 mixed precision of a
         # random model with head dim 64 (--init: no warm-up; the default model's head dim 32
         # would run the SIMT kernels), so the learner runs the default tensor-core kernels. The
@@ -250,7 +258,6 @@ build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=
         part 30 $py -m shadowkv bench decode --device cuda --heads 64 --kv-heads 8 --head-dim 64
         part 60 $py -m shadowkv bench rollout --device cuda --dtype bfloat16 -B 64 --prompt 512 --new 512 \
           --head-dim 128 --max-fit-batch 256
-        part 30 $py -m pytest $opts -m slow tests/test_shadow_attention_cuda.py  # 32k context
       }
       ;;
     bench)

@@ -95,11 +95,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="decode steps per eviction for the keep scenario's amortized column (default: 128)")
     p.add_argument("--chunk", type=at_least(1), default=None,
                    help="tokens the steady scenario evicts (default: page size + 1)")
+    p.add_argument("--scenario", choices=("keep", "steady", "both"), default="both",
+                   help="time only this scenario (default: both; a profiler run wants one)")
+    p.add_argument("--compaction", choices=("stable", "fill", "both"), default="both",
+                   help="time only this compaction (default: both)")
     args = p.parse_args(argv)
     device, dtype = resolve_args(args)
     B, ctx, hkv = args.batch, args.ctx, args.kv_heads
     chunk = args.page_size + 1 if args.chunk is None else args.chunk
     scenarios = {"keep": (round(args.keep * ctx), args.every), "steady": (ctx - chunk, chunk)}
+    if args.scenario != "both":
+        scenarios = {args.scenario: scenarios[args.scenario]}
+    stables = {"stable": (True,), "fill": (False,), "both": (True, False)}[args.compaction]
     for name, (kept, _) in scenarios.items():
         if not args.sinks < kept <= ctx:
             raise SystemExit(f"{name}: keeps {kept} of {ctx} tokens (--keep={args.keep}, --chunk={chunk}): need "
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             "streaming": streaming_keep(pristine.seq_lens.cpu(), hkv, ctx, args.sinks, kept - args.sinks).to(device),
             "random": random_keep(B, hkv, ctx, kept, device, gen),
         }
-        for (name, keep), stable, check in ((m, st, c) for m in masks.items() for st in (True, False) for c in checks):
+        for (name, keep), stable, check in ((m, st, c) for m in masks.items() for st in stables for c in checks):
             evict_ms = median_ms(lambda i: ops.evict_compact(*work, keep, steps, log, check=check, stable=stable),
                                  device, args.warmup, args.reps, prepare=restore)
             # The timed calls must have done the whole job, or the times mean nothing.
