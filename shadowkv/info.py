@@ -48,7 +48,7 @@ def info_lines() -> list[str]:
     ]
     if _C.built_with_cuda():
         lines.append("paged decode kernel: mma_rows where it applies (bf16/fp16, head dim 64/128, sm_80+), "
-                     "else warp (SHADOWKV_DECODE_KERNEL: auto, warp, pipelined, mma, mma_rows)")
+                     "else warp (SHADOWKV_DECODE_KERNEL: auto, warp, pipelined, mma, mma_rows, mma_rows_2stage)")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)

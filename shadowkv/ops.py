@@ -82,7 +82,7 @@ def cpu_isa(name: str) -> contextlib.AbstractContextManager[None]:
 
 
 DECODE_KERNEL_ENV = "SHADOWKV_DECODE_KERNEL"
-DECODE_KERNELS = ("auto", "warp", "pipelined", "mma", "mma_rows")
+DECODE_KERNELS = ("auto", "warp", "pipelined", "mma", "mma_rows", "mma_rows_2stage")
 
 
 def decode_kernel(name: str) -> contextlib.AbstractContextManager[None]:
@@ -96,7 +96,8 @@ def decode_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     (the default): mma with each warp instruction copying whole K/V rows instead of 32 bytes of
     each of 16 rows. On an H200 at B=64, 8k context, bf16, unchecked (bench/RESULTS.md,
     2026-11-27): mma_rows 0.66 ms (77% of copy bandwidth), mma 0.83 ms, pipelined 1.07 ms, warp
-    3.97 ms. Sets the
+    3.97 ms. ``"mma_rows_2stage"``: mma_rows with a two-stage ring instead of three (less shared
+    memory, more resident blocks; opt-in until a GPU has timed it). Sets the
     environment variable SHADOWKV_DECODE_KERNEL, which the CUDA op reads at every call, for the
     whole process while the block runs. CPU ops ignore it.
     """

@@ -206,7 +206,8 @@ def test_unchecked_call_on_cpu_still_checks():
 def test_decode_kernel_choice_is_checked_and_scoped():
     """``ops.decode_kernel`` names a CUDA kernel: unknown names are a ValueError, the choice is
     undone after the block, and CPU calls ignore it."""
-    with pytest.raises(ValueError, match="decode_kernel: `name` must be one of auto, warp, pipelined, mma, mma_rows"):
+    with pytest.raises(ValueError, match="decode_kernel: `name` must be one of auto, warp, pipelined, mma, "
+                                         "mma_rows, mma_rows_2stage"):
         with ops.decode_kernel("fastest"):
             pass
     q, state, _ = Case([5, 9], 4, 2, 64, 4, torch.bfloat16, None, None, seed=3).inputs()

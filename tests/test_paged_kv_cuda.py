@@ -308,13 +308,14 @@ def check_decode(q, state: PagedState, scale, scores, *, q_dev=None, tables=None
 
 # The CUDA decode kernels the tests run (SHADOWKV_DECODE_KERNEL), with their test ids.
 DECODE_KERNEL_PARAMS = [pytest.param("warp", id="warp_decode"), pytest.param("pipelined", id="pipelined"),
-                        pytest.param("mma", id="mma_decode"), pytest.param("mma_rows", id="mma_decode_rows")]
+                        pytest.param("mma", id="mma_decode"), pytest.param("mma_rows", id="mma_decode_rows"),
+                        pytest.param("mma_rows_2stage", id="mma_decode_rows_2stage")]
 
 
 @pytest.fixture(params=DECODE_KERNEL_PARAMS)
 def decode_kernel(request, monkeypatch):
     """The decode tests run each kernel: the warp one, the pipelined one and the tensor-core one
-    with its two ways of copying rows (SHADOWKV_DECODE_KERNEL; all but warp apply to
+    with its two ways of copying rows (and the whole-row one with a two-stage ring) (SHADOWKV_DECODE_KERNEL; all but warp apply to
     bfloat16/float16 with head dim 64/128 and aligned rows, the rest runs the warp kernel either
     way). The default ("auto") is the tensor-core one with whole-row copies (mma_rows) where it
     applies; tests without this fixture run it. The tensor-core ids start with "mma_decode": `-k mma` would also select the
@@ -527,7 +528,8 @@ def test_unknown_decode_kernel_is_an_error(monkeypatch):
     monkeypatch.setenv(ops.DECODE_KERNEL_ENV, "fastest")
     q, state, _ = cpu_decode.Case([5], 2, 1, 64, 4, torch.bfloat16, None, None, seed=3).inputs()
     d = dev_state(state)
-    with pytest.raises(ValueError, match="SHADOWKV_DECODE_KERNEL must be one of auto, warp, pipelined, mma, mma_rows"):
+    with pytest.raises(ValueError, match="SHADOWKV_DECODE_KERNEL must be one of auto, warp, pipelined, mma, "
+                                         "mma_rows, mma_rows_2stage"):
         ops.paged_decode_attention(dev(q), d.k_pages, d.v_pages, d.block_tables, d.seq_lens)
 
 

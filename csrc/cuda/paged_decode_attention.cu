@@ -89,13 +89,14 @@ void launch_pipelined(const DecodeLaunch& a, int64_t blocks, cudaStream_t stream
                 blocks, stream, op, "decode_partition_pipelined_kernel");  // <= 55.3 KB
 }
 
-template <typename T, int D, bool kRowLoads>
+template <typename T, int D, bool kRowLoads, int kStages = mmad::kStages>
 void launch_mma(const DecodeLaunch& a, int64_t blocks, cudaStream_t stream, const char* op) {
-  launch_staged(decode_partition_mma_kernel<T, D, kRowLoads>, mma_smem_bytes<T, D>(a.tile_heads, a.part_size), a,
-                blocks, stream, op, "decode_partition_mma_kernel");  // <= 71.3 KB
+  launch_staged(decode_partition_mma_kernel<T, D, kRowLoads, kStages>,
+                mma_smem_bytes<T, D, kStages>(a.tile_heads, a.part_size), a, blocks, stream, op,
+                "decode_partition_mma_kernel");  // <= 71.3 KB (3 stages), 54.3 KB (2)
 }
 
-enum class DecodeKernel { kWarp, kPipelined, kMma, kMmaRows };
+enum class DecodeKernel { kWarp, kPipelined, kMma, kMmaRows, kMmaRows2Stage };
 
 // SHADOWKV_DECODE_KERNEL, read at every call: "warp" runs decode_partition_kernel; "pipelined"
 // runs decode_partition_pipelined_kernel, "mma" decode_partition_mma_kernel and "mma_rows" or
@@ -104,7 +105,9 @@ enum class DecodeKernel { kWarp, kPipelined, kMma, kMmaRows };
 // warp kernel. mma_rows is the default since it passed the GPU tests and compute-sanitizer memcheck
 // on an H200 and was the fastest kernel at every shape measured there (bench/RESULTS.md,
 // 2026-11-27: 0.66 vs 0.83 ms for mma at B=64, ctx 8k, D=128, unchecked; also at 8 x 32k and at
-// head dim 64 with GQA groups of 8).
+// head dim 64 with GQA groups of 8). "mma_rows_2stage" is mma_rows with two ring stages instead
+// of three: Nsight Compute found mma_rows latency-bound at 3 blocks (12 warps) per SM, a limit
+// set by shared memory; two stages fit 4. Opt-in until a GPU has timed it.
 DecodeKernel requested_decode_kernel(const char* op) {
   const char* env = std::getenv("SHADOWKV_DECODE_KERNEL");
   const std::string v = env == nullptr ? "" : env;
@@ -112,7 +115,9 @@ DecodeKernel requested_decode_kernel(const char* op) {
   if (v == "pipelined") return DecodeKernel::kPipelined;
   if (v == "mma") return DecodeKernel::kMma;
   if (v.empty() || v == "auto" || v == "mma_rows") return DecodeKernel::kMmaRows;
-  fail(op, "SHADOWKV_DECODE_KERNEL must be one of auto, warp, pipelined, mma, mma_rows; got '" + v + "'");
+  if (v == "mma_rows_2stage") return DecodeKernel::kMmaRows2Stage;
+  fail(op, "SHADOWKV_DECODE_KERNEL must be one of auto, warp, pipelined, mma, mma_rows, mma_rows_2stage; got '" + v +
+               "'");
 }
 
 int device_cc_major() {
@@ -241,13 +246,18 @@ void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream_ptr) {
           if (D == 128) return launch_pipelined<T, 128>(a, blocks, stream, op);
           if (D == 64) return launch_pipelined<T, 64>(a, blocks, stream, op);
         }
-        if ((kernel == DecodeKernel::kMma || kernel == DecodeKernel::kMmaRows) && rows_aligned(c, 8) &&
+        if (kernel != DecodeKernel::kWarp && kernel != DecodeKernel::kPipelined && rows_aligned(c, 8) &&
             device_cc_major() >= 8) {
-          const bool rows = kernel == DecodeKernel::kMmaRows;
-          if (D == 128) return rows ? launch_mma<T, 128, true>(a, blocks, stream, op)
-                                    : launch_mma<T, 128, false>(a, blocks, stream, op);
-          if (D == 64) return rows ? launch_mma<T, 64, true>(a, blocks, stream, op)
-                                   : launch_mma<T, 64, false>(a, blocks, stream, op);
+          if (kernel == DecodeKernel::kMma) {
+            if (D == 128) return launch_mma<T, 128, false>(a, blocks, stream, op);
+            if (D == 64) return launch_mma<T, 64, false>(a, blocks, stream, op);
+          } else if (kernel == DecodeKernel::kMmaRows) {
+            if (D == 128) return launch_mma<T, 128, true>(a, blocks, stream, op);
+            if (D == 64) return launch_mma<T, 64, true>(a, blocks, stream, op);
+          } else {
+            if (D == 128) return launch_mma<T, 128, true, 2>(a, blocks, stream, op);
+            if (D == 64) return launch_mma<T, 64, true, 2>(a, blocks, stream, op);
+          }
         }
       }
       if (D == 128 && rows_aligned(c, 4)) return launch_partitions<T, 4, 1>(a, blocks, smem, stream, op);

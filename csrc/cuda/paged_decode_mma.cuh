@@ -51,8 +51,8 @@ struct MmaShape {
   static constexpr int kDimTiles = D / mmad::kTile / kWarps;  // step c: 16-dim tiles per warp (2 or 1)
 };
 
-template <typename T, int D, bool kRowLoads = false>
-using MmaRing = RowRing<T, D, mmad::kChunk, mmad::kStages, MmaShape<T, D>::kRow,
+template <typename T, int D, bool kRowLoads = false, int kStages = mmad::kStages>
+using MmaRing = RowRing<T, D, mmad::kChunk, kStages, MmaShape<T, D>::kRow,
                         kRowLoads ? D / 8 : kThreads / mmad::kChunk>;  // loaders per slot: a row's pieces, or 2
 
 // The row pitch of the logits in shared memory, in floats.
@@ -60,14 +60,16 @@ __host__ __device__ inline int mma_logit_pitch(int part_size) { return part_size
 
 // Dynamic shared memory of the mma kernel, in bytes: the stages, then the queries [tile_heads][D]
 // (T), the logits [tile_heads][part_size + 8] (fp32), the page ids (int32).
-template <typename T, int D>
+template <typename T, int D, int kStages = mmad::kStages>
 size_t mma_smem_bytes(int tile_heads, int part_size) {
-  return MmaRing<T, D>::kBytes + sizeof(T) * static_cast<size_t>(tile_heads) * D +
+  return MmaRing<T, D, false, kStages>::kBytes + sizeof(T) * static_cast<size_t>(tile_heads) * D +
          sizeof(float) * static_cast<size_t>(tile_heads) * mma_logit_pitch(part_size) +
          sizeof(int) * static_cast<size_t>(part_size + 1);
 }
 
-template <typename T, int D, bool kRowLoads = false>
+// kStages: the ring's depth (mmad::kStages; 2 in "mma_rows_2stage", whose ~17 KB less shared
+// memory fits 4 blocks per SM instead of 3 at the benchmark's shape).
+template <typename T, int D, bool kRowLoads = false, int kStages = mmad::kStages>
 __global__ void __launch_bounds__(kThreads) decode_partition_mma_kernel(const DecodeLaunch a) {
   using S = MmaShape<T, D>;
   using namespace mmad;
@@ -84,12 +86,12 @@ __global__ void __launch_bounds__(kThreads) decode_partition_mma_kernel(const De
 
   unsigned char* smem = reinterpret_cast<unsigned char*>(dynamic_smem());
   T* stages = reinterpret_cast<T*>(smem);
-  T* qs = reinterpret_cast<T*>(smem + MmaRing<T, D>::kBytes);                      // [G][D]
+  T* qs = reinterpret_cast<T*>(smem + MmaRing<T, D, kRowLoads, kStages>::kBytes);                      // [G][D]
   float* s = reinterpret_cast<float*>(qs + static_cast<size_t>(a.tile_heads) * D);  // [G][pitch]
   int* pages = reinterpret_cast<int*>(s + static_cast<size_t>(a.tile_heads) * pitch);
   stage_pages_and_queries(a, blk, D, pages, qs);
 
-  MmaRing<T, D, kRowLoads> ring(a, blk, stages, pages);
+  MmaRing<T, D, kRowLoads, kStages> ring(a, blk, stages, pages);
   const int chunks = ring.chunks;
   ring.prime();
 

@@ -21,7 +21,7 @@ events and include what the op does on the host per call: by default a small ker
 ``seq_lens`` and the block tables and the host waits for its verdict; the ``check=False`` row skips
 that (values checked on the device, graph-capturable; see ``shadowkv/ops.py``). On CUDA every row of the
 paged op is timed for each kernel (``ops.decode_kernel``: the default ``mma_rows`` one first,
-then ``mma``, ``pipelined`` and ``warp``; each row tagged with its kernel). Calls rotate over ``--sets``
+then ``mma``, ``pipelined``, ``warp`` and the opt-in ``mma_rows_2stage``; each row tagged with its kernel). Calls rotate over ``--sets``
 distinct caches and queries so that the L2 cache does not serve repeated reads. On CPU times
 come from ``time.perf_counter``; the VM's last-level cache can hold the small CPU shape, so
 CPU numbers are cache-warm.
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # The CUDA kernels of the paged op (SHADOWKV_DECODE_KERNEL); CPU ops ignore the choice.
     # The default (mma_rows where it applies) first: the summary's "(default)" ratio is the first row's.
-    kernels = ["mma_rows", "mma", "pipelined", "warp"] if device.type == "cuda" else ["auto"]
+    kernels = ["mma_rows", "mma", "pipelined", "warp", "mma_rows_2stage"] if device.type == "cuda" else ["auto"]
 
     # A benchmark of wrong results is worthless: the implementations must agree first.
     max_diff = 0.0

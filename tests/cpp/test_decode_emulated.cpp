@@ -33,7 +33,7 @@ using namespace shadowkv::cuda_paged;
 using shadowkv_test::from_double;
 using shadowkv_test::to_double;
 
-enum class Kernel { kWarp, kPipelined, kMma, kMmaRows };
+enum class Kernel { kWarp, kPipelined, kMma, kMmaRows, kMmaRows2Stage };
 
 struct Case {
   std::vector<int> lens;
@@ -47,6 +47,7 @@ struct Case {
 std::string describe(Kernel kernel, int D, const Case& c) {
   std::string s = kernel == Kernel::kMma        ? "mma"
                   : kernel == Kernel::kMmaRows ? "mma_rows"
+                  : kernel == Kernel::kMmaRows2Stage ? "mma_rows_2stage"
                   : kernel == Kernel::kPipelined ? "pipelined"
                                                  : "warp";
   s += " D=" + std::to_string(D) + " Hq=" + std::to_string(c.q_heads) + " Hkv=" + std::to_string(c.kv_heads) +
@@ -146,13 +147,16 @@ void run_case(Kernel kernel, const Case& c, uint32_t seed) {
 
   // paged_decode_attention_cuda's launches: the partition kernel, the reduce, the scores.
   const unsigned blocks = static_cast<unsigned>(B * Hkv * a.group_tiles * a.num_parts);
-  if (kernel == Kernel::kMma || kernel == Kernel::kMmaRows) {
+  if (kernel == Kernel::kMma || kernel == Kernel::kMmaRows || kernel == Kernel::kMmaRows2Stage) {
     if constexpr (sizeof(T) == 2 && (D == 64 || D == 128)) {
       const size_t smem = mma_smem_bytes<T, D>(a.tile_heads, a.part_size);
       if (kernel == Kernel::kMma)
         shadowkv_emu::launch(blocks, kThreads, smem, [&] { decode_partition_mma_kernel<T, D, false>(a); });
-      else
+      else if (kernel == Kernel::kMmaRows)
         shadowkv_emu::launch(blocks, kThreads, smem, [&] { decode_partition_mma_kernel<T, D, true>(a); });
+      else
+        shadowkv_emu::launch(blocks, kThreads, mma_smem_bytes<T, D, 2>(a.tile_heads, a.part_size),
+                             [&] { decode_partition_mma_kernel<T, D, true, 2>(a); });
     }
   } else if (kernel == Kernel::kPipelined) {
     if constexpr (sizeof(T) == 2 && (D == 64 || D == 128))
@@ -300,13 +304,16 @@ TEST(emulated_decode_mma_bf16_d128) { run_all<__nv_bfloat16, 128>(Kernel::kMma, 
 TEST(emulated_decode_mma_fp16_d64) { run_all<__half, 64>(Kernel::kMma, 11); }
 TEST(emulated_decode_mma_rows_bf16_d128) { run_all<__nv_bfloat16, 128>(Kernel::kMmaRows, 81); }
 TEST(emulated_decode_mma_rows_fp16_d64) { run_all<__half, 64>(Kernel::kMmaRows, 91); }
+// The two-stage ring (cp_async_wait<0>: each chunk lands before the next is requested into the
+// stage just read).
+TEST(emulated_decode_mma_rows_2stage_bf16_d128) { run_all<__nv_bfloat16, 128>(Kernel::kMmaRows2Stage, 101); }
 TEST(emulated_decode_pipelined_bf16_d128) { run_all<__nv_bfloat16, 128>(Kernel::kPipelined, 21); }
 TEST(emulated_decode_pipelined_fp16_d64) { run_all<__half, 64>(Kernel::kPipelined, 31); }
 
 // check=False calls: a page id outside the pool in a column a partition reads flags the sequence
 // (and nothing is read from it); the other sequences are exact.
 TEST(emulated_decode_unchecked_bad_page) {
-  for (Kernel kernel : {Kernel::kMma, Kernel::kMmaRows, Kernel::kPipelined, Kernel::kWarp}) {
+  for (Kernel kernel : {Kernel::kMma, Kernel::kMmaRows, Kernel::kMmaRows2Stage, Kernel::kPipelined, Kernel::kWarp}) {
     Case c{{200, 150}, 4, 2, 16, 128};
     c.unchecked = true;
     c.bad_seq = 0;
