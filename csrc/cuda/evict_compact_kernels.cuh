@@ -501,13 +501,17 @@ __device__ __forceinline__ int collect_slots(const HeadRows& rows, int32_t step,
 }
 
 // The `stable = false` compaction ("fill"), one block per (sequence b, KV head h) of a valid
-// sequence with new length n: in rounds of up to kFillPairs, the next evicted slots below n
-// (holes) and as many next kept slots at or past n (sources) are collected, the holes logged,
+// sequence with new length n: in rounds of up to kFillPairs, the next kept slots at or past n
+// (sources) and as many next evicted slots below n (holes) are collected, the holes logged,
 // and each source's K and V rows, position and score copied into its hole. A hole is below n
 // and a source at or past it, so no row is both read and written: the copies need no staging,
-// only the barrier that ends a round before the next one rewrites the lists. The evicted slots
-// past the last source are logged at the end, and slot_scores past n zeroed. Cost: the keep
-// flags of every slot (kFillChunk per step, three barriers each) and the moved rows.
+// only the barriers that end the hole scan's logging and the round. The evicted slots past the
+// last source are logged at the end, and slot_scores past n zeroed. Sources first: there are as
+// many holes as sources (every head keeps n), so the hole scan stops at the last hole instead
+// of looking for kFillPairs of them up to n; in a rollout's steady state (a page + 1 evicted
+// after the sinks) that is one step of kFillChunk flags instead of all n. Cost: the keep flags
+// from the first hole to the last and from n to the end (kFillChunk per step, three barriers
+// each), and the moved rows.
 template <int kWordBytes>
 __global__ void __launch_bounds__(kThreads) fill_kernel(const EvictCompactParams p, FastDivmod page_div,
                                                         const HeadCheck* checks, int64_t elem_bytes,
@@ -533,12 +537,13 @@ __global__ void __launch_bounds__(kThreads) fill_kernel(const EvictCompactParams
   // No hole (and nothing to log) before the row's first evicted slot (validate_kernel's).
   int64_t hole_cursor = checks[blockIdx.x].first_evicted, source_cursor = new_len;
   for (;;) {
-    const int n = collect_slots(rows, step, hole_cursor, new_len, false, kFillPairs, sh.holes, sh);
-    if (n == 0) break;
-    // As many kept slots past new_len as holes below it (sequence_verdict: every head keeps
-    // new_len, none past len), so m == n and this call runs at least one step: its barriers
-    // order the holes' log reads above before the copies below overwrite their positions.
-    const int m = collect_slots(rows, step, source_cursor, len, true, n, sh.sources, sh);
+    const int sources = collect_slots(rows, step, source_cursor, len, true, kFillPairs, sh.sources, sh);
+    if (sources == 0) break;  // no kept slot past new_len: no hole below it either
+    // As many holes below new_len as kept slots past it (sequence_verdict: every head keeps
+    // new_len, none past len), so this finds as many; its last step logs the holes it passed.
+    // (min: were the keep flags rewritten while the op ran, no pair takes an unset entry.)
+    const int m = min(sources, collect_slots(rows, step, hole_cursor, new_len, false, sources, sh.holes, sh));
+    __syncthreads();  // the holes' positions were read (logged) before the copies overwrite them
     if (per_pair) {
       for (int i = 0; i < m; ++i) {
         const auto from = rows.place(sh.sources[i]), to = rows.place(sh.holes[i]);
@@ -589,7 +594,7 @@ __global__ void __launch_bounds__(kThreads) fill_kernel(const EvictCompactParams
       }
     }
     __syncthreads();  // the round has read its lists
-    if (n < kFillPairs) break;
+    if (sources < kFillPairs) break;
   }
   // The evicted slots past the last source (the holes and the sources' evicted neighbours are
   // logged), then the scores past the new length.
