@@ -21,8 +21,9 @@ events and include what the op does on the host per call: by default a small ker
 ``seq_lens`` and the block tables and the host waits for its verdict; the ``check=False`` row skips
 that (values checked on the device, graph-capturable; see ``shadowkv/ops.py``). On CUDA every row of the
 paged op is timed for each kernel (``ops.decode_kernel``: the default ``mma_rows`` one first,
-then ``mma``, ``pipelined``, ``warp`` and the opt-in ``mma_rows_2stage``; each row tagged with its kernel). Calls rotate over ``--sets``
-distinct caches and queries so that the L2 cache does not serve repeated reads. On CPU times
+then ``mma``, ``pipelined``, ``warp`` and the opt-in ``mma_rows_2stage``; each row tagged with
+its kernel). Calls rotate over ``--sets`` distinct caches and queries so that the L2 cache does
+not serve repeated reads. On CPU times
 come from ``time.perf_counter``; the VM's last-level cache can hold the small CPU shape, so
 CPU numbers are cache-warm.
 
