@@ -505,8 +505,9 @@ __device__ __forceinline__ int collect_slots(const HeadRows& rows, int32_t step,
 // (sources) and as many next evicted slots below n (holes) are collected, the holes logged,
 // and each source's K and V rows, position and score copied into its hole. A hole is below n
 // and a source at or past it, so no row is both read and written: the copies need no staging,
-// only the barriers that end the hole scan's logging and the round. The evicted slots past the
-// last source are logged at the end, and slot_scores past n zeroed. Sources first: there are as
+// only the barriers that end the hole scan's logging and the round. The source scans log the
+// evicted slots past n (the last one runs to the end), and slot_scores past n are zeroed at
+// the end. Sources first: there are as
 // many holes as sources (every head keeps n), so the hole scan stops at the last hole instead
 // of looking for kFillPairs of them up to n; in a rollout's steady state (a page + 1 evicted
 // after the sinks) that is one step of kFillChunk flags instead of all n. Cost: the keep flags
@@ -540,9 +541,10 @@ __global__ void __launch_bounds__(kThreads) fill_kernel(const EvictCompactParams
     const int sources = collect_slots(rows, step, source_cursor, len, true, kFillPairs, sh.sources, sh);
     if (sources == 0) break;  // no kept slot past new_len: no hole below it either
     // As many holes below new_len as kept slots past it (sequence_verdict: every head keeps
-    // new_len, none past len), so this finds as many; its last step logs the holes it passed.
-    // (min: were the keep flags rewritten while the op ran, no pair takes an unset entry.)
-    const int m = min(sources, collect_slots(rows, step, hole_cursor, new_len, false, sources, sh.holes, sh));
+    // new_len, none past len), so this finds as many (m < sources only were the keep flags
+    // rewritten while the op ran: then only the pairs found move); its last step logs the holes
+    // it passed.
+    const int m = collect_slots(rows, step, hole_cursor, new_len, false, sources, sh.holes, sh);
     __syncthreads();  // the holes' positions were read (logged) before the copies overwrite them
     if (per_pair) {
       for (int i = 0; i < m; ++i) {
@@ -596,11 +598,9 @@ __global__ void __launch_bounds__(kThreads) fill_kernel(const EvictCompactParams
     __syncthreads();  // the round has read its lists
     if (sources < kFillPairs) break;
   }
-  // The evicted slots past the last source (the holes and the sources' evicted neighbours are
-  // logged), then the scores past the new length.
-  for (int64_t s = source_cursor + tid; s < len; s += kThreads) {
-    if (!rows.kept(s)) *rows.log_entry(*rows.position(s)) = step;
-  }
+  // Every evicted slot is logged: the source scan ended at len (a round that found fewer than
+  // kFillPairs sources ran to it), the hole scans at the last hole. Then the scores past the
+  // new length.
   scores.zero_from(new_len, p.keep_len);
 }
 
