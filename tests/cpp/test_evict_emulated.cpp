@@ -371,7 +371,7 @@ TEST(emulated_evict_check_matches_cpu_checks) {
   std::mt19937 rng(23);
   const auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
   int flagged = 0, shared_ok = 0;
-  for (int iter = 0; iter < 150; ++iter) {
+  for (int iter = 0; iter < 100; ++iter) {
     const int B = uniform(1, 4), H = uniform(1, 3), ps = uniform(1, 5);
     Case c{{}, {}, H, ps, 2, DType::kFloat32};
     c.keep_align = uniform(0, 1) ? 16 : 1;
@@ -447,7 +447,7 @@ TEST(emulated_evict_check_matches_cpu_checks) {
     flagged += host_bad;
     shared_ok += shared_read_only && !host_bad;
   }
-  CHECK(flagged > 30 && flagged < 130);  // both verdicts drawn
+  CHECK(flagged > 20 && flagged < 90);  // both verdicts drawn
   CHECK(shared_ok > 0);                  // a shared page that nobody writes passed
 }
 
