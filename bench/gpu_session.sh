@@ -239,8 +239,6 @@ profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[
         mc racecheck 60 tests/test_paged_kv_cuda.py -k "evict_named_cases and no_scores and checked and fill and not long"
         # Where the eviction's time goes (validate, verdict, fill, finalize at the steady state).
         part 45 "${profile_evict[@]}"
-        part 60 "${profile[@]}" wgmma  # auto's backward (and the head-dim-64 forward)
-        part 60 "${profile[@]}" wgmma_ws  # auto's forward at head dim 128
         # mma_rows's stall reasons at the GPU's own clocks (latency-bound at 18.75% occupancy on
         # 2026-11-27: which dependency?).
         part 45 "${profile_decode[0]}" --print-details all --clock-control none "${profile_decode[@]:1}"
