@@ -305,8 +305,9 @@ TEST(emulated_decode_mma_fp16_d64) { run_all<__half, 64>(Kernel::kMma, 11); }
 TEST(emulated_decode_mma_rows_bf16_d128) { run_all<__nv_bfloat16, 128>(Kernel::kMmaRows, 81); }
 TEST(emulated_decode_mma_rows_fp16_d64) { run_all<__half, 64>(Kernel::kMmaRows, 91); }
 // The two-stage ring (cp_async_wait<0>: each chunk lands before the next is requested into the
-// stage just read).
-TEST(emulated_decode_mma_rows_2stage_bf16_d128) { run_all<__nv_bfloat16, 128>(Kernel::kMmaRows2Stage, 101); }
+// stage just read), at the smaller head dim: it runs under ThreadSanitizer, CI's longest stage
+// (the unchecked test below runs it at bf16 d128 too).
+TEST(emulated_decode_mma_rows_2stage_fp16_d64) { run_all<__half, 64>(Kernel::kMmaRows2Stage, 101); }
 TEST(emulated_decode_pipelined_bf16_d128) { run_all<__nv_bfloat16, 128>(Kernel::kPipelined, 21); }
 TEST(emulated_decode_pipelined_fp16_d64) { run_all<__half, 64>(Kernel::kPipelined, 31); }
 
