@@ -13,10 +13,10 @@
 //      and block tables into one verdict, which the host copies back (one int, one stream
 //      synchronisation). A bad verdict, and only that, copies the records, lengths, block tables
 //      and steps to the host, which raises the CPU op's error, in its order and with its
-//      message, from them. Before a checked call throws (a rejected
-//      value, or a CUDA error before step 3 is launched), restore_kernel puts back INT32_MAX in
-//      the claimed log entries, so a call that throws changes nothing. Unchecked calls
-//      skip this step (no copy, no synchronisation: a CUDA graph can capture them).
+//      message, from them. Before a checked call throws (a rejected value, or a CUDA error
+//      before step 3 is launched), restore_kernel puts back INT32_MAX in the claimed log
+//      entries, so a call that throws changes nothing. Unchecked calls skip this step (no copy,
+//      no synchronisation: a CUDA graph can capture them).
 //   3. compact_kernel, one block per (sequence, KV head), compacts the sequences the records
 //      say are valid (sequence_verdict): it walks the slots in chunks, in order. Per chunk each
 //      thread takes one slot; evicted slots log evicted_at[pos] = step; a block-wide prefix count

@@ -507,12 +507,11 @@ __device__ __forceinline__ int collect_slots(const HeadRows& rows, int32_t step,
 // and a source at or past it, so no row is both read and written: the copies need no staging,
 // only the barriers that end the hole scan's logging and the round. The source scans log the
 // evicted slots past n (the last one runs to the end), and slot_scores past n are zeroed at
-// the end. Sources first: there are as
-// many holes as sources (every head keeps n), so the hole scan stops at the last hole instead
-// of looking for kFillPairs of them up to n; in a rollout's steady state (a page + 1 evicted
-// after the sinks) that is one step of kFillChunk flags instead of all n. Cost: the keep flags
-// from the first hole to the last and from n to the end (kFillChunk per step, three barriers
-// each), and the moved rows.
+// the end. Sources first: there are as many holes as sources (every head keeps n), so the hole
+// scan stops at the last hole instead of looking for kFillPairs of them up to n; in a rollout's
+// steady state (a page + 1 evicted after the sinks) that is one step of kFillChunk flags
+// instead of all n. Cost: the keep flags from the first hole to the last and from n to the end
+// (kFillChunk per step, three barriers each), and the moved rows.
 template <int kWordBytes>
 __global__ void __launch_bounds__(kThreads) fill_kernel(const EvictCompactParams p, FastDivmod page_div,
                                                         const HeadCheck* checks, int64_t elem_bytes,
