@@ -89,11 +89,19 @@ void launch_pipelined(const DecodeLaunch& a, int64_t blocks, cudaStream_t stream
                 blocks, stream, op, "decode_partition_pipelined_kernel");  // <= 55.3 KB
 }
 
-template <typename T, int D, bool kRowLoads, int kStages = mmad::kStages>
-void launch_mma(const DecodeLaunch& a, int64_t blocks, cudaStream_t stream, const char* op) {
-  launch_staged(decode_partition_mma_kernel<T, D, kRowLoads, kStages>,
-                mma_smem_bytes<T, D, kStages>(a.tile_heads, a.part_size), a, blocks, stream, op,
-                "decode_partition_mma_kernel");  // <= 71.3 KB (3 stages), 54.3 KB (2)
+// The mma kernel for head dim D (64 or 128; false, launching nothing, for any other).
+template <typename T, bool kRowLoads, int kStages = mmad::kStages>
+bool launch_mma(int64_t D, const DecodeLaunch& a, int64_t blocks, cudaStream_t stream, const char* op) {
+  const auto launch = [&](auto d) {
+    constexpr int kD = decltype(d)::value;
+    launch_staged(decode_partition_mma_kernel<T, kD, kRowLoads, kStages>,
+                  mma_smem_bytes<T, kD, kStages>(a.tile_heads, a.part_size), a, blocks, stream, op,
+                  "decode_partition_mma_kernel");  // <= 71.3 KB (3 stages), 54.3 KB (2)
+    return true;
+  };
+  if (D == 128) return launch(std::integral_constant<int, 128>{});
+  if (D == 64) return launch(std::integral_constant<int, 64>{});
+  return false;
 }
 
 enum class DecodeKernel { kWarp, kPipelined, kMma, kMmaRows, kMmaRows2Stage };
@@ -248,16 +256,10 @@ void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream_ptr) {
         }
         if (kernel != DecodeKernel::kWarp && kernel != DecodeKernel::kPipelined && rows_aligned(c, 8) &&
             device_cc_major() >= 8) {
-          if (kernel == DecodeKernel::kMma) {
-            if (D == 128) return launch_mma<T, 128, false>(a, blocks, stream, op);
-            if (D == 64) return launch_mma<T, 64, false>(a, blocks, stream, op);
-          } else if (kernel == DecodeKernel::kMmaRows) {
-            if (D == 128) return launch_mma<T, 128, true>(a, blocks, stream, op);
-            if (D == 64) return launch_mma<T, 64, true>(a, blocks, stream, op);
-          } else {
-            if (D == 128) return launch_mma<T, 128, true, 2>(a, blocks, stream, op);
-            if (D == 64) return launch_mma<T, 64, true, 2>(a, blocks, stream, op);
-          }
+          const bool launched = kernel == DecodeKernel::kMma       ? launch_mma<T, false>(D, a, blocks, stream, op)
+                                : kernel == DecodeKernel::kMmaRows ? launch_mma<T, true>(D, a, blocks, stream, op)
+                                                                   : launch_mma<T, true, 2>(D, a, blocks, stream, op);
+          if (launched) return;
         }
       }
       if (D == 128 && rows_aligned(c, 4)) return launch_partitions<T, 4, 1>(a, blocks, smem, stream, op);
