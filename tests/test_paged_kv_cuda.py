@@ -314,12 +314,13 @@ DECODE_KERNEL_PARAMS = [pytest.param("warp", id="warp_decode"), pytest.param("pi
 
 @pytest.fixture(params=DECODE_KERNEL_PARAMS)
 def decode_kernel(request, monkeypatch):
-    """The decode tests run each kernel: the warp one, the pipelined one and the tensor-core one
-    with its two ways of copying rows (and the whole-row one with a two-stage ring) (SHADOWKV_DECODE_KERNEL; all but warp apply to
-    bfloat16/float16 with head dim 64/128 and aligned rows, the rest runs the warp kernel either
-    way). The default ("auto") is the tensor-core one with whole-row copies (mma_rows) where it
-    applies; tests without this fixture run it. The tensor-core ids start with "mma_decode": `-k mma` would also select the
-    wgmma attention tests."""
+    """The decode tests run each kernel (SHADOWKV_DECODE_KERNEL): the warp one, the pipelined one
+    and the tensor-core one with its two ways of copying rows, the whole-row one also with a
+    two-stage ring (all but warp apply to bfloat16/float16 with head dim 64/128 and aligned
+    rows, the rest runs the warp kernel either way). The default ("auto") is the tensor-core one
+    with whole-row copies (mma_rows) where it applies; tests without this fixture run it. The
+    tensor-core ids start with "mma_decode": `-k mma` would also select the wgmma attention
+    tests."""
     monkeypatch.setenv(ops.DECODE_KERNEL_ENV, request.param)
     return request.param
 

@@ -338,6 +338,14 @@ def check_layout(layout: str, dtype: torch.dtype):
         assert_near(name, gg, rr, tol.grad)
 
 
+def outputs_and_grads(case: Case, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """out, lse, dq, dk, dv of ``case`` (its tensors, log, gradients) under the kernel family the
+    environment names."""
+    q, k, v, grad_out, grad_lse = case.tensors(dtype)
+    out, lse = ops.shadow_attention_with_lse(q, k, v, case.evicted_at(), case.q_offset)
+    return (out, lse, *torch.autograd.grad([out, lse], [q, k, v], [grad_out.to(dtype), grad_lse]))
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_deterministic(dtype, kernel, monkeypatch):
@@ -347,14 +355,8 @@ def test_deterministic(dtype, kernel, monkeypatch):
     different order of the same fp32 sum), and everything else still bit for bit."""
     monkeypatch.setenv(KERNEL_ENV, kernel)
     case = CASES["gqa4_chunk_d64"]
-    q, k, v, grad_out, grad_lse = case.tensors(dtype)
-    ev = case.evicted_at()
-
-    def run():
-        out, lse = ops.shadow_attention_with_lse(q, k, v, ev, case.q_offset)
-        return (out, lse, *torch.autograd.grad([out, lse], [q, k, v], [grad_out.to(dtype), grad_lse]))
-
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), run(), run()):
+    runs = [outputs_and_grads(case, dtype) for _ in range(2)]
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *runs):
         if name == "dq" and kernel in ATOMIC_DQ:
             # One rounding of the output dtype apart at most (the fp32 sums differ in their
             # last bits, which can carry across a rounding boundary of the stored dtype).
@@ -478,14 +480,9 @@ def test_auto_is_the_fastest_measured_family(case_name, family, monkeypatch):
     """Where the wgmma kernels run, "auto" is wgmma with wgmma_ws's forward at head dim 128 (the
     fastest forward measured on an H200, bench/RESULTS.md 2026-11-27) and plain wgmma at 64: the
     same bits as the named family, forward and backward."""
-    case = CASES[case_name]
-    q, k, v, grad_out, grad_lse = case.tensors(torch.bfloat16)
-    ev = case.evicted_at()
-
     def run(kernel):
         monkeypatch.setenv(KERNEL_ENV, kernel)
-        out, lse = ops.shadow_attention_with_lse(q, k, v, ev, case.q_offset)
-        return (out, lse, *torch.autograd.grad([out, lse], [q, k, v], [grad_out.to(torch.bfloat16), grad_lse]))
+        return outputs_and_grads(CASES[case_name], torch.bfloat16)
 
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), run("auto"), run(family)):
         assert torch.equal(a, b), f"{name}: auto differs from {family}"
