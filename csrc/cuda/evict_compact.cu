@@ -31,10 +31,14 @@
 //      past the new length are zeroed. With stable = false, fill_kernel instead (same blocks):
 //      only the kept slots past the new length move, into the evicted slots below it (see its
 //      comment in evict_compact_kernels.cuh).
-//   4. finalize_kernel, one block per sequence, lists the released pages in freed (table order,
-//      -1 padded), sets their block-table entries to -1 and stores the new length; a sequence
-//      that an unchecked call found invalid is left as it was, with seq_lens = -1 and a freed
-//      row of -1.
+//   4. The last of a sequence's compaction blocks to finish (a ticket in its head-0 record;
+//      finalize_kernel, one block per sequence, when there is no KV head) lists the released
+//      pages in freed (table order, -1 padded), sets their block-table entries to -1 and stores
+//      the new length; a sequence that an unchecked call found invalid is left as it was, with
+//      seq_lens = -1 and a freed row of -1.
+// An unchecked call is two launches (validate, then compact or fill), nothing else on the
+// stream: in a rollout's steady state the fixed cost of each launch is a sizeable part of the
+// call.
 #include <algorithm>
 #include <climits>
 
@@ -166,12 +170,15 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream_ptr) {
   if (words_per_row > INT32_MAX - kThreads) fail(op, "rows too long for the CUDA kernel");
   const unsigned row_blocks = grid_1d(B * heads, op), seq_blocks = grid_1d(B, op);
 
-  // Zeroed first: if validate_kernel never runs, the records claim nothing (restore_kernel
-  // then does nothing either).
+  // A checked call zeroes them first: if validate_kernel never runs, the records claim nothing
+  // (restore_kernel then does nothing either). An unchecked call has no claims to restore, and
+  // validate_kernel writes every record before anything reads it.
   DeviceWorkspace records(static_cast<size_t>(B * heads) * sizeof(HeadCheck), stream);
   HeadCheck* records_dev = reinterpret_cast<HeadCheck*>(records.bytes());
-  check_cuda(cudaMemsetAsync(records_dev, 0, static_cast<size_t>(B * heads) * sizeof(HeadCheck), stream),
-             "cudaMemsetAsync (evict records)");
+  if (p.check_values) {
+    check_cuda(cudaMemsetAsync(records_dev, 0, static_cast<size_t>(B * heads) * sizeof(HeadCheck), stream),
+               "cudaMemsetAsync (evict records)");
+  }
   // check_cache_params has checked page_size >= 1; slots are < INT32_MAX, so a larger page acts
   // as one of INT32_MAX slots.
   const FastDivmod page_div(static_cast<uint32_t>(std::min<int64_t>(c.page_size, INT32_MAX)));
@@ -222,10 +229,12 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream_ptr) {
       }
     });
     check_launch(p.stable ? "compact_kernel" : "fill_kernel");
+    guard.armed = false;  // compact_kernel / fill_kernel replace every claim by its step (and finalize)
+  } else {
+    guard.armed = false;  // no KV head, nothing claimed
+    finalize_kernel<<<seq_blocks, kThreads, 0, stream>>>(p, records_dev, heads);
+    check_launch("finalize_kernel");
   }
-  guard.armed = false;  // compact_kernel / fill_kernel replaced every claim by its step
-  finalize_kernel<<<seq_blocks, kThreads, 0, stream>>>(p, records_dev, heads);
-  check_launch("finalize_kernel");
 }
 
 }  // namespace shadowkv

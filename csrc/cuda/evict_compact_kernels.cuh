@@ -36,6 +36,7 @@ struct HeadCheck {
   int32_t bad_pos;        // its position (pos_pages)
   int32_t bad_logged;     // its log entry, for kAlreadyEvicted
   int32_t claim_end;      // the evicted slots in [first_evicted, claim_end) claimed their log entry
+  int32_t arrivals;       // compaction blocks of the sequence done so far (counted in its head-0 record)
 };
 constexpr int kCheckFields = static_cast<int>(sizeof(HeadCheck) / sizeof(int32_t));
 
@@ -243,6 +244,7 @@ __global__ void __launch_bounds__(kThreads)
   r.bad_pos = 0;
   r.bad_logged = 0;
   r.claim_end = scan && claim ? static_cast<int32_t>(min(static_cast<int64_t>(s_bad), len)) : 0;
+  r.arrivals = 0;  // the ticket of last_of_sequence (the next kernel on the stream counts it)
   const int bad = min(s_bad, s_dup);
   if (scan && bad < len) {
     const int32_t pos = *rows.position(bad);
@@ -347,23 +349,68 @@ __device__ __forceinline__ int block_rank(bool flag, int* warp_counts, int& tota
   return block_prefix<1>(flag, warp_counts, total);
 }
 
-// words: words_per_row as a FastDivmod (a word index -> (row, word) per moved word). At least 2
-// blocks per SM, as before FastDivmod (96 registers): without the bound ptxas went down to 80
-// registers for 16-byte words and spilled (4-20 bytes).
+// Block-uniform sequence b with new length new_len (-1: invalid): the released pages of a valid
+// sequence (block-table entries at index >= ceil(new_len / page_size) that hold a page) go to
+// freed[b] in table order and become -1 in the table; the rest of freed[b] is -1; seq_lens[b] =
+// new_len. Runs after every block that reads the sequence's old length and table (the
+// compactions: last_of_sequence). warp_counts: block_rank's scratch.
+__device__ __forceinline__ void finalize_sequence(const EvictCompactParams& p, int64_t b, int32_t new_len,
+                                                  int* warp_counts) {
+  const PagedKVCache& c = p.cache;
+  const int64_t M = c.max_pages;
+  const int tid = threadIdx.x;
+  int32_t* table = c.block_tables + b * c.bt_stride[0];
+  int32_t* freed = p.freed + b * p.freed_stride[0];
+  const int64_t table_stride = c.bt_stride[1], freed_stride = p.freed_stride[1];
+  int64_t released = 0;
+  if (new_len >= 0) {
+    const int64_t first_free = (new_len + c.page_size - 1) / c.page_size;
+    for (int64_t c0 = 0; c0 < M; c0 += kThreads) {  // block-uniform trip count (block_rank syncs)
+      const int64_t col = c0 + tid;
+      const int32_t id = col < M ? table[col * table_stride] : -1;
+      const bool release = col >= first_free && id >= 0;
+      int total;
+      const int rank = block_rank(release, warp_counts, total);
+      if (release) {
+        freed[(released + rank) * freed_stride] = id;
+        table[col * table_stride] = -1;
+      }
+      released += total;
+    }
+  }
+  for (int64_t i = released + tid; i < M; i += kThreads) freed[i * freed_stride] = -1;
+  if (tid == 0) c.seq_lens[b * c.seq_lens_stride] = new_len;
+}
+
+// Whether this block is the last of sequence b's `heads` compaction blocks to get here (block-
+// uniform), counted in the ticket that validate_kernel zeroed (checks[b * heads].arrivals). The
+// sequence's length and block table may be rewritten only when every block that reads them is
+// done: each block's reads come before its barrier and its thread 0's fence and ticket; the
+// last block's fence after its ticket orders its writes after them all (the pattern of CUDA's
+// threadFenceReduction sample). One launch instead of a compaction then a finalize kernel: in a
+// rollout's steady state every launch is a few microseconds of a call that has a budget of 5% of
+// a decode step.
+__device__ __forceinline__ bool last_of_sequence(HeadCheck* checks, int64_t heads, int64_t b) {
+  __shared__ int s_last;
+  __syncthreads();  // every thread of the block is done with the sequence
+  if (threadIdx.x == 0) {
+    __threadfence();
+    s_last = atomicAdd(&checks[b * heads].arrivals, 1) == heads - 1;
+    __threadfence();
+  }
+  __syncthreads();
+  return s_last != 0;
+}
+
+// compact_kernel's work on the row (sequence b, KV head h) of a valid sequence.
+// s_src: kThreads ints, the chunk offset of the chunk's i-th kept slot; warp_counts: block_rank's.
 template <int kWordBytes>
-__global__ void __launch_bounds__(kThreads, 2) compact_kernel(const EvictCompactParams p, FastDivmod page_div,
-                                                           const HeadCheck* checks, int64_t elem_bytes,
-                                                           FastDivmod words, int chunk) {
+__device__ __forceinline__ void compact_row(const EvictCompactParams& p, FastDivmod page_div, int64_t b, int64_t h,
+                                            int64_t first_evicted, int64_t elem_bytes, FastDivmod words, int chunk,
+                                            int* s_src, int* s_warp_counts) {
   const int words_per_row = static_cast<int>(words.divisor);
   using W = typename Word<kWordBytes>::type;
-  const int64_t H = p.cache.num_kv_heads;
-  const int64_t b = blockIdx.x / H, h = blockIdx.x % H;
   const int tid = threadIdx.x;
-
-  __shared__ int s_src[kThreads];  // chunk offset of the chunk's i-th kept slot
-  __shared__ int s_warp_counts[kThreads / 32];
-  if (block_verdict(p, checks, H, b) < 0) return;  // invalid (unchecked call): nothing written
-
   const HeadRows rows(p, page_div, b, h, elem_bytes);
   const int64_t len = p.cache.seq_lens[b * p.cache.seq_lens_stride];
   const int32_t step = p.steps[b * p.steps_stride];
@@ -371,7 +418,6 @@ __global__ void __launch_bounds__(kThreads, 2) compact_kernel(const EvictCompact
   const bool direct = words_per_row > kStagedWords;  // then chunk == 1
 
   // The slots before the row's first evicted one (validate_kernel's) stay where they are.
-  const int64_t first_evicted = checks[blockIdx.x].first_evicted;
   int64_t kept = first_evicted;  // slots kept before the chunk: the destination of its first kept slot
   for (int64_t c0 = first_evicted; c0 < len; c0 += chunk) {
     const int64_t r = c0 + tid;
@@ -437,6 +483,26 @@ __global__ void __launch_bounds__(kThreads, 2) compact_kernel(const EvictCompact
     kept += total;  // (the next chunk writes s_src only after block_rank's barriers)
   }
   scores.zero_from(kept, p.keep_len);
+}
+
+// Block (sequence b, KV head h): compact_row where the sequence is valid (else nothing is
+// written), then the sequence's last block to finish runs finalize_sequence.
+// words: words_per_row as a FastDivmod (a word index -> (row, word) per moved word). At least 2
+// blocks per SM, as before FastDivmod (96 registers): without the bound ptxas went down to 80
+// registers for 16-byte words and spilled (4-20 bytes).
+template <int kWordBytes>
+__global__ void __launch_bounds__(kThreads, 2) compact_kernel(const EvictCompactParams p, FastDivmod page_div,
+                                                           HeadCheck* checks, int64_t elem_bytes, FastDivmod words,
+                                                           int chunk) {
+  __shared__ int s_src[kThreads];
+  __shared__ int s_warp_counts[kThreads / 32];
+  const int64_t H = p.cache.num_kv_heads, b = blockIdx.x / H, h = blockIdx.x % H;
+  const int32_t new_len = block_verdict(p, checks, H, b);
+  if (new_len >= 0) {
+    compact_row<kWordBytes>(p, page_div, b, h, checks[blockIdx.x].first_evicted, elem_bytes, words, chunk, s_src,
+                            s_warp_counts);
+  }
+  if (last_of_sequence(checks, H, b)) finalize_sequence(p, b, new_len, s_warp_counts);
 }
 
 // fill_kernel's scan: each thread looks at kFillSlots consecutive slots, a step covers kFillChunk.
@@ -513,19 +579,12 @@ __device__ __forceinline__ int collect_slots(const HeadRows& rows, int32_t step,
 // instead of all n. Cost: the keep flags from the first hole to the last and from n to the end
 // (kFillChunk per step, three barriers each), and the moved rows.
 template <int kWordBytes>
-__global__ void __launch_bounds__(kThreads) fill_kernel(const EvictCompactParams p, FastDivmod page_div,
-                                                        const HeadCheck* checks, int64_t elem_bytes,
-                                                        FastDivmod words) {
+__device__ __forceinline__ void fill_row(const EvictCompactParams& p, FastDivmod page_div, int64_t b, int64_t h,
+                                         int32_t new_len, int64_t first_evicted, int64_t elem_bytes, FastDivmod words,
+                                         FillShared& sh) {
   const int words_per_row = static_cast<int>(words.divisor);
   using W = typename Word<kWordBytes>::type;
-  const int64_t H = p.cache.num_kv_heads;
-  const int64_t b = blockIdx.x / H, h = blockIdx.x % H;
   const int tid = threadIdx.x;
-
-  __shared__ FillShared sh;
-  const int32_t new_len = block_verdict(p, checks, H, b);
-  if (new_len < 0) return;  // invalid (unchecked call): nothing written
-
   const HeadRows rows(p, page_div, b, h, elem_bytes);
   const int64_t len = p.cache.seq_lens[b * p.cache.seq_lens_stride];
   const int32_t step = p.steps[b * p.steps_stride];
@@ -535,7 +594,7 @@ __global__ void __launch_bounds__(kThreads) fill_kernel(const EvictCompactParams
   const bool per_pair = words_per_row > kStagedWords;
 
   // No hole (and nothing to log) before the row's first evicted slot (validate_kernel's).
-  int64_t hole_cursor = checks[blockIdx.x].first_evicted, source_cursor = new_len;
+  int64_t hole_cursor = first_evicted, source_cursor = new_len;
   for (;;) {
     const int sources = collect_slots(rows, step, source_cursor, len, true, kFillPairs, sh.sources, sh);
     if (sources == 0) break;  // no kept slot past new_len: no hole below it either
@@ -603,40 +662,27 @@ __global__ void __launch_bounds__(kThreads) fill_kernel(const EvictCompactParams
   scores.zero_from(new_len, p.keep_len);
 }
 
-// Block b: the released pages of a valid sequence (block-table entries at index >=
-// ceil(new_len / page_size) that hold a page) go to freed[b] in table order and become -1 in
-// the table; the rest of freed[b] is -1; seq_lens[b] = new length (-1 if invalid). Runs after
-// compact_kernel, which reads the old lengths and tables.
-__global__ void __launch_bounds__(kThreads)
-    finalize_kernel(const EvictCompactParams p, const HeadCheck* checks, int64_t heads) {
-  const PagedKVCache& c = p.cache;
-  const int64_t b = blockIdx.x, M = c.max_pages;
-  const int tid = threadIdx.x;
-  __shared__ int s_warp_counts[kThreads / 32];
-  const int32_t new_len = block_verdict(p, checks, heads, b);
-  int32_t* table = c.block_tables + b * c.bt_stride[0];
-  int32_t* freed = p.freed + b * p.freed_stride[0];
-  const int64_t table_stride = c.bt_stride[1], freed_stride = p.freed_stride[1];
-  int64_t released = 0;
+// Block (sequence b, KV head h): fill_row where the sequence is valid (else nothing is written),
+// then the sequence's last block to finish runs finalize_sequence.
+template <int kWordBytes>
+__global__ void __launch_bounds__(kThreads) fill_kernel(const EvictCompactParams p, FastDivmod page_div,
+                                                        HeadCheck* checks, int64_t elem_bytes, FastDivmod words) {
+  __shared__ FillShared sh;
+  const int64_t H = p.cache.num_kv_heads, b = blockIdx.x / H, h = blockIdx.x % H;
+  const int32_t new_len = block_verdict(p, checks, H, b);
   if (new_len >= 0) {
-    const int64_t first_free = (new_len + c.page_size - 1) / c.page_size;
-    for (int64_t c0 = 0; c0 < M; c0 += kThreads) {  // block-uniform trip count (block_rank syncs)
-      const int64_t col = c0 + tid;
-      const int32_t id = col < M ? table[col * table_stride] : -1;
-      const bool release = col >= first_free && id >= 0;
-      int total;
-      const int rank = block_rank(release, s_warp_counts, total);
-      if (release) {
-        freed[(released + rank) * freed_stride] = id;
-        table[col * table_stride] = -1;
-      }
-      released += total;
-    }
+    fill_row<kWordBytes>(p, page_div, b, h, new_len, checks[blockIdx.x].first_evicted, elem_bytes, words, sh);
   }
-  for (int64_t i = released + tid; i < M; i += kThreads) freed[i * freed_stride] = -1;
-  if (tid == 0) c.seq_lens[b * c.seq_lens_stride] = new_len;
+  if (last_of_sequence(checks, H, b)) finalize_sequence(p, b, new_len, sh.warp_counts);
 }
 
+// Block b, for calls without KV heads (the compactions finalize otherwise): finalize_sequence.
+__global__ void __launch_bounds__(kThreads)
+    finalize_kernel(const EvictCompactParams p, const HeadCheck* checks, int64_t heads) {
+  __shared__ int s_warp_counts[kThreads / 32];
+  const int64_t b = blockIdx.x;
+  finalize_sequence(p, b, block_verdict(p, checks, heads, b), s_warp_counts);
+}
 
 // How compact_kernel copies rows (host side, shared with the emulated tests): in words of the
 // widest size that divides the row bytes and every address and stride (2-16 bytes), and in

@@ -38,6 +38,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -408,6 +409,7 @@ void launch(unsigned grid, unsigned block_threads, size_t smem_bytes, Kernel&& k
 #define gridDim (::shadowkv_emu::me().grid_dim)
 
 inline void __syncthreads() { ::shadowkv_emu::me().block->barrier.wait(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 [[noreturn]] inline void __trap() { ::shadowkv_emu::die("__trap()"); }
 
 template <typename V>

@@ -1,19 +1,20 @@
-// The CUDA eviction kernels (csrc/cuda/evict_compact_kernels.cuh: validate, compact or fill,
-// finalize) run from their own source in the host emulation of tests/cpp/cuda_emulation.h, as
-// an unchecked call launches them (and with a checked call's claims of the log entries, which
-// compaction must all overwrite), against evict_compact_cpu on a copy of the same state: the
-// two must give the same bits in every buffer (pages, positions, lengths, block tables, the
-// eviction log, slot scores, freed pages), as the CUDA op promises, for both compactions
-// (stable and fill). Row sizes pick each word width of the copy (2, 4, 8, 16 bytes) and the
-// long-row paths (more than 1024 words); fill runs rounds of 1024 pairs; a sequence that an
-// unchecked call must leave alone (a bad step, an already-logged position, a position past
-// the log) keeps its bytes and gets length -1. A checked call's verdict on the device
+// The CUDA eviction kernels (csrc/cuda/evict_compact_kernels.cuh: validate, then compact or fill,
+// whose last block per sequence finalizes it) run from their own source in the host emulation of
+// tests/cpp/cuda_emulation.h, as an unchecked call launches them (and with a checked call's claims
+// of the log entries, which compaction must all overwrite), against evict_compact_cpu on a copy of
+// the same state: the two must give the same bits in every buffer (pages, positions, lengths, block
+// tables, the eviction log, slot scores, freed pages), as the CUDA op promises, for both
+// compactions (stable and fill). Row sizes pick each word width of the copy (2, 4, 8, 16 bytes) and
+// the long-row paths (more than 1024 words); fill runs rounds of 1024 pairs; a sequence that an
+// unchecked call must leave alone (a bad step, an already-logged position, a position past the log)
+// keeps its bytes and gets length -1. A checked call's verdict on the device
 // (evict_compact_check.cuh, after validate_kernel) must be the CPU op's: reject exactly what it
 // rejects.
 #include "cuda_emulation.h"  // first: it defines what the CUDA headers below expect
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
@@ -176,12 +177,19 @@ void evict_emulated(EvictCompactParams p, bool claim = false) {
   const CompactShape shape = compact_shape(c);
   const int64_t es = shape.elem_bytes, words_per_row = shape.words_per_row;
   const int word = shape.word, chunk = shape.chunk;
+  // As on the device: a checked call zeroes the records, an unchecked one leaves whatever the
+  // workspace held (validate_kernel must write every field that a later kernel reads).
   std::vector<HeadCheck> records(static_cast<size_t>(B * heads), HeadCheck{});
+  if (!claim) std::memset(records.data(), 0x5a, records.size() * sizeof(HeadCheck));
   const FastDivmod page_div(static_cast<uint32_t>(c.page_size));
   HeadCheck* rec = records.data();
   shadowkv_emu::launch(static_cast<unsigned>(B * heads), kThreads, 0,
                        [&] { validate_kernel(p, page_div, c.slot_capacity(), heads, claim, rec); });
   const FastDivmod words(static_cast<uint32_t>(std::max<int64_t>(words_per_row, 1)));
+  if (H == 0) {
+    shadowkv_emu::launch(static_cast<unsigned>(B), kThreads, 0, [&] { finalize_kernel(p, rec, heads); });
+    return;
+  }
   dispatch_word(word, [&](auto w) {
     constexpr int kW = decltype(w)::value;
     if (p.stable) {
@@ -192,7 +200,6 @@ void evict_emulated(EvictCompactParams p, bool claim = false) {
                            [&] { fill_kernel<kW>(p, page_div, rec, es, words); });
     }
   });
-  shadowkv_emu::launch(static_cast<unsigned>(B), kThreads, 0, [&] { finalize_kernel(p, rec, heads); });
 }
 
 template <typename V>
