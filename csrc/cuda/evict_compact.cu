@@ -110,20 +110,19 @@ void check_values_on_host(const EvictCompactParams& p, const PagedKVCache& hc, c
   }
 }
 
+// The int32 scratch of device_verdict_ok: [bad, pad] [write_begin: B] [refs: P].
+int64_t verdict_ints(const PagedKVCache& c) { return 2 + c.batch + c.num_pages; }
+
 // The verdict of evict_compact_check.cuh's kernels on validate_kernel's records: true when the
-// host check would pass. One int comes back (one stream synchronisation).
-bool device_verdict_ok(const EvictCompactParams& p, int64_t heads, const HeadCheck* records, cudaStream_t stream) {
+// host check would pass. One int comes back (one stream synchronisation). `scratch`:
+// verdict_ints(p.cache) int32, zeroed on the stream.
+bool device_verdict_ok(const EvictCompactParams& p, int64_t heads, const HeadCheck* records, int32_t* scratch,
+                       cudaStream_t stream) {
   const PagedKVCache& c = p.cache;
-  const int64_t P = c.num_pages, B = c.batch;
-  // [bad, pad] [write_begin: B] [refs: P], int32 each; bad and refs zeroed.
-  const int64_t ints = 2 + B + P;
-  DeviceWorkspace work(static_cast<size_t>(ints) * sizeof(int32_t), stream);
-  int32_t* bad = work.as<int32_t>();
+  const int64_t B = c.batch;
+  int32_t* bad = scratch;
   int32_t* write_begin = bad + 2;
   int32_t* refs = write_begin + B;
-  check_cuda(cudaMemsetAsync(bad, 0, 2 * sizeof(int32_t), stream), "cudaMemsetAsync (evict verdict)");
-  if (P > 0) check_cuda(cudaMemsetAsync(refs, 0, static_cast<size_t>(P) * sizeof(int32_t), stream),
-                        "cudaMemsetAsync (evict page counts)");
   const auto blocks = [](int64_t items) {
     return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(items, kVerdictThreads), 1024)));
   };
@@ -170,14 +169,18 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream_ptr) {
   if (words_per_row > INT32_MAX - kThreads) fail(op, "rows too long for the CUDA kernel");
   const unsigned row_blocks = grid_1d(B * heads, op), seq_blocks = grid_1d(B, op);
 
-  // A checked call zeroes them first: if validate_kernel never runs, the records claim nothing
+  // The records [B, heads], then for a checked call device_verdict_ok's scratch. A checked call
+  // zeroes both with one memset: if validate_kernel never runs, the records claim nothing
   // (restore_kernel then does nothing either). An unchecked call has no claims to restore, and
-  // validate_kernel writes every record before anything reads it.
-  DeviceWorkspace records(static_cast<size_t>(B * heads) * sizeof(HeadCheck), stream);
+  // validate_kernel writes every record before anything reads it: no memset, two launches.
+  const size_t record_bytes = static_cast<size_t>(B * heads) * sizeof(HeadCheck);
+  const size_t scratch_bytes = p.check_values ? static_cast<size_t>(verdict_ints(c)) * sizeof(int32_t) : 0;
+  const size_t work_bytes = record_bytes + scratch_bytes;
+  DeviceWorkspace records(work_bytes, stream);
   HeadCheck* records_dev = reinterpret_cast<HeadCheck*>(records.bytes());
+  int32_t* verdict_scratch = reinterpret_cast<int32_t*>(records.bytes() + record_bytes);
   if (p.check_values) {
-    check_cuda(cudaMemsetAsync(records_dev, 0, static_cast<size_t>(B * heads) * sizeof(HeadCheck), stream),
-               "cudaMemsetAsync (evict records)");
+    check_cuda(cudaMemsetAsync(records_dev, 0, work_bytes, stream), "cudaMemsetAsync (evict records)");
   }
   // check_cache_params has checked page_size >= 1; slots are < INT32_MAX, so a larger page acts
   // as one of INT32_MAX slots.
@@ -203,7 +206,7 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream_ptr) {
   } guard{p.check_values, p, page_div, heads, row_blocks, records_dev, stream};  // destroyed before `records`
   check_launch("validate_kernel");
 
-  if (p.check_values && !device_verdict_ok(p, heads, records_dev, stream)) {
+  if (p.check_values && !device_verdict_ok(p, heads, records_dev, verdict_scratch, stream)) {
     // Only now the host copies, to raise the CPU op's message for the first bad value.
     IndexStager stager;
     CacheStage cache_stage;
