@@ -73,8 +73,9 @@ profile_decode=("$ncu" --target-processes all -k "regex:decode_partition_mma_ker
   --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters
   $py -m shadowkv bench decode --device cuda --reps 20 --warmup 0)
 # Nsight Compute on the eviction kernels at the acceptance row's state (the steady scenario,
-# fill compaction): the first two checked calls' kernels (validate, the two verdict kernels,
-# fill, finalize each), the restoring copies between calls not matched.
+# fill compaction): the first checked calls' kernels (validate, the two verdict kernels, fill,
+# whose last block per sequence finalizes it; finalize_kernel only runs without KV heads), the
+# restoring copies between calls not matched.
 profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[a-z]+|fill|finalize)_kernel" -c 10
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
   --section MemoryWorkloadAnalysis
@@ -227,8 +228,8 @@ profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[
         # compute-sanitizer (clean on 2026-11-26 and 27): small cases of the newest kernels (-x:
         # the first finding ends it): the decode kernels, every attention family, and the
         # eviction kernels changed since (validate_kernel in one pass, the device verdict of
-        # checked calls: memcheck on the named cases, the bad values and the argument errors,
-        # racecheck on validate_kernel's shared counters).
+        # checked calls, finalize folded into fill: memcheck on the named cases, the bad values
+        # and the argument errors, racecheck on the shared counters and the ticket).
         mc() { PYTORCH_NO_CUDA_MEMORY_CACHING=1 part "$2" "$sanitizer" --tool "$1" --error-exitcode 3 \
           --target-processes all $py -m pytest -q -x -p no:cacheprovider "${@:3}"; }
         mc memcheck 60 tests/test_paged_kv_cuda.py \
@@ -237,7 +238,7 @@ profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[
         mc memcheck 60 tests/test_paged_kv_cuda.py tests/test_cache.py \
           -k "evict and (named_cases or unchecked_bad or bad_inputs or shared_pages) and not long"
         mc racecheck 60 tests/test_paged_kv_cuda.py -k "evict_named_cases and no_scores and checked and fill and not long"
-        # Where the eviction's time goes (validate, verdict, fill, finalize at the steady state).
+        # Where the eviction's time goes (validate, verdict, fill at the steady state).
         part 45 "${profile_evict[@]}"
         # mma_rows's stall reasons at the GPU's own clocks (latency-bound at 18.75% occupancy on
         # 2026-11-27: which dependency?).
