@@ -110,20 +110,23 @@ __global__ void __launch_bounds__(kThreads) decode_partition_mma_kernel(const De
   const int a_offset = (kTile * warp + lane % 16) * S::kRow + 8 * (lane / 16);
   for (int ch = 0; ch < chunks; ++ch) {
     const T* rows = ring.next(ch);
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    // Two accumulators, even and odd k-steps: two chains of D / 32 dependent mma instead of one
+    // of D / 16 (the kernel was latency-bound on the H200, a fixed-latency dependency its top
+    // stall).
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
     for (int k = 0; k < S::kSteps; ++k) {
       uint32_t kf[4];
       ldmatrix_x4<false>(kf, rows + a_offset + 16 * k);
-      mma_16816<T>(acc, kf, qb[k]);
+      mma_16816<T>(acc[k % 2], kf, qb[k]);
     }
-    // acc[e]: slot 16 warp + g + 8 (e / 2), head 2t + e % 2.
+    // acc[.][e]: slot 16 warp + g + 8 (e / 2), head 2t + e % 2.
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int g = 2 * ft + e % 2;
       const int j = ch * kChunk + kTile * warp + fg + 8 * (e / 2);
       if (g < G && j < n) {
-        const float x = acc[e] * a.scale;
+        const float x = (acc[0][e] + acc[1][e]) * a.scale;
         s[g * pitch + j] = x;
         if (a.logits) a.logits[(bq0 + g) * a.logits_len + k0 + j] = x;
       }
@@ -140,11 +143,16 @@ __global__ void __launch_bounds__(kThreads) decode_partition_mma_kernel(const De
   // fragment's (dims 0-7 | 8-15) x (slots 0-7 | 8-15).
   const int v_offset = (lane % 8 + 8 * (lane / 16)) * S::kRow + 8 * ((lane / 8) % 2) + kTile * S::kDimTiles * warp;
   const float* sg = s + fg * pitch;  // head g's probabilities (read only when g < G)
-  float o[S::kDimTiles][4];
+  // The P_hi and P_lo products in accumulators of their own (o and o_lo, summed at the end):
+  // independent mma chains, as in step a.
+  float o[S::kDimTiles][4], o_lo[S::kDimTiles][4];
 #pragma unroll
   for (int i = 0; i < S::kDimTiles; ++i) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) o[i][e] = 0.0f;
+    for (int e = 0; e < 4; ++e) {
+      o[i][e] = 0.0f;
+      o_lo[i][e] = 0.0f;
+    }
   }
   for (int ch = 0; ch < chunks; ++ch) {
     const T* rows = ring.next(chunks + ch);
@@ -173,7 +181,7 @@ __global__ void __launch_bounds__(kThreads) decode_partition_mma_kernel(const De
         uint32_t vf[4];
         ldmatrix_x4<true>(vf, rows + 16 * kk * S::kRow + v_offset + kTile * i);
         mma_16816<T>(o[i], vf, ph);
-        mma_16816<T>(o[i], vf, pl);
+        mma_16816<T>(o_lo[i], vf, pl);
       }
     }
   }
@@ -185,7 +193,7 @@ __global__ void __launch_bounds__(kThreads) decode_partition_mma_kernel(const De
     for (int e = 0; e < 4; ++e) {
       const int g = 2 * ft + e % 2;
       const int d = kTile * (warp * S::kDimTiles + i) + fg + 8 * (e / 2);
-      if (g < G) a.part_acc[((bq0 + g) * a.num_parts + blk.part) * D + d] = o[i][e];
+      if (g < G) a.part_acc[((bq0 + g) * a.num_parts + blk.part) * D + d] = o[i][e] + o_lo[i][e];
     }
   }
 }
