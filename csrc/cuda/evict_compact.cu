@@ -178,7 +178,7 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream_ptr) {
   const size_t work_bytes = record_bytes + scratch_bytes;
   DeviceWorkspace records(work_bytes, stream);
   HeadCheck* records_dev = reinterpret_cast<HeadCheck*>(records.bytes());
-  int32_t* verdict_scratch = reinterpret_cast<int32_t*>(records.bytes() + record_bytes);
+  int32_t* verdict_scratch = p.check_values ? reinterpret_cast<int32_t*>(records.bytes() + record_bytes) : nullptr;
   if (p.check_values) {
     check_cuda(cudaMemsetAsync(records_dev, 0, work_bytes, stream), "cudaMemsetAsync (evict records)");
   }

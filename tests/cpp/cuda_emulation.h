@@ -23,8 +23,8 @@
 //   * ldmatrix and mma.sync follow the PTX ISA fragment layouts (csrc/cuda/mma_sync.cuh); mma
 //     sums its 16 products in fp32 in k order (the hardware's order and rounding differ in the
 //     last bits). ldmatrix rows must be 16-byte aligned and inside the block's shared memory.
-// Blocks run one after another. Kernels are plain functions here: launch(grid, block, smem, f)
-// runs f() once per thread.
+// Blocks run one after another (in ascending order, or descending on request). Kernels are
+// plain functions here: launch(grid, block, smem, f) runs f() once per thread.
 #pragma once
 
 #define SHADOWKV_CUDA_EMULATION 1
@@ -348,12 +348,18 @@ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   }
 }
 
+// The order launch() runs the blocks in. A GPU promises none: a kernel whose blocks coordinate
+// (a ticket that elects the last one) should pass in both.
+enum class BlockOrder { kAscending, kDescending };
+
 // Runs kernel() for every thread of every block of a one-dimensional grid, blocks one after
-// another, each with `smem_bytes` of dynamic shared memory.
+// another (in `order`), each with `smem_bytes` of dynamic shared memory.
 template <typename Kernel>
-void launch(unsigned grid, unsigned block_threads, size_t smem_bytes, Kernel&& kernel) {
+void launch(unsigned grid, unsigned block_threads, size_t smem_bytes, Kernel&& kernel,
+            BlockOrder order = BlockOrder::kAscending) {
   if (block_threads % 32 != 0) die("blocks of whole warps only");
-  for (unsigned bx = 0; bx < grid; ++bx) {
+  for (unsigned i = 0; i < grid; ++i) {
+    const unsigned bx = order == BlockOrder::kAscending ? i : grid - 1 - i;
     Block blk(static_cast<int>(block_threads));
     for (unsigned w = 0; w < block_threads / 32; ++w) blk.warps.push_back(std::make_unique<Warp>());
     if (block_threads % 128 == 0)

@@ -169,8 +169,10 @@ State make_state(const Case& c, uint32_t seed) {
 
 // evict_compact_cuda's launches, in the emulation: unchecked, or (`claim`) with the checked
 // call's claims of the evicted slots' log entries, which compaction must all overwrite (the
-// host-side check between the two is skipped: only valid states are claimed).
-void evict_emulated(EvictCompactParams p, bool claim = false) {
+// host-side check between the two is skipped: only valid states are claimed). `order`: the
+// compaction's block order, which decides the head whose block finalizes a sequence.
+void evict_emulated(EvictCompactParams p, bool claim = false,
+                    shadowkv_emu::BlockOrder order = shadowkv_emu::BlockOrder::kAscending) {
   p.check_values = claim;
   const PagedKVCache& c = p.cache;
   const int64_t B = c.batch, H = c.num_kv_heads, heads = std::max<int64_t>(H, 1);
@@ -193,11 +195,12 @@ void evict_emulated(EvictCompactParams p, bool claim = false) {
   dispatch_word(word, [&](auto w) {
     constexpr int kW = decltype(w)::value;
     if (p.stable) {
-      shadowkv_emu::launch(static_cast<unsigned>(B * H), kThreads, 0,
-                           [&] { compact_kernel<kW>(p, page_div, rec, es, words, chunk); });
+      shadowkv_emu::launch(
+          static_cast<unsigned>(B * H), kThreads, 0, [&] { compact_kernel<kW>(p, page_div, rec, es, words, chunk); },
+          order);
     } else {
-      shadowkv_emu::launch(static_cast<unsigned>(B * H), kThreads, 0,
-                           [&] { fill_kernel<kW>(p, page_div, rec, es, words); });
+      shadowkv_emu::launch(
+          static_cast<unsigned>(B * H), kThreads, 0, [&] { fill_kernel<kW>(p, page_div, rec, es, words); }, order);
     }
   });
 }
@@ -246,7 +249,9 @@ void run_case(const Case& c, uint32_t seed, const std::string& name, bool stable
   }
   EvictCompactParams emu_params = emu.params();
   emu_params.stable = stable;
-  evict_emulated(emu_params, claim);
+  // Odd seeds run the compaction's blocks last to first: the first head finalizes.
+  evict_emulated(emu_params, claim,
+                 seed % 2 ? shadowkv_emu::BlockOrder::kDescending : shadowkv_emu::BlockOrder::kAscending);
   const std::pair<const char*, bool> checks[] = {
       {"k_pages", same_bytes(cpu.k, emu.k)},        {"v_pages", same_bytes(cpu.v, emu.v)},
       {"pos_pages", same_bytes(cpu.pos, emu.pos)},  {"block_tables", same_bytes(cpu.tables, emu.tables)},

@@ -155,16 +155,19 @@ struct EvictCompactParams {
   // depend on the order).
   bool stable = true;
   // true: every value is checked before anything is written (std::invalid_argument on bad ones);
-  // on CUDA the checks run on the device and their per-(sequence, head) results are copied to
-  // the host with seq_lens, block_tables and steps: one small copy and one stream synchronisation.
+  // on CUDA the checks run on the device and one int (the verdict) is copied to the host: one
+  // stream synchronisation (the index arrays follow only when it is bad, to word the error).
   // false (CUDA only; the CPU kernel checks regardless): no copy, no synchronisation (capturable
   // in a CUDA graph). A sequence that fails a requirement above, or whose seq_lens entry is
   // outside [0, min(max_pages * page_size, keep_len)], or whose block table holds an entry
   // outside [-1, num_pages) (or -1 below ceil(seq_lens / page_size)), is not written: its
   // seq_lens becomes -1 (which later calls reject or turn into NaN) and its freed row is all -1.
   // Not checked then: that no page is written twice, by two sequences or through two entries of
-  // one table (compaction would read rows it already overwrote), and that no two evicted slots
-  // of a head hold the same position (only a corrupted pos_pages can; both log the same step).
+  // one table (compaction would read rows it already overwrote), that no two evicted slots of a
+  // head hold the same position (only a corrupted pos_pages can; both log the same step), and
+  // that the sequences' block-table rows and seq_lens entries do not overlap in memory (on CUDA
+  // the last block to finish a sequence rewrites its row and length while other sequences'
+  // blocks may still read theirs; the torch ops reject such views).
   bool check_values = true;
 };
 
@@ -173,18 +176,17 @@ void append_kv_cpu(const AppendKVParams& p, const ParallelFor& pf = serial_for);
 void paged_decode_attention_cpu(const PagedDecodeParams& p, const ParallelFor& pf = serial_for);
 void evict_compact_cpu(const EvictCompactParams& p, const ParallelFor& pf = serial_for);
 
-// CUDA kernels (only in builds with CUDA; `stream` is a cudaStream_t, every array of the params
-// is in device memory). Same contract, checks and messages as the CPU kernels, and the same
-// results: bit-identical for append_kv and evict_compact, within float rounding for decode
-// (fp32 accumulation; bfloat16/float16/float32 only, head_dim <= 256; append and evict take
-// every dtype). To check the values before writing anything, each call copies what it validates
-// to the host and synchronises `stream` first (append: seq_lens, block_tables, num_new and
-// positions; decode: the verdict of a check kernel, and the index arrays only when it is bad;
-// evict: steps and the device's per-(sequence, head) check results), so these calls block the
-// host and cannot be captured in a CUDA graph (unless check_values = false, see the params
-// above). Throw std::invalid_argument on bad params or
-// values (nothing written) and std::runtime_error on CUDA errors. evict_compact_cuda also
-// rejects keep_len > INT32_MAX (it indexes slots in int32).
+// CUDA kernels (only in builds with CUDA; `stream` is a cudaStream_t, every array of the params is
+// in device memory). Same contract, checks and messages as the CPU kernels, and the same results:
+// bit-identical for append_kv and evict_compact, within float rounding for decode (fp32
+// accumulation; bfloat16/float16/float32 only, head_dim <= 256; append and evict take every dtype).
+// To check the values before writing anything, each call copies what it validates to the host and
+// synchronises `stream` first (append: seq_lens, block_tables, num_new and positions; decode and
+// evict: the verdict of check kernels, and the index arrays only when it is bad), so these calls
+// block the host and cannot be captured in a CUDA graph (unless check_values = false, see the
+// params above). Throw std::invalid_argument on bad params or values (nothing written) and
+// std::runtime_error on CUDA errors. evict_compact_cuda also rejects keep_len > INT32_MAX (it
+// indexes slots in int32).
 void append_kv_cuda(const AppendKVParams& p, void* stream);
 void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream);
 void evict_compact_cuda(const EvictCompactParams& p, void* stream);
