@@ -602,6 +602,7 @@ def test_evict_random_cases(case):
     run_evict_both(*case.inputs(), check=False, stable=case.stable)
 
 
+MANY_LENS = [(97 * i) % 700 + 1 for i in range(48)]  # 1 .. 700 slots, 16k in all
 EVICT_CASES = {
     # lens, kv_heads, head_dim, page_size, preallocated, policy, budget, extra_slots
     "long_streaming_bf16_d128": ([5000, 37], 2, 128, 16, 1, "streaming", 0, 3, torch.bfloat16),
@@ -614,6 +615,10 @@ EVICT_CASES = {
     "fp64_d80": ([260], 2, 80, 16, 0, "sinks_only", 0, 0, torch.float64),
     "nothing_kept": ([70, 3], 2, 64, 16, 1, "nothing", 0, 1, torch.bfloat16),
     "keep_all_releases_spare_pages": ([50], 2, 64, 4, 2, "keep_all", 0, 0, torch.bfloat16),
+    # Many sequences x heads at once: the compaction's last block per sequence (a ticket) lists
+    # the freed pages and writes the length while other sequences' blocks still run.
+    "many_sequences_random_bf16_d64": (MANY_LENS, 8, 64, 16, 1, "random", 300, 0, torch.bfloat16),
+    "many_sequences_streaming_fp16_d128": (MANY_LENS, 4, 128, 16, 1, "streaming", 0, 0, torch.float16),
 }
 
 
