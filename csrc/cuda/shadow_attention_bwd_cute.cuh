@@ -191,6 +191,12 @@ __device__ __forceinline__ void write_dkdv(const ShadowAttentionBwdParams& bp, c
   }
 }
 
+// dq_kernel's shared memory past its tiles: next_live_tile's kinds, two stages of log entries.
+template <class Tr>
+constexpr size_t dq_extra_smem() {
+  return (Tr::kThreads + 2 * Tr::kBlockN) * sizeof(int);
+}
+
 template <class F>
 __global__ void __launch_bounds__(F::Traits::kThreads)
     dq_kernel(const ShadowAttentionBwdParams bp, const int2* __restrict__ ev_mm, int64_t n_ev_tiles,
@@ -212,6 +218,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     Tensor sdO = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem + Tr::kOwnBytes)), typename Tr::SmemLayoutOwn{});
     const cuda_cute::PartnerStages<Tr> stages(reinterpret_cast<E*>(smem + 2 * Tr::kOwnBytes));  // stage s: K, V
     int* kinds_s = reinterpret_cast<int*>(smem + 2 * Tr::kOwnBytes + cuda_cute::PartnerStages<Tr>::kBytes);
+    int* ev_s = kinds_s + Tr::kThreads;  // [2][BN]: a partial tile's log entries, by stage (load_kv)
 
     const QueryTile t = query_tile(p, BM);
     const E* qg = static_cast<const E*>(p.q) + t.b * p.q_stride[0] + t.hq * p.q_stride[1];
@@ -244,13 +251,17 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
 
     // Keys past the last query position are in every row's future.
     const int64_t n_key_tiles = (min(p.kv_len, t.p1 + 1) + BN - 1) / BN;
-    // K, V rows that no valid row of the block sees are zeros (kv_row_needed).
+    // K, V rows that no valid row of the block sees are zeros (kv_row_needed). A partial tile's
+    // log entries go to ev_s with them (read after the barrier that publishes the stage).
     auto load_kv = [&](int64_t tile, TileKind tile_kind, int stage) {
       const int64_t k0 = tile * BN;
       cuda_cute::load_pair<BN, D>(gmem_copy, gmem_thr, tPartC, k0,
                                   [&](int row) { return kv_row_needed(row, k0, p, t, tile_kind, evg); },
                                   tile_kind == TileKind::kFull, kg,
                                   p.k_stride[2], stages.tile(stage, 0), vg, p.v_stride[2], stages.tile(stage, 1));
+      if (tile_kind == TileKind::kPartial) {
+        cuda_cute::stage_tile_log(ev_s + stage * BN, evg, k0, BN, p.kv_len, tid, Tr::kThreads, kEvOutOfRange);
+      }
     };
     TileKind kind = TileKind::kSkip;
     int64_t tile = next_live_tile<BN>(0, n_key_tiles, kinds_s, mm, n_ev_tiles, p, t, kind);
@@ -284,7 +295,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       if (F::kTwoMaskCopies && full) {
         ds_by_query_rows(s, dp, tScS_rc, ev_col, true, k0, t.p0, scale_log2, lse2_r, delta_r);
       } else {
-        cuda_cute::load_column_log(ev_col, evg, k0, p.kv_len, tScS_rc, !full, kEvOutOfRange);
+        cuda_cute::load_staged_column_log(ev_col, ev_s + stage * BN, tScS_rc, !full, kEvOutOfRange);
         ds_by_query_rows(s, dp, tScS_rc, ev_col, full, k0, t.p0, scale_log2, lse2_r, delta_r);
       }
       Tensor rdS = F::a_operand(acc_s);
@@ -457,7 +468,7 @@ void launch_bwd_family(const ShadowAttentionBwdParams& bp, const int2* mm, int64
       check_launch("dq_from_acc_kernel");
     }
   } else {
-    run(dq_kernel<F>, p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM), tiles + Tr::kThreads * sizeof(int),
+    run(dq_kernel<F>, p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM), tiles + dq_extra_smem<Tr>(),
         "dq_kernel");
     run(dkdv_kernel<F>, kv_blocks, tiles, "dkdv_kernel", static_cast<float*>(nullptr));
   }

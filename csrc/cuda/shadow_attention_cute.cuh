@@ -257,6 +257,27 @@ __device__ __forceinline__ void load_column_log(int (&ev)[kCols], const int32_t*
   }
 }
 
+// load_column_log from a key tile's entries staged in shared memory: `sev` [tile width], entry i
+// for key k0 + i (kEvOutOfRange past kv_len), read only if `load`.
+template <int kCols, class RowCol>
+__device__ __forceinline__ void load_staged_column_log(int (&ev)[kCols], const int* sev, RowCol const& rc, bool load,
+                                                       int missing) {
+  const int col0 = get<1>(rc(0, 0));
+  const int* base = sev + col0;  // offsets from the thread's first column: compile-time constants
+  CUTE_UNROLL
+  for (int c = 0; c < kCols; ++c) ev[c] = load ? base[get<1>(rc(0, c)) - col0] : missing;
+}
+
+// A key tile's log entries into shared memory for load_staged_column_log: sev[i] = the entry of
+// key k0 + i (kEvOutOfRange past kv_len), i < width, by the block's `threads` threads. The
+// callers stage a partial tile's entries with its K/V prefetch, one block barrier before the
+// tile's scores read them: each thread then reads shared memory instead of waiting on a global
+// load right after its scores.
+__device__ __forceinline__ void stage_tile_log(int* sev, const int32_t* evg, int64_t k0, int width, int64_t kv_len,
+                                               int tid, int threads, int missing) {
+  for (int i = tid; i < width; i += threads) sev[i] = k0 + i < kv_len ? __ldg(evg + k0 + i) : missing;
+}
+
 // A copy of accumulator registers rounded to the input type E, indexed through `view` (the
 // accumulator's own registers with their modes regrouped, e.g. as an MMA A operand). Returned
 // by value: it is a register array of its own.

@@ -94,6 +94,26 @@ __device__ __forceinline__ void masked_softmax_step(TileKind kind, S& s, RowCol 
   }
 }
 
+// masked_softmax_step with the key tile's log entries in shared memory: `sev` [tile width],
+// entry i for key k0 + i (kEvOutOfRange past kv_len), read only in a partial tile. The
+// warp-specialised forward's producer stages them with the K tile, so that a partial tile's
+// mask costs its consumers shared-memory reads, not a dependent global load after each S.
+template <bool kTwoCopies, int kRows, class S, class RowCol>
+__device__ __forceinline__ void masked_softmax_step_staged(TileKind kind, S& s, RowCol const& rc, const int* sev,
+                                                           int64_t k0, int64_t p0, float scale_log2,
+                                                           float (&m_run)[kRows], float (&l_run)[kRows],
+                                                           float (&alpha)[kRows]) {
+  constexpr int kCols = decltype(cute::size<1>(rc))::value;
+  int ev_col[kCols];
+  const bool partial = kind == TileKind::kPartial;
+  if (kTwoCopies && !partial) {
+    softmax_step(s, rc, ev_col, false, k0, p0, scale_log2, m_run, l_run, alpha);
+  } else {
+    cuda_cute::load_staged_column_log(ev_col, sev, rc, partial, kEvOutOfRange);
+    softmax_step(s, rc, ev_col, partial, k0, p0, scale_log2, m_run, l_run, alpha);
+  }
+}
+
 // masked_softmax_step, then the output rows rescaled.
 template <bool kTwoCopies, int kRows, class S, class RowCol, class O>
 __device__ __forceinline__ void softmax_tile(TileKind kind, S& s, RowCol const& rc, O& o, const int32_t* evg,

@@ -9,8 +9,9 @@
 //     copies Q once and the K and V tiles of every live key tile with cp.async into a ring of
 //     kWsStages stages, and hands each to the stage's "full" mbarrier (ws_publish: the copies'
 //     arrival and a release arrival for its zero rows); it waits for a stage's "empty"
-//     mbarrier before refilling it. With the K tile it writes
-//     the stage's tile number and kind (n_key_tiles after the last: the consumers stop there);
+//     mbarrier before refilling it. With the K tile it writes the stage's tile number and kind
+//     (n_key_tiles after the last: the consumers stop there) and, for a partial tile, the
+//     tile's log entries (WsControl::ev), which its own row tests and the consumers' masks read;
 //   * two consumers (warpgroups 1, 2; 64 query rows each) run the overlapped loop of
 //     fwd_overlap_kernel on their own rows: issue S_j = Q K_j^T and O += P_{j-1} V_{j-1}, wait
 //     for S_j, release K_j, mask + softmax (while P V runs), wait for P V, release V_{j-1}. No
@@ -48,6 +49,10 @@ struct WsControl {
   int64_t tile[kWsStages];                          // the stage's key tile; n_key_tiles: no more
   int kind[kWsStages];                              // its TileKind
   int kinds[kWsProducerThreads];                    // next_live_tile's batch (the producer's)
+  // A partial tile's log entries (key k0 + i; kEvOutOfRange past kv_len), by stage and round
+  // parity: the slot a tile's consumers read is rewritten two rounds later, after both consumer
+  // warpgroups released the stage's K again (they read the entries before that release).
+  int ev[kWsStages][2][kWsProducerThreads];
 };
 
 // Bytes of shared memory a launch asks for: Q, the K/V ring, the control block, the slack.
@@ -85,6 +90,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     using cuda_common::mbar_wait;
     using Tr = typename F::Traits;
     static_assert(Tr::kThreads == 256 && Tr::kBlockM == 128, "two consumer warpgroups of 64 rows");
+    static_assert(Tr::kBlockN == kWsProducerThreads, "one producer thread per key of a tile (its log entry)");
     using T = typename Tr::Input;
     using E = typename Tr::Element;
     constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, D = Tr::kHeadDim;
@@ -130,17 +136,32 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                                gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{})), t.rows);
       ws_publish(&c.q_full);
 
-      // One K or V tile into a stage: rows no valid query row sees are zeros (kv_row_needed).
-      auto load = [&](const E* src, int64_t stride, int64_t tile, TileKind kind, int stage, int j) {
+      // One K or V tile into a stage: rows no valid query row sees are zeros (kv_row_needed, on
+      // the entries staged in `sev`).
+      auto load = [&](const E* src, int64_t stride, int64_t tile, TileKind kind, const int* sev, int stage, int j) {
         const int64_t k0 = tile * BN;
         cuda_cute::copy_rows_if(gmem_copy, gmem_thr.partition_S(cuda_cute::gmem_tile<BN, D>(src, stride, k0)),
                                 gmem_thr.partition_D(ring_tile(stage, j)), tPartC,
-                                [&](int row) { return kv_row_needed(row, k0, p, t, kind, g.ev); },
+                                [&](int row) {
+                                  return k0 + row < p.kv_len && seen_by_some(k0 + row, t.p0, t.p1, sev[row]);
+                                },
                                 kind == TileKind::kFull);
+      };
+      // This thread's log entry of a partial tile (key tile * BN + tid), read one tile ahead: its
+      // load's latency passes while the producer waits for the stage, instead of each producer
+      // thread reading the entries of its 16 rows (twice, K and V) on the way to the copies and
+      // each consumer 32 more after its scores. Why: on the H200 (bench/RESULTS.md, 2026-11-27)
+      // the 25% log took 0.74 of the dense forward's time for about half its key tiles; fitting
+      // both rows, a partial tile (the sink tile, the window's trailing edge, the diagonal: ~3
+      // of ~16 per query tile) cost about four full ones.
+      auto log_entry = [&](int64_t tile, TileKind kind) {
+        const int64_t j = tile * BN + tid;
+        return kind == TileKind::kPartial && tile < n_key_tiles && j < p.kv_len ? ev_at(g.ev, j) : kEvOutOfRange;
       };
 
       TileKind kind = TileKind::kSkip;
       int64_t tile = next_live_tile<BN>(0, n_key_tiles, c.kinds, g.mm, n_ev_tiles, p, t, kind, WsProducerGroup{});
+      int ev_next = log_entry(tile, kind);
       for (int stage = 0, round = 0;; ) {
         // Parity of the stage's previous phase: the first round's wait returns at once.
         const uint32_t empty_parity = (round & 1) ^ 1;
@@ -149,13 +170,19 @@ __global__ void __launch_bounds__(kWsThreads, 1)
           c.tile[stage] = tile;
           c.kind[stage] = static_cast<int>(kind);
         }
-        if (tile < n_key_tiles) load(g.k, p.k_stride[2], tile, kind, stage, 0);
+        int* sev = c.ev[stage][round & 1];
+        if (kind == TileKind::kPartial) {  // producer-uniform (next_live_tile)
+          sev[tid] = ev_next;
+          cuda_common::named_sync(kWsBarProducer, kWsProducerThreads);  // every entry is staged
+        }
+        if (tile < n_key_tiles) load(g.k, p.k_stride[2], tile, kind, sev, stage, 0);
         ws_publish(&c.k_full[stage]);
         if (tile >= n_key_tiles) break;
         mbar_wait(&c.v_empty[stage], empty_parity);
-        load(g.v, p.v_stride[2], tile, kind, stage, 1);
+        load(g.v, p.v_stride[2], tile, kind, sev, stage, 1);
         ws_publish(&c.v_full[stage]);
         tile = next_live_tile<BN>(tile + 1, n_key_tiles, c.kinds, g.mm, n_ev_tiles, p, t, kind, WsProducerGroup{});
+        ev_next = log_entry(tile, kind);
         if (++stage == kWsStages) {
           stage = 0;
           ++round;
@@ -214,8 +241,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
         Tensor s = F::rowcol(acc_s);
         float alpha[kRows];
-        masked_softmax_step<true>(kind, s, tScS_rc, g.ev, tile * BN, p.kv_len, t.p0, scale_log2, m_run, l_run,
-                                  alpha);
+        masked_softmax_step_staged<true>(kind, s, tScS_rc, c.ev[stage][round & 1], tile * BN, t.p0, scale_log2,
+                                         m_run, l_run, alpha);
 
         finish_step<F>(acc_o, rP, acc_s, alpha);
         if (have_p) mbar_arrive(&c.v_empty[p_stage]);  // V_{j-1} was read (finish_step waited)

@@ -81,7 +81,7 @@ void check_backward(const AttentionShape& s, uint32_t seed, const std::string& n
                          [&] { dq_from_acc_kernel<T, D>(bp, acc.data(), scale_log2 / kLog2e); });
   } else {
     shadowkv_emu::launch(static_cast<unsigned>(p.batch * p.num_q_heads * ((p.q_len + Tr::kBlockM - 1) / Tr::kBlockM)),
-                         Tr::kThreads, tiles + Tr::kThreads * sizeof(int),
+                         Tr::kThreads, tiles + dq_extra_smem<Tr>(),
                          [&] { dq_kernel<F>(bp, mm.data(), n_ev, lse2.data(), delta.data(), scale_log2); });
     shadowkv_emu::launch(kv_blocks, Tr::kThreads, tiles, [&] {
       dkdv_kernel<F>(bp, mm.data(), n_ev, lse2.data(), delta.data(), scale_log2, nullptr);
