@@ -114,6 +114,16 @@ __device__ __forceinline__ void masked_softmax_step_staged(TileKind kind, S& s, 
   }
 }
 
+// masked_softmax_step_staged, then the output rows rescaled.
+template <bool kTwoCopies, int kRows, class S, class RowCol, class O>
+__device__ __forceinline__ void softmax_tile_staged(TileKind kind, S& s, RowCol const& rc, O& o, const int* sev,
+                                                    int64_t k0, int64_t p0, float scale_log2, float (&m_run)[kRows],
+                                                    float (&l_run)[kRows]) {
+  float alpha[kRows];
+  masked_softmax_step_staged<kTwoCopies>(kind, s, rc, sev, k0, p0, scale_log2, m_run, l_run, alpha);
+  rescale_rows(o, alpha);
+}
+
 // masked_softmax_step, then the output rows rescaled.
 template <bool kTwoCopies, int kRows, class S, class RowCol, class O>
 __device__ __forceinline__ void softmax_tile(TileKind kind, S& s, RowCol const& rc, O& o, const int32_t* evg,
@@ -203,6 +213,13 @@ __device__ __forceinline__ void load_kv_tile(GmemCopy const& gmem_copy, GmemThr 
                               static_cast<DstK&&>(dst_k), g.v, p.v_stride[2], static_cast<DstV&&>(dst_v));
 }
 
+// fwd_kernel's and fwd_staged_kernel's shared memory past their tiles: next_live_tile's kinds,
+// then (fwd_kernel) a partial tile's log entries.
+template <class Tr>
+constexpr size_t fwd_extra_smem() {
+  return (Tr::kThreads + Tr::kBlockN) * sizeof(int);
+}
+
 template <class F>
 __global__ void __launch_bounds__(F::Traits::kThreads)
     fwd_kernel(const ShadowAttentionParams p, const int2* __restrict__ ev_mm, int64_t n_ev_tiles, float scale_log2) {
@@ -227,6 +244,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     Tensor sV = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem + Tr::kOwnBytes + Tr::kPartnerBytes)),
                             typename Tr::SmemLayoutPartner{});
     int* kinds_s = reinterpret_cast<int*>(smem + Tr::kOwnBytes + 2 * Tr::kPartnerBytes);
+    int* ev_s = kinds_s + Tr::kThreads;  // [BN]: a partial tile's log entries, staged with its K
 
     const QueryTile t = query_tile(p, BM);
     const FwdRows<E> g(p, t, ev_mm, n_ev_tiles);
@@ -253,14 +271,20 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     auto next_live = [&](int64_t from, TileKind& kind) {
       return next_live_tile<BN>(from, n_key_tiles, kinds_s, g.mm, n_ev_tiles, p, t, kind);
     };
-    auto load_k = [&](int64_t tile) {
+    // K rows, and a partial tile's log entries into ev_s: the tile's V row tests and masks read
+    // them after the barrier that follows (ev_s is rewritten only after the barrier that ends
+    // the previous tile's masks).
+    auto load_k = [&](int64_t tile, TileKind tile_kind) {
       copy_rows<BN>(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(g.k, p.k_stride[2], tile * BN)), tKsK, tKVcKV,
                 p.kv_len - tile * BN);
+      if (tile_kind == TileKind::kPartial) {
+        cuda_cute::stage_tile_log(ev_s, g.ev, tile * BN, BN, p.kv_len, tid, Tr::kThreads, kEvOutOfRange);
+      }
     };
 
     TileKind kind = TileKind::kSkip;
     int64_t tile = next_live(0, kind);
-    if (tile < n_key_tiles) load_k(tile);
+    if (tile < n_key_tiles) load_k(tile, kind);
     cp_async_fence();
 
     while (tile < n_key_tiles) {
@@ -271,11 +295,11 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       cp_async_wait<0>();
       F::publish();
       __syncthreads();  // K (and Q) landed for every thread; every warp is done with the last V
-      // V rows that no valid row of the block sees are zeros (kv_row_needed).
-      const TileKind kind_now = kind;
+      // V rows that no valid row of the block sees are zeros (kv_row_needed, on the staged
+      // entries: only a partial tile tests its rows).
       copy_rows_if(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(g.v, p.v_stride[2], k0)), tVsV, tKVcKV,
-                   [&](int row) { return kv_row_needed(row, k0, p, t, kind_now, g.ev); },
-                   kind_now == TileKind::kFull);
+                   [&](int row) { return k0 + row < p.kv_len && seen_by_some(k0 + row, t.p0, t.p1, ev_s[row]); },
+                   kind == TileKind::kFull);
       cp_async_fence();
 
       Tensor acc_s = mma.score_acc();
@@ -284,12 +308,12 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       // Mask, online softmax (in the log2 domain). P overwrites S in place.
       Tensor s = F::rowcol(acc_s);
       Tensor o_rc = F::rowcol(acc_o);
-      softmax_tile<true>(kind, s, tScS_rc, o_rc, g.ev, k0, p.kv_len, t.p0, scale_log2, m_run, l_run);
+      softmax_tile_staged<true>(kind, s, tScS_rc, o_rc, ev_s, k0, t.p0, scale_log2, m_run, l_run);
 
       cp_async_wait<0>();
       F::publish();
-      __syncthreads();  // V landed for every thread; every warp is done with this K
-      if (next < n_key_tiles) load_k(next);
+      __syncthreads();  // V landed for every thread; every warp is done with this K and ev_s
+      if (next < n_key_tiles) load_k(next, next_kind);
       cp_async_fence();
 
       // O += P V, with P rounded to the input type (as FlashAttention does).
@@ -397,9 +421,9 @@ template <class F, bool kStaged = false>
 void launch_fwd_family(const ShadowAttentionParams& p, const int2* mm, int64_t n_ev, float scale_log2,
                        cudaStream_t s) {
   using Tr = typename F::Traits;
-  // Q, K and V (two stages of both when staged), the tile kinds (next_live_tile), the family's slack
+  // Q, K and V (two stages of both when staged), the tile kinds and log entries, the family's slack
   const size_t kv_bytes = kStaged ? cuda_cute::PartnerStages<Tr>::kBytes : 2 * Tr::kPartnerBytes;
-  const size_t smem = Tr::kOwnBytes + kv_bytes + Tr::kThreads * sizeof(int) + F::kSmemSlack;
+  const size_t smem = Tr::kOwnBytes + kv_bytes + fwd_extra_smem<Tr>() + F::kSmemSlack;
   auto kernel = [] {  // only the chosen body is instantiated
     if constexpr (kStaged) {
       return fwd_staged_kernel<F>;
