@@ -1,5 +1,5 @@
-// 16-byte asynchronous global -> shared copies (cp.async, sm_80+) for kernels that do not use
-// CuTe. Older targets copy synchronously, so callers need no second code path: the waits are
+// 16- and 4-byte asynchronous global -> shared copies (cp.async, sm_80+) for kernels that do not
+// use CuTe (and the attention kernels' log entries beside CuTe's copies). Older targets copy synchronously, so callers need no second code path: the waits are
 // then no-ops. Under SHADOWKV_CUDA_EMULATION (the host-only emulation the C++ tests run the
 // decode kernels in, tests/cpp/cuda_emulation.h) a copy lands only when a wait covers its group,
 // the latest the hardware may deliver it, so a read that does not wait sees stale bytes.
@@ -21,6 +21,21 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
   shadowkv_emu::cp_async_16(dst, src, valid);
 #else
   *static_cast<uint4*>(dst) = valid ? *static_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
+#endif
+}
+
+// Copies 4 bytes from `src` to shared memory at `dst` (both 4-byte aligned; cp.async.ca, the
+// only form for copies under 16 bytes), or writes 4 zero bytes when `valid` is false (then `src`
+// is not read, but must still be a valid global address). Same groups as cp_async_16.
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const int src_bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes) : "memory");
+#elif defined(SHADOWKV_CUDA_EMULATION)
+  shadowkv_emu::cp_async_4(dst, src, valid);
+#else
+  *static_cast<int*>(dst) = valid ? *static_cast<const int*>(src) : 0;
 #endif
 }
 

@@ -251,17 +251,27 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
 
     // Keys past the last query position are in every row's future.
     const int64_t n_key_tiles = (min(p.kv_len, t.p1 + 1) + BN - 1) / BN;
-    // K, V rows that no valid row of the block sees are zeros (kv_row_needed). A partial tile's
-    // log entries go to ev_s with them (read after the barrier that publishes the stage).
+    // K, V rows of a tile into a stage. A partial tile's rows are all copied (those past kv_len
+    // are zeros) with its log entries (into ev_s), and the rows that no valid row of the block
+    // sees (kv_row_needed) are zeroed once they landed (clear_hidden_rows): the prefetch then
+    // issues its copies without waiting for log entries to decide which rows to copy.
     auto load_kv = [&](int64_t tile, TileKind tile_kind, int stage) {
       const int64_t k0 = tile * BN;
-      cuda_cute::load_pair<BN, D>(gmem_copy, gmem_thr, tPartC, k0,
-                                  [&](int row) { return kv_row_needed(row, k0, p, t, tile_kind, evg); },
-                                  tile_kind == TileKind::kFull, kg,
-                                  p.k_stride[2], stages.tile(stage, 0), vg, p.v_stride[2], stages.tile(stage, 1));
+      cuda_cute::load_pair<BN, D>(gmem_copy, gmem_thr, tPartC, k0, rows_below(p.kv_len - k0),
+                                  tile_kind == TileKind::kFull, kg, p.k_stride[2], stages.tile(stage, 0), vg,
+                                  p.v_stride[2], stages.tile(stage, 1));
       if (tile_kind == TileKind::kPartial) {
-        cuda_cute::stage_tile_log(ev_s + stage * BN, evg, k0, BN, p.kv_len, tid, Tr::kThreads, kEvOutOfRange);
+        cuda_cute::stage_tile_log(ev_s + stage * BN, evg, k0, BN, p.kv_len, tid, Tr::kThreads);
       }
+    };
+    // After a partial tile landed: its hidden rows (see load_kv) become zeros, before any MMA
+    // reads the stage (the caller's barrier follows).
+    auto clear_hidden_rows = [&](int64_t tile, int stage) {
+      const int64_t k0 = tile * BN;
+      const int* sev = ev_s + stage * BN;
+      auto needed = [&](int row) { return k0 + row < p.kv_len && seen_by_some(k0 + row, t.p0, t.p1, sev[row]); };
+      cuda_cute::clear_rows_unless(gmem_thr.partition_D(stages.tile(stage, 0)), tPartC, needed);
+      cuda_cute::clear_rows_unless(gmem_thr.partition_D(stages.tile(stage, 1)), tPartC, needed);
     };
     TileKind kind = TileKind::kSkip;
     int64_t tile = next_live_tile<BN>(0, n_key_tiles, kinds_s, mm, n_ev_tiles, p, t, kind);
@@ -274,6 +284,11 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       // This stage's K, V (and on the first tile Q, dO) landed for every thread, and every warp
       // is done with the other stage (the previous tile), which the prefetch below refills.
       __syncthreads();
+      if (kind == TileKind::kPartial) {  // block-uniform
+        clear_hidden_rows(tile, stage);
+        F::publish();
+        __syncthreads();
+      }
       TileKind next_kind = TileKind::kSkip;
       const int64_t next = next_live_tile<BN>(tile + 1, n_key_tiles, kinds_s, mm, n_ev_tiles, p, t, next_kind);
       if (next < n_key_tiles) load_kv(next, next_kind, stage ^ 1);

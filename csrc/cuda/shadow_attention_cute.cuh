@@ -20,6 +20,8 @@
 
 #include <type_traits>
 
+#include "cp_async.cuh"  // 4-byte copies of log entries (stage_tile_log)
+
 // SHADOWKV_EMULATED(Op): the hardware operation (MMA or copy atom) the CuTe kernels use: Op
 // itself, or under SHADOWKV_CUDA_EMULATION (never set by a real build) its host emulation from
 // tests/cpp/cute_emulation.h, which runs these kernels' own source on a CPU.
@@ -164,6 +166,17 @@ __device__ __forceinline__ void copy_rows_if(TiledCopy const& tiled_copy, Src co
   }
 }
 
+// Zeroes the rows r with !keep(r) of this thread's partition `dst` of a shared tile (coord: its
+// partition of the tile's identity tensor, as for copy_rows_if): the rows copy_rows_if would
+// have zeroed instead of copying, once the copies landed.
+template <class Dst, class Coord, class Keep>
+__device__ __forceinline__ void clear_rows_unless(Dst&& dst, Coord const& coord, Keep const& keep) {
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(dst); ++m) {
+    if (!keep(static_cast<int>(get<0>(coord(0, m, 0))))) clear(dst(_, m, _));
+  }
+}
+
 // Rows [0, valid_rows) of a tile of Rows rows, as copy_rows_if.
 template <int Rows, class TiledCopy, class Src, class Dst, class Coord>
 __device__ __forceinline__ void copy_rows(TiledCopy const& tiled_copy, Src const& src, Dst&& dst, Coord const& coord,
@@ -269,13 +282,18 @@ __device__ __forceinline__ void load_staged_column_log(int (&ev)[kCols], const i
 }
 
 // A key tile's log entries into shared memory for load_staged_column_log: sev[i] = the entry of
-// key k0 + i (kEvOutOfRange past kv_len), i < width, by the block's `threads` threads. The
-// callers stage a partial tile's entries with its K/V prefetch, one block barrier before the
-// tile's scores read them: each thread then reads shared memory instead of waiting on a global
-// load right after its scores.
+// key k0 + i, i < width, by the block's `threads` threads, with 4-byte cp.async in the caller's
+// copy group (no thread waits for them: they land with the tile's K/V at the caller's wait).
+// Keys past kv_len read 0, which hides them from every query (positions are >= 0) as
+// kEvOutOfRange does. The callers stage a partial tile's entries with its K/V prefetch, a wait
+// and a block barrier before the tile's row tests and masks read them: each thread then reads
+// shared memory instead of waiting on global loads right after its scores.
 __device__ __forceinline__ void stage_tile_log(int* sev, const int32_t* evg, int64_t k0, int width, int64_t kv_len,
-                                               int tid, int threads, int missing) {
-  for (int i = tid; i < width; i += threads) sev[i] = k0 + i < kv_len ? __ldg(evg + k0 + i) : missing;
+                                               int tid, int threads) {
+  for (int i = tid; i < width; i += threads) {
+    const bool in_range = k0 + i < kv_len;
+    cuda_common::cp_async_4(sev + i, in_range ? evg + k0 + i : evg, in_range);
+  }
 }
 
 // A copy of accumulator registers rounded to the input type E, indexed through `view` (the

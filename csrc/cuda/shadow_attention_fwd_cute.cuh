@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       copy_rows<BN>(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(g.k, p.k_stride[2], tile * BN)), tKsK, tKVcKV,
                 p.kv_len - tile * BN);
       if (tile_kind == TileKind::kPartial) {
-        cuda_cute::stage_tile_log(ev_s, g.ev, tile * BN, BN, p.kv_len, tid, Tr::kThreads, kEvOutOfRange);
+        cuda_cute::stage_tile_log(ev_s, g.ev, tile * BN, BN, p.kv_len, tid, Tr::kThreads);
       }
     };
 

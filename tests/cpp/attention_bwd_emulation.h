@@ -98,6 +98,7 @@ void check_family(const std::string& family, bool ring_shape = false) {
   for (const AttentionShape& s : kAttentionShapes)
     check_backward<F, T>(s, seed++, family + " Lq=" + std::to_string(s.q_len));
   if (ring_shape) check_backward<F, T>(kRingShape, seed, family + " ring shape");
+  check_backward<F, T>(kPoisonShape, seed + 1, family + " NaN in keys no query sees");
 }
 
 }  // namespace shadowkv_test

@@ -26,6 +26,7 @@ struct AttentionShape {
   int batch, q_heads, kv_heads, q_len, kv_len, q_offset;
   int evict_all_by = 0;  // > 0: every key is evicted by this position (later rows see no key)
   int holes_from = 0;    // keys below this are never evicted
+  bool poison = false;   // keys that no query sees hold NaN in the 16-bit K and V (AttentionProblem)
 };
 
 // Ragged tiles (lengths off the 64/128 grid), GQA, queries at an offset (chunked prefill),
@@ -42,6 +43,9 @@ inline const AttentionShape kRingShape = {2, 4, 2, 70, 600, 530};
 // Two sequences x two KV heads at a fraction of the ring shape's cost (the fused backward's dQ
 // workspace offsets).
 inline const AttentionShape kBatchShape = {2, 4, 2, 70, 200, 130};
+// NaN in the K/V rows of keys that no query sees, in partial tiles of every query tile: the
+// kernels must stage those rows as zeros (0 * NaN would reach out, dQ, dK and dV).
+inline const AttentionShape kPoisonShape = {1, 2, 1, 100, 260, 100, 0, 0, true};
 
 // Whether combination k (0 or 1) of a one-warpgroup family's two (dtype, head_dim) combinations
 // runs: both, unless SHADOWKV_EMU_COMBO names one. CI's sanitizer runs split them, 0 under
@@ -68,7 +72,9 @@ constexpr double backward_tolerance() {
 // One random problem: q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] in T (and the same values in float64),
 // an eviction log with holes (a third of the keys evicted at a random later position, keys 64-95
 // evicted right after themselves: a tile no later query sees; the first 4 and those below
-// holes_from never), contiguous.
+// holes_from never), contiguous. With s.poison, every fifth key from 7 on (not a sink, at or
+// past holes_from) is logged at its own position, so that no query sees it, and its 16-bit K
+// and V rows are NaN (the float64 copies keep their values: the reference never reads them).
 template <typename T>
 struct AttentionProblem {
   shadowkv::ShadowAttentionParams p;  // strides and shapes; pointers set by params16 / params64
@@ -89,6 +95,13 @@ struct AttentionProblem {
       if (key >= 4 && key >= s.holes_from && rng() % 3 == 0) ev[i] = static_cast<int32_t>(key + 1 + rng() % 80);
       if (key >= 64 && key < 96 && key >= s.holes_from) ev[i] = static_cast<int32_t>(key + 1);
       if (s.evict_all_by > 0) ev[i] = std::min(ev[i], static_cast<int32_t>(std::max<int64_t>(key + 1, s.evict_all_by)));
+      if (s.poison && key >= 4 && key >= s.holes_from && key % 5 == 2) {
+        ev[i] = static_cast<int32_t>(key);  // query `key` is the first that could see it: none does
+        for (int64_t d = 0; d < D; ++d) {
+          k[i * D + d] = from_double<T>(NAN);
+          v[i * D + d] = from_double<T>(NAN);
+        }
+      }
     }
     p.batch = B;
     p.num_q_heads = Hq;

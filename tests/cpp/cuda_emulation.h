@@ -98,14 +98,15 @@ struct Copy {
   void* dst;
   const void* src;
   bool valid;
+  size_t bytes = 16;  // 16 or 4
 };
 
 inline void land(const std::vector<Copy>& group) {
   for (const Copy& c : group) {
     if (c.valid) {
-      std::memcpy(c.dst, c.src, 16);
+      std::memcpy(c.dst, c.src, c.bytes);
     } else {
-      std::memset(c.dst, 0, 16);
+      std::memset(c.dst, 0, c.bytes);
     }
   }
 }
@@ -193,6 +194,12 @@ inline void cp_async_16(void* dst, const void* src, bool valid) {
     die("cp.async with an address that is not 16-byte aligned");
   if (!in_shared(dst, 16)) die("cp.async destination outside the block's shared memory");
   me().open_group.push_back({dst, src, valid});
+}
+inline void cp_async_4(void* dst, const void* src, bool valid) {
+  if (reinterpret_cast<uintptr_t>(dst) % 4 != 0 || reinterpret_cast<uintptr_t>(src) % 4 != 0)
+    die("cp.async with an address that is not 4-byte aligned");
+  if (!in_shared(dst, 4)) die("cp.async destination outside the block's shared memory");
+  me().open_group.push_back({dst, src, valid, 4});
 }
 inline void cp_async_commit() {
   Thread& t = me();

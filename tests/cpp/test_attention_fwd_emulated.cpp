@@ -63,6 +63,7 @@ void check_family(const std::string& family, bool ring_shape = false) {
   for (const AttentionShape& s : kAttentionShapes)
     check_forward<F, T, kBody>(s, seed++, family + " Lq=" + std::to_string(s.q_len));
   if (ring_shape) check_forward<F, T, kBody>(kRingShape, seed, family + " ring shape");
+  check_forward<F, T, kBody>(kPoisonShape, seed + 1, family + " NaN in keys no query sees");
 }
 
 template <typename T, int D>
