@@ -257,12 +257,12 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     // issues its copies without waiting for log entries to decide which rows to copy.
     auto load_kv = [&](int64_t tile, TileKind tile_kind, int stage) {
       const int64_t k0 = tile * BN;
-      cuda_cute::load_pair<BN, D>(gmem_copy, gmem_thr, tPartC, k0, rows_below(p.kv_len - k0),
-                                  tile_kind == TileKind::kFull, kg, p.k_stride[2], stages.tile(stage, 0), vg,
-                                  p.v_stride[2], stages.tile(stage, 1));
       if (tile_kind == TileKind::kPartial) {
         cuda_cute::stage_tile_log(ev_s + stage * BN, evg, k0, BN, p.kv_len, tid, Tr::kThreads);
       }
+      cuda_cute::load_pair<BN, D>(gmem_copy, gmem_thr, tPartC, k0, rows_below(p.kv_len - k0),
+                                  tile_kind == TileKind::kFull, kg, p.k_stride[2], stages.tile(stage, 0), vg,
+                                  p.v_stride[2], stages.tile(stage, 1));
     };
     // After a partial tile landed: its hidden rows (see load_kv) become zeros, before any MMA
     // reads the stage (the caller's barrier follows).

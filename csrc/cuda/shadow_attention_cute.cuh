@@ -271,7 +271,8 @@ __device__ __forceinline__ void load_column_log(int (&ev)[kCols], const int32_t*
 }
 
 // load_column_log from a key tile's entries staged in shared memory: `sev` [tile width], entry i
-// for key k0 + i (kEvOutOfRange past kv_len), read only if `load`.
+// for key k0 + i (past kv_len an entry that hides the key from every query: kEvOutOfRange, or 0
+// from stage_tile_log), read only if `load`.
 template <int kCols, class RowCol>
 __device__ __forceinline__ void load_staged_column_log(int (&ev)[kCols], const int* sev, RowCol const& rc, bool load,
                                                        int missing) {

@@ -77,41 +77,51 @@ __device__ __forceinline__ void rescale_rows(O& o, const float (&alpha)[kRows]) 
 // copies of the step behind a uniform branch; with `partial` a run-time value the compiler
 // predicated the 16 log loads and the pair tests (~450 instructions of the wgmma forward's
 // ~2500 per key tile, SASS), which then issued for every tile. One copy where registers are
-// tight: the second one made the two-warpgroup staged forward spill.
+// tight: the second one made the two-warpgroup staged forward spill. load_log(ev_col, partial)
+// fills the columns' log entries (masked_softmax_step: from global memory;
+// masked_softmax_step_staged: from shared memory).
+template <bool kTwoCopies, int kRows, class S, class RowCol, class LoadLog>
+__device__ __forceinline__ void masked_softmax_step_by(TileKind kind, S& s, RowCol const& rc, LoadLog const& load_log,
+                                                       int64_t k0, int64_t p0, float scale_log2,
+                                                       float (&m_run)[kRows], float (&l_run)[kRows],
+                                                       float (&alpha)[kRows]) {
+  constexpr int kCols = decltype(cute::size<1>(rc))::value;
+  int ev_col[kCols];
+  const bool partial = kind == TileKind::kPartial;
+  if (kTwoCopies && !partial) {
+    softmax_step(s, rc, ev_col, false, k0, p0, scale_log2, m_run, l_run, alpha);
+  } else {
+    load_log(ev_col, partial);
+    softmax_step(s, rc, ev_col, partial, k0, p0, scale_log2, m_run, l_run, alpha);
+  }
+}
+
+// masked_softmax_step_by with the log entries of global row `evg` (keys k0 + column < kv_len).
 template <bool kTwoCopies, int kRows, class S, class RowCol>
 __device__ __forceinline__ void masked_softmax_step(TileKind kind, S& s, RowCol const& rc, const int32_t* evg,
                                                     int64_t k0, int64_t kv_len, int64_t p0, float scale_log2,
                                                     float (&m_run)[kRows], float (&l_run)[kRows],
                                                     float (&alpha)[kRows]) {
-  constexpr int kCols = decltype(cute::size<1>(rc))::value;
-  int ev_col[kCols];
-  const bool partial = kind == TileKind::kPartial;
-  if (kTwoCopies && !partial) {
-    softmax_step(s, rc, ev_col, false, k0, p0, scale_log2, m_run, l_run, alpha);
-  } else {
-    cuda_cute::load_column_log(ev_col, evg, k0, kv_len, rc, partial, kEvOutOfRange);
-    softmax_step(s, rc, ev_col, partial, k0, p0, scale_log2, m_run, l_run, alpha);
-  }
+  masked_softmax_step_by<kTwoCopies>(
+      kind, s, rc,
+      [&](auto& ev_col, bool load) { cuda_cute::load_column_log(ev_col, evg, k0, kv_len, rc, load, kEvOutOfRange); },
+      k0, p0, scale_log2, m_run, l_run, alpha);
 }
 
 // masked_softmax_step with the key tile's log entries in shared memory: `sev` [tile width],
-// entry i for key k0 + i (kEvOutOfRange past kv_len), read only in a partial tile. The
-// warp-specialised forward's producer stages them with the K tile, so that a partial tile's
-// mask costs its consumers shared-memory reads, not a dependent global load after each S.
+// entry i for key k0 + i (past kv_len: one that hides the key from every query), read only in a
+// partial tile. The warp-specialised forward's producer and the one-stage forward's K prefetch
+// stage them, so that a partial tile's mask costs shared-memory reads, not a global load after
+// each S.
 template <bool kTwoCopies, int kRows, class S, class RowCol>
 __device__ __forceinline__ void masked_softmax_step_staged(TileKind kind, S& s, RowCol const& rc, const int* sev,
                                                            int64_t k0, int64_t p0, float scale_log2,
                                                            float (&m_run)[kRows], float (&l_run)[kRows],
                                                            float (&alpha)[kRows]) {
-  constexpr int kCols = decltype(cute::size<1>(rc))::value;
-  int ev_col[kCols];
-  const bool partial = kind == TileKind::kPartial;
-  if (kTwoCopies && !partial) {
-    softmax_step(s, rc, ev_col, false, k0, p0, scale_log2, m_run, l_run, alpha);
-  } else {
-    cuda_cute::load_staged_column_log(ev_col, sev, rc, partial, kEvOutOfRange);
-    softmax_step(s, rc, ev_col, partial, k0, p0, scale_log2, m_run, l_run, alpha);
-  }
+  masked_softmax_step_by<kTwoCopies>(
+      kind, s, rc,
+      [&](auto& ev_col, bool load) { cuda_cute::load_staged_column_log(ev_col, sev, rc, load, kEvOutOfRange); }, k0,
+      p0, scale_log2, m_run, l_run, alpha);
 }
 
 // masked_softmax_step_staged, then the output rows rescaled.
@@ -271,15 +281,16 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     auto next_live = [&](int64_t from, TileKind& kind) {
       return next_live_tile<BN>(from, n_key_tiles, kinds_s, g.mm, n_ev_tiles, p, t, kind);
     };
-    // K rows, and a partial tile's log entries into ev_s: the tile's V row tests and masks read
-    // them after the barrier that follows (ev_s is rewritten only after the barrier that ends
-    // the previous tile's masks).
+    // A partial tile's log entries into ev_s, and K rows: the tile's V row tests and masks read
+    // the entries after the barrier that follows (ev_s is rewritten only after the barrier that
+    // ends the previous tile's masks). Entries first: in the other order the wgmma forward took
+    // 182 registers at head dim 128 instead of 164 (3 blocks per SM -> 2).
     auto load_k = [&](int64_t tile, TileKind tile_kind) {
-      copy_rows<BN>(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(g.k, p.k_stride[2], tile * BN)), tKsK, tKVcKV,
-                p.kv_len - tile * BN);
       if (tile_kind == TileKind::kPartial) {
         cuda_cute::stage_tile_log(ev_s, g.ev, tile * BN, BN, p.kv_len, tid, Tr::kThreads);
       }
+      copy_rows<BN>(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(g.k, p.k_stride[2], tile * BN)), tKsK, tKVcKV,
+                p.kv_len - tile * BN);
     };
 
     TileKind kind = TileKind::kSkip;
