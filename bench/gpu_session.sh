@@ -238,6 +238,10 @@ profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[
         mc memcheck 60 tests/test_paged_kv_cuda.py tests/test_cache.py \
           -k "evict and (named_cases or unchecked_bad or bad_inputs or shared_pages) and not long"
         mc racecheck 60 tests/test_paged_kv_cuda.py -k "evict_named_cases and no_scores and checked and fill and not long"
+        # The attention defaults' shared-memory log entries (wgmma_ws forward: per stage and round
+        # parity; wgmma's dQ: per stage, rows zeroed after landing), after 2026-11-27.
+        mc racecheck 100 "tests/test_shadow_attention_cuda.py::test_family_matches_reference[tiny-bf16-wgmma_ws]" \
+          "tests/test_shadow_attention_cuda.py::test_family_matches_reference[tiny-bf16-wgmma]"
         # Where the eviction's time goes (validate, verdict, fill at the steady state).
         part 45 "${profile_evict[@]}"
         # mma_rows's stall reasons at the GPU's own clocks (latency-bound at 18.75% occupancy on
