@@ -181,6 +181,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         mbar_wait(&c.v_empty[stage], empty_parity);
         load(g.v, p.v_stride[2], tile, kind, sev, stage, 1);
         ws_publish(&c.v_full[stage]);
+        kind = TileKind::kSkip;  // as the end marker's kind (next_live_tile leaves it when none is left)
         tile = next_live_tile<BN>(tile + 1, n_key_tiles, c.kinds, g.mm, n_ev_tiles, p, t, kind, WsProducerGroup{});
         ev_next = log_entry(tile, kind);
         if (++stage == kWsStages) {

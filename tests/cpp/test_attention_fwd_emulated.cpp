@@ -39,7 +39,8 @@ void check_forward(const AttentionShape& s, uint32_t seed, const std::string& na
   const int64_t n_ev = prob.n_ev_tiles();
   const float scale_log2 = prob.scale_log2();
   const unsigned blocks = static_cast<unsigned>(p.batch * p.num_q_heads * ((p.q_len + Tr::kBlockM - 1) / Tr::kBlockM));
-  const size_t rest = fwd_extra_smem<Tr>() + F::kSmemSlack;  // tile kinds and log entries, alignment slack
+  // Past the tiles, as the launches ask: tile kinds (and fwd_kernel's log entries), alignment slack.
+  const size_t rest = fwd_extra_smem<Tr>() + F::kSmemSlack;
   if constexpr (kBody == Body::kPlain) {
     shadowkv_emu::launch(blocks, Tr::kThreads, Tr::kOwnBytes + 2 * Tr::kPartnerBytes + rest,
                          [&] { fwd_kernel<F>(p, mm.data(), n_ev, scale_log2); });
@@ -47,7 +48,8 @@ void check_forward(const AttentionShape& s, uint32_t seed, const std::string& na
     shadowkv_emu::launch(blocks, Tr::kThreads, Tr::kOwnBytes + cuda_cute::PartnerStages<Tr>::kBytes + rest,
                          [&] { fwd_staged_kernel<F>(p, mm.data(), n_ev, scale_log2); });
   } else if constexpr (kBody == Body::kOverlap) {
-    shadowkv_emu::launch(blocks, Tr::kThreads, Tr::kOwnBytes + overlap_ring_bytes<Tr>() + rest,
+    shadowkv_emu::launch(blocks, Tr::kThreads,
+                         Tr::kOwnBytes + overlap_ring_bytes<Tr>() + Tr::kThreads * sizeof(int) + F::kSmemSlack,
                          [&] { fwd_overlap_kernel<F>(p, mm.data(), n_ev, scale_log2); });
   } else {
     shadowkv_emu::launch(blocks, kWsThreads, ws_smem_bytes<Tr>(),
