@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
     auto clear_hidden_rows = [&](int64_t tile, int stage) {
       const int64_t k0 = tile * BN;
       const int* sev = ev_s + stage * BN;
-      auto needed = [&](int row) { return k0 + row < p.kv_len && seen_by_some(k0 + row, t.p0, t.p1, sev[row]); };
+      auto needed = [&](int row) { return staged_kv_row_needed(row, k0, p, t, sev); };
       cuda_cute::clear_rows_unless(gmem_thr.partition_D(stages.tile(stage, 0)), tPartC, needed);
       cuda_cute::clear_rows_unless(gmem_thr.partition_D(stages.tile(stage, 1)), tPartC, needed);
     };

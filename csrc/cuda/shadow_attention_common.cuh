@@ -351,6 +351,14 @@ SHADOWKV_TILE_FN bool kv_row_needed(int row, int64_t k0, const ShadowAttentionPa
   return kind != TileKind::kPartial || seen_by_some(j, t.p0, t.p1, ev_at(evg, j));
 }
 
+// kv_row_needed for a partial tile whose log entries are staged in shared memory (sev[row], the
+// entry of key k0 + row; not read past kv_len).
+SHADOWKV_TILE_FN bool staged_kv_row_needed(int row, int64_t k0, const ShadowAttentionParams& p, const QueryTile& t,
+                                           const int* sev) {
+  const int64_t j = k0 + row;
+  return j < p.kv_len && seen_by_some(j, t.p0, t.p1, sev[row]);
+}
+
 // Whether own K/V row `row` of dK/dV block kt is loaded: the key exists and some query the
 // block visits ([i_begin, i_end), which holds every query that sees a key of the tile) sees it.
 SHADOWKV_TILE_FN bool own_kv_row_needed(int row, const ShadowAttentionParams& p, const KeyTile& kt,

@@ -306,10 +306,10 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       cp_async_wait<0>();
       F::publish();
       __syncthreads();  // K (and Q) landed for every thread; every warp is done with the last V
-      // V rows that no valid row of the block sees are zeros (kv_row_needed, on the staged
+      // V rows that no valid row of the block sees are zeros (staged_kv_row_needed on the staged
       // entries: only a partial tile tests its rows).
       copy_rows_if(gmem_copy, gmem_thr.partition_S(gmem_tile<BN, D>(g.v, p.v_stride[2], k0)), tVsV, tKVcKV,
-                   [&](int row) { return k0 + row < p.kv_len && seen_by_some(k0 + row, t.p0, t.p1, ev_s[row]); },
+                   [&](int row) { return staged_kv_row_needed(row, k0, p, t, ev_s); },
                    kind == TileKind::kFull);
       cp_async_fence();
 

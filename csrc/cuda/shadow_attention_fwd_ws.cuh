@@ -136,15 +136,13 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                                gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{})), t.rows);
       ws_publish(&c.q_full);
 
-      // One K or V tile into a stage: rows no valid query row sees are zeros (kv_row_needed, on
-      // the entries staged in `sev`).
+      // One K or V tile into a stage: rows no valid query row sees are zeros (staged_kv_row_needed
+      // on the entries staged in `sev`).
       auto load = [&](const E* src, int64_t stride, int64_t tile, TileKind kind, const int* sev, int stage, int j) {
         const int64_t k0 = tile * BN;
         cuda_cute::copy_rows_if(gmem_copy, gmem_thr.partition_S(cuda_cute::gmem_tile<BN, D>(src, stride, k0)),
                                 gmem_thr.partition_D(ring_tile(stage, j)), tPartC,
-                                [&](int row) {
-                                  return k0 + row < p.kv_len && seen_by_some(k0 + row, t.p0, t.p1, sev[row]);
-                                },
+                                [&](int row) { return staged_kv_row_needed(row, k0, p, t, sev); },
                                 kind == TileKind::kFull);
       };
       // This thread's log entry of a partial tile (key tile * BN + tid), read one tile ahead: its

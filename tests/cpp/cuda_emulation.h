@@ -189,18 +189,15 @@ inline bool in_shared(const void* p, size_t bytes) {
 }
 
 // ---- cp.async
-inline void cp_async_16(void* dst, const void* src, bool valid) {
-  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
-    die("cp.async with an address that is not 16-byte aligned");
-  if (!in_shared(dst, 16)) die("cp.async destination outside the block's shared memory");
-  me().open_group.push_back({dst, src, valid});
+// A copy of `bytes` (16 or 4), both addresses aligned to it.
+inline void cp_async(void* dst, const void* src, bool valid, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0)
+    die(bytes == 16 ? "cp.async with an address that is not 16-byte aligned"
+                    : "cp.async with an address that is not 4-byte aligned");
+  if (!in_shared(dst, bytes)) die("cp.async destination outside the block's shared memory");
+  me().open_group.push_back({dst, src, valid, bytes});
 }
-inline void cp_async_4(void* dst, const void* src, bool valid) {
-  if (reinterpret_cast<uintptr_t>(dst) % 4 != 0 || reinterpret_cast<uintptr_t>(src) % 4 != 0)
-    die("cp.async with an address that is not 4-byte aligned");
-  if (!in_shared(dst, 4)) die("cp.async destination outside the block's shared memory");
-  me().open_group.push_back({dst, src, valid, 4});
-}
+inline void cp_async_16(void* dst, const void* src, bool valid) { cp_async(dst, src, valid, 16); }
 inline void cp_async_commit() {
   Thread& t = me();
   t.groups.push_back(std::move(t.open_group));
