@@ -59,7 +59,7 @@ ncu=$(command -v ncu || echo "${CUDA_HOME:-/usr/local/cuda}/bin/ncu")
 # Nsight Compute on one forward, dQ and dK/dV launch of a family (bench/profile_attention.py at
 # the benchmark's shape, 25% kept): where the attention kernels' time goes (issue stalls,
 # occupancy, memory), which no machine without a GPU can say.
-profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|fwd_overlap_kernel|fwd_ws_kernel|dq_kernel|dkdv_kernel)"
+profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|fwd_overlap_kernel|fwd_ws_kernel|dq_kernel|dkdv_kernel|dkdv_ws_kernel)"
   -c 3
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
   --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters
@@ -239,9 +239,12 @@ profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[
           -k "evict and (named_cases or unchecked_bad or bad_inputs or shared_pages) and not long"
         mc racecheck 60 tests/test_paged_kv_cuda.py -k "evict_named_cases and no_scores and checked and fill and not long"
         # The attention defaults' shared-memory log entries (wgmma_ws forward: per stage and round
-        # parity; wgmma's dQ: per stage, rows zeroed after landing), after 2026-11-27.
-        mc racecheck 100 "tests/test_shadow_attention_cuda.py::test_family_matches_reference[tiny-bf16-wgmma_ws]" \
-          "tests/test_shadow_attention_cuda.py::test_family_matches_reference[tiny-bf16-wgmma]"
+        # parity; wgmma's dQ: per stage, rows zeroed after landing), after 2026-11-27, and the
+        # warp-specialised dK/dV kernel's Q/dO/lse/delta ring (wgmma_wsb, new; 10 steps per block
+        # there: each stage refilled).
+        mc racecheck 140 "tests/test_shadow_attention_cuda.py::test_family_matches_reference[tiny-bf16-wgmma_ws]" \
+          "tests/test_shadow_attention_cuda.py::test_family_matches_reference[tiny-bf16-wgmma]" \
+          "tests/test_shadow_attention_cuda.py::test_family_matches_reference[gqa2_streaming_d128-bf16-wgmma_wsb]"
         # Where the eviction's time goes (validate, verdict, fill at the steady state).
         part 45 "${profile_evict[@]}"
         # mma_rows's stall reasons at the GPU's own clocks (latency-bound at 18.75% occupancy on
@@ -277,6 +280,7 @@ build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=
       run "${profile[@]}" wgmma2
       run "${profile[@]}" wgmma2o
       run "${profile[@]}" wgmma_ws
+      run "${profile[@]}" wgmma_wsb
       run "${profile[@]}" wgmma_fused
       run "${profile[@]}" wgmma2_fused
       ;;

@@ -35,8 +35,8 @@ def _scoped_choice(what: str, var: str, names: tuple[str, ...], name: str) -> It
 
 
 ATTENTION_KERNEL_ENV = "SHADOWKV_ATTENTION_KERNEL"
-ATTENTION_KERNELS = ("auto", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_fused", "wgmma2_fused",
-                     "wmma", "simt")
+ATTENTION_KERNELS = ("auto", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_wsb", "wgmma_fused",
+                     "wgmma2_fused", "wmma", "simt")
 
 
 def attention_kernel(name: str) -> contextlib.AbstractContextManager[None]:
@@ -52,7 +52,10 @@ def attention_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     (wgmma2 with each key tile's softmax overlapped with the previous tile's P V in the forward;
     both opt-in: they passed the GPU tests on an H200 but were no faster than ``"wgmma"``),
     ``"wgmma_ws"`` (a warp-specialised forward: a producer warpgroup loads K/V, two consumer
-    warpgroups take turns on the tensor cores; wgmma's backward),
+    warpgroups take turns on the tensor cores; wgmma's backward), ``"wgmma_wsb"`` (wgmma_ws's
+    forward; in the backward wgmma's dQ kernel and a warp-specialised dK/dV kernel: a producer
+    warpgroup loads Q/dO tiles, two consumer warpgroups of 64 keys each share them; opt-in, not
+    yet run on a GPU),
     ``"wgmma_fused"`` (wgmma's forward and a one-pass backward: the dK/dV kernel also computes dQ
     and adds it to an fp32 workspace with atomics, so dQ's last bits vary from run to run),
     ``"wgmma2_fused"`` (wgmma2's forward and the one-pass backward with two warpgroups, 128 keys,

@@ -703,6 +703,9 @@ void shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& bp, void* stream)
           wgmma_available(s)) {
         return launch_bwd_wgmma(bp, a.mm, a.n_ev, lse2, delta, a.scale_log2, s);
       }
+      if (tc && choice == AttnKernel::kWgmmaWsb && wgmma_available(s)) {
+        return launch_bwd_wgmma_ws(bp, a.mm, a.n_ev, lse2, delta, a.scale_log2, s);
+      }
       if (tc && choice == AttnKernel::kWgmmaFused && wgmma_available(s)) {
         return launch_bwd_wgmma_fused(bp, a.mm, a.n_ev, lse2, delta, a.scale_log2, s);
       }

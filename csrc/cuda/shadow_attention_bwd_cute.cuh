@@ -197,6 +197,14 @@ constexpr size_t dq_extra_smem() {
   return (Tr::kThreads + 2 * Tr::kBlockN) * sizeof(int);
 }
 
+// Two own tiles, two stages of two partner tiles, the family's slack: the shared memory of the
+// dQ and dK/dV kernels of family F (the dQ kernel adds dq_extra_smem).
+template <class F>
+constexpr size_t bwd_tiles_smem() {
+  using Tr = typename F::Traits;
+  return 2 * Tr::kOwnBytes + cuda_cute::PartnerStages<Tr>::kBytes + F::kSmemSlack;
+}
+
 template <class F>
 __global__ void __launch_bounds__(F::Traits::kThreads)
     dq_kernel(const ShadowAttentionBwdParams bp, const int2* __restrict__ ev_mm, int64_t n_ev_tiles,
@@ -451,6 +459,30 @@ __global__ void __launch_bounds__(256) dq_from_acc_kernel(const ShadowAttentionB
 // Host: runs the dQ kernel over every (batch, query head, 64-row query tile) and the dK/dV
 // kernel over every (batch, kv head, 64-key tile) of family F. With F::kAtomicDq the dK/dV
 // kernel adds dQ into a zeroed fp32 workspace instead, and dq_from_acc_kernel writes dQ.
+// One backward kernel of family F over `blocks` blocks of F's threads (none when 0).
+template <class F, class Kernel, class... Extra>
+void launch_bwd_kernel_of(Kernel kernel, int64_t blocks, size_t smem, const char* kernel_name,
+                          const ShadowAttentionBwdParams& bp, const int2* mm, int64_t n_ev, const float* lse2,
+                          const float* delta, float scale_log2, cudaStream_t s, Extra... extra) {
+  if (blocks == 0) return;
+  const std::string name = std::string(kernel_name) + " (" + F::kName + ")";
+  set_smem_limit(kernel, smem);
+  kernel<<<grid_1d(blocks, name.c_str()), F::Traits::kThreads, smem, s>>>(bp, mm, n_ev, lse2, delta, scale_log2,
+                                                                            extra...);
+  check_launch(name.c_str());
+}
+
+// The dQ kernel of family F alone (a family without F::kAtomicDq).
+template <class F>
+void launch_dq_family(const ShadowAttentionBwdParams& bp, const int2* mm, int64_t n_ev, const float* lse2,
+                      const float* delta, float scale_log2, cudaStream_t s) {
+  using Tr = typename F::Traits;
+  const ShadowAttentionParams& p = bp.fwd;
+  launch_bwd_kernel_of<F>(dq_kernel<F>, p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM),
+                          bwd_tiles_smem<F>() + dq_extra_smem<Tr>(), "dq_kernel", bp, mm, n_ev, lse2, delta,
+                          scale_log2, s);
+}
+
 template <class F>
 void launch_bwd_family(const ShadowAttentionBwdParams& bp, const int2* mm, int64_t n_ev, const float* lse2,
                        const float* delta, float scale_log2, cudaStream_t s) {
@@ -459,15 +491,9 @@ void launch_bwd_family(const ShadowAttentionBwdParams& bp, const int2* mm, int64
   constexpr int D = Tr::kHeadDim;
   const ShadowAttentionParams& p = bp.fwd;
   auto run = [&](auto kernel, int64_t blocks, size_t smem, const char* kernel_name, auto... extra) {
-    if (blocks == 0) return;
-    const std::string name = std::string(kernel_name) + " (" + F::kName + ")";
-    set_smem_limit(kernel, smem);
-    kernel<<<grid_1d(blocks, name.c_str()), Tr::kThreads, smem, s>>>(bp, mm, n_ev, lse2, delta, scale_log2,
-                                                                       extra...);
-    check_launch(name.c_str());
+    launch_bwd_kernel_of<F>(kernel, blocks, smem, kernel_name, bp, mm, n_ev, lse2, delta, scale_log2, s, extra...);
   };
-  // two own tiles, two stages of two partner tiles, the family's slack (+ tile kinds in dQ)
-  const size_t tiles = 2 * Tr::kOwnBytes + cuda_cute::PartnerStages<Tr>::kBytes + F::kSmemSlack;
+  const size_t tiles = bwd_tiles_smem<F>();
   const int64_t kv_blocks = p.batch * p.num_kv_heads * ceil_div(p.kv_len, Tr::kBlockM);
   if constexpr (F::kAtomicDq) {
     const int64_t n_dq = p.batch * p.num_q_heads * p.q_len * D;
@@ -483,8 +509,7 @@ void launch_bwd_family(const ShadowAttentionBwdParams& bp, const int2* mm, int64
       check_launch("dq_from_acc_kernel");
     }
   } else {
-    run(dq_kernel<F>, p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM), tiles + dq_extra_smem<Tr>(),
-        "dq_kernel");
+    launch_dq_family<F>(bp, mm, n_ev, lse2, delta, scale_log2, s);
     run(dkdv_kernel<F>, kv_blocks, tiles, "dkdv_kernel", static_cast<float*>(nullptr));
   }
 }

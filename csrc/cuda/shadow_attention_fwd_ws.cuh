@@ -71,6 +71,14 @@ __device__ __forceinline__ void ws_publish(uint64_t* full) {
   cuda_common::mbar_arrive(full);
 }
 
+// The producer warpgroup's global -> shared copy: 16 rows x 64 elements per pass, 16-byte
+// cp.async (the traits' copy is for the 256 consumer threads).
+template <class E>
+using WsProducerCopy = decltype(cute::make_tiled_copy(
+    cute::Copy_Atom<SHADOWKV_EMULATED(cute::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>), E>{},
+    cute::Layout<cute::Shape<cute::Int<kWsProducerThreads / 8>, cute::_8>, cute::Stride<cute::_8, cute::_1>>{},
+    cute::Layout<cute::Shape<cute::_1, cute::_8>>{}));
+
 // The producer warpgroup as a BlockGroup for next_live_tile: its own barrier, not the block's.
 struct WsProducerGroup {
   __device__ int rank() const { return threadIdx.x; }
@@ -123,11 +131,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       // ---- producer
       cuda_common::setmaxnreg_dec<kWsProducerRegs>();
       const int tid = threadIdx.x;
-      // 16 rows x 64 elements per pass, 16-byte cp.async (the traits' copy is for 256 threads).
-      using Copy = decltype(make_tiled_copy(
-          Copy_Atom<SHADOWKV_EMULATED(SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>), E>{},
-          Layout<Shape<Int<kWsProducerThreads / 8>, _8>, Stride<_8, _1>>{}, Layout<Shape<_1, _8>>{}));
-      Copy gmem_copy;
+      WsProducerCopy<E> gmem_copy;
       auto gmem_thr = gmem_copy.get_thread_slice(tid);
       Tensor tPartC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
 

@@ -14,6 +14,8 @@ For one shape it times, forward and forward+backward:
 - ``wgmma2o``: wgmma2 with the forward's softmax overlapped with the previous tile's P V;
 - ``wgmma_ws``: the warp-specialised forward (a producer warpgroup, two consumer warpgroups
   taking turns on the tensor cores) with wgmma's backward;
+- ``wgmma_wsb``: wgmma_ws's forward; in the backward wgmma's dQ kernel and the warp-specialised
+  dK/dV kernel (a producer warpgroup, two consumer warpgroups of 64 keys sharing each Q/dO tile);
 - ``wgmma_fused``: wgmma's forward with the one-pass backward (dQ by atomics from the dK/dV
   kernel: five products per visible pair instead of seven);
 - ``wgmma2_fused``: wgmma2's forward with the one-pass backward on two warpgroups (128 keys)
@@ -56,7 +58,8 @@ from shadowkv.reference import INT32_MAX, shadow_visible, streaming_evicted_at
 from . import at_least
 
 # Impls that are the shadowkv op under a named kernel family (ops.attention_kernel).
-FAMILY_IMPLS = ("wmma", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_fused", "wgmma2_fused")
+FAMILY_IMPLS = ("wmma", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_wsb", "wgmma_fused",
+                "wgmma2_fused")
 # Families that have not run on a GPU yet, timed after everything else (see run_device) so that
 # a hang costs only them: none since the H200 session of 2026-11-27; a new family goes here.
 UNTRIED_IMPLS: tuple[str, ...] = ()
@@ -129,10 +132,11 @@ def make_impls(evicted_at: torch.Tensor, args, device: torch.device):
         impls["wgmma"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma")
         impls["wgmma2"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma2")
         impls["wgmma2o"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma2o")
-        # the untried families last (run_device), the one that could hang (wgmma_ws) last of all
+        # the untried families last (run_device), those that could hang (mbarrier rings) last of all
         impls["wgmma_fused"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma_fused")
         impls["wgmma2_fused"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma2_fused")
         impls["wgmma_ws"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma_ws")
+        impls["wgmma_wsb"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma_wsb")
     if not args.no_sdpa:
         mask = shadow_visible(evicted_at, seq_len).repeat_interleave(group, dim=1)
         impls["sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(

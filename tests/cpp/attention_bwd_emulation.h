@@ -13,12 +13,21 @@ namespace shadowkv_test {
 using namespace shadowkv;
 using namespace shadowkv::cuda_attn;
 
-// Family F's dQ and dK/dV kernels on one problem, launched as launch_bwd_family does, after the
-// pre-pass shadow_attention_bwd_cuda runs (bwd_rows_kernel: lse2 = lse log2(e), delta = rowsum(dO O)).
-template <class F, typename T>
-void check_backward(const AttentionShape& s, uint32_t seed, const std::string& name) {
-  using Tr = typename F::Traits;
-  constexpr int D = Tr::kHeadDim;
+// The arguments a backward launch gets after the pre-pass shadow_attention_bwd_cuda runs
+// (bwd_rows_kernel: lse2 = lse log2(e), delta = rowsum(dO O)).
+struct BwdLaunchArgs {
+  const ShadowAttentionBwdParams& bp;
+  const int2* mm;
+  int64_t n_ev;
+  const float* lse2;
+  const float* delta;
+  float scale_log2;
+};
+
+// The backward kernels `run(args)` launches (head dim D) on one problem against
+// shadow_attention_bwd_cpu in float64.
+template <typename T, int D, class Run>
+void check_backward_with(const AttentionShape& s, uint32_t seed, const std::string& name, Run const& run) {
   AttentionProblem<T> prob(s, D, seed);
   const size_t n_q = prob.q.size(), n_kv = prob.k.size(), n_rows = n_q / D;
   std::mt19937 rng(seed + 1000);
@@ -66,39 +75,69 @@ void check_backward(const AttentionShape& s, uint32_t seed, const std::string& n
     lse2[row] = lse[row] == -INFINITY ? INFINITY : lse[row] * 1.4426950408889634f;
   }
   const std::vector<int2> mm = prob.ev_minmax();
-  const int64_t n_ev = prob.n_ev_tiles();
-  const float scale_log2 = prob.scale_log2();
-  const ShadowAttentionParams& p = bp.fwd;
-  const size_t tiles = 2 * Tr::kOwnBytes + cuda_cute::PartnerStages<Tr>::kBytes + F::kSmemSlack;
-  const unsigned kv_blocks =
-      static_cast<unsigned>(p.batch * p.num_kv_heads * ((p.kv_len + Tr::kBlockM - 1) / Tr::kBlockM));
-  if constexpr (F::kAtomicDq) {  // dQ by the dK/dV kernel's atomics, then dq_from_acc_kernel
-    std::vector<float> acc(n_q, 0.f);
-    shadowkv_emu::launch(kv_blocks, Tr::kThreads, tiles + F::kExtraSmem, [&] {
-      dkdv_kernel<F>(bp, mm.data(), n_ev, lse2.data(), delta.data(), scale_log2, acc.data());
-    });
-    shadowkv_emu::launch(static_cast<unsigned>((n_q / 4 + 255) / 256), 256, 0,
-                         [&] { dq_from_acc_kernel<T, D>(bp, acc.data(), scale_log2 / kLog2e); });
-  } else {
-    shadowkv_emu::launch(static_cast<unsigned>(p.batch * p.num_q_heads * ((p.q_len + Tr::kBlockM - 1) / Tr::kBlockM)),
-                         Tr::kThreads, tiles + dq_extra_smem<Tr>(),
-                         [&] { dq_kernel<F>(bp, mm.data(), n_ev, lse2.data(), delta.data(), scale_log2); });
-    shadowkv_emu::launch(kv_blocks, Tr::kThreads, tiles, [&] {
-      dkdv_kernel<F>(bp, mm.data(), n_ev, lse2.data(), delta.data(), scale_log2, nullptr);
-    });
-  }
+  run(BwdLaunchArgs{bp, mm.data(), prob.n_ev_tiles(), lse2.data(), delta.data(), prob.scale_log2()});
   expect_close(dq, dq_ref, backward_tolerance<T>(), name + " dQ");
   expect_close(dk, dk_ref, backward_tolerance<T>(), name + " dK");
   expect_close(dv, dv_ref, backward_tolerance<T>(), name + " dV");
 }
 
+// Blocks of a grid over (batch, heads, tiles of `rows` of `len`).
+inline unsigned grid_of(int64_t batch_heads, int64_t len, int rows) {
+  return static_cast<unsigned>(batch_heads * ((len + rows - 1) / rows));
+}
+
+// Family F's dQ kernel alone, as launch_dq_family runs it.
+template <class F>
+void launch_dq_emulated(const BwdLaunchArgs& a) {
+  using Tr = typename F::Traits;
+  const ShadowAttentionParams& p = a.bp.fwd;
+  shadowkv_emu::launch(grid_of(p.batch * p.num_q_heads, p.q_len, Tr::kBlockM), Tr::kThreads,
+                       bwd_tiles_smem<F>() + dq_extra_smem<Tr>(),
+                       [&] { dq_kernel<F>(a.bp, a.mm, a.n_ev, a.lse2, a.delta, a.scale_log2); });
+}
+
+// Family F's dQ and dK/dV kernels, launched as launch_bwd_family does.
 template <class F, typename T>
-void check_family(const std::string& family, bool ring_shape = false) {
+void launch_family_emulated(const BwdLaunchArgs& a) {
+  using Tr = typename F::Traits;
+  constexpr int D = Tr::kHeadDim;
+  const ShadowAttentionParams& p = a.bp.fwd;
+  const unsigned kv_blocks = grid_of(p.batch * p.num_kv_heads, p.kv_len, Tr::kBlockM);
+  if constexpr (F::kAtomicDq) {  // dQ by the dK/dV kernel's atomics, then dq_from_acc_kernel
+    const size_t n_q = static_cast<size_t>(p.batch * p.num_q_heads * p.q_len * D);
+    std::vector<float> acc(n_q, 0.f);
+    shadowkv_emu::launch(kv_blocks, Tr::kThreads, bwd_tiles_smem<F>() + F::kExtraSmem, [&] {
+      dkdv_kernel<F>(a.bp, a.mm, a.n_ev, a.lse2, a.delta, a.scale_log2, acc.data());
+    });
+    shadowkv_emu::launch(static_cast<unsigned>((n_q / 4 + 255) / 256), 256, 0,
+                         [&] { dq_from_acc_kernel<T, D>(a.bp, acc.data(), a.scale_log2 / kLog2e); });
+  } else {
+    launch_dq_emulated<F>(a);
+    shadowkv_emu::launch(kv_blocks, Tr::kThreads, bwd_tiles_smem<F>(), [&] {
+      dkdv_kernel<F>(a.bp, a.mm, a.n_ev, a.lse2, a.delta, a.scale_log2, nullptr);
+    });
+  }
+}
+
+template <class F, typename T>
+void check_backward(const AttentionShape& s, uint32_t seed, const std::string& name) {
+  check_backward_with<T, F::Traits::kHeadDim>(s, seed, name, launch_family_emulated<F, T>);
+}
+
+// The backward `run` launches (head dim D) on every shape of kAttentionShapes, the ring shape
+// (ring_shape) and the NaN-in-hidden-keys shape.
+template <typename T, int D, class Run>
+void check_shapes(const std::string& family, bool ring_shape, Run const& run) {
   uint32_t seed = 11;
   for (const AttentionShape& s : kAttentionShapes)
-    check_backward<F, T>(s, seed++, family + " Lq=" + std::to_string(s.q_len));
-  if (ring_shape) check_backward<F, T>(kRingShape, seed, family + " ring shape");
-  check_backward<F, T>(kPoisonShape, seed + 1, family + " NaN in keys no query sees");
+    check_backward_with<T, D>(s, seed++, family + " Lq=" + std::to_string(s.q_len), run);
+  if (ring_shape) check_backward_with<T, D>(kRingShape, seed, family + " ring shape", run);
+  check_backward_with<T, D>(kPoisonShape, seed + 1, family + " NaN in keys no query sees", run);
+}
+
+template <class F, typename T>
+void check_family(const std::string& family, bool ring_shape = false) {
+  check_shapes<T, F::Traits::kHeadDim>(family, ring_shape, launch_family_emulated<F, T>);
 }
 
 }  // namespace shadowkv_test

@@ -1,0 +1,239 @@
+// The warp-specialised shadow-attention dK/dV kernel (the "wgmma_wsb" family's backward; sm_90a,
+// FlashAttention-3 style). bfloat16/float16, head_dim 64 or 128; the same results contract as
+// dkdv_kernel (shadow_attention_bwd_cute.cuh), whose per-step math it reuses.
+//
+// Why: on the H200 (bench/RESULTS.md, 2026-11-27) the wgmma dK/dV kernel was the slowest part
+// of fwd+bwd (1.96 of 4.45 profiled ms at 25% kept), latency-bound at 255 registers: the warps
+// that run its MMAs also issue the Q/dO copies and their predicates, read the per-row lse/delta
+// from global memory right after their scores, and meet at a block-wide barrier every step. The
+// two-warpgroup wgmma2 kernel, which shares each Q/dO tile between 128 keys, lost to it because
+// that barrier then holds both warpgroups of the SM's only block in step. Here a block of three
+// warpgroups owns 128 keys:
+//   * the producer (warpgroup 0) copies the block's K and V once (rows no query of the block
+//     sees are zeros, as own_kv_row_needed), then for every step (query head of the GQA group,
+//     64-row query tile: HeadQuerySteps) the Q and dO tiles and the tile's lse2 and delta rows
+//     into a ring of kWsBwdStages stages with cp.async, and hands each to the stage's "full"
+//     mbarrier; it waits for the stage's "empty" mbarrier before refilling it;
+//   * two consumers (warpgroups 1, 2; 64 keys each) run dkdv_kernel's step on their keys:
+//     S^T = K Q^T and dP^T = V dO^T, P^T and dS^T, dV += P^T dO and dK += dS^T Q, then release
+//     the stage. No block-wide barrier: each waits for what it reads and releases what it read,
+//     so one warpgroup's element-wise step runs under the other's MMAs;
+//   * registers move from the producer (kWsBwdProducerRegs) to the consumers
+//     (kWsBwdConsumerRegs), which hold dK and dV of 64 keys in registers.
+// dQ is the wgmma family's dq_kernel (launch_bwd_wgmma_ws).
+#pragma once
+
+#include "shadow_attention_bwd_cute.cuh"  // p_ds_by_key_rows, load_row_log, write_dkdv
+#include "shadow_attention_fwd_ws.cuh"    // kWsProducerThreads, ws_publish, WsProducerCopy
+
+namespace shadowkv {
+namespace cuda_attn {
+
+// Three stages: the producer can be two steps ahead of a consumer, ~2 us of products at head dim
+// 128 (two warpgroups x four 64 x 64 x 128 wgmma per step), to cover a Q/dO tile's trip from
+// DRAM. 160 KB of shared memory at head dim 128 (one block per SM: the registers allow no more).
+constexpr int kWsBwdStages = 3;
+// 384 threads x 168 registers (the launch bound's share of 64K) = 128 x 40 + 256 x 232: the
+// consumers hold dK and dV of 64 keys in fp32 plus two 64 x 64 score tiles. No spills (ptxas,
+// sm_90a, both dtypes and head dims); 24 + 240 (FlashAttention-3's split, whose producer issues
+// TMA copies) spilled the cp.async producer's addresses (44-288 bytes), 32 + 232 at head dim 64.
+constexpr int kWsBwdProducerRegs = 40;
+constexpr int kWsBwdConsumerRegs = 232;
+
+// The block's barriers and what the producer tells the consumers, after the tiles.
+template <int kRows>
+struct WsBwdControl {
+  uint64_t kv_full;                 // the block's own K and V landed
+  uint64_t full[kWsBwdStages];      // producer -> consumers: the stage's Q, dO, lse2, delta landed
+  uint64_t empty[kWsBwdStages];     // consumers -> producer: the stage was read
+  int64_t i0[kWsBwdStages];         // the stage's first query row
+  int64_t hq[kWsBwdStages];         // its query head; -1: no more steps
+  float lse2[kWsBwdStages][kRows];  // lse * log2(e) of the stage's query rows (0 past the tile's rows)
+  float delta[kWsBwdStages][kRows];
+};
+
+// Bytes of shared memory a launch asks for: own K and V, the Q/dO ring, the control block, slack.
+template <class Tr>
+constexpr size_t ws_bwd_smem_bytes() {
+  return 2 * Tr::kOwnBytes + 2 * kWsBwdStages * Tr::kPartnerBytes + sizeof(WsBwdControl<Tr::kBlockN>) +
+         cuda_wgmma::kSmemAlignSlack;
+}
+
+template <class F>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    dkdv_ws_kernel(const ShadowAttentionBwdParams bp, const int2* __restrict__ ev_mm, int64_t n_ev_tiles,
+                   const float* __restrict__ lse2_ws, const float* __restrict__ delta_ws, float scale_log2) {
+  if constexpr (!F::kBody) {
+    __trap();  // the host only launches a family where its body was built (and loads)
+  } else {
+    using namespace cute;
+    using cuda_common::mbar_arrive;
+    using cuda_common::mbar_wait;
+    using Tr = typename F::Traits;
+    static_assert(Tr::kThreads == 256 && Tr::kBlockM == 128, "two consumer warpgroups of 64 keys");
+    static_assert(2 * Tr::kBlockN == kWsProducerThreads, "one producer thread per lse2 or delta row of a step");
+    using T = typename Tr::Input;
+    using E = typename Tr::Element;
+    constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, D = Tr::kHeadDim;
+    using Control = WsBwdControl<BN>;
+    const ShadowAttentionParams& p = bp.fwd;
+
+    unsigned char* smem = F::smem();
+    Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem)), typename Tr::SmemLayoutOwn{});
+    Tensor sV = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem + Tr::kOwnBytes)), typename Tr::SmemLayoutOwn{});
+    E* ring = reinterpret_cast<E*>(smem + 2 * Tr::kOwnBytes);  // stage s: Q tile, dO tile
+    auto ring_tile = [&](int stage, int j) {
+      return make_tensor(make_smem_ptr(ring + (2 * stage + j) * (BN * D)), typename Tr::SmemLayoutPartner{});
+    };
+    Control& c = *reinterpret_cast<Control*>(smem + 2 * Tr::kOwnBytes + 2 * kWsBwdStages * Tr::kPartnerBytes);
+
+    const KeyTile kt = key_tile(p, BM, ev_mm, n_ev_tiles);
+    const int32_t* evg = p.evicted_at + kt.b * p.ev_stride[0] + kt.hkv * p.ev_stride[1];
+    const HeadQuerySteps steps(p, kt, BN);
+
+    if (threadIdx.x == 0) {
+      // Full barriers: each producer thread arrives twice (ws_publish).
+      cuda_common::mbar_init(&c.kv_full, 2 * kWsProducerThreads);
+      for (int s = 0; s < kWsBwdStages; ++s) {
+        cuda_common::mbar_init(&c.full[s], 2 * kWsProducerThreads);
+        cuda_common::mbar_init(&c.empty[s], Tr::kThreads);
+      }
+    }
+    __syncthreads();  // the only block-wide barrier
+
+    if (threadIdx.x < kWsProducerThreads) {
+      // ---- producer
+      cuda_common::setmaxnreg_dec<kWsBwdProducerRegs>();
+      const int tid = threadIdx.x;
+      WsProducerCopy<E> gmem_copy;
+      auto gmem_thr = gmem_copy.get_thread_slice(tid);
+
+      const E* kg = static_cast<const E*>(p.k) + kt.b * p.k_stride[0] + kt.hkv * p.k_stride[1];
+      const E* vg = static_cast<const E*>(p.v) + kt.b * p.v_stride[0] + kt.hkv * p.v_stride[1];
+      Tensor tOwnC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
+      auto own_needed = [&](int row) { return own_kv_row_needed(row, p, kt, evg); };
+      cuda_cute::copy_rows_if(gmem_copy, gmem_thr.partition_S(cuda_cute::gmem_tile<BM, D>(kg, p.k_stride[2], kt.k0)),
+                              gmem_thr.partition_D(sK), tOwnC, own_needed, false);
+      cuda_cute::copy_rows_if(gmem_copy, gmem_thr.partition_S(cuda_cute::gmem_tile<BM, D>(vg, p.v_stride[2], kt.k0)),
+                              gmem_thr.partition_D(sV), tOwnC, own_needed, false);
+      ws_publish(&c.kv_full);
+
+      Tensor tPartC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
+      // Threads 0..63 stage the step's lse2 rows, 64..127 its delta rows (zeros past its rows:
+      // row_stats does not read them).
+      const float* stats = tid < BN ? lse2_ws : delta_ws;
+      const int stat_row = tid % BN;
+      auto st = steps.first();
+      for (int stage = 0, round = 0;; ) {
+        // Parity of the stage's previous phase: the first round's wait returns at once.
+        mbar_wait(&c.empty[stage], (round & 1) ^ 1);
+        const bool done = steps.done(st);
+        if (tid == 0) {  // published with the stage: the consumers read these after their wait
+          c.hq[stage] = done ? -1 : st.hq;
+          c.i0[stage] = st.i0;
+        }
+        if (!done) {
+          const int64_t rows = p.q_len - st.i0;  // >= 1; the tile's rows are min(rows, BN)
+          const E* qg = static_cast<const E*>(p.q) + kt.b * p.q_stride[0] + st.hq * p.q_stride[1];
+          const E* dog = static_cast<const E*>(bp.grad_out) + kt.b * bp.do_stride[0] + st.hq * bp.do_stride[1];
+          cuda_cute::copy_rows<BN>(gmem_copy, gmem_thr.partition_S(cuda_cute::gmem_tile<BN, D>(qg, p.q_stride[2], st.i0)),
+                                   gmem_thr.partition_D(ring_tile(stage, 0)), tPartC, rows);
+          cuda_cute::copy_rows<BN>(gmem_copy,
+                                   gmem_thr.partition_S(cuda_cute::gmem_tile<BN, D>(dog, bp.do_stride[2], st.i0)),
+                                   gmem_thr.partition_D(ring_tile(stage, 1)), tPartC, rows);
+          const int64_t ws_row0 = (kt.b * p.num_q_heads + st.hq) * p.q_len + st.i0;
+          const bool in_range = stat_row < rows;
+          float* dst = (tid < BN ? c.lse2[stage] : c.delta[stage]) + stat_row;
+          cuda_common::cp_async_4(dst, in_range ? stats + ws_row0 + stat_row : stats, in_range);
+        }
+        ws_publish(&c.full[stage]);
+        if (done) break;
+        st = steps.after(st);
+        if (++stage == kWsBwdStages) {
+          stage = 0;
+          ++round;
+        }
+      }
+      // Leave only after the last copies landed (they write the block's shared memory).
+      cp_async_fence();
+      cp_async_wait<0>();
+    } else {
+      // ---- consumers
+      cuda_common::setmaxnreg_inc<kWsBwdConsumerRegs>();
+      const int tid = threadIdx.x - kWsProducerThreads;  // 0..255: the family's thread index
+      F mma(tid);
+
+      Tensor acc_dk = mma.out_acc();
+      Tensor acc_dv = mma.out_acc();
+      clear(acc_dk);
+      clear(acc_dv);
+      // Rows of the score registers are this block's keys, columns the step's query rows.
+      Tensor tScS_rc = F::rowcol(mma.score_coords());
+      constexpr int kRows = decltype(size<0>(tScS_rc))::value;
+      int ev_row[kRows];
+      load_row_log(ev_row, evg, kt, tScS_rc);
+
+      mbar_wait(&c.kv_full, 0);
+      auto k_op = mma.own(sK);
+      auto v_op = mma.own(sV);
+      for (int stage = 0, round = 0;; ) {
+        mbar_wait(&c.full[stage], round & 1);
+        const int64_t hq = c.hq[stage];
+        if (hq < 0) break;
+        const int64_t i0 = c.i0[stage];
+        // The copies landed through the generic proxy; the MMAs read through the async one.
+        cuda_wgmma::fence_smem_for_wgmma();
+
+        const auto [rows, p0, full] = query_rows(p, kt, BM, i0, BN);
+        Tensor sQ_now = ring_tile(stage, 0);
+        Tensor sdO_now = ring_tile(stage, 1);
+        Tensor acc_st = mma.score_acc();
+        Tensor acc_dpt = mma.score_acc();
+        mma.scores_pair(acc_st, k_op, sQ_now, acc_dpt, v_op, sdO_now);
+
+        // P^T overwrites S^T, dS^T overwrites dP^T (two copies: a full step tests no pair).
+        Tensor s_t = F::rowcol(acc_st);
+        Tensor dp_t = F::rowcol(acc_dpt);
+        if (full) {
+          p_ds_by_key_rows(s_t, dp_t, tScS_rc, ev_row, true, kt.k0, p0, scale_log2, c.lse2[stage], c.delta[stage], 0,
+                           rows);
+        } else {
+          p_ds_by_key_rows(s_t, dp_t, tScS_rc, ev_row, false, kt.k0, p0, scale_log2, c.lse2[stage], c.delta[stage], 0,
+                           rows);
+        }
+        Tensor rP = F::a_operand(acc_st);
+        Tensor rdS = F::a_operand(acc_dpt);
+        mma.update_pair(acc_dv, rP, sdO_now, acc_dk, rdS, sQ_now);
+        mbar_arrive(&c.empty[stage]);  // Q, dO, lse2, delta of the step were read (the MMAs waited)
+
+        if (++stage == kWsBwdStages) {
+          stage = 0;
+          ++round;
+        }
+      }
+      write_dkdv<T>(bp, kt, acc_dk, acc_dv, mma.out_coords(), scale_log2 / kLog2e);
+    }
+  }
+}
+
+#if !defined(SHADOWKV_CUDA_EMULATION)  // a host compiler: no launches
+// Host: runs dkdv_ws_kernel<F> over every (batch, kv head, 128-key tile).
+template <class F>
+void launch_dkdv_ws(const ShadowAttentionBwdParams& bp, const int2* mm, int64_t n_ev, const float* lse2,
+                    const float* delta, float scale_log2, cudaStream_t s) {
+  using Tr = typename F::Traits;
+  const ShadowAttentionParams& p = bp.fwd;
+  constexpr size_t smem = ws_bwd_smem_bytes<Tr>();
+  static_assert(smem <= 227 * 1024, "more shared memory than an sm_90 block can have");
+  const int64_t blocks = p.batch * p.num_kv_heads * ceil_div(p.kv_len, Tr::kBlockM);
+  if (blocks == 0) return;
+  auto kernel = dkdv_ws_kernel<F>;
+  set_smem_limit(kernel, smem);
+  const char* name = "dkdv_ws_kernel (wgmma_wsb)";
+  kernel<<<grid_1d(blocks, name), kWsThreads, smem, s>>>(bp, mm, n_ev, lse2, delta, scale_log2);
+  check_launch(name);
+}
+#endif
+
+}  // namespace cuda_attn
+}  // namespace shadowkv

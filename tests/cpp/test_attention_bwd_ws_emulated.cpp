@@ -1,0 +1,37 @@
+// The "wgmma_wsb" backward (wgmma's dQ kernel and the warp-specialised dK/dV kernel of
+// csrc/cuda/shadow_attention_bwd_ws.cuh: a producer warpgroup and two consumer warpgroups
+// synchronised by mbarriers) run from its own source in the host emulation of
+// tests/cpp/cute_emulation.h against shadow_attention_bwd_cpu in float64, as the other families
+// are (attention_bwd_emulation.h). The emulated mbarriers deliver a stage's copies only when its
+// phase completes, so a consumer reading a stage it did not wait for sees stale bytes. Not yet
+// run on a GPU.
+#include "attention_bwd_emulation.h"  // first (it includes the emulation)
+
+#include "shadow_attention_bwd_ws.cuh"
+
+namespace {
+
+using namespace shadowkv;
+using namespace shadowkv_test;
+
+// As launch_bwd_wgmma_ws: the one-warpgroup family's dQ kernel, then dkdv_ws_kernel on the
+// two-warpgroup family's tiles (128 keys per block).
+template <typename T, int D>
+void launch_wsb(const BwdLaunchArgs& a) {
+  using F = cuda_wgmma::Family<cuda_wgmma::Bwd2Traits<T, D>>;
+  const ShadowAttentionParams& p = a.bp.fwd;
+  launch_dq_emulated<cuda_wgmma::Family<cuda_wgmma::BwdTraits<T, D>>>(a);
+  shadowkv_emu::launch(grid_of(p.batch * p.num_kv_heads, p.kv_len, F::Traits::kBlockM), kWsThreads,
+                       ws_bwd_smem_bytes<typename F::Traits>(),
+                       [&] { dkdv_ws_kernel<F>(a.bp, a.mm, a.n_ev, a.lse2, a.delta, a.scale_log2); });
+}
+
+TEST(emulated_attention_bwd_wgmma_wsb) {
+  if (run_combo(0)) check_shapes<__nv_bfloat16, 128>("wgmma_wsb bf16 d128", true, launch_wsb<__nv_bfloat16, 128>);
+  if (run_combo(1)) {
+    check_shapes<__half, 64>("wgmma_wsb fp16 d64", false, launch_wsb<__half, 64>);
+    check_backward_with<__half, 64>(kBatchShape, 98, "wgmma_wsb fp16 d64 batch", launch_wsb<__half, 64>);
+  }
+}
+
+}  // namespace
