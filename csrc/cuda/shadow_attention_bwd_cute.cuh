@@ -459,30 +459,6 @@ __global__ void __launch_bounds__(256) dq_from_acc_kernel(const ShadowAttentionB
 // Host: runs the dQ kernel over every (batch, query head, 64-row query tile) and the dK/dV
 // kernel over every (batch, kv head, 64-key tile) of family F. With F::kAtomicDq the dK/dV
 // kernel adds dQ into a zeroed fp32 workspace instead, and dq_from_acc_kernel writes dQ.
-// One backward kernel of family F over `blocks` blocks of F's threads (none when 0).
-template <class F, class Kernel, class... Extra>
-void launch_bwd_kernel_of(Kernel kernel, int64_t blocks, size_t smem, const char* kernel_name,
-                          const ShadowAttentionBwdParams& bp, const int2* mm, int64_t n_ev, const float* lse2,
-                          const float* delta, float scale_log2, cudaStream_t s, Extra... extra) {
-  if (blocks == 0) return;
-  const std::string name = std::string(kernel_name) + " (" + F::kName + ")";
-  set_smem_limit(kernel, smem);
-  kernel<<<grid_1d(blocks, name.c_str()), F::Traits::kThreads, smem, s>>>(bp, mm, n_ev, lse2, delta, scale_log2,
-                                                                            extra...);
-  check_launch(name.c_str());
-}
-
-// The dQ kernel of family F alone (a family without F::kAtomicDq).
-template <class F>
-void launch_dq_family(const ShadowAttentionBwdParams& bp, const int2* mm, int64_t n_ev, const float* lse2,
-                      const float* delta, float scale_log2, cudaStream_t s) {
-  using Tr = typename F::Traits;
-  const ShadowAttentionParams& p = bp.fwd;
-  launch_bwd_kernel_of<F>(dq_kernel<F>, p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM),
-                          bwd_tiles_smem<F>() + dq_extra_smem<Tr>(), "dq_kernel", bp, mm, n_ev, lse2, delta,
-                          scale_log2, s);
-}
-
 template <class F>
 void launch_bwd_family(const ShadowAttentionBwdParams& bp, const int2* mm, int64_t n_ev, const float* lse2,
                        const float* delta, float scale_log2, cudaStream_t s) {
@@ -491,7 +467,12 @@ void launch_bwd_family(const ShadowAttentionBwdParams& bp, const int2* mm, int64
   constexpr int D = Tr::kHeadDim;
   const ShadowAttentionParams& p = bp.fwd;
   auto run = [&](auto kernel, int64_t blocks, size_t smem, const char* kernel_name, auto... extra) {
-    launch_bwd_kernel_of<F>(kernel, blocks, smem, kernel_name, bp, mm, n_ev, lse2, delta, scale_log2, s, extra...);
+    if (blocks == 0) return;
+    const std::string name = std::string(kernel_name) + " (" + F::kName + ")";
+    set_smem_limit(kernel, smem);
+    kernel<<<grid_1d(blocks, name.c_str()), Tr::kThreads, smem, s>>>(bp, mm, n_ev, lse2, delta, scale_log2,
+                                                                       extra...);
+    check_launch(name.c_str());
   };
   const size_t tiles = bwd_tiles_smem<F>();
   const int64_t kv_blocks = p.batch * p.num_kv_heads * ceil_div(p.kv_len, Tr::kBlockM);
@@ -509,7 +490,8 @@ void launch_bwd_family(const ShadowAttentionBwdParams& bp, const int2* mm, int64
       check_launch("dq_from_acc_kernel");
     }
   } else {
-    launch_dq_family<F>(bp, mm, n_ev, lse2, delta, scale_log2, s);
+    run(dq_kernel<F>, p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM), tiles + dq_extra_smem<Tr>(),
+        "dq_kernel");
     run(dkdv_kernel<F>, kv_blocks, tiles, "dkdv_kernel", static_cast<float*>(nullptr));
   }
 }

@@ -18,14 +18,5 @@ void launch_bwd_wgmma(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int
   });
 }
 
-void launch_dq_wgmma(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
-                     const float* delta, float scale_log2, cudaStream_t s) {
-  if (!wgmma_available(s)) throw std::logic_error("launch_dq_wgmma: the sm_90a body does not run here");
-  dispatch_16bit_d64_d128(bp.fwd.dtype, bp.fwd.head_dim, "launch_dq_wgmma", [&](auto tag, auto d) {
-    using Tr = cuda_wgmma::BwdTraits<typename decltype(tag)::type, decltype(d)::value>;
-    launch_dq_family<cuda_wgmma::Family<Tr>>(bp, ev_mm, n_ev, lse2, delta, scale_log2, s);
-  });
-}
-
 }  // namespace cuda_attn
 }  // namespace shadowkv

@@ -1,5 +1,5 @@
-// The warp-specialised shadow-attention dK/dV kernel (the "wgmma_wsb" family's backward; sm_90a,
-// FlashAttention-3 style). bfloat16/float16, head_dim 64 or 128; the same results contract as
+// The warp-specialised shadow-attention backward (the "wgmma_wsb" family's; sm_90a,
+// FlashAttention-3 style): a dK/dV kernel and a dQ kernel. bfloat16/float16, head_dim 64 or 128; the same results contract as
 // dkdv_kernel (shadow_attention_bwd_cute.cuh), whose per-step math it reuses.
 //
 // Why: on the H200 (bench/RESULTS.md, 2026-11-27) the wgmma dK/dV kernel was the slowest part
@@ -20,7 +20,7 @@
 //     so one warpgroup's element-wise step runs under the other's MMAs;
 //   * registers move from the producer (kWsBwdProducerRegs) to the consumers
 //     (kWsBwdConsumerRegs), which hold dK and dV of 64 keys in registers.
-// dQ is the wgmma family's dq_kernel (launch_bwd_wgmma_ws).
+// dQ comes from dq_ws_kernel below, the same split over 128 query rows and 64-key tiles.
 #pragma once
 
 #include "shadow_attention_bwd_cute.cuh"  // p_ds_by_key_rows, load_row_log, write_dkdv
@@ -42,7 +42,7 @@ constexpr int kWsBwdConsumerRegs = 232;
 
 // The block's barriers and what the producer tells the consumers, after the tiles.
 template <int kRows>
-struct WsBwdControl {
+struct WsDkdvControl {
   uint64_t kv_full;                 // the block's own K and V landed
   uint64_t full[kWsBwdStages];      // producer -> consumers: the stage's Q, dO, lse2, delta landed
   uint64_t empty[kWsBwdStages];     // consumers -> producer: the stage was read
@@ -52,11 +52,15 @@ struct WsBwdControl {
   float delta[kWsBwdStages][kRows];
 };
 
-// Bytes of shared memory a launch asks for: own K and V, the Q/dO ring, the control block, slack.
-template <class Tr>
+// Bytes of shared memory a launch of either kernel asks for: two own tiles, the ring of partner
+// tile pairs, the control block, the alignment slack.
+template <class Tr, class Control>
 constexpr size_t ws_bwd_smem_bytes() {
-  return 2 * Tr::kOwnBytes + 2 * kWsBwdStages * Tr::kPartnerBytes + sizeof(WsBwdControl<Tr::kBlockN>) +
-         cuda_wgmma::kSmemAlignSlack;
+  return 2 * Tr::kOwnBytes + 2 * kWsBwdStages * Tr::kPartnerBytes + sizeof(Control) + cuda_wgmma::kSmemAlignSlack;
+}
+template <class Tr>
+constexpr size_t ws_dkdv_smem_bytes() {
+  return ws_bwd_smem_bytes<Tr, WsDkdvControl<Tr::kBlockN>>();
 }
 
 template <class F>
@@ -75,7 +79,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     using T = typename Tr::Input;
     using E = typename Tr::Element;
     constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, D = Tr::kHeadDim;
-    using Control = WsBwdControl<BN>;
+    using Control = WsDkdvControl<BN>;
     const ShadowAttentionParams& p = bp.fwd;
 
     unsigned char* smem = F::smem();
@@ -216,22 +220,215 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   }
 }
 
-#if !defined(SHADOWKV_CUDA_EMULATION)  // a host compiler: no launches
-// Host: runs dkdv_ws_kernel<F> over every (batch, kv head, 128-key tile).
+// dq_ws_kernel's control block: as WsDkdvControl, with K/V stages and a partial tile's log entries.
+template <int kCols>
+struct WsDqControl {
+  uint64_t own_full;                 // the block's own Q and dO landed
+  uint64_t full[kWsBwdStages];       // producer -> consumers: the stage's K, V (and log entries) landed
+  uint64_t empty[kWsBwdStages];      // consumers -> producer: the stage was read
+  int64_t tile[kWsBwdStages];        // the stage's key tile; n_key_tiles: no more
+  int kind[kWsBwdStages];            // its TileKind
+  int kinds[kWsProducerThreads];     // next_live_tile's batch (the producer's)
+  int ev[kWsBwdStages][kCols];       // a partial tile's log entries (kEvOutOfRange past kv_len)
+};
+
+template <class Tr>
+constexpr size_t ws_dq_smem_bytes() {
+  return ws_bwd_smem_bytes<Tr, WsDqControl<Tr::kBlockN>>();
+}
+
+// The warp-specialised dQ kernel: the same split as dkdv_ws_kernel with the roles of queries and
+// keys swapped. A block owns 128 query rows (two consumer warpgroups of 64); the producer copies
+// their Q and dO once, then classifies the key tiles (next_live_tile over its 128 threads) and
+// copies each live tile's K and V (rows no valid query row sees are zeros, as in dq_kernel) with,
+// for a partial tile, its 64 log entries, which its own row tests and the consumers' masks read.
+// The consumers run dq_kernel's step: S = Q K^T and dP = dO V^T, dS, dQ += dS K, then release.
+// Registers as fwd_ws_kernel's (56 + 224: this producer classifies key tiles too; 40 + 232
+// spilled 12 bytes at head dim 64).
 template <class F>
-void launch_dkdv_ws(const ShadowAttentionBwdParams& bp, const int2* mm, int64_t n_ev, const float* lse2,
-                    const float* delta, float scale_log2, cudaStream_t s) {
+__global__ void __launch_bounds__(kWsThreads, 1)
+    dq_ws_kernel(const ShadowAttentionBwdParams bp, const int2* __restrict__ ev_mm, int64_t n_ev_tiles,
+                 const float* __restrict__ lse2_ws, const float* __restrict__ delta_ws, float scale_log2) {
+  if constexpr (!F::kBody) {
+    __trap();  // the host only launches a family where its body was built (and loads)
+  } else {
+    using namespace cute;
+    using cuda_common::mbar_arrive;
+    using cuda_common::mbar_wait;
+    using Tr = typename F::Traits;
+    static_assert(Tr::kThreads == 256 && Tr::kBlockM == 128, "two consumer warpgroups of 64 query rows");
+    static_assert(Tr::kBlockN <= kWsProducerThreads, "one producer thread per key of a tile (its log entry)");
+    using T = typename Tr::Input;
+    using E = typename Tr::Element;
+    constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, D = Tr::kHeadDim;
+    using Control = WsDqControl<BN>;
+    const ShadowAttentionParams& p = bp.fwd;
+
+    unsigned char* smem = F::smem();
+    Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem)), typename Tr::SmemLayoutOwn{});
+    Tensor sdO = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem + Tr::kOwnBytes)), typename Tr::SmemLayoutOwn{});
+    E* ring = reinterpret_cast<E*>(smem + 2 * Tr::kOwnBytes);  // stage s: K tile, V tile
+    auto ring_tile = [&](int stage, int j) {
+      return make_tensor(make_smem_ptr(ring + (2 * stage + j) * (BN * D)), typename Tr::SmemLayoutPartner{});
+    };
+    Control& c = *reinterpret_cast<Control*>(smem + 2 * Tr::kOwnBytes + 2 * kWsBwdStages * Tr::kPartnerBytes);
+
+    const QueryTile t = query_tile(p, BM);
+    const int64_t n_key_tiles = (min(p.kv_len, t.p1 + 1) + BN - 1) / BN;
+    const int64_t ws_row0 = (t.b * p.num_q_heads + t.hq) * p.q_len + t.i0;
+
+    if (threadIdx.x == 0) {
+      // Full barriers: each producer thread arrives twice (ws_publish).
+      cuda_common::mbar_init(&c.own_full, 2 * kWsProducerThreads);
+      for (int s = 0; s < kWsBwdStages; ++s) {
+        cuda_common::mbar_init(&c.full[s], 2 * kWsProducerThreads);
+        cuda_common::mbar_init(&c.empty[s], Tr::kThreads);
+      }
+    }
+    __syncthreads();  // the only block-wide barrier
+
+    if (threadIdx.x < kWsProducerThreads) {
+      // ---- producer
+      cuda_common::setmaxnreg_dec<kWsProducerRegs>();
+      const int tid = threadIdx.x;
+      WsProducerCopy<E> gmem_copy;
+      auto gmem_thr = gmem_copy.get_thread_slice(tid);
+
+      const E* qg = static_cast<const E*>(p.q) + t.b * p.q_stride[0] + t.hq * p.q_stride[1];
+      const E* dog = static_cast<const E*>(bp.grad_out) + t.b * bp.do_stride[0] + t.hq * bp.do_stride[1];
+      Tensor tOwnC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
+      cuda_cute::copy_rows<BM>(gmem_copy, gmem_thr.partition_S(cuda_cute::gmem_tile<BM, D>(qg, p.q_stride[2], t.i0)),
+                               gmem_thr.partition_D(sQ), tOwnC, t.rows);
+      cuda_cute::copy_rows<BM>(gmem_copy,
+                               gmem_thr.partition_S(cuda_cute::gmem_tile<BM, D>(dog, bp.do_stride[2], t.i0)),
+                               gmem_thr.partition_D(sdO), tOwnC, t.rows);
+      ws_publish(&c.own_full);
+
+      const E* kg = static_cast<const E*>(p.k) + t.b * p.k_stride[0] + t.hkv * p.k_stride[1];
+      const E* vg = static_cast<const E*>(p.v) + t.b * p.v_stride[0] + t.hkv * p.v_stride[1];
+      const int32_t* evg = p.evicted_at + t.b * p.ev_stride[0] + t.hkv * p.ev_stride[1];
+      const int2* mm = ev_mm + (t.b * p.num_kv_heads + t.hkv) * n_ev_tiles;
+      Tensor tPartC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
+      // This thread's log entry of a partial tile (key tile * BN + tid, threads below BN), read
+      // one tile ahead as in fwd_ws_kernel: its latency passes while the producer waits for the
+      // stage.
+      auto log_entry = [&](int64_t tile, TileKind kind) {
+        const int64_t j = tile * BN + tid;
+        return kind == TileKind::kPartial && tile < n_key_tiles && tid < BN && j < p.kv_len ? ev_at(evg, j)
+                                                                                           : kEvOutOfRange;
+      };
+      TileKind kind = TileKind::kSkip;
+      int64_t tile = next_live_tile<BN>(0, n_key_tiles, c.kinds, mm, n_ev_tiles, p, t, kind, WsProducerGroup{});
+      int ev_next = log_entry(tile, kind);
+      for (int stage = 0, round = 0;; ) {
+        // Parity of the stage's previous phase: the first round's wait returns at once.
+        mbar_wait(&c.empty[stage], (round & 1) ^ 1);
+        if (tid == 0) {  // published with the stage: the consumers read these after their wait
+          c.tile[stage] = tile;
+          c.kind[stage] = static_cast<int>(kind);
+        }
+        if (tile < n_key_tiles) {
+          const int64_t k0 = tile * BN;
+          const int* sev = c.ev[stage];
+          if (kind == TileKind::kPartial) {  // producer-uniform (next_live_tile)
+            if (tid < BN) c.ev[stage][tid] = ev_next;
+            cuda_common::named_sync(kWsBarProducer, kWsProducerThreads);  // every entry is staged
+          }
+          auto needed = [&](int row) { return staged_kv_row_needed(row, k0, p, t, sev); };
+          const bool every_row = kind == TileKind::kFull;
+          cuda_cute::copy_rows_if(gmem_copy, gmem_thr.partition_S(cuda_cute::gmem_tile<BN, D>(kg, p.k_stride[2], k0)),
+                                  gmem_thr.partition_D(ring_tile(stage, 0)), tPartC, needed, every_row);
+          cuda_cute::copy_rows_if(gmem_copy, gmem_thr.partition_S(cuda_cute::gmem_tile<BN, D>(vg, p.v_stride[2], k0)),
+                                  gmem_thr.partition_D(ring_tile(stage, 1)), tPartC, needed, every_row);
+        }
+        ws_publish(&c.full[stage]);
+        if (tile >= n_key_tiles) break;
+        kind = TileKind::kSkip;  // as the end marker's kind (next_live_tile leaves it when none is left)
+        tile = next_live_tile<BN>(tile + 1, n_key_tiles, c.kinds, mm, n_ev_tiles, p, t, kind, WsProducerGroup{});
+        ev_next = log_entry(tile, kind);
+        if (++stage == kWsBwdStages) {
+          stage = 0;
+          ++round;
+        }
+      }
+      // Leave only after the last copies landed (they write the block's shared memory).
+      cp_async_fence();
+      cp_async_wait<0>();
+    } else {
+      // ---- consumers
+      cuda_common::setmaxnreg_inc<kWsConsumerRegs>();
+      const int tid = threadIdx.x - kWsProducerThreads;  // 0..255: the family's thread index
+      F mma(tid);
+
+      Tensor acc_dq = mma.out_acc();
+      clear(acc_dq);
+      // Rows of this thread's score registers, with their lse2 and delta (padding rows: P = 0).
+      Tensor tScS_rc = F::rowcol(mma.score_coords());
+      constexpr int kRows = decltype(size<0>(tScS_rc))::value;
+      constexpr int kCols = decltype(size<1>(tScS_rc))::value;
+      float lse2_r[kRows], delta_r[kRows];
+      load_row_stats(lse2_r, delta_r, lse2_ws, delta_ws, ws_row0, t.rows, tScS_rc);
+
+      mbar_wait(&c.own_full, 0);
+      auto q_op = mma.own(sQ);
+      auto do_op = mma.own(sdO);
+      for (int stage = 0, round = 0;; ) {
+        mbar_wait(&c.full[stage], round & 1);
+        const int64_t tile = c.tile[stage];
+        if (tile >= n_key_tiles) break;
+        const bool full = static_cast<TileKind>(c.kind[stage]) == TileKind::kFull;
+        // The copies landed through the generic proxy; the MMAs read through the async one.
+        cuda_wgmma::fence_smem_for_wgmma();
+
+        Tensor sK_now = ring_tile(stage, 0);
+        Tensor acc_s = mma.score_acc();
+        Tensor acc_dp = mma.score_acc();
+        mma.scores_pair(acc_s, q_op, sK_now, acc_dp, do_op, ring_tile(stage, 1));
+
+        // dS overwrites S (two copies: a full tile reads no log entry and tests no pair).
+        Tensor s = F::rowcol(acc_s);
+        Tensor dp = F::rowcol(acc_dp);
+        int ev_col[kCols];
+        if (full) {
+          ds_by_query_rows(s, dp, tScS_rc, ev_col, true, tile * BN, t.p0, scale_log2, lse2_r, delta_r);
+        } else {
+          cuda_cute::load_staged_column_log(ev_col, c.ev[stage], tScS_rc, true, kEvOutOfRange);
+          ds_by_query_rows(s, dp, tScS_rc, ev_col, false, tile * BN, t.p0, scale_log2, lse2_r, delta_r);
+        }
+        Tensor rdS = F::a_operand(acc_s);
+        mma.update(acc_dq, rdS, sK_now);
+        mbar_arrive(&c.empty[stage]);  // K, V and the entries of the tile were read (the MMAs waited)
+
+        if (++stage == kWsBwdStages) {
+          stage = 0;
+          ++round;
+        }
+      }
+      write_dq<T>(bp, t, acc_dq, mma.out_coords(), scale_log2 / kLog2e);
+    }
+  }
+}
+
+#if !defined(SHADOWKV_CUDA_EMULATION)  // a host compiler: no launches
+// Host: runs dq_ws_kernel<F> over every (batch, query head, 128-row query tile), then
+// dkdv_ws_kernel<F> over every (batch, kv head, 128-key tile).
+template <class F>
+void launch_bwd_ws(const ShadowAttentionBwdParams& bp, const int2* mm, int64_t n_ev, const float* lse2,
+                   const float* delta, float scale_log2, cudaStream_t s) {
   using Tr = typename F::Traits;
   const ShadowAttentionParams& p = bp.fwd;
-  constexpr size_t smem = ws_bwd_smem_bytes<Tr>();
-  static_assert(smem <= 227 * 1024, "more shared memory than an sm_90 block can have");
-  const int64_t blocks = p.batch * p.num_kv_heads * ceil_div(p.kv_len, Tr::kBlockM);
-  if (blocks == 0) return;
-  auto kernel = dkdv_ws_kernel<F>;
-  set_smem_limit(kernel, smem);
-  const char* name = "dkdv_ws_kernel (wgmma_wsb)";
-  kernel<<<grid_1d(blocks, name), kWsThreads, smem, s>>>(bp, mm, n_ev, lse2, delta, scale_log2);
-  check_launch(name);
+  auto run = [&](auto kernel, int64_t blocks, size_t smem, const char* name) {
+    if (blocks == 0) return;
+    set_smem_limit(kernel, smem);
+    kernel<<<grid_1d(blocks, name), kWsThreads, smem, s>>>(bp, mm, n_ev, lse2, delta, scale_log2);
+    check_launch(name);
+  };
+  static_assert(ws_dq_smem_bytes<Tr>() <= 227 * 1024 && ws_dkdv_smem_bytes<Tr>() <= 227 * 1024,
+                "more shared memory than an sm_90 block can have");
+  run(dq_ws_kernel<F>, p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM), ws_dq_smem_bytes<Tr>(),
+      "dq_ws_kernel (wgmma_wsb)");
+  run(dkdv_ws_kernel<F>, p.batch * p.num_kv_heads * ceil_div(p.kv_len, Tr::kBlockM), ws_dkdv_smem_bytes<Tr>(),
+      "dkdv_ws_kernel (wgmma_wsb)");
 }
 #endif
 

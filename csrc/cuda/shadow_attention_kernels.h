@@ -15,10 +15,9 @@
 //     into an mbarrier ring, two consumer warpgroups take turns on the tensor cores);
 //     wgmma's backward. auto's forward at head_dim 128: it passed the GPU tests and racecheck
 //     on an H200 and was the fastest forward there (bench/RESULTS.md, 2026-11-27).
-//   * wgmma_wsb: wgmma_ws's forward; a warp-specialised dK/dV kernel in the backward
-//     (dkdv_ws_kernel: a producer warpgroup copies Q/dO/lse/delta tiles into an mbarrier ring,
-//     two consumer warpgroups of 64 keys each share them) beside wgmma's dQ kernel. Opt-in:
-//     not yet run on a GPU.
+//   * wgmma_wsb: wgmma_ws's forward; a warp-specialised backward (dq_ws_kernel, dkdv_ws_kernel:
+//     a producer warpgroup copies the partner tiles into an mbarrier ring, two consumer
+//     warpgroups of 64 own rows each share them). Opt-in: not yet run on a GPU.
 //   * wgmma_fused: wgmma's forward; a one-pass backward (the dK/dV kernel computes dQ too and
 //     adds it to an fp32 workspace with atomics: five products per pair instead of seven, dQ
 //     bitwise non-deterministic). Opt-in: it passed the GPU tests on an H200, but its backward
@@ -81,10 +80,7 @@ void launch_fwd_wgmma2o(const ShadowAttentionParams& p, const int2* ev_mm, int64
 // The warp-specialised forward (its backward is launch_bwd_wgmma).
 void launch_fwd_wgmma_ws(const ShadowAttentionParams& p, const int2* ev_mm, int64_t n_ev, float scale_log2,
                          cudaStream_t s);
-// wgmma's dQ kernel alone, and the "wgmma_wsb" backward: it and the warp-specialised dK/dV
-// kernel (its forward is launch_fwd_wgmma_ws).
-void launch_dq_wgmma(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
-                     const float* delta, float scale_log2, cudaStream_t s);
+// The warp-specialised backward, "wgmma_wsb" (its forward is launch_fwd_wgmma_ws).
 void launch_bwd_wgmma_ws(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
                          const float* delta, float scale_log2, cudaStream_t s);
 // The one-pass backward with dQ by atomics (its forward is launch_fwd_wgmma).

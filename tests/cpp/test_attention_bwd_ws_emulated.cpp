@@ -1,4 +1,4 @@
-// The "wgmma_wsb" backward (wgmma's dQ kernel and the warp-specialised dK/dV kernel of
+// The "wgmma_wsb" backward (the warp-specialised dQ and dK/dV kernels of
 // csrc/cuda/shadow_attention_bwd_ws.cuh: a producer warpgroup and two consumer warpgroups
 // synchronised by mbarriers) run from its own source in the host emulation of
 // tests/cpp/cute_emulation.h against shadow_attention_bwd_cpu in float64, as the other families
@@ -14,15 +14,16 @@ namespace {
 using namespace shadowkv;
 using namespace shadowkv_test;
 
-// As launch_bwd_wgmma_ws: the one-warpgroup family's dQ kernel, then dkdv_ws_kernel on the
-// two-warpgroup family's tiles (128 keys per block).
+// As launch_bwd_ws: dq_ws_kernel, then dkdv_ws_kernel, on the two-warpgroup family's tiles
+// (128 own rows per block, 64-row partner tiles).
 template <typename T, int D>
 void launch_wsb(const BwdLaunchArgs& a) {
   using F = cuda_wgmma::Family<cuda_wgmma::Bwd2Traits<T, D>>;
+  using Tr = typename F::Traits;
   const ShadowAttentionParams& p = a.bp.fwd;
-  launch_dq_emulated<cuda_wgmma::Family<cuda_wgmma::BwdTraits<T, D>>>(a);
-  shadowkv_emu::launch(grid_of(p.batch * p.num_kv_heads, p.kv_len, F::Traits::kBlockM), kWsThreads,
-                       ws_bwd_smem_bytes<typename F::Traits>(),
+  shadowkv_emu::launch(grid_of(p.batch * p.num_q_heads, p.q_len, Tr::kBlockM), kWsThreads, ws_dq_smem_bytes<Tr>(),
+                       [&] { dq_ws_kernel<F>(a.bp, a.mm, a.n_ev, a.lse2, a.delta, a.scale_log2); });
+  shadowkv_emu::launch(grid_of(p.batch * p.num_kv_heads, p.kv_len, Tr::kBlockM), kWsThreads, ws_dkdv_smem_bytes<Tr>(),
                        [&] { dkdv_ws_kernel<F>(a.bp, a.mm, a.n_ev, a.lse2, a.delta, a.scale_log2); });
 }
 
