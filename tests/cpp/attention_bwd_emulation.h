@@ -86,7 +86,7 @@ inline unsigned grid_of(int64_t batch_heads, int64_t len, int rows) {
   return static_cast<unsigned>(batch_heads * ((len + rows - 1) / rows));
 }
 
-// Family F's dQ kernel alone, as launch_dq_family runs it.
+// Family F's dQ kernel alone, as launch_bwd_family launches it.
 template <class F>
 void launch_dq_emulated(const BwdLaunchArgs& a) {
   using Tr = typename F::Traits;
