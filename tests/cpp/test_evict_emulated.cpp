@@ -379,11 +379,20 @@ int32_t& position(State& s, int64_t b, int64_t h, int64_t slot) {
 // page in two tables (an error where either entry is written, not where both are below the
 // first evicted slot's page), evicted positions already logged, outside the log or shared;
 // half of them with 16-byte aligned keep rows (validate_kernel's vector loads).
+//
+// Under ThreadSanitizer (CI's race run, ~1 s per state there: 98 s, the run's longest test) only
+// the first 40 states: every state runs under AddressSanitizer, and the draw is seeded, so the
+// draw's own checks at the end hold there for the same states.
+#if defined(__SANITIZE_THREAD__)
+constexpr int kVerdictStates = 40;
+#else
+constexpr int kVerdictStates = 100;
+#endif
 TEST(emulated_evict_check_matches_cpu_checks) {
   std::mt19937 rng(23);
   const auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
   int flagged = 0, shared_ok = 0;
-  for (int iter = 0; iter < 100; ++iter) {
+  for (int iter = 0; iter < kVerdictStates; ++iter) {
     const int B = uniform(1, 4), H = uniform(1, 3), ps = uniform(1, 5);
     Case c{{}, {}, H, ps, 2, DType::kFloat32};
     c.keep_align = uniform(0, 1) ? 16 : 1;
@@ -459,8 +468,10 @@ TEST(emulated_evict_check_matches_cpu_checks) {
     flagged += host_bad;
     shared_ok += shared_read_only && !host_bad;
   }
-  CHECK(flagged > 20 && flagged < 90);  // both verdicts drawn
-  CHECK(shared_ok > 0);                  // a shared page that nobody writes passed
+  if (kVerdictStates == 100) {
+    CHECK(flagged > 20 && flagged < 90);  // both verdicts drawn
+    CHECK(shared_ok > 0);                  // a shared page that nobody writes passed
+  }
 }
 
 }  // namespace
