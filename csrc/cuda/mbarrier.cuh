@@ -82,6 +82,24 @@ __device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
 #endif
 }
 
+// A position in a ring of kStages stages, each guarded by a "full" and an "empty" mbarrier
+// (producer and consumers walk it in the same order): the stage, and the round (how many times
+// the ring wrapped), whose parity is the phase a consumer waits for on the stage's full barrier.
+// The producer waits for the other parity on its empty barrier: the release of the stage's
+// previous round, which in round 0 returns at once.
+template <int kStages>
+struct RingCursor {
+  int stage = 0, round = 0;
+  __device__ __forceinline__ uint32_t full_parity() const { return static_cast<uint32_t>(round & 1); }
+  __device__ __forceinline__ uint32_t empty_parity() const { return full_parity() ^ 1u; }
+  __device__ __forceinline__ void advance() {
+    if (++stage == kStages) {
+      stage = 0;
+      ++round;
+    }
+  }
+};
+
 // Named barrier `id` (1..15; 0 is __syncthreads) over `threads` threads (whole warps): sync
 // arrives and waits for the others, arrive only arrives.
 __device__ __forceinline__ void named_sync(int id, int threads) {

@@ -128,9 +128,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       const float* stats = tid < BN ? lse2_ws : delta_ws;
       const int stat_row = tid % BN;
       auto st = steps.first();
-      for (int stage = 0, round = 0;; ) {
-        // Parity of the stage's previous phase: the first round's wait returns at once.
-        mbar_wait(&c.empty[stage], (round & 1) ^ 1);
+      for (cuda_common::RingCursor<kWsBwdStages> ring_at;; ring_at.advance()) {
+        const int stage = ring_at.stage;
+        mbar_wait(&c.empty[stage], ring_at.empty_parity());
         const bool done = steps.done(st);
         if (tid == 0) {  // published with the stage: the consumers read these after their wait
           c.hq[stage] = done ? -1 : st.hq;
@@ -153,10 +153,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         ws_publish(&c.full[stage]);
         if (done) break;
         st = steps.after(st);
-        if (++stage == kWsBwdStages) {
-          stage = 0;
-          ++round;
-        }
       }
       // Leave only after the last copies landed (they write the block's shared memory).
       cp_async_fence();
@@ -180,8 +176,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       mbar_wait(&c.kv_full, 0);
       auto k_op = mma.own(sK);
       auto v_op = mma.own(sV);
-      for (int stage = 0, round = 0;; ) {
-        mbar_wait(&c.full[stage], round & 1);
+      for (cuda_common::RingCursor<kWsBwdStages> ring_at;; ring_at.advance()) {
+        const int stage = ring_at.stage;
+        mbar_wait(&c.full[stage], ring_at.full_parity());
         const int64_t hq = c.hq[stage];
         if (hq < 0) break;
         const int64_t i0 = c.i0[stage];
@@ -209,11 +206,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         Tensor rdS = F::a_operand(acc_dpt);
         mma.update_pair(acc_dv, rP, sdO_now, acc_dk, rdS, sQ_now);
         mbar_arrive(&c.empty[stage]);  // Q, dO, lse2, delta of the step were read (the MMAs waited)
-
-        if (++stage == kWsBwdStages) {
-          stage = 0;
-          ++round;
-        }
       }
       write_dkdv<T>(bp, kt, acc_dk, acc_dv, mma.out_coords(), scale_log2 / kLog2e);
     }
@@ -320,9 +312,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       TileKind kind = TileKind::kSkip;
       int64_t tile = next_live_tile<BN>(0, n_key_tiles, c.kinds, mm, n_ev_tiles, p, t, kind, WsProducerGroup{});
       int ev_next = log_entry(tile, kind);
-      for (int stage = 0, round = 0;; ) {
-        // Parity of the stage's previous phase: the first round's wait returns at once.
-        mbar_wait(&c.empty[stage], (round & 1) ^ 1);
+      for (cuda_common::RingCursor<kWsBwdStages> ring_at;; ring_at.advance()) {
+        const int stage = ring_at.stage;
+        mbar_wait(&c.empty[stage], ring_at.empty_parity());
         if (tid == 0) {  // published with the stage: the consumers read these after their wait
           c.tile[stage] = tile;
           c.kind[stage] = static_cast<int>(kind);
@@ -346,10 +338,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         kind = TileKind::kSkip;  // as the end marker's kind (next_live_tile leaves it when none is left)
         tile = next_live_tile<BN>(tile + 1, n_key_tiles, c.kinds, mm, n_ev_tiles, p, t, kind, WsProducerGroup{});
         ev_next = log_entry(tile, kind);
-        if (++stage == kWsBwdStages) {
-          stage = 0;
-          ++round;
-        }
       }
       // Leave only after the last copies landed (they write the block's shared memory).
       cp_async_fence();
@@ -372,8 +360,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       mbar_wait(&c.own_full, 0);
       auto q_op = mma.own(sQ);
       auto do_op = mma.own(sdO);
-      for (int stage = 0, round = 0;; ) {
-        mbar_wait(&c.full[stage], round & 1);
+      for (cuda_common::RingCursor<kWsBwdStages> ring_at;; ring_at.advance()) {
+        const int stage = ring_at.stage;
+        mbar_wait(&c.full[stage], ring_at.full_parity());
         const int64_t tile = c.tile[stage];
         if (tile >= n_key_tiles) break;
         const bool full = static_cast<TileKind>(c.kind[stage]) == TileKind::kFull;
@@ -398,11 +387,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         Tensor rdS = F::a_operand(acc_s);
         mma.update(acc_dq, rdS, sK_now);
         mbar_arrive(&c.empty[stage]);  // K, V and the entries of the tile were read (the MMAs waited)
-
-        if (++stage == kWsBwdStages) {
-          stage = 0;
-          ++round;
-        }
       }
       write_dq<T>(bp, t, acc_dq, mma.out_coords(), scale_log2 / kLog2e);
     }

@@ -164,15 +164,15 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       TileKind kind = TileKind::kSkip;
       int64_t tile = next_live_tile<BN>(0, n_key_tiles, c.kinds, g.mm, n_ev_tiles, p, t, kind, WsProducerGroup{});
       int ev_next = log_entry(tile, kind);
-      for (int stage = 0, round = 0;; ) {
-        // Parity of the stage's previous phase: the first round's wait returns at once.
-        const uint32_t empty_parity = (round & 1) ^ 1;
+      for (cuda_common::RingCursor<kWsStages> ring_at;; ring_at.advance()) {
+        const int stage = ring_at.stage;
+        const uint32_t empty_parity = ring_at.empty_parity();
         mbar_wait(&c.k_empty[stage], empty_parity);
         if (tid == 0) {  // published with the K tile: the consumers read these after their wait
           c.tile[stage] = tile;
           c.kind[stage] = static_cast<int>(kind);
         }
-        int* sev = c.ev[stage][round & 1];
+        int* sev = c.ev[stage][ring_at.full_parity()];
         if (kind == TileKind::kPartial) {  // producer-uniform (next_live_tile)
           sev[tid] = ev_next;
           cuda_common::named_sync(kWsBarProducer, kWsProducerThreads);  // every entry is staged
@@ -186,10 +186,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         kind = TileKind::kSkip;  // as the end marker's kind (next_live_tile leaves it when none is left)
         tile = next_live_tile<BN>(tile + 1, n_key_tiles, c.kinds, g.mm, n_ev_tiles, p, t, kind, WsProducerGroup{});
         ev_next = log_entry(tile, kind);
-        if (++stage == kWsStages) {
-          stage = 0;
-          ++round;
-        }
       }
       // Leave only after the last copies landed (they write the block's shared memory).
       cp_async_fence();
@@ -220,8 +216,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       bool have_p = false;  // rP holds the previous live tile's P, whose V is in stage p_stage
       int p_stage = 0;
       uint32_t p_parity = 0;
-      for (int stage = 0, round = 0;; ) {
-        const uint32_t parity = round & 1;
+      for (cuda_common::RingCursor<kWsStages> ring_at;; ring_at.advance()) {
+        const int stage = ring_at.stage;
+        const uint32_t parity = ring_at.full_parity();
         mbar_wait(&c.k_full[stage], parity);
         const int64_t tile = c.tile[stage];
         const TileKind kind = static_cast<TileKind>(c.kind[stage]);
@@ -244,7 +241,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
         Tensor s = F::rowcol(acc_s);
         float alpha[kRows];
-        masked_softmax_step_staged<true>(kind, s, tScS_rc, c.ev[stage][round & 1], tile * BN, t.p0, scale_log2,
+        masked_softmax_step_staged<true>(kind, s, tScS_rc, c.ev[stage][parity], tile * BN, t.p0, scale_log2,
                                          m_run, l_run, alpha);
 
         finish_step<F>(acc_o, rP, acc_s, alpha);
@@ -253,10 +250,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         have_p = true;
         p_stage = stage;
         p_parity = parity;
-        if (++stage == kWsStages) {
-          stage = 0;
-          ++round;
-        }
       }
       // Every turn passed to warpgroup 0 is taken: its last sync answers warpgroup 1's last arrive.
       if (wg == 0) cuda_common::named_sync(kWsBarTurn, Tr::kThreads);
