@@ -619,16 +619,6 @@ __global__ void __launch_bounds__(SimtTraits::kThreads)
 // ------------------------------------------------------------------------------------------
 // Host side.
 
-struct BwdLaunch {
-  const ShadowAttentionBwdParams& bp;
-  const int2* mm;
-  int64_t n_ev;
-  const float* lse2;
-  const float* delta;
-  float scale_log2;
-  cudaStream_t stream;
-};
-
 template <typename Kernel>
 void launch_bwd_kernel(Kernel kernel, const BwdLaunch& a, int64_t blocks, int threads, size_t smem, const char* name) {
   if (blocks == 0) return;

@@ -224,6 +224,20 @@ SHADOWKV_TILE_FN int2 key_tile_ev_range(const int2* __restrict__ mm, int64_t n_e
   return make_int2(lo, hi);
 }
 
+// What every backward kernel gets, once bwd_rows_kernel (shadow_attention_bwd.cu) wrote the
+// per-row statistics: the parameters, the log's per-tile (min, max) of ev_minmax_kernel (n_ev
+// tiles per (batch, kv head)), lse2 = lse * log2(e), delta = rowsum(dO * O) - grad_lse, the
+// softmax scale times log2(e), and the stream (ignored by the host emulation).
+struct BwdLaunch {
+  const ShadowAttentionBwdParams& bp;
+  const int2* mm;
+  int64_t n_ev;
+  const float* lse2;
+  const float* delta;
+  float scale_log2;
+  cudaStream_t stream;
+};
+
 // Block -> (batch, query head, query tile) of the forward and dQ kernels. Tiles of one head run
 // latest-first: under a causal mask they are the longest, so the grid tail is made of short blocks.
 struct QueryTile {

@@ -13,17 +13,6 @@ namespace shadowkv_test {
 using namespace shadowkv;
 using namespace shadowkv::cuda_attn;
 
-// The arguments a backward launch gets after the pre-pass shadow_attention_bwd_cuda runs
-// (bwd_rows_kernel: lse2 = lse log2(e), delta = rowsum(dO O)).
-struct BwdLaunchArgs {
-  const ShadowAttentionBwdParams& bp;
-  const int2* mm;
-  int64_t n_ev;
-  const float* lse2;
-  const float* delta;
-  float scale_log2;
-};
-
 // The backward kernels `run(args)` launches (head dim D) on one problem against
 // shadow_attention_bwd_cpu in float64.
 template <typename T, int D, class Run>
@@ -75,7 +64,7 @@ void check_backward_with(const AttentionShape& s, uint32_t seed, const std::stri
     lse2[row] = lse[row] == -INFINITY ? INFINITY : lse[row] * 1.4426950408889634f;
   }
   const std::vector<int2> mm = prob.ev_minmax();
-  run(BwdLaunchArgs{bp, mm.data(), prob.n_ev_tiles(), lse2.data(), delta.data(), prob.scale_log2()});
+  run(BwdLaunch{bp, mm.data(), prob.n_ev_tiles(), lse2.data(), delta.data(), prob.scale_log2(), nullptr});
   expect_close(dq, dq_ref, backward_tolerance<T>(), name + " dQ");
   expect_close(dk, dk_ref, backward_tolerance<T>(), name + " dK");
   expect_close(dv, dv_ref, backward_tolerance<T>(), name + " dV");
@@ -88,7 +77,7 @@ inline unsigned grid_of(int64_t batch_heads, int64_t len, int rows) {
 
 // Family F's dQ kernel alone, as launch_bwd_family launches it.
 template <class F>
-void launch_dq_emulated(const BwdLaunchArgs& a) {
+void launch_dq_emulated(const BwdLaunch& a) {
   using Tr = typename F::Traits;
   const ShadowAttentionParams& p = a.bp.fwd;
   shadowkv_emu::launch(grid_of(p.batch * p.num_q_heads, p.q_len, Tr::kBlockM), Tr::kThreads,
@@ -98,7 +87,7 @@ void launch_dq_emulated(const BwdLaunchArgs& a) {
 
 // Family F's dQ and dK/dV kernels, launched as launch_bwd_family does.
 template <class F, typename T>
-void launch_family_emulated(const BwdLaunchArgs& a) {
+void launch_family_emulated(const BwdLaunch& a) {
   using Tr = typename F::Traits;
   constexpr int D = Tr::kHeadDim;
   const ShadowAttentionParams& p = a.bp.fwd;

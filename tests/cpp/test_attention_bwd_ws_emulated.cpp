@@ -17,7 +17,7 @@ using namespace shadowkv_test;
 // As launch_bwd_ws: dq_ws_kernel, then dkdv_ws_kernel, on the two-warpgroup family's tiles
 // (128 own rows per block, 64-row partner tiles).
 template <typename T, int D>
-void launch_wsb(const BwdLaunchArgs& a) {
+void launch_wsb(const BwdLaunch& a) {
   using F = cuda_wgmma::Family<cuda_wgmma::Bwd2Traits<T, D>>;
   using Tr = typename F::Traits;
   const ShadowAttentionParams& p = a.bp.fwd;
