@@ -240,8 +240,8 @@ profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[
         mc racecheck 60 tests/test_paged_kv_cuda.py -k "evict_named_cases and no_scores and checked and fill and not long"
         # The attention defaults' shared-memory log entries (wgmma_ws forward: per stage and round
         # parity; wgmma's dQ: per stage, rows zeroed after landing), after 2026-11-27, and the
-        # warp-specialised dK/dV kernel's Q/dO/lse/delta ring (wgmma_wsb, new; 10 steps per block
-        # there: each stage refilled).
+        # warp-specialised backward's rings (wgmma_wsb, new: dq_ws_kernel's K/V and log entries,
+        # dkdv_ws_kernel's Q/dO/lse/delta; up to 10 steps per dK/dV block there).
         mc racecheck 140 "tests/test_shadow_attention_cuda.py::test_family_matches_reference[tiny-bf16-wgmma_ws]" \
           "tests/test_shadow_attention_cuda.py::test_family_matches_reference[tiny-bf16-wgmma]" \
           "tests/test_shadow_attention_cuda.py::test_family_matches_reference[gqa2_streaming_d128-bf16-wgmma_wsb]"

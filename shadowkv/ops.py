@@ -53,9 +53,9 @@ def attention_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     both opt-in: they passed the GPU tests on an H200 but were no faster than ``"wgmma"``),
     ``"wgmma_ws"`` (a warp-specialised forward: a producer warpgroup loads K/V, two consumer
     warpgroups take turns on the tensor cores; wgmma's backward), ``"wgmma_wsb"`` (wgmma_ws's
-    forward; in the backward wgmma's dQ kernel and a warp-specialised dK/dV kernel: a producer
-    warpgroup loads Q/dO tiles, two consumer warpgroups of 64 keys each share them; opt-in, not
-    yet run on a GPU),
+    forward and a warp-specialised backward: in the dQ and the dK/dV kernel a producer warpgroup
+    loads the partner tiles, two consumer warpgroups of 64 rows share them; opt-in, not yet run
+    on a GPU),
     ``"wgmma_fused"`` (wgmma's forward and a one-pass backward: the dK/dV kernel also computes dQ
     and adds it to an fp32 workspace with atomics, so dQ's last bits vary from run to run),
     ``"wgmma2_fused"`` (wgmma2's forward and the one-pass backward with two warpgroups, 128 keys,

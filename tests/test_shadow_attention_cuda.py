@@ -462,7 +462,7 @@ CUTE_CASES = [name for name, case in CASES.items() if case.head_dim in (64, 128)
 
 # The sm_90a wgmma kernels (SHADOWKV_ATTENTION_KERNEL=wgmma, and wgmma2 / wgmma2o: two
 # warpgroups per block; wgmma_ws: a warp-specialised forward; wgmma_wsb: and a warp-specialised
-# dK/dV kernel; wgmma_fused, wgmma2_fused: a
+# backward; wgmma_fused, wgmma2_fused: a
 # one-pass backward with dQ by atomics; forward and backward) are skipped
 # where they do not run (not an sm_90 GPU, or no 9.0a in the build): "wgmma" then means "cute",
 # which the cute cases cover.
