@@ -40,12 +40,27 @@ constexpr int kWsBwdStages = 3;
 constexpr int kWsBwdProducerRegs = 40;
 constexpr int kWsBwdConsumerRegs = 232;
 
-// The block's barriers and what the producer tells the consumers, after the tiles.
+// The mbarriers of both kernels' blocks: the own tiles, then per stage of the ring.
+struct WsBwdBarriers {
+  uint64_t own_full;             // the block's own tiles landed
+  uint64_t full[kWsBwdStages];   // producer -> consumers: the stage's partner tiles (and rows) landed
+  uint64_t empty[kWsBwdStages];  // consumers -> producer: the stage was read
+
+  // By one thread, before a block-wide barrier. Full barriers: each producer thread arrives
+  // twice (ws_publish); empty ones: every consumer thread once.
+  __device__ void init(int consumer_threads) {
+    cuda_common::mbar_init(&own_full, 2 * kWsProducerThreads);
+    for (int s = 0; s < kWsBwdStages; ++s) {
+      cuda_common::mbar_init(&full[s], 2 * kWsProducerThreads);
+      cuda_common::mbar_init(&empty[s], consumer_threads);
+    }
+  }
+};
+
+// dkdv_ws_kernel's barriers (own tiles: K and V; stages: Q, dO, lse2, delta) and what the
+// producer tells the consumers, after the tiles.
 template <int kRows>
-struct WsDkdvControl {
-  uint64_t kv_full;                 // the block's own K and V landed
-  uint64_t full[kWsBwdStages];      // producer -> consumers: the stage's Q, dO, lse2, delta landed
-  uint64_t empty[kWsBwdStages];     // consumers -> producer: the stage was read
+struct WsDkdvControl : WsBwdBarriers {
   int64_t i0[kWsBwdStages];         // the stage's first query row
   int64_t hq[kWsBwdStages];         // its query head; -1: no more steps
   float lse2[kWsBwdStages][kRows];  // lse * log2(e) of the stage's query rows (0 past the tile's rows)
@@ -95,14 +110,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     const int32_t* evg = p.evicted_at + kt.b * p.ev_stride[0] + kt.hkv * p.ev_stride[1];
     const HeadQuerySteps steps(p, kt, BN);
 
-    if (threadIdx.x == 0) {
-      // Full barriers: each producer thread arrives twice (ws_publish).
-      cuda_common::mbar_init(&c.kv_full, 2 * kWsProducerThreads);
-      for (int s = 0; s < kWsBwdStages; ++s) {
-        cuda_common::mbar_init(&c.full[s], 2 * kWsProducerThreads);
-        cuda_common::mbar_init(&c.empty[s], Tr::kThreads);
-      }
-    }
+    if (threadIdx.x == 0) c.init(Tr::kThreads);
     __syncthreads();  // the only block-wide barrier
 
     if (threadIdx.x < kWsProducerThreads) {
@@ -120,7 +128,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                               gmem_thr.partition_D(sK), tOwnC, own_needed, false);
       cuda_cute::copy_rows_if(gmem_copy, gmem_thr.partition_S(cuda_cute::gmem_tile<BM, D>(vg, p.v_stride[2], kt.k0)),
                               gmem_thr.partition_D(sV), tOwnC, own_needed, false);
-      ws_publish(&c.kv_full);
+      ws_publish(&c.own_full);
 
       Tensor tPartC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
       // Threads 0..63 stage the step's lse2 rows, 64..127 its delta rows (zeros past its rows:
@@ -173,7 +181,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       int ev_row[kRows];
       load_row_log(ev_row, evg, kt, tScS_rc);
 
-      mbar_wait(&c.kv_full, 0);
+      mbar_wait(&c.own_full, 0);
       auto k_op = mma.own(sK);
       auto v_op = mma.own(sV);
       for (cuda_common::RingCursor<kWsBwdStages> ring_at;; ring_at.advance()) {
@@ -212,12 +220,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   }
 }
 
-// dq_ws_kernel's control block: as WsDkdvControl, with K/V stages and a partial tile's log entries.
+// dq_ws_kernel's control block: its barriers (own tiles: Q and dO; stages: K, V and a partial
+// tile's log entries) and what the producer tells the consumers.
 template <int kCols>
-struct WsDqControl {
-  uint64_t own_full;                 // the block's own Q and dO landed
-  uint64_t full[kWsBwdStages];       // producer -> consumers: the stage's K, V (and log entries) landed
-  uint64_t empty[kWsBwdStages];      // consumers -> producer: the stage was read
+struct WsDqControl : WsBwdBarriers {
   int64_t tile[kWsBwdStages];        // the stage's key tile; n_key_tiles: no more
   int kind[kWsBwdStages];            // its TileKind
   int kinds[kWsProducerThreads];     // next_live_tile's batch (the producer's)
@@ -269,14 +275,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     const int64_t n_key_tiles = (min(p.kv_len, t.p1 + 1) + BN - 1) / BN;
     const int64_t ws_row0 = (t.b * p.num_q_heads + t.hq) * p.q_len + t.i0;
 
-    if (threadIdx.x == 0) {
-      // Full barriers: each producer thread arrives twice (ws_publish).
-      cuda_common::mbar_init(&c.own_full, 2 * kWsProducerThreads);
-      for (int s = 0; s < kWsBwdStages; ++s) {
-        cuda_common::mbar_init(&c.full[s], 2 * kWsProducerThreads);
-        cuda_common::mbar_init(&c.empty[s], Tr::kThreads);
-      }
-    }
+    if (threadIdx.x == 0) c.init(Tr::kThreads);
     __syncthreads();  // the only block-wide barrier
 
     if (threadIdx.x < kWsProducerThreads) {
