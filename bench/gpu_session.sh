@@ -211,7 +211,7 @@ profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[
         # (67 s on 2026-11-27 with four kernels; mma_rows_2stage came after)
         part 110 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py -k "pipelined or mma_decode"
         part 120 $py -m pytest $opts $(xd 8) tests/test_shadow_attention_cuda.py \
-          -k "wgmma2 or wgmma_ws or wgmma_fused"  # + wgmma2o, wgmma2_fused
+          -k "wgmma2 or wgmma_ws or wgmma_fused"  # + wgmma2o, wgmma_wsb, wgmma_wsf, wgmma2_fused
         part 50 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py tests/test_cache.py \
           -k "unchecked and not (pipelined or mma_decode)"
         # 32k contexts, every attention family (12 s on 2026-11-26; out of time at the end of
@@ -245,6 +245,9 @@ profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[
         mc racecheck 140 "tests/test_shadow_attention_cuda.py::test_family_matches_reference[tiny-bf16-wgmma_ws]" \
           "tests/test_shadow_attention_cuda.py::test_family_matches_reference[tiny-bf16-wgmma]" \
           "tests/test_shadow_attention_cuda.py::test_family_matches_reference[gqa2_streaming_d128-bf16-wgmma_wsb]"
+        # The one-pass warp-specialised backward's two dS tiles (wgmma_wsf, new after the eighteenth
+        # session: the consumers' named barrier, a tile rewritten two steps later).
+        mc racecheck 60 "tests/test_shadow_attention_cuda.py::test_family_matches_reference[gqa2_streaming_d128-bf16-wgmma_wsf]"
         # Where the eviction's time goes (validate, verdict, fill at the steady state).
         part 45 "${profile_evict[@]}"
         # mma_rows's stall reasons at the GPU's own clocks (latency-bound at 18.75% occupancy on
@@ -281,6 +284,7 @@ build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=
       run "${profile[@]}" wgmma2o
       run "${profile[@]}" wgmma_ws
       run "${profile[@]}" wgmma_wsb
+      run "${profile[@]}" wgmma_wsf
       run "${profile[@]}" wgmma_fused
       run "${profile[@]}" wgmma2_fused
       ;;

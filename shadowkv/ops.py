@@ -35,8 +35,8 @@ def _scoped_choice(what: str, var: str, names: tuple[str, ...], name: str) -> It
 
 
 ATTENTION_KERNEL_ENV = "SHADOWKV_ATTENTION_KERNEL"
-ATTENTION_KERNELS = ("auto", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_wsb", "wgmma_fused",
-                     "wgmma2_fused", "wmma", "simt")
+ATTENTION_KERNELS = ("auto", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_wsb", "wgmma_wsf",
+                     "wgmma_fused", "wgmma2_fused", "wmma", "simt")
 
 
 def attention_kernel(name: str) -> contextlib.AbstractContextManager[None]:
@@ -55,7 +55,9 @@ def attention_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     warpgroups take turns on the tensor cores; wgmma's backward), ``"wgmma_wsb"`` (wgmma_ws's
     forward and a warp-specialised backward: in the dQ and the dK/dV kernel a producer warpgroup
     loads the partner tiles, two consumer warpgroups of 64 rows share them; opt-in, not yet run
-    on a GPU),
+    on a GPU), ``"wgmma_wsf"`` (wgmma_ws's forward and, at head dim 128, a one-pass
+    warp-specialised backward: its dK/dV kernel computes dQ too, by atomics as ``"wgmma2_fused"``;
+    wgmma_wsb's at head dim 64; opt-in, not yet run on a GPU),
     ``"wgmma_fused"`` (wgmma's forward and a one-pass backward: the dK/dV kernel also computes dQ
     and adds it to an fp32 workspace with atomics, so dQ's last bits vary from run to run),
     ``"wgmma2_fused"`` (wgmma2's forward and the one-pass backward with two warpgroups, 128 keys,

@@ -696,6 +696,9 @@ void shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& bp, void* stream)
       if (tc && choice == AttnKernel::kWgmmaWsb && wgmma_available(s)) {
         return launch_bwd_wgmma_ws(bp, a.mm, a.n_ev, lse2, delta, a.scale_log2, s);
       }
+      if (tc && choice == AttnKernel::kWgmmaWsf && wgmma_available(s)) {
+        return launch_bwd_wgmma_wsf(bp, a.mm, a.n_ev, lse2, delta, a.scale_log2, s);
+      }
       if (tc && choice == AttnKernel::kWgmmaFused && wgmma_available(s)) {
         return launch_bwd_wgmma_fused(bp, a.mm, a.n_ev, lse2, delta, a.scale_log2, s);
       }

@@ -456,6 +456,30 @@ __global__ void __launch_bounds__(256) dq_from_acc_kernel(const ShadowAttentionB
 }
 
 #if !defined(SHADOWKV_CUDA_EMULATION)  // a host compiler: no launches
+// Host: the one-pass backwards' dQ (F::kAtomicDq): a zeroed fp32 workspace ([B, Hq, Lq, D]
+// contiguous) for the dK/dV kernel's atomics, then write() launches dq_from_acc_kernel on it.
+template <typename T, int D>
+class DqWorkspace {
+ public:
+  DqWorkspace(const ShadowAttentionBwdParams& bp, cudaStream_t s)
+      : n_(bp.fwd.batch * bp.fwd.num_q_heads * bp.fwd.q_len * D), acc_(static_cast<size_t>(n_) * sizeof(float), s) {
+    if (n_ > 0) {
+      check_cuda(cudaMemsetAsync(acc(), 0, static_cast<size_t>(n_) * sizeof(float), s), "cudaMemsetAsync (dQ workspace)");
+    }
+  }
+  float* acc() const { return acc_.as<float>(); }
+  void write(const ShadowAttentionBwdParams& bp, float scale_log2, cudaStream_t s) const {
+    if (n_ == 0) return;
+    dq_from_acc_kernel<T, D><<<grid_1d(ceil_div(n_ / 4, 256), "dq_from_acc_kernel"), 256, 0, s>>>(bp, acc(),
+                                                                                                   scale_log2 / kLog2e);
+    check_launch("dq_from_acc_kernel");
+  }
+
+ private:
+  int64_t n_;
+  DeviceWorkspace acc_;
+};
+
 // Host: runs the dQ kernel over every (batch, query head, 64-row query tile) and the dK/dV
 // kernel over every (batch, kv head, 64-key tile) of family F. With F::kAtomicDq the dK/dV
 // kernel adds dQ into a zeroed fp32 workspace instead, and dq_from_acc_kernel writes dQ.
@@ -477,18 +501,9 @@ void launch_bwd_family(const ShadowAttentionBwdParams& bp, const int2* mm, int64
   const size_t tiles = bwd_tiles_smem<F>();
   const int64_t kv_blocks = p.batch * p.num_kv_heads * ceil_div(p.kv_len, Tr::kBlockM);
   if constexpr (F::kAtomicDq) {
-    const int64_t n_dq = p.batch * p.num_q_heads * p.q_len * D;
-    DeviceWorkspace acc(static_cast<size_t>(n_dq) * sizeof(float), s);
-    if (n_dq > 0) {
-      check_cuda(cudaMemsetAsync(acc.as<float>(), 0, static_cast<size_t>(n_dq) * sizeof(float), s),
-                 "cudaMemsetAsync (dQ workspace)");
-    }
-    run(dkdv_kernel<F>, kv_blocks, tiles + F::kExtraSmem, "dkdv_kernel", acc.as<float>());
-    if (n_dq > 0) {
-      dq_from_acc_kernel<T, D><<<grid_1d(ceil_div(n_dq / 4, 256), "dq_from_acc_kernel"), 256, 0, s>>>(
-          bp, acc.as<float>(), scale_log2 / kLog2e);
-      check_launch("dq_from_acc_kernel");
-    }
+    DqWorkspace<T, D> dq(bp, s);
+    run(dkdv_kernel<F>, kv_blocks, tiles + F::kExtraSmem, "dkdv_kernel", dq.acc());
+    dq.write(bp, scale_log2, s);
   } else {
     run(dq_kernel<F>, p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM), tiles + dq_extra_smem<Tr>(),
         "dq_kernel");

@@ -20,7 +20,11 @@
 //     so one warpgroup's element-wise step runs under the other's MMAs;
 //   * registers move from the producer (kWsBwdProducerRegs) to the consumers
 //     (kWsBwdConsumerRegs), which hold dK and dV of 64 keys in registers.
-// dQ comes from dq_ws_kernel below, the same split over 128 query rows and 64-key tiles.
+// dQ comes from dq_ws_kernel below, the same split over 128 query rows and 64-key tiles, or, for
+// a family with F::kAtomicDq ("wgmma_wsf": cuda_wgmma::FusedFamily's one-pass step), from the
+// dK/dV kernel itself: each step also computes dQ = dS K for the step's 64 query rows (the two
+// consumers split its columns) and adds it to an fp32 workspace with atomics, so the backward is
+// one pass of five products per (key, query) pair instead of two passes of seven.
 #pragma once
 
 #include "shadow_attention_bwd_cute.cuh"  // p_ds_by_key_rows, load_row_log, write_dkdv
@@ -39,6 +43,9 @@ constexpr int kWsBwdStages = 3;
 // TMA copies) spilled the cp.async producer's addresses (44-288 bytes), 32 + 232 at head dim 64.
 constexpr int kWsBwdProducerRegs = 40;
 constexpr int kWsBwdConsumerRegs = 232;
+// The named barrier of the two consumer warpgroups (the one-pass step's dS tile; ids 1-3 are
+// the forward's and the producer's).
+constexpr int kWsBarConsumers = 4;
 
 // The mbarriers of both kernels' blocks: the own tiles, then per stage of the ring.
 struct WsBwdBarriers {
@@ -73,15 +80,34 @@ template <class Tr, class Control>
 constexpr size_t ws_bwd_smem_bytes() {
   return 2 * Tr::kOwnBytes + 2 * kWsBwdStages * Tr::kPartnerBytes + sizeof(Control) + cuda_wgmma::kSmemAlignSlack;
 }
-template <class Tr>
-constexpr size_t ws_dkdv_smem_bytes() {
-  return ws_bwd_smem_bytes<Tr, WsDkdvControl<Tr::kBlockN>>();
+// dkdv_ws_kernel's dS tiles (F::kAtomicDq), after the ring: two, used by alternate steps. One
+// consumer warpgroup may store step s + 1's dS^T while the other still reads step s's for its dQ
+// product; a tile is rewritten only two steps later, after both passed the step in between's
+// barrier (which each reaches after its own dQ product of the step before completed).
+template <class F>
+constexpr size_t ws_dkdv_ds_bytes() {
+  if constexpr (F::kAtomicDq) {
+    return 2 * F::kDsBytes;
+  } else {
+    return 0;
+  }
 }
+template <class F>
+constexpr size_t ws_dkdv_smem_bytes() {
+  using Tr = typename F::Traits;
+  return ws_bwd_smem_bytes<Tr, WsDkdvControl<Tr::kBlockN>>() + ws_dkdv_ds_bytes<F>();
+}
+
+// The consumers' barrier in dkdv_ws_kernel's one-pass step (FusedFamily::update_fused).
+struct WsConsumerSync {
+  __device__ void operator()() const { cuda_common::named_sync(kWsBarConsumers, kWsThreads - kWsProducerThreads); }
+};
 
 template <class F>
 __global__ void __launch_bounds__(kWsThreads, 1)
     dkdv_ws_kernel(const ShadowAttentionBwdParams bp, const int2* __restrict__ ev_mm, int64_t n_ev_tiles,
-                   const float* __restrict__ lse2_ws, const float* __restrict__ delta_ws, float scale_log2) {
+                   const float* __restrict__ lse2_ws, const float* __restrict__ delta_ws, float scale_log2,
+                   float* __restrict__ dq_acc) {
   if constexpr (!F::kBody) {
     __trap();  // the host only launches a family where its body was built (and loads)
   } else {
@@ -104,7 +130,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     auto ring_tile = [&](int stage, int j) {
       return make_tensor(make_smem_ptr(ring + (2 * stage + j) * (BN * D)), typename Tr::SmemLayoutPartner{});
     };
-    Control& c = *reinterpret_cast<Control*>(smem + 2 * Tr::kOwnBytes + 2 * kWsBwdStages * Tr::kPartnerBytes);
+    unsigned char* ds_tiles = smem + 2 * Tr::kOwnBytes + 2 * kWsBwdStages * Tr::kPartnerBytes;  // F::kAtomicDq
+    Control& c = *reinterpret_cast<Control*>(ds_tiles + ws_dkdv_ds_bytes<F>());
 
     const KeyTile kt = key_tile(p, BM, ev_mm, n_ev_tiles);
     const int32_t* evg = p.evicted_at + kt.b * p.ev_stride[0] + kt.hkv * p.ev_stride[1];
@@ -184,6 +211,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       mbar_wait(&c.own_full, 0);
       auto k_op = mma.own(sK);
       auto v_op = mma.own(sV);
+      int ds_tile = 0;  // F::kAtomicDq: this step's dS tile
       for (cuda_common::RingCursor<kWsBwdStages> ring_at;; ring_at.advance()) {
         const int stage = ring_at.stage;
         mbar_wait(&c.full[stage], ring_at.full_parity());
@@ -211,8 +239,15 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                            rows);
         }
         Tensor rP = F::a_operand(acc_st);
-        Tensor rdS = F::a_operand(acc_dpt);
-        mma.update_pair(acc_dv, rP, sdO_now, acc_dk, rdS, sQ_now);
+        if constexpr (F::kAtomicDq) {  // dK and dQ from dS^T in shared memory, dQ added to dq_acc
+          const int64_t ws_row0 = (kt.b * p.num_q_heads + hq) * p.q_len + i0;
+          mma.update_fused(acc_dv, rP, sdO_now, acc_dk, acc_dpt, sQ_now, ds_tiles + ds_tile * F::kDsBytes, sK,
+                           dq_acc + ws_row0 * D, rows, WsConsumerSync{});
+          ds_tile ^= 1;
+        } else {
+          Tensor rdS = F::a_operand(acc_dpt);
+          mma.update_pair(acc_dv, rP, sdO_now, acc_dk, rdS, sQ_now);
+        }
         mbar_arrive(&c.empty[stage]);  // Q, dO, lse2, delta of the step were read (the MMAs waited)
       }
       write_dkdv<T>(bp, kt, acc_dk, acc_dv, mma.out_coords(), scale_log2 / kLog2e);
@@ -394,24 +429,32 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
 #if !defined(SHADOWKV_CUDA_EMULATION)  // a host compiler: no launches
 // Host: runs dq_ws_kernel<F> over every (batch, query head, 128-row query tile), then
-// dkdv_ws_kernel<F> over every (batch, kv head, 128-key tile).
+// dkdv_ws_kernel<F> over every (batch, kv head, 128-key tile); with F::kAtomicDq only the
+// latter, adding dQ into a zeroed fp32 workspace that dq_from_acc_kernel then writes out.
 template <class F>
 void launch_bwd_ws(const ShadowAttentionBwdParams& bp, const int2* mm, int64_t n_ev, const float* lse2,
                    const float* delta, float scale_log2, cudaStream_t s) {
   using Tr = typename F::Traits;
   const ShadowAttentionParams& p = bp.fwd;
-  auto run = [&](auto kernel, int64_t blocks, size_t smem, const char* name) {
+  auto run = [&](auto kernel, int64_t blocks, size_t smem, const char* name, auto... extra) {
     if (blocks == 0) return;
     set_smem_limit(kernel, smem);
-    kernel<<<grid_1d(blocks, name), kWsThreads, smem, s>>>(bp, mm, n_ev, lse2, delta, scale_log2);
+    kernel<<<grid_1d(blocks, name), kWsThreads, smem, s>>>(bp, mm, n_ev, lse2, delta, scale_log2, extra...);
     check_launch(name);
   };
-  static_assert(ws_dq_smem_bytes<Tr>() <= 227 * 1024 && ws_dkdv_smem_bytes<Tr>() <= 227 * 1024,
+  static_assert(ws_dq_smem_bytes<Tr>() <= 227 * 1024 && ws_dkdv_smem_bytes<F>() <= 227 * 1024,
                 "more shared memory than an sm_90 block can have");
-  run(dq_ws_kernel<F>, p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM), ws_dq_smem_bytes<Tr>(),
-      "dq_ws_kernel (wgmma_wsb)");
-  run(dkdv_ws_kernel<F>, p.batch * p.num_kv_heads * ceil_div(p.kv_len, Tr::kBlockM), ws_dkdv_smem_bytes<Tr>(),
-      "dkdv_ws_kernel (wgmma_wsb)");
+  const int64_t kv_blocks = p.batch * p.num_kv_heads * ceil_div(p.kv_len, Tr::kBlockM);
+  if constexpr (F::kAtomicDq) {
+    DqWorkspace<typename Tr::Input, Tr::kHeadDim> dq(bp, s);
+    run(dkdv_ws_kernel<F>, kv_blocks, ws_dkdv_smem_bytes<F>(), "dkdv_ws_kernel (wgmma_wsf)", dq.acc());
+    dq.write(bp, scale_log2, s);
+  } else {
+    run(dq_ws_kernel<F>, p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM), ws_dq_smem_bytes<Tr>(),
+        "dq_ws_kernel (wgmma_wsb)");
+    run(dkdv_ws_kernel<F>, kv_blocks, ws_dkdv_smem_bytes<F>(), "dkdv_ws_kernel (wgmma_wsb)",
+        static_cast<float*>(nullptr));
+  }
 }
 #endif
 

@@ -352,7 +352,7 @@ constexpr NamedKernel kNamedKernels[] = {
     {"cute", AttnKernel::kCute, true},         {"wgmma", AttnKernel::kWgmma, true},
     {"wgmma2", AttnKernel::kWgmma2, true},     {"wgmma2o", AttnKernel::kWgmma2o, true},
     {"wgmma_ws", AttnKernel::kWgmmaWs, true},  {"wgmma_wsb", AttnKernel::kWgmmaWsb, true},
-    {"wgmma_fused", AttnKernel::kWgmmaFused, true},
+    {"wgmma_wsf", AttnKernel::kWgmmaWsf, true}, {"wgmma_fused", AttnKernel::kWgmmaFused, true},
     {"wgmma2_fused", AttnKernel::kWgmma2Fused, true}, {"wmma", AttnKernel::kWmma, false},
     {"simt", AttnKernel::kSimt, false},
 };
@@ -411,7 +411,8 @@ void shadow_attention_fwd_cuda(const ShadowAttentionParams& p, void* stream) {
     return launch_fwd_wgmma2(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
   if (tc && choice == AttnKernel::kWgmma2o && wgmma_available(s))
     return launch_fwd_wgmma2o(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
-  if (tc && (choice == AttnKernel::kWgmmaWs || choice == AttnKernel::kWgmmaWsb) && wgmma_available(s))
+  if (tc && (choice == AttnKernel::kWgmmaWs || choice == AttnKernel::kWgmmaWsb || choice == AttnKernel::kWgmmaWsf) &&
+      wgmma_available(s))
     return launch_fwd_wgmma_ws(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
   if (tc && choice != AttnKernel::kWmma)  // cute, and the wgmma families where no sm_90a code runs
     return launch_fwd_cute(p, ev_mm.as<int2>(), n_ev, scale_log2, s);

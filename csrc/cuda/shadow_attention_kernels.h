@@ -18,6 +18,9 @@
 //   * wgmma_wsb: wgmma_ws's forward; a warp-specialised backward (dq_ws_kernel, dkdv_ws_kernel:
 //     a producer warpgroup copies the partner tiles into an mbarrier ring, two consumer
 //     warpgroups of 64 own rows each share them). Opt-in: not yet run on a GPU.
+//   * wgmma_wsf: wgmma_ws's forward; at head_dim 128 a one-pass warp-specialised backward
+//     (dkdv_ws_kernel with wgmma2_fused's step: dQ by atomics, bitwise non-deterministic), at 64
+//     wgmma_wsb's. Opt-in: not yet run on a GPU.
 //   * wgmma_fused: wgmma's forward; a one-pass backward (the dK/dV kernel computes dQ too and
 //     adds it to an fp32 workspace with atomics: five products per pair instead of seven, dQ
 //     bitwise non-deterministic). Opt-in: it passed the GPU tests on an H200, but its backward
@@ -30,7 +33,7 @@
 // SHADOWKV_ATTENTION_KERNEL picks one per call (forward and backward alike): "auto" (default) =
 // in builds with the CuTe kernels "wgmma" with wgmma_ws's forward at head_dim 128, else "wmma"; "cute" = cute where it applies (an
 // error in a build without it), else simt; "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_wsb",
-// "wgmma_fused", "wgmma2_fused" = those kernels where they apply, else as "cute"; "wmma" = wmma where it
+// "wgmma_wsf", "wgmma_fused", "wgmma2_fused" = those kernels where they apply, else as "cute"; "wmma" = wmma where it
 // applies, else simt; "simt" = simt always.
 // The CuTe kernels became the default after passing every GPU test on an H200, 2.1-2.8x faster
 // than wmma there (bench/RESULTS.md, 2026-11-26).
@@ -45,7 +48,7 @@
 namespace shadowkv {
 namespace cuda_attn {
 
-enum class AttnKernel { kAuto, kWmma, kCute, kWgmma, kWgmma2, kWgmma2o, kWgmmaWs, kWgmmaWsb, kWgmmaFused, kWgmma2Fused, kSimt };
+enum class AttnKernel { kAuto, kWmma, kCute, kWgmma, kWgmma2, kWgmma2o, kWgmmaWs, kWgmmaWsb, kWgmmaWsf, kWgmmaFused, kWgmma2Fused, kSimt };
 
 // The family SHADOWKV_ATTENTION_KERNEL asks for; throws std::invalid_argument (naming `fn`) on a
 // bad value, and for "cute" in a build without the CuTe kernels.
@@ -83,6 +86,9 @@ void launch_fwd_wgmma_ws(const ShadowAttentionParams& p, const int2* ev_mm, int6
 // The warp-specialised backward, "wgmma_wsb" (its forward is launch_fwd_wgmma_ws).
 void launch_bwd_wgmma_ws(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
                          const float* delta, float scale_log2, cudaStream_t s);
+// The one-pass warp-specialised backward, "wgmma_wsf" (its forward is launch_fwd_wgmma_ws).
+void launch_bwd_wgmma_wsf(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
+                          const float* delta, float scale_log2, cudaStream_t s);
 // The one-pass backward with dQ by atomics (its forward is launch_fwd_wgmma).
 void launch_bwd_wgmma_fused(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
                             const float* delta, float scale_log2, cudaStream_t s);

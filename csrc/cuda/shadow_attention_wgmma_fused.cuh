@@ -51,6 +51,11 @@ __device__ __forceinline__ void atomic_add2_if(bool pred, float* dst, float a, f
 // its own 64 keys, and dQ = dS K (64 query rows x D, summed over the block's 128 keys) is split
 // by columns: warpgroup w computes columns [w D / 2, (w + 1) D / 2). So every dQ element gets
 // one reduction per 128 keys instead of per 64: half the atomic traffic per product.
+// update_fused's barrier in dkdv_kernel: every thread of the block.
+struct BlockSync {
+  __device__ void operator()() const { __syncthreads(); }
+};
+
 template <class Tr>
 struct FusedFamily : Family<Tr> {
   static constexpr int W = Tr::kWarpgroups;
@@ -91,18 +96,21 @@ struct FusedFamily : Family<Tr> {
   // One step's products after the mask: dV += P^T dO (rP: P^T rounded, register A), dK += dS^T Q
   // and dQ = dS K from dS^T (`ds_t`, the fp32 score accumulator) through the shared tile at
   // `ds_smem` (kDsBytes, 1024-byte aligned); then dQ's rows below `rows` are added to dq_rows
-  // (row r, column d at dq_rows[r * D + d]). Called by every thread of the block with uniform
-  // arguments (it contains a block barrier). On return every product has completed: the next
-  // step may overwrite the dS tile and the stages.
-  template <class AccDv, class RP, class DO, class AccDk, class DsT, class Q, class K>
+  // (row r, column d at dq_rows[r * D + d]). Called by the family's threads with uniform
+  // arguments; `all_stored()` is a barrier over them (the whole block in dkdv_kernel, the
+  // consumer warpgroups in the warp-specialised one). On return this warpgroup's products have
+  // completed: it may overwrite the stages it read, and the dS tile once the other warpgroup has
+  // passed the next `all_stored()` (dkdv_kernel's step barrier; a second tile in dkdv_ws_kernel).
+  template <class AccDv, class RP, class DO, class AccDk, class DsT, class Q, class K, class Sync = BlockSync>
   // (Inlined by nvcc as it stands, no C7514 serialisation warning; __forceinline__ on it and its
   // helpers changed the register allocation: 12 spill reloads instead of 6, ptxas sm_90a.)
   __device__ void update_fused(AccDv& acc_dv, RP& rP, DO const& s_do, AccDk& acc_dk, DsT const& ds_t, Q const& s_q,
-                               unsigned char* ds_smem, K const& s_k, float* __restrict__ dq_rows, int rows) {
+                               unsigned char* ds_smem, K const& s_k, float* __restrict__ dq_rows, int rows,
+                               Sync const& all_stored = Sync{}) {
     this->update_async(acc_dv, rP, s_do);
     store_ds(ds_t, ds_smem);
     fence_smem_for_wgmma();
-    __syncthreads();  // every thread's part of dS^T is in the tile
+    all_stored();  // every thread's part of dS^T is in the tile
 
     Tensor sds = make_tensor(make_smem_ptr(reinterpret_cast<E*>(ds_smem)), SmemLayoutDs{});
     Tensor a_dk = thr_dk.partition_fragment_A(sds);

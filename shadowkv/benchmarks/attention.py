@@ -16,6 +16,8 @@ For one shape it times, forward and forward+backward:
   taking turns on the tensor cores) with wgmma's backward;
 - ``wgmma_wsb``: wgmma_ws's forward with a warp-specialised backward (in the dQ and the dK/dV
   kernel a producer warpgroup streams the partner tiles to two consumer warpgroups of 64 rows);
+- ``wgmma_wsf``: wgmma_ws's forward with a one-pass warp-specialised backward at head dim 128
+  (its dK/dV kernel computes dQ too, by atomics; wgmma_wsb's backward at head dim 64);
 - ``wgmma_fused``: wgmma's forward with the one-pass backward (dQ by atomics from the dK/dV
   kernel: five products per visible pair instead of seven);
 - ``wgmma2_fused``: wgmma2's forward with the one-pass backward on two warpgroups (128 keys)
@@ -58,11 +60,11 @@ from shadowkv.reference import INT32_MAX, shadow_visible, streaming_evicted_at
 from . import at_least
 
 # Impls that are the shadowkv op under a named kernel family (ops.attention_kernel).
-FAMILY_IMPLS = ("wmma", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_wsb", "wgmma_fused",
-                "wgmma2_fused")
+FAMILY_IMPLS = ("wmma", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_wsb", "wgmma_wsf",
+                "wgmma_fused", "wgmma2_fused")
 # Families that have not run on a GPU yet, timed after everything else (see run_device) so that
 # a hang costs only them (the others ran on an H200 on 2026-11-27).
-UNTRIED_IMPLS: tuple[str, ...] = ("wgmma_wsb",)
+UNTRIED_IMPLS: tuple[str, ...] = ("wgmma_wsb", "wgmma_wsf")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -137,6 +139,7 @@ def make_impls(evicted_at: torch.Tensor, args, device: torch.device):
         impls["wgmma2_fused"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma2_fused")
         impls["wgmma_ws"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma_ws")
         impls["wgmma_wsb"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma_wsb")
+        impls["wgmma_wsf"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma_wsf")
     if not args.no_sdpa:
         mask = shadow_visible(evicted_at, seq_len).repeat_interleave(group, dim=1)
         impls["sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(

@@ -1,13 +1,14 @@
-// The "wgmma_wsb" backward (the warp-specialised dQ and dK/dV kernels of
+// The "wgmma_wsb" and "wgmma_wsf" backwards (the warp-specialised dQ and dK/dV kernels of
 // csrc/cuda/shadow_attention_bwd_ws.cuh: a producer warpgroup and two consumer warpgroups
-// synchronised by mbarriers) run from its own source in the host emulation of
-// tests/cpp/cute_emulation.h against shadow_attention_bwd_cpu in float64, as the other families
-// are (attention_bwd_emulation.h). The emulated mbarriers deliver a stage's copies only when its
-// phase completes, so a consumer reading a stage it did not wait for sees stale bytes. Not yet
-// run on a GPU.
+// synchronised by mbarriers; wsf's dK/dV kernel computes dQ too, by atomics) run from their own
+// source in the host emulation of tests/cpp/cute_emulation.h against shadow_attention_bwd_cpu in
+// float64, as the other families are (attention_bwd_emulation.h). The emulated mbarriers deliver
+// a stage's copies only when its phase completes, so a consumer reading a stage it did not wait
+// for sees stale bytes. Not yet run on a GPU.
 #include "attention_bwd_emulation.h"  // first (it includes the emulation)
 
 #include "shadow_attention_bwd_ws.cuh"
+#include "shadow_attention_wgmma_fused.cuh"
 
 namespace {
 
@@ -23,8 +24,23 @@ void launch_wsb(const BwdLaunch& a) {
   const ShadowAttentionParams& p = a.bp.fwd;
   shadowkv_emu::launch(grid_of(p.batch * p.num_q_heads, p.q_len, Tr::kBlockM), kWsThreads, ws_dq_smem_bytes<Tr>(),
                        [&] { dq_ws_kernel<F>(a.bp, a.mm, a.n_ev, a.lse2, a.delta, a.scale_log2); });
-  shadowkv_emu::launch(grid_of(p.batch * p.num_kv_heads, p.kv_len, Tr::kBlockM), kWsThreads, ws_dkdv_smem_bytes<Tr>(),
-                       [&] { dkdv_ws_kernel<F>(a.bp, a.mm, a.n_ev, a.lse2, a.delta, a.scale_log2); });
+  shadowkv_emu::launch(grid_of(p.batch * p.num_kv_heads, p.kv_len, Tr::kBlockM), kWsThreads, ws_dkdv_smem_bytes<F>(),
+                       [&] { dkdv_ws_kernel<F>(a.bp, a.mm, a.n_ev, a.lse2, a.delta, a.scale_log2, nullptr); });
+}
+
+// As launch_bwd_ws for a one-pass family (head dim 128): dkdv_ws_kernel adding dQ into a zeroed
+// fp32 workspace, then dq_from_acc_kernel.
+template <typename T>
+void launch_wsf(const BwdLaunch& a) {
+  using F = cuda_wgmma::FusedFamily<cuda_wgmma::Bwd2Traits<T, 128>>;
+  using Tr = typename F::Traits;
+  const ShadowAttentionParams& p = a.bp.fwd;
+  const size_t n_q = static_cast<size_t>(p.batch * p.num_q_heads * p.q_len * 128);
+  std::vector<float> acc(n_q, 0.f);
+  shadowkv_emu::launch(grid_of(p.batch * p.num_kv_heads, p.kv_len, Tr::kBlockM), kWsThreads, ws_dkdv_smem_bytes<F>(),
+                       [&] { dkdv_ws_kernel<F>(a.bp, a.mm, a.n_ev, a.lse2, a.delta, a.scale_log2, acc.data()); });
+  shadowkv_emu::launch(static_cast<unsigned>((n_q / 4 + 255) / 256), 256, 0,
+                       [&] { dq_from_acc_kernel<T, 128>(a.bp, acc.data(), a.scale_log2 / kLog2e); });
 }
 
 // No ring shape: the plain shapes already refill both kernels' three stages (six steps per
@@ -35,6 +51,17 @@ TEST(emulated_attention_bwd_wgmma_wsb) {
   if (run_combo(1)) {
     check_shapes<__half, 64>("wgmma_wsb fp16 d64", false, launch_wsb<__half, 64>);
     check_backward_with<__half, 64>(kBatchShape, 98, "wgmma_wsb fp16 d64 batch", launch_wsb<__half, 64>);
+  }
+}
+
+// Head dim 128 only (at 64 wgmma_wsf runs wgmma_wsb's kernels). The plain shapes reuse both dS
+// tiles over several steps (six per block at Lq=150); the batch shape checks the workspace's
+// batch and head offsets.
+TEST(emulated_attention_bwd_wgmma_wsf) {
+  if (run_combo(0)) check_shapes<__nv_bfloat16, 128>("wgmma_wsf bf16 d128", false, launch_wsf<__nv_bfloat16>);
+  if (run_combo(1)) {
+    check_shapes<__half, 128>("wgmma_wsf fp16 d128", false, launch_wsf<__half>);
+    check_backward_with<__half, 128>(kBatchShape, 98, "wgmma_wsf fp16 d128 batch", launch_wsf<__half>);
   }
 }
 
