@@ -57,9 +57,10 @@ summary=""  # first: one line per part, printed last (the device tool returns th
 sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 ncu=$(command -v ncu || echo "${CUDA_HOME:-/usr/local/cuda}/bin/ncu")
 # Nsight Compute on one forward, dQ and dK/dV launch of a family (bench/profile_attention.py at
-# the benchmark's shape, 25% kept): where the attention kernels' time goes (issue stalls,
+# the benchmark's shape, 25% kept; for the one-pass families the forward, dK/dV and the dQ
+# workspace's scaling kernel): where the attention kernels' time goes (issue stalls,
 # occupancy, memory), which no machine without a GPU can say.
-profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|fwd_overlap_kernel|fwd_ws_kernel|dq_kernel|dkdv_kernel|dq_ws_kernel|dkdv_ws_kernel)"
+profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|fwd_overlap_kernel|fwd_ws_kernel|dq_kernel|dkdv_kernel|dq_ws_kernel|dkdv_ws_kernel|dq_from_acc_kernel)"
   -c 3
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
   --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters

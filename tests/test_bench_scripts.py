@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # script -> (tiny CPU arguments, a line its table must contain)
 SMALL = {
     "bench_shadow_attention.py": (["--device", "cpu", "-L", "96", "-D", "16", "--q-heads", "4", "--kv-heads", "2",
-                                   "--repeats", "1", "--no-flex", "--budget", "0.5"], "shadowkv dense / 50%"),
+                                   "--repeats", "1", "--no-flex", "--budget", "0.5"],
+                                  "fastest shadowkv choice at 50%: shadowkv"),
     "bench_decode.py": (["--device", "cpu", "-B", "2", "--ctx", "100", "--heads", "4", "--kv-heads", "2",
                          "--head-dim", "16", "--page-size", "8", "--reps", "2", "--warmup", "1", "--scores"],
                         "| paged_decode_attention + scores_out |"),
@@ -48,6 +49,18 @@ def test_bench_script_runs_on_cpu(script):
     args, expected = SMALL[script]
     out = _run(script, args)
     assert expected in out, out
+
+
+def test_attention_acceptance_line_takes_the_fastest_family():
+    """bench attention's last line: the fastest kernel choice's fwd+bwd against flex and causal SDPA
+    under the budget mask (a family that failed, or another mask's rows, do not count)."""
+    from shadowkv.benchmarks.attention import acceptance_line
+
+    results = {("25%", "shadowkv"): (1.0, 4e-3), ("25%", "wgmma_ws"): (1.0, 3e-3),
+               ("25%", "wgmma_wsf"): (1.0, "RuntimeError: failed"), ("dense", "wgmma"): (1.0, 1e-3),
+               ("25%", "flex"): (1.0, 6e-3), ("25%", "sdpa"): (1.0, 1e-4)}
+    assert acceptance_line(results, "25%") == ("fastest shadowkv choice at 25%: wgmma_ws 3.00 ms fwd+bwd; "
+                                               "flex 2.00x (need >= 1.5x); causal n/a (need > 1x)")
 
 
 def test_eval_policies_runs_on_a_local_model(tmp_path):

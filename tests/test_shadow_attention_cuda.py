@@ -228,12 +228,13 @@ KERNELS = (["wmma", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_wsb
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_no_visible_key_gives_zeros_and_no_nan(dtype, kernel, monkeypatch):
+@pytest.mark.parametrize("head_dim", [64, 128])  # wgmma_wsf's one-pass backward runs at 128 only
+def test_no_visible_key_gives_zeros_and_no_nan(head_dim, dtype, kernel, monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, kernel)
     lk = 100
     ev = torch.zeros(1, 1, lk, dtype=torch.int32, device=DEVICE)  # every key evicted before any query
-    q = torch.randn(1, 2, lk, 64, device=DEVICE, dtype=dtype, requires_grad=True)
-    k, v = (torch.randn(1, 1, lk, 64, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
+    q = torch.randn(1, 2, lk, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(1, 1, lk, head_dim, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
     out, lse = ops.shadow_attention_with_lse(q, k, v, ev)
     assert torch.equal(out, torch.zeros_like(out))
     assert torch.isneginf(lse).all()
@@ -355,7 +356,8 @@ def test_deterministic(dtype, kernel, monkeypatch):
     atomics in whatever order the key blocks finish: there dQ agrees to its rounding (a
     different order of the same fp32 sum), and everything else still bit for bit."""
     monkeypatch.setenv(KERNEL_ENV, kernel)
-    case = CASES["gqa4_chunk_d64"]
+    # wgmma_wsf: at head dim 128, where its dQ comes from atomics (at 64 it runs wgmma_wsb's kernels).
+    case = CASES["gqa2_streaming_d128" if kernel == "wgmma_wsf" else "gqa4_chunk_d64"]
     runs = [outputs_and_grads(case, dtype) for _ in range(2)]
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *runs):
         if name == "dq" and kernel in ATOMIC_DQ:

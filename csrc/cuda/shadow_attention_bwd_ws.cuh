@@ -1,6 +1,7 @@
-// The warp-specialised shadow-attention backward (the "wgmma_wsb" family's; sm_90a,
-// FlashAttention-3 style): a dK/dV kernel and a dQ kernel. bfloat16/float16, head_dim 64 or 128; the same results contract as
-// dkdv_kernel (shadow_attention_bwd_cute.cuh), whose per-step math it reuses.
+// The warp-specialised shadow-attention backward (the "wgmma_wsb" and "wgmma_wsf" families';
+// sm_90a, FlashAttention-3 style): a dK/dV kernel and a dQ kernel. bfloat16/float16, head_dim 64
+// or 128; the same results contract as dkdv_kernel (shadow_attention_bwd_cute.cuh), whose
+// per-step math it reuses.
 //
 // Why: on the H200 (bench/RESULTS.md, 2026-11-27) the wgmma dK/dV kernel was the slowest part
 // of fwd+bwd (1.96 of 4.45 profiled ms at 25% kept), latency-bound at 255 registers: the warps
@@ -35,7 +36,8 @@ namespace cuda_attn {
 
 // Three stages: the producer can be two steps ahead of a consumer, ~2 us of products at head dim
 // 128 (two warpgroups x four 64 x 64 x 128 wgmma per step), to cover a Q/dO tile's trip from
-// DRAM. 160 KB of shared memory at head dim 128 (one block per SM: the registers allow no more).
+// DRAM. 160 KB of shared memory at head dim 128 (~195 KB with the one-pass step's two dS tiles;
+// one block per SM: the registers allow no more).
 constexpr int kWsBwdStages = 3;
 // 384 threads x 168 registers (the launch bound's share of 64K) = 128 x 40 + 256 x 232: the
 // consumers hold dK and dV of 64 keys in fp32 plus two 64 x 64 score tiles. No spills (ptxas,

@@ -278,6 +278,21 @@ def run_device(device: torch.device, args) -> None:
     dense, budget = results["dense", "shadowkv"], results[budget_name, "shadowkv"]
     print(f"shadowkv dense / {budget_name} ({device.type}): fwd {dense[0] / budget[0]:.2f}x, "
           f"fwd+bwd {dense[1] / budget[1]:.2f}x")
+    print(acceptance_line(results, budget_name))
+
+
+def acceptance_line(results: dict[tuple[str, str], tuple[float, float | str]], mask_name: str) -> str:
+    """The issue's two attention targets under ``mask_name`` for the fastest shadowkv kernel choice
+    (the default or a named family) by fwd+bwd time: >= 1.5x FlexAttention and faster than dense
+    causal SDPA. ``results[mask, impl] = (fwd s, fwd+bwd s or a reason it was skipped)``."""
+    ours = {impl: t[1] for (m, impl), t in results.items()
+            if m == mask_name and (impl == "shadowkv" or impl in FAMILY_IMPLS) and not isinstance(t[1], str)}
+    best = min(ours, key=ours.get)
+    parts = [f"fastest shadowkv choice at {mask_name}: {best} {ours[best] * 1e3:.2f} ms fwd+bwd"]
+    for base, need in (("flex", ">= 1.5x"), ("causal", "> 1x")):
+        t = results.get((mask_name, base), (None, "not run"))[1]
+        parts.append(f"{base} {'n/a' if isinstance(t, str) else f'{t / ours[best]:.2f}x'} (need {need})")
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> None:
