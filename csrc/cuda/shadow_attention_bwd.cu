@@ -689,6 +689,7 @@ void shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& bp, void* stream)
                       static_cast<float>(p.scale * 1.4426950408889634), s};
     if constexpr (!std::is_same<T, float>::value) {
 #ifdef SHADOWKV_HAS_CUTE
+#ifdef SHADOWKV_HAS_SM90A  // else the wgmma families are not built (CMakeLists.txt): cute runs
       if (tc && (choice == AttnKernel::kAuto || choice == AttnKernel::kWgmma || choice == AttnKernel::kWgmmaWs) &&
           wgmma_available(s)) {
         return launch_bwd_wgmma(bp, a.mm, a.n_ev, lse2, delta, a.scale_log2, s);
@@ -708,6 +709,7 @@ void shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& bp, void* stream)
       if (tc && (choice == AttnKernel::kWgmma2 || choice == AttnKernel::kWgmma2o) && wgmma_available(s)) {
         return launch_bwd_wgmma2(bp, a.mm, a.n_ev, lse2, delta, a.scale_log2, s);
       }
+#endif
       if (tc && choice != AttnKernel::kWmma) {  // cute, and the wgmma families where no sm_90a code runs
         return launch_bwd_cute(bp, a.mm, a.n_ev, lse2, delta, a.scale_log2, s);
       }

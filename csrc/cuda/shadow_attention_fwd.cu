@@ -398,6 +398,7 @@ void shadow_attention_fwd_cuda(const ShadowAttentionParams& p, void* stream) {
   const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
   const bool tc = choice != AttnKernel::kSimt && fwd_uses_tensor_cores(p);
 #ifdef SHADOWKV_HAS_CUTE
+#ifdef SHADOWKV_HAS_SM90A  // else the wgmma families are not built (CMakeLists.txt): cute runs
   // auto: the warp-specialised forward where it was measured faster (H200, 2026-11-27, bf16,
   // D=128, L=8k: 0.87 vs 0.94 ms at 25% kept, 1.17 vs 1.58 ms dense; bench/RESULTS.md); head
   // dim 64 keeps wgmma's until a GPU has timed both there.
@@ -414,6 +415,7 @@ void shadow_attention_fwd_cuda(const ShadowAttentionParams& p, void* stream) {
   if (tc && (choice == AttnKernel::kWgmmaWs || choice == AttnKernel::kWgmmaWsb || choice == AttnKernel::kWgmmaWsf) &&
       wgmma_available(s))
     return launch_fwd_wgmma_ws(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
+#endif
   if (tc && choice != AttnKernel::kWmma)  // cute, and the wgmma families where no sm_90a code runs
     return launch_fwd_cute(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
 #endif

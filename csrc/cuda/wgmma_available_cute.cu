@@ -12,6 +12,7 @@ namespace shadowkv {
 namespace cuda_attn {
 namespace {
 
+#ifdef SHADOWKV_HAS_SM90A  // else wgmma_available() is false without asking
 // 1 in the sm_90a build of this file, 0 in the others: what wgmma_available asks the loaded
 // binary (the wgmma kernels' bodies are traps everywhere but sm_90a).
 __global__ void wgmma_probe_kernel(int* out) { *out = SHADOWKV_WGMMA_BODY; }
@@ -43,6 +44,7 @@ bool probe_wgmma_body() {
   cudaThreadExchangeStreamCaptureMode(&mode);  // back to the caller's mode
   return ok && host == 1;
 }
+#endif
 
 }  // namespace
 
