@@ -46,16 +46,17 @@ __device__ __forceinline__ void atomic_add2_if(bool pred, float* dst, float a, f
 #endif
 }
 
-// Tr: BwdTraits ("wgmma_fused": one warpgroup, 64 keys per block) or Bwd2Traits at head_dim 128
-// ("wgmma2_fused": two warpgroups, 128 keys). With two, each warpgroup's dK/dV products cover
-// its own 64 keys, and dQ = dS K (64 query rows x D, summed over the block's 128 keys) is split
-// by columns: warpgroup w computes columns [w D / 2, (w + 1) D / 2). So every dQ element gets
-// one reduction per 128 keys instead of per 64: half the atomic traffic per product.
 // update_fused's barrier in dkdv_kernel: every thread of the block.
 struct BlockSync {
   __device__ void operator()() const { __syncthreads(); }
 };
 
+// Tr: BwdTraits ("wgmma_fused": one warpgroup, 64 keys per block) or Bwd2Traits at head_dim 128
+// ("wgmma2_fused": two warpgroups, 128 keys; also "wgmma_wsf"'s step, in the warp-specialised
+// dK/dV kernel of shadow_attention_bwd_ws.cuh). With two, each warpgroup's dK/dV products cover
+// its own 64 keys, and dQ = dS K (64 query rows x D, summed over the block's 128 keys) is split
+// by columns: warpgroup w computes columns [w D / 2, (w + 1) D / 2). So every dQ element gets
+// one reduction per 128 keys instead of per 64: half the atomic traffic per product.
 template <class Tr>
 struct FusedFamily : Family<Tr> {
   static constexpr int W = Tr::kWarpgroups;
