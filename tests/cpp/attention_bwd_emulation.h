@@ -85,6 +85,18 @@ void launch_dq_emulated(const BwdLaunch& a) {
                        [&] { dq_kernel<F>(a.bp, a.mm, a.n_ev, a.lse2, a.delta, a.scale_log2); });
 }
 
+// A one-pass backward's dQ, as DqWorkspace does it on a GPU: `dkdv(acc)` adds dQ into a zeroed
+// fp32 workspace ([B, Hq, Lq, D]), then dq_from_acc_kernel writes it out.
+template <typename T, int D, class Dkdv>
+void with_dq_workspace(const BwdLaunch& a, Dkdv const& dkdv) {
+  const ShadowAttentionParams& p = a.bp.fwd;
+  const size_t n_q = static_cast<size_t>(p.batch * p.num_q_heads * p.q_len * D);
+  std::vector<float> acc(n_q, 0.f);
+  dkdv(acc.data());
+  shadowkv_emu::launch(static_cast<unsigned>((n_q / 4 + 255) / 256), 256, 0,
+                       [&] { dq_from_acc_kernel<T, D>(a.bp, acc.data(), a.scale_log2 / kLog2e); });
+}
+
 // Family F's dQ and dK/dV kernels, launched as launch_bwd_family does.
 template <class F, typename T>
 void launch_family_emulated(const BwdLaunch& a) {
@@ -93,13 +105,11 @@ void launch_family_emulated(const BwdLaunch& a) {
   const ShadowAttentionParams& p = a.bp.fwd;
   const unsigned kv_blocks = grid_of(p.batch * p.num_kv_heads, p.kv_len, Tr::kBlockM);
   if constexpr (F::kAtomicDq) {  // dQ by the dK/dV kernel's atomics, then dq_from_acc_kernel
-    const size_t n_q = static_cast<size_t>(p.batch * p.num_q_heads * p.q_len * D);
-    std::vector<float> acc(n_q, 0.f);
-    shadowkv_emu::launch(kv_blocks, Tr::kThreads, bwd_tiles_smem<F>() + F::kExtraSmem, [&] {
-      dkdv_kernel<F>(a.bp, a.mm, a.n_ev, a.lse2, a.delta, a.scale_log2, acc.data());
+    with_dq_workspace<T, D>(a, [&](float* acc) {
+      shadowkv_emu::launch(kv_blocks, Tr::kThreads, bwd_tiles_smem<F>() + F::kExtraSmem, [&] {
+        dkdv_kernel<F>(a.bp, a.mm, a.n_ev, a.lse2, a.delta, a.scale_log2, acc);
+      });
     });
-    shadowkv_emu::launch(static_cast<unsigned>((n_q / 4 + 255) / 256), 256, 0,
-                         [&] { dq_from_acc_kernel<T, D>(a.bp, acc.data(), a.scale_log2 / kLog2e); });
   } else {
     launch_dq_emulated<F>(a);
     shadowkv_emu::launch(kv_blocks, Tr::kThreads, bwd_tiles_smem<F>(), [&] {

@@ -35,12 +35,10 @@ void launch_wsf(const BwdLaunch& a) {
   using F = cuda_wgmma::FusedFamily<cuda_wgmma::Bwd2Traits<T, 128>>;
   using Tr = typename F::Traits;
   const ShadowAttentionParams& p = a.bp.fwd;
-  const size_t n_q = static_cast<size_t>(p.batch * p.num_q_heads * p.q_len * 128);
-  std::vector<float> acc(n_q, 0.f);
-  shadowkv_emu::launch(grid_of(p.batch * p.num_kv_heads, p.kv_len, Tr::kBlockM), kWsThreads, ws_dkdv_smem_bytes<F>(),
-                       [&] { dkdv_ws_kernel<F>(a.bp, a.mm, a.n_ev, a.lse2, a.delta, a.scale_log2, acc.data()); });
-  shadowkv_emu::launch(static_cast<unsigned>((n_q / 4 + 255) / 256), 256, 0,
-                       [&] { dq_from_acc_kernel<T, 128>(a.bp, acc.data(), a.scale_log2 / kLog2e); });
+  with_dq_workspace<T, 128>(a, [&](float* acc) {
+    shadowkv_emu::launch(grid_of(p.batch * p.num_kv_heads, p.kv_len, Tr::kBlockM), kWsThreads, ws_dkdv_smem_bytes<F>(),
+                         [&] { dkdv_ws_kernel<F>(a.bp, a.mm, a.n_ev, a.lse2, a.delta, a.scale_log2, acc); });
+  });
 }
 
 // No ring shape: the plain shapes already refill both kernels' three stages (six steps per
