@@ -46,7 +46,7 @@ cases="named_cases or matches_reference or round_trip or empty or no_visible_key
 # 2026-11-27 (672e419, with test_deterministic allowing the one-pass backwards' atomic dQ), as did
 # everything else; a kernel added later joins this list until it has (mma_rows_2stage, whose
 # test ids start with mma_decode, since).
-untried="pipelined or mma_decode or wgmma2 or wgmma_ws or wgmma_fused or unchecked"
+untried="pipelined or mma_decode or wgmma_ws or wgmma_fused or unchecked"
 
 # What the extension is built from: a prebuilt one is used only if this matches its stamp.
 src_stamp() { find csrc CMakeLists.txt setup.py -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16; }
@@ -131,7 +131,7 @@ profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[
       run $py -m pytest -q -rs tests/test_shadow_attention_cuda.py tests/test_paged_kv_cuda.py \
         tests/test_sampler_cuda.py -s -k "not ($untried)"
       run $py -m pytest -q -rs tests/test_paged_kv_cuda.py -k "pipelined or mma_decode"
-      run $py -m pytest -q -rs tests/test_shadow_attention_cuda.py -k wgmma2
+      run $py -m pytest -q -rs tests/test_shadow_attention_cuda.py -k "wgmma_ws or wgmma_fused"
       # + sync-free decode
       run $py -m pytest -q -rs tests/test_paged_kv_cuda.py tests/test_cache.py \
         -k "unchecked and not (pipelined or mma_decode)"
@@ -202,7 +202,7 @@ profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[
       opts="-q -rs -p no:cacheprovider --maxfail=25 --durations=8"
       # The newest kernels go in processes of their own (an illegal address poisons the CUDA
       # context of the process that hits it): the pipelined and mma decode kernels, the
-      # two-warpgroup attention kernels, the unchecked paged paths; everything else first.
+      # warp-specialised and one-pass attention kernels, the unchecked paged paths; everything else first.
       # Measured on an H200 (2026-11-26, e365d73, prebuilt extension): the four groups 84, 49, 39
       # and 23 s, the benchmarks 5-43 s each, the sanitizer parts 10-21 s, racecheck of the two
       # attention cases 93 s; the whole sequence ~8 min.
@@ -212,7 +212,7 @@ profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[
         # (67 s on 2026-11-27 with four kernels; mma_rows_2stage came after)
         part 110 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py -k "pipelined or mma_decode"
         part 120 $py -m pytest $opts $(xd 8) tests/test_shadow_attention_cuda.py \
-          -k "wgmma2 or wgmma_ws or wgmma_fused"  # + wgmma2o, wgmma_wsb, wgmma_wsf, wgmma2_fused
+          -k "wgmma_ws or wgmma_fused"  # + wgmma_wsb, wgmma_wsf
         part 50 $py -m pytest $opts $(xd 8) tests/test_paged_kv_cuda.py tests/test_cache.py \
           -k "unchecked and not (pipelined or mma_decode)"
         # 32k contexts, every attention family (12 s on 2026-11-26; out of time at the end of
@@ -281,13 +281,10 @@ build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=
     profile)
       run "${profile_decode[@]}"
       run "${profile[@]}" wgmma
-      run "${profile[@]}" wgmma2
-      run "${profile[@]}" wgmma2o
       run "${profile[@]}" wgmma_ws
       run "${profile[@]}" wgmma_wsb
       run "${profile[@]}" wgmma_wsf
       run "${profile[@]}" wgmma_fused
-      run "${profile[@]}" wgmma2_fused
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -31,8 +31,7 @@ def gpu_covered(major: int, minor: int, archs: list[str]) -> bool:
 def _cute_state() -> str:
     if _C.built_with_cute():
         wgmma = ("wgmma kernels on sm_90, the forward warp-specialised at head dim 128, mma.sync elsewhere; "
-                 "wgmma, wgmma2, wgmma2o, wgmma_ws, wgmma_wsb, wgmma_wsf, wgmma_fused, "
-                 "wgmma2_fused by name"
+                 "wgmma, wgmma_ws, wgmma_wsb, wgmma_wsf, wgmma_fused by name"
                  if "90a" in built_archs() else "mma.sync; no wgmma kernels (9.0a not built)")
         return f"built, the default ({wgmma}; SHADOWKV_ATTENTION_KERNEL=wmma for the WMMA kernels)"
     return "not built (" + ("no CUTLASS headers" if _C.built_with_cuda() else "CPU-only build") + ")"

@@ -35,8 +35,8 @@ def _scoped_choice(what: str, var: str, names: tuple[str, ...], name: str) -> It
 
 
 ATTENTION_KERNEL_ENV = "SHADOWKV_ATTENTION_KERNEL"
-ATTENTION_KERNELS = ("auto", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_wsb", "wgmma_wsf",
-                     "wgmma_fused", "wgmma2_fused", "wmma", "simt")
+ATTENTION_KERNELS = ("auto", "cute", "wgmma", "wgmma_ws", "wgmma_wsb", "wgmma_wsf", "wgmma_fused", "wmma",
+                     "simt")
 
 
 def attention_kernel(name: str) -> contextlib.AbstractContextManager[None]:
@@ -47,23 +47,19 @@ def attention_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     (the CuTe kernels where they apply: bfloat16/float16, head dim 64/128, 16-byte aligned rows;
     else SIMT; a ValueError at the first call in a build without them, see
     ``_C.built_with_cute()``), ``"wgmma"`` (forward and backward on Hopper warpgroup MMAs on an
-    sm_90 GPU with a build for 9.0a, else as ``"cute"``), ``"wgmma2"`` (the same with two
-    warpgroups, 128 rows, per block and double-buffered K/V in the forward), ``"wgmma2o"``
-    (wgmma2 with each key tile's softmax overlapped with the previous tile's P V in the forward;
-    both opt-in: they passed the GPU tests on an H200 but were no faster than ``"wgmma"``),
-    ``"wgmma_ws"`` (a warp-specialised forward: a producer warpgroup loads K/V, two consumer
+    sm_90 GPU with a build for 9.0a, else as ``"cute"``), ``"wgmma_ws"`` (a warp-specialised forward: a producer warpgroup loads K/V, two consumer
     warpgroups take turns on the tensor cores; wgmma's backward), ``"wgmma_wsb"`` (wgmma_ws's
     forward and a warp-specialised backward: in the dQ and the dK/dV kernel a producer warpgroup
     loads the partner tiles, two consumer warpgroups of 64 rows share them; opt-in, not yet run
     on a GPU), ``"wgmma_wsf"`` (wgmma_ws's forward and, at head dim 128, a one-pass
-    warp-specialised backward: its dK/dV kernel computes dQ too, by atomics as ``"wgmma2_fused"``;
-    wgmma_wsb's at head dim 64; opt-in, not yet run on a GPU),
+    warp-specialised backward: its dK/dV kernel computes dQ too, by atomics; wgmma_wsb's at head
+    dim 64; opt-in, not yet run on a GPU),
     ``"wgmma_fused"`` (wgmma's forward and a one-pass backward: the dK/dV kernel also computes dQ
-    and adds it to an fp32 workspace with atomics, so dQ's last bits vary from run to run),
-    ``"wgmma2_fused"`` (wgmma2's forward and the one-pass backward with two warpgroups, 128 keys,
-    per block at head dim 128: half the atomics; both one-pass backwards are opt-in: they passed
-    the GPU tests on an H200 but were slower than ``"wgmma"``'s two passes),
-    ``"wmma"`` (WMMA tensor-core kernels where they apply, else SIMT), ``"simt"``. It sets the environment variable
+    and adds it to an fp32 workspace with atomics, so dQ's last bits vary from run to run; opt-in:
+    it passed the GPU tests on an H200 but was slower than ``"wgmma"``'s two passes),
+    ``"wmma"`` (WMMA tensor-core kernels where they apply, else SIMT), ``"simt"``. The
+    two-warpgroup families ``"wgmma2"``, ``"wgmma2o"`` and ``"wgmma2_fused"`` were retired after
+    losing on an H200 (bench/RESULTS.md): naming one is a ValueError. It sets the environment variable
     SHADOWKV_ATTENTION_KERNEL, which the CUDA ops read at every call, so it applies to the whole
     process while the block runs, including backward passes run inside it. CPU ops ignore it.
     """

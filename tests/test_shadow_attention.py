@@ -736,8 +736,7 @@ def test_attention_kernel_sets_and_restores_the_environment(monkeypatch):
         assert os.environ[ops.ATTENTION_KERNEL_ENV] == "simt"
     assert ops.ATTENTION_KERNEL_ENV not in os.environ
     with pytest.raises(ValueError,
-                       match="auto, cute, wgmma, wgmma2, wgmma2o, wgmma_ws, wgmma_wsb, wgmma_wsf, wgmma_fused, "
-                             "wgmma2_fused, wmma, simt"):
+                       match="auto, cute, wgmma, wgmma_ws, wgmma_wsb, wgmma_wsf, wgmma_fused, wmma, simt"):
         with ops.attention_kernel("fastest"):
             pass
     # CPU ops ignore it.

@@ -221,9 +221,9 @@ def test_out_only_gradients(dtype):
 KERNEL_ENV = ops.ATTENTION_KERNEL_ENV
 # The one-pass backwards: dQ by float atomics, so its last bits vary from run to run (wgmma_wsf's at
 # head dim 128).
-ATOMIC_DQ = {"wgmma_wsf", "wgmma_fused", "wgmma2_fused"}
-KERNELS = (["wmma", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_wsb", "wgmma_wsf", "wgmma_fused",
-            "wgmma2_fused"] if _C.built_with_cute() else ["auto"])
+ATOMIC_DQ = {"wgmma_wsf", "wgmma_fused"}
+KERNELS = (["wmma", "cute", "wgmma", "wgmma_ws", "wgmma_wsb", "wgmma_wsf", "wgmma_fused"] if _C.built_with_cute()
+           else ["auto"])
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -463,20 +463,19 @@ needs_cute = pytest.mark.skipif(not _C.built_with_cute(), reason="built without 
 CUTE_CASES = [name for name, case in CASES.items() if case.head_dim in (64, 128)]
 
 
-# The sm_90a wgmma kernels (SHADOWKV_ATTENTION_KERNEL=wgmma, and wgmma2 / wgmma2o: two
-# warpgroups per block; wgmma_ws: a warp-specialised forward; wgmma_wsb: and a warp-specialised
-# backward; wgmma_wsf: and a one-pass warp-specialised backward; wgmma_fused, wgmma2_fused: a
-# one-pass backward with dQ by atomics; forward and backward) are skipped
+# The sm_90a wgmma kernels (SHADOWKV_ATTENTION_KERNEL=wgmma; wgmma_ws: a warp-specialised
+# forward; wgmma_wsb: and a warp-specialised backward; wgmma_wsf: and a one-pass
+# warp-specialised backward; wgmma_fused: a one-pass backward with dQ by atomics; forward and
+# backward) are skipped
 # where they do not run (not an sm_90 GPU, or no 9.0a in the build): "wgmma" then means "cute",
 # which the cute cases cover.
 needs_wgmma = pytest.mark.skipif(not _C.wgmma_runs_here(),
                                  reason="the wgmma kernels need an sm_90 GPU and a build with 9.0a and CuTe")
 needs_wmma_by_name = pytest.mark.skipif(not _C.built_with_cute(), reason="WMMA is the default in this build")
 FAMILIES = [pytest.param("wmma", marks=needs_wmma_by_name), pytest.param("cute", marks=needs_cute),
-            pytest.param("wgmma", marks=needs_wgmma), pytest.param("wgmma2", marks=needs_wgmma),
-            pytest.param("wgmma2o", marks=needs_wgmma), pytest.param("wgmma_ws", marks=needs_wgmma),
+            pytest.param("wgmma", marks=needs_wgmma), pytest.param("wgmma_ws", marks=needs_wgmma),
             pytest.param("wgmma_wsb", marks=needs_wgmma), pytest.param("wgmma_wsf", marks=needs_wgmma),
-            pytest.param("wgmma_fused", marks=needs_wgmma), pytest.param("wgmma2_fused", marks=needs_wgmma)]
+            pytest.param("wgmma_fused", marks=needs_wgmma)]
 
 
 @needs_wgmma
@@ -527,6 +526,6 @@ def test_unknown_kernel_is_an_error(monkeypatch):
     q = torch.randn(1, 1, 8, 64, device=DEVICE, dtype=torch.bfloat16)
     ev = torch.full((1, 1, 8), INT32_MAX, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError,
-                       match="SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wgmma, wgmma2, wgmma2o, wgmma_ws, "
-                             "wgmma_wsb, wgmma_wsf, wgmma_fused, wgmma2_fused, wmma, simt"):
+                       match="SHADOWKV_ATTENTION_KERNEL must be one of auto, cute, wgmma, wgmma_ws, wgmma_wsb, "
+                             "wgmma_wsf, wgmma_fused, wmma, simt"):
         ops.shadow_attention(q, q, q, ev)

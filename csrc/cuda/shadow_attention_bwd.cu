@@ -703,12 +703,6 @@ void shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& bp, void* stream)
       if (tc && choice == AttnKernel::kWgmmaFused && wgmma_available(s)) {
         return launch_bwd_wgmma_fused(bp, a.mm, a.n_ev, lse2, delta, a.scale_log2, s);
       }
-      if (tc && choice == AttnKernel::kWgmma2Fused && wgmma_available(s)) {
-        return launch_bwd_wgmma2_fused(bp, a.mm, a.n_ev, lse2, delta, a.scale_log2, s);
-      }
-      if (tc && (choice == AttnKernel::kWgmma2 || choice == AttnKernel::kWgmma2o) && wgmma_available(s)) {
-        return launch_bwd_wgmma2(bp, a.mm, a.n_ev, lse2, delta, a.scale_log2, s);
-      }
 #endif
       if (tc && choice != AttnKernel::kWmma) {  // cute, and the wgmma families where no sm_90a code runs
         return launch_bwd_cute(bp, a.mm, a.n_ev, lse2, delta, a.scale_log2, s);

@@ -7,7 +7,7 @@
 // of fwd+bwd (1.96 of 4.45 profiled ms at 25% kept), latency-bound at 255 registers: the warps
 // that run its MMAs also issue the Q/dO copies and their predicates, read the per-row lse/delta
 // from global memory right after their scores, and meet at a block-wide barrier every step. The
-// two-warpgroup wgmma2 kernel, which shares each Q/dO tile between 128 keys, lost to it because
+// two-warpgroup wgmma2 kernel (retired), which shares each Q/dO tile between 128 keys, lost to it because
 // that barrier then holds both warpgroups of the SM's only block in step. Here a block of three
 // warpgroups owns 128 keys:
 //   * the producer (warpgroup 0) copies the block's K and V once (rows no query of the block

@@ -349,12 +349,10 @@ struct NamedKernel {
   bool cute;
 };
 constexpr NamedKernel kNamedKernels[] = {
-    {"cute", AttnKernel::kCute, true},         {"wgmma", AttnKernel::kWgmma, true},
-    {"wgmma2", AttnKernel::kWgmma2, true},     {"wgmma2o", AttnKernel::kWgmma2o, true},
-    {"wgmma_ws", AttnKernel::kWgmmaWs, true},  {"wgmma_wsb", AttnKernel::kWgmmaWsb, true},
+    {"cute", AttnKernel::kCute, true},          {"wgmma", AttnKernel::kWgmma, true},
+    {"wgmma_ws", AttnKernel::kWgmmaWs, true},   {"wgmma_wsb", AttnKernel::kWgmmaWsb, true},
     {"wgmma_wsf", AttnKernel::kWgmmaWsf, true}, {"wgmma_fused", AttnKernel::kWgmmaFused, true},
-    {"wgmma2_fused", AttnKernel::kWgmma2Fused, true}, {"wmma", AttnKernel::kWmma, false},
-    {"simt", AttnKernel::kSimt, false},
+    {"wmma", AttnKernel::kWmma, false},         {"simt", AttnKernel::kSimt, false},
 };
 }  // namespace
 
@@ -408,10 +406,6 @@ void shadow_attention_fwd_cuda(const ShadowAttentionParams& p, void* stream) {
   }
   if (tc && (choice == AttnKernel::kWgmma || choice == AttnKernel::kWgmmaFused) && wgmma_available(s))
     return launch_fwd_wgmma(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
-  if (tc && (choice == AttnKernel::kWgmma2 || choice == AttnKernel::kWgmma2Fused) && wgmma_available(s))
-    return launch_fwd_wgmma2(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
-  if (tc && choice == AttnKernel::kWgmma2o && wgmma_available(s))
-    return launch_fwd_wgmma2o(p, ev_mm.as<int2>(), n_ev, scale_log2, s);
   if (tc && (choice == AttnKernel::kWgmmaWs || choice == AttnKernel::kWgmmaWsb || choice == AttnKernel::kWgmmaWsf) &&
       wgmma_available(s))
     return launch_fwd_wgmma_ws(p, ev_mm.as<int2>(), n_ev, scale_log2, s);

@@ -223,8 +223,8 @@ __device__ __forceinline__ void load_kv_tile(GmemCopy const& gmem_copy, GmemThr 
                               static_cast<DstK&&>(dst_k), g.v, p.v_stride[2], static_cast<DstV&&>(dst_v));
 }
 
-// fwd_kernel's and fwd_staged_kernel's shared memory past their tiles: next_live_tile's kinds,
-// then (fwd_kernel) a partial tile's log entries.
+// fwd_kernel's shared memory past its tiles: next_live_tile's kinds, then a partial tile's log
+// entries.
 template <class Tr>
 constexpr size_t fwd_extra_smem() {
   return (Tr::kThreads + Tr::kBlockN) * sizeof(int);
@@ -341,110 +341,18 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
   }
 }
 
-// The same forward with K and V double-buffered (cuda_cute::PartnerStages, as the dQ kernel):
-// per live key tile one barrier, after which the next live tile's K and V are requested into
-// the other stage and load under this tile's S, softmax and P V. fwd_kernel instead overlaps
-// each load with half a tile's work and relies on a second resident block to hide the rest;
-// a 128-row block of two warpgroups (the "wgmma2" family) is alone on its SM at head_dim 128.
-// Needs two partner tiles more shared memory than fwd_kernel (two stages of K and V, not one).
-template <class F>
-__global__ void __launch_bounds__(F::Traits::kThreads)
-    fwd_staged_kernel(const ShadowAttentionParams p, const int2* __restrict__ ev_mm, int64_t n_ev_tiles,
-                      float scale_log2) {
-  if constexpr (!F::kBody) {
-    __trap();  // the host only launches a family where its body was built (and loads)
-  } else {
-    using namespace cute;
-    using Tr = typename F::Traits;
-    using T = typename Tr::Input;
-    using E = typename Tr::Element;
-    constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, D = Tr::kHeadDim;
-    const int tid = threadIdx.x;
-    F mma(tid);
-
-    unsigned char* smem = F::smem();
-    Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem)), typename Tr::SmemLayoutOwn{});
-    const cuda_cute::PartnerStages<Tr> stages(reinterpret_cast<E*>(smem + Tr::kOwnBytes));  // stage s: K, V
-    int* kinds_s = reinterpret_cast<int*>(smem + Tr::kOwnBytes + cuda_cute::PartnerStages<Tr>::kBytes);
-
-    const QueryTile t = query_tile(p, BM);
-    const FwdRows<E> g(p, t, ev_mm, n_ev_tiles);
-
-    typename Tr::GmemTiledCopy gmem_copy;
-    auto gmem_thr = gmem_copy.get_thread_slice(tid);
-    Tensor tPartC = gmem_thr.partition_S(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
-
-    auto q_op = mma.own(sQ);
-    Tensor acc_o = mma.out_acc();
-    clear(acc_o);
-
-    Tensor tScS_rc = F::rowcol(mma.score_coords());
-    constexpr int kRows = decltype(size<0>(tScS_rc))::value;
-    float m_run[kRows], l_run[kRows];
-    init_row_stats(m_run, l_run);
-    load_query_tile<BM, D>(gmem_copy, gmem_thr, g.q, p.q_stride[2], sQ, t.rows);
-
-    const int64_t n_key_tiles = (min(p.kv_len, t.p1 + 1) + BN - 1) / BN;
-    auto load_kv = [&](int64_t tile, TileKind tile_kind, int stage) {
-      load_kv_tile<BN, D>(gmem_copy, gmem_thr, tPartC, p, t, g, tile, tile_kind, stages.tile(stage, 0),
-                          stages.tile(stage, 1));
-    };
-    TileKind kind = TileKind::kSkip;
-    int64_t tile = next_live_tile<BN>(0, n_key_tiles, kinds_s, g.mm, n_ev_tiles, p, t, kind);
-    if (tile < n_key_tiles) load_kv(tile, kind, 0);
-    cp_async_fence();  // group: Q and the first K, V
-
-    for (int stage = 0; tile < n_key_tiles; stage ^= 1) {
-      cp_async_wait<0>();
-      F::publish();
-      // This stage's K, V (and on the first tile Q) landed for every thread, and every warp is
-      // done with the other stage (the previous tile), which the prefetch below refills.
-      __syncthreads();
-      TileKind next_kind = TileKind::kSkip;
-      const int64_t next = next_live_tile<BN>(tile + 1, n_key_tiles, kinds_s, g.mm, n_ev_tiles, p, t, next_kind);
-      if (next < n_key_tiles) load_kv(next, next_kind, stage ^ 1);
-      cp_async_fence();
-
-      const int64_t k0 = tile * BN;
-      Tensor acc_s = mma.score_acc();
-      mma.scores(acc_s, q_op, stages.tile(stage, 0));
-
-      Tensor s = F::rowcol(acc_s);
-      Tensor o_rc = F::rowcol(acc_o);
-      softmax_tile<false>(kind, s, tScS_rc, o_rc, g.ev, k0, p.kv_len, t.p0, scale_log2, m_run, l_run);
-
-      Tensor rP = F::a_operand(acc_s);
-      mma.update(acc_o, rP, stages.tile(stage, 1));
-
-      tile = next;
-      kind = next_kind;
-    }
-    cp_async_wait<0>();  // nothing may be in flight at exit (a block without live tiles loaded Q)
-
-    write_rows<T>(p, t, F::rowcol(acc_o), F::rowcol(mma.out_coords()), m_run, l_run, scale_log2);
-  }
-}
-
 #if !defined(SHADOWKV_CUDA_EMULATION)  // a host compiler: no launches
-// Host: runs fwd_kernel<F> (kStaged: fwd_staged_kernel<F>) over every (batch, query head,
-// kBlockM-row query tile).
-template <class F, bool kStaged = false>
+// Host: runs fwd_kernel<F> over every (batch, query head, kBlockM-row query tile).
+template <class F>
 void launch_fwd_family(const ShadowAttentionParams& p, const int2* mm, int64_t n_ev, float scale_log2,
                        cudaStream_t s) {
   using Tr = typename F::Traits;
-  // Q, K and V (two stages of both when staged), the tile kinds and log entries, the family's slack
-  const size_t kv_bytes = kStaged ? cuda_cute::PartnerStages<Tr>::kBytes : 2 * Tr::kPartnerBytes;
-  const size_t smem = Tr::kOwnBytes + kv_bytes + fwd_extra_smem<Tr>() + F::kSmemSlack;
-  auto kernel = [] {  // only the chosen body is instantiated
-    if constexpr (kStaged) {
-      return fwd_staged_kernel<F>;
-    } else {
-      return fwd_kernel<F>;
-    }
-  }();
+  // Q, K and V, the tile kinds and log entries, the family's slack
+  const size_t smem = Tr::kOwnBytes + 2 * Tr::kPartnerBytes + fwd_extra_smem<Tr>() + F::kSmemSlack;
+  auto kernel = fwd_kernel<F>;
   set_smem_limit(kernel, smem);
   const int64_t blocks = p.batch * p.num_q_heads * ceil_div(p.q_len, Tr::kBlockM);
-  const std::string name = std::string(kStaged ? "fwd_staged_kernel (" : "fwd_kernel (") + F::kName + ")";
+  const std::string name = std::string("fwd_kernel (") + F::kName + ")";
   kernel<<<grid_1d(blocks, name.c_str()), Tr::kThreads, smem, s>>>(p, mm, n_ev, scale_log2);
   check_launch(name.c_str());
 }

@@ -12,9 +12,12 @@
 //     mbarrier before refilling it. With the K tile it writes the stage's tile number and kind
 //     (n_key_tiles after the last: the consumers stop there) and, for a partial tile, the
 //     tile's log entries (WsControl::ev), which its own row tests and the consumers' masks read;
-//   * two consumers (warpgroups 1, 2; 64 query rows each) run the overlapped loop of
-//     fwd_overlap_kernel on their own rows: issue S_j = Q K_j^T and O += P_{j-1} V_{j-1}, wait
-//     for S_j, release K_j, mask + softmax (while P V runs), wait for P V, release V_{j-1}. No
+//   * two consumers (warpgroups 1, 2; 64 query rows each) run an overlapped loop on their own
+//     rows: issue S_j = Q K_j^T and O += P_{j-1} V_{j-1}, wait for S_j, release K_j, mask +
+//     softmax (while P V runs), wait for P V, release V_{j-1}. This is the online softmax
+//     reordered, not changed: O holds sum_i P_i V_i relative to the running max of the last tile
+//     whose alpha it received, so P_{j-1} V_{j-1} (relative to m_{j-1}) is added before O is
+//     rescaled by alpha_j = exp2(m_{j-1} - m_j); O += P_last V_last after the loop. No
 //     block-wide barrier: each waits for what it reads and releases what it read;
 //   * the consumers take turns issuing their MMAs (two named barriers, "ping-pong"): one
 //     warpgroup's softmax runs while the other's products keep the tensor cores busy;
@@ -24,11 +27,36 @@
 
 #include "mbarrier.cuh"
 #include "shadow_attention_fwd_cute.cuh"
-#include "shadow_attention_fwd_overlap.cuh"  // wait_scores, finish_step
 #include "shadow_attention_wgmma.cuh"
 
 namespace shadowkv {
 namespace cuda_attn {
+
+// The two waits of an overlapped step (fwd_ws_kernel's consumers), after S_j and, when
+// pv_in_flight, P_{j-1} V_{j-1} were issued as two batches in that order.
+// wait_scores: S_j is done (batches complete in order; P V may run on) and its registers are
+// the compiler's again.
+template <class F, class AccS>
+__device__ __forceinline__ void wait_scores(bool pv_in_flight, AccS& acc_s) {
+  if (pv_in_flight) {
+    F::template wait<1>();
+  } else {
+    F::template wait<0>();
+  }
+  F::fence(acc_s);
+}
+// finish_step, once the softmax of tile j gave alpha: P_{j-1} V_{j-1} is done (O and the
+// registers of rP are free), O *= alpha, and rP = P_j rounded to the input type (as
+// FlashAttention does), the A operand of the next P V.
+template <class F, int kRows, class AccO, class RP, class AccS>
+__device__ __forceinline__ void finish_step(AccO& acc_o, RP& rP, AccS const& acc_s, const float (&alpha)[kRows]) {
+  F::template wait<0>();
+  F::fence(acc_o);
+  F::fence(rP);
+  auto o_rc = F::rowcol(acc_o);
+  rescale_rows(o_rc, alpha);
+  rP = F::a_operand(acc_s);
+}
 
 constexpr int kWsStages = 2;
 constexpr int kWsProducerThreads = 128;

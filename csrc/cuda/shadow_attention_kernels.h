@@ -6,11 +6,6 @@
 //     only when the CUTLASS/CuTe headers are found (CUTLASS_DIR, or the nvidia-cutlass package).
 //   * wgmma: the same kernel bodies on the sm_90a warpgroup-MMA family, same coverage, on
 //     H100/H200 in builds with 9.0a and the CuTe headers; one warpgroup (64 own rows) per block.
-//   * wgmma2: the wgmma family with two warpgroups (128 own rows) per block and a double-
-//     buffered ring of 128-key K/V tiles in the forward (fwd_staged_kernel); same coverage as
-//     wgmma. Opt-in: it passed the GPU tests on an H200 but was no faster (bench/RESULTS.md).
-//   * wgmma2o: wgmma2 with each key tile's softmax overlapped with the previous tile's P V in the
-//     forward (fwd_overlap_kernel, three K/V stages); wgmma2's backward. Opt-in, as wgmma2.
 //   * wgmma_ws: a warp-specialised forward (fwd_ws_kernel: a producer warpgroup copies K/V
 //     into an mbarrier ring, two consumer warpgroups take turns on the tensor cores);
 //     wgmma's backward. auto's forward at head_dim 128: it passed the GPU tests and racecheck
@@ -19,22 +14,23 @@
 //     a producer warpgroup copies the partner tiles into an mbarrier ring, two consumer
 //     warpgroups of 64 own rows each share them). Opt-in: not yet run on a GPU.
 //   * wgmma_wsf: wgmma_ws's forward; at head_dim 128 a one-pass warp-specialised backward
-//     (dkdv_ws_kernel with wgmma2_fused's step: dQ by atomics, bitwise non-deterministic), at 64
-//     wgmma_wsb's. Opt-in: not yet run on a GPU.
+//     (dkdv_ws_kernel with the one-pass step of shadow_attention_wgmma_fused.cuh: dQ by atomics,
+//     bitwise non-deterministic), at 64 wgmma_wsb's. Opt-in: not yet run on a GPU.
 //   * wgmma_fused: wgmma's forward; a one-pass backward (the dK/dV kernel computes dQ too and
 //     adds it to an fp32 workspace with atomics: five products per pair instead of seven, dQ
 //     bitwise non-deterministic). Opt-in: it passed the GPU tests on an H200, but its backward
 //     was 1.2x slower than wgmma's there (the dK/dV kernel issues every ~10 cycles).
-//   * wgmma2_fused: wgmma2's forward; the one-pass backward with two warpgroups (128 keys) per
-//     block at head_dim 128 (dQ's columns split between them: half the atomics per product),
-//     wgmma_fused's at 64. Opt-in, as wgmma_fused (1.37x wgmma's fwd+bwd time).
 //   * wmma: tensor-core kernels with the same coverage (shadow_attention_{fwd,bwd}.cu).
 //   * simt: every dtype and head_dim (shadow_attention_{fwd,bwd}.cu).
 // SHADOWKV_ATTENTION_KERNEL picks one per call (forward and backward alike): "auto" (default) =
-// in builds with the CuTe kernels "wgmma" with wgmma_ws's forward at head_dim 128, else "wmma"; "cute" = cute where it applies (an
-// error in a build without it), else simt; "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_wsb",
-// "wgmma_wsf", "wgmma_fused", "wgmma2_fused" = those kernels where they apply, else as "cute"; "wmma" = wmma where it
-// applies, else simt; "simt" = simt always.
+// in builds with the CuTe kernels "wgmma" with wgmma_ws's forward at head_dim 128, else "wmma";
+// "cute" = cute where it applies (an error in a build without it), else simt; "wgmma",
+// "wgmma_ws", "wgmma_wsb", "wgmma_wsf", "wgmma_fused" = those kernels where they apply, else as
+// "cute"; "wmma" = wmma where it applies, else simt; "simt" = simt always.
+// Retired (2026-11-27, after losing on an H200 twice: bench/RESULTS.md): "wgmma2" (two
+// warpgroups per block, a double-buffered K/V ring in the forward), "wgmma2o" (its forward with
+// the softmax overlapped with the previous tile's P V) and "wgmma2_fused" (the one-pass backward
+// with two warpgroups); their tile traits live on in the warp-specialised kernels.
 // The CuTe kernels became the default after passing every GPU test on an H200, 2.1-2.8x faster
 // than wmma there (bench/RESULTS.md, 2026-11-26).
 #pragma once
@@ -48,7 +44,7 @@
 namespace shadowkv {
 namespace cuda_attn {
 
-enum class AttnKernel { kAuto, kWmma, kCute, kWgmma, kWgmma2, kWgmma2o, kWgmmaWs, kWgmmaWsb, kWgmmaWsf, kWgmmaFused, kWgmma2Fused, kSimt };
+enum class AttnKernel { kAuto, kWmma, kCute, kWgmma, kWgmmaWs, kWgmmaWsb, kWgmmaWsf, kWgmmaFused, kSimt };
 
 // The family SHADOWKV_ATTENTION_KERNEL asks for; throws std::invalid_argument (naming `fn`) on a
 // bad value, and for "cute" in a build without the CuTe kernels.
@@ -72,14 +68,6 @@ void launch_fwd_wgmma(const ShadowAttentionParams& p, const int2* ev_mm, int64_t
                       cudaStream_t s);
 void launch_bwd_wgmma(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
                       const float* delta, float scale_log2, cudaStream_t s);
-// The same with two warpgroups per block ("wgmma2"; the caller checks as for wgmma).
-void launch_fwd_wgmma2(const ShadowAttentionParams& p, const int2* ev_mm, int64_t n_ev, float scale_log2,
-                       cudaStream_t s);
-void launch_bwd_wgmma2(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
-                       const float* delta, float scale_log2, cudaStream_t s);
-// The wgmma2o forward (its backward is launch_bwd_wgmma2).
-void launch_fwd_wgmma2o(const ShadowAttentionParams& p, const int2* ev_mm, int64_t n_ev, float scale_log2,
-                        cudaStream_t s);
 // The warp-specialised forward (its backward is launch_bwd_wgmma).
 void launch_fwd_wgmma_ws(const ShadowAttentionParams& p, const int2* ev_mm, int64_t n_ev, float scale_log2,
                          cudaStream_t s);
@@ -92,9 +80,6 @@ void launch_bwd_wgmma_wsf(const ShadowAttentionBwdParams& bp, const int2* ev_mm,
 // The one-pass backward with dQ by atomics (its forward is launch_fwd_wgmma).
 void launch_bwd_wgmma_fused(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
                             const float* delta, float scale_log2, cudaStream_t s);
-// The same with two warpgroups per block at head_dim 128 (its forward is launch_fwd_wgmma2).
-void launch_bwd_wgmma2_fused(const ShadowAttentionBwdParams& bp, const int2* ev_mm, int64_t n_ev, const float* lse2,
-                             const float* delta, float scale_log2, cudaStream_t s);
 #endif
 
 }  // namespace cuda_attn

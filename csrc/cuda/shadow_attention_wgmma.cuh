@@ -4,8 +4,8 @@
 // (tests/cpp/test_cute_layouts.cu), which checks the register maps below without a GPU.
 //
 // A warpgroup (4 warps, 128 threads) owns 64 rows, one wgmma atom high; a block has one ("wgmma")
-// or two ("wgmma2": 128 own rows, so every partner tile staged in shared memory feeds twice the
-// MMAs). In the forward, per key tile:
+// or two (the warp-specialised kernels' consumers: 128 own rows, so every partner tile staged in
+// shared memory feeds twice the MMAs). In the forward, per key tile:
 //   S = Q K^T   wgmma 64 x BN x 16, both operands read from shared memory by descriptor;
 //   O += P V    wgmma 64 x D x 16, P from registers (the S accumulator, rounded to 16 bits: the
 //               accumulator and the register A operand line up, see acc_as_a_operand) and V
@@ -107,13 +107,10 @@ using FwdTraits = TileTraits<T, D, 64>;
 // and four partner tiles take 96 KB at head_dim 128.
 template <typename T, int D>
 using BwdTraits = TileTraits<T, D, 64>;
-// The "wgmma2" kernels: two warpgroups, 128 own rows. The forward double-buffers K and V as the
-// backward does (fwd_staged_kernel): with one 128-row block per SM at head_dim 128 (the
-// registers allow no more), no other block hides its loads. Its key tiles are 128 wide: the
-// S = Q K^T wgmma is then 64 x 128 x 16 (a third less shared-memory traffic per MMA than
-// 64 x 64) and there is one barrier per 128 keys; 179 registers, 160 KB of shared memory at
-// head_dim 128. The backward keeps 64-row partner tiles (its dQ and dK/dV kernels are at 254
-// registers already).
+// Two warpgroups, 128 own rows (the warp-specialised kernels' two consumer warpgroups; the
+// retired "wgmma2" kernels ran them without a producer). The forward's key tiles are 128 wide:
+// the S = Q K^T wgmma is then 64 x 128 x 16 (a third less shared-memory traffic per MMA than
+// 64 x 64). The backward keeps 64-row partner tiles.
 template <typename T, int D>
 using Fwd2Traits = TileTraits<T, D, 128, 2>;
 template <typename T, int D>
@@ -228,7 +225,7 @@ __device__ __forceinline__ void fence_smem_for_wgmma() {
 template <class Tr>
 struct Family {
   using Traits = Tr;
-  static constexpr const char* kName = Tr::kWarpgroups == 1 ? "wgmma" : "wgmma2";
+  static constexpr const char* kName = Tr::kWarpgroups == 1 ? "wgmma" : "wgmma_ws";
   static constexpr bool kBody = SHADOWKV_WGMMA_BODY;
   static constexpr size_t kSmemSlack = kSmemAlignSlack;
   // The dQ and dK/dV kernels' mask steps in two copies, full and partial tiles.

@@ -52,11 +52,12 @@ struct BlockSync {
 };
 
 // Tr: BwdTraits ("wgmma_fused": one warpgroup, 64 keys per block) or Bwd2Traits at head_dim 128
-// ("wgmma2_fused": two warpgroups, 128 keys; also "wgmma_wsf"'s step, in the warp-specialised
-// dK/dV kernel of shadow_attention_bwd_ws.cuh). With two, each warpgroup's dK/dV products cover
-// its own 64 keys, and dQ = dS K (64 query rows x D, summed over the block's 128 keys) is split
-// by columns: warpgroup w computes columns [w D / 2, (w + 1) D / 2). So every dQ element gets
-// one reduction per 128 keys instead of per 64: half the atomic traffic per product.
+// ("wgmma_wsf": two consumer warpgroups, 128 keys, in the warp-specialised dK/dV kernel of
+// shadow_attention_bwd_ws.cuh; the retired "wgmma2_fused" ran it in dkdv_kernel). With two, each
+// warpgroup's dK/dV products cover its own 64 keys, and dQ = dS K (64 query rows x D, summed
+// over the block's 128 keys) is split by columns: warpgroup w computes columns
+// [w D / 2, (w + 1) D / 2). So every dQ element gets one reduction per 128 keys instead of per
+// 64: half the atomic traffic per product.
 template <class Tr>
 struct FusedFamily : Family<Tr> {
   static constexpr int W = Tr::kWarpgroups;
@@ -65,7 +66,7 @@ struct FusedFamily : Family<Tr> {
   static_assert(BN == 64, "64 query rows per step: rows of the dS tile are one 128-byte swizzle row");
   // A warpgroup's dQ columns start on a 128-byte swizzle atom of the K tile read MN-major.
   static_assert((D / W) % 64 == 0, "two warpgroups need head_dim 128");
-  static constexpr const char* kName = W == 1 ? "wgmma_fused" : "wgmma2_fused";
+  static constexpr const char* kName = W == 1 ? "wgmma_fused" : "wgmma_wsf";
   static constexpr bool kAtomicDq = true;
 
   // dS^T as the dK/dV kernel's score accumulators hold it: [keys][query rows], query rows

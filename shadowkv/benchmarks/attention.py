@@ -9,9 +9,6 @@ For one shape it times, forward and forward+backward:
   backward; CUDA builds with the CUTLASS headers only);
 - ``wgmma``: the sm_90a wgmma kernels (``SHADOWKV_ATTENTION_KERNEL=wgmma``, forward and
   backward); only where they run (an sm_90 GPU, a build with 9.0a and the CUTLASS headers);
-- ``wgmma2``: the same with two warpgroups (128 rows) per block and double-buffered K/V in the
-  forward (``SHADOWKV_ATTENTION_KERNEL=wgmma2``), where ``wgmma`` runs;
-- ``wgmma2o``: wgmma2 with the forward's softmax overlapped with the previous tile's P V;
 - ``wgmma_ws``: the warp-specialised forward (a producer warpgroup, two consumer warpgroups
   taking turns on the tensor cores) with wgmma's backward;
 - ``wgmma_wsb``: wgmma_ws's forward with a warp-specialised backward (in the dQ and the dK/dV
@@ -20,8 +17,6 @@ For one shape it times, forward and forward+backward:
   (its dK/dV kernel computes dQ too, by atomics; wgmma_wsb's backward at head dim 64);
 - ``wgmma_fused``: wgmma's forward with the one-pass backward (dQ by atomics from the dK/dV
   kernel: five products per visible pair instead of seven);
-- ``wgmma2_fused``: wgmma2's forward with the one-pass backward on two warpgroups (128 keys)
-  per block at head dim 128;
 - ``sdpa``: ``F.scaled_dot_product_attention`` with the equivalent boolean mask [B, Hq, L, L];
 - ``causal``: ``F.scaled_dot_product_attention(is_causal=True)``, no mask (the flash backend on
   CUDA): dense causal attention at full speed, the bar a 25% log has to beat;
@@ -60,8 +55,7 @@ from shadowkv.reference import INT32_MAX, shadow_visible, streaming_evicted_at
 from . import at_least
 
 # Impls that are the shadowkv op under a named kernel family (ops.attention_kernel).
-FAMILY_IMPLS = ("wmma", "cute", "wgmma", "wgmma2", "wgmma2o", "wgmma_ws", "wgmma_wsb", "wgmma_wsf",
-                "wgmma_fused", "wgmma2_fused")
+FAMILY_IMPLS = ("wmma", "cute", "wgmma", "wgmma_ws", "wgmma_wsb", "wgmma_wsf", "wgmma_fused")
 # Families that have not run on a GPU yet, timed after everything else (see run_device) so that
 # a hang costs only them (the others ran on an H200 on 2026-11-27).
 UNTRIED_IMPLS: tuple[str, ...] = ("wgmma_wsb", "wgmma_wsf")
@@ -132,11 +126,8 @@ def make_impls(evicted_at: torch.Tensor, args, device: torch.device):
         impls["cute"] = impls["shadowkv"]  # timed under ops.attention_kernel("cute")
     if device.type == "cuda" and _C.wgmma_runs_here():
         impls["wgmma"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma")
-        impls["wgmma2"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma2")
-        impls["wgmma2o"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma2o")
         # the untried families last (run_device), those that could hang (mbarrier rings) last of all
         impls["wgmma_fused"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma_fused")
-        impls["wgmma2_fused"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma2_fused")
         impls["wgmma_ws"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma_ws")
         impls["wgmma_wsb"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma_wsb")
         impls["wgmma_wsf"] = impls["shadowkv"]  # timed under ops.attention_kernel("wgmma_wsf")

@@ -35,12 +35,10 @@ struct AttentionShape {
 // copied without a test per row; with a third of the keys evicted every tile is partial).
 inline const AttentionShape kAttentionShapes[] = {
     {1, 2, 1, 150, 150, 0}, {1, 1, 1, 70, 200, 130}, {1, 2, 1, 64, 96, 100, 130}, {1, 1, 1, 200, 200, 0, 0, 128}};
-// For the two-warpgroup families (wgmma2, wgmma2o, the wgmma_ws forward) also: two sequences x
-// two KV heads with enough live key tiles that every K/V stage of the staged and overlapped
-// rings is refilled (batch and head indexing, write-after-read hazards of the rings): four live
-// 128-key tiles (the overlapped ring has three stages), seven of 64 keys, four 64-row query
-// steps per 128-key dK/dV block. Slow to emulate (it was 600 keys: a third of CI's
-// AddressSanitizer time of these families).
+// For the warp-specialised forward (bf16) also: two sequences x two KV heads with enough live
+// key tiles that every K/V stage of its ring is refilled (batch and head indexing,
+// write-after-read hazards of the ring): four live 128-key tiles, seven of 64 keys. Slow to
+// emulate.
 inline const AttentionShape kRingShape = {2, 4, 2, 70, 400, 330};
 // Two sequences x two KV heads at a fraction of the ring shape's cost (the fused backward's dQ
 // workspace offsets).
@@ -49,15 +47,16 @@ inline const AttentionShape kBatchShape = {2, 4, 2, 70, 200, 130};
 // kernels must stage those rows as zeros (0 * NaN would reach out, dQ, dK and dV).
 inline const AttentionShape kPoisonShape = {1, 2, 1, 100, 260, 100, 0, 0, true};
 
-// Whether combination k (0 or 1) of a one-warpgroup family's two (dtype, head_dim) combinations
-// runs: both, unless SHADOWKV_EMU_COMBO names one. CI's sanitizer runs split them, 0 under
-// AddressSanitizer and 1 under ThreadSanitizer (tests/cpp/CMakeLists.txt), so that each runs
-// under one sanitizer in half the time; the two-warpgroup families, which ThreadSanitizer skips,
-// run both under AddressSanitizer.
-inline bool run_combo(int k) {
-  const char* e = std::getenv("SHADOWKV_EMU_COMBO");
-  return e == nullptr || *e == '\0' || std::atoi(e) == k;
-}
+// Whether combination k (0 or 1) of a family's two (dtype, head_dim) combinations is compiled
+// and run (in `#if`): both, unless the compile definition SHADOWKV_EMU_COMBO names one. CI's
+// sanitizer builds split them, 0 under AddressSanitizer and 1 under ThreadSanitizer
+// (tests/cpp/CMakeLists.txt), so that each runs under one sanitizer in half the time, and each
+// build compiles only the kernels it runs: these translation units were most of the two
+// sanitizer stages' compile (each a few minutes under ASan on a 2-core CI machine).
+#ifndef SHADOWKV_EMU_COMBO
+#define SHADOWKV_EMU_COMBO (-1)
+#endif
+#define SHADOWKV_EMU_RUNS(k) (SHADOWKV_EMU_COMBO < 0 || SHADOWKV_EMU_COMBO == (k))
 
 // Tolerances relative to max |reference| (attention_emulation_util's expect_close): 16-bit
 // rounding of the outputs and of P (and dS) before their products; the largest errors seen are

@@ -1,6 +1,7 @@
 // Runs the registered tests selected by the arguments: a test runs when its name starts with one
 // of the plain arguments (every test when there is none) and with none of the arguments given
 // as "-prefix" (exclusions; ctest entries use them to leave tests out of a sanitizer build).
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -26,12 +27,15 @@ int main(int argc, char** argv) {
   for (const auto& t : shadowkv_test::registry()) {
     if ((!include.empty() && !starts(t.name, include)) || starts(t.name, exclude)) continue;
     const int before = shadowkv_test::failure_count();
+    const auto t0 = std::chrono::steady_clock::now();
     try {
       t.fn();
     } catch (const std::exception& e) {
       shadowkv_test::report(__FILE__, __LINE__, std::string(t.name) + " threw " + e.what());
     }
-    std::printf("%-52s %s\n", t.name, shadowkv_test::failure_count() == before ? "ok" : "FAILED");
+    // Seconds per test: CI's sanitizer stages are budgeted by them.
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("%-52s %-6s %7.1f s\n", t.name, shadowkv_test::failure_count() == before ? "ok" : "FAILED", secs);
     ++run;
   }
   if (run == 0) {

@@ -1,16 +1,14 @@
 // The CuTe shadow-attention forward kernels (csrc/cuda/shadow_attention_fwd_cute.cuh,
-// shadow_attention_fwd_overlap.cuh) on the sm_80 family and the sm_90a wgmma families, run from
-// their own source in the host emulation of tests/cpp/cute_emulation.h, against
-// shadow_attention_fwd_cpu in float64 on the same 16-bit inputs. "cute" and "wgmma" passed the
-// GPU tests on an H200, so they calibrate the emulation; "wgmma2" (two warpgroups, staged K/V)
-// and "wgmma2o" (each tile's softmax overlapped with the previous tile's P V on asynchronous
-// wgmma batches) passed them too; "wgmma_ws" (a producer warpgroup and two consumer warpgroups
-// synchronised by mbarriers and named barriers, shadow_attention_fwd_ws.cuh) has not run on a GPU.
+// shadow_attention_fwd_ws.cuh) on the sm_80 family and the sm_90a wgmma families, run from their
+// own source in the host emulation of tests/cpp/cute_emulation.h, against
+// shadow_attention_fwd_cpu in float64 on the same 16-bit inputs. "cute", "wgmma" and "wgmma_ws"
+// (a producer warpgroup and two consumer warpgroups synchronised by mbarriers and named
+// barriers, shadow_attention_fwd_ws.cuh) passed the GPU tests on an H200, so they calibrate the
+// emulation.
 #include "attention_emulation_util.h"  // first (it includes the emulation)
 
 #include "shadow_attention_cute.cuh"
 #include "shadow_attention_fwd_cute.cuh"
-#include "shadow_attention_fwd_overlap.cuh"
 #include "shadow_attention_fwd_ws.cuh"
 #include "shadow_attention_wgmma.cuh"
 
@@ -20,10 +18,10 @@ using namespace shadowkv;
 using namespace shadowkv::cuda_attn;
 using namespace shadowkv_test;
 
-// fwd_kernel, fwd_staged_kernel, fwd_overlap_kernel, fwd_ws_kernel
-enum class Body { kPlain, kStaged, kOverlap, kWarpSpecialised };
+// fwd_kernel, fwd_ws_kernel
+enum class Body { kPlain, kWarpSpecialised };
 
-// Family F's forward on one problem, launched as launch_fwd_family / launch_fwd_overlap do.
+// Family F's forward on one problem, launched as launch_fwd_family / launch_fwd_wgmma_ws do.
 template <class F, typename T, Body kBody>
 void check_forward(const AttentionShape& s, uint32_t seed, const std::string& name) {
   using Tr = typename F::Traits;
@@ -44,13 +42,6 @@ void check_forward(const AttentionShape& s, uint32_t seed, const std::string& na
   if constexpr (kBody == Body::kPlain) {
     shadowkv_emu::launch(blocks, Tr::kThreads, Tr::kOwnBytes + 2 * Tr::kPartnerBytes + rest,
                          [&] { fwd_kernel<F>(p, mm.data(), n_ev, scale_log2); });
-  } else if constexpr (kBody == Body::kStaged) {
-    shadowkv_emu::launch(blocks, Tr::kThreads, Tr::kOwnBytes + cuda_cute::PartnerStages<Tr>::kBytes + rest,
-                         [&] { fwd_staged_kernel<F>(p, mm.data(), n_ev, scale_log2); });
-  } else if constexpr (kBody == Body::kOverlap) {
-    shadowkv_emu::launch(blocks, Tr::kThreads,
-                         Tr::kOwnBytes + overlap_ring_bytes<Tr>() + Tr::kThreads * sizeof(int) + F::kSmemSlack,
-                         [&] { fwd_overlap_kernel<F>(p, mm.data(), n_ev, scale_log2); });
   } else {
     shadowkv_emu::launch(blocks, kWsThreads, ws_smem_bytes<Tr>(),
                          [&] { fwd_ws_kernel<F>(p, mm.data(), n_ev, scale_log2); });
@@ -76,26 +67,28 @@ template <typename T, int D>
 using Wgmma2 = cuda_wgmma::Family<cuda_wgmma::Fwd2Traits<T, D>>;
 
 TEST(emulated_attention_fwd_cute) {
-  if (run_combo(0)) check_family<Cute<__nv_bfloat16, 64>, __nv_bfloat16, Body::kPlain>("cute bf16 d64");
-  if (run_combo(1)) check_family<Cute<__half, 128>, __half, Body::kPlain>("cute fp16 d128");
+#if SHADOWKV_EMU_RUNS(0)
+  check_family<Cute<__nv_bfloat16, 64>, __nv_bfloat16, Body::kPlain>("cute bf16 d64");
+#endif
+#if SHADOWKV_EMU_RUNS(1)
+  check_family<Cute<__half, 128>, __half, Body::kPlain>("cute fp16 d128");
+#endif
 }
 TEST(emulated_attention_fwd_wgmma) {
-  if (run_combo(0)) check_family<Wgmma<__nv_bfloat16, 64>, __nv_bfloat16, Body::kPlain>("wgmma bf16 d64");
-  if (run_combo(1)) check_family<Wgmma<__half, 128>, __half, Body::kPlain>("wgmma fp16 d128");
-}
-TEST(emulated_attention_fwd_wgmma2) {
-  check_family<Wgmma2<__nv_bfloat16, 128>, __nv_bfloat16, Body::kStaged>("wgmma2 bf16 d128", true);
-  check_family<Wgmma2<__half, 64>, __half, Body::kStaged>("wgmma2 fp16 d64", true);
-}
-TEST(emulated_attention_fwd_wgmma2o) {
-  check_family<Wgmma2<__nv_bfloat16, 128>, __nv_bfloat16, Body::kOverlap>("wgmma2o bf16 d128", true);
-  check_family<Wgmma2<__half, 64>, __half, Body::kOverlap>("wgmma2o fp16 d64", true);
+#if SHADOWKV_EMU_RUNS(0)
+  check_family<Wgmma<__nv_bfloat16, 64>, __nv_bfloat16, Body::kPlain>("wgmma bf16 d64");
+#endif
+#if SHADOWKV_EMU_RUNS(1)
+  check_family<Wgmma<__half, 128>, __half, Body::kPlain>("wgmma fp16 d128");
+#endif
 }
 TEST(emulated_attention_fwd_wgmma_ws) {
-  if (run_combo(0))
-    check_family<Wgmma2<__nv_bfloat16, 128>, __nv_bfloat16, Body::kWarpSpecialised>("wgmma_ws bf16 d128", true);
-  if (run_combo(1))  // ring: as bf16
-    check_family<Wgmma2<__half, 64>, __half, Body::kWarpSpecialised>("wgmma_ws fp16 d64");
+#if SHADOWKV_EMU_RUNS(0)
+  check_family<Wgmma2<__nv_bfloat16, 128>, __nv_bfloat16, Body::kWarpSpecialised>("wgmma_ws bf16 d128", true);
+#endif
+#if SHADOWKV_EMU_RUNS(1)  // ring: as bf16
+  check_family<Wgmma2<__half, 64>, __half, Body::kWarpSpecialised>("wgmma_ws fp16 d64");
+#endif
 }
 
 }  // namespace
