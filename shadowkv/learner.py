@@ -1,7 +1,8 @@
 """The learner: shadow-mask replay, GRPO/PPO losses and the SMD distillation term (DESIGN.md §6).
 
-Read top to bottom: ``replay_logits`` (one full-sequence forward, shadow or dense mask),
-``token_logprobs`` (aligned with ``Rollout.logprobs``), ``ValueHead`` + ``gae`` (PPO) or
+Read top to bottom: ``replay_logits`` (one full-sequence forward, shadow or dense mask, logits
+only for the rows that predict generated tokens), ``token_logprobs`` (aligned with
+``Rollout.logprobs``), ``ValueHead`` + ``gae`` (PPO) or
 ``grpo_advantages`` (GRPO, the default),
 ``is_weights`` (the Sparse-RL correction), ``distill_kl`` (SMD) and ``policy_loss`` which
 puts them together for one optimisation epoch of one method:
@@ -16,6 +17,7 @@ puts them together for one optimisation epoch of one method:
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -39,9 +41,41 @@ class _ReplayContext:
         return shadow_attention(q, k, v, ev, 0, scale)
 
 
+def first_action_row(rollout) -> int:
+    """The first row of a replay (input position ``t`` predicts token ``t + 1``) that predicts a
+    generated token of any sequence: ``min(prompt_lens) - 1`` for the sampler's rollouts, found
+    from ``action_mask`` (position 0 is never an action). At most ``T - 2``, so that a replay
+    keeps at least one row."""
+    T = rollout.tokens.shape[1]
+    cols = rollout.action_mask.any(0).nonzero()
+    first = int(cols[0, 0]) - 1 if cols.numel() else T - 2
+    return max(0, min(first, T - 2))
+
+
+def to_tokens(rows: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """``[B, R, ...]`` per-row values of a replay's last ``R`` rows -> ``[B, seq_len, ...]``
+    aligned with the tokens they predict (row ``t`` predicts token ``t + 1``), zeros in front."""
+    pad = rows.new_zeros(rows.shape[0], seq_len - rows.shape[1], *rows.shape[2:])
+    return torch.cat([pad, rows], 1)
+
+
+def _takes_logits_to_keep(model) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def replay_logits(model, rollout, mask: str = "shadow", return_hidden: bool = False):
-    """Logits ``[B, T-1, V]`` (float32) where row ``t`` predicts ``rollout.tokens[:, t+1]``
-    (and, with ``return_hidden``, the last hidden states ``[B, T-1, H]`` of the same rows).
+    """Logits ``[B, R, V]`` (float32) of the replay's last ``R = T - 1 - first_action_row(rollout)``
+    rows: row ``r`` predicts ``rollout.tokens[:, T - R + r]`` (and, with ``return_hidden``, the
+    last hidden states ``[B, R, H]`` of the same rows). ``to_tokens`` aligns per-row values with
+    the tokens.
+
+    Only rows that predict some sequence's generated token get logits: the prompt's rows would
+    be ``[B, prompt, V]`` float32 that no loss reads (with a 150k vocabulary, 0.6 MB per
+    position); models whose ``forward`` takes ``logits_to_keep`` (transformers' causal LMs)
+    never compute them, others are sliced after the forward.
 
     ``mask="shadow"`` replays ``rollout.evicted_at`` (each query sees what the sampler's
     cache held); ``"dense"`` is plain causal attention.
@@ -52,20 +86,24 @@ def replay_logits(model, rollout, mask: str = "shadow", return_hidden: bool = Fa
     tokens = rollout.tokens
     B, T = tokens.shape
     check_length(model, T)
+    rows = T - 1 - first_action_row(rollout)
     positions = torch.arange(T, device=tokens.device)[None].expand(B, T)
+    kwargs = {"logits_to_keep": rows} if _takes_logits_to_keep(model) else {}
     with attention_context(_ReplayContext(rollout.evicted_at if mask == "shadow" else None)):
         out = model(input_ids=tokens[:, :-1], position_ids=positions[:, :-1], use_cache=False,
-                    output_hidden_states=return_hidden)
+                    output_hidden_states=return_hidden, **kwargs)
+    logits = out.logits[:, -rows:].float()
     if return_hidden:
-        return out.logits.float(), out.hidden_states[-1]
-    return out.logits.float()
+        return logits, out.hidden_states[-1][:, -rows:]
+    return logits
 
 
 def gather_logprobs(logits: torch.Tensor, rollout, temperature: float = 1.0) -> torch.Tensor:
-    """``[B, T]`` log-probs of the rollout's tokens from ``replay_logits`` output; 0 off the
-    action mask (position 0 is never an action)."""
-    logp = torch.log_softmax(logits / temperature, -1).gather(-1, rollout.tokens[:, 1:, None])[..., 0]
-    return torch.cat([torch.zeros_like(logp[:, :1]), logp], 1) * rollout.action_mask
+    """``[B, T]`` log-probs of the rollout's tokens from ``replay_logits`` output (``[B, R, V]``,
+    the last ``R`` rows); 0 off the action mask."""
+    T, R = rollout.tokens.shape[1], logits.shape[1]
+    logp = torch.log_softmax(logits / temperature, -1).gather(-1, rollout.tokens[:, T - R:, None])[..., 0]
+    return to_tokens(logp, T) * rollout.action_mask
 
 
 def token_logprobs(model, rollout, mask: str = "shadow", temperature: float = 1.0) -> torch.Tensor:
@@ -80,8 +118,10 @@ def token_logprobs(model, rollout, mask: str = "shadow", temperature: float = 1.
 class ValueHead(torch.nn.Module):
     """PPO's critic: a scalar value per position from the policy's last hidden state.
 
-    ``forward(hidden [B, T-1, H]) -> [B, T]`` aligned with the rollout's tokens: entry ``t``
-    is the value of the state in which token ``t`` was generated (0 at position 0).
+    ``forward(hidden [B, R, H], seq_len) -> [B, seq_len]`` (``hidden``: ``replay_logits``'s
+    last ``R`` rows; ``seq_len`` defaults to ``R + 1``) aligned with the rollout's tokens: entry
+    ``t`` is the value of the state in which token ``t`` was generated (0 where no row was given:
+    position 0 and the prompt rows before ``first_action_row``).
     """
 
     def __init__(self, hidden_size: int):
@@ -90,9 +130,9 @@ class ValueHead(torch.nn.Module):
         torch.nn.init.zeros_(self.proj.weight)
         torch.nn.init.zeros_(self.proj.bias)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
         v = self.proj(hidden.float())[..., 0]
-        return torch.cat([torch.zeros_like(v[:, :1]), v], 1)
+        return to_tokens(v, hidden.shape[1] + 1 if seq_len is None else seq_len)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
@@ -165,7 +205,8 @@ def is_weights(logp_dense_old, logp_sampler, mask, cfg: ISConfig) -> tuple[torch
 def distill_kl(teacher_logits, student_logits, rollout, direction: str = "forward") -> torch.Tensor:
     """Per-token SMD term ``[B, T]``: ``KL(p_teacher || p_student)`` (``forward``) or
     ``KL(p_student || p_teacher)`` (``reverse``) over the full vocabulary, at the positions
-    that predict generated tokens; teacher logits are detached."""
+    that predict generated tokens; teacher logits are detached. Both ``[B, R, V]``: the same
+    last ``R`` rows of a replay (``replay_logits``)."""
     t = torch.log_softmax(teacher_logits.detach(), -1)
     s = torch.log_softmax(student_logits, -1)
     if direction == "forward":
@@ -174,14 +215,15 @@ def distill_kl(teacher_logits, student_logits, rollout, direction: str = "forwar
         kl = (s.exp() * (s - t)).sum(-1)
     else:
         raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
-    return torch.cat([torch.zeros_like(kl[:, :1]), kl], 1) * rollout.action_mask
+    return to_tokens(kl, rollout.action_mask.shape[1]) * rollout.action_mask
 
 
 def entropy(logits: torch.Tensor, rollout) -> torch.Tensor:
-    """Mean entropy of the policy over generated positions (a scalar tensor)."""
+    """Mean entropy of the policy over generated positions (a scalar tensor); ``logits``: a
+    replay's last ``R`` rows, ``[B, R, V]``."""
     logp = torch.log_softmax(logits.detach(), -1)
     ent = -(logp.exp() * logp).sum(-1)
-    m = rollout.action_mask[:, 1:]
+    m = rollout.action_mask[:, rollout.action_mask.shape[1] - logits.shape[1]:]
     return (ent * m).sum() / m.sum().clamp_min(1)
 
 
@@ -214,7 +256,8 @@ def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_wei
         advantages: ``[B]`` (GRPO) or ``[B, T]`` (PPO/GAE) advantages.
         old_logp: ``[B, T]`` log-probs the ratio is taken against.
         token_weights, token_mask: ``[B, T]`` (``is`` method), default 1 / action mask.
-        teacher_logits: ``[B, T-1, V]`` dense teacher (``smd``).
+        teacher_logits: ``[B, R, V]`` dense teacher (``smd``): ``replay_logits(model, rollout,
+            "dense")``, the same rows as the student's.
         ref_logp: ``[B, T]`` reference-policy log-probs (when ``cfg.kl_ref > 0``).
         value_head, returns: PPO's critic and its ``[B, T]`` targets (value loss added).
     Returns:
@@ -249,7 +292,7 @@ def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_wei
         stats["distill_kl"] = kl_mean.item()
     if value_head is not None and returns is not None:
         m = rollout.action_mask
-        v_loss = 0.5 * (((value_head(hidden) - returns) ** 2) * m).sum() / m.sum().clamp_min(1)
+        v_loss = 0.5 * (((value_head(hidden, m.shape[1]) - returns) ** 2) * m).sum() / m.sum().clamp_min(1)
         loss = loss + cfg.vf_coef * v_loss
         stats["value_loss"] = v_loss.item()
     stats["logp"] = logp.detach()

@@ -227,7 +227,7 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
             adv = learner.grpo_advantages(rewards, cfg.group_size)
         else:
             _, hidden = learner.replay_logits(model, rollout, loss_cfg.learner_mask, return_hidden=True)
-            adv, returns = learner.gae(rewards, value_head(hidden), mask, cfg.gamma, cfg.gae_lambda)
+            adv, returns = learner.gae(rewards, value_head(hidden, mask.shape[1]), mask, cfg.gamma, cfg.gae_lambda)
             valid = adv[mask]
             std = valid.std() if valid.numel() > 1 else torch.tensor(1.0)
             adv = (adv - valid.mean()) / (std + 1e-6) * mask  # whitened over the batch's tokens

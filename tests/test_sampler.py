@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from shadowkv import CacheFullError, PagedKVCache, Sampler
+from shadowkv import CacheFullError, PagedKVCache, Sampler, learner
 from shadowkv.learner import token_logprobs
 from shadowkv.policies import H2O, FullCache, Policy, RandomEvict, SnapKV, StreamingLLM
 
@@ -63,6 +63,34 @@ def test_shadow_replay_matches_sampler(policy, family, llama, qwen):
     print(f"{family} {policy!r}: shadow replay max|dlogp|={d_shadow:.2e}, dense replay max|dlogp|={d_dense:.2e}")
     assert d_shadow <= 1e-4
     assert d_dense >= 1e-3
+
+
+def test_replay_computes_logits_only_for_rows_that_predict_generated_tokens(llama, monkeypatch):
+    """The learner's replay skips the prompt rows that no sequence's action follows (their
+    [B, prompt, V] float32 logits would be most of its memory with a real vocabulary): the
+    model computes the last R rows only (logits_to_keep), or, for a model without that
+    argument, the rows are sliced; both give the log-probs a whole-sequence replay gives."""
+    sampler = Sampler(llama, StreamingLLM(sinks=4), budget=0.5, page_size=8)
+    rollout = sampler.generate(_prompts(3, 20, 40, seed=2), max_new_tokens=12, temperature=1.0, seed=0)
+    T = rollout.tokens.shape[1]
+    first = int(rollout.prompt_lens.min()) - 1
+    assert learner.first_action_row(rollout) == first > 0
+    kept, kept_hidden = learner.replay_logits(llama, rollout, "shadow", return_hidden=True)
+    assert kept.shape == (3, T - 1 - first, VOCAB) and kept_hidden.shape[:2] == (3, T - 1 - first)
+    shadow = token_logprobs(llama, rollout, "shadow")
+    assert (shadow - rollout.logprobs)[rollout.action_mask].abs().max() <= 1e-4
+    assert (shadow[~rollout.action_mask] == 0).all()
+
+    monkeypatch.setattr(learner, "_takes_logits_to_keep", lambda model: False)  # the slicing path
+    sliced, sliced_hidden = learner.replay_logits(llama, rollout, "shadow", return_hidden=True)
+    torch.testing.assert_close(sliced, kept, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sliced_hidden, kept_hidden)
+    torch.testing.assert_close(token_logprobs(llama, rollout, "shadow"), shadow, atol=1e-5, rtol=1e-5)
+
+    # No action at all (every sequence ended at its prompt): one row is still replayed.
+    empty = type(rollout)(**{**rollout.__dict__, "action_mask": torch.zeros_like(rollout.action_mask)})
+    assert learner.first_action_row(empty) == T - 2
+    assert learner.replay_logits(llama, empty, "dense").shape == (3, 1, VOCAB)
 
 
 def test_per_layer_budgets_and_mistral_replay(tmp_path):

@@ -3,7 +3,9 @@
 // the probe kernel below exists in (and answers for) the same binaries as their bodies.
 #include "shadow_attention_common.cuh"
 #include "shadow_attention_kernels.h"
+#ifdef SHADOWKV_HAS_SM90A  // SHADOWKV_WGMMA_BODY; without 9.0a the CuTe headers were ~16 s of compile for nothing
 #include "shadow_attention_wgmma.cuh"
+#endif
 
 #include <mutex>
 #include <vector>
