@@ -83,7 +83,7 @@ __device__ __forceinline__ void ds_by_query_rows(S& s, DP const& dp, RowCol cons
                                                  bool full, int64_t k0, int64_t p0, float scale_log2,
                                                  const float (&lse2)[kRows], const float (&delta)[kRows]) {
   using cute::get;
-  const int col0 = get<1>(rc(0, 0));  // columns relative to it: compile-time offsets (load_column_log)
+  const int col0 = get<1>(rc(0, 0));  // columns relative to it: compile-time offsets (load_staged_column_log)
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const int64_t pos = p0 + get<0>(rc(r, 0));
@@ -117,8 +117,8 @@ __device__ __forceinline__ void p_ds_by_key_rows(S& s_t, DP& dp_t, RowCol const&
                                                  const float* __restrict__ lse2_ws,
                                                  const float* __restrict__ delta_ws, int64_t ws_row0, int64_t rows) {
   using cute::get;
-  // Query columns relative to the thread's first one (compile-time offsets, as load_column_log):
-  // key row r is visible to the query at offset `off` iff lo[r] <= off < hi[r] (key <= position
+  // Query columns relative to the thread's first one (compile-time offsets, as
+  // load_staged_column_log): key row r is visible to the query at offset `off` iff lo[r] <= off < hi[r] (key <= position
   // < its log entry), bounds clamped to int (offsets are below the tile width).
   const int col0 = get<1>(rc(0, 0));
   const int64_t pos0 = p0 + col0;
@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       // dS overwrites S.
       Tensor s = F::rowcol(acc_s);
       Tensor dp = F::rowcol(acc_dp);
-      // F::kTwoMaskCopies: two copies behind a uniform branch (as masked_softmax_step in the
+      // F::kTwoMaskCopies: two copies behind a uniform branch (as masked_softmax_step_by in the
       // forward), so that a full tile reads no log entry and tests no pair.
       int ev_col[kCols];
       const bool full = kind == TileKind::kFull;

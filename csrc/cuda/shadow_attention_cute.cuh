@@ -252,27 +252,12 @@ __device__ __forceinline__ void gemm_rs(Acc& acc, RA const& rA, RB& rB, SB const
   }
 }
 
-// The eviction-log entries of this thread's score columns (keys k0 + column), `missing` for
-// keys past kv_len; all `missing` unless `load` (only partial tiles read them). Columns are
-// taken relative to the thread's first one: their offsets are compile-time constants, where
-// the absolute 64-bit keys were 32 values that the compiler kept live across the key-tile loop
-// (and spilled in the warp-specialised forward).
-template <int kCols, class RowCol>
-__device__ __forceinline__ void load_column_log(int (&ev)[kCols], const int32_t* evg, int64_t k0, int64_t kv_len,
-                                                RowCol const& rc, bool load, int missing) {
-  const int col0 = get<1>(rc(0, 0));
-  const int32_t* base = evg + k0 + col0;
-  const int64_t room = kv_len - k0 - col0;  // column offsets below it are keys < kv_len
-  CUTE_UNROLL
-  for (int c = 0; c < kCols; ++c) {
-    const int off = get<1>(rc(0, c)) - col0;
-    ev[c] = load && off < room ? __ldg(base + off) : missing;
-  }
-}
-
-// load_column_log from a key tile's entries staged in shared memory: `sev` [tile width], entry i
-// for key k0 + i (past kv_len an entry that hides the key from every query: kEvOutOfRange, or 0
-// from stage_tile_log), read only if `load`.
+// The eviction-log entries of this thread's score columns from a key tile's entries staged in
+// shared memory: `sev` [tile width], entry i for key k0 + i (past kv_len an entry that hides the
+// key from every query: kEvOutOfRange, or 0 from stage_tile_log), all `missing` unless `load`
+// (only partial tiles read them). Columns are taken relative to the thread's first one: their
+// offsets are compile-time constants, where absolute 64-bit keys were 32 values that the
+// compiler kept live across the key-tile loop (and spilled in the warp-specialised forward).
 template <int kCols, class RowCol>
 __device__ __forceinline__ void load_staged_column_log(int (&ev)[kCols], const int* sev, RowCol const& rc, bool load,
                                                        int missing) {

@@ -34,7 +34,7 @@ __device__ __forceinline__ void softmax_step(S& s, RowCol const& rc, const int (
                                              int64_t k0, int64_t p0, float scale_log2, float (&m_run)[kRows],
                                              float (&l_run)[kRows], float (&alpha)[kRows]) {
   using cute::get;
-  const int col0 = get<1>(rc(0, 0));  // columns relative to it: compile-time offsets (load_column_log)
+  const int col0 = get<1>(rc(0, 0));  // columns relative to it: compile-time offsets (load_staged_column_log)
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const int64_t pos = p0 + get<0>(rc(r, 0));
@@ -77,9 +77,8 @@ __device__ __forceinline__ void rescale_rows(O& o, const float (&alpha)[kRows]) 
 // copies of the step behind a uniform branch; with `partial` a run-time value the compiler
 // predicated the 16 log loads and the pair tests (~450 instructions of the wgmma forward's
 // ~2500 per key tile, SASS), which then issued for every tile. One copy where registers are
-// tight: the second one made the two-warpgroup staged forward spill. load_log(ev_col, partial)
-// fills the columns' log entries (masked_softmax_step: from global memory;
-// masked_softmax_step_staged: from shared memory).
+// tight (the retired two-warpgroup staged forward spilled with two). load_log(ev_col, partial)
+// fills the columns' log entries (masked_softmax_step_staged: from shared memory).
 template <bool kTwoCopies, int kRows, class S, class RowCol, class LoadLog>
 __device__ __forceinline__ void masked_softmax_step_by(TileKind kind, S& s, RowCol const& rc, LoadLog const& load_log,
                                                        int64_t k0, int64_t p0, float scale_log2,
@@ -96,19 +95,7 @@ __device__ __forceinline__ void masked_softmax_step_by(TileKind kind, S& s, RowC
   }
 }
 
-// masked_softmax_step_by with the log entries of global row `evg` (keys k0 + column < kv_len).
-template <bool kTwoCopies, int kRows, class S, class RowCol>
-__device__ __forceinline__ void masked_softmax_step(TileKind kind, S& s, RowCol const& rc, const int32_t* evg,
-                                                    int64_t k0, int64_t kv_len, int64_t p0, float scale_log2,
-                                                    float (&m_run)[kRows], float (&l_run)[kRows],
-                                                    float (&alpha)[kRows]) {
-  masked_softmax_step_by<kTwoCopies>(
-      kind, s, rc,
-      [&](auto& ev_col, bool load) { cuda_cute::load_column_log(ev_col, evg, k0, kv_len, rc, load, kEvOutOfRange); },
-      k0, p0, scale_log2, m_run, l_run, alpha);
-}
-
-// masked_softmax_step with the key tile's log entries in shared memory: `sev` [tile width],
+// masked_softmax_step_by with the key tile's log entries in shared memory: `sev` [tile width],
 // entry i for key k0 + i (past kv_len: one that hides the key from every query), read only in a
 // partial tile. The warp-specialised forward's producer and the one-stage forward's K prefetch
 // stage them, so that a partial tile's mask costs shared-memory reads, not a global load after
@@ -131,16 +118,6 @@ __device__ __forceinline__ void softmax_tile_staged(TileKind kind, S& s, RowCol 
                                                     float (&l_run)[kRows]) {
   float alpha[kRows];
   masked_softmax_step_staged<kTwoCopies>(kind, s, rc, sev, k0, p0, scale_log2, m_run, l_run, alpha);
-  rescale_rows(o, alpha);
-}
-
-// masked_softmax_step, then the output rows rescaled.
-template <bool kTwoCopies, int kRows, class S, class RowCol, class O>
-__device__ __forceinline__ void softmax_tile(TileKind kind, S& s, RowCol const& rc, O& o, const int32_t* evg,
-                                             int64_t k0, int64_t kv_len, int64_t p0, float scale_log2,
-                                             float (&m_run)[kRows], float (&l_run)[kRows]) {
-  float alpha[kRows];
-  masked_softmax_step<kTwoCopies>(kind, s, rc, evg, k0, kv_len, p0, scale_log2, m_run, l_run, alpha);
   rescale_rows(o, alpha);
 }
 
@@ -202,25 +179,6 @@ __device__ __forceinline__ void load_query_tile(GmemCopy const& gmem_copy, GmemT
   cuda_cute::copy_rows<BM>(gmem_copy, gmem_thr.partition_S(cuda_cute::gmem_tile<BM, D>(q, q_row_stride, 0)),
                        gmem_thr.partition_D(sQ), gmem_thr.partition_S(make_identity_tensor(Shape<Int<BM>, Int<D>>{})),
                        rows);
-}
-
-// Key tile `tile` (of BN rows) of K and V into the shared tiles dst_k and dst_v with cp.async,
-// for the staged kernels. K and V rows that no valid row of the block sees are zeros
-// (kv_row_needed): the masked scores ignore K, but P V would turn a non-finite V row into NaN.
-// kFullTilePath: a fully visible tile is copied without a test per row (copy_rows_if's
-// every_row); false where registers are tight (the overlapped forward spilled with it).
-template <int BN, int D, bool kFullTilePath = true, class GmemCopy, class GmemThr, class Coord, class E, class DstK,
-          class DstV>
-__device__ __forceinline__ void load_kv_tile(GmemCopy const& gmem_copy, GmemThr const& gmem_thr, Coord const& coord,
-                                             const ShadowAttentionParams& p, const QueryTile& t,
-                                             const FwdRows<E>& g, int64_t tile, TileKind kind, DstK&& dst_k,
-                                             DstV&& dst_v) {
-  const int64_t k0 = tile * BN;
-  // A fully visible tile (kFull) lies below kv_len and every valid row sees every key.
-  cuda_cute::load_pair<BN, D>(gmem_copy, gmem_thr, coord, k0,
-                              [&](int row) { return kv_row_needed(row, k0, p, t, kind, g.ev); },
-                              kFullTilePath && kind == TileKind::kFull, g.k, p.k_stride[2],
-                              static_cast<DstK&&>(dst_k), g.v, p.v_stride[2], static_cast<DstV&&>(dst_v));
 }
 
 // fwd_kernel's shared memory past its tiles: next_live_tile's kinds, then a partial tile's log
