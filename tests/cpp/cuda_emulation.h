@@ -2,19 +2,22 @@
 // tests can run those kernels' own source on a machine without a GPU (and under AddressSanitizer:
 // dynamic shared memory and the test's buffers are exact-size heap blocks).
 //
-// Include this before any csrc/cuda header. Every CUDA thread of a block is an OS thread:
+// Include this before any csrc/cuda header. Every CUDA thread of a block is a fiber (fibers.h):
+// one OS thread runs them in turn, each until it waits.
 //   * __syncthreads is a barrier of the block's threads, warp collectives (shuffles, ldmatrix,
 //     mma.sync) exchange values through a per-warp buffer between two barriers of its 32 lanes;
-//     a barrier that is not reached by all its threads within a minute aborts (on a GPU it would
-//     hang or be undefined);
+//     a block whose unfinished threads all wait (a barrier not reached by all its threads, a
+//     phase nobody completes) aborts at once, naming what they wait for (on a GPU it would hang
+//     or be undefined);
 //   * cp.async copies land only when cp.async.wait_group covers their group (the latest the
 //     hardware may deliver them), so a read that misses a wait sees stale bytes; copies handed
 //     to an mbarrier (cp.async.mbarrier.arrive) land when its phase completes;
 //   * mbarriers (init, arrive, parity wait) and named barriers (bar.sync / bar.arrive by id)
 //     count threads; a block that ends with copies on an unfinished phase or a named barrier
-//     partly arrived aborts. Not modelled: memory ordering (every arrival and wait takes one
-//     lock, which publishes all earlier writes, so a store that only a missing release arrival
-//     would publish still shows), and named barriers count threads where hardware counts warps;
+//     partly arrived aborts. Memory ordering is modelled for ThreadSanitizer only: arrivals
+//     release and completed waits acquire (per barrier and generation), nothing else orders two
+//     threads of a block, so TSan reports an access pair a missing barrier leaves unordered.
+//     Named barriers count threads where hardware counts warps;
 //   * dynamic shared memory starts as 0xff bytes (NaN as floats): a read of a byte nobody wrote
 //     shows up in the results; it is 16-byte aligned, no more. Static __shared__ variables are
 //     function-local statics (blocks run one at a time, so each block has them to itself), but
@@ -39,8 +42,6 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
-#include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -48,49 +49,53 @@
 #include <deque>
 #include <map>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
+#include "fibers.h"
+
 namespace shadowkv_emu {
 
-[[noreturn]] inline void die(const char* what) {
-  std::fprintf(stderr, "cuda_emulation: %s\n", what);
-  std::abort();
-}
-
+// All `n` threads arrive, then all go on: each arrival releases, each departure acquires.
 class Barrier {
  public:
-  explicit Barrier(int n) : n_(n) {}
+  explicit Barrier(int n, const char* what = "a barrier (__syncthreads) that not all its threads reach")
+      : n_(n), what_(what) {}
   void wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const uint64_t generation = generation_;
-    if (++arrived_ == n_) {
-      arrived_ = 0;
-      ++generation_;
-      cv_.notify_all();
-      return;
+    uint64_t generation;
+    bool last;
+    {
+      Quiet q;
+      generation = generation_;
     }
-    if (!cv_.wait_for(lock, std::chrono::seconds(60), [&] { return generation_ != generation; }))
-      die("a barrier was not reached by all its threads within 60 s");
+    release(sync_.at(generation));
+    {
+      Quiet q;
+      last = ++arrived_ == n_;
+      if (last) {
+        arrived_ = 0;
+        ++generation_;
+      }
+    }
+    if (!last) wait_until([&] { return generation_ != generation; }, what_);
+    acquire(sync_.at(generation));
   }
 
  private:
-  std::mutex mutex_;
-  std::condition_variable cv_;
   int n_, arrived_ = 0;
+  const char* what_;
   uint64_t generation_ = 0;
+  SyncObjects sync_;
 };
 
 struct Warp {
-  Barrier barrier{32};
+  Barrier barrier{32, "a warp collective (shuffle, ballot, ldmatrix, mma.sync) that not all 32 lanes reach"};
   alignas(16) unsigned char slot[32][64];
 };
 
 // Four warps (sm_90 warpgroup-wide instructions): a barrier and a 16-byte slot per thread.
 struct Warpgroup {
-  Barrier barrier{128};
+  Barrier barrier{128, "a warpgroup-wide instruction (wgmma) that not all 128 threads reach"};
   alignas(16) uint32_t slot[128][4];
 };
 
@@ -117,20 +122,21 @@ struct Mbarrier {
   int count = 0, pending = 0;
   uint64_t completed = 0;       // phases completed so far
   std::vector<Copy> copies;     // handed over by cp.async.mbarrier.arrive during this phase
+  SyncObjects sync;             // by phase: its arrivals release, waits for it acquire
 };
 
 // A named barrier (bar.sync / bar.arrive): `threads` arrivals complete a generation.
 struct NamedBarrier {
   int threads = 0, arrived = 0;
   uint64_t generation = 0;
+  SyncObjects sync;
 };
 
 struct Block {
   explicit Block(int threads) : barrier(threads) {}
   Barrier barrier;
-  // mbarriers (by address) and named barriers (by id), under one lock
-  std::mutex sync_mutex;
-  std::condition_variable sync_cv;
+  // mbarriers (by address) and named barriers (by id); map nodes do not move, so their
+  // synchronisation objects keep their addresses
   std::map<const void*, Mbarrier> mbarriers;
   std::map<int, NamedBarrier> named;
   std::vector<std::unique_ptr<Warp>> warps;
@@ -211,14 +217,17 @@ inline void cp_async_wait(int n) {
   }
 }
 
-// ---- mbarriers and named barriers (csrc/cuda/mbarrier.cuh). A wait that does not end within a
-// minute aborts, as a barrier does (on a GPU it would hang).
+// ---- mbarriers and named barriers (csrc/cuda/mbarrier.cuh). Their bookkeeping is the
+// emulation's (Quiet); an arrival releases into its phase's (generation's) synchronisation object
+// after its part (the phase's last arrival lands the phase's copies first), a completed wait
+// acquires from it.
 inline void check_mbarrier_address(const void* bar) {
   if (!in_shared(bar, 8) || reinterpret_cast<uintptr_t>(bar) % 8 != 0)
     die("mbarrier not 8-byte aligned in shared memory");
 }
 inline Mbarrier& mbarrier_at(Block& b, const void* bar) {
   check_mbarrier_address(bar);
+  Quiet q;
   auto it = b.mbarriers.find(bar);
   if (it == b.mbarriers.end()) die("an mbarrier was used before mbarrier.init");
   return it->second;
@@ -226,63 +235,81 @@ inline Mbarrier& mbarrier_at(Block& b, const void* bar) {
 inline void mbar_init(void* bar, int count) {
   Block& b = *me().block;
   if (count <= 0) die("mbarrier.init with a count < 1");
-  std::lock_guard<std::mutex> lock(b.sync_mutex);
   check_mbarrier_address(bar);
+  Quiet q;
   Mbarrier& m = b.mbarriers[bar];
-  m = Mbarrier{};
   m.count = m.pending = count;
-}
-// One arrival with the lock held: the last one of a phase lands its copies and completes it.
-inline void mbar_arrive_locked(Block& b, Mbarrier& m) {
-  if (--m.pending > 0) return;
-  land(m.copies);
+  m.completed = 0;
   m.copies.clear();
-  m.pending = m.count;
-  ++m.completed;
-  b.sync_cv.notify_all();
 }
-inline void mbar_arrive(void* bar) {
-  Block& b = *me().block;
-  std::lock_guard<std::mutex> lock(b.sync_mutex);
-  mbar_arrive_locked(b, mbarrier_at(b, bar));
+// One arrival, after its copies (if any) joined the phase's: the last one of a phase lands them
+// and completes it.
+inline void mbar_arrive_on(Mbarrier& m) {
+  uint64_t phase;
+  std::vector<Copy> landing;
+  {
+    Quiet q;
+    phase = m.completed;
+    if (--m.pending == 0) {
+      landing.swap(m.copies);
+      m.pending = m.count;
+      ++m.completed;
+    }
+  }
+  land(landing);  // (the copies' writes: seen by TSan, ordered before the waits by the release)
+  release(m.sync.at(phase));
 }
+inline void mbar_arrive(void* bar) { mbar_arrive_on(mbarrier_at(*me().block, bar)); }
 // cp.async.mbarrier.arrive.noinc: every copy this thread issued so far (committed or not) lands
 // when the phase completes; the arrival counts at once (the latest the copies may land is then).
 inline void cp_async_mbar_arrive(void* bar) {
   Thread& t = me();
-  Block& b = *t.block;
-  std::lock_guard<std::mutex> lock(b.sync_mutex);
-  Mbarrier& m = mbarrier_at(b, bar);
-  for (auto& group : t.groups) m.copies.insert(m.copies.end(), group.begin(), group.end());
-  m.copies.insert(m.copies.end(), t.open_group.begin(), t.open_group.end());
-  t.groups.clear();
-  t.open_group.clear();
-  mbar_arrive_locked(b, m);
+  Mbarrier& m = mbarrier_at(*t.block, bar);
+  {
+    Quiet q;
+    for (auto& group : t.groups) m.copies.insert(m.copies.end(), group.begin(), group.end());
+    m.copies.insert(m.copies.end(), t.open_group.begin(), t.open_group.end());
+    t.groups.clear();
+    t.open_group.clear();
+  }
+  mbar_arrive_on(m);
 }
 // Returns once the phase of this parity completed: the current phase's parity differs.
 inline void mbar_wait(void* bar, uint32_t parity) {
-  Block& b = *me().block;
-  std::unique_lock<std::mutex> lock(b.sync_mutex);
-  Mbarrier& m = mbarrier_at(b, bar);
-  if (!b.sync_cv.wait_for(lock, std::chrono::seconds(60), [&] { return (m.completed & 1u) != (parity & 1u); }))
-    die("an mbarrier phase did not complete within 60 s");
+  Mbarrier& m = mbarrier_at(*me().block, bar);
+  wait_until([&] { return (m.completed & 1u) != (parity & 1u); }, "an mbarrier phase that never completes");
+  uint64_t phase;
+  {
+    Quiet q;
+    phase = m.completed - 1;  // the latest completed phase: of this parity
+  }
+  acquire(m.sync.at(phase));
 }
 inline void named_barrier(int id, int threads, bool wait) {
   if (id <= 0 || id > 15 || threads <= 0 || threads % 32 != 0) die("named barrier: id 1..15, whole warps");
   Block& b = *me().block;
-  std::unique_lock<std::mutex> lock(b.sync_mutex);
-  NamedBarrier& n = b.named[id];
-  if (n.arrived == 0) n.threads = threads;
-  if (n.threads != threads) die("named barrier used with two thread counts at once");
-  const uint64_t generation = n.generation;
-  if (++n.arrived == n.threads) {
-    n.arrived = 0;
-    ++n.generation;
-    b.sync_cv.notify_all();
-    return;
+  NamedBarrier* n;
+  uint64_t generation;
+  bool last;
+  {
+    Quiet q;
+    n = &b.named[id];
+    if (n->arrived == 0) n->threads = threads;
+    if (n->threads != threads) die("named barrier used with two thread counts at once");
+    generation = n->generation;
   }
-  if (wait && !b.sync_cv.wait_for(lock, std::chrono::seconds(60), [&] { return n.generation != generation; }))
-    die("a named barrier was not completed within 60 s");
+  release(n->sync.at(generation));
+  {
+    Quiet q;
+    last = ++n->arrived == n->threads;
+    if (last) {
+      n->arrived = 0;
+      ++n->generation;
+    }
+  }
+  if (!wait) return;
+  if (!last) wait_until([&] { return n->generation != generation; }, "a named barrier (bar.sync) that is never completed");
+  acquire(n->sync.at(generation));
 }
 
 // ---- ldmatrix .x4 and mma.sync m16n8k16 (layouts: csrc/cuda/mma_sync.cuh)
@@ -379,30 +406,36 @@ void launch(unsigned grid, unsigned block_threads, size_t smem_bytes, Kernel&& k
     blk.window = window.get();
     blk.smem = window.get() + 16;
     blk.smem_bytes = smem_bytes;
-    std::vector<std::thread> threads;
-    threads.reserve(block_threads);
-    for (unsigned tx = 0; tx < block_threads; ++tx) {
-      threads.emplace_back([&, tx] {
-        Thread t{};
-        t.thread_idx = make_uint3(tx, 0, 0);
-        t.block_idx = make_uint3(bx, 0, 0);
-        t.block_dim = dim3(block_threads);
-        t.grid_dim = dim3(grid);
-        t.block = &blk;
-        t.warp = blk.warps[tx / 32].get();
-        t.warpgroup = blk.warpgroups.empty() ? nullptr : blk.warpgroups[tx / 128].get();
-        t.lane = static_cast<int>(tx % 32);
+    struct Launch {
+      std::remove_reference_t<Kernel>* kernel;
+      Block* blk;
+      unsigned bx, grid, block_threads;
+    } ctx{&kernel, &blk, bx, grid, block_threads};
+    const auto body = [](void* c, unsigned tx) {
+      const Launch& l = *static_cast<const Launch*>(c);
+      Thread t{};
+      t.thread_idx = make_uint3(tx, 0, 0);
+      t.block_idx = make_uint3(l.bx, 0, 0);
+      t.block_dim = dim3(l.block_threads);
+      t.grid_dim = dim3(l.grid);
+      t.block = l.blk;
+      t.warp = l.blk->warps[tx / 32].get();
+      t.warpgroup = l.blk->warpgroups.empty() ? nullptr : l.blk->warpgroups[tx / 128].get();
+      t.lane = static_cast<int>(tx % 32);
+      scheduler().set_thread(&t);
+      {
+        Quiet q;
         self = &t;
-        kernel();
-        // A thread that exits with copies in flight has a missing wait (the kernels wait for all).
-        for (const auto& group : t.groups)
-          if (!group.empty()) die("a thread exited with cp.async copies in flight");
-        if (!t.open_group.empty()) die("a thread exited with uncommitted cp.async copies");
-        if (t.extension) t.extension->at_exit(t);
-        self = nullptr;
-      });
-    }
-    for (std::thread& th : threads) th.join();
+      }
+      (*l.kernel)();
+      // A thread that exits with copies in flight has a missing wait (the kernels wait for all).
+      for (const auto& group : t.groups)
+        if (!group.empty()) die("a thread exited with cp.async copies in flight");
+      if (!t.open_group.empty()) die("a thread exited with uncommitted cp.async copies");
+      if (t.extension) t.extension->at_exit(t);
+    };
+    // (The scheduler points `self` at the thread it resumes, and at nothing between two.)
+    scheduler().run(block_threads, body, &ctx, [](void* t) { self = static_cast<Thread*>(t); });
     // What the hardware leaves undefined at exit: copies that never landed, a barrier half passed.
     for (const auto& m : blk.mbarriers)
       if (!m.second.copies.empty()) die("a block ended with cp.async copies on an mbarrier whose phase never completed");
@@ -430,7 +463,7 @@ V __shfl_xor_sync(unsigned mask, V v, int lane_mask) {
 
 inline int atomicOr(int* p, int v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-// Float additions as a compare-and-swap loop on the bits (every thread of a block is an OS thread).
+// Float additions as a compare-and-swap loop on the bits (as the device's, atomic to every thread).
 inline float atomicAdd(float* p, float v) {
   uint32_t* bits = reinterpret_cast<uint32_t*>(p);
   uint32_t old = __atomic_load_n(bits, __ATOMIC_SEQ_CST), sum;

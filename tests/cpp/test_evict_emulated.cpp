@@ -351,7 +351,7 @@ bool device_verdict(EvictCompactParams p) {
                        [&] { validate_kernel(p, page_div, c.slot_capacity(), heads, true, rec); });
   std::vector<int32_t> refs(static_cast<size_t>(c.num_pages), 0), write_begin(static_cast<size_t>(B), 77);
   int bad = 0;
-  // 32-thread blocks (the kernels loop by blockDim): every emulated thread is an OS thread.
+  // 32-thread blocks (the kernels loop by blockDim): fewer emulated threads to run.
   constexpr int kTestThreads = 32;
   const auto blocks = [](int64_t items) {
     return static_cast<unsigned>(std::clamp<int64_t>((items + kTestThreads - 1) / kTestThreads, 1, 2));
