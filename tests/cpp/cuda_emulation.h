@@ -14,9 +14,11 @@
 //     to an mbarrier (cp.async.mbarrier.arrive) land when its phase completes;
 //   * mbarriers (init, arrive, parity wait) and named barriers (bar.sync / bar.arrive by id)
 //     count threads; a block that ends with copies on an unfinished phase or a named barrier
-//     partly arrived aborts. Memory ordering is modelled for ThreadSanitizer only: arrivals
-//     release and completed waits acquire (per barrier and generation), nothing else orders two
-//     threads of a block, so TSan reports an access pair a missing barrier leaves unordered.
+//     partly arrived aborts. Memory ordering is modelled for ThreadSanitizer only: arrivals at
+//     __syncthreads, named barriers and mbarriers release and completed waits acquire (per
+//     barrier and generation); nothing else orders two threads of a block (warp collectives
+//     exchange registers only, as on the hardware), so TSan reports an access pair that no
+//     barrier orders.
 //     Named barriers count threads where hardware counts warps;
 //   * dynamic shared memory starts as 0xff bytes (NaN as floats): a read of a byte nobody wrote
 //     shows up in the results; it is 16-byte aligned, no more. Static __shared__ variables are
@@ -56,46 +58,46 @@
 
 namespace shadowkv_emu {
 
-// All `n` threads arrive, then all go on: each arrival releases, each departure acquires.
+// All `n` threads arrive, then all go on. A barrier that orders memory (__syncthreads) releases
+// at each arrival and acquires at each departure; the warp and warpgroup collectives' barriers
+// do not (shuffles, ldmatrix, mma and wgmma exchange registers: on the hardware they order no
+// memory accesses between lanes either, __syncwarp or a block barrier does).
 class Barrier {
  public:
-  explicit Barrier(int n, const char* what = "a barrier (__syncthreads) that not all its threads reach")
-      : n_(n), what_(what) {}
+  Barrier(int n, bool orders_memory, const char* what) : n_(n), orders_memory_(orders_memory), what_(what) {}
   void wait() {
     uint64_t generation;
-    bool last;
-    {
-      Quiet q;
-      generation = generation_;
-    }
-    release(sync_.at(generation));
-    {
-      Quiet q;
-      last = ++arrived_ == n_;
-      if (last) {
-        arrived_ = 0;
-        ++generation_;
-      }
-    }
-    if (!last) wait_until([&] { return generation_ != generation; }, what_);
-    acquire(sync_.at(generation));
+    const bool last = arrive(generation);
+    if (orders_memory_) release(sync_.at(generation));
+    if (!last) scheduler().wait_for_change(generation_, generation, what_);
+    if (orders_memory_) acquire(sync_.at(generation));
   }
 
  private:
+  // Counts an arrival: its generation, and whether it was the last one.
+  SHADOWKV_EMU_UNWATCHED bool arrive(uint64_t& generation) {
+    generation = generation_;
+    if (++arrived_ < n_) return false;
+    arrived_ = 0;
+    ++generation_;
+    return true;
+  }
+
   int n_, arrived_ = 0;
+  bool orders_memory_;
   const char* what_;
   uint64_t generation_ = 0;
   SyncObjects sync_;
 };
 
 struct Warp {
-  Barrier barrier{32, "a warp collective (shuffle, ballot, ldmatrix, mma.sync) that not all 32 lanes reach"};
+  Barrier barrier{32, false, "a warp collective (shuffle, ballot, ldmatrix, mma.sync) that not all 32 lanes reach"};
   alignas(16) unsigned char slot[32][64];
 };
 
 // Four warps (sm_90 warpgroup-wide instructions): a barrier and a 16-byte slot per thread.
 struct Warpgroup {
-  Barrier barrier{128, "a warpgroup-wide instruction (wgmma) that not all 128 threads reach"};
+  Barrier barrier{128, false, "a warpgroup-wide instruction (wgmma) that not all 128 threads reach"};
   alignas(16) uint32_t slot[128][4];
 };
 
@@ -133,7 +135,7 @@ struct NamedBarrier {
 };
 
 struct Block {
-  explicit Block(int threads) : barrier(threads) {}
+  explicit Block(int threads) : barrier(threads, true, "a barrier (__syncthreads) that not all its threads reach") {}
   Barrier barrier;
   // mbarriers (by address) and named barriers (by id); map nodes do not move, so their
   // synchronisation objects keep their addresses
@@ -166,6 +168,8 @@ struct Thread {
 };
 
 inline thread_local Thread* self = nullptr;
+// (Written by the scheduler between two fibers, unseen by TSan.)
+SHADOWKV_EMU_UNWATCHED inline void set_self(void* t) { self = static_cast<Thread*>(t); }
 
 inline Thread& me() {
   if (self == nullptr) die("a device function ran outside launch()");
@@ -177,10 +181,10 @@ template <typename V>
 V exchange(const V& mine, int src_lane) {
   static_assert(sizeof(V) <= sizeof(Warp::slot[0]), "exchange slot");
   Thread& t = me();
-  std::memcpy(t.warp->slot[t.lane], &mine, sizeof(V));
+  copy_unwatched<sizeof(V)>(t.warp->slot[t.lane], &mine);
   t.warp->barrier.wait();
   V r;
-  std::memcpy(&r, t.warp->slot[src_lane], sizeof(V));
+  copy_unwatched<sizeof(V)>(&r, t.warp->slot[src_lane]);
   t.warp->barrier.wait();
   return r;
 }
@@ -227,8 +231,7 @@ inline void check_mbarrier_address(const void* bar) {
 }
 inline Mbarrier& mbarrier_at(Block& b, const void* bar) {
   check_mbarrier_address(bar);
-  Quiet q;
-  auto it = b.mbarriers.find(bar);
+  auto it = b.mbarriers.find(bar);  // (a read: the map's writes are Quiet)
   if (it == b.mbarriers.end()) die("an mbarrier was used before mbarrier.init");
   return it->second;
 }
@@ -242,21 +245,26 @@ inline void mbar_init(void* bar, int count) {
   m.completed = 0;
   m.copies.clear();
 }
+// Counts an arrival: its phase, and whether it completed it.
+SHADOWKV_EMU_UNWATCHED inline bool count_arrival(Mbarrier& m, uint64_t& phase) {
+  phase = m.completed;
+  if (--m.pending > 0) return false;
+  m.pending = m.count;
+  ++m.completed;
+  return true;
+}
 // One arrival, after its copies (if any) joined the phase's: the last one of a phase lands them
 // and completes it.
 inline void mbar_arrive_on(Mbarrier& m) {
   uint64_t phase;
-  std::vector<Copy> landing;
-  {
-    Quiet q;
-    phase = m.completed;
-    if (--m.pending == 0) {
+  if (count_arrival(m, phase) && !m.copies.empty()) {
+    std::vector<Copy> landing;
+    {
+      Quiet q;
       landing.swap(m.copies);
-      m.pending = m.count;
-      ++m.completed;
     }
+    land(landing);  // (the copies' writes: seen by TSan, ordered before the waits by the release)
   }
-  land(landing);  // (the copies' writes: seen by TSan, ordered before the waits by the release)
   release(m.sync.at(phase));
 }
 inline void mbar_arrive(void* bar) { mbar_arrive_on(mbarrier_at(*me().block, bar)); }
@@ -277,38 +285,34 @@ inline void cp_async_mbar_arrive(void* bar) {
 // Returns once the phase of this parity completed: the current phase's parity differs.
 inline void mbar_wait(void* bar, uint32_t parity) {
   Mbarrier& m = mbarrier_at(*me().block, bar);
-  wait_until([&] { return (m.completed & 1u) != (parity & 1u); }, "an mbarrier phase that never completes");
-  uint64_t phase;
-  {
-    Quiet q;
-    phase = m.completed - 1;  // the latest completed phase: of this parity
-  }
-  acquire(m.sync.at(phase));
+  // The phase of this parity is the current one until `completed` moves on.
+  if ((m.completed & 1u) == (parity & 1u)) scheduler().wait_for_change(m.completed, m.completed, "an mbarrier phase that never completes");
+  acquire(m.sync.at(m.completed - 1));  // the latest completed phase: of this parity
+}
+// Counts an arrival of a `threads`-thread use: its generation, and whether it completed it.
+SHADOWKV_EMU_UNWATCHED inline bool count_arrival(NamedBarrier& n, int threads, uint64_t& generation) {
+  if (n.arrived == 0) n.threads = threads;
+  if (n.threads != threads) die("named barrier used with two thread counts at once");
+  generation = n.generation;
+  if (++n.arrived < n.threads) return false;
+  n.arrived = 0;
+  ++n.generation;
+  return true;
 }
 inline void named_barrier(int id, int threads, bool wait) {
   if (id <= 0 || id > 15 || threads <= 0 || threads % 32 != 0) die("named barrier: id 1..15, whole warps");
   Block& b = *me().block;
-  NamedBarrier* n;
+  auto it = b.named.find(id);
+  if (it == b.named.end()) {
+    Quiet q;
+    it = b.named.emplace(id, NamedBarrier{}).first;
+  }
+  NamedBarrier* n = &it->second;
   uint64_t generation;
-  bool last;
-  {
-    Quiet q;
-    n = &b.named[id];
-    if (n->arrived == 0) n->threads = threads;
-    if (n->threads != threads) die("named barrier used with two thread counts at once");
-    generation = n->generation;
-  }
+  const bool last = count_arrival(*n, threads, generation);
   release(n->sync.at(generation));
-  {
-    Quiet q;
-    last = ++n->arrived == n->threads;
-    if (last) {
-      n->arrived = 0;
-      ++n->generation;
-    }
-  }
   if (!wait) return;
-  if (!last) wait_until([&] { return n->generation != generation; }, "a named barrier (bar.sync) that is never completed");
+  if (!last) scheduler().wait_for_change(n->generation, generation, "a named barrier (bar.sync) that is never completed");
   acquire(n->sync.at(generation));
 }
 
@@ -317,13 +321,13 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
   if (reinterpret_cast<uintptr_t>(row) % 16 != 0) die("ldmatrix row address not 16-byte aligned");
   if (!in_shared(row, 16)) die("ldmatrix row outside the block's shared memory");
   Thread& t = me();
-  std::memcpy(t.warp->slot[t.lane], &row, sizeof(row));
+  copy_unwatched<sizeof(row)>(t.warp->slot[t.lane], &row);
   t.warp->barrier.wait();
   const int g = t.lane / 4, q = t.lane % 4;
   for (int m = 0; m < 4; ++m) {
     const auto rows = [&](int i) {
       const void* p;
-      std::memcpy(&p, t.warp->slot[8 * m + i], sizeof(p));
+      copy_unwatched<sizeof(p)>(&p, t.warp->slot[8 * m + i]);
       return static_cast<const uint16_t*>(p);
     };
     const uint16_t lo = trans ? rows(2 * q)[g] : rows(g)[2 * q];
@@ -351,12 +355,12 @@ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   };
   Thread& t = me();
   Frag mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
-  std::memcpy(t.warp->slot[t.lane], &mine, sizeof(mine));
+  copy_unwatched<sizeof(mine)>(t.warp->slot[t.lane], &mine);
   t.warp->barrier.wait();
   float A[16][16], B[16][8];
   for (int l = 0; l < 32; ++l) {
     Frag f;
-    std::memcpy(&f, t.warp->slot[l], sizeof(f));
+    copy_unwatched<sizeof(f)>(&f, t.warp->slot[l]);
     const int g = l / 4, q = l % 4;
     const auto put = [](float* dst, int stride, uint32_t reg) {
       dst[0] = widen<T>(static_cast<uint16_t>(reg & 0xffff));
@@ -423,10 +427,7 @@ void launch(unsigned grid, unsigned block_threads, size_t smem_bytes, Kernel&& k
       t.warpgroup = l.blk->warpgroups.empty() ? nullptr : l.blk->warpgroups[tx / 128].get();
       t.lane = static_cast<int>(tx % 32);
       scheduler().set_thread(&t);
-      {
-        Quiet q;
-        self = &t;
-      }
+      set_self(&t);
       (*l.kernel)();
       // A thread that exits with copies in flight has a missing wait (the kernels wait for all).
       for (const auto& group : t.groups)
@@ -435,7 +436,7 @@ void launch(unsigned grid, unsigned block_threads, size_t smem_bytes, Kernel&& k
       if (t.extension) t.extension->at_exit(t);
     };
     // (The scheduler points `self` at the thread it resumes, and at nothing between two.)
-    scheduler().run(block_threads, body, &ctx, [](void* t) { self = static_cast<Thread*>(t); });
+    scheduler().run(block_threads, body, &ctx, set_self);
     // What the hardware leaves undefined at exit: copies that never landed, a barrier half passed.
     for (const auto& m : blk.mbarriers)
       if (!m.second.copies.empty()) die("a block ended with cp.async copies on an mbarrier whose phase never completed");
@@ -503,12 +504,12 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) {
   if (mask != 0xffffffffu) ::shadowkv_emu::die("ballots of a partial warp are not emulated");
   ::shadowkv_emu::Thread& t = ::shadowkv_emu::me();
   const unsigned mine = predicate ? 1u : 0u;
-  std::memcpy(t.warp->slot[t.lane], &mine, sizeof(mine));
+  ::shadowkv_emu::copy_unwatched<sizeof(mine)>(t.warp->slot[t.lane], &mine);
   t.warp->barrier.wait();
   unsigned ballot = 0;
   for (int l = 0; l < 32; ++l) {
     unsigned bit;
-    std::memcpy(&bit, t.warp->slot[l], sizeof(bit));
+    ::shadowkv_emu::copy_unwatched<sizeof(bit)>(&bit, t.warp->slot[l]);
     ballot |= bit << l;
   }
   t.warp->barrier.wait();

@@ -221,7 +221,7 @@ inline void run_gmma(const GmmaJob& j) {
   } else {
     for (int r = 0; r < 4; ++r) {
       if (*j.a[r] != j.a_at_issue[r]) die("a wgmma register operand was rewritten between issue and wait");
-      wg.slot[tid][r] = *j.a[r];
+      copy_unwatched<4>(&wg.slot[tid][r], j.a[r]);
     }
     wg.barrier.wait();
     // Register A (m64k16): warp w holds rows 16w .. 16w + 15 in mma.m16n8k16's A layout.
@@ -230,7 +230,8 @@ inline void run_gmma(const GmmaJob& j) {
       for (int r = 0; r < 4; ++r) {
         const int row = lg + 8 * (r % 2), col = 2 * lq + 8 * (r / 2);
         if (row % 8 != g) continue;
-        const uint32_t v = wg.slot[src][r];
+        uint32_t v;
+        copy_unwatched<4>(&v, &wg.slot[src][r]);
         A[row / 8][col] = widen16(static_cast<uint16_t>(v & 0xffff), j.bf16);
         A[row / 8][col + 1] = widen16(static_cast<uint16_t>(v >> 16), j.bf16);
       }

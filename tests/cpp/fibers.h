@@ -15,7 +15,7 @@
 //     pair of two CUDA threads is a race unless the emulated synchronisation orders it: the
 //     emulation calls release() where the hardware releases (barrier and mbarrier arrivals) and
 //     acquire() where it acquires (a completed wait). The emulation's own bookkeeping is shared
-//     by all fibers without such ordering and runs inside Quiet (TSan ignores its accesses).
+//     by all fibers without such ordering and written unseen by TSan (see Quiet below).
 //     A block's fibers start after everything the launching thread did and the launching thread
 //     continues after all of them (as a kernel launch and its completion).
 //   * AddressSanitizer: the stack switches are announced (__sanitizer_start/finish_switch_fiber).
@@ -79,9 +79,25 @@ namespace shadowkv_emu {
   std::abort();
 }
 
-// The emulation's bookkeeping (counters, maps, the scheduler's view of a fiber): TSan ignores
-// the accesses made while one of these is alive. The kernels' own memory is never touched
-// under it, except by the scheduler's reads of wait conditions.
+// The emulation's bookkeeping (counters, maps, the scheduler's view of a fiber, the lanes'
+// exchange slots) is shared by all fibers without the ordering TSan would need, so TSan must not
+// see its writes (reads then race with nothing): writes to it happen in functions built
+// without TSan's instrumentation (SHADOWKV_EMU_UNWATCHED: the hot paths; such a function is
+// never inlined into an instrumented one) or, where they go through library code (maps,
+// vectors), while a Quiet is alive (TSan ignores the accesses; dearer: TSan records the stack
+// at each). The kernels' own memory is never written either way.
+#if defined(SHADOWKV_EMU_TSAN)
+#define SHADOWKV_EMU_UNWATCHED __attribute__((no_sanitize("thread"), noinline))
+#else
+#define SHADOWKV_EMU_UNWATCHED
+#endif
+
+// Copies N bytes of the emulation's own state (a lane's exchange slot) unseen by TSan.
+template <size_t N>
+SHADOWKV_EMU_UNWATCHED void copy_unwatched(void* dst, const void* src) {
+  __builtin_memcpy(dst, src, N);
+}
+
 struct Quiet {
 #if defined(SHADOWKV_EMU_TSAN)
   Quiet() { __tsan_ignore_thread_begin(); }
@@ -220,7 +236,7 @@ struct Fiber {
     context.sp = frame;
 #endif
     done = false;
-    ready = nullptr;
+    wait_word = nullptr;
   }
 
   const int index;
@@ -232,9 +248,9 @@ struct Fiber {
   std::string name;
   bool done = true;
   void* thread = nullptr;  // what the body published for the emulation (its Thread)
-  // While it waits: resume when ready(ready_arg) holds; `waiting_for` says on what.
-  bool (*ready)(const void*) = nullptr;
-  const void* ready_arg = nullptr;
+  // While it waits: resume once *wait_word != wait_seen; `waiting_for` says on what.
+  const uint64_t* wait_word = nullptr;
+  uint64_t wait_seen = 0;
   const char* waiting_for = nullptr;
 };
 
@@ -246,7 +262,8 @@ class Scheduler {
 
   // Runs body(ctx, t) for t = 0 .. threads - 1, each on its own fiber, until all have returned.
   // Dies when every unfinished fiber waits for a condition no other fiber can make true.
-  // `on_resume(thread_pointer)` is called (quietly) before each resume, and with null after.
+  // `on_resume(thread_pointer)` (SHADOWKV_EMU_UNWATCHED) is called before each resume, and with
+  // null after.
   void run(unsigned threads, Body body, void* ctx, void (*on_resume)(void*)) {
     while (pool_.size() < threads) pool_.push_back(std::make_unique<Fiber>(static_cast<int>(pool_.size())));
     {
@@ -261,58 +278,70 @@ class Scheduler {
       unsigned resumed = 0;
       for (unsigned i = 0; i < threads; ++i) {
         Fiber& f = *pool_[i];
-        bool go;
-        {
-          Quiet q;
-          go = !f.done && (f.ready == nullptr || f.ready(f.ready_arg));
-          if (go) {
-            f.ready = nullptr;
-            on_resume(f.thread);
-          }
-        }
-        if (!go) continue;
+        if (!claim(f, on_resume)) continue;
         resume(f);
         ++resumed;
-        Quiet q;
-        on_resume(nullptr);
-        if (f.done) --live;
+        if (settle(f, on_resume)) --live;
       }
       if (resumed == 0) deadlock(threads);
     }
     acquire(&block_end_);  // the kernel's completion: after every thread of the block
   }
 
-  // In a fiber: returns once ready(arg) holds (at once if it does now).
-  void wait(bool (*ready)(const void*), const void* arg, const char* what) {
-    Fiber* f;
-    {
-      Quiet q;
-      if (ready(arg)) return;
-      f = current_;
-      f->ready = ready;
-      f->ready_arg = arg;
-      f->waiting_for = what;
-    }
-    suspend(*f, false);
+  // In a fiber: returns once `word` (the emulation's, written unseen by TSan) differs from
+  // `seen` (at once if it does now). Every wait of the emulation is one for a counter to move
+  // on (a barrier's generation, an mbarrier's completed phases), and so the scheduler checks
+  // it without running any of the fiber's code.
+  void wait_for_change(const uint64_t& word, uint64_t seen, const char* what) {
+    Fiber* f = prepare_wait(word, seen, what);
+    if (f != nullptr) suspend(*f, false);
   }
 
   // In a fiber: what the fiber's body publishes for the scheduler's on_resume.
-  void set_thread(void* thread) {
-    Quiet q;
-    current_->thread = thread;
-  }
+  SHADOWKV_EMU_UNWATCHED void set_thread(void* thread) { current_->thread = thread; }
 
  private:
   friend void fiber_entry();
 
-  void resume(Fiber& f) {
-    {
-      Quiet q;
-      current_ = &f;
+  // Whether f is to run now (unfinished, and what it waits for happened); then it is current.
+  SHADOWKV_EMU_UNWATCHED bool claim(Fiber& f, void (*on_resume)(void*)) {
+    if (f.done || (f.wait_word != nullptr && *f.wait_word == f.wait_seen)) return false;
+    f.wait_word = nullptr;
+    on_resume(f.thread);
+    current_ = &f;
 #if defined(SHADOWKV_EMU_TSAN)
-      if (main_tsan_ == nullptr) main_tsan_ = __tsan_get_current_fiber();
+    if (main_tsan_ == nullptr) main_tsan_ = __tsan_get_current_fiber();
 #endif
-    }
+    return true;
+  }
+  // After f handed control back: whether it finished.
+  SHADOWKV_EMU_UNWATCHED bool settle(Fiber& f, void (*on_resume)(void*)) {
+    current_ = nullptr;
+    on_resume(nullptr);
+    return f.done;
+  }
+  // The current fiber, with its wait recorded, or null when the word moved on already.
+  SHADOWKV_EMU_UNWATCHED Fiber* prepare_wait(const uint64_t& word, uint64_t seen, const char* what) {
+    if (word != seen) return nullptr;
+    Fiber* f = current_;
+    f->wait_word = &word;
+    f->wait_seen = seen;
+    f->waiting_for = what;
+    return f;
+  }
+  SHADOWKV_EMU_UNWATCHED void* main_tsan() const { return main_tsan_; }
+  // fiber_entry's view of the launch, and its end.
+  SHADOWKV_EMU_UNWATCHED Fiber* starting(Body& body, void*& ctx) const {
+    body = body_;
+    ctx = ctx_;
+    return current_;
+  }
+  SHADOWKV_EMU_UNWATCHED static void finishing(Fiber& f) {
+    f.done = true;
+    f.thread = nullptr;
+  }
+
+  void resume(Fiber& f) {
 #if defined(SHADOWKV_EMU_ASAN)
     __sanitizer_start_switch_fiber(&main_fake_stack_, f.stack, Fiber::kStackBytes);
 #endif
@@ -323,8 +352,6 @@ class Scheduler {
 #if defined(SHADOWKV_EMU_ASAN)
     __sanitizer_finish_switch_fiber(main_fake_stack_, nullptr, nullptr);
 #endif
-    Quiet q;
-    current_ = nullptr;
   }
 
   // Back to the scheduler; for good when `finished` (the fiber is started afresh next time).
@@ -333,12 +360,7 @@ class Scheduler {
     __sanitizer_start_switch_fiber(finished ? nullptr : &f.asan_fake_stack, main_bottom_, main_size_);
 #endif
 #if defined(SHADOWKV_EMU_TSAN)
-    void* to;
-    {
-      Quiet q;  // (the scheduler's field)
-      to = main_tsan_;
-    }
-    __tsan_switch_to_fiber(to, 1 /* __tsan_switch_to_fiber_no_sync */);
+    __tsan_switch_to_fiber(main_tsan(), 1 /* __tsan_switch_to_fiber_no_sync */);
 #endif
     transfer(f.context, main_);
     if (finished) die("a finished fiber was resumed");
@@ -385,15 +407,9 @@ inline Scheduler& scheduler() {
 // for good.
 inline void fiber_entry() {
   Scheduler& s = scheduler();
-  Fiber* f;
   Scheduler::Body body;
   void* ctx;
-  {
-    Quiet q;
-    f = s.current_;
-    body = s.body_;
-    ctx = s.ctx_;
-  }
+  Fiber* f = s.starting(body, ctx);
 #if defined(SHADOWKV_EMU_ASAN)
   __sanitizer_finish_switch_fiber(nullptr, &s.main_bottom_, &s.main_size_);
 #endif
@@ -404,19 +420,8 @@ inline void fiber_entry() {
     die("an exception left an emulated CUDA thread");  // (as one leaving an OS thread terminates)
   }
   release(&s.block_end_);
-  {
-    Quiet q;
-    f->done = true;
-    f->thread = nullptr;
-  }
+  Scheduler::finishing(*f);
   s.suspend(*f, true);
-}
-
-// In a fiber: returns once ready() holds. `ready` is called quietly (it reads the emulation's
-// bookkeeping), also by the scheduler while this fiber is suspended.
-template <typename Ready>
-void wait_until(const Ready& ready, const char* what) {
-  scheduler().wait([](const void* r) { return (*static_cast<const Ready*>(r))(); }, &ready, what);
 }
 
 }  // namespace shadowkv_emu

@@ -55,16 +55,14 @@ TEST(emulated_attention_bwd_wgmma_wsb) {
 }
 
 // Head dim 128 only (at 64 wgmma_wsf runs wgmma_wsb's kernels), both dtypes wherever it runs (not
-// split by SHADOWKV_EMU_RUNS). Not built under ThreadSanitizer (SHADOWKV_EMU_NO_WSF,
-// tests/cpp/CMakeLists.txt: 111 s there); under AddressSanitizer the emulation's own check (a
-// wgmma operand changed between issue and wait) catches a missing consumer barrier or a single
-// dS tile. The plain shapes reuse both dS tiles over several steps (six per block at Lq=150);
-// the batch shape checks the workspace's batch and head offsets.
-#ifndef SHADOWKV_EMU_NO_WSF
+// split by SHADOWKV_EMU_RUNS; ~90 s under ThreadSanitizer). Under every build the emulation's
+// own check (a wgmma operand changed between issue and wait) catches a missing consumer barrier
+// or a single dS tile, and TSan an unordered access pair. The plain shapes reuse both dS tiles
+// over several steps (six per block at Lq=150); the batch shape checks the workspace's batch and
+// head offsets.
 TEST(emulated_attention_bwd_wgmma_wsf) {
   check_shapes<__nv_bfloat16, 128>("wgmma_wsf bf16 d128", false, launch_wsf<__nv_bfloat16>);
   check_backward_with<__half, 128>(kBatchShape, 98, "wgmma_wsf fp16 d128 batch", launch_wsf<__half>);
 }
-#endif
 
 }  // namespace
