@@ -148,11 +148,18 @@ inline GmmaQueue& gmma_queue() {
 
 inline float widen16(uint16_t bits, bool bf16) { return bf16 ? widen<__nv_bfloat16>(bits) : widen<__half>(bits); }
 
-// A 128-byte-swizzled canonical operand in shared memory, decoded from its descriptor once.
+// A 128-byte-swizzled canonical operand in shared memory, decoded from its descriptor once (and
+// the block's shared-memory bounds looked up once: every element read is then one load of the
+// operand itself, which matters under ThreadSanitizer, where each load is a call).
 struct SmemOperand {
   uint32_t start, lbo, sbo;
   bool mn_major, bf16;
+  const unsigned char *window, *lo, *hi;  // the block's 256 KB window, its dynamic shared memory
   SmemOperand(uint64_t desc, bool mn_major_, bool bf16_) : mn_major(mn_major_), bf16(bf16_) {
+    const Block& b = *me().block;
+    window = b.window;
+    lo = b.smem;
+    hi = b.smem + b.smem_bytes;
     cute::GmmaDescriptor d;
     d.desc_ = desc;
     if (d.bitfield.layout_type_ != uint8_t(gmma::LayoutType::B128))
@@ -171,9 +178,8 @@ struct SmemOperand {
       off += 128 * (mn % 8) + sbo * (mn / 8) + 2 * k;
     }
     off ^= ((off >> 7) & 7u) << 4;  // Swizzle<3,4,3> on the address bits
-    const Block& b = *me().block;
-    const unsigned char* p = b.window + off;
-    if (p < b.smem || p + 2 > b.smem + b.smem_bytes) die("wgmma operand outside the block's shared memory");
+    const unsigned char* p = window + off;
+    if (p < lo || p + 2 > hi) die("wgmma operand outside the block's shared memory");
     uint16_t bits;
     std::memcpy(&bits, p, 2);
     return widen16(bits, bf16);
@@ -185,17 +191,17 @@ struct SmemOperand {
 // read every element, so a change anywhere is seen).
 inline std::vector<float> smem_operands(const GmmaJob& j) {
   const int tid = static_cast<int>(me().thread_idx.x % 128), warp = tid / 32, g = (tid % 32) / 4, q = tid % 4;
-  std::vector<float> v;
-  v.reserve(32 + 4 * j.n);
+  std::vector<float> v(static_cast<size_t>((j.ss ? 32 : 0) + 4 * j.n));
+  float* out = v.data();
   if (j.ss) {
     const SmemOperand a(j.desc_a, j.a_mn_major, j.bf16);
     for (int h = 0; h < 2; ++h)
-      for (int k = 0; k < 16; ++k) v.push_back(a.at(16 * warp + g + 8 * h, k));
+      for (int k = 0; k < 16; ++k) *out++ = a.at(16 * warp + g + 8 * h, k);
   }
   const SmemOperand b(j.desc_b, j.b_mn_major, j.bf16);
   for (int i = 0; i < j.n / 8; ++i)
     for (int e = 0; e < 2; ++e)
-      for (int k = 0; k < 16; ++k) v.push_back(b.at(8 * i + 2 * q + e, k));
+      for (int k = 0; k < 16; ++k) *out++ = b.at(8 * i + 2 * q + e, k);
   return v;
 }
 
