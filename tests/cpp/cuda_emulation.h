@@ -167,13 +167,11 @@ struct Thread {
   std::deque<std::vector<Copy>> groups;  // committed, oldest first
 };
 
-inline thread_local Thread* self = nullptr;
-// (Written by the scheduler between two fibers, unseen by TSan.)
-SHADOWKV_EMU_UNWATCHED inline void set_self(void* t) { self = static_cast<Thread*>(t); }
-
+// The running CUDA thread: what its fiber published (launch).
 inline Thread& me() {
-  if (self == nullptr) die("a device function ran outside launch()");
-  return *self;
+  void* t = scheduler().current_thread();
+  if (t == nullptr) die("a device function ran outside launch()");
+  return *static_cast<Thread*>(t);
 }
 
 // ---- warp collectives: write my value, barrier, read, barrier.
@@ -427,7 +425,6 @@ void launch(unsigned grid, unsigned block_threads, size_t smem_bytes, Kernel&& k
       t.warpgroup = l.blk->warpgroups.empty() ? nullptr : l.blk->warpgroups[tx / 128].get();
       t.lane = static_cast<int>(tx % 32);
       scheduler().set_thread(&t);
-      set_self(&t);
       (*l.kernel)();
       // A thread that exits with copies in flight has a missing wait (the kernels wait for all).
       for (const auto& group : t.groups)
@@ -435,8 +432,7 @@ void launch(unsigned grid, unsigned block_threads, size_t smem_bytes, Kernel&& k
       if (!t.open_group.empty()) die("a thread exited with uncommitted cp.async copies");
       if (t.extension) t.extension->at_exit(t);
     };
-    // (The scheduler points `self` at the thread it resumes, and at nothing between two.)
-    scheduler().run(block_threads, body, &ctx, set_self);
+    scheduler().run(block_threads, body, &ctx);
     // What the hardware leaves undefined at exit: copies that never landed, a barrier half passed.
     for (const auto& m : blk.mbarriers)
       if (!m.second.copies.empty()) die("a block ended with cp.async copies on an mbarrier whose phase never completed");

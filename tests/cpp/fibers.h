@@ -262,9 +262,7 @@ class Scheduler {
 
   // Runs body(ctx, t) for t = 0 .. threads - 1, each on its own fiber, until all have returned.
   // Dies when every unfinished fiber waits for a condition no other fiber can make true.
-  // `on_resume(thread_pointer)` (SHADOWKV_EMU_UNWATCHED) is called before each resume, and with
-  // null after.
-  void run(unsigned threads, Body body, void* ctx, void (*on_resume)(void*)) {
+  void run(unsigned threads, Body body, void* ctx) {
     while (pool_.size() < threads) pool_.push_back(std::make_unique<Fiber>(static_cast<int>(pool_.size())));
     {
       Quiet q;
@@ -278,10 +276,10 @@ class Scheduler {
       unsigned resumed = 0;
       for (unsigned i = 0; i < threads; ++i) {
         Fiber& f = *pool_[i];
-        if (!claim(f, on_resume)) continue;
+        if (!claim(f)) continue;
         resume(f);
         ++resumed;
-        if (settle(f, on_resume)) --live;
+        if (settle(f)) --live;
       }
       if (resumed == 0) deadlock(threads);
     }
@@ -297,17 +295,19 @@ class Scheduler {
     if (f != nullptr) suspend(*f, false);
   }
 
-  // In a fiber: what the fiber's body publishes for the scheduler's on_resume.
+  // In a fiber: what its body publishes about itself (the emulation's Thread), which
+  // current_thread() returns while the fiber runs.
   SHADOWKV_EMU_UNWATCHED void set_thread(void* thread) { current_->thread = thread; }
+  // The running fiber's published pointer; null outside a fiber.
+  void* current_thread() const { return current_ != nullptr ? current_->thread : nullptr; }
 
  private:
   friend void fiber_entry();
 
   // Whether f is to run now (unfinished, and what it waits for happened); then it is current.
-  SHADOWKV_EMU_UNWATCHED bool claim(Fiber& f, void (*on_resume)(void*)) {
+  SHADOWKV_EMU_UNWATCHED bool claim(Fiber& f) {
     if (f.done || (f.wait_word != nullptr && *f.wait_word == f.wait_seen)) return false;
     f.wait_word = nullptr;
-    on_resume(f.thread);
     current_ = &f;
 #if defined(SHADOWKV_EMU_TSAN)
     if (main_tsan_ == nullptr) main_tsan_ = __tsan_get_current_fiber();
@@ -315,9 +315,8 @@ class Scheduler {
     return true;
   }
   // After f handed control back: whether it finished.
-  SHADOWKV_EMU_UNWATCHED bool settle(Fiber& f, void (*on_resume)(void*)) {
+  SHADOWKV_EMU_UNWATCHED bool settle(Fiber& f) {
     current_ = nullptr;
-    on_resume(nullptr);
     return f.done;
   }
   // The current fiber, with its wait recorded, or null when the word moved on already.
