@@ -5,7 +5,7 @@
 //
 // Why not an OS thread per CUDA thread (the emulation's first form): the kernels' warp
 // collectives are barriers of 32 threads, so the tests spent most of their time in futex waits
-// and the kernel's scheduler (75 s of which 97 s system time for the decode tests on two
+// and the kernel's scheduler (the decode tests: 75 s wall, 97 CPU-s of system time on two
 // cores), and under the sanitizers thread creation dominated too. Fibers switch in a few
 // instructions, run in a deterministic order, and report a deadlock (every unfinished thread of
 // a block waiting) at once instead of after a timeout.
