@@ -118,8 +118,9 @@ __device__ __forceinline__ void p_ds_by_key_rows(S& s_t, DP& dp_t, RowCol const&
                                                  const float* __restrict__ delta_ws, int64_t ws_row0, int64_t rows) {
   using cute::get;
   // Query columns relative to the thread's first one (compile-time offsets, as
-  // load_staged_column_log): key row r is visible to the query at offset `off` iff lo[r] <= off < hi[r] (key <= position
-  // < its log entry), bounds clamped to int (offsets are below the tile width).
+  // load_staged_column_log): key row r is visible to the query at offset `off` iff
+  // lo[r] <= off < hi[r] (key <= position < its log entry), bounds clamped to int (offsets are
+  // below the tile width).
   const int col0 = get<1>(rc(0, 0));
   const int64_t pos0 = p0 + col0;
   int lo[kRows], hi[kRows];
