@@ -72,52 +72,37 @@ __device__ __forceinline__ void rescale_rows(O& o, const float (&alpha)[kRows]) 
   }
 }
 
-// softmax_step of key tile k0 of kind `kind` (kFull or kPartial, the same in the whole block):
-// only a partial tile reads its columns' log entries and tests the pairs. kTwoCopies: two
-// copies of the step behind a uniform branch; with `partial` a run-time value the compiler
+// softmax_step of key tile k0 of kind `kind` (kFull or kPartial, the same in the whole block)
+// with the tile's log entries in shared memory: `sev` [tile width], entry i for key k0 + i (past
+// kv_len: one that hides the key from every query), read only in a partial tile. The
+// warp-specialised forward's producer and the one-stage forward's K prefetch stage them, so
+// that a partial tile's mask costs shared-memory reads, not a global load after each S.
+// Two copies of the step behind a uniform branch: with `partial` a run-time value the compiler
 // predicated the 16 log loads and the pair tests (~450 instructions of the wgmma forward's
-// ~2500 per key tile, SASS), which then issued for every tile. One copy where registers are
-// tight (the retired two-warpgroup staged forward spilled with two). load_log(ev_col, partial)
-// fills the columns' log entries (masked_softmax_step_staged: from shared memory).
-template <bool kTwoCopies, int kRows, class S, class RowCol, class LoadLog>
-__device__ __forceinline__ void masked_softmax_step_by(TileKind kind, S& s, RowCol const& rc, LoadLog const& load_log,
-                                                       int64_t k0, int64_t p0, float scale_log2,
-                                                       float (&m_run)[kRows], float (&l_run)[kRows],
-                                                       float (&alpha)[kRows]) {
-  constexpr int kCols = decltype(cute::size<1>(rc))::value;
-  int ev_col[kCols];
-  const bool partial = kind == TileKind::kPartial;
-  if (kTwoCopies && !partial) {
-    softmax_step(s, rc, ev_col, false, k0, p0, scale_log2, m_run, l_run, alpha);
-  } else {
-    load_log(ev_col, partial);
-    softmax_step(s, rc, ev_col, partial, k0, p0, scale_log2, m_run, l_run, alpha);
-  }
-}
-
-// masked_softmax_step_by with the key tile's log entries in shared memory: `sev` [tile width],
-// entry i for key k0 + i (past kv_len: one that hides the key from every query), read only in a
-// partial tile. The warp-specialised forward's producer and the one-stage forward's K prefetch
-// stage them, so that a partial tile's mask costs shared-memory reads, not a global load after
-// each S.
-template <bool kTwoCopies, int kRows, class S, class RowCol>
+// ~2500 per key tile, SASS), which then issued for every tile. (A single copy would save
+// registers; the retired two-warpgroup staged forward spilled with two.)
+template <int kRows, class S, class RowCol>
 __device__ __forceinline__ void masked_softmax_step_staged(TileKind kind, S& s, RowCol const& rc, const int* sev,
                                                            int64_t k0, int64_t p0, float scale_log2,
                                                            float (&m_run)[kRows], float (&l_run)[kRows],
                                                            float (&alpha)[kRows]) {
-  masked_softmax_step_by<kTwoCopies>(
-      kind, s, rc,
-      [&](auto& ev_col, bool load) { cuda_cute::load_staged_column_log(ev_col, sev, rc, load, kEvOutOfRange); }, k0,
-      p0, scale_log2, m_run, l_run, alpha);
+  constexpr int kCols = decltype(cute::size<1>(rc))::value;
+  int ev_col[kCols];
+  if (kind != TileKind::kPartial) {
+    softmax_step(s, rc, ev_col, false, k0, p0, scale_log2, m_run, l_run, alpha);
+  } else {
+    cuda_cute::load_staged_column_log(ev_col, sev, rc, true, kEvOutOfRange);
+    softmax_step(s, rc, ev_col, true, k0, p0, scale_log2, m_run, l_run, alpha);
+  }
 }
 
 // masked_softmax_step_staged, then the output rows rescaled.
-template <bool kTwoCopies, int kRows, class S, class RowCol, class O>
+template <int kRows, class S, class RowCol, class O>
 __device__ __forceinline__ void softmax_tile_staged(TileKind kind, S& s, RowCol const& rc, O& o, const int* sev,
                                                     int64_t k0, int64_t p0, float scale_log2, float (&m_run)[kRows],
                                                     float (&l_run)[kRows]) {
   float alpha[kRows];
-  masked_softmax_step_staged<kTwoCopies>(kind, s, rc, sev, k0, p0, scale_log2, m_run, l_run, alpha);
+  masked_softmax_step_staged(kind, s, rc, sev, k0, p0, scale_log2, m_run, l_run, alpha);
   rescale_rows(o, alpha);
 }
 
@@ -277,7 +262,7 @@ __global__ void __launch_bounds__(F::Traits::kThreads)
       // Mask, online softmax (in the log2 domain). P overwrites S in place.
       Tensor s = F::rowcol(acc_s);
       Tensor o_rc = F::rowcol(acc_o);
-      softmax_tile_staged<true>(kind, s, tScS_rc, o_rc, ev_s, k0, t.p0, scale_log2, m_run, l_run);
+      softmax_tile_staged(kind, s, tScS_rc, o_rc, ev_s, k0, t.p0, scale_log2, m_run, l_run);
 
       cp_async_wait<0>();
       F::publish();

@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
         Tensor s = F::rowcol(acc_s);
         float alpha[kRows];
-        masked_softmax_step_staged<true>(kind, s, tScS_rc, c.ev[stage][parity], tile * BN, t.p0, scale_log2,
+        masked_softmax_step_staged(kind, s, tScS_rc, c.ev[stage][parity], tile * BN, t.p0, scale_log2,
                                          m_run, l_run, alpha);
 
         finish_step<F>(acc_o, rP, acc_s, alpha);
