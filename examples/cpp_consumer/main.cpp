@@ -328,6 +328,18 @@ int main() {
   for (size_t i = 0; i < replay.size(); ++i) max_diff = std::max(max_diff, std::fabs(replay[i] - hist_out[i]));
   expect(max_diff < 1e-4f, "shadow_attention replays the decode outputs");
 
+  // 5. A server built against either kind of library calls the CUDA entry points behind
+  // built_with_cuda(): they link in a CPU-only build too, and throw there.
+  if (!shadowkv::built_with_cuda()) {
+    bool threw = false;
+    try {
+      shadowkv::paged_decode_attention_cuda(shadowkv::PagedDecodeParams{}, nullptr);
+    } catch (const std::runtime_error&) {
+      threw = true;
+    }
+    expect(threw, "a CUDA entry point of a CPU-only build throws std::runtime_error");
+  }
+
   std::printf("%lld decode steps, budget %lld slots, %zu free pages, replay max |diff| %.3g: %s\n",
               static_cast<long long>(kDecodeSteps), static_cast<long long>(kBudget), server.free_pages.size(),
               static_cast<double>(max_diff), failures ? "FAILED" : "ok");

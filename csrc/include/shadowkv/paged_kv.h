@@ -176,8 +176,8 @@ void append_kv_cpu(const AppendKVParams& p, const ParallelFor& pf = serial_for);
 void paged_decode_attention_cpu(const PagedDecodeParams& p, const ParallelFor& pf = serial_for);
 void evict_compact_cpu(const EvictCompactParams& p, const ParallelFor& pf = serial_for);
 
-// CUDA kernels (only in builds with CUDA; `stream` is a cudaStream_t, every array of the params is
-// in device memory). Same contract, checks and messages as the CPU kernels, and the same results:
+// CUDA kernels (`stream` is a cudaStream_t, every array of the params is in device memory; in a
+// build without CUDA, built_with_cuda() false, each throws std::runtime_error). Same contract, checks and messages as the CPU kernels, and the same results:
 // bit-identical for append_kv and evict_compact, within float rounding for decode (fp32
 // accumulation; bfloat16/float16/float32 only, head_dim <= 256; append and evict take every dtype).
 // To check the values before writing anything, each call copies what it validates to the host and

@@ -81,7 +81,8 @@ void check_shadow_attention_bwd_params(const ShadowAttentionBwdParams& bp, const
 void shadow_attention_fwd_cpu(const ShadowAttentionParams& p, const ParallelFor& pf = serial_for);
 void shadow_attention_bwd_cpu(const ShadowAttentionBwdParams& p, const ParallelFor& pf = serial_for);
 
-// CUDA kernels (only in builds with CUDA; `stream` is a cudaStream_t). Same contract.
+// CUDA kernels (`stream` is a cudaStream_t; in a build without CUDA, built_with_cuda() false,
+// each throws std::runtime_error). Same contract.
 // bfloat16/float16/float32 inputs; float64 is rejected. Throw std::runtime_error on launch errors.
 void shadow_attention_fwd_cuda(const ShadowAttentionParams& p, void* stream);
 void shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& p, void* stream);
@@ -89,10 +90,10 @@ void shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& p, void* stream);
 // True when this library was built with its CUDA kernels; the arch list it was built for.
 bool built_with_cuda();
 const char* cuda_archs();  // e.g. "90a;80", "" without CUDA
-// The instruction set the CPU kernels run: "avx2" (AVX2 + FMA variants of the hot loops, on
-// x86-64 CPUs that have them) or "baseline"; the environment variable SHADOWKV_CPU_ISA
-// (auto, baseline, avx2) overrides the choice per call. Throws std::invalid_argument for a bad
-// value of it.
+// The instruction set the CPU kernels run: "avx512" (AVX-512 F/VL/DQ/BW variants of the hot loops),
+// "avx2" (AVX2 + FMA variants), each on x86-64 CPUs that have it, or "baseline"; the environment
+// variable SHADOWKV_CPU_ISA (auto, baseline, avx2, avx512) overrides the choice per call.
+// Throws std::invalid_argument for a bad value of it (or an ISA this CPU lacks).
 const char* cpu_isa();
 // True when the CuTe (CUTLASS) kernels were compiled in (CUDA builds with CUTLASS headers);
 // they run when the environment variable SHADOWKV_ATTENTION_KERNEL=cute asks for them.
