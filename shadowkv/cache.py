@@ -165,6 +165,29 @@ class PagedKVCache:
     def _row(self, b) -> int:
         return self._rows("b", [b], distinct=False)[0]
 
+    def _slice(self, rows) -> list[int]:
+        """The rows a ``rows`` slice selects. A slice is what the ops can update in place (a view
+        of the block tables and lengths); a negative step, which torch cannot slice with, is
+        refused here, before anything is reserved or written."""
+        if not isinstance(rows, slice):
+            raise TypeError(f"rows must be a slice of the batch, got {type(rows).__name__} {rows!r}")
+        if rows.step is not None and operator.index(rows.step) <= 0:
+            raise ValueError(f"rows must be a slice with a positive step, got {rows}")
+        return list(range(self.max_batch)[rows])
+
+    @staticmethod
+    def _counts(num_new, entries: int) -> list[int]:
+        """``num_new`` (ints, or a tensor read to the host) as ``entries`` Python ints: a float
+        count would make the host mirror's lengths disagree with the device's int32 ones."""
+        counts = num_new.tolist() if isinstance(num_new, torch.Tensor) else list(num_new)
+        try:
+            ints = [operator.index(n) for n in counts]
+        except TypeError:
+            raise TypeError(f"num_new must hold integers, got {counts}") from None
+        if len(ints) != entries:
+            raise ValueError(f"num_new has {len(ints)} entries for {entries} rows")
+        return ints
+
     def seq_len(self, layer: int, b: int) -> int:
         """Slots in use by sequence ``b`` in ``layer`` (from the host mirror: no device read)."""
         return self._layer(layer).lens[self._row(b)]
@@ -195,7 +218,7 @@ class PagedKVCache:
         for the whole request. Returns ``(b, pages added)`` for each sequence that got pages.
         """
         lc = self._layer(layer)
-        counts = num_new.tolist() if isinstance(num_new, torch.Tensor) else list(num_new)
+        counts = self._counts(num_new, self.max_batch)
         wants: list[tuple[int, int]] = []  # (sequence, pages to add)
         for b, n in enumerate(counts):
             if n <= 0:
@@ -269,10 +292,8 @@ class PagedKVCache:
         was: the pages reserved for it go back to the pool.
         """
         lc = self._layer(layer)
-        counts = num_new.tolist() if isinstance(num_new, torch.Tensor) else list(num_new)
-        selected = list(range(self.max_batch)[rows]) if isinstance(rows, slice) else self._rows("rows", rows)
-        if len(counts) != len(selected):
-            raise ValueError(f"num_new has {len(counts)} entries for {len(selected)} rows")
+        selected = self._slice(rows) if isinstance(rows, slice) else self._rows("rows", rows)
+        counts = self._counts(num_new, len(selected))
         full = [0] * self.max_batch
         for b, n in zip(selected, counts):
             full[b] = n
@@ -350,6 +371,9 @@ class PagedKVCache:
         * page_size``) of the sequences ``rows`` (``[n]`` int64 on the cache's device):
         ``[n, Hkv, width]`` int32, -1 past each length."""
         lc = self._layer(layer)
+        capacity = self.max_pages_per_seq * self.page_size
+        if width is not None and not 0 <= width <= capacity:
+            raise ValueError(f"positions: width must be in [0, {capacity}] (max_pages_per_seq * page_size), got {width}")
         pages = self.max_pages_per_seq if width is None else -(-width // self.page_size)
         table = lc.block_tables[rows][:, :pages]
         pos = lc.pos_pages[table.clamp(min=0).long()]  # [n, pages, page, Hkv]
@@ -369,7 +393,8 @@ class PagedKVCache:
 
     def evict(self, layer: int, keep: torch.Tensor, steps: torch.Tensor, evicted_at: torch.Tensor,
               slot_scores: torch.Tensor | None = None, rows: slice = slice(None)) -> int:
-        """Keeps the ``keep [b, Hkv, S]`` slots of each sequence in ``rows``, compacts in place
+        """Keeps the ``keep [b, Hkv, S]`` slots of each sequence in ``rows`` (a slice of the batch
+        with a positive step: the op writes the new lengths through views), compacts in place
         (``stable_evict`` says how), logs ``evicted_at[b, h, pos] = steps[b]`` (``steps``:
         ``[b]`` int32 on the cache's device) and returns freed pages to the pool.
 
@@ -377,6 +402,7 @@ class PagedKVCache:
         Returns the number of pages freed.
         """
         lc = self._layer(layer)
+        selected = self._slice(rows)  # before the op: its new lengths must land in the cache's own tensors
         freed = torch.ops.shadowkv.evict_compact(
             lc.k_pages, lc.v_pages, lc.pos_pages, lc.block_tables[rows], lc.seq_lens[rows],
             keep, steps, evicted_at, slot_scores, self.check, self.stable_evict,
@@ -385,7 +411,7 @@ class PagedKVCache:
         released, errors = 0, []
         # Every sequence the op compacted is booked before any error is raised, so that one bad
         # sequence does not leave the others' bookkeeping behind the device.
-        for b, (new_len, *row) in zip(range(self.max_batch)[rows], back):
+        for b, (new_len, *row) in zip(selected, back):
             held = math.ceil(new_len / self.page_size)
             ids = [p for p in row if p >= 0]
             if new_len < 0:

@@ -258,6 +258,10 @@ def _check_paged_cache_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens,
     ])
     P, ps, H, D = k_pages.shape
     B, M = block_tables.shape
+    shape = list(k_pages.shape)
+    for size, what in ((ps, "a page size (dim 1) >= 1"), (H, ">= 1 KV head (dim 2)"), (D, "a head dim (dim 3) >= 1")):
+        if size < 1:  # as the kernels' check: a zero here would divide by zero below (GQA ratio)
+            raise ValueError(f"shadowkv: `k_pages` must have {what}, got shape {shape}")
     _check_fake_args(ref, ref_name, [
         ("v_pages", v_pages, "[P, page_size, Hkv, D]", (k_pages.dtype,), (P, ps, H, D)),
         ("pos_pages", pos_pages, "[P, page_size, Hkv]", (torch.int32,), (P, ps, H)),

@@ -201,3 +201,62 @@ def test_bad_layers_rows_and_sizes_are_value_errors():
     for bad in (0, -1):
         with pytest.raises(ValueError, match=f"max_pages_per_seq must be an int >= 1, got {bad}"):
             _cache(max_pages_per_seq=bad)
+
+
+def _state(cache, layer=0):
+    lc = cache.layers[layer]
+    return (cache.num_free_pages(), cache.peak_bytes(), [list(p) for p in lc.pages], list(lc.free), list(lc.lens),
+            lc.block_tables.clone(), lc.seq_lens.clone(), lc.k_pages.clone(), lc.pos_pages.clone())
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
+
+
+def test_rows_the_ops_cannot_update_in_place_are_refused_before_anything_changes():
+    """evict's new lengths and freed pages must land in the cache's own tensors: a list of rows
+    (copies) is refused, not compacted into copies; a slice torch cannot take (negative step)
+    is refused before append reserves pages for it."""
+    cache = _cache()
+    _append(cache, 0, [6, 6, 6], [0, 0, 0])
+    before = _state(cache)
+    keep = torch.zeros(1, 2, 8, dtype=torch.bool)
+    keep[..., :2] = True
+    log = torch.full((1, 2, 8), NEVER_EVICTED, dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"rows must be a slice of the batch, got list \[1\]"):
+        cache.evict(0, keep, torch.full((1,), 6, dtype=torch.int32), log, rows=[1])
+    assert (log == NEVER_EVICTED).all() and _same(before, _state(cache))
+    k = torch.randn(3, 2, 1, 8)
+    with pytest.raises(ValueError, match="positive step"):
+        cache.append(0, k, k, torch.full((3, 1), 6, dtype=torch.int32), [1, 1, 1], rows=slice(None, None, -1))
+    assert _same(before, _state(cache))
+    cache.evict(0, keep, torch.full((1,), 6, dtype=torch.int32), log, rows=slice(1, 2))  # a slice works
+    assert [cache.seq_len(0, b) for b in range(3)] == [6, 2, 6] and (log[0, :, 2:6] == 6).all()
+    cache.verify()
+
+
+def test_counts_must_be_integers_one_per_row():
+    cache = _cache()
+    k = torch.randn(3, 2, 3, 8)
+    pos = torch.zeros(3, 3, dtype=torch.int32)
+    before = _state(cache)
+    with pytest.raises(TypeError, match=r"num_new must hold integers, got \[2.5, 1, 1\]"):
+        cache.append(0, k, k, pos, [2.5, 1, 1])  # the device would get 2, the mirror 2.5
+    with pytest.raises(TypeError, match="num_new must hold integers"):
+        cache.append(0, k, k, pos, torch.tensor([1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="num_new has 4 entries for 3 rows"):
+        cache.reserve(0, [1, 1, 1, 1])
+    assert _same(before, _state(cache))
+    cache.append(0, k, k, pos, torch.tensor([1, 2, 3]))  # integer tensors are read as ints
+    assert [cache.seq_len(0, b) for b in range(3)] == [1, 2, 3]
+    cache.verify()
+
+
+def test_positions_width_is_at_most_the_capacity():
+    cache = _cache(max_pages_per_seq=2)
+    _append(cache, 0, [3, 0, 0], [0, 0, 0])
+    rows = torch.tensor([0])
+    assert cache.positions(0, rows, 8).shape == (1, 2, 8)
+    for bad in (9, -1):
+        with pytest.raises(ValueError, match=rf"width must be in \[0, 8\] .* got {bad}"):
+            cache.positions(0, rows, bad)

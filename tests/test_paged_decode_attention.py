@@ -301,6 +301,19 @@ def test_bad_input_names_argument(case):
         ops.paged_decode_attention(**args)
 
 
+@pytest.mark.parametrize("dim, what", [(1, "page size"), (2, "KV head"), (3, "head dim")])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_empty_page_dims_are_rejected_on_every_device(dim, what, device):
+    """The fake kernel (meta tensors: what torch.compile traces with) refuses a zero page size,
+    KV head count or head dim with the kernels' message, not a ZeroDivisionError."""
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in _valid_args().items()}
+    shape = list(args["k_pages"].shape)
+    shape[dim] = 0
+    args.update(k_pages=args["k_pages"].new_zeros(shape), v_pages=args["v_pages"].new_zeros(shape), scores_out=None)
+    with pytest.raises(ValueError, match=rf"`k_pages` must have .*{what}.*got shape \[{', '.join(map(str, shape))}\]"):
+        ops.paged_decode_attention(**args)
+
+
 def test_valid_args_run():
     args = _valid_args()
     ops.paged_decode_attention(**args)
