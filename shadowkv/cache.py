@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import ops
+
 
 class CacheFullError(RuntimeError):
     """The page pool cannot hold the request; raised before anything is written."""
@@ -387,9 +389,8 @@ class PagedKVCache:
         ``scores_out [b, Hkv, S]`` float32 receives each slot's attention mass (summed over
         the GQA group)."""
         lc = self._layer(layer)
-        return torch.ops.shadowkv.paged_decode_attention(
-            q, lc.k_pages, lc.v_pages, lc.block_tables[rows], lc.seq_lens[rows], scale, scores_out, self.check
-        )
+        return ops.paged_decode_attention(q, lc.k_pages, lc.v_pages, lc.block_tables[rows], lc.seq_lens[rows], scale,
+                                          scores_out, self.check)
 
     def evict(self, layer: int, keep: torch.Tensor, steps: torch.Tensor, evicted_at: torch.Tensor,
               slot_scores: torch.Tensor | None = None, rows: slice = slice(None)) -> int:

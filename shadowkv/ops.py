@@ -283,7 +283,6 @@ def _append_kv_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens, k, v, p
     ])
 
 
-@torch.library.register_fake("shadowkv::paged_decode_attention")
 def _paged_decode_attention_fake(q, k_pages, v_pages, block_tables, seq_lens, scale=None, scores_out=None,
                                  check=True):
     _check_fake_args(q, "q", [("q", q, "[B, Hq, D]", _FLOAT_DTYPES, (None,) * 3)])
@@ -297,6 +296,14 @@ def _paged_decode_attention_fake(q, k_pages, v_pages, block_tables, seq_lens, sc
         raise ValueError(f"shadowkv: the head count of `q` ({q.shape[1]}) must be a multiple of the KV head "
                          f"count of `k_pages` ({H})")
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("shadowkv::paged_decode_attention")
+def _paged_decode_attention_plain_fake(q, k_pages, v_pages, block_tables, seq_lens, scale=None, check=True):
+    return _paged_decode_attention_fake(q, k_pages, v_pages, block_tables, seq_lens, scale, None, check)
+
+
+torch.library.register_fake("shadowkv::paged_decode_attention_scores", _paged_decode_attention_fake)
 
 
 @torch.library.register_fake("shadowkv::evict_compact")
@@ -394,8 +401,10 @@ def paged_decode_attention(
         ``out [B, Hq, D]`` (dtype of ``q``; float accumulation, double for float64); zeros for
         a sequence with no cached slot. CPU or CUDA (split-K over long contexts).
     """
-    return torch.ops.shadowkv.paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, scale, scores_out,
-                                                     check)
+    if scores_out is None:  # two ops: torch.compile cannot lower one whose only mutable argument is None
+        return torch.ops.shadowkv.paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, scale, check)
+    return torch.ops.shadowkv.paged_decode_attention_scores(q, k_pages, v_pages, block_tables, seq_lens, scale,
+                                                            scores_out, check)
 
 
 def evict_compact(

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from shadowkv import ops
-from shadowkv.reference import random_evicted_at
+from shadowkv.reference import random_evicted_at, random_paged_state
 
 
 class _Block(torch.nn.Module):
@@ -44,3 +44,39 @@ def test_compiled_step_matches_eager(backend):
     torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
     for g, gc in zip(grads, grads_c):
         torch.testing.assert_close(gc, g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("with_scores", [False, True], ids=["no_scores", "scores"])
+def test_compiled_decode_step_matches_eager(backend, with_scores):
+    """A sampler's decode step in one graph: append a token, attend (with or without the per-slot
+    scores), evict. The cache ops write their arguments in place; the compiled step must leave
+    the cache, the log and the output exactly as eager does. (The plain decode call is an op
+    without mutable arguments: inductor cannot lower one whose only mutable argument is None.)"""
+    gen = torch.Generator().manual_seed(2)
+    state = random_paged_state([5, 3], 2, 8, 4, preallocated=2, generator=gen)
+    q = torch.randn(2, 4, 8, generator=gen)
+    k = torch.randn(2, 2, 1, 8, generator=gen)
+    pos = torch.tensor([[40], [41]], dtype=torch.int32)  # past the random state's positions
+    keep = torch.zeros(2, 2, 8, dtype=torch.bool)
+    keep[0, :, :4] = True
+    keep[1, :, 1:3] = True
+    steps = torch.tensor([42, 42], dtype=torch.int32)
+
+    def step(k_pages, v_pages, pos_pages, tables, lens, log, scores):
+        ops.append_kv(k_pages, v_pages, pos_pages, tables, lens, k, k, pos, torch.ones(2, dtype=torch.int32))
+        out = ops.paged_decode_attention(q, k_pages, v_pages, tables, lens, scores_out=scores)
+        freed = ops.evict_compact(k_pages, v_pages, pos_pages, tables, lens, keep, steps, log)
+        return out, freed
+
+    def fresh():
+        log = torch.full((2, 2, 48), ops.NEVER_EVICTED, dtype=torch.int32)
+        scores = torch.zeros(2, 2, 8) if with_scores else None
+        return [t.clone() for t in state[:5]] + [log, scores]
+
+    eager, compiled = fresh(), fresh()
+    expected = step(*eager)
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend=backend)(*compiled)
+    for a, b in zip([*expected, *eager], [*got, *compiled]):
+        assert (a is None and b is None) or torch.equal(a, b)

@@ -26,6 +26,7 @@ from shadowkv.reference import INT32_MAX
 from shadowkv.reference import PagedState, gather_slots, paged_decode_attention_ref, random_paged_state
 
 DECODE = torch.ops.shadowkv.paged_decode_attention
+DECODE_SCORES = torch.ops.shadowkv.paged_decode_attention_scores
 
 OUT_TOL = {torch.float64: (1e-10, False), torch.float32: (1e-5, False), torch.bfloat16: (2e-2, True),
            torch.float16: (5e-3, True)}
@@ -181,12 +182,11 @@ def test_opcheck(dtype, with_scores):
     q, state, scores = case.inputs()
     if scores is not None:
         scores.zero_()
-    torch.library.opcheck(DECODE.default, (q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens,
-                                           None, scores))
-    torch.library.opcheck(DECODE.default, (q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens,
-                                           0.3, scores))
-    torch.library.opcheck(DECODE.default, (q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens,
-                                           None, scores, False))
+    cache = (q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens)
+    op, extra = (DECODE_SCORES, (scores,)) if with_scores else (DECODE, ())
+    for scale in (None, 0.3):
+        torch.library.opcheck(op.default, (*cache, scale, *extra))
+    torch.library.opcheck(op.default, (*cache, None, *extra, False))
 
 
 def test_unchecked_call_on_cpu_still_checks():

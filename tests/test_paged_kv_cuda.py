@@ -830,8 +830,9 @@ def test_opcheck_decode(with_scores):
     if scores is not None:
         scores.zero_()
     d = dev_state(state)
-    torch.library.opcheck(DECODE.default, (dev(q), d.k_pages, d.v_pages, d.block_tables, d.seq_lens, None, dev(scores)))
-    torch.library.opcheck(DECODE.default, (dev(q), d.k_pages, d.v_pages, d.block_tables, d.seq_lens, 0.3, dev(scores)))
+    op, extra = (torch.ops.shadowkv.paged_decode_attention_scores, (dev(scores),)) if with_scores else (DECODE, ())
+    for scale in (None, 0.3):
+        torch.library.opcheck(op.default, (dev(q), d.k_pages, d.v_pages, d.block_tables, d.seq_lens, scale, *extra))
 
 
 @pytest.mark.parametrize("with_scores", [False, True], ids=["no_scores", "scores"])

@@ -192,10 +192,12 @@ void append_kv(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::T
       });
 }
 
-at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_pages_in, const at::Tensor& v_pages_in,
-                                  const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                                  std::optional<double> scale, const std::optional<at::Tensor>& scores_out,
-                                  bool check) {
+namespace {
+
+// Both decode ops; `scores_out` undefined: no scores.
+at::Tensor decode(const at::Tensor& q_in, const at::Tensor& k_pages_in, const at::Tensor& v_pages_in,
+                  const at::Tensor& block_tables, const at::Tensor& seq_lens, std::optional<double> scale,
+                  const at::Tensor& scores_out, bool check) {
   const at::Tensor q = last_dim_contiguous(q_in);
   check_rank(q, 3, "q", "[B, Hq, D]");
   kernel_dtype(q, "q");
@@ -214,8 +216,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_pa
 
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor scores;
-  if (scores_out.has_value() && scores_out->defined()) {
-    scores = *scores_out;
+  if (scores_out.defined()) {
+    scores = scores_out;
     check_rank(scores, 3, "scores_out", "[B, Hkv, S]");
     check_dtype(scores, "scores_out", at::kFloat);
     check_same_device(scores, "scores_out", q, "q");
@@ -244,6 +246,20 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_pa
 #endif
       });
   return out;
+}
+
+}  // namespace
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                  std::optional<double> scale, bool check) {
+  return decode(q, k_pages, v_pages, block_tables, seq_lens, scale, at::Tensor(), check);
+}
+
+at::Tensor paged_decode_attention_scores(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
+                                         const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                         std::optional<double> scale, const at::Tensor& scores_out, bool check) {
+  return decode(q, k_pages, v_pages, block_tables, seq_lens, scale, scores_out, check);
 }
 
 at::Tensor evict_compact(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& pos_pages,

@@ -16,9 +16,13 @@ TORCH_LIBRARY(shadowkv, m) {
   m.def(
       "append_kv(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos_pages, Tensor block_tables, "
       "Tensor(d!) seq_lens, Tensor k, Tensor v, Tensor positions, Tensor num_new, bool check=True) -> ()");
+  // Two decode ops (paged_kv_ops.h says why not one with an optional scores_out).
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_tables, Tensor seq_lens, "
-      "float? scale=None, Tensor(a!)? scores_out=None, bool check=True) -> Tensor");
+      "float? scale=None, bool check=True) -> Tensor");
+  m.def(
+      "paged_decode_attention_scores(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_tables, "
+      "Tensor seq_lens, float? scale, Tensor(a!) scores_out, bool check=True) -> Tensor");
   m.def(
       "evict_compact(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos_pages, Tensor(d!) block_tables, "
       "Tensor(e!) seq_lens, Tensor keep, Tensor steps, Tensor(f!) evicted_at, Tensor(g!)? slot_scores=None, "
@@ -30,6 +34,7 @@ TORCH_LIBRARY_IMPL(shadowkv, CPU, m) {
   m.impl("shadow_attention_bwd", &shadowkv::bindings::shadow_attention_bwd);
   m.impl("append_kv", &shadowkv::bindings::append_kv);
   m.impl("paged_decode_attention", &shadowkv::bindings::paged_decode_attention);
+  m.impl("paged_decode_attention_scores", &shadowkv::bindings::paged_decode_attention_scores);
   m.impl("evict_compact", &shadowkv::bindings::evict_compact);
 }
 
@@ -40,6 +45,7 @@ TORCH_LIBRARY_IMPL(shadowkv, CUDA, m) {
   // The paged ops dispatch on the device inside their bindings (CUDA twins in csrc/cuda/).
   m.impl("append_kv", &shadowkv::bindings::append_kv);
   m.impl("paged_decode_attention", &shadowkv::bindings::paged_decode_attention);
+  m.impl("paged_decode_attention_scores", &shadowkv::bindings::paged_decode_attention_scores);
   m.impl("evict_compact", &shadowkv::bindings::evict_compact);
 }
 #endif
@@ -47,13 +53,13 @@ TORCH_LIBRARY_IMPL(shadowkv, CUDA, m) {
 // The cache ops have no derivative and write in place: refuse gradients, bump versions
 // (cache_op_guards.h). shadow_attention's autograd is registered in shadowkv/ops.py.
 TORCH_LIBRARY_IMPL(shadowkv, Autograd, m) {
-  for (const char* op : {"append_kv", "paged_decode_attention", "evict_compact"}) {
+  for (const char* op : {"append_kv", "paged_decode_attention", "paged_decode_attention_scores", "evict_compact"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&shadowkv::bindings::refuse_grad>());
   }
 }
 
 TORCH_LIBRARY_IMPL(shadowkv, ADInplaceOrView, m) {
-  for (const char* op : {"append_kv", "paged_decode_attention", "evict_compact"}) {
+  for (const char* op : {"append_kv", "paged_decode_attention", "paged_decode_attention_scores", "evict_compact"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&shadowkv::bindings::bump_written_versions>());
   }
 }
