@@ -116,6 +116,7 @@ void append_kv_cpu(const AppendKVParams& p, const ParallelFor& pf) {
   if (c.num_pages > 0 && !c.pos_pages) fail("null `pos_pages`");
   if (c.batch > 0 && (!p.num_new || (p.num_tokens > 0 && (!p.k || !p.v || !p.positions))))
     fail("null input pointer");
+  check_written_layouts(p, op);
 
   const int64_t B = c.batch, T = p.num_tokens, ps = c.page_size;
   std::vector<int64_t> num_new(B), used(B), write_begin(B), write_end(B);

@@ -127,6 +127,7 @@ void evict_compact_cpu(const EvictCompactParams& p, const ParallelFor& pf) {
   if (c.batch > 0 && ((p.keep_len > 0 && !p.keep) || !p.steps || (p.log_len > 0 && !p.evicted_at) ||
                       (c.max_pages > 0 && !p.freed)))
     fail("null input or output pointer");
+  check_written_layouts(p, op);
 
   const int64_t B = c.batch, H = c.num_kv_heads, ps = c.page_size;
   std::vector<int64_t> new_len(B), used(B), write_begin(B), write_end(B, c.max_pages);

@@ -129,6 +129,7 @@ void paged_decode_attention_cpu(const PagedDecodeParams& p, const ParallelFor& p
   if (!valid_softmax_scale(p.scale)) fail("`scale` must be positive and finite, at most FLT_MAX (float32)");
   if (c.batch > 0 && p.num_q_heads > 0 && (!p.q || !p.out)) fail("null `q` or output pointer");
   if (p.scores && p.scores_len < 0) fail("negative `scores_out` length");
+  check_written_layouts(p, op);
   check_decode_tables(p, op);
   cpu::dispatch_dtype(c.dtype, [&](auto tag) { cpu::decode_kernel<typename decltype(tag)::type>(p, pf); });
 }

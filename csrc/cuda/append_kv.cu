@@ -125,6 +125,7 @@ void append_kv_cuda(const AppendKVParams& p, void* stream_ptr) {
   if (c.num_pages > 0 && !c.pos_pages) fail(op, "null `pos_pages`");
   if (c.batch > 0 && (!p.num_new || (p.num_tokens > 0 && (!p.k || !p.v || !p.positions))))
     fail(op, "null input pointer");
+  check_written_layouts(p, op);
 
   if (!p.check_values) return append_unchecked(p, stream, op);
   const int64_t B = c.batch, T = p.num_tokens, ps = c.page_size;

@@ -157,6 +157,7 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream_ptr) {
   if (c.batch > 0 && ((p.keep_len > 0 && !p.keep) || !p.steps || (p.log_len > 0 && !p.evicted_at) ||
                       (c.max_pages > 0 && !p.freed)))
     fail(op, "null input or output pointer");
+  check_written_layouts(p, op);
   if (p.keep_len > INT32_MAX)
     fail(op, "`keep` has " + std::to_string(p.keep_len) + " slots (last dim); the CUDA kernel takes at most 2147483647");
 

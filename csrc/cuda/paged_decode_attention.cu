@@ -176,6 +176,7 @@ void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream_ptr) {
   if (!valid_softmax_scale(p.scale)) fail(op, "`scale` must be positive and finite, at most FLT_MAX (float32)");
   if (c.batch > 0 && p.num_q_heads > 0 && (!p.q || !p.out)) fail(op, "null `q` or output pointer");
   if (p.scores && p.scores_len < 0) fail(op, "negative `scores_out` length");
+  check_written_layouts(p, op);
   if (c.dtype == DType::kFloat64)
     fail(op, "`q` float64 is supported on CPU only; use float32, bfloat16 or float16 on CUDA");
   if (c.head_dim > kMaxHeadDim)

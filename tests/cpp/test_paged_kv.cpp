@@ -607,14 +607,27 @@ TEST(paged_kv_rejects_bad_append) {
   REJECT(op, a.cache.page_size = INT64_MAX - 1, "must fit int32");
   REJECT(op, a.cache.dtype = static_cast<shadowkv::DType>(9), "unsupported dtype");
   // seq_lens + num_new past int32: caught before the (here absent) pages are touched.
+  // (Page strides that fit the larger pages: the layout check comes before the values.)
   REJECT(op,
-         (a.cache.page_size = int64_t{1} << 30, st.lens[0] = 2147483647, st.lens[1] = 0, st.num_new[0] = 1,
+         (a.cache.page_size = int64_t{1} << 30, a.cache.k_stride[0] = a.cache.v_stride[0] = int64_t{4} << 30,
+          a.cache.pos_stride[0] = int64_t{2} << 30, st.lens[0] = 2147483647, st.lens[1] = 0, st.num_new[0] = 1,
           st.num_new[1] = 0),
          "overflows int32");
+  // Layouts that fold elements of a written array onto each other (C++ callers pass strides; they
+  // default to 0): refused before any value is read.
+  REJECT(op, a.cache.k_stride[0] = a.cache.k_stride[1] = a.cache.k_stride[2] = 0,
+         "`k_pages` [P, page_size, Hkv, D] of shape [6, 2, 2, 2] has element strides [0, 0, 0, 1] that put two "
+         "elements in the same memory");
+  REJECT(op, a.cache.v_stride[1] = 1, "`v_pages` [P, page_size, Hkv, D] of shape [6, 2, 2, 2] has element strides "
+                                      "[8, 1, 2, 1]");
+  REJECT(op, a.cache.pos_stride[0] = 2, "`pos_pages` [P, page_size, Hkv]");  // pages 2 apart, each spans 4
+  REJECT(op, a.cache.seq_lens_stride = 0, "`seq_lens` [B] of shape [2] has element strides [0]");
 }
 
 TEST(paged_kv_rejects_bad_decode) {
   const Op op = Op::kDecode;
+  REJECT(op, d.o_stride[1] = 0, "`out` [B, Hq, D] of shape [2, 4, 2] has element strides [8, 0, 1]");
+  REJECT(op, d.scores_stride[0] = 1, "`scores_out` [B, Hkv, S]");
   REJECT(op, d.num_q_heads = 3, "the head count of `q` (3) must be a multiple of the KV head count (2)");
   REJECT(op, d.num_q_heads = -2, "the head count of `q`");
   REJECT(op, d.scale = 0.0, "`scale` must be positive and finite");
@@ -629,6 +642,11 @@ TEST(paged_kv_rejects_bad_decode) {
 
 TEST(paged_kv_rejects_bad_evict) {
   const Op op = Op::kEvict;
+  REJECT(op, e.cache.bt_stride[0] = 0, "`block_tables` [B, max_pages] of shape [2, 3] has element strides [0, 1]");
+  REJECT(op, e.cache.k_stride[2] = 1, "`k_pages`");
+  REJECT(op, e.ev_stride[1] = 0, "`evicted_at` [B, Hkv, T]");
+  REJECT(op, e.scores_stride[2] = 0, "`slot_scores` [B, Hkv, S]");
+  REJECT(op, e.freed_stride[0] = 2, "`freed` [B, max_pages] of shape [2, 3] has element strides [2, 1]");
   REJECT(op, st.keep[Small::S + 3] = 1, "`keep`[0, 1, 3] is True but the sequence has only `seq_lens`[0] = 3");
   REJECT(op, st.keep[Small::S + 0] = 0, "every KV head of a sequence must keep the same number of slots");
   REJECT(op, st.steps[0] = -1, "`steps`[0] = -1 must be in [0, 2147483647)");

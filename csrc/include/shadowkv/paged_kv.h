@@ -164,10 +164,10 @@ struct EvictCompactParams {
   // seq_lens becomes -1 (which later calls reject or turn into NaN) and its freed row is all -1.
   // Not checked then: that no page is written twice, by two sequences or through two entries of
   // one table (compaction would read rows it already overwrote), that no two evicted slots of a
-  // head hold the same position (only a corrupted pos_pages can; both log the same step), and
-  // that the sequences' block-table rows and seq_lens entries do not overlap in memory (on CUDA
-  // the last block to finish a sequence rewrites its row and length while other sequences'
-  // blocks may still read theirs; the torch ops reject such views).
+  // head hold the same position (only a corrupted pos_pages can; both log the same step). (That
+  // the sequences' block-table rows and seq_lens entries do not overlap in memory, which on CUDA
+  // matters as the last block to finish a sequence rewrites its row and length while other
+  // sequences' blocks may still read theirs, is checked either way: check_written_layouts.)
   bool check_values = true;
 };
 
@@ -205,6 +205,14 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream);
 void check_paged_cache(const PagedKVCache& c, const char* op);
 void check_block_tables(const PagedKVCache& c, const int64_t* used_pages, const int64_t* write_begin,
                         const int64_t* write_end, const char* op);
+// check_written_layouts: every array the op writes (append: the cache's pages, positions and
+// seq_lens; evict: those, block_tables, evicted_at, slot_scores and freed; decode: out and
+// scores) gives each element its own memory: ordered by |stride|, each dimension of size > 1
+// steps past everything the smaller ones reach (so a zero stride there, the default, is refused).
+// Needs no values. Not checked: that two different arrays overlap (the torch ops check that).
+void check_written_layouts(const AppendKVParams& p, const char* op);
+void check_written_layouts(const PagedDecodeParams& p, const char* op);
+void check_written_layouts(const EvictCompactParams& p, const char* op);
 // paged_decode_attention's checks of values after check_paged_cache: no seq_lens entry above
 // scores_len (when scores is set), then check_block_tables on the pages each sequence uses.
 void check_decode_tables(const PagedDecodeParams& p, const char* op);
