@@ -1,7 +1,7 @@
 """Build driver: setuptools hands the extension to CMake (as vLLM does).
 
 Environment knobs:
-  SHADOWKV_CUDA        ON | OFF | 0 | AUTO (default AUTO: CUDA kernels when nvcc is found)
+  SHADOWKV_CUDA        ON | OFF | AUTO (default AUTO: CUDA kernels when nvcc is found; also TRUE/YES/1, FALSE/NO/0)
   SHADOWKV_CUDA_ARCHS  compute capabilities, default "9.0a;8.0"
   CUTLASS_DIR          CUTLASS root with include/cute (default: the nvidia-cutlass package)
   MAX_JOBS             parallel compile jobs (default: CPU count)

@@ -49,6 +49,9 @@ void check_block_tables(const PagedKVCache& c, const int64_t* used_pages, const 
   auto fail = [op](const std::string& what) { throw std::invalid_argument(std::string(op) + ": " + what); };
   const std::string pool = "[0, " + std::to_string(c.num_pages) + ")";
   for (int64_t b = 0; b < c.batch; ++b) {
+    if (used_pages[b] < 0 || write_begin[b] < 0 || write_end[b] < 0)  // a caller's bug: it would read column -1
+      fail("negative page range for sequence " + std::to_string(b) + " (used " + std::to_string(used_pages[b]) +
+           ", written [" + std::to_string(write_begin[b]) + ", " + std::to_string(write_end[b]) + "))");
     if (used_pages[b] > c.max_pages || write_end[b] > c.max_pages)
       fail("`block_tables` has " + std::to_string(c.max_pages) + " columns but sequence " + std::to_string(b) +
            " needs " + std::to_string(std::max(used_pages[b], write_end[b])) + " pages of " +

@@ -666,3 +666,14 @@ TEST(paged_kv_rejects_bad_evict) {
   REJECT(op, e.cache.pos_pages = nullptr, "null `pos_pages`");
   REJECT(op, e.cache.dtype = static_cast<shadowkv::DType>(9), "unsupported dtype");
 }
+
+TEST(paged_kv_check_block_tables_refuses_negative_ranges) {
+  // Public for servers; a negative range would read block-table column -1.
+  Small st;
+  const PagedKVCache c = st.cache();
+  const int64_t used[2] = {2, 1}, begin[2] = {0, -1}, end[2] = {2, 1};
+  check_throws([&] { shadowkv::check_block_tables(c, used, begin, end, "t"); },
+               "negative page range for sequence 1 (used 1, written [-1, 1))", "check_block_tables", __FILE__, __LINE__);
+  const int64_t ok_begin[2] = {0, 0};
+  shadowkv::check_block_tables(c, used, ok_begin, end, "t");
+}
