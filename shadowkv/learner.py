@@ -25,6 +25,8 @@ import torch
 
 from .attention import attention_context, check_length, install
 from .ops import NEVER_EVICTED, shadow_attention
+from .policies import as_int
+from .sampler import tempered_log_softmax
 
 METHODS = ("dense", "naive", "is", "smd")
 
@@ -102,7 +104,8 @@ def gather_logprobs(logits: torch.Tensor, rollout, temperature: float = 1.0) -> 
     """``[B, T]`` log-probs of the rollout's tokens from ``replay_logits`` output (``[B, R, V]``,
     the last ``R`` rows); 0 off the action mask."""
     T, R = rollout.tokens.shape[1], logits.shape[1]
-    logp = torch.log_softmax(logits / temperature, -1).gather(-1, rollout.tokens[:, T - R:, None])[..., 0]
+    # The sampler's form (shifted first): at a temperature it samples with, no NaN here either.
+    logp = tempered_log_softmax(logits, temperature).gather(-1, rollout.tokens[:, T - R:, None])[..., 0]
     return to_tokens(logp, T) * rollout.action_mask
 
 
@@ -163,6 +166,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """Group-normalised advantages: ``rewards [N]`` with consecutive groups of ``group_size``
     samples of one prompt -> ``(r - mean_group) / (std_group + eps)``, ``[N]``."""
+    group_size = as_int("group_size", group_size)
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be [N] with N a multiple of group_size ({group_size}), got shape "
+                         f"{tuple(rewards.shape)}")
     g = rewards.view(-1, group_size)
     return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True, unbiased=False) + eps)).flatten()
 
@@ -175,8 +182,8 @@ class ISConfig:
     ``[-clamp, clamp]``; weight ``min(r, cap)`` (truncated IS), detached and divided by its
     mean over the batch's valid tokens; tokens with ``r`` outside ``[reject_low,
     reject_high]`` leave the loss mask; a sequence with any token ``r < veto`` gets no
-    gradient at all. The paper's equation numbers could not be checked from this
-    environment (see the README's design notes)."""
+    gradient at all (``veto=0``: no veto). The paper's equation numbers could not be checked
+    from this environment (see the README's design notes)."""
 
     clamp: float = 20.0
     cap: float = 1.5
@@ -193,7 +200,9 @@ def is_weights(logp_dense_old, logp_sampler, mask, cfg: ISConfig) -> tuple[torch
     """
     log_r = logp_dense_old - logp_sampler
     r = torch.exp(log_r.clamp(-cfg.clamp, cfg.clamp))
-    vetoed = ((log_r < math.log(cfg.veto)) & mask).any(-1, keepdim=True)
+    # veto 0 turns the veto off (no r is below 0), as does any veto <= 0.
+    log_veto = math.log(cfg.veto) if cfg.veto > 0 else -math.inf
+    vetoed = ((log_r < log_veto) & mask).any(-1, keepdim=True)
     keep = mask & (r >= cfg.reject_low) & (r <= cfg.reject_high) & ~vetoed
     w = (r.clamp(max=cfg.cap) * mask).detach()
     mean = w.sum() / mask.sum().clamp_min(1)
@@ -241,6 +250,8 @@ class LossConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.smd_direction not in ("forward", "reverse"):  # else distill_kl fails mid-training
+            raise ValueError(f"smd_direction must be 'forward' or 'reverse', got {self.smd_direction!r}")
         self.is_cfg = self.is_cfg or ISConfig()
 
     @property

@@ -13,8 +13,11 @@ one-sequence form. A policy implements either; the base class derives the other.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import operator
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +27,11 @@ from .cache import to_device
 
 def budget_tokens(budget: int | float | None, length: int) -> int | None:
     """Live tokens allowed for a sequence of ``length`` tokens: an int is absolute, a float
-    in (0, 1] a fraction of the current length; ``None`` means no eviction. NumPy and torch
-    scalars count by kind (``np.float32(1.0)`` is the whole sequence, not one token)."""
+    in (0, 1] a fraction of the current length, rounded up; ``None`` means no eviction. NumPy
+    and torch scalars count by kind (``np.float32(1.0)`` is the whole sequence, not one token).
+    A fraction is the decimal it prints as (``0.07`` of 100 tokens is 7, not the 8 that the
+    binary ``0.07 * 100 = 7.000000000000001`` would round up to); a torch scalar is read as a
+    Python float first."""
     if budget is None:
         return None
     if isinstance(budget, torch.Tensor) and budget.dim() == 0:
@@ -37,8 +43,30 @@ def budget_tokens(budget: int | float | None, length: int) -> int | None:
     if isinstance(budget, numbers.Real) and not isinstance(budget, bool):
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"budget as a fraction must be in (0, 1], got {budget}")
-        return max(1, math.ceil(float(budget) * length))
+        num, den = _decimal_ratio(budget)
+        return max(1, -(-num * length // den))
     raise TypeError(f"budget must be an int (tokens), a float in (0, 1] (a fraction) or None, got {budget!r}")
+
+
+@functools.lru_cache(maxsize=64, typed=True)  # the sampler asks for every length of every layer
+def _decimal_ratio(fraction: numbers.Real) -> tuple[int, int]:
+    """``fraction`` as the exact ratio of the shortest decimal that prints it (what was typed)."""
+    return Fraction(str(fraction)).as_integer_ratio()
+
+
+def as_int(name: str, value, low: int | None = 1) -> int:
+    """``value`` as an int (Python, NumPy or 0-d torch integers; not bools or floats, which
+    would be truncated), at least ``low``; the error names ``name``."""
+    what = "an int" if low is None else f"an int >= {low}"
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {what}, got {value!r}") from None
+    if low is not None and n < low:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return n
 
 
 def _per_row(values: list[int], device: torch.device) -> torch.Tensor:
@@ -154,7 +182,7 @@ class StreamingLLM(Policy):
     name = "streaming"
 
     def __init__(self, sinks: int = 4):
-        self.sinks = sinks
+        self.sinks = as_int("StreamingLLM: sinks", sinks, 0)
 
     def select_batch(self, positions, scores, lens, n_keep):
         n_keep, by_pos = _per_row(n_keep, positions.device), _position_order(positions)
@@ -174,6 +202,13 @@ class H2O(Policy):
     name = "h2o"
 
     def __init__(self, recent_frac: float = 0.5):
+        # Out of [0, 1] the recent window would be more than the budget (the heavy hitters then
+        # displace the newest tokens) or negative (it would silently keep none).
+        if isinstance(recent_frac, bool) or not isinstance(recent_frac, numbers.Real):
+            raise TypeError(f"H2O: recent_frac must be a number in [0, 1], got {recent_frac!r}")
+        if not 0.0 <= recent_frac <= 1.0:
+            raise ValueError(f"H2O: recent_frac must be in [0, 1] (the budget's share of recent tokens), "
+                             f"got {recent_frac!r}")
         self.recent_frac = recent_frac
 
     def select_batch(self, positions, scores, lens, n_keep):
@@ -195,7 +230,8 @@ class SnapKV(Policy):
     name = "snapkv"
 
     def __init__(self, window: int = 32, kernel: int = 7):
-        if kernel < 1 or kernel % 2 == 0:
+        window, kernel = as_int("SnapKV: window", window, 0), as_int("SnapKV: kernel", kernel)
+        if kernel % 2 == 0:
             raise ValueError(f"SnapKV: kernel must be a positive odd number (centred pooling), got {kernel}")
         self.window, self.kernel = window, kernel
 
@@ -226,8 +262,8 @@ class RandomEvict(Policy):
     name = "random"
 
     def __init__(self, seed: int = 0):
-        self.seed = seed
-        self._gen = torch.Generator().manual_seed(seed)
+        self.seed = as_int("RandomEvict: seed", seed, None)
+        self._gen = torch.Generator().manual_seed(self.seed)
 
     def reset(self, seed: int) -> None:
         self._gen.manual_seed((self.seed * 1_000_003 + seed) % 2**63)

@@ -18,7 +18,7 @@ import torch
 from .attention import attention_context, check_length, install, model_geometry
 from .cache import PagedKVCache, to_device
 from .ops import NEVER_EVICTED, shadow_attention
-from .policies import FullCache, Policy, budget_tokens
+from .policies import POLICIES, FullCache, Policy, as_int, budget_tokens
 
 
 @dataclass
@@ -30,7 +30,10 @@ class Rollout:
         prompt_lens: ``[B]`` int64.
         action_mask: ``[B, T]`` bool, True at generated (non-pad) positions (EOS included).
         logprobs: ``[B, T]`` float32, log-prob of each generated token under
-            ``softmax(logits / temperature)`` (temperature 1 when greedy); 0 elsewhere.
+            ``softmax(logits / temperature)`` (temperature 1 when greedy); 0 elsewhere. With
+            ``top_p < 1`` too: the policy's log-prob, which the learner can compute, not the
+            log-prob under the renormalised nucleus the token was drawn from (README, design
+            notes).
         evicted_at: ``[B, num_layers, Hkv, T]`` int32 shadow mask (DESIGN.md §1).
         kv_peak_bytes: peak bytes of allocated KV pages plus the eviction log.
         dense_kv_bytes: K/V bytes a dense cache would hold for these sequences.
@@ -50,6 +53,15 @@ class Rollout:
     def seq_lens(self) -> torch.Tensor:
         """``[B]`` tokens per sequence (prompt + generated)."""
         return self.prompt_lens + self.action_mask.sum(-1)
+
+
+def tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log_softmax(logits / temperature)`` over the last dimension, for the sampler's log-probs
+    and the learner's alike (so that a replay gives the sampler's). Shifted before dividing:
+    with a tiny temperature ``logits / T`` overflows to +-inf and the softmax of inf - inf is
+    NaN; shifted, the best logit stays 0 and the rest go to -inf. The shift is a constant per
+    row, so it is detached (log_softmax does not depend on it)."""
+    return torch.log_softmax((logits - logits.amax(-1, keepdim=True).detach()) / temperature, -1)
 
 
 class _SamplerContext:
@@ -140,6 +152,22 @@ def _attention_mass(q, k, q_offset, scale, observe):
     return torch.softmax(s, -1).sum(dim=(1, 2))
 
 
+def _refuse_logit_processing(config) -> None:
+    """Some causal LMs change their logits after the output embedding (Gemma 2's final
+    soft-capping, Cohere's logit scale, Granite's logit scaling). The sampler computes the
+    first token's logits with the output embedding alone (:meth:`Sampler._forward_last`), so
+    they would be another model's (and its log-probs not the learner's): refused, as attention
+    soft-capping is."""
+    for name, neutral, what, example in (("final_logit_softcapping", None, "final logit soft-capping", "Gemma 2"),
+                                         ("logit_scale", 1, "a logit scale", "Cohere"),
+                                         ("logits_scaling", 1, "logit scaling", "Granite")):
+        value = getattr(config, name, None)
+        if value not in (None, neutral):
+            raise NotImplementedError(f"shadowkv: the model applies {what} ({name}={value!r}, e.g. {example}) to "
+                                      f"its logits after the output embedding, which shadowkv's sampler does not "
+                                      f"implement")
+
+
 class Sampler:
     """Generates with a compressed KV cache and logs every eviction.
 
@@ -152,8 +180,9 @@ class Sampler:
             policy) keeps everything.
         page_size: tokens per KV page.
         max_batch: largest batch :meth:`generate` accepts.
-        evict_every: evict every this many decode steps; default ``None`` evicts whenever
-            a sequence exceeds its budget by a page.
+        evict_every: evict after the prefill and then every this many decode steps only
+            (Sparse-RL's schedule; a sequence then holds up to its budget + ``evict_every``
+            tokens); default ``None`` evicts whenever a sequence exceeds its budget by a page.
         prefill_chunk: prefill prompts in chunks of this many tokens, evicting at each
             chunk boundary (bounds the peak for long prompts), one sequence at a time;
             ``None``: whole prompts, many per model call.
@@ -172,6 +201,11 @@ class Sampler:
     def __init__(self, model, policy: Policy | None = None, budget: int | float | list | None = None, page_size: int = 16,
                  max_batch: int = 64, evict_every: int | None = None, prefill_chunk: int | None = None,
                  prefill_tokens: int | None = None, share_prompts: bool = True):
+        if policy is not None and not isinstance(policy, Policy):
+            names = ", ".join(cls.__name__ for cls in POLICIES.values())
+            raise TypeError(f"policy must be a shadowkv.policies.Policy ({names} or a subclass; "
+                            f"make_policy(name) builds one by name), got {policy!r}")
+        _refuse_logit_processing(model.config)
         self.model = install(model)
         self.policy = policy or FullCache()
         self.budget = None if isinstance(self.policy, FullCache) else budget
@@ -185,26 +219,24 @@ class Sampler:
                     raise ValueError(f"budget[{i}] is None; give every layer a budget (or use FullCache)")
                 budget_tokens(b, 1)  # validates
             self.layer_budgets = per_layer
-        for name, value in (("page_size", page_size), ("max_batch", max_batch)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if evict_every is not None and evict_every < 1:
-            raise ValueError(f"evict_every must be >= 1, got {evict_every}")
-        if prefill_chunk is not None and prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-        if prefill_tokens is not None and prefill_tokens < 1:
-            raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
-        self.page_size, self.max_batch = page_size, max_batch
-        self.evict_every, self.prefill_chunk, self.prefill_tokens = evict_every, prefill_chunk, prefill_tokens
+        self.page_size, self.max_batch = as_int("page_size", page_size), as_int("max_batch", max_batch)
+        self.evict_every, self.prefill_chunk, self.prefill_tokens = (
+            None if value is None else as_int(name, value)
+            for name, value in (("evict_every", evict_every), ("prefill_chunk", prefill_chunk),
+                                ("prefill_tokens", prefill_tokens)))
         self.share_prompts = share_prompts
 
     # ---- sizing
     def _max_live(self, total: int, prompt: int) -> int:
+        """Most slots a sequence of ``total`` tokens holds in a layer: its survivors (at most the
+        budget) plus a prefill chunk (the whole prompt without ``prefill_chunk``) or, while
+        decoding, the tokens appended since its last eviction (the query's own key included):
+        ``evict_every`` of them on a fixed schedule, else up to a page over the budget + 1."""
         if self.budget is None:
             return total
         chunk = self.prefill_chunk or prompt
         keep = max(budget_tokens(b, total) for b in self.layer_budgets)
-        return min(total, keep + max(chunk, self.evict_every or 0, self.page_size) + 1)
+        return min(total, keep + max(chunk, self.evict_every or self.page_size + 1))
 
     def _new_cache(self, B: int, prompt_lens: list[int], max_new: int) -> PagedKVCache:
         totals = [p + max_new for p in prompt_lens]
@@ -227,7 +259,8 @@ class Sampler:
         ``evict_compact`` per layer for all of them.
 
         Without ``force`` a sequence waits until it exceeds its budget by a page (one
-        eviction per page of decoding, not per token).
+        eviction per page of decoding, not per token); the prefill and the ``evict_every``
+        schedule force it.
         """
         if self.budget is None:
             return
@@ -281,14 +314,13 @@ class Sampler:
     # ---- sampling
     @staticmethod
     def _sample(logits, temperature, top_p, gen):
-        """logits ``[B, V]`` -> (tokens ``[B]``, log-probs ``[B]`` under softmax(logits/T))."""
+        """logits ``[B, V]`` -> (tokens ``[B]``, log-probs ``[B]`` under softmax(logits/T), also
+        with ``top_p < 1``: see :class:`Rollout`)."""
         logits = logits.float()
         if temperature == 0.0:
             tok = logits.argmax(-1)
-            return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
-        # Shifted before dividing: with a tiny temperature logits / T overflows to +-inf and the
-        # softmax of inf - inf is NaN; shifted, the best logit stays 0 and the rest go to -inf.
-        logp = torch.log_softmax((logits - logits.amax(-1, keepdim=True)) / temperature, -1)
+            return tok, tempered_log_softmax(logits, 1.0).gather(-1, tok[:, None])[:, 0]
+        logp = tempered_log_softmax(logits, temperature)
         probs = logp.exp()
         if top_p < 1.0:
             sp, si = probs.sort(-1, descending=True)
@@ -305,7 +337,8 @@ class Sampler:
         """Logits at column ``last[b]`` of each row only (the LM head on B positions, not on
         B x L: ``[B, L, vocab]`` logits of a padded prefill can be gigabytes). The supported
         families (Llama, Qwen2, Mistral) apply the output embedding and nothing after it, which
-        is what the causal-LM forward does for them too."""
+        is what the causal-LM forward does for them too (models that do more are refused:
+        :func:`_refuse_logit_processing`)."""
         with attention_context(ctx):
             h = self.model.get_decoder()(input_ids=ids, position_ids=positions.long(), use_cache=False)
         h = h.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last]
@@ -352,22 +385,33 @@ class Sampler:
         """
         if not (math.isfinite(temperature) and temperature >= 0) or not 0.0 < top_p <= 1.0:
             raise ValueError(f"need a finite temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**63):
-            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        max_new_tokens = as_int("max_new_tokens", max_new_tokens)
+        if seed is not None:
+            seed = as_int("seed", seed, 0)  # NumPy integers too
+            if seed >= 2**63:
+                raise ValueError(f"seed must be an int in [0, 2**63), got {seed}")
         device = next(self.model.parameters()).device
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() != 2:
                 raise ValueError(f"prompts must be [B, L], got shape {tuple(prompts.shape)}")
             prompts = list(prompts)
-        prompts = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
+        prompts = [torch.as_tensor(p) for p in prompts]
         B = len(prompts)
         if not 0 < B <= self.max_batch:
             raise ValueError(f"batch of {B} prompts; this sampler takes 1..{self.max_batch}")
         if any(p.dim() != 1 or p.numel() == 0 for p in prompts):
             raise ValueError("every prompt must be a non-empty 1-D sequence of token ids")
+        for b, p in enumerate(prompts):  # converting 1.7 to a token id would silently truncate it
+            if p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+                raise TypeError(f"prompts[{b}] must hold integer token ids, got dtype {p.dtype}")
+        prompts = [p.long() for p in prompts]
         vocab = self.model.get_input_embeddings().num_embeddings
+        # The pad id fills ragged prompts in the prefill and the rollout past each sequence's end,
+        # which the learner's replay reads: it must be a token of the model too.
+        pad_token_id = as_int("pad_token_id", pad_token_id, None)
+        if not 0 <= pad_token_id < vocab:
+            raise ValueError(f"pad_token_id must be a token id in [0, {vocab}) (the model's vocabulary), "
+                             f"got {pad_token_id}")
         for b, p in enumerate(prompts):  # an id past the embedding would be an IndexError deep in the model
             lo, hi = (int(x) for x in torch.aminmax(p))
             if lo < 0 or hi >= vocab:
@@ -458,8 +502,10 @@ class Sampler:
                     break
             if step == max_new_tokens - 1:
                 break
-            force = self.evict_every is not None and (step + 1) % self.evict_every == 0
-            self._evict(list(range(B)), cur_host, force=force)
+            if self.evict_every is None:  # once a sequence is a page over its budget
+                self._evict(list(range(B)), cur_host, force=False)
+            elif step % self.evict_every == 0 and step > 0:  # step 0 follows the prefill's eviction
+                self._evict(list(range(B)), cur_host, force=True)
             pos = cur.to(torch.int32)[:, None]
             logits = self._forward(next_tok[:, None], pos, _SamplerContext(self, slice(0, B), pos, "decode"))
             cur += 1

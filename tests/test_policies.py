@@ -4,6 +4,8 @@ per head and nothing past a sequence's length; a policy written with either form
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -155,3 +157,48 @@ def test_budget_kinds_follow_the_number_type_not_the_python_class():
 def test_snapkv_with_no_slots_keeps_nothing():
     keep = SnapKV().select_batch(torch.zeros(1, 2, 0, dtype=torch.int32), torch.zeros(1, 2, 0), [0], [0])
     assert keep.shape == (1, 2, 0) and keep.dtype == torch.bool
+
+
+def test_fractional_budgets_round_up_the_decimal_not_its_binary_product():
+    """0.07 * 100 is 7.000000000000001 in floating point; the budget is 7, as the decimal reads."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    from shadowkv.policies import budget_tokens
+
+    for frac in (0.07, 0.1, 0.2, 0.3, 0.35, 0.6, 0.7, 0.9):
+        for n in range(1, 2001):
+            assert budget_tokens(frac, n) == math.ceil(Fraction(str(frac)) * n), (frac, n)
+    assert budget_tokens(0.07, 100) == 7 and budget_tokens(0.07, 101) == 8 and budget_tokens(0.001, 3) == 1
+    assert budget_tokens(np.float32(0.07), 100) == 7 and budget_tokens(np.float64(0.07), 200) == 14
+
+
+@pytest.mark.parametrize("make, err, message", [
+    (lambda: H2O(recent_frac=1.5), ValueError, r"H2O: recent_frac must be in \[0, 1\].*1.5"),
+    (lambda: H2O(recent_frac=-0.1), ValueError, "H2O: recent_frac"),
+    (lambda: H2O(recent_frac=float("nan")), ValueError, "H2O: recent_frac"),
+    (lambda: H2O(recent_frac="0.5"), TypeError, "H2O: recent_frac"),
+    (lambda: StreamingLLM(sinks=-3), ValueError, "StreamingLLM: sinks must be an int >= 0, got -3"),
+    (lambda: StreamingLLM(sinks=2.5), TypeError, "StreamingLLM: sinks must be an int >= 0, got 2.5"),
+    (lambda: SnapKV(window=-4), ValueError, "SnapKV: window must be an int >= 0, got -4"),
+    (lambda: SnapKV(kernel=0), ValueError, "SnapKV: kernel must be an int >= 1"),
+    (lambda: SnapKV(kernel=3.0), TypeError, "SnapKV: kernel"),
+    (lambda: SnapKV(kernel=4), ValueError, "odd"),
+    (lambda: RandomEvict(seed=0.5), TypeError, "RandomEvict: seed must be an int"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_policy_arguments_out_of_range_are_refused(make, err, message):
+    """Out of range they would silently choose other tokens (H2O's recent window over the
+    budget evicts the newest tokens, a negative one keeps none)."""
+    with pytest.raises(err, match=message):
+        make()
+
+
+def test_policy_arguments_at_their_bounds_and_numpy_ints_are_accepted():
+    import numpy as np
+
+    H2O(recent_frac=0.0), H2O(recent_frac=1), SnapKV(window=0, kernel=1)
+    assert StreamingLLM(sinks=np.int64(3)).sinks == 3 and type(StreamingLLM(sinks=np.int64(3)).sinks) is int
+    pos = torch.arange(12, dtype=torch.int32).view(1, 1, 12)
+    keep = H2O(recent_frac=1.0).select_batch(pos, torch.rand(1, 1, 12), [12], [4])
+    assert pos[keep].tolist() == [8, 9, 10, 11]  # the whole budget recent

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,8 +114,42 @@ def test_chunked_prefill_and_evict_every_replay(llama):
     # prefill evictions happen at chunk boundaries (multiples of 16) and after the prompt
     steps = rollout.evicted_at[rollout.evicted_at < 2**31 - 1].unique()
     assert (steps % 16 == 0).any()
+    for b, n in enumerate(rollout.prompt_lens.tolist()):  # then every 5 decode steps only
+        ev = rollout.evicted_at[b]
+        assert ((ev[(ev >= n) & (ev < 2**31 - 1)] - n) % 5 == 0).all()
     shadow = token_logprobs(llama, rollout, "shadow")
     assert (shadow - rollout.logprobs)[rollout.action_mask].abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("page_size, every, budget", [(4, 5, 8), (16, 3, 8), (4, 6, 0.3), (1, 1, 6)])
+def test_evict_every_is_a_fixed_schedule_after_the_prefill(llama, page_size, every, budget):
+    """``evict_every=N`` (Sparse-RL's "every 128 decode steps"): the prefill's eviction, then one
+    before every N-th decode step and none in between (not once a page over the budget), so a
+    sequence holds up to its budget + N slots, which the cache is sized for; replay is exact."""
+    prompts, max_new = _prompts(3, 12, 20, seed=5), 30
+    sampler = Sampler(llama, StreamingLLM(sinks=2), budget=budget, page_size=page_size, evict_every=every)
+    live = []  # each row's most slots in a layer while the model ran (the query's own key included)
+    real = sampler._forward
+
+    def watched(*args):
+        out = real(*args)
+        live.append([max(layer.lens[b] for layer in sampler.cache.layers) for b in range(len(prompts))])
+        return out
+
+    sampler._forward = watched
+    r = sampler.generate(prompts, max_new, seed=2)
+    assert r.action_mask.sum(-1).tolist() == [max_new] * 3
+    for b, n in enumerate(r.prompt_lens.tolist()):
+        queries = range(n, n + max_new - 1)  # the last token is never fed back
+        ev = r.evicted_at[b]
+        logged = set(ev[ev < 2**31 - 1].tolist())
+        assert logged <= {q for q in queries if (q - n) % every == 0}, (b, sorted(logged))
+        if isinstance(budget, int):  # a fixed budget is exceeded at every scheduled point
+            assert logged == {q for q in queries if (q - n) % every == 0}
+            assert max(step[b] for step in live) == budget + every
+        assert max(step[b] for step in live) <= sampler._max_live(n + max_new, n)
+    shadow = token_logprobs(llama, r, "shadow")
+    assert (shadow - r.logprobs)[r.action_mask].abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("policy", [StreamingLLM(sinks=2), H2O(), SnapKV(window=4, kernel=3)],
@@ -314,13 +349,66 @@ def test_bad_generate_arguments(llama):
         Sampler(llama, StreamingLLM(), budget=[None, 4])
 
 
-def test_a_tiny_temperature_samples_the_greedy_token(llama):
-    """logits / 1e-45 overflows; the sampler shifts first, so it is greedy decoding, not NaN."""
+@pytest.mark.parametrize("call, err, message", [
+    (lambda m, p: Sampler(m, "h2o", budget=4), TypeError, r"policy must be a shadowkv.policies.Policy \(FullCache, "),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4, prefill_chunk=2.5), TypeError, "prefill_chunk must be an int"),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4, evict_every=2.5), TypeError, "evict_every must be an int"),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4, evict_every=0), ValueError, "evict_every must be an int >= 1"),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4, prefill_tokens=2.5), TypeError, "prefill_tokens must be"),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4, page_size=True), TypeError, "page_size must be"),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 2.5), TypeError, "max_new_tokens must be"),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 0), ValueError, "max_new_tokens must be"),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate([torch.tensor([1.7, 2.2])], 3), TypeError,
+     r"prompts\[0\] must hold integer token ids, got dtype torch.float32"),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 3, pad_token_id=None), TypeError,
+     "pad_token_id must be an int, got None"),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 3, pad_token_id=-1), ValueError,
+     re.escape(f"pad_token_id must be a token id in [0, {VOCAB})")),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 3, pad_token_id=VOCAB), ValueError,
+     re.escape(f"pad_token_id must be a token id in [0, {VOCAB})")),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 3, seed=-1), ValueError, "seed must be"),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 3, seed=1.5), TypeError, "seed must be"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_sampler_settings_name_the_argument(llama, call, err, message):
+    """Instead of an AttributeError, a float silently truncated or an IndexError deep in the
+    model (the pad id fills ragged prompts, which the prefill and the replay feed the model)."""
+    with pytest.raises(err, match=message):
+        call(llama, _prompts(2, 6, 9, seed=1))
+
+
+def test_numpy_integers_are_accepted_where_ints_are(llama):
+    prompts = _prompts(2, 6, 9, seed=1)
+    a = Sampler(llama, StreamingLLM(), budget=4).generate(prompts, 3, seed=3, pad_token_id=0)
+    b = Sampler(llama, StreamingLLM(), budget=np.int64(4), page_size=np.int64(16), evict_every=np.int32(2)).generate(
+        [p.numpy() for p in prompts], np.int64(3), seed=np.int64(3), pad_token_id=np.int64(0))
+    assert torch.equal(a.tokens, b.tokens)
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-45])
+def test_a_tiny_temperature_samples_the_greedy_token(llama, temperature):
+    """logits / 1e-45 overflows; the sampler shifts first, so it is greedy decoding, not NaN,
+    and the learner's replay computes the same way (it gave NaN)."""
     prompts = _prompts(2, 6, 6)
-    tiny = Sampler(llama, StreamingLLM(), budget=0.5).generate(prompts, 5, temperature=1e-45, seed=0)
+    tiny = Sampler(llama, StreamingLLM(), budget=0.5).generate(prompts, 5, temperature=temperature, seed=0)
     greedy = Sampler(llama, StreamingLLM(), budget=0.5).generate(prompts, 5, temperature=0.0)
     assert torch.equal(tiny.tokens, greedy.tokens)
     assert not tiny.logprobs.isnan().any()
+    replayed = token_logprobs(llama, tiny, "shadow", temperature=temperature)
+    assert not replayed.isnan().any()
+    assert (replayed - tiny.logprobs)[tiny.action_mask].abs().max() <= 1e-4
+
+
+def test_top_p_logprobs_are_the_policy_logprobs_and_replay(llama):
+    """With top_p < 1 tokens come from the nucleus, and Rollout.logprobs are log-probs under the
+    full softmax(logits / T) (README, design notes): what the learner's replay computes."""
+    logits = torch.tensor([[2.0, 1.5, 0.0, -1.0]]).expand(200, 4)
+    tok, lp = Sampler._sample(logits, 1.0, 0.7, torch.Generator().manual_seed(0))
+    assert set(tok.tolist()) == {0, 1}  # the smallest prefix reaching 0.7: probabilities 0.56 + 0.34
+    torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0])
+    r = Sampler(llama, StreamingLLM(sinks=2), budget=8, page_size=4).generate(_prompts(2, 10, 16), 20,
+                                                                              temperature=0.8, top_p=0.7, seed=4)
+    shadow = token_logprobs(llama, r, "shadow", temperature=0.8)
+    assert (shadow - r.logprobs)[r.action_mask].abs().max() <= 1e-4
 
 
 def test_same_seed_same_rollout_for_stochastic_policy(llama):
@@ -345,8 +433,13 @@ def test_attention_features_shadowkv_does_not_implement_are_refused(tmp_path):
     """Logit soft-capping (Gemma 2's default) and attention dropout (a model in training mode
     with attention_dropout > 0) change the attention: refused, not silently dropped."""
     gemma = tiny_model(tmp_path / "gemma2", "gemma2")
-    assert gemma.config.attn_logit_softcapping is not None
-    with pytest.raises(NotImplementedError, match="soft-capping"):
+    assert gemma.config.attn_logit_softcapping is not None and gemma.config.final_logit_softcapping is not None
+    # The causal-LM forward soft-caps the logits after the output embedding; the sampler's
+    # prefill logits come from the output embedding alone: refused when it is built.
+    with pytest.raises(NotImplementedError, match="final logit soft-capping .final_logit_softcapping=30.0"):
+        Sampler(gemma, StreamingLLM(), budget=8)
+    gemma.config.final_logit_softcapping = None
+    with pytest.raises(NotImplementedError, match="attention logit soft-capping"):
         Sampler(gemma, StreamingLLM(), budget=8).generate(_prompts(1, 10, 10), 4)
     model = tiny_model(tmp_path / "llama", "llama")
     rollout = Sampler(model, StreamingLLM(), budget=8).generate(_prompts(1, 10, 10), 4)
@@ -356,6 +449,12 @@ def test_attention_features_shadowkv_does_not_implement_are_refused(tmp_path):
     token_logprobs(model, rollout)  # eval mode: no dropout
     with pytest.raises(NotImplementedError, match="dropout"):
         token_logprobs(model.train(), rollout)
+    for name, value in (("logit_scale", 0.0625), ("logits_scaling", 8.0)):  # Cohere, Granite
+        setattr(model.config, name, value)
+        with pytest.raises(NotImplementedError, match=f"{name}={value}"):
+            Sampler(model, StreamingLLM(), budget=8)
+        setattr(model.config, name, 1.0)  # neutral
+        Sampler(model, StreamingLLM(), budget=8)
 
 
 def test_sliding_window_models_are_refused_past_the_window(tmp_path):

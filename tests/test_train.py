@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 
 import pytest
@@ -282,6 +283,27 @@ def test_is_weights_follow_sparse_rl_rules():
     assert torch.isclose(w.mean(), torch.tensor(1.0))  # normalised over every valid token
     raw = torch.tensor([[1.0, 1.2, 1.5, 0.4], [1.0, 1.0, 1e-5, 1.0], [1.5, 0.5, 1.0, 1.0]])  # min(r, 1.5)
     assert torch.allclose(w, raw / raw.mean(), atol=1e-5)
+
+
+def test_is_veto_zero_turns_the_veto_off():
+    """--is-veto 0 passes the config check and vetoes nothing (it was log(0) in is_weights)."""
+    _cfg("is", is_veto=0.0).check()
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    dense = torch.log(torch.tensor([[1.0, 1e-30, 1.0], [1.0, 0.0, 1.0]]))  # r tiny, and r = 0 exactly
+    _, keep = learner.is_weights(dense, torch.zeros(2, 3), mask, learner.ISConfig(veto=0.0))
+    assert keep.tolist() == [[True, False, True]] * 2  # only the rejected tokens leave
+    _, keep = learner.is_weights(dense, torch.zeros(2, 3), mask, learner.ISConfig())
+    assert not keep.any()  # the default veto drops both sequences
+
+
+def test_learner_settings_are_checked_when_given():
+    with pytest.raises(ValueError, match="smd_direction must be 'forward' or 'reverse', got 'fwd'"):
+        learner.LossConfig(smd_direction="fwd")
+    with pytest.raises(ValueError, match=re.escape("rewards must be [N] with N a multiple of group_size (2), got "
+                                                   "shape (5,)")):
+        learner.grpo_advantages(torch.ones(5), 2)
+    with pytest.raises(ValueError, match="group_size must be an int >= 1, got 0"):
+        learner.grpo_advantages(torch.ones(4), 0)
 
 
 def test_distill_kl_is_zero_for_identical_logits_and_positive_otherwise():
