@@ -93,6 +93,9 @@ def check_length(model, length: int) -> None:
     cfg = model.config
     window = getattr(cfg, "sliding_window", None)
     enabled = getattr(cfg, "use_sliding_window", True)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:  # per layer (Qwen2 slides only from max_window_layers on; Gemma 2 every other)
+        enabled = enabled and any(t == "sliding_attention" for t in layer_types)
     if window and enabled and length > window:
         raise NotImplementedError(
             f"shadowkv: the model uses sliding-window attention ({window} tokens) and this sequence has "
