@@ -66,7 +66,7 @@ def tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tens
 
 class _SamplerContext:
     """Attention for one model call of the sampler: ``"decode"`` (one token per sequence of
-    ``rows``), ``"prompts"`` (whole prompts of ``rows``, right-padded, ``lengths`` tokens each)
+    ``rows``, ``lengths`` 1 each, or 0 for a sequence that ended and holds no cache), ``"prompts"`` (whole prompts of ``rows``, right-padded, ``lengths`` tokens each)
     or ``"chunk"`` (a prefill chunk of the single sequence ``rows.start``, after its survivors,
     ending at position ``lengths[0]``). Prefill evicts each layer to ``lengths`` once its
     attention is done."""
@@ -83,7 +83,8 @@ class _SamplerContext:
     def attend(self, layer, q, k, v, scale):
         s, cache = self.s, self.s.cache
         B, _, T, _ = q.shape
-        cache.append(layer, k, v, self.positions, self.lengths if self.mode == "prompts" else [T] * B, rows=self.rows)
+        counts = self.lengths if self.mode in ("prompts", "decode") else [T] * B  # decode: 0 for an ended row
+        cache.append(layer, k, v, self.positions, counts, rows=self.rows)
         if self.mode == "decode":
             scores = s.slot_scores[layer][self.rows] if s.policy.needs_scores else None
             step_scores = torch.zeros_like(scores) if scores is not None else None
@@ -486,9 +487,15 @@ class Sampler:
         cur = to_device(plens, device, torch.int64)  # position of each sequence's next token
         cur_host = list(plens)  # the same on the host: eviction decisions read no device value
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        # Whether every sequence has ended is a device value: reading it waits for the GPU, so
-        # there it is read every few steps (the steps in between change nothing visible).
+        # Whether sequences ended is a device value: reading it waits for the GPU, so there it is
+        # read every few steps (the steps in between change nothing visible).
         done_every = 1 if device.type == "cpu" else 8
+        # Sequences the host has seen end: their pages go back to the pool, and the remaining
+        # steps neither append to nor evict them (the batch still runs their rows, which nothing
+        # records). Without this an ended sequence kept growing and evicting until the longest
+        # one ended: memory the peak counted (a FullCache rollout up to max_new_tokens for every
+        # sequence) and evictions its log recorded past its end.
+        ended = [False] * B
         for step in range(max_new_tokens):
             live = ~done
             col = cur[:, None]
@@ -498,16 +505,24 @@ class Sampler:
             action.scatter_(1, col, (live | action.gather(1, col)[:, 0])[:, None])
             if eos_token_id is not None:
                 done |= live & (next_tok == eos_token_id)
-                if step % done_every == done_every - 1 and bool(done.all()):
-                    break
+                if step % done_every == done_every - 1:
+                    seen = done.tolist()
+                    if all(seen):
+                        break
+                    for b in range(B):
+                        if seen[b] and not ended[b]:
+                            ended[b] = True
+                            self.cache.release(b)
             if step == max_new_tokens - 1:
                 break
+            running = [b for b in range(B) if not ended[b]]
             if self.evict_every is None:  # once a sequence is a page over its budget
-                self._evict(list(range(B)), cur_host, force=False)
+                self._evict(running, [cur_host[b] for b in running], force=False)
             elif step % self.evict_every == 0 and step > 0:  # step 0 follows the prefill's eviction
-                self._evict(list(range(B)), cur_host, force=True)
+                self._evict(running, [cur_host[b] for b in running], force=True)
             pos = cur.to(torch.int32)[:, None]
-            logits = self._forward(next_tok[:, None], pos, _SamplerContext(self, slice(0, B), pos, "decode"))
+            ctx = _SamplerContext(self, slice(0, B), pos, "decode", lengths=[0 if e else 1 for e in ended])
+            logits = self._forward(next_tok[:, None], pos, ctx)
             cur += 1
             cur_host = [c + 1 for c in cur_host]
             next_tok, next_lp = self._sample(logits, temperature, top_p, gen)

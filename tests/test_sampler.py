@@ -14,6 +14,7 @@ import torch
 
 from shadowkv import CacheFullError, PagedKVCache, Sampler, learner
 from shadowkv.learner import token_logprobs
+from shadowkv.ops import NEVER_EVICTED
 from shadowkv.policies import H2O, FullCache, Policy, RandomEvict, SnapKV, StreamingLLM
 
 from .models import VOCAB, tiny_model
@@ -483,3 +484,26 @@ def test_sliding_window_is_refused_only_where_a_layer_slides(tmp_path, window_la
     rollout = sampler.generate(_prompts(1, 10, 10), 10, seed=0)
     logp = token_logprobs(model, rollout)
     torch.testing.assert_close(logp * rollout.action_mask, rollout.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("policy, budget", [(FullCache(), None), (StreamingLLM(), 8)], ids=["full", "streaming"])
+def test_an_ended_sequence_gives_its_pages_back_and_stops_evicting(llama, policy, budget):
+    """Once the host sees a sequence's EOS, its pages go back to the pool and it is neither
+    appended to nor evicted again: the peak no longer holds it at max_new_tokens, its log stops
+    at its end, and the others still replay exactly."""
+    prompts = _prompts(2, 6, 6, seed=3)
+    sampler = Sampler(llama, policy, budget, page_size=2)
+    free = sampler.generate(prompts, 30, temperature=0.0)
+    gen0 = free.tokens[0][free.action_mask[0]].tolist()
+    eos = next((t for t in gen0[1:6] if t not in free.tokens[1][free.action_mask[1]].tolist()), None)
+    if eos is None:
+        pytest.skip("no token ends sequence 0 early without ending sequence 1 (random model)")
+    r = sampler.generate(prompts, 30, temperature=0.0, eos_token_id=eos)
+    end0 = int(r.seq_lens[0])
+    assert end0 < int(r.seq_lens[1]) == 6 + 30 and r.tokens[0, end0 - 1] == eos
+    assert r.kv_peak_bytes < free.kv_peak_bytes
+    logged = r.evicted_at[0][r.evicted_at[0] != NEVER_EVICTED]
+    assert (logged <= end0).all()  # nothing logged past its end
+    assert sampler.cache.layers[0].pages[0] == []
+    logp = token_logprobs(llama, r)
+    torch.testing.assert_close(logp * r.action_mask, r.logprobs, atol=1e-5, rtol=0)
