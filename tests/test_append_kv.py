@@ -300,6 +300,29 @@ def test_strided_view_of_the_block_table_as_seq_lens_is_refused():
                       torch.tensor([4, 2], dtype=torch.int32))
 
 
+@pytest.mark.parametrize("where, overlaps", [(0, True), (4, True), (80000, False)])
+def test_a_small_strided_view_into_a_large_pool_is_checked_exactly(where, overlaps):
+    """seq_lens as a strided view of the buffer that also holds pos_pages (80000 int32: a large
+    tensor). Only the small one's bytes are tested against the large one's layout: refused where
+    they overlap (it used to be accepted, and the op wrote lengths into positions), accepted
+    just past it."""
+    buf = torch.zeros(80004, dtype=torch.int32)
+    pos_pages = buf[:80000].view(40000, 1, 2)
+    seq_lens = buf[where : where + 4 : 2]
+    k_pages = torch.zeros(40000, 1, 2, 4)
+    tables = torch.tensor([[0], [1]], dtype=torch.int32)
+    k = torch.randn(2, 2, 1, 4)
+    args = (k_pages, k_pages.clone(), pos_pages, tables, seq_lens, k, k, torch.zeros(2, 1, dtype=torch.int32),
+            torch.ones(2, dtype=torch.int32))
+    if overlaps:
+        with pytest.raises(ValueError, match="`pos_pages` is written in place and must not share memory with `seq_lens`"):
+            ops.append_kv(*args)
+        assert not buf.any()
+    else:
+        ops.append_kv(*args)
+        assert seq_lens.tolist() == [1, 1] and not buf[:80000].any()
+
+
 def test_writes_bump_version_counters_and_grad_free_calls_run():
     """Like torch's in-place ops: autograd notices a saved tensor the op overwrote (no silent
     stale gradient), and under no_grad a tensor that requires grad may be written."""

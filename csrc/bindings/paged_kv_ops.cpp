@@ -2,6 +2,7 @@
 
 #include <ATen/MemoryOverlap.h>
 
+#include <algorithm>
 #include <initializer_list>
 #include <stdexcept>
 #include <utility>
@@ -38,16 +39,51 @@ at::Tensor byte_offsets(const at::Tensor& t) {
   return (off.reshape({-1, 1}) * es + at::arange(es, opts)).reshape({-1});
 }
 
+// Whether any of the storage byte offsets `bytes` (int64, CPU) is a byte of `t`, from t's sizes
+// and strides alone. Exact when t's moving dimensions, ordered by stride, each step past
+// everything the smaller ones reach (any tensor without internal overlap, expanded dimensions
+// aside): an offset then has one candidate index, taken greedily from the largest stride.
+// Otherwise (a tensor whose elements interleave or repeat) it answers whether an offset falls
+// within t's byte range: a refusal may then be conservative, never a miss.
+bool bytes_hit(const at::Tensor& bytes, const at::Tensor& t) {
+  const int64_t es = static_cast<int64_t>(t.element_size());
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride in bytes, size) of the moving dims
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) == 0) return false;
+    if (t.size(d) > 1 && t.stride(d) != 0) dims.emplace_back(t.stride(d) * es, t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = es - 1;  // the last byte offset t covers, relative to its first
+  bool exact = true;
+  for (const auto& [stride, size] : dims) {
+    exact = exact && stride > reach;
+    reach += stride * (size - 1);
+  }
+  const at::Tensor rel = bytes - t.storage_offset() * es;
+  at::Tensor hit = (rel >= 0) & (rel <= reach);
+  if (exact) {
+    at::Tensor rem = rel.clamp_min(0);
+    for (auto it = dims.rbegin(); it != dims.rend(); ++it) {
+      rem = rem - at::floor_divide(rem, it->first).clamp_max(it->second - 1) * it->first;
+    }
+    hit = hit & (rem < es);
+  }
+  return hit.any().item<bool>();
+}
+
 // Whether two tensors that torch's quick test could not decide (same storage, TooHard) share a
-// byte: exactly for small ones (index tensors: a strided view of block_tables passed as
-// seq_lens), never for large ones (interleaved views of one buffer, such as the k/v halves of a
-// fused pool, are allowed as in torch's own in-place ops).
+// byte. When one is small (index tensors: a strided view of block_tables passed as seq_lens, or
+// of a page pool's buffer), its bytes are tested against the other exactly (bytes_hit). Two
+// large ones are allowed (interleaved views of one buffer, such as the k/v halves of a fused
+// pool, as in torch's own in-place ops).
 bool small_views_overlap(const at::Tensor& a, const at::Tensor& b) {
   constexpr int64_t kExactUpTo = int64_t{1} << 16;  // elements
   // (TooHard also comes back for any non-dense view, before torch compares the storages.)
-  if (!a.storage().is_alias_of(b.storage())) return false;
-  if (a.numel() > kExactUpTo || b.numel() > kExactUpTo || a.numel() == 0 || b.numel() == 0) return false;
-  return at::isin(byte_offsets(a), byte_offsets(b)).any().item<bool>();
+  if (!a.storage().is_alias_of(b.storage()) || a.numel() == 0 || b.numel() == 0) return false;
+  const bool a_small = a.numel() <= b.numel();
+  const at::Tensor& small = a_small ? a : b;
+  if (small.numel() > kExactUpTo) return false;
+  return bytes_hit(byte_offsets(small), a_small ? b : a);
 }
 
 // The kernels write `written` in place: each must be a plain (non-broadcast) view, and none may
