@@ -135,7 +135,19 @@ def _check_fake_args(ref, ref_name, specs):
             raise ValueError(f"shadowkv: `{name}` must have shape {want}, got {list(t.shape)}")
 
 
-def _check_meta_args(q, k, v, evicted_at):
+_INT32_MAX = 2**31 - 1
+# The largest softmax scale the kernels take: scale * log2(e) finite in float32 (dtypes.h).
+MAX_SOFTMAX_SCALE = torch.finfo(torch.float32).max / 1.4426950408889634
+
+
+def _check_fake_scale(scale):
+    """The kernels' check of an explicit ``scale`` (None: 1/sqrt(D), always valid)."""
+    if scale is not None and not 0.0 < scale <= MAX_SOFTMAX_SCALE:
+        raise ValueError(f"shadowkv: `scale` must be positive and finite, at most FLT_MAX / log2(e) "
+                         f"({MAX_SOFTMAX_SCALE:g}: the kernels compute in float32), got {scale}")
+
+
+def _check_meta_args(q, k, v, evicted_at, q_offset=0, scale=None):
     """The C++ shadow_attention checks, for fake and meta tensors."""
     B, Hq, _, D = q.shape if q.dim() == 4 else (None,) * 4
     Hkv, Lk = (k.shape[1], k.shape[2]) if k.dim() == 4 else (None, None)
@@ -147,11 +159,19 @@ def _check_meta_args(q, k, v, evicted_at):
     ])
     if (Hq % Hkv != 0) if Hkv else Hq != 0:
         raise ValueError(f"shadowkv: the head count of `q` ({Hq}) must be a multiple of the head count of `k` ({Hkv})")
+    if q_offset < 0:
+        raise ValueError(f"shadowkv: `q_offset` must be >= 0, got {q_offset}")
+    if q_offset > _INT32_MAX - q.shape[2]:
+        raise ValueError(f"shadowkv: `q_offset` ({q_offset}) + Lq ({q.shape[2]}) exceeds the int32 positions of "
+                         f"`evicted_at`")
+    _check_fake_scale(scale)
+    if q.device.type == "cuda" and q.dtype == torch.float64:
+        raise TypeError("shadowkv: `q` float64 is supported on CPU only; use float32, bfloat16 or float16 on CUDA")
 
 
 @torch.library.register_fake("shadowkv::shadow_attention_fwd")
 def _shadow_attention_fwd_fake(q, k, v, evicted_at, q_offset=0, scale=None):
-    _check_meta_args(q, k, v, evicted_at)
+    _check_meta_args(q, k, v, evicted_at, q_offset, scale)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
     return out, lse
@@ -159,7 +179,14 @@ def _shadow_attention_fwd_fake(q, k, v, evicted_at, q_offset=0, scale=None):
 
 @torch.library.register_fake("shadowkv::shadow_attention_bwd")
 def _shadow_attention_bwd_fake(grad_out, q, k, v, evicted_at, out, lse, grad_lse, q_offset, scale):
-    _check_meta_args(q, k, v, evicted_at)
+    _check_meta_args(q, k, v, evicted_at, q_offset, scale)
+    lse_shape = tuple(q.shape[:3])
+    _check_fake_args(q, "q", [
+        ("grad_out", grad_out, "[B, Hq, Lq, D]", (q.dtype,), tuple(q.shape)),
+        ("out", out, "[B, Hq, Lq, D]", (q.dtype,), tuple(q.shape)),
+        ("lse", lse, "[B, Hq, Lq]", (_lse_dtype(q),), lse_shape),
+        ("grad_lse", grad_lse, "[B, Hq, Lq]", (_lse_dtype(q),), lse_shape),
+    ])
     fmt = torch.contiguous_format
     return (
         torch.empty_like(q, memory_format=fmt),
@@ -295,6 +322,9 @@ def _paged_decode_attention_fake(q, k_pages, v_pages, block_tables, seq_lens, sc
     if q.shape[1] % H != 0:
         raise ValueError(f"shadowkv: the head count of `q` ({q.shape[1]}) must be a multiple of the KV head "
                          f"count of `k_pages` ({H})")
+    _check_fake_scale(scale)
+    if q.device.type == "cuda" and q.dtype == torch.float64:
+        raise TypeError("shadowkv: `q` float64 is supported on CPU only; use float32, bfloat16 or float16 on CUDA")
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

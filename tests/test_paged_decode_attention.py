@@ -282,6 +282,7 @@ BAD_INPUTS = {
     "scale_nan": ("scale", lambda a: {"scale": math.nan}),
     "scale_inf": ("scale", lambda a: {"scale": math.inf}),
     "scale_above_float32": ("scale", lambda a: {"scale": 1e39}),  # finite in double, inf in the kernels
+    "scale_times_log2e_above_float32": ("scale", lambda a: {"scale": 3e38}),  # scale * log2(e) would be inf
     # Not differentiable: a gradient would silently never reach q.
     "q_requires_grad": ("q", lambda a: {"q": a["q"].clone().requires_grad_()}),
     "table_entry_missing": ("block_tables", _set("block_tables", (0, 1), -1)),

@@ -466,6 +466,7 @@ BAD_INPUTS = {
     "scale_nan": ("scale", lambda a: {"scale": math.nan}),
     "scale_inf": ("scale", lambda a: {"scale": math.inf}),
     "scale_above_float32": ("scale", lambda a: {"scale": 1e39}),  # finite in double, inf in the kernels
+    "scale_times_log2e_above_float32": ("scale", lambda a: {"scale": 3e38}),  # scale * log2(e) would be inf
     "q_offset_overflows_int64": ("q_offset", lambda a: {"q_offset": 2**63 - 5}),  # q_offset + Lq wraps
 }
 
@@ -745,3 +746,36 @@ def test_attention_kernel_sets_and_restores_the_environment(monkeypatch):
     plain = ops.shadow_attention(q, q, q, ev)
     with ops.attention_kernel("cute"):
         assert torch.equal(ops.shadow_attention(q, q, q, ev), plain)
+
+
+def test_fake_kernels_refuse_what_the_kernels_refuse():
+    """Meta tensors (what torch.compile traces with) get the kernels' errors for the backward's
+    own arguments and for q_offset and scale, instead of a result."""
+    q = torch.empty(1, 2, 3, 4, device="meta")
+    k = torch.empty(1, 2, 5, 4, device="meta")
+    ev = torch.empty(1, 2, 5, dtype=torch.int32, device="meta")
+    lse = torch.empty(1, 2, 3, device="meta")
+    bwd = torch.ops.shadowkv.shadow_attention_bwd
+    bad = {
+        "`lse` must have shape": dict(lse=torch.empty(1, 2, 2, device="meta")),
+        "`lse` must be torch.float32": dict(lse=lse.double()),
+        "`grad_out` must have shape": dict(grad_out=torch.empty(1, 2, 3, 5, device="meta")),
+        "`grad_lse` must be a 3-D tensor": dict(grad_lse=torch.empty(1, 2, device="meta")),
+        "`out` must be torch.float32": dict(out=q.half()),
+        "`q_offset` must be >= 0": dict(q_offset=-1),
+        "exceeds the int32 positions": dict(q_offset=2**31 - 3),
+        "`scale` must be positive": dict(scale=0.0),
+    }
+    for message, change in bad.items():
+        args = dict(grad_out=q, q=q, k=k, v=k, evicted_at=ev, out=q, lse=lse, grad_lse=None, q_offset=0, scale=None)
+        args.update(change)
+        with pytest.raises((ValueError, TypeError), match=message):
+            bwd(*args.values())
+    for message, change in list(bad.items())[-3:]:
+        args = dict(q=q, k=k, v=k, evicted_at=ev, q_offset=0, scale=None)
+        args.update(change)
+        with pytest.raises(ValueError, match=message):
+            torch.ops.shadowkv.shadow_attention_fwd(*args.values())
+    with pytest.raises(ValueError, match="at most FLT_MAX / log2"):
+        torch.ops.shadowkv.shadow_attention_fwd(q, k, k, ev, 0, 3e38)
+    bwd(q, q, k, k, ev, q, lse, None, 0, None)  # valid: shapes only

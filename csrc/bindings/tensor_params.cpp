@@ -48,8 +48,8 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected
 
 double softmax_scale(std::optional<double> scale, int64_t head_dim) {
   const double s = scale.has_value() ? *scale : (head_dim > 0 ? 1.0 / std::sqrt(static_cast<double>(head_dim)) : 1.0);
-  TORCH_CHECK_VALUE(valid_softmax_scale(s), "shadowkv: `scale` must be positive and finite, at most FLT_MAX (",
-                    FLT_MAX, ": the kernels compute it in float32), got ", s);
+  TORCH_CHECK_VALUE(valid_softmax_scale(s), "shadowkv: `scale` must be positive and finite, at most FLT_MAX / log2(e) (",
+                    kMaxSoftmaxScale, ": the kernels compute in float32), got ", s);
   return s;
 }
 

@@ -29,7 +29,7 @@ void check_shadow_attention_params(const ShadowAttentionParams& p, const char* f
     fail(fn, "q_offset + q_len (" + std::to_string(p.q_offset) + " + " + std::to_string(p.q_len) + ") and kv_len (" +
                  std::to_string(p.kv_len) + ") must fit the int32 positions of evicted_at");
   if (!valid_softmax_scale(p.scale))
-    fail(fn, "scale must be positive and finite, at most FLT_MAX (the kernels compute in float32), got " +
+    fail(fn, "scale must be positive and finite, at most FLT_MAX / log2(e) (the kernels compute in float32), got " +
                  std::to_string(p.scale));
   if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat64 && p.dtype != DType::kBFloat16 &&
       p.dtype != DType::kFloat16)

@@ -126,7 +126,7 @@ void paged_decode_attention_cpu(const PagedDecodeParams& p, const ParallelFor& p
   if (p.num_q_heads < 0 || p.num_q_heads % c.num_kv_heads != 0)
     fail("the head count of `q` (" + std::to_string(p.num_q_heads) + ") must be a multiple of the KV head count (" +
          std::to_string(c.num_kv_heads) + ")");
-  if (!valid_softmax_scale(p.scale)) fail("`scale` must be positive and finite, at most FLT_MAX (float32)");
+  if (!valid_softmax_scale(p.scale)) fail("`scale` must be positive and finite, at most FLT_MAX / log2(e) (float32)");
   if (c.batch > 0 && p.num_q_heads > 0 && (!p.q || !p.out)) fail("null `q` or output pointer");
   if (p.scores && p.scores_len < 0) fail("negative `scores_out` length");
   check_written_layouts(p, op);

@@ -173,7 +173,7 @@ void paged_decode_attention_cuda(const PagedDecodeParams& p, void* stream_ptr) {
   if (p.num_q_heads < 0 || p.num_q_heads % c.num_kv_heads != 0)
     fail(op, "the head count of `q` (" + std::to_string(p.num_q_heads) +
                  ") must be a multiple of the KV head count (" + std::to_string(c.num_kv_heads) + ")");
-  if (!valid_softmax_scale(p.scale)) fail(op, "`scale` must be positive and finite, at most FLT_MAX (float32)");
+  if (!valid_softmax_scale(p.scale)) fail(op, "`scale` must be positive and finite, at most FLT_MAX / log2(e) (float32)");
   if (c.batch > 0 && p.num_q_heads > 0 && (!p.q || !p.out)) fail(op, "null `q` or output pointer");
   if (p.scores && p.scores_len < 0) fail(op, "negative `scores_out` length");
   check_written_layouts(p, op);

@@ -21,9 +21,11 @@ inline const char* dtype_name(DType t) {
   return "unknown";
 }
 
-// A softmax scale every kernel can use: positive and finite in float32, which all but the
-// float64 kernels compute in (a larger finite double would become inf there).
-inline bool valid_softmax_scale(double s) { return s > 0.0 && s <= FLT_MAX; }
+// A softmax scale every kernel can use: positive, and finite in float32 also times log2(e)
+// (the CUDA attention kernels compute exp2 of scores times scale * log2(e) in float32; a larger
+// finite double would become inf there, and inf * 0 a NaN). At most kMaxSoftmaxScale.
+constexpr double kMaxSoftmaxScale = static_cast<double>(FLT_MAX) / 1.4426950408889634;
+inline bool valid_softmax_scale(double s) { return s > 0.0 && s <= kMaxSoftmaxScale; }
 
 // Whether the product of non-negative sizes (an element count, an offset bound) fits in int64.
 inline bool product_fits_int64(std::initializer_list<int64_t> sizes) {
