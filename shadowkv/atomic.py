@@ -8,14 +8,35 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process umask. Linux reports it in /proc; elsewhere ``os.umask`` can only read it by
+    setting it, so it is briefly set to the strict 077 (a file another thread creates meanwhile
+    gets fewer permissions, never more)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
 
 
 def write_text(path: Path, text: str) -> None:
     """Replaces the file ``path`` with ``text``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     with os.fdopen(fd, "w") as f:
+        # mkstemp creates 0600 whatever the umask; run files get the mode open() would give them.
+        os.fchmod(f.fileno(), 0o666 & ~_umask())
         f.write(text)
     os.replace(tmp, path)
 
@@ -29,6 +50,7 @@ def write_dir(path: Path, fill: Callable[[Path], None], replace: bool = True) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700 whatever the umask
         fill(tmp)
         if replace:
             shutil.rmtree(path, ignore_errors=True)

@@ -68,6 +68,8 @@ def _cmd_train(args) -> int:
     summary = train(cfg, out, resume=args.resume, progress=not args.quiet, overrides=_given(args))
     print(json.dumps(summary, indent=2))
     print(f"run folder: {out}  (config.json, metrics.jsonl, curves.png, checkpoints)")
+    if summary["stopped"]:  # Ctrl-C: checkpointed but unfinished, so exit as main() does for an interrupt
+        raise KeyboardInterrupt
     return 0
 
 
@@ -134,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_cmd_train)
     c = sub.add_parser("compare", help="dense, naive, is and smd on the same seeds; one table")
     _add_train_args(c)
-    c.add_argument("--seeds", type=int, default=3)
+    c.add_argument("--seeds", type=int, default=3, help="runs per method, seeds --seed .. --seed + N - 1 (default 3)")
     c.add_argument("--methods", default="dense,naive,is,smd")
     c.set_defaults(fn=_cmd_compare)
     sub.add_parser("info", help="version, torch, built CUDA archs, GPU coverage").set_defaults(fn=_cmd_info)

@@ -21,8 +21,10 @@ def _mean_std(xs: list[float]) -> str:
 
 def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "naive", "is", "smd"),
             progress: bool = True) -> str:
-    """Trains every method for every seed under ``out/<method>-s<seed>`` (finished runs with
-    the same settings are reused, interrupted ones resumed), writes ``compare.json`` and ``compare.png``, returns the table as text."""
+    """Trains every method for every seed ``base.seed .. base.seed + seeds - 1`` under
+    ``out/<method>-s<seed>`` (finished runs with the same settings are reused, interrupted ones
+    resumed), writes ``compare.json`` and ``compare.png``, returns the table as text. A run
+    stopped by Ctrl-C stops the comparison (``KeyboardInterrupt``)."""
     out = Path(out)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or len(set(methods)) != len(methods) or not methods:
@@ -35,7 +37,7 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
     if seeds < 1:
         raise ValueError(f"seeds (--seeds) must be >= 1, got {seeds}")
     results: dict[str, list[dict]] = {m: [] for m in methods}
-    for seed in range(seeds):
+    for seed in range(base.seed, base.seed + seeds):
         for method in methods:
             cfg = copy.deepcopy(base)
             cfg.method, cfg.seed = method, seed
@@ -46,14 +48,15 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
                 summary = json.loads(done.read_text())  # finished with these settings: reuse
             else:  # resume an interrupted run; a folder trained with other settings starts over
                 summary = train(cfg, run, resume=same, progress=progress)
-                if "eval_reward" not in summary:  # the run was stopped (Ctrl-C): so is the comparison
+                if summary["stopped"]:  # Ctrl-C stopped the run: so is the comparison
                     raise KeyboardInterrupt
             summary["rows"] = read_metrics(run)
             if summary["rows"]:  # a run stopped before its first step has nothing to report
                 results[method].append(summary)
     results = {m: runs for m, runs in results.items() if runs}
     lines = [
-        f"task={base.task} policy={base.policy} budget={base.budget} steps={base.steps} seeds={seeds}",
+        f"task={base.task} policy={base.policy} budget={base.budget} steps={base.steps} "
+        f"seeds={base.seed}..{base.seed + seeds - 1}",
         f"{'method':8s} {'final train reward':>20s} {'eval reward (greedy)':>22s} {'KV peak/dense':>14s} "
         f"{'mean|Δlogp| s/l':>16s}",
     ]

@@ -15,15 +15,13 @@ def built_archs() -> list[str]:
 def gpu_covered(major: int, minor: int, archs: list[str]) -> bool:
     """True when a GPU of compute capability ``major.minor`` can run one of ``archs``.
 
-    Arch-specific builds (``90a``) run only on that exact capability; plain SASS (``80``)
-    runs on the same major with an equal or newer minor.
+    Arch-specific builds (``90a``) run only on that exact capability; family-specific ones
+    (``100f``) and plain SASS (``80``) run on the same major with an equal or newer minor.
     """
     cc = major * 10 + minor
     for a in archs:
-        if a[-1] in "af":
-            if int(a[:-1]) == cc:
-                return True
-        elif int(a) // 10 == major and int(a) <= cc:
+        built = int(a.rstrip("af"))
+        if built == cc if a.endswith("a") else (built // 10 == major and built <= cc):
             return True
     return False
 

@@ -14,6 +14,7 @@ import json
 import math
 import shutil
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,6 +27,10 @@ from .policies import POLICIES, FullCache, budget_tokens, make_policy
 from .sampler import Sampler
 from .tasks import EOS, make_task
 from .warmup import ModelConfig, SFTConfig, pretrained_policy
+
+# The most sequences one sampler batch holds: a step's rollouts are one batch, evaluation is
+# split into batches of this size.
+MAX_BATCH = 4096
 
 
 @dataclass
@@ -96,6 +101,10 @@ class TrainConfig:
         for name in ("page_size", "steps", "prompts_per_step", "group_size", "epochs", "ckpt_every", "eval_prompts"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an int >= 1")
+        if self.prompts_per_step * self.group_size > MAX_BATCH:  # a step's rollouts are one sampler batch
+            raise ValueError(f"prompts_per_step x group_size (--prompts-per-step {self.prompts_per_step} x "
+                             f"--group-size {self.group_size} = {self.prompts_per_step * self.group_size}) must be "
+                             f"at most {MAX_BATCH}, the rollouts of one step")
         if self.init is None:  # the default model, warmed up first
             need(isinstance(self.sft.steps, int) and self.sft.steps >= 1, "sft_steps", "an int >= 1", self.sft.steps)
             need(isinstance(self.prompt_len, int) and 8 <= self.prompt_len <= self.model.max_positions - 64,
@@ -116,6 +125,9 @@ class TrainConfig:
             raise ValueError("device (--device) cuda: " + (
                 "torch sees no CUDA device" if not torch.cuda.is_available()
                 else "this build of shadowkv has no CUDA kernels (python -m shadowkv info)") + "; use cpu or auto")
+        task = task_of(self)  # bad task settings (--value-len) fail here too
+        if self.init is not None:
+            check_init_model(self, task)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -146,6 +158,23 @@ def task_of(cfg: TrainConfig):
     return make_task(cfg.task, length=cfg.prompt_len, **({"value_len": cfg.value_len} if cfg.task == "kv-lookup" else {}))
 
 
+def check_init_model(cfg: TrainConfig, task) -> None:
+    """Raises ValueError (naming --init) unless ``cfg.init`` holds a model config whose vocabulary
+    covers ``task``'s tokens. Reads only config.json, so a bad --init fails in the checks, not
+    after the run folder was reset and the weights loaded."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.init, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"init (--init) {cfg.init} is not a model folder from save_pretrained ({e})") from None
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < task.vocab_size:
+        raise ValueError(f"init (--init) {cfg.init}: the model's vocabulary has {vocab} tokens, but --task {cfg.task} "
+                         f"with --prompt-len {cfg.prompt_len} uses token ids up to {task.vocab_size - 1} "
+                         f"(needs vocab_size >= {task.vocab_size})")
+
+
 def _seeded(cfg: TrainConfig, step: int, salt: int) -> torch.Generator:
     """A generator for one purpose (``salt``) of one step; hashing keeps the streams apart
     (evaluation uses step -1)."""
@@ -155,8 +184,8 @@ def _seeded(cfg: TrainConfig, step: int, salt: int) -> torch.Generator:
 
 def make_sampler(cfg: TrainConfig, model, dense: bool) -> Sampler:
     if dense:
-        return Sampler(model, FullCache(), None, page_size=cfg.page_size, max_batch=4096)
-    return Sampler(model, make_policy(cfg.policy), cfg.budget, page_size=cfg.page_size, max_batch=4096)
+        return Sampler(model, FullCache(), None, page_size=cfg.page_size, max_batch=MAX_BATCH)
+    return Sampler(model, make_policy(cfg.policy), cfg.budget, page_size=cfg.page_size, max_batch=MAX_BATCH)
 
 
 def rewards_of(task, rollout, answers) -> torch.Tensor:
@@ -166,11 +195,16 @@ def rewards_of(task, rollout, answers) -> torch.Tensor:
 
 
 def evaluate(cfg: TrainConfig, task, model) -> float:
-    """Greedy reward on held-out prompts, with the method's own cache (dense for ``dense``)."""
+    """Greedy reward on held-out prompts, with the method's own cache (dense for ``dense``), in
+    batches the sampler takes (--eval-prompts may exceed its max_batch)."""
     prompts, answers = task.sample(cfg.eval_prompts, _seeded(cfg, -1, 99))
     sampler = make_sampler(cfg, model, cfg.method == "dense")
-    r = sampler.generate(prompts, task.max_answer_len, temperature=0.0, eos_token_id=EOS)
-    return rewards_of(task, r, answers).mean().item()
+    rewards = []
+    for i in range(0, len(prompts), sampler.max_batch):
+        chunk = slice(i, i + sampler.max_batch)
+        r = sampler.generate(prompts[chunk], task.max_answer_len, temperature=0.0, eos_token_id=EOS)
+        rewards.append(rewards_of(task, r, answers[chunk]))
+    return torch.cat(rewards).mean().item()
 
 
 def rollout_model(cfg: TrainConfig, model):
@@ -297,12 +331,22 @@ def load_checkpoint(out: Path):
                          f"({type(e).__name__}: {e}); start a new run") from None
 
 
-def read_metrics(out: Path) -> list[dict]:
-    p = out / "metrics.jsonl"
-    try:
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p} is not valid JSON lines ({e})") from None
+def read_metrics(out: str | Path) -> list[dict]:
+    """The rows of ``out/metrics.jsonl`` ([] when there is none). A last line without its newline
+    is a row a kill cut short; its step had no checkpoint yet, so a resume replays it: dropped."""
+    p = Path(out) / "metrics.jsonl"
+    if not p.exists():
+        return []
+    lines = p.read_text().split("\n")[:-1]  # drops "" after the final newline, or a torn last row
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p} line {number} is not valid JSON ({e.msg} at column {e.colno})") from None
+    return rows
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path, title: str) -> None:
@@ -320,7 +364,9 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str) -> None:
         ax[1].plot(steps, [r["kv_ratio"] for r in rows], label=label)
         ax[2].semilogy(steps, [max(r["mismatch_abs"], 1e-12) for r in rows], label=label)
     ax[0].set(title="reward (train rollouts)", xlabel="step", ylim=(0, 1.05))
-    ax[1].set(title="KV peak / dense KV", xlabel="step", ylim=(0, 1.15))
+    # Up to 1.15 at least, so the dense level (1.0) shows; dense runs with big pages go above it.
+    kv_top = max([1.15] + [1.05 * r["kv_ratio"] for rows in curves.values() for r in rows])
+    ax[1].set(title="KV peak / dense KV", xlabel="step", ylim=(0, kv_top))
     ax[2].set(title="sampler/learner mean |Δlogp|", xlabel="step")
     if len(curves) > 1:
         ax[0].legend()
@@ -353,13 +399,18 @@ class _RunLock:
 
 
 class _StopFlag:
-    """First Ctrl-C: finish the current step, checkpoint, stop. Second: stop now."""
+    """First Ctrl-C: finish the current step, checkpoint, stop. Second: stop now.
+
+    Only the main thread can install a signal handler (and receives Ctrl-C); a run in another
+    thread goes on without one."""
 
     def __init__(self):
         self.set = False
+        self._old = None
 
     def __enter__(self):
-        self._old = signal.signal(signal.SIGINT, self._handler)
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
         return self
 
     def _handler(self, *_):
@@ -369,14 +420,15 @@ class _StopFlag:
         print("\nshadowkv: stopping after this step (Ctrl-C again to abort)", flush=True)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._old)
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
 
 
-def _resumed_config(out: Path, overrides: dict | None) -> TrainConfig:
+def _resumed_config(out: Path, overrides: dict | None) -> tuple[TrainConfig, bool]:
     """The run's saved config with ``overrides`` (the settings the user gave again, by
-    field name; ``sft_steps`` for ``sft.steps``) applied. Only ``steps`` (upwards: it extends the
-    run) and ``device`` may change; any other difference is a ``ValueError`` naming it, because
-    it would change what the replayed steps mean."""
+    field name; ``sft_steps`` for ``sft.steps``) applied, and whether that changed it. Only
+    ``steps`` (upwards: it extends the run) and ``device`` may change; any other difference is a
+    ``ValueError`` naming it, because it would change what the replayed steps mean."""
     try:
         cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
     except (json.JSONDecodeError, TypeError) as e:
@@ -395,14 +447,50 @@ def _resumed_config(out: Path, overrides: dict | None) -> TrainConfig:
     cfg.steps = changed.get("steps", cfg.steps)
     cfg.device = changed.get("device", cfg.device)  # before the check: a GPU run may move to a CPU machine
     cfg.check()  # a saved config edited by hand is held to the same rules, and so is a new device
-    if changed:
+    return cfg, bool(changed)
+
+
+def _resume_point(out: Path, overrides: dict | None):
+    """(config, whether overrides changed it, checkpoint or None, first step to run, metrics rows
+    before it) of the run in ``out``. Checked before the warm-up and before the folder changes:
+    a damaged config, checkpoint or log fails in seconds, naming the file."""
+    cfg, changed = _resumed_config(out, overrides)
+    saved = load_checkpoint(out)
+    start = saved[2] if saved is not None else 0
+    rows = [r for r in read_metrics(out) if r["step"] < start]  # later steps are replayed
+    if [r["step"] for r in rows] != list(range(start)):
+        raise ValueError(f"--resume: {out / 'metrics.jsonl'} does not hold steps 0..{start - 1} of the "
+                         f"checkpoint's run (it was changed or lost); start a new run")
+    return cfg, changed, saved, start, rows
+
+
+def _remove(path: Path) -> None:
+    """Removes a file or a folder tree (a kill can leave either as ``.tmp-*``)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _prepare_folder(out: Path, cfg: TrainConfig, resume: bool, write_config: bool) -> None:
+    """Brings ``out`` to the state the run starts from; called once every check has passed."""
+    (out / "summary.json").unlink(missing_ok=True)  # rewritten when the run finishes
+    if resume:
+        # What a kill can leave beside the checkpoint LATEST names (each a full model copy).
+        latest = (out / "LATEST").read_text().strip() if (out / "LATEST").exists() else None
+        leftovers = [*out.glob(".tmp-*"), *(p for p in out.glob("ckpt-*") if p.name != latest)]
+    else:  # a fresh run never resumes another run's weights later: drop old checkpoints
+        leftovers = [*out.glob("ckpt-*"), *out.glob(".tmp-*"), out / "LATEST"]
+    for old in leftovers:
+        _remove(old)
+    if write_config:
         write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
-    return cfg
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
           max_steps_this_run: int | None = None, overrides: dict | None = None) -> dict:
-    """Runs (or resumes) a training run in ``out``; returns the summary dict.
+    """Runs (or resumes) a training run in ``out``; returns the summary dict (``stopped``: a
+    Ctrl-C ended it early; ``eval_reward`` and ``summary.json`` only when it finished).
 
     A resumed run takes its settings from ``out/config.json`` (``cfg`` is ignored), except
     that ``overrides={"steps": 80}`` extends a finished 40-step run; an override that differs
@@ -428,34 +516,20 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
 def _train_locked(cfg, out: Path, resume: bool, progress: bool, max_steps_this_run, overrides) -> dict:
     from tqdm.auto import tqdm
 
-    (out / "summary.json").unlink(missing_ok=True)  # rewritten when the run finishes
     if resume:
-        cfg = _resumed_config(out, overrides)
-        # What a kill can leave beside the checkpoint LATEST names (each a full model copy).
-        latest = (out / "LATEST").read_text().strip() if (out / "LATEST").exists() else None
-        for old in [*out.glob(".tmp-*"), *(p for p in out.glob("ckpt-*") if p.name != latest)]:
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        task_of(cfg)  # bad task settings fail here, before config.json or checkpoints change
-        # A fresh run never resumes another run's weights later: drop old checkpoints.
-        for old in [*out.glob("ckpt-*"), *out.glob(".tmp-*")]:
-            shutil.rmtree(old, ignore_errors=True)
-        (out / "LATEST").unlink(missing_ok=True)
-        write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
-    # What a resume continues from, checked before the warm-up: a damaged checkpoint or log
-    # fails in seconds, naming the file.
-    saved = load_checkpoint(out) if resume else None
-    start = saved[2] if saved is not None else 0
-    rows = [r for r in (read_metrics(out) if resume else []) if r["step"] < start]  # later steps are replayed
-    if [r["step"] for r in rows] != list(range(start)):
-        raise ValueError(f"--resume: {out / 'metrics.jsonl'} does not hold steps 0..{start - 1} of the "
-                         f"checkpoint's run (it was changed or lost); start a new run")
+        cfg, write_config, saved, start, rows = _resume_point(out, overrides)
+    else:  # cfg.check() passed in train(); a fresh run writes its config
+        write_config, saved, start, rows = True, None, 0, []
+    _prepare_folder(out, cfg, resume, write_config)
     torch.manual_seed(cfg.seed)
     task = task_of(cfg)
     if cfg.init:
         from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32).eval()
+        try:  # its config was checked; the weights may still be missing or damaged
+            base = AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32).eval()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"init (--init) {cfg.init}: the model cannot be loaded ({e})") from None
     else:
         bar = tqdm(total=cfg.sft.steps, desc="SFT warm-up", disable=not progress, leave=False)
         base = pretrained_policy(task, cfg.model, cfg.sft, progress=lambda loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}")))
@@ -495,9 +569,11 @@ def _train_locked(cfg, out: Path, resume: bool, progress: bool, max_steps_this_r
                 save_checkpoint(out, model, opt, step, value_head)
             if stop.set:
                 break
-    finished = bool(rows) and rows[-1]["step"] == cfg.steps - 1
+    # A stopped run is not evaluated even after its last step (Ctrl-C means stop now); its
+    # resume runs no step and evaluates.
+    finished = bool(rows) and rows[-1]["step"] == cfg.steps - 1 and not stop.set
     summary = {"method": cfg.method, "steps_done": len(rows), "seconds": time.perf_counter() - t0,
-               "device": str(device)}
+               "device": str(device), "stopped": stop.set}
     if rows:
         last = rows[-max(1, len(rows) // 5):]
         summary.update({

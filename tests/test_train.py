@@ -75,12 +75,13 @@ def test_a_run_folder_is_never_trusted_blindly(tmp_path, capsys):
     assert not (run / "summary.json").exists()  # compare would have reused the stale one
 
     (run / ".tmp-9").mkdir()  # a checkpoint write a kill interrupted, and an older checkpoint
+    (run / ".tmp-8").write_text('{"half": ')  # a write_text a kill interrupted
     (run / "ckpt-0").mkdir()
     with _RunLock(run), pytest.raises(ValueError, match="in use by another shadowkv run"):
         train(_cfg("smd"), run, resume=True, progress=False)
 
     train(_cfg("smd", steps=3, seed=1), run, resume=True, progress=False)  # finishes; cleans up leftovers
-    assert not (run / ".tmp-9").exists() and not (run / "ckpt-0").exists()
+    assert not (run / ".tmp-9").exists() and not (run / ".tmp-8").exists() and not (run / "ckpt-0").exists()
     rows = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join(rows[1:]) + "\n")  # step 0 lost
     with pytest.raises(ValueError, match=r"does not hold steps 0\.\.2"):
@@ -327,3 +328,173 @@ def test_compare_table_and_reuse(tmp_path):
     assert (tmp_path / "smd-s0" / "summary.json").stat().st_mtime_ns == stamp  # reused, not retrained
     compare(_cfg("smd", steps=3), tmp_path, seeds=1, methods=("smd",), progress=False)
     assert len(read_metrics(tmp_path / "smd-s0")) == 3  # other settings: trained again
+
+
+def _tiny_init(path):
+    """A random tiny Llama (tests.models) for CLI runs: --init skips the warm-up."""
+    from tests.models import tiny_model
+
+    tiny_model(path, hidden=32, heads=2, kv_heads=1, layers=1)
+    return str(path)
+
+
+def _cli_run(init, out, *flags) -> list[str]:
+    return ["--init", init, "--prompt-len", "24", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
+            "--epochs", "1", "--eval-prompts", "2", "--quiet", "--out", str(out), *flags]
+
+
+def _ctrl_c_at(monkeypatch, when) -> list[tuple]:
+    """Patches rl_step to press Ctrl-C once during the step ``(method, seed, step)`` ``when``
+    returns True for; returns the steps run."""
+    import os
+    import signal
+
+    import shadowkv.train as T
+
+    calls, original = [], T.rl_step
+
+    def rl_step(cfg, task, model, ref_model, opt, sampler, step, value_head=None):
+        calls.append((cfg.method, cfg.seed, step))
+        if when(cfg.method, cfg.seed, step):
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(cfg, task, model, ref_model, opt, sampler, step, value_head)
+
+    monkeypatch.setattr(T, "rl_step", rl_step)
+    return calls
+
+
+def test_ctrl_c_stops_train_with_exit_130_and_resume_finishes(tmp_path, monkeypatch, capsys):
+    """It used to exit 0 with no summary.json, as if the run had finished."""
+    from shadowkv.cli import main
+
+    init, run = _tiny_init(tmp_path / "model"), tmp_path / "run"
+    _ctrl_c_at(monkeypatch, lambda method, seed, step: step == 0)
+    with pytest.raises(SystemExit) as e:
+        main(["train", *_cli_run(init, run)])
+    assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
+    assert not (run / "summary.json").exists() and [r["step"] for r in read_metrics(run)] == [0]
+    monkeypatch.undo()
+    assert main(["train", *_cli_run(init, run, "--resume")]) == 0 and (run / "summary.json").exists()
+
+
+def test_ctrl_c_on_the_last_step_stops_compare_which_uses_seed(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a run's last step used to be ignored (the run was evaluated, so compare
+    took it as finished); --seed used to be ignored (seeds 0..N-1)."""
+    from shadowkv.cli import main
+
+    init, out = _tiny_init(tmp_path / "model"), tmp_path / "cmp"
+    args = ["compare", *_cli_run(init, out, "--seed", "3", "--seeds", "1", "--methods", "naive,smd")]
+    calls = _ctrl_c_at(monkeypatch, lambda method, seed, step: (method, seed, step) == ("naive", 3, 1))
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 130 and calls == [("naive", 3, 0), ("naive", 3, 1)]
+    assert not (out / "naive-s3" / "summary.json").exists()  # stopped: not evaluated
+    calls.clear()
+    assert main(args) == 0  # resumes: the stopped run only needs its evaluation
+    assert calls == [("smd", 3, 0), ("smd", 3, 1)] and "seeds=3..3" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["naive-s3", "smd-s3"]
+    assert json.loads((out / "naive-s3" / "summary.json").read_text())["stopped"] is False
+
+
+def test_a_refused_run_leaves_the_folder_as_it_was(tmp_path, capsys):
+    """Every check runs before the folder changes: a finished run's summary.json and checkpoint
+    used to be deleted by a fresh run refused later (bad --value-len, or an --init whose
+    vocabulary is too small, which failed after the warm-up naming no flag)."""
+    from transformers import LlamaConfig
+
+    from shadowkv.cli import main
+
+    run = tmp_path / "run"
+    train(_cfg("smd", steps=1), run, progress=False)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1).save_pretrained(tmp_path / "small")
+    (tmp_path / "empty").mkdir()
+    for flags, message in ((["--value-len", "0"], "--value-len must be >= 1"),
+                           (["--init", str(tmp_path / "small")], "vocabulary has 16 tokens, but --task kv-lookup"),
+                           (["--init", str(tmp_path / "empty")], "init (--init) ")):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--out", str(run), *flags, "--quiet"])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="only --steps and --device"):
+        train(_cfg("smd"), run, resume=True, progress=False, overrides={"task": "copy"})
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert (run / "LATEST").read_text() == "ckpt-0" and (run / "ckpt-0").is_dir()
+
+
+def test_prompts_per_step_times_group_size_is_one_sampler_batch(capsys):
+    from shadowkv.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--prompts-per-step", "2049", "--group-size", "2", "--quiet"])
+    assert e.value.code == 2 and "--prompts-per-step 2049 x --group-size 2 = 4098" in capsys.readouterr().err
+    _cfg("smd", prompts_per_step=1024, group_size=4).check()
+
+
+def test_evaluation_runs_in_batches_the_sampler_takes(tmp_path, monkeypatch):
+    """--eval-prompts above the sampler's max_batch used to crash the final evaluation."""
+    import shadowkv.train as T
+    from shadowkv.sampler import Sampler
+    from tests.models import tiny_model
+
+    cfg = _cfg("smd", eval_prompts=5)
+    task, model = T.task_of(cfg), tiny_model(tmp_path / "m", hidden=32, heads=2, kv_heads=1, layers=1)
+    whole = T.evaluate(cfg, task, model)
+    batches, generate = [], Sampler.generate
+
+    def counted(self, prompts, *args, **kwargs):
+        batches.append(len(prompts))
+        return generate(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(Sampler, "generate", counted)
+    monkeypatch.setattr(T, "MAX_BATCH", 2)
+    assert T.evaluate(cfg, task, model) == whole and batches == [2, 2, 1]
+
+
+def test_train_runs_in_a_thread_without_a_ctrl_c_handler(tmp_path):
+    """signal.signal raised ValueError outside the main thread."""
+    import threading
+
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(train(_cfg("smd", steps=1), tmp_path, progress=False)))
+    thread.start()
+    thread.join()
+    assert result["steps_done"] == 1 and result["stopped"] is False
+
+
+def test_resume_drops_a_torn_last_metrics_line_and_names_a_bad_line(tmp_path):
+    run = tmp_path / "run"
+    train(_cfg("smd", steps=3), run, progress=False, max_steps_this_run=1)
+    with open(run / "metrics.jsonl", "a") as f:  # a kill while step 1's row was written
+        f.write('{"step": 1, "reward": 0.0, "kv_pe')
+    assert train(_cfg("smd"), run, resume=True, progress=False)["steps_done"] == 3
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], lines[1][:-1], lines[2]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not valid JSON"):
+        read_metrics(str(run))  # a str path is fine too
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_run_files_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
+    """mkstemp/mkdtemp made every run file 0600 and every checkpoint 0700."""
+    import os
+
+    from shadowkv.atomic import write_dir, write_text
+
+    old = os.umask(umask)
+    try:
+        write_text(tmp_path / "f.json", "{}")
+        write_dir(tmp_path / "d", lambda folder: (folder / "x").write_text("x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "d").stat().st_mode & 0o777 == dir_mode
+
+
+def test_gpu_covered_by_arch_kind():
+    from shadowkv.info import gpu_covered
+
+    assert gpu_covered(9, 0, ["90a"]) and not gpu_covered(9, 1, ["90a"])  # arch-specific: exact
+    assert gpu_covered(10, 3, ["100f"]) and not gpu_covered(10, 0, ["103f"])  # family: same major, newer minor
+    assert not gpu_covered(12, 0, ["100f"]) and not gpu_covered(10, 3, ["100a"])
+    assert gpu_covered(8, 6, ["80"]) and not gpu_covered(9, 0, ["80"])

@@ -25,9 +25,11 @@ void check_arch_built(const at::Device& device) {
   std::stringstream archs(cuda_archs());
   std::string a;
   while (std::getline(archs, a, ';')) {
-    // "90a" runs only on sm_90; "80" (SASS) runs on any 8.x with minor >= 0 of the same major.
-    const bool arch_specific = !a.empty() && (a.back() == 'a' || a.back() == 'f');
-    const int built = std::stoi(arch_specific ? a.substr(0, a.size() - 1) : a);
+    // "90a" runs only on sm_90; "100f" (family-specific) and "80" (SASS) run on the same major
+    // with an equal or newer minor (as shadowkv.info.gpu_covered says).
+    const bool arch_specific = !a.empty() && a.back() == 'a';
+    const bool suffixed = !a.empty() && (a.back() == 'a' || a.back() == 'f');
+    const int built = std::stoi(suffixed ? a.substr(0, a.size() - 1) : a);
     if (arch_specific ? built == cc : (built / 10 == cc / 10 && built <= cc)) return;
   }
   TORCH_CHECK(false, "shadowkv: GPU ", device, " is sm_", cc, " but this build has kernels for [", cuda_archs(),
