@@ -50,8 +50,14 @@ def write_dir(path: Path, fill: Callable[[Path], None], replace: bool = True) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700 whatever the umask
+        umask = _umask()
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700 whatever the umask
         fill(tmp)
+        # Some writers create owner-only files too (safetensors' save_file: model.safetensors
+        # 0600): everything in the new folder gets the mode open() would give it.
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o666 & ~umask)
         if replace:
             shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)

@@ -476,7 +476,8 @@ def test_resume_drops_a_torn_last_metrics_line_and_names_a_bad_line(tmp_path):
 
 @pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
 def test_run_files_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
-    """mkstemp/mkdtemp made every run file 0600 and every checkpoint 0700."""
+    """mkstemp/mkdtemp made every run file 0600 and every checkpoint 0700 (and safetensors made
+    model.safetensors 0600 inside them)."""
     import os
 
     from shadowkv.atomic import write_dir, write_text
@@ -484,11 +485,20 @@ def test_run_files_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
     old = os.umask(umask)
     try:
         write_text(tmp_path / "f.json", "{}")
-        write_dir(tmp_path / "d", lambda folder: (folder / "x").write_text("x"))
+
+        def fill(folder):
+            (folder / "x").write_text("x")
+            (folder / "private").touch(mode=0o600)  # as safetensors' save_file creates its file
+            (folder / "sub").mkdir()
+            (folder / "sub" / "y").write_text("y")
+
+        write_dir(tmp_path / "d", fill)
     finally:
         os.umask(old)
     assert (tmp_path / "f.json").stat().st_mode & 0o777 == file_mode
     assert (tmp_path / "d").stat().st_mode & 0o777 == dir_mode
+    for name in ("x", "private", "sub/y"):
+        assert (tmp_path / "d" / name).stat().st_mode & 0o777 == file_mode
 
 
 def test_gpu_covered_by_arch_kind():
