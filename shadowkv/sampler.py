@@ -66,7 +66,8 @@ def tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tens
 
 class _SamplerContext:
     """Attention for one model call of the sampler: ``"decode"`` (one token per sequence of
-    ``rows``, ``lengths`` 1 each, or 0 for a sequence that ended and holds no cache), ``"prompts"`` (whole prompts of ``rows``, right-padded, ``lengths`` tokens each)
+    ``rows``, ``lengths`` 1 each, or 0 for a sequence that ended and holds no cache),
+    ``"prompts"`` (whole prompts of ``rows``, right-padded, ``lengths`` tokens each)
     or ``"chunk"`` (a prefill chunk of the single sequence ``rows.start``, after its survivors,
     ending at position ``lengths[0]``). Prefill evicts each layer to ``lengths`` once its
     attention is done."""

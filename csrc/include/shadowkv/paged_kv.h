@@ -177,9 +177,10 @@ void paged_decode_attention_cpu(const PagedDecodeParams& p, const ParallelFor& p
 void evict_compact_cpu(const EvictCompactParams& p, const ParallelFor& pf = serial_for);
 
 // CUDA kernels (`stream` is a cudaStream_t, every array of the params is in device memory; in a
-// build without CUDA, built_with_cuda() false, each throws std::runtime_error). Same contract, checks and messages as the CPU kernels, and the same results:
-// bit-identical for append_kv and evict_compact, within float rounding for decode (fp32
-// accumulation; bfloat16/float16/float32 only, head_dim <= 256; append and evict take every dtype).
+// build without CUDA, built_with_cuda() false, each throws std::runtime_error). Same contract,
+// checks and messages as the CPU kernels, and the same results: bit-identical for append_kv and
+// evict_compact, within float rounding for decode (fp32 accumulation; bfloat16/float16/float32
+// only, head_dim <= 256; append and evict take every dtype).
 // To check the values before writing anything, each call copies what it validates to the host and
 // synchronises `stream` first (append: seq_lens, block_tables, num_new and positions; decode and
 // evict: the verdict of check kernels, and the index arrays only when it is bad), so these calls
