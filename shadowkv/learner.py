@@ -211,13 +211,16 @@ def is_weights(logp_dense_old, logp_sampler, mask, cfg: ISConfig) -> tuple[torch
     return w, keep
 
 
-def distill_kl(teacher_logits, student_logits, rollout, direction: str = "forward") -> torch.Tensor:
+def distill_kl(teacher_logits, student_logits, rollout, direction: str = "forward",
+               temperature: float = 1.0) -> torch.Tensor:
     """Per-token SMD term ``[B, T]``: ``KL(p_teacher || p_student)`` (``forward``) or
     ``KL(p_student || p_teacher)`` (``reverse``) over the full vocabulary, at the positions
     that predict generated tokens; teacher logits are detached. Both ``[B, R, V]``: the same
-    last ``R`` rows of a replay (``replay_logits``)."""
-    t = torch.log_softmax(teacher_logits.detach(), -1)
-    s = torch.log_softmax(student_logits, -1)
+    last ``R`` rows of a replay (``replay_logits``). ``p`` is the policy the sampler draws
+    from, ``softmax(logits / temperature)``: at another temperature the KL of the raw logits
+    is not the two policies' KL (its size and gradient differ)."""
+    t = tempered_log_softmax(teacher_logits.detach(), temperature)
+    s = tempered_log_softmax(student_logits, temperature)
     if direction == "forward":
         kl = (t.exp() * (t - s)).sum(-1)
     elif direction == "reverse":
@@ -227,10 +230,10 @@ def distill_kl(teacher_logits, student_logits, rollout, direction: str = "forwar
     return to_tokens(kl, rollout.action_mask.shape[1]) * rollout.action_mask
 
 
-def entropy(logits: torch.Tensor, rollout) -> torch.Tensor:
-    """Mean entropy of the policy over generated positions (a scalar tensor); ``logits``: a
-    replay's last ``R`` rows, ``[B, R, V]``."""
-    logp = torch.log_softmax(logits.detach(), -1)
+def entropy(logits: torch.Tensor, rollout, temperature: float = 1.0) -> torch.Tensor:
+    """Mean entropy of the policy ``softmax(logits / temperature)`` over generated positions
+    (a scalar tensor); ``logits``: a replay's last ``R`` rows, ``[B, R, V]``."""
+    logp = tempered_log_softmax(logits.detach(), temperature)
     ent = -(logp.exp() * logp).sum(-1)
     m = rollout.action_mask[:, rollout.action_mask.shape[1] - logits.shape[1]:]
     return (ent * m).sum() / m.sum().clamp_min(1)
@@ -270,7 +273,8 @@ def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_wei
         teacher_logits: ``[B, R, V]`` dense teacher (``smd``): ``replay_logits(model, rollout,
             "dense")``, the same rows as the student's.
         ref_logp: ``[B, T]`` reference-policy log-probs (when ``cfg.kl_ref > 0``).
-        value_head, returns: PPO's critic and its ``[B, T]`` targets (value loss added).
+        value_head, returns: PPO's critic and its ``[B, T]`` targets (value loss added, over
+            ``token_mask``).
     Returns:
         (scalar loss, stats dict of floats and the first-epoch learner log-probs).
     """
@@ -288,7 +292,7 @@ def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_wei
     loss = -(w * surr * mask).sum() / n
     stats = {
         "clip_frac": (((ratio - 1).abs() > cfg.clip) & mask).sum().item() / n.item(),
-        "entropy": entropy(logits, rollout).item(),
+        "entropy": entropy(logits, rollout, cfg.temperature).item(),
     }
     if cfg.kl_ref > 0 and ref_logp is not None:
         d = (ref_logp - logp) * mask
@@ -296,14 +300,15 @@ def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_wei
         loss = loss + cfg.kl_ref * k3.sum() / n
         stats["kl_ref"] = (k3.sum() / n).item()
     if cfg.method == "smd" and teacher_logits is not None and cfg.smd_beta > 0:
-        kl = distill_kl(teacher_logits, logits, rollout, cfg.smd_direction)
+        kl = distill_kl(teacher_logits, logits, rollout, cfg.smd_direction, cfg.temperature)
         m = rollout.action_mask
         kl_mean = kl.sum() / m.sum().clamp_min(1)
         loss = loss + cfg.smd_beta * kl_mean
         stats["distill_kl"] = kl_mean.item()
     if value_head is not None and returns is not None:
-        m = rollout.action_mask
-        v_loss = 0.5 * (((value_head(hidden, m.shape[1]) - returns) ** 2) * m).sum() / m.sum().clamp_min(1)
+        # Over the loss mask, as the policy term: the value head reads the policy's hidden
+        # states, so a vetoed sequence's value loss would still move the policy's weights.
+        v_loss = 0.5 * (((value_head(hidden, mask.shape[1]) - returns) ** 2) * mask).sum() / n
         loss = loss + cfg.vf_coef * v_loss
         stats["value_loss"] = v_loss.item()
     stats["logp"] = logp.detach()

@@ -101,6 +101,9 @@ class TrainConfig:
         for name in ("page_size", "steps", "prompts_per_step", "group_size", "epochs", "ckpt_every", "eval_prompts"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an int >= 1")
+        # GRPO's advantage is a reward minus its group's mean: a group of one learns nothing.
+        need(self.algo != "grpo" or self.group_size >= 2, "group_size", "at least 2 with --algo grpo "
+             "(a group of one has advantage 0)")
         if self.prompts_per_step * self.group_size > MAX_BATCH:  # a step's rollouts are one sampler batch
             raise ValueError(f"prompts_per_step x group_size (--prompts-per-step {self.prompts_per_step} x "
                              f"--group-size {self.group_size} = {self.prompts_per_step * self.group_size}) must be "
@@ -252,8 +255,6 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
         if cfg.method == "is":
             old_logp = learner.token_logprobs(model, rollout, "dense", cfg.temperature)
             weights, keep = learner.is_weights(old_logp, rollout.logprobs, mask, loss_cfg.is_cfg)
-        if cfg.method == "smd" and cfg.smd_beta > 0:
-            teacher = learner.replay_logits(model, rollout, "dense")
         if cfg.kl_ref > 0:
             ref_logp = learner.token_logprobs(ref_model, rollout, loss_cfg.learner_mask, cfg.temperature)
         returns = None
@@ -265,9 +266,14 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
             valid = adv[mask]
             std = valid.std() if valid.numel() > 1 else torch.tensor(1.0)
             adv = (adv - valid.mean()) / (std + 1e-6) * mask  # whitened over the batch's tokens
-    model.train()
     stats0 = {}
     for epoch in range(cfg.epochs):
+        if cfg.method == "smd" and cfg.smd_beta > 0:
+            # DESIGN §6's teacher has the student's weights: after an epoch's update the last
+            # teacher would pull the student back to the old weights (a stray trust region).
+            with torch.no_grad(), learner_precision(cfg, model):
+                teacher = learner.replay_logits(model, rollout, "dense")
+        model.train()
         with learner_precision(cfg, model):
             loss, stats = learner.policy_loss(model, rollout, adv, old_logp, loss_cfg, weights, keep, teacher,
                                               ref_logp, value_head, returns)
@@ -278,7 +284,7 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
         if epoch == 0:
             stats0 = stats
             stats0["loss"] = loss.item()
-    model.eval()
+        model.eval()
     sync_rollout_model(sampler.model, model)
     n = mask.sum().clamp_min(1)
     delta = (rollout.logprobs - stats0.pop("logp")) * mask
