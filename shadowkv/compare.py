@@ -13,9 +13,11 @@ from .train import TrainConfig, plot_curves, read_metrics, train
 
 
 def _mean_std(xs: list[float]) -> str:
+    """Mean ± sample standard deviation: the seeds are a sample of the runs one could get (the
+    population one understates the spread of 2-3 seeds), 0 for a single seed."""
     if not xs:
         return "n/a"
-    sd = statistics.pstdev(xs) if len(xs) > 1 else 0.0
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
     return f"{statistics.fmean(xs):.3f} ± {sd:.3f}"
 
 

@@ -165,7 +165,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """Group-normalised advantages: ``rewards [N]`` with consecutive groups of ``group_size``
-    samples of one prompt -> ``(r - mean_group) / (std_group + eps)``, ``[N]``."""
+    samples of one prompt -> ``(r - mean_group) / (std_group + eps)``, ``[N]``. ``std_group``
+    is the group's population std, so that a group's advantages have unit spread whatever its
+    size (a group of two gives +-1)."""
     group_size = as_int("group_size", group_size)
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards must be [N] with N a multiple of group_size ({group_size}), got shape "
@@ -264,7 +266,9 @@ class LossConfig:
 
 def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_weights=None, token_mask=None,
                 teacher_logits=None, ref_logp=None, value_head=None, returns=None) -> tuple[torch.Tensor, dict]:
-    """Clipped-surrogate loss of one optimisation epoch (plus the KL and SMD terms).
+    """Clipped-surrogate loss of one optimisation epoch (plus the KL and SMD terms). Every term
+    is a mean over the batch's loss-mask tokens (token-level, as in DAPO: a long
+    answer weighs in proportion to its tokens), not a mean of per-sequence means.
 
     Args:
         advantages: ``[B]`` (GRPO) or ``[B, T]`` (PPO/GAE) advantages.
