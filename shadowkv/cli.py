@@ -94,6 +94,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", choices=["streaming", "h2o", "snapkv", "random"], help=f"default {d.policy}")
     p.add_argument("--budget", type=_budget, help=f"KV kept: tokens (64) or a fraction (default {d.budget})")
     p.add_argument("--page-size", dest="page_size", type=int)
+    p.add_argument("--evict-every", dest="evict_every", type=int,
+                   help="evict after the prompt, then every N decode steps (default: whenever a page over budget)")
     p.add_argument("--steps", type=int, help=f"RL steps (default {d.steps})")
     p.add_argument("--prompts-per-step", dest="prompts_per_step", type=int)
     p.add_argument("--group-size", dest="group_size", type=int)

@@ -46,6 +46,9 @@ class TrainConfig:
     policy: str = "snapkv"
     budget: float = 0.25
     page_size: int = 4  # short sequences: page rounding is paid once per sequence and layer
+    # None: a sequence is evicted to its budget whenever it is a page over it; N: after the
+    # prompt, then every N decode steps (Sparse-RL's schedule, DESIGN §6: 128).
+    evict_every: int | None = None
     steps: int = 40
     prompts_per_step: int = 8
     group_size: int = 4
@@ -104,6 +107,8 @@ class TrainConfig:
         # GRPO's advantage is a reward minus its group's mean: a group of one learns nothing.
         need(self.algo != "grpo" or self.group_size >= 2, "group_size", "at least 2 with --algo grpo "
              "(a group of one has advantage 0)")
+        need(self.evict_every is None or (isinstance(self.evict_every, int) and not isinstance(self.evict_every, bool)
+                                          and self.evict_every >= 1), "evict_every", "an int >= 1 (or unset)")
         if self.prompts_per_step * self.group_size > MAX_BATCH:  # a step's rollouts are one sampler batch
             raise ValueError(f"prompts_per_step x group_size (--prompts-per-step {self.prompts_per_step} x "
                              f"--group-size {self.group_size} = {self.prompts_per_step * self.group_size}) must be "
@@ -188,7 +193,8 @@ def _seeded(cfg: TrainConfig, step: int, salt: int) -> torch.Generator:
 def make_sampler(cfg: TrainConfig, model, dense: bool) -> Sampler:
     if dense:
         return Sampler(model, FullCache(), None, page_size=cfg.page_size, max_batch=MAX_BATCH)
-    return Sampler(model, make_policy(cfg.policy), cfg.budget, page_size=cfg.page_size, max_batch=MAX_BATCH)
+    return Sampler(model, make_policy(cfg.policy), cfg.budget, page_size=cfg.page_size, max_batch=MAX_BATCH,
+                   evict_every=cfg.evict_every)
 
 
 def rewards_of(task, rollout, answers) -> torch.Tensor:

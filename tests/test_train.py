@@ -188,6 +188,7 @@ def test_bad_value_len_is_a_clear_error(tmp_path, capsys):
     (["--epochs", "0"], "epochs (--epochs) must be an int >= 1"),
     (["--group-size", "0"], "group_size (--group-size) must be an int >= 1"),
     (["--group-size", "1"], "group_size (--group-size) must be at least 2 with --algo grpo"),
+    (["--evict-every", "0"], "evict_every (--evict-every) must be an int >= 1 (or unset)"),
     (["--lr", "-1"], "lr (--lr) must be > 0"),
     (["--gamma", "2"], "gamma (--gamma) must be in [0, 1]"),
     (["--is-reject-low", "2"], "is_reject_high (--is-reject-high) must be >= is_reject_low"),
@@ -248,6 +249,23 @@ def test_other_methods_run(tmp_path, method):
     if method == "dense":
         assert s["kv_ratio"] > 1.0  # FullCache: whole pages + positions + log
         assert max(r["mismatch_abs"] for r in rows) <= 1e-4
+
+
+def test_evict_every_sets_the_samplers_schedule(tmp_path, monkeypatch):
+    """DESIGN §6's Sparse-RL baseline evicts on a fixed schedule (after the prompt, then every
+    N decode steps): --evict-every reaches the sampler."""
+    import shadowkv.train as T
+
+    seen, original = [], T.make_sampler
+
+    def make_sampler(cfg, model, dense):
+        sampler = original(cfg, model, dense)
+        seen.append((dense, sampler.evict_every))
+        return sampler
+
+    monkeypatch.setattr(T, "make_sampler", make_sampler)
+    train(_cfg("is", steps=1, evict_every=3), tmp_path / "run", progress=False)
+    assert (False, 3) in seen and json.loads((tmp_path / "run" / "config.json").read_text())["evict_every"] == 3
 
 
 def test_ppo_with_value_head_runs_and_resumes(tmp_path):
