@@ -34,6 +34,7 @@ from shadowkv.reference import (
     evict_compact_ref,
     paged_decode_attention_ref,
     random_paged_state,
+    slot_index,
     streaming_keep,
 )
 
@@ -373,6 +374,54 @@ def check_decode_case(case, check=True):
 def test_decode_long_contexts_split_k(lens, q_heads, kv_heads, head_dim, dtype, with_scores, check):
     case = cpu_decode.Case(lens, q_heads, kv_heads, head_dim, 16, dtype, None, 0 if with_scores else None, seed=5)
     check_decode_case(case, check=check)
+
+
+def needle_case(lens, q_heads, kv_heads, head_dim, page_size, run, dtype):
+    """(q, state, smallest change) for ``test_decode_sees_every_needle``: every sequence's first
+    and last slot, and the first and last slot of every ``run``-slot run, hold a "needle": a key
+    the query scores 12 above the others (random keys scaled by 0.1 score ~0), so the needles
+    hold all but ~1e-3 of the attention, and a value along one dimension (needle index mod D),
+    sized so that each used dimension of the output is ~1. A needle dropped (or read twice)
+    moves its dimension by the returned change, ``1 / needles sharing a dimension`` at least.
+    Every query head is the same vector ``u``."""
+    gen = torch.Generator().manual_seed(sum(lens) + head_dim)
+    state = random_paged_state(lens, kv_heads, head_dim, page_size, preallocated=1, spare_pages=2, generator=gen)
+    k, v = state.k_pages * 0.1, state.v_pages * 0.1
+    u = torch.randn(head_dim, generator=gen)
+    needle_key = u * (12.0 * math.sqrt(head_dim) / u.dot(u))  # scale 1/sqrt(D): a score of 12
+    change = 1.0
+    for b, n in enumerate(lens):
+        slots = sorted({0, n - 1} | {c + e for c in range(0, n, run) for e in (0, run - 1) if c + e < n}
+                       if n else set())
+        sharing = math.ceil(len(slots) / head_dim)
+        pages, rows = slot_index(state.block_tables, b, n, page_size)
+        for i, slot in enumerate(slots):
+            k[pages[slot], rows[slot]] = needle_key
+            v[pages[slot], rows[slot]] = 0.0
+            shared = len(range(i % head_dim, len(slots), head_dim))  # needles on this dimension
+            v[pages[slot], rows[slot], :, i % head_dim] = len(slots) / shared
+        change = min(change, 1.0 / max(sharing, 1))
+    state = state._replace(k_pages=k.to(dtype), v_pages=v.to(dtype))
+    q = u.expand(len(lens), q_heads, head_dim).contiguous().to(dtype)
+    return q, state, change
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("lens, q_heads, kv_heads, head_dim, page_size, run", [
+    pytest.param([4100, 1030, 17, 0], 8, 2, 128, 16, 16, id="gqa4_d128_ps16_every_page"),
+    pytest.param([2500, 513, 1], 3, 1, 64, 3, 127, id="gqa3_d64_ps3_every_127"),
+])
+@pytest.mark.usefixtures("decode_kernel")
+def test_decode_sees_every_needle(lens, q_heads, kv_heads, head_dim, page_size, run, dtype):
+    """The half-precision output bound (2e-2 / 5e-3 of max(1, |ref|)) is loose against random
+    keys, where attention is so evenly spread that a kernel dropping a whole 512-slot split-K
+    partition, the sink or the last page stays inside it (only scores_out would show it). With
+    ``needle_case``'s needles on the first and last slot of every page (or of every 127 slots,
+    which cut 3-slot pages and 128-512-slot partitions anywhere), a needle dropped or read twice
+    moves its output dimension several times the bound."""
+    q, state, change = needle_case(lens, q_heads, kv_heads, head_dim, page_size, run, dtype)
+    assert change >= 5 * OUT_TOL[dtype][0]  # the case is as sharp as the docstring says
+    check_decode(q, state, None, None)
 
 
 @pytest.mark.parametrize("kernel", DECODE_KERNEL_PARAMS)
