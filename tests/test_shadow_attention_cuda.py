@@ -15,11 +15,15 @@ rows run on tensor cores (by default the sm_90a wgmma kernels on an H100/H200 an
 mma.sync ones elsewhere, in builds with the CUTLASS headers, else WMMA; each family is also
 run by name: the ``wmma``, ``cute`` and ``wgmma`` tests); every other D, float32 and unaligned
 rows run the SIMT kernels.
+
+Set SHADOWKV_ATTENTION_TEST_DEVICE=cpu to dry-run this file against the CPU kernels (checks the
+tests themselves on a machine without a GPU, before a GPU session spends its minutes on them).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -36,11 +40,12 @@ from shadowkv.reference import (
 
 from .test_shadow_attention import HIDDEN_SLOT_SCENARIOS, hidden_slot_scenario
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICE = os.environ.get("SHADOWKV_ATTENTION_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
+cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="checks CUDA-specific behaviour")
 
 FWD = torch.ops.shadowkv.shadow_attention_fwd
 BWD = torch.ops.shadowkv.shadow_attention_bwd
-DEVICE = "cuda"
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,7 @@ def check_case(case: Case, dtype: torch.dtype):
         assert_near(name, got, ref, tol.grad)
 
 
+@cuda_only
 def test_build_has_cuda_kernels():
     assert _C.built_with_cuda(), "a CUDA device is present but shadowkv was built without its CUDA kernels"
 
@@ -368,6 +374,7 @@ def test_deterministic(dtype, kernel, monkeypatch):
             assert torch.equal(a, b), f"{name} differs between two runs"
 
 
+@cuda_only
 def test_float64_is_rejected():
     q = torch.randn(1, 1, 4, 16, device=DEVICE, dtype=torch.float64)
     ev = torch.full((1, 1, 4), INT32_MAX, dtype=torch.int32, device=DEVICE)
@@ -521,6 +528,7 @@ def test_every_kernel_choice_matches_reference(kernel, monkeypatch):
     check_case(CASES["gqa2_streaming_d128"], torch.bfloat16)
 
 
+@cuda_only  # the CPU op has one kernel and reads no choice
 def test_unknown_kernel_is_an_error(monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, "fastest")
     q = torch.randn(1, 1, 8, 64, device=DEVICE, dtype=torch.bfloat16)
