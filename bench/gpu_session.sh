@@ -66,8 +66,8 @@ profile=("$ncu" --target-processes all -k "regex:(fwd_kernel|fwd_staged_kernel|f
   --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters
   $py bench/profile_attention.py --family)
 # Nsight Compute on the mma paged decode kernels at the decode benchmark's shape: the first
-# three launches of the benchmark's agreement checks, i.e. mma_rows (the default) checked and
-# unchecked, then mma. On 2026-11-27 mma was L2-bound (85% busy, DRAM 51%) and mma_rows
+# three launches, i.e. the default mma_rows's agreement checks (checked and unchecked), then its
+# first timed call (--warmup 0). On 2026-11-27 mma was L2-bound (85% busy, DRAM 51%) and mma_rows
 # latency-bound (18.75% occupancy by shared memory, a fixed-latency dependency the top stall).
 profile_decode=("$ncu" --target-processes all -k "regex:decode_partition_mma_kernel" -c 3
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
@@ -155,6 +155,14 @@ profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[
       # that no longer fits is skipped and named, so the log says what is left to run.
       # FIRST_FROM=k starts at part k (numbered in the summary): a second call on the still-warm
       # machine picks up where the first ran out of time.
+      # Without the carried folders the build has no CuTe kernels and the opcheck tests no
+      # expecttest: stop before spending device time on a run that cannot pass.
+      if [ ! -f .cutlass/include/cute/tensor.hpp ] || ! ls .whl/expecttest-*.whl >/dev/null 2>&1; then
+        echo "first: .cutlass/include/cute/tensor.hpp or .whl/expecttest-*.whl is missing. Run"
+        echo "  bash bench/gpu_session.sh cutlass"
+        echo "on the dev machine (not the GPU) first, then pass .cutlass and .whl in the device tool's carry list."
+        exit 2
+      fi
       deadline=$((SECONDS + ${FIRST_BUDGET:-570}))
       part_no=0
       part() {
@@ -175,14 +183,12 @@ profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[
       }
       # The image has no expecttest (torch.library.opcheck needs it); an old setuptools cannot
       # read pyproject's SPDX license string. Both travel as wheels in .whl (the cutlass stage).
-      if [ -d .whl ]; then
-        wanted=".whl/expecttest-*.whl"
-        $py -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" \
-          || wanted="$wanted .whl/setuptools-*.whl"
-        # shellcheck disable=SC2086
-        run $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $wanted
-        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-      fi
+      wanted=".whl/expecttest-*.whl"
+      $py -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" \
+        || wanted="$wanted .whl/setuptools-*.whl"
+      # shellcheck disable=SC2086
+      run $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $wanted
+      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
       # A prebuilt extension (the prebuild stage, carried as .prebuilt) replaces the build when it
       # was built from these very sources and loads here.
       so=$(ls .prebuilt/_C.cpython-312-*.so 2>/dev/null | head -n 1)
@@ -238,7 +244,8 @@ profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[
         mc memcheck 60 tests/test_shadow_attention_cuda.py -k "family_matches_reference and (tiny or random_d64 or chunk_d64)"
         mc memcheck 60 tests/test_paged_kv_cuda.py tests/test_cache.py \
           -k "evict and (named_cases or unchecked_bad or bad_inputs or shared_pages) and not long"
-        mc racecheck 60 tests/test_paged_kv_cuda.py -k "evict_named_cases and no_scores and checked and fill and not long"
+        mc racecheck 60 tests/test_paged_kv_cuda.py \
+          -k "evict_named_cases and no_scores and checked and not unchecked and fill and not long"
         # The attention defaults' shared-memory log entries (wgmma_ws forward: per stage and round
         # parity; wgmma's dQ: per stage, rows zeroed after landing), after 2026-11-27, and the
         # warp-specialised backward's rings (wgmma_wsb, new: dq_ws_kernel's K/V and log entries,
@@ -257,10 +264,10 @@ profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[
         # The main job on the GPU: 4 steps in bf16 mixed precision of a
         # random model with head dim 64 (--init: no warm-up; the default model's head dim 32
         # would run the SIMT kernels), so the learner runs the default tensor-core kernels. The
-        # run folder stays out of $OUT (only 8 files come back).
-        $py -c "from shadowkv.tasks import make_task; from shadowkv.warmup import ModelConfig, build_model; \
+        # run folder stays out of $OUT (only 8 files come back). Its errors go to the log.
+        part 30 $py -c "from shadowkv.tasks import make_task; from shadowkv.warmup import ModelConfig, build_model; \
 build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=256, heads=4, kv_heads=2))\
-.save_pretrained('/tmp/init-d64')" > /dev/null 2>&1
+.save_pretrained('/tmp/init-d64')"
         part 90 $py -m shadowkv train --device cuda --dtype bfloat16 --init /tmp/init-d64 --steps 4 \
           --eval-prompts 16 --quiet --out /tmp/train-run
         part 30 $py -m shadowkv bench replay --device cuda  # the bf16 replay floor (DESIGN.md's 2e-2)
@@ -268,7 +275,8 @@ build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=
         # head dim 64 (~7 s each).
         part 30 $py -m shadowkv bench decode --device cuda -B 8 --ctx 32768
         part 30 $py -m shadowkv bench decode --device cuda --heads 64 --kv-heads 8 --head-dim 64
-        part 60 $py -m shadowkv bench rollout --device cuda --dtype bfloat16 -B 64 --prompt 512 --new 512 \
+        # Tokens/s: median of 3 rollouts per row (rows print as measured; ~75 s if it all fits).
+        part 90 $py -m shadowkv bench rollout --device cuda --dtype bfloat16 -B 64 --prompt 512 --new 512 \
           --head-dim 128 --max-fit-batch 256
       }
       ;;

@@ -63,6 +63,71 @@ def test_attention_acceptance_line_takes_the_fastest_family():
                                                "flex 2.00x (need >= 1.5x); causal n/a (need > 1x)")
 
 
+def test_attention_marks_a_wrong_family_and_leaves_it_out(monkeypatch, capsys):
+    """A family whose outputs differ from the float64 reference is timed but marked WRONG, with its
+    errors in a note, and the acceptance line ignores it even though it is the fastest."""
+    from shadowkv.benchmarks import attention
+
+    make_impls = attention.make_impls
+
+    def with_a_wrong_family(evicted_at, args, device):
+        impls = make_impls(evicted_at, args, device)
+        # Fast, differentiable in q, k and v, and not attention.
+        impls["wmma"] = lambda q, k, v: q + (k + v).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        return impls
+
+    monkeypatch.setattr(attention, "make_impls", with_a_wrong_family)
+    attention.main(["--device", "cpu", "-L", "64", "-D", "16", "--q-heads", "4", "--kv-heads", "2",
+                    "--repeats", "1", "--no-flex", "--budget", "0.5"])
+    out = capsys.readouterr().out
+    rows = {tuple(line.split()[:2]): line.split()[-1]
+            for line in out.splitlines() if line.startswith((" dense", "   50%"))}
+    assert rows[("50%", "wmma")] == "WRONG" and rows[("dense", "wmma")] == "WRONG", out
+    assert all(check == "ok" for (_, impl), check in rows.items() if impl != "wmma"), out
+    assert "note: wmma (50%) WRONG, left out of the acceptance line: out max err" in out
+    assert "fastest shadowkv choice at 50%: shadowkv " in out
+
+
+def test_attention_flex_is_compiled_whole_or_skipped():
+    """FlexAttention compiles with fullgraph=True, so a compile that fails is a note with its root
+    cause (on CPU: no backward) rather than a silent fall-back to eager for every later call."""
+    out = _run("bench_shadow_attention.py", ["--device", "cpu", "-L", "64", "-D", "16", "--q-heads", "4",
+                                             "--kv-heads", "2", "--repeats", "1", "--no-sdpa", "--budget", "0.5"])
+    flex = [line.split() for line in out.splitlines() if line.split()[:2] in (["dense", "flex"], ["50%", "flex"])]
+    if not flex:  # no compiler for inductor's CPU backend
+        assert "note: flex (dense) skipped" in out, out
+        return
+    # mask, impl, fwd ms, fwd+bwd ms, fwd x, fwd+bwd x, check ("ok fwd": no backward on CPU)
+    assert [(row[3], row[5:]) for row in flex] == [("n/a", ["n/a", "ok", "fwd"])] * 2, out
+    assert "flex (dense) fwd+bwd skipped: ObservedNotImplementedError" in out, out
+
+
+def test_attention_needs_20_repeats_on_cuda():
+    """Checked before anything touches the device, so CPU-only machines can test it."""
+    import torch
+
+    from shadowkv.benchmarks import attention
+
+    for argv in (["--repeats", "19"], ["--warmup", "0"]):
+        with pytest.raises(SystemExit, match="at least 20 calls after at least 1 warm-up"):
+            attention.run_device(torch.device("cuda"), attention.parse_args(argv))
+
+
+def test_decode_marks_a_kernel_that_disagrees(monkeypatch, capsys):
+    """A kernel that differs from SDPA gets a FAILED row saying why (after the rows timed before it),
+    and a run where no kernel agrees ends with that, not a table of wrong results."""
+    from shadowkv.benchmarks import decode
+
+    paged = decode.ops.paged_decode_attention
+    monkeypatch.setattr(decode.ops, "paged_decode_attention", lambda *a, **kw: paged(*a, **kw) + 1)
+    with pytest.raises(SystemExit, match="no paged_decode_attention kernel agreed with SDPA"):
+        decode.main(["--device", "cpu", "-B", "2", "--ctx", "40", "--heads", "4", "--kv-heads", "2",
+                     "--head-dim", "16", "--page-size", "8", "--reps", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert "| device copy (read + write) |" in out and "| SDPA, dense gathered K/V |" in out, out
+    assert "| paged_decode_attention [auto] | FAILED: RuntimeError: differs from SDPA by 1.000e+00" in out, out
+
+
 def test_eval_policies_runs_on_a_local_model(tmp_path):
     tiny_model(tmp_path / "m", "llama")  # saved with save_pretrained; the script loads it
     out = _run("eval_policies.py", ["--init", str(tmp_path / "m"), "--prompts", "4", "--runs", "snapkv:0.25"])

@@ -27,6 +27,12 @@ under two masks: ``dense`` (nothing evicted: plain causal attention) and a Strea
 that keeps ``sinks`` + a window so that ``budget`` of the L keys are cached at any time. Queries
 are all L positions (``q_offset = 0``), as in a learner's training forward.
 
+Before it is timed, each implementation's output and gradients on input set 0 are compared
+with ``shadowkv.reference.shadow_attention_ref`` in float64 (``causal`` with the dense mask's)
+under the tolerances of tests/test_shadow_attention_cuda.py (see ``TOLERANCES``). A row that
+differs is still timed but marked ``WRONG`` (the errors in a note) and left out of the last
+line, the acceptance line.
+
 Defaults are per device (options given on the command line win):
 
     CPU:  B=1, Hq=8,  Hkv=2, L=4096, D=64,  float32,  median of 5  (``dense / 25%`` >= 2x)
@@ -51,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from shadowkv import _C, ops
-from shadowkv.reference import INT32_MAX, shadow_visible, streaming_evicted_at
+from shadowkv.reference import INT32_MAX, shadow_attention_ref, shadow_visible, streaming_evicted_at
 from . import at_least
 
 # Impls that are the shadowkv op under a named kernel family (ops.attention_kernel).
@@ -62,6 +68,14 @@ UNTRIED_IMPLS: tuple[str, ...] = ("wgmma_wsb", "wgmma_wsf")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
+# (out, gradients): the max abs error against the float64 reference may be at most
+# ``tol * max(1, max|ref|)``. The 16-bit ones are tests/test_shadow_attention_cuda.py's (stored
+# in 8 or 11 mantissa bits; the tensor-core kernels also round P and dS before their second
+# MMA); float32 is 10x the tests' (the benchmark's rows are longer than theirs).
+TOLERANCES = {torch.bfloat16: (2e-2, 5e-2), torch.float16: (5e-3, 1e-2), torch.float32: (1e-4, 1e-3),
+              torch.float64: (1e-8, 1e-7)}
+# Float64 reference scores per query chunk (B * Hq * chunk * L of them), to bound its memory.
+REFERENCE_SCORES = 1 << 25
 
 
 # Per-device defaults of the shape options left unset (see the module docstring).
@@ -85,8 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CPU, then CUDA if available")
-    p.add_argument("--repeats", type=at_least(1), help="timed runs; the median is reported (CPU 5, CUDA 20)")
-    p.add_argument("--warmup", type=at_least(0), default=1)
+    p.add_argument("--repeats", type=at_least(1),
+                   help="timed runs; the median is reported (CPU 5, CUDA 20; at least 20 on CUDA)")
+    p.add_argument("--warmup", type=at_least(0), default=1, help="untimed runs first (default 1; at least 1 on CUDA)")
     p.add_argument("--sets", type=at_least(1), help="input sets the timed calls rotate over (CPU 1, CUDA 3)")
     p.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baselines")
     p.add_argument("--no-flex", action="store_true", help="skip the FlexAttention baseline")
@@ -145,10 +160,12 @@ def make_impls(evicted_at: torch.Tensor, args, device: torch.device):
 
             block_mask = create_block_mask(mask_mod, args.batch, args.q_heads, seq_len, seq_len,
                                            device=device)
-            flex = torch.compile(flex_attention, dynamic=False)
+            # fullgraph: a failed compile raises (a skipped row) instead of falling back to eager
+            # FlexAttention (many times slower) for this and every later call.
+            flex = torch.compile(flex_attention, dynamic=False, fullgraph=True)
             impls["flex"] = lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=group > 1)
         except Exception as e:  # noqa: BLE001  (any failure only skips this baseline)
-            impls["flex"] = f"{type(e).__name__}: {e}".splitlines()[0][:100]
+            impls["flex"] = _reason(e)
     return impls
 
 
@@ -162,9 +179,8 @@ def causal_sdpa(q, k, v, group: int):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
 
 
-def time_impl(attn, args, device, dtype) -> tuple[float, float | str]:
-    """Forward seconds of ``attn`` on random inputs, and forward+backward seconds (or why not).
-    Calls rotate over ``args.sets`` input sets."""
+def make_inputs(args, device, dtype) -> list[tuple[torch.Tensor, ...]]:
+    """``args.sets`` random ``(q [B, Hq, L, D], k, v [B, Hkv, L, D], grad_out [B, Hq, L, D])``."""
     gen = torch.Generator(device=device).manual_seed(0)
     b, hq, hkv, seq_len, d = args.batch, args.q_heads, args.kv_heads, args.seq_len, args.head_dim
     sets = []
@@ -173,6 +189,59 @@ def time_impl(attn, args, device, dtype) -> tuple[float, float | str]:
         k = torch.randn(b, hkv, seq_len, d, generator=gen, device=device, dtype=dtype)
         v = torch.randn(b, hkv, seq_len, d, generator=gen, device=device, dtype=dtype)
         sets.append((q, k, v, torch.randn_like(q)))
+    return sets
+
+
+def reference(inputs: tuple[torch.Tensor, ...], evicted_at: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """float64 ``(out, dq, dk, dv)`` of ``shadow_attention_ref`` on ``inputs = (q, k, v, grad_out)``
+    under ``evicted_at [B, Hkv, L]``, on their device, by query chunks (out and dq are per row,
+    dk and dv sums over rows): the float64 scores of all rows at once need 8 bytes per
+    ``B * Hq * L * L``."""
+    q, k, v, grad_out = inputs
+    b, hq, seq_len, _ = q.shape
+    chunk = max(1, REFERENCE_SCORES // (b * hq * seq_len))
+    k64, v64 = (t.detach().double().requires_grad_() for t in (k, v))
+    outs, dqs, dk, dv = [], [], torch.zeros_like(k64), torch.zeros_like(v64)
+    for c0 in range(0, seq_len, chunk):
+        q64 = q[:, :, c0:c0 + chunk].detach().double().requires_grad_()
+        out, _ = shadow_attention_ref(q64, k64, v64, evicted_at, c0)
+        dq, dk_c, dv_c = torch.autograd.grad(out, (q64, k64, v64), grad_out[:, :, c0:c0 + chunk].double())
+        outs.append(out.detach())
+        dqs.append(dq)
+        dk += dk_c
+        dv += dv_c
+    return torch.cat(outs, dim=2), torch.cat(dqs, dim=2), dk, dv
+
+
+def mismatch(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> str | None:
+    """``None`` if ``max|got - ref| <= tol * max(1, max|ref|)`` (NaN fails), else what differs."""
+    err = (got.double() - ref).abs().max().item()
+    bound = tol * max(1.0, ref.abs().max().item())
+    return None if err <= bound else f"{name} max err {err:.2e} > {bound:.2e}"
+
+
+def check_outputs(attn, inputs: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]) -> tuple[str, str | None]:
+    """``attn``'s output, and gradients if it has a backward, on ``inputs = (q, k, v, grad_out)``
+    against ``ref = (out, dq, dk, dv)``: (``ok``, ``ok fwd`` without a backward, or ``WRONG``;
+    the errors, or ``None``)."""
+    q, k, v, grad_out = inputs
+    out_tol, grad_tol = TOLERANCES[q.dtype]
+    with torch.no_grad():
+        bad = [mismatch("out", attn(q, k, v), ref[0], out_tol)]
+    leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+    try:
+        grads = torch.autograd.grad(attn(*leaves), leaves, grad_out)
+    except Exception:  # noqa: BLE001  (no backward: time_impl says why in its fwd+bwd note)
+        grads = None
+    if grads is not None:
+        bad += [mismatch(name, g, r, grad_tol) for name, g, r in zip(("dq", "dk", "dv"), grads, ref[1:])]
+    errors = "; ".join(b for b in bad if b)
+    return ("WRONG" if errors else "ok" if grads is not None else "ok fwd"), errors or None
+
+
+def time_impl(attn, sets: list[tuple[torch.Tensor, ...]], args, device) -> tuple[float, float | str]:
+    """Forward seconds of ``attn`` and forward+backward seconds (or why not), calls rotating over
+    ``sets`` (see ``make_inputs``)."""
     calls = iter(range(1 << 62))
 
     def fwd():
@@ -193,7 +262,10 @@ def time_impl(attn, args, device, dtype) -> tuple[float, float | str]:
         return fwd_s, _reason(e)
 
 
-def _reason(e: Exception) -> str:
+def _reason(e: BaseException) -> str:
+    """One line: ``e``'s root cause (what a compile under fullgraph met, not dynamo's wrapper)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
     return f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
 
 
@@ -201,6 +273,9 @@ def run_device(device: torch.device, args) -> None:
     args = with_defaults(args, device)
     if args.q_heads % args.kv_heads:
         raise SystemExit(f"--q-heads={args.q_heads} must be a multiple of --kv-heads={args.kv_heads}")
+    if device.type == "cuda" and (args.repeats < 20 or args.warmup < 1):
+        raise SystemExit(f"--repeats={args.repeats} --warmup={args.warmup}: on CUDA take the median of at least "
+                         "20 calls after at least 1 warm-up")
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     seq_len = args.seq_len
@@ -219,13 +294,18 @@ def run_device(device: torch.device, args) -> None:
           f"median of {args.repeats} after {args.warmup} warm-up, {args.sets} input set(s); "
           f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
                                           if device.type == "cuda" else ""))
-    print(f"{'mask':>6} {'impl':>9} {'fwd ms':>10} {'fwd+bwd ms':>11} {'fwd x':>7} {'fwd+bwd x':>10}")
+    print(f"{'mask':>6} {'impl':>11} {'fwd ms':>10} {'fwd+bwd ms':>11} {'fwd x':>7} {'fwd+bwd x':>10} {'check':>7}")
 
     results: dict[tuple[str, str], tuple[float, float | str]] = {}
+    wrong: set[tuple[str, str]] = set()  # (mask, impl) whose outputs differ from the reference
     notes = []
-    timed_once: dict[str, tuple[float, float | str]] = {}  # impl -> times reused under every mask
-    impls_of = {mask_name: make_impls(log.to(device).expand(args.batch, args.kv_heads, seq_len).contiguous(),
-                                      args, device) for mask_name, log in logs.items()}
+    # impl -> (fwd, fwd+bwd, check, errors) reused under every mask
+    timed_once: dict[str, tuple[float, float | str, str, str | None]] = {}
+    inputs = make_inputs(args, device, dtype)
+    evicted_at = {name: log.to(device).expand(args.batch, args.kv_heads, seq_len).contiguous()
+                  for name, log in logs.items()}
+    refs: dict[str, tuple[torch.Tensor, ...]] = {}  # mask -> reference on inputs[0], when first needed
+    impls_of = {mask_name: make_impls(evicted_at[mask_name], args, device) for mask_name in logs}
     # The newest kernels go after everything else: should a change to them bring an illegal
     # address, it poisons the CUDA context only after every other measurement is printed.
     order = [(m, i) for late in (False, True) for m in logs for i in impls_of[m] if (i in UNTRIED_IMPLS) == late]
@@ -236,14 +316,18 @@ def run_device(device: torch.device, args) -> None:
             continue
         try:
             if impl_name in timed_once:
-                fwd, fwd_bwd = timed_once[impl_name]
+                fwd, fwd_bwd, check, errors = timed_once[impl_name]
             else:
+                ref_mask = "dense" if impl_name == "causal" else mask_name  # causal ignores the log
+                if ref_mask not in refs:
+                    refs[ref_mask] = reference(inputs[0], evicted_at[ref_mask])
                 family = (ops.attention_kernel(impl_name) if impl_name in FAMILY_IMPLS
                           else contextlib.nullcontext())
                 with family:
-                    fwd, fwd_bwd = time_impl(attn, args, device, dtype)
+                    check, errors = check_outputs(attn, inputs[0], refs[ref_mask])
+                    fwd, fwd_bwd = time_impl(attn, inputs, args, device)
                 if impl_name == "causal":  # ignores the log: the same work under every mask
-                    timed_once[impl_name] = fwd, fwd_bwd
+                    timed_once[impl_name] = fwd, fwd_bwd, check, errors
         except Exception as e:  # noqa: BLE001  (a failing baseline must not hide the others)
             if impl_name == "shadowkv":
                 raise
@@ -253,6 +337,9 @@ def run_device(device: torch.device, args) -> None:
             if impl_name == "shadowkv":
                 raise RuntimeError(f"shadowkv backward failed: {fwd_bwd}")
             notes.append(f"{impl_name} ({mask_name}) fwd+bwd skipped: {fwd_bwd}")
+        if errors:
+            wrong.add((mask_name, impl_name))
+            notes.append(f"{impl_name} ({mask_name}) WRONG, left out of the acceptance line: {errors}")
         results[mask_name, impl_name] = fwd, fwd_bwd
         ours_fwd, ours_fwd_bwd = results[mask_name, "shadowkv"]
         # Ratios: this implementation's time over shadowkv's under the same mask.
@@ -260,29 +347,39 @@ def run_device(device: torch.device, args) -> None:
             fwd_bwd_ms, fwd_bwd_x = f"{'n/a':>11}", f"{'n/a':>10}"
         else:
             fwd_bwd_ms, fwd_bwd_x = f"{fwd_bwd * 1e3:11.2f}", f"{fwd_bwd / ours_fwd_bwd:10.2f}"
-        print(f"{mask_name:>6} {impl_name:>9} {fwd * 1e3:10.2f} {fwd_bwd_ms} "
-              f"{fwd / ours_fwd:7.2f} {fwd_bwd_x}", flush=True)
-    print("(x = time / shadowkv time under the same mask; > 1 means shadowkv is faster)")
+        print(f"{mask_name:>6} {impl_name:>11} {fwd * 1e3:10.2f} {fwd_bwd_ms} "
+              f"{fwd / ours_fwd:7.2f} {fwd_bwd_x} {check:>7}", flush=True)
+    print("(x = time / shadowkv time under the same mask; > 1 means shadowkv is faster; check: against the float64 "
+          "reference on input set 0, ok fwd = no backward to check)")
     for note in notes:
         print("note:", note)
     budget_name = list(logs)[1]
     dense, budget = results["dense", "shadowkv"], results[budget_name, "shadowkv"]
     print(f"shadowkv dense / {budget_name} ({device.type}): fwd {dense[0] / budget[0]:.2f}x, "
-          f"fwd+bwd {dense[1] / budget[1]:.2f}x")
-    print(acceptance_line(results, budget_name))
+          f"fwd+bwd {dense[1] / budget[1]:.2f}x"
+          + (" (WRONG outputs, see the notes)" if {("dense", "shadowkv"), (budget_name, "shadowkv")} & wrong else ""))
+    print(acceptance_line(results, budget_name, wrong))
 
 
-def acceptance_line(results: dict[tuple[str, str], tuple[float, float | str]], mask_name: str) -> str:
+def acceptance_line(results: dict[tuple[str, str], tuple[float, float | str]], mask_name: str,
+                    wrong: set[tuple[str, str]] = frozenset()) -> str:
     """The issue's two attention targets under ``mask_name`` for the fastest shadowkv kernel choice
     (the default or a named family) by fwd+bwd time: >= 1.5x FlexAttention and faster than dense
-    causal SDPA. ``results[mask, impl] = (fwd s, fwd+bwd s or a reason it was skipped)``."""
-    ours = {impl: t[1] for (m, impl), t in results.items()
-            if m == mask_name and (impl == "shadowkv" or impl in FAMILY_IMPLS) and not isinstance(t[1], str)}
+    causal SDPA. ``results[mask, impl] = (fwd s, fwd+bwd s or a reason it was skipped)``; the
+    ``(mask, impl)`` in ``wrong`` failed the output check and count as not run."""
+    def fwd_bwd(impl: str) -> float | None:
+        t = results.get((mask_name, impl), (None, "not run"))[1]
+        return None if isinstance(t, str) or (mask_name, impl) in wrong else t
+
+    ours = {impl: fwd_bwd(impl) for (m, impl) in results
+            if m == mask_name and (impl == "shadowkv" or impl in FAMILY_IMPLS) and fwd_bwd(impl) is not None}
+    if not ours:
+        return f"fastest shadowkv choice at {mask_name}: none ran fwd+bwd with outputs that pass the check"
     best = min(ours, key=ours.get)
     parts = [f"fastest shadowkv choice at {mask_name}: {best} {ours[best] * 1e3:.2f} ms fwd+bwd"]
     for base, need in (("flex", ">= 1.5x"), ("causal", "> 1x")):
-        t = results.get((mask_name, base), (None, "not run"))[1]
-        parts.append(f"{base} {'n/a' if isinstance(t, str) else f'{t / ours[best]:.2f}x'} (need {need})")
+        t = fwd_bwd(base)
+        parts.append(f"{base} {'n/a' if t is None else f'{t / ours[best]:.2f}x'} (need {need})")
     return "; ".join(parts)
 
 

@@ -21,8 +21,12 @@ events and include what the op does on the host per call: by default a small ker
 ``seq_lens`` and the block tables and the host waits for its verdict; the ``check=False`` row skips
 that (values checked on the device, graph-capturable; see ``shadowkv/ops.py``). On CUDA every row of the
 paged op is timed for each kernel (``ops.decode_kernel``: the default ``mma_rows`` one first,
-then ``mma``, ``pipelined``, ``warp`` and the opt-in ``mma_rows_2stage``; each row tagged with
-its kernel). Calls rotate over ``--sets`` distinct caches and queries so that the L2 cache does
+then ``mma``, ``pipelined``, ``warp``, the SDPA baseline, and last the kernels not yet run on a
+GPU, ``UNTRIED_KERNELS``: the opt-in ``mma_rows_2stage``; each row tagged with its kernel). The
+copy is timed first and each row printed as soon as it is timed. Before its rows, each kernel's
+output on set 0 (checked and unchecked) must agree with SDPA's within ``AGREE_TOL`` (the last
+column); a kernel that raises or differs gets a ``FAILED`` row saying why, and the others go on.
+Calls rotate over ``--sets`` distinct caches and queries so that the L2 cache does
 not serve repeated reads. On CPU times
 come from ``time.perf_counter``; the VM's last-level cache can hold the small CPU shape, so
 CPU numbers are cache-warm.
@@ -57,6 +61,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Max abs difference allowed between the paged op and SDPA (both accumulate in float32; the
 # outputs are rounded to the dtype), as in tests/test_paged_decode_attention.py.
 AGREE_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+# Kernels not yet run on a GPU: timed after everything else (see main).
+UNTRIED_KERNELS = ("mma_rows_2stage",)
 
 # Per-device defaults of the options left unset. CUDA: the acceptance shape; CPU: small enough
 # for 2 cores in well under a minute.
@@ -180,6 +186,15 @@ def num_sets(args: argparse.Namespace, device: torch.device, set_bytes: int) -> 
     return max(2, math.ceil(3 * l2 / set_bytes))
 
 
+def l2_flusher(device: torch.device) -> Callable[[], object]:
+    """A function that writes a scratch buffer of 4x the L2 cache's size, pushing out what earlier
+    kernels left there (CUDA); on CPU it does nothing (CPU times here are cache-warm)."""
+    if device.type != "cuda":
+        return lambda: None
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return torch.empty(4 * l2, dtype=torch.uint8, device=device).zero_
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -217,50 +232,74 @@ def main(argv: list[str] | None = None) -> None:
         return F.scaled_dot_product_attention(q[s, :, :, None], k_dense[s], v_dense[s],
                                               enable_gqa=hq > hkv)[:, :, 0]
 
-    # The CUDA kernels of the paged op (SHADOWKV_DECODE_KERNEL); CPU ops ignore the choice.
-    # The default (mma_rows where it applies) first: the summary's "(default)" ratio is the first row's.
+    # The CUDA kernels of the paged op (SHADOWKV_DECODE_KERNEL); CPU ops ignore the choice. The
+    # default (mma_rows where it applies) first: the "time / paged" column and the summary's
+    # "(default)" ratio are its first row's. Those not yet run on a GPU come last (after the
+    # baselines): an illegal address there poisons the CUDA context only after the rest is printed.
     kernels = ["mma_rows", "mma", "pipelined", "warp", "mma_rows_2stage"] if device.type == "cuda" else ["auto"]
+    sdpa_0 = sdpa(0).float()
 
-    # A benchmark of wrong results is worthless: the implementations must agree first.
-    max_diff = 0.0
-    for kernel in kernels:
-        with ops.decode_kernel(kernel):
-            for check in ([True, False] if device.type == "cuda" else [True]):
-                max_diff = max(max_diff, (paged(0, check=check).float() - sdpa(0).float()).abs().max().item())
-    if not max_diff <= AGREE_TOL[dtype]:
-        raise RuntimeError(f"paged_decode_attention and SDPA differ by {max_diff:.3e} (> {AGREE_TOL[dtype]:.0e})")
-
-    runs = []  # (name, bytes, fn, decode kernel)
-    for kernel in kernels:
+    def paged_runs(kernel: str) -> list[tuple[str, int, Callable[[int], object]]]:
         tag = "" if kernel == "auto" else f" [{kernel}]"
-        runs.append((f"paged_decode_attention{tag}", kv_bytes + qo_bytes, paged, kernel))
+        runs = [(f"paged_decode_attention{tag}", kv_bytes + qo_bytes, paged)]
         if device.type == "cuda":  # on CPU check=False changes nothing
             runs.append((f"paged_decode_attention, check=False{tag}", kv_bytes + qo_bytes,
-                         lambda i: paged(i, check=False), kernel))
+                         lambda i: paged(i, check=False)))
         if args.scores:
             runs.append((f"paged_decode_attention + scores_out{tag}", kv_bytes + qo_bytes + scores_bytes,
-                         lambda i: paged(i, scores), kernel))
-    runs.append(("SDPA, dense gathered K/V", kv_bytes + qo_bytes, sdpa, "auto"))
-    # The copy reads and writes its buffer: 2x its size moves through memory.
-    runs.append(("device copy (read + write)", 2 * copy_src[0].numel() * elem,
-                 lambda i: copy_dst[i % sets].copy_(copy_src[i % sets]), "auto"))
-    timed = []
-    for name, nbytes, fn, kernel in runs:
-        with ops.decode_kernel(kernel):
-            timed.append((name, nbytes, median_ms(fn, device, args.warmup, args.reps)))
+                         lambda i: paged(i, scores)))
+        return runs
 
-    copy_gbs = timed[-1][1] / timed[-1][2] / 1e6
-    paged_ms = timed[0][2]
     print(header(args, device, dtype, f" | {sets} rotating sets"))
     print(f"decode bytes per call: K/V {kv_bytes / 2**20:.1f} MiB + q/out {qo_bytes / 2**10:.1f} KiB"
           + (f" (+ scores_out {scores_bytes / 2**20:.2f} MiB)" if args.scores else "")
-          + f"; max |paged - SDPA| = {max_diff:.2e}\n")
-    rows = [[name, f"{ms:.3f}", f"{nbytes / ms / 1e6:.1f}", f"{nbytes / ms / 1e6 / copy_gbs:.2f}",
-             f"{ms / paged_ms:.2f}"] for name, nbytes, ms in timed]
-    print(markdown_table(["impl", "ms", "GB/s", "GB/s / copy GB/s", "time / paged"], rows))
-    best = min((ms, name) for name, _, ms in timed if name.startswith("paged_decode_attention") and "scores" not in name)
-    print(f"\npaged decode bandwidth / device copy bandwidth: {timed[0][1] / paged_ms / 1e6 / copy_gbs:.2f} (default); "
-          f"best: {timed[0][1] / best[0] / 1e6 / copy_gbs:.2f} ({best[1]})")
+          + f"; paged vs SDPA on set 0: max abs diff at most {AGREE_TOL[dtype]:.0e} or the kernel FAILED\n")
+    print(markdown_table(["impl", "ms", "GB/s", "GB/s / copy GB/s", "time / paged", "max abs diff vs SDPA"], []),
+          flush=True)
+    # The copy reads and writes its buffer: 2x its size moves through memory. Timed first: every
+    # row's ratio to its bandwidth is printed as soon as that row is timed.
+    copy_bytes = 2 * copy_src[0].numel() * elem
+    copy_ms = median_ms(lambda i: copy_dst[i % sets].copy_(copy_src[i % sets]), device, args.warmup, args.reps)
+    copy_gbs = copy_bytes / copy_ms / 1e6
+    timed = []  # (name, bytes, ms) of the paged rows that agree with SDPA
+
+    def row(name: str, nbytes: int, ms: float, diff: str = "") -> None:
+        ratio = f"{ms / timed[0][2]:.2f}" if timed else ""  # the copy comes before any paged row
+        print(f"| {name} | {ms:.3f} | {nbytes / ms / 1e6:.1f} | {nbytes / ms / 1e6 / copy_gbs:.2f} | {ratio} | "
+              f"{diff} |", flush=True)
+
+    def time_kernel(kernel: str) -> None:
+        """The kernel's rows, if it agrees with SDPA (checked and, on CUDA, unchecked): a benchmark
+        of wrong results is worthless. A failure or a mismatch is a note, not the end of the run."""
+        try:
+            with ops.decode_kernel(kernel):
+                diff = max((paged(0, check=check).float() - sdpa_0).abs().max().item()
+                           for check in ([True, False] if device.type == "cuda" else [True]))
+                if not diff <= AGREE_TOL[dtype]:
+                    raise RuntimeError(f"differs from SDPA by {diff:.3e} (> {AGREE_TOL[dtype]:.0e})")
+                for name, nbytes, fn in paged_runs(kernel):
+                    ms = median_ms(fn, device, args.warmup, args.reps)
+                    timed.append((name, nbytes, ms))
+                    row(name, nbytes, ms, f"{diff:.2e}")
+        except Exception as e:  # noqa: BLE001  (one kernel's failure must not hide the others)
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}".replace("|", "/")
+            print(f"| paged_decode_attention [{kernel}] | FAILED: {why} | | | | |", flush=True)
+
+    row("device copy (read + write)", copy_bytes, copy_ms)
+    for kernel in kernels:
+        if kernel not in UNTRIED_KERNELS:
+            time_kernel(kernel)
+    row("SDPA, dense gathered K/V", kv_bytes + qo_bytes, median_ms(sdpa, device, args.warmup, args.reps))
+    for kernel in kernels:
+        if kernel in UNTRIED_KERNELS:
+            time_kernel(kernel)
+
+    if not timed:
+        raise SystemExit("no paged_decode_attention kernel agreed with SDPA")
+    no_scores = [(ms, name, nbytes) for name, nbytes, ms in timed if "scores" not in name]
+    default, best = no_scores[0], min(no_scores)
+    print(f"\npaged decode bandwidth / device copy bandwidth: {default[2] / default[0] / 1e6 / copy_gbs:.2f} "
+          f"({default[1]}); best: {best[2] / best[0] / 1e6 / copy_gbs:.2f} ({best[1]})")
 
 
 if __name__ == "__main__":
