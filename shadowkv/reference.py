@@ -74,18 +74,25 @@ def shadow_attention_ref(
             reads KV head ``h // (Hq // Hkv)``.
         evicted_at: ``[B, Hkv, Lk]`` integer eviction log (see module docstring).
         q_offset: absolute position of query row 0.
-        scale: softmax scale; ``None`` means ``1 / sqrt(D)``.
+        scale: softmax scale; ``None`` means ``1 / sqrt(D)``, and ``1.0`` for ``D == 0`` (as
+            the kernels: every logit is an empty dot product, 0, whatever the scale).
 
     Returns:
         ``(out, lse)``: ``out`` ``[B, Hq, Lq, D]`` float64 and ``lse`` ``[B, Hq, Lq]`` float64,
         the natural log of ``sum_j exp(scale * q_i . k_j)`` over visible keys. A row that sees
         no key has ``out = 0`` and ``lse = -inf``, and passes zero (never NaN) gradient back.
+        Empty shapes are valid: ``Hq == Hkv == 0`` (no heads) gives empty results, and
+        ``D == 0`` gives an empty ``out`` and ``lse = log(number of visible keys)``.
     """
     batch, num_q_heads, q_len, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
-    group = num_q_heads // num_kv_heads
+        scale = 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if num_kv_heads == 0 and num_q_heads != 0:
+        raise ValueError(f"the head count of `q` ({num_q_heads}) must be a multiple of the head count "
+                         f"of `k` ({num_kv_heads})")
+    # No heads at all: any group size repeats nothing.
+    group = num_q_heads // num_kv_heads if num_kv_heads else 1
 
     q64, k64, v64 = q.double(), k.double(), v.double()
     # GQA: give every query head its own copy of its KV head (and of that head's mask).

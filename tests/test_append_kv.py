@@ -55,7 +55,7 @@ def cases(draw):
     lens = [draw(st.integers(0, 40)) for _ in range(batch)]
     num_new = [draw(st.integers(0, num_tokens)) for _ in range(batch)]
     case = Case(lens, num_new, num_tokens, kv_heads=draw(st.sampled_from([1, 2])),
-                head_dim=draw(st.sampled_from([16, 80])), page_size=draw(st.sampled_from([1, 4, 16])),
+                head_dim=draw(st.sampled_from([1, 7, 16, 33, 80])), page_size=draw(st.sampled_from([1, 4, 16])),
                 preallocated=draw(st.integers(0, 2)), dtype=draw(st.sampled_from(DTYPES)),
                 seed=draw(st.integers(0, 2**31 - 1)))
     event(f"prefill={prefill}, page_size={case.page_size}, ragged={len(set(num_new)) > 1}")
@@ -101,6 +101,16 @@ def test_strided_inputs_and_table_views(case, k_layout, table_rows):
     assert torch.equal(state.pos_pages, expected[2]) and torch.equal(lens, expected[3])
     if table_rows > 1:
         assert (big_lens[1::table_rows] == 777).all() and (big_tables[:, m] == 12345).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64", "bf16", "fp16"])
+@pytest.mark.parametrize("head_dim", [1, 7, 33])
+def test_odd_head_dims(head_dim, dtype):
+    """Odd head dims (a copy loop's scalar tail), deterministically: a prefill, a decode step
+    and an empty append in one batch, pages of 4 (hypothesis draws them too, not every run)."""
+    case = Case([3, 9, 0], [13, 1, 0], 13, kv_heads=2, head_dim=head_dim, page_size=4, preallocated=1,
+                dtype=dtype, seed=head_dim)
+    run_and_compare(*case.inputs())
 
 
 def test_prefill_then_decode_equals_one_prefill():

@@ -100,7 +100,7 @@ class Case:
 def cases(draw):
     batch = draw(st.integers(1, 3))
     lens = [draw(st.one_of(st.just(0), st.integers(1, 60))) for _ in range(batch)]
-    case = Case(lens, kv_heads=draw(st.sampled_from([1, 2])), head_dim=draw(st.sampled_from([16, 80])),
+    case = Case(lens, kv_heads=draw(st.sampled_from([1, 2])), head_dim=draw(st.sampled_from([1, 7, 16, 33, 80])),
                 page_size=draw(st.sampled_from([1, 4, 16])), preallocated=draw(st.integers(0, 2)),
                 dtype=draw(st.sampled_from(DTYPES)), policy=draw(st.sampled_from(POLICIES)),
                 budget=draw(st.integers(0, 40)), extra_slots=draw(st.integers(0, 3)),
@@ -154,6 +154,20 @@ def test_named_scenarios():
                 raise AssertionError(f"policy {policy}, page_size {page_size}, stable {stable}: {e}") from e
             if policy == "nothing":
                 assert (state.seq_lens == 0).all() and (state.block_tables == -1).all()
+            if policy == "sinks_only":  # make_keep's 2 sinks survive, every other slot is logged
+                assert state.seq_lens.tolist() == [2, 0, 2]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64", "bf16", "fp16"])
+@pytest.mark.parametrize("head_dim", [1, 7, 33])
+@pytest.mark.parametrize("stable", [True, False], ids=["stable", "fill"])
+def test_odd_head_dims(head_dim, dtype, stable):
+    """Odd head dims (a move loop's scalar tail), deterministically, with random and sinks-only
+    keep masks (hypothesis draws them too, not every run)."""
+    for policy in ("random", "sinks_only"):
+        case = Case([37, 0, 16], 2, head_dim, 4, 1, dtype, policy, budget=9, extra_slots=2, with_scores=True,
+                    log_in_layers=False, seed=head_dim)
+        run_and_compare(*case.inputs(), stable=stable)
 
 
 @pytest.mark.parametrize("stable", [True, False], ids=["stable", "fill"])

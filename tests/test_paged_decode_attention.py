@@ -23,7 +23,15 @@ from shadowkv import ops
 
 from .test_shadow_attention import available_cpu_isas
 from shadowkv.reference import INT32_MAX
-from shadowkv.reference import PagedState, gather_slots, paged_decode_attention_ref, random_paged_state
+from shadowkv.reference import (
+    PagedState,
+    evict_compact_ref,
+    gather_slots,
+    paged_decode_attention_ref,
+    random_paged_state,
+    shadow_attention_ref,
+    streaming_keep,
+)
 
 DECODE = torch.ops.shadowkv.paged_decode_attention
 DECODE_SCORES = torch.ops.shadowkv.paged_decode_attention_scores
@@ -65,8 +73,10 @@ def cases(draw, dtypes=(torch.float32,)):
     cap = 300 if big else 100
     lens = [draw(st.one_of(st.just(0), st.integers(1, cap))) for _ in range(batch)]
     kv_heads = draw(st.sampled_from([1, 2]))
-    q_heads = draw(st.sampled_from([h for h in (1, 2, 4, 8) if h % kv_heads == 0]))
-    head_dim = draw(st.sampled_from([16, 80, 128]))
+    # Groups of 1, 2, 3, 4, 6 and 8 query heads (3 and 6: not a power of 2).
+    q_heads = draw(st.sampled_from([h for h in (1, 2, 3, 4, 6, 8) if h % kv_heads == 0]))
+    # Odd head dims (1, 7, 33) reach the kernels' scalar tails of every vector loop.
+    head_dim = draw(st.sampled_from([1, 7, 16, 33, 80, 128]))
     factor = draw(st.sampled_from([None, 0.5, 2.0]))
     case = Case(lens, q_heads, kv_heads, head_dim, page_size=draw(st.sampled_from([1, 4, 16])),
                 dtype=draw(st.sampled_from(dtypes)),
@@ -124,6 +134,53 @@ def test_every_cpu_isa_matches_reference(isa, case):
     q, state, scores = case.inputs()
     with ops.cpu_isa(isa):
         check_against_reference(q, state, case.scale, scores)
+
+
+@pytest.mark.parametrize("isa", available_cpu_isas())
+@pytest.mark.parametrize("q_heads, kv_heads, head_dim",
+                         [(1, 1, 1), (3, 1, 7), (6, 2, 33), (6, 1, 1), (3, 3, 33), (6, 2, 7)])
+def test_odd_head_dims_and_groups_float64(q_heads, kv_heads, head_dim, isa):
+    """Odd head dims (the scalar tails of every vector loop) and GQA groups that are not powers
+    of 2 (3, 6), in float64 against the reference, with scores_out, over several pages and an
+    empty sequence. Hypothesis draws them too, but not every run."""
+    case = Case([70, 0, 9], q_heads, kv_heads, head_dim, 16, torch.float64, None, 1, seed=head_dim + q_heads)
+    q, state, scores = case.inputs()
+    with ops.cpu_isa(isa):
+        check_against_reference(q, state, case.scale, scores)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("sinks", [1, 4])
+def test_all_evicted_but_sinks(sinks, dtype):
+    """Decode after everything but the sinks was evicted (evict_compact with a sinks-only keep
+    mask): the cache holds the sinks only, and the output equals the reference and
+    shadow_attention's one decode row (q_offset = Lk - 1) over the full keys with the log."""
+    lengths, kv_heads, q_heads, head_dim, page_size = [37, 20, 3], 2, 6, 33, 4
+    batch, total = len(lengths), max(lengths)
+    gen = torch.Generator().manual_seed(sinks)
+    k_all, v_all = (torch.randn(batch, kv_heads, total, head_dim, generator=gen, dtype=dtype) for _ in range(2))
+    q = torch.randn(batch, q_heads, head_dim, generator=gen, dtype=dtype)
+    state = random_paged_state(lengths, kv_heads, head_dim, page_size, dtype=dtype, generator=gen)
+    for b, n in enumerate(lengths):  # positions 0..n-1 in order, the keys of the full sequence
+        pages, rows = state.block_tables[b].long()[torch.arange(n) // page_size], torch.arange(n) % page_size
+        state.k_pages[pages, rows] = k_all[b, :, :n].transpose(0, 1)
+        state.v_pages[pages, rows] = v_all[b, :, :n].transpose(0, 1)
+        state.pos_pages[pages, rows] = torch.arange(n, dtype=torch.int32)[:, None]
+    log = torch.full((batch, kv_heads, total), INT32_MAX, dtype=torch.int32)
+    keep = streaming_keep(state.seq_lens, kv_heads, total, sinks, 0)
+    steps = torch.tensor([n - 1 for n in lengths], dtype=torch.int32)  # evicted before the last query
+    expected = evict_compact_ref(*state, keep, steps, log)
+    ops.evict_compact(*state, keep, steps, log)
+    assert torch.equal(log, expected.evicted_at) and torch.equal(state.seq_lens, expected.seq_lens)
+    assert state.seq_lens.tolist() == [min(sinks, n) for n in lengths]
+
+    scores = torch.full((batch, kv_heads, sinks), math.nan)
+    check_against_reference(q, state, None, scores)
+    out = ops.paged_decode_attention(q, *state[:2], *state[3:])
+    for b, n in enumerate(lengths):
+        replay, _ = shadow_attention_ref(q[b : b + 1, :, None], k_all[b : b + 1, :, :n], v_all[b : b + 1, :, :n],
+                                         log[b : b + 1, :, :n], q_offset=n - 1)
+        torch.testing.assert_close(out[b].double(), replay[0, :, 0], rtol=0, atol=OUT_TOL[dtype][0])
 
 
 @pytest.mark.parametrize("group", [1, 4])
