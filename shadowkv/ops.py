@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -112,27 +113,47 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+class _DtypeOf(NamedTuple):
+    """A ``_check_fake_args`` dtype spec: the dtype of the argument ``name`` (the C++
+    check_same_dtype, and its message)."""
+
+    name: str
+    dtype: torch.dtype
+
+
 def _check_fake_args(ref, ref_name, specs):
     """The rank/dtype/device/shape checks of the C++ ops, for fake and meta tensors (torch.compile
     traces, or a meta tensor mixed with real ones, never reach the C++ checks); all tensors on
     the device of ``ref``, the argument named ``ref_name``.
 
     ``specs``: ``(name, tensor or None, layout, dtypes, shape)`` where ``layout`` is like
-    ``"[B, T]"``, ``dtypes`` a tuple of accepted dtypes and ``shape`` a tuple of expected sizes
-    (``None`` entries: any size). ``None`` tensors (absent optionals) are skipped.
+    ``"[B, T]"``, ``dtypes`` a tuple of accepted dtypes (or a ``_DtypeOf``) and ``shape`` a tuple
+    of expected sizes (``None`` entries: any size). ``None`` tensors (absent optionals) are
+    skipped.
     """
     for name, t, layout, dtypes, shape in specs:
         if t is None:
             continue
         if t.dim() != len(shape):
             raise ValueError(f"shadowkv: `{name}` must be a {len(shape)}-D tensor {layout}, got shape {list(t.shape)}")
-        if t.dtype not in dtypes:
-            raise TypeError(f"shadowkv: `{name}` must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
+        if isinstance(dtypes, _DtypeOf):
+            if t.dtype != dtypes.dtype:
+                raise TypeError(f"shadowkv: `{name}` must have the dtype of `{dtypes.name}` "
+                                f"({_dtype_str(dtypes.dtype)}), got {_dtype_str(t.dtype)}")
+        elif t.dtype not in dtypes:
+            names = [_dtype_str(d) for d in dtypes]
+            want = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+            raise TypeError(f"shadowkv: `{name}` must be {want}, got {_dtype_str(t.dtype)}")
         if t.device != ref.device:
             raise ValueError(f"shadowkv: `{name}` must be on the device of `{ref_name}` ({ref.device}), got {t.device}")
         want = [got if w is None else w for got, w in zip(t.shape, shape)]
         if list(t.shape) != want:
             raise ValueError(f"shadowkv: `{name}` must have shape {want}, got {list(t.shape)}")
+
+
+def _dtype_str(dtype: torch.dtype) -> str:
+    """``int32`` for ``torch.int32``: the C++ checks' names (bindings' dtype_str)."""
+    return str(dtype).removeprefix("torch.")
 
 
 _INT32_MAX = 2**31 - 1
@@ -153,8 +174,8 @@ def _check_meta_args(q, k, v, evicted_at, q_offset=0, scale=None):
     Hkv, Lk = (k.shape[1], k.shape[2]) if k.dim() == 4 else (None, None)
     _check_fake_args(q, "q", [
         ("q", q, "[B, Hq, Lq, D]", _FLOAT_DTYPES, (None,) * 4),
-        ("k", k, "[B, Hkv, Lk, D]", (q.dtype,), (B, None, None, D)),
-        ("v", v, "[B, Hkv, Lk, D]", (q.dtype,), (B, Hkv, Lk, D)),
+        ("k", k, "[B, Hkv, Lk, D]", _DtypeOf("q", q.dtype), (B, None, None, D)),
+        ("v", v, "[B, Hkv, Lk, D]", _DtypeOf("q", q.dtype), (B, Hkv, Lk, D)),
         ("evicted_at", evicted_at, "[B, Hkv, Lk]", (torch.int32,), (B, Hkv, Lk)),
     ])
     if (Hq % Hkv != 0) if Hkv else Hq != 0:
@@ -182,8 +203,8 @@ def _shadow_attention_bwd_fake(grad_out, q, k, v, evicted_at, out, lse, grad_lse
     _check_meta_args(q, k, v, evicted_at, q_offset, scale)
     lse_shape = tuple(q.shape[:3])
     _check_fake_args(q, "q", [
-        ("grad_out", grad_out, "[B, Hq, Lq, D]", (q.dtype,), tuple(q.shape)),
-        ("out", out, "[B, Hq, Lq, D]", (q.dtype,), tuple(q.shape)),
+        ("grad_out", grad_out, "[B, Hq, Lq, D]", _DtypeOf("q", q.dtype), tuple(q.shape)),
+        ("out", out, "[B, Hq, Lq, D]", _DtypeOf("q", q.dtype), tuple(q.shape)),
         ("lse", lse, "[B, Hq, Lq]", (_lse_dtype(q),), lse_shape),
         ("grad_lse", grad_lse, "[B, Hq, Lq]", (_lse_dtype(q),), lse_shape),
     ])
@@ -290,7 +311,7 @@ def _check_paged_cache_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens,
         if size < 1:  # as the kernels' check: a zero here would divide by zero below (GQA ratio)
             raise ValueError(f"shadowkv: `k_pages` must have {what}, got shape {shape}")
     _check_fake_args(ref, ref_name, [
-        ("v_pages", v_pages, "[P, page_size, Hkv, D]", (k_pages.dtype,), (P, ps, H, D)),
+        ("v_pages", v_pages, "[P, page_size, Hkv, D]", _DtypeOf("k_pages", k_pages.dtype), (P, ps, H, D)),
         ("pos_pages", pos_pages, "[P, page_size, Hkv]", (torch.int32,), (P, ps, H)),
         ("seq_lens", seq_lens, "[B]", (torch.int32,), (B,)),
     ])
@@ -303,8 +324,8 @@ def _append_kv_fake(k_pages, v_pages, pos_pages, block_tables, seq_lens, k, v, p
                                                k_pages, "k_pages")
     T = k.shape[2] if k.dim() == 4 else None
     _check_fake_args(k_pages, "k_pages", [
-        ("k", k, "[B, Hkv, T, D]", (k_pages.dtype,), (B, H, T, D)),
-        ("v", v, "[B, Hkv, T, D]", (k_pages.dtype,), (B, H, T, D)),
+        ("k", k, "[B, Hkv, T, D]", _DtypeOf("k_pages", k_pages.dtype), (B, H, T, D)),
+        ("v", v, "[B, Hkv, T, D]", _DtypeOf("k_pages", k_pages.dtype), (B, H, T, D)),
         ("positions", positions, "[B, T]", (torch.int32,), (B, T)),
         ("num_new", num_new, "[B]", (torch.int32,), (B,)),
     ])
@@ -314,7 +335,7 @@ def _paged_decode_attention_fake(q, k_pages, v_pages, block_tables, seq_lens, sc
                                  check=True):
     _check_fake_args(q, "q", [("q", q, "[B, Hq, D]", _FLOAT_DTYPES, (None,) * 3)])
     _, _, H, D, B, _ = _check_paged_cache_fake(k_pages, v_pages, None, block_tables, seq_lens, q, "q",
-                                               page_dtypes=(q.dtype,))
+                                               page_dtypes=_DtypeOf("q", q.dtype))
     _check_fake_args(q, "q", [
         ("q", q, "[B, Hq, D]", (q.dtype,), (B, None, D)),
         ("scores_out", scores_out, "[B, Hkv, S]", (torch.float32,), (B, H, None)),

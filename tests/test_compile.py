@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from shadowkv import ops
-from shadowkv.reference import random_evicted_at, random_paged_state
+from shadowkv.reference import PagedState, random_evicted_at, random_paged_state
 
 
 class _Block(torch.nn.Module):
@@ -80,3 +80,39 @@ def test_compiled_decode_step_matches_eager(backend, with_scores):
     got = torch.compile(step, fullgraph=True, backend=backend)(*compiled)
     for a, b in zip([*expected, *eager], [*got, *compiled]):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+def _error(fn) -> str:
+    with pytest.raises((TypeError, ValueError)) as e:
+        fn()
+    return f"{e.type.__name__}: {str(e.value).splitlines()[0]}"
+
+
+def _dtype_mistakes(device: str) -> dict:
+    """One call per dtype mistake the ops refuse, on ``device`` tensors."""
+    state = PagedState(*(t.to(device) for t in random_paged_state([3, 5], 2, 8, 4, spare_pages=1)))
+    q = torch.zeros(1, 2, 3, 8, device=device)
+    ev = torch.zeros(1, 2, 5, dtype=torch.int32, device=device)
+    k = torch.zeros(1, 2, 5, 8, device=device)
+    qd = torch.zeros(2, 4, 8, device=device)
+    new = torch.zeros(2, 2, 1, 8, device=device)
+    pos, num = torch.zeros(2, 1, dtype=torch.int32, device=device), torch.ones(2, dtype=torch.int32, device=device)
+    fwd, decode, append = (torch.ops.shadowkv.shadow_attention_fwd, torch.ops.shadowkv.paged_decode_attention,
+                           torch.ops.shadowkv.append_kv)
+    return {
+        "evicted_at int64": lambda: fwd(q, k, k, ev.long(), 0, None),
+        "q int32": lambda: fwd(q.int(), k, k, ev, 0, None),
+        "k float64": lambda: fwd(q, k.double(), k, ev, 0, None),
+        "decode pages bfloat16": lambda: decode(qd, state.k_pages.bfloat16(), state.v_pages, state.block_tables,
+                                                state.seq_lens, None, True),
+        "decode seq_lens int64": lambda: decode(qd, state.k_pages, state.v_pages, state.block_tables,
+                                                state.seq_lens.long(), None, True),
+        "append k float16": lambda: append(*[t.clone() for t in state], new.half(), new, pos, num, True),
+    }
+
+
+@pytest.mark.parametrize("mistake", list(_dtype_mistakes("meta")))
+def test_fake_kernels_name_dtype_mistakes_as_the_kernels_do(mistake):
+    """A traced call (fake tensors) and an eager one fail with the same words: "must be int32, got
+    int64" from both (the fakes said "torch.int32", the C++ checks "Long")."""
+    assert _error(_dtype_mistakes("meta")[mistake]) == _error(_dtype_mistakes("cpu")[mistake])

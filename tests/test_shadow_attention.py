@@ -872,10 +872,10 @@ def test_fake_kernels_refuse_what_the_kernels_refuse():
     bwd = torch.ops.shadowkv.shadow_attention_bwd
     bad = {
         "`lse` must have shape": dict(lse=torch.empty(1, 2, 2, device="meta")),
-        "`lse` must be torch.float32": dict(lse=lse.double()),
+        "`lse` must be float32": dict(lse=lse.double()),
         "`grad_out` must have shape": dict(grad_out=torch.empty(1, 2, 3, 5, device="meta")),
         "`grad_lse` must be a 3-D tensor": dict(grad_lse=torch.empty(1, 2, device="meta")),
-        "`out` must be torch.float32": dict(out=q.half()),
+        "`out` must have the dtype of `q`": dict(out=q.half()),
         "`q_offset` must be >= 0": dict(q_offset=-1),
         "exceeds the int32 positions": dict(q_offset=2**31 - 3),
         "`scale` must be positive": dict(scale=0.0),

@@ -19,10 +19,10 @@ constexpr const char* kPagesLayout = "[P, page_size, Hkv, D]";
 
 using Named = std::pair<const at::Tensor*, const char*>;
 
-// Index and score tensors have one fixed dtype, named as in Python.
+// Index and score tensors have one fixed dtype.
 void check_dtype(const at::Tensor& t, const char* name, at::ScalarType expected) {
-  const char* want = expected == at::kInt ? "int32" : expected == at::kBool ? "bool" : "float32";
-  TORCH_CHECK_TYPE(t.scalar_type() == expected, "shadowkv: `", name, "` must be ", want, ", got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == expected, "shadowkv: `", name, "` must be ", dtype_str(expected), ", got ",
+                   dtype_str(t.scalar_type()));
 }
 
 // The storage byte offsets of every byte of `t`, computed on the host from its sizes and strides

@@ -24,7 +24,7 @@ ShadowAttentionParams make_params(const at::Tensor& q, const at::Tensor& k, cons
   check_same_dtype(k, "k", q, "q");
   check_same_dtype(v, "v", q, "q");
   TORCH_CHECK_TYPE(evicted_at.scalar_type() == at::kInt, "shadowkv: `evicted_at` must be int32, got ",
-                   evicted_at.scalar_type());
+                   dtype_str(evicted_at.scalar_type()));
   check_same_device(k, "k", q, "q");
   check_same_device(v, "v", q, "q");
   check_same_device(evicted_at, "evicted_at", q, "q");
@@ -108,8 +108,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shadow_attention_bwd(
   }
   const std::vector<int64_t> lse_shape{p.batch, p.num_q_heads, p.q_len};
   auto check_lse_like = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK_TYPE(t.scalar_type() == lse_dtype(q), "shadowkv: `", name, "` must be ", lse_dtype(q), ", got ",
-                     t.scalar_type());
+    TORCH_CHECK_TYPE(t.scalar_type() == lse_dtype(q), "shadowkv: `", name, "` must be ", dtype_str(lse_dtype(q)), ", got ",
+                     dtype_str(t.scalar_type()));
     check_same_device(t, name, q, "q");
     check_shape(t, name, lse_shape);
   };

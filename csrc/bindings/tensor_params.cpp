@@ -14,6 +14,22 @@ std::string shape_str(at::IntArrayRef s) {
   return os.str();
 }
 
+std::string dtype_str(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kBFloat16: return "bfloat16";
+    case at::kHalf: return "float16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
 DType kernel_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
@@ -22,7 +38,7 @@ DType kernel_dtype(const at::Tensor& t, const char* name) {
     case at::kHalf: return DType::kFloat16;
     default:
       TORCH_CHECK_TYPE(false, "shadowkv: `", name, "` must be float32, float64, bfloat16 or float16, got ",
-                       t.scalar_type());
+                       dtype_str(t.scalar_type()));
   }
 }
 
@@ -38,7 +54,7 @@ void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& 
 
 void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "shadowkv: `", name, "` must have the dtype of `", ref_name,
-                   "` (", ref.scalar_type(), "), got ", t.scalar_type());
+                   "` (", dtype_str(ref.scalar_type()), "), got ", dtype_str(t.scalar_type()));
 }
 
 void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {

@@ -14,6 +14,10 @@ namespace shadowkv::bindings {
 // "[2, 3, 4]" for messages.
 std::string shape_str(at::IntArrayRef s);
 
+// A dtype as Python names it ("int32", "float32", "bfloat16"...; c10's own name for others), so
+// that the C++ checks' messages read as the fake kernels' (shadowkv/ops.py) and torch's.
+std::string dtype_str(at::ScalarType t);
+
 // The kernel dtype of a floating tensor; TypeError naming `name` otherwise.
 DType kernel_dtype(const at::Tensor& t, const char* name);
 
