@@ -161,11 +161,14 @@ _INT32_MAX = 2**31 - 1
 MAX_SOFTMAX_SCALE = torch.finfo(torch.float32).max / 1.4426950408889634
 
 
-def _check_fake_scale(scale):
-    """The kernels' check of an explicit ``scale`` (None: 1/sqrt(D), always valid)."""
+def _check_fake_scale_and_device_dtype(q, scale):
+    """The attention ops' shared checks: an explicit ``scale`` (None: 1/sqrt(D), always valid),
+    and ``q`` not float64 on CUDA."""
     if scale is not None and not 0.0 < scale <= MAX_SOFTMAX_SCALE:
         raise ValueError(f"shadowkv: `scale` must be positive and finite, at most FLT_MAX / log2(e) "
                          f"({MAX_SOFTMAX_SCALE:g}: the kernels compute in float32), got {scale}")
+    if q.device.type == "cuda" and q.dtype == torch.float64:
+        raise TypeError("shadowkv: `q` float64 is supported on CPU only; use float32, bfloat16 or float16 on CUDA")
 
 
 def _check_meta_args(q, k, v, evicted_at, q_offset=0, scale=None):
@@ -185,9 +188,7 @@ def _check_meta_args(q, k, v, evicted_at, q_offset=0, scale=None):
     if q_offset > _INT32_MAX - q.shape[2]:
         raise ValueError(f"shadowkv: `q_offset` ({q_offset}) + Lq ({q.shape[2]}) exceeds the int32 positions of "
                          f"`evicted_at`")
-    _check_fake_scale(scale)
-    if q.device.type == "cuda" and q.dtype == torch.float64:
-        raise TypeError("shadowkv: `q` float64 is supported on CPU only; use float32, bfloat16 or float16 on CUDA")
+    _check_fake_scale_and_device_dtype(q, scale)
 
 
 @torch.library.register_fake("shadowkv::shadow_attention_fwd")
@@ -343,9 +344,7 @@ def _paged_decode_attention_fake(q, k_pages, v_pages, block_tables, seq_lens, sc
     if q.shape[1] % H != 0:
         raise ValueError(f"shadowkv: the head count of `q` ({q.shape[1]}) must be a multiple of the KV head "
                          f"count of `k_pages` ({H})")
-    _check_fake_scale(scale)
-    if q.device.type == "cuda" and q.dtype == torch.float64:
-        raise TypeError("shadowkv: `q` float64 is supported on CPU only; use float32, bfloat16 or float16 on CUDA")
+    _check_fake_scale_and_device_dtype(q, scale)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
