@@ -384,8 +384,10 @@ class PagedKVCache:
         return pos.masked_fill(slot >= lc.seq_lens[rows][:, None, None], -1)
 
     def decode_attention(self, layer: int, q: torch.Tensor, scale: float | None = None,
-                         scores_out: torch.Tensor | None = None, rows: slice = slice(None)) -> torch.Tensor:
-        """One query per sequence of ``rows`` over its cached keys: q ``[b, Hq, D]`` -> ``[b, Hq, D]``;
+                         scores_out: torch.Tensor | None = None,
+                         rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """One query per sequence of ``rows`` (a slice of the batch, or ``[b]`` int64 row indices
+        on the cache's device) over its cached keys: q ``[b, Hq, D]`` -> ``[b, Hq, D]``;
         ``scores_out [b, Hkv, S]`` float32 receives each slot's attention mass (summed over
         the GQA group)."""
         lc = self._layer(layer)

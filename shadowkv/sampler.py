@@ -66,7 +66,8 @@ def tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tens
 
 class _SamplerContext:
     """Attention for one model call of the sampler: ``"decode"`` (one token per sequence of
-    ``rows``, ``lengths`` 1 each, or 0 for a sequence that ended and holds no cache),
+    ``rows``, all of the batch as a slice or the sequences still running as a list, whose
+    ``index`` is the same rows as an int64 tensor on the model's device; ``lengths`` 1 each),
     ``"prompts"`` (whole prompts of ``rows``, right-padded, ``lengths`` tokens each)
     or ``"chunk"`` (a prefill chunk of the single sequence ``rows.start``, after its survivors,
     ending at position ``lengths[0]``). Prefill evicts each layer to ``lengths`` once its
@@ -74,9 +75,10 @@ class _SamplerContext:
 
     def __init__(self, sampler: "Sampler", rows: slice | list[int], positions: torch.Tensor, mode: str,
                  observe: int | None = None, lengths: list[int] | None = None,
-                 forks: tuple[list[int], list[int]] = ([], []), fork_batch: int = 1):
+                 forks: tuple[list[int], list[int]] = ([], []), fork_batch: int = 1,
+                 index: torch.Tensor | None = None):
         self.s, self.rows, self.positions, self.mode, self.observe = sampler, rows, positions, mode, observe
-        self.lengths = lengths
+        self.lengths, self.index = lengths, index
         # "prompts": (source rows, rows that get a copy of the source's prompt); with a
         # stochastic policy copied and evicted fork_batch rows at a time
         self.forks, self.fork_batch = forks, fork_batch
@@ -84,14 +86,18 @@ class _SamplerContext:
     def attend(self, layer, q, k, v, scale):
         s, cache = self.s, self.s.cache
         B, _, T, _ = q.shape
-        counts = self.lengths if self.mode in ("prompts", "decode") else [T] * B  # decode: 0 for an ended row
+        counts = self.lengths if self.mode in ("prompts", "decode") else [T] * B
         cache.append(layer, k, v, self.positions, counts, rows=self.rows)
         if self.mode == "decode":
-            scores = s.slot_scores[layer][self.rows] if s.policy.needs_scores else None
-            step_scores = torch.zeros_like(scores) if scores is not None else None
-            out = cache.decode_attention(layer, q[:, :, 0], scale, step_scores, rows=self.rows)
-            if scores is not None:
-                scores += step_scores
+            rows = self.rows if self.index is None else self.index
+            scores = s.slot_scores[layer]
+            step_scores = scores.new_zeros((B,) + scores.shape[1:]) if s.policy.needs_scores else None
+            out = cache.decode_attention(layer, q[:, :, 0], scale, step_scores, rows=rows)
+            if step_scores is not None:
+                if self.index is None:
+                    scores[rows].add_(step_scores)
+                else:
+                    scores.index_add_(0, self.index, step_scores)
             return out[:, :, None]
         if self.mode == "prompts":
             # Nothing was cached before: causal attention over the new keys themselves. The
@@ -492,11 +498,13 @@ class Sampler:
         # read every few steps (the steps in between change nothing visible).
         done_every = 1 if device.type == "cpu" else 8
         # Sequences the host has seen end: their pages go back to the pool, and the remaining
-        # steps neither append to nor evict them (the batch still runs their rows, which nothing
-        # records). Without this an ended sequence kept growing and evicting until the longest
-        # one ended: memory the peak counted (a FullCache rollout up to max_new_tokens for every
-        # sequence) and evictions its log recorded past its end.
+        # steps neither append to nor evict them nor run their rows through the model. Without
+        # this an ended sequence kept growing and evicting until the longest one ended: memory
+        # the peak counted (a FullCache rollout up to max_new_tokens for every sequence) and
+        # evictions its log recorded past its end; and a group of GRPO samples whose lengths
+        # differ paid every step for the whole batch.
         ended = [False] * B
+        running, run_index = list(range(B)), None  # run_index: `running` on the device, once some ended
         for step in range(max_new_tokens):
             live = ~done
             col = cur[:, None]
@@ -514,16 +522,27 @@ class Sampler:
                         if seen[b] and not ended[b]:
                             ended[b] = True
                             self.cache.release(b)
+                    if len(running) != B - sum(ended):
+                        running = [b for b in range(B) if not ended[b]]
+                        run_index = to_device(running, device, torch.int64)
             if step == max_new_tokens - 1:
                 break
-            running = [b for b in range(B) if not ended[b]]
             if self.evict_every is None:  # once a sequence is a page over its budget
                 self._evict(running, [cur_host[b] for b in running], force=False)
             elif step % self.evict_every == 0 and step > 0:  # step 0 follows the prefill's eviction
                 self._evict(running, [cur_host[b] for b in running], force=True)
             pos = cur.to(torch.int32)[:, None]
-            ctx = _SamplerContext(self, slice(0, B), pos, "decode", lengths=[0 if e else 1 for e in ended])
-            logits = self._forward(next_tok[:, None], pos, ctx)
+            if run_index is None:
+                ctx = _SamplerContext(self, slice(0, B), pos, "decode", lengths=[1] * B)
+                logits = self._forward(next_tok[:, None], pos, ctx)
+            else:
+                # The running rows only. The ended rows get logits of 0: every row still draws,
+                # so that a sequence's draws do not depend on when the others end (what an ended
+                # row draws is not recorded).
+                pos = pos[run_index]
+                ctx = _SamplerContext(self, running, pos, "decode", lengths=[1] * len(running), index=run_index)
+                run_logits = self._forward(next_tok[run_index, None], pos, ctx)
+                logits = run_logits.new_zeros(B, run_logits.shape[-1]).index_copy_(0, run_index, run_logits)
             cur += 1
             cur_host = [c + 1 for c in cur_host]
             next_tok, next_lp = self._sample(logits, temperature, top_p, gen)

@@ -507,3 +507,39 @@ def test_an_ended_sequence_gives_its_pages_back_and_stops_evicting(llama, policy
     assert sampler.cache.layers[0].pages[0] == []
     logp = token_logprobs(llama, r)
     torch.testing.assert_close(logp * r.action_mask, r.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("policy, budget", [(H2O(), 10), (StreamingLLM(), 8), (FullCache(), None)],
+                         ids=["h2o", "streaming", "full"])
+def test_ended_sequences_leave_the_decode_batch(llama, policy, budget):
+    """Once a sequence ends, the decode steps run the others' rows only: the model sees fewer
+    rows, and the others' tokens, log-probs and eviction logs (H2O's scores summed into the
+    right rows) are those of a rollout where nothing ended (ended rows still draw, so the
+    random stream of the others does not move; the numbers differ by the rounding of a smaller
+    batch only)."""
+    prompts = _prompts(3, 5, 9, seed=11)
+    sampler = Sampler(llama, policy, budget, page_size=2)
+    free = sampler.generate(prompts, 24, seed=4)
+    gens = [free.tokens[b][free.action_mask[b]].tolist() for b in range(3)]
+    pick = next(((s, t) for s in range(3) for t in gens[s][1:8]
+                 if all(t not in gens[o] for o in range(3) if o != s)), None)
+    if pick is None:
+        pytest.skip("no token ends one sequence early without ending another (random model)")
+    s, eos = pick
+    widths = []
+    hook = llama.get_input_embeddings().register_forward_pre_hook(lambda m, args: widths.append(args[0].shape))
+    try:
+        r = sampler.generate(prompts, 24, seed=4, eos_token_id=eos)
+    finally:
+        hook.remove()
+    end = int(r.seq_lens[s])
+    assert end - len(prompts[s]) == gens[s].index(eos) + 1 < 24
+    decode = [w[0] for w in widths if w[1] == 1]  # rows of each decode step (the prompts are longer)
+    assert len(decode) == 23 and decode.count(2) == 23 - gens[s].index(eos) and decode.count(3) == gens[s].index(eos)
+    for o in set(range(3)) - {s}:
+        n = int(free.seq_lens[o])
+        assert torch.equal(r.tokens[o, :n], free.tokens[o, :n])
+        torch.testing.assert_close(r.logprobs[o, :n], free.logprobs[o, :n], atol=1e-4, rtol=0)  # GEMM rounding of 2 vs 3 rows
+        assert torch.equal(r.evicted_at[o, ..., :n], free.evicted_at[o, ..., :n])
+    logp = token_logprobs(llama, r)
+    torch.testing.assert_close(logp * r.action_mask, r.logprobs, atol=1e-5, rtol=0)
