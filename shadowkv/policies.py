@@ -222,7 +222,9 @@ class SnapKV(Policy):
     kept, the others ranked by
     the attention they received from recent queries (prompt's last ``window`` queries at
     prefill, the decode queries since the last eviction afterwards), max-pooled over
-    neighbouring slots with ``kernel`` so kept tokens come with their context."""
+    neighbouring slots with ``kernel`` so kept tokens come with their context. With the
+    sampler's ``prefill_chunk``, each chunk boundary votes with that chunk's last ``window``
+    queries (the prompt's later queries do not exist yet), over the survivors and the chunk."""
 
     needs_scores = True
     reset_scores_after_evict = True
