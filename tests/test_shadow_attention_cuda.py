@@ -169,13 +169,17 @@ def assert_near(name: str, actual: torch.Tensor, ref: torch.Tensor, tol: float):
 
 def check_case(case: Case, dtype: torch.dtype):
     """Forward (out, lse) and gradients through both outputs of the public op vs the reference."""
+    check_inputs(*case.tensors(dtype), case.evicted_at(), case.q_offset, case.scale, dtype)
+
+
+def check_inputs(q, k, v, grad_out, grad_lse, ev, q_offset, scale, dtype):
+    """``check_case`` on given inputs: q, k, v (``dtype`` on DEVICE, requiring grad), float32
+    upstream gradients, the eviction log."""
     tol = TOLERANCES[dtype]
-    q, k, v, grad_out, grad_lse = case.tensors(dtype)
-    ev = case.evicted_at()
-    out, lse = ops.shadow_attention_with_lse(q, k, v, ev, case.q_offset, case.scale)
+    out, lse = ops.shadow_attention_with_lse(q, k, v, ev, q_offset, scale)
 
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out_ref, lse_ref = shadow_attention_ref(q64, k64, v64, ev, case.q_offset, case.scale)
+    out_ref, lse_ref = shadow_attention_ref(q64, k64, v64, ev, q_offset, scale)
     assert out.dtype == dtype and out.device == q.device
     assert lse.dtype == torch.float32
     assert_near("out", out, out_ref, tol.out)
@@ -230,6 +234,53 @@ KERNEL_ENV = ops.ATTENTION_KERNEL_ENV
 ATOMIC_DQ = {"wgmma_wsf", "wgmma_fused"}
 KERNELS = (["wmma", "cute", "wgmma", "wgmma_ws", "wgmma_wsb", "wgmma_wsf", "wgmma_fused"] if _C.built_with_cute()
            else ["auto"])
+
+
+def needle_inputs(q_len, kv_len, q_offset, kv_heads, q_heads, head_dim, windows, run, dtype, seed):
+    """Inputs for ``test_attention_sees_every_needle`` and the most needles a query row sees:
+    head ``h`` keeps 4 sinks and a window of ``windows[h]`` keys (StreamingLLM's log); key 0
+    and the first and last key of every ``run``-key run hold a "needle", a key every query
+    (all equal to ``u``) scores 12 above the others (random keys scaled by 0.1 score ~0), with
+    a one-hot value on the needle's own dimension (index mod D)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = 0.1 * torch.randn(1, kv_heads, kv_len, head_dim, generator=gen)
+    v = 0.1 * torch.randn(1, kv_heads, kv_len, head_dim, generator=gen)
+    u = torch.randn(head_dim, generator=gen)
+    needles = sorted({0} | {c + e for c in range(0, kv_len, run) for e in (0, run - 1) if c + e < kv_len})
+    for i, j in enumerate(needles):
+        k[:, :, j] = u * (12.0 * math.sqrt(head_dim) / u.dot(u))  # the default scale 1/sqrt(D): a score of 12
+        v[:, :, j] = 0.0
+        v[:, :, j, i % head_dim] = 1.0
+    ev = torch.stack([streaming_evicted_at(q_offset + q_len, 4, w)[:kv_len] for w in windows])[None].to(DEVICE)
+    is_needle = torch.zeros(kv_len, dtype=torch.bool)
+    is_needle[needles] = True
+    most = int((shadow_visible(ev.cpu(), q_len, q_offset) & is_needle).sum(-1).max())
+    q = u.expand(1, q_heads, q_len, head_dim)
+    grad_out, grad_lse = torch.randn(1, q_heads, q_len, head_dim, generator=gen), torch.randn(1, q_heads, q_len,
+                                                                                                generator=gen)
+    q, k, v = (t.to(DEVICE, dtype).contiguous().requires_grad_() for t in (q, k, v))
+    return (q, k, v, grad_out.to(DEVICE), grad_lse.to(DEVICE), ev), most
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@pytest.mark.parametrize("q_len, kv_len, q_offset, kv_heads, q_heads, head_dim, windows, run", [
+    pytest.param(700, 700, 0, 2, 4, 128, (64, 40), 48, id="prefill_gqa2_d128_run48"),
+    pytest.param(200, 900, 700, 2, 6, 64, (100, 77), 37, id="chunk_gqa3_d64_run37"),
+])
+def test_attention_sees_every_needle(q_len, kv_len, q_offset, kv_heads, q_heads, head_dim, windows, run, dtype,
+                                     kernel, monkeypatch):
+    """Random keys spread attention so evenly that a kernel dropping (or adding) one key tile of
+    a row, or seeing a window one key too long or short, can stay within the half-precision
+    bound (2e-2 / 5e-3 of max(1, |ref|)). With ``needle_inputs`` a row holds nearly all its
+    attention on at most 8 needles, one per output dimension: a visible needle dropped, or an
+    evicted one seen, moves the output by >= 1/9 (5x the bf16 bound) and the lse by >= 0.1.
+    Runs of 48 and 37 keys put needles on every side of 64- and 128-key tiles and on the
+    windows' edges, which differ between the KV heads."""
+    monkeypatch.setenv(KERNEL_ENV, kernel)
+    inputs, most = needle_inputs(q_len, kv_len, q_offset, kv_heads, q_heads, head_dim, windows, run, dtype, seed=q_len)
+    assert 1 <= most <= 8  # the case is as sharp as the docstring says
+    check_inputs(*inputs, q_offset, None, dtype)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
