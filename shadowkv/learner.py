@@ -232,13 +232,27 @@ def distill_kl(teacher_logits, student_logits, rollout, direction: str = "forwar
     return to_tokens(kl, rollout.action_mask.shape[1]) * rollout.action_mask
 
 
-def entropy(logits: torch.Tensor, rollout, temperature: float = 1.0) -> torch.Tensor:
+def entropy(logits: torch.Tensor, rollout, temperature: float = 1.0, count=None) -> torch.Tensor:
     """Mean entropy of the policy ``softmax(logits / temperature)`` over generated positions
-    (a scalar tensor); ``logits``: a replay's last ``R`` rows, ``[B, R, V]``."""
+    (a scalar tensor); ``logits``: a replay's last ``R`` rows, ``[B, R, V]``. ``count``: what
+    the sum is divided by (default: this rollout's generated tokens)."""
     logp = tempered_log_softmax(logits.detach(), temperature)
     ent = -(logp.exp() * logp).sum(-1)
     m = rollout.action_mask[:, rollout.action_mask.shape[1] - logits.shape[1]:]
-    return (ent * m).sum() / m.sum().clamp_min(1)
+    return (ent * m).sum() / (m.sum().clamp_min(1) if count is None else count)
+
+
+def row_chunks(batch: int, size: int | None) -> list[slice]:
+    """The learner's micro-batches: ``batch`` rows in slices of ``size`` (one slice if None)."""
+    size = batch if size is None else size
+    return [slice(i, min(batch, i + size)) for i in range(0, batch, size)] or [slice(0, 0)]
+
+
+def loss_counts(rollout, token_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss-mask tokens, generated tokens) of a whole batch, at least 1 each: what
+    :func:`policy_loss` divides by when it scores one micro-batch of that batch."""
+    mask = rollout.action_mask if token_mask is None else token_mask
+    return mask.sum().clamp_min(1), rollout.action_mask.sum().clamp_min(1)
 
 
 @dataclass
@@ -265,10 +279,14 @@ class LossConfig:
 
 
 def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_weights=None, token_mask=None,
-                teacher_logits=None, ref_logp=None, value_head=None, returns=None) -> tuple[torch.Tensor, dict]:
+                teacher_logits=None, ref_logp=None, value_head=None, returns=None,
+                counts=None) -> tuple[torch.Tensor, dict]:
     """Clipped-surrogate loss of one optimisation epoch (plus the KL and SMD terms). Every term
     is a mean over the batch's loss-mask tokens (token-level, as in DAPO: a long
     answer weighs in proportion to its tokens), not a mean of per-sequence means.
+    With ``counts`` (:func:`loss_counts` of the whole batch) the call scores one micro-batch of
+    it: its sums are divided by the whole batch's token counts, so the micro-batches' losses,
+    gradients and stats (but ``logp``, one tensor each) add up to the whole batch's.
 
     Args:
         advantages: ``[B]`` (GRPO) or ``[B, T]`` (PPO/GAE) advantages.
@@ -288,7 +306,7 @@ def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_wei
         logits = replay_logits(model, rollout, cfg.learner_mask)
     logp = gather_logprobs(logits, rollout, cfg.temperature)
     mask = rollout.action_mask if token_mask is None else token_mask
-    n = mask.sum().clamp_min(1)
+    n, n_action = loss_counts(rollout, token_mask) if counts is None else counts
     adv = advantages[:, None] if advantages.dim() == 1 else advantages
     ratio = torch.exp((logp - old_logp).clamp(-20, 20))
     surr = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv)
@@ -296,7 +314,7 @@ def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_wei
     loss = -(w * surr * mask).sum() / n
     stats = {
         "clip_frac": (((ratio - 1).abs() > cfg.clip) & mask).sum().item() / n.item(),
-        "entropy": entropy(logits, rollout, cfg.temperature).item(),
+        "entropy": entropy(logits, rollout, cfg.temperature, n_action).item(),
     }
     if cfg.kl_ref > 0 and ref_logp is not None:
         d = (ref_logp - logp) * mask
@@ -305,8 +323,7 @@ def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_wei
         stats["kl_ref"] = (k3.sum() / n).item()
     if cfg.method == "smd" and teacher_logits is not None and cfg.smd_beta > 0:
         kl = distill_kl(teacher_logits, logits, rollout, cfg.smd_direction, cfg.temperature)
-        m = rollout.action_mask
-        kl_mean = kl.sum() / m.sum().clamp_min(1)
+        kl_mean = kl.sum() / n_action
         loss = loss + cfg.smd_beta * kl_mean
         stats["distill_kl"] = kl_mean.item()
     if value_head is not None and returns is not None:

@@ -54,6 +54,12 @@ class Rollout:
         """``[B]`` tokens per sequence (prompt + generated)."""
         return self.prompt_lens + self.action_mask.sum(-1)
 
+    def rows(self, rows: slice) -> "Rollout":
+        """The sequences ``rows`` (views, the same ``T``), e.g. a learner's micro-batch; the
+        byte counts and timings stay the whole rollout's."""
+        return Rollout(self.tokens[rows], self.prompt_lens[rows], self.action_mask[rows], self.logprobs[rows],
+                       self.evicted_at[rows], self.kv_peak_bytes, self.dense_kv_bytes, self.timings)
+
 
 def tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``log_softmax(logits / temperature)`` over the last dimension, for the sampler's log-probs

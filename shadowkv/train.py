@@ -49,6 +49,9 @@ class TrainConfig:
     # None: a sequence is evicted to its budget whenever it is a page over it; N: after the
     # prompt, then every N decode steps (Sparse-RL's schedule, DESIGN §6: 128).
     evict_every: int | None = None
+    # Sequences per learner forward/backward (gradients accumulated over a step's rollouts);
+    # None: all of them at once. Changes memory, not the update (up to float rounding).
+    micro_batch: int | None = None
     steps: int = 40
     prompts_per_step: int = 8
     group_size: int = 4
@@ -107,8 +110,10 @@ class TrainConfig:
         # GRPO's advantage is a reward minus its group's mean: a group of one learns nothing.
         need(self.algo != "grpo" or self.group_size >= 2, "group_size", "at least 2 with --algo grpo "
              "(a group of one has advantage 0)")
-        need(self.evict_every is None or (isinstance(self.evict_every, int) and not isinstance(self.evict_every, bool)
-                                          and self.evict_every >= 1), "evict_every", "an int >= 1 (or unset)")
+        for name in ("evict_every", "micro_batch"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1), name,
+                 "an int >= 1 (or unset)")
         if self.prompts_per_step * self.group_size > MAX_BATCH:  # a step's rollouts are one sampler batch
             raise ValueError(f"prompts_per_step x group_size (--prompts-per-step {self.prompts_per_step} x "
                              f"--group-size {self.group_size} = {self.prompts_per_step * self.group_size}) must be "
@@ -256,41 +261,63 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
                                 veto=cfg.is_veto),
     )
     mask = rollout.action_mask
+    # The learner's forwards run micro_batch sequences at a time (all at once by default): its
+    # logits ([rows, answer positions, vocabulary] float32, twice with SMD's teacher) and
+    # activations are what bounds the batch, not the sampler's KV cache.
+    chunks = learner.row_chunks(mask.shape[0], cfg.micro_batch)
+
+    def by_chunk(fn) -> torch.Tensor:
+        return torch.cat([fn(rollout.rows(c)) for c in chunks])
+
     old_logp, weights, keep, teacher, ref_logp = rollout.logprobs, None, None, None, None
     with torch.no_grad(), learner_precision(cfg, model):
         if cfg.method == "is":
-            old_logp = learner.token_logprobs(model, rollout, "dense", cfg.temperature)
+            old_logp = by_chunk(lambda part: learner.token_logprobs(model, part, "dense", cfg.temperature))
             weights, keep = learner.is_weights(old_logp, rollout.logprobs, mask, loss_cfg.is_cfg)
         if cfg.kl_ref > 0:
-            ref_logp = learner.token_logprobs(ref_model, rollout, loss_cfg.learner_mask, cfg.temperature)
+            ref_logp = by_chunk(lambda part: learner.token_logprobs(ref_model, part, loss_cfg.learner_mask,
+                                                                    cfg.temperature))
         returns = None
         if value_head is None:
             adv = learner.grpo_advantages(rewards, cfg.group_size)
         else:
-            _, hidden = learner.replay_logits(model, rollout, loss_cfg.learner_mask, return_hidden=True)
-            adv, returns = learner.gae(rewards, value_head(hidden, mask.shape[1]), mask, cfg.gamma, cfg.gae_lambda)
+            values = by_chunk(lambda part: value_head(
+                learner.replay_logits(model, part, loss_cfg.learner_mask, return_hidden=True)[1], mask.shape[1]))
+            adv, returns = learner.gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)
             valid = adv[mask]
             std = valid.std() if valid.numel() > 1 else torch.tensor(1.0)
             adv = (adv - valid.mean()) / (std + 1e-6) * mask  # whitened over the batch's tokens
+    counts = learner.loss_counts(rollout, keep)
+
+    def part_of(t, c):
+        return None if t is None else t[c]
+
     stats0 = {}
     for epoch in range(cfg.epochs):
-        if cfg.method == "smd" and cfg.smd_beta > 0:
-            # DESIGN §6's teacher has the student's weights: after an epoch's update the last
-            # teacher would pull the student back to the old weights (a stray trust region).
-            with torch.no_grad(), learner_precision(cfg, model):
-                teacher = learner.replay_logits(model, rollout, "dense")
-        model.train()
-        with learner_precision(cfg, model):
-            loss, stats = learner.policy_loss(model, rollout, adv, old_logp, loss_cfg, weights, keep, teacher,
-                                              ref_logp, value_head, returns)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total, stats_sum, logps = 0.0, {}, []
+        for c in chunks:
+            part = rollout.rows(c)
+            if cfg.method == "smd" and cfg.smd_beta > 0:
+                # DESIGN §6's teacher has the student's weights: after an epoch's update the last
+                # teacher would pull the student back to the old weights (a stray trust region).
+                with torch.no_grad(), learner_precision(cfg, model):
+                    teacher = learner.replay_logits(model, part, "dense")
+            model.train()
+            with learner_precision(cfg, model):
+                loss, stats = learner.policy_loss(model, part, adv[c], old_logp[c], loss_cfg, part_of(weights, c),
+                                                  part_of(keep, c), teacher, part_of(ref_logp, c), value_head,
+                                                  part_of(returns, c), counts)
+            loss.backward()  # the micro-batches' gradients add up to the batch's
+            model.eval()
+            total += loss.item()
+            logps.append(stats.pop("logp"))
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + v
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         if epoch == 0:
-            stats0 = stats
-            stats0["loss"] = loss.item()
-        model.eval()
+            stats0 = {**stats_sum, "logp": torch.cat(logps), "loss": total}
     sync_rollout_model(sampler.model, model)
     n = mask.sum().clamp_min(1)
     delta = (rollout.logprobs - stats0.pop("logp")) * mask
@@ -439,7 +466,8 @@ class _StopFlag:
 def _resumed_config(out: Path, overrides: dict | None) -> tuple[TrainConfig, bool]:
     """The run's saved config with ``overrides`` (the settings the user gave again, by
     field name; ``sft_steps`` for ``sft.steps``) applied, and whether that changed it. Only
-    ``steps`` (upwards: it extends the run) and ``device`` may change; any other difference is a
+    ``steps`` (upwards: it extends the run), ``device`` and ``micro_batch`` (memory only: a run
+    that ran out of it resumes with smaller micro-batches) may change; any other difference is a
     ``ValueError`` naming it, because it would change what the replayed steps mean."""
     try:
         cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
@@ -447,17 +475,18 @@ def _resumed_config(out: Path, overrides: dict | None) -> tuple[TrainConfig, boo
         raise ValueError(f"--resume: {out / 'config.json'} cannot be read ({e}); start a new run") from None
     saved = {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "sft_steps": cfg.sft.steps}
     changed = {k: v for k, v in (overrides or {}).items() if saved[k] != v}
-    fixed = sorted(k for k in changed if k not in ("steps", "device"))
+    fixed = sorted(k for k in changed if k not in ("steps", "device", "micro_batch"))
     if fixed:
         raise ValueError(f"--resume: the run in {out} was trained with "
                          + ", ".join(f"{k}={saved[k]!r}" for k in fixed)
-                         + "; only --steps and --device can change on resume "
+                         + "; only --steps, --device and --micro-batch can change on resume "
                          "(drop the other flags, or start a new run with another --out)")
     if changed.get("steps", cfg.steps) < cfg.steps:
         raise ValueError(f"--resume: --steps {changed['steps']} is fewer than the run's {cfg.steps}; a resume "
                          "can only extend a run")
     cfg.steps = changed.get("steps", cfg.steps)
     cfg.device = changed.get("device", cfg.device)  # before the check: a GPU run may move to a CPU machine
+    cfg.micro_batch = changed.get("micro_batch", cfg.micro_batch)
     cfg.check()  # a saved config edited by hand is held to the same rules, and so is a new device
     return cfg, bool(changed)
 
