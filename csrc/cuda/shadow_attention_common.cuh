@@ -1,16 +1,18 @@
-// Private helpers shared by the CUDA forward and backward kernels of shadow attention
-// (shadow_attention_fwd.cu, shadow_attention_bwd.cu). Not installed, not a public API.
+// Private helpers shared by the CUDA forward and backward kernels of shadow attention (every
+// family: shadow_attention_kernels.h). Not installed, not a public API.
 //
-// Two kernel families, chosen per call on the host:
+// Besides the CuTe and wgmma families, two kernel families, chosen per call on the host
+// (shadow_attention_fwd.cu, shadow_attention_bwd.cu):
 //   * tensor-core kernels (WMMA 16x16x16, fp32 accumulators) for bfloat16/float16 with
-//     head_dim 64 or 128 and 16-byte aligned rows; each warp owns 16 rows of a 64-row tile.
+//     head_dim 64 or 128 and 16-byte aligned rows; each warp owns 16 rows of a 64-row tile
+//     (shadow_attention_wmma.cuh).
 //   * SIMT kernels for everything else (float32, any head_dim 0..256, odd strides): one warp
 //     owns 4 rows; lane j handles partner row j of a 32-row tile for scores, and head-dim
 //     slice d = lane + 32 t for the accumulators. Blocks have 8 warps (32 own rows), except the
 //     backward kernels above head_dim 192, which use 4 warps (16 own rows) to fit in 99 KB of
-//     shared memory (SimtTraits::bwd_rows).
-// Both skip key tiles that the eviction log hides from the whole query tile, using a per-32-key
-// min/max of evicted_at computed once per call (ev_minmax_kernel).
+//     shared memory (SimtTraits::bwd_rows; shadow_attention_simt.cuh).
+// All of them skip key tiles that the eviction log hides from the whole query tile, using a
+// per-32-key min/max of evicted_at computed once per call (ev_minmax_kernel).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -19,9 +21,6 @@
 
 #include "device_math.cuh"
 #include "device_workspace.cuh"
-#if !defined(SHADOWKV_CUDA_EMULATION)  // (the WMMA building blocks below are not emulated)
-#include <mma.h>
-#endif
 
 #include <climits>
 #include <cmath>
@@ -55,41 +54,7 @@ constexpr int kEvTile = 32;
 constexpr int kEvOutOfRange = INT32_MIN;
 
 // ------------------------------------------------------------------------------------------
-// Tile shapes.
-
-// Tensor-core kernels: 4 warps x 16 rows own a 64-row tile; partner tiles are streamed through
-// shared memory. Row pitches are padded (+8 halves / +4 floats) so that consecutive rows start
-// in different banks, which also keeps every WMMA pointer 32-byte aligned.
-template <int D>
-struct TcTraits {
-  static_assert(D % 16 == 0 && D <= 256, "tensor-core head_dim must be a multiple of 16");
-  static constexpr int kWarps = 4;
-  static constexpr int kThreads = kWarps * 32;
-  static constexpr int kRows = kWarps * 16;  // own rows per block (queries, or keys for dK/dV)
-  static constexpr int kFwdKeys = 64;        // forward: keys per step
-  static constexpr int kDqKeys = 32;         // backward dQ: keys per step
-  static constexpr int kDkvQueries = 32;     // backward dK/dV: queries per step
-  static constexpr int kLd16 = D + 8;        // pitch of a [rows][D] 16-bit tile
-  static constexpr int kDFrags = D / 16;     // accumulator fragments across the head dim
-};
-
-// SIMT kernels: 8 warps x 4 rows own a 32-row tile; a partner tile has one row per lane.
-struct SimtTraits {
-  static constexpr int kWarps = 8;
-  static constexpr int kThreads = kWarps * 32;  // the most threads of any SIMT block
-  static constexpr int kRowsPerWarp = 4;
-  static constexpr int kRows = kWarps * kRowsPerWarp;
-  static constexpr int kPartner = 32;
-  static constexpr int kMaxDPerLane = 8;  // head_dim <= 256 = 32 lanes x 8
-  // Partner tiles are read with lane = row, so an odd pitch spreads the lanes over all banks.
-  __host__ __device__ static int partner_ld(int d) { return d | 1; }
-  // Own rows per block of the backward kernels, which stage two [rows][D] and two [32][D|1]
-  // float tiles: for head_dim > 192 a 32-row block needs more than the 101,376 bytes per block
-  // that sm_86/sm_89 allow (they run the sm_80 build), so those blocks have 4 warps, 16 rows.
-  // The forward kernel stages one own tile and fits with 32 rows for every head_dim <= 256.
-  __host__ __device__ static int bwd_rows(int d) { return d > 192 ? kRows / 2 : kRows; }
-  __host__ __device__ static int bwd_threads(int d) { return bwd_rows(d) / kRowsPerWarp * 32; }
-};
+// Shared memory.
 
 // Byte offsets of the buffers in one kernel's dynamic shared memory; each buffer starts on a
 // 128-byte boundary. Used identically on the host (size) and the device (pointers).
@@ -493,75 +458,6 @@ inline void launch_ev_minmax(const ShadowAttentionParams& p, int2* buf, cudaStre
 #endif
 
 }  // namespace
-
-#if !defined(SHADOWKV_CUDA_EMULATION)  // WMMA is not emulated (tests/cpp/cuda_emulation.h)
-// ------------------------------------------------------------------------------------------
-// Tensor-core building blocks (sm_80+).
-
-namespace wmma = nvcuda::wmma;
-using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-template <typename T>
-using AFrag = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
-template <typename T>
-using BFragRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
-template <typename T>
-using BFragCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
-
-// Copies rows [0, n_rows) of a [*, D] 16-bit matrix into a [n_rows][LD] shared tile with 16-byte
-// loads; rows r with !keep(r) become zeros so that the MMAs never read garbage (NaN * 0).
-template <typename T, int D, int LD, class Keep>
-__device__ __forceinline__ void load_rows_16b_if(T* __restrict__ dst, const T* __restrict__ src, int64_t stride,
-                                                 int n_rows, Keep const& keep) {
-  constexpr int kChunks = D / 8;
-  for (int idx = threadIdx.x; idx < n_rows * kChunks; idx += blockDim.x) {
-    const int r = idx / kChunks, c = idx % kChunks;
-    uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (keep(r)) val = *reinterpret_cast<const uint4*>(src + r * stride + c * 8);
-    *reinterpret_cast<uint4*>(dst + r * LD + c * 8) = val;
-  }
-}
-
-// Rows [0, valid) of the source, as load_rows_16b_if.
-template <typename T, int D, int LD>
-__device__ __forceinline__ void load_rows_16b(T* __restrict__ dst, const T* __restrict__ src, int64_t stride,
-                                              int n_rows, int64_t valid) {
-  load_rows_16b_if<T, D, LD>(dst, src, stride, n_rows, [valid](int r) { return r < valid; });
-}
-
-// WMMA keeps the element -> (row, col) map of a fragment private, but it is the same for every
-// accumulator fragment. Loading a matrix whose entries are their own row numbers reveals the row
-// of each register, which lets a warp scale accumulator rows (online softmax) in registers.
-__device__ __forceinline__ void load_row_index(AccFrag& rows, float* scratch, int ld) {
-  const int lane = threadIdx.x % 32;
-  for (int idx = lane; idx < 256; idx += 32) scratch[(idx / 16) * ld + idx % 16] = static_cast<float>(idx / 16);
-  __syncwarp();
-  wmma::load_matrix_sync(rows, scratch, ld, wmma::mem_row_major);
-  __syncwarp();
-}
-
-// Writes a warp's 16 x (16 * DF) accumulator strip to global rows [0, valid_rows) of `dst`,
-// staging kChunk fragments at a time through the warp's float scratch (16 x ld, ld >= 16 kChunk).
-template <typename T, int DF, int kChunk>
-__device__ __forceinline__ void store_acc_rows(const AccFrag (&acc)[DF], float* scratch, int ld, T* dst,
-                                               int64_t stride, int valid_rows) {
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int f0 = 0; f0 < DF; f0 += kChunk) {
-#pragma unroll
-    for (int c = 0; c < kChunk; ++c) {
-      if (f0 + c < DF) wmma::store_matrix_sync(scratch + c * 16, acc[f0 + c], ld, wmma::mem_row_major);
-    }
-    __syncwarp();
-    const int width = (DF - f0 < kChunk ? DF - f0 : kChunk) * 16;
-    for (int idx = lane; idx < 16 * width; idx += 32) {
-      const int r = idx / width, c = idx % width;
-      if (r < valid_rows) dst[r * stride + f0 * 16 + c] = from_f32<T>(scratch[r * ld + c]);
-    }
-    __syncwarp();
-  }
-}
-
-#endif
 
 }  // namespace cuda_attn
 }  // namespace shadowkv

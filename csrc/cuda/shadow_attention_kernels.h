@@ -20,8 +20,8 @@
 //     adds it to an fp32 workspace with atomics: five products per pair instead of seven, dQ
 //     bitwise non-deterministic). Opt-in: it passed the GPU tests on an H200, but its backward
 //     was 1.2x slower than wgmma's there (the dK/dV kernel issues every ~10 cycles).
-//   * wmma: tensor-core kernels with the same coverage (shadow_attention_{fwd,bwd}.cu).
-//   * simt: every dtype and head_dim (shadow_attention_{fwd,bwd}.cu).
+//   * wmma: tensor-core kernels with the same coverage (shadow_attention_wmma.cuh).
+//   * simt: every dtype and head_dim (shadow_attention_simt.cuh).
 // SHADOWKV_ATTENTION_KERNEL picks one per call (forward and backward alike): "auto" (default) =
 // in builds with the CuTe kernels "wgmma" with wgmma_ws's forward at head_dim 128, else "wmma";
 // "cute" = cute where it applies (an error in a build without it), else simt; "wgmma",

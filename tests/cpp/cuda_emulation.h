@@ -4,8 +4,9 @@
 //
 // Include this before any csrc/cuda header. Every CUDA thread of a block is a fiber (fibers.h):
 // one OS thread runs them in turn, each until it waits.
-//   * __syncthreads is a barrier of the block's threads, warp collectives (shuffles, ldmatrix,
-//     mma.sync) exchange values through a per-warp buffer between two barriers of its 32 lanes;
+//   * __syncthreads is a barrier of the block's threads, __syncwarp one of a warp's 32 lanes
+//     (both order memory), warp collectives (shuffles, ldmatrix, mma.sync; wmma_emulation.h's
+//     wmma) exchange values through a per-warp buffer between two barriers of its 32 lanes;
 //     a block whose unfinished threads all wait (a barrier not reached by all its threads, a
 //     phase nobody completes) aborts at once, naming what they wait for (on a GPU it would hang
 //     or be undefined);
@@ -15,13 +16,14 @@
 //   * mbarriers (init, arrive, parity wait) and named barriers (bar.sync / bar.arrive by id)
 //     count threads; a block that ends with copies on an unfinished phase or a named barrier
 //     partly arrived aborts. Memory ordering is modelled for ThreadSanitizer only: arrivals at
-//     __syncthreads, named barriers and mbarriers release and completed waits acquire (per
-//     barrier and generation); nothing else orders two threads of a block (warp collectives
-//     exchange registers only, as on the hardware), so TSan reports an access pair that no
-//     barrier orders.
+//     __syncthreads, __syncwarp, named barriers and mbarriers release and completed waits
+//     acquire (per barrier and generation); nothing else orders two threads of a block (warp
+//     collectives exchange registers only, as on the hardware), so TSan reports an access pair
+//     that no barrier orders.
 //     Named barriers count threads where hardware counts warps;
 //   * dynamic shared memory starts as 0xff bytes (NaN as floats): a read of a byte nobody wrote
-//     shows up in the results; it is 16-byte aligned, no more. Static __shared__ variables are
+//     shows up in the results; it is 16-byte aligned, no more, unless a launch asks for the
+//     alignment its kernel declares (launch's smem_align). Static __shared__ variables are
 //     function-local statics (blocks run one at a time, so each block has them to itself), but
 //     they start as zeros and keep the previous block's values: a missing initialisation of one
 //     does not show;
@@ -91,8 +93,11 @@ class Barrier {
 };
 
 struct Warp {
-  Barrier barrier{32, false, "a warp collective (shuffle, ballot, ldmatrix, mma.sync) that not all 32 lanes reach"};
+  Barrier barrier{32, false,
+                  "a warp collective (shuffle, ballot, ldmatrix, mma.sync, wmma) that not all 32 lanes reach"};
+  Barrier sync{32, true, "a __syncwarp that not all 32 lanes reach"};
   alignas(16) unsigned char slot[32][64];
+  float mma_operands[2][16][16];  // wmma_emulation.h's mma_sync: A and B, decoded once per warp
 };
 
 // Four warps (sm_90 warpgroup-wide instructions): a barrier and a 16-byte slot per thread.
@@ -386,11 +391,15 @@ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 enum class BlockOrder { kAscending, kDescending };
 
 // Runs kernel() for every thread of every block of a one-dimensional grid, blocks one after
-// another (in `order`), each with `smem_bytes` of dynamic shared memory.
+// another (in `order`), each with `smem_bytes` of dynamic shared memory aligned to `smem_align`
+// bytes and no more: 16, the least CUDA promises, or what the kernel's extern __shared__
+// declaration asks with __align__ (CUDA honours it: the WMMA attention kernels rely on 128).
 template <typename Kernel>
 void launch(unsigned grid, unsigned block_threads, size_t smem_bytes, Kernel&& kernel,
-            BlockOrder order = BlockOrder::kAscending) {
+            BlockOrder order = BlockOrder::kAscending, size_t smem_align = 16) {
   if (block_threads % 32 != 0) die("blocks of whole warps only");
+  if (smem_align < 16 || smem_align > 1024 || (smem_align & (smem_align - 1)) != 0)
+    die("launch: smem_align must be a power of two in [16, 1024]");
   for (unsigned i = 0; i < grid; ++i) {
     const unsigned bx = order == BlockOrder::kAscending ? i : grid - 1 - i;
     Block blk(static_cast<int>(block_threads));
@@ -398,15 +407,15 @@ void launch(unsigned grid, unsigned block_threads, size_t smem_bytes, Kernel&& k
     if (block_threads % 128 == 0)
       for (unsigned w = 0; w < block_threads / 128; ++w) blk.warpgroups.push_back(std::make_unique<Warpgroup>());
     // A 256 KB aligned window: a shared-memory address is its offset in it (wgmma descriptors
-    // keep bits 4-17), as on the GPU. The dynamic shared memory starts 16 bytes in, the least
-    // alignment CUDA promises, so kernels that need more (1024 for 128-byte swizzles) must round
-    // up themselves, as on a GPU that gives them no more.
+    // keep bits 4-17), as on the GPU. The dynamic shared memory starts smem_align bytes in (by
+    // default 16, the least alignment CUDA promises), so kernels that need more (1024 for
+    // 128-byte swizzles) must round up themselves, as on a GPU that gives them no more.
     void* raw = nullptr;
-    if (posix_memalign(&raw, size_t{1} << 18, smem_bytes + 16) != 0) die("out of memory");
+    if (posix_memalign(&raw, size_t{1} << 18, smem_bytes + smem_align) != 0) die("out of memory");
     std::unique_ptr<unsigned char, decltype(&std::free)> window(static_cast<unsigned char*>(raw), &std::free);
-    std::memset(window.get(), 0xff, smem_bytes + 16);
+    std::memset(window.get(), 0xff, smem_bytes + smem_align);
     blk.window = window.get();
-    blk.smem = window.get() + 16;
+    blk.smem = window.get() + smem_align;
     blk.smem_bytes = smem_bytes;
     struct Launch {
       std::remove_reference_t<Kernel>* kernel;
@@ -449,6 +458,10 @@ void launch(unsigned grid, unsigned block_threads, size_t smem_bytes, Kernel&& k
 #define gridDim (::shadowkv_emu::me().grid_dim)
 
 inline void __syncthreads() { ::shadowkv_emu::me().block->barrier.wait(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) ::shadowkv_emu::die("__syncwarp of a partial warp is not emulated");
+  ::shadowkv_emu::me().warp->sync.wait();
+}
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 [[noreturn]] inline void __trap() { ::shadowkv_emu::die("__trap()"); }
 
@@ -456,6 +469,12 @@ template <typename V>
 V __shfl_xor_sync(unsigned mask, V v, int lane_mask) {
   if (mask != 0xffffffffu) ::shadowkv_emu::die("shuffles of a partial warp are not emulated");
   return ::shadowkv_emu::exchange(v, ::shadowkv_emu::me().lane ^ lane_mask);
+}
+// (width 32: the source lane is src_lane mod 32, as on the device)
+template <typename V>
+V __shfl_sync(unsigned mask, V v, int src_lane) {
+  if (mask != 0xffffffffu) ::shadowkv_emu::die("shuffles of a partial warp are not emulated");
+  return ::shadowkv_emu::exchange(v, src_lane & 31);
 }
 
 inline int atomicOr(int* p, int v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
