@@ -31,9 +31,9 @@ class Rollout:
         action_mask: ``[B, T]`` bool, True at generated (non-pad) positions (EOS included).
         logprobs: ``[B, T]`` float32, log-prob of each generated token under
             ``softmax(logits / temperature)`` (temperature 1 when greedy); 0 elsewhere. With
-            ``top_p < 1`` too: the policy's log-prob, which the learner can compute, not the
-            log-prob under the renormalised nucleus the token was drawn from (README, design
-            notes).
+            ``top_p < 1`` or ``top_k`` too: the policy's log-prob, which the learner can
+            compute, not the log-prob under the renormalised set the token was drawn from
+            (README, design notes).
         evicted_at: ``[B, num_layers, Hkv, T]`` int32 shadow mask (DESIGN.md §1).
         kv_peak_bytes: peak bytes of allocated KV pages plus the eviction log.
         dense_kv_bytes: K/V bytes a dense cache would hold for these sequences.
@@ -327,18 +327,24 @@ class Sampler:
 
     # ---- sampling
     @staticmethod
-    def _sample(logits, temperature, top_p, gen):
+    def _sample(logits, temperature, top_p, gen, top_k=0):
         """logits ``[B, V]`` -> (tokens ``[B]``, log-probs ``[B]`` under softmax(logits/T), also
-        with ``top_p < 1``: see :class:`Rollout`)."""
+        with ``top_p < 1`` or ``top_k``: see :class:`Rollout`)."""
         logits = logits.float()
         if temperature == 0.0:
             tok = logits.argmax(-1)
             return tok, tempered_log_softmax(logits, 1.0).gather(-1, tok[:, None])[:, 0]
         logp = tempered_log_softmax(logits, temperature)
         probs = logp.exp()
-        if top_p < 1.0:
+        if 0 < top_k < probs.shape[-1]:  # the k most likely (ties at the k-th: the first ones topk returns)
+            kept = probs.topk(top_k, -1)
+            probs = torch.zeros_like(probs).scatter_(-1, kept.indices, kept.values)
+        if top_p < 1.0:  # then the nucleus of what is left, as transformers' and vLLM's samplers order them
             sp, si = probs.sort(-1, descending=True)
-            drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix reaching top_p
+            mass = sp.cumsum(-1) - sp
+            if 0 < top_k < probs.shape[-1]:  # the nucleus of the renormalised top k
+                mass = mass / sp.sum(-1, keepdim=True)
+            drop = mass > top_p  # keep the smallest prefix reaching top_p
             probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
         tok = torch.multinomial(probs, 1, generator=gen)[:, 0]  # on the logits' device: no round trip
         return tok, logp.gather(-1, tok[:, None])[:, 0]
@@ -387,19 +393,24 @@ class Sampler:
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                 seed: int | None = None, eos_token_id: int | None = None, pad_token_id: int = 0) -> Rollout:
+                 seed: int | None = None, eos_token_id: int | None = None, pad_token_id: int = 0,
+                 top_k: int = 0) -> Rollout:
         """Samples ``max_new_tokens`` (fewer after EOS) for each prompt.
 
         Args:
             prompts: ``[B, L]`` int tensor (all of length L) or a list of 1-D int tensors /
                 int lists (ragged).
             temperature: 0 for greedy decoding.
+            top_p, top_k: draw from the smallest set of most likely tokens holding ``top_p`` of
+                the probability, among the ``top_k`` most likely (0: all). The log-probs are
+                still the policy's (:class:`Rollout`).
         Returns:
             a :class:`Rollout` (on the model's device).
         """
         if not (math.isfinite(temperature) and temperature >= 0) or not 0.0 < top_p <= 1.0:
             raise ValueError(f"need a finite temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         max_new_tokens = as_int("max_new_tokens", max_new_tokens)
+        top_k = as_int("top_k", top_k, 0)
         if seed is not None:
             seed = as_int("seed", seed, 0)  # NumPy integers too
             if seed >= 2**63:
@@ -494,7 +505,7 @@ class Sampler:
                 if first is None:
                     first = logits.new_empty(B, logits.shape[-1])
                 first[b] = logits[0]
-        next_tok, next_lp = self._sample(first, temperature, top_p, gen)
+        next_tok, next_lp = self._sample(first, temperature, top_p, gen, top_k)
         t1 = time.perf_counter()
 
         cur = to_device(plens, device, torch.int64)  # position of each sequence's next token
@@ -551,7 +562,7 @@ class Sampler:
                 logits = run_logits.new_zeros(B, run_logits.shape[-1]).index_copy_(0, run_index, run_logits)
             cur += 1
             cur_host = [c + 1 for c in cur_host]
-            next_tok, next_lp = self._sample(logits, temperature, top_p, gen)
+            next_tok, next_lp = self._sample(logits, temperature, top_p, gen, top_k)
         t2 = time.perf_counter()
 
         self.cache.verify()  # an op that ran unchecked on the GPU and rejected a value surfaces here

@@ -412,6 +412,29 @@ def test_top_p_logprobs_are_the_policy_logprobs_and_replay(llama):
     assert (shadow - r.logprobs)[r.action_mask].abs().max() <= 1e-4
 
 
+def test_top_k_draws_among_the_k_most_likely_and_logprobs_are_the_policys(llama):
+    logits = torch.tensor([[2.0, 1.5, 0.0, -1.0, 1.0]]).expand(400, 5)
+    lp_all = torch.log_softmax(logits, -1)
+    tok, lp = Sampler._sample(logits, 1.0, 1.0, torch.Generator().manual_seed(0), top_k=3)
+    assert set(tok.tolist()) == {0, 1, 4}
+    torch.testing.assert_close(lp, lp_all.gather(-1, tok[:, None])[:, 0])
+    # then the nucleus of the renormalised top 3 (0.46, 0.28, 0.17 of the whole; 0.51, 0.31, 0.19
+    # of the three): 0.51 + 0.31 reach 0.8, where 0.46 + 0.28 of the whole softmax would not
+    tok, _ = Sampler._sample(logits, 1.0, 0.8, torch.Generator().manual_seed(0), top_k=3)
+    assert set(tok.tolist()) == {0, 1}
+    tok, _ = Sampler._sample(logits, 1.0, 1.0, torch.Generator().manual_seed(0), top_k=1)
+    assert set(tok.tolist()) == {0}
+    prompts = _prompts(2, 6, 6)
+    s = Sampler(llama, StreamingLLM(sinks=2), budget=8, page_size=4)
+    assert torch.equal(s.generate(prompts, 8, seed=3, top_k=1).tokens, s.generate(prompts, 8, temperature=0.0).tokens)
+    r = s.generate(prompts, 12, temperature=0.9, top_k=5, seed=4)
+    shadow = token_logprobs(llama, r, "shadow", temperature=0.9)
+    assert (shadow - r.logprobs)[r.action_mask].abs().max() <= 1e-4
+    for k, err in ((-1, ValueError), (2.5, TypeError)):
+        with pytest.raises(err, match="top_k must be an int >= 0"):
+            s.generate(prompts, 2, top_k=k)
+
+
 def test_same_seed_same_rollout_for_stochastic_policy(llama):
     sampler = Sampler(llama, RandomEvict(seed=5), budget=0.3, page_size=4)
     a = sampler.generate(_prompts(2, 10, 20, seed=6), 30, seed=11)
