@@ -79,7 +79,7 @@ def _register() -> None:
 
 
 def install(model: torch.nn.Module) -> torch.nn.Module:
-    """Selects the ``shadowkv`` attention on a transformers causal LM (Llama/Qwen2/Mistral
+    """Selects the ``shadowkv`` attention on a transformers causal LM (Llama/Qwen2/Qwen3/Mistral
     families); returns the model."""
     _register()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)

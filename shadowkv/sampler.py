@@ -186,7 +186,7 @@ class Sampler:
     """Generates with a compressed KV cache and logs every eviction.
 
     Args:
-        model: a transformers causal LM (Llama/Qwen2/Mistral families); its attention
+        model: a transformers causal LM (Llama/Qwen2/Qwen3/Mistral families); its attention
             implementation is switched to ``shadowkv`` (plain SDPA outside the sampler).
         policy: which tokens to keep (:mod:`shadowkv.policies`).
         budget: live tokens per sequence and layer: int, or float fraction of the current
@@ -356,7 +356,7 @@ class Sampler:
     def _forward_last(self, ids, positions, ctx, last: torch.Tensor):
         """Logits at column ``last[b]`` of each row only (the LM head on B positions, not on
         B x L: ``[B, L, vocab]`` logits of a padded prefill can be gigabytes). The supported
-        families (Llama, Qwen2, Mistral) apply the output embedding and nothing after it, which
+        families (Llama, Qwen2, Qwen3, Mistral) apply the output embedding and nothing after it, which
         is what the causal-LM forward does for them too (models that do more are refused:
         :func:`_refuse_logit_processing`)."""
         with attention_context(ctx):

@@ -7,14 +7,15 @@ go through the same loading code as a real checkpoint.
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 VOCAB = 96
 
 
 def _config(family: str, hidden: int, heads: int, kv_heads: int, layers: int, head_dim: int | None,
             init_range: float):
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma2": Gemma2Config}[family]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig,
+           "gemma2": Gemma2Config}[family]
     # A large init range makes the random model's attention and logits peaked, so
     # dropping tokens visibly changes its log-probs (as it does in a trained model).
     return cls(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,

@@ -30,6 +30,11 @@ def qwen(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("qwen2"), "qwen2", heads=4, kv_heads=1)
 
 
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):  # RMS-normalises q and k per head before RoPE (q_norm, k_norm)
+    return tiny_model(tmp_path_factory.mktemp("qwen3"), "qwen3", heads=4, kv_heads=2, head_dim=24)
+
+
 def _prompts(B, lo, hi, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, VOCAB, (int(torch.randint(lo, hi + 1, (1,), generator=g)),), generator=g)
@@ -51,9 +56,9 @@ POLICIES = [StreamingLLM(sinks=4), H2O(recent_frac=0.5), SnapKV(window=8, kernel
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__)
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_shadow_replay_matches_sampler(policy, family, llama, qwen):
-    model = llama if family == "llama" else qwen
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_shadow_replay_matches_sampler(policy, family, llama, qwen, qwen3):
+    model = {"llama": llama, "qwen2": qwen, "qwen3": qwen3}[family]
     sampler = Sampler(model, policy, budget=0.25, page_size=8)
     rollout = sampler.generate(_prompts(2, 20, 40), max_new_tokens=256, temperature=1.0, seed=0)
     m = rollout.action_mask
