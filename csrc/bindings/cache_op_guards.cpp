@@ -41,6 +41,28 @@ void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch:
   op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
 }
 
+template <c10::DispatchKey key>
+void resolve_math_bits(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  for (size_t i = 0; i < args.size(); ++i) {
+    c10::IValue& value = (*stack)[first + i];
+    if (!value.isTensor()) continue;
+    const at::Tensor& t = value.toTensor();
+    if (!t.defined() || !(t.is_neg() || t.is_conj())) continue;
+    TORCH_CHECK_VALUE(!written(args[i]), "shadowkv: `", args[i].name(), "` is written in place, so it cannot be a ",
+                      t.is_neg() ? "negated" : "conjugated", " view (its ", t.is_neg() ? "neg" : "conj",
+                      " bit is set, e.g. x.conj().imag); pass a materialized tensor (.resolve_neg() / .resolve_conj())");
+    value = t.resolve_conj().resolve_neg();
+  }
+  op.redispatchBoxed(keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, key), stack);
+}
+
+template void resolve_math_bits<c10::DispatchKey::Conjugate>(const c10::OperatorHandle&, c10::DispatchKeySet,
+                                                             torch::jit::Stack*);
+template void resolve_math_bits<c10::DispatchKey::Negative>(const c10::OperatorHandle&, c10::DispatchKeySet,
+                                                            torch::jit::Stack*);
+
 void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   for_each_tensor(op, stack, [](const c10::Argument& a, const at::Tensor& t) {
     if (written(a)) t.unsafeGetTensorImpl()->bump_version();

@@ -17,4 +17,13 @@ void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch:
 // (Tensor(a!)), as torch's own in-place ops do, then redispatches.
 void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack);
 
+// Conjugate and Negative keys (a tensor with its conj or neg bit set: x.conj().imag is a neg view
+// of a real tensor). torch's math-bit fallback assumes an in-place op returns its written
+// argument first; for these ops (returning () or a new tensor) it reads past the stack and
+// corrupts reference counts (an INTERNAL ASSERT, then an abort at exit). Instead: a written
+// argument with a bit set is a ValueError naming it; read-only ones are resolved (copied), as
+// the fallback does; then redispatches past `key`.
+template <c10::DispatchKey key>
+void resolve_math_bits(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack);
+
 }  // namespace shadowkv::bindings

@@ -3,7 +3,9 @@
 #include <ATen/MemoryOverlap.h>
 
 #include <algorithm>
+#include <functional>
 #include <initializer_list>
+#include <optional>
 #include <stdexcept>
 #include <utility>
 #include <vector>
@@ -71,15 +73,57 @@ bool bytes_hit(const at::Tensor& bytes, const at::Tensor& t) {
   return hit.any().item<bool>();
 }
 
+// Whether two views of one storage with the same element size and the same stride in every
+// dimension where either moves (the k/v halves of a fused pool, or any two slices of one
+// buffer) share a byte; nullopt when they are not such a pair or their strides are not nested.
+// Element i of a and j of b overlap iff |(b0 - a0) - sum_d (i_d - j_d) S_d| < es (S_d in bytes,
+// a0/b0 the first bytes). With nested strides (each one past everything the smaller ones
+// reach) only floor(t / S_d) or the next value can leave a remainder the smaller dimensions
+// reach, so a descent from the largest stride tries at most 2^rank candidates.
+std::optional<bool> same_stride_views_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.dim() != b.dim() || a.element_size() != b.element_size()) return std::nullopt;
+  const int64_t es = static_cast<int64_t>(a.element_size());
+  struct Dim {
+    int64_t stride, lo, hi;  // bytes; the range of i_d - j_d
+  };
+  std::vector<Dim> dims;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) == 1 && b.size(d) == 1) continue;
+    if (a.stride(d) != b.stride(d) || a.stride(d) <= 0) return std::nullopt;
+    dims.push_back({a.stride(d) * es, 1 - b.size(d), a.size(d) - 1});
+  }
+  std::sort(dims.begin(), dims.end(), [](const Dim& x, const Dim& y) { return x.stride < y.stride; });
+  std::vector<int64_t> below(dims.size() + 1, es - 1);  // below[d]: what dims < d reach, + es - 1
+  for (size_t d = 0; d < dims.size(); ++d) {
+    if (dims[d].stride <= below[d]) return std::nullopt;  // not nested
+    below[d + 1] = below[d] + dims[d].stride * std::max(-dims[d].lo, dims[d].hi);
+  }
+  const auto* base_a = static_cast<const char*>(a.data_ptr());
+  const auto* base_b = static_cast<const char*>(b.data_ptr());
+  std::function<bool(int64_t, int64_t)> reach = [&](int64_t t, int64_t d) {  // dims < d cover t?
+    if (t < -below[d] || t > below[d]) return false;
+    if (d == 0) return true;
+    const Dim& dim = dims[d - 1];
+    const int64_t q = t >= 0 ? t / dim.stride : -((-t + dim.stride - 1) / dim.stride);  // floor
+    for (int64_t m : {q, q + 1}) {
+      if (m >= dim.lo && m <= dim.hi && reach(t - m * dim.stride, d - 1)) return true;
+    }
+    return false;
+  };
+  return reach(base_b - base_a, static_cast<int64_t>(dims.size()));
+}
+
 // Whether two tensors that torch's quick test could not decide (same storage, TooHard) share a
-// byte. When one is small (index tensors: a strided view of block_tables passed as seq_lens, or
-// of a page pool's buffer), its bytes are tested against the other exactly (bytes_hit). Two
-// large ones are allowed (interleaved views of one buffer, such as the k/v halves of a fused
-// pool, as in torch's own in-place ops).
+// byte. Views with the same strides (the k/v halves of a fused pool) are compared exactly
+// (same_stride_views_overlap); otherwise, when one is small (index tensors: a strided view of
+// block_tables passed as seq_lens, or of a page pool's buffer), its bytes are tested against
+// the other exactly (bytes_hit). Two other large ones are allowed (views of one buffer that
+// interleave with different strides, as torch's own in-place ops allow).
 bool small_views_overlap(const at::Tensor& a, const at::Tensor& b) {
   constexpr int64_t kExactUpTo = int64_t{1} << 16;  // elements
   // (TooHard also comes back for any non-dense view, before torch compares the storages.)
   if (!a.storage().is_alias_of(b.storage()) || a.numel() == 0 || b.numel() == 0) return false;
+  if (const std::optional<bool> same = same_stride_views_overlap(a, b)) return *same;
   const bool a_small = a.numel() <= b.numel();
   const at::Tensor& small = a_small ? a : b;
   if (small.numel() > kExactUpTo) return false;

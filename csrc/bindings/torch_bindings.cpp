@@ -58,6 +58,21 @@ TORCH_LIBRARY_IMPL(shadowkv, Autograd, m) {
   }
 }
 
+// Tensors with the conj/neg bit set (cache_op_guards.h: torch's fallback would corrupt memory).
+TORCH_LIBRARY_IMPL(shadowkv, Conjugate, m) {
+  for (const char* op : {"append_kv", "paged_decode_attention", "paged_decode_attention_scores", "evict_compact"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<
+                   &shadowkv::bindings::resolve_math_bits<c10::DispatchKey::Conjugate>>());
+  }
+}
+
+TORCH_LIBRARY_IMPL(shadowkv, Negative, m) {
+  for (const char* op : {"append_kv", "paged_decode_attention", "paged_decode_attention_scores", "evict_compact"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<
+                   &shadowkv::bindings::resolve_math_bits<c10::DispatchKey::Negative>>());
+  }
+}
+
 TORCH_LIBRARY_IMPL(shadowkv, ADInplaceOrView, m) {
   for (const char* op : {"append_kv", "paged_decode_attention", "paged_decode_attention_scores", "evict_compact"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&shadowkv::bindings::bump_written_versions>());
