@@ -281,8 +281,7 @@ at::Tensor decode(const at::Tensor& q_in, const at::Tensor& k_pages_in, const at
   const at::Tensor q = last_dim_contiguous(q_in);
   check_rank(q, 3, "q", "[B, Hq, D]");
   kernel_dtype(q, "q");
-  TORCH_CHECK_TYPE(!q.is_cuda() || q.scalar_type() != at::kDouble,
-                   "shadowkv: `q` float64 is supported on CPU only; use float32, bfloat16 or float16 on CUDA");
+  check_no_float64_on_cuda(q, "q");
   check_same_dtype(k_pages_in, "k_pages", q, "q");
   const at::Tensor k_pages = last_dim_contiguous(k_pages_in), v_pages = last_dim_contiguous(v_pages_in);
   PagedDecodeParams p;

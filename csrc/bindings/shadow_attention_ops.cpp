@@ -41,10 +41,7 @@ ShadowAttentionParams make_params(const at::Tensor& q, const at::Tensor& k, cons
   TORCH_CHECK_VALUE(q_offset <= std::numeric_limits<int32_t>::max() - Lq, "shadowkv: `q_offset` (", q_offset,
                     ") + Lq (", Lq, ") exceeds the int32 positions of `evicted_at`");
   const double s = softmax_scale(scale, D);
-  if (q.is_cuda()) {
-    TORCH_CHECK_TYPE(dt != DType::kFloat64, "shadowkv: `q` float64 is supported on CPU only; use float32, "
-                     "bfloat16 or float16 on CUDA");
-  }
+  check_no_float64_on_cuda(q, "q");
 
   ShadowAttentionParams p;
   p.batch = B;

@@ -57,6 +57,11 @@ void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& r
                    "` (", dtype_str(ref.scalar_type()), "), got ", dtype_str(t.scalar_type()));
 }
 
+void check_no_float64_on_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(!t.is_cuda() || t.scalar_type() != at::kDouble, "shadowkv: `", name,
+                   "` float64 is supported on CPU only; use float32, bfloat16 or float16 on CUDA");
+}
+
 void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
   TORCH_CHECK_VALUE(t.sizes() == expected, "shadowkv: `", name, "` must have shape ", shape_str(expected), ", got ",
                     shape_str(t.sizes()));

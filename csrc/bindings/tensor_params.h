@@ -30,6 +30,9 @@ void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& 
 // Same dtype as `ref`; TypeError otherwise.
 void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name);
 
+// float64 runs on the CPU kernels only; TypeError for a float64 `name` on CUDA.
+void check_no_float64_on_cuda(const at::Tensor& t, const char* name);
+
 // Exact shape; ValueError naming both shapes otherwise.
 void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected);
 
