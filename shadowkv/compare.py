@@ -44,12 +44,13 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
             cfg = copy.deepcopy(base)
             cfg.method, cfg.seed = method, seed
             run = out / f"{method}-s{seed}"
-            done, saved = run / "summary.json", run / "config.json"
-            same = saved.exists() and json.loads(saved.read_text()) == json.loads(json.dumps(asdict(cfg)))
+            done = run / "summary.json"
+            same = _same_run(run / "config.json", cfg)
             if same and done.exists():
                 summary = json.loads(done.read_text())  # finished with these settings: reuse
             else:  # resume an interrupted run; a folder trained with other settings starts over
-                summary = train(cfg, run, resume=same, progress=progress)
+                summary = train(cfg, run, resume=same, progress=progress,
+                                overrides={k: getattr(cfg, k) for k in _FREE_ON_RESUME} if same else None)
                 if summary["stopped"]:  # Ctrl-C stopped the run: so is the comparison
                     raise KeyboardInterrupt
             summary["rows"] = read_metrics(run)
@@ -74,6 +75,28 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
     (out / "compare.txt").write_text(table + "\n")
     plot_curves({m: _mean_rows(runs) for m, runs in results.items()}, out / "compare.png", lines[0] + " (mean over seeds)")
     return table
+
+
+# Settings that do not change what a run computes (where it runs, how the learner splits its
+# batch): a folder that differs only in them is the same run, reused or resumed with them.
+_FREE_ON_RESUME = ("device", "micro_batch")
+
+
+def _same_run(saved: Path, cfg: TrainConfig) -> bool:
+    """Whether the run folder's ``config.json`` holds ``cfg``'s settings, read as a resume reads
+    it (fields added since it was written take their defaults) and up to ``_FREE_ON_RESUME``."""
+    if not saved.exists():
+        return False
+    try:
+        old = TrainConfig.from_dict(json.loads(saved.read_text()))
+    except (ValueError, TypeError):  # a damaged config.json: that run starts over
+        return False
+
+    def settings(c: TrainConfig) -> dict:
+        d = json.loads(json.dumps(asdict(c)))
+        return {k: v for k, v in d.items() if k not in _FREE_ON_RESUME}
+
+    return settings(old) == settings(cfg)
 
 
 def _mean_rows(runs: list[dict]) -> list[dict]:

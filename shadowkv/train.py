@@ -311,6 +311,7 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
             loss.backward()  # the micro-batches' gradients add up to the batch's
             model.eval()
             total += loss.item()
+            teacher = loss = None  # not held while the next micro-batch's teacher is computed
             logps.append(stats.pop("logp"))
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + v

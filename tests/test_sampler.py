@@ -429,6 +429,17 @@ def test_top_k_draws_among_the_k_most_likely_and_logprobs_are_the_policys(llama)
     assert set(tok.tolist()) == {0, 1}
     tok, _ = Sampler._sample(logits, 1.0, 1.0, torch.Generator().manual_seed(0), top_k=1)
     assert set(tok.tolist()) == {0}
+    # as transformers' TopKLogitsWarper and vLLM: every token tied with the k-th stays
+    ties = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0]]).expand(400, 5)
+    tok, _ = Sampler._sample(ties, 1.0, 1.0, torch.Generator().manual_seed(0), top_k=2)
+    assert set(tok.tolist()) == {1, 2, 3}
+    # and the nucleus stops once it holds top_p: two tied tokens of 0.5 each, top_p 0.5 -> one
+    tok, _ = Sampler._sample(torch.tensor([[3.0, 3.0, 1.0, 0.0]]).expand(400, 4), 1.0, 0.5,
+                             torch.Generator().manual_seed(0), top_k=2)
+    assert len(set(tok.tolist())) == 1 and set(tok.tolist()) <= {0, 1}
+    tok, _ = Sampler._sample(torch.tensor([[0.5, 0.25, 0.25]]).log().expand(400, 3), 1.0, 0.5,
+                             torch.Generator().manual_seed(0))
+    assert set(tok.tolist()) == {0}
     prompts = _prompts(2, 6, 6)
     s = Sampler(llama, StreamingLLM(sinks=2), budget=8, page_size=4)
     assert torch.equal(s.generate(prompts, 8, seed=3, top_k=1).tokens, s.generate(prompts, 8, temperature=0.0).tokens)

@@ -238,15 +238,16 @@ KERNELS = (["wmma", "cute", "wgmma", "wgmma_ws", "wgmma_wsb", "wgmma_wsf", "wgmm
 
 def needle_inputs(q_len, kv_len, q_offset, kv_heads, q_heads, head_dim, windows, run, dtype, seed):
     """Inputs for ``test_attention_sees_every_needle`` and the most needles a query row sees:
-    head ``h`` keeps 4 sinks and a window of ``windows[h]`` keys (StreamingLLM's log); key 0
-    and the first and last key of every ``run``-key run hold a "needle", a key every query
+    head ``h`` keeps 4 sinks and a window of ``windows[h]`` keys (StreamingLLM's log); keys 0,
+    3 and 4 (the sinks' edge) and the first and last key of every ``run``-key run hold a
+    "needle", a key every query
     (all equal to ``u``) scores 12 above the others (random keys scaled by 0.1 score ~0), with
     a one-hot value on the needle's own dimension (index mod D)."""
     gen = torch.Generator().manual_seed(seed)
     k = 0.1 * torch.randn(1, kv_heads, kv_len, head_dim, generator=gen)
     v = 0.1 * torch.randn(1, kv_heads, kv_len, head_dim, generator=gen)
     u = torch.randn(head_dim, generator=gen)
-    needles = sorted({0} | {c + e for c in range(0, kv_len, run) for e in (0, run - 1) if c + e < kv_len})
+    needles = sorted({0, 3, 4} | {c + e for c in range(0, kv_len, run) for e in (0, run - 1) if c + e < kv_len})
     for i, j in enumerate(needles):
         k[:, :, j] = u * (12.0 * math.sqrt(head_dim) / u.dot(u))  # the default scale 1/sqrt(D): a score of 12
         v[:, :, j] = 0.0

@@ -441,6 +441,29 @@ def test_compare_table_and_reuse(tmp_path):
     assert len(read_metrics(tmp_path / "smd-s0")) == 3  # other settings: trained again
 
 
+def test_compare_reuses_and_resumes_runs_that_differ_only_in_micro_batch(tmp_path, monkeypatch):
+    """--micro-batch (and --device) do not change what a run computes: compare reuses a finished
+    run and resumes an interrupted one, with the new value, instead of training it from scratch;
+    and a folder written before micro_batch existed is the same run."""
+    from shadowkv import compare as C
+
+    cfg = _cfg("naive", steps=2)
+    C.compare(cfg, tmp_path, seeds=1, methods=("naive",), progress=False)
+    saved = tmp_path / "naive-s0" / "config.json"
+    old = json.loads(saved.read_text())
+    del old["micro_batch"]  # as written before the field existed
+    saved.write_text(json.dumps(old))
+    calls, original = [], C.train
+    monkeypatch.setattr(C, "train", lambda *a, **k: calls.append(k) or original(*a, **k))
+    C.compare(_cfg("naive", steps=2, micro_batch=2), tmp_path, seeds=1, methods=("naive",), progress=False)
+    assert calls == []  # finished: reused
+    (tmp_path / "naive-s0" / "summary.json").unlink()  # as if interrupted after its last checkpoint
+    C.compare(_cfg("naive", steps=2, micro_batch=2), tmp_path, seeds=1, methods=("naive",), progress=False)
+    assert len(calls) == 1 and calls[0]["resume"] and calls[0]["overrides"]["micro_batch"] == 2
+    assert json.loads(saved.read_text())["micro_batch"] == 2
+    assert len(read_metrics(tmp_path / "naive-s0")) == 2
+
+
 def _tiny_init(path):
     """A random tiny Llama (tests.models) for CLI runs: --init skips the warm-up."""
     from tests.models import tiny_model
