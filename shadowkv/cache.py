@@ -284,17 +284,22 @@ class PagedKVCache:
 
     # ---- data (thin over the ops)
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-               num_new: list[int] | torch.Tensor, rows: slice | list[int] = slice(None)) -> None:
+               num_new: list[int] | torch.Tensor, rows: slice | list[int] = slice(None),
+               index: torch.Tensor | None = None) -> None:
         """Appends ``num_new[b]`` tokens to each sequence of ``rows``.
 
         k, v: ``[b, Hkv, T, D]``; positions: ``[b, T]`` int32; num_new: ``b`` ints (a list
         keeps the call free of device reads; a tensor is read to the host), where ``b`` is
         the number of rows selected by ``rows`` (a slice of the batch, or distinct row indices).
+        ``index``: with a list of rows, the same rows as int64 on the cache's device, which
+        saves their upload (a caller appending to the same rows in every layer has it once).
         A call the op rejects (ValueError/TypeError naming the argument) leaves the cache as it
         was: the pages reserved for it go back to the pool.
         """
         lc = self._layer(layer)
         selected = self._slice(rows) if isinstance(rows, slice) else self._rows("rows", rows)
+        if index is not None and self.check and (isinstance(rows, slice) or index.tolist() != selected):
+            raise ValueError(f"append: index must hold the rows {selected} (with a list of rows), got {index}")
         counts = self._counts(num_new, len(selected))
         full = [0] * self.max_batch
         for b, n in zip(selected, counts):
@@ -304,7 +309,7 @@ class PagedKVCache:
         if isinstance(rows, slice):  # views: the op updates seq_lens in place
             tables, lens = lc.block_tables[rows], lc.seq_lens[rows]
         else:  # copies: the new lengths are scattered back
-            idx = to_device(selected, self.device, torch.int64)
+            idx = to_device(selected, self.device, torch.int64) if index is None else index
             tables, lens = lc.block_tables[idx], lc.seq_lens[idx]
         try:
             torch.ops.shadowkv.append_kv(

@@ -93,7 +93,7 @@ class _SamplerContext:
         s, cache = self.s, self.s.cache
         B, _, T, _ = q.shape
         counts = self.lengths if self.mode in ("prompts", "decode") else [T] * B
-        cache.append(layer, k, v, self.positions, counts, rows=self.rows)
+        cache.append(layer, k, v, self.positions, counts, rows=self.rows, index=self.index)
         if self.mode == "decode":
             rows = self.rows if self.index is None else self.index
             scores = s.slot_scores[layer]

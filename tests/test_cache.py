@@ -159,6 +159,14 @@ def test_unchecked_cuda_decode_steps_never_synchronise():
                 cache.append(layer, k, k, pos, [1, 1, 1])
                 cache.decode_attention(layer, q)
             lens = [n + 1 for n in lens]
+        # The sampler's steps once sequence 1 ended: rows 0 and 2 by a device index it has once.
+        index = torch.tensor([0, 2]).pin_memory().to("cuda", non_blocking=True)
+        for _ in range(3):
+            pos = torch.tensor([lens[0], lens[2]], dtype=torch.int32).pin_memory().to("cuda", non_blocking=True)
+            for layer in range(2):
+                cache.append(layer, k[:2], k[:2], pos[:, None], [1, 1], rows=[0, 2], index=index)
+                cache.decode_attention(layer, q[:2], rows=index)
+            lens = [lens[0] + 1, lens[1], lens[2] + 1]
     finally:
         torch.cuda.set_sync_debug_mode("default")
     cache.verify()
@@ -194,6 +202,8 @@ def test_bad_layers_rows_and_sizes_are_value_errors():
         cache.append(2, k, k, pos, [1], rows=[0])
     with pytest.raises(ValueError, match=r"rows must be distinct sequence indices in \[0, 3\), got \[-1\]"):
         cache.append(0, k, k, pos, [1], rows=[-1])
+    with pytest.raises(ValueError, match=r"index must hold the rows \[2\]"):
+        cache.append(0, k, k, pos, [1], rows=[2], index=torch.tensor([1]))
     with pytest.raises(ValueError, match="fork: dst"):
         cache.fork(0, [0, 0], [1, -2])  # -2 would be row 1 again
     with pytest.raises(ValueError, match="b must be"):
