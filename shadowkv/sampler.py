@@ -336,13 +336,14 @@ class Sampler:
             return tok, tempered_log_softmax(logits, 1.0).gather(-1, tok[:, None])[:, 0]
         logp = tempered_log_softmax(logits, temperature)
         probs = logp.exp()
-        if 0 < top_k < probs.shape[-1]:  # the k most likely, and every token tied with the k-th
+        by_k = 0 < top_k < probs.shape[-1]
+        if by_k:  # the k most likely, and every token tied with the k-th
             kth = probs.topk(top_k, -1).values[:, -1:]
             probs = probs.masked_fill(probs < kth, 0.0)
         if top_p < 1.0:  # then the nucleus of what is left, as transformers' and vLLM's samplers order them
             sp, si = probs.sort(-1, descending=True)
             mass = sp.cumsum(-1) - sp
-            if 0 < top_k < probs.shape[-1]:  # the nucleus of the renormalised top k
+            if by_k:  # the nucleus of the renormalised top k
                 mass = mass / sp.sum(-1, keepdim=True)
             drop = mass >= top_p  # keep the smallest prefix reaching top_p (the first token always)
             probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
@@ -403,8 +404,7 @@ class Sampler:
             temperature: 0 for greedy decoding.
             top_p, top_k: draw from the smallest set of most likely tokens holding ``top_p`` of
                 the probability, among the ``top_k`` most likely (and those tied with the k-th;
-                0: all). The log-probs are
-                still the policy's (:class:`Rollout`).
+                0: all). The log-probs are still the policy's (:class:`Rollout`).
         Returns:
             a :class:`Rollout` (on the model's device).
         """
