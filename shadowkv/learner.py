@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import attention_context, check_length, install
-from .ops import NEVER_EVICTED, shadow_attention
+from .ops import NEVER_EVICTED, mask_padding, shadow_attention
 from .policies import as_int
 from .sampler import tempered_log_softmax
 
@@ -32,14 +32,27 @@ METHODS = ("dense", "naive", "is", "smd")
 
 
 class _ReplayContext:
-    def __init__(self, evicted_at: torch.Tensor | None):
-        self.evicted_at = evicted_at  # [B, layers, Hkv, T] or None (dense)
+    """The learner's attention: ``evicted_at`` ``[B, layers, Hkv, T]`` (None: dense causal), with
+    every position at or past a sequence's length masked (``ops.mask_padding``): what a real
+    token sees is unchanged, while the padding of the shorter sequences of a batch, which used
+    to attend causally over itself (its log entries are never evicted), now sees no key and
+    the kernels skip its tiles."""
+
+    def __init__(self, evicted_at: torch.Tensor | None, seq_lens: torch.Tensor):
+        # Masked once per replay (not per layer): the layers' calls and their saved tensors
+        # share one copy of the log.
+        self.evicted_at = None if evicted_at is None else mask_padding(evicted_at, seq_lens, check=False)
+        self.seq_lens = seq_lens
+        self.dense = None  # [B, Hkv, Lk]: seq_lens[b] everywhere, shared by every layer
 
     def attend(self, layer, q, k, v, scale):
-        if self.evicted_at is None:
-            ev = torch.full(k.shape[:3], NEVER_EVICTED, dtype=torch.int32, device=k.device)
-        else:
+        if self.evicted_at is not None:
             ev = self.evicted_at[:, layer, :, : k.shape[2]]
+        else:
+            if self.dense is None or self.dense.shape != k.shape[:3]:
+                full = torch.full(k.shape[:3], NEVER_EVICTED, dtype=torch.int32, device=k.device)
+                self.dense = mask_padding(full, self.seq_lens, check=False)
+            ev = self.dense
         return shadow_attention(q, k, v, ev, 0, scale)
 
 
@@ -91,7 +104,8 @@ def replay_logits(model, rollout, mask: str = "shadow", return_hidden: bool = Fa
     rows = T - 1 - first_action_row(rollout)
     positions = torch.arange(T, device=tokens.device)[None].expand(B, T)
     kwargs = {"logits_to_keep": rows} if _takes_logits_to_keep(model) else {}
-    with attention_context(_ReplayContext(rollout.evicted_at if mask == "shadow" else None)):
+    context = _ReplayContext(rollout.evicted_at if mask == "shadow" else None, rollout.seq_lens)
+    with attention_context(context):
         out = model(input_ids=tokens[:, :-1], position_ids=positions[:, :-1], use_cache=False,
                     output_hidden_states=return_hidden, **kwargs)
     logits = out.logits[:, -rows:].float()

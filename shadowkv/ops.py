@@ -251,6 +251,56 @@ torch.library.register_autograd(
 )
 
 
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def mask_padding(evicted_at: torch.Tensor, seq_lens: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """The shadow mask of right-padded sequences: every key of sequence ``b`` evicted at position
+    ``seq_lens[b]`` at the latest, i.e. ``min(evicted_at[b], seq_lens[b])``.
+
+    Queries before ``seq_lens[b]`` see exactly what they saw: causally, only keys before them,
+    all of them the sequence's own. No query sees a padding key, and padding queries (positions
+    ``>= seq_lens[b]``) see no key, so :func:`shadow_attention` gives them ``out = 0``,
+    ``lse = -inf`` and no gradient, and its kernels skip their tiles whole (the per-tile
+    min/max of the log) instead of attending over the padding. This is the ``seq_lens``
+    variant of DESIGN.md §2: the kernels need no other argument.
+
+    Args:
+        evicted_at: ``[B, ..., L]`` int32 (``[B, Hkv, Lk]`` for one call, or a rollout's
+            ``[B, layers, Hkv, T]`` to mask every layer at once).
+        seq_lens: ``[B]`` int32/int64 tokens of each sequence, on the device of ``evicted_at``
+            or the CPU.
+        check: raise ``ValueError`` unless every ``seq_lens[b]`` is in ``[0, L]``. On CUDA this
+            reads ``seq_lens`` back (one sync); without the check, values are clamped to
+            ``[0, L]`` (a negative length masks the whole sequence).
+
+    Returns:
+        A new contiguous int32 tensor, the shape of ``evicted_at``.
+    """
+    if not isinstance(evicted_at, torch.Tensor) or evicted_at.dtype != torch.int32 or evicted_at.dim() < 2:
+        what = (f"shape {list(evicted_at.shape)}, dtype {_dtype_str(evicted_at.dtype)}"
+                if isinstance(evicted_at, torch.Tensor) else type(evicted_at).__name__)
+        raise ValueError(f"shadowkv: `evicted_at` must be an int32 tensor [B, ..., L], got {what}")
+    if not isinstance(seq_lens, torch.Tensor) or seq_lens.dtype not in _INT_DTYPES:
+        what = _dtype_str(seq_lens.dtype) if isinstance(seq_lens, torch.Tensor) else type(seq_lens).__name__
+        raise TypeError(f"shadowkv: `seq_lens` must be an int32 or int64 tensor, got {what}")
+    B, L = evicted_at.shape[0], evicted_at.shape[-1]
+    if list(seq_lens.shape) != [B]:
+        raise ValueError(f"shadowkv: `seq_lens` must have shape [{B}] (the batch of `evicted_at`), "
+                         f"got {list(seq_lens.shape)}")
+    if seq_lens.device not in (evicted_at.device, torch.device("cpu")):
+        raise ValueError(f"shadowkv: `seq_lens` must be on the device of `evicted_at` ({evicted_at.device}) or the "
+                         f"CPU, got {seq_lens.device}")
+    if check and B > 0:
+        lo, hi = (int(x) for x in torch.aminmax(seq_lens))
+        if lo < 0 or hi > L:
+            b = int(((seq_lens < 0) | (seq_lens > L)).nonzero()[0, 0])
+            raise ValueError(f"shadowkv: `seq_lens`[{b}] = {int(seq_lens[b])} must be in [0, {L}] (the keys of "
+                             f"`evicted_at`)")
+    lens = seq_lens.clamp(0, L).to(device=evicted_at.device, dtype=torch.int32)
+    return torch.minimum(evicted_at, lens.view(B, *(1,) * (evicted_at.dim() - 1))).contiguous()
+
+
 def shadow_attention_with_lse(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -258,6 +308,8 @@ def shadow_attention_with_lse(
     evicted_at: torch.Tensor,
     q_offset: int = 0,
     scale: float | None = None,
+    *,
+    seq_lens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shadow-masked attention, also returning the log-sum-exp of each query row.
 
@@ -269,14 +321,22 @@ def shadow_attention_with_lse(
             (``NEVER_EVICTED`` = INT32_MAX for keys never evicted).
         q_offset: absolute position of query row 0 (``Lk - Lq`` for decode-style queries).
         scale: softmax scale, default ``1/sqrt(D)``.
+        seq_lens: optional ``[B]`` int32/int64 (device of ``q`` or CPU), for right-padded
+            batches: sequence ``b`` holds the keys and query positions below ``seq_lens[b]``
+            (in ``[0, Lk]``; checked, one sync on CUDA). Query rows at or past it are padding
+            (``out = 0``, ``lse = -inf``, no gradient) and cost next to nothing; no query
+            sees a key past it. Same as passing ``mask_padding(evicted_at, seq_lens)``, which
+            can skip the check.
 
     Returns:
         ``out [B, Hq, Lq, D]`` (dtype of ``q``) and ``lse [B, Hq, Lq]`` (float32, float64
         for float64 inputs). Rows that see no key give ``out = 0`` and ``lse = -inf``.
         Differentiable w.r.t. ``q``, ``k``, ``v`` (through both outputs). K/V slots that no
-        query sees (e.g. padding with ``evicted_at = 0``) may hold NaN: they affect no output
-        or gradient, and their ``dk``, ``dv`` are 0.
+        query sees (e.g. padding with ``evicted_at = 0``, or past ``seq_lens``) may hold NaN:
+        they affect no output or gradient, and their ``dk``, ``dv`` are 0.
     """
+    if seq_lens is not None:
+        evicted_at = mask_padding(evicted_at, seq_lens)
     return torch.ops.shadowkv.shadow_attention_fwd(q, k, v, evicted_at, q_offset, scale)
 
 
@@ -287,9 +347,11 @@ def shadow_attention(
     evicted_at: torch.Tensor,
     q_offset: int = 0,
     scale: float | None = None,
+    *,
+    seq_lens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Shadow-masked attention ``[B, Hq, Lq, D]``; see :func:`shadow_attention_with_lse`."""
-    return shadow_attention_with_lse(q, k, v, evicted_at, q_offset, scale)[0]
+    return shadow_attention_with_lse(q, k, v, evicted_at, q_offset, scale, seq_lens=seq_lens)[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,8 +51,13 @@ class Rollout:
 
     @property
     def seq_lens(self) -> torch.Tensor:
-        """``[B]`` tokens per sequence (prompt + generated)."""
-        return self.prompt_lens + self.action_mask.sum(-1)
+        """``[B]`` int64 tokens per sequence: through its last generated token, or its prompt
+        when it generated none. Everything after is padding (the learner's replay masks it)."""
+        mask, lens = self.action_mask, self.prompt_lens.to(self.action_mask.device)
+        if mask.shape[1] == 0:
+            return lens
+        last = torch.where(mask, torch.arange(1, mask.shape[1] + 1, device=mask.device), 0).amax(-1)
+        return torch.maximum(lens, last)
 
     def rows(self, rows: slice) -> "Rollout":
         """The sequences ``rows`` (views, the same ``T``), e.g. a learner's micro-batch; the

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from shadowkv import CacheFullError, PagedKVCache, Sampler, learner
+from shadowkv import CacheFullError, PagedKVCache, Rollout, Sampler, learner
 from shadowkv.learner import token_logprobs
 from shadowkv.ops import NEVER_EVICTED
 from shadowkv.policies import H2O, FullCache, Policy, RandomEvict, SnapKV, StreamingLLM
+from shadowkv.reference import shadow_visible
 
 from .models import VOCAB, tiny_model
 
@@ -98,6 +99,31 @@ def test_replay_computes_logits_only_for_rows_that_predict_generated_tokens(llam
     empty = type(rollout)(**{**rollout.__dict__, "action_mask": torch.zeros_like(rollout.action_mask)})
     assert learner.first_action_row(empty) == T - 2
     assert learner.replay_logits(llama, empty, "dense").shape == (3, 1, VOCAB)
+
+
+def test_replay_masks_each_sequences_padding(llama, monkeypatch):
+    """Sequences of a batch end at different lengths; in the learner's replay (shadow and dense)
+    their right padding sees no key (ops.mask_padding; it used to attend over itself, its log
+    entries never evicted), and each sequence's log-probs are those of its replay alone."""
+    r = Sampler(llama, StreamingLLM(sinks=2), budget=0.5, page_size=4).generate(
+        _prompts(3, 8, 30, seed=7), max_new_tokens=20, seed=0)
+    lens = r.seq_lens
+    assert torch.equal(lens, r.prompt_lens + 20) and int(lens.min()) < r.tokens.shape[1] - 1
+    logs = []
+    attend = learner.shadow_attention
+    monkeypatch.setattr(learner, "shadow_attention", lambda q, k, v, ev, *a: logs.append(ev) or attend(q, k, v, ev, *a))
+    for mask in ("shadow", "dense"):
+        logs.clear()
+        logp = token_logprobs(llama, r, mask)
+        assert len(logs) == llama.config.num_hidden_layers
+        for ev in logs:
+            seen = shadow_visible(ev, ev.shape[-1], 0)  # [B, Hkv, queries, keys]
+            for b, n in enumerate(lens.tolist()):
+                assert seen[b, :, : n - 1].any(-1).all() and not seen[b, :, n:].any()
+        for b, n in enumerate(lens.tolist()):
+            alone = Rollout(r.tokens[b:b + 1, :n], r.prompt_lens[b:b + 1], r.action_mask[b:b + 1, :n],
+                            r.logprobs[b:b + 1, :n], r.evicted_at[b:b + 1, ..., :n], 0, 0)
+            torch.testing.assert_close(token_logprobs(llama, alone, mask)[0], logp[b, :n], atol=1e-5, rtol=0)
 
 
 def test_per_layer_budgets_and_mistral_replay(tmp_path):

@@ -377,6 +377,121 @@ def test_non_contiguous_inputs(layout):
 
 
 # --------------------------------------------------------------------------------------------
+# Right-padded batches: seq_lens / mask_padding
+
+
+@st.composite
+def padded_cases(draw):
+    """A right-padded batch: q ``[B, Hq, Lk - q_offset, D]`` against ``Lk`` keys, a random log,
+    and lengths in ``[0, Lk]`` (empty, partly padded, full) per sequence."""
+    kv_heads = draw(st.sampled_from([1, 2]))
+    q_heads = kv_heads * draw(st.sampled_from([1, 3]))
+    batch = draw(st.integers(1, 4))
+    kv_len = draw(st.integers(1, 150))
+    q_offset = draw(st.integers(0, kv_len - 1))
+    head_dim = draw(st.sampled_from([7, 16, 64]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed + 1)
+    ev = random_evicted_at((batch, kv_heads, kv_len), kv_len, keep=draw(st.sampled_from([0.25, 1.0])),
+                           sinks=draw(st.integers(0, 2)), generator=gen)
+    lens = torch.tensor(draw(st.lists(st.integers(0, kv_len), min_size=batch, max_size=batch)))
+    case = Case(batch, q_heads, kv_heads, kv_len - q_offset, kv_len, head_dim, q_offset, ev, None, seed)
+    return case, lens
+
+
+def check_padded(case: Case, lens: torch.Tensor, dtype: torch.dtype):
+    """The padded batch with ``seq_lens`` against each sequence alone (the reference on its first
+    ``lens[b]`` keys and query positions): padding K/V slots hold NaN, padding query rows give
+    out 0, lse -inf and no gradient whatever their upstream gradients."""
+    tol = TOLERANCES[dtype]
+    q, k, v, grad_out, grad_lse = case.tensors(dtype)
+    keys = torch.arange(case.kv_len)
+    pad_key = (keys >= lens[:, None])[:, None, :, None]
+    k, v = (t.masked_fill(pad_key, float("nan")).requires_grad_() for t in (k, v))
+    q.requires_grad_()
+    out, lse = ops.shadow_attention_with_lse(q, k, v, case.evicted_at, case.q_offset, seq_lens=lens)
+    dq, dk, dv = torch.autograd.grad((out, lse.masked_fill(lse.isinf(), 0)), (q, k, v),
+                                     (grad_out.to(dtype), grad_lse.to(lse.dtype)))
+    for b, n in enumerate(lens.tolist()):
+        rows = max(0, n - case.q_offset)  # query rows of sequence b
+        q64, k64, v64 = (t[b:b + 1, :, :m].detach().double().requires_grad_()
+                         for t, m in ((q, rows), (k, n), (v, n)))
+        o_ref, l_ref = shadow_attention_ref(q64, k64, v64, case.evicted_at[b:b + 1, :, :n], case.q_offset)
+        assert torch.equal(out[b, :, rows:], torch.zeros_like(out[b, :, rows:]))
+        assert torch.isneginf(lse[b, :, rows:]).all()
+        for name, got in (("dq", dq[b, :, rows:]), ("dk", dk[b, :, n:]), ("dv", dv[b, :, n:])):
+            assert torch.equal(got, torch.zeros_like(got)), f"{name} of padding, sequence {b}"
+        if rows == 0:
+            continue
+        _assert_near(f"out[{b}]", out[b:b + 1, :, :rows], o_ref, tol.out, tol.relative)
+        _assert_near(f"lse[{b}]", lse[b:b + 1, :, :rows], l_ref, tol.lse, tol.relative)
+        g_lse = grad_lse[b:b + 1, :, :rows].to(lse.dtype).double()
+        refs = torch.autograd.grad((o_ref, l_ref.masked_fill(l_ref.isinf(), 0)), (q64, k64, v64),
+                                   (grad_out[b:b + 1, :, :rows].to(dtype).double(), g_lse))
+        for name, got, ref in zip(("dq", "dk", "dv"), (dq[b:b + 1, :, :rows], dk[b:b + 1, :, :n],
+                                                       dv[b:b + 1, :, :n]), refs):
+            _assert_near(f"{name}[{b}]", got, ref, tol.grad, tol.relative)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@settings(max_examples=40, deadline=None)
+@given(data=padded_cases())
+def test_seq_lens_matches_each_sequence_alone(data, dtype):
+    check_padded(*data, dtype)
+
+
+def test_mask_padding_keeps_what_real_queries_see():
+    gen = torch.Generator().manual_seed(3)
+    ev = random_evicted_at((3, 2, 40), 40, keep=0.3, sinks=1, generator=gen)
+    lens = torch.tensor([40, 17, 0])
+    masked = ops.mask_padding(ev, lens)
+    assert masked.dtype == torch.int32 and masked.is_contiguous()
+    seen, seen_masked = shadow_visible(ev, 40, 0), shadow_visible(masked, 40, 0)  # [B, Hkv, Lq, Lk]
+    for b, n in enumerate(lens.tolist()):
+        assert torch.equal(seen_masked[b, :, :n], seen[b, :, :n])  # real queries: unchanged
+        assert not seen_masked[b, :, n:].any() and not seen_masked[b, :, :, n:].any()
+    # A rollout's whole log [B, layers, Hkv, T] at once, int64 lengths, and the same as per layer.
+    log = torch.stack([ev, ev.flip(1)], 1)
+    both = ops.mask_padding(log, lens.long())
+    assert torch.equal(both[:, 0], masked) and torch.equal(both[:, 1], ops.mask_padding(ev.flip(1), lens))
+
+
+@pytest.mark.parametrize("lens, check, error", [
+    (torch.tensor([5, -1]), True, "`seq_lens`[1] = -1 must be in [0, 6]"),
+    (torch.tensor([7, 2]), True, "`seq_lens`[0] = 7 must be in [0, 6]"),
+    (torch.tensor([5]), True, "`seq_lens` must have shape [2]"),
+    (torch.tensor([5.0, 1.0]), True, "`seq_lens` must be an int32 or int64 tensor, got float32"),
+    (torch.tensor([5, 2], device="meta"), True, "`seq_lens` must be on the device of `evicted_at`"),
+], ids=["negative", "past_keys", "shape", "dtype", "device"])
+def test_mask_padding_bad_lengths_named(lens, check, error):
+    ev = torch.full((2, 1, 6), INT32_MAX, dtype=torch.int32)
+    with pytest.raises((ValueError, TypeError), match=error.replace("[", r"\[").replace("]", r"\]")):
+        ops.mask_padding(ev, lens, check)
+    if lens.dtype != torch.float32 and lens.device.type == "cpu" and lens.shape == (2,):
+        with pytest.raises(ValueError, match="seq_lens"):  # the public op checks too
+            ops.shadow_attention(torch.zeros(2, 1, 6, 8), torch.zeros(2, 1, 6, 8), torch.zeros(2, 1, 6, 8), ev,
+                                 seq_lens=lens)
+
+
+def test_mask_padding_unchecked_clamps():
+    ev = torch.full((2, 1, 6), INT32_MAX, dtype=torch.int32)
+    masked = ops.mask_padding(ev, torch.tensor([-3, 9]), check=False)
+    assert torch.equal(masked, torch.tensor([[[0] * 6], [[6] * 6]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="int32 tensor"):
+        ops.mask_padding(ev.long(), torch.tensor([1, 1]))
+
+
+def test_gradcheck_seq_lens():
+    q, k, v, ev, q_offset = _small("gqa_decode")
+    lens = torch.tensor([9, 7])  # the second sequence: one valid query row of three
+
+    def fn(q, k, v):
+        out, lse = ops.shadow_attention_with_lse(q, k, v, ev, q_offset, seq_lens=lens)
+        return out, lse.masked_fill(lse.isinf(), 0.0)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
 # gradcheck and opcheck (float64, small shapes)
 
 

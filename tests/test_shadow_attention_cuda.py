@@ -331,6 +331,40 @@ def test_nan_in_slots_no_query_sees_stays_out_of_forward_and_backward(scenario, 
         assert torch.equal(got[nan_rows], torch.zeros_like(got[nan_rows])), f"{name} of a hidden slot is not 0"
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_seq_lens_padding_is_skipped_exactly(head_dim, dtype, kernel, monkeypatch):
+    """A right-padded batch (``seq_lens``: empty, one token, either side of the 64/128-row tiles,
+    full) with NaN in the padding's K/V: the real rows match the reference, padding rows give
+    zeros, -inf and no gradient, padding keys dK = dV = 0."""
+    monkeypatch.setenv(KERNEL_ENV, kernel)
+    gen = torch.Generator().manual_seed(21)
+    lens = torch.tensor([0, 1, 63, 64, 65, 129, 200, 257])
+    B, Hq, Hkv, L = len(lens), 4, 2, 257
+    ev = ops.mask_padding(streaming_evicted_at(L, 4, 96).expand(B, Hkv, L).contiguous(), lens)
+    q, k, v = (torch.randn(B, h, L, head_dim, generator=gen).to(dtype) for h in (Hq, Hkv, Hkv))
+    g_out = torch.randn(B, Hq, L, head_dim, generator=gen).to(dtype)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    out_ref, lse_ref = shadow_attention_ref(q64, k64, v64, ev, 0)
+    refs = torch.autograd.grad(out_ref, (q64, k64, v64), g_out.double())
+    pad = (torch.arange(L) >= lens[:, None])[:, None, :, None]  # [B, 1, L, 1]
+    k, v = (t.masked_fill(pad, float("nan")).to(DEVICE).requires_grad_() for t in (k, v))
+    q = q.to(DEVICE).requires_grad_()
+    out, lse = ops.shadow_attention_with_lse(q, k, v, ev.to(DEVICE), seq_lens=lens.to(DEVICE))
+    grads = torch.autograd.grad(out, (q, k, v), g_out.to(DEVICE))
+    tol = TOLERANCES[dtype]
+    assert_near("out", out.cpu(), out_ref, tol.out)
+    assert_near("lse", lse.cpu(), lse_ref, tol.lse)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, refs):
+        assert_near(name, got.cpu(), ref, tol.grad)
+    rows = pad.expand(B, Hq, L, head_dim).to(DEVICE)
+    assert torch.equal(out[rows], torch.zeros_like(out[rows])) and torch.isneginf(lse[rows[..., 0]]).all()
+    for name, got, where in (("dq", grads[0], rows), ("dk", grads[1], pad.expand(k.shape).to(DEVICE)),
+                             ("dv", grads[2], pad.expand(v.shape).to(DEVICE))):
+        assert torch.equal(got[where], torch.zeros_like(got[where])), f"{name} of padding is not 0"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "shape", [(0, 2, 1, 8, 8), (1, 2, 1, 0, 8), (1, 2, 1, 8, 0), (1, 2, 1, 0, 0)], ids=["B0", "Lq0", "Lk0", "L0"]
