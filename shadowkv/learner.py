@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -43,13 +44,13 @@ class _ReplayContext:
         # share one copy of the log.
         self.evicted_at = None if evicted_at is None else mask_padding(evicted_at, seq_lens, check=False)
         self.seq_lens = seq_lens
-        self.dense = None  # [B, Hkv, Lk]: seq_lens[b] everywhere, shared by every layer
+        self.dense = None  # [B, Hkv, Lk]: seq_lens[b] everywhere, shared by the layers on one device
 
     def attend(self, layer, q, k, v, scale):
         if self.evicted_at is not None:
-            ev = self.evicted_at[:, layer, :, : k.shape[2]]
+            ev = self.evicted_at[:, layer, :, : k.shape[2]].to(k.device)  # a no-op on one device
         else:
-            if self.dense is None or self.dense.shape != k.shape[:3]:
+            if self.dense is None or self.dense.shape != k.shape[:3] or self.dense.device != k.device:
                 full = torch.full(k.shape[:3], NEVER_EVICTED, dtype=torch.int32, device=k.device)
                 self.dense = mask_padding(full, self.seq_lens, check=False)
             ev = self.dense
@@ -256,10 +257,54 @@ def entropy(logits: torch.Tensor, rollout, temperature: float = 1.0, count=None)
     return (ent * m).sum() / (m.sum().clamp_min(1) if count is None else count)
 
 
-def row_chunks(batch: int, size: int | None) -> list[slice]:
-    """The learner's micro-batches: ``batch`` rows in slices of ``size`` (one slice if None)."""
-    size = batch if size is None else size
-    return [slice(i, min(batch, i + size)) for i in range(0, batch, size)] or [slice(0, 0)]
+class MicroBatch(NamedTuple):
+    """Rows of a batch (``[b]`` int64 indices) and the columns they need: ``cols`` covers the
+    longest of them, so everything past it is padding for every row."""
+
+    rows: torch.Tensor
+    cols: int
+
+    def take(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """This micro-batch's part of a per-row ``[B]`` or per-token ``[B, T, ...]`` tensor."""
+        if t is None:
+            return None
+        t = t[self.rows.to(t.device)]
+        return t[:, : self.cols] if t.dim() > 1 else t
+
+
+def micro_batches(rollout, size: int | None) -> list[MicroBatch]:
+    """The learner's micro-batches of ``size`` sequences (all at once if None).
+
+    With more than one, the sequences are grouped by length (longest first) and each group is
+    cut after its longest sequence (:attr:`Rollout.seq_lens`, at least 2 columns, for one
+    input and one target): the model's forward and backward, not only the attention, then run
+    on little padding. The order does not change the step: advantages are computed over the
+    whole batch and every part is normalised by the whole batch's counts (:func:`loss_counts`).
+    One host read of the lengths per call.
+    """
+    B, T = rollout.tokens.shape
+    if size is None or size >= B:
+        return [MicroBatch(torch.arange(B), T)]
+    lens = rollout.seq_lens.cpu()
+    order = torch.argsort(lens, descending=True, stable=True)
+    parts = [order[i: i + size] for i in range(0, B, size)]
+    return [MicroBatch(rows, min(T, max(2, int(lens[rows].max())))) for rows in parts]
+
+
+def pad_to(part: torch.Tensor, cols: int) -> torch.Tensor:
+    """A micro-batch's per-token result ``[b, c, ...]`` zero-padded on the right to ``cols``."""
+    extra = cols - part.shape[1]
+    if extra == 0:
+        return part
+    return torch.cat([part, part.new_zeros(part.shape[0], extra, *part.shape[2:])], 1)
+
+
+def gather_rows(parts: list[MicroBatch], values: list[torch.Tensor], cols: int) -> torch.Tensor:
+    """Per-token results of each micro-batch back in the batch's row order, ``[B, cols, ...]``."""
+    out = pad_to(values[0], cols).new_zeros(sum(len(p.rows) for p in parts), cols, *values[0].shape[2:])
+    for p, v in zip(parts, values):
+        out[p.rows.to(out.device)] = pad_to(v, cols)
+    return out
 
 
 def loss_counts(rollout, token_mask=None) -> tuple[torch.Tensor, torch.Tensor]:

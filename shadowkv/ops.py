@@ -166,7 +166,7 @@ def _check_fake_scale_and_device_dtype(q, scale):
     and ``q`` not float64 on CUDA."""
     if scale is not None and not 0.0 < scale <= MAX_SOFTMAX_SCALE:
         raise ValueError(f"shadowkv: `scale` must be positive and finite, at most FLT_MAX / log2(e) "
-                         f"({MAX_SOFTMAX_SCALE:g}: the kernels compute in float32), got {scale}")
+                         f"({MAX_SOFTMAX_SCALE:g}: the kernels compute in float32), got {scale:g}")
     if q.device.type == "cuda" and q.dtype == torch.float64:
         raise TypeError("shadowkv: `q` float64 is supported on CPU only; use float32, bfloat16 or float16 on CUDA")
 
@@ -271,19 +271,23 @@ def mask_padding(evicted_at: torch.Tensor, seq_lens: torch.Tensor, check: bool =
         seq_lens: ``[B]`` int32/int64 tokens of each sequence, on the device of ``evicted_at``
             or the CPU.
         check: raise ``ValueError`` unless every ``seq_lens[b]`` is in ``[0, L]``. On CUDA this
-            reads ``seq_lens`` back (one sync); without the check, values are clamped to
-            ``[0, L]`` (a negative length masks the whole sequence).
+            reads ``seq_lens`` back (one sync). Without the check (or on meta tensors, or while
+            torch.compile traces), values are clamped to ``[0, L]`` (a negative length masks
+            the whole sequence).
 
     Returns:
         A new contiguous int32 tensor, the shape of ``evicted_at``.
     """
-    if not isinstance(evicted_at, torch.Tensor) or evicted_at.dtype != torch.int32 or evicted_at.dim() < 2:
-        what = (f"shape {list(evicted_at.shape)}, dtype {_dtype_str(evicted_at.dtype)}"
-                if isinstance(evicted_at, torch.Tensor) else type(evicted_at).__name__)
-        raise ValueError(f"shadowkv: `evicted_at` must be an int32 tensor [B, ..., L], got {what}")
-    if not isinstance(seq_lens, torch.Tensor) or seq_lens.dtype not in _INT_DTYPES:
-        what = _dtype_str(seq_lens.dtype) if isinstance(seq_lens, torch.Tensor) else type(seq_lens).__name__
-        raise TypeError(f"shadowkv: `seq_lens` must be an int32 or int64 tensor, got {what}")
+    for name, t in (("evicted_at", evicted_at), ("seq_lens", seq_lens)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"shadowkv: `{name}` must be a tensor, got {type(t).__name__}")
+    if evicted_at.dim() < 2:
+        raise ValueError(f"shadowkv: `evicted_at` must be a tensor [B, ..., L] of at least 2 dimensions, got shape "
+                         f"{list(evicted_at.shape)}")
+    if evicted_at.dtype != torch.int32:
+        raise TypeError(f"shadowkv: `evicted_at` must be int32, got {_dtype_str(evicted_at.dtype)}")
+    if seq_lens.dtype not in _INT_DTYPES:
+        raise TypeError(f"shadowkv: `seq_lens` must be an int32 or int64 tensor, got {_dtype_str(seq_lens.dtype)}")
     B, L = evicted_at.shape[0], evicted_at.shape[-1]
     if list(seq_lens.shape) != [B]:
         raise ValueError(f"shadowkv: `seq_lens` must have shape [{B}] (the batch of `evicted_at`), "
@@ -291,7 +295,9 @@ def mask_padding(evicted_at: torch.Tensor, seq_lens: torch.Tensor, check: bool =
     if seq_lens.device not in (evicted_at.device, torch.device("cpu")):
         raise ValueError(f"shadowkv: `seq_lens` must be on the device of `evicted_at` ({evicted_at.device}) or the "
                          f"CPU, got {seq_lens.device}")
-    if check and B > 0:
+    # Value checks need data: not on meta tensors, nor in a torch.compile trace (as the fake
+    # kernels); the clamp below still bounds every value.
+    if check and B > 0 and seq_lens.device.type != "meta" and not torch.compiler.is_compiling():
         lo, hi = (int(x) for x in torch.aminmax(seq_lens))
         if lo < 0 or hi > L:
             b = int(((seq_lens < 0) | (seq_lens > L)).nonzero()[0, 0])
@@ -323,10 +329,10 @@ def shadow_attention_with_lse(
         scale: softmax scale, default ``1/sqrt(D)``.
         seq_lens: optional ``[B]`` int32/int64 (device of ``q`` or CPU), for right-padded
             batches: sequence ``b`` holds the keys and query positions below ``seq_lens[b]``
-            (in ``[0, Lk]``; checked, one sync on CUDA). Query rows at or past it are padding
-            (``out = 0``, ``lse = -inf``, no gradient) and cost next to nothing; no query
-            sees a key past it. Same as passing ``mask_padding(evicted_at, seq_lens)``, which
-            can skip the check.
+            (in ``[0, Lk]``; checked, one sync on CUDA, not while torch.compile traces). Query
+            rows at or past it are padding (``out = 0``, ``lse = -inf``, no gradient), queries
+            past the last key included, and cost next to nothing; no query sees a key past it.
+            Same as passing ``mask_padding(evicted_at, seq_lens)``, which can skip the check.
 
     Returns:
         ``out [B, Hq, Lq, D]`` (dtype of ``q``) and ``lse [B, Hq, Lq]`` (float32, float64
@@ -336,6 +342,8 @@ def shadow_attention_with_lse(
         they affect no output or gradient, and their ``dk``, ``dv`` are 0.
     """
     if seq_lens is not None:
+        # The op's own checks first, so that a bad q, k, v or log is named as without seq_lens.
+        _check_meta_args(q, k, v, evicted_at, q_offset, scale)
         evicted_at = mask_padding(evicted_at, seq_lens)
     return torch.ops.shadowkv.shadow_attention_fwd(q, k, v, evicted_at, q_offset, scale)
 

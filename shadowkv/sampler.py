@@ -53,17 +53,22 @@ class Rollout:
     def seq_lens(self) -> torch.Tensor:
         """``[B]`` int64 tokens per sequence: through its last generated token, or its prompt
         when it generated none. Everything after is padding (the learner's replay masks it)."""
-        mask, lens = self.action_mask, self.prompt_lens.to(self.action_mask.device)
+        mask, lens = self.action_mask, self.prompt_lens.to(self.action_mask.device, torch.int64)
         if mask.shape[1] == 0:
             return lens
         last = torch.where(mask, torch.arange(1, mask.shape[1] + 1, device=mask.device), 0).amax(-1)
         return torch.maximum(lens, last)
 
-    def rows(self, rows: slice) -> "Rollout":
-        """The sequences ``rows`` (views, the same ``T``), e.g. a learner's micro-batch; the
-        byte counts and timings stay the whole rollout's."""
-        return Rollout(self.tokens[rows], self.prompt_lens[rows], self.action_mask[rows], self.logprobs[rows],
-                       self.evicted_at[rows], self.kv_peak_bytes, self.dense_kv_bytes, self.timings)
+    def rows(self, rows: slice | torch.Tensor, cols: int | None = None) -> "Rollout":
+        """The sequences ``rows`` (a slice gives views, an index tensor copies), cut to their
+        first ``cols`` positions if given (e.g. a learner's micro-batch, whose columns past its
+        longest sequence are padding); the byte counts and timings stay the whole rollout's."""
+        if isinstance(rows, torch.Tensor):
+            rows = rows.to(self.tokens.device)
+        c = slice(None, cols)
+        return Rollout(self.tokens[rows, c], self.prompt_lens[rows], self.action_mask[rows, c],
+                       self.logprobs[rows, c], self.evicted_at[rows][..., c], self.kv_peak_bytes,
+                       self.dense_kv_bytes, self.timings)
 
 
 def tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -263,11 +263,16 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
     mask = rollout.action_mask
     # The learner's forwards run micro_batch sequences at a time (all at once by default): its
     # logits ([rows, answer positions, vocabulary] float32, twice with SMD's teacher) and
-    # activations are what bounds the batch, not the sampler's KV cache.
-    chunks = learner.row_chunks(mask.shape[0], cfg.micro_batch)
+    # activations are what bounds the batch, not the sampler's KV cache. Grouped by length and
+    # each cut after its longest sequence (learner.micro_batches).
+    chunks = learner.micro_batches(rollout, cfg.micro_batch)
+    T = mask.shape[1]
+
+    def rows_of(c):
+        return rollout.rows(c.rows, c.cols)
 
     def by_chunk(fn) -> torch.Tensor:
-        return torch.cat([fn(rollout.rows(c)) for c in chunks])
+        return learner.gather_rows(chunks, [fn(rows_of(c)) for c in chunks], T)
 
     old_logp, weights, keep, teacher, ref_logp = rollout.logprobs, None, None, None, None
     with torch.no_grad(), learner_precision(cfg, model):
@@ -282,22 +287,19 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
             adv = learner.grpo_advantages(rewards, cfg.group_size)
         else:
             values = by_chunk(lambda part: value_head(
-                learner.replay_logits(model, part, loss_cfg.learner_mask, return_hidden=True)[1], mask.shape[1]))
+                learner.replay_logits(model, part, loss_cfg.learner_mask, return_hidden=True)[1], part.tokens.shape[1]))
             adv, returns = learner.gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)
             valid = adv[mask]
             std = valid.std() if valid.numel() > 1 else torch.tensor(1.0)
             adv = (adv - valid.mean()) / (std + 1e-6) * mask  # whitened over the batch's tokens
     counts = learner.loss_counts(rollout, keep)
 
-    def part_of(t, c):
-        return None if t is None else t[c]
-
     stats0 = {}
     for epoch in range(cfg.epochs):
         opt.zero_grad(set_to_none=True)
         total, stats_sum, logps = 0.0, {}, []
         for c in chunks:
-            part = rollout.rows(c)
+            part = rows_of(c)
             if cfg.method == "smd" and cfg.smd_beta > 0:
                 # DESIGN §6's teacher has the student's weights: after an epoch's update the last
                 # teacher would pull the student back to the old weights (a stray trust region).
@@ -305,9 +307,9 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
                     teacher = learner.replay_logits(model, part, "dense")
             model.train()
             with learner_precision(cfg, model):
-                loss, stats = learner.policy_loss(model, part, adv[c], old_logp[c], loss_cfg, part_of(weights, c),
-                                                  part_of(keep, c), teacher, part_of(ref_logp, c), value_head,
-                                                  part_of(returns, c), counts)
+                loss, stats = learner.policy_loss(model, part, c.take(adv), c.take(old_logp), loss_cfg,
+                                                  c.take(weights), c.take(keep), teacher, c.take(ref_logp),
+                                                  value_head, c.take(returns), counts)
             loss.backward()  # the micro-batches' gradients add up to the batch's
             model.eval()
             total += loss.item()
@@ -318,7 +320,7 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         if epoch == 0:
-            stats0 = {**stats_sum, "logp": torch.cat(logps), "loss": total}
+            stats0 = {**stats_sum, "logp": learner.gather_rows(chunks, logps, T), "loss": total}
     sync_rollout_model(sampler.model, model)
     n = mask.sum().clamp_min(1)
     delta = (rollout.logprobs - stats0.pop("logp")) * mask

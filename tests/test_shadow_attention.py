@@ -477,8 +477,13 @@ def test_mask_padding_unchecked_clamps():
     ev = torch.full((2, 1, 6), INT32_MAX, dtype=torch.int32)
     masked = ops.mask_padding(ev, torch.tensor([-3, 9]), check=False)
     assert torch.equal(masked, torch.tensor([[[0] * 6], [[6] * 6]], dtype=torch.int32))
-    with pytest.raises(ValueError, match="int32 tensor"):
+    with pytest.raises(TypeError, match="`evicted_at` must be int32, got int64"):
         ops.mask_padding(ev.long(), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="`evicted_at` must be a tensor"):
+        ops.mask_padding(ev[0, 0], torch.tensor([1]))
+    # Meta tensors have no values to check: shapes only, as the fake kernels.
+    meta = ops.mask_padding(ev.to("meta"), torch.tensor([1, 1], device="meta"))
+    assert meta.shape == ev.shape and meta.device.type == "meta"
 
 
 def test_gradcheck_seq_lens():
@@ -641,6 +646,7 @@ ENTRY_POINTS = {
     "ops.shadow_attention_with_lse": lambda a: ops.shadow_attention_with_lse(**a),
     "torch.ops.shadow_attention_fwd": lambda a: FWD(
         a["q"], a["k"], a["v"], a["evicted_at"], a["q_offset"], a["scale"]),
+    "ops.shadow_attention(seq_lens=)": lambda a: ops.shadow_attention(**a, seq_lens=torch.tensor([10, 7])),
 }
 
 
@@ -654,6 +660,21 @@ def test_bad_input_names_argument(case, entry):
     pattern = rf"(?<![A-Za-z0-9_])({arg})(?![A-Za-z0-9_])"
     with pytest.raises((ValueError, TypeError, RuntimeError), match=pattern):
         ENTRY_POINTS[entry](args)
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_seq_lens_keeps_the_ops_errors(case):
+    """With ``seq_lens`` a bad q, k, v, log, offset or scale raises exactly what it raises
+    without (the op's checks run before the log is masked)."""
+    arg, change = BAD_INPUTS[case]
+    args = _valid_args()
+    args.update(change(args))
+    errors = []
+    for kw in ({}, {"seq_lens": torch.tensor([10, 7])}):
+        with pytest.raises((ValueError, TypeError, RuntimeError)) as info:
+            ops.shadow_attention(**args, **kw)
+        errors.append((info.type, str(info.value)))
+    assert errors[0] == errors[1]
 
 
 def test_valid_args_run():

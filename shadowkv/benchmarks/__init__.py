@@ -7,9 +7,11 @@ baselines measured in the same run; ``--help`` says what and how.
 - ``evict``: evict_compact as a share of a decode step.
 - ``rollout``: the sampler's peak KV and tokens/s vs FullCache, at equal batch and memory.
 - ``replay``: |sampler - replay| log-probs per policy against the no-eviction floor.
+- ``learner``: the learner's replay of a ragged batch, padding masked vs not, micro-batches
+  grouped by length vs in batch order.
 """
 
-BENCHMARKS = ("attention", "decode", "evict", "rollout", "replay")
+BENCHMARKS = ("attention", "decode", "evict", "rollout", "replay", "learner")
 
 
 def at_least(low: int):

@@ -1,0 +1,146 @@
+"""Learner replay time on a ragged batch: what masking the padding and grouping micro-batches save.
+
+Sequences of a batch end at different lengths and are right-padded to the longest. It times the
+learner's replay (``token_logprobs``, forward + backward) of one such batch:
+
+- ``padding masked`` (the learner's replay): each sequence's padding sees no key
+  (``ops.mask_padding``), so the attention kernels skip its tiles;
+- ``padding unmasked``: the log as the sampler wrote it, where the padding's entries are never
+  evicted and every padding query attends over the padding before it (the replay before
+  ``mask_padding``), the baseline measured in the same run;
+
+with the shadow mask (a StreamingLLM log keeping ``--budget`` of the keys) and dense. Then, in
+micro-batches of ``--micro-batch`` sequences, ``learner.micro_batches`` (grouped by length, each
+cut after its longest sequence) against the same rows in batch order at full width.
+
+The model is a random Llama built here (never downloaded); lengths are spread evenly from
+``--max-len`` down to ``--min-frac`` of it, in a shuffled order, prompts of ``--prompt`` tokens.
+
+    shadowkv bench learner                                   # CPU, float32
+    shadowkv bench learner --device cuda --dtype bfloat16 --max-len 8192 --hidden 2048 --layers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from unittest import mock
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from shadowkv import learner
+from shadowkv.reference import streaming_evicted_at
+from shadowkv.sampler import Rollout
+from . import at_least
+
+
+@contextlib.contextmanager
+def padding_unmasked():
+    """The replay as it was before ``mask_padding``: the learner's context leaves the log alone."""
+    with mock.patch.object(learner, "mask_padding", lambda ev, lens, check=True: ev.contiguous()):
+        yield
+
+
+def ragged_rollout(args, vocab: int, layers: int, kv_heads: int, device: str) -> Rollout:
+    """``--batch`` sequences of evenly spread lengths (shuffled), right-padded; a StreamingLLM log."""
+    gen = torch.Generator().manual_seed(args.seed)
+    B, T = args.batch, args.max_len
+    lens = torch.linspace(T, max(args.prompt + 2, round(T * args.min_frac)), B).round().long()
+    lens = lens[torch.randperm(B, generator=gen)]
+    pos = torch.arange(T)[None]
+    tokens = torch.randint(1, vocab, (B, T), generator=gen).masked_fill(pos >= lens[:, None], 0)
+    mask = (pos < lens[:, None]) & (pos >= args.prompt)
+    window = max(1, round(T * args.budget) - 4)
+    ev = streaming_evicted_at(T, 4, window).expand(B, layers, kv_heads, T).contiguous()
+    return Rollout(tokens.to(device), torch.full((B,), args.prompt, device=device), mask.to(device),
+                   torch.zeros(B, T, device=device), ev.to(device), 0, 0)
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    """Median seconds of ``repeats`` calls after one untimed call."""
+    times = []
+    for i in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="float32")
+    p.add_argument("-B", "--batch", type=at_least(1), default=8)
+    p.add_argument("--max-len", type=at_least(4), default=2048, help="the longest sequence (default 2048)")
+    p.add_argument("--min-frac", type=float, default=0.15, help="the shortest, as a fraction of --max-len")
+    p.add_argument("--prompt", type=at_least(1), default=64)
+    p.add_argument("--budget", type=float, default=0.25, help="kept fraction of the shadow log (default 0.25)")
+    p.add_argument("--hidden", type=at_least(8), default=256)
+    p.add_argument("--layers", type=at_least(1), default=4)
+    p.add_argument("--heads", type=at_least(1), default=4)
+    p.add_argument("--kv-heads", type=at_least(1), default=2)
+    p.add_argument("--vocab", type=at_least(2), default=512)
+    p.add_argument("--micro-batch", type=at_least(1), default=2)
+    p.add_argument("--repeats", type=at_least(1), default=3, help="timed runs, median (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not 0 < args.min_frac <= 1 or not 0 < args.budget <= 1:
+        p.error("--min-frac and --budget must be in (0, 1]")
+    if args.prompt + 2 > args.max_len:
+        p.error(f"argument --prompt: must leave 2 tokens under --max-len ({args.max_len}), got {args.prompt}")
+    if args.heads % args.kv_heads or args.hidden % args.heads:
+        p.error("--heads must divide --hidden and be a multiple of --kv-heads")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("argument --device: torch sees no CUDA device")
+
+    torch.manual_seed(args.seed)
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.kv_heads, max_position_embeddings=args.max_len + 1)
+    model = AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=getattr(torch, args.dtype))
+    r = ragged_rollout(args, args.vocab, args.layers, args.kv_heads, device)
+    lens = r.seq_lens.cpu()
+    real = lens.sum().item() / (args.batch * args.max_len)
+
+    def step(parts, mask):
+        for rows, cols in parts:
+            learner.token_logprobs(model, r.rows(rows, cols), mask).float().sum().backward()
+
+    whole = [(slice(None), None)]
+    table = {}
+    for mask in ("shadow", "dense"):
+        table[("masked", mask)] = timed(lambda: step(whole, mask), args.repeats, device)
+        with padding_unmasked():
+            table[("unmasked", mask)] = timed(lambda: step(whole, mask), args.repeats, device)
+    size = args.micro_batch
+    grouped = [(p.rows, p.cols) for p in learner.micro_batches(r, size)]
+    in_order = [(torch.arange(i, min(args.batch, i + size)), None) for i in range(0, args.batch, size)]
+    t_grouped = timed(lambda: step(grouped, "shadow"), args.repeats, device)
+    t_order = timed(lambda: step(in_order, "shadow"), args.repeats, device)
+
+    print(f"{device} {args.dtype}: Llama hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} "
+          f"heads; {args.batch} sequences of {lens.min().item()}-{lens.max().item()} tokens ({real:.0%} of the padded "
+          f"batch is real), shadow log at {args.budget:.0%}; token_logprobs forward + backward, median of "
+          f"{args.repeats}")
+    print("| replay | shadow s | dense s |\n| --- | --- | --- |")
+    for key, name in (("masked", "padding masked (learner)"), ("unmasked", "padding unmasked (baseline)")):
+        print(f"| {name} | {table[(key, 'shadow')]:.3f} | {table[(key, 'dense')]:.3f} |")
+    print(f"| speed-up | {table[('unmasked', 'shadow')] / table[('masked', 'shadow')]:.2f}x | "
+          f"{table[('unmasked', 'dense')] / table[('masked', 'dense')]:.2f}x |")
+    print(f"\n| micro-batches of {size} (shadow, padding masked) | s |\n| --- | --- |")
+    print(f"| grouped by length, cut after the longest (learner) | {t_grouped:.3f} |")
+    print(f"| batch order, full width (baseline) | {t_order:.3f} |")
+    print(f"| speed-up | {t_order / t_grouped:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
