@@ -69,13 +69,22 @@ def _refuse_unsupported(dropout, kwargs) -> None:
     raise NotImplementedError(f"shadowkv: the model uses {what}, which shadowkv's attention does not implement")
 
 
+def _mask(*args, **kwargs):
+    """The mask transformers builds before the layers: SDPA's for the fallback, none inside a
+    context, whose attention ignores it (a packed replay's would be ``[1, 1, N, N]``)."""
+    if _CONTEXT.get() is not None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, _shadowkv_attention_forward)
-    # The SDPA fallback needs SDPA's masks; inside a context the mask is ignored.
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, _mask)
 
 
 def install(model: torch.nn.Module) -> torch.nn.Module:

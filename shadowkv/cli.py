@@ -97,8 +97,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evict-every", dest="evict_every", type=int,
                    help="evict after the prompt, then every N decode steps (default: whenever a page over budget)")
     p.add_argument("--micro-batch", dest="micro_batch", type=int,
-                   help="sequences per learner forward/backward, gradients accumulated, grouped by length "
-                        "(default: a step's all)")
+                   help="sequences per learner forward/backward, gradients accumulated (default: a step's all)")
     p.add_argument("--steps", type=int, help=f"RL steps (default {d.steps})")
     p.add_argument("--prompts-per-step", dest="prompts_per_step", type=int)
     p.add_argument("--group-size", dest="group_size", type=int)

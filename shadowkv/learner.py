@@ -33,28 +33,23 @@ METHODS = ("dense", "naive", "is", "smd")
 
 
 class _ReplayContext:
-    """The learner's attention: ``evicted_at`` ``[B, layers, Hkv, T]`` (None: dense causal), with
-    every position at or past a sequence's length masked (``ops.mask_padding``): what a real
-    token sees is unchanged, while the padding of the shorter sequences of a batch, which used
-    to attend causally over itself (its log entries are never evicted), now sees no key and
-    the kernels skip its tiles."""
+    """The learner's attention: every layer attends with its slice of ``log``
+    ``[B, layers, Hkv, L]`` int32 (a shadow mask; stride 0 over layers and heads is fine)."""
 
-    def __init__(self, evicted_at: torch.Tensor | None, seq_lens: torch.Tensor):
-        # Masked once per replay (not per layer): the layers' calls and their saved tensors
-        # share one copy of the log.
-        self.evicted_at = None if evicted_at is None else mask_padding(evicted_at, seq_lens, check=False)
-        self.seq_lens = seq_lens
-        self.dense = None  # [B, Hkv, Lk]: seq_lens[b] everywhere, shared by the layers on one device
+    def __init__(self, log: torch.Tensor):
+        self.log = log
 
     def attend(self, layer, q, k, v, scale):
-        if self.evicted_at is not None:
-            ev = self.evicted_at[:, layer, :, : k.shape[2]].to(k.device)  # a no-op on one device
-        else:
-            if self.dense is None or self.dense.shape != k.shape[:3] or self.dense.device != k.device:
-                full = torch.full(k.shape[:3], NEVER_EVICTED, dtype=torch.int32, device=k.device)
-                self.dense = mask_padding(full, self.seq_lens, check=False)
-            ev = self.dense
+        ev = self.log[:, layer, :, : k.shape[2]].to(k.device)  # a no-op unless the model spans devices
         return shadow_attention(q, k, v, ev, 0, scale)
+
+
+def _dense_log(ends: torch.Tensor, layers: int, kv_heads: int) -> torch.Tensor:
+    """Plain causal attention within each sequence as a log ``[B, layers, Hkv, L]`` for
+    :class:`_ReplayContext`: ``ends [B, L]``, the end of the sequence of each position (every
+    key evicted there), stored once for all layers and heads."""
+    ends = ends.to(torch.int32).contiguous()
+    return ends[:, None, None, :].expand(ends.shape[0], layers, kv_heads, ends.shape[1])
 
 
 def first_action_row(rollout) -> int:
@@ -82,11 +77,53 @@ def _takes_logits_to_keep(model) -> bool:
         return False
 
 
-def replay_logits(model, rollout, mask: str = "shadow", return_hidden: bool = False):
+class _Packing:
+    """A right-padded batch laid end to end in one row without its padding, for
+    ``replay_logits(pack=True)``: sequence ``b``'s inputs (its first ``seq_lens[b] - 1`` tokens)
+    at offsets ``start[b]``, positions restarting at 0 (``position_ids``), and the kept rows
+    (input positions ``first`` on) with their place in the ``[B, R]`` output.
+
+    The shadow mask carries the block-diagonal structure (DESIGN §1's cu_seqlens variant,
+    without a kernel argument): key ``j`` of sequence ``b`` goes to ``start[b] + j`` with
+    ``evicted_at = start[b] + min(evicted_at[j], n_b)``. Its own queries (``i < n_b``) see it
+    exactly as before, and no later sequence's query (all at or past ``start[b] + n_b``) sees
+    it; the kernels skip other sequences' tiles by their min/max like evicted ones.
+    """
+
+    def __init__(self, rollout, first: int):
+        device = rollout.tokens.device
+        n = (rollout.seq_lens.cpu() - 1).clamp_min(0)  # inputs per sequence
+        start = torch.cumsum(n, 0) - n
+        self.total = int(n.sum())
+        if self.total > NEVER_EVICTED:
+            raise ValueError(f"shadowkv: a packed replay of {self.total} tokens exceeds the int32 positions of the log")
+        b = torch.repeat_interleave(torch.arange(len(n)), n)
+        pos = torch.arange(self.total) - start[b]
+        kept = pos >= first
+        self.b, self.pos = b.to(device), pos.to(device)
+        self.start, self.n = start[b].to(device), n[b].to(device)  # per packed position
+        self.kept = kept.nonzero()[:, 0].to(device)
+        self.kept_b, self.kept_r = b[kept].to(device), (pos[kept] - first).to(device)
+
+    def log(self, evicted_at: torch.Tensor) -> torch.Tensor:
+        """``[B, layers, Hkv, T]`` -> the packed ``[1, layers, Hkv, total]`` (one copy)."""
+        ev = evicted_at[self.b.to(evicted_at.device), :, :, self.pos.to(evicted_at.device)]  # [total, layers, Hkv]
+        ev = torch.minimum(ev, self.n.to(ev.device)[:, None, None]) + self.start.to(ev.device)[:, None, None]
+        return ev.to(torch.int32).permute(1, 2, 0).contiguous()[None]
+
+    def unpack(self, rows: torch.Tensor, B: int, R: int) -> torch.Tensor:
+        """The kept rows ``[K, ...]`` in a zero ``[B, R, ...]`` (rows past a sequence's end: 0)."""
+        out = rows.new_zeros(B, R, *rows.shape[1:])
+        out[self.kept_b, self.kept_r] = rows
+        return out
+
+
+def replay_logits(model, rollout, mask: str = "shadow", return_hidden: bool = False, pack: bool | None = None):
     """Logits ``[B, R, V]`` (float32) of the replay's last ``R = T - 1 - first_action_row(rollout)``
     rows: row ``r`` predicts ``rollout.tokens[:, T - R + r]`` (and, with ``return_hidden``, the
     last hidden states ``[B, R, H]`` of the same rows). ``to_tokens`` aligns per-row values with
-    the tokens.
+    the tokens. Rows past a sequence's end (:attr:`Rollout.seq_lens`) are padding: no loss
+    reads them (0 when packed).
 
     Only rows that predict some sequence's generated token get logits: the prompt's rows would
     be ``[B, prompt, V]`` float32 that no loss reads (with a 150k vocabulary, 0.6 MB per
@@ -95,6 +132,11 @@ def replay_logits(model, rollout, mask: str = "shadow", return_hidden: bool = Fa
 
     ``mask="shadow"`` replays ``rollout.evicted_at`` (each query sees what the sampler's
     cache held); ``"dense"`` is plain causal attention.
+
+    ``pack``: run the sequences end to end in one row without their padding (``_Packing``), so
+    no layer computes on padding; the default packs whenever the batch has padding. Unpacked,
+    each sequence's padding is still masked out of the attention (``ops.mask_padding``), but
+    the other layers run on it. Both give the same log-probs up to float rounding.
     """
     if mask not in ("shadow", "dense"):
         raise ValueError(f"mask must be 'shadow' or 'dense', got {mask!r}")
@@ -102,11 +144,33 @@ def replay_logits(model, rollout, mask: str = "shadow", return_hidden: bool = Fa
     tokens = rollout.tokens
     B, T = tokens.shape
     check_length(model, T)
-    rows = T - 1 - first_action_row(rollout)
+    first = first_action_row(rollout)
+    rows = T - 1 - first
+    _, layers, kv_heads, _ = rollout.evicted_at.shape
+    takes_keep = _takes_logits_to_keep(model)
+    packing = None
+    if pack is not False:
+        packing = _Packing(rollout, first)
+        if packing.kept.numel() == 0 or (pack is None and packing.total == B * (T - 1)):
+            packing = None  # nothing to keep (the unpacked replay returns its rows) or no padding
+    if packing is not None:
+        log = (packing.log(rollout.evicted_at) if mask == "shadow"
+               else _dense_log((packing.start + packing.n)[None], layers, kv_heads))
+        kwargs = {"logits_to_keep": packing.kept} if takes_keep else {}
+        with attention_context(_ReplayContext(log)):
+            out = model(input_ids=tokens[packing.b, packing.pos][None], position_ids=packing.pos[None],
+                        use_cache=False, output_hidden_states=return_hidden, **kwargs)
+        logits = out.logits[0] if takes_keep else out.logits[0, packing.kept]
+        logits = packing.unpack(logits.float(), B, rows)
+        if return_hidden:
+            return logits, packing.unpack(out.hidden_states[-1][0, packing.kept], B, rows)
+        return logits
+    lens = rollout.seq_lens
+    log = (mask_padding(rollout.evicted_at, lens, check=False) if mask == "shadow"
+           else _dense_log(lens.clamp(0, T)[:, None].expand(B, T), layers, kv_heads))
     positions = torch.arange(T, device=tokens.device)[None].expand(B, T)
-    kwargs = {"logits_to_keep": rows} if _takes_logits_to_keep(model) else {}
-    context = _ReplayContext(rollout.evicted_at if mask == "shadow" else None, rollout.seq_lens)
-    with attention_context(context):
+    kwargs = {"logits_to_keep": rows} if takes_keep else {}
+    with attention_context(_ReplayContext(log)):
         out = model(input_ids=tokens[:, :-1], position_ids=positions[:, :-1], use_cache=False,
                     output_hidden_states=return_hidden, **kwargs)
     logits = out.logits[:, -rows:].float()
@@ -258,37 +322,35 @@ def entropy(logits: torch.Tensor, rollout, temperature: float = 1.0, count=None)
 
 
 class MicroBatch(NamedTuple):
-    """Rows of a batch (``[b]`` int64 indices) and the columns they need: ``cols`` covers the
-    longest of them, so everything past it is padding for every row."""
+    """Rows ``rows`` of a batch and the columns they need: ``cols`` covers the longest of them,
+    so everything past it is padding for every row."""
 
-    rows: torch.Tensor
+    rows: slice
     cols: int
 
     def take(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """This micro-batch's part of a per-row ``[B]`` or per-token ``[B, T, ...]`` tensor."""
         if t is None:
             return None
-        t = t[self.rows.to(t.device)]
+        t = t[self.rows]
         return t[:, : self.cols] if t.dim() > 1 else t
 
 
 def micro_batches(rollout, size: int | None) -> list[MicroBatch]:
-    """The learner's micro-batches of ``size`` sequences (all at once if None).
+    """The learner's micro-batches: ``size`` sequences each (all at once if None), in batch
+    order, each cut after its longest sequence (:attr:`Rollout.seq_lens`, at least 2 columns,
+    for one input and one target). The replay packs each part's sequences without padding
+    anyway (``replay_logits``); the cut saves the copies of the padding columns, and the work
+    on them when a replay runs unpacked. One host read of the lengths per call.
 
-    With more than one, the sequences are grouped by length (longest first) and each group is
-    cut after its longest sequence (:attr:`Rollout.seq_lens`, at least 2 columns, for one
-    input and one target): the model's forward and backward, not only the attention, then run
-    on little padding. The order does not change the step: advantages are computed over the
-    whole batch and every part is normalised by the whole batch's counts (:func:`loss_counts`).
-    One host read of the lengths per call.
+    Not grouped by length: packed, a part costs its real tokens, so sorting would only put the
+    longest sequences together and raise the peak memory the micro-batches are there to bound.
     """
     B, T = rollout.tokens.shape
-    if size is None or size >= B:
-        return [MicroBatch(torch.arange(B), T)]
+    size = B if size is None else size
     lens = rollout.seq_lens.cpu()
-    order = torch.argsort(lens, descending=True, stable=True)
-    parts = [order[i: i + size] for i in range(0, B, size)]
-    return [MicroBatch(rows, min(T, max(2, int(lens[rows].max())))) for rows in parts]
+    return [MicroBatch(slice(i, min(B, i + size)), min(T, max(2, int(lens[i: i + size].max()))))
+            for i in range(0, B, size)] or [MicroBatch(slice(0, 0), T)]
 
 
 def pad_to(part: torch.Tensor, cols: int) -> torch.Tensor:
@@ -299,12 +361,9 @@ def pad_to(part: torch.Tensor, cols: int) -> torch.Tensor:
     return torch.cat([part, part.new_zeros(part.shape[0], extra, *part.shape[2:])], 1)
 
 
-def gather_rows(parts: list[MicroBatch], values: list[torch.Tensor], cols: int) -> torch.Tensor:
-    """Per-token results of each micro-batch back in the batch's row order, ``[B, cols, ...]``."""
-    out = pad_to(values[0], cols).new_zeros(sum(len(p.rows) for p in parts), cols, *values[0].shape[2:])
-    for p, v in zip(parts, values):
-        out[p.rows.to(out.device)] = pad_to(v, cols)
-    return out
+def gather_rows(values: list[torch.Tensor], cols: int) -> torch.Tensor:
+    """Per-token results of the micro-batches, in batch order, back to ``[B, cols, ...]``."""
+    return torch.cat([pad_to(v, cols) for v in values])
 
 
 def loss_counts(rollout, token_mask=None) -> tuple[torch.Tensor, torch.Tensor]:

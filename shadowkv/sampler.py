@@ -59,15 +59,13 @@ class Rollout:
         last = torch.where(mask, torch.arange(1, mask.shape[1] + 1, device=mask.device), 0).amax(-1)
         return torch.maximum(lens, last)
 
-    def rows(self, rows: slice | torch.Tensor, cols: int | None = None) -> "Rollout":
-        """The sequences ``rows`` (a slice gives views, an index tensor copies), cut to their
-        first ``cols`` positions if given (e.g. a learner's micro-batch, whose columns past its
-        longest sequence are padding); the byte counts and timings stay the whole rollout's."""
-        if isinstance(rows, torch.Tensor):
-            rows = rows.to(self.tokens.device)
+    def rows(self, rows: slice, cols: int | None = None) -> "Rollout":
+        """The sequences ``rows`` (views, the same ``T`` or their first ``cols`` positions), e.g.
+        a learner's micro-batch, whose columns past its longest sequence are padding; the byte
+        counts and timings stay the whole rollout's."""
         c = slice(None, cols)
         return Rollout(self.tokens[rows, c], self.prompt_lens[rows], self.action_mask[rows, c],
-                       self.logprobs[rows, c], self.evicted_at[rows][..., c], self.kv_peak_bytes,
+                       self.logprobs[rows, c], self.evicted_at[rows, ..., c], self.kv_peak_bytes,
                        self.dense_kv_bytes, self.timings)
 
 

@@ -263,8 +263,8 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
     mask = rollout.action_mask
     # The learner's forwards run micro_batch sequences at a time (all at once by default): its
     # logits ([rows, answer positions, vocabulary] float32, twice with SMD's teacher) and
-    # activations are what bounds the batch, not the sampler's KV cache. Grouped by length and
-    # each cut after its longest sequence (learner.micro_batches).
+    # activations are what bounds the batch, not the sampler's KV cache. Each is cut after its
+    # longest sequence (learner.micro_batches) and replayed packed, without padding.
     chunks = learner.micro_batches(rollout, cfg.micro_batch)
     T = mask.shape[1]
 
@@ -272,7 +272,7 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
         return rollout.rows(c.rows, c.cols)
 
     def by_chunk(fn) -> torch.Tensor:
-        return learner.gather_rows(chunks, [fn(rows_of(c)) for c in chunks], T)
+        return learner.gather_rows([fn(rows_of(c)) for c in chunks], T)
 
     old_logp, weights, keep, teacher, ref_logp = rollout.logprobs, None, None, None, None
     with torch.no_grad(), learner_precision(cfg, model):
@@ -320,7 +320,7 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         if epoch == 0:
-            stats0 = {**stats_sum, "logp": learner.gather_rows(chunks, logps, T), "loss": total}
+            stats0 = {**stats_sum, "logp": learner.gather_rows(logps, T), "loss": total}
     sync_rollout_model(sampler.model, model)
     n = mask.sum().clamp_min(1)
     delta = (rollout.logprobs - stats0.pop("logp")) * mask

@@ -32,7 +32,7 @@ SMALL = {
                           "--max-fit-batch", "4"], "equal memory: the largest batch (<= 4)"),
     "bench_replay.py": (["--device", "cpu", "--dtype", "float32", "--head-dim", "64", "--new", "8"], "| snapkv |"),
     "bench_learner.py": (["--device", "cpu", "-B", "3", "--max-len", "48", "--prompt", "8", "--hidden", "32",
-                          "--layers", "1", "--repeats", "1"], "| grouped by length, cut after the longest (learner) |"),
+                          "--layers", "1", "--repeats", "1"], "| packed (learner) |"),
     "profile_attention.py": (["--device", "cpu", "-L", "96", "-D", "16", "--q-heads", "4", "--kv-heads", "2",
                               "-B", "1"], "profile_attention: auto, mask 25%"),
 }

@@ -101,29 +101,57 @@ def test_replay_computes_logits_only_for_rows_that_predict_generated_tokens(llam
     assert learner.replay_logits(llama, empty, "dense").shape == (3, 1, VOCAB)
 
 
-def test_replay_masks_each_sequences_padding(llama, monkeypatch):
-    """Sequences of a batch end at different lengths; in the learner's replay (shadow and dense)
-    their right padding sees no key (ops.mask_padding; it used to attend over itself, its log
-    entries never evicted), and each sequence's log-probs are those of its replay alone."""
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_replay_of_a_ragged_batch(llama, monkeypatch, pack):
+    """Sequences of a batch end at different lengths. Unpacked, their right padding sees no key
+    in the learner's replay (ops.mask_padding; it used to attend over itself, its log entries
+    never evicted). Packed, the model runs one row of the sequences end to end without padding,
+    and the log keeps each sequence's attention inside it (block-diagonal) and as it was. Either
+    way, shadow and dense, each sequence's log-probs are those of its replay alone."""
     r = Sampler(llama, StreamingLLM(sinks=2), budget=0.5, page_size=4).generate(
         _prompts(3, 8, 30, seed=7), max_new_tokens=20, seed=0)
     lens = r.seq_lens
     assert torch.equal(lens, r.prompt_lens + 20) and int(lens.min()) < r.tokens.shape[1] - 1
-    logs = []
+    logs, widths = [], []
     attend = learner.shadow_attention
     monkeypatch.setattr(learner, "shadow_attention", lambda q, k, v, ev, *a: logs.append(ev) or attend(q, k, v, ev, *a))
-    for mask in ("shadow", "dense"):
-        logs.clear()
-        logp = token_logprobs(llama, r, mask)
-        assert len(logs) == llama.config.num_hidden_layers
-        for ev in logs:
-            seen = shadow_visible(ev, ev.shape[-1], 0)  # [B, Hkv, queries, keys]
+    hook = llama.get_input_embeddings().register_forward_pre_hook(lambda m, args: widths.append(args[0].shape))
+    try:
+        for mask in ("shadow", "dense"):
+            logs.clear()
+            logp = learner.gather_logprobs(learner.replay_logits(llama, r, mask, pack=pack), r)
+            assert len(logs) == llama.config.num_hidden_layers
+            padded = learner.mask_padding(r.evicted_at, lens) if mask == "shadow" else None
+            for layer, ev in enumerate(logs):
+                seen = shadow_visible(ev, ev.shape[-1], 0)  # [B or 1, Hkv, queries, keys]
+                start = 0
+                for b, n in enumerate(lens.tolist()):
+                    if not pack:
+                        assert seen[b, :, : n - 1].any(-1).all() and not seen[b, :, n:].any()
+                        continue
+                    own = seen[0, :, start:start + n - 1]  # sequence b's queries (n - 1 inputs)
+                    assert not own[..., :start].any() and not own[..., start + n - 1:].any()
+                    want = (shadow_visible(padded[b:b + 1, layer, :, : n - 1], n - 1, 0)[0] if padded is not None
+                            else torch.ones(n - 1, n - 1, dtype=torch.bool).tril().expand_as(own[..., start:start + n - 1]))
+                    assert torch.equal(own[..., start:start + n - 1], want)
+                    start += n - 1
             for b, n in enumerate(lens.tolist()):
-                assert seen[b, :, : n - 1].any(-1).all() and not seen[b, :, n:].any()
-        for b, n in enumerate(lens.tolist()):
-            alone = Rollout(r.tokens[b:b + 1, :n], r.prompt_lens[b:b + 1], r.action_mask[b:b + 1, :n],
-                            r.logprobs[b:b + 1, :n], r.evicted_at[b:b + 1, ..., :n], 0, 0)
-            torch.testing.assert_close(token_logprobs(llama, alone, mask)[0], logp[b, :n], atol=1e-5, rtol=0)
+                alone = Rollout(r.tokens[b:b + 1, :n], r.prompt_lens[b:b + 1], r.action_mask[b:b + 1, :n],
+                                r.logprobs[b:b + 1, :n], r.evicted_at[b:b + 1, ..., :n], 0, 0)
+                torch.testing.assert_close(token_logprobs(llama, alone, mask)[0], logp[b, :n], atol=1e-5, rtol=0)
+    finally:
+        hook.remove()
+    total = int((lens - 1).sum())
+    replays = [w for w in widths if w == ((1, total) if pack else (3, r.tokens.shape[1] - 1))]
+    assert len(replays) == 2  # the batch's two replays ran packed (one row) or padded
+    if pack:  # logits and hidden states of every real row as unpacked; 0 past a sequence's end
+        monkeypatch.setattr(learner, "shadow_attention", attend)
+        (lp, hp), (lu, hu) = (learner.replay_logits(llama, r, "shadow", return_hidden=True, pack=p) for p in (True, False))
+        T, R = r.tokens.shape[1], lp.shape[1]
+        real = (torch.arange(T - 1 - R, T - 1)[None] < (lens - 1)[:, None])[..., None]  # input position < n_b
+        torch.testing.assert_close(lp * real, lu * real, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hp * real, hu * real, atol=1e-5, rtol=1e-5)
+        assert not (lp * ~real).any() and not (hp * ~real).any()
 
 
 def test_per_layer_budgets_and_mistral_replay(tmp_path):

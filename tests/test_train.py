@@ -396,27 +396,27 @@ def test_micro_batches_give_the_whole_batchs_update(tmp_path, method, algo, kl_r
         torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5, msg=name)
 
 
-def test_micro_batches_group_by_length_and_cut_the_padding(tmp_path):
-    """Micro-batches take sequences of similar length (longest first) and end after their
-    longest one, so the model runs on little padding; their losses, gradients and log-probs
-    still add up to the whole batch's (SMD with its teacher, PPO-style per-token advantages)."""
+@pytest.mark.parametrize("pack", [None, False], ids=["packed", "padded"])
+def test_micro_batches_cut_the_padding_and_add_up_to_the_batch(tmp_path, monkeypatch, pack):
+    """Micro-batches end after their longest sequence; their losses, gradients and log-probs add
+    up to the whole batch's (SMD with its teacher, per-token advantages), whether the replays
+    run packed (the default when there is padding) or padded."""
     from shadowkv import Sampler
     from shadowkv.policies import StreamingLLM
 
     from .models import VOCAB, tiny_model
 
+    if pack is False:
+        replay = learner.replay_logits
+        monkeypatch.setattr(learner, "replay_logits", lambda *a, **kw: replay(*a, **kw, pack=False))
     model = tiny_model(tmp_path, "llama")
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(1, VOCAB, (n,), generator=g) for n in (9, 30, 14, 25, 5)]
     r = Sampler(model, StreamingLLM(sinks=2), budget=0.5, page_size=4).generate(prompts, 10, seed=0)
     B, T = r.tokens.shape
-    lens = r.seq_lens
     parts = learner.micro_batches(r, 2)
-    order = torch.cat([p.rows for p in parts])
-    assert sorted(order.tolist()) == list(range(B)) and (lens[order].diff() <= 0).all()
-    assert [p.cols for p in parts] == [40, 24, 15] and T == 40  # lengths 40, 35 | 24, 19 | 15
-    (whole,) = learner.micro_batches(r, None)
-    assert whole.rows.tolist() == list(range(B)) and whole.cols == T
+    assert [(p.rows, p.cols) for p in parts] == [(slice(0, 2), 40), (slice(2, 4), 35), (slice(4, 5), 15)]
+    assert T == 40 and learner.micro_batches(r, None) == [learner.MicroBatch(slice(0, 5), 40)]
 
     cfg = learner.LossConfig(method="smd", smd_beta=0.5)
     adv = torch.randn(B, T, generator=g) * r.action_mask
@@ -426,10 +426,10 @@ def test_micro_batches_group_by_length_and_cut_the_padding(tmp_path):
     loss, stats = learner.policy_loss(model, r, adv, old, cfg, teacher_logits=teacher)
     want = torch.autograd.grad(loss, list(model.parameters()))
     counts = learner.loss_counts(r)
-    total, got, logps = 0.0, [torch.zeros_like(w) for w in want], []
+    total, got, logps, sums = 0.0, [torch.zeros_like(w) for w in want], [], {}
     for p in parts:
         part = r.rows(p.rows, p.cols)
-        assert part.tokens.shape == (len(p.rows), p.cols)
+        assert part.tokens.shape == (p.rows.stop - p.rows.start, p.cols)
         with torch.no_grad():
             t = learner.replay_logits(model, part, "dense")
         part_loss, part_stats = learner.policy_loss(model, part, p.take(adv), p.take(old), cfg, teacher_logits=t,
@@ -438,11 +438,11 @@ def test_micro_batches_group_by_length_and_cut_the_padding(tmp_path):
         got = [a + b for a, b in zip(got, torch.autograd.grad(part_loss, list(model.parameters())))]
         logps.append(part_stats["logp"])
         for k in ("clip_frac", "distill_kl"):
-            stats[k + "_sum"] = stats.get(k + "_sum", 0.0) + part_stats[k]
+            sums[k] = sums.get(k, 0.0) + part_stats[k]
     assert total == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
     for k in ("clip_frac", "distill_kl"):
-        assert stats[k + "_sum"] == pytest.approx(stats[k], rel=1e-5, abs=1e-7), k
-    torch.testing.assert_close(learner.gather_rows(parts, logps, T), stats["logp"], atol=1e-5, rtol=0)
+        assert sums[k] == pytest.approx(stats[k], rel=1e-5, abs=1e-7), k
+    torch.testing.assert_close(learner.gather_rows(logps, T), stats["logp"], atol=1e-5, rtol=0)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 

@@ -1,17 +1,19 @@
-"""Learner replay time on a ragged batch: what masking the padding and grouping micro-batches save.
+"""Learner replay time on a ragged batch: what packing and masking the padding save.
 
 Sequences of a batch end at different lengths and are right-padded to the longest. It times the
-learner's replay (``token_logprobs``, forward + backward) of one such batch:
+learner's replay (``replay_logits`` + log-probs, forward + backward) of one such batch:
 
-- ``padding masked`` (the learner's replay): each sequence's padding sees no key
-  (``ops.mask_padding``), so the attention kernels skip its tiles;
-- ``padding unmasked``: the log as the sampler wrote it, where the padding's entries are never
-  evicted and every padding query attends over the padding before it (the replay before
-  ``mask_padding``), the baseline measured in the same run;
+- ``packed`` (the learner's default when there is padding): the sequences end to end in one
+  row without padding, the log keeping each sequence's attention inside it, so no layer
+  computes on padding;
+- ``padded, padding masked`` (``pack=False``): each sequence's padding sees no key
+  (``ops.mask_padding``) and the attention kernels skip its tiles, the other layers still run
+  on it;
+- ``padded, padding unmasked``: the log as the sampler wrote it, where the padding's entries
+  are never evicted and every padding query attends over the padding before it (the replay
+  before this session's changes), the baseline measured in the same run;
 
-with the shadow mask (a StreamingLLM log keeping ``--budget`` of the keys) and dense. Then, in
-micro-batches of ``--micro-batch`` sequences, ``learner.micro_batches`` (grouped by length, each
-cut after its longest sequence) against the same rows in batch order at full width.
+with the shadow mask (a StreamingLLM log keeping ``--budget`` of the keys) and dense.
 
 The model is a random Llama built here (never downloaded); lengths are spread evenly from
 ``--max-len`` down to ``--min-frac`` of it, in a shuffled order, prompts of ``--prompt`` tokens.
@@ -23,10 +25,8 @@ The model is a random Llama built here (never downloaded); lengths are spread ev
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
-from unittest import mock
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -37,11 +37,13 @@ from shadowkv.sampler import Rollout
 from . import at_least
 
 
-@contextlib.contextmanager
-def padding_unmasked():
-    """The replay as it was before ``mask_padding``: the learner's context leaves the log alone."""
-    with mock.patch.object(learner, "mask_padding", lambda ev, lens, check=True: ev.contiguous()):
-        yield
+class _PaddingAsTokens(Rollout):
+    """The rollout with every row claiming the whole width: the replay then masks nothing, as it
+    did before ``mask_padding`` (the padding's never-evicted log entries stay visible)."""
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        return torch.full_like(self.prompt_lens, self.tokens.shape[1])
 
 
 def ragged_rollout(args, vocab: int, layers: int, kv_heads: int, device: str) -> Rollout:
@@ -88,7 +90,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heads", type=at_least(1), default=4)
     p.add_argument("--kv-heads", type=at_least(1), default=2)
     p.add_argument("--vocab", type=at_least(2), default=512)
-    p.add_argument("--micro-batch", type=at_least(1), default=2)
     p.add_argument("--repeats", type=at_least(1), default=3, help="timed runs, median (default 3)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -111,35 +112,26 @@ def main(argv: list[str] | None = None) -> None:
     lens = r.seq_lens.cpu()
     real = lens.sum().item() / (args.batch * args.max_len)
 
-    def step(parts, mask):
-        for rows, cols in parts:
-            learner.token_logprobs(model, r.rows(rows, cols), mask).float().sum().backward()
+    def step(rollout, mask, pack):
+        logits = learner.replay_logits(model, rollout, mask, pack=pack)
+        learner.gather_logprobs(logits, rollout).sum().backward()
 
-    whole = [(slice(None), None)]
+    unmasked = _PaddingAsTokens(**vars(r))
+    rows = {"packed (learner)": (r, True), "padded, padding masked": (r, False),
+            "padded, padding unmasked (baseline)": (unmasked, False)}
     table = {}
-    for mask in ("shadow", "dense"):
-        table[("masked", mask)] = timed(lambda: step(whole, mask), args.repeats, device)
-        with padding_unmasked():
-            table[("unmasked", mask)] = timed(lambda: step(whole, mask), args.repeats, device)
-    size = args.micro_batch
-    grouped = [(p.rows, p.cols) for p in learner.micro_batches(r, size)]
-    in_order = [(torch.arange(i, min(args.batch, i + size)), None) for i in range(0, args.batch, size)]
-    t_grouped = timed(lambda: step(grouped, "shadow"), args.repeats, device)
-    t_order = timed(lambda: step(in_order, "shadow"), args.repeats, device)
+    for name, (rollout, pack) in rows.items():
+        for mask in ("shadow", "dense"):
+            table[(name, mask)] = timed(lambda: step(rollout, mask, pack), args.repeats, device)
 
     print(f"{device} {args.dtype}: Llama hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} "
           f"heads; {args.batch} sequences of {lens.min().item()}-{lens.max().item()} tokens ({real:.0%} of the padded "
-          f"batch is real), shadow log at {args.budget:.0%}; token_logprobs forward + backward, median of "
-          f"{args.repeats}")
-    print("| replay | shadow s | dense s |\n| --- | --- | --- |")
-    for key, name in (("masked", "padding masked (learner)"), ("unmasked", "padding unmasked (baseline)")):
-        print(f"| {name} | {table[(key, 'shadow')]:.3f} | {table[(key, 'dense')]:.3f} |")
-    print(f"| speed-up | {table[('unmasked', 'shadow')] / table[('masked', 'shadow')]:.2f}x | "
-          f"{table[('unmasked', 'dense')] / table[('masked', 'dense')]:.2f}x |")
-    print(f"\n| micro-batches of {size} (shadow, padding masked) | s |\n| --- | --- |")
-    print(f"| grouped by length, cut after the longest (learner) | {t_grouped:.3f} |")
-    print(f"| batch order, full width (baseline) | {t_order:.3f} |")
-    print(f"| speed-up | {t_order / t_grouped:.2f}x |")
+          f"batch is real), shadow log at {args.budget:.0%}; replay forward + backward, median of {args.repeats}")
+    base = "padded, padding unmasked (baseline)"
+    print("| replay | shadow s | dense s | shadow vs baseline | dense vs baseline |\n| --- | --- | --- | --- | --- |")
+    for name in rows:
+        s, d = table[(name, "shadow")], table[(name, "dense")]
+        print(f"| {name} | {s:.3f} | {d:.3f} | {table[(base, 'shadow')] / s:.2f}x | {table[(base, 'dense')] / d:.2f}x |")
 
 
 if __name__ == "__main__":
