@@ -278,8 +278,8 @@ build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=
         # Tokens/s: median of 3 rollouts per row (rows print as measured; ~75 s if it all fits).
         part 90 $py -m shadowkv bench rollout --device cuda --dtype bfloat16 -B 64 --prompt 512 --new 512 \
           --head-dim 128 --max-fit-batch 256
-        # The learner's replay of a ragged batch: padding masked vs not, micro-batches grouped by
-        # length vs in order (new after the twenty-fourth session; CPU numbers in RESULTS.md).
+        # The learner's replay of a ragged batch: packed, padded with the padding masked, and
+        # unmasked (new after the twenty-fourth session; CPU numbers in RESULTS.md).
         part 40 $py -m shadowkv bench learner --device cuda --dtype bfloat16 --max-len 4096 --hidden 1024 \
           --heads 8 --kv-heads 2 --layers 4 --repeats 5
       }

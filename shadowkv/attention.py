@@ -71,7 +71,8 @@ def _refuse_unsupported(dropout, kwargs) -> None:
 
 def _mask(*args, **kwargs):
     """The mask transformers builds before the layers: SDPA's for the fallback, none inside a
-    context, whose attention ignores it (a packed replay's would be ``[1, 1, N, N]``)."""
+    context, whose attention ignores it (for a packed replay SDPA's would be ``[rows, 1, W, W]``
+    with a comparison per pair of sequences)."""
     if _CONTEXT.get() is not None:
         return None
     from transformers.masking_utils import sdpa_mask

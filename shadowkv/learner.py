@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from .attention import attention_context, check_length, install
-from .ops import NEVER_EVICTED, mask_padding, shadow_attention
+from .ops import mask_padding, shadow_attention
 from .policies import as_int
 from .sampler import tempered_log_softmax
 
@@ -77,39 +77,69 @@ def _takes_logits_to_keep(model) -> bool:
         return False
 
 
-class _Packing:
-    """A right-padded batch laid end to end in one row without its padding, for
-    ``replay_logits(pack=True)``: sequence ``b``'s inputs (its first ``seq_lens[b] - 1`` tokens)
-    at offsets ``start[b]``, positions restarting at 0 (``position_ids``), and the kept rows
-    (input positions ``first`` on) with their place in the ``[B, R]`` output.
+def inputs_per_sequence(rollout) -> torch.Tensor:
+    """``[B]`` int64 on the CPU: the replay inputs of each sequence, ``seq_lens - 1`` in
+    ``[0, T - 1]`` (one host read)."""
+    return (rollout.seq_lens.cpu() - 1).clamp(0, rollout.tokens.shape[1] - 1)
 
-    The shadow mask carries the block-diagonal structure (DESIGN §1's cu_seqlens variant,
-    without a kernel argument): key ``j`` of sequence ``b`` goes to ``start[b] + j`` with
-    ``evicted_at = start[b] + min(evicted_at[j], n_b)``. Its own queries (``i < n_b``) see it
-    exactly as before, and no later sequence's query (all at or past ``start[b] + n_b``) sees
-    it; the kernels skip other sequences' tiles by their min/max like evicted ones.
+
+class _Packing:
+    """A right-padded batch packed into fewer rows, for ``replay_logits(pack=True)``: each
+    sequence's inputs (its first ``n_b = seq_lens[b] - 1`` tokens) are placed whole in a row
+    of ``T - 1`` slots (first fit, longest first), after the sequences placed there before it,
+    positions restarting at 0 (``position_ids``). What is left at a row's end is padding.
+
+    The shadow mask carries the rows' structure (DESIGN §2's cu_seqlens variant, without a
+    kernel argument): key ``j`` of sequence ``b`` at slot ``s_b + j`` of its row gets
+    ``evicted_at = s_b + min(evicted_at[j], n_b)``. Its own queries (``j <= i < n_b``) see it
+    exactly as before, and no later sequence's query (all at or past ``s_b + n_b``) sees it;
+    padding slots get 0, so they see nothing and nothing sees them. The kernels skip other
+    sequences' tiles by their min/max like evicted ones. Rows as long as the padded batch's keep
+    each row's tile scan (and the CPU backward's one-pass mode) as it was.
     """
 
-    def __init__(self, rollout, first: int):
+    def __init__(self, rollout, first: int, n: torch.Tensor):
+        """``n``: ``[B]`` inputs per sequence on the CPU, ``inputs_per_sequence(rollout)``."""
         device = rollout.tokens.device
-        n = (rollout.seq_lens.cpu() - 1).clamp_min(0)  # inputs per sequence
-        start = torch.cumsum(n, 0) - n
-        self.total = int(n.sum())
-        if self.total > NEVER_EVICTED:
-            raise ValueError(f"shadowkv: a packed replay of {self.total} tokens exceeds the int32 positions of the log")
-        b = torch.repeat_interleave(torch.arange(len(n)), n)
-        pos = torch.arange(self.total) - start[b]
+        B, T = rollout.tokens.shape
+        self.cap = cap = T - 1
+        row_of, slot_of, used = [0] * B, [0] * B, []
+        for b in sorted(range(B), key=lambda b: -int(n[b])):  # first fit decreasing
+            nb = int(n[b])
+            r = next((r for r, u in enumerate(used) if u + nb <= cap), len(used))
+            if r == len(used):
+                used.append(0)
+            row_of[b], slot_of[b] = r, used[r]
+            used[r] += nb
+        self.rows = max(1, len(used))
+        b = torch.repeat_interleave(torch.arange(B), n)
+        pos = torch.arange(len(b)) - (torch.cumsum(n, 0) - n)[b]  # position within its sequence
+        s = torch.tensor(slot_of)[b]
+        flat = torch.tensor(row_of)[b] * cap + s + pos  # slot in the [rows, cap] packing
+        order = torch.argsort(flat)  # the kept rows come out of the model in slot order
+        b, pos, s, flat = b[order], pos[order], s[order], flat[order]
         kept = pos >= first
-        self.b, self.pos = b.to(device), pos.to(device)
-        self.start, self.n = start[b].to(device), n[b].to(device)  # per packed position
-        self.kept = kept.nonzero()[:, 0].to(device)
+        self.b, self.pos, self.flat = b.to(device), pos.to(device), flat.to(device)
+        # int32, as the log: start + n <= cap, and no int64 copy of the log on the way.
+        self.start, self.n = s.to(device, torch.int32), n[b].to(device, torch.int32)  # per packed token
+        mask = torch.zeros(self.rows * cap, dtype=torch.bool)
+        mask[flat[kept]] = True
+        self.kept = mask.view(self.rows, cap).to(device)
         self.kept_b, self.kept_r = b[kept].to(device), (pos[kept] - first).to(device)
+        self.tokens = len(b)
+
+    def place(self, values: torch.Tensor, fill=0) -> torch.Tensor:
+        """Per packed token ``[tokens, ...]`` -> ``[rows, cap, ...]`` (``fill`` in padding slots)."""
+        out = values.new_full((self.rows * self.cap, *values.shape[1:]), fill)
+        out[self.flat.to(values.device)] = values
+        return out.view(self.rows, self.cap, *values.shape[1:])
 
     def log(self, evicted_at: torch.Tensor) -> torch.Tensor:
-        """``[B, layers, Hkv, T]`` -> the packed ``[1, layers, Hkv, total]`` (one copy)."""
-        ev = evicted_at[self.b.to(evicted_at.device), :, :, self.pos.to(evicted_at.device)]  # [total, layers, Hkv]
-        ev = torch.minimum(ev, self.n.to(ev.device)[:, None, None]) + self.start.to(ev.device)[:, None, None]
-        return ev.to(torch.int32).permute(1, 2, 0).contiguous()[None]
+        """``[B, layers, Hkv, T]`` -> the packed ``[rows, layers, Hkv, cap]`` (one copy)."""
+        dev = evicted_at.device
+        ev = evicted_at[self.b.to(dev), :, :, self.pos.to(dev)]  # [tokens, layers, Hkv]
+        ev = torch.minimum(ev, self.n.to(dev)[:, None, None]).add_(self.start.to(dev)[:, None, None])
+        return self.place(ev).permute(0, 2, 3, 1).contiguous()
 
     def unpack(self, rows: torch.Tensor, B: int, R: int) -> torch.Tensor:
         """The kept rows ``[K, ...]`` in a zero ``[B, R, ...]`` (rows past a sequence's end: 0)."""
@@ -133,10 +163,11 @@ def replay_logits(model, rollout, mask: str = "shadow", return_hidden: bool = Fa
     ``mask="shadow"`` replays ``rollout.evicted_at`` (each query sees what the sampler's
     cache held); ``"dense"`` is plain causal attention.
 
-    ``pack``: run the sequences end to end in one row without their padding (``_Packing``), so
-    no layer computes on padding; the default packs whenever the batch has padding. Unpacked,
-    each sequence's padding is still masked out of the attention (``ops.mask_padding``), but
-    the other layers run on it. Both give the same log-probs up to float rounding.
+    ``pack``: pack the sequences into fewer rows of the same width (``_Packing``: whole
+    sequences end to end, first fit), so the layers run on little padding; the default packs
+    whenever that saves a row. Unpacked, each sequence's padding is still masked out of the
+    attention (``ops.mask_padding``), but the other layers run on it. Both give the same
+    log-probs up to float rounding.
     """
     if mask not in ("shadow", "dense"):
         raise ValueError(f"mask must be 'shadow' or 'dense', got {mask!r}")
@@ -149,21 +180,22 @@ def replay_logits(model, rollout, mask: str = "shadow", return_hidden: bool = Fa
     _, layers, kv_heads, _ = rollout.evicted_at.shape
     takes_keep = _takes_logits_to_keep(model)
     packing = None
-    if pack is not False:
-        packing = _Packing(rollout, first)
-        if packing.kept.numel() == 0 or (pack is None and packing.total == B * (T - 1)):
-            packing = None  # nothing to keep (the unpacked replay returns its rows) or no padding
+    n = inputs_per_sequence(rollout)
+    if pack or (pack is None and bool((n < T - 1).any())):  # some padding: maybe a row to save
+        packing = _Packing(rollout, first, n)
+        if packing.kept_b.numel() == 0 or (pack is None and packing.rows == B):
+            packing = None  # nothing to keep (the unpacked replay returns its rows) or no row saved
     if packing is not None:
         log = (packing.log(rollout.evicted_at) if mask == "shadow"
-               else _dense_log((packing.start + packing.n)[None], layers, kv_heads))
+               else _dense_log(packing.place(packing.start + packing.n), layers, kv_heads))
         kwargs = {"logits_to_keep": packing.kept} if takes_keep else {}
         with attention_context(_ReplayContext(log)):
-            out = model(input_ids=tokens[packing.b, packing.pos][None], position_ids=packing.pos[None],
+            out = model(input_ids=packing.place(tokens[packing.b, packing.pos]), position_ids=packing.place(packing.pos),
                         use_cache=False, output_hidden_states=return_hidden, **kwargs)
-        logits = out.logits[0] if takes_keep else out.logits[0, packing.kept]
+        logits = out.logits if takes_keep else out.logits[packing.kept]  # [kept, V], slot order
         logits = packing.unpack(logits.float(), B, rows)
         if return_hidden:
-            return logits, packing.unpack(out.hidden_states[-1][0, packing.kept], B, rows)
+            return logits, packing.unpack(out.hidden_states[-1][packing.kept], B, rows)
         return logits
     lens = rollout.seq_lens
     log = (mask_padding(rollout.evicted_at, lens, check=False) if mask == "shadow"
@@ -339,12 +371,12 @@ class MicroBatch(NamedTuple):
 def micro_batches(rollout, size: int | None) -> list[MicroBatch]:
     """The learner's micro-batches: ``size`` sequences each (all at once if None), in batch
     order, each cut after its longest sequence (:attr:`Rollout.seq_lens`, at least 2 columns,
-    for one input and one target). The replay packs each part's sequences without padding
-    anyway (``replay_logits``); the cut saves the copies of the padding columns, and the work
-    on them when a replay runs unpacked. One host read of the lengths per call.
+    for one input and one target); the replay then packs the part's sequences into fewer rows
+    of that width when it can (``replay_logits``). One host read of the lengths per call.
 
-    Not grouped by length: packed, a part costs its real tokens, so sorting would only put the
-    longest sequences together and raise the peak memory the micro-batches are there to bound.
+    Not grouped by length: packed, a part costs about its real tokens, so sorting would only put
+    the longest sequences together and raise the peak memory the micro-batches are there to
+    bound.
     """
     B, T = rollout.tokens.shape
     size = B if size is None else size

@@ -108,10 +108,11 @@ def test_replay_of_a_ragged_batch(llama, monkeypatch, pack):
     never evicted). Packed, the model runs one row of the sequences end to end without padding,
     and the log keeps each sequence's attention inside it (block-diagonal) and as it was. Either
     way, shadow and dense, each sequence's log-probs are those of its replay alone."""
-    r = Sampler(llama, StreamingLLM(sinks=2), budget=0.5, page_size=4).generate(
-        _prompts(3, 8, 30, seed=7), max_new_tokens=20, seed=0)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g) for n in (40, 8, 12)]
+    r = Sampler(llama, StreamingLLM(sinks=2), budget=0.5, page_size=4).generate(prompts, max_new_tokens=20, seed=0)
     lens = r.seq_lens
-    assert torch.equal(lens, r.prompt_lens + 20) and int(lens.min()) < r.tokens.shape[1] - 1
+    assert lens.tolist() == [60, 28, 32] and r.tokens.shape[1] == 60
     logs, widths = [], []
     attend = learner.shadow_attention
     monkeypatch.setattr(learner, "shadow_attention", lambda q, k, v, ev, *a: logs.append(ev) or attend(q, k, v, ev, *a))
@@ -122,28 +123,37 @@ def test_replay_of_a_ragged_batch(llama, monkeypatch, pack):
             logp = learner.gather_logprobs(learner.replay_logits(llama, r, mask, pack=pack), r)
             assert len(logs) == llama.config.num_hidden_layers
             padded = learner.mask_padding(r.evicted_at, lens) if mask == "shadow" else None
+            packing = learner._Packing(r, learner.first_action_row(r), learner.inputs_per_sequence(r))
             for layer, ev in enumerate(logs):
-                seen = shadow_visible(ev, ev.shape[-1], 0)  # [B or 1, Hkv, queries, keys]
-                start = 0
+                seen = shadow_visible(ev, ev.shape[-1], 0)  # [B or rows, Hkv, queries, keys]
                 for b, n in enumerate(lens.tolist()):
                     if not pack:
                         assert seen[b, :, : n - 1].any(-1).all() and not seen[b, :, n:].any()
                         continue
-                    own = seen[0, :, start:start + n - 1]  # sequence b's queries (n - 1 inputs)
-                    assert not own[..., :start].any() and not own[..., start + n - 1:].any()
+                    slots = packing.flat[packing.b == b]  # sequence b's n - 1 inputs, in order
+                    row, s0 = divmod(int(slots[0]), packing.cap)
+                    assert torch.equal(slots, torch.arange(row * packing.cap + s0, row * packing.cap + s0 + n - 1))
+                    own = seen[row, :, s0:s0 + n - 1]  # its queries: they see its keys only
+                    assert not own[..., :s0].any() and not own[..., s0 + n - 1:].any()
                     want = (shadow_visible(padded[b:b + 1, layer, :, : n - 1], n - 1, 0)[0] if padded is not None
-                            else torch.ones(n - 1, n - 1, dtype=torch.bool).tril().expand_as(own[..., start:start + n - 1]))
-                    assert torch.equal(own[..., start:start + n - 1], want)
-                    start += n - 1
+                            else torch.ones(n - 1, n - 1, dtype=torch.bool).tril().expand_as(own[..., s0:s0 + n - 1]))
+                    assert torch.equal(own[..., s0:s0 + n - 1], want)
+                if pack:  # padding slots see nothing and are seen by nothing
+                    pad = torch.ones(packing.rows * packing.cap, dtype=torch.bool)
+                    pad[packing.flat] = False
+                    pad = pad.view(packing.rows, packing.cap)
+                    assert not seen.any(-1)[pad[:, None].expand(-1, seen.shape[1], -1)].any()
+                    assert not seen.any(-2)[pad[:, None].expand(-1, seen.shape[1], -1)].any()
             for b, n in enumerate(lens.tolist()):
                 alone = Rollout(r.tokens[b:b + 1, :n], r.prompt_lens[b:b + 1], r.action_mask[b:b + 1, :n],
                                 r.logprobs[b:b + 1, :n], r.evicted_at[b:b + 1, ..., :n], 0, 0)
                 torch.testing.assert_close(token_logprobs(llama, alone, mask)[0], logp[b, :n], atol=1e-5, rtol=0)
     finally:
         hook.remove()
-    total = int((lens - 1).sum())
-    replays = [w for w in widths if w == ((1, total) if pack else (3, r.tokens.shape[1] - 1))]
-    assert len(replays) == 2  # the batch's two replays ran packed (one row) or padded
+    rows = learner._Packing(r, learner.first_action_row(r), learner.inputs_per_sequence(r)).rows if pack else 3
+    assert pack is False or rows == 2  # 27 + 31 inputs share a row of 59
+    replays = [w for w in widths if w == (rows, r.tokens.shape[1] - 1)]
+    assert len(replays) == 2  # the batch's two replays ran packed or padded
     if pack:  # logits and hidden states of every real row as unpacked; 0 past a sequence's end
         monkeypatch.setattr(learner, "shadow_attention", attend)
         (lp, hp), (lu, hu) = (learner.replay_logits(llama, r, "shadow", return_hidden=True, pack=p) for p in (True, False))

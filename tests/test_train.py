@@ -372,20 +372,26 @@ def test_smd_teacher_has_the_students_weights_in_every_epoch(tmp_path, monkeypat
     assert len(calls) == 3 and max(calls) < 1e-5, calls
 
 
-@pytest.mark.parametrize("method, algo, kl_ref", [("smd", "grpo", 0.0), ("is", "ppo", 0.05), ("naive", "grpo", 0.0)])
-def test_micro_batches_give_the_whole_batchs_update(tmp_path, method, algo, kl_ref):
+@pytest.mark.parametrize("method, algo, kl_ref, task", [("smd", "grpo", 0.0, "kv-lookup"), ("is", "ppo", 0.05, "kv-lookup"),
+                                                        ("naive", "grpo", 0.0, "kv-lookup"), ("smd", "ppo", 0.05, "copy")])
+def test_micro_batches_give_the_whole_batchs_update(tmp_path, monkeypatch, method, algo, kl_ref, task):
     """--micro-batch changes memory, not the step: the loss, stats and weights after a step
     match the whole batch's (6 rollouts in micro-batches of 4 and 2: unequal parts, each
     normalised by the whole batch's token counts), with the IS weights, PPO values and
     reference log-probs also computed by micro-batch."""
     from shadowkv.train import load_checkpoint
 
-    runs = {}
+    runs, packed = {}, []
+    pack = learner._Packing
+    monkeypatch.setattr(learner, "_Packing", lambda *a: packed.append(1) or pack(*a))
+    # copy: answers of up to 13 tokens at temperature 1.5, so sequences end apart and replays pack.
+    extra = dict(task="copy", temperature=1.5, prompt_len=16) if task == "copy" else {}
     for micro in (None, 4):
         out = tmp_path / f"run-{micro}"
-        train(_cfg(method, algo=algo, kl_ref=kl_ref, steps=1, epochs=2, lr=1e-2, micro_batch=micro), out,
+        train(_cfg(method, algo=algo, kl_ref=kl_ref, steps=1, epochs=2, lr=1e-2, micro_batch=micro, **extra), out,
               progress=False)
         runs[micro] = (read_metrics(out)[0], load_checkpoint(out)[0])
+    assert (len(packed) > 0) == (task == "copy")
     (whole, model), (parts, model_mb) = runs[None], runs[4]
     assert whole.keys() == parts.keys()
     for k in whole.keys() - TIMING - {"step"}:
@@ -396,19 +402,18 @@ def test_micro_batches_give_the_whole_batchs_update(tmp_path, method, algo, kl_r
         torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5, msg=name)
 
 
-@pytest.mark.parametrize("pack", [None, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "padded"])
 def test_micro_batches_cut_the_padding_and_add_up_to_the_batch(tmp_path, monkeypatch, pack):
     """Micro-batches end after their longest sequence; their losses, gradients and log-probs add
     up to the whole batch's (SMD with its teacher, per-token advantages), whether the replays
-    run packed (the default when there is padding) or padded."""
+    run packed or padded."""
     from shadowkv import Sampler
     from shadowkv.policies import StreamingLLM
 
     from .models import VOCAB, tiny_model
 
-    if pack is False:
-        replay = learner.replay_logits
-        monkeypatch.setattr(learner, "replay_logits", lambda *a, **kw: replay(*a, **kw, pack=False))
+    replay = learner.replay_logits
+    monkeypatch.setattr(learner, "replay_logits", lambda *a, **kw: replay(*a, **kw, pack=pack))
     model = tiny_model(tmp_path, "llama")
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(1, VOCAB, (n,), generator=g) for n in (9, 30, 14, 25, 5)]

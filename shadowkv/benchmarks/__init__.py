@@ -7,8 +7,8 @@ baselines measured in the same run; ``--help`` says what and how.
 - ``evict``: evict_compact as a share of a decode step.
 - ``rollout``: the sampler's peak KV and tokens/s vs FullCache, at equal batch and memory.
 - ``replay``: |sampler - replay| log-probs per policy against the no-eviction floor.
-- ``learner``: the learner's replay of a ragged batch, padding masked vs not, micro-batches
-  grouped by length vs in batch order.
+- ``learner``: the learner's replay of a ragged batch, packed or padded with the padding masked,
+  vs the padding unmasked.
 """
 
 BENCHMARKS = ("attention", "decode", "evict", "rollout", "replay", "learner")

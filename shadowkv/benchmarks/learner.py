@@ -3,9 +3,9 @@
 Sequences of a batch end at different lengths and are right-padded to the longest. It times the
 learner's replay (``replay_logits`` + log-probs, forward + backward) of one such batch:
 
-- ``packed`` (the learner's default when there is padding): the sequences end to end in one
-  row without padding, the log keeping each sequence's attention inside it, so no layer
-  computes on padding;
+- ``packed`` (the learner's default when it saves a row): whole sequences end to end in fewer
+  rows of the same width, the log keeping each sequence's attention inside it, so the layers
+  run on little padding;
 - ``padded, padding masked`` (``pack=False``): each sequence's padding sees no key
   (``ops.mask_padding``) and the attention kernels skip its tiles, the other layers still run
   on it;
