@@ -80,3 +80,27 @@ def test_bf16_shadow_replay_matches_sampler(model, policy, floor):
     assert shadow.mean().item() <= MEAN_RATIO * floor.mean().item()
     assert d_shadow <= max(BF16_TOL, MAX_RATIO * floor.max().item())
     assert d_dense >= DENSE_GAP * max(d_shadow, BF16_TOL / 10)
+
+
+def test_bf16_packed_replay_matches_sampler(model, floor):
+    """The learner's packed replay on DEVICE (two of the three sequences share a row: the log
+    shifted and clamped per sequence): within the same bounds of the sampler as the padded
+    replay. (bench replay's sequences fill a row each, so the test above runs padded.)"""
+    from shadowkv import Sampler, learner
+
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, model.config.vocab_size, (n,), generator=g) for n in (90, 10, 20)]
+    rollout = Sampler(model, StreamingLLM(sinks=4), budget=0.25, page_size=16).generate(prompts, 60, seed=0)
+    n = learner.inputs_per_sequence(rollout)
+    assert learner._Packing(rollout, learner.first_action_row(rollout), n).rows == 2
+    errors = {}
+    with torch.no_grad():
+        for pack in (True, False):
+            logits = learner.replay_logits(model, rollout, "shadow", pack=pack)
+            errors[pack] = (learner.gather_logprobs(logits, rollout) - rollout.logprobs)[rollout.action_mask].abs()
+    packed, padded = errors[True], errors[False]
+    print(f"{DEVICE} bf16 packed: max|dlogp|={packed.max().item():.2e} mean={packed.mean().item():.2e} "
+          f"(padded {padded.max().item():.2e} / {padded.mean().item():.2e})")
+    for err in (packed, padded):
+        assert err.mean().item() <= MEAN_RATIO * floor.mean().item()
+        assert err.max().item() <= max(BF16_TOL, MAX_RATIO * floor.max().item())
