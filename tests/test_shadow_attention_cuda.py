@@ -301,6 +301,26 @@ def test_no_visible_key_gives_zeros_and_no_nan(head_dim, dtype, kernel, monkeypa
         assert torch.equal(t.grad, torch.zeros_like(t))
 
 
+def check_with_nan_keys(q, k, v, ev, q_offset, g_out, nan_keys, dtype, **kw):
+    """The op on DEVICE with NaN in the K/V elements ``nan_keys`` (a bool mask of k's shape, on
+    DEVICE) against the float64 reference on the clean inputs (CPU tensors ``q, k, v, ev``,
+    ``dtype``; ``g_out`` the upstream gradient of out): out, lse and the gradients match.
+    ``kw`` goes to the op. Returns (out, lse, (dq, dk, dv)) on DEVICE."""
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    out_ref, lse_ref = shadow_attention_ref(q64, k64, v64, ev, q_offset)
+    refs = torch.autograd.grad(out_ref, (q64, k64, v64), g_out.double())
+    k, v = (t.to(DEVICE).masked_fill(nan_keys, float("nan")).requires_grad_() for t in (k, v))
+    q = q.to(DEVICE).requires_grad_()
+    out, lse = ops.shadow_attention_with_lse(q, k, v, ev.to(DEVICE), q_offset, **kw)
+    grads = torch.autograd.grad(out, (q, k, v), g_out.to(DEVICE))
+    tol = TOLERANCES[dtype]
+    assert_near("out", out.cpu(), out_ref, tol.out)
+    assert_near("lse", lse.cpu(), lse_ref, tol.lse)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, refs):
+        assert_near(name, got.cpu(), ref, tol.grad)
+    return out, lse, grads
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -314,19 +334,8 @@ def test_nan_in_slots_no_query_sees_stays_out_of_forward_and_backward(scenario, 
     gen = torch.Generator().manual_seed(7)
     q, k, v, ev, q_offset, dirty = hidden_slot_scenario(scenario, dtype, gen, head_dim)
     g_out = torch.randn(q.shape, generator=gen).to(dtype)
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    out_ref, lse_ref = shadow_attention_ref(q64, k64, v64, ev, q_offset)
-    refs = torch.autograd.grad(out_ref, (q64, k64, v64), g_out.double())
     nan_rows = dirty[..., None].expand(k.shape).to(DEVICE)
-    k, v = (t.to(DEVICE).masked_fill(nan_rows, float("nan")).requires_grad_() for t in (k, v))
-    q = q.to(DEVICE).requires_grad_()
-    out, lse = ops.shadow_attention_with_lse(q, k, v, ev.to(DEVICE), q_offset)
-    grads = torch.autograd.grad(out, (q, k, v), g_out.to(DEVICE))
-    tol = TOLERANCES[dtype]
-    assert_near("out", out.cpu(), out_ref, tol.out)
-    assert_near("lse", lse.cpu(), lse_ref, tol.lse)
-    for name, got, ref in zip(("dq", "dk", "dv"), grads, refs):
-        assert_near(name, got.cpu(), ref, tol.grad)
+    _, _, grads = check_with_nan_keys(q, k, v, ev, q_offset, g_out, nan_rows, dtype)
     for name, got in (("dk", grads[1]), ("dv", grads[2])):
         assert torch.equal(got[nan_rows], torch.zeros_like(got[nan_rows])), f"{name} of a hidden slot is not 0"
 
@@ -345,19 +354,9 @@ def test_seq_lens_padding_is_skipped_exactly(head_dim, dtype, kernel, monkeypatc
     ev = ops.mask_padding(streaming_evicted_at(L, 4, 96).expand(B, Hkv, L).contiguous(), lens)
     q, k, v = (torch.randn(B, h, L, head_dim, generator=gen).to(dtype) for h in (Hq, Hkv, Hkv))
     g_out = torch.randn(B, Hq, L, head_dim, generator=gen).to(dtype)
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    out_ref, lse_ref = shadow_attention_ref(q64, k64, v64, ev, 0)
-    refs = torch.autograd.grad(out_ref, (q64, k64, v64), g_out.double())
     pad = (torch.arange(L) >= lens[:, None])[:, None, :, None]  # [B, 1, L, 1]
-    k, v = (t.masked_fill(pad, float("nan")).to(DEVICE).requires_grad_() for t in (k, v))
-    q = q.to(DEVICE).requires_grad_()
-    out, lse = ops.shadow_attention_with_lse(q, k, v, ev.to(DEVICE), seq_lens=lens.to(DEVICE))
-    grads = torch.autograd.grad(out, (q, k, v), g_out.to(DEVICE))
-    tol = TOLERANCES[dtype]
-    assert_near("out", out.cpu(), out_ref, tol.out)
-    assert_near("lse", lse.cpu(), lse_ref, tol.lse)
-    for name, got, ref in zip(("dq", "dk", "dv"), grads, refs):
-        assert_near(name, got.cpu(), ref, tol.grad)
+    out, lse, grads = check_with_nan_keys(q, k, v, ev, 0, g_out, pad.expand(k.shape).to(DEVICE), dtype,
+                                          seq_lens=lens.to(DEVICE))
     rows = pad.expand(B, Hq, L, head_dim).to(DEVICE)
     assert torch.equal(out[rows], torch.zeros_like(out[rows])) and torch.isneginf(lse[rows[..., 0]]).all()
     for name, got, where in (("dq", grads[0], rows), ("dk", grads[1], pad.expand(k.shape).to(DEVICE)),
