@@ -1,7 +1,8 @@
 """The learner: shadow-mask replay, GRPO/PPO losses and the SMD distillation term (DESIGN.md §6).
 
-Read top to bottom: ``replay_logits`` (one full-sequence forward, shadow or dense mask, logits
-only for the rows that predict generated tokens), ``token_logprobs`` (aligned with
+Read top to bottom: ``replay_rows`` (one full-sequence forward, shadow or dense mask, packed
+when that saves rows, logits only for the rows that predict generated tokens; ``replay_logits``
+lays them out ``[B, R, V]``), ``token_logprobs`` (aligned with
 ``Rollout.logprobs``), ``ValueHead`` + ``gae`` (PPO) or
 ``grpo_advantages`` (GRPO, the default),
 ``is_weights`` (the Sparse-RL correction), ``distill_kl`` (SMD) and ``policy_loss`` which
@@ -98,8 +99,9 @@ class _Packing:
     each row's tile scan (and the CPU backward's one-pass mode) as it was.
     """
 
-    def __init__(self, rollout, first: int, n: torch.Tensor):
-        """``n``: ``[B]`` inputs per sequence on the CPU, ``inputs_per_sequence(rollout)``."""
+    def __init__(self, rollout, n: torch.Tensor):
+        """``n``: ``[B]`` inputs per sequence on the CPU, ``inputs_per_sequence(rollout)``. The
+        kept slots are those whose input predicts a generated token."""
         device = rollout.tokens.device
         B, T = rollout.tokens.shape
         self.cap = cap = T - 1
@@ -118,15 +120,14 @@ class _Packing:
         flat = torch.tensor(row_of)[b] * cap + s + pos  # slot in the [rows, cap] packing
         order = torch.argsort(flat)  # the kept rows come out of the model in slot order
         b, pos, s, flat = b[order], pos[order], s[order], flat[order]
-        kept = pos >= first
+        kept = rollout.action_mask.cpu()[b, pos + 1]  # input pos predicts token pos + 1
         self.b, self.pos, self.flat = b.to(device), pos.to(device), flat.to(device)
         # int32, as the log: start + n <= cap, and no int64 copy of the log on the way.
         self.start, self.n = s.to(device, torch.int32), n[b].to(device, torch.int32)  # per packed token
         mask = torch.zeros(self.rows * cap, dtype=torch.bool)
         mask[flat[kept]] = True
         self.kept = mask.view(self.rows, cap).to(device)
-        self.kept_b, self.kept_r = b[kept].to(device), (pos[kept] - first).to(device)
-        self.tokens = len(b)
+        self.kept_b, self.kept_t = b[kept].to(device), (pos[kept] + 1).to(device)
 
     def place(self, values: torch.Tensor, fill=0) -> torch.Tensor:
         """Per packed token ``[tokens, ...]`` -> ``[rows, cap, ...]`` (``fill`` in padding slots)."""
@@ -141,24 +142,44 @@ class _Packing:
         ev = torch.minimum(ev, self.n.to(dev)[:, None, None]).add_(self.start.to(dev)[:, None, None])
         return self.place(ev).permute(0, 2, 3, 1).contiguous()
 
-    def unpack(self, rows: torch.Tensor, B: int, R: int) -> torch.Tensor:
-        """The kept rows ``[K, ...]`` in a zero ``[B, R, ...]`` (rows past a sequence's end: 0)."""
-        out = rows.new_zeros(B, R, *rows.shape[1:])
-        out[self.kept_b, self.kept_r] = rows
+
+
+@dataclass
+class ReplayRows:
+    """What a replay computed for its rows that predict generated tokens, in the model's order:
+    ``logits [K, V]`` float32 (and ``hidden [K, H]``, the last hidden states, with
+    ``return_hidden``), with the sequence ``b [K]`` and the position ``t [K]`` of the token each
+    row predicts (``action_mask[b, t]`` True: ``K`` is the rollout's generated tokens).
+    ``shape``: the rollout's ``(B, T)``."""
+
+    logits: torch.Tensor
+    b: torch.Tensor
+    t: torch.Tensor
+    shape: tuple[int, int]
+    hidden: torch.Tensor | None = None
+
+    def to_tokens(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-row ``[K, ...]`` -> ``[B, T, ...]`` aligned with the tokens, 0 off the action mask."""
+        out = values.new_zeros(*self.shape, *values.shape[1:])
+        out[self.b, self.t] = values
+        return out
+
+    def to_rows(self, values: torch.Tensor, R: int) -> torch.Tensor:
+        """Per-row ``[K, ...]`` -> ``[B, R, ...]``: row ``r`` predicts token ``T - R + r`` (the
+        layout of :func:`replay_logits`), 0 where no generated token is predicted."""
+        out = values.new_zeros(self.shape[0], R, *values.shape[1:])
+        out[self.b, self.t - (self.shape[1] - R)] = values
         return out
 
 
-def replay_logits(model, rollout, mask: str = "shadow", return_hidden: bool = False, pack: bool | None = None):
-    """Logits ``[B, R, V]`` (float32) of the replay's last ``R = T - 1 - first_action_row(rollout)``
-    rows: row ``r`` predicts ``rollout.tokens[:, T - R + r]`` (and, with ``return_hidden``, the
-    last hidden states ``[B, R, H]`` of the same rows). ``to_tokens`` aligns per-row values with
-    the tokens. Rows past a sequence's end (:attr:`Rollout.seq_lens`) are padding: no loss
-    reads them (0 when packed).
-
-    Only rows that predict some sequence's generated token get logits: the prompt's rows would
-    be ``[B, prompt, V]`` float32 that no loss reads (with a 150k vocabulary, 0.6 MB per
-    position); models whose ``forward`` takes ``logits_to_keep`` (transformers' causal LMs)
-    never compute them, others are sliced after the forward.
+def replay_rows(model, rollout, mask: str = "shadow", return_hidden: bool = False,
+                pack: bool | None = None) -> ReplayRows:
+    """One training forward over the rollout's sequences, with logits (float32) only for the rows
+    that predict generated tokens (:class:`ReplayRows`): ``[K, V]``, not ``[B, T, V]`` with its
+    prompt and padding rows, which no loss reads and which with a real vocabulary would be most
+    of the learner's memory (0.6 MB per row at 150k). Models whose ``forward`` takes
+    ``logits_to_keep`` (transformers' causal LMs) never compute the others; other models are
+    sliced after the forward.
 
     ``mask="shadow"`` replays ``rollout.evicted_at`` (each query sees what the sampler's
     cache held); ``"dense"`` is plain causal attention.
@@ -175,45 +196,55 @@ def replay_logits(model, rollout, mask: str = "shadow", return_hidden: bool = Fa
     tokens = rollout.tokens
     B, T = tokens.shape
     check_length(model, T)
-    first = first_action_row(rollout)
-    rows = T - 1 - first
     _, layers, kv_heads, _ = rollout.evicted_at.shape
-    takes_keep = _takes_logits_to_keep(model)
     packing = None
     n = inputs_per_sequence(rollout)
     if pack or (pack is None and bool((n < T - 1).any())):  # some padding: maybe a row to save
-        packing = _Packing(rollout, first, n)
-        if packing.kept_b.numel() == 0 or (pack is None and packing.rows == B):
-            packing = None  # nothing to keep (the unpacked replay returns its rows) or no row saved
+        packing = _Packing(rollout, n)
+        if pack is None and packing.rows == B:
+            packing = None
     if packing is not None:
         log = (packing.log(rollout.evicted_at) if mask == "shadow"
                else _dense_log(packing.place(packing.start + packing.n), layers, kv_heads))
-        kwargs = {"logits_to_keep": packing.kept} if takes_keep else {}
-        with attention_context(_ReplayContext(log)):
-            out = model(input_ids=packing.place(tokens[packing.b, packing.pos]), position_ids=packing.place(packing.pos),
-                        use_cache=False, output_hidden_states=return_hidden, **kwargs)
-        logits = out.logits if takes_keep else out.logits[packing.kept]  # [kept, V], slot order
-        logits = packing.unpack(logits.float(), B, rows)
-        if return_hidden:
-            return logits, packing.unpack(out.hidden_states[-1][packing.kept], B, rows)
-        return logits
-    lens = rollout.seq_lens
-    log = (mask_padding(rollout.evicted_at, lens, check=False) if mask == "shadow"
-           else _dense_log(lens.clamp(0, T)[:, None].expand(B, T), layers, kv_heads))
-    positions = torch.arange(T, device=tokens.device)[None].expand(B, T)
-    kwargs = {"logits_to_keep": rows} if takes_keep else {}
+        inputs = dict(input_ids=packing.place(tokens[packing.b, packing.pos]), position_ids=packing.place(packing.pos))
+        keep, b, t = packing.kept, packing.kept_b, packing.kept_t  # slot order, as the model returns them
+    else:
+        lens = rollout.seq_lens
+        log = (mask_padding(rollout.evicted_at, lens, check=False) if mask == "shadow"
+               else _dense_log(lens.clamp(0, T)[:, None].expand(B, T), layers, kv_heads))
+        inputs = dict(input_ids=tokens[:, :-1], position_ids=torch.arange(T - 1, device=tokens.device).expand(B, T - 1))
+        keep = rollout.action_mask[:, 1:]  # input p predicts token p + 1; row-major, as returned
+        b, p = keep.nonzero(as_tuple=True)
+        t = p + 1
+    takes_keep = _takes_logits_to_keep(model)
     with attention_context(_ReplayContext(log)):
-        out = model(input_ids=tokens[:, :-1], position_ids=positions[:, :-1], use_cache=False,
-                    output_hidden_states=return_hidden, **kwargs)
-    logits = out.logits[:, -rows:].float()
-    if return_hidden:
-        return logits, out.hidden_states[-1][:, -rows:]
-    return logits
+        out = model(**inputs, use_cache=False, output_hidden_states=return_hidden,
+                    **({"logits_to_keep": keep} if takes_keep else {}))
+    logits = out.logits if takes_keep else out.logits[keep]
+    hidden = out.hidden_states[-1][keep] if return_hidden else None
+    return ReplayRows(logits.float(), b, t, (B, T), hidden)
 
 
-def gather_logprobs(logits: torch.Tensor, rollout, temperature: float = 1.0) -> torch.Tensor:
-    """``[B, T]`` log-probs of the rollout's tokens from ``replay_logits`` output (``[B, R, V]``,
-    the last ``R`` rows); 0 off the action mask."""
+def replay_logits(model, rollout, mask: str = "shadow", return_hidden: bool = False, pack: bool | None = None):
+    """:func:`replay_rows` laid out as ``[B, R, V]`` (float32), the replay's last
+    ``R = T - 1 - first_action_row(rollout)`` rows: row ``r`` predicts
+    ``rollout.tokens[:, T - R + r]`` (and, with ``return_hidden``, the last hidden states
+    ``[B, R, H]`` of the same rows). Rows that predict no generated token (a longer prompt's
+    last tokens, padding) are 0. ``to_tokens`` aligns per-row values with the tokens. The
+    learner's losses take :class:`ReplayRows` itself, which does not hold those rows."""
+    rows = replay_rows(model, rollout, mask, return_hidden, pack)
+    R = rollout.tokens.shape[1] - 1 - first_action_row(rollout)
+    logits = rows.to_rows(rows.logits, R)
+    return (logits, rows.to_rows(rows.hidden, R)) if return_hidden else logits
+
+
+def gather_logprobs(logits, rollout, temperature: float = 1.0) -> torch.Tensor:
+    """``[B, T]`` log-probs of the rollout's tokens, 0 off the action mask, from
+    :class:`ReplayRows` or ``replay_logits`` output (``[B, R, V]``, the last ``R`` rows)."""
+    if isinstance(logits, ReplayRows):
+        targets = rollout.tokens[logits.b, logits.t]
+        logp = tempered_log_softmax(logits.logits, temperature).gather(-1, targets[:, None])[:, 0]
+        return logits.to_tokens(logp)
     T, R = rollout.tokens.shape[1], logits.shape[1]
     # The sampler's form (shifted first): at a temperature it samples with, no NaN here either.
     logp = tempered_log_softmax(logits, temperature).gather(-1, rollout.tokens[:, T - R:, None])[..., 0]
@@ -226,16 +257,16 @@ def token_logprobs(model, rollout, mask: str = "shadow", temperature: float = 1.
     model's parameters when grad is enabled."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return gather_logprobs(replay_logits(model, rollout, mask), rollout, temperature)
+    return gather_logprobs(replay_rows(model, rollout, mask), rollout, temperature)
 
 
 class ValueHead(torch.nn.Module):
     """PPO's critic: a scalar value per position from the policy's last hidden state.
 
-    ``forward(hidden [B, R, H], seq_len) -> [B, seq_len]`` (``hidden``: ``replay_logits``'s
-    last ``R`` rows; ``seq_len`` defaults to ``R + 1``) aligned with the rollout's tokens: entry
-    ``t`` is the value of the state in which token ``t`` was generated (0 where no row was given:
-    position 0 and the prompt rows before ``first_action_row``).
+    ``forward(rows) -> [B, T]`` for :class:`ReplayRows` with ``hidden``, or
+    ``forward(hidden [B, R, H], seq_len) -> [B, seq_len]`` (``replay_logits``'s last ``R``
+    rows; ``seq_len`` defaults to ``R + 1``), aligned with the rollout's tokens: entry ``t`` is
+    the value of the state in which token ``t`` was generated (0 where no row was given).
     """
 
     def __init__(self, hidden_size: int):
@@ -244,7 +275,9 @@ class ValueHead(torch.nn.Module):
         torch.nn.init.zeros_(self.proj.weight)
         torch.nn.init.zeros_(self.proj.bias)
 
-    def forward(self, hidden: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
+    def forward(self, hidden, seq_len: int | None = None) -> torch.Tensor:
+        if isinstance(hidden, ReplayRows):
+            return hidden.to_tokens(self.proj(hidden.hidden.float())[:, 0])
         v = self.proj(hidden.float())[..., 0]
         return to_tokens(v, hidden.shape[1] + 1 if seq_len is None else seq_len)
 
@@ -328,10 +361,21 @@ def distill_kl(teacher_logits, student_logits, rollout, direction: str = "forwar
                temperature: float = 1.0) -> torch.Tensor:
     """Per-token SMD term ``[B, T]``: ``KL(p_teacher || p_student)`` (``forward``) or
     ``KL(p_student || p_teacher)`` (``reverse``) over the full vocabulary, at the positions
-    that predict generated tokens; teacher logits are detached. Both ``[B, R, V]``: the same
-    last ``R`` rows of a replay (``replay_logits``). ``p`` is the policy the sampler draws
-    from, ``softmax(logits / temperature)``: at another temperature the KL of the raw logits
-    is not the two policies' KL (its size and gradient differ)."""
+    that predict generated tokens; teacher logits are detached. Both :class:`ReplayRows` of one
+    rollout (``replay_rows``), or both ``[B, R, V]``, the same last ``R`` rows of a replay
+    (``replay_logits``); a ``[B, R, V]`` teacher with a student's rows is laid out as it. ``p``
+    is the policy the sampler draws from, ``softmax(logits / temperature)``: at another
+    temperature the KL of the raw logits is not the two policies' KL (its size and gradient
+    differ)."""
+    rows = student_logits if isinstance(student_logits, ReplayRows) else None
+    if rows is not None:
+        if isinstance(teacher_logits, ReplayRows):
+            if teacher_logits.logits.shape[0] != rows.logits.shape[0]:
+                raise ValueError("distill_kl: the teacher's and the student's rows differ; replay both from the "
+                                 "same rollout")
+            teacher_logits, student_logits = teacher_logits.logits, rows.logits
+        else:
+            student_logits, rows = rows.to_rows(rows.logits, teacher_logits.shape[1]), None
     t = tempered_log_softmax(teacher_logits.detach(), temperature)
     s = tempered_log_softmax(student_logits, temperature)
     if direction == "forward":
@@ -340,17 +384,23 @@ def distill_kl(teacher_logits, student_logits, rollout, direction: str = "forwar
         kl = (s.exp() * (s - t)).sum(-1)
     else:
         raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    if rows is not None:
+        return rows.to_tokens(kl)
     return to_tokens(kl, rollout.action_mask.shape[1]) * rollout.action_mask
 
 
-def entropy(logits: torch.Tensor, rollout, temperature: float = 1.0, count=None) -> torch.Tensor:
+def entropy(logits, rollout, temperature: float = 1.0, count=None) -> torch.Tensor:
     """Mean entropy of the policy ``softmax(logits / temperature)`` over generated positions
-    (a scalar tensor); ``logits``: a replay's last ``R`` rows, ``[B, R, V]``. ``count``: what
-    the sum is divided by (default: this rollout's generated tokens)."""
-    logp = tempered_log_softmax(logits.detach(), temperature)
+    (a scalar tensor); ``logits``: :class:`ReplayRows`, or a replay's last ``R`` rows
+    ``[B, R, V]``. ``count``: what the sum is divided by (default: this rollout's generated
+    tokens)."""
+    rows = logits if isinstance(logits, ReplayRows) else None
+    logp = tempered_log_softmax((rows.logits if rows is not None else logits).detach(), temperature)
     ent = -(logp.exp() * logp).sum(-1)
-    m = rollout.action_mask[:, rollout.action_mask.shape[1] - logits.shape[1]:]
-    return (ent * m).sum() / (m.sum().clamp_min(1) if count is None else count)
+    m = rollout.action_mask if rows is not None else rollout.action_mask[:, rollout.action_mask.shape[1] - logits.shape[1]:]
+    if rows is None:
+        ent = ent * m
+    return ent.sum() / (m.sum().clamp_min(1) if count is None else count)
 
 
 class MicroBatch(NamedTuple):
@@ -442,19 +492,16 @@ def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_wei
         advantages: ``[B]`` (GRPO) or ``[B, T]`` (PPO/GAE) advantages.
         old_logp: ``[B, T]`` log-probs the ratio is taken against.
         token_weights, token_mask: ``[B, T]`` (``is`` method), default 1 / action mask.
-        teacher_logits: ``[B, R, V]`` dense teacher (``smd``): ``replay_logits(model, rollout,
-            "dense")``, the same rows as the student's.
+        teacher_logits: the dense teacher (``smd``): ``replay_rows(model, rollout, "dense")``
+            (or ``replay_logits``'s ``[B, R, V]``), the same rows as the student's.
         ref_logp: ``[B, T]`` reference-policy log-probs (when ``cfg.kl_ref > 0``).
         value_head, returns: PPO's critic and its ``[B, T]`` targets (value loss added, over
             ``token_mask``).
     Returns:
         (scalar loss, stats dict of floats and the first-epoch learner log-probs).
     """
-    if value_head is not None:
-        logits, hidden = replay_logits(model, rollout, cfg.learner_mask, return_hidden=True)
-    else:
-        logits = replay_logits(model, rollout, cfg.learner_mask)
-    logp = gather_logprobs(logits, rollout, cfg.temperature)
+    rows = replay_rows(model, rollout, cfg.learner_mask, return_hidden=value_head is not None)
+    logp = gather_logprobs(rows, rollout, cfg.temperature)
     mask = rollout.action_mask if token_mask is None else token_mask
     n, n_action = loss_counts(rollout, token_mask) if counts is None else counts
     adv = advantages[:, None] if advantages.dim() == 1 else advantages
@@ -464,7 +511,7 @@ def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_wei
     loss = -(w * surr * mask).sum() / n
     stats = {
         "clip_frac": (((ratio - 1).abs() > cfg.clip) & mask).sum().item() / n.item(),
-        "entropy": entropy(logits, rollout, cfg.temperature, n_action).item(),
+        "entropy": entropy(rows, rollout, cfg.temperature, n_action).item(),
     }
     if cfg.kl_ref > 0 and ref_logp is not None:
         d = (ref_logp - logp) * mask
@@ -472,14 +519,14 @@ def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_wei
         loss = loss + cfg.kl_ref * k3.sum() / n
         stats["kl_ref"] = (k3.sum() / n).item()
     if cfg.method == "smd" and teacher_logits is not None and cfg.smd_beta > 0:
-        kl = distill_kl(teacher_logits, logits, rollout, cfg.smd_direction, cfg.temperature)
+        kl = distill_kl(teacher_logits, rows, rollout, cfg.smd_direction, cfg.temperature)
         kl_mean = kl.sum() / n_action
         loss = loss + cfg.smd_beta * kl_mean
         stats["distill_kl"] = kl_mean.item()
     if value_head is not None and returns is not None:
         # Over the loss mask, as the policy term: the value head reads the policy's hidden
         # states, so a vetoed sequence's value loss would still move the policy's weights.
-        v_loss = 0.5 * (((value_head(hidden, mask.shape[1]) - returns) ** 2) * mask).sum() / n
+        v_loss = 0.5 * (((value_head(rows) - returns) ** 2) * mask).sum() / n
         loss = loss + cfg.vf_coef * v_loss
         stats["value_loss"] = v_loss.item()
     stats["logp"] = logp.detach()

@@ -287,7 +287,7 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
             adv = learner.grpo_advantages(rewards, cfg.group_size)
         else:
             values = by_chunk(lambda part: value_head(
-                learner.replay_logits(model, part, loss_cfg.learner_mask, return_hidden=True)[1], part.tokens.shape[1]))
+                learner.replay_rows(model, part, loss_cfg.learner_mask, return_hidden=True)))
             adv, returns = learner.gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)
             valid = adv[mask]
             std = valid.std() if valid.numel() > 1 else torch.tensor(1.0)
@@ -304,7 +304,7 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
                 # DESIGN §6's teacher has the student's weights: after an epoch's update the last
                 # teacher would pull the student back to the old weights (a stray trust region).
                 with torch.no_grad(), learner_precision(cfg, model):
-                    teacher = learner.replay_logits(model, part, "dense")
+                    teacher = learner.replay_rows(model, part, "dense")
             model.train()
             with learner_precision(cfg, model):
                 loss, stats = learner.policy_loss(model, part, c.take(adv), c.take(old_logp), loss_cfg,

@@ -102,6 +102,21 @@ def test_replay_computes_logits_only_for_rows_that_predict_generated_tokens(llam
 
 
 @pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_replay_rows_are_the_generated_tokens_only(llama, pack):
+    """The learner's losses get logits for the K rows that predict generated tokens, [K, V],
+    not [B, T, V]: neither a longer prompt's last rows nor padding (0.6 MB a row at 150k)."""
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g) for n in (30, 6, 12)]
+    r = Sampler(llama, StreamingLLM(sinks=2), budget=0.5, page_size=4).generate(prompts, max_new_tokens=10, seed=0)
+    rows = learner.replay_rows(llama, r, "shadow", return_hidden=True, pack=pack)
+    K = int(r.action_mask.sum())
+    assert rows.logits.shape == (K, VOCAB) and rows.hidden.shape == (K, llama.config.hidden_size) and K == 30
+    assert r.action_mask[rows.b, rows.t].all() and len(set(zip(rows.b.tolist(), rows.t.tolist()))) == K
+    logp = learner.gather_logprobs(rows, r)
+    assert (logp - r.logprobs)[r.action_mask].abs().max() <= 1e-4 and not logp[~r.action_mask].any()
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
 def test_replay_of_a_ragged_batch(llama, monkeypatch, pack):
     """Sequences of a batch end at different lengths. Unpacked, their right padding sees no key
     in the learner's replay (ops.mask_padding; it used to attend over itself, its log entries
@@ -123,7 +138,7 @@ def test_replay_of_a_ragged_batch(llama, monkeypatch, pack):
             logp = learner.gather_logprobs(learner.replay_logits(llama, r, mask, pack=pack), r)
             assert len(logs) == llama.config.num_hidden_layers
             padded = learner.mask_padding(r.evicted_at, lens) if mask == "shadow" else None
-            packing = learner._Packing(r, learner.first_action_row(r), learner.inputs_per_sequence(r))
+            packing = learner._Packing(r, learner.inputs_per_sequence(r))
             for layer, ev in enumerate(logs):
                 seen = shadow_visible(ev, ev.shape[-1], 0)  # [B or rows, Hkv, queries, keys]
                 for b, n in enumerate(lens.tolist()):
@@ -150,7 +165,7 @@ def test_replay_of_a_ragged_batch(llama, monkeypatch, pack):
                 torch.testing.assert_close(token_logprobs(llama, alone, mask)[0], logp[b, :n], atol=1e-5, rtol=0)
     finally:
         hook.remove()
-    rows = learner._Packing(r, learner.first_action_row(r), learner.inputs_per_sequence(r)).rows if pack else 3
+    rows = learner._Packing(r, learner.inputs_per_sequence(r)).rows if pack else 3
     assert pack is False or rows == 2  # 27 + 31 inputs share a row of 59
     replays = [w for w in widths if w == (rows, r.tokens.shape[1] - 1)]
     assert len(replays) == 2  # the batch's two replays ran packed or padded

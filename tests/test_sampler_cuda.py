@@ -92,7 +92,7 @@ def test_bf16_packed_replay_matches_sampler(model, floor):
     prompts = [torch.randint(1, model.config.vocab_size, (n,), generator=g) for n in (90, 10, 20)]
     rollout = Sampler(model, StreamingLLM(sinks=4), budget=0.25, page_size=16).generate(prompts, 60, seed=0)
     n = learner.inputs_per_sequence(rollout)
-    assert learner._Packing(rollout, learner.first_action_row(rollout), n).rows == 2
+    assert learner._Packing(rollout, n).rows == 2
     errors = {}
     with torch.no_grad():
         for pack in (True, False):

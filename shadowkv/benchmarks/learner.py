@@ -1,7 +1,7 @@
 """Learner replay time on a ragged batch: what packing and masking the padding save.
 
 Sequences of a batch end at different lengths and are right-padded to the longest. It times the
-learner's replay (``replay_logits`` + log-probs, forward + backward) of one such batch:
+learner's replay (``replay_rows`` + log-probs, forward + backward) of one such batch:
 
 - ``packed`` (the learner's default when it saves a row): whole sequences end to end in fewer
   rows of the same width, the log keeping each sequence's attention inside it, so the layers
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     real = lens.sum().item() / (args.batch * args.max_len)
 
     def step(rollout, mask, pack):
-        logits = learner.replay_logits(model, rollout, mask, pack=pack)
+        logits = learner.replay_rows(model, rollout, mask, pack=pack)
         learner.gather_logprobs(logits, rollout).sum().backward()
 
     unmasked = _PaddingAsTokens(**vars(r))
