@@ -13,7 +13,8 @@ learner's replay (``replay_rows`` + log-probs, forward + backward) of one such b
   are never evicted and every padding query attends over the padding before it (the replay
   before this session's changes), the baseline measured in the same run;
 
-with the shadow mask (a StreamingLLM log keeping ``--budget`` of the keys) and dense.
+with the shadow mask (a StreamingLLM log keeping ``--budget`` of the keys) and dense. On CUDA
+it also reports the peak memory allocated during the shadow replays.
 
 The model is a random Llama built here (never downloaded); lengths are spread evenly from
 ``--max-len`` down to ``--min-frac`` of it, in a shuffled order, prompts of ``--prompt`` tokens.
@@ -119,19 +120,26 @@ def main(argv: list[str] | None = None) -> None:
     unmasked = _PaddingAsTokens(**vars(r))
     rows = {"packed (learner)": (r, True), "padded, padding masked": (r, False),
             "padded, padding unmasked (baseline)": (unmasked, False)}
-    table = {}
+    table, peak = {}, {}
     for name, (rollout, pack) in rows.items():
         for mask in ("shadow", "dense"):
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             table[(name, mask)] = timed(lambda: step(rollout, mask, pack), args.repeats, device)
+            if device == "cuda":  # activations kept for the backward, on top of the model
+                peak[(name, mask)] = torch.cuda.max_memory_allocated() / 2**30
 
     print(f"{device} {args.dtype}: Llama hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} "
           f"heads; {args.batch} sequences of {lens.min().item()}-{lens.max().item()} tokens ({real:.0%} of the padded "
           f"batch is real), shadow log at {args.budget:.0%}; replay forward + backward, median of {args.repeats}")
     base = "padded, padding unmasked (baseline)"
-    print("| replay | shadow s | dense s | shadow vs baseline | dense vs baseline |\n| --- | --- | --- | --- | --- |")
+    cols = ["replay", "shadow s", "dense s", "shadow vs baseline", "dense vs baseline"]
+    cols += ["shadow peak GiB"] if peak else []
+    print("| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
     for name in rows:
         s, d = table[(name, "shadow")], table[(name, "dense")]
-        print(f"| {name} | {s:.3f} | {d:.3f} | {table[(base, 'shadow')] / s:.2f}x | {table[(base, 'dense')] / d:.2f}x |")
+        mem = f" {peak[(name, 'shadow')]:.2f} |" if peak else ""
+        print(f"| {name} | {s:.3f} | {d:.3f} | {table[(base, 'shadow')] / s:.2f}x | {table[(base, 'dense')] / d:.2f}x |{mem}")
 
 
 if __name__ == "__main__":
