@@ -71,11 +71,26 @@ def to_tokens(rows: torch.Tensor, seq_len: int) -> torch.Tensor:
     return torch.cat([pad, rows], 1)
 
 
-def _takes_logits_to_keep(model) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+_KEEP_MODES: dict[type, str | None] = {}
+
+
+def _logits_to_keep_mode(model) -> str | None:
+    """How ``model.forward`` takes ``logits_to_keep``: ``"mask"`` (transformers' causal LMs that
+    slice with ``slice_logits_to_keep``, which takes a 2-D bool mask of the rows to keep),
+    ``"last"`` (an int, the last N positions: older transformers, or a model slicing itself), or
+    None (not at all: the logits are sliced after the forward). Read once per model class."""
+    cls = type(model)
+    if cls not in _KEEP_MODES:
+        try:
+            takes = "logits_to_keep" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            takes = False
+        try:
+            masks = "slice_logits_to_keep" in inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            masks = False
+        _KEEP_MODES[cls] = ("mask" if masks else "last") if takes else None
+    return _KEEP_MODES[cls]
 
 
 def inputs_per_sequence(rollout) -> torch.Tensor:
@@ -85,7 +100,7 @@ def inputs_per_sequence(rollout) -> torch.Tensor:
 
 
 class _Packing:
-    """A right-padded batch packed into fewer rows, for ``replay_logits(pack=True)``: each
+    """A right-padded batch packed into fewer rows, for ``replay_rows(pack=True)``: each
     sequence's inputs (its first ``n_b = seq_lens[b] - 1`` tokens) are placed whole in a row
     of ``T - 1`` slots (first fit, longest first), after the sequences placed there before it,
     positions restarting at 0 (``position_ids``). What is left at a row's end is padding.
@@ -150,7 +165,7 @@ class ReplayRows:
     ``logits [K, V]`` float32 (and ``hidden [K, H]``, the last hidden states, with
     ``return_hidden``), with the sequence ``b [K]`` and the position ``t [K]`` of the token each
     row predicts (``action_mask[b, t]`` True: ``K`` is the rollout's generated tokens).
-    ``shape``: the rollout's ``(B, T)``."""
+    ``shape``: the rollout's ``(B, T)``. Each ``(b, t)`` appears once."""
 
     logits: torch.Tensor
     b: torch.Tensor
@@ -163,6 +178,19 @@ class ReplayRows:
         out = values.new_zeros(*self.shape, *values.shape[1:])
         out[self.b, self.t] = values
         return out
+
+    def align(self, other: "ReplayRows") -> torch.Tensor:
+        """``other``'s logits in this one's row order (a packed and a padded replay of one rollout
+        list the same rows in other orders); ValueError if they are not the same rows."""
+        if torch.equal(other.b, self.b) and torch.equal(other.t, self.t):
+            return other.logits
+        T = self.shape[1]
+        mine, theirs = torch.argsort(self.b * T + self.t), torch.argsort(other.b * T + other.t)
+        if other.shape != self.shape or not torch.equal((other.b * T + other.t)[theirs], (self.b * T + self.t)[mine]):
+            raise ValueError("shadowkv: the two replays hold different rows; replay both from the same rollout")
+        index = torch.empty_like(mine)
+        index[mine] = theirs
+        return other.logits[index]
 
     def to_rows(self, values: torch.Tensor, R: int) -> torch.Tensor:
         """Per-row ``[K, ...]`` -> ``[B, R, ...]``: row ``r`` predicts token ``T - R + r`` (the
@@ -216,11 +244,16 @@ def replay_rows(model, rollout, mask: str = "shadow", return_hidden: bool = Fals
         keep = rollout.action_mask[:, 1:]  # input p predicts token p + 1; row-major, as returned
         b, p = keep.nonzero(as_tuple=True)
         t = p + 1
-    takes_keep = _takes_logits_to_keep(model)
+    mode, kwargs, last = _logits_to_keep_mode(model), {}, keep.shape[1]
+    if mode == "mask":
+        kwargs["logits_to_keep"] = keep
+    elif mode == "last":  # the columns from the first kept one on (one host read)
+        cols = keep.any(0).nonzero()
+        last = keep.shape[1] - int(cols[0, 0]) if cols.numel() else 1
+        kwargs["logits_to_keep"] = last
     with attention_context(_ReplayContext(log)):
-        out = model(**inputs, use_cache=False, output_hidden_states=return_hidden,
-                    **({"logits_to_keep": keep} if takes_keep else {}))
-    logits = out.logits if takes_keep else out.logits[keep]
+        out = model(**inputs, use_cache=False, output_hidden_states=return_hidden, **kwargs)
+    logits = out.logits if mode == "mask" else out.logits[:, -last:][keep[:, keep.shape[1] - last:]]
     hidden = out.hidden_states[-1][keep] if return_hidden else None
     return ReplayRows(logits.float(), b, t, (B, T), hidden)
 
@@ -370,10 +403,7 @@ def distill_kl(teacher_logits, student_logits, rollout, direction: str = "forwar
     rows = student_logits if isinstance(student_logits, ReplayRows) else None
     if rows is not None:
         if isinstance(teacher_logits, ReplayRows):
-            if teacher_logits.logits.shape[0] != rows.logits.shape[0]:
-                raise ValueError("distill_kl: the teacher's and the student's rows differ; replay both from the "
-                                 "same rollout")
-            teacher_logits, student_logits = teacher_logits.logits, rows.logits
+            teacher_logits, student_logits = rows.align(teacher_logits), rows.logits
         else:
             student_logits, rows = rows.to_rows(rows.logits, teacher_logits.shape[1]), None
     t = tempered_log_softmax(teacher_logits.detach(), temperature)
@@ -422,7 +452,7 @@ def micro_batches(rollout, size: int | None) -> list[MicroBatch]:
     """The learner's micro-batches: ``size`` sequences each (all at once if None), in batch
     order, each cut after its longest sequence (:attr:`Rollout.seq_lens`, at least 2 columns,
     for one input and one target); the replay then packs the part's sequences into fewer rows
-    of that width when it can (``replay_logits``). One host read of the lengths per call.
+    of that width when it can (``replay_rows``). One host read of the lengths per call.
 
     Not grouped by length: packed, a part costs about its real tokens, so sorting would only put
     the longest sequences together and raise the peak memory the micro-batches are there to

@@ -89,11 +89,18 @@ def test_replay_computes_logits_only_for_rows_that_predict_generated_tokens(llam
     assert (shadow - rollout.logprobs)[rollout.action_mask].abs().max() <= 1e-4
     assert (shadow[~rollout.action_mask] == 0).all()
 
-    monkeypatch.setattr(learner, "_takes_logits_to_keep", lambda model: False)  # the slicing path
-    sliced, sliced_hidden = learner.replay_logits(llama, rollout, "shadow", return_hidden=True)
-    torch.testing.assert_close(sliced, kept, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(sliced_hidden, kept_hidden)
-    torch.testing.assert_close(token_logprobs(llama, rollout, "shadow"), shadow, atol=1e-5, rtol=1e-5)
+    # An int logits_to_keep (older transformers, a model that slices itself), or none at all
+    # (the logits sliced after the forward): the same rows, packed and padded.
+    for mode in ("last", None):
+        monkeypatch.setattr(learner, "_logits_to_keep_mode", lambda model, mode=mode: mode)
+        sliced, sliced_hidden = learner.replay_logits(llama, rollout, "shadow", return_hidden=True)
+        torch.testing.assert_close(sliced, kept, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sliced_hidden, kept_hidden)
+        for pack in (True, False):
+            got = learner.gather_logprobs(learner.replay_rows(llama, rollout, "shadow", pack=pack), rollout)
+            torch.testing.assert_close(got, shadow, atol=1e-5, rtol=1e-5)
+    monkeypatch.undo()
+    assert learner._logits_to_keep_mode(llama) == "mask"
 
     # No action at all (every sequence ended at its prompt): one row is still replayed.
     empty = type(rollout)(**{**rollout.__dict__, "action_mask": torch.zeros_like(rollout.action_mask)})

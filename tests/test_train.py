@@ -337,6 +337,28 @@ def test_distill_kl_is_zero_for_identical_logits_and_positive_otherwise():
         assert (learner.distill_kl(logits, logits + torch.randn(2, 5, 7), r, direction)[:, 1:] > 0).all()
 
 
+def test_distill_kl_pairs_the_rows_of_a_packed_and_a_padded_replay(tmp_path):
+    """A packed replay lists its rows in slot order, a padded one row-major: distill_kl pairs
+    them by (sequence, token), so the same weights and mask give 0, and rows of another
+    rollout are refused."""
+    from shadowkv import Sampler
+    from shadowkv.policies import StreamingLLM
+
+    from .models import VOCAB, tiny_model
+
+    model = tiny_model(tmp_path, "llama")
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g) for n in (9, 30, 14)]
+    r = Sampler(model, StreamingLLM(sinks=2), budget=0.5, page_size=4).generate(prompts, 10, seed=0)
+    packed, padded = (learner.replay_rows(model, r, "dense", pack=p) for p in (True, False))
+    assert not torch.equal(packed.b, padded.b)  # other orders
+    for direction in ("forward", "reverse"):
+        assert learner.distill_kl(packed, padded, r, direction).abs().max() < 1e-5
+    other = learner.replay_rows(model, r.rows(slice(0, 2)), "dense")
+    with pytest.raises(ValueError, match="different rows"):
+        learner.distill_kl(other, padded, r)
+
+
 def test_distill_kl_is_the_kl_of_the_tempered_policies():
     """At a temperature the sampler draws from softmax(logits / T): the SMD term is that
     policy's KL (it was the raw logits' at every temperature)."""
@@ -412,8 +434,8 @@ def test_micro_batches_cut_the_padding_and_add_up_to_the_batch(tmp_path, monkeyp
 
     from .models import VOCAB, tiny_model
 
-    replay = learner.replay_logits
-    monkeypatch.setattr(learner, "replay_logits", lambda *a, **kw: replay(*a, **kw, pack=pack))
+    replay = learner.replay_rows
+    monkeypatch.setattr(learner, "replay_rows", lambda *a, **kw: replay(*a, **kw, pack=pack))
     model = tiny_model(tmp_path, "llama")
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(1, VOCAB, (n,), generator=g) for n in (9, 30, 14, 25, 5)]
@@ -427,7 +449,7 @@ def test_micro_batches_cut_the_padding_and_add_up_to_the_batch(tmp_path, monkeyp
     adv = torch.randn(B, T, generator=g) * r.action_mask
     old = r.logprobs + 0.1 * torch.randn(B, T, generator=g) * r.action_mask
     with torch.no_grad():
-        teacher = learner.replay_logits(model, r, "dense")
+        teacher = learner.replay_rows(model, r, "dense")
     loss, stats = learner.policy_loss(model, r, adv, old, cfg, teacher_logits=teacher)
     want = torch.autograd.grad(loss, list(model.parameters()))
     counts = learner.loss_counts(r)
@@ -436,7 +458,7 @@ def test_micro_batches_cut_the_padding_and_add_up_to_the_batch(tmp_path, monkeyp
         part = r.rows(p.rows, p.cols)
         assert part.tokens.shape == (p.rows.stop - p.rows.start, p.cols)
         with torch.no_grad():
-            t = learner.replay_logits(model, part, "dense")
+            t = learner.replay_rows(model, part, "dense")
         part_loss, part_stats = learner.policy_loss(model, part, p.take(adv), p.take(old), cfg, teacher_logits=t,
                                                     counts=counts)
         total += part_loss.item()
