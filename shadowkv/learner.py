@@ -158,7 +158,6 @@ class _Packing:
         return self.place(ev).permute(0, 2, 3, 1).contiguous()
 
 
-
 @dataclass
 class ReplayRows:
     """What a replay computed for its rows that predict generated tokens, in the model's order:
@@ -424,11 +423,14 @@ def entropy(logits, rollout, temperature: float = 1.0, count=None) -> torch.Tens
     (a scalar tensor); ``logits``: :class:`ReplayRows`, or a replay's last ``R`` rows
     ``[B, R, V]``. ``count``: what the sum is divided by (default: this rollout's generated
     tokens)."""
-    rows = logits if isinstance(logits, ReplayRows) else None
-    logp = tempered_log_softmax((rows.logits if rows is not None else logits).detach(), temperature)
+    m = rollout.action_mask
+    if isinstance(logits, ReplayRows):  # one row per generated token
+        logits = logits.logits
+    else:  # [B, R, V]: the generated tokens' rows only
+        m = m[:, m.shape[1] - logits.shape[1]:]
+    logp = tempered_log_softmax(logits.detach(), temperature)
     ent = -(logp.exp() * logp).sum(-1)
-    m = rollout.action_mask if rows is not None else rollout.action_mask[:, rollout.action_mask.shape[1] - logits.shape[1]:]
-    if rows is None:
+    if ent.dim() > 1:
         ent = ent * m
     return ent.sum() / (m.sum().clamp_min(1) if count is None else count)
 
