@@ -27,6 +27,7 @@ import torch
 
 from .attention import attention_context, check_length, install
 from .ops import mask_padding, shadow_attention
+from .packing import first_fit_decreasing
 from .policies import as_int
 from .sampler import tempered_log_softmax
 
@@ -120,15 +121,7 @@ class _Packing:
         device = rollout.tokens.device
         B, T = rollout.tokens.shape
         self.cap = cap = T - 1
-        row_of, slot_of, used = [0] * B, [0] * B, []
-        for b in sorted(range(B), key=lambda b: -int(n[b])):  # first fit decreasing
-            nb = int(n[b])
-            r = next((r for r, u in enumerate(used) if u + nb <= cap), len(used))
-            if r == len(used):
-                used.append(0)
-            row_of[b], slot_of[b] = r, used[r]
-            used[r] += nb
-        self.rows = max(1, len(used))
+        row_of, slot_of, self.rows = first_fit_decreasing(n.tolist(), cap)
         b = torch.repeat_interleave(torch.arange(B), n)
         pos = torch.arange(len(b)) - (torch.cumsum(n, 0) - n)[b]  # position within its sequence
         s = torch.tensor(slot_of)[b]

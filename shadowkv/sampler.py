@@ -1,10 +1,11 @@
 """Batched generation with a compressed paged KV cache and an eviction log (DESIGN.md §5).
 
 The sampler drives a transformers causal LM through the ``shadowkv`` attention
-implementation: prompts are prefilled in batches of whole, right-padded prompts (or one
-sequence at a time in chunks, with eviction at each chunk boundary), then all sequences
-decode together, one token per step, with ``paged_decode_attention``. Every eviction is
-logged in ``evicted_at`` so the learner can replay exactly the attention the sampler used.
+implementation: prompts are prefilled in batches of whole prompts, packed end to end or
+right-padded (or one sequence at a time in chunks, with eviction at each chunk boundary),
+then all sequences decode together, one token per step, with ``paged_decode_attention``.
+Every eviction is logged in ``evicted_at`` so the learner can replay exactly the attention the
+sampler used.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from .attention import attention_context, check_length, install, model_geometry
 from .cache import PagedKVCache, to_device
 from .ops import NEVER_EVICTED, shadow_attention
+from .packing import PackedPrompts, first_fit_decreasing
 from .policies import POLICIES, FullCache, Policy, as_int, budget_tokens
 
 
@@ -82,24 +84,27 @@ class _SamplerContext:
     """Attention for one model call of the sampler: ``"decode"`` (one token per sequence of
     ``rows``, all of the batch as a slice or the sequences still running as a list, whose
     ``index`` is the same rows as an int64 tensor on the model's device; ``lengths`` 1 each),
-    ``"prompts"`` (whole prompts of ``rows``, right-padded, ``lengths`` tokens each)
-    or ``"chunk"`` (a prefill chunk of the single sequence ``rows.start``, after its survivors,
-    ending at position ``lengths[0]``). Prefill evicts each layer to ``lengths`` once its
+    ``"prompts"`` (whole prompts of ``rows``, ``lengths`` tokens each, right-padded or, with
+    ``packing``, packed end to end; ``positions`` are the right-padded layout's) or ``"chunk"``
+    (a prefill chunk of the single sequence ``rows.start``, after its survivors, ending at
+    position ``lengths[0]``). Prefill evicts each layer to ``lengths`` once its
     attention is done."""
 
     def __init__(self, sampler: "Sampler", rows: slice | list[int], positions: torch.Tensor, mode: str,
                  observe: int | None = None, lengths: list[int] | None = None,
                  forks: tuple[list[int], list[int]] = ([], []), fork_batch: int = 1,
-                 index: torch.Tensor | None = None):
+                 index: torch.Tensor | None = None, packing: PackedPrompts | None = None):
         self.s, self.rows, self.positions, self.mode, self.observe = sampler, rows, positions, mode, observe
-        self.lengths, self.index = lengths, index
+        self.lengths, self.index, self.packing = lengths, index, packing
         # "prompts": (source rows, rows that get a copy of the source's prompt); with a
         # stochastic policy copied and evicted fork_batch rows at a time
         self.forks, self.fork_batch = forks, fork_batch
 
     def attend(self, layer, q, k, v, scale):
         s, cache = self.s, self.s.cache
-        B, _, T, _ = q.shape
+        if self.mode == "prompts":
+            out, q, k, v = self._prompt_attention(q, k, v, scale)
+        B, _, T, _ = k.shape
         counts = self.lengths if self.mode in ("prompts", "decode") else [T] * B
         cache.append(layer, k, v, self.positions, counts, rows=self.rows, index=self.index)
         if self.mode == "decode":
@@ -114,11 +119,6 @@ class _SamplerContext:
                     scores.index_add_(0, self.index, step_scores)
             return out[:, :, None]
         if self.mode == "prompts":
-            # Nothing was cached before: causal attention over the new keys themselves. The
-            # padding keys of a shorter prompt come after its last token, so only its padding
-            # queries (whose outputs are dropped) see them.
-            ev = torch.full(k.shape[:3], NEVER_EVICTED, dtype=torch.int32, device=q.device)
-            out = shadow_attention(q, k, v, ev, 0, scale)
             scores = s.slot_scores[layer]
             if s.policy.needs_scores:
                 for i, n in enumerate(self.lengths):
@@ -132,7 +132,7 @@ class _SamplerContext:
                 s._evict(self.rows, self.lengths, True, layers=[layer])
                 if dst:
                     cache.fork(layer, src, dst)
-                    pairs = to_device([src, dst], q.device, torch.int64)
+                    pairs = to_device([src, dst], k.device, torch.int64)
                     scores[pairs[1]] = scores[pairs[0]]
                     s.evicted_at[pairs[1], layer] = s.evicted_at[pairs[0], layer]
                 return out
@@ -142,7 +142,7 @@ class _SamplerContext:
             for i in range(0, len(dst), self.fork_batch):
                 a, b = src[i : i + self.fork_batch], dst[i : i + self.fork_batch]
                 cache.fork(layer, a, b)
-                pairs = to_device([a, b], q.device, torch.int64)
+                pairs = to_device([a, b], k.device, torch.int64)
                 scores[pairs[1]] = scores[pairs[0]]
                 s._evict(b, [length_of[r] for r in a], True, layers=[layer])
             s._evict(self.rows, self.lengths, True, layers=[layer])
@@ -157,6 +157,22 @@ class _SamplerContext:
             s.slot_scores[layer][b, :, :n] += _attention_mass(q, kc, n - T, scale, self.observe)
         s._evict([b], self.lengths, True, layers=[layer])  # as above
         return out
+
+    def _prompt_attention(self, q, k, v, scale):
+        """Prefill of whole prompts (nothing was cached before): causal attention over their own
+        keys. Returns the attention output as the model laid it out, and q, k, v right-padded
+        per prompt (``[b, H, width, D]``) for the cache, the scores and the eviction.
+
+        Right-padded rows: the padding keys of a shorter prompt come after its last token, so
+        only its padding queries (whose outputs are dropped) see them. Packed rows
+        (:class:`PackedPrompts`): the log keeps each prompt to its own keys."""
+        if self.packing is None:
+            ev = torch.full(k.shape[:3], NEVER_EVICTED, dtype=torch.int32, device=q.device)
+            return shadow_attention(q, k, v, ev, 0, scale), q, k, v
+        p = self.packing
+        out = shadow_attention(q, k, v, p.log(k.shape[1]), 0, scale)
+        q = p.unpack(q) if self.s.policy.needs_scores else None  # only the scores read it
+        return out, q, p.unpack(k), p.unpack(v)
 
 
 def _attention_mass(q, k, q_offset, scale, observe):
@@ -218,11 +234,19 @@ class Sampler:
             a GRPO group) a copy of its cache, layer by layer: with a deterministic policy a
             copy of its survivors (it is evicted once), otherwise of the whole prompt, each
             copy then evicted on its own. Whole-prompt prefill only (not with ``prefill_chunk``).
+        pack_prompts: a whole-prompt prefill call whose prompts differ in length runs them
+            packed end to end in rows as wide as its longest prompt (longest first, each in the
+            first row with room; positions restart per prompt, and the shadow mask keeps each
+            prompt to its own keys) when that takes fewer rows than right-padding them, so
+            less of the call's work is padding; calls then take prompts longest first, so that
+            short prompts fill the rows of long ones. The rollout is the same up to float
+            rounding (with RandomEvict, whose draws depend on which sequences it evicts together,
+            the same only when the calls are: ``prefill_tokens`` large enough for one).
     """
 
     def __init__(self, model, policy: Policy | None = None, budget: int | float | list | None = None, page_size: int = 16,
                  max_batch: int = 64, evict_every: int | None = None, prefill_chunk: int | None = None,
-                 prefill_tokens: int | None = None, share_prompts: bool = True):
+                 prefill_tokens: int | None = None, share_prompts: bool = True, pack_prompts: bool = True):
         if policy is not None and not isinstance(policy, Policy):
             names = ", ".join(cls.__name__ for cls in POLICIES.values())
             raise TypeError(f"policy must be a shadowkv.policies.Policy ({names} or a subclass; "
@@ -246,7 +270,7 @@ class Sampler:
             None if value is None else as_int(name, value)
             for name, value in (("evict_every", evict_every), ("prefill_chunk", prefill_chunk),
                                 ("prefill_tokens", prefill_tokens)))
-        self.share_prompts = share_prompts
+        self.share_prompts, self.pack_prompts = share_prompts, pack_prompts
 
     # ---- sizing
     def _max_live(self, total: int, prompt: int) -> int:
@@ -362,15 +386,16 @@ class Sampler:
         with attention_context(ctx):
             return self.model(input_ids=ids, position_ids=positions.long(), use_cache=False).logits[:, -1]
 
-    def _forward_last(self, ids, positions, ctx, last: torch.Tensor):
-        """Logits at column ``last[b]`` of each row only (the LM head on B positions, not on
-        B x L: ``[B, L, vocab]`` logits of a padded prefill can be gigabytes). The supported
-        families (Llama, Qwen2, Qwen3, Mistral) apply the output embedding and nothing after it, which
-        is what the causal-LM forward does for them too (models that do more are refused:
-        :func:`_refuse_logit_processing`)."""
+    def _forward_last(self, ids, positions, ctx, last: torch.Tensor, last_row: torch.Tensor | None = None):
+        """Logits at column ``last[b]`` of row ``b`` (of row ``last_row[b]`` when given) only:
+        the LM head on B positions, not on B x L (``[B, L, vocab]`` logits of a prefill can be
+        gigabytes). The supported families (Llama, Qwen2, Qwen3, Mistral) apply the output
+        embedding and nothing after it, which is what the causal-LM forward does for them too
+        (models that do more are refused: :func:`_refuse_logit_processing`)."""
         with attention_context(ctx):
             h = self.model.get_decoder()(input_ids=ids, position_ids=positions.long(), use_cache=False)
-        h = h.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last]
+        rows = torch.arange(ids.shape[0], device=ids.device) if last_row is None else last_row
+        h = h.last_hidden_state[rows, last]
         return self.model.get_output_embeddings()(h)
 
     def _prefill_limit(self, plens: list[int]) -> int:
@@ -383,22 +408,39 @@ class Sampler:
         return -(-n // self.page_size) * self.page_size
 
     def _prefill_groups(self, plens: list[int], rows: list[int] | None = None) -> list[list[int]]:
-        """Consecutive prompts per batched prefill call (indices into ``plens``), at least one:
-        sequences x the longest prompt of the call, rounded up to whole pages, at most
-        ``_prefill_limit``; prompt ``i`` counts ``rows[i]`` sequences (its repeats hold whole
-        prompts in the layer too). Rounding to pages bounds the pages a call holds, which many
-        short prompts (a partly filled page each) would otherwise exceed."""
+        """Prompts per batched prefill call (indices into ``plens``, ascending in each call), at
+        least one each, holding at most ``_prefill_limit`` tokens in a layer, counted in whole
+        pages (which bounds the pages a call holds: many short prompts, a partly filled page
+        each, would otherwise exceed it). Prompt ``i`` counts ``rows[i]`` sequences (its repeats
+        hold whole prompts in the layer too). A longer prompt goes alone.
+
+        Right-padded (``pack_prompts=False``): consecutive prompts, holding their sequences x
+        the longest prompt. Packed: longest first, each call taking prompts while its packed
+        rows x its longest prompt and its sequences' own pages both stay within the limit, so
+        that short prompts fill the rows of long ones."""
         rows = rows or [1] * len(plens)
         limit = self._prefill_limit(plens)
-        groups, group, longest, held = [], [], 0, 0
-        for i, (n, r) in enumerate(zip(plens, rows)):
-            if group and (held + r) * self._paged(max(longest, n)) > limit:
-                groups.append(group)
-                group, longest, held = [], 0, 0
+        groups, group = [], []
+        if not self.pack_prompts:
+            longest, held = 0, 0
+            for i, (n, r) in enumerate(zip(plens, rows)):
+                if group and (held + r) * self._paged(max(longest, n)) > limit:
+                    groups.append(group)
+                    group, longest, held = [], 0, 0
+                group.append(i)
+                longest, held = max(longest, n), held + r
+            return groups + [group]
+        held = 0  # the group's sequences' own pages
+        for i in sorted(range(len(plens)), key=lambda i: -plens[i]):
+            own = held + rows[i] * self._paged(plens[i])
+            lens = [plens[j] for j in group] + [plens[i]]
+            packed_rows = first_fit_decreasing(lens, lens[0])[2]  # lens[0]: the longest
+            if group and max(own, packed_rows * self._paged(lens[0])) > limit:
+                groups.append(sorted(group))
+                group, own = [], rows[i] * self._paged(plens[i])
             group.append(i)
-            longest, held = max(longest, n), held + r
-        groups.append(group)
-        return groups
+            held = own
+        return groups + [sorted(group)]
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
@@ -497,9 +539,17 @@ class Sampler:
                 # A shorter prompt is padded with pad_token_id at positions past its end.
                 ids = tokens[to_device(rows, device, torch.int64), :width]
                 pos = torch.arange(width, dtype=torch.int32, device=device).expand(len(lens), width).contiguous()
+                packing = None
+                if self.pack_prompts and first_fit_decreasing(lens, width)[2] < len(lens):
+                    packing = PackedPrompts(lens, device)
                 ctx = _SamplerContext(self, rows, pos, "prompts", observe, lens, (src, dst),
-                                      fork_batch=max(1, limit // self._paged(width) - len(rows)))  # evicts per layer
-                logits = self._forward_last(ids, pos, ctx, to_device([n - 1 for n in lens], device, torch.int64))
+                                      fork_batch=max(1, limit // self._paged(width) - len(rows)),
+                                      packing=packing)  # evicts per layer
+                if packing is None:
+                    logits = self._forward_last(ids, pos, ctx, to_device([n - 1 for n in lens], device, torch.int64))
+                else:
+                    logits = self._forward_last(packing.place(ids, pad_token_id), packing.positions, ctx,
+                                                packing.last_col, packing.last_row)
                 if first is None:
                     first = logits.new_empty(B, logits.shape[-1])
                 first[to_device(rows, device, torch.int64)] = logits

@@ -272,17 +272,41 @@ def test_repeated_prompts_are_prefilled_once(llama, policy):
     prompts = [p for p in _prompts(3, 9, 30, seed=7) for _ in range(4)]
     kw = dict(budget=0.25, page_size=4)
     shared = Sampler(llama, policy, **kw)
-    rows_run = []
+    prompts_run = []
     real = shared._forward_last
-    shared._forward_last = lambda ids, *a: rows_run.append(ids.shape[0]) or real(ids, *a)
+    shared._forward_last = lambda ids, pos, ctx, *a: prompts_run.append(len(ctx.lengths)) or real(ids, pos, ctx, *a)
     a = shared.generate(prompts, 20, temperature=0.0)
-    assert sum(rows_run) == 3
+    assert sum(prompts_run) == 3
     b = Sampler(llama, policy, share_prompts=False, **kw).generate(prompts, 20, temperature=0.0)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.evicted_at, b.evicted_at)
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
     one = Sampler(llama, policy, share_prompts=False, prefill_tokens=1, **kw).generate(prompts, 20, temperature=0.0)
     # deterministic policies: the prompt is evicted once and only its survivors are copied
     assert policy.deterministic and a.kv_peak_bytes <= min(b.kv_peak_bytes, one.kv_peak_bytes)
+
+
+@pytest.mark.parametrize("policy", [StreamingLLM(sinks=2), H2O(), SnapKV(window=4, kernel=3), RandomEvict(seed=6)],
+                         ids=lambda p: type(p).__name__)
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "unshared"])
+def test_packed_prefill_matches_the_right_padded_one(llama, policy, share):
+    """Prompts of different lengths run packed end to end in fewer rows (positions restarting
+    per prompt, the log keeping each to its own keys) and give the right-padded prefill's
+    rollout: same tokens and evictions, log-probs up to float rounding; and it replays."""
+    prompts = [p for p in _prompts(6, 3, 40, seed=12) for _ in range(2)]  # repeats get copies
+    kw = dict(budget=0.25, page_size=4, prefill_tokens=10_000, share_prompts=share)  # one call
+    packed = Sampler(llama, policy, **kw)
+    calls = []
+    real = packed._forward_last
+    packed._forward_last = lambda ids, pos, ctx, *a: calls.append((ids.shape[0], len(ctx.lengths))) or real(
+        ids, pos, ctx, *a)
+    a = packed.generate(prompts, 20, temperature=1.0, seed=5)
+    assert calls[0][0] < calls[0][1] == (6 if share else 12), calls  # fewer rows than prompts
+    b = Sampler(llama, policy, pack_prompts=False, **kw).generate(prompts, 20, temperature=1.0, seed=5)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.evicted_at, b.evicted_at)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    assert a.kv_peak_bytes == b.kv_peak_bytes  # the cache holds the same prompts either way
+    shadow = token_logprobs(llama, a, "shadow")
+    assert (shadow - a.logprobs)[a.action_mask].abs().max() <= 1e-4
 
 
 def test_repeats_sample_on_their_own_and_replay(llama):
@@ -335,7 +359,7 @@ def test_fill_compaction_evicts_what_the_stable_one_does(llama, policy, monkeypa
 
 
 def test_prefill_groups_respect_the_limit_in_whole_pages(llama):
-    s = Sampler(llama, StreamingLLM(), budget=8, page_size=4, prefill_tokens=40)
+    s = Sampler(llama, StreamingLLM(), budget=8, page_size=4, prefill_tokens=40, pack_prompts=False)
     # 10 tokens take 3 pages (12): three such prompts fit 40, a fourth does not
     assert s._prefill_groups([10, 10, 10, 10, 30, 50, 5]) == [[0, 1, 2], [3], [4], [5], [6]]
     assert s._prefill_groups([5, 20, 5]) == [[0, 1], [2]]
@@ -343,8 +367,19 @@ def test_prefill_groups_respect_the_limit_in_whole_pages(llama):
     # Default: the longest prompt's pages in every layer. Many short prompts of a partly filled
     # page each may not hold more pages than that: 160 tokens = 10 pages of 16, x 2 layers = 20
     # pages, i.e. 10 prompts of 17 tokens (2 pages each) per call, not 18.
-    d = Sampler(llama, StreamingLLM(), budget=8, page_size=16)
+    d = Sampler(llama, StreamingLLM(), budget=8, page_size=16, pack_prompts=False)
     assert [len(g) for g in d._prefill_groups([160] + [17] * 18)] == [2, 10, 7]
+    # Packed: longest first; a call's packed rows x its longest and its prompts' own pages stay
+    # within the limit. 50 goes alone; 30 + 10 would take 2 rows of 32; 3 x 12 = 36 fits, a
+    # fourth 10 does not; the last 10 and 5 take 2 rows of 12 and 12 + 8 pages.
+    p = Sampler(llama, StreamingLLM(), budget=8, page_size=4, prefill_tokens=40)
+    assert p._prefill_groups([10, 10, 10, 10, 30, 50, 5]) == [[5], [4], [0, 1, 2], [3, 6]]
+    assert p._prefill_groups([5, 5, 5], rows=[5, 1, 1]) == [[0], [1, 2]]  # repeats count
+    assert p._prefill_groups([8, 3, 4, 5]) == [[0, 1, 2, 3]]  # 8 | 5 3 | 4: 3 rows of 8, 8 + 4 + 4 + 8 pages
+    # The limit of 20 pages: 160 and five 17s (10 + 5 x 2 pages, in two rows of 160), then ten
+    # 17s (ten rows of 17: 2 pages each), then the last three.
+    d = Sampler(llama, StreamingLLM(), budget=8, page_size=16)
+    assert [len(g) for g in d._prefill_groups([160] + [17] * 18)] == [6, 10, 3]
     with pytest.raises(ValueError, match="prefill_tokens"):
         Sampler(llama, StreamingLLM(), budget=8, prefill_tokens=0)
 

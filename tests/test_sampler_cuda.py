@@ -82,15 +82,22 @@ def test_bf16_shadow_replay_matches_sampler(model, policy, floor):
     assert d_dense >= DENSE_GAP * max(d_shadow, BF16_TOL / 10)
 
 
-def test_bf16_packed_replay_matches_sampler(model, floor):
-    """The learner's packed replay on DEVICE (two of the three sequences share a row: the log
-    shifted and clamped per sequence): within the same bounds of the sampler as the padded
-    replay. (bench replay's sequences fill a row each, so the test above runs padded.)"""
+@pytest.mark.parametrize("pack_prompts", [True, False], ids=["packed_prefill", "padded_prefill"])
+def test_bf16_packed_replay_matches_sampler(model, floor, pack_prompts):
+    """The sampler's packed prefill (the two short prompts share a row with pack_prompts) and the
+    learner's packed replay (two of the three sequences share a row: the log shifted and
+    clamped per sequence) on DEVICE: within the same bounds of the sampler as the padded ones.
+    (bench replay's prompts are all as long, so the test above runs both padded.)"""
     from shadowkv import Sampler, learner
 
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, model.config.vocab_size, (n,), generator=g) for n in (90, 10, 20)]
-    rollout = Sampler(model, StreamingLLM(sinks=4), budget=0.25, page_size=16).generate(prompts, 60, seed=0)
+    sampler = Sampler(model, StreamingLLM(sinks=4), budget=0.25, page_size=16, pack_prompts=pack_prompts)
+    rows_run = []
+    real = sampler._forward_last
+    sampler._forward_last = lambda ids, *a: rows_run.append(ids.shape[0]) or real(ids, *a)
+    rollout = sampler.generate(prompts, 60, seed=0)
+    assert sum(rows_run) == (2 if pack_prompts else 3)
     n = learner.inputs_per_sequence(rollout)
     assert learner._Packing(rollout, n).rows == 2
     errors = {}
@@ -99,7 +106,8 @@ def test_bf16_packed_replay_matches_sampler(model, floor):
             logits = learner.replay_logits(model, rollout, "shadow", pack=pack)
             errors[pack] = (learner.gather_logprobs(logits, rollout) - rollout.logprobs)[rollout.action_mask].abs()
     packed, padded = errors[True], errors[False]
-    print(f"{DEVICE} bf16 packed: max|dlogp|={packed.max().item():.2e} mean={packed.mean().item():.2e} "
+    print(f"{DEVICE} bf16 prefill {'packed' if pack_prompts else 'padded'}, replay packed: "
+          f"max|dlogp|={packed.max().item():.2e} mean={packed.mean().item():.2e} "
           f"(padded {padded.max().item():.2e} / {padded.mean().item():.2e})")
     for err in (packed, padded):
         assert err.mean().item() <= MEAN_RATIO * floor.mean().item()

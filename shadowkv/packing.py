@@ -1,0 +1,93 @@
+"""Whole sequences packed end to end into rows, for the learner's replay and the sampler's prefill.
+
+Both run a transformers model over many sequences of different lengths at once. Right-padding
+them to the longest spends the model's work and memory on padding; packing puts several whole
+sequences in one row, positions restarting at 0 for each (``position_ids``), and the shadow
+mask keeps them apart (DESIGN §2's cu_seqlens variant, as a log transformation: a key of the
+sequence starting at slot ``s`` with ``n`` tokens gets ``evicted_at <= s + n``, so no later
+sequence's query sees it, and padding slots get 0).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def first_fit_decreasing(lengths: Sequence[int], cap: int) -> tuple[list[int], list[int], int]:
+    """Places each sequence whole in a row of ``cap`` slots: longest first, each in the first
+    row with room after the sequences placed there before it.
+
+    Args:
+        lengths: tokens per sequence, each at most ``cap``.
+    Returns:
+        ``(row_of, slot_of, rows)``: sequence ``b`` starts at slot ``slot_of[b]`` of row
+        ``row_of[b]``; ``rows`` (at least 1) rows are used.
+    """
+    row_of, slot_of, used = [0] * len(lengths), [0] * len(lengths), []
+    for b in sorted(range(len(lengths)), key=lambda b: -lengths[b]):
+        n = lengths[b]
+        if n > cap:
+            raise ValueError(f"a sequence of {n} tokens does not fit a row of {cap}")
+        r = next((r for r, u in enumerate(used) if u + n <= cap), len(used))
+        if r == len(used):
+            used.append(0)
+        row_of[b], slot_of[b] = r, used[r]
+        used[r] += n
+    return row_of, slot_of, max(1, len(used))
+
+
+class PackedPrompts:
+    """The sampler's prefill of whole prompts, packed: rows as wide as the longest prompt,
+    each prompt whole in one row (:func:`first_fit_decreasing`), positions restarting at 0.
+
+    The model runs on the packed rows; attention sees each prompt alone (:meth:`log`), and
+    :meth:`unpack` gives the cache the per-prompt layout of a right-padded prefill.
+
+    Args:
+        lens: tokens per prompt (``b`` prompts, each at least 1).
+        device: where the index tensors go (the model's device).
+    """
+
+    def __init__(self, lens: Sequence[int], device: torch.device):
+        self.width = width = max(lens)
+        row_of, slot_of, self.rows = first_fit_decreasing(lens, width)
+        n = torch.tensor(lens)
+        start = torch.tensor(row_of) * width + torch.tensor(slot_of)  # flat slot of each prompt's token 0
+        j = torch.arange(width)
+        # [b, width]: prompt i's token j at flat slot start[i] + j; past its end, its last token
+        # (unpacked values there are padding, never appended)
+        self.gather = (start[:, None] + torch.minimum(j, n[:, None] - 1)).to(device)
+        i = torch.repeat_interleave(torch.arange(len(lens)), n)
+        pos = torch.arange(len(i)) - (torch.cumsum(n, 0) - n)[i]  # position within its prompt
+        flat = start[i] + pos
+        self.source = (i * width + pos).to(device)  # each real slot's index in the padded [b, width]
+        self.flat = flat.to(device)
+        positions = torch.zeros(self.rows * width, dtype=torch.int32)
+        positions[flat] = pos.to(torch.int32)
+        self.positions = positions.view(self.rows, width).to(device)
+        log = torch.zeros(self.rows * width, dtype=torch.int32)  # padding slots: seen by nothing
+        log[flat] = (torch.tensor(slot_of) + n)[i].to(torch.int32)
+        self._log = log.view(self.rows, width).to(device)
+        last = start + n - 1
+        self.last_row, self.last_col = (last // width).to(device), (last % width).to(device)
+
+    def place(self, values: torch.Tensor, fill) -> torch.Tensor:
+        """Right-padded ``[b, width, ...]`` -> packed ``[rows, width, ...]`` (``fill`` in padding
+        slots), e.g. the prompts' token ids."""
+        rest = values.shape[2:]
+        out = values.new_full((self.rows * self.width, *rest), fill)
+        out[self.flat] = values.reshape(-1, *rest)[self.source]
+        return out.view(self.rows, self.width, *rest)
+
+    def log(self, kv_heads: int) -> torch.Tensor:
+        """``[rows, kv_heads, width]`` int32 ``evicted_at`` of the packed rows: a key of the
+        prompt at slots ``[s, s + n)`` is seen by the queries before ``s + n`` (its own, causally),
+        a padding key by none."""
+        return self._log[:, None].expand(-1, kv_heads, -1).contiguous()
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed ``[rows, H, width, D]`` -> right-padded ``[b, H, width, D]``."""
+        rows, H, width, D = x.shape
+        return x.transpose(1, 2).reshape(rows * width, H, D)[self.gather].transpose(1, 2)
