@@ -282,6 +282,10 @@ build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=
         # unmasked (new after the twenty-fourth session; CPU numbers in RESULTS.md).
         part 40 $py -m shadowkv bench learner --device cuda --dtype bfloat16 --max-len 4096 --hidden 1024 \
           --heads 8 --kv-heads 2 --layers 4 --repeats 5
+        # The sampler's packed prefill of uneven prompts against the right-padded one (new after
+        # the twenty-sixth session; CPU numbers in RESULTS.md).
+        part 30 $py -m shadowkv bench prefill --device cuda --dtype bfloat16 -B 32 --max-len 4096 --hidden 1024 \
+          --heads 8 --kv-heads 2 --layers 4 --repeats 5
       }
       ;;
     bench)
@@ -290,6 +294,8 @@ build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=
       run $py bench/bench_evict.py --device cuda
       run $py bench/bench_rollout.py --device cuda --dtype bfloat16 -B 64 --prompt 512 --new 2048 --head-dim 128
       run $py bench/bench_learner.py --device cuda --dtype bfloat16 --max-len 8192 --hidden 2048 --heads 16 \
+        --kv-heads 4 --layers 8 --repeats 5
+      run $py bench/bench_prefill.py --device cuda --dtype bfloat16 -B 64 --max-len 4096 --hidden 2048 --heads 16 \
         --kv-heads 4 --layers 8 --repeats 5
       ;;
     profile)

@@ -33,6 +33,8 @@ SMALL = {
     "bench_replay.py": (["--device", "cpu", "--dtype", "float32", "--head-dim", "64", "--new", "8"], "| snapkv |"),
     "bench_learner.py": (["--device", "cpu", "-B", "3", "--max-len", "48", "--prompt", "8", "--hidden", "32",
                           "--layers", "1", "--repeats", "1"], "| packed (learner) |"),
+    "bench_prefill.py": (["--device", "cpu", "-B", "4", "--max-len", "40", "--hidden", "32", "--layers", "1",
+                          "--repeats", "1", "--prefill-tokens", "1000"], "| packed (sampler) | 1 | 120 (77%) |"),
     "profile_attention.py": (["--device", "cpu", "-L", "96", "-D", "16", "--q-heads", "4", "--kv-heads", "2",
                               "-B", "1"], "profile_attention: auto, mask 25%"),
 }

@@ -9,9 +9,10 @@ baselines measured in the same run; ``--help`` says what and how.
 - ``replay``: |sampler - replay| log-probs per policy against the no-eviction floor.
 - ``learner``: the learner's replay of a ragged batch, packed or padded with the padding masked,
   vs the padding unmasked.
+- ``prefill``: the sampler's prefill of prompts of different lengths, packed vs right-padded.
 """
 
-BENCHMARKS = ("attention", "decode", "evict", "rollout", "replay", "learner")
+BENCHMARKS = ("attention", "decode", "evict", "rollout", "replay", "learner", "prefill")
 
 
 def at_least(low: int):
