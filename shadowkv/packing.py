@@ -43,7 +43,7 @@ class PackedPrompts:
     each prompt whole in one row (:func:`first_fit_decreasing`), positions restarting at 0.
 
     The model runs on the packed rows; attention sees each prompt alone (:meth:`log`), and
-    :meth:`unpack` gives the cache the per-prompt layout of a right-padded prefill.
+    :meth:`unpack` gives the cache the prompts' keys right-padded, a chunk of them at a time.
 
     Args:
         lens: tokens per prompt (``b`` prompts, each at least 1).
@@ -52,13 +52,9 @@ class PackedPrompts:
 
     def __init__(self, lens: Sequence[int], device: torch.device):
         self.width = width = max(lens)
-        row_of, slot_of, self.rows = first_fit_decreasing(lens, width)
+        self.row_of, self.start_of, self.rows = first_fit_decreasing(lens, width)
         n = torch.tensor(lens)
-        start = torch.tensor(row_of) * width + torch.tensor(slot_of)  # flat slot of each prompt's token 0
-        j = torch.arange(width)
-        # [b, width]: prompt i's token j at flat slot start[i] + j; past its end, its last token
-        # (unpacked values there are padding, never appended)
-        self.gather = (start[:, None] + torch.minimum(j, n[:, None] - 1)).to(device)
+        start = torch.tensor(self.row_of) * width + torch.tensor(self.start_of)  # flat slot of each token 0
         i = torch.repeat_interleave(torch.arange(len(lens)), n)
         pos = torch.arange(len(i)) - (torch.cumsum(n, 0) - n)[i]  # position within its prompt
         flat = start[i] + pos
@@ -68,10 +64,31 @@ class PackedPrompts:
         positions[flat] = pos.to(torch.int32)
         self.positions = positions.view(self.rows, width).to(device)
         log = torch.zeros(self.rows * width, dtype=torch.int32)  # padding slots: seen by nothing
-        log[flat] = (torch.tensor(slot_of) + n)[i].to(torch.int32)
+        log[flat] = (torch.tensor(self.start_of) + n)[i].to(torch.int32)
         self._log = log.view(self.rows, width).to(device)
         last = start + n - 1
         self.last_row, self.last_col = (last // width).to(device), (last % width).to(device)
+        # The cache takes each prompt's keys right-padded. All prompts padded to the longest
+        # would be (prompts x width) slots, many times the packed rows when short prompts fill
+        # a long one's row; so prompts go longest first, in chunks of at most rows x width
+        # slots padded to their own longest: (prompt indices, [c, w] gather index into the
+        # flattened rows, [c, w] int32 positions).
+        self.chunks, chunk = [], []
+        for b in sorted(range(len(lens)), key=lambda b: -lens[b]) + [None]:
+            if chunk and (b is None or (len(chunk) + 1) * lens[chunk[0]] > self.rows * width):
+                w = lens[chunk[0]]
+                j = torch.arange(w)
+                # past a prompt's end, its last slot again (those columns are never appended)
+                gather = start[chunk][:, None] + torch.minimum(j, n[chunk][:, None] - 1)
+                self.chunks.append((chunk, gather.to(device),
+                                    j.to(torch.int32).expand(len(chunk), w).contiguous().to(device)))
+                chunk = []
+            if b is not None:
+                chunk.append(b)
+
+    def slot(self, b: int) -> tuple[int, int]:
+        """(row, first slot) of prompt ``b``."""
+        return self.row_of[b], self.start_of[b]
 
     def place(self, values: torch.Tensor, fill) -> torch.Tensor:
         """Right-padded ``[b, width, ...]`` -> packed ``[rows, width, ...]`` (``fill`` in padding
@@ -87,7 +104,9 @@ class PackedPrompts:
         a padding key by none."""
         return self._log[:, None].expand(-1, kv_heads, -1).contiguous()
 
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """Packed ``[rows, H, width, D]`` -> right-padded ``[b, H, width, D]``."""
+    @staticmethod
+    def unpack(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+        """Packed ``[rows, H, width, D]`` -> ``[c, H, w, D]``: the prompts of a chunk
+        (``chunks``), right-padded."""
         rows, H, width, D = x.shape
-        return x.transpose(1, 2).reshape(rows * width, H, D)[self.gather].transpose(1, 2)
+        return x.transpose(1, 2).reshape(rows * width, H, D)[gather].transpose(1, 2)

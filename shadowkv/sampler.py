@@ -101,11 +101,11 @@ class _SamplerContext:
         self.forks, self.fork_batch = forks, fork_batch
 
     def attend(self, layer, q, k, v, scale):
-        s, cache = self.s, self.s.cache
         if self.mode == "prompts":
-            out, q, k, v = self._prompt_attention(q, k, v, scale)
-        B, _, T, _ = k.shape
-        counts = self.lengths if self.mode in ("prompts", "decode") else [T] * B
+            return self._prompts(layer, q, k, v, scale)
+        s, cache = self.s, self.s.cache
+        B, _, T, _ = q.shape
+        counts = self.lengths if self.mode == "decode" else [T] * B
         cache.append(layer, k, v, self.positions, counts, rows=self.rows, index=self.index)
         if self.mode == "decode":
             rows = self.rows if self.index is None else self.index
@@ -118,35 +118,6 @@ class _SamplerContext:
                 else:
                     scores.index_add_(0, self.index, step_scores)
             return out[:, :, None]
-        if self.mode == "prompts":
-            scores = s.slot_scores[layer]
-            if s.policy.needs_scores:
-                for i, n in enumerate(self.lengths):
-                    scores[self.rows[i], :, :n] += _attention_mass(q[i : i + 1, :, :n], k[i, :, :n], 0, scale,
-                                                                   self.observe)
-            # This layer is done with its prompt keys: evict it now, not after the last layer,
-            # so that only one layer at a time holds whole prompts. Repeats of a prompt get a
-            # copy of its cache (and scores, and eviction log) instead of a forward of their own.
-            src, dst = self.forks
-            if s.policy.deterministic:  # a repeat would evict the same slots: copy the survivors
-                s._evict(self.rows, self.lengths, True, layers=[layer])
-                if dst:
-                    cache.fork(layer, src, dst)
-                    pairs = to_device([src, dst], k.device, torch.int64)
-                    scores[pairs[1]] = scores[pairs[0]]
-                    s.evicted_at[pairs[1], layer] = s.evicted_at[pairs[0], layer]
-                return out
-            # Otherwise each repeat chooses on its own from the whole prompt: copies go a batch
-            # at a time, each batch evicted before the next is copied.
-            length_of = dict(zip(self.rows, self.lengths))
-            for i in range(0, len(dst), self.fork_batch):
-                a, b = src[i : i + self.fork_batch], dst[i : i + self.fork_batch]
-                cache.fork(layer, a, b)
-                pairs = to_device([a, b], k.device, torch.int64)
-                scores[pairs[1]] = scores[pairs[0]]
-                s._evict(b, [length_of[r] for r in a], True, layers=[layer])
-            s._evict(self.rows, self.lengths, True, layers=[layer])
-            return out
         # Prefill chunk of a single sequence: its survivors then the chunk, all cached.
         b = self.rows.start
         kc, vc, _ = cache.gather(layer, b)
@@ -155,24 +126,57 @@ class _SamplerContext:
         out = shadow_attention(q, kc[None], vc[None], ev, n - T, scale)
         if s.policy.needs_scores:
             s.slot_scores[layer][b, :, :n] += _attention_mass(q, kc, n - T, scale, self.observe)
-        s._evict([b], self.lengths, True, layers=[layer])  # as above
+        s._evict([b], self.lengths, True, layers=[layer])  # as in _prompts
         return out
 
-    def _prompt_attention(self, q, k, v, scale):
+    def _prompts(self, layer, q, k, v, scale):
         """Prefill of whole prompts (nothing was cached before): causal attention over their own
-        keys. Returns the attention output as the model laid it out, and q, k, v right-padded
-        per prompt (``[b, H, width, D]``) for the cache, the scores and the eviction.
+        keys, the keys cached, the layer evicted.
 
         Right-padded rows: the padding keys of a shorter prompt come after its last token, so
         only its padding queries (whose outputs are dropped) see them. Packed rows
-        (:class:`PackedPrompts`): the log keeps each prompt to its own keys."""
-        if self.packing is None:
+        (:class:`PackedPrompts`): the log keeps each prompt to its own keys, and the cache gets
+        each prompt's keys from its slots, a few prompts of similar length at a time
+        (``PackedPrompts.chunks``), so that no copy is larger than the packed rows."""
+        s, cache, p = self.s, self.s.cache, self.packing
+        if p is None:
             ev = torch.full(k.shape[:3], NEVER_EVICTED, dtype=torch.int32, device=q.device)
-            return shadow_attention(q, k, v, ev, 0, scale), q, k, v
-        p = self.packing
-        out = shadow_attention(q, k, v, p.log(k.shape[1]), 0, scale)
-        q = p.unpack(q) if self.s.policy.needs_scores else None  # only the scores read it
-        return out, q, p.unpack(k), p.unpack(v)
+            out = shadow_attention(q, k, v, ev, 0, scale)
+            cache.append(layer, k, v, self.positions, self.lengths, rows=self.rows)
+        else:
+            out = shadow_attention(q, k, v, p.log(k.shape[1]), 0, scale)
+            for members, gather, positions in p.chunks:
+                cache.append(layer, p.unpack(k, gather), p.unpack(v, gather), positions,
+                             [self.lengths[i] for i in members], rows=[self.rows[i] for i in members])
+        scores = s.slot_scores[layer]
+        if s.policy.needs_scores:
+            for i, n in enumerate(self.lengths):
+                r, first = (i, 0) if p is None else p.slot(i)
+                scores[self.rows[i], :, :n] += _attention_mass(q[r : r + 1, :, first : first + n],
+                                                               k[r, :, first : first + n], 0, scale, self.observe)
+        # This layer is done with its prompt keys: evict it now, not after the last layer,
+        # so that only one layer at a time holds whole prompts. Repeats of a prompt get a
+        # copy of its cache (and scores, and eviction log) instead of a forward of their own.
+        src, dst = self.forks
+        if s.policy.deterministic:  # a repeat would evict the same slots: copy the survivors
+            s._evict(self.rows, self.lengths, True, layers=[layer])
+            if dst:
+                cache.fork(layer, src, dst)
+                pairs = to_device([src, dst], k.device, torch.int64)
+                scores[pairs[1]] = scores[pairs[0]]
+                s.evicted_at[pairs[1], layer] = s.evicted_at[pairs[0], layer]
+            return out
+        # Otherwise each repeat chooses on its own from the whole prompt: copies go a batch
+        # at a time, each batch evicted before the next is copied.
+        length_of = dict(zip(self.rows, self.lengths))
+        for i in range(0, len(dst), self.fork_batch):
+            a, b = src[i : i + self.fork_batch], dst[i : i + self.fork_batch]
+            cache.fork(layer, a, b)
+            pairs = to_device([a, b], k.device, torch.int64)
+            scores[pairs[1]] = scores[pairs[0]]
+            s._evict(b, [length_of[r] for r in a], True, layers=[layer])
+        s._evict(self.rows, self.lengths, True, layers=[layer])
+        return out
 
 
 def _attention_mass(q, k, q_offset, scale, observe):
@@ -225,11 +229,14 @@ class Sampler:
             chunk boundary (bounds the peak for long prompts), one sequence at a time;
             ``None``: whole prompts, many per model call.
         prefill_tokens: with whole prompts, the most prompt tokens one prefill call holds in
-            a layer: its sequences (repeats included) x its longest prompt, rounded up to whole
-            pages; bounds its activations and the KV of prompts not yet evicted. A longer
-            prompt goes alone. Each layer is evicted as soon as its attention is done, so a
-            call holds whole prompts in one layer at a time; the default, ``num_layers`` x the
-            longest prompt's pages, is what prefilling that prompt alone held in all layers.
+            a layer, rounded up to whole pages; bounds its activations and the KV of prompts
+            not yet evicted. Packed (``pack_prompts``), a call's rows x its longest prompt and
+            its sequences' own pages (repeats included) each stay within it, and so does every
+            copy of its keys for the cache; right-padded, its sequences (repeats included) x its
+            longest prompt. A longer prompt goes alone. Each layer is evicted as soon as its
+            attention is done, so a call holds whole prompts in one layer at a time; the
+            default, ``num_layers`` x the longest prompt's pages, is what prefilling that prompt
+            alone held in all layers.
         share_prompts: prefill each distinct prompt once and give its repeats (the samples of
             a GRPO group) a copy of its cache, layer by layer: with a deterministic policy a
             copy of its survivors (it is evicted once), otherwise of the whole prompt, each
@@ -542,8 +549,12 @@ class Sampler:
                 packing = None
                 if self.pack_prompts and first_fit_decreasing(lens, width)[2] < len(lens):
                     packing = PackedPrompts(lens, device)
+                # Copies of whole prompts (a stochastic policy's repeats) a call may hold beside its
+                # prompts: packed calls were sized with their own prompts' pages, right-padded
+                # ones with their longest prompt's for each.
+                held = (sum(map(self._paged, lens)) if self.pack_prompts else len(rows) * self._paged(width))
                 ctx = _SamplerContext(self, rows, pos, "prompts", observe, lens, (src, dst),
-                                      fork_batch=max(1, limit // self._paged(width) - len(rows)),
+                                      fork_batch=max(1, (limit - held) // self._paged(width)),
                                       packing=packing)  # evicts per layer
                 if packing is None:
                     logits = self._forward_last(ids, pos, ctx, to_device([n - 1 for n in lens], device, torch.int64))

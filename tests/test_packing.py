@@ -40,7 +40,7 @@ def test_first_fit_refuses_a_sequence_longer_than_a_row():
 def test_packed_prompts_attend_to_themselves_only(lens, geometry, seed):
     """Attention over the packed rows, with PackedPrompts.log, equals each prompt's causal
     attention alone (float64 reference: another prompt's key or a padding slot would show);
-    unpack gives the right-padded layout back."""
+    the cache's chunks give each prompt's keys back."""
     Hq, Hkv, D = geometry
     g = torch.Generator().manual_seed(seed)
     p = PackedPrompts(lens, torch.device("cpu"))
@@ -52,12 +52,24 @@ def test_packed_prompts_attend_to_themselves_only(lens, geometry, seed):
 
     out = shadow_attention(packed(q), packed(k), packed(v), p.log(Hkv))
     assert out.shape == (p.rows, Hq, W, D)
-    back = p.unpack(out)
     for i, n in enumerate(lens):
         ref, _ = shadow_attention_ref(q[i : i + 1, :, :n], k[i : i + 1, :, :n], v[i : i + 1, :, :n],
                                       torch.full((1, Hkv, n), NEVER_EVICTED, dtype=torch.int32))
-        torch.testing.assert_close(back[i : i + 1, :, :n], ref, atol=1e-12, rtol=1e-12)
-        assert torch.equal(p.unpack(packed(k))[i, :, :n], k[i, :, :n])
+        r, first = p.slot(i)
+        torch.testing.assert_close(out[r : r + 1, :, first : first + n], ref, atol=1e-12, rtol=1e-12)
+    # The cache's chunks: every prompt once, each chunk right-padded to its longest and no
+    # larger than the packed rows (short prompts filling a long one's row must not be padded
+    # to it: that copy would dwarf the rows).
+    seen = []
+    for members, gather, positions in p.chunks:
+        w = gather.shape[1]
+        assert w == max(lens[i] for i in members) and len(members) * w <= p.rows * W
+        assert torch.equal(positions, torch.arange(w, dtype=torch.int32).expand(len(members), w))
+        got = p.unpack(packed(k), gather)
+        for c, i in enumerate(members):
+            assert torch.equal(got[c, :, : lens[i]], k[i, :, : lens[i]])
+        seen += members
+    assert sorted(seen) == list(range(len(lens)))
     ids = torch.arange(len(lens) * W).view(len(lens), W)
     placed = p.place(ids, -1)
     assert placed.shape == (p.rows, W) and (placed >= 0).sum() == sum(lens)

@@ -309,6 +309,27 @@ def test_packed_prefill_matches_the_right_padded_one(llama, policy, share):
     assert (shadow - a.logprobs)[a.action_mask].abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("policy", [H2O(), RandomEvict(seed=1)], ids=lambda p: type(p).__name__)
+def test_packed_prefill_stays_within_prefill_tokens(llama, policy, monkeypatch):
+    """Short prompts filling a long one's row: the model's rows and every copy the cache gets
+    (keys right-padded per chunk of prompts) stay within prefill_tokens; padding all of them to
+    the long prompt would have been 17 x 64 slots."""
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g) for n in [64] + [4] * 20]
+    prompts += prompts[1:3]  # repeats: copies of whole prompts beside the call's own (stochastic)
+    s = Sampler(llama, policy, budget=0.5, page_size=4, prefill_tokens=128)
+    slots, rows_run = [], []
+    real_append, real_last = PagedKVCache.append, s._forward_last
+    monkeypatch.setattr(PagedKVCache, "append", lambda self, layer, k, *a, **kw: slots.append(k.shape[0] * k.shape[2])
+                        or real_append(self, layer, k, *a, **kw))
+    s._forward_last = lambda ids, *a: rows_run.append(ids.numel()) or real_last(ids, *a)
+    r = s.generate(prompts, 6, seed=0)
+    assert max(rows_run) <= 128 and max(slots) <= 128, (rows_run, slots)  # decode appends B x 1
+    assert rows_run[0] == 128  # the long prompt's row and one of 16 short prompts
+    shadow = token_logprobs(llama, r, "shadow")
+    assert (shadow - r.logprobs)[r.action_mask].abs().max() <= 1e-4
+
+
 def test_repeats_sample_on_their_own_and_replay(llama):
     prompts = [p for p in _prompts(2, 12, 20, seed=8) for _ in range(3)]
     assert not RandomEvict.deterministic  # each copy holds the whole prompt and evicts on its own
