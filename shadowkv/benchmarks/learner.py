@@ -26,16 +26,13 @@ The model is a random Llama built here (never downloaded); lengths are spread ev
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from shadowkv import learner
 from shadowkv.reference import streaming_evicted_at
 from shadowkv.sampler import Rollout
-from . import at_least
+from . import at_least, random_llama
 
 
 class _PaddingAsTokens(Rollout):
@@ -51,8 +48,7 @@ def ragged_rollout(args, vocab: int, layers: int, kv_heads: int, device: str) ->
     """``--batch`` sequences of evenly spread lengths (shuffled), right-padded; a StreamingLLM log."""
     gen = torch.Generator().manual_seed(args.seed)
     B, T = args.batch, args.max_len
-    lens = torch.linspace(T, max(args.prompt + 2, round(T * args.min_frac)), B).round().long()
-    lens = lens[torch.randperm(B, generator=gen)]
+    lens = random_llama.spread_lengths(T, max(args.prompt + 2, round(T * args.min_frac)), B, gen)
     pos = torch.arange(T)[None]
     tokens = torch.randint(1, vocab, (B, T), generator=gen).masked_fill(pos >= lens[:, None], 0)
     mask = (pos < lens[:, None]) & (pos >= args.prompt)
@@ -62,53 +58,20 @@ def ragged_rollout(args, vocab: int, layers: int, kv_heads: int, device: str) ->
                    torch.zeros(B, T, device=device), ev.to(device), 0, 0)
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    """Median seconds of ``repeats`` calls after one untimed call."""
-    times = []
-    for i in range(repeats + 1):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="float32")
     p.add_argument("-B", "--batch", type=at_least(1), default=8)
     p.add_argument("--max-len", type=at_least(4), default=2048, help="the longest sequence (default 2048)")
     p.add_argument("--min-frac", type=float, default=0.15, help="the shortest, as a fraction of --max-len")
     p.add_argument("--prompt", type=at_least(1), default=64)
     p.add_argument("--budget", type=float, default=0.25, help="kept fraction of the shadow log (default 0.25)")
-    p.add_argument("--hidden", type=at_least(8), default=256)
-    p.add_argument("--layers", type=at_least(1), default=4)
-    p.add_argument("--heads", type=at_least(1), default=4)
-    p.add_argument("--kv-heads", type=at_least(1), default=2)
-    p.add_argument("--vocab", type=at_least(2), default=512)
-    p.add_argument("--repeats", type=at_least(1), default=3, help="timed runs, median (default 3)")
-    p.add_argument("--seed", type=int, default=0)
+    random_llama.add_options(p)
     args = p.parse_args(argv)
     if not 0 < args.min_frac <= 1 or not 0 < args.budget <= 1:
         p.error("--min-frac and --budget must be in (0, 1]")
     if args.prompt + 2 > args.max_len:
         p.error(f"argument --prompt: must leave 2 tokens under --max-len ({args.max_len}), got {args.prompt}")
-    if args.heads % args.kv_heads or args.hidden % args.heads:
-        p.error("--heads must divide --hidden and be a multiple of --kv-heads")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        p.error("argument --device: torch sees no CUDA device")
-
-    torch.manual_seed(args.seed)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, max_position_embeddings=args.max_len + 1)
-    model = AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=getattr(torch, args.dtype))
+    model, device = random_llama.build(p, args, args.max_len)
     r = ragged_rollout(args, args.vocab, args.layers, args.kv_heads, device)
     lens = r.seq_lens.cpu()
     real = lens.sum().item() / (args.batch * args.max_len)
@@ -125,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         for mask in ("shadow", "dense"):
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            table[(name, mask)] = timed(lambda: step(rollout, mask, pack), args.repeats, device)
+            table[(name, mask)] = random_llama.timed(lambda: step(rollout, mask, pack), args.repeats, device)
             if device == "cuda":  # activations kept for the backward, on top of the model
                 peak[(name, mask)] = torch.cuda.max_memory_allocated() / 2**30
 

@@ -18,19 +18,15 @@ from __future__ import annotations
 import argparse
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from shadowkv.packing import first_fit_decreasing
 from shadowkv.policies import make_policy
 from shadowkv.sampler import Sampler
-from . import at_least
-from .learner import timed
+from . import at_least, random_llama
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="float32")
     p.add_argument("-B", "--batch", type=at_least(1), default=16)
     p.add_argument("--max-len", type=at_least(1), default=1024, help="the longest prompt (default 1024)")
     p.add_argument("--min-frac", type=float, default=0.15, help="the shortest, as a fraction of --max-len")
@@ -38,34 +34,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=float, default=0.25, help="kept fraction of each prompt (default 0.25)")
     p.add_argument("--prefill-tokens", type=at_least(1), default=None,
                    help="the sampler's prefill_tokens (default: its own, num_layers x the longest prompt)")
-    p.add_argument("--hidden", type=at_least(8), default=256)
-    p.add_argument("--layers", type=at_least(1), default=4)
-    p.add_argument("--heads", type=at_least(1), default=4)
-    p.add_argument("--kv-heads", type=at_least(1), default=2)
-    p.add_argument("--vocab", type=at_least(2), default=512)
-    p.add_argument("--repeats", type=at_least(1), default=3, help="timed runs, median (default 3)")
-    p.add_argument("--seed", type=int, default=0)
+    random_llama.add_options(p)
     args = p.parse_args(argv)
     if not 0 < args.min_frac <= 1 or not 0 < args.budget <= 1:
         p.error("--min-frac and --budget must be in (0, 1]")
-    if args.heads % args.kv_heads or args.hidden % args.heads:
-        p.error("--heads must divide --hidden and be a multiple of --kv-heads")
     try:
         policy = make_policy(args.policy)
     except ValueError as e:
         p.error(f"argument --policy: {e}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        p.error("argument --device: torch sees no CUDA device")
-
-    torch.manual_seed(args.seed)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, max_position_embeddings=args.max_len + 1)
-    model = AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=getattr(torch, args.dtype))
+    model, device = random_llama.build(p, args, args.max_len)
     g = torch.Generator().manual_seed(args.seed)
-    low = max(1, round(args.min_frac * args.max_len))
-    lens = torch.linspace(args.max_len, low, args.batch).round().long()[torch.randperm(args.batch, generator=g)]
+    lens = random_llama.spread_lengths(args.max_len, max(1, round(args.min_frac * args.max_len)), args.batch, g)
     prompts = [torch.randint(1, args.vocab, (int(n),), generator=g) for n in lens]
     lens = lens.tolist()
 
@@ -79,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         rows[(pack, "calls")] = len(groups)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        table[pack] = timed(lambda: s.generate(prompts, 1, seed=0), args.repeats, device)
+        table[pack] = random_llama.timed(lambda: s.generate(prompts, 1, seed=0), args.repeats, device)
         if device == "cuda":
             table[(pack, "peak")] = torch.cuda.max_memory_allocated() / 2**30
 
