@@ -65,7 +65,7 @@ class PackedPrompts:
         self.positions = positions.view(self.rows, width).to(device)
         log = torch.zeros(self.rows * width, dtype=torch.int32)  # padding slots: seen by nothing
         log[flat] = (torch.tensor(self.start_of) + n)[i].to(torch.int32)
-        self._log = log.view(self.rows, width).to(device)
+        self._row_log, self._logs = log.view(self.rows, width).to(device), {}
         last = start + n - 1
         self.last_row, self.last_col = (last // width).to(device), (last % width).to(device)
         # The cache takes each prompt's keys right-padded. All prompts padded to the longest
@@ -101,8 +101,10 @@ class PackedPrompts:
     def log(self, kv_heads: int) -> torch.Tensor:
         """``[rows, kv_heads, width]`` int32 ``evicted_at`` of the packed rows: a key of the
         prompt at slots ``[s, s + n)`` is seen by the queries before ``s + n`` (its own, causally),
-        a padding key by none."""
-        return self._log[:, None].expand(-1, kv_heads, -1).contiguous()
+        a padding key by none. Made once, read by every layer."""
+        if kv_heads not in self._logs:
+            self._logs[kv_heads] = self._row_log[:, None].expand(-1, kv_heads, -1).contiguous()
+        return self._logs[kv_heads]
 
     @staticmethod
     def unpack(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
