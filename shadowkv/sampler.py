@@ -136,7 +136,7 @@ class _SamplerContext:
         Right-padded rows: the padding keys of a shorter prompt come after its last token, so
         only its padding queries (whose outputs are dropped) see them. Packed rows
         (:class:`PackedPrompts`): the log keeps each prompt to its own keys, and the cache gets
-        each prompt's keys from its slots, a few prompts of similar length at a time
+        each prompt's keys from its slots, a chunk of prompts at a time, longest first
         (``PackedPrompts.chunks``), so that no copy is larger than the packed rows."""
         s, cache, p = self.s, self.s.cache, self.packing
         if p is None:
@@ -233,10 +233,11 @@ class Sampler:
             not yet evicted. Packed (``pack_prompts``), a call's rows x its longest prompt and
             its sequences' own pages (repeats included) each stay within it, and so does every
             copy of its keys for the cache; right-padded, its sequences (repeats included) x its
-            longest prompt. A longer prompt goes alone. Each layer is evicted as soon as its
-            attention is done, so a call holds whole prompts in one layer at a time; the
-            default, ``num_layers`` x the longest prompt's pages, is what prefilling that prompt
-            alone held in all layers.
+            longest prompt. A longer prompt goes alone; so does a prompt whose repeats do not
+            fit beside it under a stochastic policy, each copy then held beside it in turn (up to
+            twice its pages). Each layer is evicted as soon as its attention is done, so a call
+            holds whole prompts in one layer at a time; the default, ``num_layers`` x the
+            longest prompt's pages, is what prefilling that prompt alone held in all layers.
         share_prompts: prefill each distinct prompt once and give its repeats (the samples of
             a GRPO group) a copy of its cache, layer by layer: with a deterministic policy a
             copy of its survivors (it is evicted once), otherwise of the whole prompt, each
