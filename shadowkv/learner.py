@@ -27,7 +27,7 @@ import torch
 
 from .attention import attention_context, check_length, install
 from .ops import mask_padding, shadow_attention
-from .packing import first_fit_decreasing
+from .packing import first_fit_decreasing, token_slots
 from .policies import as_int
 from .sampler import tempered_log_softmax
 
@@ -119,13 +119,11 @@ class _Packing:
         """``n``: ``[B]`` inputs per sequence on the CPU, ``inputs_per_sequence(rollout)``. The
         kept slots are those whose input predicts a generated token."""
         device = rollout.tokens.device
-        B, T = rollout.tokens.shape
+        T = rollout.tokens.shape[1]
         self.cap = cap = T - 1
         row_of, slot_of, self.rows = first_fit_decreasing(n.tolist(), cap)
-        b = torch.repeat_interleave(torch.arange(B), n)
-        pos = torch.arange(len(b)) - (torch.cumsum(n, 0) - n)[b]  # position within its sequence
+        b, pos, flat = token_slots(n, torch.tensor(row_of) * cap + torch.tensor(slot_of))  # flat: in [rows, cap]
         s = torch.tensor(slot_of)[b]
-        flat = torch.tensor(row_of)[b] * cap + s + pos  # slot in the [rows, cap] packing
         order = torch.argsort(flat)  # the kept rows come out of the model in slot order
         b, pos, s, flat = b[order], pos[order], s[order], flat[order]
         kept = rollout.action_mask.cpu()[b, pos + 1]  # input pos predicts token pos + 1

@@ -38,6 +38,14 @@ def first_fit_decreasing(lengths: Sequence[int], cap: int) -> tuple[list[int], l
     return row_of, slot_of, max(1, len(used))
 
 
+def token_slots(lengths: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token of sequences placed whole from flat slot ``start[b]`` on (``[B]`` int64 each,
+    CPU), in sequence order: ``(sequence, position within it, flat slot)``."""
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    pos = torch.arange(len(seq)) - (torch.cumsum(lengths, 0) - lengths)[seq]
+    return seq, pos, start[seq] + pos
+
+
 class PackedPrompts:
     """The sampler's prefill of whole prompts, packed: rows as wide as the longest prompt,
     each prompt whole in one row (:func:`first_fit_decreasing`), positions restarting at 0.
@@ -55,9 +63,7 @@ class PackedPrompts:
         self.row_of, self.start_of, self.rows = first_fit_decreasing(lens, width)
         n = torch.tensor(lens)
         start = torch.tensor(self.row_of) * width + torch.tensor(self.start_of)  # flat slot of each token 0
-        i = torch.repeat_interleave(torch.arange(len(lens)), n)
-        pos = torch.arange(len(i)) - (torch.cumsum(n, 0) - n)[i]  # position within its prompt
-        flat = start[i] + pos
+        i, pos, flat = token_slots(n, start)
         self.source = (i * width + pos).to(device)  # each real slot's index in the padded [b, width]
         self.flat = flat.to(device)
         positions = torch.zeros(self.rows * width, dtype=torch.int32)
