@@ -286,6 +286,10 @@ build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=
         # the twenty-sixth session; CPU numbers in RESULTS.md).
         part 30 $py -m shadowkv bench prefill --device cuda --dtype bfloat16 -B 32 --max-len 4096 --hidden 1024 \
           --heads 8 --kv-heads 2 --layers 4 --repeats 5
+        # Chunked prefill, the sequences at a position batched against one a call (new after the
+        # twenty-seventh session).
+        part 30 $py -m shadowkv bench prefill --device cuda --dtype bfloat16 -B 32 --max-len 4096 --hidden 1024 \
+          --heads 8 --kv-heads 2 --layers 4 --repeats 5 --chunk 512
       }
       ;;
     bench)
@@ -297,6 +301,8 @@ build_model(make_task('kv-lookup', length=256, value_len=2), ModelConfig(hidden=
         --kv-heads 4 --layers 8 --repeats 5
       run $py bench/bench_prefill.py --device cuda --dtype bfloat16 -B 64 --max-len 4096 --hidden 2048 --heads 16 \
         --kv-heads 4 --layers 8 --repeats 5
+      run $py bench/bench_prefill.py --device cuda --dtype bfloat16 -B 64 --max-len 4096 --hidden 2048 --heads 16 \
+        --kv-heads 4 --layers 8 --repeats 5 --chunk 512
       ;;
     profile)
       run "${profile_decode[@]}"

@@ -373,6 +373,19 @@ class PagedKVCache:
         flat = lambda t: t[pages].flatten(0, 1)[:n].transpose(0, 1)  # noqa: E731
         return flat(lc.k_pages), flat(lc.v_pages), flat(lc.pos_pages)
 
+    def gather_rows(self, layer: int, rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``width`` slots of the sequences ``rows`` (``[n]`` int64 on the cache's
+        device) in slot order, right-padded: k, v ``[n, Hkv, width, D]``. Slots at or past a
+        sequence's length hold unspecified values (another page's, or stale ones): mask them."""
+        lc = self._layer(layer)
+        capacity = self.max_pages_per_seq * self.page_size
+        if not 0 <= width <= capacity:
+            raise ValueError(f"gather_rows: width must be in [0, {capacity}] (max_pages_per_seq * page_size), "
+                             f"got {width}")
+        table = lc.block_tables[rows][:, : -(-width // self.page_size)].clamp(min=0).long()
+        flat = lambda t: t[table].flatten(1, 2)[:, :width].transpose(1, 2)  # noqa: E731
+        return flat(lc.k_pages), flat(lc.v_pages)
+
     def positions(self, layer: int, rows: torch.Tensor, width: int | None = None) -> torch.Tensor:
         """Positions held by the first ``width`` slots (default: every slot, ``max_pages_per_seq
         * page_size``) of the sequences ``rows`` (``[n]`` int64 on the cache's device):

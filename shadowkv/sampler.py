@@ -86,16 +86,19 @@ class _SamplerContext:
     ``index`` is the same rows as an int64 tensor on the model's device; ``lengths`` 1 each),
     ``"prompts"`` (whole prompts of ``rows``, ``lengths`` tokens each, right-padded or, with
     ``packing``, packed end to end; ``positions`` are the right-padded layout's) or ``"chunk"``
-    (a prefill chunk of the single sequence ``rows.start``, after its survivors, ending at
-    position ``lengths[0]``). Prefill evicts each layer to ``lengths`` once its
-    attention is done."""
+    (a prefill chunk of each sequence of ``rows``, a list with ``index``: ``counts[i]`` tokens
+    ending at position ``lengths[i]``, right-padded, after its survivors). Prefill evicts each
+    layer to ``lengths`` once its attention is done."""
 
     def __init__(self, sampler: "Sampler", rows: slice | list[int], positions: torch.Tensor, mode: str,
                  observe: int | None = None, lengths: list[int] | None = None,
                  forks: tuple[list[int], list[int]] = ([], []), fork_batch: int = 1,
-                 index: torch.Tensor | None = None, packing: PackedPrompts | None = None):
+                 index: torch.Tensor | None = None, packing: PackedPrompts | None = None,
+                 counts: list[int] | None = None):
         self.s, self.rows, self.positions, self.mode, self.observe = sampler, rows, positions, mode, observe
-        self.lengths, self.index, self.packing = lengths, index, packing
+        self.lengths, self.index, self.packing, self.counts = lengths, index, packing, counts
+        if mode == "chunk":  # each chunk's end, counted from the survivors
+            self.ends = to_device(counts, positions.device, torch.int32)
         # "prompts": (source rows, rows that get a copy of the source's prompt); with a
         # stochastic policy copied and evicted fork_batch rows at a time
         self.forks, self.fork_batch = forks, fork_batch
@@ -103,30 +106,46 @@ class _SamplerContext:
     def attend(self, layer, q, k, v, scale):
         if self.mode == "prompts":
             return self._prompts(layer, q, k, v, scale)
+        if self.mode == "chunk":
+            return self._chunk(layer, q, k, v, scale)
         s, cache = self.s, self.s.cache
-        B, _, T, _ = q.shape
-        counts = self.lengths if self.mode == "decode" else [T] * B
-        cache.append(layer, k, v, self.positions, counts, rows=self.rows, index=self.index)
-        if self.mode == "decode":
-            rows = self.rows if self.index is None else self.index
-            scores = s.slot_scores[layer]
-            step_scores = scores.new_zeros((B,) + scores.shape[1:]) if s.policy.needs_scores else None
-            out = cache.decode_attention(layer, q[:, :, 0], scale, step_scores, rows=rows)
-            if step_scores is not None:
-                if self.index is None:
-                    scores[rows].add_(step_scores)
-                else:
-                    scores.index_add_(0, self.index, step_scores)
-            return out[:, :, None]
-        # Prefill chunk of a single sequence: its survivors then the chunk, all cached.
-        b = self.rows.start
-        kc, vc, _ = cache.gather(layer, b)
-        n = kc.shape[1]
-        ev = torch.full((1, kc.shape[0], n), NEVER_EVICTED, dtype=torch.int32, device=q.device)
-        out = shadow_attention(q, kc[None], vc[None], ev, n - T, scale)
+        B = q.shape[0]
+        cache.append(layer, k, v, self.positions, self.lengths, rows=self.rows, index=self.index)
+        rows = self.rows if self.index is None else self.index
+        scores = s.slot_scores[layer]
+        step_scores = scores.new_zeros((B,) + scores.shape[1:]) if s.policy.needs_scores else None
+        out = cache.decode_attention(layer, q[:, :, 0], scale, step_scores, rows=rows)
+        if step_scores is not None:
+            if self.index is None:
+                scores[rows].add_(step_scores)
+            else:
+                scores.index_add_(0, self.index, step_scores)
+        return out[:, :, None]
+
+    def _chunk(self, layer, q, k, v, scale):
+        """Prefill chunks of several sequences (q ``[n, Hq, T, D]``, right-padded): each chunk
+        attends to its sequence's survivors and causally to itself, all read from the cache.
+
+        The sequences of a call are at the same position, so they hold the same number ``S``
+        of survivors: the gathered keys ``[n, Hkv, S + T, D]`` put every chunk at slot ``S``,
+        one ``q_offset`` for all. Keys past a chunk's end (its padding, or other pages' slots)
+        are logged as evicted at that end, where only the padding queries would have seen
+        them: those see nothing (zeros) and the kernels skip the tiles."""
+        s, cache, rows, counts = self.s, self.s.cache, self.rows, self.counts
+        live = {cache.layers[layer].lens[b] for b in rows}
+        if len(live) != 1:  # the caller's grouping broke: never on user input
+            raise RuntimeError(f"shadowkv: a prefill chunk call's sequences hold {sorted(live)} slots in layer {layer}")
+        S, T = live.pop(), q.shape[2]
+        cache.append(layer, k, v, self.positions, counts, rows=rows, index=self.index)
+        kc, vc = cache.gather_rows(layer, self.index, S + T)
+        ends = self.ends + S
+        ev = ends[:, None, None].expand(kc.shape[:3]).contiguous()
+        out = shadow_attention(q, kc, vc, ev, S, scale)
         if s.policy.needs_scores:
-            s.slot_scores[layer][b, :, :n] += _attention_mass(q, kc, n - T, scale, self.observe)
-        s._evict([b], self.lengths, True, layers=[layer])  # as in _prompts
+            for i, (b, c) in enumerate(zip(rows, counts)):
+                s.slot_scores[layer][b, :, : S + c] += _attention_mass(q[i : i + 1, :, :c], kc[i, :, : S + c], S,
+                                                                      scale, self.observe)
+        s._evict(rows, self.lengths, True, layers=[layer])  # as in _prompts
         return out
 
     def _prompts(self, layer, q, k, v, scale):
@@ -226,9 +245,13 @@ class Sampler:
             (Sparse-RL's schedule; a sequence then holds up to its budget + ``evict_every``
             tokens); default ``None`` evicts whenever a sequence exceeds its budget by a page.
         prefill_chunk: prefill prompts in chunks of this many tokens, evicting at each
-            chunk boundary (bounds the peak for long prompts), one sequence at a time;
-            ``None``: whole prompts, many per model call.
-        prefill_tokens: with whole prompts, the most prompt tokens one prefill call holds in
+            chunk boundary (bounds the peak for long prompts); the chunks that start at the
+            same position run in one call, each after its own survivors. ``None``: whole
+            prompts, many per model call.
+        prefill_tokens: with ``prefill_chunk``, the most tokens one call holds in a layer,
+            counted as each sequence's survivors and chunk in whole pages (default:
+            ``num_layers`` sequences' worth); at least one sequence a call. With whole
+            prompts, the most prompt tokens one prefill call holds in
             a layer, rounded up to whole pages; bounds its activations and the KV of prompts
             not yet evicted. Packed (``pack_prompts``), a call's rows x its longest prompt and
             its sequences' own pages (repeats included) each stay within it, and so does every
@@ -411,6 +434,14 @@ class Sampler:
         (``prefill_tokens``; default: the longest prompt's pages in every layer)."""
         return self.prefill_tokens or self.num_layers * self._paged(max(plens))
 
+    def _chunk_rows(self, plens: list[int]) -> int:
+        """Sequences per call of a chunked prefill: each holds at most its survivors and a chunk
+        in a layer (``_max_live`` of its prompt), and a call holds at most ``prefill_tokens`` of
+        those (default: ``num_layers`` sequences' worth). At least one."""
+        longest = max(plens)
+        held = self._paged(self._max_live(longest, longest))
+        return max(1, (self.prefill_tokens or self.num_layers * held) // held)
+
     def _paged(self, n: int) -> int:
         """``n`` tokens rounded up to whole pages."""
         return -(-n // self.page_size) * self.page_size
@@ -567,15 +598,25 @@ class Sampler:
                 first[to_device(rows, device, torch.int64)] = logits
             first = first[to_device(owner, device, torch.int64)]  # repeats: their prompt's logits
         else:
-            for b, p in enumerate(prompts):
-                for c0 in range(0, plens[b], self.prefill_chunk):
-                    c1 = min(plens[b], c0 + self.prefill_chunk)
-                    pos = torch.arange(c0, c1, dtype=torch.int32, device=device)[None]
-                    ctx = _SamplerContext(self, slice(b, b + 1), pos, "chunk", observe, [c1])  # evicts per layer
-                    logits = self._forward(p[None, c0:c1], pos, ctx)
-                if first is None:
-                    first = logits.new_empty(B, logits.shape[-1])
-                first[b] = logits[0]
+            # Chunk by chunk, the sequences at the same position batched: chunk c0 of every prompt
+            # longer than c0, ``_chunk_rows`` sequences a call, longest chunk first (the shorter
+            # last chunks share calls, which are as wide as their longest chunk).
+            C, per_call = self.prefill_chunk, self._chunk_rows(plens)
+            for c0 in range(0, max(plens), C):
+                active = sorted((b for b in range(B) if plens[b] > c0), key=lambda b: -min(plens[b] - c0, C))
+                for i in range(0, len(active), per_call):
+                    rows = active[i : i + per_call]
+                    counts = [min(plens[b], c0 + C) - c0 for b in rows]
+                    index = to_device(rows, device, torch.int64)
+                    # A shorter (last) chunk is padded with the tokens after its prompt: pad_token_id.
+                    ids = tokens[index, c0 : c0 + max(counts)]
+                    pos = torch.arange(c0, c0 + ids.shape[1], dtype=torch.int32, device=device).expand_as(ids)
+                    ctx = _SamplerContext(self, rows, pos.contiguous(), "chunk", observe, [c0 + c for c in counts],
+                                          index=index, counts=counts)  # evicts per layer
+                    logits = self._forward_last(ids, pos, ctx, to_device([c - 1 for c in counts], device, torch.int64))
+                    if first is None:
+                        first = logits.new_empty(B, logits.shape[-1])
+                    first[index] = logits  # a sequence's last chunk writes last
         next_tok, next_lp = self._sample(first, temperature, top_p, gen, top_k)
         t1 = time.perf_counter()
 

@@ -167,3 +167,15 @@ def test_bad_benchmark_arguments_are_usage_errors(name, args, capsys):
     with pytest.raises(SystemExit) as e:
         importlib.import_module(f"shadowkv.benchmarks.{name}").main(args)
     assert e.value.code == 2 and "argument" in capsys.readouterr().err
+
+
+def test_prefill_chunk_batches_against_one_sequence_a_call(capsys):
+    """``bench prefill --chunk``: prompts of 40, 23 and 6 tokens in chunks of 16, two sequences a
+    call (the 2-layer default): 2 + 1 + 1 calls, against 3 + 2 + 1 of one sequence each."""
+    from shadowkv.benchmarks import prefill
+
+    prefill.main(["--device", "cpu", "-B", "3", "--max-len", "40", "--hidden", "32", "--layers", "2",
+                  "--repeats", "1", "--chunk", "16"])
+    out = capsys.readouterr().out
+    assert "| chunks batched (sampler) | 4 |" in out
+    assert "| one sequence a call (baseline) | 6 | 69 (100%) |" in out

@@ -109,6 +109,22 @@ def test_positions_of_the_first_slots_are_a_prefix_of_all():
         assert torch.equal(cache.positions(0, rows, width), every[..., :width])
 
 
+def test_gather_rows_is_each_sequences_gather_right_padded():
+    cache = _cache(num_pages=12)
+    _append(cache, 0, [6, 1, 9], [0, 4, 2])
+    rows = torch.tensor([2, 0, 1])
+    for width in (9, 10, 0):
+        k, v = cache.gather_rows(0, rows, width)
+        assert k.shape == v.shape == (3, cache.num_kv_heads, width, cache.head_dim)
+        for i, b in enumerate(rows.tolist()):
+            kb, vb, _ = cache.gather(0, b)
+            n = min(width, kb.shape[1])
+            assert torch.equal(k[i, :, :n], kb[:, :n]) and torch.equal(v[i, :, :n], vb[:, :n])
+    for bad in (-1, cache.max_pages_per_seq * cache.page_size + 1):
+        with pytest.raises(ValueError, match="width must be in"):
+            cache.gather_rows(0, rows, bad)
+
+
 def test_fork_copies_a_sequence_into_empty_rows():
     cache = _cache(num_pages=8)
     _append(cache, 0, [6, 0, 0], [0, 0, 0])

@@ -213,6 +213,43 @@ def test_chunked_prefill_and_evict_every_replay(llama):
     assert (shadow - rollout.logprobs)[rollout.action_mask].abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("policy", [FullCache(), StreamingLLM(sinks=2), H2O(recent_frac=0.5), SnapKV(window=4, kernel=3)],
+                         ids=lambda p: type(p).__name__)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_chunked_prefill_batches_the_sequences_at_a_position(policy, family, llama, qwen3):
+    """``prefill_chunk`` runs the chunks that start at the same position in one call (each
+    chunk after its own survivors, gathered from the cache; a prompt's last chunk may be
+    shorter), ``prefill_tokens`` bounding the sequences a call holds: the rollout is the one
+    of one sequence per call, and the replay matches it."""
+    model = {"llama": llama, "qwen3": qwen3}[family]
+    prompts = _prompts(5, 3, 70, seed=7) + [torch.arange(1, 33)]  # 32: exactly two chunks
+    calls, rollouts = {}, {}
+    for name, limit in (("one", 1), ("default", None), ("all", 10**6)):
+        sampler = Sampler(model, policy, budget=0.3, page_size=4, prefill_chunk=16, prefill_tokens=limit)
+        rows_run = calls[name] = []
+        real = sampler._forward_last
+        sampler._forward_last = lambda ids, *a, real=real, rows_run=rows_run: rows_run.append(ids.shape) or real(ids, *a)
+        rollouts[name] = sampler.generate(prompts, max_new_tokens=12, seed=3)
+        if name == "default":  # num_layers sequences' survivors and chunk
+            assert sampler._chunk_rows([len(p) for p in prompts]) == 2
+    plens = [len(p) for p in prompts]
+    # the chunks at each position, longest first
+    at = [sorted((min(n - c0, 16) for n in plens if n > c0), reverse=True) for c0 in range(0, max(plens), 16)]
+    assert calls["one"] == [(1, c) for chunks in at for c in chunks]
+    assert [n for n, _ in calls["all"]] == [len(rows) for rows in at]
+    assert calls["default"] == [(len(chunks[i : i + 2]), chunks[i]) for chunks in at for i in range(0, len(chunks), 2)]
+    ref = rollouts["one"]
+    for name in ("default", "all"):
+        r = rollouts[name]
+        assert torch.equal(r.tokens, ref.tokens) and torch.equal(r.evicted_at, ref.evicted_at)
+        assert (r.logprobs - ref.logprobs).abs().max() <= 1e-5
+    if not isinstance(policy, FullCache):
+        assert (ref.evicted_at[:, :, :, :64] < 2**31 - 1).any(), "chunk boundaries must evict"
+    r = rollouts["all"]
+    shadow = token_logprobs(model, r, "shadow")
+    assert (shadow - r.logprobs)[r.action_mask].abs().max() <= 1e-4
+
+
 @pytest.mark.parametrize("page_size, every, budget", [(4, 5, 8), (16, 3, 8), (4, 6, 0.3), (1, 1, 6)])
 def test_evict_every_is_a_fixed_schedule_after_the_prefill(llama, page_size, every, budget):
     """``evict_every=N`` (Sparse-RL's "every 128 decode steps"): the prefill's eviction, then one

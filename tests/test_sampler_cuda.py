@@ -112,3 +112,26 @@ def test_bf16_packed_replay_matches_sampler(model, floor, pack_prompts):
     for err in (packed, padded):
         assert err.mean().item() <= MEAN_RATIO * floor.mean().item()
         assert err.max().item() <= max(BF16_TOL, MAX_RATIO * floor.max().item())
+
+
+def test_bf16_chunked_prefill_replay_matches_sampler(model, floor):
+    """``prefill_chunk`` on DEVICE: the prompts' chunks at the same position run in one call
+    (the cache's gathered survivors, the chunks' ends in the log), with H2O's prefill scores:
+    within the same bounds of the sampler as the whole-prompt prefill."""
+    from shadowkv import Sampler, learner
+
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, model.config.vocab_size, (n,), generator=g) for n in (90, 10, 50)]
+    sampler = Sampler(model, H2O(), budget=0.25, page_size=16, prefill_chunk=32, prefill_tokens=10**6)
+    rows_run = []
+    real = sampler._forward_last
+    sampler._forward_last = lambda ids, *a: rows_run.append(ids.shape[0]) or real(ids, *a)
+    rollout = sampler.generate(prompts, 60, seed=0)
+    assert rows_run == [3, 2, 1]  # the chunks at 0, 32 and 64
+    assert (rollout.evicted_at < 2**31 - 1).any(), "budget 0.25 must evict"
+    with torch.no_grad():
+        logits = learner.replay_logits(model, rollout, "shadow")
+    err = (learner.gather_logprobs(logits, rollout) - rollout.logprobs)[rollout.action_mask].abs()
+    print(f"{DEVICE} bf16 chunked prefill: max|dlogp|={err.max().item():.2e} mean={err.mean().item():.2e}")
+    assert err.mean().item() <= MEAN_RATIO * floor.mean().item()
+    assert err.max().item() <= max(BF16_TOL, MAX_RATIO * floor.max().item())

@@ -1,15 +1,19 @@
-"""Sampler prefill of prompts of different lengths: packed end to end vs right-padded.
+"""Sampler prefill of prompts of different lengths: packed end to end vs right-padded, or
+chunked with the sequences at a position batched vs one sequence a call.
 
 It times ``Sampler.generate(prompts, 1)`` (the prefill, its per-layer eviction, one sampled
 token) for one batch of distinct prompts, with ``pack_prompts`` on (the default: a call whose
 prompts differ in length runs them end to end in fewer rows, positions restarting per prompt)
 and off (every prompt right-padded to its call's longest, the baseline measured in the same
-run). The table gives each way's prefill calls and the token slots the model ran (rows x
-each call's longest prompt), with the share of them that are prompt tokens. The model is a
-random Llama built here (never downloaded); prompt lengths are spread evenly from
-``--max-len`` down to ``--min-frac`` of it, in a shuffled order.
+run). With ``--chunk N`` the sampler prefills in chunks of N tokens instead (``prefill_chunk``),
+the chunks that start at the same position in one call, against one sequence a call
+(``prefill_tokens=1``, how the sampler ran chunks before) as the baseline. The table gives each
+way's model calls and the token slots they ran (rows x width), with the share of them that are
+prompt tokens. The model is a random Llama built here (never downloaded); prompt lengths are
+spread evenly from ``--max-len`` down to ``--min-frac`` of it, in a shuffled order.
 
     shadowkv bench prefill                                   # CPU, float32
+    shadowkv bench prefill --chunk 256
     shadowkv bench prefill --device cuda --dtype bfloat16 --max-len 4096 --hidden 1024 --layers 8
 """
 
@@ -19,7 +23,6 @@ import argparse
 
 import torch
 
-from shadowkv.packing import first_fit_decreasing
 from shadowkv.policies import make_policy
 from shadowkv.sampler import Sampler
 from . import at_least, random_llama
@@ -33,7 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--policy", default="snapkv", help="eviction policy by name (default snapkv)")
     p.add_argument("--budget", type=float, default=0.25, help="kept fraction of each prompt (default 0.25)")
     p.add_argument("--prefill-tokens", type=at_least(1), default=None,
-                   help="the sampler's prefill_tokens (default: its own, num_layers x the longest prompt)")
+                   help="the sampler's prefill_tokens (default: its own, num_layers x the longest prompt, or "
+                        "with --chunk num_layers sequences' survivors and chunk)")
+    p.add_argument("--chunk", type=at_least(1), default=None,
+                   help="prefill in chunks of this many tokens (prefill_chunk): batched vs one sequence a call")
     random_llama.add_options(p)
     args = p.parse_args(argv)
     if not 0 < args.min_frac <= 1 or not 0 < args.budget <= 1:
@@ -48,31 +54,35 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [torch.randint(1, args.vocab, (int(n),), generator=g) for n in lens]
     lens = lens.tolist()
 
-    table, rows = {}, {}
-    for pack in (True, False):
-        s = Sampler(model, policy, budget=args.budget, max_batch=args.batch, prefill_tokens=args.prefill_tokens,
-                    pack_prompts=pack)
-        groups = [[lens[i] for i in grp] for grp in s._prefill_groups(lens)]
-        # token slots the model runs, real or padding: rows x the call's longest prompt
-        rows[pack] = sum((first_fit_decreasing(grp, max(grp))[2] if pack else len(grp)) * max(grp) for grp in groups)
-        rows[(pack, "calls")] = len(groups)
+    if args.chunk is None:
+        ways = (("packed (sampler)", dict(pack_prompts=True, prefill_tokens=args.prefill_tokens)),
+                ("right-padded (baseline)", dict(pack_prompts=False, prefill_tokens=args.prefill_tokens)))
+    else:
+        ways = (("chunks batched (sampler)", dict(prefill_chunk=args.chunk, prefill_tokens=args.prefill_tokens)),
+                ("one sequence a call (baseline)", dict(prefill_chunk=args.chunk, prefill_tokens=1)))
+    table = {}
+    for name, kwargs in ways:
+        s = Sampler(model, policy, budget=args.budget, max_batch=args.batch, **kwargs)
+        shapes, real = [], s._forward_last  # the model calls of the prefill, as they ran
+        s._forward_last = lambda ids, *a, real=real, shapes=shapes: shapes.append(ids.shape) or real(ids, *a)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        table[pack] = random_llama.timed(lambda: s.generate(prompts, 1, seed=0), args.repeats, device)
-        if device == "cuda":
-            table[(pack, "peak")] = torch.cuda.max_memory_allocated() / 2**30
+        seconds = random_llama.timed(lambda: s.generate(prompts, 1, seed=0), args.repeats, device)
+        calls = shapes[: len(shapes) // (args.repeats + 1)]  # one generate's
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+        table[name] = (len(calls), sum(n * w for n, w in calls), seconds, peak)
 
     real = sum(lens) / (args.batch * args.max_len)
+    how = "packed vs right-padded" if args.chunk is None else f"chunks of {args.chunk}"
     print(f"{device} {args.dtype}: Llama hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} "
           f"heads; {args.batch} prompts of {min(lens)}-{max(lens)} tokens ({real:.0%} of a padded batch is real), "
-          f"{args.policy} at {args.budget:.0%}; generate(prompts, 1), median of {args.repeats}")
-    cols = ["prefill", "calls", "slots (real)", "s", "vs padded"] + (["peak GiB"] if device == "cuda" else [])
+          f"{args.policy} at {args.budget:.0%}; {how}; generate(prompts, 1), median of {args.repeats}")
+    cols = ["prefill", "calls", "slots (real)", "s", "vs baseline"] + (["peak GiB"] if device == "cuda" else [])
     print("| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
-    for pack, name in ((True, "packed (sampler)"), (False, "right-padded (baseline)")):
-        mem = f" {table[(pack, 'peak')]:.2f} |" if device == "cuda" else ""
-        print(f"| {name} | {rows[(pack, 'calls')]} | {rows[pack]} ({sum(lens) / rows[pack]:.0%}) | {table[pack]:.3f} | "
-              f"{table[False] / table[pack]:.2f}x |{mem}")
-
+    base = table[ways[1][0]][2]
+    for name, (calls, slots, seconds, peak) in table.items():
+        mem = "" if peak is None else f" {peak:.2f} |"
+        print(f"| {name} | {calls} | {slots} ({sum(lens) / slots:.0%}) | {seconds:.3f} | {base / seconds:.2f}x |{mem}")
 
 if __name__ == "__main__":
     main()
