@@ -180,10 +180,7 @@ class _SamplerContext:
         if s.policy.deterministic:  # a repeat would evict the same slots: copy the survivors
             s._evict(self.rows, self.lengths, True, layers=[layer])
             if dst:
-                cache.fork(layer, src, dst)
-                pairs = to_device([src, dst], k.device, torch.int64)
-                scores[pairs[1]] = scores[pairs[0]]
-                s.evicted_at[pairs[1], layer] = s.evicted_at[pairs[0], layer]
+                s._copy_rows(layer, src, dst)
             return out
         # Otherwise each repeat chooses on its own from the whole prompt: copies go a batch
         # at a time, each batch evicted before the next is copied.
@@ -264,7 +261,9 @@ class Sampler:
         share_prompts: prefill each distinct prompt once and give its repeats (the samples of
             a GRPO group) a copy of its cache, layer by layer: with a deterministic policy a
             copy of its survivors (it is evicted once), otherwise of the whole prompt, each
-            copy then evicted on its own. Whole-prompt prefill only (not with ``prefill_chunk``).
+            copy then evicted on its own. With ``prefill_chunk``, deterministic policies only
+            (a copy of what survived the last chunk); under a stochastic one every sequence
+            runs its chunks, choosing on its own at every boundary.
         pack_prompts: a whole-prompt prefill call whose prompts differ in length runs them
             packed end to end in rows as wide as its longest prompt (longest first, each in the
             first row with room; positions restart per prompt, and the shadow mask keeps each
@@ -387,6 +386,14 @@ class Sampler:
                 raise RuntimeError(f"{self.policy!r} kept {keep.sum(-1).tolist()} slots per head, expected {n_keep}")
             if self.policy.needs_scores and self.policy.reset_scores_after_evict:
                 scores[idx] = 0.0
+
+    def _copy_rows(self, layer: int, src: list[int], dst: list[int]) -> None:
+        """Gives each (empty) sequence ``dst[i]`` a copy of sequence ``src[i]`` in ``layer``: its
+        cache (pages of its own), its slots' scores and its eviction log."""
+        self.cache.fork(layer, src, dst)
+        pairs = to_device([src, dst], self.evicted_at.device, torch.int64)
+        self.slot_scores[layer][pairs[1]] = self.slot_scores[layer][pairs[0]]
+        self.evicted_at[pairs[1], layer] = self.evicted_at[pairs[0], layer]
 
     # ---- sampling
     @staticmethod
@@ -560,14 +567,14 @@ class Sampler:
         # Each sequence's first-token logits; sampled once, in row order, after the prefill,
         # so that the draws do not depend on how the prompts were grouped or shared.
         first = None
+        first_row: dict = {}
+        owner = [first_row.setdefault(key, b) for b, key in enumerate(keys)]  # first row with this prompt
+        repeats: dict[int, list[int]] = {a: [] for a in first_row.values()}
+        for b, a in enumerate(owner):
+            if b != a:
+                repeats[a].append(b)
+        firsts = list(repeats)
         if self.prefill_chunk is None:
-            first_row: dict = {}
-            owner = [first_row.setdefault(key, b) for b, key in enumerate(keys)]  # first row with this prompt
-            repeats: dict[int, list[int]] = {a: [] for a in first_row.values()}
-            for b, a in enumerate(owner):
-                if b != a:
-                    repeats[a].append(b)
-            firsts = list(repeats)
             limit = self._prefill_limit(plens)
             for group in self._prefill_groups([plens[a] for a in firsts], [1 + len(repeats[a]) for a in firsts]):
                 rows = [firsts[i] for i in group]
@@ -600,10 +607,15 @@ class Sampler:
         else:
             # Chunk by chunk, the sequences at the same position batched: chunk c0 of every prompt
             # longer than c0, ``_chunk_rows`` sequences a call, longest chunk first (the shorter
-            # last chunks share calls, which are as wide as their longest chunk).
+            # last chunks share calls, which are as wide as their longest chunk). With a
+            # deterministic policy a repeated prompt runs once and its repeats get a copy of what
+            # survived its last chunk: each chunk boundary would evict the same slots of a repeat.
+            # Otherwise every repeat chooses at every boundary on its own, so every sequence runs.
+            share = self.policy.deterministic
+            seqs = firsts if share else list(range(B))
             C, per_call = self.prefill_chunk, self._chunk_rows(plens)
             for c0 in range(0, max(plens), C):
-                active = sorted((b for b in range(B) if plens[b] > c0), key=lambda b: -min(plens[b] - c0, C))
+                active = sorted((b for b in seqs if plens[b] > c0), key=lambda b: -min(plens[b] - c0, C))
                 for i in range(0, len(active), per_call):
                     rows = active[i : i + per_call]
                     counts = [min(plens[b], c0 + C) - c0 for b in rows]
@@ -617,6 +629,12 @@ class Sampler:
                     if first is None:
                         first = logits.new_empty(B, logits.shape[-1])
                     first[index] = logits  # a sequence's last chunk writes last
+            if share:
+                src, dst = [a for a in firsts for _ in repeats[a]], [b for a in firsts for b in repeats[a]]
+                if dst:
+                    for layer in range(self.num_layers):
+                        self._copy_rows(layer, src, dst)
+                first = first[to_device(owner, device, torch.int64)]
         next_tok, next_lp = self._sample(first, temperature, top_p, gen, top_k)
         t1 = time.perf_counter()
 

@@ -324,6 +324,30 @@ def test_repeated_prompts_are_prefilled_once(llama, policy):
 
 @pytest.mark.parametrize("policy", [StreamingLLM(sinks=2), H2O(), SnapKV(window=4, kernel=3), RandomEvict(seed=6)],
                          ids=lambda p: type(p).__name__)
+def test_chunked_prefill_runs_a_repeated_prompt_once(llama, policy):
+    """With ``prefill_chunk`` and a deterministic policy, a GRPO group's prompt runs its chunks
+    once and its repeats get a copy of what survived the last one: the rollout equals every
+    repeat's own chunked prefill. A stochastic policy chooses at every boundary per sequence, so
+    every sequence runs."""
+    prompts = [p for p in _prompts(3, 9, 40, seed=8) for _ in range(3)]
+    kw = dict(budget=0.25, page_size=4, prefill_chunk=8)
+    shared = Sampler(llama, policy, **kw)
+    rows_run = set()
+    real = shared._forward_last
+    shared._forward_last = lambda ids, pos, ctx, *a: rows_run.update(ctx.rows) or real(ids, pos, ctx, *a)
+    a = shared.generate(prompts, 20, seed=4)
+    assert rows_run == ({0, 3, 6} if policy.deterministic else set(range(9)))
+    b = Sampler(llama, policy, share_prompts=False, **kw).generate(prompts, 20, seed=4)
+    if policy.deterministic:  # RandomEvict's draws depend on which sequences it evicts together
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.evicted_at, b.evicted_at)
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+        assert a.kv_peak_bytes <= b.kv_peak_bytes
+    shadow = token_logprobs(llama, a, "shadow")
+    assert (shadow - a.logprobs)[a.action_mask].abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("policy", [StreamingLLM(sinks=2), H2O(), SnapKV(window=4, kernel=3), RandomEvict(seed=6)],
+                         ids=lambda p: type(p).__name__)
 @pytest.mark.parametrize("share", [True, False], ids=["shared", "unshared"])
 def test_packed_prefill_matches_the_right_padded_one(llama, policy, share):
     """Prompts of different lengths run packed end to end in fewer rows (positions restarting
