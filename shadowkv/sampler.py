@@ -243,8 +243,9 @@ class Sampler:
             tokens); default ``None`` evicts whenever a sequence exceeds its budget by a page.
         prefill_chunk: prefill prompts in chunks of this many tokens, evicting at each
             chunk boundary (bounds the peak for long prompts); the chunks that start at the
-            same position run in one call, each after its own survivors. ``None``: whole
-            prompts, many per model call.
+            same position run in one call, each after its own survivors (a call of several
+            sequences holds all their chunks: ``prefill_tokens=1`` runs one a call, at the
+            lowest peak). ``None``: whole prompts, many per model call.
         prefill_tokens: with ``prefill_chunk``, the most tokens one call holds in a layer,
             counted as each sequence's survivors and chunk in whole pages (default:
             ``num_layers`` sequences' worth); at least one sequence a call. With whole

@@ -7,7 +7,7 @@ prompts differ in length runs them end to end in fewer rows, positions restartin
 and off (every prompt right-padded to its call's longest, the baseline measured in the same
 run). With ``--chunk N`` the sampler prefills in chunks of N tokens instead (``prefill_chunk``),
 the chunks that start at the same position in one call, against one sequence a call
-(``prefill_tokens=1``, how the sampler ran chunks before) as the baseline. The table gives each
+(``prefill_tokens=1``: the sampler's calls before, now in position order) as the baseline. The table gives each
 way's model calls and the token slots they ran (rows x width), with the share of them that are
 prompt tokens. The model is a random Llama built here (never downloaded); prompt lengths are
 spread evenly from ``--max-len`` down to ``--min-frac`` of it, in a shuffled order.
