@@ -96,6 +96,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", dest="page_size", type=int)
     p.add_argument("--evict-every", dest="evict_every", type=int,
                    help="evict after the prompt, then every N decode steps (default: whenever a page over budget)")
+    p.add_argument("--prefill-chunk", dest="prefill_chunk", type=int,
+                   help="prefill prompts N tokens at a time, evicting at every chunk boundary (default: whole)")
     p.add_argument("--micro-batch", dest="micro_batch", type=int,
                    help="sequences per learner forward/backward, gradients accumulated (default: a step's all)")
     p.add_argument("--steps", type=int, help=f"RL steps (default {d.steps})")

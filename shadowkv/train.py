@@ -49,6 +49,9 @@ class TrainConfig:
     # None: a sequence is evicted to its budget whenever it is a page over it; N: after the
     # prompt, then every N decode steps (Sparse-RL's schedule, DESIGN §6: 128).
     evict_every: int | None = None
+    # None: whole prompts, many per prefill call; N: prompts prefilled N tokens at a time,
+    # evicted at every chunk boundary (long prompts; the chunks at a position share a call).
+    prefill_chunk: int | None = None
     # Sequences per learner forward/backward (gradients accumulated over a step's rollouts);
     # None: all of them at once. Changes memory, not the update (up to float rounding).
     micro_batch: int | None = None
@@ -110,7 +113,7 @@ class TrainConfig:
         # GRPO's advantage is a reward minus its group's mean: a group of one learns nothing.
         need(self.algo != "grpo" or self.group_size >= 2, "group_size", "at least 2 with --algo grpo "
              "(a group of one has advantage 0)")
-        for name in ("evict_every", "micro_batch"):
+        for name in ("evict_every", "prefill_chunk", "micro_batch"):
             value = getattr(self, name)
             need(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1), name,
                  "an int >= 1 (or unset)")
@@ -197,9 +200,10 @@ def _seeded(cfg: TrainConfig, step: int, salt: int) -> torch.Generator:
 
 def make_sampler(cfg: TrainConfig, model, dense: bool) -> Sampler:
     if dense:
-        return Sampler(model, FullCache(), None, page_size=cfg.page_size, max_batch=MAX_BATCH)
+        return Sampler(model, FullCache(), None, page_size=cfg.page_size, max_batch=MAX_BATCH,
+                       prefill_chunk=cfg.prefill_chunk)
     return Sampler(model, make_policy(cfg.policy), cfg.budget, page_size=cfg.page_size, max_batch=MAX_BATCH,
-                   evict_every=cfg.evict_every)
+                   evict_every=cfg.evict_every, prefill_chunk=cfg.prefill_chunk)
 
 
 def rewards_of(task, rollout, answers) -> torch.Tensor:

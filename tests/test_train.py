@@ -189,6 +189,7 @@ def test_bad_value_len_is_a_clear_error(tmp_path, capsys):
     (["--group-size", "0"], "group_size (--group-size) must be an int >= 1"),
     (["--group-size", "1"], "group_size (--group-size) must be at least 2 with --algo grpo"),
     (["--evict-every", "0"], "evict_every (--evict-every) must be an int >= 1 (or unset)"),
+    (["--prefill-chunk", "0"], "prefill_chunk (--prefill-chunk) must be an int >= 1 (or unset)"),
     (["--lr", "-1"], "lr (--lr) must be > 0"),
     (["--gamma", "2"], "gamma (--gamma) must be in [0, 1]"),
     (["--is-reject-low", "2"], "is_reject_high (--is-reject-high) must be >= is_reject_low"),
@@ -251,21 +252,24 @@ def test_other_methods_run(tmp_path, method):
         assert max(r["mismatch_abs"] for r in rows) <= 1e-4
 
 
-def test_evict_every_sets_the_samplers_schedule(tmp_path, monkeypatch):
+def test_evict_every_and_prefill_chunk_reach_the_sampler(tmp_path, monkeypatch):
     """DESIGN §6's Sparse-RL baseline evicts on a fixed schedule (after the prompt, then every
-    N decode steps): --evict-every reaches the sampler."""
+    N decode steps): --evict-every reaches the sampler; so does --prefill-chunk, and both are
+    saved with the run."""
     import shadowkv.train as T
 
     seen, original = [], T.make_sampler
 
     def make_sampler(cfg, model, dense):
         sampler = original(cfg, model, dense)
-        seen.append((dense, sampler.evict_every))
+        seen.append((dense, sampler.evict_every, sampler.prefill_chunk))
         return sampler
 
     monkeypatch.setattr(T, "make_sampler", make_sampler)
-    train(_cfg("is", steps=1, evict_every=3), tmp_path / "run", progress=False)
-    assert (False, 3) in seen and json.loads((tmp_path / "run" / "config.json").read_text())["evict_every"] == 3
+    train(_cfg("is", steps=1, evict_every=3, prefill_chunk=8), tmp_path / "run", progress=False)
+    assert (False, 3, 8) in seen
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["evict_every"] == 3 and saved["prefill_chunk"] == 8
 
 
 def test_ppo_with_value_head_runs_and_resumes(tmp_path):
