@@ -195,19 +195,31 @@ class _SamplerContext:
         return out
 
 
+_MASS_BLOCK = 1 << 24  # float32 scores per block of queries in _attention_mass (64 MiB)
+
+
 def _attention_mass(q, k, q_offset, scale, observe):
     """Attention probability received by each key from the last ``observe`` queries (all if
     None), summed over queries and the GQA group: q ``[1, Hq, T, D]``, k ``[Hkv, n, D]`` ->
-    ``[Hkv, n]`` float32. Prefill only (the decode kernel reports this itself)."""
+    ``[Hkv, n]`` float32. Prefill only (the decode kernel reports this itself).
+
+    The queries go a block at a time, each block's scores at most ``_MASS_BLOCK`` floats: all
+    of them at once would be ``Hq x T x n`` (H2O observes every query: 8 GiB for one 8k-token
+    prompt of 32 heads)."""
     Hkv, n, _ = k.shape
-    T = q.shape[2]
+    Hq, T = q.shape[1], q.shape[2]
     first = 0 if observe is None else max(0, T - observe)
-    qo = q[0, :, first:].float()  # [Hq, t, D]
-    g = qo.shape[0] // Hkv
-    s = torch.einsum("hgtd,hnd->hgtn", qo.view(Hkv, g, -1, qo.shape[-1]), k.float()) * scale
-    pos = torch.arange(first, T, device=q.device)[:, None] + q_offset
-    s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > pos, -math.inf)
-    return torch.softmax(s, -1).sum(dim=(1, 2))
+    g = Hq // Hkv
+    kf = k.float()
+    cols = torch.arange(n, device=q.device)
+    mass = kf.new_zeros(Hkv, n)
+    step = max(1, _MASS_BLOCK // max(1, Hq * n))
+    for t0 in range(first, T, step):
+        qo = q[0, :, t0 : min(T, t0 + step)].float()  # [Hq, t, D]
+        s = torch.einsum("hgtd,hnd->hgtn", qo.reshape(Hkv, g, -1, qo.shape[-1]), kf) * scale
+        pos = torch.arange(t0, t0 + qo.shape[1], device=q.device)[:, None] + q_offset
+        mass += torch.softmax(s.masked_fill(cols[None, :] > pos, -math.inf), -1).sum(dim=(1, 2))
+    return mass
 
 
 def _refuse_logit_processing(config) -> None:

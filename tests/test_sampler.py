@@ -6,6 +6,7 @@ replay does not. Tiny random Llama/Qwen2 models, float32, CPU, fixed seeds.
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -785,3 +786,21 @@ def test_ended_sequences_leave_the_decode_batch(llama, policy, budget):
         assert torch.equal(r.evicted_at[o, ..., :n], free.evicted_at[o, ..., :n])
     logp = token_logprobs(llama, r)
     torch.testing.assert_close(logp * r.action_mask, r.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("observe", [None, 5])
+def test_prefill_attention_mass_goes_a_block_of_queries_at_a_time(monkeypatch, observe):
+    """The prefill's per-key attention mass (H2O, SnapKV) is summed over blocks of queries, so
+    that its scores never hold Hq x T x n floats at once: the same as all queries at once, a
+    float64 softmax of the causal scores."""
+    from shadowkv import sampler as S
+
+    g = torch.Generator().manual_seed(0)
+    Hq, Hkv, T, n, D, off = 6, 2, 13, 20, 8, 7
+    q, k = torch.randn(1, Hq, T, D, generator=g), torch.randn(Hkv, n, D, generator=g)
+    s = torch.einsum("hgtd,hnd->hgtn", q[0].double().view(Hkv, 3, T, D), k.double()) * 0.3
+    s = s.masked_fill(torch.arange(n)[None, :] > torch.arange(T)[:, None] + off, -math.inf)
+    want = torch.softmax(s, -1)[:, :, (0 if observe is None else T - observe):].sum(dim=(1, 2))
+    for block in (1, Hq * n * 4, 1 << 24):  # one query a block, four, all
+        monkeypatch.setattr(S, "_MASS_BLOCK", block)
+        torch.testing.assert_close(S._attention_mass(q, k, off, 0.3, observe).double(), want, rtol=1e-5, atol=1e-5)
