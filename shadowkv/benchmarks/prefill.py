@@ -84,5 +84,6 @@ def main(argv: list[str] | None = None) -> None:
         mem = "" if peak is None else f" {peak:.2f} |"
         print(f"| {name} | {calls} | {slots} ({sum(lens) / slots:.0%}) | {seconds:.3f} | {base / seconds:.2f}x |{mem}")
 
+
 if __name__ == "__main__":
     main()
