@@ -202,7 +202,8 @@ profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[
         [ -z "$so" ] || { echo "the prebuilt extension does not match these sources or does not load: building"; rm -f shadowkv/_C.cpython-312-*.so; }
         part 300 bash "$0" build
       fi
-      tests="tests/test_shadow_attention_cuda.py tests/test_paged_kv_cuda.py tests/test_cache.py tests/test_sampler_cuda.py"
+      tests="tests/test_shadow_attention_cuda.py tests/test_paged_kv_cuda.py tests/test_cache.py tests/test_sampler_cuda.py
+        tests/test_vocab_kl.py"
       # Parallel workers when pytest-xdist is there: the float64 references run on the CPU.
       xd() { $py -c "import xdist" 2>/dev/null && echo "-n $1"; }
       opts="-q -rs -p no:cacheprovider --maxfail=25 --durations=8"

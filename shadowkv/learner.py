@@ -30,6 +30,7 @@ from .ops import mask_padding, shadow_attention
 from .packing import first_fit_decreasing, token_slots
 from .policies import as_int
 from .sampler import tempered_log_softmax
+from .vocab_kl import tempered_kl
 
 METHODS = ("dense", "naive", "is", "smd")
 
@@ -396,14 +397,7 @@ def distill_kl(teacher_logits, student_logits, rollout, direction: str = "forwar
             teacher_logits, student_logits = rows.align(teacher_logits), rows.logits
         else:
             student_logits, rows = rows.to_rows(rows.logits, teacher_logits.shape[1]), None
-    t = tempered_log_softmax(teacher_logits.detach(), temperature)
-    s = tempered_log_softmax(student_logits, temperature)
-    if direction == "forward":
-        kl = (t.exp() * (t - s)).sum(-1)
-    elif direction == "reverse":
-        kl = (s.exp() * (s - t)).sum(-1)
-    else:
-        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    kl = tempered_kl(teacher_logits, student_logits, temperature, direction)  # a block of rows at a time
     if rows is not None:
         return rows.to_tokens(kl)
     return to_tokens(kl, rollout.action_mask.shape[1]) * rollout.action_mask

@@ -1,0 +1,88 @@
+"""The KL divergence of two tempered policies over the vocabulary, a block of rows at a time.
+
+SMD's per-token term is ``KL(p_teacher || p_student)`` (or the reverse) over the whole vocabulary
+for every generated token. Written with autograd ops it keeps two more ``[K, V]`` float32 tensors
+alive until the backward (the student's log-softmax and the teacher's probabilities) and makes
+four or so more at its peak (shifted and scaled logits, the difference, the product), each
+0.6 MB per token with a 150k vocabulary; its backward makes as many again.
+:func:`tempered_kl` saves only its two inputs and works a block of rows at a time, recomputing
+each block's softmaxes in the backward as fused cross-entropy kernels do: beyond the inputs, it
+holds the gradient and one block's temporaries.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Elements of a [rows, V] block: on a GPU 64 MiB of float32, few launches per block; on the CPU
+# 1 MiB, which stays in cache across a block's passes (2-core VM, K=1024, V=32000, forward +
+# backward: 0.32 s at 2^18, 0.47 s at 2^20, 1.1 s at 2^24; the plain autograd formula 0.57-0.66 s).
+BLOCK, CPU_BLOCK = 1 << 24, 1 << 18
+
+
+def _blocks(n: int, x: torch.Tensor):
+    rows = max(1, (CPU_BLOCK if x.device.type == "cpu" else BLOCK) // max(1, x.shape[-1]))
+    return ((i, min(n, i + rows)) for i in range(0, n, rows))
+
+
+def _log_probs(x: torch.Tensor, temperature: float, stats: torch.Tensor | None = None):
+    """``log_softmax(x / temperature)`` of a block ``[rows, V]`` and its per-row ``(max,
+    logsumexp)`` ``[rows, 2]``; given those, only the elementwise part. Shifted before dividing,
+    as the sampler's log-probs (``tempered_log_softmax``): no overflow at a tiny temperature."""
+    if stats is None:
+        m = x.amax(-1, keepdim=True)
+        y = (x - m) / temperature
+        stats = torch.cat([m, torch.logsumexp(y, -1, keepdim=True)], -1)
+        return y - stats[:, 1:], stats
+    return (x - stats[:, :1]) / temperature - stats[:, 1:], stats
+
+
+class _TemperedKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, teacher, student, temperature, reverse):
+        V = student.shape[-1]
+        t_all, s_all = teacher.reshape(-1, V), student.reshape(-1, V)
+        out = student.new_empty(s_all.shape[0])
+        stats = student.new_empty(2, s_all.shape[0], 2)  # each row's (max, logsumexp): the backward's
+        for a, b in _blocks(s_all.shape[0], s_all):
+            t, stats[0, a:b] = _log_probs(t_all[a:b], temperature)
+            s, stats[1, a:b] = _log_probs(s_all[a:b], temperature)
+            out[a:b] = (s.exp() * (s - t)).sum(-1) if reverse else (t.exp() * (t - s)).sum(-1)
+        ctx.save_for_backward(teacher, student, stats)
+        ctx.temperature, ctx.reverse = temperature, reverse
+        return out.view(student.shape[:-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        teacher, student, stats = ctx.saved_tensors
+        T, V = ctx.temperature, student.shape[-1]
+        t_all, s_all = teacher.reshape(-1, V), student.reshape(-1, V)
+        g_all = grad_out.reshape(-1, 1)
+        grad = torch.empty_like(s_all)
+        for a, b in _blocks(s_all.shape[0], s_all):
+            t, _ = _log_probs(t_all[a:b], T, stats[0, a:b])
+            s, _ = _log_probs(s_all[a:b], T, stats[1, a:b])
+            q = s.exp()
+            if ctx.reverse:  # d KL(q || p) / d z = q (log q - log p - KL) / T
+                d = s - t
+                d = q * (d - (q * d).sum(-1, keepdim=True))
+            else:  # d KL(p || q) / d z = (q - p) / T
+                d = q - t.exp()
+            grad[a:b] = d * (g_all[a:b] / T)
+        return None, grad.view(student.shape), None, None
+
+
+def tempered_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0,
+                direction: str = "forward") -> torch.Tensor:
+    """Per-row ``KL(p_teacher || p_student)`` (``forward``) or ``KL(p_student || p_teacher)``
+    (``reverse``), ``p = softmax(logits / temperature)``: logits ``[..., V]`` (same shape, float
+    dtype) -> ``[...]`` in their dtype. Differentiable w.r.t. the student's logits only (the
+    teacher's are detached); the backward holds no ``[..., V]`` tensor but the gradient."""
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher and student logits differ in shape: {tuple(teacher_logits.shape)} vs "
+                         f"{tuple(student_logits.shape)}")
+    teacher = teacher_logits.detach().to(student_logits.dtype)
+    return _TemperedKL.apply(teacher, student_logits, float(temperature), direction == "reverse")

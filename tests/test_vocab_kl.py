@@ -1,0 +1,84 @@
+"""tempered_kl (SMD's per-token KL over the vocabulary, a block of rows at a time): the values
+and gradients of the plain autograd formula, in float64 (gradcheck too), for both directions and
+any block size, while its graph saves nothing but its inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shadowkv import vocab_kl
+from shadowkv.vocab_kl import tempered_kl
+
+
+def _reference(t, s, temperature, direction):
+    t = torch.log_softmax(t.detach() / temperature, -1)
+    s = torch.log_softmax(s / temperature, -1)
+    return (t.exp() * (t - s)).sum(-1) if direction == "forward" else (s.exp() * (s - t)).sum(-1)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 3.0])
+@pytest.mark.parametrize("block_rows", [1, 3, None], ids=["row", "3rows", "all"])
+@pytest.mark.parametrize("shape", [(7, 11), (2, 5, 13), (0, 9)], ids=["KV", "BRV", "empty"])
+def test_values_and_gradients_are_the_autograd_formulas(monkeypatch, direction, temperature, block_rows, shape):
+    if block_rows is not None:
+        monkeypatch.setattr(vocab_kl, "CPU_BLOCK", block_rows * shape[-1])
+    g = torch.Generator().manual_seed(1)
+    t = 3 * torch.randn(shape, generator=g, dtype=torch.float64)
+    s = (3 * torch.randn(shape, generator=g, dtype=torch.float64)).requires_grad_()
+    s_ref = s.detach().clone().requires_grad_()
+    got, want = tempered_kl(t, s, temperature, direction), _reference(t, s_ref, temperature, direction)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    w = torch.randn(shape[:-1], generator=g, dtype=torch.float64)
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-10, atol=1e-12)
+    if s.numel():
+        assert torch.autograd.gradcheck(lambda x: tempered_kl(t, x, temperature, direction), (s.detach().requires_grad_(),))
+
+
+def test_the_graph_saves_only_the_inputs():
+    """The plain formula keeps two more [K, V] tensors for its backward (the student's
+    log-softmax and the teacher's probabilities); tempered_kl keeps only its inputs (the
+    student's logits, which the model's graph holds anyway, and the teacher's)."""
+    t, s = torch.randn(64, 1000), torch.randn(64, 1000, requires_grad=True)
+    inputs = {t.data_ptr(), s.data_ptr()}
+    for fn, extra in ((tempered_kl, 0), (lambda a, b: _reference(a, b, 1.0, "forward"), 2)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+            fn(t, s)
+        assert sum(x.numel() >= t.numel() and x.data_ptr() not in inputs for x in saved) == extra
+
+
+def test_the_teacher_gets_no_gradient_and_tiny_temperatures_stay_finite():
+    t = torch.randn(4, 30, requires_grad=True)
+    s = torch.randn(4, 30, requires_grad=True)
+    for direction in ("forward", "reverse"):
+        kl = tempered_kl(t, s, 1e-4, direction)
+        assert torch.isfinite(kl).all() and (kl >= -1e-6).all()
+        kl.sum().backward()
+        assert t.grad is None and torch.isfinite(s.grad).all()
+
+
+def test_bad_arguments():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="direction must be 'forward' or 'reverse'"):
+        tempered_kl(x, x, 1.0, "sideways")
+    with pytest.raises(ValueError, match="differ in shape"):
+        tempered_kl(x, torch.zeros(2, 4))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_cuda_blocks_match_the_formula(direction):
+    g = torch.Generator(device="cuda").manual_seed(2)
+    t = 3 * torch.randn(700, 50000, device="cuda", generator=g)
+    s = (3 * torch.randn(700, 50000, device="cuda", generator=g)).requires_grad_()
+    s_ref = s.detach().clone().requires_grad_()
+    got, want = tempered_kl(t, s, 0.9, direction), _reference(t, s_ref, 0.9, direction)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-4, atol=1e-6)
