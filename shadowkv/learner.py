@@ -30,7 +30,7 @@ from .ops import mask_padding, shadow_attention
 from .packing import first_fit_decreasing, token_slots
 from .policies import as_int
 from .sampler import tempered_log_softmax
-from .vocab_kl import tempered_kl
+from .vocab_kl import tempered_entropy, tempered_kl
 
 METHODS = ("dense", "naive", "is", "smd")
 
@@ -413,8 +413,7 @@ def entropy(logits, rollout, temperature: float = 1.0, count=None) -> torch.Tens
         logits = logits.logits
     else:  # [B, R, V]: the generated tokens' rows only
         m = m[:, m.shape[1] - logits.shape[1]:]
-    logp = tempered_log_softmax(logits.detach(), temperature)
-    ent = -(logp.exp() * logp).sum(-1)
+    ent = tempered_entropy(logits, temperature)  # a block of rows at a time
     if ent.dim() > 1:
         ent = ent * m
     return ent.sum() / (m.sum().clamp_min(1) if count is None else count)

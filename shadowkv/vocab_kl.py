@@ -1,4 +1,4 @@
-"""The KL divergence of two tempered policies over the vocabulary, a block of rows at a time.
+"""The KL divergence of two tempered policies over the vocabulary (and one's entropy), a block of rows at a time.
 
 SMD's per-token term is ``KL(p_teacher || p_student)`` (or the reverse) over the whole vocabulary
 for every generated token. Written with autograd ops it keeps two more ``[K, V]`` float32 tensors
@@ -86,3 +86,16 @@ def tempered_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temp
                          f"{tuple(student_logits.shape)}")
     teacher = teacher_logits.detach().to(student_logits.dtype)
     return _TemperedKL.apply(teacher, student_logits, float(temperature), direction == "reverse")
+
+
+@torch.no_grad()
+def tempered_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-row entropy of ``softmax(logits / temperature)``: ``[..., V]`` -> ``[...]``, a block
+    of rows at a time (a diagnostic: no gradient)."""
+    V = logits.shape[-1]
+    rows = logits.reshape(-1, V)
+    out = rows.new_empty(rows.shape[0])
+    for a, b in _blocks(rows.shape[0], rows):
+        logp, _ = _log_probs(rows[a:b], temperature)
+        out[a:b] = -(logp.exp() * logp).sum(-1)
+    return out.view(logits.shape[:-1])

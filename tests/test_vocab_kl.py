@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shadowkv import vocab_kl
-from shadowkv.vocab_kl import tempered_kl
+from shadowkv.vocab_kl import tempered_entropy, tempered_kl
 
 
 def _reference(t, s, temperature, direction):
@@ -36,6 +36,15 @@ def test_values_and_gradients_are_the_autograd_formulas(monkeypatch, direction, 
     torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-10, atol=1e-12)
     if s.numel():
         assert torch.autograd.gradcheck(lambda x: tempered_kl(t, x, temperature, direction), (s.detach().requires_grad_(),))
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, None], ids=["row", "3rows", "all"])
+def test_entropy_is_the_formula(monkeypatch, block_rows):
+    if block_rows is not None:
+        monkeypatch.setattr(vocab_kl, "CPU_BLOCK", block_rows * 11)
+    x = 3 * torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    logp = torch.log_softmax(x / 0.7, -1)
+    torch.testing.assert_close(tempered_entropy(x, 0.7), -(logp.exp() * logp).sum(-1), rtol=1e-12, atol=1e-12)
 
 
 def test_the_graph_saves_only_the_inputs():
