@@ -262,7 +262,8 @@ class Sampler:
             counted as each sequence's survivors and chunk in whole pages (default:
             ``num_layers`` sequences' worth); at least one sequence a call. With whole
             prompts, the most prompt tokens one prefill call holds in a layer, rounded up to
-            whole pages; bounds its activations and the KV of prompts not yet evicted. Packed (``pack_prompts``), a call's rows x its longest prompt and
+            whole pages; bounds its activations and the KV of prompts not yet evicted. Packed
+            (``pack_prompts``), a call's rows x its longest prompt and
             its sequences' own pages (repeats included) each stay within it, and so does every
             copy of its keys for the cache; right-padded, its sequences (repeats included) x its
             longest prompt. A longer prompt goes alone; so does a prompt whose repeats do not

@@ -1,4 +1,5 @@
-"""The KL divergence of two tempered policies over the vocabulary (and one's entropy), a block of rows at a time.
+"""The KL divergence of two tempered policies over the vocabulary, and one's entropy, a block
+of rows at a time.
 
 SMD's per-token term is ``KL(p_teacher || p_student)`` (or the reverse) over the whole vocabulary
 for every generated token. Written with autograd ops it keeps two more ``[K, V]`` float32 tensors
