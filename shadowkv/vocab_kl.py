@@ -38,20 +38,32 @@ def _log_probs(x: torch.Tensor, temperature: float, stats: torch.Tensor | None =
     return (x - stats[:, :1]) / temperature - stats[:, 1:], stats
 
 
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half inputs (their exponentials and sums lose too much), else their own."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row ``sum exp(a) (a - b)`` of log-probabilities, 0 for a token ``a`` gives no mass
+    (a vocabulary entry masked with -inf would otherwise give 0 * nan)."""
+    return (a.exp() * (a - b)).masked_fill(a == -torch.inf, 0.0).sum(-1)
+
+
 class _TemperedKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, teacher, student, temperature, reverse):
         V = student.shape[-1]
         t_all, s_all = teacher.reshape(-1, V), student.reshape(-1, V)
-        out = student.new_empty(s_all.shape[0])
-        stats = student.new_empty(2, s_all.shape[0], 2)  # each row's (max, logsumexp): the backward's
+        work = _work_dtype(student)
+        out = student.new_empty(s_all.shape[0], dtype=work)
+        stats = student.new_empty(2, s_all.shape[0], 2, dtype=work)  # each row's (max, logsumexp)
         for a, b in _blocks(s_all.shape[0], s_all):
-            t, stats[0, a:b] = _log_probs(t_all[a:b], temperature)
-            s, stats[1, a:b] = _log_probs(s_all[a:b], temperature)
-            out[a:b] = (s.exp() * (s - t)).sum(-1) if reverse else (t.exp() * (t - s)).sum(-1)
+            t, stats[0, a:b] = _log_probs(t_all[a:b].to(work), temperature)
+            s, stats[1, a:b] = _log_probs(s_all[a:b].to(work), temperature)
+            out[a:b] = _kl(s, t) if reverse else _kl(t, s)
         ctx.save_for_backward(teacher, student, stats)
         ctx.temperature, ctx.reverse = temperature, reverse
-        return out.view(student.shape[:-1])
+        return out.view(student.shape[:-1]).to(student.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -59,14 +71,14 @@ class _TemperedKL(torch.autograd.Function):
         teacher, student, stats = ctx.saved_tensors
         T, V = ctx.temperature, student.shape[-1]
         t_all, s_all = teacher.reshape(-1, V), student.reshape(-1, V)
-        g_all = grad_out.reshape(-1, 1)
+        g_all = grad_out.reshape(-1, 1).to(stats.dtype)
         grad = torch.empty_like(s_all)
         for a, b in _blocks(s_all.shape[0], s_all):
-            t, _ = _log_probs(t_all[a:b], T, stats[0, a:b])
-            s, _ = _log_probs(s_all[a:b], T, stats[1, a:b])
+            t, _ = _log_probs(t_all[a:b].to(stats.dtype), T, stats[0, a:b])
+            s, _ = _log_probs(s_all[a:b].to(stats.dtype), T, stats[1, a:b])
             q = s.exp()
             if ctx.reverse:  # d KL(q || p) / d z = q (log q - log p - KL) / T
-                d = s - t
+                d = (s - t).masked_fill(q == 0, 0.0)  # a token neither policy can draw: -inf - -inf
                 d = q * (d - (q * d).sum(-1, keepdim=True))
             else:  # d KL(p || q) / d z = (q - p) / T
                 d = q - t.exp()
@@ -95,8 +107,8 @@ def tempered_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Te
     of rows at a time (a diagnostic: no gradient)."""
     V = logits.shape[-1]
     rows = logits.reshape(-1, V)
-    out = rows.new_empty(rows.shape[0])
+    out = rows.new_empty(rows.shape[0], dtype=_work_dtype(rows))
     for a, b in _blocks(rows.shape[0], rows):
-        logp, _ = _log_probs(rows[a:b], temperature)
-        out[a:b] = -(logp.exp() * logp).sum(-1)
-    return out.view(logits.shape[:-1])
+        logp, _ = _log_probs(rows[a:b].to(out.dtype), temperature)
+        out[a:b] = -_kl(logp, torch.zeros_like(logp))
+    return out.view(logits.shape[:-1]).to(logits.dtype)
