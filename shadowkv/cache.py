@@ -373,31 +373,32 @@ class PagedKVCache:
         flat = lambda t: t[pages].flatten(0, 1)[:n].transpose(0, 1)  # noqa: E731
         return flat(lc.k_pages), flat(lc.v_pages), flat(lc.pos_pages)
 
+    def _slots(self, what: str, layer: int, rows: torch.Tensor, width: int | None):
+        """(the layer, ``f(pool)``): ``f`` reads a per-slot page pool (``[pages, page, Hkv, ...]``)
+        for the first ``width`` slots (default every slot) of the sequences ``rows`` in slot
+        order: ``[n, Hkv, width, ...]``, unspecified past each length (-1 table entries read
+        page 0)."""
+        lc = self._layer(layer)
+        capacity = self.max_pages_per_seq * self.page_size
+        if width is not None and not 0 <= width <= capacity:
+            raise ValueError(f"{what}: width must be in [0, {capacity}] (max_pages_per_seq * page_size), got {width}")
+        pages = self.max_pages_per_seq if width is None else -(-width // self.page_size)
+        table = lc.block_tables[rows][:, :pages].clamp(min=0).long()
+        return lc, lambda pool: pool[table].flatten(1, 2)[:, :width].transpose(1, 2)
+
     def gather_rows(self, layer: int, rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``width`` slots of the sequences ``rows`` (``[n]`` int64 on the cache's
         device) in slot order, right-padded: k, v ``[n, Hkv, width, D]``. Slots at or past a
         sequence's length hold unspecified values (another page's, or stale ones): mask them."""
-        lc = self._layer(layer)
-        capacity = self.max_pages_per_seq * self.page_size
-        if not 0 <= width <= capacity:
-            raise ValueError(f"gather_rows: width must be in [0, {capacity}] (max_pages_per_seq * page_size), "
-                             f"got {width}")
-        table = lc.block_tables[rows][:, : -(-width // self.page_size)].clamp(min=0).long()
-        flat = lambda t: t[table].flatten(1, 2)[:, :width].transpose(1, 2)  # noqa: E731
-        return flat(lc.k_pages), flat(lc.v_pages)
+        lc, read = self._slots("gather_rows", layer, rows, width)
+        return read(lc.k_pages), read(lc.v_pages)
 
     def positions(self, layer: int, rows: torch.Tensor, width: int | None = None) -> torch.Tensor:
         """Positions held by the first ``width`` slots (default: every slot, ``max_pages_per_seq
         * page_size``) of the sequences ``rows`` (``[n]`` int64 on the cache's device):
         ``[n, Hkv, width]`` int32, -1 past each length."""
-        lc = self._layer(layer)
-        capacity = self.max_pages_per_seq * self.page_size
-        if width is not None and not 0 <= width <= capacity:
-            raise ValueError(f"positions: width must be in [0, {capacity}] (max_pages_per_seq * page_size), got {width}")
-        pages = self.max_pages_per_seq if width is None else -(-width // self.page_size)
-        table = lc.block_tables[rows][:, :pages]
-        pos = lc.pos_pages[table.clamp(min=0).long()]  # [n, pages, page, Hkv]
-        pos = pos.flatten(1, 2).transpose(1, 2)[..., :width]
+        lc, read = self._slots("positions", layer, rows, width)
+        pos = read(lc.pos_pages)
         slot = torch.arange(pos.shape[-1], device=pos.device)
         return pos.masked_fill(slot >= lc.seq_lens[rows][:, None, None], -1)
 
