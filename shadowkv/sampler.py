@@ -635,8 +635,8 @@ class Sampler:
                     index = to_device(rows, device, torch.int64)
                     # A shorter (last) chunk is padded with the tokens after its prompt: pad_token_id.
                     ids = tokens[index, c0 : c0 + max(counts)]
-                    pos = torch.arange(c0, c0 + ids.shape[1], dtype=torch.int32, device=device).expand_as(ids)
-                    ctx = _SamplerContext(self, rows, pos.contiguous(), "chunk", observe, [c0 + c for c in counts],
+                    pos = torch.arange(c0, c0 + ids.shape[1], dtype=torch.int32, device=device).repeat(len(rows), 1)
+                    ctx = _SamplerContext(self, rows, pos, "chunk", observe, [c0 + c for c in counts],
                                           index=index, counts=counts)  # evicts per layer
                     logits = self._forward_last(ids, pos, ctx, to_device([c - 1 for c in counts], device, torch.int64))
                     if first is None:

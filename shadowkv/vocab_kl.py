@@ -43,8 +43,9 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-row ``sum exp(a) (a - b)`` of log-probabilities, 0 for a token ``a`` gives no mass
+def _kl(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+    """Per-row ``sum exp(a) (a - b)`` of log-probabilities (``b = 0``: minus the entropy of
+    ``a``), 0 for a token ``a`` gives no mass
     (a vocabulary entry masked with -inf would otherwise give 0 * nan)."""
     return (a.exp() * (a - b)).masked_fill(a == -torch.inf, 0.0).sum(-1)
 
@@ -110,5 +111,5 @@ def tempered_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Te
     out = rows.new_empty(rows.shape[0], dtype=_work_dtype(rows))
     for a, b in _blocks(rows.shape[0], rows):
         logp, _ = _log_probs(rows[a:b].to(out.dtype), temperature)
-        out[a:b] = -_kl(logp, torch.zeros_like(logp))
+        out[a:b] = -_kl(logp, 0.0)
     return out.view(logits.shape[:-1]).to(logits.dtype)
