@@ -21,8 +21,11 @@ _CONTEXT: contextvars.ContextVar = contextvars.ContextVar("shadowkv_attention", 
 
 
 class AttentionContext(Protocol):
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]`` (after RoPE) -> ``[B, Hq, T, D]``."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               window: int | None = None) -> torch.Tensor:
+        """q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]`` (after RoPE) -> ``[B, Hq, T, D]``.
+        ``window``: the layer's sliding window (transformers' ``sliding_window``: a query at
+        position ``i`` sees keys at positions ``i - window < j <= i``), None for full attention."""
 
 
 @contextlib.contextmanager
@@ -50,14 +53,14 @@ def _shadowkv_attention_forward(module, query, key, value, attention_mask, dropo
         # sin) promotes q and k back to float32: attend in the autocast dtype, as SDPA would.
         dtype = torch.get_autocast_dtype(device)
         query, key, value = (t.to(dtype) for t in (query, key, value))
-    out = ctx.attend(module.layer_idx, query, key, value, scale)
+    out = ctx.attend(module.layer_idx, query, key, value, scale, _window(kwargs.get("sliding_window")))
     return out.transpose(1, 2).contiguous(), None
 
 
 def _refuse_unsupported(dropout, kwargs) -> None:
     """What a model asks of its attention beyond softmax(scale q k^T) v with the causal (or
     shadow) mask changes its outputs; the sampler and the learner would silently compute another
-    model's log-probs, so they refuse. (Sliding windows: :func:`check_length`.)"""
+    model's log-probs, so they refuse."""
     if dropout:
         what = f"attention dropout ({dropout}; the model is in training mode with attention_dropout > 0)"
     elif kwargs.get("softcap") is not None:
@@ -89,27 +92,34 @@ def _register() -> None:
 
 
 def install(model: torch.nn.Module) -> torch.nn.Module:
-    """Selects the ``shadowkv`` attention on a transformers causal LM (Llama/Qwen2/Qwen3/Mistral
+    """Selects the ``shadowkv`` attention on a transformers causal LM (Llama/Qwen2/Qwen3/Mistral/Gemma 3
     families); returns the model."""
     _register()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
 
 
-def check_length(model, length: int) -> None:
-    """Sliding-window attention (Mistral/Qwen2 configs that enable it) is not replayed by the
-    shadow mask; refuse sequences long enough for the window to matter rather than return
-    silently different attention."""
-    cfg = model.config
-    window = getattr(cfg, "sliding_window", None)
-    enabled = getattr(cfg, "use_sliding_window", True)
-    layer_types = getattr(cfg, "layer_types", None)
-    if layer_types is not None:  # per layer (Qwen2 slides only from max_window_layers on; Gemma 2 every other)
-        enabled = enabled and any(t == "sliding_attention" for t in layer_types)
-    if window and enabled and length > window:
-        raise NotImplementedError(
-            f"shadowkv: the model uses sliding-window attention ({window} tokens) and this sequence has "
-            f"{length}; sliding windows are not supported yet")
+def _window(window) -> int | None:
+    """A layer's ``sliding_window`` kwarg (transformers passes it to the attention of sliding
+    layers, None elsewhere) as a positive int, or None."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise NotImplementedError(f"shadowkv: sliding_window={window!r} is not a positive number of tokens")
+    return window
+
+
+def window_log(log: torch.Tensor, window: int | None, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """A shadow mask ``log [..., L]`` (int32, in query-index space) with a sliding window laid
+    over it: key ``j`` is also evicted where the queries stop seeing it, ``positions[..., j] +
+    window`` (default positions: the key index ``j``, so query ``i`` sees it while ``i - j <
+    window``, transformers' rule). Returns ``log`` itself without a window."""
+    if window is None:
+        return log
+    if positions is None:
+        positions = torch.arange(log.shape[-1], device=log.device, dtype=torch.int32)
+    limit = positions.to(torch.int64) + window  # int64: no overflow near NEVER_EVICTED
+    return torch.minimum(log.to(torch.int64), limit).to(torch.int32)
 
 
 def model_geometry(model) -> tuple[int, int, int, int]:

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from .attention import attention_context, check_length, install
+from .attention import attention_context, install, window_log
 from .ops import mask_padding, shadow_attention
 from .packing import first_fit_decreasing, token_slots
 from .policies import as_int
@@ -37,14 +37,16 @@ METHODS = ("dense", "naive", "is", "smd")
 
 class _ReplayContext:
     """The learner's attention: every layer attends with its slice of ``log``
-    ``[B, layers, Hkv, L]`` int32 (a shadow mask; stride 0 over layers and heads is fine)."""
+    ``[B, layers, Hkv, L]`` int32 (a shadow mask; stride 0 over layers and heads is fine), a
+    sliding layer with its window laid over it. Key and query indices of one sequence differ by
+    as much as their positions, packed (``_Packing``) or not, so the window applies by index."""
 
     def __init__(self, log: torch.Tensor):
         self.log = log
 
-    def attend(self, layer, q, k, v, scale):
+    def attend(self, layer, q, k, v, scale, window=None):
         ev = self.log[:, layer, :, : k.shape[2]].to(k.device)  # a no-op unless the model spans devices
-        return shadow_attention(q, k, v, ev, 0, scale)
+        return shadow_attention(q, k, v, window_log(ev, window), 0, scale)
 
 
 def _dense_log(ends: torch.Tensor, layers: int, kv_heads: int) -> torch.Tensor:
@@ -214,7 +216,6 @@ def replay_rows(model, rollout, mask: str = "shadow", return_hidden: bool = Fals
     install(model)
     tokens = rollout.tokens
     B, T = tokens.shape
-    check_length(model, T)
     _, layers, kv_heads, _ = rollout.evicted_at.shape
     packing = None
     n = inputs_per_sequence(rollout)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import attention_context, check_length, install, model_geometry
+from .attention import attention_context, install, model_geometry, window_log
 from .cache import PagedKVCache, to_device
 from .ops import NEVER_EVICTED, shadow_attention
 from .packing import PackedPrompts, first_fit_decreasing
@@ -94,8 +94,9 @@ class _SamplerContext:
                  observe: int | None = None, lengths: list[int] | None = None,
                  forks: tuple[list[int], list[int]] = ([], []), fork_batch: int = 1,
                  index: torch.Tensor | None = None, packing: PackedPrompts | None = None,
-                 counts: list[int] | None = None):
+                 counts: list[int] | None = None, last: int = 0):
         self.s, self.rows, self.positions, self.mode, self.observe = sampler, rows, positions, mode, observe
+        self.last = last  # "decode": the largest query position (on the host)
         self.lengths, self.index, self.packing, self.counts = lengths, index, packing, counts
         if mode == "chunk":  # each chunk's end, counted from the survivors
             self.ends = to_device(counts, positions.device, torch.int32)
@@ -103,14 +104,18 @@ class _SamplerContext:
         # stochastic policy copied and evicted fork_batch rows at a time
         self.forks, self.fork_batch = forks, fork_batch
 
-    def attend(self, layer, q, k, v, scale):
+    def attend(self, layer, q, k, v, scale, window=None):
+        if window is not None:
+            self.s.windows[layer] = window
         if self.mode == "prompts":
-            return self._prompts(layer, q, k, v, scale)
+            return self._prompts(layer, q, k, v, scale, window)
         if self.mode == "chunk":
-            return self._chunk(layer, q, k, v, scale)
+            return self._chunk(layer, q, k, v, scale, window)
         s, cache = self.s, self.s.cache
         B = q.shape[0]
         cache.append(layer, k, v, self.positions, self.lengths, rows=self.rows, index=self.index)
+        if window is not None and self.last >= window:  # some cached key may have left the window
+            return self._windowed_decode(layer, q, scale, window)
         rows = self.rows if self.index is None else self.index
         scores = s.slot_scores[layer]
         step_scores = scores.new_zeros((B,) + scores.shape[1:]) if s.policy.needs_scores else None
@@ -122,7 +127,30 @@ class _SamplerContext:
                 scores.index_add_(0, self.index, step_scores)
         return out[:, :, None]
 
-    def _chunk(self, layer, q, k, v, scale):
+    def _windowed_decode(self, layer, q, scale, window):
+        """A decode step of a sliding layer (q ``[n, Hq, 1, D]``, its key already cached): the
+        sequences' cached keys gathered, those at positions ``<= t - window`` masked out for the
+        query at ``t``. Evicting them instead would leave the heads of a sequence (whose
+        policies keep different positions) with different numbers of slots."""
+        s, cache = self.s, self.s.cache
+        index = self.index if self.index is not None else torch.arange(q.shape[0], device=q.device)
+        rows = range(q.shape[0]) if self.index is None else self.rows
+        lens = cache.layers[layer].lens
+        w = max(lens[b] for b in rows)
+        kc, vc = cache.gather_rows(layer, index, w)
+        kpos = cache.positions(layer, index, w)  # [n, Hkv, w], -1 past each length
+        visible = (kpos >= 0) & (kpos > self.positions[:, :1, None] - window)
+        # The query is index w - 1 (q_offset): a key it sees gets evicted_at w, the others 0.
+        ev = visible.to(torch.int32) * w
+        out = shadow_attention(q, kc, vc, ev, w - 1, scale)
+        if s.policy.needs_scores:
+            n, Hkv, _, D = kc.shape
+            logits = torch.einsum("nhgd,nhjd->nhgj", q[:, :, 0].float().reshape(n, Hkv, -1, D), kc.float()) * scale
+            mass = torch.softmax(logits.masked_fill(~visible[:, :, None], -math.inf), -1).sum(2)
+            s.slot_scores[layer][:, :, :w].index_add_(0, index, mass)
+        return out
+
+    def _chunk(self, layer, q, k, v, scale, window=None):
         """Prefill chunks of several sequences (q ``[n, Hq, T, D]``, right-padded): each chunk
         attends to its sequence's survivors and causally to itself, all read from the cache.
 
@@ -140,15 +168,18 @@ class _SamplerContext:
         kc, vc = cache.gather_rows(layer, self.index, S + T)
         ends = self.ends + S
         ev = ends[:, None, None].expand(kc.shape[:3]).contiguous()
+        if window is not None:  # the query at slot S + i is at position c0 + i
+            slots = cache.positions(layer, self.index, S + T) + (S - self.positions[:, :1, None])
+            ev = window_log(ev, window, slots).clamp_(min=0)
         out = shadow_attention(q, kc, vc, ev, S, scale)
         if s.policy.needs_scores:
             for i, (b, c) in enumerate(zip(rows, counts)):
                 s.slot_scores[layer][b, :, : S + c] += _attention_mass(q[i : i + 1, :, :c], kc[i, :, : S + c], S,
-                                                                      scale, self.observe)
+                                                                      scale, self.observe, ev[i, :, : S + c])
         s._evict(rows, self.lengths, True, layers=[layer])  # as in _prompts
         return out
 
-    def _prompts(self, layer, q, k, v, scale):
+    def _prompts(self, layer, q, k, v, scale, window=None):
         """Prefill of whole prompts (nothing was cached before): causal attention over their own
         keys, the keys cached, the layer evicted.
 
@@ -158,21 +189,25 @@ class _SamplerContext:
         each prompt's keys from its slots, a chunk of prompts at a time, longest first
         (``PackedPrompts.chunks``), so that no copy is larger than the packed rows."""
         s, cache, p = self.s, self.s.cache, self.packing
+        # Slots are positions (packed: both restart at each prompt), so a window applies by slot.
         if p is None:
             ev = torch.full(k.shape[:3], NEVER_EVICTED, dtype=torch.int32, device=q.device)
-            out = shadow_attention(q, k, v, ev, 0, scale)
+            out = shadow_attention(q, k, v, window_log(ev, window), 0, scale)
             cache.append(layer, k, v, self.positions, self.lengths, rows=self.rows)
         else:
-            out = shadow_attention(q, k, v, p.log(k.shape[1]), 0, scale)
+            out = shadow_attention(q, k, v, window_log(p.log(k.shape[1]), window), 0, scale)
             for members, gather, positions in p.chunks:
                 cache.append(layer, p.unpack(k, gather), p.unpack(v, gather), positions,
                              [self.lengths[i] for i in members], rows=[self.rows[i] for i in members])
         scores = s.slot_scores[layer]
         if s.policy.needs_scores:
+            own = None if window is None else window_log(torch.full((k.shape[1], max(self.lengths)), NEVER_EVICTED,
+                                                                    dtype=torch.int32, device=q.device), window)
             for i, n in enumerate(self.lengths):
                 r, first = (i, 0) if p is None else p.slot(i)
                 scores[self.rows[i], :, :n] += _attention_mass(q[r : r + 1, :, first : first + n],
-                                                               k[r, :, first : first + n], 0, scale, self.observe)
+                                                               k[r, :, first : first + n], 0, scale, self.observe,
+                                                               None if own is None else own[:, :n])
         # This layer is done with its prompt keys: evict it now, not after the last layer,
         # so that only one layer at a time holds whole prompts. Repeats of a prompt get a
         # copy of its cache (and scores, and eviction log) instead of a forward of their own.
@@ -198,10 +233,12 @@ class _SamplerContext:
 _MASS_BLOCK = 1 << 24  # float32 scores per block of queries in _attention_mass (64 MiB)
 
 
-def _attention_mass(q, k, q_offset, scale, observe):
+def _attention_mass(q, k, q_offset, scale, observe, evicted_at=None):
     """Attention probability received by each key from the last ``observe`` queries (all if
     None), summed over queries and the GQA group: q ``[1, Hq, T, D]``, k ``[Hkv, n, D]`` ->
-    ``[Hkv, n]`` float32. Prefill only (the decode kernel reports this itself).
+    ``[Hkv, n]`` float32, query ``i`` (index ``q_offset + i``) seeing keys ``j <= q_offset + i``
+    (and, with ``evicted_at [Hkv, n]``, ``q_offset + i < evicted_at[j]``: a sliding window).
+    Prefill only (the decode kernel reports this itself).
 
     The queries go a block at a time, each block's scores at most ``_MASS_BLOCK`` floats: all
     of them at once would be ``Hq x T x n`` (H2O observes every query: 8 GiB for one 8k-token
@@ -218,7 +255,10 @@ def _attention_mass(q, k, q_offset, scale, observe):
         qo = q[0, :, t0 : min(T, t0 + step)].float()  # [Hq, t, D]
         s = torch.einsum("hgtd,hnd->hgtn", qo.reshape(Hkv, g, -1, qo.shape[-1]), kf) * scale
         pos = torch.arange(t0, t0 + qo.shape[1], device=q.device)[:, None] + q_offset
-        mass += torch.softmax(s.masked_fill(cols[None, :] > pos, -math.inf), -1).sum(dim=(1, 2))
+        hidden = cols[None, :] > pos
+        if evicted_at is not None:
+            hidden = hidden | (pos >= evicted_at[:, None, None, :])
+        mass += torch.softmax(s.masked_fill(hidden, -math.inf), -1).sum(dim=(1, 2))
     return mass
 
 
@@ -242,7 +282,7 @@ class Sampler:
     """Generates with a compressed KV cache and logs every eviction.
 
     Args:
-        model: a transformers causal LM (Llama/Qwen2/Qwen3/Mistral families); its attention
+        model: a transformers causal LM (Llama/Qwen2/Qwen3/Mistral/Gemma 3 families); its attention
             implementation is switched to ``shadowkv`` (plain SDPA outside the sampler).
         policy: which tokens to keep (:mod:`shadowkv.policies`).
         budget: live tokens per sequence and layer: int, or float fraction of the current
@@ -440,7 +480,7 @@ class Sampler:
     def _forward_last(self, ids, positions, ctx, last: torch.Tensor, last_row: torch.Tensor | None = None):
         """Logits at column ``last[b]`` of row ``b`` (of row ``last_row[b]`` when given) only:
         the LM head on B positions, not on B x L (``[B, L, vocab]`` logits of a prefill can be
-        gigabytes). The supported families (Llama, Qwen2, Qwen3, Mistral) apply the output
+        gigabytes). The supported families (Llama, Qwen2, Qwen3, Mistral, Gemma 3) apply the output
         embedding and nothing after it, which is what the causal-LM forward does for them too
         (models that do more are refused: :func:`_refuse_logit_processing`)."""
         with attention_context(ctx):
@@ -556,7 +596,6 @@ class Sampler:
         prompts = [p.to(device) for p in prompts]
         plens = [p.numel() for p in prompts]
         T = max(plens) + max_new_tokens
-        check_length(self.model, T)
         if seed is None:
             seed = torch.Generator().seed() % 2**63  # fresh entropy, global RNG untouched
         # On the model's device: a CPU generator would take the probabilities to the host each
@@ -565,6 +604,7 @@ class Sampler:
         self.policy.reset(seed)
 
         self.cache = self._new_cache(B, plens, max_new_tokens)
+        self.windows: dict[int, int] = {}  # sliding layers' windows, as the model's attention reports them
         slots = self.cache.max_pages_per_seq * self.page_size
         self.slot_scores = [torch.zeros(B, self.num_kv_heads, slots, device=device) for _ in range(self.num_layers)]
         self.evicted_at = torch.full((B, self.num_layers, self.num_kv_heads, T), NEVER_EVICTED, dtype=torch.int32,
@@ -693,14 +733,15 @@ class Sampler:
                 self._evict(running, [cur_host[b] for b in running], force=True)
             pos = cur.to(torch.int32)[:, None]
             if run_index is None:
-                ctx = _SamplerContext(self, slice(0, B), pos, "decode", lengths=[1] * B)
+                ctx = _SamplerContext(self, slice(0, B), pos, "decode", lengths=[1] * B, last=max(cur_host))
                 logits = self._forward(next_tok[:, None], pos, ctx)
             else:
                 # The running rows only. The ended rows get logits of 0: every row still draws,
                 # so that a sequence's draws do not depend on when the others end (what an ended
                 # row draws is not recorded).
                 pos = pos[run_index]
-                ctx = _SamplerContext(self, running, pos, "decode", lengths=[1] * len(running), index=run_index)
+                ctx = _SamplerContext(self, running, pos, "decode", lengths=[1] * len(running), index=run_index,
+                                      last=max(cur_host[b] for b in running))
                 run_logits = self._forward(next_tok[run_index, None], pos, ctx)
                 logits = run_logits.new_zeros(B, run_logits.shape[-1]).index_copy_(0, run_index, run_logits)
             cur += 1
@@ -711,6 +752,9 @@ class Sampler:
         self.cache.verify()  # an op that ran unchecked on the GPU and rejected a value surfaces here
         lens = torch.tensor(plens, device=device) + action.sum(-1)
         T_used = int(lens.max())
+        for layer, window in self.windows.items():  # keys a sliding layer's window hid from later tokens
+            hid = self.evicted_at[:, layer, :, : max(0, T_used - window)]
+            hid.copy_(window_log(hid, window))
         p = next(self.model.parameters())
         dense = int(lens.sum()) * self.num_layers * self.num_kv_heads * 2 * self.head_dim * p.element_size()
         n_gen = int(action.sum())

@@ -701,34 +701,6 @@ def test_attention_features_shadowkv_does_not_implement_are_refused(tmp_path):
         Sampler(model, StreamingLLM(), budget=8)
 
 
-def test_sliding_window_models_are_refused_past_the_window(tmp_path):
-    model = tiny_model(tmp_path, "mistral")
-    model.config.sliding_window = 16
-    with pytest.raises(NotImplementedError, match="sliding"):
-        Sampler(model, StreamingLLM(), budget=8).generate(_prompts(1, 10, 10), 10)
-
-
-@pytest.mark.parametrize("window_layers, slides", [(0, True), (2, False)])
-def test_sliding_window_is_refused_only_where_a_layer_slides(tmp_path, window_layers, slides):
-    """Qwen2 slides from layer ``max_window_layers`` on (its ``layer_types``): with none sliding,
-    long sequences run and replay; with any, they are refused."""
-    torch.manual_seed(0)
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, use_sliding_window=True, sliding_window=16,
-                      max_window_layers=window_layers)
-    model = Qwen2ForCausalLM(cfg).eval()
-    sampler = Sampler(model, StreamingLLM(), budget=8, page_size=4)
-    if slides:
-        with pytest.raises(NotImplementedError, match="sliding"):
-            sampler.generate(_prompts(1, 10, 10), 10)
-        return
-    rollout = sampler.generate(_prompts(1, 10, 10), 10, seed=0)
-    logp = token_logprobs(model, rollout)
-    torch.testing.assert_close(logp * rollout.action_mask, rollout.logprobs, atol=1e-5, rtol=0)
-
-
 @pytest.mark.parametrize("policy, budget", [(FullCache(), None), (StreamingLLM(), 8)], ids=["full", "streaming"])
 def test_an_ended_sequence_gives_its_pages_back_and_stops_evicting(llama, policy, budget):
     """Once the host sees a sequence's EOS, its pages go back to the pool and it is neither

@@ -135,3 +135,45 @@ def test_bf16_chunked_prefill_replay_matches_sampler(model, floor):
     print(f"{DEVICE} bf16 chunked prefill: max|dlogp|={err.max().item():.2e} mean={err.mean().item():.2e}")
     assert err.mean().item() <= MEAN_RATIO * floor.mean().item()
     assert err.max().item() <= max(BF16_TOL, MAX_RATIO * floor.max().item())
+
+
+@pytest.fixture(scope="module")
+def sliding_model(model, tmp_path_factory):
+    """A Qwen2 model of the same geometry whose second layer slides over 48 tokens."""
+    d = model.config.head_dim
+    m = tiny_model(tmp_path_factory.mktemp(f"qwen2-sliding-d{d}"), "qwen2", hidden=256, heads=256 // d,
+                   kv_heads=128 // d, head_dim=d, init_range=0.05, use_sliding_window=True, sliding_window=48,
+                   max_window_layers=1)
+    return m.to(device=DEVICE, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("prefill_chunk", [None, 32], ids=["whole_prefill", "chunked_prefill"])
+def test_bf16_sliding_window_replay_matches_sampler(sliding_model, prefill_chunk, floor):
+    """A sliding layer on DEVICE: windowed prefill masks, the windowed decode steps (gathered
+    keys, one-query shadow_attention, H2O's scores) and the learner's window over the log. Its
+    own FullCache rollout (nothing evicted; the window alone in the log) is a floor too: the
+    bounds take the larger of it and the Llama model's (the CPU kernels can replay a FullCache
+    rollout exactly, a floor of 0)."""
+    from shadowkv import Sampler, learner
+
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, sliding_model.config.vocab_size, (n,), generator=g) for n in (90, 10, 50)]
+    errors = {}
+    for name, policy, budget in (("floor", FullCache(), None), ("h2o", H2O(), 0.25)):
+        rollout = Sampler(sliding_model, policy, budget=budget, page_size=16, prefill_chunk=prefill_chunk).generate(
+            prompts, 100, seed=0)
+        if name == "floor":  # the window alone, in the sliding layer
+            ev = rollout.evicted_at
+            assert (ev[:, 1, :, :100] == torch.arange(100, device=ev.device) + 48).all()
+            assert (ev[:, 0] == 2**31 - 1).all()
+        with torch.no_grad():
+            errors[name] = [(learner.token_logprobs(sliding_model, rollout, mask).float() - rollout.logprobs)
+                            [rollout.action_mask].abs() for mask in ("shadow", "dense")]
+    own, (shadow, dense) = errors["floor"][0], errors["h2o"]
+    floor_max, floor_mean = (max(f(own).item(), f(floor).item()) for f in (torch.max, torch.mean))
+    print(f"{DEVICE} bf16 sliding window ({prefill_chunk=}): shadow max|dlogp|={shadow.max().item():.2e} "
+          f"mean={shadow.mean().item():.2e} (own floor {own.max().item():.2e} / {own.mean().item():.2e}), "
+          f"dense max|dlogp|={dense.max().item():.2e}")
+    assert shadow.mean().item() <= MEAN_RATIO * floor_mean
+    assert shadow.max().item() <= max(BF16_TOL, MAX_RATIO * floor_max)
+    assert dense.max().item() >= DENSE_GAP * max(shadow.max().item(), BF16_TOL / 10)
