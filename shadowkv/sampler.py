@@ -10,6 +10,7 @@ sampler used.
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from dataclasses import dataclass, field
@@ -176,7 +177,9 @@ class _SamplerContext:
             for i, (b, c) in enumerate(zip(rows, counts)):
                 s.slot_scores[layer][b, :, : S + c] += _attention_mass(q[i : i + 1, :, :c], kc[i, :, : S + c], S,
                                                                       scale, self.observe, ev[i, :, : S + c])
-        s._evict(rows, self.lengths, True, layers=[layer])  # as in _prompts
+        # As in _prompts, without sliding: the chunks of a call need as many survivors in every
+        # sequence, which the policy's budget gives and a slide's per-sequence count would not.
+        s._evict(rows, self.lengths, True, layers=[layer], slide=False)
         return out
 
     def _prompts(self, layer, q, k, v, scale, window=None):
@@ -382,20 +385,25 @@ class Sampler:
         )
 
     # ---- eviction
-    def _evict(self, rows: list[int], lengths: list[int], force: bool, layers: list[int] | None = None) -> None:
+    def _evict(self, rows: list[int], lengths: list[int], force: bool, layers: list[int] | None = None,
+               slide: bool = True) -> None:
         """Evicts the sequences ``rows`` (each layer of ``layers``, default all, to its own
         budget) before their queries at ``lengths``: one policy call and one
-        ``evict_compact`` per layer for all of them.
+        ``evict_compact`` per layer for all of them. With ``slide``, a sliding layer first
+        drops what its window hid (:meth:`_slide`), so that the budget goes to keys its
+        queries can still see.
 
         Without ``force`` a sequence waits until it exceeds its budget by a page (one
         eviction per page of decoding, not per token); the prefill and the ``evict_every``
         schedule force it.
         """
-        if self.budget is None:
-            return
         cache, device = self.cache, self.evicted_at.device
         slack = 0 if force else self.page_size
         for layer in range(self.num_layers) if layers is None else layers:
+            if slide and layer in self.windows:
+                self._slide(layer, rows, lengths, force)
+            if self.budget is None:
+                continue
             # Runs before every decode step and is due once a page: kept to list lookups (the
             # per-row budget_tokens and checked seq_len calls were a fifth of a B=64 rollout on
             # the CPU). Sequences decoding in lockstep share a few lengths, so budgets are memoised.
@@ -439,6 +447,46 @@ class Sampler:
                 raise RuntimeError(f"{self.policy!r} kept {keep.sum(-1).tolist()} slots per head, expected {n_keep}")
             if self.policy.needs_scores and self.policy.reset_scores_after_evict:
                 scores[idx] = 0.0
+
+    def _slide(self, layer: int, rows: list[int], lengths: list[int], force: bool) -> None:
+        """Evicts keys that the sliding ``layer``'s window hid from the sequences ``rows``
+        (queries from ``lengths`` on: positions ``<= length - window``). Exact, since no later
+        query sees them; it bounds a sliding layer's cache by about its window, FullCache's
+        included. The cache keeps the same number of slots in every head, while per-head
+        policies leave heads with different hidden keys: each head drops as many as the head
+        with fewest has, its oldest; the windowed decode masks the rest. Logged at ``lengths``
+        (lowered to ``j + window`` at the end of :meth:`generate`). Without ``force`` a
+        sequence slides once a page of decoding (each slide reads its positions)."""
+        window, cache, device = self.windows[layer], self.cache, self.evicted_at.device
+        last = self._slid[layer]
+        due = [(b, n) for b, n in zip(rows, lengths)
+               if n >= window and (force or n - last.get(b, -self.page_size) >= self.page_size)]
+        lc = cache.layers[layer]
+        due = [(b, n) for b, n in due if lc.lens[b] > 0]
+        if not due:
+            return
+        for b, n in due:
+            last[b] = n
+        picked, steps = (list(t) for t in zip(*due))
+        idx = to_device(picked, device, torch.int64)
+        w = max(lc.lens[b] for b in picked)
+        pos = cache.positions(layer, idx, w)  # [n, Hkv, w], -1 past each length
+        t = to_device(steps, device, torch.int32)[:, None, None]
+        hidden = (pos >= 0) & (pos <= t - window)
+        count = hidden.sum(-1).amin(-1)  # [n]: what every head of the sequence can drop
+        if not bool(count.any()):
+            return
+        # The count-th oldest hidden position of each head; the positions of a head are distinct.
+        ranked = torch.where(hidden, pos, NEVER_EVICTED).sort(-1).values
+        kth = ranked.gather(-1, (count - 1).clamp(min=0)[:, None, None].expand(-1, pos.shape[1], 1))
+        drop = hidden & (pos <= kth) & (count > 0)[:, None, None]
+        scores = self.slot_scores[layer]
+        keep = torch.arange(scores.shape[-1], device=device) < lc.seq_lens[:, None, None]
+        keep = keep.expand(-1, self.num_kv_heads, -1).clone()
+        keep[idx, :, :w] &= ~drop
+        step_of = torch.zeros(cache.max_batch, dtype=torch.int32, device=device)
+        step_of[idx] = t[:, 0, 0]
+        cache.evict(layer, keep, step_of, self.evicted_at[:, layer], scores if self.policy.needs_scores else None)
 
     def _copy_rows(self, layer: int, src: list[int], dst: list[int]) -> None:
         """Gives each (empty) sequence ``dst[i]`` a copy of sequence ``src[i]`` in ``layer``: its
@@ -605,6 +653,7 @@ class Sampler:
 
         self.cache = self._new_cache(B, plens, max_new_tokens)
         self.windows: dict[int, int] = {}  # sliding layers' windows, as the model's attention reports them
+        self._slid: dict[int, dict[int, int]] = collections.defaultdict(dict)  # layer -> row -> last slide
         slots = self.cache.max_pages_per_seq * self.page_size
         self.slot_scores = [torch.zeros(B, self.num_kv_heads, slots, device=device) for _ in range(self.num_layers)]
         self.evicted_at = torch.full((B, self.num_layers, self.num_kv_heads, T), NEVER_EVICTED, dtype=torch.int32,

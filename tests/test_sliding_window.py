@@ -122,3 +122,23 @@ def test_bad_windows_are_refused(bad):
     with pytest.raises(NotImplementedError, match="sliding_window"):
         _window(bad)
     assert _window(None) is None and _window(16) == 16
+
+
+@pytest.mark.parametrize("policy, budget", [(FullCache(), None), (H2O(), 12)], ids=["full", "h2o"])
+def test_sliding_layers_free_what_the_window_hid(tmp_path, policy, budget):
+    """A sliding layer's cache holds about its window (a page more between slides), FullCache's
+    included, so a FullCache rollout's KV peak falls; every layer of this Mistral slides."""
+    prompts = _prompts((30, 52, 11))
+    peaks = {}
+    for window in (WINDOW, None):
+        model = tiny_model(tmp_path / str(window), "mistral", sliding_window=window)
+        sampler = Sampler(model, policy, budget=budget, page_size=4)
+        rollout = sampler.generate(prompts, 40, seed=0)
+        mask = rollout.action_mask
+        torch.testing.assert_close(token_logprobs(model, rollout) * mask, rollout.logprobs, atol=2e-5, rtol=0)
+        peaks[window] = rollout.kv_peak_bytes
+        if window is not None:
+            assert all(max(layer.lens) <= WINDOW + 4 for layer in sampler.cache.layers)
+            if budget is None:
+                torch.testing.assert_close(rollout.logprobs, _model_logprobs(model, rollout), atol=2e-5, rtol=0)
+    assert peaks[WINDOW] < (0.6 if budget is None else 1.0) * peaks[None]
