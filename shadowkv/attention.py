@@ -45,7 +45,7 @@ def _shadowkv_attention_forward(module, query, key, value, attention_mask, dropo
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    _refuse_unsupported(dropout, kwargs)
+    _refuse_unsupported(module, dropout, kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     device = query.device.type
     if torch.is_autocast_enabled(device):
@@ -57,7 +57,7 @@ def _shadowkv_attention_forward(module, query, key, value, attention_mask, dropo
     return out.transpose(1, 2).contiguous(), None
 
 
-def _refuse_unsupported(dropout, kwargs) -> None:
+def _refuse_unsupported(module, dropout, kwargs) -> None:
     """What a model asks of its attention beyond softmax(scale q k^T) v with the causal (or
     shadow) mask changes its outputs; the sampler and the learner would silently compute another
     model's log-probs, so they refuse."""
@@ -67,6 +67,8 @@ def _refuse_unsupported(dropout, kwargs) -> None:
         what = f"attention logit soft-capping (softcap={kwargs['softcap']}, e.g. Gemma 2)"
     elif kwargs.get("s_aux") is not None:
         what = "learned attention sinks (s_aux, e.g. gpt-oss)"
+    elif getattr(module, "is_causal", True) is False:  # its mask lets queries see later keys
+        what = "bidirectional attention (is_causal=False, e.g. Gemma 3 with use_bidirectional_attention)"
     else:
         return
     raise NotImplementedError(f"shadowkv: the model uses {what}, which shadowkv's attention does not implement")

@@ -192,7 +192,7 @@ class _SamplerContext:
         each prompt's keys from its slots, a chunk of prompts at a time, longest first
         (``PackedPrompts.chunks``), so that no copy is larger than the packed rows."""
         s, cache, p = self.s, self.s.cache, self.packing
-        # Slots are positions (packed: both restart at each prompt), so a window applies by slot.
+        # Within a prompt, slots differ by as much as positions (packed too), so a window applies by slot.
         if p is None:
             ev = torch.full(k.shape[:3], NEVER_EVICTED, dtype=torch.int32, device=q.device)
             out = shadow_attention(q, k, v, window_log(ev, window), 0, scale)
@@ -263,6 +263,23 @@ def _attention_mass(q, k, q_offset, scale, observe, evicted_at=None):
             hidden = hidden | (pos >= evicted_at[:, None, None, :])
         mass += torch.softmax(s.masked_fill(hidden, -math.inf), -1).sum(dim=(1, 2))
     return mass
+
+
+def _prefer_visible(keep: torch.Tensor, pos: torch.Tensor, first_visible: torch.Tensor) -> torch.Tensor:
+    """A policy's ``keep [n, Hkv, w]`` (bool) with each head's kept keys that a sliding window
+    hid (positions ``pos [n, Hkv, w]`` below ``first_visible [n]``; -1 past a length) traded,
+    oldest first, for its newest visible keys not kept, as many as there are of both: every
+    head keeps as many slots, and none on a key no later query sees."""
+    valid = pos >= 0
+    hidden = valid & (pos < first_visible[:, None, None])
+    wasted, spare = keep & hidden, valid & ~hidden & ~keep
+    trades = torch.minimum(wasted.sum(-1), spare.sum(-1))[..., None]  # [n, Hkv, 1]
+
+    def first(mask, key):  # the slots of ``mask`` among the first ``trades`` by ``key`` (distinct per head)
+        rank = torch.where(mask, key, torch.iinfo(key.dtype).max).argsort(-1).argsort(-1)
+        return mask & (rank < trades)
+
+    return (keep & ~first(wasted, pos)) | first(spare, -pos)
 
 
 def _refuse_logit_processing(config) -> None:
@@ -423,8 +440,11 @@ class Sampler:
             # which grows with the rollout while the live slots stay near the budget).
             lens = [cache.seq_len(layer, b) for b in picked]
             w = max(lens)
-            keep = self.policy.select_batch(cache.positions(layer, idx, w),
-                                            scores[idx, :, :w] if self.policy.needs_scores else None, lens, n_keep)
+            pos = cache.positions(layer, idx, w)
+            keep = self.policy.select_batch(pos, scores[idx, :, :w] if self.policy.needs_scores else None, lens, n_keep)
+            if layer in self.windows:  # keys the slide could not drop in every head: not worth a slot
+                window = self.windows[layer]
+                keep = _prefer_visible(keep, pos, to_device([n - window + 1 for n in steps], device, torch.int32))
             # Every other sequence keeps all its slots: the op leaves it as it is.
             lc = cache.layers[layer]
             full = torch.arange(scores.shape[-1], device=device) < lc.seq_lens[:, None, None]

@@ -142,3 +142,35 @@ def test_sliding_layers_free_what_the_window_hid(tmp_path, policy, budget):
             if budget is None:
                 torch.testing.assert_close(rollout.logprobs, _model_logprobs(model, rollout), atol=2e-5, rtol=0)
     assert peaks[WINDOW] < (0.6 if budget is None else 1.0) * peaks[None]
+
+
+def test_kept_keys_the_window_hid_are_traded_for_visible_ones():
+    """_prefer_visible: per head, the oldest kept hidden keys (positions < 4) go, the newest
+    visible unkept ones come, as many as there are of both; the counts per head stay."""
+    from shadowkv.sampler import _prefer_visible
+
+    pos = torch.tensor([[[0, 1, 5, 6, 7, -1], [3, 0, 8, 2, 9, 10], [4, 5, 0, 6, 1, 2]]], dtype=torch.int32)
+    keep = torch.tensor([[[1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 1], [1, 1, 0, 1, 0, 0]]], dtype=torch.bool)
+    out = _prefer_visible(keep, pos, torch.tensor([4], dtype=torch.int32))
+    assert out.int().tolist() == [[[0, 0, 1, 1, 1, 0], [1, 0, 1, 0, 1, 1], [1, 1, 0, 1, 0, 0]]]
+
+
+@pytest.mark.parametrize("settings", [dict(evict_every=3), dict(budget=[5, 0.4]), dict(share_prompts=False)],
+                         ids=["evict_every", "layer_budgets", "no_sharing"])
+def test_schedules_budgets_and_sharing_replay_exactly(tmp_path, settings):
+    model = _model(tmp_path, "mistral")
+    settings = {"budget": 6, **settings}
+    prompts = _prompts() + _prompts((13,))
+    for policy in (SnapKV(window=2), RandomEvict()):
+        rollout = Sampler(model, policy, page_size=4, **settings).generate(prompts, 30, seed=0)
+        torch.testing.assert_close(token_logprobs(model, rollout) * rollout.action_mask, rollout.logprobs,
+                                   atol=2e-5, rtol=0)
+
+
+def test_bidirectional_attention_is_refused(tmp_path):
+    """Gemma 3's use_bidirectional_attention (embedding models) lets queries see later keys."""
+    fields, _ = FAMILIES["gemma3"]
+    model = tiny_model(tmp_path, "gemma3", layers=3, head_dim=16, use_bidirectional_attention=True,
+                       **{k: v for k, v in fields.items() if k not in ("layers", "head_dim")})
+    with pytest.raises(NotImplementedError, match="bidirectional"):
+        Sampler(model, FullCache(), page_size=4).generate(_prompts((5,)), 3, seed=0)
