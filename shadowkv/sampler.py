@@ -274,12 +274,14 @@ def _prefer_visible(keep: torch.Tensor, pos: torch.Tensor, first_visible: torch.
     hidden = valid & (pos < first_visible[:, None, None])
     wasted, spare = keep & hidden, valid & ~hidden & ~keep
     trades = torch.minimum(wasted.sum(-1), spare.sum(-1))[..., None]  # [n, Hkv, 1]
+    return (keep & ~_first(wasted, pos, trades)) | _first(spare, -pos, trades)
 
-    def first(mask, key):  # the slots of ``mask`` among the first ``trades`` by ``key`` (distinct per head)
-        rank = torch.where(mask, key, torch.iinfo(key.dtype).max).argsort(-1).argsort(-1)
-        return mask & (rank < trades)
 
-    return (keep & ~first(wasted, pos)) | first(spare, -pos)
+def _first(mask: torch.Tensor, key: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """The slots of ``mask`` that are among its first ``n`` (broadcast over the last dim) by
+    ``key`` (an int tensor, distinct within ``mask`` along the last dim)."""
+    rank = torch.where(mask, key, torch.iinfo(key.dtype).max).argsort(-1).argsort(-1)
+    return mask & (rank < n)
 
 
 def _refuse_logit_processing(config) -> None:
@@ -445,21 +447,13 @@ class Sampler:
             if layer in self.windows:  # keys the slide could not drop in every head: not worth a slot
                 window = self.windows[layer]
                 keep = _prefer_visible(keep, pos, to_device([n - window + 1 for n in steps], device, torch.int32))
-            # Every other sequence keeps all its slots: the op leaves it as it is.
-            lc = cache.layers[layer]
-            full = torch.arange(scores.shape[-1], device=device) < lc.seq_lens[:, None, None]
-            full = full.expand(-1, self.num_kv_heads, -1).clone()
-            full[idx, :, :w] = keep
-            step_of = torch.zeros(cache.max_batch, dtype=torch.int32, device=device)
-            step_of[idx] = to_device(steps, device, torch.int32)
             # The policy's keep counts are checked on what the op did (the new lengths it reads back
             # anyway), not before: a check before would cost a second synchronisation per layer.
             # Counts that differ between heads are rejected by the op, which leaves such a
             # sequence's slots as they were (an unchecked CUDA call also marks its length -1, and
             # the cache reports it); equal but wrong counts are compacted, then reported.
             try:
-                cache.evict(layer, full, step_of, self.evicted_at[:, layer],
-                            scores if self.policy.needs_scores else None)
+                self._keep(layer, idx, keep, to_device(steps, device, torch.int32))
             except (RuntimeError, ValueError) as err:
                 raise RuntimeError(f"evicting layer {layer} failed; {self.policy!r} kept "
                                    f"{keep.sum(-1).tolist()} slots per head, expected {n_keep}: {err}") from err
@@ -491,22 +485,24 @@ class Sampler:
         idx = to_device(picked, device, torch.int64)
         w = max(lc.lens[b] for b in picked)
         pos = cache.positions(layer, idx, w)  # [n, Hkv, w], -1 past each length
-        t = to_device(steps, device, torch.int32)[:, None, None]
-        hidden = (pos >= 0) & (pos <= t - window)
-        count = hidden.sum(-1).amin(-1)  # [n]: what every head of the sequence can drop
+        t = to_device(steps, device, torch.int32)
+        hidden = (pos >= 0) & (pos <= t[:, None, None] - window)
+        count = hidden.sum(-1).amin(-1)[:, None, None]  # [n, 1, 1]: what every head of the sequence can drop
         if not bool(count.any()):
             return
-        # The count-th oldest hidden position of each head; the positions of a head are distinct.
-        ranked = torch.where(hidden, pos, NEVER_EVICTED).sort(-1).values
-        kth = ranked.gather(-1, (count - 1).clamp(min=0)[:, None, None].expand(-1, pos.shape[1], 1))
-        drop = hidden & (pos <= kth) & (count > 0)[:, None, None]
-        scores = self.slot_scores[layer]
-        keep = torch.arange(scores.shape[-1], device=device) < lc.seq_lens[:, None, None]
-        keep = keep.expand(-1, self.num_kv_heads, -1).clone()
-        keep[idx, :, :w] &= ~drop
-        step_of = torch.zeros(cache.max_batch, dtype=torch.int32, device=device)
-        step_of[idx] = t[:, 0, 0]
-        cache.evict(layer, keep, step_of, self.evicted_at[:, layer], scores if self.policy.needs_scores else None)
+        self._keep(layer, idx, (pos >= 0) & ~_first(hidden, pos, count), t)  # each head's oldest
+
+    def _keep(self, layer: int, idx: torch.Tensor, keep: torch.Tensor, steps: torch.Tensor) -> None:
+        """Keeps the slots ``keep [n, Hkv, w]`` of the sequences ``idx`` (``[n]`` int64) in
+        ``layer``, logging the others evicted at ``steps [n]`` (int32); every other sequence
+        keeps all its slots, which the op leaves as they are."""
+        cache, scores = self.cache, self.slot_scores[layer]
+        full = torch.arange(scores.shape[-1], device=scores.device) < cache.layers[layer].seq_lens[:, None, None]
+        full = full.expand(-1, self.num_kv_heads, -1).clone()
+        full[idx, :, : keep.shape[-1]] = keep
+        step_of = torch.zeros(cache.max_batch, dtype=torch.int32, device=scores.device)
+        step_of[idx] = steps
+        cache.evict(layer, full, step_of, self.evicted_at[:, layer], scores if self.policy.needs_scores else None)
 
     def _copy_rows(self, layer: int, src: list[int], dst: list[int]) -> None:
         """Gives each (empty) sequence ``dst[i]`` a copy of sequence ``src[i]`` in ``layer``: its
