@@ -472,11 +472,9 @@ class Sampler:
         (lowered to ``j + window`` at the end of :meth:`generate`). Without ``force`` a
         sequence slides once a page of decoding (each slide reads its positions)."""
         window, cache, device = self.windows[layer], self.cache, self.evicted_at.device
-        last = self._slid[layer]
-        due = [(b, n) for b, n in zip(rows, lengths)
-               if n >= window and (force or n - last.get(b, -self.page_size) >= self.page_size)]
-        lc = cache.layers[layer]
-        due = [(b, n) for b, n in due if lc.lens[b] > 0]
+        last, lc = self._slid[layer], cache.layers[layer]
+        due = [(b, n) for b, n in zip(rows, lengths) if n >= window and lc.lens[b] > 0
+               and (force or n - last.get(b, -self.page_size) >= self.page_size)]
         if not due:
             return
         for b, n in due:
