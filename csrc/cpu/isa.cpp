@@ -12,12 +12,12 @@ namespace {
 
 // Whether the AVX2 functions may run: the CPU has AVX2 and FMA (cpuid, OS support included),
 // or the whole build targets them already (-march=native and the like: the "variants" are the
-// baseline code, which is AVX2 code).
+// baseline code, which is AVX2 code). Never in a build without variants (SHADOWKV_CPU_VARIANTS=0).
 bool cpu_has_avx2() {
 #if SHADOWKV_CPU_AVX2_VARIANT
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif SHADOWKV_CPU_VARIANTS && defined(__AVX2__) && defined(__FMA__)
   return true;
 #else
   return false;
@@ -31,7 +31,8 @@ bool cpu_has_avx512() {
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                           __builtin_cpu_supports("avx512bw");
   return has;
-#elif defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
+#elif SHADOWKV_CPU_VARIANTS && defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__AVX512BW__)
   return true;
 #else
   return false;

@@ -35,7 +35,15 @@ const char* isa_name(Isa isa);
 #define SHADOWKV_CPU_INLINE inline
 #endif
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__AVX2__)
+// SHADOWKV_CPU_VARIANTS=0 builds the baseline only: CMake sets it in sanitizer builds, whose
+// compile the variants tripled (the CPU backward alone 145 s under ASan + UBSan, 2026-11-29)
+// while they add nothing a sanitizer checks: every variant is the same source. active_isa()
+// is then the baseline, and asking for another variant throws as on a CPU without it.
+#ifndef SHADOWKV_CPU_VARIANTS
+#define SHADOWKV_CPU_VARIANTS 1
+#endif
+
+#if SHADOWKV_CPU_VARIANTS && defined(__GNUC__) && defined(__x86_64__) && !defined(__AVX2__)
 #define SHADOWKV_CPU_AVX2_VARIANT 1
 #define SHADOWKV_AVX2_FN __attribute__((target("avx2,fma"), flatten))
 #else
@@ -45,11 +53,23 @@ const char* isa_name(Isa isa);
 #define SHADOWKV_AVX2_FN
 #endif
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__AVX512F__)
+#if SHADOWKV_CPU_VARIANTS && defined(__GNUC__) && defined(__x86_64__) && !defined(__AVX512F__)
 #define SHADOWKV_CPU_AVX512_VARIANT 1
 #define SHADOWKV_AVX512_FN __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma"), flatten))
 #else
 // As for AVX2: not x86-64 GCC/Clang, or a build that targets AVX-512 already.
 #define SHADOWKV_CPU_AVX512_VARIANT 0
 #define SHADOWKV_AVX512_FN
+#endif
+
+// The function of the variant `isa` among a kernel's three. A macro, so that a build without
+// variants does not even name the other two: they are templates, and never instantiated
+// unless named. Parenthesise an argument that has a comma.
+#if SHADOWKV_CPU_VARIANTS
+#define SHADOWKV_CPU_PICK(isa, baseline, avx2, avx512)                                      \
+  ((isa) == ::shadowkv::cpu::Isa::kAvx512 ? (avx512)                                        \
+   : (isa) == ::shadowkv::cpu::Isa::kAvx2 ? (avx2)                                          \
+                                          : (baseline))
+#else
+#define SHADOWKV_CPU_PICK(isa, baseline, avx2, avx512) (baseline)
 #endif

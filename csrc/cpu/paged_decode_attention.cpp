@@ -93,9 +93,9 @@ SHADOWKV_AVX512_FN void decode_items_avx512(const PagedDecodeParams& p, int64_t 
 template <typename T>
 void decode_kernel(const PagedDecodeParams& p, const ParallelFor& pf) {
   const Isa isa = active_isa();
-  const auto items = isa == Isa::kAvx512 ? &decode_items_avx512<T>
-                     : isa == Isa::kAvx2 ? &decode_items_avx2<T>
-                                         : &decode_items<T, detail::kBaselineVecBytes>;
+  const auto items =
+      SHADOWKV_CPU_PICK(isa, (&decode_items<T, detail::kBaselineVecBytes>), &decode_items_avx2<T>,
+                        &decode_items_avx512<T>);
   pf(p.cache.batch * p.cache.num_kv_heads, [&](int64_t begin, int64_t end) { items(p, begin, end); });
 }
 

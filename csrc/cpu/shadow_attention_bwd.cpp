@@ -135,10 +135,9 @@ struct BwdContext {
     }
   }
 
-  // Runs a pass's work items over [0, n) in pf's chunks, in the variant active_isa() picked.
+  // Runs a pass's work items over [0, n) in pf's chunks (items: SHADOWKV_CPU_PICK's choice).
   using Items = void (BwdContext::*)(int64_t, int64_t) const;
-  void run(const ParallelFor& pf, int64_t n, Items baseline, Items avx2, Items avx512) const {
-    const Items items = isa == Isa::kAvx512 ? avx512 : isa == Isa::kAvx2 ? avx2 : baseline;
+  void run(const ParallelFor& pf, int64_t n, Items items) const {
     pf(n, [&](int64_t begin, int64_t end) { (this->*items)(begin, end); });
   }
 
@@ -210,8 +209,9 @@ struct BwdContext {
   }
 
   void fused_pass(const ParallelFor& pf) const {
-    run(pf, p.batch * p.num_kv_heads, &BwdContext::fused_items<detail::kBaselineVecBytes>,
-        &BwdContext::fused_items_avx2, &BwdContext::fused_items_avx512);
+    run(pf, p.batch * p.num_kv_heads,
+        SHADOWKV_CPU_PICK(isa, &BwdContext::fused_items<detail::kBaselineVecBytes>, &BwdContext::fused_items_avx2,
+                          &BwdContext::fused_items_avx512));
   }
 
   // Work items [begin, end) of the dK/dV pass, with VB-byte vectors in the tile products.
@@ -256,8 +256,9 @@ struct BwdContext {
   }
 
   void dkdv_pass(const ParallelFor& pf) const {
-    run(pf, p.batch * p.num_kv_heads * tiles.num_tiles, &BwdContext::dkdv_items<detail::kBaselineVecBytes>,
-        &BwdContext::dkdv_items_avx2, &BwdContext::dkdv_items_avx512);
+    run(pf, p.batch * p.num_kv_heads * tiles.num_tiles,
+        SHADOWKV_CPU_PICK(isa, &BwdContext::dkdv_items<detail::kBaselineVecBytes>, &BwdContext::dkdv_items_avx2,
+                          &BwdContext::dkdv_items_avx512));
   }
 
   // Work items [begin, end) of the dQ pass (one per batch x KV head x chunk of up to
@@ -308,8 +309,9 @@ struct BwdContext {
 
   void dq_pass(const ParallelFor& pf) const {
     const int64_t items = p.batch * p.num_kv_heads * head_chunks(group).count * n_qt;
-    run(pf, items, &BwdContext::dq_items<detail::kBaselineVecBytes>, &BwdContext::dq_items_avx2,
-        &BwdContext::dq_items_avx512);
+    run(pf, items,
+        SHADOWKV_CPU_PICK(isa, &BwdContext::dq_items<detail::kBaselineVecBytes>, &BwdContext::dq_items_avx2,
+                          &BwdContext::dq_items_avx512));
   }
 };
 

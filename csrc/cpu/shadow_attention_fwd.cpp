@@ -128,9 +128,8 @@ SHADOWKV_AVX512_FN void fwd_items_avx512(const ShadowAttentionParams& p, const K
 template <typename T>
 void fwd_kernel(const ShadowAttentionParams& p, const ParallelFor& pf) {
   const Isa isa = active_isa();
-  const auto items = isa == Isa::kAvx512 ? &fwd_items_avx512<T>
-                     : isa == Isa::kAvx2 ? &fwd_items_avx2<T>
-                                         : &fwd_items<T, detail::kBaselineVecBytes>;
+  const auto items =
+      SHADOWKV_CPU_PICK(isa, (&fwd_items<T, detail::kBaselineVecBytes>), &fwd_items_avx2<T>, &fwd_items_avx512<T>);
   const KeyTileBounds tiles(p, kCpuKeyTile);  // once per call, shared by every thread
   const int64_t n_qt = (p.q_len + kCpuQueryTile - 1) / kCpuQueryTile;
   const int64_t n_hc = head_chunks(p.num_q_heads / p.num_kv_heads).count;
