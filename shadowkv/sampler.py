@@ -145,10 +145,7 @@ class _SamplerContext:
         ev = visible.to(torch.int32) * w
         out = shadow_attention(q, kc, vc, ev, w - 1, scale)
         if s.policy.needs_scores:
-            n, Hkv, _, D = kc.shape
-            logits = torch.einsum("nhgd,nhjd->nhgj", q[:, :, 0].float().reshape(n, Hkv, -1, D), kc.float()) * scale
-            mass = torch.softmax(logits.masked_fill(~visible[:, :, None], -math.inf), -1).sum(2)
-            s.slot_scores[layer][:, :, :w].index_add_(0, index, mass)
+            s.slot_scores[layer][:, :, :w].index_add_(0, index, _attention_mass(q, kc, w - 1, scale, None, ev))
         return out
 
     def _chunk(self, layer, q, k, v, scale, window=None):
@@ -175,8 +172,9 @@ class _SamplerContext:
         out = shadow_attention(q, kc, vc, ev, S, scale)
         if s.policy.needs_scores:
             for i, (b, c) in enumerate(zip(rows, counts)):
-                s.slot_scores[layer][b, :, : S + c] += _attention_mass(q[i : i + 1, :, :c], kc[i, :, : S + c], S,
-                                                                      scale, self.observe, ev[i, :, : S + c])
+                s.slot_scores[layer][b, :, : S + c] += _attention_mass(
+                    q[i : i + 1, :, :c], kc[i : i + 1, :, : S + c], S, scale, self.observe, ev[i : i + 1, :, : S + c]
+                )[0]
         # As in _prompts, without sliding: the chunks of a call need as many survivors in every
         # sequence, which the policy's budget gives and a slide's per-sequence count would not.
         s._evict(rows, self.lengths, True, layers=[layer], slide=False)
@@ -209,8 +207,8 @@ class _SamplerContext:
             for i, n in enumerate(self.lengths):
                 r, first = (i, 0) if p is None else p.slot(i)
                 scores[self.rows[i], :, :n] += _attention_mass(q[r : r + 1, :, first : first + n],
-                                                               k[r, :, first : first + n], 0, scale, self.observe,
-                                                               None if own is None else own[:, :n])
+                                                               k[r : r + 1, :, first : first + n], 0, scale,
+                                                               self.observe, None if own is None else own[None, :, :n])[0]
         # This layer is done with its prompt keys: evict it now, not after the last layer,
         # so that only one layer at a time holds whole prompts. Repeats of a prompt get a
         # copy of its cache (and scores, and eviction log) instead of a forward of their own.
@@ -238,30 +236,29 @@ _MASS_BLOCK = 1 << 24  # float32 scores per block of queries in _attention_mass 
 
 def _attention_mass(q, k, q_offset, scale, observe, evicted_at=None):
     """Attention probability received by each key from the last ``observe`` queries (all if
-    None), summed over queries and the GQA group: q ``[1, Hq, T, D]``, k ``[Hkv, n, D]`` ->
-    ``[Hkv, n]`` float32, query ``i`` (index ``q_offset + i``) seeing keys ``j <= q_offset + i``
-    (and, with ``evicted_at [Hkv, n]``, ``q_offset + i < evicted_at[j]``: a sliding window).
-    Prefill only (the decode kernel reports this itself).
+    None), summed over queries and the GQA group: q ``[n, Hq, T, D]``, k ``[n, Hkv, L, D]`` ->
+    ``[n, Hkv, L]`` float32, query ``i`` (index ``q_offset + i``) seeing keys ``j <= q_offset + i``
+    (and, with ``evicted_at [n, Hkv, L]``, ``q_offset + i < evicted_at[j]``: a sliding window).
+    For prefill (the decode kernel reports this itself) and a sliding layer's masked decode.
 
     The queries go a block at a time, each block's scores at most ``_MASS_BLOCK`` floats: all
-    of them at once would be ``Hq x T x n`` (H2O observes every query: 8 GiB for one 8k-token
+    of them at once would be ``Hq x T x L`` (H2O observes every query: 8 GiB for one 8k-token
     prompt of 32 heads)."""
-    Hkv, n, _ = k.shape
+    n, Hkv, L, D = k.shape
     Hq, T = q.shape[1], q.shape[2]
     first = 0 if observe is None else max(0, T - observe)
-    g = Hq // Hkv
     kf = k.float()
-    cols = torch.arange(n, device=q.device)
-    mass = kf.new_zeros(Hkv, n)
-    step = max(1, _MASS_BLOCK // max(1, Hq * n))
+    cols = torch.arange(L, device=q.device)
+    mass = kf.new_zeros(n, Hkv, L)
+    step = max(1, _MASS_BLOCK // max(1, n * Hq * L))
     for t0 in range(first, T, step):
-        qo = q[0, :, t0 : min(T, t0 + step)].float()  # [Hq, t, D]
-        s = torch.einsum("hgtd,hnd->hgtn", qo.reshape(Hkv, g, -1, qo.shape[-1]), kf) * scale
-        pos = torch.arange(t0, t0 + qo.shape[1], device=q.device)[:, None] + q_offset
-        hidden = cols[None, :] > pos
+        qo = q[:, :, t0 : min(T, t0 + step)].float()  # [n, Hq, t, D]
+        s = torch.einsum("bhgtd,bhld->bhgtl", qo.reshape(n, Hkv, Hq // Hkv, -1, D), kf) * scale
+        pos = torch.arange(t0, t0 + qo.shape[2], device=q.device)[:, None] + q_offset
+        hidden = cols[None, :] > pos  # [t, L]
         if evicted_at is not None:
-            hidden = hidden | (pos >= evicted_at[:, None, None, :])
-        mass += torch.softmax(s.masked_fill(hidden, -math.inf), -1).sum(dim=(1, 2))
+            hidden = hidden | (pos >= evicted_at[:, :, None, None, :])  # [n, Hkv, 1, t, L]
+        mass += torch.softmax(s.masked_fill(hidden, -math.inf), -1).sum(dim=(2, 3))
     return mass
 
 

@@ -761,18 +761,27 @@ def test_ended_sequences_leave_the_decode_batch(llama, policy, budget):
 
 
 @pytest.mark.parametrize("observe", [None, 5])
-def test_prefill_attention_mass_goes_a_block_of_queries_at_a_time(monkeypatch, observe):
-    """The prefill's per-key attention mass (H2O, SnapKV) is summed over blocks of queries, so
-    that its scores never hold Hq x T x n floats at once: the same as all queries at once, a
-    float64 softmax of the causal scores."""
+@pytest.mark.parametrize("windowed", [False, True])
+def test_prefill_attention_mass_goes_a_block_of_queries_at_a_time(monkeypatch, observe, windowed):
+    """The per-key attention mass (H2O, SnapKV) is summed over blocks of queries, so that its
+    scores never hold n x Hq x T x L floats at once: the same as all queries at once, a float64
+    softmax of the causal scores (and, with a log, of the keys each query sees)."""
     from shadowkv import sampler as S
 
     g = torch.Generator().manual_seed(0)
-    Hq, Hkv, T, n, D, off = 6, 2, 13, 20, 8, 7
-    q, k = torch.randn(1, Hq, T, D, generator=g), torch.randn(Hkv, n, D, generator=g)
-    s = torch.einsum("hgtd,hnd->hgtn", q[0].double().view(Hkv, 3, T, D), k.double()) * 0.3
-    s = s.masked_fill(torch.arange(n)[None, :] > torch.arange(T)[:, None] + off, -math.inf)
-    want = torch.softmax(s, -1)[:, :, (0 if observe is None else T - observe):].sum(dim=(1, 2))
-    for block in (1, Hq * n * 4, 1 << 24):  # one query a block, four, all
+    B, Hq, Hkv, T, L, D, off = 2, 6, 2, 13, 20, 8, 7
+    q, k = torch.randn(B, Hq, T, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    ev = None
+    if windowed:  # a random log that keeps each query's own key, as every window does
+        ev = torch.randint(0, off + T + 4, (B, Hkv, L), generator=g, dtype=torch.int32)
+        ev = torch.maximum(ev, torch.arange(1, L + 1, dtype=torch.int32))
+    s = torch.einsum("bhgtd,bhld->bhgtl", q.double().view(B, Hkv, 3, T, D), k.double()) * 0.3
+    pos = torch.arange(T)[:, None] + off
+    hidden = torch.arange(L)[None, :] > pos
+    if windowed:
+        hidden = hidden | (pos >= ev[:, :, None, None, :])
+    p = torch.softmax(s.masked_fill(hidden, -math.inf), -1)
+    want = p[:, :, :, (0 if observe is None else T - observe) :].sum(dim=(2, 3))
+    for block in (1, B * Hq * L * 4, 1 << 24):  # one query a block, four, all
         monkeypatch.setattr(S, "_MASS_BLOCK", block)
-        torch.testing.assert_close(S._attention_mass(q, k, off, 0.3, observe).double(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(S._attention_mass(q, k, off, 0.3, observe, ev).double(), want, rtol=1e-5, atol=1e-5)
