@@ -92,7 +92,7 @@ SHADOWKV_AVX512_FN void decode_items_avx512(const PagedDecodeParams& p, int64_t 
 
 template <typename T>
 void decode_kernel(const PagedDecodeParams& p, const ParallelFor& pf) {
-  const Isa isa = active_isa();
+  [[maybe_unused]] const Isa isa = active_isa();  // unread in a build without variants (isa.h)
   const auto items =
       SHADOWKV_CPU_PICK(isa, (&decode_items<T, detail::kBaselineVecBytes>), &decode_items_avx2<T>,
                         &decode_items_avx512<T>);

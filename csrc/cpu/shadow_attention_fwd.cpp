@@ -127,7 +127,7 @@ SHADOWKV_AVX512_FN void fwd_items_avx512(const ShadowAttentionParams& p, const K
 
 template <typename T>
 void fwd_kernel(const ShadowAttentionParams& p, const ParallelFor& pf) {
-  const Isa isa = active_isa();
+  [[maybe_unused]] const Isa isa = active_isa();  // unread in a build without variants (isa.h)
   const auto items =
       SHADOWKV_CPU_PICK(isa, (&fwd_items<T, detail::kBaselineVecBytes>), &fwd_items_avx2<T>, &fwd_items_avx512<T>);
   const KeyTileBounds tiles(p, kCpuKeyTile);  // once per call, shared by every thread

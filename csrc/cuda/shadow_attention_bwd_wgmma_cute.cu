@@ -1,7 +1,7 @@
 // The CuTe shadow-attention backward (shadow_attention_bwd_cute.cuh) on the sm_90a family:
 // warpgroup MMAs (wgmma), one warpgroup per block, partner tiles of 64 rows; S/dP and dV/dK each
-// issued as one wgmma batch. Built only with the CuTe headers; the bodies exist only in the
-// sm_90a binary (traps elsewhere; the host asks wgmma_available first).
+// issued as one wgmma batch. Built only with the CuTe headers and 9.0a, compiled for sm_90a
+// alone (CMakeLists.txt; the host asks wgmma_available first).
 #include "shadow_attention_bwd_cute.cuh"
 #include "shadow_attention_kernels.h"
 #include "shadow_attention_wgmma.cuh"

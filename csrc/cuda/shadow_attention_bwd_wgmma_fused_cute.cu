@@ -1,6 +1,6 @@
 // The "wgmma_fused" backward: the wgmma family's dK/dV kernel computing dQ too, by atomics into
-// an fp32 workspace (shadow_attention_wgmma_fused.cuh). Built only with the CuTe headers; the
-// bodies exist only in the sm_90a binary (traps elsewhere; the host asks wgmma_available first).
+// an fp32 workspace (shadow_attention_wgmma_fused.cuh). Built only with the CuTe headers and
+// 9.0a, compiled for sm_90a alone (CMakeLists.txt; the host asks wgmma_available first).
 #include "shadow_attention_bwd_cute.cuh"
 #include "shadow_attention_kernels.h"
 #include "shadow_attention_wgmma_fused.cuh"

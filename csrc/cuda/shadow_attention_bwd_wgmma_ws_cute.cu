@@ -1,7 +1,7 @@
 // The "wgmma_wsb" backward: the warp-specialised dQ and dK/dV kernels
 // (shadow_attention_bwd_ws.cuh) on the two-warpgroup wgmma family's tiles (128 own rows, 64-row
-// partner tiles). Its forward is wgmma_ws's. Built only with the CuTe headers; the body exists
-// only in the sm_90a binary (traps elsewhere; the host asks wgmma_available first).
+// partner tiles). Its forward is wgmma_ws's. Built only with the CuTe headers and 9.0a, compiled
+// for sm_90a alone (CMakeLists.txt; the host asks wgmma_available first).
 #include "shadow_attention_bwd_ws.cuh"
 #include "shadow_attention_kernels.h"
 #include "shadow_attention_wgmma.cuh"

@@ -2,8 +2,8 @@
 // the one-pass step of shadow_attention_wgmma_fused.cuh at head_dim 128 (dQ by atomics into an
 // fp32 workspace, its columns split between the two consumer warpgroups); at head_dim 64, whose
 // column halves would start inside a swizzle atom, wgmma_wsb's two warp-specialised kernels. Its
-// forward is wgmma_ws's. Built only with the CuTe headers; the body exists only in the sm_90a
-// binary (traps elsewhere; the host asks wgmma_available first).
+// forward is wgmma_ws's. Built only with the CuTe headers and 9.0a, compiled for sm_90a alone
+// (CMakeLists.txt; the host asks wgmma_available first).
 #include "shadow_attention_bwd_ws.cuh"
 #include "shadow_attention_kernels.h"
 #include "shadow_attention_wgmma_fused.cuh"

@@ -1,7 +1,7 @@
 // The CuTe shadow-attention forward (shadow_attention_fwd_cute.cuh) on the sm_90a family:
 // warpgroup MMAs (wgmma) for H100/H200, one warpgroup per block (S = Q K^T from shared memory
-// by descriptor, O += P V with P from registers). Built only with the CuTe headers; its body is
-// compiled only for sm_90a (elsewhere it traps, and the host never picks it: wgmma_available).
+// by descriptor, O += P V with P from registers). Built only with the CuTe headers and 9.0a,
+// compiled for sm_90a alone (CMakeLists.txt; the host never picks it elsewhere: wgmma_available).
 #include "shadow_attention_fwd_cute.cuh"
 #include "shadow_attention_kernels.h"
 #include "shadow_attention_wgmma.cuh"

@@ -1,7 +1,7 @@
 // The "wgmma_ws" forward: the warp-specialised sm_90a kernel (shadow_attention_fwd_ws.cuh) on the
 // two-warpgroup wgmma family's tiles (128 query rows, 128-key tiles). Its backward is wgmma's.
-// Built only with the CuTe headers; the body exists only in the sm_90a binary (traps elsewhere;
-// the host asks wgmma_available first).
+// Built only with the CuTe headers and 9.0a, compiled for sm_90a alone (CMakeLists.txt; the host
+// asks wgmma_available first).
 #include "shadow_attention_fwd_ws.cuh"
 #include "shadow_attention_kernels.h"
 #include "shadow_attention_wgmma.cuh"

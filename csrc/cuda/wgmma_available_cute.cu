@@ -1,6 +1,7 @@
 // wgmma_available(): whether this build's sm_90a wgmma kernels (shadow_attention_{fwd,bwd}_
-// wgmma_cute.cu) run on the current device. Compiled with the same -gencode list as they are, so
-// the probe kernel below exists in (and answers for) the same binaries as their bodies.
+// wgmma_cute.cu) run on the current device. Compiled for every arch of the build (they are
+// compiled for sm_90a alone): the probe below answers 1 only from the sm_90a binary, the one a
+// 9.0 device loads when the build has it, and it is asked only on such a device.
 #include "shadow_attention_common.cuh"
 #include "shadow_attention_kernels.h"
 #ifdef SHADOWKV_HAS_SM90A  // SHADOWKV_WGMMA_BODY; without 9.0a the CuTe headers were ~16 s of compile for nothing
@@ -16,7 +17,7 @@ namespace {
 
 #ifdef SHADOWKV_HAS_SM90A  // else wgmma_available() is false without asking
 // 1 in the sm_90a build of this file, 0 in the others: what wgmma_available asks the loaded
-// binary (the wgmma kernels' bodies are traps everywhere but sm_90a).
+// binary (the wgmma kernels' own files are compiled for sm_90a alone).
 __global__ void wgmma_probe_kernel(int* out) { *out = SHADOWKV_WGMMA_BODY; }
 
 // Asks the binary the driver loaded for the current device whether it has the sm_90a body (a
