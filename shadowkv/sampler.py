@@ -441,16 +441,16 @@ class Sampler:
             w = max(lens)
             pos = cache.positions(layer, idx, w)
             keep = self.policy.select_batch(pos, scores[idx, :, :w] if self.policy.needs_scores else None, lens, n_keep)
+            at = to_device(steps, device, torch.int32)
             if layer in self.windows:  # keys the slide could not drop in every head: not worth a slot
-                window = self.windows[layer]
-                keep = _prefer_visible(keep, pos, to_device([n - window + 1 for n in steps], device, torch.int32))
+                keep = _prefer_visible(keep, pos, at - (self.windows[layer] - 1))
             # The policy's keep counts are checked on what the op did (the new lengths it reads back
             # anyway), not before: a check before would cost a second synchronisation per layer.
             # Counts that differ between heads are rejected by the op, which leaves such a
             # sequence's slots as they were (an unchecked CUDA call also marks its length -1, and
             # the cache reports it); equal but wrong counts are compacted, then reported.
             try:
-                self._keep(layer, idx, keep, to_device(steps, device, torch.int32))
+                self._keep(layer, idx, keep, at)
             except (RuntimeError, ValueError) as err:
                 raise RuntimeError(f"evicting layer {layer} failed; {self.policy!r} kept "
                                    f"{keep.sum(-1).tolist()} slots per head, expected {n_keep}: {err}") from err
