@@ -29,8 +29,7 @@ from .attention import attention_context, install, window_log
 from .ops import mask_padding, shadow_attention
 from .packing import first_fit_decreasing, token_slots
 from .policies import as_int
-from .sampler import tempered_log_softmax
-from .vocab_kl import tempered_entropy, tempered_kl
+from .vocab_kl import tempered_entropy, tempered_kl, tempered_token_logprobs
 
 METHODS = ("dense", "naive", "is", "smd")
 
@@ -268,11 +267,9 @@ def gather_logprobs(logits, rollout, temperature: float = 1.0) -> torch.Tensor:
     :class:`ReplayRows` or ``replay_logits`` output (``[B, R, V]``, the last ``R`` rows)."""
     if isinstance(logits, ReplayRows):
         targets = rollout.tokens[logits.b, logits.t]
-        logp = tempered_log_softmax(logits.logits, temperature).gather(-1, targets[:, None])[:, 0]
-        return logits.to_tokens(logp)
+        return logits.to_tokens(tempered_token_logprobs(logits.logits, targets, temperature))
     T, R = rollout.tokens.shape[1], logits.shape[1]
-    # The sampler's form (shifted first): at a temperature it samples with, no NaN here either.
-    logp = tempered_log_softmax(logits, temperature).gather(-1, rollout.tokens[:, T - R:, None])[..., 0]
+    logp = tempered_token_logprobs(logits, rollout.tokens[:, T - R:], temperature)
     return to_tokens(logp, T) * rollout.action_mask
 
 

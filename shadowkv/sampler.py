@@ -22,6 +22,7 @@ from .cache import PagedKVCache, to_device
 from .ops import NEVER_EVICTED, shadow_attention
 from .packing import PackedPrompts, first_fit_decreasing
 from .policies import POLICIES, FullCache, Policy, as_int, budget_tokens
+from .vocab_kl import tempered_log_softmax
 
 
 @dataclass
@@ -70,15 +71,6 @@ class Rollout:
         return Rollout(self.tokens[rows, c], self.prompt_lens[rows], self.action_mask[rows, c],
                        self.logprobs[rows, c], self.evicted_at[rows, ..., c], self.kv_peak_bytes,
                        self.dense_kv_bytes, self.timings)
-
-
-def tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``log_softmax(logits / temperature)`` over the last dimension, for the sampler's log-probs
-    and the learner's alike (so that a replay gives the sampler's). Shifted before dividing:
-    with a tiny temperature ``logits / T`` overflows to +-inf and the softmax of inf - inf is
-    NaN; shifted, the best logit stays 0 and the rest go to -inf. The shift is a constant per
-    row, so it is detached (log_softmax does not depend on it)."""
-    return torch.log_softmax((logits - logits.amax(-1, keepdim=True).detach()) / temperature, -1)
 
 
 class _SamplerContext:

@@ -1,5 +1,5 @@
-"""The KL divergence of two tempered policies over the vocabulary, and one's entropy, a block
-of rows at a time.
+"""The KL divergence of two tempered policies over the vocabulary, one's entropy and the
+log-probs of chosen tokens, a block of rows at a time.
 
 SMD's per-token term is ``KL(p_teacher || p_student)`` (or the reverse) over the whole vocabulary
 for every generated token. Written with autograd ops it keeps two more ``[K, V]`` float32 tensors
@@ -8,7 +8,9 @@ four or so more at its peak (shifted and scaled logits, the difference, the prod
 0.6 MB per token with a 150k vocabulary; its backward makes as many again.
 :func:`tempered_kl` saves only its two inputs and works a block of rows at a time, recomputing
 each block's softmaxes in the backward as fused cross-entropy kernels do: beyond the inputs, it
-holds the gradient and one block's temporaries.
+holds the gradient and one block's temporaries. :func:`tempered_token_logprobs`, the policy
+term's log-probs, does the same: ``log_softmax(...).gather(...)`` kept the ``[K, V]``
+log-softmax for the backward.
 """
 
 from __future__ import annotations
@@ -36,6 +38,15 @@ def _log_probs(x: torch.Tensor, temperature: float, stats: torch.Tensor | None =
         stats = torch.cat([m, torch.logsumexp(y, -1, keepdim=True)], -1)
         return y - stats[:, 1:], stats
     return (x - stats[:, :1]) / temperature - stats[:, 1:], stats
+
+
+def tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log_softmax(logits / temperature)`` over the last dimension, for the sampler's log-probs
+    and the learner's alike (so that a replay gives the sampler's). Shifted before dividing:
+    with a tiny temperature ``logits / T`` overflows to +-inf and the softmax of inf - inf is
+    NaN; shifted, the best logit stays 0 and the rest go to -inf. The shift is a constant per
+    row, so it is detached (log_softmax does not depend on it)."""
+    return torch.log_softmax((logits - logits.amax(-1, keepdim=True).detach()) / temperature, -1)
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
@@ -100,6 +111,47 @@ def tempered_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temp
                          f"{tuple(student_logits.shape)}")
     teacher = teacher_logits.detach().to(student_logits.dtype)
     return _TemperedKL.apply(teacher, student_logits, float(temperature), direction == "reverse")
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature):
+        V = logits.shape[-1]
+        x_all, idx = logits.reshape(-1, V), targets.reshape(-1, 1)
+        out = logits.new_empty(x_all.shape[0], dtype=_work_dtype(logits))
+        for a, b in _blocks(x_all.shape[0], x_all):  # the sampler's formula, row for row
+            out[a:b] = tempered_log_softmax(x_all[a:b].to(out.dtype), temperature).gather(-1, idx[a:b])[:, 0]
+        ctx.save_for_backward(logits, targets)
+        ctx.temperature = temperature
+        return out.view(targets.shape).to(logits.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        logits, targets = ctx.saved_tensors
+        T, V = ctx.temperature, logits.shape[-1]
+        x_all, idx = logits.reshape(-1, V), targets.reshape(-1, 1)
+        work = _work_dtype(logits)
+        g_all = grad_out.reshape(-1, 1).to(work) / T
+        grad = torch.empty_like(x_all)
+        for a, b in _blocks(x_all.shape[0], x_all):  # d log p_y / d z = (onehot(y) - p) / T
+            d = tempered_log_softmax(x_all[a:b].to(work), T).exp_().mul_(-g_all[a:b])
+            grad[a:b] = d.scatter_add_(-1, idx[a:b], g_all[a:b])
+        return grad.view(logits.shape), None, None
+
+
+def tempered_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log_softmax(logits / temperature).gather(-1, targets[..., None])[..., 0]``: logits
+    ``[..., V]`` (float dtype), targets ``[...]`` int64 in ``[0, V)`` -> ``[...]`` in the
+    logits' dtype (worked in float32 for half inputs), each row by the sampler's
+    :func:`tempered_log_softmax`. Differentiable w.r.t. the logits; the graph saves only the
+    logits and targets, and the backward recomputes a block of rows' softmax at a time."""
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets {tuple(targets.shape)} do not match logits {tuple(logits.shape)} "
+                         "(one target per row of logits)")
+    if targets.dtype != torch.int64:
+        raise ValueError(f"targets must be int64, got {targets.dtype}")
+    return _TokenLogProbs.apply(logits, targets, float(temperature))
 
 
 @torch.no_grad()

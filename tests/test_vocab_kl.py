@@ -1,6 +1,7 @@
-"""tempered_kl (SMD's per-token KL over the vocabulary, a block of rows at a time): the values
-and gradients of the plain autograd formula, in float64 (gradcheck too), for both directions and
-any block size, while its graph saves nothing but its inputs."""
+"""tempered_kl (SMD's per-token KL over the vocabulary, a block of rows at a time) and
+tempered_token_logprobs (the policy term's log-probs): the values and gradients of the plain
+autograd formulas, in float64 (gradcheck too), for both directions and any block size, while
+their graphs save nothing but their inputs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from shadowkv import vocab_kl
-from shadowkv.vocab_kl import tempered_entropy, tempered_kl
+from shadowkv.vocab_kl import tempered_entropy, tempered_kl, tempered_log_softmax, tempered_token_logprobs
 
 
 def _reference(t, s, temperature, direction):
@@ -94,6 +95,21 @@ def test_cuda_blocks_match_the_formula(direction):
     torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_token_logprobs_match_the_formula():
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = (3 * torch.randn(700, 50000, device="cuda", generator=g)).requires_grad_()
+    y = torch.randint(0, 50000, (700,), device="cuda", generator=g)
+    x_ref = x.detach().clone().requires_grad_()
+    got = tempered_token_logprobs(x, y, 0.9)
+    want = tempered_log_softmax(x_ref, 0.9).gather(-1, y[:, None])[:, 0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_masked_vocabulary_entries_and_half_inputs(direction):
     """A token with -inf logits in both policies (a masked vocabulary entry) adds nothing and
@@ -119,3 +135,62 @@ def test_masked_vocabulary_entries_and_half_inputs(direction):
         assert kl.dtype == dtype and torch.isfinite(kl).all()
         kl.sum().backward()
         assert torch.isfinite(h.grad).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 3.0])
+@pytest.mark.parametrize("block_rows", [1, 3, None], ids=["row", "3rows", "all"])
+@pytest.mark.parametrize("shape", [(7, 11), (2, 5, 13), (0, 9)], ids=["KV", "BRV", "empty"])
+def test_token_logprobs_are_the_gathered_log_softmax(monkeypatch, temperature, block_rows, shape):
+    """The same values, bit for bit, as the sampler's log-softmax gathered (the replay must give
+    the sampler's log-probs), and the same gradient, whatever the block size."""
+    if block_rows is not None:
+        monkeypatch.setattr(vocab_kl, "CPU_BLOCK", block_rows * shape[-1])
+    g = torch.Generator().manual_seed(5)
+    x = (3 * torch.randn(shape, generator=g, dtype=torch.float64)).requires_grad_()
+    y = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    x_ref = x.detach().clone().requires_grad_()
+    got = tempered_token_logprobs(x, y, temperature)
+    want = tempered_log_softmax(x_ref, temperature).gather(-1, y[..., None])[..., 0]
+    assert got.shape == y.shape and got.dtype == torch.float64 and torch.equal(got, want)
+    w = torch.randn(shape[:-1], generator=g, dtype=torch.float64)
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-14)
+    if x.numel():
+        z = x.detach().requires_grad_()
+        assert torch.autograd.gradcheck(lambda z: tempered_token_logprobs(z, y, temperature), (z,))
+    f32 = x.detach().float()
+    assert torch.equal(tempered_token_logprobs(f32, y, temperature),
+                       tempered_log_softmax(f32, temperature).gather(-1, y[..., None])[..., 0])
+
+
+def test_token_logprobs_save_only_the_inputs_and_take_masks_halves_and_tiny_temperatures():
+    x, y = torch.randn(64, 1000, requires_grad=True), torch.randint(0, 1000, (64,))
+    for fn, extra in ((tempered_token_logprobs, 0), (lambda a, b: tempered_log_softmax(a, 1.0).gather(-1, b[:, None]), 1)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            fn(x, y)
+        assert len({t.data_ptr() for t in saved if t.numel() >= x.numel()} - {x.data_ptr()}) == extra
+    # A masked vocabulary entry (-inf) gets no gradient; a tiny temperature stays finite.
+    g = torch.Generator().manual_seed(6)
+    m = torch.randn(3, 9, generator=g).masked_fill(torch.arange(9) % 4 == 0, -torch.inf).requires_grad_()
+    for temperature in (1.0, 1e-4):
+        m.grad = None
+        logp = tempered_token_logprobs(m, torch.tensor([1, 2, 3]), temperature)
+        assert torch.isfinite(logp).all() and (logp <= 0).all()
+        logp.sum().backward()
+        assert torch.isfinite(m.grad).all() and (m.grad[:, ::4] == 0).all()
+    for dtype in (torch.float16, torch.bfloat16):
+        h = (1e4 * torch.randn(4, 30, generator=g)).to(dtype).requires_grad_()
+        logp = tempered_token_logprobs(h, torch.arange(4), 0.8)
+        assert logp.dtype == dtype and torch.isfinite(logp).all()
+        logp.sum().backward()
+        assert h.grad.dtype == dtype and torch.isfinite(h.grad).all()
+
+
+def test_token_logprobs_bad_arguments():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="one target per row"):
+        tempered_token_logprobs(x, torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="must be int64"):
+        tempered_token_logprobs(x, torch.zeros(2, dtype=torch.int32))
