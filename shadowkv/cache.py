@@ -101,6 +101,8 @@ class PagedKVCache:
         for name, value in sizes.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"PagedKVCache: {name} must be an int >= 1, got {value!r}")
+        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):  # what the ops take
+            raise TypeError(f"PagedKVCache: dtype must be float32, float64, bfloat16 or float16, got {dtype!r}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.num_pages, self.page_size, self.max_batch = num_pages, page_size, max_batch
         self.max_pages_per_seq = sizes["max_pages_per_seq"]
@@ -147,9 +149,13 @@ class PagedKVCache:
         self._peak_pages = self.pages_in_use()
 
     def _layer(self, layer: int) -> LayerCache:
-        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
-            raise ValueError(f"PagedKVCache: layer must be in [0, {self.num_layers}), got {layer!r}")
-        return self.layers[layer]
+        try:
+            index = operator.index(layer)  # numpy and 0-d integer tensors too
+        except TypeError:
+            raise TypeError(f"PagedKVCache: layer must be an int, got {type(layer).__name__} {layer!r}") from None
+        if not 0 <= index < self.num_layers:
+            raise ValueError(f"PagedKVCache: layer must be in [0, {self.num_layers}), got {index}")
+        return self.layers[index]
 
     def _rows(self, what: str, rows, distinct: bool = True) -> list[int]:
         """``rows`` (sequence indices) as ints, checked to lie in [0, max_batch) (and be
@@ -188,6 +194,8 @@ class PagedKVCache:
             raise TypeError(f"num_new must hold integers, got {counts}") from None
         if len(ints) != entries:
             raise ValueError(f"num_new has {len(ints)} entries for {entries} rows")
+        if any(not 0 <= n < 2**31 for n in ints):  # the op's int32 counts; checked before pages are reserved
+            raise ValueError(f"num_new must hold counts in [0, 2**31), got {ints}")
         return ints
 
     def seq_len(self, layer: int, b: int) -> int:
@@ -293,8 +301,8 @@ class PagedKVCache:
         the number of rows selected by ``rows`` (a slice of the batch, or distinct row indices).
         ``index``: with a list of rows, the same rows as int64 on the cache's device, which
         saves their upload (a caller appending to the same rows in every layer has it once).
-        A call the op rejects (ValueError/TypeError naming the argument) leaves the cache as it
-        was: the pages reserved for it go back to the pool.
+        A call the op rejects (ValueError/TypeError naming the argument; any exception it
+        raises) leaves the cache as it was: the pages reserved for it go back to the pool.
         """
         lc = self._layer(layer)
         selected = self._slice(rows) if isinstance(rows, slice) else self._rows("rows", rows)
@@ -316,7 +324,9 @@ class PagedKVCache:
                 lc.k_pages, lc.v_pages, lc.pos_pages, tables, lens,
                 k, v, positions, self._counts_on(counts, k.device), self.check,
             )
-        except (ValueError, TypeError):  # rejected before anything was written
+        except Exception:  # rejected before anything was written: the op checks every argument
+            # first, and its own errors come back as ValueError; the others (a non-tensor
+            # argument, which the dispatcher refuses) are raised before it runs.
             if granted:
                 self._ungrant(lc, granted, peak)
             raise
@@ -373,12 +383,19 @@ class PagedKVCache:
         flat = lambda t: t[pages].flatten(0, 1)[:n].transpose(0, 1)  # noqa: E731
         return flat(lc.k_pages), flat(lc.v_pages), flat(lc.pos_pages)
 
+    def _check_index(self, what: str, rows: torch.Tensor) -> None:
+        """With ``check``, refuses row indices outside [0, max_batch): torch would read a negative
+        one as another row (a device read on CUDA, which ``check=False`` skips)."""
+        if self.check and rows.numel() and bool(((rows < 0) | (rows >= self.max_batch)).any()):
+            raise ValueError(f"{what}: rows must lie in [0, {self.max_batch}), got {rows.tolist()}")
+
     def _slots(self, what: str, layer: int, rows: torch.Tensor, width: int | None):
         """(the layer, ``f(pool)``): ``f`` reads a per-slot page pool (``[pages, page, Hkv, ...]``)
         for the first ``width`` slots (default every slot) of the sequences ``rows`` in slot
         order: ``[n, Hkv, width, ...]``, unspecified past each length (-1 table entries read
         page 0)."""
         lc = self._layer(layer)
+        self._check_index(what, rows)
         capacity = self.max_pages_per_seq * self.page_size
         if width is not None and not 0 <= width <= capacity:
             raise ValueError(f"{what}: width must be in [0, {capacity}] (max_pages_per_seq * page_size), got {width}")
@@ -410,6 +427,8 @@ class PagedKVCache:
         ``scores_out [b, Hkv, S]`` float32 receives each slot's attention mass (summed over
         the GQA group)."""
         lc = self._layer(layer)
+        if isinstance(rows, torch.Tensor):
+            self._check_index("decode_attention", rows)
         return ops.paged_decode_attention(q, lc.k_pages, lc.v_pages, lc.block_tables[rows], lc.seq_lens[rows], scale,
                                           scores_out, self.check)
 

@@ -100,8 +100,19 @@ def _top(key: torch.Tensor, count: torch.Tensor, by_pos: torch.Tensor) -> torch.
 def _keep_top(score: torch.Tensor, forced: torch.Tensor, valid: torch.Tensor, n_keep: torch.Tensor,
               by_pos: torch.Tensor) -> torch.Tensor:
     """``forced`` slots plus the best-scoring other ``valid`` ones, ``n_keep [n, 1, 1]`` per head."""
-    key = score.double().masked_fill(forced, math.inf).masked_fill(~valid, -math.inf)
+    # Non-finite scores rank inside the finite range: +inf must not tie with the forced slots
+    # (it would displace a recent one by position) and NaN, which sorts above +inf, must not
+    # outrank them; NaN and -inf go last among the valid slots, above the padding.
+    big = torch.finfo(torch.float64).max
+    key = score.double().nan_to_num(nan=-big, posinf=big, neginf=-big)
+    key = key.masked_fill(forced, math.inf).masked_fill(~valid, -math.inf)
     return _top(key, n_keep, by_pos) & valid
+
+
+def _need_scores(policy, scores) -> None:
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"{type(policy).__name__} ranks slots by their attention scores ({type(policy).__name__}"
+                        f".needs_scores): pass scores [n, Hkv, S], got {type(scores).__name__}")
 
 
 def _recent(positions: torch.Tensor, count: torch.Tensor, by_pos: torch.Tensor) -> torch.Tensor:
@@ -182,7 +193,9 @@ class StreamingLLM(Policy):
     name = "streaming"
 
     def __init__(self, sinks: int = 4):
-        self.sinks = as_int("StreamingLLM: sinks", sinks, 0)
+        # Positions are int32: a larger count means every position is a sink (compared as given,
+        # torch would wrap it to int32).
+        self.sinks = min(as_int("StreamingLLM: sinks", sinks, 0), 2**31 - 1)
 
     def select_batch(self, positions, scores, lens, n_keep):
         n_keep, by_pos = _per_row(n_keep, positions.device), _position_order(positions)
@@ -212,6 +225,7 @@ class H2O(Policy):
         self.recent_frac = recent_frac
 
     def select_batch(self, positions, scores, lens, n_keep):
+        _need_scores(self, scores)
         dev, by_pos = positions.device, _position_order(positions)
         recent = _recent(positions, _per_row([int(round(self.recent_frac * k)) for k in n_keep], dev), by_pos)
         return _keep_top(scores, recent, positions >= 0, _per_row(n_keep, dev), by_pos)
@@ -238,6 +252,7 @@ class SnapKV(Policy):
         self.window, self.kernel = window, kernel
 
     def select_batch(self, positions, scores, lens, n_keep):
+        _need_scores(self, scores)
         dev, valid = positions.device, positions >= 0
         if positions.shape[-1] == 0:  # no slots (max_pool1d rejects an empty length)
             return valid

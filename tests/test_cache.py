@@ -210,6 +210,42 @@ def test_a_rejected_append_leaves_the_cache_as_it_was():
     cache.verify()
 
 
+def test_an_append_that_fails_in_any_way_gives_its_pages_back():
+    """Pages are reserved before the op runs; only ValueError/TypeError used to give them back,
+    so a count past int32 (RuntimeError from the upload) or a numpy array (refused by the
+    dispatcher) left a sequence holding pages at length 0, and later appends found the pool full."""
+    cache = _cache(num_pages=2, max_batch=2, num_layers=1)
+    k = torch.randn(2, 2, 8, 8)
+    pos = torch.arange(8, dtype=torch.int32).expand(2, 8).contiguous()
+    before = _state(cache)
+    with pytest.raises(ValueError, match=r"num_new must hold counts in \[0, 2\*\*31\)"):
+        cache.append(0, k, k, pos, [8, 2**40])
+    with pytest.raises(RuntimeError, match="Tensor"):
+        cache.append(0, k.numpy(), k, pos, [4, 4])
+    assert _same(before, _state(cache)) and cache.bytes_in_use() == 0
+    cache.append(0, k, k, pos, [4, 4])  # the pool is whole
+    cache.verify()
+
+
+def test_layer_indices_are_any_integer_and_rows_tensors_are_checked():
+    import numpy as np
+
+    cache = _cache()
+    _append(cache, 0, [3, 2, 1], [0, 0, 0])
+    assert cache.seq_len(np.int64(0), 0) == 3 and cache.seq_len(torch.tensor(0), 1) == 2
+    with pytest.raises(TypeError, match="layer must be an int, got float"):
+        cache.seq_len(0.0, 0)
+    for rows in (torch.tensor([-1]), torch.tensor([0, 3])):  # -1 would read row 2
+        with pytest.raises(ValueError, match=r"rows must lie in \[0, 3\)"):
+            cache.positions(0, rows)
+        with pytest.raises(ValueError, match=r"gather_rows: rows must lie in \[0, 3\)"):
+            cache.gather_rows(0, rows, 4)
+        with pytest.raises(ValueError, match=r"decode_attention: rows must lie in \[0, 3\)"):
+            cache.decode_attention(0, torch.randn(len(rows), 2, 8), rows=rows)
+    with pytest.raises(TypeError, match="dtype must be float32, float64, bfloat16 or float16"):
+        _cache(dtype=torch.int64)
+
+
 def test_bad_layers_rows_and_sizes_are_value_errors():
     cache = _cache()
     k = torch.randn(1, 2, 1, 8)

@@ -579,3 +579,27 @@ def test_large_page_views_of_one_buffer_are_refused_exactly_when_they_overlap(vi
     else:
         ops.append_kv(k_pages, v_pages, *args)
         assert torch.equal(k_pages[0, :3].transpose(0, 1), k[0]) and torch.equal(v_pages[0, :3].transpose(0, 1), v[0])
+
+
+@pytest.mark.parametrize("disjoint", [False, True])
+def test_large_views_with_different_strides_are_refused_when_their_ranges_meet(disjoint):
+    """Two views of one buffer, both over 65536 elements, with different strides: an exact test
+    would enumerate every offset, so they were let through, and a k_pages that v_pages' rows
+    overlapped was silently overwritten. They are now refused whenever their byte ranges
+    intersect (with a message saying why), and still accepted when the ranges are apart."""
+    P, ps, H, D = 64, 16, 8, 16
+    N = P * ps * H * D
+    buf = torch.zeros((3 if disjoint else 2) * N)
+    k_pages = buf[:N].view(P, ps, H, D)
+    v_pages = (buf[N:] if disjoint else buf).view(P, ps, H, 2 * D)[..., :D]  # every other row of D
+    k, v = torch.randn(1, H, 3, D), torch.randn(1, H, 3, D)
+    args = (torch.zeros(P, ps, H, dtype=torch.int32), torch.arange(P, dtype=torch.int32)[None],
+            torch.zeros(1, dtype=torch.int32), k, v, torch.arange(3, dtype=torch.int32)[None],
+            torch.tensor([3], dtype=torch.int32))
+    if not disjoint:
+        with pytest.raises(ValueError, match="may share memory with `v_pages`.*different strides"):
+            ops.append_kv(k_pages, v_pages, *args)
+        assert not buf.any()
+        return
+    ops.append_kv(k_pages, v_pages, *args)
+    assert torch.equal(k_pages[0, :3].transpose(0, 1), k[0]) and torch.equal(v_pages[0, :3].transpose(0, 1), v[0])

@@ -94,6 +94,34 @@ def test_streaming_keeps_sinks_and_most_recent():
     assert pos[keep].tolist() == [0, 1, 9, 11]
 
 
+def test_streaming_sinks_past_int32_are_every_position():
+    pos = torch.arange(8, dtype=torch.int32)[None, None]
+    for sinks in (8, 2**31, 2**32 + 1):  # positions are int32: torch compared a wrapped count
+        assert StreamingLLM(sinks=sinks).select_batch(pos, None, [8], [4])[0, 0].tolist() == [True] * 4 + [False] * 4
+
+
+@pytest.mark.parametrize("policy", [H2O(), SnapKV(window=2, kernel=1)], ids=repr)
+@pytest.mark.parametrize("bad", [math.inf, math.nan, -math.inf])
+def test_non_finite_scores_never_displace_the_recent_window(policy, bad):
+    """A +inf score tied with the forced recent slots and won by position, and NaN sorted above
+    them: the newest tokens were dropped. Non-finite scores now rank inside the finite range."""
+    pos = torch.arange(6, dtype=torch.int32)[None, None]
+    scores = torch.tensor([[[bad, bad, 0.5, 0.1, 0.2, 0.3]]])
+    keep = policy.select_batch(pos, scores, [6], [4])[0, 0]
+    assert int(keep.sum()) == 4 and keep[4:].all()  # the recent two (H2O: half of 4; SnapKV: window 2)
+    if bad == math.inf:
+        assert keep[:2].all()
+    else:
+        assert keep[2] and not keep[:2].any()
+
+
+@pytest.mark.parametrize("policy", [H2O(), SnapKV()], ids=repr)
+def test_score_policies_without_scores_say_so(policy):
+    pos = torch.arange(6, dtype=torch.int32)[None, None]
+    with pytest.raises(TypeError, match="ranks slots by their attention scores"):
+        policy.select_batch(pos, None, [6], [4])
+
+
 def test_random_is_reproducible_and_counts_are_exact():
     pos, _ = _ragged([12, 3, 8], 2, 0)
     a, b = RandomEvict(seed=3), RandomEvict(seed=3)

@@ -117,17 +117,30 @@ std::optional<bool> same_stride_views_overlap(const at::Tensor& a, const at::Ten
 // byte. Views with the same strides (the k/v halves of a fused pool) are compared exactly
 // (same_stride_views_overlap); otherwise, when one is small (index tensors: a strided view of
 // block_tables passed as seq_lens, or of a page pool's buffer), its bytes are tested against
-// the other exactly (bytes_hit). Two other large ones are allowed (views of one buffer that
-// interleave with different strides, as torch's own in-place ops allow).
-bool small_views_overlap(const at::Tensor& a, const at::Tensor& b) {
+// the other exactly (bytes_hit). Two large views with different strides are told apart only by
+// their byte ranges: when those intersect the answer is Undecided, which the caller refuses (an
+// exact test would enumerate millions of offsets; a kernel writing through an overlap it let
+// pass would be silent corruption).
+enum class Overlap { kNo, kYes, kUndecided };
+
+Overlap strided_views_overlap(const at::Tensor& a, const at::Tensor& b) {
   constexpr int64_t kExactUpTo = int64_t{1} << 16;  // elements
   // (TooHard also comes back for any non-dense view, before torch compares the storages.)
-  if (!a.storage().is_alias_of(b.storage()) || a.numel() == 0 || b.numel() == 0) return false;
-  if (const std::optional<bool> same = same_stride_views_overlap(a, b)) return *same;
+  if (!a.storage().is_alias_of(b.storage()) || a.numel() == 0 || b.numel() == 0) return Overlap::kNo;
+  if (const std::optional<bool> same = same_stride_views_overlap(a, b)) return *same ? Overlap::kYes : Overlap::kNo;
   const bool a_small = a.numel() <= b.numel();
   const at::Tensor& small = a_small ? a : b;
-  if (small.numel() > kExactUpTo) return false;
-  return bytes_hit(byte_offsets(small), a_small ? b : a);
+  if (small.numel() <= kExactUpTo) return bytes_hit(byte_offsets(small), a_small ? b : a) ? Overlap::kYes : Overlap::kNo;
+  // Byte ranges [first, last] from the storage's start (torch strides are never negative).
+  const auto range = [](const at::Tensor& t) {
+    const int64_t es = static_cast<int64_t>(t.element_size());
+    int64_t last = t.storage_offset() * es;
+    for (int64_t d = 0; d < t.dim(); ++d) last += t.stride(d) * (t.size(d) - 1) * es;
+    return std::pair{t.storage_offset() * es, last + es - 1};
+  };
+  const auto [a0, a1] = range(a);
+  const auto [b0, b1] = range(b);
+  return a1 < b0 || b1 < a0 ? Overlap::kNo : Overlap::kUndecided;
 }
 
 // The kernels write `written` in place: each must be a plain (non-broadcast) view, and none may
@@ -140,9 +153,14 @@ void check_no_aliasing(std::initializer_list<Named> written, std::initializer_li
     for (const auto& [u, other] : all) {
       if (t == u || !u->defined()) continue;
       const at::MemOverlapStatus s = at::get_overlap_status(*t, *u);
-      TORCH_CHECK_VALUE(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial &&
-                            !(s == at::MemOverlapStatus::TooHard && small_views_overlap(*t, *u)),
+      const Overlap o = s == at::MemOverlapStatus::TooHard ? strided_views_overlap(*t, *u) : Overlap::kNo;
+      TORCH_CHECK_VALUE(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial && o != Overlap::kYes,
                         "shadowkv: `", name, "` is written in place and must not share memory with `", other, "`");
+      TORCH_CHECK_VALUE(o != Overlap::kUndecided, "shadowkv: `", name, "` is written in place and may share memory with `",
+                        other, "`: they are large views of one buffer with different strides (", shape_str(t->strides()),
+                        " and ", shape_str(u->strides()),
+                        ") whose byte ranges intersect, which is not checked exactly; pass separate buffers, or views "
+                        "with equal strides (such as the K/V halves of a fused pool)");
     }
   }
 }
