@@ -329,6 +329,24 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * m
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Turns every dropout of ``model`` off (``nn.Dropout`` modules and the float ``*dropout*``
+    rates that attention layers read in training mode, e.g. Llama's ``attention_dropout``), as
+    TRL's trainers do by default; returns how many were on. The sampler's log-probs come from
+    the model in eval mode: a learner in training mode with dropout would score other
+    log-probs, and its teacher (DESIGN §6: the same weights) would differ from the student by
+    the dropout noise. (shadowkv's attention refuses dropout, rather than ignore it.)"""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p:
+            module.p, changed = 0.0, changed + 1
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float) and value:
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed
+
+
 def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """Group-normalised advantages: ``rewards [N]`` with consecutive groups of ``group_size``
     samples of one prompt -> ``(r - mean_group) / (std_group + eps)``, ``[N]``. ``std_group``
@@ -338,8 +356,12 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards must be [N] with N a multiple of group_size ({group_size}), got shape "
                          f"{tuple(rewards.shape)}")
-    g = rewards.view(-1, group_size)
-    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True, unbiased=False) + eps)).flatten()
+    # Exactly 0 for a group whose rewards are all equal: in float32 the mean of equal rewards
+    # such as 2/3 can be a rounding step off, and that step over a std of ~1e-8 (+ eps) gave
+    # every sample of the group the same advantage of ~0.05.
+    g = rewards.detach().view(-1, group_size)
+    adv = (g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True, unbiased=False) + eps)
+    return adv.masked_fill((g.amax(1) == g.amin(1))[:, None], 0.0).flatten()
 
 
 @dataclass
@@ -485,6 +507,13 @@ class LossConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.smd_direction not in ("forward", "reverse"):  # else distill_kl fails mid-training
             raise ValueError(f"smd_direction must be 'forward' or 'reverse', got {self.smd_direction!r}")
+        for name, lowest, strict in (("clip", 0, True), ("temperature", 0, True), ("kl_ref", 0, False),
+                                     ("smd_beta", 0, False), ("vf_coef", 0, False)):
+            value = getattr(self, name)  # NaN, or a temperature <= 0, would train on NaN or a wrong loss
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or value < lowest or (strict and value == lowest)):
+                raise ValueError(f"LossConfig: {name} must be a finite number {'>' if strict else '>='} {lowest}, "
+                                 f"got {value!r}")
         self.is_cfg = self.is_cfg or ISConfig()
 
     @property
@@ -514,6 +543,11 @@ def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_wei
     Returns:
         (scalar loss, stats dict of floats and the first-epoch learner log-probs).
     """
+    # The ratio's denominator, the advantages and the targets are constants of the update: an
+    # old_logp computed with grad on would cancel the ratio's gradient exactly (1 at epoch one).
+    old_logp, advantages = old_logp.detach(), advantages.detach()
+    detach = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    token_weights, ref_logp, returns = detach(token_weights), detach(ref_logp), detach(returns)
     rows = replay_rows(model, rollout, cfg.learner_mask, return_hidden=value_head is not None)
     logp = gather_logprobs(rows, rollout, cfg.temperature)
     mask = rollout.action_mask if token_mask is None else token_mask

@@ -113,6 +113,8 @@ class TrainConfig:
         # GRPO's advantage is a reward minus its group's mean: a group of one learns nothing.
         need(self.algo != "grpo" or self.group_size >= 2, "group_size", "at least 2 with --algo grpo "
              "(a group of one has advantage 0)")
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and -2**63 <= self.seed < 2**64, "seed",
+             "an int in [-2**63, 2**64) (torch.manual_seed's range)")
         for name in ("evict_every", "prefill_chunk", "micro_batch"):
             value = getattr(self, name)
             need(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1), name,
@@ -584,6 +586,7 @@ def _train_locked(cfg, out: Path, resume: bool, progress: bool, max_steps_this_r
         bar.close()
     device = device_of(cfg)
     base = base.to(device)
+    learner.disable_dropout(base)  # an --init model's: the learner trains in training mode
     ref_model = None
     if cfg.kl_ref > 0:
         import copy
@@ -593,6 +596,7 @@ def _train_locked(cfg, out: Path, resume: bool, progress: bool, max_steps_this_r
     if saved is not None:
         model, trainer_state, _ = saved
         model = model.to(device)
+        learner.disable_dropout(model)
     value_head = learner.ValueHead(model.config.hidden_size).to(device) if cfg.algo == "ppo" else None
     params = list(model.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)

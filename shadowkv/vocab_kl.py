@@ -15,6 +15,8 @@ log-softmax for the backward.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Elements of a [rows, V] block: on a GPU 64 MiB of float32, few launches per block; on the CPU
@@ -98,6 +100,15 @@ class _TemperedKL(torch.autograd.Function):
         return None, grad.view(student.shape), None, None
 
 
+def _temperature(temperature) -> float:
+    """``temperature`` as a float, refused unless finite and > 0: 0 gives NaN and a negative one
+    the distribution of ``-logits`` (a plausible, wrong answer)."""
+    t = float(temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return t
+
+
 def tempered_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0,
                 direction: str = "forward") -> torch.Tensor:
     """Per-row ``KL(p_teacher || p_student)`` (``forward``) or ``KL(p_student || p_teacher)``
@@ -110,7 +121,7 @@ def tempered_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temp
         raise ValueError(f"teacher and student logits differ in shape: {tuple(teacher_logits.shape)} vs "
                          f"{tuple(student_logits.shape)}")
     teacher = teacher_logits.detach().to(student_logits.dtype)
-    return _TemperedKL.apply(teacher, student_logits, float(temperature), direction == "reverse")
+    return _TemperedKL.apply(teacher, student_logits, _temperature(temperature), direction == "reverse")
 
 
 class _TokenLogProbs(torch.autograd.Function):
@@ -151,13 +162,14 @@ def tempered_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, tempera
                          "(one target per row of logits)")
     if targets.dtype != torch.int64:
         raise ValueError(f"targets must be int64, got {targets.dtype}")
-    return _TokenLogProbs.apply(logits, targets, float(temperature))
+    return _TokenLogProbs.apply(logits, targets, _temperature(temperature))
 
 
 @torch.no_grad()
 def tempered_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-row entropy of ``softmax(logits / temperature)``: ``[..., V]`` -> ``[...]``, a block
     of rows at a time (a diagnostic: no gradient)."""
+    temperature = _temperature(temperature)
     V = logits.shape[-1]
     rows = logits.reshape(-1, V)
     out = rows.new_empty(rows.shape[0], dtype=_work_dtype(rows))

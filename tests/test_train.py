@@ -197,6 +197,7 @@ def test_bad_value_len_is_a_clear_error(tmp_path, capsys):
     (["--prompt-len", "0"], "prompt_len (--prompt-len) must be an int in [8, 4032]"),
     (["--init", "/nonexistent/model"], "init (--init) must be a local model folder"),
     (["--eval-prompts", "0"], "eval_prompts (--eval-prompts) must be an int >= 1"),
+    (["--seed", str(2**64)], "seed (--seed) must be an int in [-2**63, 2**64)"),  # it wiped a run folder first
 ])
 def test_bad_settings_fail_before_the_warm_up(tmp_path, capsys, flags, message):
     """Each names its flag, exits 2 and leaves no run folder behind (nothing was trained)."""
@@ -297,6 +298,17 @@ def test_grpo_advantages_are_group_normalised():
     assert torch.allclose(adv, torch.tensor([1.0, -1.0, 0.0, 0.0, 1.0, -1.0]), atol=1e-4)
 
 
+@pytest.mark.parametrize("group_size", [4, 7, 8, 9, 11, 12, 16])
+@pytest.mark.parametrize("reward", [1 / 3, 2 / 3, 4 / 5, 0.1])
+def test_grpo_advantages_are_zero_for_a_group_of_equal_rewards(group_size, reward):
+    """The float32 mean of equal rewards (kv-lookup's thirds) can be a rounding step off: over a
+    std of ~1e-8 + eps that gave the whole group an advantage of 0.03-0.11."""
+    rewards = torch.tensor([reward] * group_size + [0.0, 1.0] * (group_size // 2) + [0.5] * (group_size % 2))
+    adv = learner.grpo_advantages(rewards, group_size)
+    assert adv.dtype == torch.float32 and (adv[:group_size] == 0).all()
+    assert abs(adv[group_size:].std(unbiased=False).item() - 1) < 1e-3
+
+
 def test_is_weights_follow_sparse_rl_rules():
     mask = torch.ones(3, 4, dtype=torch.bool)
     sampler = torch.zeros(3, 4)
@@ -324,6 +336,10 @@ def test_is_veto_zero_turns_the_veto_off():
 def test_learner_settings_are_checked_when_given():
     with pytest.raises(ValueError, match="smd_direction must be 'forward' or 'reverse', got 'fwd'"):
         learner.LossConfig(smd_direction="fwd")
+    for name, bad, sign in (("temperature", 0.0, ">"), ("clip", -1.0, ">"), ("kl_ref", -0.1, ">="),
+                            ("smd_beta", float("nan"), ">="), ("vf_coef", float("inf"), ">=")):
+        with pytest.raises(ValueError, match=f"LossConfig: {name} must be a finite number {sign} 0"):
+            learner.LossConfig(**{name: bad})
     with pytest.raises(ValueError, match=re.escape("rewards must be [N] with N a multiple of group_size (2), got "
                                                    "shape (5,)")):
         learner.grpo_advantages(torch.ones(5), 2)
@@ -508,6 +524,47 @@ def test_is_vetoed_sequences_get_no_value_loss_either(tmp_path):
     loss.backward()
     assert loss.item() == 0.0 and stats["value_loss"] == 0.0
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_policy_loss_treats_old_logprobs_advantages_and_weights_as_constants(tmp_path):
+    """old_logp computed with grad on (token_logprobs outside no_grad) made the ratio's gradient
+    cancel exactly at the first epoch: the policy gradient was silently 0."""
+    from shadowkv import Sampler
+    from shadowkv.policies import StreamingLLM
+
+    from .models import tiny_model
+
+    model = tiny_model(tmp_path / "llama")
+    rollout = Sampler(model, StreamingLLM(sinks=2), budget=0.5, page_size=4).generate(
+        [[1, 2, 3, 4, 5, 6, 7, 8]] * 2, max_new_tokens=6, temperature=1.0, seed=0)
+    cfg = learner.LossConfig("is")
+    adv = torch.tensor([1.0, -0.5])
+    grads = []
+    for with_grad in (False, True):
+        with torch.set_grad_enabled(with_grad):
+            old = learner.token_logprobs(model, rollout, "dense")
+            weights = torch.ones_like(old) + 0 * old.sum()  # a graph through the weights too
+        loss, _ = learner.policy_loss(model, rollout, adv, old, cfg, weights)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    norm = sum(g.square().sum() for g in grads[0]).sqrt()
+    assert norm > 1e-3
+    assert all(torch.allclose(a, b, atol=1e-6 * norm) for a, b in zip(*grads))
+
+
+def test_dropout_is_turned_off_for_the_learner(tmp_path):
+    """A model with attention dropout trained in training mode: shadowkv's attention refuses
+    dropout, so an --init model with attention_dropout > 0 failed at the first learner step (a
+    traceback, after the run folder was reset); with the dropout left on, the learner's
+    log-probs would not be the sampler's (eval mode) anyway."""
+    from shadowkv.cli import main
+
+    from .models import tiny_model
+
+    model = tiny_model(tmp_path / "model", hidden=32, heads=2, kv_heads=1, layers=1, attention_dropout=0.1)
+    assert learner.disable_dropout(model) == 1 and learner.disable_dropout(model) == 0
+    assert all(m.attention_dropout == 0.0 for m in model.modules() if hasattr(m, "attention_dropout"))
+    run = tmp_path / "run"
+    assert main(["train", *_cli_run(str(tmp_path / "model"), run)]) == 0 and (run / "summary.json").exists()
 
 
 def test_compare_table_and_reuse(tmp_path):

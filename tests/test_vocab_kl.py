@@ -5,6 +5,8 @@ their graphs save nothing but their inputs."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -78,6 +80,13 @@ def test_bad_arguments():
         tempered_kl(x, x, 1.0, "sideways")
     with pytest.raises(ValueError, match="differ in shape"):
         tempered_kl(x, torch.zeros(2, 4))
+    for bad in (0.0, -1.0, math.nan, math.inf):  # 0: NaN; -1: the KL of softmax(-x), plausible and wrong
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            tempered_kl(x, x, bad)
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            tempered_token_logprobs(x, torch.zeros(2, dtype=torch.int64), bad)
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            tempered_entropy(x, bad)
 
 
 @pytest.mark.cuda
