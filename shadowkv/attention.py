@@ -38,8 +38,40 @@ def attention_context(ctx: AttentionContext):
         _CONTEXT.reset(token)
 
 
+# The forward kwarg that carries a context to the attention as well (see :func:`context_kwargs`).
+CONTEXT_KWARG = "shadowkv_context"
+
+
+def context_kwargs(model, ctx) -> dict:
+    """Forward kwargs that hand ``ctx`` to the attention of ``model``'s layers besides the
+    context variable: ``model(**inputs, **context_kwargs(model, ctx))`` inside
+    ``attention_context(ctx)``. Gradient checkpointing recomputes each layer's forward during
+    ``backward()``, after the ``with`` block ended; transformers replays the layer's kwargs
+    there, so the recompute attends with the same mask (through the context variable alone it
+    fell back to dense SDPA: right values, wrong gradients). A model whose layers do not pass
+    their kwargs on to the attention is refused when it checkpoints (``ctx.needs_kwarg``)."""
+    ctx.needs_kwarg = bool(_checkpoints(model) and model.training and torch.is_grad_enabled())
+    return {CONTEXT_KWARG: ctx}
+
+
+def _checkpoints(model) -> bool:
+    """Whether a transformers model recomputes its layers in the backward (transformers 5.x's
+    name, then the one it deprecates)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
 def _shadowkv_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    ctx = _CONTEXT.get()
+    ctx = kwargs.pop(CONTEXT_KWARG, None)
+    if ctx is None:
+        ctx = _CONTEXT.get()
+        if getattr(ctx, "needs_kwarg", False):
+            raise NotImplementedError(
+                f"shadowkv: {type(module).__name__} does not pass its forward kwargs on to the attention, so "
+                "under gradient checkpointing its recomputed layers would attend without the shadow mask; "
+                "turn gradient checkpointing off (model.gradient_checkpointing_disable())")
     if ctx is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from .attention import attention_context, install, window_log
+from .attention import attention_context, context_kwargs, install, window_log
 from .ops import mask_padding, shadow_attention
 from .packing import first_fit_decreasing, token_slots
 from .policies import as_int
@@ -242,8 +242,9 @@ def replay_rows(model, rollout, mask: str = "shadow", return_hidden: bool = Fals
         cols = keep.any(0).nonzero()
         last = keep.shape[1] - int(cols[0, 0]) if cols.numel() else 1
         kwargs["logits_to_keep"] = last
-    with attention_context(_ReplayContext(log)):
-        out = model(**inputs, use_cache=False, output_hidden_states=return_hidden, **kwargs)
+    with attention_context(_ReplayContext(log)) as ctx:
+        out = model(**inputs, use_cache=False, output_hidden_states=return_hidden, return_dict=True,
+                    **context_kwargs(model, ctx), **kwargs)
     logits = out.logits if mode == "mask" else out.logits[:, -last:][keep[:, keep.shape[1] - last:]]
     hidden = out.hidden_states[-1][keep] if return_hidden else None
     return ReplayRows(logits.float(), b, t, (B, T), hidden)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -39,7 +40,8 @@ class Rollout:
             compute, not the log-prob under the renormalised set the token was drawn from
             (README, design notes).
         evicted_at: ``[B, num_layers, Hkv, T]`` int32 shadow mask (DESIGN.md §1).
-        kv_peak_bytes: peak bytes of allocated KV pages plus the eviction log.
+        kv_peak_bytes: peak bytes of allocated KV pages plus the eviction log (and, for the
+            score-based policies, their float32 per-slot scores).
         dense_kv_bytes: K/V bytes a dense cache would hold for these sequences.
         timings: seconds spent in ``prefill`` and ``decode``, and ``tokens_per_s``.
     """
@@ -216,8 +218,9 @@ class _SamplerContext:
         for i in range(0, len(dst), self.fork_batch):
             a, b = src[i : i + self.fork_batch], dst[i : i + self.fork_batch]
             cache.fork(layer, a, b)
-            pairs = to_device([a, b], k.device, torch.int64)
-            scores[pairs[1]] = scores[pairs[0]]
+            if scores is not None:
+                pairs = to_device([a, b], k.device, torch.int64)
+                scores[pairs[1]] = scores[pairs[0]]
             s._evict(b, [length_of[r] for r in a], True, layers=[layer])
         s._evict(self.rows, self.lengths, True, layers=[layer])
         return out
@@ -289,6 +292,34 @@ def _refuse_logit_processing(config) -> None:
                                       f"implement")
 
 
+def _rope_types(config) -> set[str]:
+    """The RoPE types of a transformers config: ``rope_parameters`` (transformers 5; one dict,
+    or one per layer type) or ``rope_scaling`` (4.x; ``rope_type`` or ``type``)."""
+    found = set()
+    for name in ("rope_parameters", "rope_scaling"):
+        params = getattr(config, name, None)
+        if not isinstance(params, dict):
+            continue
+        for d in ([params] if ("rope_type" in params or "type" in params) else params.values()):
+            if isinstance(d, dict):
+                found.add(str(d.get("rope_type", d.get("type", "default"))))
+    return found
+
+
+def _refuse_call_dependent_rope(config) -> None:
+    """Dynamic-NTK and LongRoPE recompute the rotary frequencies from the longest position of
+    each forward call: the sampler's keys are rotated a step at a time, the learner's replay
+    rotates all of them with its longest sequence's frequencies, so past the original context
+    length the two compute different log-probs (FullCache included). Refused, not silently
+    off-policy."""
+    bad = sorted(_rope_types(config) & {"dynamic", "longrope"})
+    if bad:
+        raise NotImplementedError(f"shadowkv: the model's rotary embedding ({bad[0]!r} rope_type) depends on the "
+                                  "longest position of each forward call, so the sampler's step-by-step keys and "
+                                  "the learner's replay would differ; use a model with a fixed RoPE (default, "
+                                  "linear, yarn, llama3)")
+
+
 class Sampler:
     """Generates with a compressed KV cache and logs every eviction.
 
@@ -346,6 +377,7 @@ class Sampler:
             raise TypeError(f"policy must be a shadowkv.policies.Policy ({names} or a subclass; "
                             f"make_policy(name) builds one by name), got {policy!r}")
         _refuse_logit_processing(model.config)
+        _refuse_call_dependent_rope(model.config)
         self.model = install(model)
         self.policy = policy or FullCache()
         self.budget = None if isinstance(self.policy, FullCache) else budget
@@ -381,10 +413,16 @@ class Sampler:
     def _new_cache(self, B: int, prompt_lens: list[int], max_new: int) -> PagedKVCache:
         totals = [p + max_new for p in prompt_lens]
         per_seq = [math.ceil(self._max_live(t, p) / self.page_size) + 1 for t, p in zip(totals, prompt_lens)]
+        max_pages = math.ceil(max(totals) / self.page_size) + 1
+        # Slots a sequence can reach: what its pages hold (per-slot state is that wide, not T).
+        self._slot_width = min(max(per_seq), max_pages) * self.page_size
         p = next(self.model.parameters())
+        # Under autocast the attention gets (and stores) keys and values in the autocast dtype.
+        autocast = torch.is_autocast_enabled(p.device.type)
+        dtype = torch.get_autocast_dtype(p.device.type) if autocast else p.dtype
         return PagedKVCache(
             self.num_layers, self.num_kv_heads, self.head_dim, num_pages=sum(per_seq), page_size=self.page_size,
-            max_batch=B, max_pages_per_seq=math.ceil(max(totals) / self.page_size) + 1, dtype=p.dtype,
+            max_batch=B, max_pages_per_seq=max_pages, dtype=dtype,
             device=p.device,
             # The cache's own bookkeeping makes the tables and lengths right; on a GPU the ops then
             # skip their host round trips (a decode step does not wait for the device), and
@@ -483,20 +521,21 @@ class Sampler:
         """Keeps the slots ``keep [n, Hkv, w]`` of the sequences ``idx`` (``[n]`` int64) in
         ``layer``, logging the others evicted at ``steps [n]`` (int32); every other sequence
         keeps all its slots, which the op leaves as they are."""
-        cache, scores = self.cache, self.slot_scores[layer]
-        full = torch.arange(scores.shape[-1], device=scores.device) < cache.layers[layer].seq_lens[:, None, None]
+        cache, scores, device = self.cache, self.slot_scores[layer], self.evicted_at.device
+        full = torch.arange(self._slot_width, device=device) < cache.layers[layer].seq_lens[:, None, None]
         full = full.expand(-1, self.num_kv_heads, -1).clone()
         full[idx, :, : keep.shape[-1]] = keep
-        step_of = torch.zeros(cache.max_batch, dtype=torch.int32, device=scores.device)
+        step_of = torch.zeros(cache.max_batch, dtype=torch.int32, device=device)
         step_of[idx] = steps
-        cache.evict(layer, full, step_of, self.evicted_at[:, layer], scores if self.policy.needs_scores else None)
+        cache.evict(layer, full, step_of, self.evicted_at[:, layer], scores)
 
     def _copy_rows(self, layer: int, src: list[int], dst: list[int]) -> None:
         """Gives each (empty) sequence ``dst[i]`` a copy of sequence ``src[i]`` in ``layer``: its
         cache (pages of its own), its slots' scores and its eviction log."""
         self.cache.fork(layer, src, dst)
         pairs = to_device([src, dst], self.evicted_at.device, torch.int64)
-        self.slot_scores[layer][pairs[1]] = self.slot_scores[layer][pairs[0]]
+        if self.slot_scores[layer] is not None:
+            self.slot_scores[layer][pairs[1]] = self.slot_scores[layer][pairs[0]]
         self.evicted_at[pairs[1], layer] = self.evicted_at[pairs[0], layer]
 
     # ---- sampling
@@ -526,7 +565,9 @@ class Sampler:
 
     def _forward(self, ids, positions, ctx):
         with attention_context(ctx):
-            return self.model(input_ids=ids, position_ids=positions.long(), use_cache=False).logits[:, -1]
+            # return_dict: a config with return_dict=False would hand back a tuple.
+            return self.model(input_ids=ids, position_ids=positions.long(), use_cache=False,
+                              return_dict=True).logits[:, -1]
 
     def _forward_last(self, ids, positions, ctx, last: torch.Tensor, last_row: torch.Tensor | None = None):
         """Logits at column ``last[b]`` of row ``b`` (of row ``last_row[b]`` when given) only:
@@ -535,7 +576,8 @@ class Sampler:
         embedding and nothing after it, which is what the causal-LM forward does for them too
         (models that do more are refused: :func:`_refuse_logit_processing`)."""
         with attention_context(ctx):
-            h = self.model.get_decoder()(input_ids=ids, position_ids=positions.long(), use_cache=False)
+            h = self.model.get_decoder()(input_ids=ids, position_ids=positions.long(), use_cache=False,
+                                         return_dict=True)
         rows = torch.arange(ids.shape[0], device=ids.device) if last_row is None else last_row
         h = h.last_hidden_state[rows, last]
         return self.model.get_output_embeddings()(h)
@@ -594,7 +636,7 @@ class Sampler:
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                 seed: int | None = None, eos_token_id: int | None = None, pad_token_id: int = 0,
+                 seed: int | None = None, eos_token_id: int | list[int] | None = None, pad_token_id: int = 0,
                  top_k: int = 0) -> Rollout:
         """Samples ``max_new_tokens`` (fewer after EOS) for each prompt.
 
@@ -602,12 +644,17 @@ class Sampler:
             prompts: ``[B, L]`` int tensor (all of length L) or a list of 1-D int tensors /
                 int lists (ragged).
             temperature: 0 for greedy decoding.
+            eos_token_id: a token id, or a list of them (``generation_config.eos_token_id``),
+                that ends a sequence; None: every sequence runs ``max_new_tokens``.
             top_p, top_k: draw from the smallest set of most likely tokens holding ``top_p`` of
                 the probability, among the ``top_k`` most likely (and those tied with the k-th;
                 0: all). The log-probs are still the policy's (:class:`Rollout`).
         Returns:
             a :class:`Rollout` (on the model's device).
         """
+        for name, value in (("temperature", temperature), ("top_p", top_p)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
         if not (math.isfinite(temperature) and temperature >= 0) or not 0.0 < top_p <= 1.0:
             raise ValueError(f"need a finite temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         max_new_tokens = as_int("max_new_tokens", max_new_tokens)
@@ -617,6 +664,14 @@ class Sampler:
             if seed >= 2**63:
                 raise ValueError(f"seed must be an int in [0, 2**63), got {seed}")
         device = next(self.model.parameters()).device
+        if getattr(self.model, "_original_forward", None) is not None and not torch.is_autocast_enabled(device.type):
+            # accelerate's mixed precision wraps forward() in autocast; the prefill, which runs the
+            # decoder and the output embedding on their own, would then store float32 keys and
+            # the decode autocast ones.
+            raise RuntimeError("shadowkv: the model's forward is wrapped (accelerate's mixed precision?) and "
+                               "generate() runs outside autocast, so the prefill and the decode steps would run in "
+                               "different dtypes; call generate() inside the same torch.autocast, or on the "
+                               "unwrapped model (accelerator.unwrap_model)")
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() != 2:
                 raise ValueError(f"prompts must be [B, L], got shape {tuple(prompts.shape)}")
@@ -638,6 +693,16 @@ class Sampler:
         if not 0 <= pad_token_id < vocab:
             raise ValueError(f"pad_token_id must be a token id in [0, {vocab}) (the model's vocabulary), "
                              f"got {pad_token_id}")
+        # One id or several (generation_config.eos_token_id is a list for Llama 3, Qwen2.5-Instruct):
+        # a list compared with the tokens was the Python value False, and nothing ever ended.
+        eos_ids = None
+        if eos_token_id is not None:
+            many = isinstance(eos_token_id, (list, tuple, set, frozenset, torch.Tensor))
+            ids = [as_int("eos_token_id", e, None) for e in (list(eos_token_id) if many else [eos_token_id])]
+            if not ids or any(not 0 <= e < vocab for e in ids):
+                raise ValueError(f"eos_token_id must be a token id in [0, {vocab}) (the model's vocabulary) or a "
+                                 f"non-empty list of them, got {eos_token_id!r}")
+            eos_ids = torch.tensor(sorted(set(ids)), dtype=torch.long, device=device)
         for b, p in enumerate(prompts):  # an id past the embedding would be an IndexError deep in the model
             lo, hi = (int(x) for x in torch.aminmax(p))
             if lo < 0 or hi >= vocab:
@@ -657,8 +722,10 @@ class Sampler:
         self.cache = self._new_cache(B, plens, max_new_tokens)
         self.windows: dict[int, int] = {}  # sliding layers' windows, as the model's attention reports them
         self._slid: dict[int, dict[int, int]] = collections.defaultdict(dict)  # layer -> row -> last slide
-        slots = self.cache.max_pages_per_seq * self.page_size
-        self.slot_scores = [torch.zeros(B, self.num_kv_heads, slots, device=device) for _ in range(self.num_layers)]
+        # Score-based policies' accumulated attention per slot (None for the others): float32
+        # [B, Hkv, slots a sequence can reach], counted in kv_peak_bytes.
+        self.slot_scores = [torch.zeros(B, self.num_kv_heads, self._slot_width, device=device)
+                            if self.policy.needs_scores else None for _ in range(self.num_layers)]
         self.evicted_at = torch.full((B, self.num_layers, self.num_kv_heads, T), NEVER_EVICTED, dtype=torch.int32,
                                      device=device)
         tokens = torch.full((B, T), pad_token_id, dtype=torch.long, device=device)
@@ -764,8 +831,8 @@ class Sampler:
             tokens.scatter_(1, col, torch.where(live, next_tok, tokens.gather(1, col)[:, 0])[:, None])
             logprobs.scatter_(1, col, torch.where(live, next_lp, logprobs.gather(1, col)[:, 0])[:, None])
             action.scatter_(1, col, (live | action.gather(1, col)[:, 0])[:, None])
-            if eos_token_id is not None:
-                done |= live & (next_tok == eos_token_id)
+            if eos_ids is not None:
+                done |= live & torch.isin(next_tok, eos_ids)
                 if step % done_every == done_every - 1:
                     seen = done.tolist()
                     if all(seen):
@@ -816,7 +883,8 @@ class Sampler:
             action_mask=action[:, :T_used],
             logprobs=logprobs[:, :T_used],
             evicted_at=self.evicted_at[..., :T_used].contiguous(),
-            kv_peak_bytes=self.cache.peak_bytes() + self.evicted_at[..., :T_used].numel() * 4,
+            kv_peak_bytes=self.cache.peak_bytes() + self.evicted_at[..., :T_used].numel() * 4
+            + sum(t.numel() * 4 for t in self.slot_scores if t is not None),
             dense_kv_bytes=dense,
             timings={"prefill": t1 - t0, "decode": t2 - t1, "tokens_per_s": n_gen / max(t2 - t0, 1e-9)},
         )

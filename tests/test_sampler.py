@@ -476,6 +476,24 @@ def test_eos_stops_sequences(llama):
             assert int((gen == 7).nonzero()[0]) == gen.numel() - 1
 
 
+def test_a_list_of_eos_ids_stops_sequences_at_any_of_them(llama):
+    """generation_config.eos_token_id is a list for many models; compared with the tokens it was
+    the Python value False, so no sequence ever ended."""
+    prompts = _prompts(4, 5, 9, seed=5)
+    free = Sampler(llama, StreamingLLM(), budget=8, page_size=4).generate(prompts, 40, seed=0)
+    gen = [free.tokens[b][free.action_mask[b]].tolist() for b in range(4)]
+    eos = [gen[0][3], gen[1][5]]  # ids that turn up early in rows 0 and 1
+    r = Sampler(llama, StreamingLLM(), budget=8, page_size=4).generate(prompts, 40, seed=0, eos_token_id=eos)
+    for b in range(4):
+        first = next((i for i, t in enumerate(gen[b]) if t in eos), None)
+        want = gen[b] if first is None else gen[b][: first + 1]  # the same draws up to the first EOS
+        assert r.tokens[b][r.action_mask[b]].tolist() == want
+    assert int(r.action_mask[0].sum()) <= 4 and int(r.action_mask[1].sum()) <= 6
+    one = Sampler(llama, StreamingLLM(), budget=8, page_size=4).generate(prompts, 40, seed=0, eos_token_id=[eos[0]])
+    assert torch.equal(one.tokens, Sampler(llama, StreamingLLM(), budget=8, page_size=4).generate(
+        prompts, 40, seed=0, eos_token_id=eos[0]).tokens)
+
+
 def test_kv_peak_within_budget(tmp_path):
     model = tiny_model(tmp_path, "llama", hidden=128, heads=2, kv_heads=2, layers=2, head_dim=64)
     sampler = Sampler(model, StreamingLLM(), budget=0.25, page_size=16)
@@ -486,6 +504,22 @@ def test_kv_peak_within_budget(tmp_path):
     assert r.seq_lens.min() >= 1024
     assert ratio <= 0.30
     assert log_bytes < 0.01 * r.dense_kv_bytes
+
+
+def test_slot_scores_exist_for_score_policies_only_and_are_budget_wide(llama):
+    """They were float32 [B, Hkv, T] per layer for every policy, about the eviction log's size
+    again, and left out of kv_peak_bytes."""
+    prompts = _prompts(2, 8, 8)
+    s = Sampler(llama, StreamingLLM(), budget=8, page_size=4)
+    plain = s.generate(prompts, 200, seed=0)
+    assert all(t is None for t in s.slot_scores)
+    assert plain.kv_peak_bytes == s.cache.peak_bytes() + plain.evicted_at.numel() * 4
+    s = Sampler(llama, H2O(), budget=8, page_size=4)
+    scored = s.generate(prompts, 200, seed=0)
+    B, _, H, T = scored.evicted_at.shape
+    width = s.slot_scores[0].shape[-1]
+    assert width <= 8 + 2 * 4 + 4 < T  # the budget, a page of slack and a page: not the rollout's length
+    assert scored.kv_peak_bytes == s.cache.peak_bytes() + scored.evicted_at.numel() * 4 + len(s.slot_scores) * B * H * width * 4
 
 
 def test_pool_exhaustion_raises_cache_full_before_writing():
@@ -577,6 +611,18 @@ def test_bad_generate_arguments(llama):
     (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 3, pad_token_id=VOCAB), ValueError,
      re.escape(f"pad_token_id must be a token id in [0, {VOCAB})")),
     (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 3, seed=-1), ValueError, "seed must be"),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 3, eos_token_id=-1), ValueError,
+     re.escape(f"eos_token_id must be a token id in [0, {VOCAB})")),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 3, eos_token_id=[2, VOCAB]), ValueError,
+     "eos_token_id must be a token id"),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 3, eos_token_id=[]), ValueError,
+     "non-empty list"),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 3, eos_token_id=2.0), TypeError,
+     "eos_token_id must be an int"),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 3, top_p=None), TypeError,
+     "top_p must be a number, got NoneType"),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 3, temperature="1"), TypeError,
+     "temperature must be a number, got str"),
     (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 3, seed=1.5), TypeError, "seed must be"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_sampler_settings_name_the_argument(llama, call, err, message):
@@ -699,6 +745,86 @@ def test_attention_features_shadowkv_does_not_implement_are_refused(tmp_path):
             Sampler(model, StreamingLLM(), budget=8)
         setattr(model.config, name, 1.0)  # neutral
         Sampler(model, StreamingLLM(), budget=8)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0},
+                                  {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                                   "original_max_position_embeddings": 16}], ids=lambda r: r["rope_type"])
+def test_rope_that_depends_on_the_call_is_refused(tmp_path, rope):
+    """Dynamic NTK rescales the frequencies from each call's longest position: past the original
+    context, the step-by-step sampler and the whole-sequence replay differed by up to 3.6 in
+    log-prob with FullCache, and nothing said so."""
+    model = tiny_model(tmp_path / "m", "llama", hidden=32, heads=2, kv_heads=1, rope_parameters=rope)
+    with pytest.raises(NotImplementedError, match=f"'{rope['rope_type']}' rope_type"):
+        Sampler(model, FullCache())
+    fixed = tiny_model(tmp_path / "linear", "llama", hidden=32, heads=2, kv_heads=1,
+                       rope_parameters={"rope_type": "linear", "factor": 2.0})
+    Sampler(fixed, FullCache())  # a fixed rescaling is the same in every call
+
+
+def test_generate_under_autocast_caches_in_the_autocast_dtype(tmp_path):
+    """The cache took the parameters' dtype while the attention, under autocast, handed it bf16
+    keys: generate() failed with a dtype error. A forward wrapped in autocast (accelerate's
+    mixed precision) with generate() outside autocast would prefill in float32 and decode in
+    bf16: refused with a message that says what to do."""
+    import types
+
+    model = tiny_model(tmp_path / "m", "llama", hidden=32, heads=2, kv_heads=1)
+    prompts = _prompts(3, 5, 13, seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rollout = Sampler(model, StreamingLLM(sinks=1), budget=6, page_size=4).generate(prompts, 10, seed=0)
+        replay = token_logprobs(model, rollout)
+    assert torch.equal(replay[rollout.action_mask], rollout.logprobs[rollout.action_mask])
+    original = model.forward
+    model._original_forward = original  # what accelerate's prepare() leaves
+    model.forward = types.MethodType(torch.autocast("cpu", dtype=torch.bfloat16)(type(model).forward), model)
+    with pytest.raises(RuntimeError, match="call generate.. inside the same torch.autocast"):
+        Sampler(model, StreamingLLM(sinks=1), budget=6, page_size=4).generate(prompts, 10, seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        again = Sampler(model, StreamingLLM(sinks=1), budget=6, page_size=4).generate(prompts, 10, seed=0)
+    assert torch.equal(again.tokens, rollout.tokens)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "gemma3"])
+def test_gradient_checkpointing_recomputes_with_the_shadow_mask(tmp_path, family):
+    """The mask reached the attention through a context variable only, which is gone when
+    backward() recomputes a checkpointed layer: the recompute attended densely, so the values
+    were right and the gradients wrong (use_reentrant=True), or torch saw a different graph
+    (the default). The replay now also hands the mask over as a layer kwarg."""
+    import copy
+
+    extra = dict(sliding_window=6) if family in ("mistral", "gemma3") else {}
+    model = tiny_model(tmp_path / family, family, hidden=32, heads=4, kv_heads=2, **extra)
+    rollout = Sampler(model, StreamingLLM(sinks=1), budget=6, page_size=4).generate(_prompts(3, 4, 14), 12, seed=1)
+
+    def grads(m):
+        m.train().zero_grad()
+        lp = token_logprobs(m, rollout)
+        lp[rollout.action_mask].sum().backward()
+        return lp.detach(), torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+
+    lp, want = grads(model)
+    assert (lp - rollout.logprobs)[rollout.action_mask].abs().max() < 1e-4
+    for reentrant in (False, True):
+        m = copy.deepcopy(model)
+        if hasattr(m, "activation_checkpointing_enable"):  # transformers 5.x's name
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        lp_ckpt, got = grads(m)
+        assert torch.equal(lp_ckpt, lp)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpointed_model_whose_layers_drop_the_kwarg_is_refused():
+    from shadowkv.attention import _shadowkv_attention_forward, attention_context
+
+    class Ctx:
+        needs_kwarg = True
+
+    q = torch.zeros(1, 2, 3, 4)
+    with attention_context(Ctx()), pytest.raises(NotImplementedError, match="gradient checkpointing"):
+        _shadowkv_attention_forward(torch.nn.Module(), q, q, q, None)
 
 
 @pytest.mark.parametrize("policy, budget", [(FullCache(), None), (StreamingLLM(), 8)], ids=["full", "streaming"])
