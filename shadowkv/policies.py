@@ -130,6 +130,10 @@ class Policy:
     #: evict a prompt once and copy the survivors to its repeats.
     deterministic = False
     name = "policy"
+    #: live tokens per sequence and layer that the constructor's arguments imply (DESIGN.md §4's
+    #: ``StreamingLLM(sinks, window)``, ``H2O(heavy=, recent=)``); the sampler takes it when it
+    #: is given no budget. None: the sampler's ``budget`` decides.
+    budget: int | None = None
 
     def __init_subclass__(cls, **kwargs):
         # The form a class defines itself wins over an inherited one of the other form: a
@@ -192,10 +196,16 @@ class StreamingLLM(Policy):
     deterministic = True
     name = "streaming"
 
-    def __init__(self, sinks: int = 4):
+    def __init__(self, sinks: int = 4, window: int | None = None):
+        """``window``: DESIGN.md §4's form, the most recent tokens kept beside the sinks; it sets
+        :attr:`budget` to ``sinks + window`` (otherwise the sampler's budget is the sinks plus
+        as many recent tokens as fit)."""
         # Positions are int32: a larger count means every position is a sink (compared as given,
         # torch would wrap it to int32).
         self.sinks = min(as_int("StreamingLLM: sinks", sinks, 0), 2**31 - 1)
+        if window is not None:
+            self.window = as_int("StreamingLLM: window", window, 0)
+            self.budget = as_int("StreamingLLM: sinks + window", self.sinks + self.window)
 
     def select_batch(self, positions, scores, lens, n_keep):
         n_keep, by_pos = _per_row(n_keep, positions.device), _position_order(positions)
@@ -214,7 +224,15 @@ class H2O(Policy):
     deterministic = True
     name = "h2o"
 
-    def __init__(self, recent_frac: float = 0.5):
+    def __init__(self, recent_frac: float = 0.5, *, heavy: int | None = None, recent: int | None = None):
+        """``heavy``, ``recent``: DESIGN.md §4's form, token counts (both or neither): the
+        budget (:attr:`budget`) is ``heavy + recent``, of which ``recent`` are the newest."""
+        if heavy is not None or recent is not None:
+            if heavy is None or recent is None or recent_frac != 0.5:
+                raise TypeError("H2O: give heavy= and recent= together (token counts), or recent_frac alone")
+            heavy, recent = as_int("H2O: heavy", heavy, 0), as_int("H2O: recent", recent, 0)
+            self.budget = as_int("H2O: heavy + recent", heavy + recent)
+            recent_frac = Fraction(recent, heavy + recent)  # exact: round(frac * budget) == recent
         # Out of [0, 1] the recent window would be more than the budget (the heavy hitters then
         # displace the newest tokens) or negative (it would silently keep none).
         if isinstance(recent_frac, bool) or not isinstance(recent_frac, numbers.Real):

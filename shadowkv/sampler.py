@@ -329,7 +329,8 @@ class Sampler:
         policy: which tokens to keep (:mod:`shadowkv.policies`).
         budget: live tokens per sequence and layer: int, or float fraction of the current
             length, or a list with one such budget per layer; ``None`` (or a ``FullCache``
-            policy) keeps everything.
+            policy) keeps everything, unless the policy's arguments imply a budget
+            (``policy.budget``: ``StreamingLLM(sinks, window)``, ``H2O(heavy=, recent=)``).
         page_size: tokens per KV page.
         max_batch: largest batch :meth:`generate` accepts.
         evict_every: evict after the prefill and then every this many decode steps only
@@ -380,7 +381,11 @@ class Sampler:
         _refuse_call_dependent_rope(model.config)
         self.model = install(model)
         self.policy = policy or FullCache()
-        self.budget = None if isinstance(self.policy, FullCache) else budget
+        implied = getattr(self.policy, "budget", None)  # DESIGN §4's StreamingLLM(sinks, window), H2O(heavy=, recent=)
+        if implied is not None and budget is not None and budget != implied:
+            raise ValueError(f"{self.policy!r} keeps {implied} tokens (its arguments' sum), and budget={budget!r} "
+                             "says otherwise; give one of the two")
+        self.budget = None if isinstance(self.policy, FullCache) else (implied if budget is None else budget)
         self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim = model_geometry(model)
         if self.budget is not None:
             per_layer = list(self.budget) if isinstance(self.budget, (list, tuple)) else [self.budget] * self.num_layers

@@ -94,6 +94,24 @@ def test_streaming_keeps_sinks_and_most_recent():
     assert pos[keep].tolist() == [0, 1, 9, 11]
 
 
+def test_design_constructor_forms_imply_a_budget():
+    """DESIGN.md §4 spells StreamingLLM(sinks, window) and H2O(heavy, recent); the policies took
+    only the split of the sampler's budget. Both forms work: the counts set policy.budget."""
+    assert StreamingLLM(4, 12).budget == 16 and StreamingLLM(sinks=4).budget is None
+    h2o = H2O(heavy=5, recent=3)
+    assert h2o.budget == 8 and H2O().budget is None
+    pos, scores = _ragged([20], 1, 3)
+    keep = h2o.select_batch(pos, scores, [20], [8])
+    assert set(pos[0, 0][keep[0, 0]].tolist()) == _recent_plus_top(pos[0, 0, :20], scores[0, 0, :20], 3, 8)
+    for bad in (dict(heavy=4), dict(recent=4), dict(recent_frac=0.3, heavy=4, recent=4)):
+        with pytest.raises(TypeError, match="heavy= and recent= together"):
+            H2O(**bad)
+    with pytest.raises(ValueError, match="H2O: heavy must be an int >= 0"):
+        H2O(heavy=-1, recent=4)
+    with pytest.raises(ValueError, match="StreamingLLM: sinks . window must be an int >= 1"):
+        StreamingLLM(0, 0)
+
+
 def test_streaming_sinks_past_int32_are_every_position():
     pos = torch.arange(8, dtype=torch.int32)[None, None]
     for sinks in (8, 2**31, 2**32 + 1):  # positions are int32: torch compared a wrapped count

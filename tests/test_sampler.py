@@ -708,6 +708,18 @@ def test_same_seed_same_rollout_for_stochastic_policy(llama):
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.evicted_at, b.evicted_at)
 
 
+def test_a_policy_that_implies_a_budget_is_the_same_as_the_budget(llama):
+    prompts = _prompts(2, 6, 14, seed=3)
+    for implied, plain in ((StreamingLLM(2, 6), StreamingLLM(sinks=2)), (H2O(heavy=4, recent=4), H2O())):
+        a = Sampler(llama, implied, page_size=4).generate(prompts, 12, seed=0)
+        b = Sampler(llama, plain, budget=8, page_size=4).generate(prompts, 12, seed=0)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.evicted_at, b.evicted_at)
+        assert (a.evicted_at < NEVER_EVICTED).any()
+        Sampler(llama, implied, budget=8)  # the same budget twice is fine
+        with pytest.raises(ValueError, match="keeps 8 tokens .its arguments' sum., and budget=4 says otherwise"):
+            Sampler(llama, implied, budget=4)
+
+
 def test_policy_and_budget_argument_checks():
     from shadowkv.cli import _budget
 
