@@ -15,7 +15,9 @@ namespace {
 
 }  // namespace
 
-void check_shadow_attention_params(const ShadowAttentionParams& p, const char* fn) {
+namespace {
+
+void check_common(const ShadowAttentionParams& p, const char* fn) {
   if (p.batch < 0 || p.num_q_heads < 0 || p.num_kv_heads < 0 || p.q_len < 0 || p.kv_len < 0 || p.head_dim < 0)
     fail(fn, "negative shape");
   if (!product_fits_int64({p.batch, p.num_q_heads, p.q_len, p.head_dim}) ||
@@ -41,14 +43,23 @@ void check_shadow_attention_params(const ShadowAttentionParams& p, const char* f
   if (kv_rows && p.evicted_at == nullptr) fail(fn, "evicted_at must not be null");
 }
 
+}  // namespace
+
+void check_shadow_attention_params(const ShadowAttentionParams& p, const char* fn) {
+  check_common(p, fn);
+  check_written_layouts(p, fn);  // out and lse (strides left at 0 wrote every row to one place)
+}
+
 void check_shadow_attention_bwd_params(const ShadowAttentionBwdParams& bp, const char* fn) {
   const ShadowAttentionParams& p = bp.fwd;
-  check_shadow_attention_params(p, fn);
+  check_common(p, fn);  // out and lse are read here: their layout is the caller's business
+  if (bp.cpu_threads < 0) fail(fn, "cpu_threads must be >= 0 (0: the hardware's), got " + std::to_string(bp.cpu_threads));
   const bool q_rows = p.batch * p.num_q_heads * p.q_len > 0, kv_rows = p.batch * p.num_kv_heads * p.kv_len > 0;
   if (q_rows && p.head_dim > 0 && (bp.grad_out == nullptr || bp.grad_q == nullptr))
     fail(fn, "grad_out/grad_q must not be null");
   if (kv_rows && p.head_dim > 0 && (bp.grad_k == nullptr || bp.grad_v == nullptr))
     fail(fn, "grad_k/grad_v must not be null");
+  check_written_layouts(bp, fn);
 }
 
 }  // namespace shadowkv

@@ -1,5 +1,5 @@
-// check_written_layouts (paged_kv.h): the arrays a paged op writes must give every element its
-// own memory. Why: the C++ API takes raw pointers and strides (defaulting to 0), and an array
+// check_written_layouts (paged_kv.h, shadow_attention.h): the arrays an op writes must give every
+// element its own memory. Why: the C++ API takes raw pointers and strides (defaulting to 0), and an array
 // whose strides fold elements onto each other is written through twice: one sequence's keys
 // overwrite another's, or two threads race on a length, while every value check passes. The
 // torch ops check this on the tensors; this is the same promise for callers of the C++ API.
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "shadowkv/paged_kv.h"
+#include "shadowkv/shadow_attention.h"
 
 namespace shadowkv {
 namespace {
@@ -47,6 +48,21 @@ bool elements_distinct(const std::vector<Dim>& dims) {
 }
 
 void check(const char* op, const char* name, const char* layout, const std::vector<Dim>& dims) {
+  // An element count past int64 is refused first: the kernels' offset arithmetic would
+  // overflow (undefined behaviour) before any allocation could fail. Empty arrays have none.
+  int64_t count = 1;
+  bool empty = false;
+  for (const Dim& d : dims) {
+    if (d.size < 0) throw std::invalid_argument(std::string(op) + ": `" + name + "` " + layout + " has a negative size");
+    empty = empty || d.size == 0;
+  }
+  for (const Dim& d : dims) {
+    if (empty) break;
+    if (count > std::numeric_limits<int64_t>::max() / d.size)
+      throw std::invalid_argument(std::string(op) + ": `" + name + "` " + layout + " of shape " + list(dims, true) +
+                                  " is too large: its element count overflows int64");
+    count *= d.size;
+  }
   if (elements_distinct(dims)) return;
   throw std::invalid_argument(std::string(op) + ": `" + name + "` " + layout + " of shape " + list(dims, true) +
                               " has element strides " + list(dims, false) +
@@ -86,6 +102,23 @@ void check_written_layouts(const EvictCompactParams& p, const char* op) {
           {{c.batch, p.scores_stride[0]}, {c.num_kv_heads, p.scores_stride[1]}, {p.keep_len, p.scores_stride[2]}});
   }
   check(op, "freed", "[B, max_pages]", {{c.batch, p.freed_stride[0]}, {c.max_pages, p.freed_stride[1]}});
+}
+
+void check_written_layouts(const ShadowAttentionParams& p, const char* op) {
+  const int64_t B = p.batch, H = p.num_q_heads, L = p.q_len, D = p.head_dim;
+  check(op, "out", "[B, Hq, Lq, D]", {{B, p.o_stride[0]}, {H, p.o_stride[1]}, {L, p.o_stride[2]}, {D, 1}});
+  check(op, "lse", "[B, Hq, Lq]", {{B, p.lse_stride[0]}, {H, p.lse_stride[1]}, {L, 1}});
+}
+
+void check_written_layouts(const ShadowAttentionBwdParams& bp, const char* op) {
+  const ShadowAttentionParams& p = bp.fwd;
+  const int64_t B = p.batch, Hq = p.num_q_heads, Hkv = p.num_kv_heads, D = p.head_dim;
+  check(op, "grad_q", "[B, Hq, Lq, D]",
+        {{B, bp.dq_stride[0]}, {Hq, bp.dq_stride[1]}, {p.q_len, bp.dq_stride[2]}, {D, 1}});
+  check(op, "grad_k", "[B, Hkv, Lk, D]",
+        {{B, bp.dk_stride[0]}, {Hkv, bp.dk_stride[1]}, {p.kv_len, bp.dk_stride[2]}, {D, 1}});
+  check(op, "grad_v", "[B, Hkv, Lk, D]",
+        {{B, bp.dv_stride[0]}, {Hkv, bp.dv_stride[1]}, {p.kv_len, bp.dv_stride[2]}, {D, 1}});
 }
 
 }  // namespace shadowkv

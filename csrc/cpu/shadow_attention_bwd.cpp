@@ -151,10 +151,10 @@ struct BwdContext {
     const int64_t threads = bp.cpu_threads > 0 ? bp.cpu_threads
                                                : std::max<int64_t>(1, std::thread::hardware_concurrency());
     const int64_t items = p.batch * p.num_kv_heads;
+    if (items < threads) return false;  // first: ceil(items / threads) below overflows for a huge count
     const int64_t busiest = (items + threads - 1) / threads;
     const int64_t bytes = 5 * tiles.num_tiles * BC * D * static_cast<int64_t>(sizeof(acc_t));
-    return items >= threads && 2 * busiest * threads <= 3 * items && bytes <= (int64_t{32} << 20) &&
-           bytes * std::min(threads, items) <= (int64_t{256} << 20);
+    return 2 * busiest * threads <= 3 * items && bytes <= (int64_t{32} << 20) && bytes * threads <= (int64_t{256} << 20);
   }
 
   // Work items [begin, end) of the fused pass (one per batch x kv head), with VB-byte vectors.

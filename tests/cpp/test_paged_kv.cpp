@@ -628,6 +628,9 @@ TEST(paged_kv_rejects_bad_decode) {
   const Op op = Op::kDecode;
   REJECT(op, d.o_stride[1] = 0, "`out` [B, Hq, D] of shape [2, 4, 2] has element strides [8, 0, 1]");
   REJECT(op, d.scores_stride[0] = 1, "`scores_out` [B, Hkv, S]");
+  // [B, Hq, D] past int64 (q read through zero strides): the kernel's group * D overflowed (UBSan).
+  REJECT(op, (d.num_q_heads = (int64_t{1} << 62) + 2, d.q_stride[0] = d.q_stride[1] = 0),
+         "`out` [B, Hq, D] of shape [2, 4611686018427387906, 2] is too large: its element count overflows int64");
   REJECT(op, d.num_q_heads = 3, "the head count of `q` (3) must be a multiple of the KV head count (2)");
   REJECT(op, d.num_q_heads = -2, "the head count of `q`");
   REJECT(op, d.scale = 0.0, "`scale` must be positive and finite");

@@ -516,3 +516,37 @@ TEST(shadow_attention_bwd_zero_when_nothing_is_visible) {
     }
   }
 }
+
+// The arrays the ops write must give each element its own memory: with out's or a gradient's
+// strides left at their default 0, every row was written to element 0 and the call succeeded
+// (threads raced on it with a threaded ParallelFor). The checks are the public ones, so the
+// CUDA entry points refuse the same params.
+TEST(shadow_attention_rejects_written_layouts_that_fold_elements) {
+  const Shape s{1, 4, 2, 3, 5, 2, 0};
+  const Problem pr = make_problem<float>(s, EvictMode::kRandom, 9);
+  for (int which = 0; which < 3; ++which) {
+    Buffers<float> buf(pr, Layout::kContiguous, Layout::kContiguous, Layout::kContiguous);
+    if (which == 0) buf.p.o_stride[2] = 0;
+    if (which == 1) buf.p.o_stride[1] = buf.p.o_stride[2];  // heads onto rows
+    if (which == 2) buf.p.lse_stride[1] = 0;
+    CHECK_THROWS(shadowkv::shadow_attention_fwd_cpu(buf.p), which == 2 ? "`lse` [B, Hq, Lq]" : "`out` [B, Hq, Lq, D]");
+    CHECK_THROWS(shadowkv::check_shadow_attention_params(buf.p, "server"), "put two elements in the same memory");
+    for (double x : dense(buf.out)) CHECK(std::isnan(x));  // nothing written
+  }
+  std::vector<double> g(pr.q.size(), 1.0);
+  const char* names[] = {"`grad_q`", "`grad_k`", "`grad_v`"};
+  for (int which = 0; which < 3; ++which) {
+    BwdBuffers<float> buf(pr, g, nullptr, Layout::kContiguous, Layout::kPadded);
+    int64_t* strides[] = {buf.bp.dq_stride, buf.bp.dk_stride, buf.bp.dv_stride};
+    strides[which][2] = 0;
+    CHECK_THROWS(shadowkv::shadow_attention_bwd_cpu(buf.bp), names[which]);
+    for (const auto* t : {&buf.dq, &buf.dk, &buf.dv})
+      for (double x : dense(*t)) CHECK(std::isnan(x));
+  }
+  BwdBuffers<float> buf(pr, g, nullptr, Layout::kContiguous, Layout::kPadded);
+  buf.bp.cpu_threads = -1;
+  CHECK_THROWS(shadowkv::shadow_attention_bwd_cpu(buf.bp), "cpu_threads must be >= 0");
+  buf.bp.cpu_threads = INT64_MAX;  // ceil(items / threads) overflowed (UBSan), before the item count capped it
+  shadowkv::shadow_attention_bwd_cpu(buf.bp);
+  for (double x : dense(buf.dq)) CHECK(std::isfinite(x));
+}

@@ -209,8 +209,8 @@ void check_block_tables(const PagedKVCache& c, const int64_t* used_pages, const 
 // check_written_layouts: every array the op writes (append: the cache's pages, positions and
 // seq_lens; evict: those, block_tables, evicted_at, slot_scores and freed; decode: out and
 // scores) gives each element its own memory: ordered by |stride|, each dimension of size > 1
-// steps past everything the smaller ones reach (so a zero stride there, the default, is refused).
-// Needs no values. Not checked: that two different arrays overlap (the torch ops check that).
+// steps past everything the smaller ones reach (so a zero stride there, the default, is refused),
+// and its element count fits int64. Needs no values. Not checked: that two different arrays overlap (the torch ops check that).
 void check_written_layouts(const AppendKVParams& p, const char* op);
 void check_written_layouts(const PagedDecodeParams& p, const char* op);
 void check_written_layouts(const EvictCompactParams& p, const char* op);

@@ -73,9 +73,15 @@ constexpr int64_t kCpuKeyTile = 64;
 // counts within int64; num_q_heads a multiple of num_kv_heads; q_offset >= 0 and
 // q_offset + q_len, kv_len within int32 (evicted_at holds int32 positions); 0 < scale <=
 // FLT_MAX (the kernels compute in float32 unless the dtype is float64); a known dtype; no null
-// pointer for a non-empty tensor (the _bwd form: also the gradients; grad_lse may be null).
+// pointer for a non-empty tensor (the _bwd form: also the gradients; grad_lse may be null;
+// cpu_threads >= 0); and check_written_layouts on what the op writes.
 void check_shadow_attention_params(const ShadowAttentionParams& p, const char* fn);
 void check_shadow_attention_bwd_params(const ShadowAttentionBwdParams& bp, const char* fn);
+// Every array the op writes (forward: out and lse; backward: grad_q, grad_k and grad_v) gives
+// each element its own memory (as paged_kv.h's check_written_layouts: strides left at their
+// default 0 are refused) and has an element count within int64. Part of the checks above.
+void check_written_layouts(const ShadowAttentionParams& p, const char* op);
+void check_written_layouts(const ShadowAttentionBwdParams& bp, const char* op);
 
 // CPU kernels. Throw std::invalid_argument on inconsistent params.
 void shadow_attention_fwd_cpu(const ShadowAttentionParams& p, const ParallelFor& pf = serial_for);
