@@ -13,10 +13,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import setuptools
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+
+# pyproject.toml's SPDX `license = "Apache-2.0"` needs setuptools 77; an older one (which
+# --no-build-isolation builds take from the environment) fails with an unreadable schema error.
+if int(setuptools.__version__.split(".")[0]) < 77:
+    sys.exit(f"shadowkv: building needs setuptools>=77 (pyproject.toml's license field), found "
+             f"{setuptools.__version__}: pip install -U 'setuptools>=77'")
 
 
 def _cutlass_dir():

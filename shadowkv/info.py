@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _C
@@ -35,6 +37,34 @@ def _cute_state() -> str:
     return "not built (" + ("no CUTLASS headers" if _C.built_with_cuda() else "CPU-only build") + ")"
 
 
+# The kernel choices the CUDA entry points read from the environment, and what each accepts
+# (csrc/cuda/shadow_attention_fwd.cu, paged_decode_attention.cu): info flags a bad value, which
+# the first call would refuse.
+KERNEL_ENV = {
+    "SHADOWKV_ATTENTION_KERNEL": ("auto", "cute", "wgmma", "wgmma_ws", "wgmma_wsb", "wgmma_wsf", "wgmma_fused",
+                                  "wmma", "simt"),
+    "SHADOWKV_DECODE_KERNEL": ("auto", "warp", "pipelined", "mma", "mma_rows", "mma_rows_2stage"),
+}
+
+
+def _cpu_isa_line() -> str:
+    try:
+        isa = _C.cpu_isa()
+    except (ValueError, RuntimeError) as e:  # a bad SHADOWKV_CPU_ISA: the other lines still print
+        isa = f"error: {e}"
+    return f"CPU kernels: {isa} (SHADOWKV_CPU_ISA: auto, baseline, avx2, avx512)"
+
+
+def _gpu_line(i: int, archs: list[str]) -> str:
+    major, minor = torch.cuda.get_device_capability(i)
+    head = f"GPU {i}: {torch.cuda.get_device_name(i)} sm_{major}{minor} -> "
+    if not _C.built_with_cuda():  # the arch list is not the problem
+        return head + "NOT covered: this build has no CUDA kernels (rebuild with SHADOWKV_CUDA=ON and nvcc on PATH)"
+    if gpu_covered(major, minor, archs):
+        return head + "covered"
+    return head + f"NOT covered (rebuild with SHADOWKV_CUDA_ARCHS including {major}.{minor})"
+
+
 def info_lines() -> list[str]:
     archs = built_archs()
     lines = [
@@ -47,16 +77,14 @@ def info_lines() -> list[str]:
     if _C.built_with_cuda():
         lines.append("paged decode kernel: mma_rows where it applies (bf16/fp16, head dim 64/128, sm_80+), "
                      "else warp (SHADOWKV_DECODE_KERNEL: auto, warp, pipelined, mma, mma_rows, mma_rows_2stage)")
+    for name, allowed in KERNEL_ENV.items():
+        value = os.environ.get(name)
+        if value and value not in allowed:  # "" is "auto" there too
+            lines.append(f"{name}={value!r}: not a kernel name ({', '.join(allowed)}); CUDA calls will refuse it")
     if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            major, minor = torch.cuda.get_device_capability(i)
-            ok = _C.built_with_cuda() and gpu_covered(major, minor, archs)
-            lines.append(
-                f"GPU {i}: {torch.cuda.get_device_name(i)} sm_{major}{minor} -> "
-                + ("covered" if ok else "NOT covered (rebuild with SHADOWKV_CUDA_ARCHS)")
-            )
+        lines.extend(_gpu_line(i, archs) for i in range(torch.cuda.device_count()))
     else:
         lines.append("GPU: none visible")
     lines.append(f"CPU threads: {torch.get_num_threads()}")
-    lines.append(f"CPU kernels: {_C.cpu_isa()} (SHADOWKV_CPU_ISA: auto, baseline, avx2, avx512)")
+    lines.append(_cpu_isa_line())
     return lines

@@ -781,3 +781,32 @@ def test_gpu_covered_by_arch_kind():
     assert gpu_covered(10, 3, ["100f"]) and not gpu_covered(10, 0, ["103f"])  # family: same major, newer minor
     assert not gpu_covered(12, 0, ["100f"]) and not gpu_covered(10, 3, ["100a"])
     assert gpu_covered(8, 6, ["80"]) and not gpu_covered(9, 0, ["80"])
+
+
+def test_info_says_what_is_wrong_and_still_prints_the_rest(monkeypatch):
+    """A bad SHADOWKV_CPU_ISA made `info` print only the error; a bad kernel name was not
+    flagged; and a build without CUDA kernels on a GPU machine was told to change its arch list."""
+    import types
+
+    import shadowkv.info as info
+
+    monkeypatch.setenv("SHADOWKV_CPU_ISA", "bogus")
+    monkeypatch.setenv("SHADOWKV_DECODE_KERNEL", "fastest")
+    monkeypatch.setenv("SHADOWKV_ATTENTION_KERNEL", "")  # empty is auto
+    lines = info.info_lines()
+    assert lines[0].startswith("shadowkv ") and any(line.startswith("built archs:") for line in lines)
+    assert any(line.startswith("CPU kernels: error:") and "SHADOWKV_CPU_ISA" in line for line in lines)
+    assert any(line.startswith("SHADOWKV_DECODE_KERNEL='fastest': not a kernel name") for line in lines)
+    assert not any(line.startswith("SHADOWKV_ATTENTION_KERNEL") for line in lines)
+
+    real = info._C
+    cpu_only = types.SimpleNamespace(**{n: getattr(real, n) for n in dir(real) if not n.startswith("__")})
+    cpu_only.built_with_cuda, cpu_only.cuda_archs = (lambda: False), (lambda: "")
+    monkeypatch.setattr(info, "_C", cpu_only)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "H100")
+    gpu = [line for line in info.info_lines() if line.startswith("GPU 0")]
+    assert gpu == ["GPU 0: H100 sm_90 -> NOT covered: this build has no CUDA kernels (rebuild with SHADOWKV_CUDA=ON "
+                   "and nvcc on PATH)"]
