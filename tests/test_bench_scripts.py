@@ -148,9 +148,29 @@ def test_decode_marks_a_kernel_that_disagrees(monkeypatch, capsys):
 
 def test_eval_policies_runs_on_a_local_model(tmp_path, monkeypatch, capsys):
     tiny_model(tmp_path / "m", "llama")  # saved with save_pretrained; the script loads it
-    out = _run_here("eval_policies.py", ["--init", str(tmp_path / "m"), "--prompts", "4", "--runs", "snapkv:0.25"],
-                    monkeypatch, capsys)
-    assert "| full |" in out and "| snapkv | 0.25 |" in out
+    out = _run_here("eval_policies.py", ["--init", str(tmp_path / "m"), "--prompts", "4", "--runs",
+                                         "snapkv:0.25,snapkv:64"], monkeypatch, capsys)
+    assert "| full |" in out and "| snapkv | 0.25 |" in out and "| snapkv | 64 |" in out  # a token budget too
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runs", "snapkv"], "argument --runs: 'snapkv' is not policy:budget"),
+    (["--runs", "snapkv:0.25,foo:0.25"], "argument --runs: unknown policy 'foo'"),
+    (["--runs", "snapkv:nan"], "argument --runs: 'snapkv:nan': budget must be tokens >= 1 or a fraction in (0, 1]"),
+    (["--prompts", "0"], "argument --prompts: must be an int >= 1"),
+])
+def test_eval_policies_bad_arguments_are_usage_errors(args, message, monkeypatch, capsys):
+    """Each was a traceback, the unknown policy's only after the FullCache evaluation: now a usage
+    error before any model loads."""
+    import shadowkv.warmup
+
+    def no_model(*a, **kw):
+        raise AssertionError("the model loaded before the arguments were checked")
+
+    monkeypatch.setattr(shadowkv.warmup, "pretrained_policy", no_model)  # the script imports it when it runs
+    with pytest.raises(SystemExit) as e:
+        _run_here("eval_policies.py", args, monkeypatch, capsys)
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_shadowkv_bench_runs_the_packaged_benchmark(monkeypatch, capsys):
@@ -175,6 +195,14 @@ def test_gpu_session_script_parses():
     ("attention", ["--sets", "0"]), ("decode", ["--page-size", "0"]), ("decode", ["-B", "0"]),
     ("evict", ["--every", "0"]), ("rollout", ["--head-dim", "0"]), ("rollout", ["--device", "tpu"]),
     ("replay", ["--head-dim", "48"]), ("replay", ["--new", "0"]),
+    # NaN budgets ("cannot convert float NaN to integer"), and a budget wider than L, whose mask
+    # was labelled 312%; rollout's --budget was checked only after the FullCache baseline ran
+    ("attention", ["--budget", "nan"]), ("attention", ["-L", "32", "--budget", "100"]),
+    ("attention", ["-L", "32", "--budget", "0.1"]), ("evict", ["--keep", "nan"]), ("evict", ["--keep", "2"]),
+    ("rollout", ["--budget", "nan"]), ("rollout", ["--budget", "1.5"]), ("rollout", ["--budget", "0"]),
+    # an odd head dim (--hidden / --heads) failed late, in the attention kernels' shape checks
+    ("learner", ["--hidden", "8", "--heads", "8", "--kv-heads", "8"]), ("prefill", ["--hidden", "24", "--heads", "8"]),
+    ("learner", ["--hidden", "30", "--heads", "4"]), ("prefill", ["--heads", "3", "--kv-heads", "2"]),
 ])
 def test_bad_benchmark_arguments_are_usage_errors(name, args, capsys):
     """Each was a traceback from deep inside the run (a division by zero, an empty median)."""
@@ -195,3 +223,45 @@ def test_prefill_chunk_batches_against_one_sequence_a_call(capsys):
     out = capsys.readouterr().out
     assert "| chunks batched (sampler) | 4 |" in out
     assert "| one sequence a call (baseline) | 6 | 69 (100%) |" in out
+
+
+def test_attention_budget_is_tokens_or_a_fraction_of_l():
+    """``--budget`` reads as everywhere in shadowkv: an int is tokens, a float a fraction of L."""
+    from shadowkv.benchmarks import attention
+
+    assert attention.parse_args(["-L", "64", "--budget", "32"]).budget == 32
+    assert attention.kept_keys(32, 64, 4) == 32 and attention.kept_keys(0.25, 64, 4) == 16
+    assert attention.kept_keys(1.0, 64, 4) == 64
+    with pytest.raises(ValueError, match="keeps 100 of the L=32 keys"):
+        attention.kept_keys(100, 32, 4)
+
+
+def test_rollout_takes_a_token_budget(capsys):
+    """``--budget 8``: 8 tokens per sequence (a float() parse made every token budget impossible)."""
+    from shadowkv.benchmarks import rollout
+
+    rollout.main(["-B", "1", "--prompt", "8", "--new", "8", "--head-dim", "8", "--layers", "1", "--page-size", "4",
+                  "--max-fit-batch", "0", "--repeats", "1", "--budget", "8"])
+    out = capsys.readouterr().out
+    assert " budget=8 " in out and "\nstreaming " in out, out
+
+
+def test_replay_prints_na_against_a_floor_of_zero(monkeypatch, capsys):
+    """In float32 the sampler and the learner can agree to the bit (``--dtype float32 --head-dim
+    128 --new 1`` on CPU): FullCache's error, the floor, is then 0 and the ``x floor`` columns say
+    n/a instead of dividing by it (a ZeroDivisionError)."""
+    import torch
+
+    from shadowkv.benchmarks import replay
+
+    def errors(model, policy, budget, new, seed):  # [3 prompts x new] errors: 0 for FullCache only
+        err = torch.full((3 * new,), 0.0 if budget is None else 1e-3)
+        return None, err, err
+
+    monkeypatch.setattr(replay, "build_model", lambda *a: None)
+    monkeypatch.setattr(replay, "replay_errors", errors)
+    replay.main(["--device", "cpu", "--dtype", "float32", "--head-dim", "128", "--new", "1"])
+    out = capsys.readouterr().out
+    assert "| full | 0.00e+00 | 0.00e+00 | 0.00e+00 | n/a | n/a | 0.00e+00 | 3 |" in out, out
+    assert "| snapkv | 1.00e-03 | 1.00e-03 | 1.00e-03 | n/a | n/a | 1.00e-03 | 3 |" in out, out
+    assert replay.times_floor(3e-3, 1e-3) == "3.00"

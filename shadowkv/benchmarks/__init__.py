@@ -27,3 +27,22 @@ def at_least(low: int):
 
     parse.__name__ = f"int >= {low}"  # argparse names the type in its message
     return parse
+
+
+def kv_budget(text: str) -> int | float:
+    """An argparse type: a KV budget as the rest of shadowkv takes it (``shadowkv train --budget``,
+    ``policies.budget_tokens``): ``64`` is 64 tokens, ``0.25`` a quarter of the length; NaN, inf
+    and anything else are usage errors before the run, not tracebacks in it."""
+    from shadowkv.cli import _budget  # imported here: the command imports this package to list BENCHMARKS
+
+    return _budget(text)
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a finite float in (0, 1] (NaN fails the comparison, so it is refused too)."""
+    import argparse
+
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
+    return value

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from shadowkv import _C, ops
 from shadowkv.reference import INT32_MAX, shadow_attention_ref, shadow_visible, streaming_evicted_at
-from . import at_least
+from . import at_least, kv_budget
 
 # Impls that are the shadowkv op under a named kernel family (ops.attention_kernel).
 FAMILY_IMPLS = ("wmma", "cute", "wgmma", "wgmma_ws", "wgmma_wsb", "wgmma_wsf", "wgmma_fused")
@@ -92,8 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--q-heads", type=at_least(1), help="CPU 8, CUDA 16")
     p.add_argument("--kv-heads", type=at_least(1), help="CPU 2, CUDA 8")
     p.add_argument("-B", "--batch", type=at_least(1), help="CPU 1, CUDA 2")
-    p.add_argument("--budget", type=float, default=0.25,
-                   help="kept keys: a fraction of L if <= 1, else a token count (default 0.25)")
+    p.add_argument("--budget", type=kv_budget, default=0.25,
+                   help="kept keys: a token count (64) or a fraction of L (0.25), more than --sinks and at most L "
+                        "(default 0.25)")
     p.add_argument("--sinks", type=at_least(0), default=4)
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="auto: float32 on CPU, bfloat16 on CUDA")
@@ -105,7 +106,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sets", type=at_least(1), help="input sets the timed calls rotate over (CPU 1, CUDA 3)")
     p.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baselines")
     p.add_argument("--no-flex", action="store_true", help="skip the FlexAttention baseline")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # L is a per-device default: check the budget against that of every device that may run.
+    auto = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # what run() does with auto
+    for device in [args.device] if args.device != "auto" else auto:
+        try:
+            kept_keys(args.budget, args.seq_len or DEFAULTS[device]["seq_len"], args.sinks)
+        except ValueError as e:
+            p.error(f"argument --budget: {e}")
+    return args
+
+
+def kept_keys(budget: int | float, seq_len: int, sinks: int) -> int:
+    """Keys the StreamingLLM log keeps of ``seq_len``: ``budget`` tokens, or that fraction of them
+    (rounded); a ValueError unless ``sinks`` < kept <= ``seq_len`` (a window of at least one key,
+    a mask that is not wider than the sequence)."""
+    kept = round(budget * seq_len) if isinstance(budget, float) else budget
+    if not sinks < kept <= seq_len:
+        raise ValueError(f"keeps {kept} of the L={seq_len} keys, need --sinks={sinks} < kept <= L")
+    return kept
 
 
 def with_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
@@ -279,10 +298,11 @@ def run_device(device: torch.device, args) -> None:
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     seq_len = args.seq_len
-    kept = round(args.budget * seq_len) if args.budget <= 1 else int(args.budget)
+    try:  # parse_args checked it; a Namespace built otherwise may not be
+        kept = kept_keys(args.budget, seq_len, args.sinks)
+    except ValueError as e:
+        raise SystemExit(f"--budget={args.budget} {e}") from None
     window = kept - args.sinks
-    if window < 1:
-        raise SystemExit(f"--budget keeps {kept} keys, not more than --sinks={args.sinks}")
     logs = {
         "dense": torch.full((seq_len,), INT32_MAX, dtype=torch.int32),
         f"{kept / seq_len:.0%}": streaming_evicted_at(seq_len, args.sinks, window),

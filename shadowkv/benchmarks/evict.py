@@ -52,7 +52,7 @@ import torch
 from .decode import add_shape_args, header, l2_flusher, markdown_table, median_ms, random_pages, resolve_args
 from shadowkv import ops
 from shadowkv.reference import PagedState, streaming_keep
-from . import at_least
+from . import at_least, fraction
 
 
 def full_cache(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     add_shape_args(p)
-    p.add_argument("--keep", type=float, default=0.25, help="fraction of the tokens kept (default: 0.25)")
+    p.add_argument("--keep", type=fraction, default=0.25, help="fraction of the tokens kept, in (0, 1] (default: 0.25)")
     p.add_argument("--sinks", type=at_least(0), default=4, help="leading tokens the streaming mask keeps (default: 4)")
     p.add_argument("--every", type=at_least(1), default=128,
                    help="decode steps per eviction for the keep scenario's amortized column (default: 128)")
@@ -111,8 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     stables = {"stable": (True,), "fill": (False,), "both": (True, False)}[args.compaction]
     for name, (kept, _) in scenarios.items():
         if not args.sinks < kept <= ctx:
-            raise SystemExit(f"{name}: keeps {kept} of {ctx} tokens (--keep={args.keep}, --chunk={chunk}): need "
-                             f"--sinks={args.sinks} < kept <= ctx")
+            # ctx is a per-device default, so this waits for resolve_args; still before any work
+            p.error(f"{name}: keeps {kept} of {ctx} tokens (--keep={args.keep}, --chunk={chunk}): need "
+                    f"--sinks={args.sinks} < kept <= ctx")
 
     gen = torch.Generator(device).manual_seed(0)
     pristine = full_cache(args, device, dtype, gen)

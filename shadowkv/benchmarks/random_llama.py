@@ -30,8 +30,12 @@ def add_options(p: argparse.ArgumentParser) -> None:
 def build(p: argparse.ArgumentParser, args, max_len: int):
     """(model, device): the random Llama of ``add_options``' settings, for sequences of up to
     ``max_len`` tokens, seeded by ``--seed``; a usage error for settings that cannot work."""
-    if args.heads % args.kv_heads or args.hidden % args.heads:
-        p.error("--heads must divide --hidden and be a multiple of --kv-heads")
+    if args.heads % args.kv_heads:
+        p.error(f"argument --heads: must be a multiple of --kv-heads ({args.kv_heads}), got {args.heads}")
+    # The head dim is --hidden / --heads, and rotary embeddings rotate its two halves: an odd one
+    # fails only in the attention kernels, with a shape message that names neither option.
+    if args.hidden % args.heads or args.hidden // args.heads % 2:
+        p.error(f"argument --hidden: must be --heads ({args.heads}) x an even head dim, got {args.hidden}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
         p.error("argument --device: torch sees no CUDA device")

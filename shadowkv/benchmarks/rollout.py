@@ -31,7 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from shadowkv import Sampler
 from shadowkv.policies import H2O, FullCache, RandomEvict, SnapKV, StreamingLLM
-from . import at_least
+from . import at_least, kv_budget
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-B", "--batch", type=at_least(1), default=4)
     p.add_argument("--prompt", type=at_least(1), default=32)
     p.add_argument("--new", type=at_least(1), default=512)
-    p.add_argument("--budget", type=float, default=0.25)
+    p.add_argument("--budget", type=kv_budget, default=0.25,
+                   help="KV kept per sequence: tokens (64) or a fraction of its length (default 0.25)")
     p.add_argument("--head-dim", type=at_least(1), default=64)
     p.add_argument("--layers", type=at_least(1), default=2)
     p.add_argument("--page-size", type=at_least(1), default=16)
