@@ -702,7 +702,8 @@ class Sampler:
         # a list compared with the tokens was the Python value False, and nothing ever ended.
         eos_ids = None
         if eos_token_id is not None:
-            many = isinstance(eos_token_id, (list, tuple, set, frozenset, torch.Tensor))
+            many = isinstance(eos_token_id, (list, tuple, set, frozenset)) or (
+                isinstance(eos_token_id, torch.Tensor) and eos_token_id.dim() > 0)
             ids = [as_int("eos_token_id", e, None) for e in (list(eos_token_id) if many else [eos_token_id])]
             if not ids or any(not 0 <= e < vocab for e in ids):
                 raise ValueError(f"eos_token_id must be a token id in [0, {vocab}) (the model's vocabulary) or a "

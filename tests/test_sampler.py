@@ -490,8 +490,9 @@ def test_a_list_of_eos_ids_stops_sequences_at_any_of_them(llama):
         assert r.tokens[b][r.action_mask[b]].tolist() == want
     assert int(r.action_mask[0].sum()) <= 4 and int(r.action_mask[1].sum()) <= 6
     one = Sampler(llama, StreamingLLM(), budget=8, page_size=4).generate(prompts, 40, seed=0, eos_token_id=[eos[0]])
-    assert torch.equal(one.tokens, Sampler(llama, StreamingLLM(), budget=8, page_size=4).generate(
-        prompts, 40, seed=0, eos_token_id=eos[0]).tokens)
+    for same in (eos[0], torch.tensor(eos[0]), torch.tensor([eos[0]])):  # an int, a 0-d and a 1-d tensor
+        assert torch.equal(one.tokens, Sampler(llama, StreamingLLM(), budget=8, page_size=4).generate(
+            prompts, 40, seed=0, eos_token_id=same).tokens)
 
 
 def test_kv_peak_within_budget(tmp_path):
