@@ -203,6 +203,7 @@ def test_gpu_session_script_parses():
     # an odd head dim (--hidden / --heads) failed late, in the attention kernels' shape checks
     ("learner", ["--hidden", "8", "--heads", "8", "--kv-heads", "8"]), ("prefill", ["--hidden", "24", "--heads", "8"]),
     ("learner", ["--hidden", "30", "--heads", "4"]), ("prefill", ["--heads", "3", "--kv-heads", "2"]),
+    ("attention", ["--device", "cuda", "--dtype", "float64"]),  # the CUDA kernels refused it mid-run
 ])
 def test_bad_benchmark_arguments_are_usage_errors(name, args, capsys):
     """Each was a traceback from deep inside the run (a division by zero, an empty median)."""

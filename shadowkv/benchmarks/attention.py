@@ -107,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baselines")
     p.add_argument("--no-flex", action="store_true", help="skip the FlexAttention baseline")
     args = p.parse_args(argv)
+    if args.dtype == "float64" and args.device == "cuda":  # the CUDA kernels refuse it mid-run
+        p.error("argument --dtype: float64 runs on the CPU kernels only; use --device cpu or another dtype")
     # L is a per-device default: check the budget against that of every device that may run.
     auto = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # what run() does with auto
     for device in [args.device] if args.device != "auto" else auto:
@@ -410,6 +412,9 @@ def main(argv: list[str] | None = None) -> None:
     devices = [args.device] if args.device != "auto" else (
         ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     for name in devices:
+        if name == "cuda" and args.dtype == "float64":  # --device auto: the CPU's rows only
+            print("cuda: skipped (float64 runs on the CPU kernels only)")
+            continue
         run_device(torch.device(name), args)
 
 
