@@ -76,7 +76,7 @@ def info_lines() -> list[str]:
     ]
     if _C.built_with_cuda():
         lines.append("paged decode kernel: mma_rows where it applies (bf16/fp16, head dim 64/128, sm_80+), "
-                     "else warp (SHADOWKV_DECODE_KERNEL: auto, warp, pipelined, mma, mma_rows, mma_rows_2stage)")
+                     f"else warp (SHADOWKV_DECODE_KERNEL: {', '.join(KERNEL_ENV['SHADOWKV_DECODE_KERNEL'])})")
     for name, allowed in KERNEL_ENV.items():
         value = os.environ.get(name)
         if value and value not in allowed:  # "" is "auto" there too

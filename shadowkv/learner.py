@@ -29,7 +29,7 @@ from .attention import attention_context, context_kwargs, install, window_log
 from .ops import mask_padding, shadow_attention
 from .packing import first_fit_decreasing, token_slots
 from .policies import as_int
-from .vocab_kl import tempered_entropy, tempered_kl, tempered_token_logprobs
+from .vocab_kl import check_temperature, tempered_entropy, tempered_kl, tempered_token_logprobs
 
 METHODS = ("dense", "naive", "is", "smd")
 
@@ -278,8 +278,7 @@ def token_logprobs(model, rollout, mask: str = "shadow", temperature: float = 1.
     """Log-prob of every generated token under ``model``, aligned with ``rollout.logprobs``:
     ``[B, T]`` float32, 0 where ``rollout.action_mask`` is False. Differentiable w.r.t. the
     model's parameters when grad is enabled."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)  # before the replay's forward, not after it
     return gather_logprobs(replay_rows(model, rollout, mask), rollout, temperature)
 
 

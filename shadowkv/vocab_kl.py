@@ -100,7 +100,7 @@ class _TemperedKL(torch.autograd.Function):
         return None, grad.view(student.shape), None, None
 
 
-def _temperature(temperature) -> float:
+def check_temperature(temperature) -> float:
     """``temperature`` as a float, refused unless finite and > 0: 0 gives NaN and a negative one
     the distribution of ``-logits`` (a plausible, wrong answer)."""
     t = float(temperature)
@@ -121,7 +121,7 @@ def tempered_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temp
         raise ValueError(f"teacher and student logits differ in shape: {tuple(teacher_logits.shape)} vs "
                          f"{tuple(student_logits.shape)}")
     teacher = teacher_logits.detach().to(student_logits.dtype)
-    return _TemperedKL.apply(teacher, student_logits, _temperature(temperature), direction == "reverse")
+    return _TemperedKL.apply(teacher, student_logits, check_temperature(temperature), direction == "reverse")
 
 
 class _TokenLogProbs(torch.autograd.Function):
@@ -162,14 +162,14 @@ def tempered_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, tempera
                          "(one target per row of logits)")
     if targets.dtype != torch.int64:
         raise ValueError(f"targets must be int64, got {targets.dtype}")
-    return _TokenLogProbs.apply(logits, targets, _temperature(temperature))
+    return _TokenLogProbs.apply(logits, targets, check_temperature(temperature))
 
 
 @torch.no_grad()
 def tempered_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-row entropy of ``softmax(logits / temperature)``: ``[..., V]`` -> ``[...]``, a block
     of rows at a time (a diagnostic: no gradient)."""
-    temperature = _temperature(temperature)
+    temperature = check_temperature(temperature)
     V = logits.shape[-1]
     rows = logits.reshape(-1, V)
     out = rows.new_empty(rows.shape[0], dtype=_work_dtype(rows))

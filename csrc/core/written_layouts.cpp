@@ -50,19 +50,15 @@ bool elements_distinct(const std::vector<Dim>& dims) {
 void check(const char* op, const char* name, const char* layout, const std::vector<Dim>& dims) {
   // An element count past int64 is refused first: the kernels' offset arithmetic would
   // overflow (undefined behaviour) before any allocation could fail. Empty arrays have none.
-  int64_t count = 1;
-  bool empty = false;
+  std::vector<int64_t> sizes;
   for (const Dim& d : dims) {
     if (d.size < 0) throw std::invalid_argument(std::string(op) + ": `" + name + "` " + layout + " has a negative size");
-    empty = empty || d.size == 0;
+    sizes.push_back(d.size);
   }
-  for (const Dim& d : dims) {
-    if (empty) break;
-    if (count > std::numeric_limits<int64_t>::max() / d.size)
-      throw std::invalid_argument(std::string(op) + ": `" + name + "` " + layout + " of shape " + list(dims, true) +
-                                  " is too large: its element count overflows int64");
-    count *= d.size;
-  }
+  const bool empty = std::find(sizes.begin(), sizes.end(), 0) != sizes.end();
+  if (!empty && !product_fits_int64(sizes))
+    throw std::invalid_argument(std::string(op) + ": `" + name + "` " + layout + " of shape " + list(dims, true) +
+                                " is too large: its element count overflows int64");
   if (elements_distinct(dims)) return;
   throw std::invalid_argument(std::string(op) + ": `" + name + "` " + layout + " of shape " + list(dims, true) +
                               " has element strides " + list(dims, false) +

@@ -109,14 +109,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.dtype == "float64" and args.device == "cuda":  # the CUDA kernels refuse it mid-run
         p.error("argument --dtype: float64 runs on the CPU kernels only; use --device cpu or another dtype")
-    # L is a per-device default: check the budget against that of every device that may run.
-    auto = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # what run() does with auto
-    for device in [args.device] if args.device != "auto" else auto:
+    # L is a per-device default: check the budget against that of every device that will run.
+    for device in devices_of(args):
         try:
             kept_keys(args.budget, args.seq_len or DEFAULTS[device]["seq_len"], args.sinks)
         except ValueError as e:
             p.error(f"argument --budget: {e}")
     return args
+
+
+def devices_of(args: argparse.Namespace) -> list[str]:
+    """The devices a run covers: ``--device``, or with ``auto`` the CPU, then CUDA if available."""
+    if args.device != "auto":
+        return [args.device]
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
 def kept_keys(budget: int | float, seq_len: int, sinks: int) -> int:
@@ -409,9 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
-    devices = [args.device] if args.device != "auto" else (
-        ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    for name in devices:
+    for name in devices_of(args):
         if name == "cuda" and args.dtype == "float64":  # --device auto: the CPU's rows only
             print("cuda: skipped (float64 runs on the CPU kernels only)")
             continue

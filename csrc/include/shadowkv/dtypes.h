@@ -28,13 +28,18 @@ constexpr double kMaxSoftmaxScale = static_cast<double>(FLT_MAX) / 1.44269504088
 inline bool valid_softmax_scale(double s) { return s > 0.0 && s <= kMaxSoftmaxScale; }
 
 // Whether the product of non-negative sizes (an element count, an offset bound) fits in int64.
-inline bool product_fits_int64(std::initializer_list<int64_t> sizes) {
+// Sizes: any range of int64_t (a braced list, a std::vector).
+template <typename Sizes>
+inline bool product_fits_int64(const Sizes& sizes) {
   int64_t acc = 1;
   for (const int64_t s : sizes) {
     if (s < 0 || (s != 0 && acc > INT64_MAX / s)) return false;
     acc *= s;
   }
   return true;
+}
+inline bool product_fits_int64(std::initializer_list<int64_t> sizes) {
+  return product_fits_int64<std::initializer_list<int64_t>>(sizes);
 }
 
 // Storage-only 16-bit types for the CPU kernels: loads widen to float, stores round to
