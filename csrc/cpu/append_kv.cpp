@@ -47,6 +47,11 @@ void check_paged_cache(const PagedKVCache& c, const char* op) {
 void check_block_tables(const PagedKVCache& c, const int64_t* used_pages, const int64_t* write_begin,
                         const int64_t* write_end, const char* op) {
   auto fail = [op](const std::string& what) { throw std::invalid_argument(std::string(op) + ": " + what); };
+  // Public: a server may call it alone, so the cache's own fields (block_tables non-null,
+  // sizes >= 0) are checked here too; O(batch) next to the O(batch * max_pages) scan below.
+  check_paged_cache(c, op);
+  if (c.batch > 0 && (!used_pages || !write_begin || !write_end))
+    fail("null `used_pages`, `write_begin` or `write_end` for " + std::to_string(c.batch) + " sequences");
   const std::string pool = "[0, " + std::to_string(c.num_pages) + ")";
   for (int64_t b = 0; b < c.batch; ++b) {
     if (used_pages[b] < 0 || write_begin[b] < 0 || write_end[b] < 0)  // a caller's bug: it would read column -1
@@ -115,6 +120,7 @@ void append_kv_cpu(const AppendKVParams& p, const ParallelFor& pf) {
   auto fail = [](const std::string& what) { throw std::invalid_argument(std::string(op) + ": " + what); };
   const PagedKVCache& c = p.cache;
   check_paged_cache(c, op);
+  cpu::check_parallel_for(pf, op);
   if (p.num_tokens < 0) fail("negative token count");
   if (c.num_pages > 0 && !c.pos_pages) fail("null `pos_pages`");
   if (c.batch > 0 && (!p.num_new || (p.num_tokens > 0 && (!p.k || !p.v || !p.positions))))

@@ -1,10 +1,12 @@
-// Maps the runtime DType to a storage type for templated CPU kernels.
+// Maps the runtime DType to a storage type for templated CPU kernels, and the checks the CPU
+// entry points share.
 #pragma once
 
 #include <stdexcept>
 #include <string>
 
 #include "shadowkv/dtypes.h"
+#include "shadowkv/shadow_attention.h"  // ParallelFor
 
 namespace shadowkv::cpu {
 
@@ -22,6 +24,12 @@ decltype(auto) dispatch_dtype(DType dt, F&& f) {
     case DType::kFloat16: return f(type_tag<fp16_t>{});
   }
   throw std::invalid_argument("shadowkv: unsupported dtype code " + std::to_string(static_cast<int>(dt)));
+}
+
+// An empty ParallelFor (a default-constructed std::function) would throw bad_function_call
+// from inside a kernel; name the argument instead, before anything is written.
+inline void check_parallel_for(const ParallelFor& pf, const char* fn) {
+  if (!pf) throw std::invalid_argument(std::string(fn) + ": `pf` is an empty ParallelFor (pass shadowkv::serial_for to run serially)");
 }
 
 }  // namespace shadowkv::cpu

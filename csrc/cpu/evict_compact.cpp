@@ -121,6 +121,7 @@ void evict_compact_cpu(const EvictCompactParams& p, const ParallelFor& pf) {
   auto fail = [](const std::string& what) { throw std::invalid_argument(std::string(op) + ": " + what); };
   const PagedKVCache& c = p.cache;
   check_paged_cache(c, op);
+  cpu::check_parallel_for(pf, op);
   if (p.keep_len < 0 || p.log_len < 0) fail("negative `keep` or `evicted_at` length");
   if (p.log_len > INT32_MAX) fail("`evicted_at` length " + std::to_string(p.log_len) + " exceeds the int32 positions");
   if (c.num_pages > 0 && !c.pos_pages) fail("null `pos_pages`");

@@ -123,6 +123,7 @@ void paged_decode_attention_cpu(const PagedDecodeParams& p, const ParallelFor& p
   auto fail = [](const std::string& what) { throw std::invalid_argument(std::string(op) + ": " + what); };
   const PagedKVCache& c = p.cache;
   check_paged_cache(c, op);
+  cpu::check_parallel_for(pf, op);
   if (p.num_q_heads < 0 || p.num_q_heads % c.num_kv_heads != 0)
     fail("the head count of `q` (" + std::to_string(p.num_q_heads) + ") must be a multiple of the KV head count (" +
          std::to_string(c.num_kv_heads) + ")");

@@ -343,6 +343,7 @@ namespace shadowkv {
 void shadow_attention_bwd_cpu(const ShadowAttentionBwdParams& bp, const ParallelFor& pf) {
   const ShadowAttentionParams& p = bp.fwd;
   check_shadow_attention_bwd_params(bp, "shadowkv::shadow_attention_bwd");
+  cpu::check_parallel_for(pf, "shadowkv::shadow_attention_bwd");
   cpu::dispatch_dtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (p.batch == 0) return;

@@ -144,6 +144,7 @@ namespace shadowkv {
 
 void shadow_attention_fwd_cpu(const ShadowAttentionParams& p, const ParallelFor& pf) {
   check_shadow_attention_params(p, "shadowkv::shadow_attention");
+  cpu::check_parallel_for(pf, "shadowkv::shadow_attention");
   if (p.batch == 0 || p.num_q_heads == 0 || p.q_len == 0) return;
   cpu::dispatch_dtype(p.dtype, [&](auto tag) { cpu::fwd_kernel<typename decltype(tag)::type>(p, pf); });
 }

@@ -127,9 +127,23 @@ inline unsigned grid_1d(int64_t blocks, const char* kernel) {
   return static_cast<unsigned>(blocks);
 }
 
+// Opts `kernel` in to `bytes` of dynamic shared memory. A GPU with a smaller per-block limit
+// (sm_75 has 64 KB, sm_86/89 99 KB, sm_80 163 KB, sm_90 227 KB; an "8.0" build runs on sm_86)
+// gets an error naming both sizes instead of CUDA's "invalid argument".
 template <typename Kernel>
 void set_smem_limit(Kernel kernel, size_t bytes) {
   if (bytes > 48 * 1024) {
+    int device = 0, limit = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    check_cuda(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+               "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+    if (bytes > static_cast<size_t>(limit)) {
+      throw std::runtime_error("shadow_attention: the kernel for this dtype and head_dim needs " +
+                               std::to_string(bytes) + " bytes of shared memory per block, but GPU " +
+                               std::to_string(device) + " allows " + std::to_string(limit) +
+                               "; a smaller head_dim (or bfloat16/float16 instead of float32) takes a "
+                               "kernel that needs less");
+    }
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
                "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
   }

@@ -679,4 +679,32 @@ TEST(paged_kv_check_block_tables_refuses_negative_ranges) {
                "negative page range for sequence 1 (used 1, written [-1, 1))", "check_block_tables", __FILE__, __LINE__);
   const int64_t ok_begin[2] = {0, 0};
   shadowkv::check_block_tables(c, used, ok_begin, end, "t");
+  // Called alone (without check_paged_cache first): a null table was read (segfault), and a
+  // negative pool size sized a vector (length_error).
+  PagedKVCache no_table = c;
+  no_table.block_tables = nullptr;
+  check_throws([&] { shadowkv::check_block_tables(no_table, used, ok_begin, end, "t"); }, "t: null `block_tables`",
+               "check_block_tables", __FILE__, __LINE__);
+  PagedKVCache no_pool = c;
+  no_pool.num_pages = -3;
+  check_throws([&] { shadowkv::check_block_tables(no_pool, used, ok_begin, end, "t"); }, "t: negative shape",
+               "check_block_tables", __FILE__, __LINE__);
+  check_throws([&] { shadowkv::check_block_tables(c, nullptr, ok_begin, end, "t"); },
+               "t: null `used_pages`, `write_begin` or `write_end` for 2 sequences", "check_block_tables", __FILE__,
+               __LINE__);
+}
+
+// An empty ParallelFor threw bad_function_call from inside the kernels; it is refused by name
+// before anything is written.
+TEST(paged_kv_rejects_an_empty_parallel_for) {
+  const shadowkv::ParallelFor none;
+  for (int op = 0; op < 3; ++op) {
+    Small st;
+    const auto before = st.snapshot();
+    const char* needle = "`pf` is an empty ParallelFor";
+    if (op == 0) CHECK_THROWS(shadowkv::append_kv_cpu(st.append(), none), needle);
+    if (op == 1) CHECK_THROWS(shadowkv::paged_decode_attention_cpu(st.decode(), none), needle);
+    if (op == 2) CHECK_THROWS(shadowkv::evict_compact_cpu(st.evict(), none), needle);
+    CHECK(st.snapshot() == before);
+  }
 }

@@ -517,6 +517,18 @@ TEST(shadow_attention_bwd_zero_when_nothing_is_visible) {
   }
 }
 
+// An empty ParallelFor (a default-constructed std::function) threw bad_function_call from
+// inside the kernels; it is refused by name before anything is written.
+TEST(shadow_attention_rejects_an_empty_parallel_for) {
+  const Problem pr = make_problem<float>(Shape{1, 4, 2, 3, 5, 2, 0}, EvictMode::kRandom, 7);
+  Buffers<float> fb(pr, Layout::kContiguous, Layout::kContiguous, Layout::kContiguous);
+  CHECK_THROWS(shadowkv::shadow_attention_fwd_cpu(fb.p, shadowkv::ParallelFor{}), "`pf` is an empty ParallelFor");
+  for (double x : dense(fb.out)) CHECK(std::isnan(x));
+  std::vector<double> g(pr.q.size(), 1.0);
+  BwdBuffers<float> bb(pr, g, nullptr, Layout::kContiguous, Layout::kContiguous);
+  CHECK_THROWS(shadowkv::shadow_attention_bwd_cpu(bb.bp, shadowkv::ParallelFor{}), "`pf` is an empty ParallelFor");
+}
+
 // The arrays the ops write must give each element its own memory: with out's or a gradient's
 // strides left at their default 0, every row was written to element 0 and the call succeeded
 // (threads raced on it with a threaded ParallelFor). The checks are the public ones, so the

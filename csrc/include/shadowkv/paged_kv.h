@@ -196,8 +196,9 @@ void evict_compact_cuda(const EvictCompactParams& p, void* stream);
 //
 // check_paged_cache: the shape fields and pointers of `c` (page_size, max_pages and num_pages
 // within int32, the pool's element count within int64), and 0 <= seq_lens[b] <=
-// max_pages * page_size. check_block_tables: the block tables against per-sequence page ranges
-// (column indices; each end <= max_pages, else the table is too short):
+// max_pages * page_size. check_block_tables (which runs check_paged_cache first, and needs
+// used_pages, write_begin and write_end non-null when batch > 0): the block tables against
+// per-sequence page ranges (column indices; each end <= max_pages, else the table is too short):
 //   [0, used_pages[b])              must hold page ids in [0, num_pages);
 //   [used_pages[b], write_end[b])   may also hold -1;
 //   [write_begin[b], write_end[b])  pages that the op writes: each must appear in no other

@@ -71,9 +71,9 @@ constexpr int64_t kCpuKeyTile = 64;
 // The checks every kernel (CPU and CUDA) runs first, public so that a server can validate
 // params it assembled; std::invalid_argument prefixed with `fn`. Shapes >= 0 and element
 // counts within int64; num_q_heads a multiple of num_kv_heads; q_offset >= 0 and
-// q_offset + q_len, kv_len within int32 (evicted_at holds int32 positions); 0 < scale <=
-// FLT_MAX (the kernels compute in float32 unless the dtype is float64); a known dtype; no null
-// pointer for a non-empty tensor (the _bwd form: also the gradients; grad_lse may be null;
+// q_offset + q_len, kv_len within int32 (evicted_at holds int32 positions);
+// valid_softmax_scale(scale) (dtypes.h: 0 < scale <= FLT_MAX / log2(e)); a known dtype; no
+// null pointer for a non-empty tensor (the _bwd form: also the gradients; grad_lse may be null;
 // cpu_threads >= 0); and check_written_layouts on what the op writes.
 void check_shadow_attention_params(const ShadowAttentionParams& p, const char* fn);
 void check_shadow_attention_bwd_params(const ShadowAttentionBwdParams& bp, const char* fn);
