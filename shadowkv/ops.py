@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
+from torch.autograd import forward_ad
 
 from . import _C  # noqa: F401  (registers the ops)
 
@@ -183,12 +184,31 @@ def _check_meta_args(q, k, v, evicted_at, q_offset=0, scale=None):
     ])
     if (Hq % Hkv != 0) if Hkv else Hq != 0:
         raise ValueError(f"shadowkv: the head count of `q` ({Hq}) must be a multiple of the head count of `k` ({Hkv})")
+    _check_q_offset(q_offset, q.shape[2])
+    _check_fake_scale_and_device_dtype(q, scale)
+
+
+def _refuse_forward_ad(*tensors) -> None:
+    """torch drops a custom op's forward-mode tangent without a word (the output's tangent is
+    None, read as zero); the op has reverse mode only, so dual inputs are refused. Outside
+    ``forward_ad.dual_level()`` (level -1) this is one attribute read."""
+    if getattr(forward_ad, "_current_level", 0) < 0:
+        return
+    if any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError("shadowkv: shadow_attention has no forward-mode AD (jvp, make_dual); its tangent "
+                                  "would be dropped silently. Use reverse mode (backward, torch.func.grad or vjp)")
+
+
+def _check_q_offset(q_offset, q_len) -> None:
+    """``0 <= q_offset <= INT32_MAX - Lq``; a bool is refused (True was taken as 1), and a value
+    past int64 is named here rather than by torch's schema ("expected int, found int")."""
+    if isinstance(q_offset, bool):
+        raise TypeError("shadowkv: `q_offset` must be an int, got a bool")
     if q_offset < 0:
         raise ValueError(f"shadowkv: `q_offset` must be >= 0, got {q_offset}")
-    if q_offset > _INT32_MAX - q.shape[2]:
-        raise ValueError(f"shadowkv: `q_offset` ({q_offset}) + Lq ({q.shape[2]}) exceeds the int32 positions of "
+    if q_offset > _INT32_MAX - q_len:
+        raise ValueError(f"shadowkv: `q_offset` ({q_offset}) + Lq ({q_len}) exceeds the int32 positions of "
                          f"`evicted_at`")
-    _check_fake_scale_and_device_dtype(q, scale)
 
 
 @torch.library.register_fake("shadowkv::shadow_attention_fwd")
@@ -341,10 +361,13 @@ def shadow_attention_with_lse(
         query sees (e.g. padding with ``evicted_at = 0``, or past ``seq_lens``) may hold NaN:
         they affect no output or gradient, and their ``dk``, ``dv`` are 0.
     """
+    _refuse_forward_ad(q, k, v)
     if seq_lens is not None:
         # The op's own checks first, so that a bad q, k, v or log is named as without seq_lens.
         _check_meta_args(q, k, v, evicted_at, q_offset, scale)
         evicted_at = mask_padding(evicted_at, seq_lens)
+    elif isinstance(q_offset, int) and q.dim() == 4:  # the C++ op checks the rest
+        _check_q_offset(q_offset, q.shape[2])
     return torch.ops.shadowkv.shadow_attention_fwd(q, k, v, evicted_at, q_offset, scale)
 
 

@@ -677,6 +677,29 @@ def test_seq_lens_keeps_the_ops_errors(case):
     assert errors[0] == errors[1]
 
 
+@pytest.mark.parametrize("q_offset", [True, 2**63, -(2**63) - 1])
+@pytest.mark.parametrize("seq_lens", [None, torch.tensor([10, 7])])
+def test_q_offset_outside_int64_or_bool_is_named(q_offset, seq_lens):
+    """torch's schema said "expected int, found int" past int64, and took True as 1."""
+    args = {**_valid_args(), "q_offset": q_offset}
+    with pytest.raises((ValueError, TypeError), match="`q_offset`"):
+        ops.shadow_attention(**args, seq_lens=seq_lens)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script.* is deprecated:FutureWarning")  # torch's make_dual
+def test_forward_mode_ad_is_refused():
+    """torch returned a None tangent (read as zero) for the custom op's output."""
+    import torch.autograd.forward_ad as fwAD
+
+    args = _valid_args()
+    with fwAD.dual_level():
+        args["k"] = fwAD.make_dual(args["k"], torch.randn_like(args["k"]))
+        with pytest.raises(NotImplementedError, match="no forward-mode AD"):
+            ops.shadow_attention(**args)
+        args["k"] = fwAD.unpack_dual(args["k"]).primal
+        ops.shadow_attention(**args)  # no dual input inside the level: fine
+
+
 def test_valid_args_run():
     """The base of the bad-input cases is itself accepted (so each case tests one change)."""
     for call in ENTRY_POINTS.values():
