@@ -1,6 +1,9 @@
 """Crash-safe writes: a reader (or a resumed run) sees the old content or the new, never half.
 
-Both write into a temporary sibling and ``os.replace`` it into place (atomic on POSIX).
+Both write into a temporary sibling, flush it to disk (fsync), ``os.replace`` it into place
+(atomic on POSIX) and fsync the parent folder, so that after a power loss or an OS crash the
+new name never points at data still in the page cache (``LATEST`` at an empty checkpoint,
+with the previous one already deleted). A failed write removes its temporary.
 """
 
 from __future__ import annotations
@@ -31,14 +34,36 @@ def _umask() -> int:
     return mask
 
 
+def _fsync_path(path: Path) -> None:
+    """fsync a file or folder by name; a filesystem that cannot (some network or FUSE mounts
+    refuse folders) keeps the ordering it gives."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_text(path: Path, text: str) -> None:
     """Replaces the file ``path`` with ``text``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        # mkstemp creates 0600 whatever the umask; run files get the mode open() would give them.
-        os.fchmod(f.fileno(), 0o666 & ~_umask())
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            # mkstemp creates 0600 whatever the umask; run files get the mode open() would give them.
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_path(path.parent)
 
 
 def write_dir(path: Path, fill: Callable[[Path], None], replace: bool = True) -> None:
@@ -58,9 +83,13 @@ def write_dir(path: Path, fill: Callable[[Path], None], replace: bool = True) ->
         for f in tmp.rglob("*"):
             if f.is_file() and not f.is_symlink():
                 os.chmod(f, 0o666 & ~umask)
+                _fsync_path(f)
+        for d in (*(d for d in tmp.rglob("*") if d.is_dir() and not d.is_symlink()), tmp):
+            _fsync_path(d)
         if replace:
             shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
+        _fsync_path(path.parent)
     except OSError:
         if replace or not path.exists():
             raise

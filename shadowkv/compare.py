@@ -8,6 +8,7 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
+from .atomic import write_text
 from .learner import METHODS
 from .train import TrainConfig, plot_curves, read_metrics, train
 
@@ -70,9 +71,9 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
             f"{max(r['kv_ratio'] for r in runs):>14.3f} {statistics.fmean(r['mismatch_abs'] for r in runs):>16.2e}"
         )
     table = "\n".join(lines)
-    (out / "compare.json").write_text(json.dumps(
+    write_text(out / "compare.json", json.dumps(
         {m: [{k: v for k, v in r.items() if k != "rows"} for r in runs] for m, runs in results.items()}, indent=2))
-    (out / "compare.txt").write_text(table + "\n")
+    write_text(out / "compare.txt", table + "\n")
     plot_curves({m: _mean_rows(runs) for m, runs in results.items()}, out / "compare.png", lines[0] + " (mean over seeds)")
     return table
 
@@ -89,12 +90,12 @@ def _same_run(saved: Path, cfg: TrainConfig) -> bool:
         return False
     try:
         old = TrainConfig.from_dict(json.loads(saved.read_text()))
-    except (ValueError, TypeError):  # a damaged config.json: that run starts over
+    except (ValueError, TypeError, AttributeError, OSError):  # a damaged config.json: that run starts over
         return False
 
-    def settings(c: TrainConfig) -> dict:
-        d = json.loads(json.dumps(asdict(c)))
-        return {k: v for k, v in d.items() if k not in _FREE_ON_RESUME}
+    def settings(c: TrainConfig) -> str:
+        # Compared as JSON text: --budget 1 (one token) and 1.0 (all of them) are equal numbers.
+        return json.dumps({k: v for k, v in asdict(c).items() if k not in _FREE_ON_RESUME}, sort_keys=True)
 
     return settings(old) == settings(cfg)
 

@@ -104,6 +104,8 @@ class TrainConfig:
         need(self.policy in POLICIES, "policy", f"one of {', '.join(sorted(POLICIES))}")
         need(self.smd_direction in ("forward", "reverse"), "smd_direction", "'forward' or 'reverse'")
         try:
+            if self.budget is None:  # budget_tokens' "no eviction": every method would run dense
+                raise TypeError("must be a token count (int) or a fraction in (0, 1], got None")
             budget_tokens(self.budget, 1)
         except (TypeError, ValueError) as e:
             raise ValueError(f"budget (--budget): {e}") from None
@@ -146,6 +148,10 @@ class TrainConfig:
         task = task_of(self)  # bad task settings (--value-len) fail here too
         if self.init is not None:
             check_init_model(self, task)
+        elif self.prompt_len + task.max_answer_len > self.model.max_positions:  # copy's answer is its prompt
+            raise ValueError(f"prompt_len (--prompt-len) {self.prompt_len}: --task {self.task}'s answers then take up "
+                             f"to {task.max_answer_len} tokens, and prompt plus answer must fit the model's "
+                             f"{self.model.max_positions} positions")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -182,6 +188,9 @@ def check_init_model(cfg: TrainConfig, task) -> None:
     after the run folder was reset and the weights loaded."""
     from transformers import AutoConfig
 
+    if not (Path(cfg.init) / "config.json").is_file():
+        # transformers 4.x then guesses a model type from the folder's name ("empty" -> mpt).
+        raise ValueError(f"init (--init) {cfg.init} is not a model folder from save_pretrained (no config.json)")
     try:
         config = AutoConfig.from_pretrained(cfg.init, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -367,9 +376,15 @@ def load_checkpoint(out: Path):
 
     if not (out / "LATEST").exists():
         return None
-    ck = out / (out / "LATEST").read_text().strip()
     try:
-        model = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
+        ck = out / (out / "LATEST").read_text().strip()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--resume: {out / 'LATEST'} cannot be read ({e}); start a new run") from None
+    if not ck.is_dir() or ck == out:  # from_pretrained would take a missing folder for a Hub repo id
+        raise ValueError(f"--resume: {out / 'LATEST'} names the checkpoint {ck}, which is not a folder; "
+                         "start a new run")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32, local_files_only=True)
         # On the CPU: a run trained on a GPU may resume where there is none (load_state_dict
         # moves the optimizer state to the parameters' device).
         state = torch.load(ck / "trainer.pt", weights_only=True, map_location="cpu")
@@ -385,15 +400,21 @@ def read_metrics(out: str | Path) -> list[dict]:
     p = Path(out) / "metrics.jsonl"
     if not p.exists():
         return []
-    lines = p.read_text().split("\n")[:-1]  # drops "" after the final newline, or a torn last row
+    try:
+        lines = p.read_text().split("\n")[:-1]  # drops "" after the final newline, or a torn last row
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p} cannot be read ({e})") from None
     rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{p} line {number} is not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row["step"], bool):
+            raise ValueError(f"{p} line {number} is not a metrics row (a JSON object with an integer \"step\")")
+        rows.append(row)
     return rows
 
 
@@ -434,7 +455,11 @@ class _RunLock:
     def __enter__(self):
         import fcntl
 
-        self._file = open(self.path, "w")
+        try:
+            self._file = open(self.path, "w")
+        except OSError as e:  # a read-only folder, or .lock a folder
+            raise ValueError(f"--out {self.path.parent}: cannot create its lock file {self.path.name} "
+                             f"({e.strerror or e})") from None
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -480,10 +505,14 @@ def _resumed_config(out: Path, overrides: dict | None) -> tuple[TrainConfig, boo
     ``ValueError`` naming it, because it would change what the replayed steps mean."""
     try:
         cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+    except (ValueError, TypeError, AttributeError, OSError) as e:  # bad JSON or UTF-8, not an object, a folder
         raise ValueError(f"--resume: {out / 'config.json'} cannot be read ({e}); start a new run") from None
     saved = {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "sft_steps": cfg.sft.steps}
-    changed = {k: v for k, v in (overrides or {}).items() if saved[k] != v}
+
+    def differs(name: str, given) -> bool:  # --budget 1 is one token, 1.0 all of them: equal numbers only
+        return saved[name] != given or (name == "budget" and isinstance(saved[name], float) != isinstance(given, float))
+
+    changed = {k: v for k, v in (overrides or {}).items() if differs(k, v)}
     fixed = sorted(k for k in changed if k not in ("steps", "device", "micro_batch"))
     if fixed:
         raise ValueError(f"--resume: the run in {out} was trained with "

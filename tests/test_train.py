@@ -86,13 +86,72 @@ def test_a_run_folder_is_never_trusted_blindly(tmp_path, capsys):
     (run / "metrics.jsonl").write_text("\n".join(rows[1:]) + "\n")  # step 0 lost
     with pytest.raises(ValueError, match=r"does not hold steps 0\.\.2"):
         train(_cfg("smd"), run, resume=True, progress=False)
-    (run / "LATEST").write_text("ckpt-99")
-    with pytest.raises(ValueError, match="cannot be loaded"):
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    for bad in ('{"reward": 1.0}', "[1]", '{"step": true}'):  # KeyError / TypeError tracebacks before
+        (run / "metrics.jsonl").write_text("\n".join([bad, *rows[1:]]) + "\n")
+        with pytest.raises(ValueError, match="line 1 is not a metrics row"):
+            train(_cfg("smd"), run, resume=True, progress=False)
+    (run / "LATEST").write_text("ckpt-99")  # from_pretrained took the missing folder for a Hub repo id
+    with pytest.raises(ValueError, match="names the checkpoint .*ckpt-99, which is not a folder"):
         train(_cfg("smd"), run, resume=True, progress=False)
+    config_text = (run / "config.json").read_text()
+    (run / "config.json").write_bytes(b"\xff{")  # not UTF-8: the message named no file
+    with pytest.raises(ValueError, match="config.json cannot be read"):
+        train(_cfg("smd"), run, resume=True, progress=False)
+    (run / "config.json").unlink()
+    (run / "config.json").mkdir()  # IsADirectoryError before
+    with pytest.raises(ValueError, match="config.json cannot be read"):
+        train(_cfg("smd"), run, resume=True, progress=False)
+    (run / "config.json").rmdir()
+    (run / "config.json").write_text(config_text)
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "temperature": 0.0}))
     with pytest.raises(ValueError, match="temperature"):
         train(_cfg("smd"), run, resume=True, progress=False)
+
+
+def test_budget_1_is_not_budget_1_0(tmp_path):
+    """--budget 1 (one token) and --budget 1.0 (the whole sequence) are equal as numbers: a
+    resume accepted one for the other, and compare reused the other's finished run."""
+    from shadowkv.compare import _same_run
+    from shadowkv.train import _resumed_config
+
+    (tmp_path / "config.json").write_text(json.dumps(asdict(_cfg("smd", budget=1.0))))
+    assert _resumed_config(tmp_path, {"budget": 1.0})[1] is False
+    with pytest.raises(ValueError, match=r"budget=1\.0"):
+        _resumed_config(tmp_path, {"budget": 1})
+    assert _same_run(tmp_path / "config.json", _cfg("smd", budget=1.0))
+    assert not _same_run(tmp_path / "config.json", _cfg("smd", budget=1))
+    with pytest.raises(ValueError, match=r"budget \(--budget\): must be a token count"):
+        _cfg("smd", budget=None).check()  # budget_tokens' "no eviction": a hand-edited null ran dense
+
+
+def test_an_unwritable_run_folder_is_a_message(tmp_path):
+    """The lock file's open() failing (a read-only folder; here .lock is a folder) was a traceback."""
+    from shadowkv.train import _RunLock
+
+    (tmp_path / ".lock").mkdir()
+    with pytest.raises(ValueError, match="cannot create its lock file .lock"):
+        with _RunLock(tmp_path):
+            pass
+
+
+def test_atomic_writes_leave_no_temporary_on_failure(tmp_path, monkeypatch):
+    """A failed write (ENOSPC) left its .tmp-* beside the file."""
+    import os
+
+    from shadowkv import atomic
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        atomic.write_text(tmp_path / "LATEST", "ckpt-1")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    atomic.write_text(tmp_path / "LATEST", "ckpt-1")
+    assert (tmp_path / "LATEST").read_text() == "ckpt-1" and len(list(tmp_path.iterdir())) == 1
 
 
 def test_resume_refuses_settings_that_change_the_run(tmp_path, capsys):
@@ -195,6 +254,8 @@ def test_bad_value_len_is_a_clear_error(tmp_path, capsys):
     (["--is-reject-low", "2"], "is_reject_high (--is-reject-high) must be >= is_reject_low"),
     (["--sft-steps", "0"], "sft_steps (--sft-steps) must be an int >= 1"),
     (["--prompt-len", "0"], "prompt_len (--prompt-len) must be an int in [8, 4032]"),
+    # copy's answer is as long as its prompt: 3000 + 2997 tokens passed the 4032 bound.
+    (["--task", "copy", "--prompt-len", "3000"], "prompt plus answer must fit the model's 4096 positions"),
     (["--init", "/nonexistent/model"], "init (--init) must be a local model folder"),
     (["--eval-prompts", "0"], "eval_prompts (--eval-prompts) must be an int >= 1"),
     (["--seed", str(2**64)], "seed (--seed) must be an int in [-2**63, 2**64)"),  # it wiped a run folder first
