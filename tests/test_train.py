@@ -500,9 +500,10 @@ def test_micro_batches_give_the_whole_batchs_update(tmp_path, monkeypatch, metho
     for k in whole.keys() - TIMING - {"step"}:
         assert parts[k] == pytest.approx(whole[k], rel=1e-4, abs=1e-6), k
     # Adam divides by the gradients' size: where they are ~0 their rounding shows in the update
-    # (the updates here are up to 2e-2, two epochs at lr 1e-2).
+    # (the updates here are up to 2e-2, two epochs at lr 1e-2). With transformers 4.56's int
+    # logits_to_keep the two runs compute different row counts: lm_head then differs by 3.7e-5.
     for (name, a), b in zip(model.named_parameters(), model_mb.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5, msg=name)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=5e-5, msg=name)
 
 
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "padded"])
