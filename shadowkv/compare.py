@@ -26,7 +26,7 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
             progress: bool = True) -> str:
     """Trains every method for every seed ``base.seed .. base.seed + seeds - 1`` under
     ``out/<method>-s<seed>`` (finished runs with the same settings are reused, interrupted ones
-    resumed), writes ``compare.json`` and ``compare.png``, returns the table as text. A run
+    resumed, shorter ones extended to ``base.steps`` as ``train --resume --steps`` does), writes ``compare.json`` and ``compare.png``, returns the table as text. A run
     stopped by Ctrl-C stops the comparison (``KeyboardInterrupt``)."""
     out = Path(out)
     unknown = [m for m in methods if m not in METHODS]
@@ -46,12 +46,13 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
             cfg.method, cfg.seed = method, seed
             run = out / f"{method}-s{seed}"
             done = run / "summary.json"
-            same = _same_run(run / "config.json", cfg)
-            if same and done.exists():
+            saved_steps = _saved_steps(run / "config.json", cfg)
+            if saved_steps == cfg.steps and done.exists():
                 summary = json.loads(done.read_text())  # finished with these settings: reuse
-            else:  # resume an interrupted run; a folder trained with other settings starts over
-                summary = train(cfg, run, resume=same, progress=progress,
-                                overrides={k: getattr(cfg, k) for k in _FREE_ON_RESUME} if same else None)
+            else:  # resume an interrupted or shorter run; one trained with other settings starts over
+                resume = saved_steps is not None and saved_steps <= cfg.steps
+                summary = train(cfg, run, resume=resume, progress=progress,
+                                overrides={k: getattr(cfg, k) for k in (*_FREE_ON_RESUME, "steps")} if resume else None)
                 if summary["stopped"]:  # Ctrl-C stopped the run: so is the comparison
                     raise KeyboardInterrupt
             summary["rows"] = read_metrics(run)
@@ -83,21 +84,23 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
 _FREE_ON_RESUME = ("device", "micro_batch")
 
 
-def _same_run(saved: Path, cfg: TrainConfig) -> bool:
-    """Whether the run folder's ``config.json`` holds ``cfg``'s settings, read as a resume reads
-    it (fields added since it was written take their defaults) and up to ``_FREE_ON_RESUME``."""
+def _saved_steps(saved: Path, cfg: TrainConfig) -> int | None:
+    """The ``steps`` of the run whose ``config.json`` is ``saved``, if it holds ``cfg``'s other
+    settings, read as a resume reads it (fields added since it was written take their defaults)
+    and up to ``_FREE_ON_RESUME``; else None (no run, a damaged config, other settings)."""
     if not saved.exists():
-        return False
+        return None
     try:
         old = TrainConfig.from_dict(json.loads(saved.read_text()))
     except (ValueError, TypeError, AttributeError, OSError):  # a damaged config.json: that run starts over
-        return False
+        return None
 
     def settings(c: TrainConfig) -> str:
         # Compared as JSON text: --budget 1 (one token) and 1.0 (all of them) are equal numbers.
-        return json.dumps({k: v for k, v in asdict(c).items() if k not in _FREE_ON_RESUME}, sort_keys=True)
+        return json.dumps({k: v for k, v in asdict(c).items() if k not in (*_FREE_ON_RESUME, "steps")},
+                          sort_keys=True)
 
-    return settings(old) == settings(cfg)
+    return old.steps if settings(old) == settings(cfg) else None
 
 
 def _mean_rows(runs: list[dict]) -> list[dict]:

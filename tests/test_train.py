@@ -113,15 +113,15 @@ def test_a_run_folder_is_never_trusted_blindly(tmp_path, capsys):
 def test_budget_1_is_not_budget_1_0(tmp_path):
     """--budget 1 (one token) and --budget 1.0 (the whole sequence) are equal as numbers: a
     resume accepted one for the other, and compare reused the other's finished run."""
-    from shadowkv.compare import _same_run
+    from shadowkv.compare import _saved_steps
     from shadowkv.train import _resumed_config
 
     (tmp_path / "config.json").write_text(json.dumps(asdict(_cfg("smd", budget=1.0))))
     assert _resumed_config(tmp_path, {"budget": 1.0})[1] is False
     with pytest.raises(ValueError, match=r"budget=1\.0"):
         _resumed_config(tmp_path, {"budget": 1})
-    assert _same_run(tmp_path / "config.json", _cfg("smd", budget=1.0))
-    assert not _same_run(tmp_path / "config.json", _cfg("smd", budget=1))
+    assert _saved_steps(tmp_path / "config.json", _cfg("smd", budget=1.0)) == 4
+    assert _saved_steps(tmp_path / "config.json", _cfg("smd", budget=1)) is None
     with pytest.raises(ValueError, match=r"budget \(--budget\): must be a token count"):
         _cfg("smd", budget=None).check()  # budget_tokens' "no eviction": a hand-edited null ran dense
 
@@ -638,8 +638,26 @@ def test_compare_table_and_reuse(tmp_path):
     stamp = (tmp_path / "smd-s0" / "summary.json").stat().st_mtime_ns
     assert compare(cfg, tmp_path, seeds=1, methods=("naive", "smd"), progress=False) == table
     assert (tmp_path / "smd-s0" / "summary.json").stat().st_mtime_ns == stamp  # reused, not retrained
-    compare(_cfg("smd", steps=3), tmp_path, seeds=1, methods=("smd",), progress=False)
+    compare(_cfg("smd", steps=3, lr=2e-3), tmp_path, seeds=1, methods=("smd",), progress=False)
     assert len(read_metrics(tmp_path / "smd-s0")) == 3  # other settings: trained again
+
+
+def test_compare_extends_shorter_runs(tmp_path, monkeypatch):
+    """More --steps extended each finished run, as `train --resume --steps` does, instead of
+    training it again from step 0 (twice the time for --steps 80 after 40); fewer start over."""
+    from shadowkv import compare as C
+
+    C.compare(_cfg("smd", steps=2), tmp_path, seeds=1, methods=("smd",), progress=False)
+    rows = read_metrics(tmp_path / "smd-s0")
+    calls, original = [], C.train
+    monkeypatch.setattr(C, "train", lambda *a, **k: calls.append(k) or original(*a, **k))
+    C.compare(_cfg("smd", steps=3), tmp_path, seeds=1, methods=("smd",), progress=False)
+    assert calls[-1]["resume"] and calls[-1]["overrides"]["steps"] == 3
+    extended = read_metrics(tmp_path / "smd-s0")
+    assert len(extended) == 3 and _strip(extended[:2]) == _strip(rows)
+    assert json.loads((tmp_path / "smd-s0" / "config.json").read_text())["steps"] == 3
+    C.compare(_cfg("smd", steps=2), tmp_path, seeds=1, methods=("smd",), progress=False)
+    assert not calls[-1]["resume"] and _strip(read_metrics(tmp_path / "smd-s0")) == _strip(rows)
 
 
 def test_compare_reuses_and_resumes_runs_that_differ_only_in_micro_batch(tmp_path, monkeypatch):
