@@ -34,9 +34,19 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_path(path: Path) -> None:
-    """fsync a file or folder by name; a filesystem that cannot (some network or FUSE mounts
-    refuse folders) keeps the ordering it gives."""
+def _fsync_file(path: Path) -> None:
+    """fsync a file by name; an error (EIO, ENOSPC at write-back) means its data is not on disk
+    and raises, before anything points at it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a folder (its entries: a rename); a filesystem that cannot (some network or FUSE
+    mounts refuse folders) keeps the ordering it gives."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -63,7 +73,7 @@ def write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_path(path.parent)
+    _fsync_dir(path.parent)
 
 
 def write_dir(path: Path, fill: Callable[[Path], None], replace: bool = True) -> None:
@@ -83,13 +93,13 @@ def write_dir(path: Path, fill: Callable[[Path], None], replace: bool = True) ->
         for f in tmp.rglob("*"):
             if f.is_file() and not f.is_symlink():
                 os.chmod(f, 0o666 & ~umask)
-                _fsync_path(f)
+                _fsync_file(f)
         for d in (*(d for d in tmp.rglob("*") if d.is_dir() and not d.is_symlink()), tmp):
-            _fsync_path(d)
+            _fsync_dir(d)
         if replace:
             shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-        _fsync_path(path.parent)
+        _fsync_dir(path.parent)
     except OSError:
         if replace or not path.exists():
             raise

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .atomic import write_text
 from .learner import METHODS
-from .train import TrainConfig, plot_curves, read_metrics, train
+from .train import TrainConfig, plot_curves, read_metrics, same_budget, train
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -47,9 +47,8 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
             run = out / f"{method}-s{seed}"
             done = run / "summary.json"
             saved_steps = _saved_steps(run / "config.json", cfg)
-            if saved_steps == cfg.steps and done.exists():
-                summary = json.loads(done.read_text())  # finished with these settings: reuse
-            else:  # resume an interrupted or shorter run; one trained with other settings starts over
+            summary = _read_summary(done) if saved_steps == cfg.steps else None
+            if summary is None:  # resume an interrupted or shorter run; one trained with other settings starts over
                 resume = saved_steps is not None and saved_steps <= cfg.steps
                 summary = train(cfg, run, resume=resume, progress=progress,
                                 overrides={k: getattr(cfg, k) for k in (*_FREE_ON_RESUME, "steps")} if resume else None)
@@ -84,6 +83,16 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
 _FREE_ON_RESUME = ("device", "micro_batch")
 
 
+def _read_summary(done: Path) -> dict | None:
+    """A finished run's ``summary.json``, or None when there is none or it cannot be read (the
+    run is then resumed: it has no step left to run, and evaluates again)."""
+    try:
+        summary = json.loads(done.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 def _saved_steps(saved: Path, cfg: TrainConfig) -> int | None:
     """The ``steps`` of the run whose ``config.json`` is ``saved``, if it holds ``cfg``'s other
     settings, read as a resume reads it (fields added since it was written take their defaults)
@@ -95,12 +104,13 @@ def _saved_steps(saved: Path, cfg: TrainConfig) -> int | None:
     except (ValueError, TypeError, AttributeError, OSError):  # a damaged config.json: that run starts over
         return None
 
-    def settings(c: TrainConfig) -> str:
-        # Compared as JSON text: --budget 1 (one token) and 1.0 (all of them) are equal numbers.
-        return json.dumps({k: v for k, v in asdict(c).items() if k not in (*_FREE_ON_RESUME, "steps")},
-                          sort_keys=True)
+    def settings(c: TrainConfig) -> dict:  # through JSON, as saved (a tuple reads back as a list)
+        d = json.loads(json.dumps(asdict(c)))
+        return {k: v for k, v in d.items() if k not in (*_FREE_ON_RESUME, "steps")}
 
-    return old.steps if settings(old) == settings(cfg) else None
+    # --budget 1 (one token) and 1.0 (all of them) are equal numbers, not the same run.
+    same = settings(old) == settings(cfg) and same_budget(old.budget, cfg.budget)
+    return old.steps if same and isinstance(old.steps, int) and not isinstance(old.steps, bool) else None
 
 
 def _mean_rows(runs: list[dict]) -> list[dict]:

@@ -366,7 +366,7 @@ def shadow_attention_with_lse(
         # The op's own checks first, so that a bad q, k, v or log is named as without seq_lens.
         _check_meta_args(q, k, v, evicted_at, q_offset, scale)
         evicted_at = mask_padding(evicted_at, seq_lens)
-    elif isinstance(q_offset, int) and q.dim() == 4:  # the C++ op checks the rest
+    elif isinstance(q_offset, int) and isinstance(q, torch.Tensor) and q.dim() == 4:  # the C++ op checks the rest
         _check_q_offset(q_offset, q.shape[2])
     return torch.ops.shadowkv.shadow_attention_fwd(q, k, v, evicted_at, q_offset, scale)
 

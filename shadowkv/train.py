@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
+import os
 import shutil
 import signal
 import threading
@@ -161,6 +163,15 @@ class TrainConfig:
         d["sft"] = SFTConfig(**d.get("sft", {}))
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def same_budget(a, b) -> bool:
+    """Whether two budgets are the same setting: ``1`` (one token) and ``1.0`` (the whole
+    sequence) are equal numbers but not the same budget; kinds as ``budget_tokens`` reads them."""
+    def kind(x):
+        return "tokens" if isinstance(x, numbers.Integral) else "fraction"
+
+    return a == b and kind(a) == kind(b)
 
 
 def cuda_runs_here() -> bool:
@@ -380,8 +391,10 @@ def load_checkpoint(out: Path):
         ck = out / (out / "LATEST").read_text().strip()
     except (OSError, ValueError) as e:
         raise ValueError(f"--resume: {out / 'LATEST'} cannot be read ({e}); start a new run") from None
-    if not ck.is_dir() or ck == out:  # from_pretrained would take a missing folder for a Hub repo id
-        raise ValueError(f"--resume: {out / 'LATEST'} names the checkpoint {ck}, which is not a folder; "
+    # A checkpoint of this run: from_pretrained would take a missing folder for a Hub repo id,
+    # and save_checkpoint later deletes the folder LATEST named (../other-run/ckpt-9 too).
+    if ck.parent != out or not ck.name.startswith("ckpt-") or not ck.is_dir():
+        raise ValueError(f"--resume: {out / 'LATEST'} names {ck}, which is not a ckpt-* folder of this run; "
                          "start a new run")
     try:
         model = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32, local_files_only=True)
@@ -509,8 +522,8 @@ def _resumed_config(out: Path, overrides: dict | None) -> tuple[TrainConfig, boo
         raise ValueError(f"--resume: {out / 'config.json'} cannot be read ({e}); start a new run") from None
     saved = {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "sft_steps": cfg.sft.steps}
 
-    def differs(name: str, given) -> bool:  # --budget 1 is one token, 1.0 all of them: equal numbers only
-        return saved[name] != given or (name == "budget" and isinstance(saved[name], float) != isinstance(given, float))
+    def differs(name: str, given) -> bool:
+        return not same_budget(saved[name], given) if name == "budget" else saved[name] != given
 
     changed = {k: v for k, v in (overrides or {}).items() if differs(k, v)}
     fixed = sorted(k for k in changed if k not in ("steps", "device", "micro_batch"))
@@ -647,6 +660,7 @@ def _train_locked(cfg, out: Path, resume: bool, progress: bool, max_steps_this_r
             bar.set_postfix(reward=f"{row['reward']:.2f}", kv=f"{row['kv_ratio']:.2f}x",
                             mism=f"{row['mismatch_abs']:.1e}")
             if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end or stop.set:
+                os.fsync(log.fileno())  # the rows a checkpoint's resume needs reach the disk first
                 save_checkpoint(out, model, opt, step, value_head)
             if stop.set:
                 break

@@ -91,9 +91,16 @@ def test_a_run_folder_is_never_trusted_blindly(tmp_path, capsys):
         (run / "metrics.jsonl").write_text("\n".join([bad, *rows[1:]]) + "\n")
         with pytest.raises(ValueError, match="line 1 is not a metrics row"):
             train(_cfg("smd"), run, resume=True, progress=False)
+    latest = (run / "LATEST").read_text()
     (run / "LATEST").write_text("ckpt-99")  # from_pretrained took the missing folder for a Hub repo id
-    with pytest.raises(ValueError, match="names the checkpoint .*ckpt-99, which is not a folder"):
+    with pytest.raises(ValueError, match="ckpt-99, which is not a ckpt-\\* folder of this run"):
         train(_cfg("smd"), run, resume=True, progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "ckpt-3").mkdir()  # another run's: loaded, then deleted by the next save
+    (run / "LATEST").write_text("../other/ckpt-3")
+    with pytest.raises(ValueError, match="which is not a ckpt-\\* folder of this run"):
+        train(_cfg("smd"), run, resume=True, progress=False)
+    (run / "LATEST").write_text(latest)
     config_text = (run / "config.json").read_text()
     (run / "config.json").write_bytes(b"\xff{")  # not UTF-8: the message named no file
     with pytest.raises(ValueError, match="config.json cannot be read"):
@@ -113,6 +120,8 @@ def test_a_run_folder_is_never_trusted_blindly(tmp_path, capsys):
 def test_budget_1_is_not_budget_1_0(tmp_path):
     """--budget 1 (one token) and --budget 1.0 (the whole sequence) are equal as numbers: a
     resume accepted one for the other, and compare reused the other's finished run."""
+    import numpy as np
+
     from shadowkv.compare import _saved_steps
     from shadowkv.train import _resumed_config
 
@@ -122,6 +131,8 @@ def test_budget_1_is_not_budget_1_0(tmp_path):
         _resumed_config(tmp_path, {"budget": 1})
     assert _saved_steps(tmp_path / "config.json", _cfg("smd", budget=1.0)) == 4
     assert _saved_steps(tmp_path / "config.json", _cfg("smd", budget=1)) is None
+    assert _resumed_config(tmp_path, {"budget": np.float32(1.0)})[1] is False  # a fraction, as budget_tokens reads it
+    assert _saved_steps(tmp_path / "config.json", _cfg("smd", budget=1.0, lr=1)) is None  # lr 1e-3 saved
     with pytest.raises(ValueError, match=r"budget \(--budget\): must be a token count"):
         _cfg("smd", budget=None).check()  # budget_tokens' "no eviction": a hand-edited null ran dense
 
@@ -148,6 +159,9 @@ def test_atomic_writes_leave_no_temporary_on_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError, match="No space"):
         atomic.write_text(tmp_path / "LATEST", "ckpt-1")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError, match="No space"):  # a checkpoint file's write-back error
+        atomic.write_dir(tmp_path / "ckpt-1", lambda folder: (folder / "model.safetensors").write_text("w"))
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
     atomic.write_text(tmp_path / "LATEST", "ckpt-1")
@@ -658,6 +672,11 @@ def test_compare_extends_shorter_runs(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "smd-s0" / "config.json").read_text())["steps"] == 3
     C.compare(_cfg("smd", steps=2), tmp_path, seeds=1, methods=("smd",), progress=False)
     assert not calls[-1]["resume"] and _strip(read_metrics(tmp_path / "smd-s0")) == _strip(rows)
+    (tmp_path / "smd-s0" / "summary.json").write_text("{")  # damaged: a traceback before
+    n = len(calls)
+    C.compare(_cfg("smd", steps=2), tmp_path, seeds=1, methods=("smd",), progress=False)
+    assert len(calls) == n + 1 and calls[-1]["resume"]  # resumed: no step left, evaluated again
+    assert "eval_reward" in json.loads((tmp_path / "smd-s0" / "summary.json").read_text())
 
 
 def test_compare_reuses_and_resumes_runs_that_differ_only_in_micro_batch(tmp_path, monkeypatch):

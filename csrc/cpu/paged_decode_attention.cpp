@@ -106,6 +106,7 @@ namespace shadowkv {
 
 void check_decode_tables(const PagedDecodeParams& p, const char* op) {
   const PagedKVCache& c = p.cache;
+  check_paged_cache(c, op);  // public: seq_lens and page_size are read below
   std::vector<int64_t> used(c.batch), none(c.batch, 0);
   for (int64_t b = 0; b < c.batch; ++b) {
     const int64_t len = c.seq_len(b);

@@ -138,11 +138,11 @@ void set_smem_limit(Kernel kernel, size_t bytes) {
     check_cuda(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
                "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
     if (bytes > static_cast<size_t>(limit)) {
-      throw std::runtime_error("shadow_attention: the kernel for this dtype and head_dim needs " +
+      throw std::runtime_error("shadowkv::shadow_attention: the kernel for this head_dim needs " +
                                std::to_string(bytes) + " bytes of shared memory per block, but GPU " +
                                std::to_string(device) + " allows " + std::to_string(limit) +
-                               "; a smaller head_dim (or bfloat16/float16 instead of float32) takes a "
-                               "kernel that needs less");
+                               " (GPUs before sm_80 run the SIMT kernels, which stage float32 rows "
+                               "whatever the dtype); use a smaller head_dim or a newer GPU");
     }
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
                "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");

@@ -692,6 +692,15 @@ TEST(paged_kv_check_block_tables_refuses_negative_ranges) {
   check_throws([&] { shadowkv::check_block_tables(c, nullptr, ok_begin, end, "t"); },
                "t: null `used_pages`, `write_begin` or `write_end` for 2 sequences", "check_block_tables", __FILE__,
                __LINE__);
+  // check_decode_tables, public too, read seq_lens and divided by page_size first.
+  PagedDecodeParams d = st.decode();
+  d.cache.page_size = 0;
+  check_throws([&] { shadowkv::check_decode_tables(d, "t"); }, "t: `k_pages` must have a page size (dim 1) >= 1",
+               "check_decode_tables", __FILE__, __LINE__);
+  d = st.decode();
+  d.cache.seq_lens = nullptr;
+  check_throws([&] { shadowkv::check_decode_tables(d, "t"); }, "t: null `seq_lens`", "check_decode_tables", __FILE__,
+               __LINE__);
 }
 
 // An empty ParallelFor threw bad_function_call from inside the kernels; it is refused by name

@@ -215,8 +215,9 @@ void check_block_tables(const PagedKVCache& c, const int64_t* used_pages, const 
 void check_written_layouts(const AppendKVParams& p, const char* op);
 void check_written_layouts(const PagedDecodeParams& p, const char* op);
 void check_written_layouts(const EvictCompactParams& p, const char* op);
-// paged_decode_attention's checks of values after check_paged_cache: no seq_lens entry above
-// scores_len (when scores is set), then check_block_tables on the pages each sequence uses.
+// paged_decode_attention's checks of values: check_paged_cache (again, so that a server may call
+// it alone), no seq_lens entry above scores_len (when scores is set), then check_block_tables
+// on the pages each sequence uses.
 void check_decode_tables(const PagedDecodeParams& p, const char* op);
 
 }  // namespace shadowkv
