@@ -34,29 +34,20 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_file(path: Path) -> None:
-    """fsync a file by name; an error (EIO, ENOSPC at write-back) means its data is not on disk
-    and raises, before anything points at it."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a folder (its entries: a rename); a filesystem that cannot (some network or FUSE
-    mounts refuse folders) keeps the ordering it gives."""
+def _fsync(path: Path, strict: bool) -> None:
+    """fsync a file or folder by name. ``strict`` (files): an error (EIO, ENOSPC at write-back)
+    means the data is not on disk, and raises before anything points at it. Folders (their
+    entries: a rename) are not strict: some network or FUSE mounts cannot fsync them, and keep
+    the ordering they give."""
     try:
         fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        if strict:
+            raise
 
 
 def write_text(path: Path, text: str) -> None:
@@ -73,7 +64,7 @@ def write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    _fsync(path.parent, strict=False)
 
 
 def write_dir(path: Path, fill: Callable[[Path], None], replace: bool = True) -> None:
@@ -93,13 +84,13 @@ def write_dir(path: Path, fill: Callable[[Path], None], replace: bool = True) ->
         for f in tmp.rglob("*"):
             if f.is_file() and not f.is_symlink():
                 os.chmod(f, 0o666 & ~umask)
-                _fsync_file(f)
+                _fsync(f, strict=True)
         for d in (*(d for d in tmp.rglob("*") if d.is_dir() and not d.is_symlink()), tmp):
-            _fsync_dir(d)
+            _fsync(d, strict=False)
         if replace:
             shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        _fsync(path.parent, strict=False)
     except OSError:
         if replace or not path.exists():
             raise

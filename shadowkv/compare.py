@@ -26,8 +26,9 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
             progress: bool = True) -> str:
     """Trains every method for every seed ``base.seed .. base.seed + seeds - 1`` under
     ``out/<method>-s<seed>`` (finished runs with the same settings are reused, interrupted ones
-    resumed, shorter ones extended to ``base.steps`` as ``train --resume --steps`` does), writes ``compare.json`` and ``compare.png``, returns the table as text. A run
-    stopped by Ctrl-C stops the comparison (``KeyboardInterrupt``)."""
+    resumed, shorter ones extended to ``base.steps`` as ``train --resume --steps`` does),
+    writes ``compare.json`` and ``compare.png``, returns the table as text. A run stopped by
+    Ctrl-C stops the comparison (``KeyboardInterrupt``)."""
     out = Path(out)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or len(set(methods)) != len(methods) or not methods:
@@ -48,7 +49,7 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
             done = run / "summary.json"
             saved_steps = _saved_steps(run / "config.json", cfg)
             summary = _read_summary(done) if saved_steps == cfg.steps else None
-            if summary is None:  # resume an interrupted or shorter run; one trained with other settings starts over
+            if summary is None:  # resume an interrupted or shorter run; other settings start over
                 resume = saved_steps is not None and saved_steps <= cfg.steps
                 summary = train(cfg, run, resume=resume, progress=progress,
                                 overrides={k: getattr(cfg, k) for k in (*_FREE_ON_RESUME, "steps")} if resume else None)
