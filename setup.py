@@ -9,6 +9,7 @@ Environment knobs:
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,24 @@ def _cutlass_dir():
         return ""
     source = Path(cutlass_library.__file__).parent / "source"
     return str(source) if (source / "include" / "cute").is_dir() else ""
+
+
+def _configured_for(build_dir, key):
+    """Forget a CMake cache that was configured by another interpreter or toolchain.
+
+    build/cmake-<tag> is shared by every venv of one Python version. Its cache keeps absolute
+    paths (the ninja binary, torch's libraries found by find_library, pybind11's config) of the
+    venv that configured it first; after that venv is deleted every later build fails in
+    `project()` ("ninja: no such file"), and with both venvs present _C would link the other
+    venv's torch. Dropping CMakeCache.txt makes CMake look again; object files whose compile
+    command is unchanged are not rebuilt, so this costs one configure, not a compile.
+    """
+    stamp = build_dir / "shadowkv-configured-for.txt"
+    cache = build_dir / "CMakeCache.txt"
+    if cache.exists() and (not stamp.exists() or stamp.read_text() != key):
+        cache.unlink()
+        shutil.rmtree(build_dir / "CMakeFiles", ignore_errors=True)
+    return stamp
 
 
 class CMakeExtension(Extension):
@@ -66,7 +85,13 @@ class CMakeBuild(build_ext):
         except ImportError:
             pass
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        import torch
+
+        key = "\n".join([sys.executable, torch.__file__, pybind11.get_cmake_dir(),
+                         shutil.which("ninja") or "", shutil.which("cmake") or ""]) + "\n"
+        stamp = _configured_for(build_dir, key)
         subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
+        stamp.write_text(key)
         subprocess.run(["cmake", "--build", str(build_dir), "--target", "_C", "-j", jobs], check=True)
 
 
