@@ -45,6 +45,7 @@
 #include "paged_decode_pipelined.cuh"
 #include "paged_decode_reduce.cuh"
 #include "paged_decode_warp.cuh"
+#include "smem_optin.cuh"
 
 namespace shadowkv {
 namespace cuda_paged {
@@ -71,14 +72,13 @@ int choose_part_size(int64_t heads_x_tiles, int64_t max_len) {
 
 // The staged kernels' launches (their kernels are in headers that a host-only emulation of
 // them compiles too: tests/cpp/test_decode_emulated.cpp), with `smem` bytes of dynamic shared
-// memory: the opt-in above 48 KB is per call, as it is per device.
+// memory: the opt-in above 48 KB is per call, as it is per device, and a GPU with less gets
+// an error that names the smaller kernel to choose.
 template <class Kernel>
 void launch_staged(Kernel kernel, size_t smem, const DecodeLaunch& a, int64_t blocks, cudaStream_t stream,
                    const char* op, const char* name) {
-  if (smem > 48 * 1024) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-               (std::string("cudaFuncSetAttribute (") + name + ")").c_str());
-  }
+  cuda_common::opt_in_smem(kernel, smem, op, name,
+                           "SHADOWKV_DECODE_KERNEL=warp runs the kernel without staging");
   kernel<<<grid_1d(blocks, op), kThreads, smem, stream>>>(a);
   check_launch(name);
 }

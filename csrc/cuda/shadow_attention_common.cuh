@@ -21,6 +21,7 @@
 
 #include "device_math.cuh"
 #include "device_workspace.cuh"
+#include "smem_optin.cuh"
 
 #include <climits>
 #include <cmath>
@@ -127,26 +128,12 @@ inline unsigned grid_1d(int64_t blocks, const char* kernel) {
   return static_cast<unsigned>(blocks);
 }
 
-// Opts `kernel` in to `bytes` of dynamic shared memory. A GPU with a smaller per-block limit
-// (sm_75 has 64 KB, sm_86/89 99 KB, sm_80 163 KB, sm_90 227 KB; an "8.0" build runs on sm_86)
-// gets an error naming both sizes instead of CUDA's "invalid argument".
+// Opts `kernel` in to `bytes` of dynamic shared memory, or a clear error on a GPU with less.
 template <typename Kernel>
 void set_smem_limit(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    int device = 0, limit = 0;
-    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-    check_cuda(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-               "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
-    if (bytes > static_cast<size_t>(limit)) {
-      throw std::runtime_error("shadowkv::shadow_attention: the kernel for this head_dim needs " +
-                               std::to_string(bytes) + " bytes of shared memory per block, but GPU " +
-                               std::to_string(device) + " allows " + std::to_string(limit) +
-                               " (GPUs before sm_80 run the SIMT kernels, which stage float32 rows "
-                               "whatever the dtype); use a smaller head_dim or a newer GPU");
-    }
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-               "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-  }
+  cuda_common::opt_in_smem(kernel, bytes, "shadowkv::shadow_attention", "the kernel for this head_dim",
+                           "GPUs before sm_80 run the SIMT kernels, which stage float32 rows whatever the "
+                           "dtype; use a smaller head_dim or a newer GPU");
 }
 
 template <typename T>

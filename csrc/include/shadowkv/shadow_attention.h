@@ -102,11 +102,12 @@ const char* cuda_archs();  // e.g. "90a;80", "" without CUDA
 // Throws std::invalid_argument for a bad value of it (or an ISA this CPU lacks).
 const char* cpu_isa();
 // True when the CuTe (CUTLASS) kernels were compiled in (CUDA builds with CUTLASS headers);
-// they run when the environment variable SHADOWKV_ATTENTION_KERNEL=cute asks for them.
+// they are then the default ("auto") at head dims 64 and 128, on wgmma on an sm_90 GPU with a
+// 9.0a build, on mma.sync elsewhere; SHADOWKV_ATTENTION_KERNEL=cute asks for the mma.sync ones.
 bool built_with_cute();
 // True when the current CUDA device runs this build's sm_90a wgmma kernels (forward and
-// backward; an sm_90 GPU, a build with the CuTe kernels and 9.0a); they run when
-// SHADOWKV_ATTENTION_KERNEL=wgmma asks. False without a device.
+// backward; an sm_90 GPU, a build with the CuTe kernels and 9.0a); "auto" and
+// SHADOWKV_ATTENTION_KERNEL=wgmma then run them. False without a device.
 bool wgmma_runs_here();
 
 }  // namespace shadowkv
