@@ -52,12 +52,17 @@ def _fsync(path: Path, strict: bool) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """Replaces the file ``path`` with ``text``."""
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Replaces the file ``path`` with ``data``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb") as f:
             # mkstemp creates 0600 whatever the umask; run files get the mode open() would give them.
             os.fchmod(f.fileno(), 0o666 & ~_umask())
-            f.write(text)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

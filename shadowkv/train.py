@@ -10,6 +10,7 @@ by ``(seed, step)``, so a resumed run replays the same steps with the same metri
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import numbers
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import learner
-from .atomic import write_dir, write_text
+from .atomic import write_bytes, write_dir, write_text
 from .policies import POLICIES, FullCache, budget_tokens, make_policy
 from .sampler import Sampler
 from .tasks import EOS, make_task
@@ -454,8 +455,12 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str) -> None:
         ax[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # Rendered in memory and written atomically like the run's other files: a kill while
+    # saving leaves the previous plot, not a truncated PNG.
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    write_bytes(path, buf.getvalue())
 
 
 class _RunLock:

@@ -168,6 +168,26 @@ def test_atomic_writes_leave_no_temporary_on_failure(tmp_path, monkeypatch):
     assert (tmp_path / "LATEST").read_text() == "ckpt-1" and len(list(tmp_path.iterdir())) == 1
 
 
+def test_plot_is_written_atomically(tmp_path, monkeypatch):
+    """curves.png was saved in place: a kill while matplotlib wrote it left a truncated PNG."""
+    import os
+
+    from shadowkv.train import plot_curves
+
+    rows = [{"step": s, "reward": 0.5, "kv_ratio": 0.3, "mismatch_abs": 1e-9} for s in range(3)]
+    plot_curves({"smd": rows}, tmp_path / "curves.png", "t")
+    before = (tmp_path / "curves.png").read_bytes()
+    assert before.startswith(b"\x89PNG")
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        plot_curves({"smd": rows[:2]}, tmp_path / "curves.png", "t")
+    assert (tmp_path / "curves.png").read_bytes() == before and len(list(tmp_path.iterdir())) == 1
+
+
 def test_resume_refuses_settings_that_change_the_run(tmp_path, capsys):
     from shadowkv.cli import main
 
