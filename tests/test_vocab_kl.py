@@ -96,12 +96,15 @@ def test_cuda_blocks_match_the_formula(direction):
     g = torch.Generator(device="cuda").manual_seed(2)
     t = 3 * torch.randn(700, 50000, device="cuda", generator=g)
     s = (3 * torch.randn(700, 50000, device="cuda", generator=g)).requires_grad_()
-    s_ref = s.detach().clone().requires_grad_()
-    got, want = tempered_kl(t, s, 0.9, direction), _reference(t, s_ref, 0.9, direction)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # The reference in float64: in float32 the reverse gradient's own rounding (log p - log p_t
+    # nearly cancels KL where p is large) is 26x this tolerance, the blocks' 0.3-0.7x (CPU dry run
+    # with the CUDA block size).
+    s_ref = s.detach().double().requires_grad_()
+    got, want = tempered_kl(t, s, 0.9, direction), _reference(t.double(), s_ref, 0.9, direction)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
     got.sum().backward()
     want.sum().backward()
-    torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(s.grad.double(), s_ref.grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.cuda
