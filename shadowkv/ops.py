@@ -360,6 +360,8 @@ def shadow_attention_with_lse(
         Differentiable w.r.t. ``q``, ``k``, ``v`` (through both outputs). K/V slots that no
         query sees (e.g. padding with ``evicted_at = 0``, or past ``seq_lens``) may hold NaN:
         they affect no output or gradient, and their ``dk``, ``dv`` are 0.
+        Padding query rows are read: keep them (and their rows of the output's gradient)
+        finite, or a NaN there reaches ``dk``, ``dv``.
     """
     _refuse_forward_ad(q, k, v)
     if seq_lens is not None:
