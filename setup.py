@@ -27,17 +27,6 @@ if int(setuptools.__version__.split(".")[0]) < 77:
              f"{setuptools.__version__}: pip install -U 'setuptools>=77'")
 
 
-def _cutlass_dir():
-    if os.environ.get("CUTLASS_DIR"):
-        return os.environ["CUTLASS_DIR"]
-    try:
-        import cutlass_library  # the nvidia-cutlass wheel ships the headers inside it
-    except ImportError:
-        return ""
-    source = Path(cutlass_library.__file__).parent / "source"
-    return str(source) if (source / "include" / "cute").is_dir() else ""
-
-
 def _configured_for(build_dir, key):
     """Forget a CMake cache that was configured by another interpreter or toolchain.
 
@@ -76,7 +65,8 @@ class CMakeBuild(build_ext):
             f"-DSHADOWKV_PYTHON_OUTPUT_DIR={out_dir}",
             f"-DSHADOWKV_CUDA={os.environ.get('SHADOWKV_CUDA', 'AUTO')}",
             f"-DSHADOWKV_CUDA_ARCHS={os.environ.get('SHADOWKV_CUDA_ARCHS', '9.0a;8.0')}",
-            f"-DCUTLASS_DIR={_cutlass_dir()}",
+            # Empty: CMakeLists.txt asks Python3_EXECUTABLE for the nvidia-cutlass package's headers.
+            f"-DCUTLASS_DIR={os.environ.get('CUTLASS_DIR', '')}",
         ]
         try:
             import ninja  # noqa: F401  (the pip package puts the binary on PATH)
