@@ -38,6 +38,27 @@ def attention_context(ctx: AttentionContext):
         _CONTEXT.reset(token)
 
 
+@contextlib.contextmanager
+def returning_dicts(*modules: torch.nn.Module):
+    """Sets ``config.return_dict = True`` on the given transformers modules while active.
+
+    Passing ``return_dict=True`` is not enough: transformers 5.x's causal LMs call their inner
+    model without it and read its output as a dict, so a config with ``return_dict=False``
+    (as for TorchScript export) failed inside them ("'tuple' object has no attribute
+    'last_hidden_state'"). The configs are restored on exit; nothing else reads them during
+    the call.
+    """
+    configs = {id(c): c for m in modules if (c := getattr(m, "config", None)) is not None}.values()
+    off = [c for c in configs if getattr(c, "return_dict", True) is False]
+    for c in off:
+        c.return_dict = True
+    try:
+        yield
+    finally:
+        for c in off:
+            c.return_dict = False
+
+
 # The forward kwarg that carries a context to the attention as well (see :func:`context_kwargs`).
 CONTEXT_KWARG = "shadowkv_context"
 

@@ -79,8 +79,10 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
     return table
 
 
-# Settings that do not change what a run computes (where it runs, how the learner splits its
-# batch): a folder that differs only in them is the same run, reused or resumed with them.
+# Settings that do not change what a run computes up to float rounding (how the learner splits
+# its batch), or that only change which random draws it makes (where it runs: sampling is
+# reproducible per seed and device type): a folder that differs only in them is the same run,
+# reused or resumed with them.
 _FREE_ON_RESUME = ("device", "micro_batch")
 
 

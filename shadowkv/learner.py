@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from .attention import attention_context, context_kwargs, install, window_log
+from .attention import attention_context, context_kwargs, install, returning_dicts, window_log
 from .ops import mask_padding, shadow_attention
 from .packing import first_fit_decreasing, token_slots
 from .policies import as_int
@@ -242,7 +242,7 @@ def replay_rows(model, rollout, mask: str = "shadow", return_hidden: bool = Fals
         cols = keep.any(0).nonzero()
         last = keep.shape[1] - int(cols[0, 0]) if cols.numel() else 1
         kwargs["logits_to_keep"] = last
-    with attention_context(_ReplayContext(log)) as ctx:
+    with attention_context(_ReplayContext(log)) as ctx, returning_dicts(model, model.get_decoder()):
         out = model(**inputs, use_cache=False, output_hidden_states=return_hidden, return_dict=True,
                     **context_kwargs(model, ctx), **kwargs)
     logits = out.logits if mode == "mask" else out.logits[:, -last:][keep[:, keep.shape[1] - last:]]
@@ -299,9 +299,14 @@ class ValueHead(torch.nn.Module):
 
     def forward(self, hidden, seq_len: int | None = None) -> torch.Tensor:
         if isinstance(hidden, ReplayRows):
-            return hidden.to_tokens(self.proj(hidden.hidden.float())[:, 0])
-        v = self.proj(hidden.float())[..., 0]
-        return to_tokens(v, hidden.shape[1] + 1 if seq_len is None else seq_len)
+            return hidden.to_tokens(self._value(hidden.hidden))
+        return to_tokens(self._value(hidden), hidden.shape[1] + 1 if seq_len is None else seq_len)
+
+    def _value(self, h: torch.Tensor) -> torch.Tensor:
+        """``[..., hidden]`` -> ``[...]`` float32, also under autocast (--dtype bfloat16), which
+        rounded the values to bfloat16 and with them GAE's advantages and their whitening."""
+        with torch.autocast(h.device.type, enabled=False):
+            return self.proj(h.float())[..., 0]
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,

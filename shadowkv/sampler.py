@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import attention_context, install, model_geometry, window_log
+from .attention import attention_context, install, model_geometry, returning_dicts, window_log
 from .cache import PagedKVCache, to_device
 from .ops import NEVER_EVICTED, shadow_attention
 from .packing import PackedPrompts, first_fit_decreasing
@@ -402,6 +402,15 @@ class Sampler:
             for name, value in (("evict_every", evict_every), ("prefill_chunk", prefill_chunk),
                                 ("prefill_tokens", prefill_tokens)))
         self.share_prompts, self.pack_prompts = share_prompts, pack_prompts
+        self.cache: PagedKVCache | None = None
+        self.slot_scores: list[torch.Tensor | None] = []
+        self.evicted_at: torch.Tensor | None = None
+
+    def release(self) -> None:
+        """Frees the last :meth:`generate`'s KV pool, score buffers and log (the Rollout keeps
+        its own copies). generate() keeps them for inspection until the next call; a trainer
+        calls this before its learner step, which would otherwise run beside a whole pool."""
+        self.cache, self.slot_scores, self.evicted_at = None, [], None
 
     # ---- sizing
     def _max_live(self, total: int, prompt: int) -> int:
@@ -569,8 +578,7 @@ class Sampler:
         return tok, logp.gather(-1, tok[:, None])[:, 0]
 
     def _forward(self, ids, positions, ctx):
-        with attention_context(ctx):
-            # return_dict: a config with return_dict=False would hand back a tuple.
+        with attention_context(ctx), returning_dicts(self.model, self.model.get_decoder()):
             return self.model(input_ids=ids, position_ids=positions.long(), use_cache=False,
                               return_dict=True).logits[:, -1]
 
@@ -580,9 +588,9 @@ class Sampler:
         gigabytes). The supported families (Llama, Qwen2, Qwen3, Mistral, Gemma 3) apply the output
         embedding and nothing after it, which is what the causal-LM forward does for them too
         (models that do more are refused: :func:`_refuse_logit_processing`)."""
-        with attention_context(ctx):
-            h = self.model.get_decoder()(input_ids=ids, position_ids=positions.long(), use_cache=False,
-                                         return_dict=True)
+        decoder = self.model.get_decoder()
+        with attention_context(ctx), returning_dicts(decoder):
+            h = decoder(input_ids=ids, position_ids=positions.long(), use_cache=False, return_dict=True)
         rows = torch.arange(ids.shape[0], device=ids.device) if last_row is None else last_row
         h = h.last_hidden_state[rows, last]
         return self.model.get_output_embeddings()(h)
@@ -725,6 +733,7 @@ class Sampler:
         gen = torch.Generator(device=device).manual_seed(seed)
         self.policy.reset(seed)
 
+        self.release()  # the previous call's pool goes before this one's is allocated, not after
         self.cache = self._new_cache(B, plens, max_new_tokens)
         self.windows: dict[int, int] = {}  # sliding layers' windows, as the model's attention reports them
         self._slid: dict[int, dict[int, int]] = collections.defaultdict(dict)  # layer -> row -> last slide

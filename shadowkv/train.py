@@ -144,10 +144,14 @@ class TrainConfig:
         need(number("is_reject_high") >= self.is_reject_low, "is_reject_high", f">= is_reject_low ({self.is_reject_low})")
         need(self.device in ("cpu", "cuda", "auto"), "device", "'cpu', 'cuda' or 'auto'")
         need(self.dtype in ("float32", "bfloat16"), "dtype", "'float32' or 'bfloat16'")
-        if self.device == "cuda" and not cuda_runs_here():
-            raise ValueError("device (--device) cuda: " + (
-                "torch sees no CUDA device" if not torch.cuda.is_available()
-                else "this build of shadowkv has no CUDA kernels (python -m shadowkv info)") + "; use cpu or auto")
+        if self.device == "cuda" and (problem := _cuda_problem()) is not None:
+            raise ValueError(f"device (--device) cuda: {problem}; use cpu or auto")
+        if device_of(self).type == "cuda":  # else the first CUDA op refuses it, after the warm-up
+            from .info import KERNEL_ENV
+
+            for var, choices in KERNEL_ENV.items():
+                if (value := os.environ.get(var) or "auto") not in choices:
+                    raise ValueError(f"{var}={value}: must be one of {', '.join(choices)}")
         task = task_of(self)  # bad task settings (--value-len) fail here too
         if self.init is not None:
             check_init_model(self, task)
@@ -176,10 +180,24 @@ def same_budget(a, b) -> bool:
 
 
 def cuda_runs_here() -> bool:
-    """Whether torch sees a CUDA device and this build has the CUDA kernels."""
-    from . import _C
+    """Whether torch sees a CUDA device and this build has CUDA kernels for its arch."""
+    return _cuda_problem() is None
 
-    return torch.cuda.is_available() and _C.built_with_cuda()
+
+def _cuda_problem() -> str | None:
+    """Why ``--device cuda`` cannot run here (None when it can)."""
+    from . import _C, info
+
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    if not _C.built_with_cuda():
+        return "this build of shadowkv has no CUDA kernels (python -m shadowkv info)"
+    major, minor = torch.cuda.get_device_capability()
+    if not info.gpu_covered(major, minor, info.built_archs()):
+        # Else `auto` picked the GPU and the first op refused it, after the warm-up.
+        return (f"the GPU is sm_{major}{minor}, but this build has kernels for {info.built_archs()} only "
+                f"(rebuild with SHADOWKV_CUDA_ARCHS={major}.{minor})")
+    return None
 
 
 def device_of(cfg: TrainConfig) -> torch.device:
@@ -244,6 +262,7 @@ def evaluate(cfg: TrainConfig, task, model) -> float:
     for i in range(0, len(prompts), sampler.max_batch):
         chunk = slice(i, i + sampler.max_batch)
         r = sampler.generate(prompts[chunk], task.max_answer_len, temperature=0.0, eos_token_id=EOS)
+        sampler.release()
         rewards.append(rewards_of(task, r, answers[chunk]))
     return torch.cat(rewards).mean().item()
 
@@ -255,7 +274,14 @@ def rollout_model(cfg: TrainConfig, model):
         return model
     import copy
 
-    return copy.deepcopy(model).to(dtype=getattr(torch, cfg.dtype)).eval().requires_grad_(False)
+    rollout = copy.deepcopy(model).eval().requires_grad_(False)
+    # The parameters only: .to(dtype) also rounded the float32 buffers, RoPE's inv_freq among
+    # them (0.5623 -> 0.5625), so the sampler rotated keys by other angles than the learner,
+    # whose RoPE autocast leaves in float32 (mean |dlogp| 5.3e-3 instead of 4.3e-3 with SnapKV
+    # 25% on 1000-token prompts). from_pretrained(dtype=bfloat16) keeps them float32 too.
+    for p in rollout.parameters():
+        p.data = p.data.to(getattr(torch, cfg.dtype))
+    return rollout
 
 
 @torch.no_grad()
@@ -280,6 +306,7 @@ def rl_step(cfg: TrainConfig, task, model, ref_model, opt, sampler, step: int, v
     seed = int(_seeded(cfg, step, 2).initial_seed() % 2**62)
     model.eval()
     rollout = sampler.generate(prompts, task.max_answer_len, temperature=cfg.temperature, seed=seed, eos_token_id=EOS)
+    sampler.release()  # the learner's step runs without the rollout's KV pool
     rewards = rewards_of(task, rollout, answers).to(rollout.tokens.device)
     loss_cfg = learner.LossConfig(
         method=cfg.method, clip=cfg.clip, kl_ref=cfg.kl_ref, smd_beta=cfg.smd_beta, smd_direction=cfg.smd_direction,
@@ -632,18 +659,17 @@ def _train_locked(cfg, out: Path, resume: bool, progress: bool, max_steps_this_r
         base = pretrained_policy(task, cfg.model, cfg.sft, progress=lambda loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}")))
         bar.close()
     device = device_of(cfg)
-    base = base.to(device)
-    learner.disable_dropout(base)  # an --init model's: the learner trains in training mode
     ref_model = None
-    if cfg.kl_ref > 0:
+    if cfg.kl_ref > 0:  # the frozen initial policy
         import copy
 
-        ref_model = copy.deepcopy(base).eval().requires_grad_(False)
-    model, trainer_state = base, None
-    if saved is not None:
-        model, trainer_state, _ = saved
-        model = model.to(device)
-        learner.disable_dropout(model)
+        ref_model = copy.deepcopy(base).to(device).eval().requires_grad_(False)
+    # A resume trains the checkpoint: the initial weights are not moved to the device (nor kept,
+    # a whole float32 model of GPU memory for the run).
+    model, trainer_state = (base, None) if saved is None else saved[:2]
+    del base
+    model = model.to(device)
+    learner.disable_dropout(model)  # an --init model's: the learner trains in training mode
     value_head = learner.ValueHead(model.config.hidden_size).to(device) if cfg.algo == "ppo" else None
     params = list(model.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)

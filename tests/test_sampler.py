@@ -74,6 +74,28 @@ def test_shadow_replay_matches_sampler(policy, family, llama, qwen, qwen3):
     assert d_dense >= 1e-3
 
 
+def test_a_config_with_return_dict_false(llama, monkeypatch):
+    """transformers 5.x's causal LMs read their inner model's output as a dict whatever the
+    caller's return_dict=True, so such a config (TorchScript export) failed inside the
+    sampler's forward; it is set for each call and restored."""
+    monkeypatch.setattr(llama.config, "return_dict", False)
+    rollout = Sampler(llama, StreamingLLM(sinks=4), budget=0.25, page_size=8).generate(
+        _prompts(2, 20, 33), max_new_tokens=48, seed=0)
+    shadow = token_logprobs(llama, rollout, "shadow")
+    assert (shadow - rollout.logprobs)[rollout.action_mask].abs().max().item() <= 1e-4
+    assert llama.config.return_dict is False  # the user's setting is back
+
+
+def test_release_frees_the_pool_and_generate_runs_again(llama):
+    sampler = Sampler(llama, StreamingLLM(sinks=4), budget=0.25, page_size=8)
+    first = sampler.generate(_prompts(2, 20, 33), max_new_tokens=24, seed=0)
+    assert sampler.cache is not None  # kept for inspection until the next call
+    sampler.release()
+    assert sampler.cache is None and sampler.evicted_at is None and sampler.slot_scores == []
+    again = sampler.generate(_prompts(2, 20, 33), max_new_tokens=24, seed=0)
+    assert torch.equal(first.tokens, again.tokens) and torch.equal(first.evicted_at, again.evicted_at)
+
+
 def test_replay_computes_logits_only_for_rows_that_predict_generated_tokens(llama, monkeypatch):
     """The learner's replay skips the prompt rows that no sequence's action follows (their
     [B, prompt, V] float32 logits would be most of its memory with a real vocabulary): the

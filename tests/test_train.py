@@ -261,6 +261,48 @@ def test_bfloat16_mixed_precision_trains_from_a_synced_rollout_copy(tmp_path):
         _cfg("smd", dtype="float16").check()
 
 
+def test_bfloat16_rollout_copy_keeps_float32_buffers_and_value_head_works_in_float32(tmp_path):
+    """The copy's .to(bfloat16) also rounded RoPE's inv_freq, so the sampler rotated keys by
+    other angles than the learner (whose RoPE runs in float32 under autocast); and the PPO value
+    head under autocast gave bfloat16 values, and GAE bfloat16 advantages."""
+    from shadowkv.train import rollout_model
+
+    from .models import tiny_model
+
+    model = tiny_model(tmp_path / "llama", "llama")
+    copy = rollout_model(_cfg("smd", dtype="bfloat16"), model)
+    assert all(p.dtype == torch.bfloat16 for p in copy.parameters())
+    buffers = dict(model.named_buffers())
+    assert buffers and all(torch.equal(b, buffers[name]) and b.dtype == buffers[name].dtype
+                           for name, b in copy.named_buffers())
+    head = learner.ValueHead(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = head(torch.randn(2, 5, 8))
+    assert values.dtype == torch.float32
+
+
+def test_device_cuda_needs_a_build_for_the_gpu_and_known_kernel_names(monkeypatch):
+    """A build without the GPU's arch passed the check (and `auto` chose the GPU), and a bad
+    kernel variable too: both failed at the first op, after the warm-up."""
+    from shadowkv import _C, info, train as train_mod
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))
+    monkeypatch.setattr(_C, "built_with_cuda", lambda: True)
+    monkeypatch.setattr(info, "built_archs", lambda: ["90a"])
+    assert not train_mod.cuda_runs_here() and train_mod.device_of(_cfg("smd", device="auto")).type == "cpu"
+    with pytest.raises(ValueError, match=r"device .--device. cuda: the GPU is sm_89, but this build has kernels "
+                                         r"for \['90a'\] only \(rebuild with SHADOWKV_CUDA_ARCHS=8.9\)"):
+        _cfg("smd", device="cuda").check()
+    monkeypatch.setattr(info, "built_archs", lambda: ["90a", "80"])
+    assert train_mod.cuda_runs_here()
+    monkeypatch.setenv("SHADOWKV_DECODE_KERNEL", "mma_row")
+    for device in ("cuda", "auto"):
+        with pytest.raises(ValueError, match="SHADOWKV_DECODE_KERNEL=mma_row: must be one of auto, warp, "):
+            _cfg("smd", device=device).check()
+    _cfg("smd", device="cpu").check()  # the CPU kernels do not read it
+
+
 def test_configs_written_before_value_len_resume_as_one_token_values():
     old = {k: v for k, v in asdict(_cfg("smd")).items() if k != "value_len"}
     assert TrainConfig.from_dict(old).value_len == 1
