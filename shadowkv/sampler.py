@@ -574,7 +574,12 @@ class Sampler:
                 mass = mass / sp.sum(-1, keepdim=True)
             drop = mass >= top_p  # keep the smallest prefix reaching top_p (the first token always)
             probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
-        tok = torch.multinomial(probs, 1, generator=gen)[:, 0]  # on the logits' device: no round trip
+        # torch.multinomial(probs, 1) draws exactly this (its one-sample path: the argmax of p / q,
+        # q ~ Exp(1) from the same generator), after reading two validity checks back to the host:
+        # a sync every decode step on a GPU. Probabilities from a softmax are never negative and
+        # never all zero, so only NaN logits make them invalid: generate() checks once at the end.
+        q = torch.empty_like(probs).exponential_(1, generator=gen)
+        tok = probs.div(q).argmax(-1)
         return tok, logp.gather(-1, tok[:, None])[:, 0]
 
     def _forward(self, ids, positions, ctx):
@@ -884,6 +889,9 @@ class Sampler:
         t2 = time.perf_counter()
 
         self.cache.verify()  # an op that ran unchecked on the GPU and rejected a value surfaces here
+        if logprobs[action].isnan().any():  # as torch.multinomial would have refused (_sample)
+            raise RuntimeError("shadowkv: the model gave NaN logits while sampling (the log-probs of sampled "
+                               "tokens are NaN); its weights or inputs are not finite")
         lens = torch.tensor(plens, device=device) + action.sum(-1)
         T_used = int(lens.max())
         for layer, window in self.windows.items():  # keys a sliding layer's window hid from later tokens

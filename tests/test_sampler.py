@@ -599,6 +599,32 @@ def test_policy_with_wrong_count_raises(llama, policy):
     sampler.cache.verify()
 
 
+def test_draws_are_torch_multinomials_without_its_host_checks(llama):
+    """_sample draws what torch.multinomial(probs, 1) draws from the same generator (its
+    one-sample path, minus the two checks it reads back to the host every decode step); NaN
+    logits, which multinomial refused, are refused at the end of generate()."""
+    import copy
+
+    logits = 3 * torch.randn(6, 500, generator=torch.Generator().manual_seed(0))
+    for top_k, top_p in ((0, 1.0), (20, 1.0), (0, 0.9), (50, 0.8)):
+        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        tok, _ = Sampler._sample(logits, 0.7, top_p, g1, top_k)
+        probs = torch.softmax(logits / 0.7, -1)
+        if top_k:
+            probs = probs.masked_fill(probs < probs.topk(top_k, -1).values[:, -1:], 0.0)
+        if top_p < 1.0:
+            sp, si = probs.sort(-1, descending=True)
+            mass = sp.cumsum(-1) - sp
+            mass = mass / sp.sum(-1, keepdim=True) if top_k else mass
+            probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(mass >= top_p, 0.0))
+        assert torch.equal(tok, torch.multinomial(probs, 1, generator=g2)[:, 0])
+    broken = copy.deepcopy(llama)
+    with torch.no_grad():
+        broken.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="the model gave NaN logits while sampling"):
+        Sampler(broken, StreamingLLM(sinks=4), budget=0.5).generate(_prompts(2, 6, 9), 4, seed=0)
+
+
 def test_bad_generate_arguments(llama):
     s = Sampler(llama, StreamingLLM(), budget=0.5, max_batch=2)
     with pytest.raises(ValueError, match="batch"):
