@@ -320,6 +320,15 @@ def _refuse_call_dependent_rope(config) -> None:
                                   "linear, yarn, llama3)")
 
 
+def _clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once ``device`` has finished the work queued so far: on a GPU the
+    host runs ahead of the kernels, and the rollout's prefill/decode timings (and tokens/s) would
+    otherwise count only the launches."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class Sampler:
     """Generates with a compressed KV cache and logs every eviction.
 
@@ -752,7 +761,7 @@ class Sampler:
         logprobs = torch.zeros(B, T, device=device)
         action = torch.zeros(B, T, dtype=torch.bool, device=device)
 
-        t0 = time.perf_counter()
+        t0 = _clock(device)
         observe = getattr(self.policy, "window", None)
         for b, p in enumerate(prompts):
             tokens[b, : plens[b]] = p
@@ -828,7 +837,7 @@ class Sampler:
                         self._copy_rows(layer, src, dst)
                 first = first[to_device(owner, device, torch.int64)]
         next_tok, next_lp = self._sample(first, temperature, top_p, gen, top_k)
-        t1 = time.perf_counter()
+        t1 = _clock(device)
 
         cur = to_device(plens, device, torch.int64)  # position of each sequence's next token
         cur_host = list(plens)  # the same on the host: eviction decisions read no device value
@@ -886,7 +895,7 @@ class Sampler:
             cur += 1
             cur_host = [c + 1 for c in cur_host]
             next_tok, next_lp = self._sample(logits, temperature, top_p, gen, top_k)
-        t2 = time.perf_counter()
+        t2 = _clock(device)
 
         self.cache.verify()  # an op that ran unchecked on the GPU and rejected a value surfaces here
         if logprobs[action].isnan().any():  # as torch.multinomial would have refused (_sample)
