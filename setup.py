@@ -34,14 +34,19 @@ def _configured_for(build_dir, key):
     paths (the ninja binary, torch's libraries found by find_library, pybind11's config) of the
     venv that configured it first; after that venv is deleted every later build fails in
     `project()` ("ninja: no such file"), and with both venvs present _C would link the other
-    venv's torch. Dropping CMakeCache.txt makes CMake look again; object files whose compile
-    command is unchanged are not rebuilt, so this costs one configure, not a compile.
+    venv's torch. Dropping CMakeCache.txt (and the compiler checks under CMakeFiles/<version>/)
+    makes CMake look again. The object files (CMakeFiles/<target>.dir/) stay: those whose compile
+    command is unchanged are not rebuilt (the ones that include the other venv's torch headers
+    are). The stamp goes with the cache and is written back only after a configure succeeds, so
+    a failed one cannot leave another venv's cache behind a matching stamp.
     """
     stamp = build_dir / "shadowkv-configured-for.txt"
     cache = build_dir / "CMakeCache.txt"
     if cache.exists() and (not stamp.exists() or stamp.read_text() != key):
+        stamp.unlink(missing_ok=True)
         cache.unlink()
-        shutil.rmtree(build_dir / "CMakeFiles", ignore_errors=True)
+        for checks in (build_dir / "CMakeFiles").glob("[0-9]*.[0-9]*"):  # e.g. CMakeFiles/4.1.2/
+            shutil.rmtree(checks, ignore_errors=True)
     return stamp
 
 

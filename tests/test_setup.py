@@ -21,18 +21,26 @@ def configured_for(monkeypatch):
 def test_a_cache_configured_elsewhere_is_dropped(configured_for, tmp_path):
     """A venv deleted after it configured the build folder made every later build fail in
     project() (its ninja gone), and with both venvs present _C linked the first one's torch."""
-    def configure(key):
+    cache, checks = tmp_path / "CMakeCache.txt", tmp_path / "CMakeFiles" / "4.4.5"
+    obj = tmp_path / "CMakeFiles" / "_C.dir" / "bindings.cpp.o"
+
+    def configure(key, succeeds=True):
+        """setup.py's sequence; whether the last configure's cache and compiler checks were kept."""
         stamp = configured_for(tmp_path, key)
-        kept = (tmp_path / "CMakeCache.txt").exists()
-        (tmp_path / "CMakeCache.txt").write_text("CMAKE_MAKE_PROGRAM:FILEPATH=/venv/bin/ninja\n")
-        (tmp_path / "CMakeFiles").mkdir(exist_ok=True)
-        (tmp_path / "build.ninja").write_text("objects stay\n")
-        stamp.write_text(key)  # as setup.py does after a configure that succeeded
+        kept = cache.exists(), checks.exists()
+        cache.write_text(key)  # a configure writes its cache, failed or not
+        checks.mkdir(parents=True, exist_ok=True)
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        obj.touch()
+        if succeeds:
+            stamp.write_text(key)
         return kept
 
-    assert not configure("venv-a\n")  # nothing there yet
-    assert configure("venv-a\n")  # the same venv and tools: the cache is kept
-    assert not configure("venv-b\n")  # another one: CMake looks for everything again
-    assert (tmp_path / "build.ninja").exists()  # the objects and their build log stay
+    assert configure("venv-a") == (False, False)  # nothing there yet
+    assert configure("venv-a") == (True, True)  # the same venv and tools: kept
+    assert configure("venv-b", succeeds=False) == (False, False)  # another one: CMake looks again...
+    assert configure("venv-a") == (False, False)  # ...and its failure does not pass for venv-a's cache
+    obj.write_text("compiled")
     (tmp_path / "shadowkv-configured-for.txt").unlink()
-    assert not configure("venv-b\n")  # a cache of unknown origin (before the stamp existed)
+    assert configure("venv-a") == (False, False)  # a cache of unknown origin (from before the stamp)
+    assert obj.read_text() == "compiled"  # the objects stay: unchanged compile commands are not rebuilt
