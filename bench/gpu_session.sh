@@ -123,6 +123,8 @@ profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[
       if [ -z "${CUTLASS_DIR:-}" ] && [ -f .cutlass/include/cute/tensor.hpp ]; then export CUTLASS_DIR=$PWD/.cutlass; fi
       echo "CUTLASS_DIR=${CUTLASS_DIR:-<none: the CuTe kernel is not built>}"
       run $py -m pip install -q --no-deps --no-build-isolation -e .
+      # What was built, for a later call's FIRST_FROM (which skips this stage only for these sources).
+      [ "$last_rc" -ne 0 ] || src_stamp > build/gpu-session-stamp
       run $py -m shadowkv info
       ;;
     test)
@@ -204,9 +206,10 @@ profile_evict=("$ncu" --target-processes all -k "regex:(validate|evict_verdict_[
         summary+="   1 prebuilt  $so"$'\n'
       else
         [ -z "$so" ] || { echo "the prebuilt extension does not match these sources or does not load: building"; rm -f shadowkv/_C.cpython-312-*.so; }
-        if [ "${FIRST_FROM:-1}" -gt 1 ] && $py -m shadowkv info >/dev/null 2>&1; then
-          part 300 bash "$0" build  # skipped: a second call, and the first call's build loads
-        else  # nothing loads (a fresh machine, or the prebuilt removed above): build whatever FIRST_FROM says
+        if [ "${FIRST_FROM:-1}" -gt 1 ] && [ "$(cat build/gpu-session-stamp 2>/dev/null)" = "$stamp" ] \
+            && $py -m shadowkv info >/dev/null 2>&1; then
+          part 300 bash "$0" build  # skipped: a second call, and the first call built these sources
+        else  # nothing loads (a fresh machine, the prebuilt removed above) or the sources changed: build
           from=${FIRST_FROM:-1}
           FIRST_FROM=1
           part 300 bash "$0" build

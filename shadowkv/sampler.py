@@ -416,9 +416,10 @@ class Sampler:
         self.evicted_at: torch.Tensor | None = None
 
     def release(self) -> None:
-        """Frees the last :meth:`generate`'s KV pool, score buffers and log (the Rollout keeps
-        its own copies). generate() keeps them for inspection until the next call; a trainer
-        calls this before its learner step, which would otherwise run beside a whole pool."""
+        """Drops the last :meth:`generate`'s KV pool, score buffers and log (the returned Rollout
+        keeps what it holds: its log may be a view of this one). generate() keeps them for
+        inspection until the next call; a trainer calls this before its learner step, which
+        would otherwise run beside a whole pool."""
         self.cache, self.slot_scores, self.evicted_at = None, [], None
 
     # ---- sizing
