@@ -7,6 +7,7 @@ import os
 import torch
 
 from . import _C
+from .ops import ATTENTION_KERNEL_ENV, ATTENTION_KERNELS, DECODE_KERNEL_ENV, DECODE_KERNELS
 
 
 def built_archs() -> list[str]:
@@ -38,13 +39,15 @@ def _cute_state() -> str:
 
 
 # The kernel choices the CUDA entry points read from the environment, and what each accepts
-# (csrc/cuda/shadow_attention_fwd.cu, paged_decode_attention.cu): info flags a bad value, which
-# the first call would refuse.
-KERNEL_ENV = {
-    "SHADOWKV_ATTENTION_KERNEL": ("auto", "cute", "wgmma", "wgmma_ws", "wgmma_wsb", "wgmma_wsf", "wgmma_fused",
-                                  "wmma", "simt"),
-    "SHADOWKV_DECODE_KERNEL": ("auto", "warp", "pipelined", "mma", "mma_rows", "mma_rows_2stage"),
-}
+# (csrc/cuda/shadow_attention_fwd.cu, paged_decode_attention.cu; the lists live in ops.py).
+KERNEL_ENV = {ATTENTION_KERNEL_ENV: ATTENTION_KERNELS, DECODE_KERNEL_ENV: DECODE_KERNELS}
+
+
+def bad_kernel_choices() -> list[tuple[str, str, tuple[str, ...]]]:
+    """``(variable, value, allowed)`` for each kernel variable set to a name the CUDA calls would
+    refuse at their first call (unset or "" is "auto"): info flags them, train refuses them up front."""
+    return [(name, value, allowed) for name, allowed in KERNEL_ENV.items()
+            if (value := os.environ.get(name)) and value not in allowed]
 
 
 def _cpu_isa_line() -> str:
@@ -77,10 +80,8 @@ def info_lines() -> list[str]:
     if _C.built_with_cuda():
         lines.append("paged decode kernel: mma_rows where it applies (bf16/fp16, head dim 64/128, sm_80+), "
                      f"else warp (SHADOWKV_DECODE_KERNEL: {', '.join(KERNEL_ENV['SHADOWKV_DECODE_KERNEL'])})")
-    for name, allowed in KERNEL_ENV.items():
-        value = os.environ.get(name)
-        if value and value not in allowed:  # "" is "auto" there too
-            lines.append(f"{name}={value!r}: not a kernel name ({', '.join(allowed)}); CUDA calls will refuse it")
+    for name, value, allowed in bad_kernel_choices():
+        lines.append(f"{name}={value!r}: not a kernel name ({', '.join(allowed)}); CUDA calls will refuse it")
     if torch.cuda.is_available():
         lines.extend(_gpu_line(i, archs) for i in range(torch.cuda.device_count()))
     else:

@@ -147,11 +147,11 @@ class TrainConfig:
         if self.device == "cuda" and (problem := _cuda_problem()) is not None:
             raise ValueError(f"device (--device) cuda: {problem}; use cpu or auto")
         if device_of(self).type == "cuda":  # else the first CUDA op refuses it, after the warm-up
-            from .info import KERNEL_ENV
+            from .info import bad_kernel_choices
 
-            for var, choices in KERNEL_ENV.items():
-                if (value := os.environ.get(var) or "auto") not in choices:
-                    raise ValueError(f"{var}={value}: must be one of {', '.join(choices)}")
+            if bad := bad_kernel_choices():
+                var, value, allowed = bad[0]
+                raise ValueError(f"{var}={value}: must be one of {', '.join(allowed)}")
         task = task_of(self)  # bad task settings (--value-len) fail here too
         if self.init is not None:
             check_init_model(self, task)
