@@ -563,12 +563,19 @@ def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_wei
     w = token_weights if token_weights is not None else 1.0
     loss = -(w * surr * mask).sum() / n
     stats = {
-        "clip_frac": (((ratio - 1).abs() > cfg.clip) & mask).sum().item() / n.item(),
+        # Tokens whose clipped branch is the minimum (no gradient through the ratio), as TRL
+        # and verl count them: a ratio outside the range on the side that does not bind is not.
+        "clip_frac": ((ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv < ratio * adv) & mask).sum().item() / n.item(),
         "entropy": entropy(rows, rollout, cfg.temperature, n_action).item(),
     }
     if cfg.kl_ref > 0 and ref_logp is not None:
         d = (ref_logp - logp) * mask
-        k3 = (torch.exp(d) - d - 1) * mask
+        # k3 = e^d - d - 1, with e^d continued linearly past d = 20 (value and slope e^20 there):
+        # e^d overflowed to inf past ~88 nats (a token the reference finds far likelier, most
+        # plausibly under `naive`), and clip_grad_norm_ turned the inf gradient into NaN weights.
+        # The slope keeps its sign, so such a token still pulls logp towards the reference.
+        c = d.clamp(max=20.0)
+        k3 = (torch.exp(c) * (1 + d - c) - d - 1) * mask
         loss = loss + cfg.kl_ref * k3.sum() / n
         stats["kl_ref"] = (k3.sum() / n).item()
     if cfg.method == "smd" and teacher_logits is not None and cfg.smd_beta > 0:

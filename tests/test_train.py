@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict
 
@@ -662,6 +663,40 @@ def test_is_vetoed_sequences_get_no_value_loss_either(tmp_path):
     loss.backward()
     assert loss.item() == 0.0 and stats["value_loss"] == 0.0
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_clip_frac_and_reference_kl_at_extreme_ratios(tmp_path):
+    """clip_frac counts the tokens whose clipped branch binds (TRL's and verl's stat; it counted
+    every ratio out of range, about twice as many), and the k3 reference KL stays finite with
+    the right sign of gradient where ref_logp - logp is far past float32's exp (it was inf, and
+    clip_grad_norm_ made the weights NaN)."""
+    from shadowkv import Sampler
+    from shadowkv.policies import StreamingLLM
+
+    from .models import tiny_model
+
+    model = tiny_model(tmp_path / "llama")
+    rollout = Sampler(model, StreamingLLM(sinks=2), budget=0.5, page_size=4).generate(
+        [[1, 2, 3, 4, 5, 6, 7, 8]] * 2, max_new_tokens=6, temperature=1.0, seed=0)
+    mask = rollout.action_mask
+    # Ratios e^0.5 (above 1 + clip) and e^-0.5 (below 1 - clip) with advantages of both signs:
+    # the clipped branch binds for (high, +) and (low, -) only, half of the tokens.
+    shift = torch.where(torch.arange(mask.shape[1]) % 2 == 0, -0.5, 0.5)
+    with torch.no_grad():
+        logp = learner.token_logprobs(model, rollout, "shadow")
+    old = (logp + shift) * mask
+    adv = torch.tensor([1.0, -1.0])
+    cfg = learner.LossConfig("smd", clip=0.2, kl_ref=0.1, smd_beta=0.0)
+    ref = (logp + 100.0) * mask  # every token 100 nats likelier under the reference
+    loss, stats = learner.policy_loss(model, rollout, adv, old, cfg, ref_logp=ref)
+    want = sum(((shift > 0) == (a > 0)).expand_as(m)[m].sum().item() for a, m in zip(adv, mask)) / mask.sum().item()
+    assert 0 < want < 1 and stats["clip_frac"] == pytest.approx(want)
+    assert math.isfinite(loss.item()) and math.isfinite(stats["kl_ref"])
+    # Past the cap the penalty's slope is e^20 in d = ref - logp: raising logp lowers it.
+    d = 100.0
+    assert stats["kl_ref"] == pytest.approx(math.exp(20) * (1 + d - 20) - d - 1, rel=1e-4)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
 def test_policy_loss_treats_old_logprobs_advantages_and_weights_as_constants(tmp_path):
