@@ -538,6 +538,42 @@ def test_decode_unchecked_bad_values_give_nan(bad, dtype):
 
 @cuda_only
 @graph_capture
+@pytest.mark.parametrize("op", ["append_kv", "paged_decode_attention", "evict_compact"])
+def test_checked_call_while_capturing_is_refused_before_anything_is_queued(op):
+    """check=True copies values to the host: under capture CUDA answered "operation not permitted
+    when stream is capturing" from inside the op and invalidated the caller's capture. Now a
+    ValueError says what to do, nothing is captured, the capture ends cleanly, and the same call
+    eagerly works."""
+    lens, hkv, d, ps = [9, 4], 2, 64, 4
+    state = dev_state(random_paged_state(lens, hkv, d, ps, preallocated=1, dtype=torch.bfloat16, horizon=16,
+                                         generator=torch.Generator().manual_seed(71)))
+    gen = torch.Generator().manual_seed(72)
+    q = dev(torch.randn(2, 2 * hkv, d, generator=gen).to(torch.bfloat16))
+    k, v = (dev(torch.randn(2, hkv, 1, d, generator=gen).to(torch.bfloat16)) for _ in range(2))
+    pos, ones = dev(torch.tensor([[9], [4]], dtype=torch.int32)), dev(torch.ones(2, dtype=torch.int32))
+    keep = torch.zeros(2, hkv, max(lens), dtype=torch.bool)
+    keep[0, :, :5], keep[1, :, :4] = True, True
+    keep, steps = dev(keep), dev(torch.tensor(lens, dtype=torch.int32))
+    log = dev(torch.full((2, hkv, 16), ops.NEVER_EVICTED, dtype=torch.int32))
+    call = {"append_kv": lambda: ops.append_kv(*state, k, v, pos, ones, check=True),
+            "paged_decode_attention": lambda: ops.paged_decode_attention(
+                q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens, check=True),
+            "evict_compact": lambda: ops.evict_compact(*state, keep, steps, log, check=True)}[op]
+    before = [t.clone() for t in (*state, log)]
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match=f"shadowkv::{op}: check=True .* captured into a CUDA graph; pass check=False"):
+        with torch.cuda.graph(graph):
+            call()
+    torch.cuda.synchronize()
+    for a, b in zip(before, (*state, log)):
+        assert torch.equal(a, b)
+    call()  # the stream is usable: eagerly the checked call runs
+    torch.cuda.synchronize()
+
+
+@cuda_only
+@graph_capture
 @pytest.mark.usefixtures("decode_kernel")
 def test_decode_unchecked_is_graph_capturable():
     """check=False makes no host copy or synchronisation: the call can be captured in a CUDA

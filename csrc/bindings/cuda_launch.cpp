@@ -55,6 +55,21 @@ const bool g_torch_workspace = [] {
   return true;
 }();
 
+// A checked paged op (check_values, the Python ops' check=True) copies index values to the
+// host and synchronises, which a stream being captured into a CUDA graph does not allow: CUDA
+// answered "operation not permitted when stream is capturing" from inside the op and
+// invalidated the caller's capture. Refused before anything is queued, saying what to do.
+void refuse_checked_capture(bool check_values, cudaStream_t stream, const char* op) {
+  if (!check_values) return;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaError_t err = cudaStreamIsCapturing(stream, &status);
+  TORCH_CHECK(err == cudaSuccess, "shadowkv::", op, ": cudaStreamIsCapturing: ", cudaGetErrorString(err));
+  TORCH_CHECK_VALUE(status == cudaStreamCaptureStatusNone, "shadowkv::", op,
+                    ": check=True reads index values back to the host, which is not allowed while the "
+                    "stream is captured into a CUDA graph; pass check=False (the kernels then check "
+                    "on the device)");
+}
+
 }  // namespace
 
 void launch_shadow_attention_fwd_cuda(const ShadowAttentionParams& p, const at::Device& device) {
@@ -74,19 +89,25 @@ void launch_shadow_attention_bwd_cuda(const ShadowAttentionBwdParams& p, const a
 void launch_append_kv_cuda(const AppendKVParams& p, const at::Device& device) {
   check_arch_built(device);
   const c10::cuda::CUDAGuard guard(device);
-  append_kv_cuda(p, c10::cuda::getCurrentCUDAStream(device.index()).stream());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  refuse_checked_capture(p.check_values, stream, "append_kv");
+  append_kv_cuda(p, stream);
 }
 
 void launch_paged_decode_attention_cuda(const PagedDecodeParams& p, const at::Device& device) {
   check_arch_built(device);
   const c10::cuda::CUDAGuard guard(device);
-  paged_decode_attention_cuda(p, c10::cuda::getCurrentCUDAStream(device.index()).stream());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  refuse_checked_capture(p.check_values, stream, "paged_decode_attention");
+  paged_decode_attention_cuda(p, stream);
 }
 
 void launch_evict_compact_cuda(const EvictCompactParams& p, const at::Device& device) {
   check_arch_built(device);
   const c10::cuda::CUDAGuard guard(device);
-  evict_compact_cuda(p, c10::cuda::getCurrentCUDAStream(device.index()).stream());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  refuse_checked_capture(p.check_values, stream, "evict_compact");
+  evict_compact_cuda(p, stream);
 }
 
 }  // namespace shadowkv::bindings
