@@ -245,7 +245,9 @@ class H2O(Policy):
     def select_batch(self, positions, scores, lens, n_keep):
         _need_scores(self, scores)
         dev, by_pos = positions.device, _position_order(positions)
-        recent = _recent(positions, _per_row([int(round(self.recent_frac * k)) for k in n_keep], dev), by_pos)
+        # Half up, exactly (round() went half to even: 0.5 of 5 kept 2 recent, 0.5 of 7 kept 4).
+        frac = self.recent_frac if isinstance(self.recent_frac, Fraction) else Fraction(str(self.recent_frac))
+        recent = _recent(positions, _per_row([math.floor(frac * k + Fraction(1, 2)) for k in n_keep], dev), by_pos)
         return _keep_top(scores, recent, positions >= 0, _per_row(n_keep, dev), by_pos)
 
 
@@ -253,10 +255,13 @@ class SnapKV(Policy):
     """Observation-window voting: the last ``window`` tokens (at most half the budget) are
     kept, the others ranked by
     the attention they received from recent queries (prompt's last ``window`` queries at
-    prefill, the decode queries since the last eviction afterwards), max-pooled over
-    neighbouring slots with ``kernel`` so kept tokens come with their context. With the
-    sampler's ``prefill_chunk``, each chunk boundary votes with that chunk's last ``window``
-    queries (the prompt's later queries do not exist yet), over the survivors and the chunk."""
+    prefill, afterwards the decode queries since the prefill or the sequence's last eviction),
+    max-pooled over the positions within ``kernel // 2`` of each token (the kept window's own
+    scores left out, as in SnapKV's code) so kept tokens come with their context. A KV head
+    ranks by the attention its group of query heads gave, summed (the original keeps a cache
+    per query head). With the sampler's ``prefill_chunk``, each chunk boundary votes with that
+    chunk's last ``window`` queries (the prompt's later queries do not exist yet), over the
+    survivors and the chunk."""
 
     needs_scores = True
     reset_scores_after_evict = True
@@ -264,7 +269,8 @@ class SnapKV(Policy):
     name = "snapkv"
 
     def __init__(self, window: int = 32, kernel: int = 7):
-        window, kernel = as_int("SnapKV: window", window, 0), as_int("SnapKV: kernel", kernel)
+        # window 0 observed no query at the prefill: every score 0, the oldest tokens kept.
+        window, kernel = as_int("SnapKV: window", window, 1), as_int("SnapKV: kernel", kernel)
         if kernel % 2 == 0:
             raise ValueError(f"SnapKV: kernel must be a positive odd number (centred pooling), got {kernel}")
         self.window, self.kernel = window, kernel
@@ -272,18 +278,35 @@ class SnapKV(Policy):
     def select_batch(self, positions, scores, lens, n_keep):
         _need_scores(self, scores)
         dev, valid = positions.device, positions >= 0
-        if positions.shape[-1] == 0:  # no slots (max_pool1d rejects an empty length)
+        if positions.shape[-1] == 0:  # no slots: nothing to choose
             return valid
-        # Neighbours are neighbouring positions (pooled in position order, whatever the slot
-        # order). Padding pools as -inf: a slot past the length never lends its score to a
-        # neighbour.
-        by_pos = _position_order(positions)
-        pooled = F.max_pool1d(scores.float().masked_fill(~valid, -math.inf).gather(-1, by_pos), self.kernel,
-                              stride=1, padding=self.kernel // 2)
-        pooled = _to_slots(pooled, by_pos)
         # At most half the budget goes to the window, so voting always selects something.
+        by_pos = _position_order(positions)
         recent = _recent(positions, _per_row([min(self.window, k // 2) for k in n_keep], dev), by_pos)
+        # As SnapKV's own code and kvpress: the window's scores are not pooled into the tokens
+        # before it (it is kept anyway; local attention would make its neighbours look voted),
+        # and padding never lends its score either.
+        pooled = _max_pool_positions(scores.float().masked_fill(~valid | recent, -math.inf), positions, by_pos,
+                                     self.kernel // 2)
         return _keep_top(pooled, recent, valid, _per_row(n_keep, dev), by_pos)
+
+
+def _max_pool_positions(values: torch.Tensor, positions: torch.Tensor, by_pos: torch.Tensor,
+                        radius: int) -> torch.Tensor:
+    """Each slot's max of ``values [n, H, S]`` over the slots of its head whose positions lie
+    within ``radius`` of its own: max pooling along the position axis, where earlier evictions
+    left holes (pooling adjacent slots let tokens far apart lend each other their votes).
+    ``by_pos``: :func:`_position_order`; padding (position -1) has no neighbours."""
+    v = values.gather(-1, by_pos)
+    # Positions are distinct per head, so a neighbour within `radius` positions is at most
+    # `radius` slots away in position order.
+    p = positions.long().masked_fill(positions < 0, 1 << 40).gather(-1, by_pos)
+    out = v.clone()
+    for d in range(1, min(radius, v.shape[-1] - 1) + 1):
+        near = (p[..., d:] - p[..., :-d]) <= radius
+        out[..., :-d] = torch.maximum(out[..., :-d], v[..., d:].masked_fill(~near, -math.inf))
+        out[..., d:] = torch.maximum(out[..., d:], v[..., :-d].masked_fill(~near, -math.inf))
+    return _to_slots(out, by_pos)
 
 
 class RandomEvict(Policy):

@@ -76,7 +76,7 @@ def _recent_plus_top(pos, scores, recent, n_keep):
     return {p for p, _ in latest + rest}
 
 
-@pytest.mark.parametrize("policy, recent", [(H2O(), lambda k: int(round(0.5 * k))), (H2O(recent_frac=0.0), lambda k: 0),
+@pytest.mark.parametrize("policy, recent", [(H2O(), lambda k: (k + 1) // 2), (H2O(recent_frac=0.0), lambda k: 0),
                                             (SnapKV(window=3, kernel=1), lambda k: min(3, k // 2))], ids=str)
 def test_score_policies_keep_recent_then_highest_scores(policy, recent):
     lens, n_keep = [9, 1, 17, 4], [4, 1, 7, 3]
@@ -227,7 +227,8 @@ def test_fractional_budgets_round_up_the_decimal_not_its_binary_product():
     (lambda: H2O(recent_frac="0.5"), TypeError, "H2O: recent_frac"),
     (lambda: StreamingLLM(sinks=-3), ValueError, "StreamingLLM: sinks must be an int >= 0, got -3"),
     (lambda: StreamingLLM(sinks=2.5), TypeError, "StreamingLLM: sinks must be an int >= 0, got 2.5"),
-    (lambda: SnapKV(window=-4), ValueError, "SnapKV: window must be an int >= 0, got -4"),
+    (lambda: SnapKV(window=-4), ValueError, "SnapKV: window must be an int >= 1, got -4"),
+    (lambda: SnapKV(window=0), ValueError, "SnapKV: window must be an int >= 1, got 0"),
     (lambda: SnapKV(kernel=0), ValueError, "SnapKV: kernel must be an int >= 1"),
     (lambda: SnapKV(kernel=3.0), TypeError, "SnapKV: kernel"),
     (lambda: SnapKV(kernel=4), ValueError, "odd"),
@@ -243,8 +244,50 @@ def test_policy_arguments_out_of_range_are_refused(make, err, message):
 def test_policy_arguments_at_their_bounds_and_numpy_ints_are_accepted():
     import numpy as np
 
-    H2O(recent_frac=0.0), H2O(recent_frac=1), SnapKV(window=0, kernel=1)
+    H2O(recent_frac=0.0), H2O(recent_frac=1), SnapKV(window=1, kernel=1)
     assert StreamingLLM(sinks=np.int64(3)).sinks == 3 and type(StreamingLLM(sinks=np.int64(3)).sinks) is int
     pos = torch.arange(12, dtype=torch.int32).view(1, 1, 12)
     keep = H2O(recent_frac=1.0).select_batch(pos, torch.rand(1, 1, 12), [12], [4])
     assert pos[keep].tolist() == [8, 9, 10, 11]  # the whole budget recent
+
+
+def _snapkv_by_position(pos, scores, n_keep, window, kernel):
+    """Reference for one head: the newest ``min(window, n_keep // 2)`` positions, then the rest by
+    the max of the scores at the present positions within ``kernel // 2`` of theirs, the kept
+    window's scores left out (ties to the lower position)."""
+    pairs = dict(zip(pos.tolist(), scores.tolist()))
+    latest = sorted(pairs, reverse=True)[: min(window, n_keep // 2)]
+    r = kernel // 2
+    pooled = {p: max((pairs[q] for q in pairs if abs(q - p) <= r and q not in latest), default=-math.inf)
+              for p in pairs if p not in latest}
+    rest = sorted(pooled, key=lambda p: (-pooled[p], p))[: n_keep - len(latest)]
+    return set(latest) | set(rest)
+
+
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+def test_snapkv_pools_over_positions_without_the_window(kernel):
+    """SnapKV's pooling lends a token's votes to the tokens within kernel // 2 *positions*:
+    pooled over adjacent slots, survivors of an earlier eviction far apart lent each other
+    theirs; and the kept window's scores pooled into the tokens just before it (SnapKV's code
+    and kvpress leave them out)."""
+    lens, n_keep = [9, 1, 17, 30], [4, 1, 7, 12]
+    pos, scores = _ragged(lens, 2, 5)  # positions with holes, as after evictions
+    policy = SnapKV(window=3, kernel=kernel)
+    keep = policy.select_batch(pos, scores, lens, n_keep)
+    for i, (n, k) in enumerate(zip(lens, n_keep)):
+        for h in range(2):
+            want = _snapkv_by_position(pos[i, h, :n], scores[i, h, :n], k, 3, kernel)
+            assert set(pos[i, h][keep[i, h]].tolist()) == want
+    # The reviewer's case: one strong vote at 200 among survivors at 0-3, 40, 41, 200-207.
+    pos = torch.tensor([[[0, 1, 2, 3, 40, 41, *range(200, 208)]]], dtype=torch.int32)
+    scores = torch.zeros(pos.shape)
+    scores[0, 0, 6] = 10.0
+    keep = SnapKV(window=4, kernel=7).select_batch(pos, scores, [14], [8])
+    assert pos[keep].tolist() == list(range(200, 208))
+    # The window's high scores do not spill onto the tokens before it.
+    pos = torch.arange(20, dtype=torch.int32)[None, None]
+    scores = torch.zeros(1, 1, 20)
+    scores[0, 0, 16:] = 5.0
+    scores[0, 0, 2] = 1.0
+    keep = SnapKV(window=4, kernel=7).select_batch(pos, scores, [20], [8])
+    assert pos[keep].tolist() == [0, 1, 2, 3, 16, 17, 18, 19]  # 0-5 tie with 2's vote: the lower ones

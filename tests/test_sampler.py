@@ -976,3 +976,43 @@ def test_prefill_attention_mass_goes_a_block_of_queries_at_a_time(monkeypatch, o
     for block in (1, B * Hq * L * 4, 1 << 24):  # one query a block, four, all
         monkeypatch.setattr(S, "_MASS_BLOCK", block)
         torch.testing.assert_close(S._attention_mass(q, k, off, 0.3, observe, ev).double(), want, rtol=1e-5, atol=1e-5)
+
+
+class _VoteCounter(SnapKV):
+    """SnapKV that records, at each choice, how many queries' attention its scores hold (a
+    query's attention sums to 1 over its keys in each of the group's query heads), and whether
+    it was a prefill choice (no key at or past the prompt's length yet)."""
+
+    def __init__(self, group, prompt_len, **kw):
+        super().__init__(**kw)
+        self.group, self.prompt_len, self.calls = group, prompt_len, []
+
+    def select_batch(self, positions, scores, lens, n_keep):
+        votes = (scores.sum(-1) / self.group).tolist()
+        self.calls.append((list(lens), list(n_keep), votes, int(positions.max()) < self.prompt_len))
+        return super().select_batch(positions, scores, lens, n_keep)
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_snapkv_votes_start_anew_at_every_forced_eviction_point(llama, chunk):
+    """A prompt (or chunk) within its budget is not evicted, and its window's votes carried over:
+    the first decode eviction of a 32-token prompt with budget 40 and window 8 ranked by 8
+    prompt queries plus the decode ones; a chunk boundary that did not evict lent its window
+    to the next one (3 windows at the boundary at 48). Votes now start anew at each prefill and
+    chunk boundary for every sequence, evicted or not: a boundary holds its window's votes,
+    a decode eviction those of the queries since the previous eviction point."""
+    group = llama.config.num_attention_heads // llama.config.num_key_value_heads
+    layers = llama.config.num_hidden_layers
+    window, plen = (8, 32) if chunk is None else (4, 64)
+    policy = _VoteCounter(group, plen, window=window, kernel=3)
+    Sampler(llama, policy, budget=40, page_size=4, prefill_chunk=chunk).generate(
+        _prompts(2, plen, plen, seed=5), max_new_tokens=20, seed=0)
+    kinds = [prefill for *_, prefill in policy.calls]
+    assert (True in kinds) == (chunk is not None) and False in kinds
+    prev = [plen] * layers  # live slots after the layer's previous eviction point
+    for i, (lens, n_keep, votes, prefill) in enumerate(policy.calls):  # every layer evicts at once here
+        layer = i % layers
+        for n, per_head in zip(lens, votes):
+            want = window if prefill else n - prev[layer]
+            assert per_head == pytest.approx([want] * len(per_head), abs=1e-3), policy.calls
+        prev[layer] = n_keep[0]
