@@ -75,16 +75,6 @@ struct Carver {
   }
 };
 
-// Copies host values into a device buffer (before any kernel that reads them, on `stream`).
-// The source is pageable memory: the call returns once the values are staged, so the vector
-// may go away afterwards.
-template <typename E>
-void upload(const std::vector<E>& host, E* device, cudaStream_t stream) {
-  if (host.empty()) return;
-  check_cuda(cudaMemcpyAsync(device, host.data(), host.size() * sizeof(E), cudaMemcpyHostToDevice, stream),
-             "cudaMemcpyAsync (host to device)");
-}
-
 // ------------------------------------------------------------------------------------------
 // Device -> host copies of strided index arrays. Internal linkage: every translation unit that
 // includes this header launches its own copy of the kernel.
