@@ -575,7 +575,7 @@ def policy_loss(model, rollout, advantages, old_logp, cfg: LossConfig, token_wei
         # plausibly under `naive`), and clip_grad_norm_ turned the inf gradient into NaN weights.
         # The slope keeps its sign, so such a token still pulls logp towards the reference.
         c = d.clamp(max=20.0)
-        k3 = (torch.exp(c) * (1 + d - c) - d - 1) * mask
+        k3 = (torch.exp(c) * (1 + (d - c)) - d - 1) * mask  # d - c first: exactly e^d - d - 1 up to 20
         loss = loss + cfg.kl_ref * k3.sum() / n
         stats["kl_ref"] = (k3.sum() / n).item()
     if cfg.method == "smd" and teacher_logits is not None and cfg.smd_beta > 0:

@@ -20,7 +20,6 @@ import operator
 from fractions import Fraction
 
 import torch
-import torch.nn.functional as F
 
 from .cache import to_device
 
@@ -232,7 +231,7 @@ class H2O(Policy):
                 raise TypeError("H2O: give heavy= and recent= together (token counts), or recent_frac alone")
             heavy, recent = as_int("H2O: heavy", heavy, 0), as_int("H2O: recent", recent, 0)
             self.budget = as_int("H2O: heavy + recent", heavy + recent)
-            recent_frac = Fraction(recent, heavy + recent)  # exact: round(frac * budget) == recent
+            recent_frac = Fraction(recent, heavy + recent)  # exact: frac * budget rounds to recent
         # Out of [0, 1] the recent window would be more than the budget (the heavy hitters then
         # displace the newest tokens) or negative (it would silently keep none).
         if isinstance(recent_frac, bool) or not isinstance(recent_frac, numbers.Real):
@@ -255,7 +254,8 @@ class SnapKV(Policy):
     """Observation-window voting: the last ``window`` tokens (at most half the budget) are
     kept, the others ranked by
     the attention they received from recent queries (prompt's last ``window`` queries at
-    prefill, afterwards the decode queries since the prefill or the sequence's last eviction),
+    prefill, afterwards the decode queries since the last eviction point: the prefill, an
+    ``evict_every`` boundary, or the sequence's own last eviction),
     max-pooled over the positions within ``kernel // 2`` of each token (the kept window's own
     scores left out, as in SnapKV's code) so kept tokens come with their context. A KV head
     ranks by the attention its group of query heads gave, summed (the original keeps a cache

@@ -679,18 +679,21 @@ def test_clip_frac_and_reference_kl_at_extreme_ratios(tmp_path):
     rollout = Sampler(model, StreamingLLM(sinks=2), budget=0.5, page_size=4).generate(
         [[1, 2, 3, 4, 5, 6, 7, 8]] * 2, max_new_tokens=6, temperature=1.0, seed=0)
     mask = rollout.action_mask
-    # Ratios e^0.5 (above 1 + clip) and e^-0.5 (below 1 - clip) with advantages of both signs:
-    # the clipped branch binds for (high, +) and (low, -) only, half of the tokens.
-    shift = torch.where(torch.arange(mask.shape[1]) % 2 == 0, -0.5, 0.5)
+    # ratio = e^(logp - old) = e^-shift: e^0.5 (above 1 + clip) at every third token, e^-0.5
+    # (below 1 - clip) at the others. The clipped branch binds for (high, A > 0) and (low, A < 0)
+    # only: with advantages 1 and 0, at the first sequence's every third token.
+    shift = torch.where(torch.arange(mask.shape[1]) % 3 == 0, -0.5, 0.5)
     with torch.no_grad():
         logp = learner.token_logprobs(model, rollout, "shadow")
     old = (logp + shift) * mask
-    adv = torch.tensor([1.0, -1.0])
+    adv = torch.tensor([1.0, 0.0])
     cfg = learner.LossConfig("smd", clip=0.2, kl_ref=0.1, smd_beta=0.0)
     ref = (logp + 100.0) * mask  # every token 100 nats likelier under the reference
     loss, stats = learner.policy_loss(model, rollout, adv, old, cfg, ref_logp=ref)
-    want = sum(((shift > 0) == (a > 0)).expand_as(m)[m].sum().item() for a, m in zip(adv, mask)) / mask.sum().item()
-    assert 0 < want < 1 and stats["clip_frac"] == pytest.approx(want)
+    binding = (shift < 0) & mask[0]
+    want = binding.sum().item() / mask.sum().item()
+    assert 0 < binding.sum() < (mask[0] & (shift > 0)).sum()  # neither the inverse nor every clip passes
+    assert stats["clip_frac"] == pytest.approx(want)
     assert math.isfinite(loss.item()) and math.isfinite(stats["kl_ref"])
     # Past the cap the penalty's slope is e^20 in d = ref - logp: raising logp lowers it.
     d = 100.0

@@ -58,11 +58,20 @@ const bool g_torch_workspace = [] {
 // A checked paged op (check_values, the Python ops' check=True) copies index values to the
 // host and synchronises, which a stream being captured into a CUDA graph does not allow: CUDA
 // answered "operation not permitted when stream is capturing" from inside the op and
-// invalidated the caller's capture. Refused before anything is queued, saying what to do.
+// invalidated the caller's capture. Refused before the op's own work is queued, saying what to
+// do. On the legacy default stream (torch's default) CUDA answers
+// cudaErrorStreamCaptureImplicit while a blocking stream of the device captures: the op could
+// not synchronise then either. Errors are cleared, not left for the next launch check to
+// report against another kernel.
 void refuse_checked_capture(bool check_values, cudaStream_t stream, const char* op) {
   if (!check_values) return;
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   const cudaError_t err = cudaStreamIsCapturing(stream, &status);
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  TORCH_CHECK_VALUE(err != cudaErrorStreamCaptureImplicit, "shadowkv::", op,
+                    ": check=True reads index values back to the host, which the default stream cannot "
+                    "do while another stream of the device is captured into a CUDA graph; pass "
+                    "check=False (the kernels then check on the device) or use a non-default stream");
   TORCH_CHECK(err == cudaSuccess, "shadowkv::", op, ": cudaStreamIsCapturing: ", cudaGetErrorString(err));
   TORCH_CHECK_VALUE(status == cudaStreamCaptureStatusNone, "shadowkv::", op,
                     ": check=True reads index values back to the host, which is not allowed while the "

@@ -72,8 +72,9 @@ int choose_part_size(int64_t heads_x_tiles, int64_t max_len) {
 
 // The staged kernels' launches (their kernels are in headers that a host-only emulation of
 // them compiles too: tests/cpp/test_decode_emulated.cpp), with `smem` bytes of dynamic shared
-// memory: the opt-in above 48 KB is per call, as it is per device, and a GPU with less gets
-// an error that names the smaller kernel to choose.
+// memory: the opt-in above 48 KB grows to the largest size a call has needed on the device
+// (cuda_common::opt_in_smem), and a GPU with less gets an error that names the smaller kernel
+// to choose.
 template <class Kernel>
 void launch_staged(Kernel kernel, size_t smem, const DecodeLaunch& a, int64_t blocks, cudaStream_t stream,
                    const char* op, const char* name) {
