@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import _C
@@ -38,7 +36,8 @@ def _cute_state() -> str:
     return "not built (" + ("no CUTLASS headers" if _C.built_with_cuda() else "CPU-only build") + ")"
 
 
-# The kernel choices the CUDA entry points read from the environment, and what each accepts
+# The kernel choices the CUDA entry points read (an override set with _C.set_kernel_choice, as
+# ops.attention_kernel() does, else the environment variable), and what each accepts
 # (csrc/cuda/shadow_attention_fwd.cu, paged_decode_attention.cu; the lists live in ops.py).
 KERNEL_ENV = {ATTENTION_KERNEL_ENV: ATTENTION_KERNELS, DECODE_KERNEL_ENV: DECODE_KERNELS}
 
@@ -47,7 +46,7 @@ def bad_kernel_choices() -> list[tuple[str, str, tuple[str, ...]]]:
     """``(variable, value, allowed)`` for each kernel variable set to a name the CUDA calls would
     refuse at their first call (unset or "" is "auto"): info flags them, train refuses them up front."""
     return [(name, value, allowed) for name, allowed in KERNEL_ENV.items()
-            if (value := os.environ.get(name)) and value not in allowed]
+            if (value := _C.kernel_choice(name)) and value not in allowed]
 
 
 def _cpu_isa_line() -> str:

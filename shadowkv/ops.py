@@ -7,7 +7,6 @@ happen in C++ so C++ and Python callers get the same errors.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -21,19 +20,19 @@ from .reference import INT32_MAX as NEVER_EVICTED  # evicted_at of a key never e
 
 @contextlib.contextmanager
 def _scoped_choice(what: str, var: str, names: tuple[str, ...], name: str) -> Iterator[None]:
-    """Sets the environment variable ``var`` (read by the C++ ops at every call) to ``name``, one
-    of ``names`` (else a ValueError naming ``what``), while the block runs."""
+    """Sets the kernel setting ``var`` (read by the C++ ops at every call) to ``name``, one of
+    ``names`` (else a ValueError naming ``what``), while the block runs: for the whole process,
+    through the extension's override (``_C.set_kernel_choice``), which takes precedence over the
+    environment variable of that name and leaves the environment alone. Setting the environment
+    itself while another thread's op read it (the ops run without the GIL) was undefined
+    behaviour in POSIX."""
     if name not in names:
         raise ValueError(f"{what}: `name` must be one of {', '.join(names)}, got {name!r}")
-    old = os.environ.get(var)
-    os.environ[var] = name
+    old = _C.set_kernel_choice(var, name)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = old
+        _C.set_kernel_choice(var, old)
 
 
 ATTENTION_KERNEL_ENV = "SHADOWKV_ATTENTION_KERNEL"
@@ -61,9 +60,11 @@ def attention_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     it passed the GPU tests on an H200 but was slower than ``"wgmma"``'s two passes),
     ``"wmma"`` (WMMA tensor-core kernels where they apply, else SIMT), ``"simt"``. The
     two-warpgroup families ``"wgmma2"``, ``"wgmma2o"`` and ``"wgmma2_fused"`` were retired after
-    losing on an H200 (bench/RESULTS.md): naming one is a ValueError. It sets the environment variable
-    SHADOWKV_ATTENTION_KERNEL, which the CUDA ops read at every call, so it applies to the whole
-    process while the block runs, including backward passes run inside it. CPU ops ignore it.
+    losing on an H200 (bench/RESULTS.md): naming one is a ValueError. It sets the setting
+    SHADOWKV_ATTENTION_KERNEL (over the environment variable of that name), which the CUDA ops
+    read at every call, so it applies to the whole process while the block runs, including
+    backward passes run inside it (autograd runs a CUDA backward on a thread of its own). CPU
+    ops ignore it.
     """
     return _scoped_choice("attention_kernel", ATTENTION_KERNEL_ENV, ATTENTION_KERNELS, name)
 
@@ -78,8 +79,8 @@ def cpu_isa(name: str) -> contextlib.AbstractContextManager[None]:
     ``"auto"`` (the default: the AVX-512 copies where the CPU has AVX-512 F/VL/DQ/BW, else the
     AVX2+FMA copies where it has those, else the portable baseline), ``"baseline"``, ``"avx2"``,
     ``"avx512"`` (a ValueError at the first call on a CPU or build without them). Sets the
-    environment variable SHADOWKV_CPU_ISA, which the CPU ops read at every call, for the whole
-    process while the block runs; ``_C.cpu_isa()`` says what runs.
+    setting SHADOWKV_CPU_ISA, which the CPU ops read at every call, for the whole process while
+    the block runs (over the environment variable of that name); ``_C.cpu_isa()`` says what runs.
     """
     return _scoped_choice("cpu_isa", CPU_ISA_ENV, CPU_ISAS, name)
 
@@ -100,9 +101,9 @@ def decode_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     each of 16 rows. On an H200 at B=64, 8k context, bf16, unchecked (bench/RESULTS.md,
     2026-11-27): mma_rows 0.66 ms (77% of copy bandwidth), mma 0.83 ms, pipelined 1.07 ms, warp
     3.97 ms. ``"mma_rows_2stage"``: mma_rows with a two-stage ring instead of three (less shared
-    memory, more resident blocks; opt-in until a GPU has timed it). Sets the
-    environment variable SHADOWKV_DECODE_KERNEL, which the CUDA op reads at every call, for the
-    whole process while the block runs. CPU ops ignore it.
+    memory, more resident blocks; opt-in until a GPU has timed it). Sets the setting
+    SHADOWKV_DECODE_KERNEL, which the CUDA op reads at every call, for the whole process while
+    the block runs (over the environment variable of that name). CPU ops ignore it.
     """
     return _scoped_choice("decode_kernel", DECODE_KERNEL_ENV, DECODE_KERNELS, name)
 

@@ -11,7 +11,6 @@ Tolerances (max abs error; the reference sees the very same, already rounded, in
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from shadowkv import ops
+from shadowkv import _C, ops
 
 from .test_shadow_attention import available_cpu_isas
 from shadowkv.reference import INT32_MAX
@@ -268,12 +267,12 @@ def test_decode_kernel_choice_is_checked_and_scoped():
         with ops.decode_kernel("fastest"):
             pass
     q, state, _ = Case([5, 9], 4, 2, 64, 4, torch.bfloat16, None, None, seed=3).inputs()
-    before = os.environ.get(ops.DECODE_KERNEL_ENV)
+    before = _C.kernel_choice(ops.DECODE_KERNEL_ENV)
     default = ops.paged_decode_attention(q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens)
     with ops.decode_kernel("pipelined"):
-        assert os.environ[ops.DECODE_KERNEL_ENV] == "pipelined"
+        assert _C.kernel_choice(ops.DECODE_KERNEL_ENV) == "pipelined"
         chosen = ops.paged_decode_attention(q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens)
-    assert os.environ.get(ops.DECODE_KERNEL_ENV) == before
+    assert _C.kernel_choice(ops.DECODE_KERNEL_ENV) == before
     torch.testing.assert_close(chosen, default, rtol=0, atol=0)
 
 

@@ -1000,15 +1000,24 @@ def test_cpu_isa_choice(monkeypatch):
         ops.shadow_attention(q, q, q, ev)
 
 
-def test_attention_kernel_sets_and_restores_the_environment(monkeypatch):
-    """The CUDA ops read SHADOWKV_ATTENTION_KERNEL per call; the context manager scopes it."""
-    monkeypatch.delenv(ops.ATTENTION_KERNEL_ENV, raising=False)
+def test_attention_kernel_sets_and_restores_the_choice(monkeypatch):
+    """The CUDA ops read SHADOWKV_ATTENTION_KERNEL per call; the context manager scopes it, through
+    the extension's override rather than the environment (a setenv while another thread's op
+    reads the environment is undefined behaviour): the override beats the variable, and the
+    variable decides again after the block."""
+    monkeypatch.setenv(ops.ATTENTION_KERNEL_ENV, "wmma")
+    assert _C.kernel_choice(ops.ATTENTION_KERNEL_ENV) == "wmma"
     with ops.attention_kernel("simt"):
-        assert os.environ[ops.ATTENTION_KERNEL_ENV] == "simt"
+        assert _C.kernel_choice(ops.ATTENTION_KERNEL_ENV) == "simt"
         with ops.attention_kernel("cute"):
-            assert os.environ[ops.ATTENTION_KERNEL_ENV] == "cute"
-        assert os.environ[ops.ATTENTION_KERNEL_ENV] == "simt"
-    assert ops.ATTENTION_KERNEL_ENV not in os.environ
+            assert _C.kernel_choice(ops.ATTENTION_KERNEL_ENV) == "cute"
+        assert _C.kernel_choice(ops.ATTENTION_KERNEL_ENV) == "simt"
+        assert os.environ[ops.ATTENTION_KERNEL_ENV] == "wmma"  # never touched
+    assert _C.kernel_choice(ops.ATTENTION_KERNEL_ENV) == "wmma"
+    monkeypatch.delenv(ops.ATTENTION_KERNEL_ENV)
+    assert _C.kernel_choice(ops.ATTENTION_KERNEL_ENV) == ""
+    with pytest.raises(ValueError, match="unknown kernel setting 'SHADOWKV_ATTENTION'"):
+        _C.set_kernel_choice("SHADOWKV_ATTENTION", "simt")
     with pytest.raises(ValueError,
                        match="auto, cute, wgmma, wgmma_ws, wgmma_wsb, wgmma_wsf, wgmma_fused, wmma, simt"):
         with ops.attention_kernel("fastest"):

@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "shadowkv/kernel_choice.h"
 #include "shadowkv/shadow_attention.h"
 
 namespace shadowkv::cpu {
@@ -42,8 +43,8 @@ bool cpu_has_avx512() {
 }  // namespace
 
 Isa active_isa() {
-  const char* env = std::getenv("SHADOWKV_CPU_ISA");
-  const std::string want = env == nullptr ? "auto" : env;
+  const std::string choice = kernel_choice("SHADOWKV_CPU_ISA");  // an override, else the environment
+  const std::string want = choice.empty() ? "auto" : choice;
   if (want == "auto" || want.empty())
     return cpu_has_avx512() ? Isa::kAvx512 : cpu_has_avx2() ? Isa::kAvx2 : Isa::kBaseline;
   if (want == "baseline") return Isa::kBaseline;

@@ -46,6 +46,7 @@
 #include "paged_decode_reduce.cuh"
 #include "paged_decode_warp.cuh"
 #include "smem_optin.cuh"
+#include "shadowkv/kernel_choice.h"
 
 namespace shadowkv {
 namespace cuda_paged {
@@ -118,8 +119,7 @@ enum class DecodeKernel { kWarp, kPipelined, kMma, kMmaRows, kMmaRows2Stage };
 // of three: Nsight Compute found mma_rows latency-bound at 3 blocks (12 warps) per SM, a limit
 // set by shared memory; two stages fit 4. Opt-in until a GPU has timed it.
 DecodeKernel requested_decode_kernel(const char* op) {
-  const char* env = std::getenv("SHADOWKV_DECODE_KERNEL");
-  const std::string v = env == nullptr ? "" : env;
+  const std::string v = kernel_choice("SHADOWKV_DECODE_KERNEL");  // an override, else the environment
   if (v == "warp") return DecodeKernel::kWarp;
   if (v == "pipelined") return DecodeKernel::kPipelined;
   if (v == "mma") return DecodeKernel::kMma;

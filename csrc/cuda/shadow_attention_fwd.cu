@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <string>
 
+#include "shadowkv/kernel_choice.h"
+
 namespace shadowkv {
 namespace {
 
@@ -64,8 +66,7 @@ constexpr NamedKernel kNamedKernels[] = {
 }  // namespace
 
 AttnKernel requested_kernel(const char* fn) {
-  const char* env = std::getenv("SHADOWKV_ATTENTION_KERNEL");
-  const std::string v = env == nullptr ? "" : env;
+  const std::string v = kernel_choice("SHADOWKV_ATTENTION_KERNEL");  // an override, else the environment
   if (v.empty() || v == "auto") {
 #ifdef SHADOWKV_HAS_CUTE
     return AttnKernel::kAuto;  // wgmma_ws's forward at D=128, else wgmma's; cute where no sm_90a code runs

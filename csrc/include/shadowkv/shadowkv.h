@@ -2,6 +2,7 @@
 #pragma once
 
 #include "shadowkv/dtypes.h"
+#include "shadowkv/kernel_choice.h"
 #include "shadowkv/paged_kv.h"
 #include "shadowkv/shadow_attention.h"
 #include "shadowkv/version.h"
