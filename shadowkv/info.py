@@ -43,8 +43,9 @@ KERNEL_ENV = {ATTENTION_KERNEL_ENV: ATTENTION_KERNELS, DECODE_KERNEL_ENV: DECODE
 
 
 def bad_kernel_choices() -> list[tuple[str, str, tuple[str, ...]]]:
-    """``(variable, value, allowed)`` for each kernel variable set to a name the CUDA calls would
-    refuse at their first call (unset or "" is "auto"): info flags them, train refuses them up front."""
+    """``(setting, value, allowed)`` for each kernel setting (its override, else its environment
+    variable) set to a name the CUDA calls would refuse at their first call (unset or "" is
+    "auto"): info flags them, train refuses them up front."""
     return [(name, value, allowed) for name, allowed in KERNEL_ENV.items()
             if (value := _C.kernel_choice(name)) and value not in allowed]
 

@@ -25,7 +25,9 @@ def _scoped_choice(what: str, var: str, names: tuple[str, ...], name: str) -> It
     through the extension's override (``_C.set_kernel_choice``), which takes precedence over the
     environment variable of that name and leaves the environment alone. Setting the environment
     itself while another thread's op read it (the ops run without the GIL) was undefined
-    behaviour in POSIX."""
+    behaviour in POSIX. As with any process-wide setting, blocks restore the previous choice
+    correctly when they nest; two threads' overlapping blocks may leave one's choice in force
+    (``_C.kernel_choice`` shows it). Child processes do not inherit the choice."""
     if name not in names:
         raise ValueError(f"{what}: `name` must be one of {', '.join(names)}, got {name!r}")
     old = _C.set_kernel_choice(var, name)

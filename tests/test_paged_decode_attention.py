@@ -267,12 +267,14 @@ def test_decode_kernel_choice_is_checked_and_scoped():
         with ops.decode_kernel("fastest"):
             pass
     q, state, _ = Case([5, 9], 4, 2, 64, 4, torch.bfloat16, None, None, seed=3).inputs()
+    assert _C.set_kernel_choice(ops.DECODE_KERNEL_ENV, None) is None  # no override left by another test
     before = _C.kernel_choice(ops.DECODE_KERNEL_ENV)
     default = ops.paged_decode_attention(q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens)
     with ops.decode_kernel("pipelined"):
         assert _C.kernel_choice(ops.DECODE_KERNEL_ENV) == "pipelined"
         chosen = ops.paged_decode_attention(q, state.k_pages, state.v_pages, state.block_tables, state.seq_lens)
     assert _C.kernel_choice(ops.DECODE_KERNEL_ENV) == before
+    assert _C.set_kernel_choice(ops.DECODE_KERNEL_ENV, None) is None  # restored to no override, not to a copy
     torch.testing.assert_close(chosen, default, rtol=0, atol=0)
 
 

@@ -979,11 +979,12 @@ def test_avx512_gives_the_avx2_bits():
 
 
 def test_cpu_isa_choice(monkeypatch):
+    monkeypatch.delenv(ops.CPU_ISA_ENV, raising=False)
     with ops.cpu_isa("auto"):
         assert _C.cpu_isa() == CPU_ISAS[-1]  # the widest the CPU has
     for isa in CPU_ISAS:
         with ops.cpu_isa(isa):
-            assert _C.cpu_isa() == isa
+            assert _C.cpu_isa() == isa and ops.CPU_ISA_ENV not in os.environ  # the environment is left alone
     q = torch.randn(1, 2, 5, 8)
     ev = torch.full((1, 2, 5), ops.NEVER_EVICTED, dtype=torch.int32)
     with pytest.raises(ValueError, match="`name` must be one of auto, baseline, avx2, avx512"):
@@ -1016,8 +1017,14 @@ def test_attention_kernel_sets_and_restores_the_choice(monkeypatch):
     assert _C.kernel_choice(ops.ATTENTION_KERNEL_ENV) == "wmma"
     monkeypatch.delenv(ops.ATTENTION_KERNEL_ENV)
     assert _C.kernel_choice(ops.ATTENTION_KERNEL_ENV) == ""
+    with pytest.raises(RuntimeError, match="inside"):  # an exception in the block restores too
+        with ops.attention_kernel("simt"):
+            raise RuntimeError("inside")
+    assert _C.kernel_choice(ops.ATTENTION_KERNEL_ENV) == "" and ops.ATTENTION_KERNEL_ENV not in os.environ
     with pytest.raises(ValueError, match="unknown kernel setting 'SHADOWKV_ATTENTION'"):
         _C.set_kernel_choice("SHADOWKV_ATTENTION", "simt")
+    with pytest.raises(ValueError, match="must not contain NUL"):  # C++ would read it cut short
+        _C.set_kernel_choice(ops.ATTENTION_KERNEL_ENV, "simt\0junk")
     with pytest.raises(ValueError,
                        match="auto, cute, wgmma, wgmma_ws, wgmma_wsb, wgmma_wsf, wgmma_fused, wmma, simt"):
         with ops.attention_kernel("fastest"):

@@ -1,30 +1,34 @@
-// In-process overrides of the kernel settings (shadowkv/kernel_choice.h).
-#include "shadowkv/kernel_choice.h"
+// In-process overrides of the kernel settings (kernel_choice.h).
+#include "kernel_choice.h"
 
 #include <cstdlib>
 #include <cstring>
-#include <map>
 #include <mutex>
 #include <stdexcept>
+#include <utility>
 
 namespace shadowkv {
+namespace core {
 namespace {
 
-const char* const kSettings[] = {"SHADOWKV_ATTENTION_KERNEL", "SHADOWKV_DECODE_KERNEL", "SHADOWKV_CPU_ISA"};
+constexpr const char* kSettings[] = {"SHADOWKV_ATTENTION_KERNEL", "SHADOWKV_DECODE_KERNEL", "SHADOWKV_CPU_ISA"};
+constexpr int kNumSettings = sizeof(kSettings) / sizeof(kSettings[0]);
 
-void check_setting(const char* setting) {
+int setting_index(const char* setting) {
   if (setting != nullptr) {
-    for (const char* known : kSettings) {
-      if (std::strcmp(setting, known) == 0) return;
+    for (int i = 0; i < kNumSettings; ++i) {
+      if (std::strcmp(setting, kSettings[i]) == 0) return i;
     }
   }
   throw std::invalid_argument(std::string("shadowkv: unknown kernel setting '") + (setting ? setting : "(null)") +
                               "'; one of SHADOWKV_ATTENTION_KERNEL, SHADOWKV_DECODE_KERNEL, SHADOWKV_CPU_ISA");
 }
 
+// One slot per setting: every op call reads one, so no lookup by string and no allocation
+// beyond the copy it returns.
 struct Overrides {
   std::mutex lock;
-  std::map<std::string, std::string> values;
+  std::optional<std::string> values[kNumSettings];
 };
 
 Overrides& overrides() {
@@ -35,30 +39,23 @@ Overrides& overrides() {
 }  // namespace
 
 std::string kernel_choice(const char* setting) {
-  check_setting(setting);
+  const int i = setting_index(setting);
   {
     Overrides& o = overrides();
     const std::lock_guard<std::mutex> guard(o.lock);
-    const auto it = o.values.find(setting);
-    if (it != o.values.end()) return it->second;
+    if (o.values[i]) return *o.values[i];
   }
-  const char* env = std::getenv(setting);
+  const char* env = std::getenv(kSettings[i]);
   return env == nullptr ? std::string() : std::string(env);
 }
 
-bool set_kernel_choice(const char* setting, const char* value, std::string* previous) {
-  check_setting(setting);
+std::optional<std::string> set_kernel_choice(const char* setting, std::optional<std::string> value) {
+  const int i = setting_index(setting);
   Overrides& o = overrides();
   const std::lock_guard<std::mutex> guard(o.lock);
-  const auto it = o.values.find(setting);
-  const bool had = it != o.values.end();
-  if (had && previous != nullptr) *previous = it->second;
-  if (value == nullptr) {
-    if (had) o.values.erase(it);
-  } else {
-    o.values[setting] = value;
-  }
-  return had;
+  std::swap(o.values[i], value);
+  return value;  // the previous override
 }
 
+}  // namespace core
 }  // namespace shadowkv

@@ -1,11 +1,10 @@
 // Which instruction-set variant the CPU kernels run (isa.h).
 #include "isa.h"
 
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
-#include "shadowkv/kernel_choice.h"
+#include "../core/kernel_choice.h"
 #include "shadowkv/shadow_attention.h"
 
 namespace shadowkv::cpu {
@@ -43,9 +42,9 @@ bool cpu_has_avx512() {
 }  // namespace
 
 Isa active_isa() {
-  const std::string choice = kernel_choice("SHADOWKV_CPU_ISA");  // an override, else the environment
+  const std::string choice = core::kernel_choice("SHADOWKV_CPU_ISA");  // an override, else the environment
   const std::string want = choice.empty() ? "auto" : choice;
-  if (want == "auto" || want.empty())
+  if (want == "auto")
     return cpu_has_avx512() ? Isa::kAvx512 : cpu_has_avx2() ? Isa::kAvx2 : Isa::kBaseline;
   if (want == "baseline") return Isa::kBaseline;
   if (want == "avx2") {

@@ -20,9 +20,10 @@ namespace shadowkv::cpu {
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
 // The variant the kernels run now: by default ("auto") AVX-512 where the CPU has AVX-512 F, VL,
-// DQ and BW, else AVX2 + FMA where it has them, else the baseline; the environment variable
-// SHADOWKV_CPU_ISA ("baseline", "avx2", "avx512") picks one (read at every call, as
-// SHADOWKV_ATTENTION_KERNEL is for CUDA). Throws std::invalid_argument for another value, and for
+// DQ and BW, else AVX2 + FMA where it has them, else the baseline; the setting SHADOWKV_CPU_ISA
+// ("baseline", "avx2", "avx512": its in-process override, else the environment variable,
+// csrc/core/kernel_choice.h) picks one (read at every call, as SHADOWKV_ATTENTION_KERNEL is for
+// CUDA). Throws std::invalid_argument for another value, and for
 // a variant the CPU (or the build) does not have.
 Isa active_isa();
 const char* isa_name(Isa isa);

@@ -34,7 +34,6 @@
 // sequence in `bad` instead), a sequence length outside [0, capacity] is never used, and the
 // reduce and score kernels write NaN for flagged sequences.
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -46,7 +45,8 @@
 #include "paged_decode_reduce.cuh"
 #include "paged_decode_warp.cuh"
 #include "smem_optin.cuh"
-#include "shadowkv/kernel_choice.h"
+
+#include "../core/kernel_choice.h"
 
 namespace shadowkv {
 namespace cuda_paged {
@@ -119,7 +119,7 @@ enum class DecodeKernel { kWarp, kPipelined, kMma, kMmaRows, kMmaRows2Stage };
 // of three: Nsight Compute found mma_rows latency-bound at 3 blocks (12 warps) per SM, a limit
 // set by shared memory; two stages fit 4. Opt-in until a GPU has timed it.
 DecodeKernel requested_decode_kernel(const char* op) {
-  const std::string v = kernel_choice("SHADOWKV_DECODE_KERNEL");  // an override, else the environment
+  const std::string v = core::kernel_choice("SHADOWKV_DECODE_KERNEL");  // an override, else the environment
   if (v == "warp") return DecodeKernel::kWarp;
   if (v == "pipelined") return DecodeKernel::kPipelined;
   if (v == "mma") return DecodeKernel::kMma;

@@ -7,10 +7,9 @@
 #include "shadow_attention_simt.cuh"
 #include "shadow_attention_wmma.cuh"
 
-#include <cstdlib>
 #include <string>
 
-#include "shadowkv/kernel_choice.h"
+#include "../core/kernel_choice.h"
 
 namespace shadowkv {
 namespace {
@@ -66,7 +65,7 @@ constexpr NamedKernel kNamedKernels[] = {
 }  // namespace
 
 AttnKernel requested_kernel(const char* fn) {
-  const std::string v = kernel_choice("SHADOWKV_ATTENTION_KERNEL");  // an override, else the environment
+  const std::string v = core::kernel_choice("SHADOWKV_ATTENTION_KERNEL");  // an override, else the environment
   if (v.empty() || v == "auto") {
 #ifdef SHADOWKV_HAS_CUTE
     return AttnKernel::kAuto;  // wgmma_ws's forward at D=128, else wgmma's; cute where no sm_90a code runs

@@ -98,7 +98,8 @@ bool built_with_cuda();
 const char* cuda_archs();  // e.g. "90a;80", "" without CUDA
 // The instruction set the CPU kernels run: "avx512" (AVX-512 F/VL/DQ/BW variants of the hot loops),
 // "avx2" (AVX2 + FMA variants), each on x86-64 CPUs that have it, or "baseline"; the environment
-// variable SHADOWKV_CPU_ISA (auto, baseline, avx2, avx512) overrides the choice per call.
+// variable SHADOWKV_CPU_ISA (auto, baseline, avx2, avx512) overrides the choice per call (and the
+// Python package's in-process override, its ops.cpu_isa() blocks, overrides that).
 // Throws std::invalid_argument for a bad value of it (or an ISA this CPU lacks).
 const char* cpu_isa();
 // True when the CuTe (CUTLASS) kernels were compiled in (CUDA builds with CUTLASS headers);

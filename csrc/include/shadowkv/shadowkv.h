@@ -2,7 +2,6 @@
 #pragma once
 
 #include "shadowkv/dtypes.h"
-#include "shadowkv/kernel_choice.h"
 #include "shadowkv/paged_kv.h"
 #include "shadowkv/shadow_attention.h"
 #include "shadowkv/version.h"
