@@ -469,6 +469,13 @@ class Sampler:
         """
         cache, device = self.cache, self.evicted_at.device
         slack = 0 if force else self.page_size
+        revote = self.policy.needs_scores and self.policy.reset_scores_after_evict
+        # A forced call (the prefill, a chunk boundary, an evict_every boundary) is a vote for
+        # every row, due or not: SnapKV's scores then hold the queries since that point only.
+        # Reset after the choice, also where nothing was due: a prompt within its budget carried
+        # its window's votes into the first decode eviction, and a chunk boundary into the next
+        # one's. Otherwise the rows evicted start anew.
+        every_row = to_device(rows, device, torch.int64) if revote and force and self.budget is not None else None
         for layer in range(self.num_layers) if layers is None else layers:
             if slide and layer in self.windows:
                 self._slide(layer, rows, lengths, force)
@@ -484,17 +491,9 @@ class Sampler:
                     k = budgets[n] = budget_tokens(self.layer_budgets[layer], n)
                 if live[b] > k + slack:
                     due.append((b, n, k))
-            if force and self.policy.needs_scores and self.policy.reset_scores_after_evict:
-                # A forced call (the prefill, a chunk boundary, an evict_every boundary) is a vote
-                # for every row, due or not: SnapKV's scores then hold the queries since that
-                # point only. Reset after the choice (below), and also where nothing was due:
-                # a prompt within its budget carried its window's votes into the first decode
-                # eviction, and a chunk boundary into the next one's.
-                reset = rows
-            else:
-                reset = [b for b, _, _ in due]
             if not due:
-                self._reset_scores(layer, reset)
+                if every_row is not None:
+                    self.slot_scores[layer][every_row] = 0.0
                 continue
             picked, steps, n_keep = (list(t) for t in zip(*due))
             idx = to_device(picked, device, torch.int64)
@@ -520,13 +519,8 @@ class Sampler:
                                    f"{keep.sum(-1).tolist()} slots per head, expected {n_keep}: {err}") from err
             if [cache.seq_len(layer, b) for b in picked] != n_keep:
                 raise RuntimeError(f"{self.policy!r} kept {keep.sum(-1).tolist()} slots per head, expected {n_keep}")
-            self._reset_scores(layer, reset)
-
-    def _reset_scores(self, layer: int, rows: list[int]) -> None:
-        """Zeroes the accumulated scores of ``rows`` in ``layer`` for policies that vote anew
-        after each eviction (``reset_scores_after_evict``)."""
-        if rows and self.policy.needs_scores and self.policy.reset_scores_after_evict:
-            self.slot_scores[layer][to_device(rows, self.evicted_at.device, torch.int64)] = 0.0
+            if revote:
+                scores[idx if every_row is None else every_row] = 0.0
 
     def _slide(self, layer: int, rows: list[int], lengths: list[int], force: bool) -> None:
         """Evicts keys that the sliding ``layer``'s window hid from the sequences ``rows``
