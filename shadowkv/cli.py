@@ -87,7 +87,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     from .train import TrainConfig
 
     d = TrainConfig()
-    p.add_argument("--task", choices=["kv-lookup", "copy", "chain"], help=f"default {d.task}")
+    from .tasks import TASKS
+
+    p.add_argument("--task", choices=list(TASKS), help=f"default {d.task}")
     p.add_argument("--prompt-len", dest="prompt_len", type=int, help=f"approximate prompt tokens (default {d.prompt_len})")
     p.add_argument("--value-len", dest="value_len", type=int,
                    help=f"kv-lookup: tokens per value; all but the first are decoded after the eviction (default {d.value_len})")

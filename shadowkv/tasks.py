@@ -3,7 +3,8 @@
 Integer vocabulary, no tokenizer: ``PAD=0, BOS=1, EOS=2, SEP=3, FILL=4`` (haystack filler),
 symbols from ``FIRST_SYMBOL``. Every task is built so that KV eviction *matters*: the answer needs a
 token far back in the prompt (``kv-lookup``, ``copy``) or a token the model generated
-itself earlier (``chain``: multi-hop pointer following, so decode-time eviction hurts).
+itself earlier (``chain``: multi-hop pointer following; ``arithmetic``: running sums over a
+long list), so decode-time eviction hurts.
 A task samples ``(prompt, answer)`` pairs; the reward of a generation is the fraction of
 answer positions reproduced exactly (EOS included), in [0, 1].
 """
@@ -182,12 +183,53 @@ class Chain(Task):
         return self.hops + 1
 
 
-TASKS = {"kv-lookup": KVLookup, "copy": Copy, "chain": Chain}
+@dataclass
+class Arithmetic(Task):
+    """Running sums over a long list: ``BOS k1 n1 … kn nn EOS SEP BOS`` ->
+    ``k1 s1 k2 s2 … kn sn EOS`` with ``s_i = (n1 + … + n_i) mod modulus``.
+
+    Numbers and sums are the first ``modulus`` symbols (digit ``d`` is ``FIRST_SYMBOL + d``);
+    the keys are distinct symbols from the rest and mark the list's order. Every answer step
+    reads the prompt and the model's own output: ``s_i`` adds ``n_i`` (the token after the
+    earlier ``k_i``) to ``s_{i-1}`` (two tokens back), and ``k_{i+1}`` is the key two tokens
+    after the earlier ``k_i`` — so a key or number evicted before its turn costs every sum
+    after it."""
+
+    num_pairs: int = 16
+    modulus: int = 10
+    name = "arithmetic"
+
+    def _example(self, gen):
+        if self.modulus < 2:
+            raise ValueError(f"arithmetic: modulus must be >= 2, got {self.modulus}")
+        if self.num_pairs < 1 or self.num_pairs + self.modulus > self.num_symbols:
+            raise ValueError(f"arithmetic: {self.num_pairs} keys and {self.modulus} digits need >= "
+                             f"{self.num_pairs + self.modulus} symbols, have {self.num_symbols}")
+        keys = torch.randperm(self.num_symbols - self.modulus, generator=gen)[: self.num_pairs]
+        keys = keys + FIRST_SYMBOL + self.modulus
+        nums = torch.randint(self.modulus, (self.num_pairs,), generator=gen)
+        sums = nums.cumsum(0) % self.modulus + FIRST_SYMBOL
+        prompt = torch.cat([torch.tensor([BOS]), torch.stack([keys, nums + FIRST_SYMBOL], 1).flatten(),
+                            torch.tensor([EOS, SEP, BOS])])
+        return prompt, torch.cat([torch.stack([keys, sums], 1).flatten(), torch.tensor([EOS])])
+
+    @property
+    def max_answer_len(self):
+        return 2 * self.num_pairs + 1
+
+    def curriculum(self, progress, gen):
+        # Sums are learnt on short lists first: up to 4 pairs at the start of the warm-up, the
+        # full list from its middle on.
+        most = min(self.num_pairs, int(4 + min(1.0, 2 * progress) * self.num_pairs))
+        return replace(self, num_pairs=int(torch.randint(min(2, most), most + 1, (1,), generator=gen)))
+
+
+TASKS = {"kv-lookup": KVLookup, "copy": Copy, "chain": Chain, "arithmetic": Arithmetic}
 
 
 def make_task(name: str, length: int | None = None, **kwargs) -> Task:
-    """Task by name; ``length`` sets the prompt's content size (pairs for kv-lookup and
-    chain, span for copy) from an approximate prompt length in tokens."""
+    """Task by name; ``length`` sets the prompt's content size (pairs for kv-lookup, chain
+    and arithmetic, span for copy) from an approximate prompt length in tokens."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
     if length is not None:
@@ -199,11 +241,13 @@ def make_task(name: str, length: int | None = None, **kwargs) -> Task:
                 raise ValueError(f"kv-lookup: --value-len must be >= 1, got {kwargs['value_len']}")
             width = 1 + kwargs.get("value_len", 1)
             kwargs.setdefault("num_pairs", min(16, max(2, (length - 3) // width)))
+        elif name == "arithmetic":
+            kwargs.setdefault("num_pairs", max(2, (length - 4) // 2))
         else:
             kwargs.setdefault("num_pairs", max(2, (length - 8) // 2))
     task = TASKS[name](**kwargs)
     per_pair = 2 * task.value_len if name == "kv-lookup" else 1  # kv-lookup: keys and values in separate halves
-    needed = max(getattr(task, "num_pairs", 0) * per_pair, getattr(task, "span", 0))
+    needed = max(getattr(task, "num_pairs", 0) * per_pair + getattr(task, "modulus", 0), getattr(task, "span", 0))
     if needed > task.num_symbols:
         task.num_symbols = needed
     return task

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from shadowkv.tasks import BOS, EOS, FILL, SEP, make_task
+from shadowkv.tasks import BOS, EOS, FILL, FIRST_SYMBOL, SEP, make_task
 
 
 def _gen(seed=0):
@@ -61,7 +61,25 @@ def test_copy_and_chain_answers():
         assert hop == x
 
 
-@pytest.mark.parametrize("name", ["kv-lookup", "copy", "chain"])
+def test_arithmetic_answers_are_running_sums_in_list_order():
+    task = make_task("arithmetic", length=40)
+    assert task.num_pairs == 18 and task.max_answer_len == 37
+    prompts, answers = task.sample(10, _gen(6))
+    for p, a in zip(prompts, answers):
+        assert p.numel() == 40 and p[0] == BOS and p[-3:].tolist() == [EOS, SEP, BOS] and a[-1] == EOS
+        pairs, echoed = p[1:-3].view(-1, 2), a[:-1].view(-1, 2)
+        assert torch.equal(echoed[:, 0], pairs[:, 0]) and pairs[:, 0].unique().numel() == task.num_pairs
+        digits = pairs[:, 1] - FIRST_SYMBOL
+        assert ((digits >= 0) & (digits < task.modulus)).all() and (pairs[:, 0] >= FIRST_SYMBOL + task.modulus).all()
+        assert torch.equal(echoed[:, 1] - FIRST_SYMBOL, digits.cumsum(0) % task.modulus)
+    assert make_task("arithmetic", length=300).num_symbols >= 148 + 10  # keys and digits distinct
+    short = task.curriculum(0.0, _gen(7))
+    assert 2 <= short.num_pairs <= 4 and task.curriculum(0.5, _gen(7)).num_pairs <= task.num_pairs
+    with pytest.raises(ValueError, match="modulus"):
+        make_task("arithmetic", length=40, modulus=1).sample(1, _gen())
+
+
+@pytest.mark.parametrize("name", ["kv-lookup", "copy", "chain", "arithmetic"])
 def test_demonstrations_label_only_answers(name):
     task = make_task(name, length=48)
     tokens, labels = task.demonstration(_gen(3))
