@@ -27,6 +27,20 @@ std::string list(const std::vector<Dim>& dims, bool sizes) {
   return s + "]";
 }
 
+// The furthest element offset from element 0 that any index reaches (saturating): the sum over
+// dimensions of |stride| * (size - 1).
+uint64_t furthest_offset(const std::vector<Dim>& dims) {
+  constexpr uint64_t kMax = std::numeric_limits<uint64_t>::max();
+  uint64_t reach = 0;
+  for (const Dim& d : dims) {
+    if (d.size <= 1) continue;
+    const uint64_t stride = d.stride < 0 ? 0 - static_cast<uint64_t>(d.stride) : static_cast<uint64_t>(d.stride);
+    const uint64_t span = static_cast<uint64_t>(d.size - 1);
+    reach = (stride != 0 && span > (kMax - reach) / stride) ? kMax : reach + stride * span;
+  }
+  return reach;
+}
+
 // Sufficient for no two indices to share an element: ordered by |stride|, each dimension of size
 // > 1 steps past the furthest element the smaller ones reach. (Exotic interleavings that also
 // never collide are refused; no cache layout needs them.) Empty arrays have no element.
@@ -47,6 +61,11 @@ bool elements_distinct(const std::vector<Dim>& dims) {
   return true;
 }
 
+// Element offsets are int64 in the kernels, and so are the byte offsets they become (up to 8
+// bytes an element): a stride of 2^62 once wrapped to offset 0 and wrote page 1 over page 0,
+// every distinctness check passed. No real allocation comes near this bound.
+constexpr uint64_t kMaxElementOffset = static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) / 8;
+
 void check(const char* op, const char* name, const char* layout, const std::vector<Dim>& dims) {
   // An element count past int64 is refused first: the kernels' offset arithmetic would
   // overflow (undefined behaviour) before any allocation could fail. Empty arrays have none.
@@ -59,6 +78,11 @@ void check(const char* op, const char* name, const char* layout, const std::vect
   if (!empty && !product_fits_int64(sizes))
     throw std::invalid_argument(std::string(op) + ": `" + name + "` " + layout + " of shape " + list(dims, true) +
                                 " is too large: its element count overflows int64");
+  if (empty) return;
+  if (furthest_offset(dims) > kMaxElementOffset)
+    throw std::invalid_argument(std::string(op) + ": `" + name + "` " + layout + " of shape " + list(dims, true) +
+                                " has element strides " + list(dims, false) +
+                                " that reach past int64 byte offsets (an element offset over 2^60)");
   if (elements_distinct(dims)) return;
   throw std::invalid_argument(std::string(op) + ": `" + name + "` " + layout + " of shape " + list(dims, true) +
                               " has element strides " + list(dims, false) +

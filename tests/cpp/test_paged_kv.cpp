@@ -622,6 +622,13 @@ TEST(paged_kv_rejects_bad_append) {
                                       "[8, 1, 2, 1]");
   REJECT(op, a.cache.pos_stride[0] = 2, "`pos_pages` [P, page_size, Hkv]");  // pages 2 apart, each spans 4
   REJECT(op, a.cache.seq_lens_stride = 0, "`seq_lens` [B] of shape [2] has element strides [0]");
+  // Page 1 at element 2^62 wrapped to byte offset 0 (8 * 2^62 overflows int64): page 1's keys were
+  // written over page 0's while every distinctness check passed.
+  REJECT(op, a.cache.k_stride[0] = int64_t{1} << 62,
+         "`k_pages` [P, page_size, Hkv, D] of shape [6, 2, 2, 2] has element strides [4611686018427387904, 4, 2, 1] "
+         "that reach past int64 byte offsets");
+  REJECT(op, a.cache.pos_stride[0] = -(int64_t{1} << 61), "`pos_pages` [P, page_size, Hkv] of shape [6, 2, 2] has "
+                                                          "element strides [-2305843009213693952, 2, 1] that reach past");
 }
 
 TEST(paged_kv_rejects_bad_decode) {
