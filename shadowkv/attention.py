@@ -151,6 +151,15 @@ def install(model: torch.nn.Module) -> torch.nn.Module:
     families); returns the model."""
     _register()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    # Models whose attention classes do not call transformers' attention interface (Bloom, Falcon,
+    # MPT) keep their own attention with a warning only: the sampler's one-token decode steps
+    # then attended to nothing but themselves and no eviction was logged, a silent wrong rollout.
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl != ATTN_IMPLEMENTATION or getattr(model, "_supports_attention_backend", True) is False:
+        raise NotImplementedError(
+            f"shadowkv: {type(model).__name__} does not run its attention through transformers' attention "
+            f"interface (it stays {impl!r} after selecting {ATTN_IMPLEMENTATION!r}), so shadowkv cannot cache, "
+            "evict or replay it; models whose attention does (Llama, Qwen2/3, Mistral, Gemma, Phi3, GPT-2, ...) work")
     return model
 
 

@@ -24,6 +24,15 @@ import torch
 from . import ops
 
 
+# Row-index tensors: signed integers (torch indexes with uint8 and bool tensors as masks).
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8)
+
+
+def _is_bool(x) -> bool:
+    """A Python, NumPy or 0-d torch bool, which ``operator.index`` would take as 0 or 1."""
+    return isinstance(x, bool) or type(x).__name__ == "bool_" or (isinstance(x, torch.Tensor) and x.dtype == torch.bool)
+
+
 class CacheFullError(RuntimeError):
     """The page pool cannot hold the request; raised before anything is written."""
 
@@ -161,8 +170,8 @@ class PagedKVCache:
         """``rows`` (sequence indices) as ints, checked to lie in [0, max_batch) (and be
         distinct): a negative index would silently name another row."""
         rows = list(rows)
-        try:
-            ints = [operator.index(b) for b in rows]
+        try:  # a bool is no row index: operator.index took True as row 1
+            ints = None if any(_is_bool(b) for b in rows) else [operator.index(b) for b in rows]
         except TypeError:
             ints = None
         if ints is None or not all(0 <= b < self.max_batch for b in ints) or (distinct and len(set(ints)) != len(ints)):
@@ -378,14 +387,21 @@ class PagedKVCache:
     def gather(self, layer: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The live slots of sequence ``b`` in slot order: k, v ``[Hkv, n, D]``, pos ``[Hkv, n]``."""
         lc = self._layer(layer)
-        n = lc.lens[self._row(b)]
+        b = self._row(b)  # as an int: torch reads a bool index as a mask
+        n = lc.lens[b]
         pages = lc.block_tables[b, : math.ceil(n / self.page_size)].long()
         flat = lambda t: t[pages].flatten(0, 1)[:n].transpose(0, 1)  # noqa: E731
         return flat(lc.k_pages), flat(lc.v_pages), flat(lc.pos_pages)
 
     def _check_index(self, what: str, rows: torch.Tensor) -> None:
-        """With ``check``, refuses row indices outside [0, max_batch): torch would read a negative
-        one as another row (a device read on CUDA, which ``check=False`` skips)."""
+        """Refuses anything but a 1-D integer tensor of row indices (a list wrapped negative
+        indices unchecked, a bool tensor indexes as a mask, a 2-D one gave 5-D outputs), and, with
+        ``check``, indices outside [0, max_batch): torch would read a negative one as another row
+        (a device read on CUDA, which ``check=False`` skips)."""
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype not in _INDEX_DTYPES:
+            got = (f"a {rows.dim()}-D {rows.dtype} tensor" if isinstance(rows, torch.Tensor)
+                   else f"{type(rows).__name__} {rows!r}")
+            raise TypeError(f"{what}: rows must be a 1-D int64 tensor of row indices, got {got}")
         if self.check and rows.numel() and bool(((rows < 0) | (rows >= self.max_batch)).any()):
             raise ValueError(f"{what}: rows must lie in [0, {self.max_batch}), got {rows.tolist()}")
 
@@ -427,7 +443,7 @@ class PagedKVCache:
         ``scores_out [b, Hkv, S]`` float32 receives each slot's attention mass (summed over
         the GQA group)."""
         lc = self._layer(layer)
-        if isinstance(rows, torch.Tensor):
+        if not isinstance(rows, slice):
             self._check_index("decode_attention", rows)
         return ops.paged_decode_attention(q, lc.k_pages, lc.v_pages, lc.block_tables[rows], lc.seq_lens[rows], scale,
                                           scores_out, self.check)

@@ -199,7 +199,8 @@ def _refuse_forward_ad(*tensors) -> None:
         return
     if any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         raise NotImplementedError("shadowkv: shadow_attention has no forward-mode AD (jvp, make_dual); its tangent "
-                                  "would be dropped silently. Use reverse mode (backward, torch.func.grad or vjp)")
+                                  "would be dropped silently. Use reverse mode: .backward() or torch.autograd.grad (torch.func's "
+                                  "grad and vjp transforms do not support this op)")
 
 
 def _check_q_offset(q_offset, q_len) -> None:

@@ -386,6 +386,10 @@ class Sampler:
             names = ", ".join(cls.__name__ for cls in POLICIES.values())
             raise TypeError(f"policy must be a shadowkv.policies.Policy ({names} or a subclass; "
                             f"make_policy(name) builds one by name), got {policy!r}")
+        if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
+            # The sampler applies the output embedding itself (_logits); a base model has none.
+            raise TypeError(f"shadowkv: the sampler needs a causal LM with an output embedding (an ...ForCausalLM), "
+                            f"got {type(model).__name__}")
         _refuse_logit_processing(model.config)
         _refuse_call_dependent_rope(model.config)
         self.model = install(model)
@@ -735,7 +739,8 @@ class Sampler:
         eos_ids = None
         if eos_token_id is not None:
             many = isinstance(eos_token_id, (list, tuple, set, frozenset)) or (
-                isinstance(eos_token_id, torch.Tensor) and eos_token_id.dim() > 0)
+                isinstance(eos_token_id, torch.Tensor) and eos_token_id.dim() > 0) or (
+                type(eos_token_id).__module__ == "numpy" and getattr(eos_token_id, "ndim", 0) > 0)
             ids = [as_int("eos_token_id", e, None) for e in (list(eos_token_id) if many else [eos_token_id])]
             if not ids or any(not 0 <= e < vocab for e in ids):
                 raise ValueError(f"eos_token_id must be a token id in [0, {vocab}) (the model's vocabulary) or a "
@@ -916,8 +921,10 @@ class Sampler:
         for layer, window in self.windows.items():  # keys a sliding layer's window hid from later tokens
             hid = self.evicted_at[:, layer, :, : max(0, T_used - window)]
             hid.copy_(window_log(hid, window))
-        p = next(self.model.parameters())
-        dense = int(lens.sum()) * self.num_layers * self.num_kv_heads * 2 * self.head_dim * p.element_size()
+        # In the cache's dtype (under autocast the keys are stored in the autocast dtype, and the
+        # parameters' float32 size doubled the dense bytes).
+        elt = torch.empty((), dtype=self.cache.dtype).element_size()
+        dense = int(lens.sum()) * self.num_layers * self.num_kv_heads * 2 * self.head_dim * elt
         n_gen = int(action.sum())
         return Rollout(
             tokens=tokens[:, :T_used],

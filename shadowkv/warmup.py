@@ -103,6 +103,9 @@ def pretrained_policy(task: Task, model_cfg: ModelConfig, sft_cfg: SFTConfig, pr
                       "sft": asdict(sft_cfg), "v": 1}, sort_keys=True)
     path = cache_root() / hashlib.sha256(key.encode()).hexdigest()[:16]
     if not (path / "config.json").exists():
+        # A folder without config.json is damaged (write_dir never leaves one half-written): it is
+        # replaced, where keeping "theirs" retrained the model on every run and then failed to load.
+        damaged = path.exists()
         torch.manual_seed(sft_cfg.seed)
         model = build_model(task, model_cfg)
         sft(model, task, sft_cfg, progress)
@@ -111,5 +114,5 @@ def pretrained_policy(task: Task, model_cfg: ModelConfig, sft_cfg: SFTConfig, pr
             model.save_pretrained(folder)
             (folder / "shadowkv_key.json").write_text(key)
 
-        write_dir(path, fill, replace=False)  # a concurrent or killed run never sees half a model
+        write_dir(path, fill, replace=damaged)  # a concurrent or killed run never sees half a model
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

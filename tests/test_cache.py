@@ -246,6 +246,31 @@ def test_layer_indices_are_any_integer_and_rows_tensors_are_checked():
         _cache(dtype=torch.int64)
 
 
+def test_row_indices_are_integers_never_bools_lists_or_masks():
+    """A list of rows wrapped -1 to the last row unchecked, a bool tensor indexed as a mask, a
+    2-D one gave 5-D outputs, and True passed as row 1 (gather then read it as a mask)."""
+    import numpy as np
+
+    cache = _cache()
+    _append(cache, 0, [3, 2, 1], [0, 0, 0])
+    q = torch.randn(1, 2, 8)
+    for rows, got in (([-1], "list"), (torch.tensor([True, False, False]), "1-D torch.bool"),
+                      (torch.tensor([[0, 1]]), "2-D torch.int64"), (torch.tensor(0), "0-D torch.int64"),
+                      (torch.tensor([0], dtype=torch.uint8), "1-D torch.uint8")):
+        for call in (lambda: cache.decode_attention(0, q, rows=rows), lambda: cache.positions(0, rows),
+                     lambda: cache.gather_rows(0, rows, 4)):
+            with pytest.raises(TypeError, match=f"rows must be a 1-D int64 tensor of row indices, got .*{got}"):
+                call()
+    for b in (True, np.True_, torch.tensor(True)):
+        with pytest.raises(ValueError, match="b must be sequence indices"):
+            cache.gather(0, b)
+    k = torch.randn(2, 2, 1, 8)
+    with pytest.raises(ValueError, match="rows must be distinct sequence indices"):
+        cache.append(0, k, k, torch.zeros(2, 1, dtype=torch.int32), [1, 1], rows=[True, False])
+    assert [t.shape for t in cache.gather(0, np.int64(1))] == [(2, 2, 8), (2, 2, 8), (2, 2)]
+    assert cache.positions(0, torch.tensor([2, 0], dtype=torch.int32), 4).shape == (2, 2, 4)
+
+
 def test_bad_layers_rows_and_sizes_are_value_errors():
     cache = _cache()
     k = torch.randn(1, 2, 1, 8)

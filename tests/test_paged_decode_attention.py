@@ -330,6 +330,8 @@ BAD_INPUTS = {
     "seq_lens_len": ("seq_lens", lambda a: {"seq_lens": a["seq_lens"][:1]}),
     "scores_out_heads": ("scores_out", lambda a: {"scores_out": a["scores_out"][:, :1]}),
     "scores_out_too_short": ("scores_out", lambda a: {"scores_out": a["scores_out"][..., :5]}),
+    # No slots: the empty tensor's null data pointer read as "no scores", and the length check passed.
+    "scores_out_no_slots": ("scores_out", lambda a: {"scores_out": a["scores_out"][..., :0]}),
     "scores_out_broadcast": ("scores_out", lambda a: {"scores_out": a["scores_out"][:, :1].expand(2, 2, 7)}),
     "scores_out_aliases_k_pages": ("scores_out", lambda a: {"scores_out": a["k_pages"].flatten()[:28].view(2, 2, 7)}),
     "k_pages_other_device": ("k_pages", lambda a: {"k_pages": a["k_pages"].to("meta")}),
@@ -371,6 +373,14 @@ def test_empty_page_dims_are_rejected_on_every_device(dim, what, device):
     args.update(k_pages=args["k_pages"].new_zeros(shape), v_pages=args["v_pages"].new_zeros(shape), scores_out=None)
     with pytest.raises(ValueError, match=rf"`k_pages` must have .*{what}.*got shape \[{', '.join(map(str, shape))}\]"):
         ops.paged_decode_attention(**args)
+
+
+def test_scores_out_without_slots_is_fine_for_empty_sequences():
+    args = _valid_args()
+    args.update(seq_lens=torch.zeros_like(args["seq_lens"]), scores_out=args["scores_out"][..., :0])
+    ops.paged_decode_attention(**args)
+    with pytest.raises(ValueError, match=r"`scores_out` has 0 slots \(last dim\) but `seq_lens`\[0\] = 6"):
+        ops.paged_decode_attention(**{**_valid_args(), "scores_out": args["scores_out"]})
 
 
 def test_valid_args_run():

@@ -516,7 +516,7 @@ def test_a_list_of_eos_ids_stops_sequences_at_any_of_them(llama):
         assert r.tokens[b][r.action_mask[b]].tolist() == want
     assert int(r.action_mask[0].sum()) <= 4 and int(r.action_mask[1].sum()) <= 6
     one = Sampler(llama, StreamingLLM(), budget=8, page_size=4).generate(prompts, 40, seed=0, eos_token_id=[eos[0]])
-    for same in (eos[0], torch.tensor(eos[0]), torch.tensor([eos[0]])):  # an int, a 0-d and a 1-d tensor
+    for same in (eos[0], torch.tensor(eos[0]), torch.tensor([eos[0]]), np.array([eos[0]])):  # int, tensors, array
         assert torch.equal(one.tokens, Sampler(llama, StreamingLLM(), budget=8, page_size=4).generate(
             prompts, 40, seed=0, eos_token_id=same).tokens)
 
@@ -685,6 +685,19 @@ def test_bad_sampler_settings_name_the_argument(llama, call, err, message):
         call(llama, _prompts(2, 6, 9, seed=1))
 
 
+def test_models_the_sampler_cannot_drive_are_refused(llama):
+    """Bloom keeps its own attention when asked for shadowkv's (transformers only warns): decode
+    steps attended to nothing but themselves and nothing was logged. A base model has no LM
+    head for the sampler to apply."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=4))
+    with pytest.raises(NotImplementedError, match="BloomForCausalLM does not run its attention through transformers'"):
+        Sampler(bloom, StreamingLLM(sinks=1), budget=4)
+    with pytest.raises(TypeError, match="needs a causal LM with an output embedding .* got LlamaModel"):
+        Sampler(llama.model)
+
+
 def test_numpy_integers_are_accepted_where_ints_are(llama):
     prompts = _prompts(2, 6, 9, seed=1)
     a = Sampler(llama, StreamingLLM(), budget=4).generate(prompts, 3, seed=3, pad_token_id=0)
@@ -839,7 +852,10 @@ def test_generate_under_autocast_caches_in_the_autocast_dtype(tmp_path):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         rollout = Sampler(model, StreamingLLM(sinks=1), budget=6, page_size=4).generate(prompts, 10, seed=0)
         replay = token_logprobs(model, rollout)
+        full = Sampler(model, page_size=4).generate(prompts, 10, seed=0)
     assert torch.equal(replay[rollout.action_mask], rollout.logprobs[rollout.action_mask])
+    # Dense bytes in the cache's bf16 (the float32 parameters' size halved the ratio to ~0.5).
+    assert 0.8 < full.kv_peak_bytes / full.dense_kv_bytes < 1.6
     original = model.forward
     model._original_forward = original  # what accelerate's prepare() leaves
     model.forward = types.MethodType(torch.autocast("cpu", dtype=torch.bfloat16)(type(model).forward), model)

@@ -1009,3 +1009,20 @@ def test_info_says_what_is_wrong_and_still_prints_the_rest(monkeypatch):
     gpu = [line for line in info.info_lines() if line.startswith("GPU 0")]
     assert gpu == ["GPU 0: H100 sm_90 -> NOT covered: this build has no CUDA kernels (rebuild with SHADOWKV_CUDA=ON "
                    "and nvcc on PATH)"]
+
+
+def test_a_damaged_warm_up_folder_is_replaced(tmp_path, monkeypatch):
+    """A cached warm-up folder without config.json (write_dir never leaves one; a hand-deleted
+    file does) was kept as "another run's": every run retrained and then failed to load it."""
+    from shadowkv import warmup
+    from shadowkv.tasks import make_task
+
+    monkeypatch.setenv("SHADOWKV_CACHE", str(tmp_path))
+    task, model_cfg, sft_cfg = make_task("copy", length=12), ModelConfig(hidden=16, layers=1, heads=2, kv_heads=1), \
+        SFTConfig(steps=2, batch=2)
+    first = warmup.pretrained_policy(task, model_cfg, sft_cfg)
+    (folder,) = warmup.cache_root().iterdir()
+    (folder / "config.json").unlink()
+    again = warmup.pretrained_policy(task, model_cfg, sft_cfg)
+    assert (folder / "config.json").is_file()
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))

@@ -321,6 +321,17 @@ at::Tensor decode(const at::Tensor& q_in, const at::Tensor& k_pages_in, const at
     check_shape(scores, "scores_out", {c.batch, c.num_kv_heads, scores.size(2)});
     check_no_aliasing({{&scores, "scores_out"}}, {{&q, "q"}, {&k_pages, "k_pages"}, {&v_pages, "v_pages"},
                                                   {&block_tables, "block_tables"}, {&seq_lens, "seq_lens"}});
+    if (check && scores.numel() == 0 && c.batch > 0 && c.num_kv_heads > 0) {
+      // No slots (S = 0): the empty tensor's data pointer is null, which the kernels read as "no
+      // scores asked for", so their `S >= seq_lens[b]` check would pass any length. Checked here
+      // (on CUDA one read-back, for this degenerate call only).
+      const at::Tensor longer = (seq_lens > 0).nonzero();
+      if (longer.size(0) > 0) {
+        const int64_t b = longer[0][0].item<int64_t>();
+        TORCH_CHECK_VALUE(false, "shadowkv::paged_decode_attention: `scores_out` has 0 slots (last dim) but `seq_lens`[", b,
+                          "] = ", seq_lens[b].item<int64_t>(), "; it needs at least the longest sequence's length");
+      }
+    }
   }
 
   p.num_q_heads = Hq;
