@@ -186,7 +186,8 @@ class Chain(Task):
 @dataclass
 class Arithmetic(Task):
     """Running sums over a long list: ``BOS k1 n1 … kn nn EOS SEP BOS`` ->
-    ``k1 s1 k2 s2 … kn sn EOS`` with ``s_i = (n1 + … + n_i) mod modulus``.
+    ``k1 s1 k2 s2 … kn sn EOS`` with ``s_i = (n1 + … + n_i) mod modulus``; the reward scores
+    the sums and the EOS only.
 
     Numbers and sums are the first ``modulus`` symbols (digit ``d`` is ``FIRST_SYMBOL + d``);
     the keys are distinct symbols from the rest and mark the list's order. Every answer step
@@ -216,6 +217,14 @@ class Arithmetic(Task):
     @property
     def max_answer_len(self):
         return 2 * self.num_pairs + 1
+
+    def reward(self, generated: torch.Tensor, answer: torch.Tensor) -> float:
+        """Fraction of the sums and the EOS that ``generated`` (1-D) reproduces at their
+        positions. The echoed keys earn nothing: they are the prompt's list copied, and scoring
+        them paid a model that copies the whole list (numbers for sums) about 0.56."""
+        scored = torch.cat([torch.arange(1, answer.numel() - 1, 2), torch.tensor([answer.numel() - 1])])
+        scored = scored[scored < generated.numel()]
+        return (generated[scored] == answer[scored]).sum().item() / (answer.numel() // 2 + 1)
 
     def curriculum(self, progress, gen):
         # Sums are learnt on short lists first: up to 4 pairs at the start of the warm-up, the

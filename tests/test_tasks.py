@@ -79,6 +79,19 @@ def test_arithmetic_answers_are_running_sums_in_list_order():
         make_task("arithmetic", length=40, modulus=1).sample(1, _gen())
 
 
+def test_arithmetic_rewards_the_sums_not_the_copied_keys():
+    """Echoed keys were half the answer: copying the prompt's list scored ~0.56 without a sum."""
+    task = make_task("arithmetic", length=12)  # 4 pairs: answer k1 s1 … k4 s4 EOS
+    (p,), (a,) = task.sample(1, _gen(8))
+    assert task.reward(a, a) == 1.0 and task.reward(a[:0], a) == 0.0
+    copied = p[1:-3]  # k1 n1 … k4 n4: s1 = n1 is the only sum it gets right
+    assert task.reward(copied, a) == pytest.approx(1 / 5)
+    keys_wrong = a.clone()
+    keys_wrong[0::2][:-1] = 0  # every key wrong, every sum and the EOS right
+    assert task.reward(keys_wrong, a) == 1.0
+    assert task.reward(a[:4], a) == pytest.approx(2 / 5)  # s1 and s2 of a cut-off answer
+
+
 @pytest.mark.parametrize("name", ["kv-lookup", "copy", "chain", "arithmetic"])
 def test_demonstrations_label_only_answers(name):
     task = make_task(name, length=48)
