@@ -45,7 +45,10 @@ def _given(args) -> dict:
     from .train import TrainConfig
 
     names = [f.name for f in fields(TrainConfig) if f.name not in ("model", "sft")] + ["sft_steps"]
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if "init" in given:  # as train() saves it: the same folder spelled another way is the same setting
+        given["init"] = str(Path(given["init"]).resolve())
+    return given
 
 
 def _train_config(args):
@@ -148,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--methods", default="dense,naive,is,smd")
     c.set_defaults(fn=_cmd_compare)
     sub.add_parser("info", help="version, torch, built CUDA archs, GPU coverage").set_defaults(fn=_cmd_info)
-    d = sub.add_parser("demo", help="the shadow-mask replay invariant on one attention head (seconds)")
+    d = sub.add_parser("demo", help="the shadow-mask replay invariant on one attention layer (seconds)")
     d.add_argument("--budget", type=float, default=0.25)
     d.add_argument("--length", type=int, default=1024)
     d.add_argument("--seed", type=int, default=0)
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except ValueError as e:  # bad settings (our errors name the flag): a message, not a traceback
+    except (ValueError, NotImplementedError) as e:  # bad settings, unsupported models: a message, not a traceback
         parser.exit(2, f"shadowkv {args.cmd}: error: {e}\n")
     except KeyboardInterrupt:  # the runs are checkpointed: the same command (train: --resume) goes on
         parser.exit(130, f"shadowkv {args.cmd}: interrupted; run the same command again to continue"

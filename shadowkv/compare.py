@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .atomic import write_text
@@ -30,6 +30,8 @@ def compare(base: TrainConfig, out: Path, seeds: int = 3, methods=("dense", "nai
     writes ``compare.json`` and ``compare.png``, returns the table as text. A run stopped by
     Ctrl-C stops the comparison (``KeyboardInterrupt``)."""
     out = Path(out)
+    if base.init is not None:  # as train() saves it, so that a finished run's settings compare equal
+        base = replace(base, init=str(Path(base.init).resolve()))
     unknown = [m for m in methods if m not in METHODS]
     if unknown or len(set(methods)) != len(methods) or not methods:
         raise ValueError(f"methods (--methods) must be distinct names from {', '.join(METHODS)}, got "

@@ -1,6 +1,6 @@
-"""A CPU demo of the shadow-mask contract, run by ``shadowkv train`` until the RL learner lands.
+"""A CPU demo of the shadow-mask contract (``shadowkv demo``).
 
-A toy sampler decodes one attention head token by token with a StreamingLLM cache
+A toy sampler decodes one attention layer (a few heads) token by token with a StreamingLLM cache
 (sinks + recent window) and logs each eviction in ``evicted_at``. The learner then
 replays the whole sequence in one ``shadow_attention`` call: with the log it reproduces
 every step of the sampler; with a dense causal mask it does not.

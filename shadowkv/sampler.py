@@ -276,6 +276,13 @@ def _first(mask: torch.Tensor, key: torch.Tensor, n: torch.Tensor) -> torch.Tens
     return mask & (rank < n)
 
 
+_FLOAT32_TINIEST = 2.0 ** -149  # float32's smallest positive (subnormal) number, ~1.4e-45
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The model's logits were NaN while sampling: its weights or inputs are not finite."""
+
+
 def _refuse_logit_processing(config) -> None:
     """Some causal LMs change their logits after the output embedding (Gemma 2's final
     soft-capping, Cohere's logit scale, Granite's logit scaling). The sampler computes the
@@ -698,6 +705,9 @@ class Sampler:
                 raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
         if not (math.isfinite(temperature) and temperature >= 0) or not 0.0 < top_p <= 1.0:
             raise ValueError(f"need a finite temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        if 0 < temperature <= _FLOAT32_TINIEST / 2:  # 0 in float32: the float32 logits' division gave NaN
+            raise ValueError(f"temperature {temperature} is 0 in float32, the precision the logits are divided in: "
+                             f"use at least {_FLOAT32_TINIEST:.2g}, or 0 for greedy decoding")
         max_new_tokens = as_int("max_new_tokens", max_new_tokens)
         top_k = as_int("top_k", top_k, 0)
         if seed is not None:
@@ -914,7 +924,7 @@ class Sampler:
 
         self.cache.verify()  # an op that ran unchecked on the GPU and rejected a value surfaces here
         if logprobs[action].isnan().any():  # as torch.multinomial would have refused (_sample)
-            raise RuntimeError("shadowkv: the model gave NaN logits while sampling (the log-probs of sampled "
+            raise NonFiniteLogitsError("shadowkv: the model gave NaN logits while sampling (the log-probs of sampled "
                                "tokens are NaN); its weights or inputs are not finite")
         lens = torch.tensor(plens, device=device) + action.sum(-1)
         T_used = int(lens.max())

@@ -19,7 +19,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ import torch
 from . import learner
 from .atomic import write_bytes, write_dir, write_text
 from .policies import POLICIES, FullCache, budget_tokens, make_policy
-from .sampler import Sampler
+from .sampler import NonFiniteLogitsError, Sampler
 from .tasks import EOS, make_task
 from .warmup import ModelConfig, SFTConfig, pretrained_policy
 
@@ -137,6 +137,11 @@ class TrainConfig:
             need(isinstance(self.prompt_len, int) and self.prompt_len >= 8, "prompt_len", "an int >= 8")
         for name in ("lr", "clip", "temperature", "is_cap"):  # the learner divides logits by temperature
             need(number(name) > 0, name, "> 0")
+        # Below float32's smallest subnormal the logits' division by it is a division by 0 (NaN).
+        need(torch.tensor(self.temperature, dtype=torch.float32).item() > 0, "temperature",
+             "at least 1.4e-45 (float32's smallest positive number: the logits are divided by it)")
+        need(self.task == "kv-lookup" or self.value_len == TrainConfig.value_len, "value_len",
+             f"left at its default {TrainConfig.value_len}: only --task kv-lookup has values")
         for name in ("kl_ref", "smd_beta", "vf_coef", "is_veto", "is_reject_low"):
             need(number(name) >= 0, name, ">= 0")
         for name in ("gamma", "gae_lambda"):
@@ -230,6 +235,13 @@ def check_init_model(cfg: TrainConfig, task) -> None:
         raise ValueError(f"init (--init) {cfg.init}: the model's vocabulary has {vocab} tokens, but --task {cfg.task} "
                          f"with --prompt-len {cfg.prompt_len} uses token ids up to {task.vocab_size - 1} "
                          f"(needs vocab_size >= {task.vocab_size})")
+    # Learned position tables (GPT-2's n_positions) end there: a longer sequence was an IndexError
+    # deep in the model after the run folder was reset.
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if isinstance(limit, int) and cfg.prompt_len + task.max_answer_len > limit:
+        raise ValueError(f"init (--init) {cfg.init}: the model has {limit} positions, but --task {cfg.task} with "
+                         f"--prompt-len {cfg.prompt_len} needs up to {cfg.prompt_len + task.max_answer_len} "
+                         "(prompt and answer)")
 
 
 def _seeded(cfg: TrainConfig, step: int, salt: int) -> torch.Generator:
@@ -628,6 +640,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         raise ValueError(f"--resume: {out / 'config.json'} does not exist, so there is no run to resume "
                          "(drop --resume to start one)")
     if not resume:
+        if cfg.init is not None:  # config.json names the folder from anywhere (a resume from another directory)
+            cfg = replace(cfg, init=str(Path(cfg.init).resolve()))
         cfg.check()  # before the folder is created or anything in it changes
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -637,6 +651,24 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         return _train_locked(cfg, out, resume, progress, max_steps_this_run, overrides)
 
 
+def _initial_model(cfg: TrainConfig, task, progress: bool):
+    """The run's initial policy: the ``--init`` folder, or the warmed-up default model (trained
+    once per setting, then loaded from the model cache)."""
+    from tqdm.auto import tqdm
+
+    if cfg.init:
+        from transformers import AutoModelForCausalLM
+
+        try:  # its config was checked; the weights may still be missing or damaged
+            return AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32).eval()
+        except Exception as e:  # OSError, ValueError, safetensors' SafetensorError for a damaged file
+            raise ValueError(f"init (--init) {cfg.init}: the model cannot be loaded ({e})") from None
+    bar = tqdm(total=cfg.sft.steps, desc="SFT warm-up", disable=not progress, leave=False)
+    base = pretrained_policy(task, cfg.model, cfg.sft, progress=lambda loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}")))
+    bar.close()
+    return base
+
+
 def _train_locked(cfg, out: Path, resume: bool, progress: bool, max_steps_this_run, overrides) -> dict:
     from tqdm.auto import tqdm
 
@@ -644,20 +676,21 @@ def _train_locked(cfg, out: Path, resume: bool, progress: bool, max_steps_this_r
         cfg, write_config, saved, start, rows = _resume_point(out, overrides)
     else:  # cfg.check() passed in train(); a fresh run writes its config
         write_config, saved, start, rows = True, None, 0, []
-    _prepare_folder(out, cfg, resume, write_config)
     torch.manual_seed(cfg.seed)
     task = task_of(cfg)
-    if cfg.init:
-        from transformers import AutoModelForCausalLM
-
-        try:  # its config was checked; the weights may still be missing or damaged
-            base = AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32).eval()
-        except (OSError, ValueError) as e:
-            raise ValueError(f"init (--init) {cfg.init}: the model cannot be loaded ({e})") from None
-    else:
-        bar = tqdm(total=cfg.sft.steps, desc="SFT warm-up", disable=not progress, leave=False)
-        base = pretrained_policy(task, cfg.model, cfg.sft, progress=lambda loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}")))
-        bar.close()
+    # The initial weights are loaded and checked before the folder changes: an --init whose
+    # weights are missing or damaged, or which the sampler refuses, used to fail after the
+    # previous run's checkpoints were deleted. A resume trains its checkpoint and needs them only
+    # as the KL reference (it re-ran a whole warm-up on a machine without the model cache).
+    base = None
+    if saved is None or cfg.kl_ref > 0:
+        base = _initial_model(cfg, task, progress)
+        if cfg.init and saved is None:
+            try:
+                make_sampler(cfg, base, cfg.method == "dense")
+            except (NotImplementedError, TypeError) as e:
+                raise ValueError(f"init (--init) {cfg.init}: {e}") from None
+    _prepare_folder(out, cfg, resume, write_config)
     device = device_of(cfg)
     ref_model = None
     if cfg.kl_ref > 0:  # the frozen initial policy
@@ -684,7 +717,12 @@ def _train_locked(cfg, out: Path, resume: bool, progress: bool, max_steps_this_r
     t0 = time.perf_counter()
     with _StopFlag() as stop, open(out / "metrics.jsonl", "a") as log:
         for step in bar:
-            row = rl_step(cfg, task, model, ref_model, opt, sampler, step, value_head)
+            try:
+                row = rl_step(cfg, task, model, ref_model, opt, sampler, step, value_head)
+            except NonFiniteLogitsError as e:
+                raise ValueError(f"step {step}: {e}. " + ("The updates diverged: lower --lr (now "
+                                 f"{cfg.lr})" if step > start else "The weights the run started from are not finite")
+                                 + "; nothing of this step was saved") from None
             rows.append(row)
             log.write(json.dumps(row) + "\n")
             log.flush()

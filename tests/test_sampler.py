@@ -674,6 +674,8 @@ def test_bad_generate_arguments(llama):
      "eos_token_id must be an int"),
     (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 3, top_p=None), TypeError,
      "top_p must be a number, got NoneType"),
+    (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 3, temperature=1e-300), ValueError,
+     r"temperature 1e-300 is 0 in float32"),  # the logits' division by it gave NaN
     (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 3, temperature="1"), TypeError,
      "temperature must be a number, got str"),
     (lambda m, p: Sampler(m, StreamingLLM(), budget=4).generate(p, 3, seed=1.5), TypeError, "seed must be"),

@@ -882,8 +882,24 @@ def test_a_refused_run_leaves_the_folder_as_it_was(tmp_path, capsys):
     LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=1).save_pretrained(tmp_path / "small")
     (tmp_path / "empty").mkdir()
+    from transformers import GPT2Config
+
+    from tests.models import tiny_model
+
+    GPT2Config(vocab_size=96, n_positions=64, n_embd=32, n_layer=1, n_head=2).save_pretrained(tmp_path / "short")
+    tiny_model(tmp_path / "capped", "gemma2", hidden=32, heads=2, kv_heads=1, layers=1)  # logit soft-capping
+    tiny_model(tmp_path / "weightless", hidden=32, heads=2, kv_heads=1, layers=1)
+    (tmp_path / "weightless" / "model.safetensors").unlink()
+    tiny_model(tmp_path / "garbled", hidden=32, heads=2, kv_heads=1, layers=1)
+    (tmp_path / "garbled" / "model.safetensors").write_bytes(b"not a safetensors file")
     for flags, message in ((["--value-len", "0"], "--value-len must be >= 1"),
+                           (["--task", "copy", "--value-len", "3"], "only --task kv-lookup has values"),
+                           (["--temperature", "1e-300"], "temperature (--temperature) must be at least 1.4e-45"),
                            (["--init", str(tmp_path / "small")], "vocabulary has 16 tokens, but --task kv-lookup"),
+                           (["--init", str(tmp_path / "short")], "the model has 64 positions, but --task kv-lookup"),
+                           (["--init", str(tmp_path / "capped")], "final logit soft-capping"),
+                           (["--init", str(tmp_path / "weightless")], "the model cannot be loaded"),
+                           (["--init", str(tmp_path / "garbled")], "the model cannot be loaded"),
                            (["--init", str(tmp_path / "empty")], "init (--init) ")):
         with pytest.raises(SystemExit) as e:
             main(["train", "--out", str(run), *flags, "--quiet"])
@@ -1026,3 +1042,38 @@ def test_a_damaged_warm_up_folder_is_replaced(tmp_path, monkeypatch):
     again = warmup.pretrained_policy(task, model_cfg, sft_cfg)
     assert (folder / "config.json").is_file()
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+
+
+def test_a_resume_trains_its_checkpoint_without_the_initial_model(tmp_path, monkeypatch):
+    """On a machine without the model cache a resume re-ran the whole warm-up, then dropped its
+    result for the checkpoint's weights (they are needed only as the KL reference)."""
+    import shadowkv.train as T
+
+    run = tmp_path / "run"
+    train(_cfg("smd", steps=2), run, progress=False, max_steps_this_run=1)
+    monkeypatch.setattr(T, "pretrained_policy", lambda *a, **k: pytest.fail("the warm-up ran on resume"))
+    assert train(_cfg("smd", steps=2), run, resume=True, progress=False)["steps_done"] == 2
+
+
+def test_init_is_saved_as_an_absolute_path(tmp_path, monkeypatch):
+    """A relative --init was saved as typed: a resume from another directory could not find it,
+    and the same folder spelled another way was refused as a changed setting."""
+    from shadowkv.cli import main
+
+    _tiny_init(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", *_cli_run("model", run, "--steps", "1")]) == 0
+    assert json.loads((run / "config.json").read_text())["init"] == str(tmp_path / "model")
+    monkeypatch.chdir(run)
+    assert main(["train", *_cli_run("../model", run, "--steps", "2", "--resume")]) == 0
+
+
+def test_a_diverged_update_is_an_error_naming_the_learning_rate(tmp_path, capsys):
+    from shadowkv.cli import main
+
+    init, run = _tiny_init(tmp_path / "model"), tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["train", *_cli_run(init, run, "--steps", "3", "--lr", "1e30", "--epochs", "2")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "NaN logits" in err and "lower --lr (now 1e+30)" in err, err
