@@ -98,7 +98,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"kv-lookup: tokens per value; all but the first are decoded after the eviction (default {d.value_len})")
     p.add_argument("--policy", choices=["streaming", "h2o", "snapkv", "random"], help=f"default {d.policy}")
     p.add_argument("--budget", type=_budget, help=f"KV kept: tokens (64) or a fraction (default {d.budget})")
-    p.add_argument("--page-size", dest="page_size", type=int)
+    p.add_argument("--page-size", dest="page_size", type=int, help=f"KV cache page size in tokens (default {d.page_size})")
     p.add_argument("--evict-every", dest="evict_every", type=int,
                    help="evict after the prompt, then every N decode steps (default: whenever a page over budget)")
     p.add_argument("--prefill-chunk", dest="prefill_chunk", type=int,
@@ -106,24 +106,33 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", dest="micro_batch", type=int,
                    help="sequences per learner forward/backward, gradients accumulated (default: a step's all)")
     p.add_argument("--steps", type=int, help=f"RL steps (default {d.steps})")
-    p.add_argument("--prompts-per-step", dest="prompts_per_step", type=int)
-    p.add_argument("--group-size", dest="group_size", type=int)
-    p.add_argument("--epochs", type=int, help="optimisation epochs per batch")
+    p.add_argument("--prompts-per-step", dest="prompts_per_step", type=int,
+                   help=f"distinct prompts per RL step (default {d.prompts_per_step})")
+    p.add_argument("--group-size", dest="group_size", type=int,
+                   help=f"rollouts per prompt, the GRPO group (default {d.group_size})")
+    p.add_argument("--epochs", type=int, help=f"optimisation epochs per batch (default {d.epochs})")
     p.add_argument("--algo", choices=["grpo", "ppo"], help="grpo (default) or ppo (value head + GAE)")
     p.add_argument("--gamma", type=float, help="PPO discount (default 1.0)")
     p.add_argument("--gae-lambda", dest="gae_lambda", type=float, help="PPO GAE lambda (default 0.95)")
     p.add_argument("--vf-coef", dest="vf_coef", type=float, help="PPO value-loss weight (default 0.5)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--clip", type=float)
-    p.add_argument("--kl-ref", dest="kl_ref", type=float, help="KL-to-reference coefficient")
-    p.add_argument("--smd-beta", dest="smd_beta", type=float)
-    p.add_argument("--smd-direction", dest="smd_direction", choices=["forward", "reverse"])
-    p.add_argument("--is-cap", dest="is_cap", type=float)
-    p.add_argument("--is-reject-low", dest="is_reject_low", type=float)
-    p.add_argument("--is-reject-high", dest="is_reject_high", type=float)
-    p.add_argument("--is-veto", dest="is_veto", type=float)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--lr", type=float, help=f"AdamW learning rate (default {d.lr})")
+    p.add_argument("--clip", type=float, help=f"PPO ratio clip epsilon (default {d.clip})")
+    p.add_argument("--kl-ref", dest="kl_ref", type=float,
+                   help=f"coefficient of the KL to the initial policy, k3 estimator (default {d.kl_ref})")
+    p.add_argument("--smd-beta", dest="smd_beta", type=float,
+                   help=f"smd: weight of the dense-teacher distillation KL (default {d.smd_beta})")
+    p.add_argument("--smd-direction", dest="smd_direction", choices=["forward", "reverse"],
+                   help=f"smd: KL(teacher || student) (forward) or KL(student || teacher) (default {d.smd_direction})")
+    p.add_argument("--is-cap", dest="is_cap", type=float,
+                   help=f"is: truncate the dense/sampler ratio at this weight (default {d.is_cap})")
+    p.add_argument("--is-reject-low", dest="is_reject_low", type=float,
+                   help=f"is: tokens with a ratio below this leave the loss (default {d.is_reject_low})")
+    p.add_argument("--is-reject-high", dest="is_reject_high", type=float,
+                   help=f"is: tokens with a ratio above this leave the loss (default {d.is_reject_high})")
+    p.add_argument("--is-veto", dest="is_veto", type=float,
+                   help=f"is: a sequence with any ratio below this gets no gradient; 0: no veto (default {d.is_veto})")
+    p.add_argument("--temperature", type=float, help=f"sampling temperature, > 0 (default {d.temperature})")
+    p.add_argument("--seed", type=int, help=f"seeds prompts, sampling and updates (default {d.seed})")
     p.add_argument("--eval-prompts", dest="eval_prompts", type=int, help=f"greedy evaluation prompts (default {d.eval_prompts})")
     p.add_argument("--ckpt-every", dest="ckpt_every", type=int, help=f"checkpoint every N steps (default {d.ckpt_every})")
     p.add_argument("--init", help="local Hugging Face causal LM folder (from_pretrained) instead of the tiny default")
@@ -143,18 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(t)
     t.add_argument("--method", choices=["dense", "naive", "is", "smd"], help="default smd")
     t.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint (with --steps N: extend it to N steps)")
+                   help="continue the run in --out from its last checkpoint with its saved settings (--steps N "
+                        "extends it to N steps; --device and --micro-batch may change too)")
     t.set_defaults(fn=_cmd_train)
     c = sub.add_parser("compare", help="dense, naive, is and smd on the same seeds; one table")
     _add_train_args(c)
     c.add_argument("--seeds", type=int, default=3, help="runs per method, seeds --seed .. --seed + N - 1 (default 3)")
-    c.add_argument("--methods", default="dense,naive,is,smd")
+    c.add_argument("--methods", default="dense,naive,is,smd", help="comma-separated (default dense,naive,is,smd)")
     c.set_defaults(fn=_cmd_compare)
     sub.add_parser("info", help="version, torch, built CUDA archs, GPU coverage").set_defaults(fn=_cmd_info)
     d = sub.add_parser("demo", help="the shadow-mask replay invariant on one attention layer (seconds)")
-    d.add_argument("--budget", type=float, default=0.25)
-    d.add_argument("--length", type=int, default=1024)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--budget", type=float, default=0.25, help="KV kept, a fraction of --length, at least 8 tokens (default 0.25)")
+    d.add_argument("--length", type=int, default=1024, help="tokens decoded (default 1024)")
+    d.add_argument("--seed", type=int, default=0, help="default 0")
     d.set_defaults(fn=_cmd_demo)
     from .benchmarks import BENCHMARKS
 
