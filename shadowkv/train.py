@@ -168,7 +168,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
-        d.setdefault("value_len", 1)  # run folders written before values had a length
+        # Run folders written before values had a length: kv-lookup's were one token; the other
+        # tasks have no values and take the default (which check() requires of them).
+        d.setdefault("value_len", 1 if d.get("task", cls.task) == "kv-lookup" else cls.value_len)
         d["model"] = ModelConfig(**d.get("model", {}))
         d["sft"] = SFTConfig(**d.get("sft", {}))
         known = {f.name for f in fields(cls)}

@@ -307,6 +307,9 @@ def test_device_cuda_needs_a_build_for_the_gpu_and_known_kernel_names(monkeypatc
 def test_configs_written_before_value_len_resume_as_one_token_values():
     old = {k: v for k, v in asdict(_cfg("smd")).items() if k != "value_len"}
     assert TrainConfig.from_dict(old).value_len == 1
+    # Other tasks have no values: they take the default, which check() (run on every resume) requires.
+    old_copy = {**old, "task": "copy"}
+    TrainConfig.from_dict(old_copy).check()
 
 
 def test_bad_value_len_is_a_clear_error(tmp_path, capsys):
