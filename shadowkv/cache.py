@@ -24,13 +24,14 @@ import torch
 from . import ops
 
 
-# Row-index tensors: signed integers (torch indexes with uint8 and bool tensors as masks).
-_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8)
+# Row-index tensors: what torch indexes with as indices (uint8 and bool tensors index as masks).
+_INDEX_DTYPES = (torch.int64, torch.int32)
 
 
 def _is_bool(x) -> bool:
     """A Python, NumPy or 0-d torch bool, which ``operator.index`` would take as 0 or 1."""
-    return isinstance(x, bool) or type(x).__name__ == "bool_" or (isinstance(x, torch.Tensor) and x.dtype == torch.bool)
+    return (isinstance(x, bool) or (type(x).__module__ == "numpy" and type(x).__name__ in ("bool_", "bool"))
+            or (isinstance(x, torch.Tensor) and x.dtype == torch.bool))
 
 
 class CacheFullError(RuntimeError):

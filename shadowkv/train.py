@@ -171,6 +171,8 @@ class TrainConfig:
         # Run folders written before values had a length: kv-lookup's were one token; the other
         # tasks have no values and take the default (which check() requires of them).
         d.setdefault("value_len", 1 if d.get("task", cls.task) == "kv-lookup" else cls.value_len)
+        if isinstance(d.get("init"), str):  # saved as typed before it was saved resolved: the run's own directory
+            d["init"] = str(Path(d["init"]).resolve())
         d["model"] = ModelConfig(**d.get("model", {}))
         d["sft"] = SFTConfig(**d.get("sft", {}))
         known = {f.name for f in fields(cls)}
@@ -239,8 +241,11 @@ def check_init_model(cfg: TrainConfig, task) -> None:
                          f"(needs vocab_size >= {task.vocab_size})")
     # Learned position tables (GPT-2's n_positions) end there: a longer sequence was an IndexError
     # deep in the model after the run folder was reset.
-    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
-    if isinstance(limit, int) and cfg.prompt_len + task.max_answer_len > limit:
+    text = config.get_text_config()
+    limit = getattr(text, "max_position_embeddings", None)
+    rotary = any(getattr(text, a, None) is not None for a in (
+        "rope_theta", "rope_parameters", "rope_scaling", "rotary_dim", "rotary_pct", "partial_rotary_factor"))
+    if not rotary and isinstance(limit, int) and cfg.prompt_len + task.max_answer_len > limit:
         raise ValueError(f"init (--init) {cfg.init}: the model has {limit} positions, but --task {cfg.task} with "
                          f"--prompt-len {cfg.prompt_len} needs up to {cfg.prompt_len + task.max_answer_len} "
                          "(prompt and answer)")
@@ -653,6 +658,12 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         return _train_locked(cfg, out, resume, progress, max_steps_this_run, overrides)
 
 
+def _diverged(cfg: TrainConfig, step: int, what) -> str:
+    """The error of a run whose update at ``step`` made the policy non-finite."""
+    return (f"step {step}'s update diverged ({what}): lower --lr (now {cfg.lr}); the last checkpoint "
+            "holds the weights before it")
+
+
 def _initial_model(cfg: TrainConfig, task, progress: bool):
     """The run's initial policy: the ``--init`` folder, or the warmed-up default model (trained
     once per setting, then loaded from the model cache)."""
@@ -722,15 +733,16 @@ def _train_locked(cfg, out: Path, resume: bool, progress: bool, max_steps_this_r
             try:
                 row = rl_step(cfg, task, model, ref_model, opt, sampler, step, value_head)
             except NonFiniteLogitsError as e:
-                raise ValueError(f"step {step}: {e}. " + ("The updates diverged: lower --lr (now "
-                                 f"{cfg.lr})" if step > start else "The weights the run started from are not finite")
-                                 + "; nothing of this step was saved") from None
+                raise ValueError(_diverged(cfg, step - 1, e) if step > start else
+                                 f"step {step}: {e}. The weights the run started from are not finite") from None
             rows.append(row)
             log.write(json.dumps(row) + "\n")
             log.flush()
             bar.set_postfix(reward=f"{row['reward']:.2f}", kv=f"{row['kv_ratio']:.2f}x",
                             mism=f"{row['mismatch_abs']:.1e}")
             if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end or stop.set:
+                if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                    raise ValueError(_diverged(cfg, step, "the weights are no longer finite"))  # not saved
                 os.fsync(log.fileno())  # the rows a checkpoint's resume needs reach the disk first
                 save_checkpoint(out, model, opt, step, value_head)
             if stop.set:
@@ -749,6 +761,9 @@ def _train_locked(cfg, out: Path, resume: bool, progress: bool, max_steps_this_r
         })
         plot_curves({cfg.method: rows}, out / "curves.png", f"{cfg.task} · {cfg.method} · {cfg.policy} @ {cfg.budget}")
     if finished:
-        summary["eval_reward"] = evaluate(cfg, task, sampler.model)
+        try:
+            summary["eval_reward"] = evaluate(cfg, task, sampler.model)
+        except NonFiniteLogitsError as e:
+            raise ValueError(_diverged(cfg, end - 1, e)) from None
         write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary

@@ -256,7 +256,8 @@ def test_row_indices_are_integers_never_bools_lists_or_masks():
     q = torch.randn(1, 2, 8)
     for rows, got in (([-1], "list"), (torch.tensor([True, False, False]), "1-D torch.bool"),
                       (torch.tensor([[0, 1]]), "2-D torch.int64"), (torch.tensor(0), "0-D torch.int64"),
-                      (torch.tensor([0], dtype=torch.uint8), "1-D torch.uint8")):
+                      (torch.tensor([0], dtype=torch.uint8), "1-D torch.uint8"),
+                      (torch.tensor([0], dtype=torch.int16), "1-D torch.int16")):  # torch indexes with int32/64 only
         for call in (lambda: cache.decode_attention(0, q, rows=rows), lambda: cache.positions(0, rows),
                      lambda: cache.gather_rows(0, rows, 4)):
             with pytest.raises(TypeError, match=f"rows must be a 1-D int64 tensor of row indices, got .*{got}"):

@@ -379,8 +379,11 @@ def test_scores_out_without_slots_is_fine_for_empty_sequences():
     args = _valid_args()
     args.update(seq_lens=torch.zeros_like(args["seq_lens"]), scores_out=args["scores_out"][..., :0])
     ops.paged_decode_attention(**args)
-    with pytest.raises(ValueError, match=r"`scores_out` has 0 slots \(last dim\) but `seq_lens`\[0\] = 6"):
-        ops.paged_decode_attention(**{**_valid_args(), "scores_out": args["scores_out"]})
+    for fresh in (False, True):  # a view of a tensor, or a new empty one (whose data pointer is null)
+        scores = torch.empty(2, 2, 0) if fresh else args["scores_out"]
+        for check in (True, False):  # the CPU kernel checks the lengths either way
+            with pytest.raises(ValueError, match=r"`scores_out` has 0 slots \(last dim\) but `seq_lens`\[0\] = 6"):
+                ops.paged_decode_attention(**{**_valid_args(), "scores_out": scores}, check=check)
 
 
 def test_valid_args_run():

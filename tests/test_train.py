@@ -6,6 +6,7 @@ import json
 import math
 import re
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -307,6 +308,8 @@ def test_device_cuda_needs_a_build_for_the_gpu_and_known_kernel_names(monkeypatc
 def test_configs_written_before_value_len_resume_as_one_token_values():
     old = {k: v for k, v in asdict(_cfg("smd")).items() if k != "value_len"}
     assert TrainConfig.from_dict(old).value_len == 1
+    # An --init saved as typed (before it was saved resolved) reads as the folder it named from here.
+    assert TrainConfig.from_dict({**old, "init": "models/m"}).init == str(Path("models/m").resolve())
     # Other tasks have no values: they take the default, which check() (run on every resume) requires.
     old_copy = {**old, "task": "copy"}
     TrainConfig.from_dict(old_copy).check()
@@ -1075,8 +1078,28 @@ def test_init_is_saved_as_an_absolute_path(tmp_path, monkeypatch):
 def test_a_diverged_update_is_an_error_naming_the_learning_rate(tmp_path, capsys):
     from shadowkv.cli import main
 
-    init, run = _tiny_init(tmp_path / "model"), tmp_path / "run"
-    with pytest.raises(SystemExit) as e:
-        main(["train", *_cli_run(init, run, "--steps", "3", "--lr", "1e30", "--epochs", "2")])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "NaN logits" in err and "lower --lr (now 1e+30)" in err, err
+    init = _tiny_init(tmp_path / "model")
+    for steps in ("3", "1"):  # the last step's update: caught before its checkpoint, not by the evaluation
+        run = tmp_path / f"run{steps}"
+        with pytest.raises(SystemExit) as e:
+            main(["train", *_cli_run(init, run, "--steps", steps, "--lr", "1e30", "--epochs", "2")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "step 0's update diverged" in err and "lower --lr (now 1e+30)" in err, err
+        assert not (run / "LATEST").exists()  # no checkpoint of non-finite weights
+
+
+def test_the_position_limit_applies_to_learned_position_tables_only(tmp_path):
+    """GPT-2's n_positions is a table that ends there; a RoPE model's max_position_embeddings is
+    not a limit (it runs longer sequences), so only the first is refused."""
+    from transformers import GPT2Config, LlamaConfig
+
+    from shadowkv.train import check_init_model, task_of
+
+    GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=1, n_head=2).save_pretrained(tmp_path / "gpt2")
+    LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=32).save_pretrained(tmp_path / "llama")
+    cfg = _cfg("smd", init=str(tmp_path / "llama"))
+    check_init_model(cfg, task_of(cfg))
+    cfg = _cfg("smd", init=str(tmp_path / "gpt2"))
+    with pytest.raises(ValueError, match="the model has 32 positions"):
+        check_init_model(cfg, task_of(cfg))

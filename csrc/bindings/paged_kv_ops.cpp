@@ -321,17 +321,6 @@ at::Tensor decode(const at::Tensor& q_in, const at::Tensor& k_pages_in, const at
     check_shape(scores, "scores_out", {c.batch, c.num_kv_heads, scores.size(2)});
     check_no_aliasing({{&scores, "scores_out"}}, {{&q, "q"}, {&k_pages, "k_pages"}, {&v_pages, "v_pages"},
                                                   {&block_tables, "block_tables"}, {&seq_lens, "seq_lens"}});
-    if (check && scores.numel() == 0 && c.batch > 0 && c.num_kv_heads > 0) {
-      // No slots (S = 0): the empty tensor's data pointer is null, which the kernels read as "no
-      // scores asked for", so their `S >= seq_lens[b]` check would pass any length. Checked here
-      // (on CUDA one read-back, for this degenerate call only).
-      const at::Tensor longer = (seq_lens > 0).nonzero();
-      if (longer.size(0) > 0) {
-        const int64_t b = longer[0][0].item<int64_t>();
-        TORCH_CHECK_VALUE(false, "shadowkv::paged_decode_attention: `scores_out` has 0 slots (last dim) but `seq_lens`[", b,
-                          "] = ", seq_lens[b].item<int64_t>(), "; it needs at least the longest sequence's length");
-      }
-    }
   }
 
   p.num_q_heads = Hq;
@@ -341,7 +330,12 @@ at::Tensor decode(const at::Tensor& q_in, const at::Tensor& k_pages_in, const at
   copy_strides(q, p.q_stride, 2);
   copy_strides(out, p.o_stride, 2);
   if (scores.defined()) {
-    p.scores = scores.data_ptr<float>();
+    // A fresh empty tensor's data pointer is null, which the kernels read as "no scores asked
+    // for": with S = 0 their `S >= seq_lens[b]` check passed any length. A non-null pointer that
+    // nothing dereferences (S = 0: no slot is written) keeps the request, so the kernels' own
+    // check (and on CUDA without checks, the NaN rows) applies on every device.
+    static float no_slots;
+    p.scores = scores.numel() == 0 ? &no_slots : scores.data_ptr<float>();
     p.scores_len = scores.size(2);
     copy_strides(scores, p.scores_stride, 3);
   }

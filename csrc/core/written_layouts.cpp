@@ -82,7 +82,7 @@ void check(const char* op, const char* name, const char* layout, const std::vect
   if (furthest_offset(dims) > kMaxElementOffset)
     throw std::invalid_argument(std::string(op) + ": `" + name + "` " + layout + " of shape " + list(dims, true) +
                                 " has element strides " + list(dims, false) +
-                                " that reach past int64 byte offsets (an element offset over 2^60)");
+                                " that reach past int64 byte offsets (an element offset of 2^60 or more)");
   if (elements_distinct(dims)) return;
   throw std::invalid_argument(std::string(op) + ": `" + name + "` " + layout + " of shape " + list(dims, true) +
                               " has element strides " + list(dims, false) +

@@ -1,8 +1,10 @@
 // Umbrella header: everything a C++ consumer of shadowkv_core needs.
 //
 // Errors: every entry point checks its params first and throws std::invalid_argument (naming
-// the argument) before it writes anything; CUDA entry points in a build without CUDA throw
-// std::runtime_error. Nothing is reported through return codes.
+// the argument) before it writes anything. The CUDA entry points check the values in device
+// arrays (lengths, page ids) only with check_values (without it a bad value shows as documented
+// per op: a poisoned length of -1, NaN outputs), and throw std::runtime_error for CUDA errors
+// and in a build without CUDA. Nothing is reported through return codes.
 //
 // Threads: an op is a function of its params. Calls that write disjoint memory may run at the
 // same time from any threads; the library's own state (the workspace allocator, workspace.h;
