@@ -276,7 +276,10 @@ def _first(mask: torch.Tensor, key: torch.Tensor, n: torch.Tensor) -> torch.Tens
     return mask & (rank < n)
 
 
-_FLOAT32_TINIEST = 2.0 ** -149  # float32's smallest positive (subnormal) number, ~1.4e-45
+def zero_in_float32(temperature: float) -> bool:
+    """Whether a positive ``temperature`` rounds to 0 in float32, the precision the logits are
+    divided in (below ~1.4e-45, float32's smallest subnormal): the division then gave NaN."""
+    return temperature > 0 and torch.tensor(temperature, dtype=torch.float32).item() == 0
 
 
 class NonFiniteLogitsError(RuntimeError):
@@ -705,9 +708,9 @@ class Sampler:
                 raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
         if not (math.isfinite(temperature) and temperature >= 0) or not 0.0 < top_p <= 1.0:
             raise ValueError(f"need a finite temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        if 0 < temperature <= _FLOAT32_TINIEST / 2:  # 0 in float32: the float32 logits' division gave NaN
+        if zero_in_float32(temperature):
             raise ValueError(f"temperature {temperature} is 0 in float32, the precision the logits are divided in: "
-                             f"use at least {_FLOAT32_TINIEST:.2g}, or 0 for greedy decoding")
+                             "use at least 1.4e-45, or 0 for greedy decoding")
         max_new_tokens = as_int("max_new_tokens", max_new_tokens)
         top_k = as_int("top_k", top_k, 0)
         if seed is not None:

@@ -27,7 +27,7 @@ import torch
 from . import learner
 from .atomic import write_bytes, write_dir, write_text
 from .policies import POLICIES, FullCache, budget_tokens, make_policy
-from .sampler import NonFiniteLogitsError, Sampler
+from .sampler import NonFiniteLogitsError, Sampler, zero_in_float32
 from .tasks import EOS, make_task
 from .warmup import ModelConfig, SFTConfig, pretrained_policy
 
@@ -137,8 +137,7 @@ class TrainConfig:
             need(isinstance(self.prompt_len, int) and self.prompt_len >= 8, "prompt_len", "an int >= 8")
         for name in ("lr", "clip", "temperature", "is_cap"):  # the learner divides logits by temperature
             need(number(name) > 0, name, "> 0")
-        # Below float32's smallest subnormal the logits' division by it is a division by 0 (NaN).
-        need(torch.tensor(self.temperature, dtype=torch.float32).item() > 0, "temperature",
+        need(not zero_in_float32(self.temperature), "temperature",
              "at least 1.4e-45 (float32's smallest positive number: the logits are divided by it)")
         need(self.task == "kv-lookup" or self.value_len == TrainConfig.value_len, "value_len",
              f"left at its default {TrainConfig.value_len}: only --task kv-lookup has values")
@@ -741,7 +740,7 @@ def _train_locked(cfg, out: Path, resume: bool, progress: bool, max_steps_this_r
             bar.set_postfix(reward=f"{row['reward']:.2f}", kv=f"{row['kv_ratio']:.2f}x",
                             mism=f"{row['mismatch_abs']:.1e}")
             if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end or stop.set:
-                if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):  # one sync
                     raise ValueError(_diverged(cfg, step, "the weights are no longer finite"))  # not saved
                 os.fsync(log.fileno())  # the rows a checkpoint's resume needs reach the disk first
                 save_checkpoint(out, model, opt, step, value_head)
