@@ -211,7 +211,9 @@ void check_block_tables(const PagedKVCache& c, const int64_t* used_pages, const 
 // seq_lens; evict: those, block_tables, evicted_at, slot_scores and freed; decode: out and
 // scores) gives each element its own memory: ordered by |stride|, each dimension of size > 1
 // steps past everything the smaller ones reach (so a zero stride there, the default, is refused),
-// and its element count fits int64. Needs no values. Not checked: that two different arrays overlap (the torch ops check that).
+// its element count fits int64, and its strides reach no element 2^60 or more elements from the
+// first (the kernels' int64 byte offsets). Needs no values. Not checked: that two different
+// arrays overlap (the torch ops check that), nor the strides of the arrays an op only reads.
 void check_written_layouts(const AppendKVParams& p, const char* op);
 void check_written_layouts(const PagedDecodeParams& p, const char* op);
 void check_written_layouts(const EvictCompactParams& p, const char* op);

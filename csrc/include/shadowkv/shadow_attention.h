@@ -79,7 +79,8 @@ void check_shadow_attention_params(const ShadowAttentionParams& p, const char* f
 void check_shadow_attention_bwd_params(const ShadowAttentionBwdParams& bp, const char* fn);
 // Every array the op writes (forward: out and lse; backward: grad_q, grad_k and grad_v) gives
 // each element its own memory (as paged_kv.h's check_written_layouts: strides left at their
-// default 0 are refused) and has an element count within int64. Part of the checks above.
+// default 0 are refused), has an element count within int64 and reaches no element 2^60 or more
+// elements from the first. Part of the checks above.
 void check_written_layouts(const ShadowAttentionParams& p, const char* op);
 void check_written_layouts(const ShadowAttentionBwdParams& bp, const char* op);
 
